@@ -1,0 +1,68 @@
+# scmoe. `make` builds build/libscmoe.a; `make check` runs the tests; `make demo` the main job.
+# Options: MPI=0 (serial backend only), OPT=..., SAN=1 (address + undefined sanitizers).
+CC      ?= cc
+MPICC   ?= mpicc
+MPI     ?= 1
+OPT     ?= -O2 -march=x86-64-v2
+CFLAGS  ?= $(OPT) -g
+CFLAGS  += -std=c11 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Wno-unused-parameter -fopenmp -fPIC -MMD -MP
+ifeq ($(SAN),1)
+  CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer
+  LDFLAGS += -fsanitize=address,undefined
+endif
+BLAS_INC := $(shell pkg-config --cflags openblas 2>/dev/null || echo -I/usr/include/x86_64-linux-gnu/openblas-openmp)
+BLAS_LIB := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas)
+LDLIBS  += $(BLAS_LIB) -fopenmp -lm -lpthread
+
+B ?= build
+CORE_SRC := scmoe.c layer.c moe.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
+            kernels/route.c kernels/attention.c mpi_backend/serial.c
+BLAS_SRC := blas_backend/openblas.c
+ifeq ($(MPI),1)
+  CC_LIB  := $(MPICC)
+  MPI_SRC := mpi_backend/mpi.c
+  CFLAGS  += -DSCMOE_WITH_MPI
+else
+  CC_LIB  := $(CC)
+  MPI_SRC :=
+endif
+LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
+
+TESTS_SERIAL := test_moe test_oracle_moe
+TESTS_MPI    := test_comm_mpi
+TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
+
+all: $(B)/libscmoe.a
+
+$(B)/blas_backend/%.o: blas_backend/%.c
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) $(BLAS_INC) -c $< -o $@
+$(B)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) -c $< -o $@
+$(B)/libscmoe.a: $(LIB_OBJ)
+	ar rcs $@ $^
+
+$(B)/tests/%: tests/%.c $(B)/tests/tensorio.o $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) -I. $< $(B)/tests/tensorio.o $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
+
+-include $(LIB_OBJ:.o=.d)
+
+.PHONY: all deps tests check check-sanitize check-valgrind clean
+deps:
+	@tools/install_deps.sh
+
+tests: $(TEST_BINS)
+
+check: deps
+	$(MAKE) tests
+	tests/run.sh
+
+# The same suite built with ASan + UBSan in its own build folder.
+check-sanitize: deps
+	$(MAKE) B=build-san SAN=1 tests
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 BUILD=build-san tests/run.sh
+
+clean:
+	rm -rf build build-san

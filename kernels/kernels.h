@@ -1,0 +1,64 @@
+/* kernels.h: the math of a block, one concept per file, each a *_forward / *_backward pair over flat
+ * row-major arrays. Backward functions accumulate parameter gradients (+=). */
+#ifndef SCMOE_KERNELS_H
+#define SCMOE_KERNELS_H
+
+#include "../scmoe.h"
+#include "exec.h"
+
+/* layernorm.c: dx accumulates (+=) */
+void layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                       int N, int C);
+void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
+                        const float *mean, const float *rstd, int N, int C);
+
+/* ffn.c: pre [N, ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
+int ffn_width(int h, scmoe_activation act);
+void sum_rows(float *acc, const float *x, int N, int C);
+void activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act);
+void activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
+void ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
+                 const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act);
+void ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
+                  float *dhid, float *dpre, const float *dout, const float *x, const float *pre, const float *hid,
+                  const float *w1, const float *w2, int N, int d, int h, scmoe_activation act);
+
+/* gate.c */
+uint64_t mix64(uint64_t z);
+float normal_from_key(uint64_t key);
+void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
+                  int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset);
+/* choice [N, k], weight [N, k] (after renormalisation), score [N] = top-1 probability */
+void gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize);
+/* dweight [N, k] = dL/dweight; aux_coef [E] = dL/dp[s, e] from the aux loss (NULL: none);
+ * z_coef = w_z / S. dlogits [N, E] is scratch. dx = dlogits Wg^T + beta_dx * dx. */
+void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
+                   const int *choice, const float *p, const float *lse, const float *x, const float *wg,
+                   const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize);
+
+/* route.c */
+typedef struct route_plan {
+    int64_t tokens, capacity, dropped;      /* global */
+    int64_t *expert_count, *expert_kept;    /* [E] all assignments / kept, global */
+    int *slot;                              /* [n_local * k] row in the send buffer, -1 if dropped */
+    int *send_counts, *send_displs;         /* [ep_size] rows */
+    int *recv_counts, *recv_displs;         /* [ep_size] rows */
+    int *recv_to_expert;                    /* [n_recv] */
+    int *expert_offsets;                    /* [E_local + 1] rows of the expert buffer */
+    int *cursor, *src_cursor;               /* scratch [E], [ep_size * E_local] */
+    int n_send, n_recv;
+} route_plan;
+
+int64_t route_capacity(int64_t S, int E, int k, float cf);
+size_t route_workspace_bytes(int64_t S_max, int k);
+/* records: per global token (rank-major), k int32 expert ids then the top-1 probability's bits */
+void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
+                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity);
+
+/* attention.c: att, datt [B, H, T, T]; dqkv overwritten */
+void attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
+                       int causal);
+void attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
+                        const float *att, int B, int T, int d, int H, int causal);
+
+#endif

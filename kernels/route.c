@@ -1,0 +1,142 @@
+/* route.c: who goes where. From every rank's routing choices (the global batch, gathered), each rank
+ * computes the same slot assignment and then its own part of the exchange plan.
+ *
+ * Locations (GShard/Tutel): round j = 0..k-1, tokens in priority order; the j-th choice of token t
+ * takes location loc = fill[e]++ of its expert e. Counting every assignment, dropped or not, makes a
+ * second choice queue behind all first choices. Kept iff loc < C, C = k * floor(CF * ceil(S / E)) over
+ * the global batch S (dropless: C = infinity). Because the whole batch decides, P ranks route exactly
+ * as one rank does.
+ *
+ * Layouts (rows of d floats):
+ *   send buffer   my kept assignments, by destination expert (so by destination rank), then by loc.
+ *                 plan->slot[t*k + j] is the row of my token t's j-th choice, -1 if dropped. The
+ *                 combine's receive buffer has the same layout, so decode reads the same rows.
+ *   recv buffer   what my experts receive, by source rank, then expert, then loc (MPI's layout).
+ *   expert buffer the same rows by local expert, then loc: each expert's rows are contiguous for its
+ *                 GEMMs and in the order one rank would have them. recv_to_expert maps the two. */
+#include "kernels.h"
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct { float score; int token; } ranked;
+
+static int by_score_desc(const void *a, const void *b) {
+    const ranked *x = a, *y = b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return x->token - y->token;
+}
+
+int64_t route_capacity(int64_t S, int E, int k, float cf) {
+    if (cf <= 0.0f) return INT64_MAX;
+    int64_t per = (S + E - 1) / E;
+    return (int64_t)k * (int64_t)(cf * (float)per);
+}
+
+size_t route_workspace_bytes(int64_t S_max, int k) {
+    return sizeof(int) * (size_t)S_max * (size_t)(k + 2) + sizeof(ranked) * (size_t)S_max;
+}
+
+void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
+                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity) {
+    int E_local = E / ep_size, group = rank / ep_size, ep_rank = rank % ep_size;
+    int64_t S = 0, my_first = 0, my_end = 0, group_first = 0, group_end = 0;
+    for (int r = 0; r < world; r++) {
+        if (r == rank) my_first = S;
+        if (r == group * ep_size) group_first = S;
+        S += tokens_per_rank[r];
+        if (r == rank) my_end = S;
+        if (r == group * ep_size + ep_size - 1) group_end = S;
+    }
+    int *loc = work, *order = loc + S * k, *owner = order + S;
+    ranked *rk = (ranked *)(owner + S);
+    int stride = k + 1;
+
+    /* priority order */
+    if (priority == SCMOE_PRIORITY_BATCH) {
+        for (int64_t t = 0; t < S; t++) {
+            float sc;
+            memcpy(&sc, &records[t * stride + k], sizeof sc);
+            rk[t].score = sc;
+            rk[t].token = (int)t;
+        }
+        qsort(rk, (size_t)S, sizeof *rk, by_score_desc);
+        for (int64_t t = 0; t < S; t++) order[t] = rk[t].token;
+    } else {
+        for (int64_t t = 0; t < S; t++) order[t] = (int)t;
+    }
+    for (int r = 0, t = 0; r < world; r++)
+        for (int i = 0; i < tokens_per_rank[r]; i++) owner[t++] = r;
+
+    /* locations over the global batch */
+    memset(pl->expert_count, 0, sizeof(int64_t) * E);
+    for (int j = 0; j < k; j++)
+        for (int64_t i = 0; i < S; i++) {
+            int t = order[i];
+            loc[(int64_t)t * k + j] = (int)pl->expert_count[records[(int64_t)t * stride + j]]++;
+        }
+    pl->capacity = capacity;
+    pl->dropped = 0;
+    pl->tokens = S;
+    for (int e = 0; e < E; e++) {
+        pl->expert_kept[e] = pl->expert_count[e] < capacity ? pl->expert_count[e] : capacity;
+        pl->dropped += pl->expert_count[e] - pl->expert_kept[e];
+    }
+
+    /* send side: my kept assignments per expert, experts in order (so destinations in order) */
+    int *cursor = pl->cursor; /* [E] */
+    memset(cursor, 0, sizeof(int) * E);
+    for (int64_t t = my_first; t < my_end; t++)
+        for (int j = 0; j < k; j++)
+            if (loc[t * k + j] < capacity) cursor[records[t * stride + j]]++;
+    memset(pl->send_counts, 0, sizeof(int) * ep_size);
+    int start = 0;
+    for (int e = 0; e < E; e++) {
+        int c = cursor[e];
+        pl->send_counts[e / E_local] += c;
+        cursor[e] = start;
+        start += c;
+    }
+    pl->n_send = start;
+    for (int q = 0, off = 0; q < ep_size; q++) { pl->send_displs[q] = off; off += pl->send_counts[q]; }
+    for (int j = 0; j < k; j++)
+        for (int64_t i = 0; i < S; i++) {
+            int64_t t = order[i];
+            if (t < my_first || t >= my_end) continue;
+            int64_t a = t * k + j;
+            pl->slot[(t - my_first) * k + j] = loc[a] < capacity ? cursor[records[t * stride + j]]++ : -1;
+        }
+
+    /* receive side: rows for my experts from each source of my group */
+    int first_e = ep_rank * E_local;
+    int *src_cnt = pl->src_cursor; /* [ep_size * E_local] */
+    memset(src_cnt, 0, sizeof(int) * ep_size * E_local);
+    memset(pl->expert_offsets, 0, sizeof(int) * (E_local + 1));
+    for (int64_t t = group_first; t < group_end; t++)
+        for (int j = 0; j < k; j++) {
+            int e = records[t * stride + j] - first_e;
+            if (e >= 0 && e < E_local && loc[t * k + j] < capacity) {
+                src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
+                pl->expert_offsets[e + 1]++;
+            }
+        }
+    for (int e = 0; e < E_local; e++) pl->expert_offsets[e + 1] += pl->expert_offsets[e];
+    int off = 0;
+    for (int p = 0; p < ep_size; p++) {
+        pl->recv_displs[p] = off;
+        int c0 = off;
+        for (int e = 0; e < E_local; e++) { int c = src_cnt[p * E_local + e]; src_cnt[p * E_local + e] = off; off += c; }
+        pl->recv_counts[p] = off - c0;
+    }
+    pl->n_recv = off;
+    int *ecur = cursor; /* reuse: expert-buffer cursor per local expert */
+    for (int e = 0; e < E_local; e++) ecur[e] = pl->expert_offsets[e];
+    for (int j = 0; j < k; j++)
+        for (int64_t i = 0; i < S; i++) {
+            int64_t t = order[i];
+            if (t < group_first || t >= group_end) continue;
+            int e = records[t * stride + j] - first_e;
+            if (e < 0 || e >= E_local || loc[t * k + j] >= capacity) continue;
+            int r = src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
+            pl->recv_to_expert[r] = ecur[e]++;
+        }
+}

@@ -1,0 +1,179 @@
+/* layer.c: the public MoE layer: one moe_layer run phase after phase, every exchange waited on at
+ * once (no other work to hide it behind; the block pair is where overlap happens). */
+#include "scmoe_internal.h"
+#include <stdlib.h>
+#include <string.h>
+
+struct scmoe_moe {
+    scmoe_context *ctx;
+    param_table pt;
+    moe_layer m;
+    exec ex;
+    float *xbuf;       /* the training forward's input, kept for backward */
+};
+
+scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **out) {
+    if (!ctx || !out) return SCMOE_ERR_NULL;
+    *out = NULL;
+    char msg[256];
+    scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
+    if (s) scmoe_fail(ctx, s, "%s", msg);
+    s = config_agree(ctx, cfg, s);
+    if (s) return s;
+    scmoe_moe *o = calloc(1, sizeof *o);
+    if (!o) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
+    if (!s) {
+        o->ctx = ctx;
+        o->ex.blas = ctx->blas;
+        o->ex.poll_rows = cfg->poll_rows;
+        s = moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
+    }
+    if (!s) {
+        s = params_allocate(&o->pt, ctx->world->size > 1, o->m.replicas->size > 1);
+        if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", o->pt.total);
+    }
+    if (!s) s = moe_alloc(&o->m);
+    if (!s) {
+        o->xbuf = malloc(sizeof(float) * (size_t)cfg->max_tokens * cfg->d_model);
+        if (!o->xbuf) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the input copy");
+    }
+    s = status_agree(ctx, s);
+    if (s) {
+        scmoe_moe_destroy(o);
+        return s;
+    }
+    *out = o;
+    return SCMOE_OK;
+}
+
+void scmoe_moe_destroy(scmoe_moe *o) {
+    if (!o) return;
+    moe_free(&o->m);
+    params_free(&o->pt);
+    free(o->xbuf);
+    free(o);
+}
+
+scmoe_status scmoe_moe_set_training(scmoe_moe *o, int training) {
+    if (!o) return SCMOE_ERR_NULL;
+    o->m.training = training != 0;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, scmoe_stats *stats) {
+    if (!o) return SCMOE_ERR_NULL;
+    moe_layer *m = &o->m;
+    double t0 = scmoe_now();
+    /* bad arguments still take part in gate_encode's first exchange, which fails every rank */
+    const float *xin = x;
+    if (n > 0 && n <= m->max_tokens && x && y) {
+        memcpy(o->xbuf, x, sizeof(float) * (size_t)n * m->d);
+        xin = o->xbuf;
+    } else if (n > 0 && !y) {
+        xin = NULL;
+    }
+    scmoe_status s = moe_gate_encode(m, &o->ex, n, xin);
+    if (s) return s;
+    double comm = 0, exposed = 0;
+    s = moe_dispatch_start(m);
+    if (!s) s = inflight_wait(o->ctx, &m->ex, "dispatch");
+    comm += m->ex.t_done - m->ex.t_start;
+    exposed += m->ex.t_waited;
+    if (s) return s;
+    moe_experts_forward(m, &o->ex);
+    s = moe_combine_start(m);
+    if (!s) s = inflight_wait(o->ctx, &m->ex, "combine");
+    comm += m->ex.t_done - m->ex.t_start;
+    exposed += m->ex.t_waited;
+    if (s) return s;
+    moe_decode(m, y, 0.0f);
+    if (!m->training) m->forward_done = 0;
+    if (stats) {
+        memset(stats, 0, sizeof *stats);
+        moe_fill_stats(m, stats);
+        stats->fwd_time = scmoe_now() - t0;
+        stats->fwd_comm = comm;
+        stats->fwd_exposed = exposed;
+        stats->fwd_overlap = comm > 0 ? 1.0 - (exposed < comm ? exposed : comm) / comm : 1.0;
+        stats->expert_slot = -1;
+    }
+    return SCMOE_OK;
+}
+
+/* Sums this backward's gradients of replicated tensors over the ranks holding them. */
+static scmoe_status sync_grads(scmoe_context *ctx, param_table *pt, comm *world, comm *replicas) {
+    int rw = -1, rr = -1;
+    scmoe_status s = SCMOE_OK;
+    if (pt->stage_world) s = world->ops->allreduce_start(world, pt->stage, (int)pt->stage_world, &rw);
+    if (!s && pt->stage_total > pt->stage_world)
+        s = replicas->ops->allreduce_start(replicas, pt->stage + pt->stage_world,
+                                           (int)(pt->stage_total - pt->stage_world), &rr);
+    if (!s && pt->stage_world) s = world->ops->wait(world, rw);
+    if (!s && pt->stage_total > pt->stage_world) s = replicas->ops->wait(replicas, rr);
+    if (s) return scmoe_fail(ctx, s, "gradient all-reduce failed: %s", pt->stage_world ? world->err : replicas->err);
+    params_add_stage(pt);
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_stats *stats) {
+    if (!o) return SCMOE_ERR_NULL;
+    moe_layer *m = &o->m;
+    double t0 = scmoe_now();
+    scmoe_status local = SCMOE_OK;
+    if (!m->forward_done || !m->training) local = scmoe_fail(o->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
+    else if (m->n > 0 && (!dy || !dx)) local = scmoe_fail(o->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
+    else if (m->cfg.check_finite && m->n > 0 && scmoe_has_nonfinite(dy, (size_t)m->n * m->d))
+        local = scmoe_fail(o->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
+    scmoe_status s = status_agree(o->ctx, local);
+    if (s) return s;
+    params_zero_stage(&o->pt);
+    double comm = 0, exposed = 0;
+    moe_decode_backward(m, dy);
+    s = moe_grad_dispatch_start(m);
+    if (!s) s = inflight_wait(o->ctx, &m->ex, "gradient dispatch");
+    comm += m->ex.t_done - m->ex.t_start;
+    exposed += m->ex.t_waited;
+    if (s) return s;
+    moe_experts_backward(m, &o->ex);
+    s = moe_grad_combine_start(m);
+    if (!s) s = inflight_wait(o->ctx, &m->ex, "gradient combine");
+    comm += m->ex.t_done - m->ex.t_start;
+    exposed += m->ex.t_waited;
+    if (s) return s;
+    moe_gate_backward(m, &o->ex, dx, 0.0f);
+    double ts = scmoe_now();
+    s = sync_grads(o->ctx, &o->pt, o->ctx->world, m->replicas);
+    if (s) return s;
+    if (stats) {
+        moe_fill_stats(m, stats);
+        stats->bwd_time = scmoe_now() - t0;
+        stats->bwd_comm = comm;
+        stats->bwd_exposed = exposed;
+        stats->bwd_overlap = comm > 0 ? 1.0 - (exposed < comm ? exposed : comm) / comm : 1.0;
+        stats->grad_sync_time = stats->grad_sync_exposed = scmoe_now() - ts;
+    }
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_zero_grad(scmoe_moe *o) {
+    if (!o) return SCMOE_ERR_NULL;
+    memset(o->pt.grad, 0, sizeof(float) * o->pt.total);
+    return SCMOE_OK;
+}
+
+int scmoe_moe_param_count(const scmoe_moe *o) { return o ? o->pt.n : 0; }
+
+scmoe_status scmoe_moe_param_at(const scmoe_moe *o, int i, scmoe_tensor *t) {
+    if (!o || !t) return SCMOE_ERR_NULL;
+    if (i < 0 || i >= o->pt.n) return SCMOE_ERR_NOT_FOUND;
+    *t = o->pt.p[i].t;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_param(const scmoe_moe *o, const char *name, scmoe_tensor *t) {
+    if (!o || !name || !t) return SCMOE_ERR_NULL;
+    int i = params_find(&o->pt, name);
+    if (i < 0) return scmoe_fail(o->ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
+    *t = o->pt.p[i].t;
+    return SCMOE_OK;
+}

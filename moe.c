@@ -1,0 +1,410 @@
+/* moe.c: one MoE layer over expert parallelism, written as phases so a schedule can put other work
+ * between them:
+ *
+ *   gate_encode   logits, softmax, top-k; the routing choices of the whole batch gathered (small);
+ *                 the route plan; my tokens' rows packed by destination
+ *   dispatch      nonblocking all-to-all: rows to the ranks owning their experts
+ *   experts       rows regrouped by local expert; one FFN per expert over its contiguous rows
+ *   combine       nonblocking all-to-all back, same plan mirrored
+ *   decode        y_t = sum_j w_tj E_{e_tj}(x_t)
+ *
+ * Backward mirrors it with the same plan: decode_backward (dL/dw, w * dy rows) -> exchange like a
+ * dispatch -> experts_backward -> exchange like a combine -> gate_backward (dx through the rows, the
+ * gate weights, the aux and z losses). */
+#include "scmoe_internal.h"
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- exchanges in flight ---- */
+
+static scmoe_status exchange_start(moe_layer *m, const float *src, const int *scounts, const int *sdispls,
+                                   float *dst, const int *rcounts, const int *rdispls) {
+    inflight *f = &m->ex;
+    comm *c = m->ep;
+    f->c = c;
+    f->t_start = scmoe_now();
+    f->t_done = 0;
+    f->t_waited = 0;
+    scmoe_status s = c->ops->alltoallv_start(c, src, scounts, sdispls, dst, rcounts, rdispls,
+                                             (int)sizeof(float) * m->d, &f->req);
+    if (s) return scmoe_fail(m->ctx, s, "starting a token exchange failed: %s", c->err);
+    f->active = 1;
+    return SCMOE_OK;
+}
+
+void inflight_poll(void *arg) {
+    inflight *f = arg;
+    if (!f->active || f->t_done) return;
+    int done = 0;
+    if (f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe_now();
+}
+
+scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what) {
+    if (!f->active) return SCMOE_OK;
+    double t0 = scmoe_now();
+    scmoe_status s = f->t_done ? SCMOE_OK : f->c->ops->wait(f->c, f->req);
+    double t1 = scmoe_now();
+    if (!f->t_done) f->t_done = t1;
+    f->t_waited = t1 - t0;
+    f->active = 0;
+    if (s) return scmoe_fail(ctx, s, "%s: %s", what, f->c->err);
+    return SCMOE_OK;
+}
+
+scmoe_status moe_dispatch_start(moe_layer *m) {
+    route_plan *pl = &m->plan;
+    return exchange_start(m, m->send, pl->send_counts, pl->send_displs, m->recv, pl->recv_counts, pl->recv_displs);
+}
+
+scmoe_status moe_combine_start(moe_layer *m) {
+    route_plan *pl = &m->plan;
+    return exchange_start(m, m->recv, pl->recv_counts, pl->recv_displs, m->crecv, pl->send_counts, pl->send_displs);
+}
+
+scmoe_status moe_grad_dispatch_start(moe_layer *m) { return moe_dispatch_start(m); }
+
+scmoe_status moe_grad_combine_start(moe_layer *m) {
+    route_plan *pl = &m->plan;
+    return exchange_start(m, m->recv, pl->recv_counts, pl->recv_displs, m->send, pl->send_counts, pl->send_displs);
+}
+
+/* ---- setup ---- */
+
+static float *param_data(const moe_layer *m, int idx) { return m->pt->p[idx].t.data; }
+static float *param_gwork(const moe_layer *m, int idx) { return m->pt->p[idx].gwork; }
+
+scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
+                      const char *prefix, float w2_std) {
+    memset(m, 0, sizeof *m);
+    m->ctx = ctx;
+    m->cfg = *cfg;
+    m->pt = pt;
+    m->k = top_k;
+    m->E = cfg->n_experts;
+    m->d = cfg->d_model;
+    m->h = cfg->d_hidden;
+    m->h1 = ffn_width(m->h, cfg->activation);
+    m->max_tokens = cfg->max_tokens;
+    m->training = 1;
+    scmoe_status s = groups_create(ctx, cfg->ep_size, &m->ep, &m->replicas);
+    if (s) return s;
+    m->ep_size = m->ep->size;
+    m->ep_rank = m->ep->rank;
+    if (m->E % m->ep_size != 0)
+        return scmoe_fail(ctx, SCMOE_ERR_EP_SIZE, "n_experts %d is not divisible by the expert-parallel size %d",
+                          m->E, m->ep_size);
+    m->E_local = m->E / m->ep_size;
+    m->first_expert = m->ep_rank * m->E_local;
+
+    char name[64];
+    int d = m->d, E = m->E, h = m->h, h1 = m->h1;
+    snprintf(name, sizeof name, "%sgate.weight", prefix);
+    m->p_wg = params_add(pt, name, 2, (int[]){d, E}, SYNC_WORLD, INIT_NORMAL, 0.02f, cfg->seed);
+    for (int i = 0; i < m->E_local; i++) {
+        int e = m->first_expert + i, idx;
+        snprintf(name, sizeof name, "%sexperts.%d.w1", prefix, e);
+        idx = params_add(pt, name, 2, (int[]){d, h1}, SYNC_REPLICAS, INIT_NORMAL, 0.02f, cfg->seed);
+        if (i == 0) m->p_e0 = idx;
+        snprintf(name, sizeof name, "%sexperts.%d.b1", prefix, e);
+        params_add(pt, name, 1, (int[]){h1}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
+        snprintf(name, sizeof name, "%sexperts.%d.w2", prefix, e);
+        params_add(pt, name, 2, (int[]){h, d}, SYNC_REPLICAS, INIT_NORMAL, w2_std, cfg->seed);
+        snprintf(name, sizeof name, "%sexperts.%d.b2", prefix, e);
+        if (params_add(pt, name, 1, (int[]){d}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed) < 0)
+            return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    }
+    if (m->p_wg < 0) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    return SCMOE_OK;
+}
+
+static void *carve(char **cur, size_t bytes) {
+    void *p = *cur;
+    *cur += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+scmoe_status moe_alloc(moe_layer *m) {
+    int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d;
+    int64_t S_max = (int64_t)m->max_tokens * world;
+    m->max_send = m->max_tokens * k;
+    int64_t recv = (int64_t)m->max_tokens * m->ep_size * k;
+    float cf_lo = m->cfg.capacity_factor < m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    if (cf_lo > 0) { /* capacity bounds what one expert can receive */
+        float cf_hi = m->cfg.capacity_factor > m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+        int64_t cap = (int64_t)m->E_local * route_capacity(S_max, E, k, cf_hi);
+        if (cap < recv) recv = cap;
+    }
+    if (S_max * (k + 1) * 4 > INT32_MAX || recv > INT32_MAX / 2)
+        return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
+                          m->max_tokens, world);
+    m->max_recv = (int)recv;
+    int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
+    size_t f = sizeof(float), i4 = sizeof(int);
+    size_t sizes[] = {
+        i4 * E * 4 + sizeof(int64_t) * E * 3 + i4 * ep * 4 + i4 * ep * El + i4 * (El + 1) + i4 * (size_t)S + i4 * (size_t)R,
+        route_workspace_bytes(S_max, k),
+        i4 * (size_t)n * (k + 1), i4 * (size_t)S_max * (k + 1), i4 * world * 3,
+        f * (size_t)n * E * 3, f * n * 2, f * (size_t)n * k * 2, i4 * (size_t)n * k,
+        sizeof(double) * (E + 1), f * E,
+        f * (size_t)S * d * 2, f * (size_t)R * d * 4,
+        f * (size_t)R * m->h1 * 2, f * (size_t)R * m->h * 2,
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i] + 64 * 16;
+    m->mem = aligned_alloc(64, (total + 63) & ~(size_t)63);
+    if (!m->mem) return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes", total);
+    char *c = m->mem;
+    route_plan *pl = &m->plan;
+    pl->cursor = carve(&c, i4 * E);
+    pl->expert_count = carve(&c, sizeof(int64_t) * E);
+    pl->expert_kept = carve(&c, sizeof(int64_t) * E);
+    m->top1_count = carve(&c, sizeof(int64_t) * E);
+    pl->send_counts = carve(&c, i4 * ep);
+    pl->send_displs = carve(&c, i4 * ep);
+    pl->recv_counts = carve(&c, i4 * ep);
+    pl->recv_displs = carve(&c, i4 * ep);
+    pl->src_cursor = carve(&c, i4 * ep * El);
+    pl->expert_offsets = carve(&c, i4 * (El + 1));
+    pl->slot = carve(&c, i4 * (size_t)S);
+    pl->recv_to_expert = carve(&c, i4 * (size_t)R);
+    m->route_work = carve(&c, route_workspace_bytes(S_max, k));
+    m->records = carve(&c, i4 * (size_t)n * (k + 1));
+    m->records_all = carve(&c, i4 * (size_t)S_max * (k + 1));
+    m->tokens_per_rank = carve(&c, i4 * world);
+    m->rec_bytes = carve(&c, i4 * world);
+    m->rec_displs = carve(&c, i4 * world);
+    m->logits = carve(&c, f * (size_t)n * E);
+    m->p = carve(&c, f * (size_t)n * E);
+    m->dlogits = carve(&c, f * (size_t)n * E);
+    m->lse = carve(&c, f * n);
+    m->score = carve(&c, f * n);
+    m->weight = carve(&c, f * (size_t)n * k);
+    m->dweight = carve(&c, f * (size_t)n * k);
+    m->choice = carve(&c, i4 * (size_t)n * k);
+    m->gsum = carve(&c, sizeof(double) * (E + 1));
+    m->aux_coef = carve(&c, f * E);
+    m->send = carve(&c, f * (size_t)S * d);
+    m->crecv = carve(&c, f * (size_t)S * d);
+    m->recv = carve(&c, f * (size_t)R * d);
+    m->xe = carve(&c, f * (size_t)R * d);
+    m->ye = carve(&c, f * (size_t)R * d);
+    m->dxe = carve(&c, f * (size_t)R * d);
+    m->pre = carve(&c, f * (size_t)R * m->h1);
+    m->dpre = carve(&c, f * (size_t)R * m->h1);
+    m->hid = carve(&c, f * (size_t)R * m->h);
+    m->dhid = carve(&c, f * (size_t)R * m->h);
+    m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
+    m->wg = param_data(m, m->p_wg);
+    return SCMOE_OK;
+}
+
+void moe_free(moe_layer *m) {
+    if (m->ep) m->ep->ops->destroy(m->ep);
+    if (m->replicas) m->replicas->ops->destroy(m->replicas);
+    free(m->mem);
+    m->ep = m->replicas = NULL;
+    m->mem = NULL;
+}
+
+/* ---- forward phases ---- */
+
+scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
+    scmoe_context *ctx = m->ctx;
+    comm *w = ctx->world;
+    int E = m->E, k = m->k, d = m->d, P = w->size;
+
+    /* every rank says how many tokens it has, or that its input is bad: no rank enters an exchange
+     * that another has left */
+    scmoe_status local = SCMOE_OK;
+    if (n < 0 || n > m->max_tokens) local = SCMOE_ERR_N_TOKENS;
+    else if (n > 0 && !x) local = SCMOE_ERR_NULL;
+    else if (m->cfg.check_finite && n > 0 && scmoe_has_nonfinite(x, (size_t)n * d)) local = SCMOE_ERR_NONFINITE;
+    int mine = local ? -(int)local : n;
+    scmoe_status s = w->ops->allgather(w, &mine, sizeof mine, m->tokens_per_rank);
+    if (s) return scmoe_fail(ctx, s, "exchanging token counts failed: %s", w->err);
+    if (local == SCMOE_ERR_N_TOKENS) return scmoe_fail(ctx, local, "n_tokens = %d: must be in 0..max_tokens (%d)", n, m->max_tokens);
+    if (local == SCMOE_ERR_NULL) return scmoe_fail(ctx, local, "input is NULL with n_tokens = %d", n);
+    if (local) return scmoe_fail(ctx, local, "the input holds NaN or Inf");
+    int64_t S = 0, offset = 0;
+    for (int r = 0; r < P; r++) {
+        if (m->tokens_per_rank[r] < 0)
+            return scmoe_fail(ctx, (scmoe_status)-m->tokens_per_rank[r], "rank %d rejected its input: %s", r,
+                              scmoe_strerror((scmoe_status)-m->tokens_per_rank[r]));
+        if (r == w->rank) offset = S;
+        S += m->tokens_per_rank[r];
+    }
+    m->n = n;
+    m->x = x;
+    m->S_global = S;
+
+    float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
+    gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, d, E, noise, m->cfg.seed, m->step, offset);
+    gate_topk(m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
+    if (m->training) m->step++;
+
+    /* routing records of the whole batch */
+    int stride = k + 1;
+    for (int t = 0; t < n; t++) {
+        memcpy(m->records + (size_t)t * stride, m->choice + (size_t)t * k, sizeof(int) * k);
+        memcpy(m->records + (size_t)t * stride + k, &m->score[t], sizeof(float));
+    }
+    for (int r = 0, off = 0; r < P; r++) {
+        m->rec_bytes[r] = m->tokens_per_rank[r] * stride * (int)sizeof(int32_t);
+        m->rec_displs[r] = off;
+        off += m->rec_bytes[r];
+    }
+    s = w->ops->allgatherv(w, m->records, n * stride * (int)sizeof(int32_t), m->records_all, m->rec_bytes,
+                           m->rec_displs);
+    if (s) return scmoe_fail(ctx, s, "gathering the routing choices failed: %s", w->err);
+
+    /* load-balance and z losses: aux = E sum_e mean_s p[s,e] frac_s(top1 = e), z = mean_s lse^2 */
+    int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
+    memset(m->gsum, 0, sizeof(double) * (E + 1));
+    for (int t = 0; t < n; t++) {
+        const float *pt = m->p + (size_t)t * E;
+        for (int e = 0; e < E; e++) m->gsum[e] += pt[e];
+        m->gsum[E] += (double)m->lse[t] * m->lse[t];
+    }
+    if (global && P > 1) {
+        s = w->ops->allreduce_f64(w, m->gsum, E + 1);
+        if (s) return scmoe_fail(ctx, s, "reducing the gate statistics failed: %s", w->err);
+    }
+    const int32_t *top1 = global ? m->records_all : m->records;
+    int64_t Sa = global ? S : n;
+    memset(m->top1_count, 0, sizeof(int64_t) * E);
+    for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
+    double aux = 0.0, scale = global ? 1.0 : 1.0 / P; /* LOCAL: the global loss is the mean of the ranks' */
+    for (int e = 0; e < E; e++) {
+        double me = Sa ? m->gsum[e] / Sa : 0.0, ce = Sa ? (double)m->top1_count[e] / Sa : 0.0;
+        aux += me * ce;
+        m->aux_coef[e] = Sa ? (float)(scale * m->cfg.aux_loss_weight * E * ce / Sa) : 0.0f;
+    }
+    m->aux_loss = (float)(E * aux);
+    m->z_loss = Sa ? (float)(m->gsum[E] / Sa) : 0.0f;
+    m->z_coef = Sa ? (float)(scale * m->cfg.z_loss_weight / Sa) : 0.0f;
+
+    /* the plan, then my rows packed by destination */
+    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
+                     m->cfg.priority, route_capacity(S, E, k, cf));
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < k; j++) {
+            int slot = m->plan.slot[(size_t)t * k + j];
+            if (slot >= 0) memcpy(m->send + (size_t)slot * d, x + (size_t)t * d, sizeof(float) * d);
+        }
+    m->forward_done = 0;
+    return SCMOE_OK;
+}
+
+/* rows of src to dst: dst[map[r]] = src[r] (scatter) or dst[r] = src[map[r]] (gather) */
+static void permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < n; r++) {
+        if (scatter) memcpy(dst + (size_t)map[r] * d, src + (size_t)r * d, sizeof(float) * d);
+        else memcpy(dst + (size_t)r * d, src + (size_t)map[r] * d, sizeof(float) * d);
+    }
+}
+
+/* Few rows per expert: experts in parallel, one thread each; many: one expert at a time with a
+ * threaded GEMM (bench/bench_experts measured where the two cross). */
+static int experts_in_parallel(const moe_layer *m) {
+    return m->E_local > 1 && omp_get_max_threads() > 1 && m->plan.n_recv < 256 * m->E_local;
+}
+
+void moe_experts_forward(moe_layer *m, const exec *ex) {
+    route_plan *pl = &m->plan;
+    int d = m->d, h = m->h, h1 = m->h1;
+    permute_rows(m->xe, m->recv, pl->recv_to_expert, pl->n_recv, d, 1);
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
+    for (int i = 0; i < m->E_local; i++) {
+        int o = pl->expert_offsets[i], rows = pl->expert_offsets[i + 1] - o, b = m->p_e0 + 4 * i;
+        ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, m->xe + (size_t)o * d,
+                    param_data(m, b), param_data(m, b + 1), param_data(m, b + 2), param_data(m, b + 3), rows, d, h,
+                    m->cfg.activation);
+    }
+    permute_rows(m->recv, m->ye, pl->recv_to_expert, pl->n_recv, d, 0);
+}
+
+void moe_decode(moe_layer *m, float *y, float beta) {
+    int k = m->k, d = m->d;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < m->n; t++) {
+        float *yt = y + (size_t)t * d;
+        if (beta == 0.0f) memset(yt, 0, sizeof(float) * d);
+        else if (beta != 1.0f) for (int c = 0; c < d; c++) yt[c] *= beta;
+        for (int j = 0; j < k; j++) {
+            int slot = m->plan.slot[(size_t)t * k + j];
+            if (slot < 0) continue;
+            float w = m->weight[(size_t)t * k + j];
+            const float *r = m->crecv + (size_t)slot * d;
+            for (int c = 0; c < d; c++) yt[c] += w * r[c];
+        }
+    }
+    m->forward_done = 1;
+}
+
+/* ---- backward phases ---- */
+
+void moe_decode_backward(moe_layer *m, const float *dy) {
+    int k = m->k, d = m->d;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < m->n; t++) {
+        const float *dyt = dy + (size_t)t * d;
+        for (int j = 0; j < k; j++) {
+            size_t a = (size_t)t * k + j;
+            int slot = m->plan.slot[a];
+            if (slot < 0) { m->dweight[a] = 0.0f; continue; }
+            const float *r = m->crecv + (size_t)slot * d;
+            float *g = m->send + (size_t)slot * d, w = m->weight[a], dot = 0.0f;
+            for (int c = 0; c < d; c++) { dot += dyt[c] * r[c]; g[c] = w * dyt[c]; }
+            m->dweight[a] = dot;
+        }
+    }
+}
+
+void moe_experts_backward(moe_layer *m, const exec *ex) {
+    route_plan *pl = &m->plan;
+    int d = m->d, h = m->h, h1 = m->h1;
+    float *dye = m->rows, *dxe = m->dxe;
+    permute_rows(dye, m->recv, pl->recv_to_expert, pl->n_recv, d, 1);
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
+    for (int i = 0; i < m->E_local; i++) {
+        int o = pl->expert_offsets[i], rows = pl->expert_offsets[i + 1] - o, b = m->p_e0 + 4 * i;
+        ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1), param_gwork(m, b + 2),
+                     param_gwork(m, b + 3), m->dhid + (size_t)o * h, m->dpre + (size_t)o * h1, dye + (size_t)o * d,
+                     m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, param_data(m, b),
+                     param_data(m, b + 2), rows, d, h, m->cfg.activation);
+    }
+    permute_rows(m->recv, dxe, pl->recv_to_expert, pl->n_recv, d, 0);
+}
+
+void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
+    int k = m->k, d = m->d;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < m->n; t++) {
+        float *dxt = dx + (size_t)t * d;
+        if (beta == 0.0f) memset(dxt, 0, sizeof(float) * d);
+        else if (beta != 1.0f) for (int c = 0; c < d; c++) dxt[c] *= beta;
+        for (int j = 0; j < k; j++) {
+            int slot = m->plan.slot[(size_t)t * k + j];
+            if (slot < 0) continue;
+            const float *r = m->send + (size_t)slot * d;
+            for (int c = 0; c < d; c++) dxt[c] += r[c];
+        }
+    }
+    gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->dlogits, m->dweight, m->choice, m->p, m->lse, m->x,
+                  m->wg, m->aux_coef, m->z_coef, m->n, d, m->E, k, m->cfg.renormalize);
+}
+
+void moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
+    st->aux_loss = m->aux_loss;
+    st->z_loss = m->z_loss;
+    st->tokens = m->plan.tokens;
+    st->dropped = m->plan.dropped;
+    st->capacity = m->plan.capacity == INT64_MAX ? 0 : m->plan.capacity;
+    st->expert_tokens = m->plan.expert_kept;
+}

@@ -1,0 +1,52 @@
+/* comm.h: the communication interface the core calls. The core never includes mpi.h: serial.c
+ * implements it for one rank (plain copies), mpi.c over an MPI communicator.
+ *
+ * A comm is one group of ranks. Blocking calls are the small metadata exchanges; the token
+ * exchanges and gradient all-reduces are nonblocking: *_start returns a request id, comm_test /
+ * comm_wait finish it, and comm_progress lets the backend move bytes while compute runs (OpenMPI's
+ * libnbc only advances a collective inside MPI calls). Every call returns an scmoe_status and, on
+ * failure, leaves a sentence in comm->err. */
+#ifndef SCMOE_COMM_H
+#define SCMOE_COMM_H
+
+#include "../scmoe.h"
+
+#define COMM_MAX_REQ 64
+
+typedef struct comm comm;
+
+typedef struct comm_ops {
+    scmoe_status (*split)(comm *c, int color, int key, comm **out);
+    void (*destroy)(comm *c);
+    scmoe_status (*allgather)(comm *c, const void *send, int bytes, void *recv);
+    /* recv_bytes[i], displs[i]: bytes from rank i and where they land */
+    scmoe_status (*allgatherv)(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
+                               const int *displs);
+    scmoe_status (*allreduce_f64)(comm *c, double *buf, int n);         /* in place, sum */
+    scmoe_status (*allreduce_i64_max)(comm *c, int64_t *buf, int n);    /* in place, max */
+    /* counts and displacements in elements of elem_bytes (elem_bytes * count must fit an int) */
+    scmoe_status (*alltoallv_start)(comm *c, const void *send, const int *scounts, const int *sdispls,
+                                    void *recv, const int *rcounts, const int *rdispls, int elem_bytes,
+                                    int *req);
+    scmoe_status (*allreduce_start)(comm *c, float *buf, int n, int *req);  /* in place, sum */
+    scmoe_status (*test)(comm *c, int req, int *done);
+    scmoe_status (*wait)(comm *c, int req);
+    void (*progress)(comm *c);
+} comm_ops;
+
+struct comm {
+    const comm_ops *ops;
+    int rank, size;
+    double timeout_s;        /* comm_wait gives up after this long */
+    scmoe_progress progress; /* who advances nonblocking requests */
+    void *impl;
+    char err[256];
+};
+
+scmoe_status comm_serial_create(comm **out);
+
+static inline scmoe_status comm_wait(comm *c, int req) { return c->ops->wait(c, req); }
+static inline scmoe_status comm_test(comm *c, int req, int *done) { return c->ops->test(c, req, done); }
+static inline void comm_progress(comm *c) { c->ops->progress(c); }
+
+#endif

@@ -1,0 +1,515 @@
+/* mpi.c: the communication interface (comm.h) over an MPI communicator.
+ *
+ * Contract, per call (P = comm size, r = this rank):
+ *   allgather          recv[i*bytes .. (i+1)*bytes) = rank i's send, every rank the same bytes.
+ *   allgatherv         recv[displs[i] ..] = rank i's recv_bytes[i] bytes; byte counts, MPI_BYTE.
+ *   allreduce_f64      buf[j] = sum_i buf_i[j] (MPI_DOUBLE, MPI_SUM), in place.
+ *   allreduce_i64_max  buf[j] = max_i buf_i[j] (MPI_INT64_T, MPI_MAX), in place.
+ *   alltoallv_start    rank r's send[sdispls[i] .. + scounts[i]) lands on rank i at
+ *                      recv[rdispls[r] .. + rcounts[r]); counts and displacements are in elements of
+ *                      elem_bytes, sent as one committed contiguous datatype of elem_bytes bytes so
+ *                      that only elem_bytes * count (not count) has to fit an int.
+ *   allreduce_start    buf[j] = sum_i buf_i[j] (MPI_FLOAT, MPI_SUM, MPI_IN_PLACE).
+ * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
+ * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
+ *
+ * Errors: the communicator is a private duplicate with MPI_ERRORS_RETURN, so every MPI failure comes
+ * back as a return code, turned here into SCMOE_ERR_COMM with MPI_Error_string's text in c->err. The
+ * library never aborts and never prints.
+ *
+ * Progress: OpenMPI's nonblocking collectives (libnbc) advance only inside MPI calls. With POLL the
+ * core calls comm_progress/comm_test between compute tiles. With THREAD (and MPI_THREAD_MULTIPLE) a
+ * helper thread tests the active requests every ~200 us; a mutex guards the request table so the
+ * helper and the main thread never test the same request at once (MPI forbids concurrent completion
+ * calls on one request). The helper sleeps on a condition variable while nothing is in flight.
+ */
+#include "comm.h"
+#include "../scmoe_internal.h"
+#include "../scmoe_mpi.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* distinct element sizes one comm will see: the core uses one (d_model floats); tests a few more */
+#define TYPE_CACHE 16
+/* spins of MPI_Test in wait before yielding the core: spinning keeps small exchanges' latency at the
+ * MPI call cost, yielding keeps an oversubscribed node (more ranks than cores) from starving a peer */
+#define WAIT_SPINS_BEFORE_YIELD 1000
+#define PROGRESS_SLEEP_NS 200000L
+
+enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
+enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE };
+
+typedef struct slot {
+    MPI_Request r;
+    int state;    /* SLOT_*; ACTIVE: r pending; DONE/FAILED: completed by the helper, not yet collected */
+    int kind, n;  /* for messages: KIND_ALLTOALLV with n = elem_bytes, KIND_ALLREDUCE with n floats */
+    int rc;       /* the MPI error code of a FAILED slot */
+    double t_start;
+    /* copies of scounts, sdispls, rcounts, rdispls: MPI requires the arrays of a nonblocking
+     * collective to stay valid until it completes. The core keeps its own arrays valid until the
+     * wait, but owning copies here makes that the backend's problem, not every caller's. */
+    int *args;
+} slot;
+
+typedef struct mpi_impl {
+    MPI_Comm mc;
+    int thread_level;
+    pthread_mutex_t mu;  /* guards slots[].state/r and n_active, th_stop */
+    pthread_cond_t cv;   /* the helper waits here while n_active == 0 */
+    slot slots[COMM_MAX_REQ];
+    int n_active;        /* slots in SLOT_ACTIVE */
+    int *args;           /* COMM_MAX_REQ * 4 * size ints, carved into slots[].args */
+    int n_types;
+    int type_bytes[TYPE_CACHE];
+    MPI_Datatype types[TYPE_CACHE];
+    pthread_t th;
+    int th_running, th_stop;
+} mpi_impl;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static scmoe_status fail(comm *c, scmoe_status s, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static scmoe_status fail(comm *c, scmoe_status s, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+static scmoe_status mpi_fail(comm *c, int rc, const char *what) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "MPI error code %d", rc);
+    return fail(c, SCMOE_ERR_COMM, "%s failed: %s", what, msg);
+}
+
+static const char *thread_level_name(int level) {
+    switch (level) {
+    case MPI_THREAD_SINGLE: return "MPI_THREAD_SINGLE";
+    case MPI_THREAD_FUNNELED: return "MPI_THREAD_FUNNELED";
+    case MPI_THREAD_SERIALIZED: return "MPI_THREAD_SERIALIZED";
+    case MPI_THREAD_MULTIPLE: return "MPI_THREAD_MULTIPLE";
+    default: return "an unknown thread level";
+    }
+}
+
+static void describe(const slot *s, char *buf, size_t len) {
+    if (s->kind == KIND_ALLTOALLV) snprintf(buf, len, "all-to-all exchange of %d-byte elements", s->n);
+    else snprintf(buf, len, "all-reduce of %d floats", s->n);
+}
+
+/* ---- the progress helper ---- */
+
+/* Tests every active request once. Caller holds m->mu. */
+static void sweep_locked(mpi_impl *m) {
+    for (int i = 0; i < COMM_MAX_REQ && m->n_active > 0; i++) {
+        slot *s = &m->slots[i];
+        if (s->state != SLOT_ACTIVE) continue;
+        int flag = 0;
+        int rc = MPI_Test(&s->r, &flag, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) {
+            s->state = SLOT_FAILED;
+            s->rc = rc;
+            m->n_active--;
+        } else if (flag) {
+            s->state = SLOT_DONE;
+            m->n_active--;
+        }
+    }
+}
+
+static void *progress_main(void *arg) {
+    mpi_impl *m = arg;
+    const struct timespec nap = {0, PROGRESS_SLEEP_NS};
+    pthread_mutex_lock(&m->mu);
+    for (;;) {
+        while (!m->th_stop && m->n_active == 0) pthread_cond_wait(&m->cv, &m->mu);
+        if (m->th_stop) break;
+        sweep_locked(m);
+        /* sleep unlocked so the main thread's test/wait never waits a whole nap for the mutex */
+        pthread_mutex_unlock(&m->mu);
+        nanosleep(&nap, NULL);
+        pthread_mutex_lock(&m->mu);
+    }
+    pthread_mutex_unlock(&m->mu);
+    return NULL;
+}
+
+/* Called by every *_start: starts the helper the first time THREAD is asked for, or falls back to POLL
+ * (with the reason in c->err, the call itself still succeeding) when MPI cannot host it. Lazy because
+ * the core sets c->progress from its config after the comm exists. */
+static void ensure_progress(comm *c) {
+    mpi_impl *m = c->impl;
+    if (c->progress != SCMOE_PROGRESS_THREAD || m->th_running) return;
+    if (m->thread_level < MPI_THREAD_MULTIPLE) {
+        c->progress = SCMOE_PROGRESS_POLL;
+        fail(c, SCMOE_OK, "progress thread needs MPI_THREAD_MULTIPLE but MPI provides %s: using POLL",
+             thread_level_name(m->thread_level));
+        return;
+    }
+    m->th_stop = 0;
+    int e = pthread_create(&m->th, NULL, progress_main, m);
+    if (e) {
+        c->progress = SCMOE_PROGRESS_POLL;
+        fail(c, SCMOE_OK, "could not start the progress thread (%s): using POLL", strerror(e));
+        return;
+    }
+    m->th_running = 1;
+}
+
+/* ---- requests ---- */
+
+/* Finds a free slot for a request about to start; -1 if all are taken. Only the main thread frees or
+ * claims slots, so the slot stays free until slot_publish; the lock is for the helper's writes of
+ * ACTIVE -> DONE elsewhere in the table. */
+static int slot_claim(mpi_impl *m) {
+    int found = -1;
+    pthread_mutex_lock(&m->mu);
+    for (int i = 0; i < COMM_MAX_REQ && found < 0; i++)
+        if (m->slots[i].state == SLOT_FREE) found = i;
+    pthread_mutex_unlock(&m->mu);
+    return found;
+}
+
+/* Publishes a started request to the table (and wakes the helper). */
+static void slot_publish(mpi_impl *m, int i, MPI_Request r, int kind, int n) {
+    slot *s = &m->slots[i];
+    pthread_mutex_lock(&m->mu);
+    s->r = r;
+    s->kind = kind;
+    s->n = n;
+    s->rc = MPI_SUCCESS;
+    s->t_start = now_s();
+    s->state = SLOT_ACTIVE;
+    m->n_active++;
+    pthread_cond_signal(&m->cv);
+    pthread_mutex_unlock(&m->mu);
+}
+
+static scmoe_status check_req(comm *c, int req) {
+    if (req >= COMM_MAX_REQ) return fail(c, SCMOE_ERR_STATE, "request %d is out of range", req);
+    mpi_impl *m = c->impl;
+    pthread_mutex_lock(&m->mu);
+    int free_slot = m->slots[req].state == SLOT_FREE;
+    pthread_mutex_unlock(&m->mu);
+    if (free_slot)
+        return fail(c, SCMOE_ERR_STATE, "request %d is not in flight (already completed?)", req);
+    return SCMOE_OK;
+}
+
+/* One completion attempt on slot req. Returns 1 if finished, with *rc its MPI code; the slot is then
+ * released unless it failed and keep_failed is set (test leaves a failure for wait to collect, so a
+ * caller that polls and ignores errors still gets the error from its final wait). */
+static int try_complete(mpi_impl *m, int req, int *rc, int keep_failed) {
+    slot *s = &m->slots[req];
+    int finished = 0;
+    *rc = MPI_SUCCESS;
+    pthread_mutex_lock(&m->mu);
+    if (s->state == SLOT_ACTIVE) {
+        int flag = 0;
+        int e = MPI_Test(&s->r, &flag, MPI_STATUS_IGNORE);
+        if (e != MPI_SUCCESS) {
+            s->state = SLOT_FAILED;
+            s->rc = e;
+            m->n_active--;
+        } else if (flag) {
+            s->state = SLOT_DONE;
+            m->n_active--;
+        }
+    }
+    if (s->state == SLOT_DONE) {
+        s->state = SLOT_FREE;
+        finished = 1;
+    } else if (s->state == SLOT_FAILED) {
+        *rc = s->rc;
+        if (!keep_failed) s->state = SLOT_FREE;
+        finished = 1;
+    }
+    pthread_mutex_unlock(&m->mu);
+    return finished;
+}
+
+static scmoe_status mpi_test(comm *c, int req, int *done) {
+    *done = 1;
+    if (req < 0) return SCMOE_OK; /* nothing was started (same as serial's -1) */
+    scmoe_status s = check_req(c, req);
+    if (s) return s;
+    int rc;
+    *done = try_complete(c->impl, req, &rc, 1);
+    if (rc != MPI_SUCCESS) {
+        char what[96];
+        describe(&((mpi_impl *)c->impl)->slots[req], what, sizeof what);
+        return mpi_fail(c, rc, what);
+    }
+    return SCMOE_OK;
+}
+
+/* Waits with a deadline of c->timeout_s. On timeout the request stays pending in its slot: MPI cannot
+ * cancel a collective (MPI_Cancel/MPI_Request_free on one is erroneous), so the exchange can only be
+ * finished by a later wait once the late ranks join; a caller that cannot wait must abort the job or
+ * restart from a checkpoint. */
+static scmoe_status mpi_wait(comm *c, int req) {
+    if (req < 0) return SCMOE_OK;
+    scmoe_status s = check_req(c, req);
+    if (s) return s;
+    mpi_impl *m = c->impl;
+    double t0 = now_s(), deadline = t0 + c->timeout_s;
+    for (long spin = 0;; spin++) {
+        int rc;
+        if (try_complete(m, req, &rc, 0)) {
+            if (rc == MPI_SUCCESS) return SCMOE_OK;
+            char what[96];
+            describe(&m->slots[req], what, sizeof what);
+            return mpi_fail(c, rc, what);
+        }
+        double t = now_s();
+        if (t > deadline) {
+            char what[96];
+            describe(&m->slots[req], what, sizeof what);
+            return fail(c, SCMOE_ERR_TIMEOUT,
+                        "%s (request %d) did not complete: waited %.3g s (timeout %.3g s), %.3g s since it "
+                        "started; it is still pending and MPI cannot cancel it, so abort or restart from a "
+                        "checkpoint",
+                        what, req, t - t0, c->timeout_s, t - m->slots[req].t_start);
+        }
+        if (spin >= WAIT_SPINS_BEFORE_YIELD) sched_yield();
+    }
+}
+
+static void mpi_progress(comm *c) {
+    mpi_impl *m = c->impl;
+    /* reading n_active unlocked is only a hint: a stale 0 skips one sweep, a stale >0 costs one lock */
+    if (__atomic_load_n(&m->n_active, __ATOMIC_RELAXED) == 0) return;
+    /* if the helper holds the lock it is sweeping already */
+    if (pthread_mutex_trylock(&m->mu) != 0) return;
+    sweep_locked(m);
+    pthread_mutex_unlock(&m->mu);
+}
+
+/* ---- datatypes ---- */
+
+static scmoe_status elem_type(comm *c, int elem_bytes, MPI_Datatype *t) {
+    mpi_impl *m = c->impl;
+    for (int i = 0; i < m->n_types; i++)
+        if (m->type_bytes[i] == elem_bytes) {
+            *t = m->types[i];
+            return SCMOE_OK;
+        }
+    if (m->n_types == TYPE_CACHE)
+        return fail(c, SCMOE_ERR_COMM, "more than %d distinct element sizes on one communicator", TYPE_CACHE);
+    MPI_Datatype nt;
+    int rc = MPI_Type_contiguous(elem_bytes, MPI_BYTE, &nt);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Type_contiguous");
+    rc = MPI_Type_commit(&nt);
+    if (rc != MPI_SUCCESS) {
+        MPI_Type_free(&nt);
+        return mpi_fail(c, rc, "MPI_Type_commit");
+    }
+    m->type_bytes[m->n_types] = elem_bytes;
+    m->types[m->n_types++] = nt;
+    *t = nt;
+    return SCMOE_OK;
+}
+
+/* ---- blocking collectives ---- */
+
+static scmoe_status mpi_allgather(comm *c, const void *send, int bytes, void *recv) {
+    mpi_impl *m = c->impl;
+    /* send already in its place in recv: MPI forbids aliased buffers, MPI_IN_PLACE means exactly this */
+    const void *sb = (send == (const char *)recv + (size_t)c->rank * bytes && bytes > 0) ? MPI_IN_PLACE : send;
+    int rc = MPI_Allgather(sb, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, m->mc);
+    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allgather");
+}
+
+static scmoe_status mpi_allgatherv(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
+                                   const int *displs) {
+    mpi_impl *m = c->impl;
+    const void *sb = (send == (const char *)recv + displs[c->rank] && bytes > 0) ? MPI_IN_PLACE : send;
+    int rc = MPI_Allgatherv(sb, bytes, MPI_BYTE, recv, recv_bytes, displs, MPI_BYTE, m->mc);
+    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allgatherv");
+}
+
+static scmoe_status mpi_allreduce_f64(comm *c, double *buf, int n) {
+    int rc = MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, ((mpi_impl *)c->impl)->mc);
+    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allreduce (double, sum)");
+}
+
+static scmoe_status mpi_allreduce_i64_max(comm *c, int64_t *buf, int n) {
+    int rc = MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_INT64_T, MPI_MAX, ((mpi_impl *)c->impl)->mc);
+    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allreduce (int64, max)");
+}
+
+/* ---- nonblocking collectives ---- */
+
+static scmoe_status mpi_alltoallv_start(comm *c, const void *send, const int *scounts, const int *sdispls,
+                                        void *recv, const int *rcounts, const int *rdispls, int elem_bytes,
+                                        int *req) {
+    mpi_impl *m = c->impl;
+    *req = -1;
+    if (elem_bytes < 1) return fail(c, SCMOE_ERR_STATE, "all-to-all with elem_bytes = %d", elem_bytes);
+    MPI_Datatype t = MPI_DATATYPE_NULL;
+    scmoe_status s = elem_type(c, elem_bytes, &t);
+    if (s) return s;
+    int i = slot_claim(m);
+    if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
+    ensure_progress(c);
+    int P = c->size, *a = m->slots[i].args;
+    memcpy(a, scounts, sizeof(int) * P);
+    memcpy(a + P, sdispls, sizeof(int) * P);
+    memcpy(a + 2 * P, rcounts, sizeof(int) * P);
+    memcpy(a + 3 * P, rdispls, sizeof(int) * P);
+    MPI_Request r;
+    int rc = MPI_Ialltoallv(send, a, a + P, t, recv, a + 2 * P, a + 3 * P, t, m->mc, &r);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Ialltoallv");
+    slot_publish(m, i, r, KIND_ALLTOALLV, elem_bytes);
+    *req = i;
+    return SCMOE_OK;
+}
+
+static scmoe_status mpi_allreduce_start(comm *c, float *buf, int n, int *req) {
+    mpi_impl *m = c->impl;
+    *req = -1;
+    int i = slot_claim(m);
+    if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
+    ensure_progress(c);
+    MPI_Request r;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_FLOAT, MPI_SUM, m->mc, &r);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iallreduce");
+    slot_publish(m, i, r, KIND_ALLREDUCE, n);
+    *req = i;
+    return SCMOE_OK;
+}
+
+/* ---- lifetime ---- */
+
+static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out);
+
+static void mpi_destroy(comm *c) {
+    if (!c) return;
+    mpi_impl *m = c->impl;
+    if (m) {
+        if (m->th_running) {
+            pthread_mutex_lock(&m->mu);
+            m->th_stop = 1;
+            pthread_cond_signal(&m->cv);
+            pthread_mutex_unlock(&m->mu);
+            pthread_join(m->th, NULL);
+        }
+        /* Requests still pending (a timed-out exchange never finished) cannot be freed: MPI forbids
+         * MPI_Request_free on a collective. They are left to MPI_Finalize. */
+        for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
+        if (m->mc != MPI_COMM_NULL) MPI_Comm_free(&m->mc);
+        pthread_cond_destroy(&m->cv);
+        pthread_mutex_destroy(&m->mu);
+        free(m->args);
+        free(m);
+    }
+    free(c);
+}
+
+static scmoe_status mpi_split(comm *c, int color, int key, comm **out) {
+    mpi_impl *m = c->impl;
+    *out = NULL;
+    MPI_Comm nc;
+    int rc = MPI_Comm_split(m->mc, color, key, &nc);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Comm_split");
+    if (nc == MPI_COMM_NULL) return fail(c, SCMOE_ERR_COMM, "MPI_Comm_split with color %d gave no communicator", color);
+    comm *n;
+    scmoe_status s = wrap(nc, m->thread_level, &n);
+    if (s) {
+        MPI_Comm_free(&nc);
+        return fail(c, s, "wrapping the split communicator failed: %s", scmoe_strerror(s));
+    }
+    n->timeout_s = c->timeout_s;
+    n->progress = c->progress;
+    *out = n;
+    return SCMOE_OK;
+}
+
+static const comm_ops mpi_ops = {
+    mpi_split, mpi_destroy, mpi_allgather, mpi_allgatherv, mpi_allreduce_f64, mpi_allreduce_i64_max,
+    mpi_alltoallv_start, mpi_allreduce_start, mpi_test, mpi_wait, mpi_progress,
+};
+
+/* Takes ownership of mc (a communicator this library created) on success only. */
+static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out) {
+    *out = NULL;
+    int rc = MPI_Comm_set_errhandler(mc, MPI_ERRORS_RETURN);
+    int rank = 0, size = 0;
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(mc, &rank);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_size(mc, &size);
+    if (rc != MPI_SUCCESS) return SCMOE_ERR_COMM;
+    comm *c = calloc(1, sizeof *c);
+    mpi_impl *m = calloc(1, sizeof *m);
+    int *args = malloc(sizeof(int) * 4 * (size_t)size * COMM_MAX_REQ);
+    if (!c || !m || !args) {
+        free(c);
+        free(m);
+        free(args);
+        return SCMOE_ERR_NOMEM;
+    }
+    if (pthread_mutex_init(&m->mu, NULL)) {
+        free(c); free(m); free(args);
+        return SCMOE_ERR_NOMEM;
+    }
+    if (pthread_cond_init(&m->cv, NULL)) {
+        pthread_mutex_destroy(&m->mu);
+        free(c); free(m); free(args);
+        return SCMOE_ERR_NOMEM;
+    }
+    m->mc = mc;
+    m->thread_level = thread_level;
+    m->args = args;
+    for (int i = 0; i < COMM_MAX_REQ; i++) {
+        m->slots[i].r = MPI_REQUEST_NULL;
+        m->slots[i].args = args + (size_t)i * 4 * size;
+    }
+    c->ops = &mpi_ops;
+    c->rank = rank;
+    c->size = size;
+    c->timeout_s = 600;
+    c->progress = SCMOE_PROGRESS_POLL;
+    c->impl = m;
+    *out = c;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
+    if (!ctx) return SCMOE_ERR_NULL;
+    *ctx = NULL;
+    int inited = 0, finalized = 0;
+    MPI_Initialized(&inited);
+    MPI_Finalized(&finalized);
+    if (!inited || finalized) return SCMOE_ERR_STATE;
+    if (host_comm == MPI_COMM_NULL) return SCMOE_ERR_NULL;
+    int level = MPI_THREAD_SINGLE;
+    if (MPI_Query_thread(&level) != MPI_SUCCESS) level = MPI_THREAD_SINGLE;
+    MPI_Comm mc;
+    /* the host's error handler applies to this dup; a failure here is reported to the host's handler,
+     * which is the host's choice */
+    if (MPI_Comm_dup(host_comm, &mc) != MPI_SUCCESS) return SCMOE_ERR_COMM;
+    comm *c;
+    scmoe_status s = wrap(mc, level, &c);
+    if (s) {
+        MPI_Comm_free(&mc);
+        return s;
+    }
+    s = context_create_with(c, ctx);
+    if (s) {
+        mpi_destroy(c);
+        *ctx = NULL;
+    }
+    return s;
+}

@@ -1,0 +1,362 @@
+/* scmoe.c: the portable core's common ground: configuration, statuses, the context, the parameter
+ * table. The layer lives in moe.c, the block pair in pair.c, the overlap schedule in schedule.c. */
+#include "scmoe_internal.h"
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+scmoe_config scmoe_config_default(void) {
+    scmoe_config c;
+    memset(&c, 0, sizeof c);
+    c.d_model = 64;
+    c.d_hidden = 256;
+    c.n_experts = 8;
+    c.top_k = 1;
+    c.max_tokens = 1024;
+    c.capacity_factor = 2.0f;
+    c.eval_capacity_factor = 2.0f;
+    c.priority = SCMOE_PRIORITY_TOKEN;
+    c.renormalize = 1;
+    c.aux_loss_weight = 0.01f;
+    c.z_loss_weight = 0.0f;
+    c.aux_scope = SCMOE_AUX_GLOBAL;
+    c.gate_noise_std = 0.0f;
+    c.seed = 1234;
+    c.activation = SCMOE_GELU;
+    c.check_finite = 0;
+    c.arch = SCMOE_ARCH_SCMOE;
+    c.shortcut_pos = 2;
+    c.combine = SCMOE_COMBINE_CG1;
+    c.n_heads = 4;
+    c.max_seq_len = 256;
+    c.causal = 1;
+    c.n_layers = 2;
+    c.ep_size = 0;
+    c.progress = SCMOE_PROGRESS_POLL;
+    c.poll_rows = 64;
+    c.overlap = 1;
+    c.expert_slot = -1;
+    c.overlap_grad_sync = 0;
+    c.comm_timeout_s = 600.0;
+    return c;
+}
+
+static scmoe_status bad(char *msg, size_t len, scmoe_status s, const char *fmt, ...) {
+    if (msg && len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, len, fmt, ap);
+        va_end(ap);
+    }
+    return s;
+}
+
+static int is_flag(int v) { return v == 0 || v == 1; }
+
+scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len) {
+    if (msg && len) msg[0] = '\0';
+    if (!c) return bad(msg, len, SCMOE_ERR_NULL, "config is NULL");
+    if (c->d_model < 1 || c->d_model > (1 << 20)) return bad(msg, len, SCMOE_ERR_D_MODEL, "d_model = %d: must be in 1..2^20", c->d_model);
+    if (c->d_hidden < 1 || c->d_hidden > (1 << 22)) return bad(msg, len, SCMOE_ERR_D_HIDDEN, "d_hidden = %d: must be in 1..2^22", c->d_hidden);
+    if (c->n_experts < 1 || c->n_experts > 4096) return bad(msg, len, SCMOE_ERR_N_EXPERTS, "n_experts = %d: must be in 1..4096", c->n_experts);
+    if (c->top_k < 1 || c->top_k > c->n_experts) return bad(msg, len, SCMOE_ERR_TOP_K, "top_k = %d: must be in 1..n_experts (%d)", c->top_k, c->n_experts);
+    if (!isfinite(c->capacity_factor)) return bad(msg, len, SCMOE_ERR_CAPACITY, "capacity_factor is not finite");
+    if (!isfinite(c->eval_capacity_factor)) return bad(msg, len, SCMOE_ERR_CAPACITY, "eval_capacity_factor is not finite");
+    if (!isfinite(c->aux_loss_weight) || c->aux_loss_weight < 0) return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "aux_loss_weight = %g: must be finite and >= 0", c->aux_loss_weight);
+    if (!isfinite(c->z_loss_weight) || c->z_loss_weight < 0) return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "z_loss_weight = %g: must be finite and >= 0", c->z_loss_weight);
+    if (c->aux_scope != SCMOE_AUX_GLOBAL && c->aux_scope != SCMOE_AUX_LOCAL) return bad(msg, len, SCMOE_ERR_OPTION, "aux_scope = %d: must be GLOBAL or LOCAL", (int)c->aux_scope);
+    if (!isfinite(c->gate_noise_std) || c->gate_noise_std < 0) return bad(msg, len, SCMOE_ERR_NOISE, "gate_noise_std = %g: must be finite and >= 0", c->gate_noise_std);
+    if (c->activation != SCMOE_GELU && c->activation != SCMOE_SWIGLU) return bad(msg, len, SCMOE_ERR_ACTIVATION, "activation = %d: must be GELU or SWIGLU", (int)c->activation);
+    if (c->priority != SCMOE_PRIORITY_TOKEN && c->priority != SCMOE_PRIORITY_BATCH) return bad(msg, len, SCMOE_ERR_PRIORITY, "priority = %d: must be TOKEN or BATCH", (int)c->priority);
+    if (!is_flag(c->renormalize)) return bad(msg, len, SCMOE_ERR_OPTION, "renormalize = %d: must be 0 or 1", c->renormalize);
+    if (!is_flag(c->check_finite)) return bad(msg, len, SCMOE_ERR_OPTION, "check_finite = %d: must be 0 or 1", c->check_finite);
+    if (c->max_tokens < 1 || c->max_tokens > (1 << 24)) return bad(msg, len, SCMOE_ERR_MAX_TOKENS, "max_tokens = %d: must be in 1..2^24", c->max_tokens);
+    if (c->arch < SCMOE_ARCH_TOP2 || c->arch > SCMOE_ARCH_SCMOE) return bad(msg, len, SCMOE_ERR_ARCH, "arch = %d: must be TOP2, TOP1, SHARED or SCMOE", (int)c->arch);
+    if (c->arch == SCMOE_ARCH_TOP2 && c->n_experts < 2) return bad(msg, len, SCMOE_ERR_N_EXPERTS, "arch TOP2 needs n_experts >= 2");
+    if (c->shortcut_pos < 1 || c->shortcut_pos > 3) return bad(msg, len, SCMOE_ERR_SHORTCUT_POS, "shortcut_pos = %d: must be 1, 2 or 3", c->shortcut_pos);
+    if (c->combine != SCMOE_COMBINE_CG1 && c->combine != SCMOE_COMBINE_ADD) return bad(msg, len, SCMOE_ERR_COMBINE, "combine = %d: must be CG1 or ADD", (int)c->combine);
+    if (c->n_heads < 1 || c->d_model % c->n_heads != 0) return bad(msg, len, SCMOE_ERR_N_HEADS, "n_heads = %d: must be >= 1 and divide d_model (%d)", c->n_heads, c->d_model);
+    if (c->max_seq_len < 1 || c->max_seq_len > (1 << 20)) return bad(msg, len, SCMOE_ERR_SEQ_LEN, "max_seq_len = %d: must be in 1..2^20", c->max_seq_len);
+    if (!is_flag(c->causal)) return bad(msg, len, SCMOE_ERR_OPTION, "causal = %d: must be 0 or 1", c->causal);
+    if (c->n_layers < 1) return bad(msg, len, SCMOE_ERR_N_LAYERS, "n_layers = %d: must be >= 1", c->n_layers);
+    if (c->ep_size < 0 || (c->ep_size > 0 && c->n_experts % c->ep_size != 0)) return bad(msg, len, SCMOE_ERR_EP_SIZE, "ep_size = %d: must be 0 (all ranks) or divide n_experts (%d)", c->ep_size, c->n_experts);
+    if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE) return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
+    if (c->poll_rows < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_rows = %d: must be >= 1", c->poll_rows);
+    if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
+    if (c->expert_slot < -1 || c->expert_slot > 3) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..3", c->expert_slot);
+    if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
+    if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s)) return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
+    return SCMOE_OK;
+}
+
+static const char *const status_names[SCMOE_STATUS_COUNT] = {
+    [SCMOE_OK] = "success",
+    [SCMOE_ERR_NULL] = "a required pointer argument is NULL",
+    [SCMOE_ERR_NOMEM] = "out of memory",
+    [SCMOE_ERR_D_MODEL] = "invalid d_model",
+    [SCMOE_ERR_D_HIDDEN] = "invalid d_hidden",
+    [SCMOE_ERR_N_EXPERTS] = "invalid n_experts",
+    [SCMOE_ERR_TOP_K] = "invalid top_k",
+    [SCMOE_ERR_CAPACITY] = "invalid capacity factor",
+    [SCMOE_ERR_LOSS_WEIGHT] = "invalid aux or z loss weight",
+    [SCMOE_ERR_NOISE] = "invalid gate noise",
+    [SCMOE_ERR_ACTIVATION] = "unknown activation",
+    [SCMOE_ERR_PRIORITY] = "unknown routing priority",
+    [SCMOE_ERR_MAX_TOKENS] = "invalid max_tokens",
+    [SCMOE_ERR_N_TOKENS] = "token count out of range",
+    [SCMOE_ERR_NONFINITE] = "NaN or Inf in the input",
+    [SCMOE_ERR_ARCH] = "unknown arch",
+    [SCMOE_ERR_SHORTCUT_POS] = "shortcut_pos must be 1, 2 or 3",
+    [SCMOE_ERR_COMBINE] = "unknown combine rule",
+    [SCMOE_ERR_N_HEADS] = "n_heads must divide d_model",
+    [SCMOE_ERR_SEQ_LEN] = "sequence length or batch out of range",
+    [SCMOE_ERR_N_LAYERS] = "invalid n_layers",
+    [SCMOE_ERR_EP_SIZE] = "invalid expert-parallel size",
+    [SCMOE_ERR_PROGRESS] = "invalid progress policy",
+    [SCMOE_ERR_OPTION] = "an option is out of range",
+    [SCMOE_ERR_STATE] = "call out of order",
+    [SCMOE_ERR_NOT_FOUND] = "no such parameter",
+    [SCMOE_ERR_CONFIG_MISMATCH] = "ranks hold different configs",
+    [SCMOE_ERR_COMM] = "communication failed",
+    [SCMOE_ERR_TIMEOUT] = "an exchange timed out",
+    [SCMOE_ERR_IO] = "file input/output failed",
+    [SCMOE_ERR_UNSUPPORTED] = "not supported by this build",
+};
+
+const char *scmoe_strerror(scmoe_status s) {
+    if ((int)s < 0 || s >= SCMOE_STATUS_COUNT) return "unknown status";
+    return status_names[s];
+}
+
+#define SCMOE_STR2(x) #x
+#define SCMOE_STR(x) SCMOE_STR2(x)
+const char *scmoe_version(void) {
+    return SCMOE_STR(SCMOE_VERSION_MAJOR) "." SCMOE_STR(SCMOE_VERSION_MINOR) "." SCMOE_STR(SCMOE_VERSION_PATCH);
+}
+
+scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...) {
+    if (ctx) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+double scmoe_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+int scmoe_has_nonfinite(const float *x, size_t n) {
+    int bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static)
+    for (size_t i = 0; i < n; i++) bad |= !isfinite(x[i]);
+    return bad;
+}
+
+/* ---- context ---- */
+
+scmoe_status context_create_with(comm *world, scmoe_context **out) {
+    scmoe_context *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return SCMOE_ERR_NOMEM;
+    ctx->world = world;
+    ctx->blas = blas_openblas();
+    *out = ctx;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_context_create(scmoe_context **out) {
+    if (!out) return SCMOE_ERR_NULL;
+    *out = NULL;
+    comm *c;
+    scmoe_status s = comm_serial_create(&c);
+    if (s) return s;
+    s = context_create_with(c, out);
+    if (s) c->ops->destroy(c);
+    return s;
+}
+
+void scmoe_context_destroy(scmoe_context *ctx) {
+    if (!ctx) return;
+    if (ctx->world) ctx->world->ops->destroy(ctx->world);
+    free(ctx);
+}
+
+int scmoe_context_rank(const scmoe_context *ctx) { return ctx ? ctx->world->rank : -1; }
+int scmoe_context_size(const scmoe_context *ctx) { return ctx ? ctx->world->size : -1; }
+const char *scmoe_last_error(const scmoe_context *ctx) { return ctx ? ctx->err : "context is NULL"; }
+
+/* ---- parameters ---- */
+
+static uint64_t hash_str(const char *s) {
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
+               uint64_t seed) {
+    if (pt->n == pt->cap) {
+        int cap = pt->cap ? 2 * pt->cap : 32;
+        param_entry *p = realloc(pt->p, sizeof *p * cap);
+        if (!p) return -1;
+        pt->p = p;
+        pt->cap = cap;
+    }
+    param_entry *e = &pt->p[pt->n];
+    memset(e, 0, sizeof *e);
+    snprintf(e->name, sizeof e->name, "%s", name);
+    e->t.ndim = ndim;
+    e->t.numel = 1;
+    for (int i = 0; i < ndim; i++) { e->t.shape[i] = shape[i]; e->t.numel *= (size_t)shape[i]; }
+    e->t.replicated = sync != SYNC_REPLICAS;
+    e->sync = sync;
+    e->init = init;
+    e->init_std = std;
+    /* the key depends on the name, not on the rank: an expert starts the same wherever it lives */
+    e->init_key = mix64(seed) ^ hash_str(name);
+    e->offset = pt->total;
+    pt->total += (e->t.numel + 15) & ~(size_t)15; /* 64-byte aligned tensors */
+    return pt->n++;
+}
+
+/* Staged gradients are laid out world-summed tensors first, then replica-summed ones, so each group's
+ * all-reduce is over one contiguous range. */
+static int staged(const param_entry *e, int world_sync, int replica_sync) {
+    return (e->sync == SYNC_WORLD && world_sync) || (e->sync == SYNC_REPLICAS && replica_sync);
+}
+
+scmoe_status params_allocate(param_table *pt, int world_sync, int replica_sync) {
+    size_t total = pt->total ? pt->total : 16;
+    pt->data = aligned_alloc(64, sizeof(float) * total);
+    pt->grad = aligned_alloc(64, sizeof(float) * total);
+    if (!pt->data || !pt->grad) return SCMOE_ERR_NOMEM;
+    memset(pt->grad, 0, sizeof(float) * total);
+    size_t stage = 0;
+    for (int pass = SYNC_WORLD; pass <= SYNC_REPLICAS; pass++) {
+        for (int i = 0; i < pt->n; i++) {
+            param_entry *e = &pt->p[i];
+            if (e->sync != pass || !staged(e, world_sync, replica_sync)) continue;
+            e->offset_stage = stage;
+            stage += (e->t.numel + 15) & ~(size_t)15;
+        }
+        if (pass == SYNC_WORLD) pt->stage_world = stage;
+    }
+    pt->stage_total = stage;
+    if (stage) {
+        pt->stage = aligned_alloc(64, sizeof(float) * stage);
+        if (!pt->stage) return SCMOE_ERR_NOMEM;
+        memset(pt->stage, 0, sizeof(float) * stage);
+    }
+    for (int i = 0; i < pt->n; i++) {
+        param_entry *e = &pt->p[i];
+        e->t.name = e->name;
+        e->t.data = pt->data + e->offset;
+        e->t.grad = pt->grad + e->offset;
+        e->gwork = staged(e, world_sync, replica_sync) ? pt->stage + e->offset_stage : e->t.grad;
+        for (size_t j = 0; j < e->t.numel; j++)
+            e->t.data[j] = e->init == INIT_ZERO ? 0.0f
+                         : e->init == INIT_ONE ? 1.0f
+                         : e->init_std * normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
+    }
+    return SCMOE_OK;
+}
+
+void params_free(param_table *pt) {
+    free(pt->p);
+    free(pt->data);
+    free(pt->grad);
+    free(pt->stage);
+    memset(pt, 0, sizeof *pt);
+}
+
+int params_find(const param_table *pt, const char *name) {
+    for (int i = 0; i < pt->n; i++)
+        if (strcmp(pt->p[i].name, name) == 0) return i;
+    return -1;
+}
+
+void params_zero_stage(param_table *pt) {
+    if (pt->stage_total) memset(pt->stage, 0, sizeof(float) * pt->stage_total);
+}
+
+void params_add_stage(param_table *pt) {
+    for (int i = 0; i < pt->n; i++) {
+        param_entry *e = &pt->p[i];
+        if (e->gwork == e->t.grad) continue;
+        float *g = e->t.grad;
+        const float *s = e->gwork;
+        for (size_t j = 0; j < e->t.numel; j++) g[j] += s[j];
+    }
+}
+
+/* ---- groups and agreement ---- */
+
+scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **replicas) {
+    comm *w = ctx->world;
+    int ep_size = ep_size_cfg ? ep_size_cfg : w->size;
+    *ep = *replicas = NULL;
+    if (w->size % ep_size != 0)
+        return scmoe_fail(ctx, SCMOE_ERR_EP_SIZE, "ep_size %d does not divide the %d ranks", ep_size, w->size);
+    /* expert-parallel groups are runs of ep_size consecutive ranks; replicas share rank % ep_size */
+    scmoe_status s = w->ops->split(w, w->rank / ep_size, w->rank, ep);
+    if (!s) s = w->ops->split(w, w->rank % ep_size, w->rank, replicas);
+    if (s) {
+        if (*ep) (*ep)->ops->destroy(*ep);
+        *ep = NULL;
+        return scmoe_fail(ctx, s, "creating the expert-parallel groups failed: %s", w->err);
+    }
+    (*ep)->timeout_s = (*replicas)->timeout_s = w->timeout_s;
+    (*ep)->progress = (*replicas)->progress = w->progress;
+    return SCMOE_OK;
+}
+
+static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Every rank calls this with its own config and its local validation status, so a rank with a bad
+ * config still takes part and nobody hangs: all ranks return an error if any config differs. */
+scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *c, scmoe_status local) {
+    uint64_t h = 1469598103934665603ull;
+    if (c) {
+#define H(f) h = hash_bytes(h, &c->f, sizeof c->f)
+        H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); H(capacity_factor); H(eval_capacity_factor);
+        H(priority); H(renormalize); H(aux_loss_weight); H(z_loss_weight); H(aux_scope); H(gate_noise_std); H(seed);
+        H(activation); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal); H(n_layers);
+        H(ep_size); H(progress); H(poll_rows); H(overlap); H(expert_slot); H(overlap_grad_sync);
+#undef H
+    }
+    int64_t mine = (int64_t)(h >> 2);
+    int64_t v[3] = {mine, -mine, local}; /* max and -min agree iff all hashes are equal */
+    comm *w = ctx->world;
+    scmoe_status s = w->ops->allreduce_i64_max(w, v, 3);
+    if (s) return scmoe_fail(ctx, s, "config agreement failed: %s", w->err);
+    if (local) return local;
+    if (v[0] != mine || -v[1] != mine)
+        return scmoe_fail(ctx, SCMOE_ERR_CONFIG_MISMATCH,
+                          "ranks were given different configs (rank %d's hash %016llx differs from another's)",
+                          w->rank, (unsigned long long)h);
+    if (v[2]) return scmoe_fail(ctx, (scmoe_status)v[2], "another rank's config is invalid: %s",
+                                scmoe_strerror((scmoe_status)v[2]));
+    return SCMOE_OK;
+}
+
+/* After a local step that may fail on some ranks only: every rank learns whether any failed. */
+scmoe_status status_agree(scmoe_context *ctx, scmoe_status local) {
+    comm *w = ctx->world;
+    int64_t v = local;
+    scmoe_status s = w->ops->allreduce_i64_max(w, &v, 1);
+    if (s) return scmoe_fail(ctx, s, "status agreement failed: %s", w->err);
+    if (local) return local;
+    if (v) return scmoe_fail(ctx, (scmoe_status)v, "another rank failed: %s", scmoe_strerror((scmoe_status)v));
+    return SCMOE_OK;
+}

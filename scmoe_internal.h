@@ -1,0 +1,134 @@
+/* scmoe_internal.h: the objects behind the public handles, shared by the core's files. */
+#ifndef SCMOE_INTERNAL_H
+#define SCMOE_INTERNAL_H
+
+#include "scmoe.h"
+#include "kernels/kernels.h"
+#include "mpi_backend/comm.h"
+
+struct scmoe_context {
+    comm *world;
+    const blas_backend *blas;
+    char err[512];
+};
+
+/* Wraps a communicator (serial or MPI) in a new context; the context owns it. */
+scmoe_status context_create_with(comm *world, scmoe_context **out);
+
+/* Records the detail of a failure on ctx and returns status. */
+scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+double scmoe_now(void);
+int scmoe_has_nonfinite(const float *x, size_t n);
+
+/* ---- parameters: registered by name, then laid out in one allocation ---- */
+enum { SYNC_NONE = 0, SYNC_WORLD = 1, SYNC_REPLICAS = 2 };
+enum { INIT_ZERO = 0, INIT_ONE = 1, INIT_NORMAL = 2 };
+
+typedef struct param_entry {
+    scmoe_tensor t;
+    char name[64];
+    size_t offset, offset_stage;
+    int sync;        /* which group sums this gradient after backward */
+    int init;
+    float init_std;
+    uint64_t init_key;
+    float *gwork;    /* where backward writes: t.grad, or a staging area summed over ranks first */
+} param_entry;
+
+typedef struct param_table {
+    param_entry *p;
+    int n, cap;
+    size_t total;          /* floats */
+    size_t stage_total;    /* floats staged for a sum over ranks */
+    size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
+    float *data, *grad, *stage;
+} param_table;
+
+/* Adds a tensor; returns its index or -1 (NOMEM). Pointers are set by params_allocate. */
+int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
+               uint64_t key);
+/* Allocates data, grad and staging (stage: 1 if this rank's gradients must be summed over ranks),
+ * and initialises the values. */
+scmoe_status params_allocate(param_table *pt, int world_sync, int replica_sync);
+void params_free(param_table *pt);
+int params_find(const param_table *pt, const char *name);
+void params_zero_stage(param_table *pt);
+/* grad += stage for every staged tensor */
+void params_add_stage(param_table *pt);
+
+/* ---- a nonblocking exchange in flight, timed ---- */
+typedef struct inflight {
+    comm *c;
+    int req, active;
+    double t_start, t_done, t_waited;
+} inflight;
+
+/* ---- the MoE layer, as phases a schedule can interleave with other work ---- */
+typedef struct moe_layer {
+    scmoe_context *ctx;
+    scmoe_config cfg;
+    param_table *pt;
+    void *mem;                 /* the whole workspace, one allocation */
+    comm *ep, *replicas;       /* expert-parallel group; ranks holding the same experts */
+    int E, E_local, k, d, h, h1, first_expert, ep_size, ep_rank;
+    int max_tokens, max_send, max_recv;
+    int training;
+    uint64_t step;
+    /* parameters (into the owner's table) */
+    int p_wg, p_e0;   /* gate.weight; local expert i's w1, b1, w2, b2 are p_e0 + 4i + 0..3 */
+    float *wg;
+    /* routing */
+    route_plan plan;
+    void *route_work;
+    int32_t *records, *records_all;
+    int *tokens_per_rank, *rec_bytes, *rec_displs;
+    float *logits, *p, *lse, *weight, *score;
+    int *choice;
+    double *gsum;              /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
+    float *aux_coef;           /* [E] */
+    float aux_loss, z_loss, z_coef;
+    int64_t S_global, *top1_count;
+    /* rows */
+    float *send, *recv, *xe, *ye, *crecv, *rows, *dxe;
+    float *pre, *hid, *dhid, *dpre, *dweight, *dlogits;
+    /* state of the current step */
+    int n;
+    const float *x;
+    int forward_done;
+    inflight ex;
+} moe_layer;
+
+/* Creates the groups (collective) and registers the parameters under prefix. */
+scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
+                      const char *prefix, float w2_std);
+/* Sizes and allocates the workspace (after params_allocate, which fixes the parameter pointers). */
+scmoe_status moe_alloc(moe_layer *m);
+void moe_free(moe_layer *m);
+
+/* forward: gate_encode (small blocking collectives) -> dispatch start -> wait -> experts -> combine start
+ *          -> wait -> decode */
+scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
+scmoe_status moe_dispatch_start(moe_layer *m);
+void moe_experts_forward(moe_layer *m, const exec *ex);
+scmoe_status moe_combine_start(moe_layer *m);
+/* y = beta * y + sum_j w_j E_j(x) */
+void moe_decode(moe_layer *m, float *y, float beta);
+/* backward: decode_backward -> start -> wait -> experts_backward -> start -> wait -> gate_backward */
+void moe_decode_backward(moe_layer *m, const float *dy);
+scmoe_status moe_grad_dispatch_start(moe_layer *m);
+void moe_experts_backward(moe_layer *m, const exec *ex);
+scmoe_status moe_grad_combine_start(moe_layer *m);
+/* dx = beta * dx + dL/dx through the routed rows, the gate, and the aux and z losses */
+void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta);
+
+scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what);
+void inflight_poll(void *arg);
+void moe_fill_stats(const moe_layer *m, scmoe_stats *st);
+
+/* collectives used at create */
+scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **replicas);
+scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *cfg, scmoe_status local);
+scmoe_status status_agree(scmoe_context *ctx, scmoe_status local);
+
+#endif

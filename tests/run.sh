@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test program, prints their output, and ends with the total "N passed, N failed".
+# A program that dies before printing its own summary counts as one failure.
+set -u
+cd "$(dirname "$0")/.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none
+MPIRUN="mpirun --oversubscribe -x OMP_NUM_THREADS=1"
+pass=0 fail=0
+run() { # run NAME TIMEOUT CMD...
+    local name=$1 limit=$2; shift 2
+    echo "# $name"
+    local out rc
+    out=$(timeout "$limit" "$@" 2>&1); rc=$?
+    echo "$out" | grep -v '^[0-9]* passed, [0-9]* failed$'
+    local line
+    line=$(echo "$out" | grep -E '^[0-9]+ passed, [0-9]+ failed$' | tail -n 1)
+    if [ -n "$line" ]; then
+        pass=$((pass + $(echo "$line" | cut -d' ' -f1)))
+        fail=$((fail + $(echo "$line" | cut -d' ' -f3)))
+        [ $rc -ne 0 ] && [ "$(echo "$line" | cut -d' ' -f3)" = 0 ] && { echo "not ok - $name exited $rc"; fail=$((fail + 1)); }
+    else
+        echo "not ok - $name exited $rc without a summary"
+        fail=$((fail + 1))
+    fi
+}
+filter=${TESTS:-}
+want() { [ -z "$filter" ] || [[ " $filter " == *" $1 "* ]]; }
+want moe && run "moe layer (1 rank)" 600 env OMP_NUM_THREADS=2 ${BUILD:-build}/tests/test_moe
+want oracle_moe && [ -x ${BUILD:-build}/tests/test_oracle_moe ] && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
+if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then
+    for n in 1 2 4; do want comm && run "comm over MPI, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_comm_mpi; done
+fi
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
