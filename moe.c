@@ -89,6 +89,8 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
     m->h1 = ffn_width(m->h, cfg->activation);
     m->max_tokens = cfg->max_tokens;
     m->training = 1;
+    ctx->world->timeout_s = cfg->comm_timeout_s;
+    ctx->world->progress = cfg->progress;
     scmoe_status s = groups_create(ctx, cfg->ep_size, &m->ep, &m->replicas);
     if (s) return s;
     m->ep_size = m->ep->size;
@@ -113,10 +115,9 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
         snprintf(name, sizeof name, "%sexperts.%d.w2", prefix, e);
         params_add(pt, name, 2, (int[]){h, d}, SYNC_REPLICAS, INIT_NORMAL, w2_std, cfg->seed);
         snprintf(name, sizeof name, "%sexperts.%d.b2", prefix, e);
-        if (params_add(pt, name, 1, (int[]){d}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed) < 0)
-            return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+        params_add(pt, name, 1, (int[]){d}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
     }
-    if (m->p_wg < 0) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    if (pt->failed) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
     return SCMOE_OK;
 }
 

@@ -202,10 +202,11 @@ static uint64_t hash_str(const char *s) {
 
 int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
                uint64_t seed) {
+    if (pt->failed) return -1;
     if (pt->n == pt->cap) {
         int cap = pt->cap ? 2 * pt->cap : 32;
         param_entry *p = realloc(pt->p, sizeof *p * cap);
-        if (!p) return -1;
+        if (!p) { pt->failed = 1; return -1; }
         pt->p = p;
         pt->cap = cap;
     }

@@ -39,13 +39,14 @@ typedef struct param_entry {
 typedef struct param_table {
     param_entry *p;
     int n, cap;
+    int failed;            /* an add ran out of memory: every later add fails too */
     size_t total;          /* floats */
     size_t stage_total;    /* floats staged for a sum over ranks */
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
     float *data, *grad, *stage;
 } param_table;
 
-/* Adds a tensor; returns its index or -1 (NOMEM). Pointers are set by params_allocate. */
+/* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
 int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
                uint64_t key);
 /* Allocates data, grad and staging (stage: 1 if this rank's gradients must be summed over ranks),

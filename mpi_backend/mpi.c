@@ -27,7 +27,6 @@
 #include "../scmoe_internal.h"
 #include "../scmoe_mpi.h"
 
-#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>

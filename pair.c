@@ -1,0 +1,498 @@
+/* pair.c: the block pair, a dense pre-LN block l followed by an MoE block l+1 (paper, "Blocks come in
+ * pairs"), and the schedule that runs it.
+ *
+ *   dense block l:  a0 = LN_a0(x)   A  = x + Attn_0(a0)    m0 = LN_m0(A)    H = A + MLP_0(m0)
+ *   block l+1:      a1 = LN_a1(H)   A2 = H + Attn_1(a1)    m1 = LN_m1(A2)
+ *   top2 / top1:    y = A2 + MoE_k(m1)
+ *   shared:         y = A2 + C(m1) + MoE_1(m1)
+ *   scmoe:          y = A2 + C(m1) + MoE_1(X_sc),  X_sc = a1 (pos 1) | m0 (pos 2) | a0 (pos 3)
+ *   C(m1) = sigmoid(w_cg . m1) SE(m1) (CG-1) or SE(m1) (direct add)
+ *
+ * The pair is a list of dense operations, forward F0..F7 and backward B0..B7, and the MoE's phases
+ * placed among them (schedule.c): with a shortcut the MoE's gate runs as soon as X_sc exists and its
+ * exchanges fly while the following dense operations compute. Serialized and overlapped orders run
+ * the same functions on the same data, so they give the same numbers. */
+#include "scmoe_internal.h"
+#include "schedule.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- linear layers: out = [res +] in W + b, W: K x M ---- */
+
+static void linear_forward(const exec *ex, float *out, const float *res, const float *in, const float *w,
+                           const float *b, int N, int K, int M) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < N; i++) {
+        float *o = out + (size_t)i * M;
+        if (res) for (int j = 0; j < M; j++) o[j] = res[(size_t)i * M + j] + b[j];
+        else memcpy(o, b, sizeof(float) * M);
+    }
+    exec_gemm(ex, 0, 0, N, M, K, 1.0f, in, K, w, M, 1.0f, out, M);
+}
+
+/* dW += in^T dout, db += sum_rows dout, din = dout W^T + beta din */
+static void linear_backward(const exec *ex, float *din, float beta, float *dw, float *db, const float *dout,
+                            const float *in, const float *w, int N, int K, int M) {
+    exec_gemm(ex, 1, 0, K, M, N, 1.0f, in, K, dout, M, 1.0f, dw, M);
+    sum_rows(db, dout, N, M);
+    exec_gemm(ex, 0, 1, N, K, M, 1.0f, dout, M, w, M, beta, din, K);
+}
+
+static void copy_rows(float *dst, const float *src, size_t n) { memcpy(dst, src, sizeof(float) * n); }
+
+/* ---- parameters ---- */
+
+typedef struct ln_params { int w; } ln_params;   /* weight, bias = w + 1 */
+typedef struct attn_params { int wqkv; } attn_params; /* wqkv, bqkv, wo, bo */
+typedef struct ffn_params { int w1; } ffn_params;  /* w1, b1, w2, b2 */
+
+struct scmoe_pair {
+    scmoe_context *ctx;
+    scmoe_config cfg;
+    param_table pt;
+    moe_layer moe;
+    exec ex;
+    int k, has_se, cg, training;
+    int p_ln_a0, p_attn0, p_ln_m0, p_mlp0, p_ln_a1, p_attn1, p_ln_m1, p_se, p_cg;
+    /* the current step */
+    int B, T, n;
+    float *y;
+    const float *dy;
+    /* activations: [max_tokens, d] unless noted */
+    void *mem;
+    float *x, *a0, *A, *m0, *H, *a1, *A2, *m1, *se_out;
+    float *ln_stats;                 /* 8 x [max_tokens]: mean, rstd of a0, m0, a1, m1 */
+    float *qkv0, *qkv1;              /* [N, 3d] */
+    float *att0, *att1;              /* [B, H, T, T] */
+    float *o0, *o1;
+    float *pre0, *hid0, *se_pre, *se_hid; /* [N, h1], [N, h] */
+    float *cgate;                    /* [N] sigmoid(w_cg . m1) */
+    /* backward */
+    float *dA2, *dm1, *dH, *da1, *dA, *dm0, *da0, *dx, *dqkv, *dO, *datt, *dhid, *dpre, *gse, *dcg;
+    /* schedule */
+    schedule sch;
+    int backward_ready, grads_pending;
+};
+
+static float *P(const scmoe_pair *p, int idx) { return p->pt.p[idx].t.data; }
+static float *G(const scmoe_pair *p, int idx) { return p->pt.p[idx].gwork; }
+
+/* ---- forward operations ---- */
+
+static void ln_fwd(scmoe_pair *p, float *out, int slot, const float *in, int par) {
+    layernorm_forward(out, p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
+                      p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, in, P(p, par), P(p, par + 1), p->n,
+                      p->cfg.d_model);
+}
+
+static void ln_bwd(scmoe_pair *p, float *dx, int slot, const float *dy, const float *in, int par) {
+    layernorm_backward(dx, G(p, par), G(p, par + 1), dy, in, P(p, par),
+                       p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
+                       p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, p->n, p->cfg.d_model);
+}
+
+/* out = res + Attn(in) */
+static void attn_fwd(scmoe_pair *p, float *out, const float *res, const float *in, float *qkv, float *att, float *o,
+                     int par) {
+    int d = p->cfg.d_model;
+    linear_forward(&p->ex, qkv, NULL, in, P(p, par), P(p, par + 1), p->n, d, 3 * d);
+    attention_forward(&p->ex, o, att, qkv, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
+    linear_forward(&p->ex, out, res, o, P(p, par + 2), P(p, par + 3), p->n, d, d);
+}
+
+/* din = dAttn/din^T dout (overwritten) */
+static void attn_bwd(scmoe_pair *p, float *din, const float *dout, const float *in, const float *qkv,
+                     const float *att, const float *o, int par) {
+    int d = p->cfg.d_model;
+    linear_backward(&p->ex, p->dO, 0.0f, G(p, par + 2), G(p, par + 3), dout, o, P(p, par + 2), p->n, d, d);
+    attention_backward(&p->ex, p->dqkv, p->datt, p->dO, qkv, att, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
+    linear_backward(&p->ex, din, 0.0f, G(p, par), G(p, par + 1), p->dqkv, in, P(p, par), p->n, d, 3 * d);
+}
+
+static void add_rows(float *out, const float *a, size_t n) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] += a[i];
+}
+
+static void f_ln_a0(scmoe_pair *p) { ln_fwd(p, p->a0, 0, p->x, p->p_ln_a0); }
+static void f_attn0(scmoe_pair *p) { attn_fwd(p, p->A, p->x, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
+static void f_ln_m0(scmoe_pair *p) { ln_fwd(p, p->m0, 1, p->A, p->p_ln_m0); }
+static void f_mlp0(scmoe_pair *p) {
+    int b = p->p_mlp0;
+    ffn_forward(&p->ex, p->H, p->pre0, p->hid0, p->m0, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), p->n,
+                p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
+    add_rows(p->H, p->A, (size_t)p->n * p->cfg.d_model);
+}
+static void f_ln_a1(scmoe_pair *p) { ln_fwd(p, p->a1, 2, p->H, p->p_ln_a1); }
+static void f_attn1(scmoe_pair *p) { attn_fwd(p, p->A2, p->H, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
+static void f_ln_m1(scmoe_pair *p) { ln_fwd(p, p->m1, 3, p->A2, p->p_ln_m1); }
+
+/* y = A2 + c * SE(m1), c = sigmoid(w_cg . m1) for CG-1, 1 for direct add; y = A2 without a shared expert */
+static void f_se(scmoe_pair *p) {
+    int d = p->cfg.d_model, n = p->n;
+    if (!p->has_se) {
+        copy_rows(p->y, p->A2, (size_t)n * d);
+        return;
+    }
+    int b = p->p_se;
+    ffn_forward(&p->ex, p->se_out, p->se_pre, p->se_hid, p->m1, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), n, d,
+                p->cfg.d_hidden, p->cfg.activation);
+    const float *wcg = p->cg ? P(p, p->p_cg) : NULL;
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++) {
+        const float *m = p->m1 + (size_t)i * d, *s = p->se_out + (size_t)i * d, *a = p->A2 + (size_t)i * d;
+        float c = 1.0f;
+        if (wcg) {
+            float z = 0.0f;
+            for (int j = 0; j < d; j++) z += wcg[j] * m[j];
+            c = 1.0f / (1.0f + expf(-z));
+        }
+        p->cgate[i] = c;
+        float *yi = p->y + (size_t)i * d;
+        for (int j = 0; j < d; j++) yi[j] = a[j] + c * s[j];
+    }
+}
+
+/* ---- backward operations (each the mirror of one forward operation) ---- */
+
+/* From y = A2 + c SE(m1): dSE = c dy, dc = dy . SE, dz = dc c (1 - c), dw_cg += dz m1, dm1 = dz w_cg + dSE/dm1 */
+static void b_se(scmoe_pair *p) {
+    int d = p->cfg.d_model, n = p->n;
+    if (!p->has_se) {
+        memset(p->dm1, 0, sizeof(float) * (size_t)n * d);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++) {
+        const float *dyi = p->dy + (size_t)i * d, *s = p->se_out + (size_t)i * d;
+        float c = p->cgate[i], dc = 0.0f, *g = p->gse + (size_t)i * d;
+        for (int j = 0; j < d; j++) { g[j] = c * dyi[j]; dc += dyi[j] * s[j]; }
+        p->dcg[i] = dc * c * (1.0f - c);
+    }
+    int b = p->p_se;
+    ffn_backward(&p->ex, p->dm1, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->gse, p->m1,
+                 p->se_pre, p->se_hid, P(p, b), P(p, b + 2), n, d, p->cfg.d_hidden, p->cfg.activation);
+    if (!p->cg) return;
+    const float *wcg = P(p, p->p_cg);
+    float *gw = G(p, p->p_cg);
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < d; j++) p->dm1[(size_t)i * d + j] += p->dcg[i] * wcg[j];
+    /* dw_cg = m1^T dz: a GEMV through the backend keeps the sum order fixed */
+    exec_gemm(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
+}
+static void b_ln_m1(scmoe_pair *p) {
+    copy_rows(p->dA2, p->dy, (size_t)p->n * p->cfg.d_model);
+    ln_bwd(p, p->dA2, 3, p->dm1, p->A2, p->p_ln_m1);
+}
+static void b_attn1(scmoe_pair *p) { attn_bwd(p, p->da1, p->dA2, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
+static void b_ln_a1(scmoe_pair *p) {
+    copy_rows(p->dH, p->dA2, (size_t)p->n * p->cfg.d_model);
+    ln_bwd(p, p->dH, 2, p->da1, p->H, p->p_ln_a1);
+}
+static void b_mlp0(scmoe_pair *p) {
+    int b = p->p_mlp0;
+    ffn_backward(&p->ex, p->dm0, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->dH, p->m0,
+                 p->pre0, p->hid0, P(p, b), P(p, b + 2), p->n, p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
+}
+static void b_ln_m0(scmoe_pair *p) {
+    copy_rows(p->dA, p->dH, (size_t)p->n * p->cfg.d_model);
+    ln_bwd(p, p->dA, 1, p->dm0, p->A, p->p_ln_m0);
+}
+static void b_attn0(scmoe_pair *p) { attn_bwd(p, p->da0, p->dA, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
+static void b_ln_a0(scmoe_pair *p) {
+    copy_rows(p->dx, p->dA, (size_t)p->n * p->cfg.d_model);
+    ln_bwd(p, p->dx, 0, p->da0, p->x, p->p_ln_a0);
+}
+
+/* ---- the operation tables the schedule walks ---- */
+
+static void run_f(void *p, int i) {
+    static void (*const f[SCHED_OPS])(scmoe_pair *) = {f_ln_a0, f_attn0, f_ln_m0, f_mlp0, f_ln_a1, f_attn1, f_ln_m1, f_se};
+    f[i](p);
+}
+static void run_b(void *p, int i) {
+    static void (*const f[SCHED_OPS])(scmoe_pair *) = {b_se, b_ln_m1, b_attn1, b_ln_a1, b_mlp0, b_ln_m0, b_attn0, b_ln_a0};
+    f[i](p);
+}
+
+/* ---- create ---- */
+
+static scmoe_status register_params(scmoe_pair *p) {
+    param_table *pt = &p->pt;
+    const scmoe_config *c = &p->cfg;
+    int d = c->d_model, h = c->d_hidden, h1 = ffn_width(h, c->activation);
+    uint64_t s = c->seed;
+    float std = 0.02f, res_std = 0.02f / sqrtf(2.0f * c->n_layers);
+    char n[64];
+    /* registered in the order backward finishes them, reversed: each backward operation's tensors
+     * are contiguous, one all-reduce bucket */
+#define LN(field, pre)                                                                    \
+    do {                                                                                  \
+        snprintf(n, sizeof n, "%s.weight", pre);                                          \
+        p->field = params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ONE, 0, s);          \
+        snprintf(n, sizeof n, "%s.bias", pre);                                            \
+        params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+    } while (0)
+#define ATTN(field, pre)                                                                  \
+    do {                                                                                  \
+        snprintf(n, sizeof n, "%s.wqkv", pre);                                            \
+        p->field = params_add(pt, n, 2, (int[]){d, 3 * d}, SYNC_WORLD, INIT_NORMAL, std, s); \
+        snprintf(n, sizeof n, "%s.bqkv", pre);                                            \
+        params_add(pt, n, 1, (int[]){3 * d}, SYNC_WORLD, INIT_ZERO, 0, s);                \
+        snprintf(n, sizeof n, "%s.wo", pre);                                              \
+        params_add(pt, n, 2, (int[]){d, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
+        snprintf(n, sizeof n, "%s.bo", pre);                                              \
+        params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+    } while (0)
+#define FFN(field, pre)                                                                   \
+    do {                                                                                  \
+        snprintf(n, sizeof n, "%s.w1", pre);                                              \
+        p->field = params_add(pt, n, 2, (int[]){d, h1}, SYNC_WORLD, INIT_NORMAL, std, s); \
+        snprintf(n, sizeof n, "%s.b1", pre);                                              \
+        params_add(pt, n, 1, (int[]){h1}, SYNC_WORLD, INIT_ZERO, 0, s);                   \
+        snprintf(n, sizeof n, "%s.w2", pre);                                              \
+        params_add(pt, n, 2, (int[]){h, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
+        snprintf(n, sizeof n, "%s.b2", pre);                                              \
+        params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+    } while (0)
+    LN(p_ln_a0, "l0.ln_a");
+    ATTN(p_attn0, "l0.attn");
+    LN(p_ln_m0, "l0.ln_m");
+    FFN(p_mlp0, "l0.mlp");
+    LN(p_ln_a1, "l1.ln_a");
+    ATTN(p_attn1, "l1.attn");
+    LN(p_ln_m1, "l1.ln_m");
+    p->p_se = p->p_cg = -1;
+    if (p->has_se) FFN(p_se, "l1.se");
+    if (p->cg) p->p_cg = params_add(pt, "l1.cg.weight", 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);
+#undef LN
+#undef ATTN
+#undef FFN
+    if (pt->failed) return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    return moe_init(&p->moe, p->ctx, &p->cfg, p->k, pt, "l1.", res_std);
+}
+
+/* The staged gradients of count tensors from first on, or an empty bucket if they are not summed. */
+static sched_bucket bucket_of(const param_table *pt, int first, int count) {
+    sched_bucket b = {NULL, 0};
+    if (count <= 0 || first < 0) return b;
+    const param_entry *a = &pt->p[first], *z = &pt->p[first + count - 1];
+    if (a->gwork == a->t.grad) return b;
+    b.ptr = a->gwork;
+    b.n = (int)(z->gwork + z->t.numel - a->gwork);
+    return b;
+}
+
+static void *carve(char **cur, size_t bytes) {
+    void *r = *cur;
+    *cur += (bytes + 63) & ~(size_t)63;
+    return r;
+}
+
+static scmoe_status alloc_activations(scmoe_pair *p) {
+    const scmoe_config *c = &p->cfg;
+    size_t N = (size_t)c->max_tokens, d = (size_t)c->d_model, h = (size_t)c->d_hidden,
+           h1 = (size_t)ffn_width(c->d_hidden, c->activation);
+    size_t att = N * (size_t)c->n_heads * (size_t)c->max_seq_len, f = sizeof(float);
+    size_t total = f * (N * d * 24 + N * 8 + N * 3 * d * 3 + att * 3 + N * h1 * 3 + N * h * 3 + N * 2) + 64 * 64;
+    p->mem = aligned_alloc(64, (total + 63) & ~(size_t)63);
+    if (!p->mem) return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes", total);
+    char *m = p->mem;
+    float **nd[] = {&p->x, &p->a0, &p->A, &p->m0, &p->H, &p->a1, &p->A2, &p->m1, &p->se_out, &p->o0, &p->o1,
+                    &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO, &p->gse};
+    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = carve(&m, f * N * d);
+    p->ln_stats = carve(&m, f * N * 8);
+    p->qkv0 = carve(&m, f * N * 3 * d);
+    p->qkv1 = carve(&m, f * N * 3 * d);
+    p->dqkv = carve(&m, f * N * 3 * d);
+    p->att0 = carve(&m, f * att);
+    p->att1 = carve(&m, f * att);
+    p->datt = carve(&m, f * att);
+    p->pre0 = carve(&m, f * N * h1);
+    p->se_pre = carve(&m, f * N * h1);
+    p->dpre = carve(&m, f * N * h1);
+    p->hid0 = carve(&m, f * N * h);
+    p->se_hid = carve(&m, f * N * h);
+    p->dhid = carve(&m, f * N * h);
+    p->cgate = carve(&m, f * N);
+    p->dcg = carve(&m, f * N);
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **out) {
+    if (!ctx || !out) return SCMOE_ERR_NULL;
+    *out = NULL;
+    char msg[256];
+    scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
+    if (s) scmoe_fail(ctx, s, "%s", msg);
+    s = config_agree(ctx, cfg, s);
+    if (s) return s;
+    scmoe_pair *p = calloc(1, sizeof *p);
+    if (!p) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
+    if (!s) {
+        p->ctx = ctx;
+        p->cfg = *cfg;
+        p->k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
+        p->cfg.top_k = p->k;
+        p->has_se = cfg->arch == SCMOE_ARCH_SHARED || cfg->arch == SCMOE_ARCH_SCMOE;
+        p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
+        p->training = 1;
+        p->ex.blas = ctx->blas;
+        p->ex.poll_rows = cfg->poll_rows;
+        s = register_params(p);
+    }
+    if (!s) {
+        s = params_allocate(&p->pt, ctx->world->size > 1, p->moe.replicas->size > 1);
+        if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", p->pt.total);
+    }
+    if (!s) s = moe_alloc(&p->moe);
+    if (!s) s = alloc_activations(p);
+    if (!s) {
+        /* gradient buckets: the tensors each backward operation finishes, contiguous by construction */
+        sched_bucket b[SCHED_OPS + 2];
+        int first[SCHED_OPS] = {p->p_se, p->p_ln_m1, p->p_attn1, p->p_ln_a1, p->p_mlp0, p->p_ln_m0, p->p_attn0, p->p_ln_a0};
+        int count[SCHED_OPS] = {p->has_se ? 4 + p->cg : 0, 2, 4, 2, 4, 2, 4, 2};
+        for (int i = 0; i < SCHED_OPS; i++) b[i] = bucket_of(&p->pt, first[i], count[i]);
+        b[SCHED_OPS] = bucket_of(&p->pt, p->moe.p_wg, 1);
+        b[SCHED_OPS + 1] = bucket_of(&p->pt, p->moe.p_e0, 4 * p->moe.E_local);
+        s = schedule_init(&p->sch, ctx, &p->cfg, p->moe.replicas, b);
+    }
+    s = status_agree(ctx, s);
+    if (s) {
+        scmoe_pair_destroy(p);
+        return s;
+    }
+    *out = p;
+    return SCMOE_OK;
+}
+
+void scmoe_pair_destroy(scmoe_pair *p) {
+    if (!p) return;
+    moe_free(&p->moe);
+    params_free(&p->pt);
+    free(p->mem);
+    free(p);
+}
+
+scmoe_status scmoe_pair_set_training(scmoe_pair *p, int training) {
+    if (!p) return SCMOE_ERR_NULL;
+    p->training = training != 0;
+    p->moe.training = p->training;
+    return SCMOE_OK;
+}
+
+/* the MoE's input: the shortcut for scmoe, the block's own LN otherwise */
+static const float *moe_input(const scmoe_pair *p) {
+    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return p->m1;
+    return p->cfg.shortcut_pos == 1 ? p->a1 : p->cfg.shortcut_pos == 2 ? p->m0 : p->a0;
+}
+
+/* where the MoE's input exists: the forward operation after which the gate can run, and the backward
+ * operation before which dX_sc must be complete */
+static int gate_after(const scmoe_pair *p) {
+    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return SCHED_OPS;
+    return p->cfg.shortcut_pos == 1 ? 5 : p->cfg.shortcut_pos == 2 ? 3 : 1;
+}
+
+static float *moe_input_grad(const scmoe_pair *p) {
+    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return p->dm1;
+    return p->cfg.shortcut_pos == 1 ? p->da1 : p->cfg.shortcut_pos == 2 ? p->dm0 : p->da0;
+}
+
+static int grad_needed_before(const scmoe_pair *p) {
+    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return 1;
+    return p->cfg.shortcut_pos == 1 ? 3 : p->cfg.shortcut_pos == 2 ? 5 : 7;
+}
+
+scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, float *y, scmoe_stats *stats) {
+    if (!p) return SCMOE_ERR_NULL;
+    scmoe_context *ctx = p->ctx;
+    scmoe_status local = SCMOE_OK;
+    if (B < 0 || T < 1 || T > p->cfg.max_seq_len || (int64_t)B * T > p->cfg.max_tokens)
+        local = scmoe_fail(ctx, SCMOE_ERR_SEQ_LEN, "batch %d x seq_len %d: need batch >= 0, 1 <= seq_len <= %d, batch*seq_len <= %d",
+                           B, T, p->cfg.max_seq_len, p->cfg.max_tokens);
+    else if (B > 0 && (!x || !y)) local = scmoe_fail(ctx, SCMOE_ERR_NULL, "x or y is NULL");
+    else if (p->grads_pending) local = scmoe_fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
+    else if (p->cfg.check_finite && B > 0 && scmoe_has_nonfinite(x, (size_t)B * T * p->cfg.d_model))
+        local = scmoe_fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
+    scmoe_status s = status_agree(ctx, local);
+    if (s) return s;
+    p->B = B;
+    p->T = T;
+    p->n = B * T;
+    p->y = y;
+    p->backward_ready = 0;
+    if (p->n) copy_rows(p->x, x, (size_t)p->n * p->cfg.d_model);
+    sched_moe mo = {&p->moe, moe_input(p), NULL, y};
+    s = schedule_forward(&p->sch, &p->ex, run_f, p, gate_after(p), &mo, p->n);
+    if (s) return s;
+    p->backward_ready = p->training;
+    if (stats) {
+        memset(stats, 0, sizeof *stats);
+        moe_fill_stats(&p->moe, stats);
+        schedule_fill_stats(&p->sch, stats, 0);
+    }
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmoe_stats *stats) {
+    if (!p) return SCMOE_ERR_NULL;
+    scmoe_status local = SCMOE_OK;
+    if (!p->backward_ready) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
+    else if (p->grads_pending) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
+    else if (p->n > 0 && (!dy || !dx)) local = scmoe_fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
+    else if (p->cfg.check_finite && p->n > 0 && scmoe_has_nonfinite(dy, (size_t)p->n * p->cfg.d_model))
+        local = scmoe_fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
+    scmoe_status s = status_agree(p->ctx, local);
+    if (s) return s;
+    p->dy = dy;
+    params_zero_stage(&p->pt);
+    sched_moe mo = {&p->moe, NULL, moe_input_grad(p), NULL};
+    s = schedule_backward(&p->sch, &p->ex, run_b, p, grad_needed_before(p), &mo, dy, p->n);
+    if (s) return s;
+    if (p->n) copy_rows(dx, p->dx, (size_t)p->n * p->cfg.d_model);
+    p->grads_pending = 1;
+    if (!p->cfg.overlap_grad_sync) s = scmoe_pair_grad_sync(p, NULL);
+    if (stats) {
+        moe_fill_stats(&p->moe, stats);
+        schedule_fill_stats(&p->sch, stats, 1);
+    }
+    return s;
+}
+
+scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
+    if (!p) return SCMOE_ERR_NULL;
+    if (!p->grads_pending) return SCMOE_OK;
+    scmoe_status s = schedule_grad_wait(&p->sch);
+    p->grads_pending = 0;
+    if (s) return s;
+    params_add_stage(&p->pt);
+    if (stats) schedule_fill_stats(&p->sch, stats, 2);
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_zero_grad(scmoe_pair *p) {
+    if (!p) return SCMOE_ERR_NULL;
+    memset(p->pt.grad, 0, sizeof(float) * p->pt.total);
+    return SCMOE_OK;
+}
+
+int scmoe_pair_param_count(const scmoe_pair *p) { return p ? p->pt.n : 0; }
+
+scmoe_status scmoe_pair_param_at(const scmoe_pair *p, int i, scmoe_tensor *t) {
+    if (!p || !t) return SCMOE_ERR_NULL;
+    if (i < 0 || i >= p->pt.n) return SCMOE_ERR_NOT_FOUND;
+    *t = p->pt.p[i].t;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_param(const scmoe_pair *p, const char *name, scmoe_tensor *t) {
+    if (!p || !name || !t) return SCMOE_ERR_NULL;
+    int i = params_find(&p->pt, name);
+    if (i < 0) return scmoe_fail(p->ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
+    *t = p->pt.p[i].t;
+    return SCMOE_OK;
+}

@@ -1,0 +1,261 @@
+/* schedule.c: runs a pair's operations and its MoE's phases in the serialized or the overlapped order
+ * (schedule.h), times every one, and chooses the experts' slot from those times (paper, "The
+ * schedule that makes it fast").
+ *
+ * Overlap needs progress: OpenMPI moves a nonblocking collective only inside MPI calls, so while an
+ * exchange or a gradient all-reduce is in flight the GEMMs are tiled and poll between tiles (POLL),
+ * or the backend's progress thread tests it (THREAD). */
+#include "schedule.h"
+#include <stdlib.h>
+#include <string.h>
+
+int schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_exp, double t_comb) {
+    double total = 0;
+    for (int i = 0; i < n_ops; i++) total += ops[i];
+    int best = 0;
+    double best_t = 0, pre = 0;
+    for (int K = 0; K <= n_ops; K++) {
+        double post = total - pre;
+        double t = (pre > t_disp ? pre : t_disp) + t_exp + (post > t_comb ? post : t_comb);
+        if (K == 0 || t < best_t - 1e-12) { best = K; best_t = t; }
+        if (K < n_ops) pre += ops[K];
+    }
+    return best;
+}
+
+scmoe_status schedule_init(schedule *s, scmoe_context *ctx, const scmoe_config *cfg, comm *replicas,
+                           const sched_bucket *buckets) {
+    memset(s, 0, sizeof *s);
+    s->ctx = ctx;
+    s->cfg = *cfg;
+    s->shortcut = cfg->arch == SCMOE_ARCH_SCMOE;
+    s->world = ctx->world;
+    s->replicas = replicas;
+    s->profile_left = SCHED_PROFILE_STEPS;
+    s->profile_n = -1;
+    s->slot_f = s->slot_b = 0;
+    memcpy(s->bucket, buckets, sizeof s->bucket);
+    for (int i = 0; i < SCHED_OPS + 2; i++) s->req[i] = -2;
+    s->t_origin = scmoe_now();
+    return SCMOE_OK;
+}
+
+/* ---- the poll hook and the trace ---- */
+
+typedef struct run_state {
+    schedule *s;
+    exec *ex;
+    inflight *f;
+    int dir;
+} run_state;
+
+static int grads_in_flight(const schedule *s) {
+    for (int i = 0; i < SCHED_OPS + 2; i++)
+        if (s->req[i] != -2) return 1;
+    return 0;
+}
+
+static void poll_all(void *arg) {
+    run_state *r = arg;
+    inflight_poll(r->f);
+    if (grads_in_flight(r->s)) r->s->world->ops->progress(r->s->world);
+}
+
+static void event(schedule *s, int dir, const char *name, int kind, double t0, double t1) {
+    if (s->n_ev[dir] < SCHED_MAX_EVENTS) s->ev[dir][s->n_ev[dir]++] = (sched_event){name, kind, t0, t1};
+}
+
+/* Polls only while something is in flight and the policy is POLL. */
+static void set_poll(run_state *r) {
+    int busy = (r->f->active && !r->f->t_done) || grads_in_flight(r->s);
+    r->ex->poll = busy && r->s->cfg.progress == SCMOE_PROGRESS_POLL ? poll_all : NULL;
+    r->ex->poll_arg = r;
+}
+
+static scmoe_status xwait(run_state *r, const char *what) {
+    inflight *f = r->f;
+    if (!f->active) return SCMOE_OK;
+    scmoe_status st = inflight_wait(r->s->ctx, f, what);
+    r->s->comm_time[r->dir] += f->t_done - f->t_start;
+    r->s->exposed[r->dir] += f->t_waited;
+    event(r->s, r->dir, what, 1, f->t_start, f->t_done);
+    set_poll(r);
+    return st;
+}
+
+static void timed_op(run_state *r, void (*run)(void *, int), void *arg, int i, double *t, const char *name) {
+    set_poll(r);
+    double t0 = scmoe_now();
+    run(arg, i);
+    double t1 = scmoe_now();
+    t[i] = t1 - t0;
+    event(r->s, r->dir, name, 0, t0, t1);
+}
+
+static const char *const fwd_names[SCHED_OPS] = {"ln_a0", "attn0", "ln_m0", "mlp0", "ln_a1", "attn1", "ln_m1", "shared_expert"};
+static const char *const bwd_names[SCHED_OPS] = {"shared_expert_bwd", "ln_m1_bwd", "attn1_bwd", "ln_a1_bwd", "mlp0_bwd",
+                                                 "ln_m0_bwd", "attn0_bwd", "ln_a0_bwd"};
+
+static void choose(schedule *s, int gate_after, int grad_needed_before) {
+    if (s->cfg.expert_slot >= 0) {
+        s->slot_f = s->cfg.expert_slot < SCHED_OPS - gate_after ? s->cfg.expert_slot : SCHED_OPS - gate_after;
+        s->slot_b = s->cfg.expert_slot < grad_needed_before ? s->cfg.expert_slot : grad_needed_before;
+        return;
+    }
+    s->slot_f = schedule_choose_slot(s->t_f + gate_after, SCHED_OPS - gate_after, s->t_disp, s->t_exp, s->t_comb);
+    s->slot_b = schedule_choose_slot(s->t_b, grad_needed_before, s->tb_disp, s->tb_exp, s->tb_comb);
+}
+
+/* Serialized while profiling a new shape and when overlap is off or impossible. */
+static int serialized(schedule *s, int n) {
+    if (n != s->profile_n) { s->profile_n = n; s->profile_left = SCHED_PROFILE_STEPS; }
+    return !s->cfg.overlap || !s->shortcut || s->profile_left > 0;
+}
+
+/* A profiled step ends after its backward (training) or its forward (inference). */
+static void profiled(schedule *s, int needed_before) {
+    if (!s->step_serial || s->profile_left <= 0) return;
+    if (--s->profile_left == 0) choose(s, s->gate_after, needed_before);
+}
+
+scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int gate_after,
+                              sched_moe *mo, int n) {
+    moe_layer *m = mo->m;
+    run_state r = {s, ex, &m->ex, 0};
+    int serial = serialized(s, n);
+    int K = serial ? 0 : s->slot_f;
+    s->step_serial = serial;
+    s->gate_after = gate_after;
+    double t_start = scmoe_now();
+    s->comm_time[0] = s->exposed[0] = 0;
+    s->n_ev[0] = 0;
+    scmoe_status st = SCMOE_OK;
+    int experts_done = 0;
+    for (int i = 0; i <= SCHED_OPS && !st; i++) {
+        if (i == gate_after) {
+            double t0 = scmoe_now();
+            st = moe_gate_encode(m, ex, n, mo->x);
+            if (!st) st = moe_dispatch_start(m);
+            event(s, 0, "gate_encode", 0, t0, scmoe_now());
+            if (!st && serial) { st = xwait(&r, "dispatch"); s->t_disp = m->ex.t_done - m->ex.t_start; }
+        }
+        if (!st && i == gate_after + K && !experts_done) {
+            if (!serial) st = xwait(&r, "dispatch");
+            double t0 = scmoe_now();
+            if (!st) moe_experts_forward(m, ex);
+            double t1 = scmoe_now();
+            event(s, 0, "experts", 0, t0, t1);
+            if (serial) s->t_exp = t1 - t0;
+            if (!st) st = moe_combine_start(m);
+            if (!st && serial) { st = xwait(&r, "combine"); s->t_comb = m->ex.t_done - m->ex.t_start; }
+            experts_done = 1;
+            set_poll(&r);
+        }
+        if (!st && i < SCHED_OPS) timed_op(&r, run, arg, i, s->t_f, fwd_names[i]);
+    }
+    if (!st) st = xwait(&r, "combine");
+    ex->poll = NULL;
+    if (st) return st;
+    double t0 = scmoe_now();
+    moe_decode(m, mo->y, 1.0f);
+    event(s, 0, "decode", 0, t0, scmoe_now());
+    s->slot_used[0] = serial ? -1 : K;
+    s->time[0] = scmoe_now() - t_start;
+    if (!m->training) profiled(s, 0);
+    return SCMOE_OK;
+}
+
+static scmoe_status bucket_start(schedule *s, int b, comm *c) {
+    if (!s->bucket[b].ptr || s->bucket[b].n <= 0 || c->size == 1) return SCMOE_OK;
+    if (s->grad_t0 == 0) s->grad_t0 = scmoe_now();
+    scmoe_status st = c->ops->allreduce_start(c, s->bucket[b].ptr, s->bucket[b].n, &s->req[b]);
+    if (st) return scmoe_fail(s->ctx, st, "starting a gradient all-reduce failed: %s", c->err);
+    return SCMOE_OK;
+}
+
+scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int needed_before,
+                               sched_moe *mo, const float *dy, int n) {
+    moe_layer *m = mo->m;
+    run_state r = {s, ex, &m->ex, 1};
+    int serial = s->step_serial;
+    int K = serial ? 0 : s->slot_b;
+    int early_grads = s->cfg.overlap; /* serialized runs reduce all gradients after backward */
+    double t_start = scmoe_now();
+    s->comm_time[1] = s->exposed[1] = 0;
+    s->n_ev[1] = 0;
+    s->grad_t0 = 0;
+    double t0 = scmoe_now();
+    moe_decode_backward(m, dy);
+    scmoe_status st = moe_grad_dispatch_start(m);
+    event(s, 1, "decode_bwd", 0, t0, scmoe_now());
+    if (!st && serial) { st = xwait(&r, "grad_dispatch"); s->tb_disp = m->ex.t_done - m->ex.t_start; }
+    int experts_done = 0;
+    for (int i = 0; i <= SCHED_OPS && !st; i++) {
+        if (i == K && !experts_done) {
+            if (!serial) st = xwait(&r, "grad_dispatch");
+            t0 = scmoe_now();
+            if (!st) moe_experts_backward(m, ex);
+            double t1 = scmoe_now();
+            event(s, 1, "experts_bwd", 0, t0, t1);
+            if (serial) s->tb_exp = t1 - t0;
+            if (!st) st = moe_grad_combine_start(m);
+            if (!st && serial) { st = xwait(&r, "grad_combine"); s->tb_comb = m->ex.t_done - m->ex.t_start; }
+            if (!st && early_grads) st = bucket_start(s, SCHED_OPS + 1, s->replicas);
+            experts_done = 1;
+            set_poll(&r);
+        }
+        if (!st && i == needed_before) {
+            st = xwait(&r, "grad_combine");
+            t0 = scmoe_now();
+            if (!st) moe_gate_backward(m, ex, mo->dx, 1.0f);
+            event(s, 1, "gate_bwd", 0, t0, scmoe_now());
+            if (!st && early_grads) st = bucket_start(s, SCHED_OPS, s->world);
+        }
+        if (!st && i < SCHED_OPS) {
+            timed_op(&r, run, arg, i, s->t_b, bwd_names[i]);
+            if (early_grads) st = bucket_start(s, i, s->world);
+        }
+    }
+    ex->poll = NULL;
+    if (st) return st;
+    if (!early_grads)
+        for (int b = 0; b < SCHED_OPS + 2 && !st; b++) st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
+    s->slot_used[1] = serial ? -1 : K;
+    s->time[1] = scmoe_now() - t_start;
+    profiled(s, needed_before);
+    return st;
+}
+
+scmoe_status schedule_grad_wait(schedule *s) {
+    double t0 = scmoe_now();
+    scmoe_status st = SCMOE_OK;
+    for (int b = 0; b < SCHED_OPS + 2; b++) {
+        if (s->req[b] == -2) continue;
+        comm *c = b == SCHED_OPS + 1 ? s->replicas : s->world;
+        scmoe_status w = c->ops->wait(c, s->req[b]);
+        if (w && !st) st = scmoe_fail(s->ctx, w, "gradient all-reduce: %s", c->err);
+        s->req[b] = -2;
+    }
+    double t1 = scmoe_now();
+    s->grad_exposed = t1 - t0;
+    s->grad_time = s->grad_t0 ? t1 - s->grad_t0 : 0;
+    return st;
+}
+
+void schedule_fill_stats(const schedule *s, scmoe_stats *st, int which) {
+    if (which == 2) {
+        st->grad_sync_time = s->grad_time;
+        st->grad_sync_exposed = s->grad_exposed;
+        return;
+    }
+    double c = s->comm_time[which], e = s->exposed[which] < c ? s->exposed[which] : c;
+    double ov = c > 0 ? 1.0 - e / c : 1.0;
+    if (which == 0) {
+        st->fwd_time = s->time[0]; st->fwd_comm = c; st->fwd_exposed = s->exposed[0]; st->fwd_overlap = ov;
+    } else {
+        st->bwd_time = s->time[1]; st->bwd_comm = c; st->bwd_exposed = s->exposed[1]; st->bwd_overlap = ov;
+        st->grad_sync_time = s->grad_time;
+        st->grad_sync_exposed = s->grad_exposed;
+    }
+    st->expert_slot = s->slot_used[which];
+}
