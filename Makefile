@@ -29,7 +29,7 @@ endif
 LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
 
 TESTS_SERIAL := test_moe test_pair test_oracle_moe
-TESTS_MPI    := test_comm_mpi
+TESTS_MPI    := test_comm_mpi test_ep
 TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
 
 all: $(B)/libscmoe.a

@@ -32,5 +32,8 @@ want oracle_moe && [ -x ${BUILD:-build}/tests/test_oracle_moe ] && run "moe laye
 if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then
     for n in 1 2 4; do want comm && run "comm over MPI, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_comm_mpi; done
 fi
+if [ -x ${BUILD:-build}/tests/test_ep ]; then
+    for n in 1 2 4; do want ep && run "expert parallelism == 1 rank, $n ranks" 600 $MPIRUN -np $n ${BUILD:-build}/tests/test_ep; done
+fi
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

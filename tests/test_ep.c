@@ -1,0 +1,290 @@
+/* test_ep.c: expert parallelism over MPI equals one rank. Run under mpirun with 1, 2 or 4 ranks: every
+ * rank also builds the same object on a private one-rank context, runs the whole global batch
+ * through it, and compares its own slice of the outputs and dX, the aux loss, the drop count and
+ * every parameter gradient it holds (max |a - b| / max |b| <= 1e-5). Also: ep_size < ranks, all
+ * tokens to one expert, a rank with no tokens, mismatched configs, bad input on one rank only. */
+#include "../scmoe.h"
+#include "../scmoe_mpi.h"
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int rank, size, passed, failed;
+
+static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void check(int ok, const char *fmt, ...) {
+    int all;
+    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
+    all ? passed++ : failed++;
+    if (rank == 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        printf("%sok - [%d ranks] ", all ? "" : "not ", size);
+        vprintf(fmt, ap);
+        printf("\n");
+        va_end(ap);
+        fflush(stdout);
+    }
+}
+
+static uint64_t hash_str(const char *s) {
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+static float urand(uint64_t *s) {
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((*s >> 40) / 8388608.0 - 1.0);
+}
+static void fill_named(float *x, size_t n, const char *name, float scale, float base) {
+    uint64_t s = hash_str(name);
+    for (size_t i = 0; i < n; i++) x[i] = base + scale * urand(&s);
+}
+
+/* max |a - b| / max |b| over the ranks */
+static double relerr(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        num = d > num ? d : num;
+        den = fabs(b[i]) > den ? fabs(b[i]) : den;
+    }
+    double r = n ? num / (den + 1e-30) : 0, all;
+    MPI_Allreduce(&r, &all, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    return all;
+}
+
+typedef struct {
+    int is_pair;
+    scmoe_moe *m;
+    scmoe_pair *p;
+} object;
+
+static scmoe_status obj_create(scmoe_context *ctx, const scmoe_config *c, int is_pair, object *o) {
+    o->is_pair = is_pair;
+    o->m = NULL;
+    o->p = NULL;
+    return is_pair ? scmoe_pair_create(ctx, c, &o->p) : scmoe_moe_create(ctx, c, &o->m);
+}
+static void obj_destroy(object *o) { scmoe_pair_destroy(o->p); scmoe_moe_destroy(o->m); }
+static int obj_count(object *o) { return o->is_pair ? scmoe_pair_param_count(o->p) : scmoe_moe_param_count(o->m); }
+static void obj_at(object *o, int i, scmoe_tensor *t) { o->is_pair ? scmoe_pair_param_at(o->p, i, t) : scmoe_moe_param_at(o->m, i, t); }
+static scmoe_status obj_param(object *o, const char *n, scmoe_tensor *t) { return o->is_pair ? scmoe_pair_param(o->p, n, t) : scmoe_moe_param(o->m, n, t); }
+static scmoe_status obj_forward(object *o, int rows, int T, const float *x, float *y, scmoe_stats *st) {
+    return o->is_pair ? scmoe_pair_forward(o->p, rows / T, T, x, y, st) : scmoe_moe_forward(o->m, rows, x, y, st);
+}
+static scmoe_status obj_backward(object *o, const float *dy, float *dx, scmoe_stats *st) {
+    if (!o->is_pair) return scmoe_moe_backward(o->m, dy, dx, st);
+    scmoe_status s = scmoe_pair_backward(o->p, dy, dx, st);
+    return s ? s : scmoe_pair_grad_sync(o->p, st);
+}
+
+/* Parameters by name, the same values on every rank and in the reference; all_to_one routes every
+ * token to expert 0. */
+static void init_params(object *o, int all_to_one) {
+    for (int i = 0; i < obj_count(o); i++) {
+        scmoe_tensor t;
+        obj_at(o, i, &t);
+        int ln = strstr(t.name, "ln_") && strstr(t.name, ".weight");
+        fill_named(t.data, t.numel, t.name, ln ? 0.1f : 0.3f, ln ? 1.0f : 0.0f);
+        if (all_to_one && strstr(t.name, "gate.weight"))
+            for (int r = 0; r < t.shape[0]; r++)
+                for (int e = 0; e < t.shape[1]; e++) t.data[r * t.shape[1] + e] = e == 0 ? 1.0f : 0.0f;
+    }
+}
+
+/* tokens of each rank: equal slices, or rank 0 empty when `empty0` */
+static void split(int S, int T, int empty0, int *first, int *count) {
+    int seqs = S / T, per = empty0 && size > 1 ? seqs / (size - 1) : seqs / size;
+    int r0 = empty0 && size > 1 ? rank - 1 : rank;
+    if (empty0 && size > 1 && rank == 0) { *first = 0; *count = 0; return; }
+    *first = r0 * per * T;
+    *count = per * T;
+}
+
+static void equivalence(const char *what, scmoe_context *ctx, scmoe_context *ref, scmoe_config c, int is_pair,
+                        int S, int T, int all_to_one, int empty0) {
+    int d = c.d_model, first, n;
+    split(S, T, empty0, &first, &n);
+    if (empty0) { /* the global batch is what the other ranks hold */
+        int tot;
+        MPI_Allreduce(&n, &tot, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+        S = tot;
+        c.max_tokens = S;
+    }
+    scmoe_config cr = c;
+    cr.max_tokens = S;
+    cr.ep_size = 0;
+    object a, b;
+    scmoe_status s1 = obj_create(ctx, &c, is_pair, &a), s2 = obj_create(ref, &cr, is_pair, &b);
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: create (%s)", what, scmoe_last_error(ctx));
+    if (s1 || s2) return;
+    init_params(&a, all_to_one);
+    init_params(&b, all_to_one);
+    float *x = malloc(sizeof(float) * S * d), *dy = malloc(sizeof(float) * S * d);
+    float *y = malloc(sizeof(float) * S * d), *yr = malloc(sizeof(float) * S * d);
+    float *dx = malloc(sizeof(float) * S * d), *dxr = malloc(sizeof(float) * S * d);
+    fill_named(x, (size_t)S * d, "x", 1.0f, all_to_one ? 1.0f : 0.0f);
+    fill_named(dy, (size_t)S * d, "dy", 1.0f, 0.0f);
+    scmoe_stats st, sr;
+    s1 = obj_forward(&a, n, T, x + (size_t)first * d, y, &st);
+    s2 = obj_forward(&b, S, T, x, yr, &sr);
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: forward (%s)", what, scmoe_last_error(ctx));
+    if (s1 || s2) goto out;
+    double ey = relerr(y, yr + (size_t)first * d, (size_t)n * d);
+    double eaux = fabs(st.aux_loss - sr.aux_loss) / (fabs(sr.aux_loss) + 1e-30);
+    check(ey <= 1e-5, "%s: output %s (%.1e)", what, ey == 0 ? "bitwise equal" : "within 1e-5", ey);
+    check(eaux <= 1e-5 && st.dropped == sr.dropped && st.tokens == sr.tokens,
+          "%s: aux loss (%.1e), dropped %lld == %lld, tokens %lld", what, eaux, (long long)st.dropped,
+          (long long)sr.dropped, (long long)st.tokens);
+    int counts_ok = 1;
+    for (int e = 0; e < c.n_experts; e++) counts_ok &= st.expert_tokens[e] == sr.expert_tokens[e];
+    check(counts_ok, "%s: tokens per expert agree", what);
+    if (all_to_one) check(sr.expert_tokens[0] > 0 && sr.expert_tokens[1] == 0, "%s: every token routed to expert 0", what);
+    s1 = obj_backward(&a, dy + (size_t)first * d, dx, &st);
+    s2 = obj_backward(&b, dy, dxr, &sr);
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: backward (%s)", what, scmoe_last_error(ctx));
+    if (s1 || s2) goto out;
+    double edx = relerr(dx, dxr + (size_t)first * d, (size_t)n * d);
+    check(edx <= 1e-5, "%s: dX %s (%.1e)", what, edx == 0 ? "bitwise equal" : "within 1e-5", edx);
+    double eg = 0, eg_dense = 0, eg_exp = 0;
+    int missing = 0;
+    for (int i = 0; i < obj_count(&a); i++) {
+        scmoe_tensor ta, tb;
+        obj_at(&a, i, &ta);
+        missing |= obj_param(&b, ta.name, &tb) != SCMOE_OK;
+        if (missing) break;
+        double num = 0, den = 0;
+        for (size_t j = 0; j < ta.numel; j++) {
+            double dd = fabs((double)ta.grad[j] - tb.grad[j]);
+            num = dd > num ? dd : num;
+            den = fabs(tb.grad[j]) > den ? fabs(tb.grad[j]) : den;
+        }
+        double e = num / (den + 1e-30);
+        if (ta.replicated) eg_dense = e > eg_dense ? e : eg_dense;
+        else eg_exp = e > eg_exp ? e : eg_exp;
+    }
+    double l[2] = {eg_dense, eg_exp}, g[2];
+    MPI_Allreduce(l, g, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    eg = g[0] > g[1] ? g[0] : g[1];
+    check(!missing && eg <= 1e-5, "%s: all parameter gradients (dense %.1e, experts %.1e)", what, g[0], g[1]);
+out:
+    free(x); free(dy); free(y); free(yr); free(dx); free(dxr);
+    obj_destroy(&a);
+    obj_destroy(&b);
+}
+
+static scmoe_config layer_cfg(int k, float cf) {
+    scmoe_config c = scmoe_config_default();
+    c.d_model = 24; c.d_hidden = 40; c.n_experts = 8; c.top_k = k; c.capacity_factor = cf;
+    c.aux_loss_weight = 0.1f; c.z_loss_weight = 0.01f; c.max_tokens = 64; c.max_seq_len = 8;
+    return c;
+}
+
+static scmoe_config pair_cfg(scmoe_arch arch, int pos, float cf) {
+    scmoe_config c = layer_cfg(1, cf);
+    c.arch = arch; c.shortcut_pos = pos; c.n_heads = 4; c.max_tokens = 64; c.max_seq_len = 8;
+    return c;
+}
+
+static void robustness(scmoe_context *ctx) {
+    /* a config that differs on one rank: every rank gets an error, nobody hangs */
+    scmoe_config c = layer_cfg(1, 1.0f);
+    if (rank == size - 1) c.d_hidden = 48;
+    scmoe_moe *m = NULL;
+    scmoe_status s = scmoe_moe_create(ctx, &c, &m);
+    check(size == 1 ? s == SCMOE_OK : s == SCMOE_ERR_CONFIG_MISMATCH, "config differing on one rank -> %s on every rank",
+          scmoe_strerror(s));
+    scmoe_moe_destroy(m);
+    /* an invalid config on one rank only */
+    c = layer_cfg(1, 1.0f);
+    if (rank == 0) c.top_k = 0;
+    s = scmoe_moe_create(ctx, &c, &m);
+    check(s != SCMOE_OK && m == NULL, "invalid config on rank 0 only -> an error on every rank (%s)", scmoe_strerror(s));
+    /* bad input on one rank: a status everywhere, then the layer still works */
+    c = layer_cfg(2, 1.0f);
+    s = scmoe_moe_create(ctx, &c, &m);
+    float *x = calloc(64 * 24, sizeof(float)), *y = calloc(64 * 24, sizeof(float));
+    scmoe_stats st;
+    s = scmoe_moe_forward(m, rank == size - 1 ? 65 : 16, x, y, &st);
+    check(s == SCMOE_ERR_N_TOKENS, "n_tokens too large on one rank -> %s on every rank", scmoe_strerror(s));
+    s = scmoe_moe_backward(m, y, x, &st);
+    check(s == SCMOE_ERR_STATE, "backward after a failed forward -> %s on every rank", scmoe_strerror(s));
+    s = scmoe_moe_forward(m, 16, x, y, &st);
+    check(s == SCMOE_OK, "the next good forward works");
+    free(x); free(y);
+    scmoe_moe_destroy(m);
+    /* ep_size that does not divide the ranks */
+    c = layer_cfg(1, 1.0f);
+    c.ep_size = 8;
+    s = scmoe_moe_create(ctx, &c, &m);
+    check(size % 8 == 0 ? s == SCMOE_OK : s == SCMOE_ERR_EP_SIZE,
+          "ep_size 8 on %d ranks -> %s", size, scmoe_strerror(s));
+    scmoe_moe_destroy(m);
+}
+
+int main(int argc, char **argv) {
+    int provided;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    scmoe_context *ctx, *ref;
+    if (scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx) || scmoe_context_create(&ref)) {
+        printf("not ok - context\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    int S = 64 * size > 128 ? 128 : 64 * size; /* global tokens; each rank holds S / size */
+    char what[96];
+    for (int k = 1; k <= 2; k++)
+        for (int drops = 0; drops < 2; drops++) {
+            float cf = drops ? 0.5f : 0.0f;
+            scmoe_config c = layer_cfg(k, cf);
+            snprintf(what, sizeof what, "layer k=%d %s", k, drops ? "drops" : "dropless");
+            equivalence(what, ctx, ref, c, 0, S, 1, 0, 0);
+        }
+    scmoe_config c = layer_cfg(2, 0.5f);
+    c.priority = SCMOE_PRIORITY_BATCH;
+    equivalence("layer k=2 batch priority drops", ctx, ref, c, 0, S, 1, 0, 0);
+    c = layer_cfg(1, 1.0f);
+    c.aux_scope = SCMOE_AUX_GLOBAL;
+    equivalence("layer all tokens to expert 0 (drops)", ctx, ref, c, 0, S, 1, 1, 0);
+    c.capacity_factor = 0;
+    equivalence("layer all tokens to expert 0 (dropless)", ctx, ref, c, 0, S, 1, 1, 0);
+    equivalence("layer with rank 0 holding no tokens", ctx, ref, layer_cfg(2, 1.0f), 0, S, 1, 0, 1);
+    if (size >= 2) {
+        c = layer_cfg(2, 0.5f);
+        c.ep_size = size / 2;
+        snprintf(what, sizeof what, "layer ep_size %d of %d (replicated experts)", size / 2, size);
+        equivalence(what, ctx, ref, c, 0, S, 1, 0, 0);
+        c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.5f);
+        c.ep_size = size / 2;
+        snprintf(what, sizeof what, "pair scmoe ep_size %d of %d", size / 2, size);
+        equivalence(what, ctx, ref, c, 1, S, 8, 0, 0);
+    }
+    const char *names[] = {"top2", "top1", "shared", "scmoe"};
+    for (int a = 0; a < 4; a++)
+        for (int pos = 1; pos <= (a == 3 ? 3 : 1); pos++)
+            for (int drops = 0; drops < 2; drops++) {
+                c = pair_cfg((scmoe_arch)a, a == 3 ? pos : 2, drops ? 0.5f : 0.0f);
+                snprintf(what, sizeof what, "pair %s%s %s", names[a], a == 3 ? (pos == 1 ? "-pos1" : pos == 2 ? "-pos2" : "-pos3") : "",
+                         drops ? "drops" : "dropless");
+                equivalence(what, ctx, ref, c, 1, S, 8, 0, 0);
+            }
+    c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 1.0f);
+    c.progress = SCMOE_PROGRESS_THREAD;
+    equivalence("pair scmoe-pos2 progress thread", ctx, ref, c, 1, S, 8, 0, 0);
+    c.progress = SCMOE_PROGRESS_NONE;
+    equivalence("pair scmoe-pos2 no progress", ctx, ref, c, 1, S, 8, 0, 0);
+    c.progress = SCMOE_PROGRESS_POLL;
+    c.overlap_grad_sync = 1;
+    equivalence("pair scmoe-pos2 overlapped gradient sync", ctx, ref, c, 1, S, 8, 0, 0);
+    robustness(ctx);
+    scmoe_context_destroy(ref);
+    scmoe_context_destroy(ctx);
+    if (rank == 0) printf("%d passed, %d failed\n", passed, failed);
+    MPI_Finalize();
+    return failed ? 1 : 0;
+}

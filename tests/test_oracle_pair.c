@@ -1,0 +1,345 @@
+/* test_oracle_pair.c: checks the block pair's forward and backward against an independent PyTorch model
+ * (tests/reference/pair_ref.py, float64 autograd written from the specification at the top of pair.c).
+ *
+ * For each case: a one-rank context, a pair with the case's config (arch, shortcut_pos, combine, causal,
+ * activation, capacity, priority, loss weights), every parameter set by name to deterministic random
+ * values (LayerNorm weights near 1, nonzero biases and w_cg), random x [B, T, d], training forward,
+ * random dy, backward; everything is written to an SCMT file (tests/tensorio.h) and the oracle is run on it.
+ *
+ *   build/tests/test_oracle_pair [OUTDIR]   files go to OUTDIR (default $TMPDIR or /tmp)
+ *   environment: SCMOE_PYTHON (default /usr/bin/python3), SCMOE_REF_DIR (default tests/reference),
+ *                SCMOE_KEEP=1 keeps the files.
+ * Run from the repository root. Prints TAP-like "ok - case" / "not ok - case" and "N passed, N failed";
+ * exits 1 if any case failed. If the Python has no torch, every case is skipped (exit 0, said loudly).
+ *
+ * Build: make build/tests/test_oracle_pair */
+#include "scmoe.h"
+#include "tests/tensorio.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { TOP2 = SCMOE_ARCH_TOP2, TOP1 = SCMOE_ARCH_TOP1, SHARED = SCMOE_ARCH_SHARED, SC = SCMOE_ARCH_SCMOE };
+enum { CG1 = SCMOE_COMBINE_CG1, ADD = SCMOE_COMBINE_ADD };
+
+typedef struct {
+    const char *name;
+    int arch, pos, combine, causal;
+    int act;          /* 0 GELU, 1 SwiGLU */
+    int E, B, T;
+    float cf;         /* <= 0: dropless */
+    int prio;         /* 0 token, 1 batch */
+    float aux_w, z_w;
+    int expect_drops; /* 1: dropped > 0 required; 0: dropped == 0 required; -1: either */
+    uint64_t seed;
+    float dy_scale;   /* small values let the aux and z losses dominate the gate gradient */
+} oracle_case;
+
+static const oracle_case CASES[] = {
+    /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy */
+    {"top2_gelu_drops",            TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 101, 1.0f},
+    {"top2_gelu_dropless",         TOP2,   2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 102, 1.0f},
+    {"top2_swiglu_drops",          TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 103, 1.0f},
+    {"top2_swiglu_dropless",       TOP2,   2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 104, 1.0f},
+    {"top1_gelu_drops",            TOP1,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 111, 1.0f},
+    {"top1_gelu_dropless",         TOP1,   2, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 112, 1.0f},
+    {"top1_swiglu_drops",          TOP1,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 113, 1.0f},
+    {"top1_swiglu_dropless",       TOP1,   2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 114, 1.0f},
+    {"shared_gelu_drops",          SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 121, 1.0f},
+    {"shared_gelu_dropless",       SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 122, 1.0f},
+    {"shared_swiglu_drops",        SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 123, 1.0f},
+    {"shared_swiglu_dropless",     SHARED, 2, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 124, 1.0f},
+    {"scmoe1_gelu_drops",          SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 131, 1.0f},
+    {"scmoe1_gelu_dropless",       SC,     1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 132, 1.0f},
+    {"scmoe1_swiglu_drops",        SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 133, 1.0f},
+    {"scmoe1_swiglu_dropless",     SC,     1, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 134, 1.0f},
+    {"scmoe2_gelu_drops",          SC,     2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 141, 1.0f},
+    {"scmoe2_gelu_dropless",       SC,     2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 142, 1.0f},
+    {"scmoe2_swiglu_drops",        SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 143, 1.0f},
+    {"scmoe2_swiglu_dropless",     SC,     2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 144, 1.0f},
+    {"scmoe3_gelu_drops",          SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 151, 1.0f},
+    {"scmoe3_gelu_dropless",       SC,     3, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 152, 1.0f},
+    {"scmoe3_swiglu_drops",        SC,     3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 153, 1.0f},
+    {"scmoe3_swiglu_dropless",     SC,     3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 154, 1.0f},
+    /* combine, mask, losses, priority, empty batch */
+    {"scmoe2_add_gelu_drops",      SC,     2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 161, 1.0f},
+    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 162, 1.0f},
+    {"scmoe3_noncausal_gelu",      SC,     3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f},
+    {"top2_noncausal_swiglu",      TOP2,   2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 164, 1.0f},
+    {"scmoe2_lossdominant",        SC,     2, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 165, 0.01f},
+    {"top2_lossdominant_drops",    TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.1f,  1, 166, 0.01f},
+    {"scmoe1_batchprio_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 167, 1.0f},
+    {"top2_batchprio_drops",       TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f},
+    {"B0_scmoe2",                  SC,     2, CG1, 1, 0, 4, 0,  8, 0.5f, 0, 0.01f, 0.1f,  0, 171, 1.0f},
+    {"B0_top2_swiglu",             TOP2,   2, CG1, 1, 1, 4, 0,  8, 0.0f, 0, 0.01f, 0.1f,  0, 172, 1.0f},
+};
+
+enum { D_MODEL = 32, N_HEADS = 4, D_HIDDEN = 48 };
+
+/* splitmix64 stream -> uniform in [-1, 1) */
+static uint64_t rng_state;
+static uint64_t rng_next(void) {
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static float rng_uniform(void) { return (float)((double)(rng_next() >> 11) * (2.0 / 9007199254740992.0) - 1.0); }
+static void fill_uniform(float *a, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) a[i] = scale * rng_uniform();
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && !strcmp(s + a - b, suffix);
+}
+
+static const char *env_or(const char *name, const char *dflt) {
+    const char *v = getenv(name);
+    return v && *v ? v : dflt;
+}
+
+/* Runs the oracle; returns its exit status (or -1) and leaves its last line in last[]. */
+static int run_oracle(const char *python, const char *script, const char *file, char *last, size_t last_len,
+                      int verbose_on_fail) {
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "'%s' '%s' '%s' 2>&1", python, script, file);
+    FILE *p = popen(cmd, "r");
+    if (!p) { snprintf(last, last_len, "popen failed"); return -1; }
+    size_t cap = 1 << 16, len = 0;
+    char *all = malloc(cap);
+    char line[4096];
+    last[0] = 0;
+    while (fgets(line, sizeof line, p)) {
+        size_t l = strlen(line);
+        if (all && len + l + 1 > cap) {
+            cap = 2 * (len + l + 1);
+            char *na = realloc(all, cap);
+            if (!na) { free(all); all = NULL; }
+            else all = na;
+        }
+        if (all) { memcpy(all + len, line, l + 1); len += l; }
+        if (l > 1 || line[0] != '\n') {
+            snprintf(last, last_len, "%.1000s", line);
+            size_t ll = strlen(last);
+            if (ll && last[ll - 1] == '\n') last[ll - 1] = 0;
+        }
+    }
+    int st = pclose(p);
+    int rc = st == -1 ? -1 : (st & 0xff) ? -1 : (st >> 8) & 0xff;
+    if (rc != 0 && verbose_on_fail && all && len) {
+        /* the whole oracle output, as TAP comments */
+        char *s = all;
+        while (*s) {
+            char *nl = strchr(s, '\n');
+            if (nl) *nl = 0;
+            printf("#   %s\n", s);
+            if (!nl) break;
+            s = nl + 1;
+        }
+    }
+    free(all);
+    return rc;
+}
+
+#define CHECK(call)                                                                                        \
+    do {                                                                                                   \
+        scmoe_status s_ = (call);                                                                          \
+        if (s_ != SCMOE_OK) {                                                                              \
+            snprintf(why, sizeof why, "%s -> %s (%s)", #call, scmoe_strerror(s_), ctx ? scmoe_last_error(ctx) : ""); \
+            goto done;                                                                                     \
+        }                                                                                                  \
+    } while (0)
+
+/* 1 pass, 0 fail. */
+static int run_case(const oracle_case *c, const char *outdir, const char *python, const char *script, int keep) {
+    char why[2048] = "", file[1024], last[1024] = "";
+    int pass = 0;
+    scmoe_context *ctx = NULL;
+    scmoe_pair *pair = NULL;
+    float *x = NULL, *y = NULL, *dy = NULL, *dx = NULL, *et = NULL;
+    FILE *f = NULL;
+    const int d = D_MODEL, n = c->B * c->T;
+    snprintf(file, sizeof file, "%s/oracle_pair_%s.scmt", outdir, c->name);
+    rng_state = 0x9A1B0000ull + c->seed * 0x100000001B3ull;
+
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = d;
+    cfg.d_hidden = D_HIDDEN;
+    cfg.n_experts = c->E;
+    cfg.n_heads = N_HEADS;
+    cfg.arch = (scmoe_arch)c->arch;
+    cfg.shortcut_pos = c->pos;
+    cfg.combine = (scmoe_combine)c->combine;
+    cfg.causal = c->causal;
+    cfg.max_seq_len = c->T + 2;                           /* T below max_seq_len on purpose */
+    cfg.max_tokens = (c->B > 0 ? c->B : 2) * cfg.max_seq_len; /* and B*T below max_tokens */
+    cfg.capacity_factor = c->cf;
+    cfg.eval_capacity_factor = c->cf;
+    cfg.renormalize = 1;
+    cfg.activation = c->act ? SCMOE_SWIGLU : SCMOE_GELU;
+    cfg.priority = c->prio ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN;
+    cfg.aux_loss_weight = c->aux_w;
+    cfg.z_loss_weight = c->z_w;
+    cfg.gate_noise_std = 0.0f;
+    cfg.seed = c->seed;
+
+    CHECK(scmoe_context_create(&ctx));
+    CHECK(scmoe_pair_create(ctx, &cfg, &pair));
+    CHECK(scmoe_pair_set_training(pair, 1));
+
+    int np = scmoe_pair_param_count(pair);
+    int has_se = c->arch == SHARED || c->arch == SC;
+    /* 2 blocks x (2 LN x 2 + attn 4) + mlp 4 + gate + 4E [+ se 4 [+ cg]] */
+    int expect_np = 2 * 8 + 4 + 1 + 4 * c->E + (has_se ? 4 + (c->combine == CG1) : 0);
+    if (np != expect_np) { snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np); goto done; }
+    int seen_gate = 0, seen_cg = 0;
+    for (int i = 0; i < np; i++) {
+        scmoe_tensor t;
+        CHECK(scmoe_pair_param_at(pair, i, &t));
+        float scale;
+        int is_ln = strstr(t.name, ".ln_") != NULL;
+        if (is_ln && ends_with(t.name, ".weight")) {
+            fill_uniform(t.data, t.numel, 0.3f);
+            for (size_t j = 0; j < t.numel; j++) t.data[j] += 1.0f; /* near 1 */
+            goto filled;
+        }
+        if (ends_with(t.name, "gate.weight")) { scale = 2.5f / sqrtf((float)t.shape[0]); seen_gate = 1; } /* O(1) logits */
+        else if (ends_with(t.name, "cg.weight")) { scale = 0.3f; seen_cg = 1; } /* w_cg . m1 of O(1): sigmoid not saturated */
+        else if (t.ndim == 1) scale = is_ln ? 0.3f : 0.2f;                      /* biases, nonzero */
+        else scale = sqrtf(3.0f / (float)t.shape[0]);                            /* unit-variance fan-in */
+        fill_uniform(t.data, t.numel, scale);
+    filled:;
+        scmoe_tensor u;
+        CHECK(scmoe_pair_param(pair, t.name, &u));
+        if (u.data != t.data) { snprintf(why, sizeof why, "param(\"%s\") is not param_at(%d)", t.name, i); goto done; }
+    }
+    if (!seen_gate || seen_cg != (has_se && c->combine == CG1)) {
+        snprintf(why, sizeof why, "parameter names: gate %d, cg %d unexpected", seen_gate, seen_cg);
+        goto done;
+    }
+
+    size_t nd = (size_t)(n > 0 ? n : 1) * d;
+    x = calloc(nd, sizeof *x);
+    y = calloc(nd, sizeof *y);
+    dy = calloc(nd, sizeof *dy);
+    dx = calloc(nd, sizeof *dx);
+    et = calloc((size_t)c->E, sizeof *et);
+    if (!x || !y || !dy || !dx || !et) { snprintf(why, sizeof why, "out of memory"); goto done; }
+    fill_uniform(x, (size_t)n * d, 1.0f);
+    fill_uniform(dy, (size_t)n * d, c->dy_scale > 0 ? c->dy_scale : 1.0f);
+    for (size_t i = 0; i < (size_t)n * d; i++) y[i] = NAN; /* forward must write y */
+
+    scmoe_stats st;
+    CHECK(scmoe_pair_forward(pair, c->B, c->T, x, y, &st));
+    if (c->expect_drops == 1 && st.dropped <= 0) {
+        snprintf(why, sizeof why, "expected dropped > 0 with capacity factor %g, got %lld", c->cf, (long long)st.dropped);
+        goto done;
+    }
+    if (c->expect_drops == 0 && st.dropped != 0) {
+        snprintf(why, sizeof why, "expected no drops, got %lld", (long long)st.dropped);
+        goto done;
+    }
+    if (st.tokens != n) { snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, n); goto done; }
+    for (int e = 0; e < c->E; e++) et[e] = st.expert_tokens ? (float)st.expert_tokens[e] : -1.0f;
+    float aux = st.aux_loss, z = st.z_loss;
+    float dropped = (float)st.dropped, capacity = (float)st.capacity;
+
+    CHECK(scmoe_pair_zero_grad(pair));
+    for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
+    CHECK(scmoe_pair_backward(pair, dy, dx, &st));
+
+    f = tio_open_write(file);
+    if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
+    tio_write_scalar(f, "cfg.d_model", (float)d);
+    tio_write_scalar(f, "cfg.d_hidden", (float)D_HIDDEN);
+    tio_write_scalar(f, "cfg.n_experts", (float)c->E);
+    tio_write_scalar(f, "cfg.top_k", (float)(c->arch == TOP2 ? 2 : 1));
+    tio_write_scalar(f, "cfg.capacity_factor", c->cf);
+    tio_write_scalar(f, "cfg.renormalize", (float)cfg.renormalize);
+    tio_write_scalar(f, "cfg.aux_loss_weight", c->aux_w);
+    tio_write_scalar(f, "cfg.z_loss_weight", c->z_w);
+    tio_write_scalar(f, "cfg.activation", (float)c->act);
+    tio_write_scalar(f, "cfg.priority", (float)c->prio);
+    tio_write_scalar(f, "cfg.arch", (float)c->arch);
+    tio_write_scalar(f, "cfg.shortcut_pos", (float)c->pos);
+    tio_write_scalar(f, "cfg.combine", (float)c->combine);
+    tio_write_scalar(f, "cfg.n_heads", (float)N_HEADS);
+    tio_write_scalar(f, "cfg.causal", (float)c->causal);
+    tio_write_scalar(f, "cfg.batch", (float)c->B);
+    tio_write_scalar(f, "cfg.seq_len", (float)c->T);
+    int xd[3] = {c->B, c->T, d};
+    tio_write(f, "x", 3, xd, x);
+    tio_write(f, "dy", 3, xd, dy);
+    for (int i = 0; i < np; i++) {
+        scmoe_tensor t;
+        CHECK(scmoe_pair_param_at(pair, i, &t));
+        tio_write(f, t.name, t.ndim, t.shape, t.data);
+    }
+    tio_write(f, "out.y", 3, xd, y);
+    tio_write_scalar(f, "out.aux_loss", aux);
+    tio_write_scalar(f, "out.z_loss", z);
+    tio_write_scalar(f, "out.dropped", dropped);
+    tio_write_scalar(f, "out.capacity", capacity);
+    tio_write(f, "out.expert_tokens", 1, &c->E, et);
+    tio_write(f, "grad.x", 3, xd, dx);
+    for (int i = 0; i < np; i++) {
+        scmoe_tensor t;
+        CHECK(scmoe_pair_param_at(pair, i, &t));
+        char gname[160];
+        snprintf(gname, sizeof gname, "grad.%s", t.name);
+        tio_write(f, gname, t.ndim, t.shape, t.grad);
+    }
+    if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
+    f = NULL;
+
+    int rc = run_oracle(python, script, file, last, sizeof last, 1);
+    if (rc == 0) pass = 1;
+    else snprintf(why, sizeof why, "oracle exit %d", rc);
+
+done:
+    if (f) fclose(f);
+    printf("%s - %s\n", pass ? "ok" : "not ok", c->name);
+    if (!pass && why[0]) printf("#   %s\n", why);
+    if (last[0]) printf("#   %s\n", last);
+    if (pass && !keep) remove(file);
+    free(x); free(y); free(dy); free(dx); free(et);
+    scmoe_pair_destroy(pair);
+    scmoe_context_destroy(ctx);
+    return pass;
+}
+
+int main(int argc, char **argv) {
+    const char *outdir = argc > 1 ? argv[1] : env_or("TMPDIR", "/tmp");
+    const char *python = env_or("SCMOE_PYTHON", "/usr/bin/python3");
+    const char *refdir = env_or("SCMOE_REF_DIR", "tests/reference");
+    int keep = getenv("SCMOE_KEEP") && atoi(getenv("SCMOE_KEEP"));
+    char script[1024], cmd[2048];
+    snprintf(script, sizeof script, "%s/pair_ref.py", refdir);
+    int n = (int)(sizeof CASES / sizeof CASES[0]);
+
+    snprintf(cmd, sizeof cmd, "'%s' -c 'import torch, numpy' >/dev/null 2>&1", python);
+    if (system(cmd) != 0) {
+        printf("1..0 # SKIP %s cannot import torch and numpy: the PyTorch oracle did not run\n", python);
+        return 0;
+    }
+    FILE *probe = fopen(script, "r");
+    if (!probe) {
+        printf("Bail out! %s not found (run from the repository root or set SCMOE_REF_DIR)\n", script);
+        return 1;
+    }
+    fclose(probe);
+
+    printf("1..%d\n", n);
+    int passed = 0, failed = 0;
+    for (int i = 0; i < n; i++) {
+        if (run_case(&CASES[i], outdir, python, script, keep)) passed++;
+        else failed++;
+        fflush(stdout);
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
