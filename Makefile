@@ -16,7 +16,7 @@ LDLIBS  += $(BLAS_LIB) -fopenmp -lm -lpthread
 
 B ?= build
 CORE_SRC := scmoe.c layer.c moe.c pair.c schedule.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
-            kernels/route.c kernels/attention.c mpi_backend/serial.c
+            kernels/route.c kernels/attention.c kernels/bf16.c mpi_backend/serial.c
 BLAS_SRC := blas_backend/openblas.c
 ifeq ($(MPI),1)
   CC_LIB  := $(MPICC)
@@ -28,7 +28,7 @@ else
 endif
 LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
 
-TESTS_SERIAL := test_moe test_pair test_oracle_moe
+TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe
 TESTS_MPI    := test_comm_mpi test_ep
 TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
 

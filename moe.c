@@ -28,8 +28,21 @@ static scmoe_status exchange_start(moe_layer *m, const float *src, const int *sc
     f->t_start = scmoe_now();
     f->t_done = 0;
     f->t_waited = 0;
-    scmoe_status s = c->ops->alltoallv_start(c, src, scounts, sdispls, dst, rcounts, rdispls,
-                                             (int)sizeof(float) * m->d, &f->req);
+    f->unpack_to = NULL;
+    scmoe_status s;
+    if (m->cfg.wire_bf16) {
+        size_t ns = 0, nr = 0;
+        for (int q = 0; q < c->size; q++) { ns += (size_t)scounts[q]; nr += (size_t)rcounts[q]; }
+        bf16_pack(m->wire_out, src, ns * m->d); /* displacements are dense prefix sums: rows stay in place */
+        f->unpack_to = dst;
+        f->unpack_from = m->wire_in;
+        f->unpack_n = nr * m->d;
+        s = c->ops->alltoallv_start(c, m->wire_out, scounts, sdispls, m->wire_in, rcounts, rdispls,
+                                    (int)sizeof(uint16_t) * m->d, &f->req);
+    } else {
+        s = c->ops->alltoallv_start(c, src, scounts, sdispls, dst, rcounts, rdispls, (int)sizeof(float) * m->d,
+                                    &f->req);
+    }
     if (s) return scmoe_fail(m->ctx, s, "starting a token exchange failed: %s", c->err);
     f->active = 1;
     return SCMOE_OK;
@@ -51,6 +64,7 @@ scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what) {
     f->t_waited = t1 - t0;
     f->active = 0;
     if (s) return scmoe_fail(ctx, s, "%s: %s", what, f->c->err);
+    if (f->unpack_to) bf16_unpack(f->unpack_to, f->unpack_from, f->unpack_n);
     return SCMOE_OK;
 }
 
@@ -152,6 +166,7 @@ scmoe_status moe_alloc(moe_layer *m) {
         sizeof(double) * (E + 1), f * E,
         f * (size_t)S * d * 2, f * (size_t)R * d * 4,
         f * (size_t)R * m->h1 * 2, f * (size_t)R * m->h * 2,
+        m->cfg.wire_bf16 ? sizeof(uint16_t) * (size_t)(R > S ? R : S) * d * 2 : 0,
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i] + 64 * 16;
@@ -197,6 +212,10 @@ scmoe_status moe_alloc(moe_layer *m) {
     m->dpre = carve(&c, f * (size_t)R * m->h1);
     m->hid = carve(&c, f * (size_t)R * m->h);
     m->dhid = carve(&c, f * (size_t)R * m->h);
+    if (m->cfg.wire_bf16) {
+        m->wire_out = carve(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
+        m->wire_in = carve(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
+    }
     m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
     m->wg = param_data(m, m->p_wg);
     return SCMOE_OK;

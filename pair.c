@@ -360,6 +360,13 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         b[SCHED_OPS + 1] = bucket_of(&p->pt, p->moe.p_e0, 4 * p->moe.E_local);
         s = schedule_init(&p->sch, ctx, &p->cfg, p->moe.replicas, b);
     }
+    const char *trace = getenv("SCMOE_TRACE");
+    if (!s && trace && *trace) {
+        char path[1024];
+        if (ctx->world->size > 1) snprintf(path, sizeof path, "%s.rank%d.json", trace, ctx->world->rank);
+        else snprintf(path, sizeof path, "%s", trace);
+        s = schedule_trace_open(&p->sch, path);
+    }
     s = status_agree(ctx, s);
     if (s) {
         scmoe_pair_destroy(p);
@@ -371,6 +378,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
 
 void scmoe_pair_destroy(scmoe_pair *p) {
     if (!p) return;
+    schedule_trace_close(&p->sch);
     moe_free(&p->moe);
     params_free(&p->pt);
     free(p->mem);
@@ -478,6 +486,11 @@ scmoe_status scmoe_pair_zero_grad(scmoe_pair *p) {
     if (!p) return SCMOE_ERR_NULL;
     memset(p->pt.grad, 0, sizeof(float) * p->pt.total);
     return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_trace(scmoe_pair *p, const char *path) {
+    if (!p) return SCMOE_ERR_NULL;
+    return schedule_trace_open(&p->sch, path);
 }
 
 int scmoe_pair_param_count(const scmoe_pair *p) { return p ? p->pt.n : 0; }

@@ -65,6 +65,40 @@ static void event(schedule *s, int dir, const char *name, int kind, double t0, d
     if (s->n_ev[dir] < SCHED_MAX_EVENTS) s->ev[dir][s->n_ev[dir]++] = (sched_event){name, kind, t0, t1};
 }
 
+/* ---- trace: one JSON array of complete events ("ph":"X"), pid = rank, tid 0 compute, tid 1 comm ---- */
+
+scmoe_status schedule_trace_open(schedule *s, const char *path) {
+    schedule_trace_close(s);
+    if (!path) return SCMOE_OK;
+    s->trace = fopen(path, "w");
+    if (!s->trace) return scmoe_fail(s->ctx, SCMOE_ERR_IO, "cannot open the trace file %s", path);
+    int r = s->world->rank;
+    fprintf(s->trace, "[\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":%d,\"args\":{\"name\":\"rank %d\"}},\n"
+                      "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"compute\"}},\n"
+                      "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":1,\"args\":{\"name\":\"communication\"}},\n"
+                      "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":2,\"args\":{\"name\":\"gradient all-reduce\"}}",
+            r, r, r, r, r);
+    return SCMOE_OK;
+}
+
+void schedule_trace_close(schedule *s) {
+    if (!s->trace) return;
+    fprintf(s->trace, "\n]\n");
+    fclose(s->trace);
+    s->trace = NULL;
+}
+
+static void trace_flush(schedule *s, int dir) {
+    if (!s->trace) return;
+    for (int i = 0; i < s->n_ev[dir]; i++) {
+        const sched_event *e = &s->ev[dir][i];
+        fprintf(s->trace, ",\n{\"name\":\"%s\",\"cat\":\"%s\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":%d,"
+                          "\"args\":{\"step\":%ld,\"pass\":\"%s\"}}",
+                e->name, e->kind ? "comm" : "compute", e->t0 * 1e6, (e->t1 - e->t0) * 1e6, s->world->rank, e->kind,
+                s->trace_step, dir ? "backward" : "forward");
+    }
+}
+
 /* Polls only while something is in flight and the policy is POLL. */
 static void set_poll(run_state *r) {
     int busy = (r->f->active && !r->f->t_done) || grads_in_flight(r->s);
@@ -129,6 +163,7 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     double t_start = scmoe_now();
     s->comm_time[0] = s->exposed[0] = 0;
     s->n_ev[0] = 0;
+    s->trace_step++;
     scmoe_status st = SCMOE_OK;
     int experts_done = 0;
     for (int i = 0; i <= SCHED_OPS && !st; i++) {
@@ -161,6 +196,7 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     event(s, 0, "decode", 0, t0, scmoe_now());
     s->slot_used[0] = serial ? -1 : K;
     s->time[0] = scmoe_now() - t_start;
+    trace_flush(s, 0);
     if (!m->training) profiled(s, 0);
     return SCMOE_OK;
 }
@@ -222,6 +258,7 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
         for (int b = 0; b < SCHED_OPS + 2 && !st; b++) st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
     s->slot_used[1] = serial ? -1 : K;
     s->time[1] = scmoe_now() - t_start;
+    trace_flush(s, 1);
     profiled(s, needed_before);
     return st;
 }
@@ -237,6 +274,12 @@ scmoe_status schedule_grad_wait(schedule *s) {
         s->req[b] = -2;
     }
     double t1 = scmoe_now();
+    if (s->grad_t0) event(s, 1, "grad_allreduce", 1, s->grad_t0, t1);
+    if (s->trace && s->grad_t0 && s->n_ev[1] > 0) {
+        const sched_event *e = &s->ev[1][s->n_ev[1] - 1];
+        fprintf(s->trace, ",\n{\"name\":\"%s\",\"cat\":\"comm\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":2}",
+                e->name, e->t0 * 1e6, (e->t1 - e->t0) * 1e6, s->world->rank);
+    }
     s->grad_exposed = t1 - t0;
     s->grad_time = s->grad_t0 ? t1 - s->grad_t0 : 0;
     return st;

@@ -10,6 +10,7 @@
 #define SCMOE_SCHEDULE_H
 
 #include "scmoe_internal.h"
+#include <stdio.h>
 
 #define SCHED_OPS 8
 #define SCHED_PROFILE_STEPS 2   /* serialized steps timed after a shape change, before choosing */
@@ -47,6 +48,8 @@ typedef struct schedule {
     sched_event ev[2][SCHED_MAX_EVENTS];
     int n_ev[2];
     double t_origin;
+    FILE *trace;                        /* Chrome/Perfetto trace being written, or NULL */
+    long trace_step;
 } schedule;
 
 scmoe_status schedule_init(schedule *s, scmoe_context *ctx, const scmoe_config *cfg, comm *replicas,
@@ -56,6 +59,9 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
 scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int grad_needed_before,
                                sched_moe *mo, const float *dy, int n);
 scmoe_status schedule_grad_wait(schedule *s);
+/* Starts writing a Chrome/Perfetto JSON trace to path (NULL stops and closes it). */
+scmoe_status schedule_trace_open(schedule *s, const char *path);
+void schedule_trace_close(schedule *s);
 /* which: 0 forward, 1 backward, 2 gradient sync */
 void schedule_fill_stats(const schedule *s, scmoe_stats *st, int which);
 

@@ -41,6 +41,7 @@ scmoe_config scmoe_config_default(void) {
     c.expert_slot = -1;
     c.overlap_grad_sync = 0;
     c.comm_timeout_s = 600.0;
+    c.wire_bf16 = 0;
     return c;
 }
 
@@ -88,6 +89,7 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
     if (c->expert_slot < -1 || c->expert_slot > 3) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..3", c->expert_slot);
     if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
+    if (!is_flag(c->wire_bf16)) return bad(msg, len, SCMOE_ERR_OPTION, "wire_bf16 = %d: must be 0 or 1", c->wire_bf16);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s)) return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
 }
@@ -333,7 +335,7 @@ scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *c, scmoe_statu
         H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); H(capacity_factor); H(eval_capacity_factor);
         H(priority); H(renormalize); H(aux_loss_weight); H(z_loss_weight); H(aux_scope); H(gate_noise_std); H(seed);
         H(activation); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal); H(n_layers);
-        H(ep_size); H(progress); H(poll_rows); H(overlap); H(expert_slot); H(overlap_grad_sync);
+        H(ep_size); H(progress); H(poll_rows); H(overlap); H(expert_slot); H(overlap_grad_sync); H(wire_bf16);
 #undef H
     }
     int64_t mine = (int64_t)(h >> 2);

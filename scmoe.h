@@ -133,6 +133,8 @@ typedef struct scmoe_config {
     int overlap_grad_sync;  /* 1: dense-gradient all-reduce runs behind the backward and is finished by
                                scmoe_pair_grad_sync(); 0: backward finishes it (0) */
     double comm_timeout_s;  /* give up on an exchange after this long, SCMOE_ERR_TIMEOUT (600) */
+    int wire_bf16;          /* send exchanged activations and gradients as bfloat16 (half the bytes),
+                               unpacked to float on arrival (0) */
 } scmoe_config;
 
 scmoe_config scmoe_config_default(void);
@@ -219,6 +221,11 @@ scmoe_status scmoe_pair_backward(scmoe_pair *pair, const float *dy, float *dx, s
 /* COLLECTIVE. Finishes the dense-gradient all-reduce started by backward (overlap_grad_sync=1). */
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *pair, scmoe_stats *stats);
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *pair);
+/* Writes every later step's operations, with begin and end times, to a Chrome/Perfetto JSON trace at
+ * path (open it at ui.perfetto.dev or chrome://tracing): pid = rank, lane 0 compute, lane 1 the
+ * token exchanges, lane 2 the gradient all-reduce. NULL closes it. Setting SCMOE_TRACE=path in the
+ * environment does the same at create; with several ranks each writes path.rank<r>.json. */
+scmoe_status scmoe_pair_trace(scmoe_pair *pair, const char *path);
 int scmoe_pair_param_count(const scmoe_pair *pair);
 scmoe_status scmoe_pair_param_at(const scmoe_pair *pair, int i, scmoe_tensor *t);
 scmoe_status scmoe_pair_param(const scmoe_pair *pair, const char *name, scmoe_tensor *t);

@@ -62,6 +62,9 @@ void params_add_stage(param_table *pt);
 typedef struct inflight {
     comm *c;
     int req, active;
+    float *unpack_to;          /* bf16 wire: where the received rows go as floats on completion */
+    const uint16_t *unpack_from;
+    size_t unpack_n;
     double t_start, t_done, t_waited;
 } inflight;
 
@@ -93,6 +96,7 @@ typedef struct moe_layer {
     /* rows */
     float *send, *recv, *xe, *ye, *crecv, *rows, *dxe;
     float *pre, *hid, *dhid, *dpre, *dweight, *dlogits;
+    uint16_t *wire_out, *wire_in;   /* bf16 wire buffers (wire_bf16) */
     /* state of the current step */
     int n;
     const float *x;

@@ -55,6 +55,10 @@ size_t route_workspace_bytes(int64_t S_max, int k);
 void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
                       int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity);
 
+/* bf16.c: round-to-nearest-even float -> bfloat16, and back */
+void bf16_pack(uint16_t *dst, const float *src, size_t n);
+void bf16_unpack(float *dst, const uint16_t *src, size_t n);
+
 /* attention.c: att, datt [B, H, T, T]; dqkv overwritten */
 void attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
                        int causal);

@@ -1,0 +1,328 @@
+/* bench_a2a.c: the MoE layer's token exchange (dispatch + combine) against a plain blocking
+ * MPI_Alltoallv of the same bytes, and the routing overhead (moe_gate_encode) beside it.
+ *
+ * Build (from the repository root, after `make`):
+ *   mkdir -p build/bench && mpicc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -fopenmp -I. bench/bench_a2a.c \
+ *     build/libscmoe.a $(pkg-config --libs openblas) -lm -lpthread -o build/bench/bench_a2a
+ * Run (2 or 4 ranks; shared memory):
+ *   OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -np 2 \
+ *     -x OMP_NUM_THREADS=1 build/bench/bench_a2a
+ * Over an emulated link (TCP on a rate-limited loopback in a network namespace):
+ *   bench/netns.sh run 2gbit -- --oversubscribe -np 2 -x OMP_NUM_THREADS=1 build/bench/bench_a2a
+ * Options: -r REPS (timed iterations, >= 5, default 7)  -w WARMUP (default 2)  -d D_MODEL (768)
+ *          -n LIST (tokens per rank, default 512,2048,8192)  -k LIST (top-k, default 1,2)
+ *          -c LIST (capacity factors, default 0,2; 0 = dropless)  -E N_EXPERTS (8)
+ *
+ * What is timed, per configuration (every rank: n tokens of random x, E experts, top-k, CF):
+ *   A layer is built from the internal pieces the way layer.c's scmoe_moe_create does (moe_init,
+ *   params_allocate, moe_alloc) on a context from scmoe_context_create_mpi(MPI_COMM_WORLD), in
+ *   inference mode (no gate noise: every iteration routes identically). Each iteration:
+ *     gate      moe_gate_encode, called once per iteration: the gate GEMM, softmax, top-k, the
+ *               routing metadata (allgather of token counts, allgatherv of the routing records,
+ *               allreduce of the E+1 gate statistics), the route plan and the packing of the send
+ *               rows. "meta" is those three small blocking collectives alone, replayed with plain
+ *               MPI calls of the same sizes on MPI_COMM_WORLD: the part of gate that is
+ *               communication.
+ *     lib       moe_dispatch_start + inflight_wait("dispatch"), then moe_combine_start +
+ *               inflight_wait("combine"). The experts are not run: the combine sends back the rows
+ *               the dispatch left in m->recv, which are the same bytes the experts' output would be.
+ *     mpi       MPI_Alltoallv (blocking) with the plan's counts and displacements times d, MPI_FLOAT,
+ *               between the bench's own send/receive buffers, once in the dispatch direction and
+ *               once in the combine direction (counts swapped).
+ *   Every timed phase starts after an MPI_Barrier; its time is the slowest rank's (MPI_MAX over
+ *   ranks, reduced after the iteration). Lib and mpi alternate which goes first. After WARMUP
+ *   untimed iterations, REPS are timed and the table gives medians.
+ *
+ * Bytes: rows a rank sends to OTHER ranks x d x 4, dispatch plus combine (self-sends are excluded on
+ * both sides: they are local copies). Since the combine mirrors the dispatch, that is also
+ * "off-rank rows sent + received in the dispatch". MB/rank is the mean over ranks; GB/s/rank =
+ * MB/rank / median(dispatch + combine time). ratio = mpi time / lib time (>= 1: the library is at
+ * least as fast as plain MPI_Alltoallv; the target is >= 0.9). */
+#include "../scmoe_internal.h"
+#include "../scmoe_mpi.h"
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_LIST 16
+#define MAX_REPS 1000
+
+enum { T_GATE, T_META, T_LDISP, T_LCOMB, T_MDISP, T_MCOMB, T_N };
+
+static int g_rank, g_size;
+
+static uint64_t rng_state;
+static float frand(void) { /* uniform in [-1, 1) */
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) / 8388608.0 - 1.0);
+}
+
+static void *xalloc(size_t bytes) {
+    void *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!p) {
+        fprintf(stderr, "bench_a2a[%d]: out of memory (%zu bytes)\n", g_rank, bytes);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    return p;
+}
+
+static void check(scmoe_context *ctx, scmoe_status s, const char *what) {
+    if (!s) return;
+    fprintf(stderr, "bench_a2a[%d]: %s: %s (%s)\n", g_rank, what, scmoe_strerror(s), ctx ? scmoe_last_error(ctx) : "");
+    MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+static void check_mpi(int rc, const char *what) {
+    if (rc == MPI_SUCCESS) return;
+    fprintf(stderr, "bench_a2a[%d]: %s failed (MPI error %d)\n", g_rank, what, rc);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(const double *v, int n) {
+    double tmp[MAX_REPS];
+    memcpy(tmp, v, sizeof(double) * n);
+    qsort(tmp, n, sizeof(double), cmp_double);
+    return n % 2 ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
+}
+
+static int parse_list_int(const char *s, int *out) {
+    int n = 0;
+    char *end;
+    while (*s && n < MAX_LIST) {
+        long v = strtol(s, &end, 10);
+        if (end == s) return -1;
+        out[n++] = (int)v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static int parse_list_float(const char *s, float *out) {
+    int n = 0;
+    char *end;
+    while (*s && n < MAX_LIST) {
+        float v = strtof(s, &end);
+        if (end == s) return -1;
+        out[n++] = v;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return -1;
+    }
+    return n;
+}
+
+static void usage(void) {
+    if (g_rank == 0)
+        fprintf(stderr, "usage: bench_a2a [-r REPS>=5] [-w WARMUP] [-d D] [-E E] [-n N,N..] [-k K,K..] [-c CF,CF..]\n");
+    MPI_Finalize();
+    exit(2);
+}
+
+/* One configuration: builds the layer, times REPS iterations, prints one table row on rank 0. */
+static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf, int reps, int warmup) {
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = d;
+    cfg.d_hidden = 16; /* the experts are never run: keep their buffers small */
+    cfg.n_experts = E;
+    cfg.top_k = k;
+    cfg.max_tokens = n;
+    cfg.capacity_factor = cf;
+    cfg.eval_capacity_factor = cf;
+    char msg[256];
+    scmoe_status s = scmoe_config_validate(&cfg, msg, sizeof msg);
+    if (s) {
+        if (g_rank == 0) fprintf(stderr, "bench_a2a: config (n=%d k=%d cf=%g): %s\n", n, k, cf, msg);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
+    param_table pt;
+    moe_layer m;
+    memset(&pt, 0, sizeof pt);
+    check(ctx, moe_init(&m, ctx, &cfg, k, &pt, "", 0.02f), "moe_init");
+    check(ctx, params_allocate(&pt, ctx->world->size > 1, m.replicas->size > 1), "params_allocate");
+    check(ctx, moe_alloc(&m), "moe_alloc");
+    m.training = 0;
+    exec ex = {ctx->blas, NULL, NULL, cfg.poll_rows};
+
+    float *x = xalloc(sizeof(float) * (size_t)n * d);
+    rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(g_rank + 1) * 0x2545f4914f6cdd1dull;
+    for (size_t i = 0; i < (size_t)n * d; i++) x[i] = frand();
+
+    /* route once to size the baseline's buffers (the plan is the same every iteration) */
+    check(ctx, moe_gate_encode(&m, &ex, n, x), "moe_gate_encode");
+    route_plan *pl = &m.plan;
+    int P = m.ep_size, me = m.ep_rank;
+    int *sc = xalloc(sizeof(int) * P * 4), *sd = sc + P, *rc = sc + 2 * P, *rd = sc + 3 * P;
+    int64_t rows_send = 0, rows_recv = 0, off_rows = 0;
+    for (int i = 0; i < P; i++) {
+        sc[i] = pl->send_counts[i] * d;
+        sd[i] = pl->send_displs[i] * d;
+        rc[i] = pl->recv_counts[i] * d;
+        rd[i] = pl->recv_displs[i] * d;
+        rows_send += pl->send_counts[i];
+        rows_recv += pl->recv_counts[i];
+        if (i != me) off_rows += pl->send_counts[i] + pl->recv_counts[i];
+    }
+    int64_t rows_max = rows_send > rows_recv ? rows_send : rows_recv;
+    float *bsend = xalloc(sizeof(float) * (size_t)(rows_max ? rows_max : 1) * d);
+    float *brecv = xalloc(sizeof(float) * (size_t)(rows_max ? rows_max : 1) * d);
+    for (size_t i = 0; i < (size_t)rows_max * d; i++) bsend[i] = brecv[i] = 1.0f;
+
+    /* the routing metadata's collectives, replayed (sizes as in moe_gate_encode) */
+    int stride = k + 1;
+    int32_t *rec = xalloc(sizeof(int32_t) * (size_t)n * stride);
+    memcpy(rec, m.records, sizeof(int32_t) * (size_t)n * stride);
+    int *tpr = xalloc(sizeof(int) * g_size * 3), *rb = tpr + g_size, *rdsp = tpr + 2 * g_size;
+    int64_t S = 0;
+    for (int r = 0; r < g_size; r++) S += m.tokens_per_rank[r];
+    int32_t *rec_all = xalloc(sizeof(int32_t) * (size_t)S * stride);
+    double gs[1024];
+    if (E + 1 > 1024) { fprintf(stderr, "bench_a2a: E too large\n"); MPI_Abort(MPI_COMM_WORLD, 1); }
+
+    double t[T_N][MAX_REPS];
+    for (int it = -warmup; it < reps; it++) {
+        double loc[T_N] = {0}, t0;
+
+        MPI_Barrier(MPI_COMM_WORLD);
+        t0 = MPI_Wtime();
+        check(ctx, moe_gate_encode(&m, &ex, n, x), "moe_gate_encode");
+        loc[T_GATE] = MPI_Wtime() - t0;
+
+        MPI_Barrier(MPI_COMM_WORLD);
+        t0 = MPI_Wtime();
+        int mine = n;
+        check_mpi(MPI_Allgather(&mine, 1, MPI_INT, tpr, 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
+        for (int r = 0, off = 0; r < g_size; r++) {
+            rb[r] = tpr[r] * stride * (int)sizeof(int32_t);
+            rdsp[r] = off;
+            off += rb[r];
+        }
+        check_mpi(MPI_Allgatherv(rec, n * stride * (int)sizeof(int32_t), MPI_BYTE, rec_all, rb, rdsp, MPI_BYTE,
+                                 MPI_COMM_WORLD), "MPI_Allgatherv");
+        for (int e = 0; e <= E; e++) gs[e] = 1.0;
+        if (g_size > 1) check_mpi(MPI_Allreduce(MPI_IN_PLACE, gs, E + 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+        loc[T_META] = MPI_Wtime() - t0;
+
+        for (int half = 0; half < 2; half++) {
+            int lib = (half == 0) == (it % 2 == 0); /* alternate which goes first */
+            if (lib) {
+                MPI_Barrier(MPI_COMM_WORLD);
+                t0 = MPI_Wtime();
+                check(ctx, moe_dispatch_start(&m), "moe_dispatch_start");
+                check(ctx, inflight_wait(ctx, &m.ex, "dispatch"), "dispatch");
+                loc[T_LDISP] = MPI_Wtime() - t0;
+                MPI_Barrier(MPI_COMM_WORLD);
+                t0 = MPI_Wtime();
+                check(ctx, moe_combine_start(&m), "moe_combine_start");
+                check(ctx, inflight_wait(ctx, &m.ex, "combine"), "combine");
+                loc[T_LCOMB] = MPI_Wtime() - t0;
+            } else {
+                MPI_Barrier(MPI_COMM_WORLD);
+                t0 = MPI_Wtime();
+                check_mpi(MPI_Alltoallv(bsend, sc, sd, MPI_FLOAT, brecv, rc, rd, MPI_FLOAT, MPI_COMM_WORLD),
+                          "MPI_Alltoallv");
+                loc[T_MDISP] = MPI_Wtime() - t0;
+                MPI_Barrier(MPI_COMM_WORLD);
+                t0 = MPI_Wtime();
+                check_mpi(MPI_Alltoallv(brecv, rc, rd, MPI_FLOAT, bsend, sc, sd, MPI_FLOAT, MPI_COMM_WORLD),
+                          "MPI_Alltoallv");
+                loc[T_MCOMB] = MPI_Wtime() - t0;
+            }
+        }
+        double mx[T_N];
+        MPI_Allreduce(loc, mx, T_N, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        if (it >= 0)
+            for (int j = 0; j < T_N; j++) t[j][it] = mx[j];
+    }
+
+    double lib_tot[MAX_REPS], mpi_tot[MAX_REPS];
+    for (int i = 0; i < reps; i++) {
+        lib_tot[i] = t[T_LDISP][i] + t[T_LCOMB][i];
+        mpi_tot[i] = t[T_MDISP][i] + t[T_MCOMB][i];
+    }
+    double bytes_loc = (double)off_rows * d * sizeof(float), bytes_sum = 0;
+    MPI_Allreduce(&bytes_loc, &bytes_sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    int64_t dropped = pl->dropped;
+    if (g_rank == 0) {
+        double mb = bytes_sum / g_size / 1e6;
+        double ml = median(lib_tot, reps), mm = median(mpi_tot, reps);
+        printf("%6d %2d %4.1f %5lld %8.2f | %8.3f %7.3f | %8.3f %8.3f %8.3f %6.2f | %8.3f %8.3f %8.3f %6.2f | %5.2f\n",
+               n, k, cf, (long long)dropped, mb, 1e3 * median(t[T_GATE], reps), 1e3 * median(t[T_META], reps),
+               1e3 * median(t[T_LDISP], reps), 1e3 * median(t[T_LCOMB], reps), 1e3 * ml, ml > 0 ? mb / 1e3 / ml : 0,
+               1e3 * median(t[T_MDISP], reps), 1e3 * median(t[T_MCOMB], reps), 1e3 * mm, mm > 0 ? mb / 1e3 / mm : 0,
+               ml > 0 ? mm / ml : 0);
+        fflush(stdout);
+    }
+
+    free(rec_all);
+    free(tpr);
+    free(rec);
+    free(bsend);
+    free(brecv);
+    free(sc);
+    free(x);
+    moe_free(&m);
+    params_free(&pt);
+}
+
+int main(int argc, char **argv) {
+    int provided = 0;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+
+    int reps = 7, warmup = 2, d = 768, E = 8;
+    int ns[MAX_LIST] = {512, 2048, 8192}, nn = 3, ks[MAX_LIST] = {1, 2}, nk = 2;
+    float cfs[MAX_LIST] = {0.0f, 2.0f};
+    int ncf = 2;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) usage();
+        if (!strcmp(a, "-r")) reps = atoi(v);
+        else if (!strcmp(a, "-w")) warmup = atoi(v);
+        else if (!strcmp(a, "-d")) d = atoi(v);
+        else if (!strcmp(a, "-E")) E = atoi(v);
+        else if (!strcmp(a, "-n")) nn = parse_list_int(v, ns);
+        else if (!strcmp(a, "-k")) nk = parse_list_int(v, ks);
+        else if (!strcmp(a, "-c")) ncf = parse_list_float(v, cfs);
+        else usage();
+        i++;
+    }
+    if (reps < 5 || reps > MAX_REPS || warmup < 0 || d < 1 || E < 1 || nn < 1 || nk < 1 || ncf < 1) usage();
+
+    scmoe_context *ctx = NULL;
+    scmoe_status s = scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx);
+    if (s) {
+        fprintf(stderr, "bench_a2a[%d]: scmoe_context_create_mpi: %s\n", g_rank, scmoe_strerror(s));
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
+    if (g_rank == 0) {
+        const char *btl = getenv("OMPI_MCA_btl"), *flags = getenv("OMPI_MCA_btl_tcp_flags");
+        printf("bench_a2a: %d ranks, d=%d, E=%d, %d timed reps (+%d warm-up), medians of the slowest rank; "
+               "gate_encode once per iteration\n", g_size, d, E, reps, warmup);
+        printf("  btl=%s%s%s; MB/rank = off-rank bytes sent by a rank in dispatch + combine (mean over ranks); "
+               "ratio = mpi / lib time\n",
+               btl ? btl : "(default)", flags ? ", btl_tcp_flags=" : "", flags ? flags : "");
+        printf("%6s %2s %4s %5s %8s | %8s %7s | %8s %8s %8s %6s | %8s %8s %8s %6s | %5s\n", "n/rank", "k", "cf",
+               "drop", "MB/rank", "gate ms", "meta ms", "lib disp", "comb", "total", "GB/s", "mpi disp", "comb",
+               "total", "GB/s", "ratio");
+        fflush(stdout);
+    }
+    for (int a = 0; a < nn; a++)
+        for (int b = 0; b < nk; b++)
+            for (int c = 0; c < ncf; c++) {
+                if (ks[b] > E) continue;
+                run_config(ctx, d, E, ns[a], ks[b], cfs[c], reps, warmup);
+            }
+
+    scmoe_context_destroy(ctx);
+    MPI_Finalize();
+    return 0;
+}

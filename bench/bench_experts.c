@@ -1,0 +1,360 @@
+/* bench_experts.c: GFLOP/s of the expert FFNs (forward + backward) of one MoE layer against plain
+ * cblas_sgemm on the same FLOPs, and experts-in-parallel against one-expert-at-a-time.
+ *
+ * Build (from the repository root, without the Makefile; serial backend, no MPI):
+ *   mkdir -p build/bench && cc -O2 -march=x86-64-v2 -g -std=c11 -D_POSIX_C_SOURCE=200809L -fopenmp -I. \
+ *     $(pkg-config --cflags openblas) bench/bench_experts.c scmoe.c layer.c moe.c pair.c schedule.c \
+ *     kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c kernels/route.c kernels/attention.c \
+ *     mpi_backend/serial.c blas_backend/openblas.c -o build/bench/bench_experts $(pkg-config --libs openblas) -lm
+ * or against the library the Makefile builds (MPI=1 needs mpicc for the link):
+ *   $(CC_LIB) $(CFLAGS) $(BLAS_INC) -I. bench/bench_experts.c $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o ...
+ * Run:  OMP_NUM_THREADS=2 build/bench/bench_experts [reps]      (reps >= 3, default 5)
+ *
+ * What is timed. The layer is built from the internal pieces the way layer.c does (moe_init,
+ * params_allocate, moe_alloc) on a one-rank context, and routed once for real (moe_gate_encode,
+ * dispatch, wait: top-1, capacity_factor 0 = dropless, random x and gate weights). One untimed
+ * forward + decode + decode_backward + gradient dispatch then leaves dY rows in m->recv. Saved
+ * copies of the two recv buffers (x rows after dispatch, dY rows after the gradient dispatch) make
+ * every timed pass start from the same state:
+ *   moe_experts_forward  reads x rows from m->recv and overwrites m->recv with y rows, and writes
+ *                        m->xe, m->pre, m->hid;  so m->recv <- saved x rows before each forward.
+ *   moe_experts_backward reads dY rows from m->recv (and xe, pre, hid from the forward just run),
+ *                        overwrites m->recv with dX rows and accumulates (+=) into the expert
+ *                        gradients;  so m->recv <- saved dY rows before each backward.
+ * The restores are outside the timed regions; one sample = forward time + backward time. The
+ * accumulated gradients only grow by a few multiples of one step's, which does not change speed.
+ *
+ * FLOPs (R = rows routed to the experts, h1 = h for GELU, 2h for SwiGLU):
+ *   forward 2 R d h1 + 2 R h d;  backward twice that (dgrad and wgrad of both GEMMs).
+ * The baseline runs the same six GEMM shapes with plain threaded cblas_sgemm as if one expert held
+ * all R rows; bias, activation, grouping and the row permutations are what the ratio charges.
+ * Reported: the best sample and the median, in ms; GFLOP/s and ratios use the best. */
+#include "../scmoe_internal.h"
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int g_reps = 5;
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static float frand(void) { /* uniform in [-1, 1) */
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) / 8388608.0 - 1.0);
+}
+static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i++) x[i] = scale * frand(); }
+
+static void *xalloc(size_t bytes) {
+    void *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!p) { fprintf(stderr, "bench_experts: out of memory (%zu bytes)\n", bytes); exit(1); }
+    return p;
+}
+
+static void die(scmoe_context *ctx, scmoe_status s, const char *what) {
+    if (!s) return;
+    fprintf(stderr, "bench_experts: %s: %s (%s)\n", what, scmoe_strerror(s), ctx ? scmoe_last_error(ctx) : "");
+    exit(1);
+}
+
+/* ---- one routed layer ---- */
+typedef struct bench {
+    scmoe_context *ctx;
+    param_table pt;
+    moe_layer m;
+    exec ex;
+    int E, d, h, h1, T, R;
+    scmoe_activation act;
+    float *x_recv, *dy_recv; /* m->recv after the dispatch / after the gradient dispatch */
+    float *dye;              /* dY rows expert-major, for the hand-written loops */
+    /* baseline operands, one "expert" with all R rows */
+    float *A, *W1, *P, *H, *W2, *Y, *dY, *dH, *dW2, *dP, *dW1, *dX;
+    int have_base;
+} bench;
+
+static float *pdata(bench *b, int idx) { return b->pt.p[idx].t.data; }
+static float *pgrad(bench *b, int idx) { return b->pt.p[idx].gwork; }
+
+static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation act) {
+    memset(b, 0, sizeof *b);
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = d;
+    cfg.d_hidden = h;
+    cfg.n_experts = E;
+    cfg.top_k = 1;
+    cfg.max_tokens = T;
+    cfg.capacity_factor = 0.0f;      /* dropless */
+    cfg.eval_capacity_factor = 0.0f;
+    cfg.activation = act;
+    cfg.seed = 1234;
+    char msg[256];
+    scmoe_status s = scmoe_config_validate(&cfg, msg, sizeof msg);
+    if (s) { fprintf(stderr, "bench_experts: config: %s\n", msg); exit(1); }
+    die(NULL, scmoe_context_create(&b->ctx), "context");
+    b->ex.blas = b->ctx->blas;
+    b->ex.poll = NULL;
+    b->ex.poll_rows = cfg.poll_rows;
+    moe_layer *m = &b->m;
+    die(b->ctx, moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "moe_init");
+    die(b->ctx, params_allocate(&b->pt, 0, 0), "params_allocate");
+    die(b->ctx, moe_alloc(m), "moe_alloc");
+    /* small random biases so the bias passes do real work */
+    for (int i = 0; i < m->E_local; i++) {
+        fill(pdata(b, m->p_e0 + 4 * i + 1), (size_t)m->h1, 0.01f);
+        fill(pdata(b, m->p_e0 + 4 * i + 3), (size_t)d, 0.01f);
+    }
+    b->E = E; b->d = d; b->h = h; b->h1 = m->h1; b->T = T; b->act = act;
+
+    float *x = xalloc(sizeof(float) * (size_t)T * d), *y = xalloc(sizeof(float) * (size_t)T * d);
+    float *dy = xalloc(sizeof(float) * (size_t)T * d);
+    fill(x, (size_t)T * d, 1.0f);
+    fill(dy, (size_t)T * d, 1.0f);
+    die(b->ctx, moe_gate_encode(m, &b->ex, T, x), "gate_encode");
+    die(b->ctx, moe_dispatch_start(m), "dispatch");
+    die(b->ctx, inflight_wait(b->ctx, &m->ex, "dispatch"), "dispatch wait");
+    int R = b->R = m->plan.n_recv;
+    b->x_recv = xalloc(sizeof(float) * (size_t)R * d);
+    b->dy_recv = xalloc(sizeof(float) * (size_t)R * d);
+    b->dye = xalloc(sizeof(float) * (size_t)R * d);
+    memcpy(b->x_recv, m->recv, sizeof(float) * (size_t)R * d);
+    moe_experts_forward(m, &b->ex);
+    die(b->ctx, moe_combine_start(m), "combine");
+    die(b->ctx, inflight_wait(b->ctx, &m->ex, "combine"), "combine wait");
+    moe_decode(m, y, 0.0f);
+    moe_decode_backward(m, dy);
+    die(b->ctx, moe_grad_dispatch_start(m), "grad dispatch");
+    die(b->ctx, inflight_wait(b->ctx, &m->ex, "grad dispatch"), "grad dispatch wait");
+    memcpy(b->dy_recv, m->recv, sizeof(float) * (size_t)R * d);
+    for (int r = 0; r < R; r++) /* the same scatter moe_experts_backward does */
+        memcpy(b->dye + (size_t)m->plan.recv_to_expert[r] * d, b->dy_recv + (size_t)r * d, sizeof(float) * d);
+    free(x); free(y); free(dy);
+}
+
+static void bench_alloc_baseline(bench *b) {
+    size_t R = (size_t)b->R, d = (size_t)b->d, h = (size_t)b->h, h1 = (size_t)b->h1, f = sizeof(float);
+    b->A = xalloc(f * R * d);  b->W1 = xalloc(f * d * h1); b->P = xalloc(f * R * h1); b->H = xalloc(f * R * h);
+    b->W2 = xalloc(f * h * d); b->Y = xalloc(f * R * d);   b->dY = xalloc(f * R * d);  b->dH = xalloc(f * R * h);
+    b->dW2 = xalloc(f * h * d); b->dP = xalloc(f * R * h1); b->dW1 = xalloc(f * d * h1); b->dX = xalloc(f * R * d);
+    fill(b->A, R * d, 1.0f); fill(b->W1, d * h1, 0.02f); fill(b->P, R * h1, 0.5f); fill(b->H, R * h, 0.5f);
+    fill(b->W2, h * d, 0.02f); fill(b->dY, R * d, 1.0f); fill(b->dH, R * h, 0.02f); fill(b->dP, R * h1, 0.02f);
+    memset(b->dW1, 0, f * d * h1); memset(b->dW2, 0, f * h * d);
+    b->have_base = 1;
+}
+
+static void bench_free(bench *b) {
+    moe_free(&b->m);
+    params_free(&b->pt);
+    scmoe_context_destroy(b->ctx);
+    free(b->x_recv); free(b->dy_recv); free(b->dye);
+    if (b->have_base) {
+        free(b->A); free(b->W1); free(b->P); free(b->H); free(b->W2); free(b->Y); free(b->dY); free(b->dH);
+        free(b->dW2); free(b->dP); free(b->dW1); free(b->dX);
+    }
+}
+
+static double flops_fwd(const bench *b) { return 2.0 * b->R * b->d * b->h1 + 2.0 * b->R * b->h * b->d; }
+static double flops_total(const bench *b) { return 3.0 * flops_fwd(b); }
+
+/* ---- what one sample runs ---- */
+enum {
+    MODE_BASE,     /* six plain cblas_sgemm over all R rows (threaded) */
+    MODE_GROUPED,  /* the same six GEMMs per expert over its rows, one expert at a time: no bias, act, perm */
+    MODE_SEQ,      /* ffn_forward/ffn_backward per expert, one at a time, threaded BLAS and kernels */
+    MODE_PAR,      /* the same, experts across OpenMP threads, single-threaded GEMMs */
+    MODE_LIB,      /* moe_experts_forward + moe_experts_backward (permutations + the library's choice) */
+    MODE_COUNT
+};
+static const char *mode_name[MODE_COUNT] = {
+    "one cblas_sgemm per op (baseline)", "grouped sgemm only, seq experts", "ffn_fwd/bwd, one expert at a time",
+    "ffn_fwd/bwd, experts in parallel", "library moe_experts_fwd+bwd",
+};
+
+static void sgemm(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta,
+                  float *C, int ldc) {
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.0f, A, lda,
+                B, ldb, beta, C, ldc);
+}
+
+/* The six GEMMs of ffn_forward/ffn_backward, same transposes and accumulation (weight grads +=).
+ * Rows [o, o+rows) of the row operands; w1/w2 the weights, dw1/dw2 their gradients. */
+static void six_gemms(bench *b, int phase, size_t o, int rows, const float *w1, const float *w2, float *dw1, float *dw2) {
+    int d = b->d, h = b->h, h1 = b->h1;
+    if (rows <= 0) return;
+    if (phase == 0) {
+        sgemm(0, 0, rows, h1, d, b->A + o * d, d, w1, h1, 0.0f, b->P + o * h1, h1);
+        sgemm(0, 0, rows, d, h, b->H + o * h, h, w2, d, 0.0f, b->Y + o * d, d);
+    } else {
+        sgemm(0, 1, rows, h, d, b->dY + o * d, d, w2, d, 0.0f, b->dH + o * h, h);
+        sgemm(1, 0, h, d, rows, b->H + o * h, h, b->dY + o * d, d, 1.0f, dw2, d);
+        sgemm(1, 0, d, h1, rows, b->A + o * d, d, b->dP + o * h1, h1, 1.0f, dw1, h1);
+        sgemm(0, 1, rows, d, h1, b->dP + o * h1, h1, w1, h1, 0.0f, b->dX + o * d, d);
+    }
+}
+
+static void ffn_loop(bench *b, int phase, int parallel) {
+    moe_layer *m = &b->m;
+    const int *off = m->plan.expert_offsets;
+    int d = b->d, h = b->h, h1 = b->h1;
+#pragma omp parallel for schedule(dynamic) if (parallel)
+    for (int i = 0; i < m->E_local; i++) {
+        size_t o = (size_t)off[i];
+        int rows = off[i + 1] - off[i], p = m->p_e0 + 4 * i;
+        if (phase == 0)
+            ffn_forward(&b->ex, m->ye + o * d, m->pre + o * h1, m->hid + o * h, m->xe + o * d, pdata(b, p),
+                        pdata(b, p + 1), pdata(b, p + 2), pdata(b, p + 3), rows, d, h, b->act);
+        else
+            ffn_backward(&b->ex, m->dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2), pgrad(b, p + 3),
+                         m->dhid + o * h, m->dpre + o * h1, b->dye + o * d, m->xe + o * d, m->pre + o * h1,
+                         m->hid + o * h, pdata(b, p), pdata(b, p + 2), rows, d, h, b->act);
+    }
+}
+
+/* phase 0 forward, 1 backward; only the call is timed, the restores are not */
+static double run_phase(bench *b, int mode, int phase) {
+    moe_layer *m = &b->m;
+    size_t rd = (size_t)b->R * b->d;
+    if (mode == MODE_LIB) memcpy(m->recv, phase == 0 ? b->x_recv : b->dy_recv, sizeof(float) * rd);
+    double t0 = omp_get_wtime();
+    switch (mode) {
+    case MODE_BASE:
+        six_gemms(b, phase, 0, b->R, b->W1, b->W2, b->dW1, b->dW2);
+        break;
+    case MODE_GROUPED:
+        for (int i = 0; i < m->E_local; i++) {
+            int o = m->plan.expert_offsets[i], p = m->p_e0 + 4 * i;
+            six_gemms(b, phase, (size_t)o, m->plan.expert_offsets[i + 1] - o, pdata(b, p), pdata(b, p + 2), pgrad(b, p),
+                      pgrad(b, p + 2));
+        }
+        break;
+    case MODE_SEQ: ffn_loop(b, phase, 0); break;
+    case MODE_PAR: ffn_loop(b, phase, 1); break;
+    case MODE_LIB:
+        if (phase == 0) moe_experts_forward(m, &b->ex);
+        else moe_experts_backward(m, &b->ex);
+        break;
+    }
+    return omp_get_wtime() - t0;
+}
+
+typedef struct { double best, median, fwd, bwd; } timing; /* seconds; fwd/bwd of the best sample */
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* One warm-up sample, then max(g_reps, enough for ~0.3 s) samples, at most 200. */
+static timing measure(bench *b, int mode) {
+    double w = run_phase(b, mode, 0) + run_phase(b, mode, 1);
+    int n = g_reps;
+    if (w > 0 && 0.3 / w > n) n = 0.3 / w < 200 ? (int)(0.3 / w) : 200;
+    double *s = xalloc(sizeof(double) * n);
+    timing t = {1e30, 0, 0, 0};
+    for (int r = 0; r < n; r++) {
+        double f = run_phase(b, mode, 0), g = run_phase(b, mode, 1);
+        s[r] = f + g;
+        if (s[r] < t.best) { t.best = s[r]; t.fwd = f; t.bwd = g; }
+    }
+    qsort(s, n, sizeof *s, cmp_double);
+    t.median = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+    free(s);
+    return t;
+}
+
+static void rows_stats(const bench *b, int *mn, int *mx) {
+    const int *off = b->m.plan.expert_offsets;
+    *mn = 1 << 30; *mx = 0;
+    for (int i = 0; i < b->m.E_local; i++) {
+        int r = off[i + 1] - off[i];
+        if (r < *mn) *mn = r;
+        if (r > *mx) *mx = r;
+    }
+}
+
+/* the library's rule in moe.c (experts_in_parallel), restated to print which mode it picks */
+static int library_picks_parallel(const bench *b) {
+    return b->m.E_local > 1 && omp_get_max_threads() > 1 && b->m.plan.n_recv < 256 * b->m.E_local;
+}
+
+static double run_case(const char *label, int E, int d, int h, int T, scmoe_activation act, double target) {
+    bench b;
+    bench_setup(&b, E, d, h, T, act);
+    bench_alloc_baseline(&b);
+    int mn, mx;
+    rows_stats(&b, &mn, &mx);
+    printf("\n== case %s: E=%d d=%d h=%d tokens=%d top-1 %s dropless; rows R=%d, per expert min %d avg %d max %d\n",
+           label, E, d, h, T, act == SCMOE_GELU ? "GELU" : "SwiGLU", b.R, mn, b.R / E, mx);
+    printf("   FLOPs per fwd+bwd: %.3f GFLOP (fwd %.3f, bwd %.3f)\n", flops_total(&b) * 1e-9, flops_fwd(&b) * 1e-9,
+           2 * flops_fwd(&b) * 1e-9);
+    printf("   %-36s %9s %9s %10s %11s %9s %8s\n", "what", "fwd ms", "bwd ms", "best ms", "median ms", "GFLOP/s",
+           "vs base");
+    timing t[MODE_COUNT];
+    for (int mode = 0; mode < MODE_COUNT; mode++) {
+        t[mode] = measure(&b, mode);
+        printf("   %-36s %9.2f %9.2f %10.2f %11.2f %9.1f %8.3f\n", mode_name[mode], t[mode].fwd * 1e3, t[mode].bwd * 1e3,
+               t[mode].best * 1e3, t[mode].median * 1e3, flops_total(&b) / t[mode].best * 1e-9,
+               t[MODE_BASE].best / t[mode].best);
+        fflush(stdout);
+    }
+    double ratio = t[MODE_BASE].best / t[MODE_LIB].best;
+    int pick = library_picks_parallel(&b);
+    int par_wins = t[MODE_PAR].best < t[MODE_SEQ].best;
+    printf("   library picks: %s; faster here: %s (par/seq time %.3f)\n",
+           pick ? "experts in parallel" : "one expert at a time", par_wins ? "experts in parallel" : "one expert at a time",
+           t[MODE_PAR].best / t[MODE_SEQ].best);
+    double ffn_best = pick ? t[MODE_PAR].best : t[MODE_SEQ].best;
+    printf("   time split (best samples): GEMM grouping %+.1f%%, bias+act+sum_rows %+.1f%%, permutations %+.1f%% of base\n",
+           100 * (t[MODE_GROUPED].best - t[MODE_BASE].best) / t[MODE_BASE].best,
+           100 * (t[MODE_SEQ].best - t[MODE_GROUPED].best) / t[MODE_BASE].best,
+           100 * (t[MODE_LIB].best - ffn_best) / t[MODE_BASE].best);
+    if (target > 0)
+        printf("   RATIO library/sgemm GFLOP/s = %.3f (target >= %.2f: %s)\n", ratio, target, ratio >= target ? "met" : "MISSED");
+    else
+        printf("   RATIO library/sgemm GFLOP/s = %.3f\n", ratio);
+    bench_free(&b);
+    return ratio;
+}
+
+/* experts in parallel vs one at a time over rows per expert (GELU, E=8, d=256, h=1024) */
+static void sweep(void) {
+    const int E = 8, d = 256, h = 1024;
+    const int Ts[] = {256, 512, 1024, 2048, 4096, 8192, 16384};
+    printf("\n== sweep: experts in parallel vs one at a time, E=%d d=%d h=%d GELU top-1 (best of samples, fwd+bwd)\n", E,
+           d, h);
+    printf("   %7s %12s %10s %10s %9s  %-9s %-9s\n", "tokens", "rows/expert", "par ms", "seq ms", "par/seq", "faster",
+           "lib picks");
+    int prev_par = -1, prev_rows = 0, crossed = 0;
+    for (size_t i = 0; i < sizeof Ts / sizeof *Ts; i++) {
+        bench b;
+        bench_setup(&b, E, d, h, Ts[i], SCMOE_GELU);
+        timing p = measure(&b, MODE_PAR), s = measure(&b, MODE_SEQ);
+        int par = p.best < s.best, rows = b.R / E;
+        printf("   %7d %12d %10.2f %10.2f %9.3f  %-9s %-9s\n", Ts[i], rows, p.best * 1e3, s.best * 1e3, p.best / s.best,
+               par ? "parallel" : "seq", library_picks_parallel(&b) ? "parallel" : "seq");
+        if (prev_par >= 0 && prev_par != par && !crossed) {
+            printf("   -> crossover between %d and %d rows per expert\n", prev_rows, rows);
+            crossed = 1;
+        }
+        prev_par = par;
+        prev_rows = rows;
+        bench_free(&b);
+    }
+    if (!crossed)
+        printf("   -> no crossover in this range: %s wins throughout\n", prev_par ? "experts in parallel" : "one expert at a time");
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1) g_reps = atoi(argv[1]);
+    if (g_reps < 3) g_reps = 3;
+    /* (scmoe_build_info() is declared in scmoe.h but not defined in the library yet) */
+    printf("bench_experts: threads %d (omp_get_max_threads); scmoe %s; BLAS: %s\n"
+           "  samples per measurement >= %d after 1 warm-up; times are the best fwd+bwd sample (median also\n"
+           "  shown); GFLOP/s and ratios from the best\n",
+           omp_get_max_threads(), scmoe_version(), openblas_get_config(), g_reps);
+    run_case("a (target)", 8, 512, 2048, 16384, SCMOE_GELU, 0.85);
+    run_case("a SwiGLU", 8, 512, 2048, 16384, SCMOE_SWIGLU, 0);
+    run_case("b (small)", 8, 128, 512, 1024, SCMOE_GELU, 0);
+    sweep();
+    return 0;
+}
