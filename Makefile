@@ -47,9 +47,16 @@ $(B)/tests/%: tests/%.c $(B)/tests/tensorio.o $(B)/libscmoe.a
 	@mkdir -p $(dir $@)
 	$(CC_LIB) $(CFLAGS) -I. $< $(B)/tests/tensorio.o $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
 
+$(B)/bench/%: bench/%.c $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) $(BLAS_INC) -I. $< $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
+
+BENCHES := $(patsubst bench/%.c,$(B)/bench/%,$(wildcard bench/*.c))
+bench: $(BENCHES)
+
 -include $(LIB_OBJ:.o=.d)
 
-.PHONY: all deps tests check check-sanitize check-valgrind clean
+.PHONY: all deps tests bench check check-sanitize check-valgrind clean
 deps:
 	@tools/install_deps.sh
 
@@ -63,6 +70,11 @@ check: deps
 check-sanitize: deps
 	$(MAKE) B=build-san SAN=1 tests
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 BUILD=build-san tests/run.sh
+
+# The one-rank suites under valgrind memcheck (errors and leaks fail the run).
+check-valgrind: deps
+	$(MAKE) tests
+	VALGRIND="valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite,indirect --quiet" TESTS="moe pair schedule" tests/run.sh
 
 clean:
 	rm -rf build build-san

@@ -180,6 +180,7 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
             if (!st) moe_experts_forward(m, ex);
             double t1 = scmoe_now();
             event(s, 0, "experts", 0, t0, t1);
+            s->expert[0] = t1 - t0;
             if (serial) s->t_exp = t1 - t0;
             if (!st) st = moe_combine_start(m);
             if (!st && serial) { st = xwait(&r, "combine"); s->t_comb = m->ex.t_done - m->ex.t_start; }
@@ -233,6 +234,7 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
             if (!st) moe_experts_backward(m, ex);
             double t1 = scmoe_now();
             event(s, 1, "experts_bwd", 0, t0, t1);
+            s->expert[1] = t1 - t0;
             if (serial) s->tb_exp = t1 - t0;
             if (!st) st = moe_grad_combine_start(m);
             if (!st && serial) { st = xwait(&r, "grad_combine"); s->tb_comb = m->ex.t_done - m->ex.t_start; }
@@ -295,8 +297,10 @@ void schedule_fill_stats(const schedule *s, scmoe_stats *st, int which) {
     double ov = c > 0 ? 1.0 - e / c : 1.0;
     if (which == 0) {
         st->fwd_time = s->time[0]; st->fwd_comm = c; st->fwd_exposed = s->exposed[0]; st->fwd_overlap = ov;
+        st->fwd_expert = s->expert[0];
     } else {
         st->bwd_time = s->time[1]; st->bwd_comm = c; st->bwd_exposed = s->exposed[1]; st->bwd_overlap = ov;
+        st->bwd_expert = s->expert[1];
         st->grad_sync_time = s->grad_time;
         st->grad_sync_exposed = s->grad_exposed;
     }

@@ -42,7 +42,7 @@ typedef struct schedule {
     comm *world, *replicas;
     double grad_t0, grad_exposed, grad_time;
     /* stats of the last forward / backward */
-    double time[2], comm_time[2], exposed[2];
+    double time[2], comm_time[2], exposed[2], expert[2];
     int slot_used[2];
     /* trace */
     sched_event ev[2][SCHED_MAX_EVENTS];

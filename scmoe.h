@@ -182,6 +182,7 @@ typedef struct scmoe_stats {
     double fwd_comm, bwd_comm;       /* time the exchanges were in flight */
     double fwd_exposed, bwd_exposed; /* time compute waited on an exchange */
     double fwd_overlap, bwd_overlap; /* hidden / total exchange time, 0..1 (1 when no exchange) */
+    double fwd_expert, bwd_expert;   /* time in the experts' FFNs (the MoE's compute) */
     double grad_sync_time, grad_sync_exposed; /* dense-gradient all-reduce */
     int expert_slot;         /* slot the experts ran in (pair), -1 for the layer */
 } scmoe_stats;

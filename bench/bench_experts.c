@@ -4,11 +4,14 @@
  * Build (from the repository root, without the Makefile; serial backend, no MPI):
  *   mkdir -p build/bench && cc -O2 -march=x86-64-v2 -g -std=c11 -D_POSIX_C_SOURCE=200809L -fopenmp -I. \
  *     $(pkg-config --cflags openblas) bench/bench_experts.c scmoe.c layer.c moe.c pair.c schedule.c \
- *     kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c kernels/route.c kernels/attention.c \
- *     mpi_backend/serial.c blas_backend/openblas.c -o build/bench/bench_experts $(pkg-config --libs openblas) -lm
+ *     kernels/[a-z]*.c mpi_backend/serial.c blas_backend/openblas.c -o build/bench/bench_experts \
+ *     $(pkg-config --libs openblas) -lm
  * or against the library the Makefile builds (MPI=1 needs mpicc for the link):
  *   $(CC_LIB) $(CFLAGS) $(BLAS_INC) -I. bench/bench_experts.c $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o ...
- * Run:  OMP_NUM_THREADS=2 build/bench/bench_experts [reps]      (reps >= 3, default 5)
+ * Run:  OMP_NUM_THREADS=2 build/bench/bench_experts [reps [cases]]
+ *       reps >= 3 (default 5); cases: letters of a (E=8 d=512 h=2048 16k tokens GELU, the target),
+ *       s (the same with SwiGLU), b (small: d=128 h=512 1k tokens), w (parallel-vs-sequential sweep);
+ *       default "asbw".
  *
  * What is timed. The layer is built from the internal pieces the way layer.c does (moe_init,
  * params_allocate, moe_alloc) on a one-rank context, and routed once for real (moe_gate_encode,
@@ -28,7 +31,10 @@
  *   forward 2 R d h1 + 2 R h d;  backward twice that (dgrad and wgrad of both GEMMs).
  * The baseline runs the same six GEMM shapes with plain threaded cblas_sgemm as if one expert held
  * all R rows; bias, activation, grouping and the row permutations are what the ratio charges.
- * Reported: the best sample and the median, in ms; GFLOP/s and ratios use the best. */
+ * Reported: the best sample and the median, in ms; GFLOP/s and ratios use the best. The modes of a
+ * case are sampled round-robin (one sample of each per round), so load from other processes on a
+ * shared machine hits all of them alike; each case also prints how many CPUs other processes kept
+ * busy meanwhile (from /proc/stat, Linux): numbers taken with that well above 0 are not clean. */
 #include "../scmoe_internal.h"
 #include <cblas.h>
 #include <math.h>
@@ -36,6 +42,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static int g_reps = 5;
 
@@ -244,22 +251,63 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* One warm-up sample, then max(g_reps, enough for ~0.3 s) samples, at most 200. */
-static timing measure(bench *b, int mode) {
-    double w = run_phase(b, mode, 0) + run_phase(b, mode, 1);
-    int n = g_reps;
-    if (w > 0 && 0.3 / w > n) n = 0.3 / w < 200 ? (int)(0.3 / w) : 200;
-    double *s = xalloc(sizeof(double) * n);
-    timing t = {1e30, 0, 0, 0};
-    for (int r = 0; r < n; r++) {
-        double f = run_phase(b, mode, 0), g = run_phase(b, mode, 1);
-        s[r] = f + g;
-        if (s[r] < t.best) { t.best = s[r]; t.fwd = f; t.bwd = g; }
+/* modes[0..n) measured round-robin: one warm-up sample each, then rounds of one sample each; as many
+ * rounds as fit ~1 s, at least g_reps, at most 200. */
+static void measure(bench *b, const int *modes, int n, timing *out) {
+    double w = 0;
+    for (int i = 0; i < n; i++) w += run_phase(b, modes[i], 0) + run_phase(b, modes[i], 1);
+    int rounds = g_reps;
+    if (w > 0 && 1.0 / w > rounds) rounds = 1.0 / w < 200 ? (int)(1.0 / w) : 200;
+    double *s = xalloc(sizeof(double) * (size_t)rounds * n);
+    for (int i = 0; i < n; i++) out[i] = (timing){1e30, 0, 0, 0};
+    for (int r = 0; r < rounds; r++)
+        for (int i = 0; i < n; i++) {
+            double f = run_phase(b, modes[i], 0), g = run_phase(b, modes[i], 1);
+            s[(size_t)i * rounds + r] = f + g;
+            if (f + g < out[i].best) { out[i].best = f + g; out[i].fwd = f; out[i].bwd = g; }
+        }
+    for (int i = 0; i < n; i++) {
+        double *si = s + (size_t)i * rounds;
+        qsort(si, rounds, sizeof *si, cmp_double);
+        out[i].median = rounds % 2 ? si[rounds / 2] : 0.5 * (si[rounds / 2 - 1] + si[rounds / 2]);
     }
-    qsort(s, n, sizeof *s, cmp_double);
-    t.median = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
     free(s);
-    return t;
+}
+
+/* CPU time of the whole machine and of this process, in clock ticks (Linux /proc); 0 if unreadable */
+typedef struct { double busy, total, own; } cpu_sample;
+static cpu_sample cpu_now(void) {
+    cpu_sample c = {0, 0, 0};
+    FILE *f = fopen("/proc/stat", "r");
+    if (f) {
+        unsigned long long v[8] = {0};
+        if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6],
+                   &v[7]) == 8) {
+            for (int i = 0; i < 8; i++) c.total += (double)v[i];
+            c.busy = c.total - (double)v[3] - (double)v[4];
+        }
+        fclose(f);
+    }
+    f = fopen("/proc/self/stat", "r");
+    if (f) {
+        char buf[1024];
+        size_t len = fread(buf, 1, sizeof buf - 1, f);
+        buf[len] = 0;
+        char *p = strrchr(buf, ')'); /* fields after the command name: state is field 3, utime 14, stime 15 */
+        unsigned long long ut = 0, st = 0;
+        if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) == 2)
+            c.own = (double)(ut + st);
+        fclose(f);
+    }
+    return c;
+}
+/* CPUs other processes kept busy between a and b (-1 if unknown) */
+static double cpu_others(cpu_sample a, cpu_sample b) {
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    double span = (b.total - a.total) / (ncpu > 0 ? ncpu : 1);
+    if (span <= 0 || a.total == 0) return -1;
+    double o = (b.busy - a.busy - (b.own - a.own)) / span;
+    return o < 0 ? 0 : o;
 }
 
 static void rows_stats(const bench *b, int *mn, int *mx) {
@@ -290,12 +338,15 @@ static double run_case(const char *label, int E, int d, int h, int T, scmoe_acti
     printf("   %-36s %9s %9s %10s %11s %9s %8s\n", "what", "fwd ms", "bwd ms", "best ms", "median ms", "GFLOP/s",
            "vs base");
     timing t[MODE_COUNT];
+    int modes[MODE_COUNT];
+    for (int mode = 0; mode < MODE_COUNT; mode++) modes[mode] = mode;
+    cpu_sample c0 = cpu_now();
+    measure(&b, modes, MODE_COUNT, t);
+    cpu_sample c1 = cpu_now();
     for (int mode = 0; mode < MODE_COUNT; mode++) {
-        t[mode] = measure(&b, mode);
         printf("   %-36s %9.2f %9.2f %10.2f %11.2f %9.1f %8.3f\n", mode_name[mode], t[mode].fwd * 1e3, t[mode].bwd * 1e3,
                t[mode].best * 1e3, t[mode].median * 1e3, flops_total(&b) / t[mode].best * 1e-9,
                t[MODE_BASE].best / t[mode].best);
-        fflush(stdout);
     }
     double ratio = t[MODE_BASE].best / t[MODE_LIB].best;
     int pick = library_picks_parallel(&b);
@@ -312,6 +363,9 @@ static double run_case(const char *label, int E, int d, int h, int T, scmoe_acti
         printf("   RATIO library/sgemm GFLOP/s = %.3f (target >= %.2f: %s)\n", ratio, target, ratio >= target ? "met" : "MISSED");
     else
         printf("   RATIO library/sgemm GFLOP/s = %.3f\n", ratio);
+    printf("   other processes kept %.2f CPUs busy meanwhile (%ld online)\n", cpu_others(c0, c1),
+           sysconf(_SC_NPROCESSORS_ONLN));
+    fflush(stdout);
     bench_free(&b);
     return ratio;
 }
@@ -322,16 +376,21 @@ static void sweep(void) {
     const int Ts[] = {256, 512, 1024, 2048, 4096, 8192, 16384};
     printf("\n== sweep: experts in parallel vs one at a time, E=%d d=%d h=%d GELU top-1 (best of samples, fwd+bwd)\n", E,
            d, h);
-    printf("   %7s %12s %10s %10s %9s  %-9s %-9s\n", "tokens", "rows/expert", "par ms", "seq ms", "par/seq", "faster",
-           "lib picks");
+    printf("   %7s %12s %10s %10s %9s  %-9s %-9s %7s\n", "tokens", "rows/expert", "par ms", "seq ms", "par/seq", "faster",
+           "lib picks", "others");
     int prev_par = -1, prev_rows = 0, crossed = 0;
     for (size_t i = 0; i < sizeof Ts / sizeof *Ts; i++) {
         bench b;
         bench_setup(&b, E, d, h, Ts[i], SCMOE_GELU);
-        timing p = measure(&b, MODE_PAR), s = measure(&b, MODE_SEQ);
+        timing ps[2];
+        cpu_sample c0 = cpu_now();
+        measure(&b, (const int[]){MODE_PAR, MODE_SEQ}, 2, ps);
+        double others = cpu_others(c0, cpu_now());
+        timing p = ps[0], s = ps[1];
         int par = p.best < s.best, rows = b.R / E;
-        printf("   %7d %12d %10.2f %10.2f %9.3f  %-9s %-9s\n", Ts[i], rows, p.best * 1e3, s.best * 1e3, p.best / s.best,
-               par ? "parallel" : "seq", library_picks_parallel(&b) ? "parallel" : "seq");
+        printf("   %7d %12d %10.2f %10.2f %9.3f  %-9s %-9s %7.2f\n", Ts[i], rows, p.best * 1e3, s.best * 1e3,
+               p.best / s.best, par ? "parallel" : "seq", library_picks_parallel(&b) ? "parallel" : "seq", others);
+        fflush(stdout);
         if (prev_par >= 0 && prev_par != par && !crossed) {
             printf("   -> crossover between %d and %d rows per expert\n", prev_rows, rows);
             crossed = 1;
@@ -347,14 +406,15 @@ static void sweep(void) {
 int main(int argc, char **argv) {
     if (argc > 1) g_reps = atoi(argv[1]);
     if (g_reps < 3) g_reps = 3;
+    const char *which = argc > 2 ? argv[2] : "asbw"; /* a: case a GELU, s: case a SwiGLU, b: small, w: sweep */
     /* (scmoe_build_info() is declared in scmoe.h but not defined in the library yet) */
     printf("bench_experts: threads %d (omp_get_max_threads); scmoe %s; BLAS: %s\n"
            "  samples per measurement >= %d after 1 warm-up; times are the best fwd+bwd sample (median also\n"
            "  shown); GFLOP/s and ratios from the best\n",
            omp_get_max_threads(), scmoe_version(), openblas_get_config(), g_reps);
-    run_case("a (target)", 8, 512, 2048, 16384, SCMOE_GELU, 0.85);
-    run_case("a SwiGLU", 8, 512, 2048, 16384, SCMOE_SWIGLU, 0);
-    run_case("b (small)", 8, 128, 512, 1024, SCMOE_GELU, 0);
-    sweep();
+    if (strchr(which, 'a')) run_case("a (target)", 8, 512, 2048, 16384, SCMOE_GELU, 0.85);
+    if (strchr(which, 's')) run_case("a SwiGLU", 8, 512, 2048, 16384, SCMOE_SWIGLU, 0);
+    if (strchr(which, 'b')) run_case("b (small)", 8, 128, 512, 1024, SCMOE_GELU, 0);
+    if (strchr(which, 'w')) sweep();
     return 0;
 }

@@ -7,6 +7,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
 MPIRUN="mpirun --oversubscribe -x OMP_NUM_THREADS=1"
 pass=0 fail=0
+VG=${VALGRIND:-}
 run() { # run NAME TIMEOUT CMD...
     local name=$1 limit=$2; shift 2
     echo "# $name"
@@ -26,9 +27,9 @@ run() { # run NAME TIMEOUT CMD...
 }
 filter=${TESTS:-}
 want() { [ -z "$filter" ] || [[ " $filter " == *" $1 "* ]]; }
-want moe && run "moe layer (1 rank)" 600 env OMP_NUM_THREADS=2 ${BUILD:-build}/tests/test_moe
-want pair && run "block pair (1 rank)" 600 env OMP_NUM_THREADS=2 ${BUILD:-build}/tests/test_pair
-want schedule && run "schedule, trace, bf16 wire" 300 ${BUILD:-build}/tests/test_schedule
+want moe && run "moe layer (1 rank)" 900 env OMP_NUM_THREADS=2 $VG ${BUILD:-build}/tests/test_moe
+want pair && run "block pair (1 rank)" 900 env OMP_NUM_THREADS=2 $VG ${BUILD:-build}/tests/test_pair
+want schedule && run "schedule, trace, bf16 wire" 600 $VG ${BUILD:-build}/tests/test_schedule
 want oracle_moe && [ -x ${BUILD:-build}/tests/test_oracle_moe ] && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
 if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then
     for n in 1 2 4; do want comm && run "comm over MPI, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_comm_mpi; done

@@ -36,45 +36,58 @@ typedef struct {
     int expect_drops; /* 1: dropped > 0 required; 0: dropped == 0 required; -1: either */
     uint64_t seed;
     float dy_scale;   /* small values let the aux and z losses dominate the gate gradient */
+    /* schedule: the first steps of a shape run serialized while they are timed (SCHED_PROFILE_STEPS);
+     * warm > 0 runs that many training steps on the same data first, so that the checked step runs the
+     * overlapped order (arch scmoe, overlap 1), with the expert slot chosen (slot -1) or forced (0..3) */
+    int warm, slot, overlap;
 } oracle_case;
 
 static const oracle_case CASES[] = {
-    /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy */
-    {"top2_gelu_drops",            TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 101, 1.0f},
-    {"top2_gelu_dropless",         TOP2,   2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 102, 1.0f},
-    {"top2_swiglu_drops",          TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 103, 1.0f},
-    {"top2_swiglu_dropless",       TOP2,   2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 104, 1.0f},
-    {"top1_gelu_drops",            TOP1,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 111, 1.0f},
-    {"top1_gelu_dropless",         TOP1,   2, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 112, 1.0f},
-    {"top1_swiglu_drops",          TOP1,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 113, 1.0f},
-    {"top1_swiglu_dropless",       TOP1,   2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 114, 1.0f},
-    {"shared_gelu_drops",          SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 121, 1.0f},
-    {"shared_gelu_dropless",       SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 122, 1.0f},
-    {"shared_swiglu_drops",        SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 123, 1.0f},
-    {"shared_swiglu_dropless",     SHARED, 2, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 124, 1.0f},
-    {"scmoe1_gelu_drops",          SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 131, 1.0f},
-    {"scmoe1_gelu_dropless",       SC,     1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 132, 1.0f},
-    {"scmoe1_swiglu_drops",        SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 133, 1.0f},
-    {"scmoe1_swiglu_dropless",     SC,     1, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 134, 1.0f},
-    {"scmoe2_gelu_drops",          SC,     2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 141, 1.0f},
-    {"scmoe2_gelu_dropless",       SC,     2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 142, 1.0f},
-    {"scmoe2_swiglu_drops",        SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 143, 1.0f},
-    {"scmoe2_swiglu_dropless",     SC,     2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 144, 1.0f},
-    {"scmoe3_gelu_drops",          SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 151, 1.0f},
-    {"scmoe3_gelu_dropless",       SC,     3, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 152, 1.0f},
-    {"scmoe3_swiglu_drops",        SC,     3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 153, 1.0f},
-    {"scmoe3_swiglu_dropless",     SC,     3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 154, 1.0f},
+    /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy   warm slot ovl */
+    {"top2_gelu_drops",            TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 101, 1.0f, 0, -1, 1},
+    {"top2_gelu_dropless",         TOP2,   2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 102, 1.0f, 0, -1, 1},
+    {"top2_swiglu_drops",          TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 103, 1.0f, 0, -1, 1},
+    {"top2_swiglu_dropless",       TOP2,   2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 104, 1.0f, 0, -1, 1},
+    {"top1_gelu_drops",            TOP1,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 111, 1.0f, 0, -1, 1},
+    {"top1_gelu_dropless",         TOP1,   2, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 112, 1.0f, 0, -1, 1},
+    {"top1_swiglu_drops",          TOP1,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 113, 1.0f, 0, -1, 1},
+    {"top1_swiglu_dropless",       TOP1,   2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 114, 1.0f, 0, -1, 1},
+    {"shared_gelu_drops",          SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 121, 1.0f, 0, -1, 1},
+    {"shared_gelu_dropless",       SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 122, 1.0f, 0, -1, 1},
+    {"shared_swiglu_drops",        SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 123, 1.0f, 0, -1, 1},
+    {"shared_swiglu_dropless",     SHARED, 2, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 124, 1.0f, 0, -1, 1},
+    {"scmoe1_gelu_drops",          SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 131, 1.0f, 0, -1, 1},
+    {"scmoe1_gelu_dropless",       SC,     1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 132, 1.0f, 0, -1, 1},
+    {"scmoe1_swiglu_drops",        SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 133, 1.0f, 0, -1, 1},
+    {"scmoe1_swiglu_dropless",     SC,     1, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 134, 1.0f, 0, -1, 1},
+    {"scmoe2_gelu_drops",          SC,     2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 141, 1.0f, 0, -1, 1},
+    {"scmoe2_gelu_dropless",       SC,     2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 142, 1.0f, 0, -1, 1},
+    {"scmoe2_swiglu_drops",        SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 143, 1.0f, 0, -1, 1},
+    {"scmoe2_swiglu_dropless",     SC,     2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 144, 1.0f, 0, -1, 1},
+    {"scmoe3_gelu_drops",          SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 151, 1.0f, 0, -1, 1},
+    {"scmoe3_gelu_dropless",       SC,     3, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 152, 1.0f, 0, -1, 1},
+    {"scmoe3_swiglu_drops",        SC,     3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 153, 1.0f, 0, -1, 1},
+    {"scmoe3_swiglu_dropless",     SC,     3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 154, 1.0f, 0, -1, 1},
     /* combine, mask, losses, priority, empty batch */
-    {"scmoe2_add_gelu_drops",      SC,     2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 161, 1.0f},
-    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 162, 1.0f},
-    {"scmoe3_noncausal_gelu",      SC,     3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f},
-    {"top2_noncausal_swiglu",      TOP2,   2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 164, 1.0f},
-    {"scmoe2_lossdominant",        SC,     2, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 165, 0.01f},
-    {"top2_lossdominant_drops",    TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.1f,  1, 166, 0.01f},
-    {"scmoe1_batchprio_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 167, 1.0f},
-    {"top2_batchprio_drops",       TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f},
-    {"B0_scmoe2",                  SC,     2, CG1, 1, 0, 4, 0,  8, 0.5f, 0, 0.01f, 0.1f,  0, 171, 1.0f},
-    {"B0_top2_swiglu",             TOP2,   2, CG1, 1, 1, 4, 0,  8, 0.0f, 0, 0.01f, 0.1f,  0, 172, 1.0f},
+    {"scmoe2_add_gelu_drops",      SC,     2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 161, 1.0f, 0, -1, 1},
+    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 162, 1.0f, 0, -1, 1},
+    {"scmoe3_noncausal_gelu",      SC,     3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f, 0, -1, 1},
+    {"top2_noncausal_swiglu",      TOP2,   2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 164, 1.0f, 0, -1, 1},
+    {"scmoe2_lossdominant",        SC,     2, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 165, 0.01f, 0, -1, 1},
+    {"top2_lossdominant_drops",    TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.1f,  1, 166, 0.01f, 0, -1, 1},
+    {"scmoe1_batchprio_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 167, 1.0f, 0, -1, 1},
+    {"top2_batchprio_drops",       TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f, 0, -1, 1},
+    {"B0_scmoe2",                  SC,     2, CG1, 1, 0, 4, 0,  8, 0.5f, 0, 0.01f, 0.1f,  0, 171, 1.0f, 0, -1, 1},
+    {"B0_top2_swiglu",             TOP2,   2, CG1, 1, 1, 4, 0,  8, 0.0f, 0, 0.01f, 0.1f,  0, 172, 1.0f, 0, -1, 1},
+    /* the overlapped schedule (after the profiling steps): expert slot chosen or forced, and overlap off */
+    {"ovl_scmoe1_slot3_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.1f,  1, 181, 1.0f, 2,  3, 1},
+    {"ovl_scmoe2_slot1_swiglu",    SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.0f,  1, 182, 1.0f, 2,  1, 1},
+    {"ovl_scmoe2_slot3_add",       SC,     2, ADD, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 183, 1.0f, 2,  3, 1},
+    {"ovl_scmoe3_slot2_batchprio", SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 184, 1.0f, 2,  2, 1},
+    {"ovl_scmoe3_slot3_noncausal", SC,     3, CG1, 0, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 185, 1.0f, 2,  3, 1},
+    {"ovl_scmoe1_auto_lossdom",    SC,     1, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 186, 0.01f,2, -1, 1},
+    {"ovl_scmoe2_auto_gelu",       SC,     2, CG1, 1, 0, 4, 2, 16, 1.0f, 0, 0.01f, 0.0f, -1, 187, 1.0f, 2, -1, 1},
+    {"overlap0_scmoe2_warm",       SC,     2, CG1, 1, 1, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 188, 1.0f, 2,  2, 0},
 };
 
 enum { D_MODEL = 32, N_HEADS = 4, D_HIDDEN = 48 };
@@ -186,6 +199,8 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     cfg.z_loss_weight = c->z_w;
     cfg.gate_noise_std = 0.0f;
     cfg.seed = c->seed;
+    cfg.expert_slot = c->slot;
+    cfg.overlap = c->overlap;
 
     CHECK(scmoe_context_create(&ctx));
     CHECK(scmoe_pair_create(ctx, &cfg, &pair));
@@ -234,7 +249,22 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     for (size_t i = 0; i < (size_t)n * d; i++) y[i] = NAN; /* forward must write y */
 
     scmoe_stats st;
+    for (int w = 0; w < c->warm; w++) { /* the profiling steps; their gradients are zeroed below */
+        CHECK(scmoe_pair_forward(pair, c->B, c->T, x, y, &st));
+        CHECK(scmoe_pair_backward(pair, dy, dx, &st));
+    }
     CHECK(scmoe_pair_forward(pair, c->B, c->T, x, y, &st));
+    /* which order ran: -1 serialized; the forward slot is at most the dense operations after X_sc */
+    int gate_after = c->arch != SC ? 8 : c->pos == 1 ? 5 : c->pos == 2 ? 3 : 1;
+    int needed_before = c->arch != SC ? 1 : c->pos == 1 ? 3 : c->pos == 2 ? 5 : 7;
+    int overlapped = c->warm >= 2 && c->arch == SC && c->overlap;
+    int want_f = !overlapped ? -1 : c->slot < 0 ? -2 : c->slot < 8 - gate_after ? c->slot : 8 - gate_after;
+    int want_b = !overlapped ? -1 : c->slot < 0 ? -2 : c->slot < needed_before ? c->slot : needed_before;
+    if (want_f == -2 ? st.expert_slot < 0 : st.expert_slot != want_f) {
+        snprintf(why, sizeof why, "forward ran in expert slot %d, expected %s%d", st.expert_slot, want_f == -2 ? ">= " : "",
+                 want_f == -2 ? 0 : want_f);
+        goto done;
+    }
     if (c->expect_drops == 1 && st.dropped <= 0) {
         snprintf(why, sizeof why, "expected dropped > 0 with capacity factor %g, got %lld", c->cf, (long long)st.dropped);
         goto done;
@@ -251,6 +281,11 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     CHECK(scmoe_pair_zero_grad(pair));
     for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
     CHECK(scmoe_pair_backward(pair, dy, dx, &st));
+    if (want_b == -2 ? st.expert_slot < 0 : st.expert_slot != want_b) {
+        snprintf(why, sizeof why, "backward ran in expert slot %d, expected %s%d", st.expert_slot, want_b == -2 ? ">= " : "",
+                 want_b == -2 ? 0 : want_b);
+        goto done;
+    }
 
     f = tio_open_write(file);
     if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
