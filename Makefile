@@ -28,7 +28,7 @@ else
 endif
 LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
 
-TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe
+TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe test_oracle_pair
 TESTS_MPI    := test_comm_mpi test_ep
 TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
 

@@ -63,7 +63,7 @@ static int g_rank, g_size;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, quiet;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_rows, quiet;
     float lr, cf, aux, clip;
     long long seed;
     const char *save, *resume, *data, *log;
@@ -83,7 +83,7 @@ static const char *const ARCH_NAMES[] = {"top2", "top1", "shared", "scmoe"};
 static opts O = {
     .arch = SCMOE_ARCH_SCMOE, .pos = 2, .d = 64, .hidden = 256, .experts = 8, .heads = 4, .pairs = 2,
     .seq = 64, .batch = 8, .steps = 300, .warmup = 30, .eval_every = 50, .eval_batches = 8, .print_every = 10,
-    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .quiet = 0,
+    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_rows = 64, .quiet = 0,
     .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234,
 };
 
@@ -114,6 +114,7 @@ static const flag FLAGS[] = {
     {"--data", T_STR, &O.data, 0, 0, "training text (default: this repository's sources and docs)"},
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
+    {"--poll-rows", T_INT, &O.poll_rows, 1, 1 << 30, "rows per compute tile between MPI progress polls (library's poll_rows)"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
 };
@@ -344,7 +345,7 @@ static void model_init(model *m, scmoe_context *ctx) {
         c.max_seq_len = T; c.max_tokens = N; c.n_layers = 2 * O.pairs;
         c.arch = (scmoe_arch)O.arch; c.shortcut_pos = O.pos;
         c.capacity_factor = O.cf; c.aux_loss_weight = O.aux; c.ep_size = O.ep_size;
-        c.overlap = O.overlap; c.overlap_grad_sync = O.overlap;
+        c.overlap = O.overlap; c.overlap_grad_sync = O.overlap; c.poll_rows = O.poll_rows;
         c.seed = (uint64_t)O.seed + (uint64_t)i;
         char msg[256];
         if (scmoe_config_validate(&c, msg, sizeof msg)) die(2, "bad configuration: %s", msg);
@@ -622,7 +623,7 @@ static double evaluate(run *r) {
     int B = O.batch, T = O.seq, Bg = B * g_size;
     for (int i = 0; i < m->n_pairs; i++) SC(scmoe_pair_set_training(m->pairs[i], 0));
     uint64_t span = r->n_val - (uint64_t)T - 1, total = (uint64_t)O.eval_batches * Bg;
-    uint64_t start[B];
+    uint64_t *start = xcalloc((size_t)B, sizeof *start);
     double sum = 0.0, all = 0.0;
     for (int k = 0; k < O.eval_batches; k++) {
         for (int b = 0; b < B; b++) {
@@ -632,6 +633,7 @@ static double evaluate(run *r) {
         load_batch(m, r->val, start, B);
         sum += model_forward(m, B, 0.0);
     }
+    free(start);
     for (int i = 0; i < m->n_pairs; i++) SC(scmoe_pair_set_training(m->pairs[i], 1));
     MPI_Allreduce(&sum, &all, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
     return all / ((double)total * T);
@@ -666,7 +668,7 @@ static void build_list(model *m, ckpt_list *l) {
         if (n < 0) die(1, "cannot list the tensors of pair %d", i);
         for (int k = 0; k < n; k++) {
             param *p = pt[k].local >= 0 ? &m->params[m->pair_base[i] + pt[k].local] : NULL;
-            char name[CKPT_NAME_MAX + 16];
+            char name[CKPT_NAME_MAX + 32]; /* too long a name is refused by ckpt_list_add */
             snprintf(name, sizeof name, "pair%d.%s", i, pt[k].name);
             bad |= ckpt_list_add(l, name, pt[k].ndim, pt[k].shape, pt[k].owner, p ? p->data : NULL);
             snprintf(name, sizeof name, "pair%d.%s#m", i, pt[k].name);
@@ -699,11 +701,13 @@ static void resume(run *r) {
     ckpt_status s = ckpt_read_header(path, &h, err, sizeof err);
     fill_header(r, &want);
     if (!s) s = ckpt_model_compare(&h.model, &want.model, err, sizeof err);
-    if (!s && (h.state.data_bytes != r->data_bytes || h.state.data_crc != r->data_crc))
-        s = CKPT_ERR_CONFIG, snprintf(err, sizeof err, "checkpoint config mismatch: it was trained on another text "
-                                      "(%llu bytes, crc %08x; here %llu bytes, crc %08x): pass the same --data",
-                                      (unsigned long long)h.state.data_bytes, h.state.data_crc,
-                                      (unsigned long long)r->data_bytes, r->data_crc);
+    if (!s && (h.state.data_bytes != r->data_bytes || h.state.data_crc != r->data_crc)) {
+        /* the data order is only reproducible on the same text */
+        s = CKPT_ERR_CONFIG;
+        snprintf(err, sizeof err, "checkpoint config mismatch: it was trained on another text (%llu bytes, crc %08x; "
+                 "here %llu bytes, crc %08x): pass the same --data", (unsigned long long)h.state.data_bytes,
+                 h.state.data_crc, (unsigned long long)r->data_bytes, r->data_crc);
+    }
     s = ckpt_agree(MPI_COMM_WORLD, s, err, sizeof err);
     if (s) die(3, "%s", err);
     ckpt_list l = {0};
@@ -762,8 +766,10 @@ int main(int argc, char **argv) {
     if (O.resume) resume(&r);
 
     FILE *log = NULL;
-    if (O.log && g_rank == 0 && !(log = fopen(O.log, "w"))) die(2, "--log %s: cannot create the file", O.log);
-    MPI_Bcast(&(int){log != NULL || !O.log || g_rank}, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    int log_ok = 1; /* rank 0 writes the log; if it cannot, every rank must stop */
+    if (O.log && g_rank == 0) log_ok = (log = fopen(O.log, "w")) != NULL;
+    MPI_Bcast(&log_ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    if (!log_ok) die(2, "--log %s: cannot create the file", O.log);
 
     char label[32];
     arch_label(label, sizeof label);

@@ -30,7 +30,8 @@ want() { [ -z "$filter" ] || [[ " $filter " == *" $1 "* ]]; }
 want moe && run "moe layer (1 rank)" 900 env OMP_NUM_THREADS=2 $VG ${BUILD:-build}/tests/test_moe
 want pair && run "block pair (1 rank)" 900 env OMP_NUM_THREADS=2 $VG ${BUILD:-build}/tests/test_pair
 want schedule && run "schedule, trace, bf16 wire" 600 $VG ${BUILD:-build}/tests/test_schedule
-want oracle_moe && [ -x ${BUILD:-build}/tests/test_oracle_moe ] && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
+want oracle_moe && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
+want oracle_pair && run "block pair vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_pair
 if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then
     for n in 1 2 4; do want comm && run "comm over MPI, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_comm_mpi; done
 fi

@@ -25,7 +25,7 @@ static double loss(fd_ctx *c, const float *x, int64_t *route_sig) {
     for (size_t i = 0; i < (size_t)c->n * c->d; i++) L += (double)y[i] * c->dy[i];
     L += (double)c->waux * st.aux_loss + (double)c->wz * st.z_loss;
     int64_t sig = st.dropped;
-    for (int e = 0; e < c->E; e++) sig = sig * 1000003 + st.expert_tokens[e];
+    for (int e = 0; e < c->E; e++) sig = (int64_t)((uint64_t)sig * 1000003u + (uint64_t)st.expert_tokens[e]);
     *route_sig = sig;
     free(y);
     return L;

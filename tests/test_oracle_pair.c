@@ -4,7 +4,10 @@
  * For each case: a one-rank context, a pair with the case's config (arch, shortcut_pos, combine, causal,
  * activation, capacity, priority, loss weights), every parameter set by name to deterministic random
  * values (LayerNorm weights near 1, nonzero biases and w_cg), random x [B, T, d], training forward,
- * random dy, backward; everything is written to an SCMT file (tests/tensorio.h) and the oracle is run on it.
+ * random dy, backward; everything is written to an SCMT file (tests/tensorio.h). Then one oracle process
+ * checks every file (pair_ref.py takes several; importing torch once keeps the test at a few seconds).
+ * The ovl_* cases first run the profiling steps, so that the checked step runs the overlapped ScMoE order
+ * (experts placed later among the dense operations); the test asserts which expert slot ran.
  *
  *   build/tests/test_oracle_pair [OUTDIR]   files go to OUTDIR (default $TMPDIR or /tmp)
  *   environment: SCMOE_PYTHON (default /usr/bin/python3), SCMOE_REF_DIR (default tests/reference),
@@ -115,47 +118,71 @@ static const char *env_or(const char *name, const char *dflt) {
     return v && *v ? v : dflt;
 }
 
-/* Runs the oracle; returns its exit status (or -1) and leaves its last line in last[]. */
-static int run_oracle(const char *python, const char *script, const char *file, char *last, size_t last_len,
-                      int verbose_on_fail) {
-    char cmd[4096];
-    snprintf(cmd, sizeof cmd, "'%s' '%s' '%s' 2>&1", python, script, file);
+/* What one case came to. The C part runs first for every case; then one oracle process checks every
+ * written file (torch loads once: ~1 s per process, most of the test's time otherwise). */
+typedef struct {
+    int written;     /* the C part succeeded and the file is written */
+    int verdict;     /* -1 none from the oracle, 0 FAIL, 1 PASS */
+    char why[2048];  /* the C part's failure */
+    char file[1024];
+    char last[1024]; /* the oracle's verdict line */
+    char *output;    /* the oracle's lines for this file (malloc'd) */
+} case_result;
+
+static void append(char **buf, size_t *len, size_t *cap, const char *s) {
+    size_t l = strlen(s);
+    if (*len + l + 1 > *cap) {
+        size_t nc = 2 * (*len + l + 1);
+        char *nb = realloc(*buf, nc);
+        if (!nb) return; /* the output is only shown on failure: losing it is not fatal */
+        *buf = nb;
+        *cap = nc;
+    }
+    memcpy(*buf + *len, s, l + 1);
+    *len += l;
+}
+
+static const char *base_name(const char *path) {
+    const char *b = strrchr(path, '/');
+    return b ? b + 1 : path;
+}
+
+/* Runs the oracle on every written file; fills verdict, last and output; returns its exit status or -1.
+ * Each file's report ends in a line "pair_ref.py <file>: PASS|FAIL ...", in argument order. */
+static int run_oracle(const char *python, const char *script, case_result *r, int n) {
+    size_t cl = strlen(python) + strlen(script) + 64;
+    for (int i = 0; i < n; i++) if (r[i].written) cl += strlen(r[i].file) + 4;
+    char *cmd = malloc(cl);
+    if (!cmd) return -1;
+    size_t off = (size_t)snprintf(cmd, cl, "'%s' '%s'", python, script);
+    for (int i = 0; i < n; i++)
+        if (r[i].written) off += (size_t)snprintf(cmd + off, cl - off, " '%s'", r[i].file);
+    snprintf(cmd + off, cl - off, " 2>&1");
     FILE *p = popen(cmd, "r");
-    if (!p) { snprintf(last, last_len, "popen failed"); return -1; }
-    size_t cap = 1 << 16, len = 0;
-    char *all = malloc(cap);
+    free(cmd);
+    if (!p) return -1;
+    int cur = 0; /* the file whose report is being read */
+    while (cur < n && !r[cur].written) cur++;
+    char *buf = NULL;
+    size_t len = 0, cap = 0;
     char line[4096];
-    last[0] = 0;
     while (fgets(line, sizeof line, p)) {
-        size_t l = strlen(line);
-        if (all && len + l + 1 > cap) {
-            cap = 2 * (len + l + 1);
-            char *na = realloc(all, cap);
-            if (!na) { free(all); all = NULL; }
-            else all = na;
-        }
-        if (all) { memcpy(all + len, line, l + 1); len += l; }
-        if (l > 1 || line[0] != '\n') {
-            snprintf(last, last_len, "%.1000s", line);
-            size_t ll = strlen(last);
-            if (ll && last[ll - 1] == '\n') last[ll - 1] = 0;
+        append(&buf, &len, &cap, line);
+        if (cur < n && !strncmp(line, "pair_ref.py ", 12) && strstr(line, base_name(r[cur].file))) {
+            r[cur].verdict = strstr(line, ": PASS") != NULL;
+            snprintf(r[cur].last, sizeof r[cur].last, "%.1000s", line);
+            size_t ll = strlen(r[cur].last);
+            if (ll && r[cur].last[ll - 1] == '\n') r[cur].last[ll - 1] = 0;
+            r[cur].output = buf;
+            buf = NULL;
+            len = cap = 0;
+            do cur++; while (cur < n && !r[cur].written);
         }
     }
+    if (cur < n) r[cur].output = buf; /* whatever came before the oracle stopped */
+    else free(buf);
     int st = pclose(p);
-    int rc = st == -1 ? -1 : (st & 0xff) ? -1 : (st >> 8) & 0xff;
-    if (rc != 0 && verbose_on_fail && all && len) {
-        /* the whole oracle output, as TAP comments */
-        char *s = all;
-        while (*s) {
-            char *nl = strchr(s, '\n');
-            if (nl) *nl = 0;
-            printf("#   %s\n", s);
-            if (!nl) break;
-            s = nl + 1;
-        }
-    }
-    free(all);
-    return rc;
+    return st == -1 ? -1 : (st & 0xff) ? -1 : (st >> 8) & 0xff;
 }
 
 #define CHECK(call)                                                                                        \
@@ -167,16 +194,16 @@ static int run_oracle(const char *python, const char *script, const char *file, 
         }                                                                                                  \
     } while (0)
 
-/* 1 pass, 0 fail. */
-static int run_case(const oracle_case *c, const char *outdir, const char *python, const char *script, int keep) {
-    char why[2048] = "", file[1024], last[1024] = "";
-    int pass = 0;
+/* The C part of one case: fills r->why on failure, or writes r->file and sets r->written. */
+static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
+    char why[2048] = "", *file = r->file;
+    size_t file_len = sizeof r->file;
     scmoe_context *ctx = NULL;
     scmoe_pair *pair = NULL;
     float *x = NULL, *y = NULL, *dy = NULL, *dx = NULL, *et = NULL;
     FILE *f = NULL;
     const int d = D_MODEL, n = c->B * c->T;
-    snprintf(file, sizeof file, "%s/oracle_pair_%s.scmt", outdir, c->name);
+    snprintf(file, file_len, "%s/oracle_pair_%s.scmt", outdir, c->name);
     rng_state = 0x9A1B0000ull + c->seed * 0x100000001B3ull;
 
     scmoe_config cfg = scmoe_config_default();
@@ -246,15 +273,17 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     if (!x || !y || !dy || !dx || !et) { snprintf(why, sizeof why, "out of memory"); goto done; }
     fill_uniform(x, (size_t)n * d, 1.0f);
     fill_uniform(dy, (size_t)n * d, c->dy_scale > 0 ? c->dy_scale : 1.0f);
-    for (size_t i = 0; i < (size_t)n * d; i++) y[i] = NAN; /* forward must write y */
 
     scmoe_stats st;
     for (int w = 0; w < c->warm; w++) { /* the profiling steps; their gradients are zeroed below */
         CHECK(scmoe_pair_forward(pair, c->B, c->T, x, y, &st));
         CHECK(scmoe_pair_backward(pair, dy, dx, &st));
     }
+    for (size_t i = 0; i < (size_t)n * d; i++) y[i] = NAN; /* forward must write y */
     CHECK(scmoe_pair_forward(pair, c->B, c->T, x, y, &st));
-    /* which order ran: -1 serialized; the forward slot is at most the dense operations after X_sc */
+    /* which order ran: -1 serialized (the first SCHED_PROFILE_STEPS = 2 steps of a shape, overlap 0, or no
+     * shortcut); a forced slot is capped by the 8 dense operations after X_sc (forward) and before dX_sc
+     * is needed (backward) */
     int gate_after = c->arch != SC ? 8 : c->pos == 1 ? 5 : c->pos == 2 ? 3 : 1;
     int needed_before = c->arch != SC ? 1 : c->pos == 1 ? 3 : c->pos == 2 ? 5 : 7;
     int overlapped = c->warm >= 2 && c->arch == SC && c->overlap;
@@ -331,20 +360,24 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
     f = NULL;
 
-    int rc = run_oracle(python, script, file, last, sizeof last, 1);
-    if (rc == 0) pass = 1;
-    else snprintf(why, sizeof why, "oracle exit %d", rc);
+    r->written = 1;
 
 done:
     if (f) fclose(f);
-    printf("%s - %s\n", pass ? "ok" : "not ok", c->name);
-    if (!pass && why[0]) printf("#   %s\n", why);
-    if (last[0]) printf("#   %s\n", last);
-    if (pass && !keep) remove(file);
+    snprintf(r->why, sizeof r->why, "%s", why);
     free(x); free(y); free(dy); free(dx); free(et);
     scmoe_pair_destroy(pair);
     scmoe_context_destroy(ctx);
-    return pass;
+}
+
+static void print_comment_lines(const char *s) {
+    while (s && *s) {
+        const char *nl = strchr(s, '\n');
+        int l = nl ? (int)(nl - s) : (int)strlen(s);
+        printf("#   %.*s\n", l, s);
+        if (!nl) break;
+        s = nl + 1;
+    }
 }
 
 int main(int argc, char **argv) {
@@ -368,13 +401,34 @@ int main(int argc, char **argv) {
     }
     fclose(probe);
 
+    case_result *res = calloc((size_t)n, sizeof *res);
+    if (!res) { printf("Bail out! out of memory\n"); return 1; }
+    int written = 0;
+    for (int i = 0; i < n; i++) {
+        res[i].verdict = -1;
+        run_case(&CASES[i], outdir, &res[i]);
+        written += res[i].written;
+    }
+    int rc = written ? run_oracle(python, script, res, n) : 0;
+
     printf("1..%d\n", n);
     int passed = 0, failed = 0;
     for (int i = 0; i < n; i++) {
-        if (run_case(&CASES[i], outdir, python, script, keep)) passed++;
+        case_result *r = &res[i];
+        int pass = r->written && r->verdict == 1;
+        printf("%s - %s\n", pass ? "ok" : "not ok", CASES[i].name);
+        if (!r->written) printf("#   %s\n", r->why[0] ? r->why : "the C part failed");
+        else if (r->verdict == 1) printf("#   %s\n", r->last);
+        else {
+            print_comment_lines(r->output); /* the oracle's whole report on this file */
+            if (r->verdict < 0) printf("#   no verdict from the oracle (exit status %d)\n", rc);
+        }
+        if (pass) passed++;
         else failed++;
-        fflush(stdout);
+        if (r->written && pass && !keep) remove(r->file);
+        free(r->output);
     }
+    free(res);
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }

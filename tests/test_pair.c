@@ -32,7 +32,7 @@ static double loss(fd_ctx *c, const float *x, int64_t *sig) {
     for (size_t i = 0; i < n; i++) L += (double)y[i] * c->dy[i];
     L += (double)c->waux * st.aux_loss + (double)c->wz * st.z_loss;
     *sig = st.dropped;
-    for (int e = 0; e < 4; e++) *sig = *sig * 1000003 + st.expert_tokens[e];
+    for (int e = 0; e < 4; e++) *sig = (int64_t)((uint64_t)*sig * 1000003u + (uint64_t)st.expert_tokens[e]);
     free(y);
     return L;
 }

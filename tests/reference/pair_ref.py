@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """pair_ref.py: an independent PyTorch model of the scmoe BLOCK PAIR (dense block l, MoE block l+1).
 
-    /usr/bin/python3 tests/reference/pair_ref.py FILE [--tol-out 1e-4] [--tol-grad 1e-3] [-q]
+    /usr/bin/python3 tests/reference/pair_ref.py FILE [FILE...] [--tol-out 1e-4] [--tol-grad 1e-3] [-q]
 
 FILE (SCMT format) holds the moe_ref.py cfg.* scalars plus cfg.arch (0 top2, 1 top1, 2 shared,
 3 scmoe), cfg.shortcut_pos (1|2|3), cfg.combine (0 CG1, 1 add), cfg.n_heads, cfg.causal, cfg.batch,
@@ -21,7 +21,8 @@ cfg.seq_len; x [B, T, d], dy, every parameter by name, out.y, out.aux_loss, out.
     Cs(m1) = sigmoid(m1 . l1.cg.weight) * FFN(m1; l1.se) (CG1) or FFN(m1; l1.se) (ADD)
     MoE = moe_ref.moe_layer with l1.gate.weight and l1.experts.{e}.*, over all B*T rows
     L = sum(y * dy) + aux_loss_weight * aux + z_loss_weight * z
-Exit status as moe_ref.py.
+Exit status as moe_ref.py (with several files, the worst of theirs). Each file's report ends in one
+line that starts "pair_ref.py " and names the file, with PASS or FAIL.
 """
 import math
 import os
@@ -112,9 +113,8 @@ def pair_forward(x, P, cfg, warn=None):
     return y, aux, z, info
 
 
-def main(argv):
-    torch.set_grad_enabled(True)
-    path, tol_out, tol_grad, quiet = moe_ref.parse_args(argv, "pair_ref.py")
+def check_file(path, tol_out, tol_grad, quiet):
+    """Checks one file; prints its report ending in one line "pair_ref.py FILE: PASS|FAIL ..."; returns 0/1/2."""
     try:
         rec, cfg, pnames = moe_ref.load(path)
         cfg.setdefault("renormalize", 1)
@@ -159,6 +159,47 @@ def main(argv):
         rep.exact("out.expert_tokens", rec["out.expert_tokens"], info["expert_kept"])
     moe_ref.check_gradients(rep, rec, L, x, P, pnames)
     return rep.summary("pair_ref.py", path)
+
+
+def parse_args(argv):
+    """FILE... [--tol-out T] [--tol-grad T] [-q]; several files share one interpreter (torch loads once)."""
+    tol_out, tol_grad, quiet, paths = 1e-4, 1e-3, False, []
+    usage = "usage: pair_ref.py FILE [FILE...] [--tol-out T] [--tol-grad T] [-q]"
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--tol-out", "--tol-grad"):
+            if i + 1 >= len(argv):
+                raise SystemExit(usage)
+            if a == "--tol-out":
+                tol_out = float(argv[i + 1])
+            else:
+                tol_grad = float(argv[i + 1])
+            i += 1
+        elif a in ("-q", "--quiet"):
+            quiet = True
+        else:
+            paths.append(a)
+        i += 1
+    if not paths:
+        raise SystemExit(usage)
+    return paths, tol_out, tol_grad, quiet
+
+
+def main(argv):
+    """Every FILE is checked; the exit status is the worst of theirs (0 all pass, 1 a mismatch, 2 a bad file)."""
+    torch.set_grad_enabled(True)
+    paths, tol_out, tol_grad, quiet = parse_args(argv)
+    worst = 0
+    for path in paths:
+        try:
+            rc = check_file(path, tol_out, tol_grad, quiet)
+        except Exception as exc:  # one broken file must not hide the verdict on the others
+            print("pair_ref.py %s: FAIL exception %s: %s" % (path, type(exc).__name__, exc))
+            rc = 2
+        sys.stdout.flush()
+        worst = max(worst, rc)
+    return worst
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# test_train.sh: examples/train_lm and examples/generate end to end (about a minute on 2 cores).
+#
+#   - the command line: --help lists every flag; bad flags and values exit 2 with one line naming the flag
+#   - a tiny model trains 50 steps on 1 rank (batch 8) and on 2 ranks (batch 4, the same global batch):
+#     the loss falls, and the two loss curves agree to 1e-4 relative at every step (max |a-b|/|b|)
+#   - resume: 20 steps straight == 10 steps, save, resume, 10 more: identical losses (17 digits),
+#     serialized (--overlap 0) and overlapped (--overlap 1)
+#   - a checkpoint saved on 2 ranks resumes on 1 and one saved on 1 resumes on 2 (curves within 1e-4)
+#   - truncated, bit-flipped, wrong-magic, wrong-version and config-mismatched checkpoints: exit 3, each
+#     with its own message; a save that fails halfway (SCMOE_CKPT_FAIL=half) leaves the old one loadable
+#   - generate samples from a checkpoint on 1 and 2 ranks; greedy decoding gives the same text on both
+# Prints "ok - ..." / "not ok - ..." and "N passed, N failed"; exits non-zero on a failure.
+set -u
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build}
+TRAIN=$BUILD/examples/train_lm
+GEN=$BUILD/examples/generate
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export OMPI_MCA_btl_vader_single_copy_mechanism=none OMP_NUM_THREADS=1
+MPIRUN="mpirun --oversubscribe -x OMP_NUM_THREADS=1"
+pass=0 fail=0
+ok() { # ok CONDITION-STATUS MESSAGE
+    if [ "$1" = 0 ]; then pass=$((pass + 1)); echo "ok - $2"; else fail=$((fail + 1)); echo "not ok - $2"; fi
+}
+for b in "$TRAIN" "$GEN"; do
+    [ -x "$b" ] || { echo "not ok - $b is not built (make examples)"; echo "0 passed, 1 failed"; exit 1; }
+done
+TMP=$(mktemp -d /tmp/scmoe_train_XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+
+# a fixed text: the test must not depend on which files the repository holds today
+cat scmoe.h pair.c moe.c > "$TMP/text.txt"
+TINY="--d 32 --hidden 64 --experts 4 --heads 2 --pairs 2 --seq 32 --warmup 5 --eval-every 10 --eval-batches 2 --quiet --data $TMP/text.txt"
+
+# the "loss" values of a JSONL log, one a line, as printed (17 significant digits)
+losses() { sed -E 's/.*"loss":([^,]*),.*/\1/' "$1"; }
+# the largest |a - b| / |b| over two logs' losses, step by step; "inf" if their lengths differ
+maxrel() {
+    if [ "$(wc -l < "$1")" != "$(wc -l < "$2")" ] || [ ! -s "$1" ]; then echo inf; return; fi
+    paste <(losses "$1") <(losses "$2") | awk '{d = $1 - $2; if (d < 0) d = -d; b = $2 < 0 ? -$2 : $2;
+        r = d / b; if (r > m) m = r} END {printf "%.2g\n", m + 0}'
+}
+le() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a != "inf" && a + 0 <= b + 0)}'; }
+
+# ---- the command line ----
+out=$($TRAIN --help 2>&1); rc=$?
+missing=""
+for f in --arch --pos --d --hidden --experts --heads --pairs --seq --batch --steps --lr --warmup --cf --aux --seed \
+         --eval-every --save --save-every --resume --data --quiet --log --ep-size --overlap --help; do
+    echo "$out" | grep -q -- "^  $f " || missing="$missing $f"
+done
+[ $rc = 0 ] && [ -z "$missing" ]; ok $? "--help exits 0 and lists every flag with its default${missing:+ (missing:$missing)}"
+bad() { # bad FLAG-NAMED-IN-MESSAGE ARGS...
+    local name=$1; shift
+    local err rc
+    err=$($MPIRUN -np 2 $TRAIN "$@" 2>&1 >/dev/null); rc=$?
+    # mpirun may add its own lines about the exit status; the program's own error is one line
+    local mine
+    mine=$(echo "$err" | grep '^train_lm: ')
+    [ $rc = 2 ] && [ "$(echo "$mine" | wc -l)" = 1 ] && echo "$mine" | grep -q -- "$name"
+    ok $? "bad input exits 2 naming $name: ${mine:-<no message> (exit $rc)}"
+}
+bad "--frobnicate" --frobnicate 3
+bad "--d" --d abc
+bad "--d" --d 0
+bad "--arch" --arch top3
+bad "--lr" --lr
+bad "--lr" --lr nan
+bad "--steps" --steps -5
+bad "--heads" --d 30 --heads 4
+bad "--experts" --experts 3
+bad "--ep-size" --ep-size 3
+bad "--pos" --pos 4
+bad "--data" --data /nonexistent/text.txt
+
+# ---- 1 rank vs 2 ranks, the same global batch ----
+$MPIRUN -np 1 $TRAIN $TINY --steps 50 --batch 8 --log "$TMP/r1.jsonl" > "$TMP/r1.out" 2>&1; rc1=$?
+$MPIRUN -np 2 $TRAIN $TINY --steps 50 --batch 4 --log "$TMP/r2.jsonl" > "$TMP/r2.out" 2>&1; rc2=$?
+[ $rc1 = 0 ] && [ $rc2 = 0 ] && [ "$(wc -l < "$TMP/r2.jsonl")" = 50 ]; ok $? "50 steps on 1 rank and on 2 ranks run (exit $rc1, $rc2)"
+first=$(losses "$TMP/r2.jsonl" | head -n 1); last=$(losses "$TMP/r2.jsonl" | tail -n 5 | awk '{s += $1} END {print s / NR}')
+awk -v a="$first" -v b="$last" 'BEGIN {exit !(b < a - 1.0)}'; ok $? "the loss falls: step 1 $first -> mean of steps 46-50 $last"
+grep -q '"val_loss":[0-9]' "$TMP/r2.jsonl" && tail -n 2 "$TMP/r2.out" | grep -q 'scmoe-pos2 *50'
+ok $? "the log has validation losses and the summary table a row: $(tail -n 1 "$TMP/r2.out" | tr -s ' ')"
+r=$(maxrel "$TMP/r1.jsonl" "$TMP/r2.jsonl")
+le "$r" 1e-4; ok $? "1 rank x batch 8 and 2 ranks x batch 4 give the same loss curve (max relative difference $r <= 1e-4)"
+
+# ---- resume continues bit for bit ----
+for ov in 0 1; do
+    # --poll-rows: the library tiles its GEMMs only while an exchange is in flight, which depends on timing
+    # and can change the last bits; one tile per GEMM keeps the overlapped run reproducible
+    A="$TINY --steps 20 --batch 4 --overlap $ov --poll-rows 1000000"
+    rm -rf "$TMP/ck"
+    $MPIRUN -np 2 $TRAIN $A --log "$TMP/full.jsonl" > /dev/null 2>&1
+    $MPIRUN -np 2 $TRAIN $A --stop-at 10 --save "$TMP/ck" --log "$TMP/a.jsonl" > /dev/null 2>&1
+    $MPIRUN -np 2 $TRAIN $A --resume "$TMP/ck" --log "$TMP/b.jsonl" > "$TMP/b.out" 2>&1
+    cat "$TMP/a.jsonl" "$TMP/b.jsonl" > "$TMP/ab.jsonl"
+    [ "$(wc -l < "$TMP/full.jsonl")" = 20 ] && [ "$(wc -l < "$TMP/ab.jsonl")" = 20 ] &&
+        diff <(sed -E 's/,"tokens_per_s".*//' "$TMP/full.jsonl") <(sed -E 's/,"tokens_per_s".*//' "$TMP/ab.jsonl") > /dev/null
+    ok $? "--overlap $ov: 20 steps straight == 10 + save + resume + 10 (loss, aux, lr, grad norm, val loss identical)"
+done
+
+# ---- across rank counts ----
+A="$TINY --steps 20"
+rm -rf "$TMP/ck2" "$TMP/ck1"
+$MPIRUN -np 2 $TRAIN $A --batch 4 --stop-at 10 --save "$TMP/ck2" > /dev/null 2>&1
+$MPIRUN -np 1 $TRAIN $A --batch 8 --resume "$TMP/ck2" --log "$TMP/x21.jsonl" > /dev/null 2>&1; rc=$?
+$MPIRUN -np 2 $TRAIN $A --batch 4 --log "$TMP/full2.jsonl" > /dev/null 2>&1
+tail -n 10 "$TMP/full2.jsonl" > "$TMP/full2_tail.jsonl"
+r=$(maxrel "$TMP/x21.jsonl" "$TMP/full2_tail.jsonl")
+[ $rc = 0 ] && le "$r" 1e-4; ok $? "saved on 2 ranks, resumed on 1: steps 11-20 match the 2-rank run (max relative difference $r)"
+$MPIRUN -np 1 $TRAIN $A --batch 8 --stop-at 10 --save "$TMP/ck1" > /dev/null 2>&1
+$MPIRUN -np 2 $TRAIN $A --batch 4 --resume "$TMP/ck1" --log "$TMP/x12.jsonl" > /dev/null 2>&1; rc=$?
+$MPIRUN -np 1 $TRAIN $A --batch 8 --log "$TMP/full1.jsonl" > /dev/null 2>&1
+tail -n 10 "$TMP/full1.jsonl" > "$TMP/full1_tail.jsonl"
+r=$(maxrel "$TMP/x12.jsonl" "$TMP/full1_tail.jsonl")
+[ $rc = 0 ] && le "$r" 1e-4; ok $? "saved on 1 rank, resumed on 2: steps 11-20 match the 1-rank run (max relative difference $r)"
+
+# ---- damaged checkpoints: exit 3, each its own message ----
+CK=$TMP/ck2/ckpt.bin
+size=$(stat -c %s "$CK")
+damaged() { # damaged NAME EXPECTED-TEXT COMMAND-TO-DAMAGE
+    local name=$1 want=$2; shift 2
+    rm -rf "$TMP/bad"; mkdir -p "$TMP/bad"; cp "$CK" "$TMP/bad/ckpt.bin"
+    "$@"
+    local err rc
+    err=$($MPIRUN -np 2 $A --batch 4 --resume "$TMP/bad" 2>&1 >/dev/null); rc=$?
+    err=$(echo "$err" | grep '^train_lm: ')
+    [ $rc = 3 ] && echo "$err" | grep -q "$want"; ok $? "$name: exit 3, \"$err\""
+}
+A="$TRAIN $A"
+flip() { printf "$(printf '\\%03o' $(( $(od -An -tu1 -j "$1" -N1 "$TMP/bad/ckpt.bin") ^ 16 )))" |
+         dd of="$TMP/bad/ckpt.bin" bs=1 seek="$1" conv=notrunc status=none; }
+damaged "truncated" "checkpoint truncated" truncate -s $((size / 2)) "$TMP/bad/ckpt.bin"
+damaged "one bit flipped" "checkpoint corrupted: .*checksum mismatch" flip $((size / 2))
+damaged "wrong magic" "checkpoint wrong magic" sh -c "printf 'NOTACKPT' | dd of='$TMP/bad/ckpt.bin' bs=1 conv=notrunc status=none"
+damaged "wrong version" "checkpoint wrong version" sh -c "printf '\\011' | dd of='$TMP/bad/ckpt.bin' bs=1 seek=8 conv=notrunc status=none"
+damaged "missing" "checkpoint cannot open" rm "$TMP/bad/ckpt.bin"
+err=$($MPIRUN -np 2 $TRAIN $TINY --steps 20 --batch 4 --d 48 --resume "$TMP/ck2" 2>&1 >/dev/null); rc=$?
+err=$(echo "$err" | grep '^train_lm: ')
+[ $rc = 3 ] && echo "$err" | grep -q "config mismatch: d_model is 32 in the checkpoint, 48 here"
+ok $? "config mismatch (--d 48): exit 3, \"$err\""
+echo "other text" > "$TMP/other.txt"; cat "$TMP/text.txt" >> "$TMP/other.txt"
+err=$($MPIRUN -np 2 $TRAIN ${TINY/$TMP\/text.txt/$TMP/other.txt} --steps 20 --batch 4 --resume "$TMP/ck2" 2>&1 >/dev/null); rc=$?
+err=$(echo "$err" | grep '^train_lm: ')
+[ $rc = 3 ] && echo "$err" | grep -q "another text"; ok $? "another --data: exit 3, \"$err\""
+
+# ---- a save that fails halfway leaves the previous checkpoint ----
+before=$(md5sum < "$TMP/ck2/ckpt.bin")
+err=$(SCMOE_CKPT_FAIL=half $MPIRUN -np 2 -x SCMOE_CKPT_FAIL $A --batch 4 --resume "$TMP/ck2" --save "$TMP/ck2" 2>&1 >/dev/null); rc=$?
+err=$(echo "$err" | grep '^train_lm: ')
+[ $rc = 3 ] && echo "$err" | grep -q "injected failure"; ok $? "a save failing halfway: exit 3, \"$err\""
+out=$($MPIRUN -np 2 $TRAIN $TINY --steps 20 --batch 4 --resume "$TMP/ck2" 2>&1 | grep -v '^$'); rc=$?
+[ "$before" = "$(md5sum < "$TMP/ck2/ckpt.bin")" ] && [ ! -e "$TMP/ck2/ckpt.tmp" ] && [ $rc = 0 ]
+ok $? "the previous checkpoint is untouched (same bytes, no ckpt.tmp) and still resumes"
+
+# ---- generate ----
+g1=$($MPIRUN -np 1 $GEN --ckpt "$TMP/ck2" --prompt "static " --tokens 60 --temperature 0 2>&1); rc1=$?
+g2=$($MPIRUN -np 2 $GEN --ckpt "$TMP/ck2" --prompt "static " --tokens 60 --temperature 0 2>&1); rc2=$?
+[ $rc1 = 0 ] && [ $rc2 = 0 ] && [ "${#g1}" -ge 60 ]; ok $? "generate runs on 1 and 2 ranks (exit $rc1, $rc2)"
+[ "$g1" = "$g2" ]; ok $? "greedy text is the same on 1 and 2 ranks"
+g3=$($MPIRUN -np 2 $GEN --ckpt "$TMP/ck2" --tokens 40 --temperature 1.0 --top-k 10 --seed 3 2>&1); rc=$?
+[ $rc = 0 ] && [ -n "$g3" ]; ok $? "sampling with temperature and top-k (exit $rc)"
+err=$($MPIRUN -np 1 $GEN --ckpt "$TMP/nowhere" 2>&1 >/dev/null); rc=$?
+[ $rc = 3 ] && echo "$err" | grep -q "cannot open"; ok $? "generate on a missing checkpoint: exit 3"
+err=$($MPIRUN -np 1 $GEN --ckpt "$TMP/ck2" --top-k -1 2>&1 >/dev/null); rc=$?
+[ $rc = 2 ] && echo "$err" | grep -q -- "--top-k"; ok $? "generate with a bad flag: exit 2 naming it"
+
+echo "$pass passed, $fail failed"
+[ $fail = 0 ]
