@@ -1,24 +1,37 @@
-/*
- * scmoe.h: Mixture-of-Experts transformer layers with shortcut-connected expert parallelism (ScMoE).
+/**
+ * @file scmoe.h
+ * @brief Mixture-of-Experts transformer layers with shortcut-connected expert parallelism (ScMoE).
  *
  * Cai et al., "Shortcut-connected Expert Parallelism for Accelerating Mixture-of-Experts"
  * (arXiv 2404.05019). The library owns two objects:
  *
- *   scmoe_moe   one MoE layer: gate, routing with capacity, experts (FFNs), over expert parallelism.
- *   scmoe_pair  a dense transformer block l followed by an MoE block l+1, in one of five variants
- *               (top2, top1, shared, scmoe with shortcut position 1|2|3). The pair owns the whole
- *               block pair because the ScMoE schedule hides the MoE's all-to-all behind block l's
- *               own computation.
+ * - ::scmoe_moe   one MoE layer: gate, routing with capacity, experts (FFNs), over expert parallelism.
+ * - ::scmoe_pair  a dense transformer block l followed by an MoE block l+1, in one of five variants
+ *                 (top2, top1, shared, scmoe with shortcut position 1|2|3). The pair owns the whole
+ *                 block pair because the ScMoE schedule hides the MoE's all-to-all behind block l's
+ *                 own computation.
  *
- * Conventions (the embedder's contract):
- *   - Tensors are flat row-major float arrays; tokens are rows, d_model columns.
- *   - Every call returns a scmoe_status; scmoe_strerror() names it and scmoe_last_error() gives the
- *     detail of the last failure on a context.
- *   - The library allocates only in *_create, never prints, never exits, keeps no global state.
- *   - Buffers passed in stay the caller's; the library never keeps a pointer to them past the call,
- *     except the input of a training forward, which must stay unchanged until the backward.
- *   - With MPI (scmoe_mpi.h), calls marked COLLECTIVE must be made by every rank of the context's
- *     communicator, in the same order.
+ * @par Conventions (the embedder's contract)
+ * - Tensors are flat row-major float arrays; tokens are rows, d_model columns. A pair's activations
+ *   are [batch, seq_len, d_model], a layer's [n_tokens, d_model].
+ * - Every call returns a ::scmoe_status; scmoe_strerror() names it and scmoe_last_error() gives the
+ *   detail of the last failure on a context.
+ * - The library allocates only in `*_create`, never prints, never exits, keeps no global state.
+ * - Buffers passed in stay the caller's; the library never keeps a pointer to them past the call,
+ *   except the input of a training forward, which must stay unchanged until the backward.
+ * - Objects returned by `*_create` belong to the caller, who frees them with the matching
+ *   `*_destroy`: every object before the context it was created on.
+ * - With MPI (scmoe_mpi.h), calls marked COLLECTIVE must be made by every rank of the context's
+ *   communicator, in the same order. A bad argument on one rank is agreed on first, so every rank
+ *   returns the error instead of hanging. Calls not marked COLLECTIVE are local to the rank.
+ *
+ * @par Thread safety
+ * The library does no locking. A context, and every object created on it, must be used by one thread
+ * at a time; distinct contexts (and their objects) may be used from different threads at once, which
+ * over MPI needs the host to have initialised MPI with MPI_THREAD_MULTIPLE. Inside a call the library
+ * runs OpenMP threads and (progress policy ::SCMOE_PROGRESS_THREAD) a progress thread of its own.
+ * scmoe_config_default(), scmoe_config_validate(), scmoe_strerror() and scmoe_version() touch no
+ * shared state and may be called from any thread.
  */
 #ifndef SCMOE_H
 #define SCMOE_H
@@ -30,205 +43,409 @@
 extern "C" {
 #endif
 
+/** Major version: changes that break the API or the ABI (the shared library's soname). */
 #define SCMOE_VERSION_MAJOR 0
+/** Minor version: additions compatible with earlier releases of the same major version. */
 #define SCMOE_VERSION_MINOR 1
+/** Patch version: fixes only. */
 #define SCMOE_VERSION_PATCH 0
 
+/** What a call returns: ::SCMOE_OK or the reason it failed (scmoe_strerror() names it). */
 typedef enum scmoe_status {
-    SCMOE_OK = 0,
-    SCMOE_ERR_NULL,            /* a required pointer argument was NULL */
-    SCMOE_ERR_NOMEM,           /* an allocation failed */
-    SCMOE_ERR_D_MODEL,         /* d_model < 1 */
-    SCMOE_ERR_D_HIDDEN,        /* d_hidden < 1 (expert or dense MLP hidden size) */
-    SCMOE_ERR_N_EXPERTS,       /* n_experts < 1 */
-    SCMOE_ERR_TOP_K,           /* top_k < 1 or top_k > n_experts */
-    SCMOE_ERR_CAPACITY,        /* capacity factor is NaN or infinite */
-    SCMOE_ERR_LOSS_WEIGHT,     /* aux or z loss weight negative or not finite */
-    SCMOE_ERR_NOISE,           /* gate noise std negative or not finite */
-    SCMOE_ERR_ACTIVATION,      /* unknown activation */
-    SCMOE_ERR_PRIORITY,        /* unknown routing priority */
-    SCMOE_ERR_MAX_TOKENS,      /* max_tokens < 1 */
-    SCMOE_ERR_N_TOKENS,        /* n_tokens < 0 or > max_tokens */
-    SCMOE_ERR_NONFINITE,       /* NaN or Inf found in an input (only with check_finite) */
-    SCMOE_ERR_ARCH,            /* unknown arch */
-    SCMOE_ERR_SHORTCUT_POS,    /* shortcut_pos not 1, 2 or 3 */
-    SCMOE_ERR_COMBINE,         /* unknown shared/routed combine rule */
-    SCMOE_ERR_N_HEADS,         /* n_heads < 1 or not dividing d_model */
-    SCMOE_ERR_SEQ_LEN,         /* seq_len < 1 or > max_seq_len, or batch*seq_len > max_tokens */
-    SCMOE_ERR_N_LAYERS,        /* n_layers < 1 */
-    SCMOE_ERR_EP_SIZE,         /* ep_size does not divide the ranks, or n_experts % ep_size != 0 */
-    SCMOE_ERR_PROGRESS,        /* unknown progress policy, or a thread policy without thread support */
-    SCMOE_ERR_OPTION,          /* another option out of range (message names it) */
-    SCMOE_ERR_STATE,           /* a call out of order (backward without a training forward, ...) */
-    SCMOE_ERR_NOT_FOUND,       /* no parameter of that name on this rank */
-    SCMOE_ERR_CONFIG_MISMATCH, /* ranks were given different configs */
-    SCMOE_ERR_COMM,            /* the communication backend failed (message has the MPI error) */
-    SCMOE_ERR_TIMEOUT,         /* an exchange did not complete within comm_timeout_s */
-    SCMOE_ERR_IO,              /* a file could not be read or written */
-    SCMOE_ERR_UNSUPPORTED,     /* a feature not compiled into this build */
-    SCMOE_STATUS_COUNT
+    SCMOE_OK = 0,              /**< success */
+    SCMOE_ERR_NULL,            /**< a required pointer argument was NULL */
+    SCMOE_ERR_NOMEM,           /**< an allocation failed */
+    SCMOE_ERR_D_MODEL,         /**< d_model < 1 */
+    SCMOE_ERR_D_HIDDEN,        /**< d_hidden < 1 (expert or dense MLP hidden size) */
+    SCMOE_ERR_N_EXPERTS,       /**< n_experts < 1 */
+    SCMOE_ERR_TOP_K,           /**< top_k < 1 or top_k > n_experts */
+    SCMOE_ERR_CAPACITY,        /**< capacity factor is NaN or infinite */
+    SCMOE_ERR_LOSS_WEIGHT,     /**< aux or z loss weight negative or not finite */
+    SCMOE_ERR_NOISE,           /**< gate noise std negative or not finite */
+    SCMOE_ERR_ACTIVATION,      /**< unknown activation */
+    SCMOE_ERR_PRIORITY,        /**< unknown routing priority */
+    SCMOE_ERR_MAX_TOKENS,      /**< max_tokens < 1 */
+    SCMOE_ERR_N_TOKENS,        /**< n_tokens < 0 or > max_tokens */
+    SCMOE_ERR_NONFINITE,       /**< NaN or Inf found in an input (only with check_finite) */
+    SCMOE_ERR_ARCH,            /**< unknown arch */
+    SCMOE_ERR_SHORTCUT_POS,    /**< shortcut_pos not 1, 2 or 3 */
+    SCMOE_ERR_COMBINE,         /**< unknown shared/routed combine rule */
+    SCMOE_ERR_N_HEADS,         /**< n_heads < 1 or not dividing d_model */
+    SCMOE_ERR_SEQ_LEN,         /**< seq_len < 1 or > max_seq_len, or batch*seq_len > max_tokens */
+    SCMOE_ERR_N_LAYERS,        /**< n_layers < 1 */
+    SCMOE_ERR_EP_SIZE,         /**< ep_size does not divide the ranks, or n_experts % ep_size != 0 */
+    SCMOE_ERR_PROGRESS,        /**< unknown progress policy, or a thread policy without thread support */
+    SCMOE_ERR_OPTION,          /**< another option out of range (message names it) */
+    SCMOE_ERR_STATE,           /**< a call out of order (backward without a training forward, ...) */
+    SCMOE_ERR_NOT_FOUND,       /**< no parameter of that name on this rank */
+    SCMOE_ERR_CONFIG_MISMATCH, /**< ranks were given different configs */
+    SCMOE_ERR_COMM,            /**< the communication backend failed (message has the MPI error) */
+    SCMOE_ERR_TIMEOUT,         /**< an exchange did not complete within comm_timeout_s */
+    SCMOE_ERR_IO,              /**< a file could not be read or written */
+    SCMOE_ERR_UNSUPPORTED,     /**< a feature not compiled into this build */
+    SCMOE_STATUS_COUNT         /**< the number of statuses (not a status) */
 } scmoe_status;
 
-typedef enum scmoe_activation { SCMOE_GELU = 0, SCMOE_SWIGLU = 1 } scmoe_activation;
+/** The activation of every FFN (experts, shared expert, dense MLP). */
+typedef enum scmoe_activation {
+    SCMOE_GELU = 0,  /**< GELU, tanh approximation; the FFN's first projection is d x h */
+    SCMOE_SWIGLU = 1 /**< SwiGLU: silu(a) * b; the first projection is d x 2h (gate and value halves) */
+} scmoe_activation;
 
-/* Which tokens claim expert slots first when capacity is limited. TOKEN_ORDER (GShard/Tutel): all
- * first choices in token order, then all second choices, ... BATCH: the same rounds, but tokens
- * ordered by their highest gate probability (ties by token index). Both over the global batch. */
-typedef enum scmoe_priority { SCMOE_PRIORITY_TOKEN = 0, SCMOE_PRIORITY_BATCH = 1 } scmoe_priority;
+/** Which tokens claim expert slots first when capacity is limited.
+ *
+ * TOKEN_ORDER (GShard/Tutel): all first choices in token order, then all second choices, ... BATCH:
+ * the same rounds, but tokens ordered by their highest gate probability (ties by token index). Both
+ * over the global batch. */
+typedef enum scmoe_priority {
+    SCMOE_PRIORITY_TOKEN = 0, /**< token order (GShard/Tutel) */
+    SCMOE_PRIORITY_BATCH = 1  /**< batch-prioritised: highest top-1 gate probability first */
+} scmoe_priority;
 
+/** The variant of the block pair: what block l+1's MLP is, and what feeds the routed experts. */
 typedef enum scmoe_arch {
-    SCMOE_ARCH_TOP2 = 0,   /* GShard baseline: block l+1's MLP is a top-2 MoE on its own LN */
-    SCMOE_ARCH_TOP1 = 1,   /* same with k = 1 */
-    SCMOE_ARCH_SHARED = 2, /* shared expert + top-1 MoE, both on block l+1's LN */
-    SCMOE_ARCH_SCMOE = 3   /* shared expert on block l+1, top-1 MoE on the shortcut (shortcut_pos) */
+    SCMOE_ARCH_TOP2 = 0,   /**< GShard baseline: block l+1's MLP is a top-2 MoE on its own LN */
+    SCMOE_ARCH_TOP1 = 1,   /**< same with k = 1 */
+    SCMOE_ARCH_SHARED = 2, /**< shared expert + top-1 MoE, both on block l+1's LN */
+    SCMOE_ARCH_SCMOE = 3   /**< shared expert on block l+1, top-1 MoE on the shortcut (shortcut_pos) */
 } scmoe_arch;
 
-/* How the shared expert and the routed branch add up: CG-1 gates the shared expert with
- * sigmoid(w_cg . x) per token (x the shared expert's input); ADD sums them. */
-typedef enum scmoe_combine { SCMOE_COMBINE_CG1 = 0, SCMOE_COMBINE_ADD = 1 } scmoe_combine;
+/** How the shared expert and the routed branch add up.
+ *
+ * CG-1 gates the shared expert with sigmoid(w_cg . x) per token (x the shared expert's input); ADD
+ * sums them. */
+typedef enum scmoe_combine {
+    SCMOE_COMBINE_CG1 = 0, /**< y = A2 + sigmoid(w_cg . m1) * SE(m1) + MoE (default) */
+    SCMOE_COMBINE_ADD = 1  /**< y = A2 + SE(m1) + MoE */
+} scmoe_combine;
 
-/* How nonblocking exchanges make progress while compute runs (OpenMPI only moves bytes inside MPI
- * calls). POLL: compute is split in row tiles and the exchange is tested between tiles. THREAD: a
- * progress thread tests it (needs MPI_THREAD_MULTIPLE). NONE: bytes move only in the final wait. */
-typedef enum scmoe_progress { SCMOE_PROGRESS_POLL = 0, SCMOE_PROGRESS_THREAD = 1, SCMOE_PROGRESS_NONE = 2 } scmoe_progress;
+/** How nonblocking exchanges make progress while compute runs (OpenMPI only moves bytes inside MPI
+ * calls).
+ *
+ * POLL: compute is split in row tiles and the exchange is tested between tiles. THREAD: a progress
+ * thread tests it (needs MPI_THREAD_MULTIPLE). NONE: bytes move only in the final wait. */
+typedef enum scmoe_progress {
+    SCMOE_PROGRESS_POLL = 0,   /**< test the exchange between compute tiles of poll_rows rows */
+    SCMOE_PROGRESS_THREAD = 1, /**< a progress thread tests it (falls back to POLL without MPI_THREAD_MULTIPLE) */
+    SCMOE_PROGRESS_NONE = 2    /**< bytes move only in the final wait */
+} scmoe_progress;
 
-/* The scope of the load-balance loss statistics: GLOBAL over all ranks' tokens (the same value on
- * every rank, equal to a 1-rank run); LOCAL over this rank's tokens, each rank's term weighted 1/P. */
-typedef enum scmoe_aux_scope { SCMOE_AUX_GLOBAL = 0, SCMOE_AUX_LOCAL = 1 } scmoe_aux_scope;
+/** The scope of the load-balance loss statistics.
+ *
+ * GLOBAL over all ranks' tokens (the same value on every rank, equal to a 1-rank run); LOCAL over this
+ * rank's tokens, each rank's term weighted 1/P. */
+typedef enum scmoe_aux_scope {
+    SCMOE_AUX_GLOBAL = 0, /**< over the global batch: equal on every rank and to a 1-rank run */
+    SCMOE_AUX_LOCAL = 1   /**< over this rank's tokens, each rank's term weighted 1/P */
+} scmoe_aux_scope;
 
-/* Everything that shapes a layer or a pair. Start from scmoe_config_default() and change fields. */
+/** Everything that shapes a layer or a pair. Start from scmoe_config_default() and change fields.
+ *
+ * Every rank of a context must pass the same config to a COLLECTIVE create (checked: the create
+ * returns ::SCMOE_ERR_CONFIG_MISMATCH on every rank otherwise). Defaults are in parentheses. */
 typedef struct scmoe_config {
     /* shapes */
-    int d_model;            /* model width d (default 64) */
-    int d_hidden;           /* hidden width of each expert, the shared expert and the dense MLP (256) */
-    int n_experts;          /* E, global number of routed experts (8) */
-    int top_k;              /* k experts per token for the layer; the pair sets it from arch (1) */
-    int max_tokens;         /* most tokens (rows) one rank passes to one forward (1024) */
+    int d_model;            /**< model width d (default 64) */
+    int d_hidden;           /**< hidden width of each expert, the shared expert and the dense MLP (256) */
+    int n_experts;          /**< E, global number of routed experts (8) */
+    int top_k;              /**< k experts per token for the layer; the pair sets it from arch (1) */
+    int max_tokens;         /**< most tokens (rows) one rank passes to one forward (1024); sizes the workspace */
     /* gate and routing */
-    float capacity_factor;  /* CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens; <= 0: dropless (2.0) */
-    float eval_capacity_factor; /* CF when not training (2.0) */
-    scmoe_priority priority;    /* slot priority (TOKEN) */
-    int renormalize;        /* k > 1: divide the k gate weights by their sum (1) */
-    float aux_loss_weight;  /* weight of the GShard load-balance loss in backward (0.01) */
-    float z_loss_weight;    /* weight of the router z-loss (0) */
-    scmoe_aux_scope aux_scope;  /* (GLOBAL) */
-    float gate_noise_std;   /* training noise added to the logits: std * N(0,1) / E (0) */
-    uint64_t seed;          /* seeds parameter init and gate noise (1234) */
-    scmoe_activation activation; /* of every FFN (GELU, tanh approximation) */
-    int check_finite;       /* forward/backward reject NaN/Inf inputs with SCMOE_ERR_NONFINITE (0) */
+    float capacity_factor;  /**< CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens; <= 0: dropless (2.0) */
+    float eval_capacity_factor; /**< CF when not training (2.0) */
+    scmoe_priority priority;    /**< slot priority (TOKEN) */
+    int renormalize;        /**< k > 1: divide the k gate weights by their sum (1) */
+    float aux_loss_weight;  /**< weight of the GShard load-balance loss in backward (0.01) */
+    float z_loss_weight;    /**< weight of the router z-loss (0) */
+    scmoe_aux_scope aux_scope;  /**< scope of the load-balance loss statistics (GLOBAL) */
+    float gate_noise_std;   /**< training noise added to the logits: std * N(0,1) / E (0) */
+    uint64_t seed;          /**< seeds parameter init and gate noise (1234) */
+    scmoe_activation activation; /**< of every FFN (GELU, tanh approximation) */
+    int check_finite;       /**< forward/backward reject NaN/Inf inputs with ::SCMOE_ERR_NONFINITE (0) */
     /* the block pair */
-    scmoe_arch arch;        /* (SCMOE) */
-    int shortcut_pos;       /* 1, 2 or 3 for arch SCMOE (2) */
-    scmoe_combine combine;  /* (CG1) */
-    int n_heads;            /* attention heads, dividing d_model (4) */
-    int max_seq_len;        /* longest sequence T (256) */
-    int causal;             /* causal attention mask (1); 0 for vision models */
-    int n_layers;           /* transformer layers in the host model, for the init scale (2) */
+    scmoe_arch arch;        /**< the pair's variant (SCMOE) */
+    int shortcut_pos;       /**< 1, 2 or 3 for arch SCMOE (2): the MoE reads a1, m0 or a0 */
+    scmoe_combine combine;  /**< shared/routed combine rule (CG1) */
+    int n_heads;            /**< attention heads, dividing d_model (4) */
+    int max_seq_len;        /**< longest sequence T (256); sizes the workspace */
+    int causal;             /**< causal attention mask (1); 0 for vision models */
+    int n_layers;           /**< transformer layers in the host model, for the init scale (2) */
     /* parallelism and schedule */
-    int ep_size;            /* ranks in one expert-parallel group; 0 = all ranks (0) */
-    scmoe_progress progress;/* (POLL) */
-    int poll_rows;          /* rows per compute tile between progress polls (64) */
-    int overlap;            /* 1: the ScMoE overlapped order; 0: serialized, same math (1) */
-    int expert_slot;        /* -1: chosen from measured times; 0..3 forces the slot (-1) */
-    int overlap_grad_sync;  /* 1: dense-gradient all-reduce runs behind the backward and is finished by
+    int ep_size;            /**< ranks in one expert-parallel group; 0 = all ranks (0) */
+    scmoe_progress progress;/**< how exchanges progress while compute runs (POLL) */
+    int poll_rows;          /**< rows per compute tile between progress polls (64) */
+    int overlap;            /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
+    int expert_slot;        /**< -1: chosen from measured times; 0..3 forces the slot (-1) */
+    int overlap_grad_sync;  /**< 1: dense-gradient all-reduce runs behind the backward and is finished by
                                scmoe_pair_grad_sync(); 0: backward finishes it (0) */
-    double comm_timeout_s;  /* give up on an exchange after this long, SCMOE_ERR_TIMEOUT (600) */
-    int wire_bf16;          /* send exchanged activations and gradients as bfloat16 (half the bytes),
+    double comm_timeout_s;  /**< give up on an exchange after this long, in seconds: ::SCMOE_ERR_TIMEOUT (600) */
+    int wire_bf16;          /**< send exchanged activations and gradients as bfloat16 (half the bytes),
                                unpacked to float on arrival (0) */
 } scmoe_config;
 
+/** The default config (the defaults listed in ::scmoe_config): a valid small model.
+ * @return the config, by value. */
 scmoe_config scmoe_config_default(void);
 
-/* Returns SCMOE_OK or the status naming the first bad field. msg (may be NULL) receives a sentence. */
+/** Checks every field of a config without creating anything (local, no communication).
+ * @param cfg      the config to check.
+ * @param msg      (may be NULL) receives a sentence naming the first bad field and its allowed range,
+ *                 or "" when the config is valid; always NUL-terminated when msg_len > 0.
+ * @param msg_len  size of msg in bytes.
+ * @return ::SCMOE_OK or the status naming the first bad field (::SCMOE_ERR_NULL when cfg is NULL). */
 scmoe_status scmoe_config_validate(const scmoe_config *cfg, char *msg, size_t msg_len);
 
+/** The name of a status.
+ * @param status any value; out of range gives "unknown status".
+ * @return a static string (never NULL, never freed). */
 const char *scmoe_strerror(scmoe_status status);
+/** The library's version, "MAJOR.MINOR.PATCH" (::SCMOE_VERSION_MAJOR ...).
+ * @return a static string. */
 const char *scmoe_version(void);
-/* Backends compiled in, BLAS threads, MPI thread level. */
+/** Backends compiled in, BLAS threads, MPI thread level.
+ * @return a static string describing this build. */
 const char *scmoe_build_info(void);
 
 /* ---- context: the communicator and the error detail ---- */
+
+/** An opaque context: the ranks the library runs on (a communicator, or one rank) and the detail of
+ * the last failure. Created by scmoe_context_create() or scmoe_context_create_mpi(). */
 typedef struct scmoe_context scmoe_context;
 
-/* A one-rank context (no MPI). For MPI, see scmoe_context_create_mpi() in scmoe_mpi.h. */
+/** A one-rank context (no MPI). For MPI, see scmoe_context_create_mpi() in scmoe_mpi.h.
+ * @param[out] ctx receives the new context (NULL on failure); free it with scmoe_context_destroy().
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL (ctx NULL) or ::SCMOE_ERR_NOMEM. */
 scmoe_status scmoe_context_create(scmoe_context **ctx);
+/** Frees a context and, for MPI, its duplicated communicator. Destroy every object created on it
+ * first. COLLECTIVE for an MPI context (MPI_Comm_free), and before MPI_Finalize.
+ * @param ctx the context; NULL is a no-op. */
 void scmoe_context_destroy(scmoe_context *ctx);
+/** This rank's index in the context.
+ * @param ctx the context.
+ * @return 0..size-1; 0 for a one-rank context; -1 when ctx is NULL. */
 int scmoe_context_rank(const scmoe_context *ctx);
+/** The number of ranks in the context.
+ * @param ctx the context.
+ * @return the ranks; 1 for a one-rank context; -1 when ctx is NULL. */
 int scmoe_context_size(const scmoe_context *ctx);
-/* Detail of the last failure on this context ("" if none). Valid until the next call on it. */
+/** Detail of the last failure on this context ("" if none). Valid until the next call on it.
+ * @param ctx the context (NULL gives "context is NULL").
+ * @return a string owned by the context. */
 const char *scmoe_last_error(const scmoe_context *ctx);
 
 /* ---- parameters by name ---- */
+
+/** A view of one parameter tensor and its gradient, owned by the object that returned it.
+ *
+ * The pointers stay valid until the object is destroyed. Writing data changes the parameter (an
+ * optimizer steps it in place); grad is accumulated by every backward and cleared by zero_grad. */
 typedef struct scmoe_tensor {
-    const char *name;   /* e.g. "gate.weight", "experts.3.w1", "l0.attn.wqkv" */
-    float *data;        /* the values, row-major */
-    float *grad;        /* the gradient, same shape; backward accumulates into it */
-    int ndim;
-    int shape[4];
-    size_t numel;
-    int replicated;     /* 1: the same on every rank (dense); 0: an expert's, held by its owners only */
+    const char *name;   /**< e.g. "gate.weight", "experts.3.w1", "l0.attn.wqkv" */
+    float *data;        /**< the values, row-major */
+    float *grad;        /**< the gradient, same shape; backward accumulates into it */
+    int ndim;           /**< number of dimensions, 1..4 */
+    int shape[4];       /**< the first ndim entries are the shape */
+    size_t numel;       /**< number of elements (the product of the shape) */
+    int replicated;     /**< 1: the same on every rank (dense); 0: an expert's, held by its owners only */
 } scmoe_tensor;
 
 /* ---- statistics of the last forward/backward ---- */
+
+/** Statistics of the last forward or backward, filled by the calls that take a scmoe_stats pointer
+ * (which may be NULL). Times are wall-clock seconds on this rank; counts are over the global batch. */
 typedef struct scmoe_stats {
-    float aux_loss;          /* GShard load-balance loss (unweighted) */
-    float z_loss;            /* router z-loss (unweighted) */
-    int64_t tokens;          /* tokens routed in the global batch */
-    int64_t dropped;         /* (token, choice) assignments dropped by capacity, global */
-    int64_t capacity;        /* slots per expert (0 = dropless) */
-    const int64_t *expert_tokens; /* [n_experts] global assignments kept per expert (owned by the object) */
+    float aux_loss;          /**< GShard load-balance loss (unweighted) */
+    float z_loss;            /**< router z-loss (unweighted) */
+    int64_t tokens;          /**< tokens routed in the global batch */
+    int64_t dropped;         /**< (token, choice) assignments dropped by capacity, global */
+    int64_t capacity;        /**< slots per expert (0 = dropless) */
+    const int64_t *expert_tokens; /**< [n_experts] global assignments kept per expert (owned by the object,
+                                       valid until its next forward or its destroy) */
     /* timing of the last forward (fwd_) and backward (bwd_), seconds */
-    double fwd_time, bwd_time;
-    double fwd_comm, bwd_comm;       /* time the exchanges were in flight */
-    double fwd_exposed, bwd_exposed; /* time compute waited on an exchange */
-    double fwd_overlap, bwd_overlap; /* hidden / total exchange time, 0..1 (1 when no exchange) */
-    double fwd_expert, bwd_expert;   /* time in the experts' FFNs (the MoE's compute) */
-    double grad_sync_time, grad_sync_exposed; /* dense-gradient all-reduce */
-    int expert_slot;         /* slot the experts ran in (pair), -1 for the layer */
+    /** @var scmoe_stats::fwd_time
+     * wall time of the forward, seconds */
+    /** @var scmoe_stats::fwd_comm
+     * forward: time the exchanges were in flight, seconds */
+    /** @var scmoe_stats::fwd_exposed
+     * forward: time compute waited on an exchange, seconds */
+    /** @var scmoe_stats::fwd_overlap
+     * forward: hidden / total exchange time, 0..1 (1 when no exchange) */
+    /** @var scmoe_stats::fwd_expert
+     * forward: time in the experts' FFNs (the MoE's compute), seconds */
+    /** @var scmoe_stats::grad_sync_time
+     * dense-gradient all-reduce: time it was in flight, seconds */
+    double fwd_time, bwd_time;       /**< backward: wall time, seconds */
+    double fwd_comm, bwd_comm;       /**< backward: time the exchanges were in flight */
+    double fwd_exposed, bwd_exposed; /**< backward: time compute waited on an exchange */
+    double fwd_overlap, bwd_overlap; /**< backward: hidden / total exchange time, 0..1 (1 when no exchange) */
+    double fwd_expert, bwd_expert;   /**< backward: time in the experts' FFNs (the MoE's compute) */
+    double grad_sync_time, grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it */
+    int expert_slot;         /**< slot the experts ran in (pair), -1 for the layer */
 } scmoe_stats;
 
 /* ---- one MoE layer ---- */
+
+/** An opaque MoE layer: gate, routing with capacity, E experts spread over the expert-parallel group. */
 typedef struct scmoe_moe scmoe_moe;
 
-/* COLLECTIVE. Validates cfg, allocates parameters, gradients and the whole workspace, initialises
- * parameters (N(0, 0.02), biases 0) from cfg->seed. */
+/** Creates an MoE layer. COLLECTIVE.
+ *
+ * Validates cfg, allocates parameters, gradients and the whole workspace, initialises parameters
+ * (N(0, 0.02), biases 0) from cfg->seed. Uses cfg->top_k. Parameters: "gate.weight" [d, E] and, for
+ * each expert e held by this rank, "experts.e.w1", "experts.e.b1", "experts.e.w2", "experts.e.b2".
+ * @param ctx       the context (kept by the layer: destroy the layer first).
+ * @param cfg       the config (copied; the same on every rank).
+ * @param[out] moe  receives the layer (NULL on failure); free it with scmoe_moe_destroy().
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
+ *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **moe);
+/** Frees a layer. COLLECTIVE over MPI (it frees the layer's communicators with MPI_Comm_free).
+ * @param moe the layer; NULL is a no-op. */
 void scmoe_moe_destroy(scmoe_moe *moe);
-/* Training (1: noise, train capacity, caches for backward) or inference (0). */
+/** Training (1: noise, train capacity, caches for backward) or inference (0). The default is
+ * training. Local, but every rank must be in the same mode for the next forward.
+ * @param moe       the layer.
+ * @param training  1 or 0 (any nonzero is 1).
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_moe_set_training(scmoe_moe *moe, int training);
-/* COLLECTIVE. y[n_tokens, d] = sum_j w_j E_{e_j}(x); n_tokens may be 0 and differ per rank. */
+/** Forward: y[n_tokens, d] = sum_j w_j E_{e_j}(x). COLLECTIVE.
+ *
+ * n_tokens may be 0 and differ per rank. In training mode the step is kept for scmoe_moe_backward().
+ * @param moe       the layer.
+ * @param n_tokens  this rank's tokens, 0..max_tokens.
+ * @param x         [n_tokens, d_model] input (may be NULL when n_tokens is 0).
+ * @param[out] y    [n_tokens, d_model] output, overwritten.
+ * @param[out] stats (may be NULL) routing statistics and the forward timings.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_N_TOKENS, ::SCMOE_ERR_NONFINITE (check_finite),
+ *         ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_moe_forward(scmoe_moe *moe, int n_tokens, const float *x, float *y, scmoe_stats *stats);
-/* COLLECTIVE. From dy = dL/dy: dx = dL/dx (overwritten), gradients accumulated (+=), including the
- * aux and z losses with their config weights. */
+/** Backward of the last training forward. COLLECTIVE.
+ *
+ * From dy = dL/dy: dx = dL/dx (overwritten), gradients accumulated (+=), including the aux and z
+ * losses with their config weights. Expert gradients sum over every token routed to the expert;
+ * replicated (gate) gradients are summed over the ranks.
+ * @param moe       the layer.
+ * @param dy        [n_tokens, d_model] gradient of the loss w.r.t. y (n_tokens of the forward).
+ * @param[out] dx   [n_tokens, d_model] gradient w.r.t. x, overwritten.
+ * @param[out] stats (may be NULL) the backward timings (and the forward's routing statistics).
+ * @return ::SCMOE_OK, ::SCMOE_ERR_STATE (no training forward before), ::SCMOE_ERR_NULL,
+ *         ::SCMOE_ERR_NONFINITE (check_finite), ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_moe_backward(scmoe_moe *moe, const float *dy, float *dx, scmoe_stats *stats);
+/** Sets every gradient of the layer to 0 (local).
+ * @param moe the layer.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_moe_zero_grad(scmoe_moe *moe);
+/** The number of parameter tensors this rank holds (local).
+ * @param moe the layer.
+ * @return the count (0 when moe is NULL). */
 int scmoe_moe_param_count(const scmoe_moe *moe);
+/** The i-th parameter tensor this rank holds (local).
+ * @param moe     the layer.
+ * @param i       0..scmoe_moe_param_count()-1.
+ * @param[out] t  receives the view (pointers owned by the layer).
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_NOT_FOUND (i out of range). */
 scmoe_status scmoe_moe_param_at(const scmoe_moe *moe, int i, scmoe_tensor *t);
+/** A parameter tensor by name, e.g. "gate.weight" or "experts.3.w1" (local).
+ * @param moe     the layer.
+ * @param name    the tensor's name.
+ * @param[out] t  receives the view (pointers owned by the layer).
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_NOT_FOUND (no such tensor on this rank: an
+ *         expert held by other ranks). */
 scmoe_status scmoe_moe_param(const scmoe_moe *moe, const char *name, scmoe_tensor *t);
 
 /* ---- the block pair ---- */
+
+/** An opaque block pair: dense block l followed by MoE block l+1, run by the ScMoE schedule. */
 typedef struct scmoe_pair scmoe_pair;
 
-/* COLLECTIVE. Parameters are initialised GPT-2 style: weights N(0, 0.02), attention and MLP output
- * projections (residual writers) N(0, 0.02/sqrt(2*n_layers)), biases 0, LayerNorm 1/0, w_cg 0. */
+/** Creates a block pair. COLLECTIVE.
+ *
+ * Parameters are initialised GPT-2 style: weights N(0, 0.02), attention and MLP output projections
+ * (residual writers) N(0, 0.02/sqrt(2*n_layers)), biases 0, LayerNorm 1/0, w_cg 0. They are named
+ * "l0.ln_a.weight", "l0.attn.wqkv", "l0.mlp.w1", "l1.se.w2", "l1.cg.weight", "l1.gate.weight",
+ * "l1.experts.e.w1", ... (scmoe_pair_param_at() lists them). When the environment variable
+ * SCMOE_TRACE is set, tracing starts as with scmoe_pair_trace().
+ * @param ctx        the context (kept by the pair: destroy the pair first).
+ * @param cfg        the config (copied; the same on every rank); top_k is set from cfg->arch.
+ * @param[out] pair  receives the pair (NULL on failure); free it with scmoe_pair_destroy().
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
+ *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or
+ *         ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **pair);
+/** Frees a pair (and closes its trace). COLLECTIVE over MPI (it frees the pair's communicators with
+ * MPI_Comm_free).
+ * @param pair the pair; NULL is a no-op. */
 void scmoe_pair_destroy(scmoe_pair *pair);
+/** Training (1, the default) or inference (0); see scmoe_moe_set_training(). Local, but every rank
+ * must be in the same mode for the next forward.
+ * @param pair      the pair.
+ * @param training  1 or 0 (any nonzero is 1).
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_pair_set_training(scmoe_pair *pair, int training);
-/* COLLECTIVE. x, y: [batch, seq_len, d_model]; batch may be 0. */
+/** Forward through both blocks. COLLECTIVE.
+ *
+ * x, y: [batch, seq_len, d_model]; batch may be 0 and differ per rank.
+ * @param pair       the pair.
+ * @param batch      sequences on this rank, >= 0, with batch*seq_len <= max_tokens.
+ * @param seq_len    tokens per sequence, 1..max_seq_len.
+ * @param x          [batch, seq_len, d_model] input (may be NULL when batch is 0).
+ * @param[out] y     [batch, seq_len, d_model] output, overwritten.
+ * @param[out] stats (may be NULL) routing statistics, timings and the expert slot used.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_SEQ_LEN, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a gradient all-reduce
+ *         pending: call scmoe_pair_grad_sync()), ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
+ *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const float *x, float *y,
                                 scmoe_stats *stats);
-/* COLLECTIVE. dx overwritten; gradients accumulated. */
+/** Backward of the last training forward. COLLECTIVE.
+ *
+ * dx overwritten; gradients accumulated. dy on each rank is taken as dL/dy of one global loss: expert
+ * gradients sum over every token routed to the expert, replicated (dense) gradients are summed over
+ * the ranks. With overlap_grad_sync = 1 that sum is still in flight on return.
+ * @param pair       the pair.
+ * @param dy         [batch, seq_len, d_model] gradient of the loss w.r.t. y.
+ * @param[out] dx    [batch, seq_len, d_model] gradient w.r.t. x, overwritten.
+ * @param[out] stats (may be NULL) the backward timings.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_STATE, ::SCMOE_ERR_NULL, ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
+ *         ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_pair_backward(scmoe_pair *pair, const float *dy, float *dx, scmoe_stats *stats);
-/* COLLECTIVE. Finishes the dense-gradient all-reduce started by backward (overlap_grad_sync=1). */
+/** Finishes the dense-gradient all-reduce started by backward (overlap_grad_sync=1). COLLECTIVE.
+ *
+ * Call it before reading or stepping the gradients, and before the next forward or backward; it
+ * returns at once when nothing is pending.
+ * @param pair       the pair.
+ * @param[out] stats (may be NULL) receives grad_sync_time and grad_sync_exposed.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *pair, scmoe_stats *stats);
+/** Sets every gradient of the pair to 0 (local).
+ * @param pair the pair.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *pair);
-/* Writes every later step's operations, with begin and end times, to a Chrome/Perfetto JSON trace at
+/** Traces every later step's operations to a Chrome/Perfetto JSON file (local: each rank its own file).
+ *
+ * Writes every later step's operations, with begin and end times, to a Chrome/Perfetto JSON trace at
  * path (open it at ui.perfetto.dev or chrome://tracing): pid = rank, lane 0 compute, lane 1 the
  * token exchanges, lane 2 the gradient all-reduce. NULL closes it. Setting SCMOE_TRACE=path in the
- * environment does the same at create; with several ranks each writes path.rank<r>.json. */
+ * environment does the same at create; with several ranks each writes path.rank(r).json.
+ * @param pair  the pair.
+ * @param path  the file to write (replaced), or NULL to finish and close the current trace.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_IO (the file cannot be opened). */
 scmoe_status scmoe_pair_trace(scmoe_pair *pair, const char *path);
+/** The number of parameter tensors this rank holds (local).
+ * @param pair the pair.
+ * @return the count (0 when pair is NULL). */
 int scmoe_pair_param_count(const scmoe_pair *pair);
+/** The i-th parameter tensor this rank holds, with its name and shape (local).
+ * @param pair    the pair.
+ * @param i       0..scmoe_pair_param_count()-1.
+ * @param[out] t  receives the view (pointers owned by the pair).
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_NOT_FOUND (i out of range). */
 scmoe_status scmoe_pair_param_at(const scmoe_pair *pair, int i, scmoe_tensor *t);
+/** A parameter tensor by name, e.g. "l0.attn.wqkv" or "l1.experts.5.w1" (local).
+ * @param pair    the pair.
+ * @param name    the tensor's name.
+ * @param[out] t  receives the view (pointers owned by the pair).
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_NOT_FOUND (no such tensor on this rank: an
+ *         expert held by other ranks). */
 scmoe_status scmoe_pair_param(const scmoe_pair *pair, const char *name, scmoe_tensor *t);
 
 #ifdef __cplusplus

@@ -1,5 +1,9 @@
-/* scmoe_mpi.h: creating a scmoe context over an MPI communicator. Only embedders that build with MPI
- * include this; scmoe.h itself never pulls in mpi.h. */
+/**
+ * @file scmoe_mpi.h
+ * @brief Creating a scmoe context over an MPI communicator.
+ *
+ * Only embedders that build with MPI include this; scmoe.h itself never pulls in mpi.h.
+ */
 #ifndef SCMOE_MPI_H
 #define SCMOE_MPI_H
 
@@ -10,23 +14,26 @@
 extern "C" {
 #endif
 
-/* COLLECTIVE over host_comm: every rank of host_comm must call it, in the same order as its other
- * collectives on host_comm.
+/** A context over the ranks of an MPI communicator. COLLECTIVE over host_comm: every rank of
+ * host_comm must call it, in the same order as its other collectives on host_comm.
  *
  * The context spans exactly the ranks of host_comm (any communicator: the library never assumes
  * MPI_COMM_WORLD). The library duplicates host_comm with MPI_Comm_dup, so its messages can never match
  * the host's, and sets MPI_ERRORS_RETURN on the duplicate, so an MPI failure comes back as
- * SCMOE_ERR_COMM (detail in scmoe_last_error) instead of aborting the job. host_comm itself is left
+ * ::SCMOE_ERR_COMM (detail in scmoe_last_error()) instead of aborting the job. host_comm itself is left
  * untouched and may be freed by the host after this call; scmoe_context_destroy() frees the duplicate,
  * so destroy every context before MPI_Finalize.
  *
  * The library never calls MPI_Init or MPI_Finalize. If MPI is not initialised (or already finalised)
- * this returns SCMOE_ERR_STATE and sets *ctx to NULL. The MPI thread level granted to the host is
+ * this returns ::SCMOE_ERR_STATE and sets *ctx to NULL. The MPI thread level granted to the host is
  * recorded: the THREAD progress policy needs MPI_THREAD_MULTIPLE and falls back to POLL without it.
  *
- * Returns SCMOE_OK, SCMOE_ERR_NULL (ctx NULL or host_comm MPI_COMM_NULL), SCMOE_ERR_STATE,
- * SCMOE_ERR_NOMEM or SCMOE_ERR_COMM. On failure *ctx is NULL; since there is then no context to hold
- * the detail, the status alone says what went wrong. */
+ * @param host_comm  the host's communicator (not MPI_COMM_NULL); the context's rank and size are the
+ *                   calling process's rank and size in it.
+ * @param[out] ctx   receives the new context; free it with scmoe_context_destroy() (COLLECTIVE).
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL (ctx NULL or host_comm MPI_COMM_NULL), ::SCMOE_ERR_STATE,
+ *         ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. On failure *ctx is NULL; since there is then no context
+ *         to hold the detail, the status alone says what went wrong. */
 scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx);
 
 #ifdef __cplusplus

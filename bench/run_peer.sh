@@ -3,6 +3,9 @@
 # whose loopback is rate-limited with tc, the torch counterpart of `bench/netns.sh run RATE -- ...`.
 #
 #   bench/run_peer.sh RATE [torch_peer.py args...]    RATE: tc syntax (1gbit, 200mbit); "none" = unshaped
+#   bench/run_peer.sh RATE --exec CMD [ARGS...]       any command in the same kind of namespace, e.g. the C
+#       bench for comparison: --exec mpirun --oversubscribe -np 2 -x OMP_NUM_THREADS=1 --mca btl tcp,self
+#       --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo build/bench/bench_overlap --steps 4
 #
 # Creates namespace scmoe-peer-<pid> with only lo (up), `tc qdisc add dev lo root tbf rate RATE burst
 # BURST latency LATENCY` (defaults: burst 1mbit, latency 10ms; env BURST / LATENCY override), runs
@@ -11,7 +14,7 @@
 # Like netns.sh, every rank shares the one shaped device: RATE is the aggregate of all ranks' traffic.
 set -euo pipefail
 
-[ $# -ge 1 ] || { sed -n '5p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '5,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 RATE=$1; shift
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-/usr/bin/python3}
@@ -50,7 +53,13 @@ if [ "$RATE" != none ]; then
 fi
 echo "run_peer.sh: namespace $NS, lo $( [ "$RATE" = none ] && echo unshaped || echo "shaped to $RATE (burst ${BURST:-1mbit}, latency ${LATENCY:-10ms})")" >&2
 set +e
-ip netns exec "$NS" env GLOO_SOCKET_IFNAME=lo PEER_LINK="netns lo tbf $RATE" "$PY" "$HERE/torch_peer.py" "$@"
+if [ "${1:-}" = --exec ]; then
+    shift
+    [ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    ip netns exec "$NS" "$@"
+else
+    ip netns exec "$NS" env GLOO_SOCKET_IFNAME=lo PEER_LINK="netns lo tbf $RATE" "$PY" "$HERE/torch_peer.py" "$@"
+fi
 rc=$?
 set -e
 exit $rc

@@ -211,7 +211,62 @@ static void determinism(void) {
     scmoe_context_destroy(ctx);
 }
 
+static int all_finite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+/* Edge shapes and values: E = 1, k = E, one token, huge inputs, all-equal logits. */
+static void numerics(void) {
+    scmoe_context *ctx;
+    scmoe_context_create(&ctx);
+    struct { int E, k, n; float scale, cf; const char *what; } cases[] = {
+        {1, 1, 16, 1.0f, 2.0f, "E = 1"}, {4, 4, 16, 1.0f, 2.0f, "k = E = 4"}, {8, 2, 1, 1.0f, 2.0f, "one token"},
+        {8, 2, 16, 1e8f, 2.0f, "inputs of magnitude 1e8"}, {8, 1, 16, 1e-30f, 0.0f, "inputs of magnitude 1e-30"},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        scmoe_config cfg = scmoe_config_default();
+        cfg.d_model = 16; cfg.d_hidden = 16; cfg.n_experts = cases[c].E; cfg.top_k = cases[c].k; cfg.max_tokens = 16;
+        cfg.capacity_factor = cases[c].cf; cfg.z_loss_weight = 1e-3f;
+        scmoe_moe *m;
+        scmoe_status s = scmoe_moe_create(ctx, &cfg, &m);
+        int n = cases[c].n, d = 16;
+        float x[16 * 16], y[16 * 16], dx[16 * 16];
+        fill(x, (size_t)n * d, cases[c].scale);
+        scmoe_stats st;
+        if (!s) s = scmoe_moe_forward(m, n, x, y, &st);
+        if (!s) s = scmoe_moe_backward(m, x, dx, &st);
+        int ok = !s && all_finite(y, (size_t)n * d) && all_finite(dx, (size_t)n * d) && isfinite(st.aux_loss);
+        for (int i = 0; ok && i < scmoe_moe_param_count(m); i++) {
+            scmoe_tensor t;
+            scmoe_moe_param_at(m, i, &t);
+            ok = all_finite(t.grad, t.numel);
+        }
+        CHECK(ok, "%s: finite outputs, gradients and losses (%s)", cases[c].what, scmoe_strerror(s));
+        scmoe_moe_destroy(m);
+    }
+    /* all-equal logits: a zero gate; ties go to the lowest expert index, the same every run */
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = 8; cfg.d_hidden = 8; cfg.n_experts = 4; cfg.top_k = 2; cfg.max_tokens = 8; cfg.capacity_factor = 0;
+    scmoe_moe *m;
+    scmoe_moe_create(ctx, &cfg, &m);
+    scmoe_tensor g;
+    scmoe_moe_param(m, "gate.weight", &g);
+    memset(g.data, 0, sizeof(float) * g.numel);
+    float x[64], y[64];
+    fill(x, 64, 1.0f);
+    scmoe_stats st;
+    scmoe_moe_forward(m, 8, x, y, &st);
+    CHECK(st.expert_tokens[0] == 8 && st.expert_tokens[1] == 8 && st.expert_tokens[2] == 0 && st.expert_tokens[3] == 0,
+          "tied logits: every token picks experts 0 and 1 (%lld %lld %lld %lld)", (long long)st.expert_tokens[0],
+          (long long)st.expert_tokens[1], (long long)st.expert_tokens[2], (long long)st.expert_tokens[3]);
+    CHECK(fabsf(st.aux_loss - 4.0f * 0.25f) < 1e-6f, "tied logits: aux loss = E * sum_e (1/E) frac_e = 1 (%g)", st.aux_loss);
+    scmoe_moe_destroy(m);
+    scmoe_context_destroy(ctx);
+}
+
 int main(void) {
+    numerics();
     for (int act = 0; act < 2; act++) {
         gradcheck(1, 0.0f, (scmoe_activation)act, 1);
         gradcheck(1, 0.5f, (scmoe_activation)act, 1);

@@ -3,6 +3,7 @@
 #include "../scmoe.h"
 #include "check.h"
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -164,6 +165,51 @@ static void overlap_equals_serial(scmoe_arch arch, int pos) {
     scmoe_context_destroy(ctx);
 }
 
+/* Same seed and inputs: bitwise the same outputs and gradients whatever the thread count. */
+static void thread_independence(void) {
+    scmoe_context *ctx;
+    scmoe_context_create(&ctx);
+    scmoe_config c = tiny(SCMOE_ARCH_SCMOE, 2, SCMOE_SWIGLU, 1.0f);
+    c.d_model = 64; c.d_hidden = 96; c.max_tokens = 128; c.max_seq_len = 32; c.gate_noise_std = 0.5f;
+    int B = 4, T = 32, d = 64;
+    size_t n = (size_t)B * T * d;
+    float *x = malloc(sizeof(float) * n), *dy = malloc(sizeof(float) * n), *y[2], *dx[2], *g[2];
+    fill(x, n, 1.0f);
+    fill(dy, n, 1.0f);
+    int max = omp_get_max_threads(), same = 1;
+    size_t total = 0;
+    for (int r = 0; r < 2; r++) {
+        omp_set_num_threads(r ? (max > 1 ? max : 2) : 1);
+        scmoe_pair *p;
+        scmoe_pair_create(ctx, &c, &p);
+        y[r] = malloc(sizeof(float) * n);
+        dx[r] = malloc(sizeof(float) * n);
+        scmoe_stats st;
+        for (int step = 0; step < 3; step++) {
+            scmoe_pair_zero_grad(p);
+            scmoe_pair_forward(p, B, T, x, y[r], &st);
+            scmoe_pair_backward(p, dy, dx[r], &st);
+        }
+        total = 0;
+        for (int i = 0; i < scmoe_pair_param_count(p); i++) { scmoe_tensor t; scmoe_pair_param_at(p, i, &t); total += t.numel; }
+        g[r] = malloc(sizeof(float) * total);
+        for (int i = 0, o = 0; i < scmoe_pair_param_count(p); i++) {
+            scmoe_tensor t;
+            scmoe_pair_param_at(p, i, &t);
+            memcpy(g[r] + o, t.grad, sizeof(float) * t.numel);
+            o += (int)t.numel;
+        }
+        scmoe_pair_destroy(p);
+    }
+    omp_set_num_threads(max);
+    same = !memcmp(y[0], y[1], sizeof(float) * n) && !memcmp(dx[0], dx[1], sizeof(float) * n) &&
+           !memcmp(g[0], g[1], sizeof(float) * total);
+    CHECK(same, "1 thread vs %d threads: outputs, dX and every gradient bitwise equal", max > 1 ? max : 2);
+    for (int r = 0; r < 2; r++) { free(y[r]); free(dx[r]); free(g[r]); }
+    free(x); free(dy);
+    scmoe_context_destroy(ctx);
+}
+
 static void bad_input(void) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
@@ -213,6 +259,7 @@ int main(void) {
     gradcheck(SCMOE_ARCH_SCMOE, 2, SCMOE_GELU, 1.0f, SCMOE_COMBINE_ADD);
     for (int a = 0; a < 3; a++) overlap_equals_serial((scmoe_arch)a, 2);
     for (int pos = 1; pos <= 3; pos++) overlap_equals_serial(SCMOE_ARCH_SCMOE, pos);
+    thread_independence();
     bad_input();
     return check_summary();
 }
