@@ -77,4 +77,6 @@ check-valgrind: deps
 	VALGRIND="valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite,indirect --quiet" TESTS="moe pair schedule" tests/run.sh
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san dist docs/html
+
+include mk/install.mk

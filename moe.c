@@ -135,11 +135,6 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
     return SCMOE_OK;
 }
 
-static void *carve(char **cur, size_t bytes) {
-    void *p = *cur;
-    *cur += (bytes + 63) & ~(size_t)63;
-    return p;
-}
 
 scmoe_status moe_alloc(moe_layer *m) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d;
@@ -174,47 +169,47 @@ scmoe_status moe_alloc(moe_layer *m) {
     if (!m->mem) return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes", total);
     char *c = m->mem;
     route_plan *pl = &m->plan;
-    pl->cursor = carve(&c, i4 * E);
-    pl->expert_count = carve(&c, sizeof(int64_t) * E);
-    pl->expert_kept = carve(&c, sizeof(int64_t) * E);
-    m->top1_count = carve(&c, sizeof(int64_t) * E);
-    pl->send_counts = carve(&c, i4 * ep);
-    pl->send_displs = carve(&c, i4 * ep);
-    pl->recv_counts = carve(&c, i4 * ep);
-    pl->recv_displs = carve(&c, i4 * ep);
-    pl->src_cursor = carve(&c, i4 * ep * El);
-    pl->expert_offsets = carve(&c, i4 * (El + 1));
-    pl->slot = carve(&c, i4 * (size_t)S);
-    pl->recv_to_expert = carve(&c, i4 * (size_t)R);
-    m->route_work = carve(&c, route_workspace_bytes(S_max, k));
-    m->records = carve(&c, i4 * (size_t)n * (k + 1));
-    m->records_all = carve(&c, i4 * (size_t)S_max * (k + 1));
-    m->tokens_per_rank = carve(&c, i4 * world);
-    m->rec_bytes = carve(&c, i4 * world);
-    m->rec_displs = carve(&c, i4 * world);
-    m->logits = carve(&c, f * (size_t)n * E);
-    m->p = carve(&c, f * (size_t)n * E);
-    m->dlogits = carve(&c, f * (size_t)n * E);
-    m->lse = carve(&c, f * n);
-    m->score = carve(&c, f * n);
-    m->weight = carve(&c, f * (size_t)n * k);
-    m->dweight = carve(&c, f * (size_t)n * k);
-    m->choice = carve(&c, i4 * (size_t)n * k);
-    m->gsum = carve(&c, sizeof(double) * (E + 1));
-    m->aux_coef = carve(&c, f * E);
-    m->send = carve(&c, f * (size_t)S * d);
-    m->crecv = carve(&c, f * (size_t)S * d);
-    m->recv = carve(&c, f * (size_t)R * d);
-    m->xe = carve(&c, f * (size_t)R * d);
-    m->ye = carve(&c, f * (size_t)R * d);
-    m->dxe = carve(&c, f * (size_t)R * d);
-    m->pre = carve(&c, f * (size_t)R * m->h1);
-    m->dpre = carve(&c, f * (size_t)R * m->h1);
-    m->hid = carve(&c, f * (size_t)R * m->h);
-    m->dhid = carve(&c, f * (size_t)R * m->h);
+    pl->cursor = arena_take(&c, i4 * E);
+    pl->expert_count = arena_take(&c, sizeof(int64_t) * E);
+    pl->expert_kept = arena_take(&c, sizeof(int64_t) * E);
+    m->top1_count = arena_take(&c, sizeof(int64_t) * E);
+    pl->send_counts = arena_take(&c, i4 * ep);
+    pl->send_displs = arena_take(&c, i4 * ep);
+    pl->recv_counts = arena_take(&c, i4 * ep);
+    pl->recv_displs = arena_take(&c, i4 * ep);
+    pl->src_cursor = arena_take(&c, i4 * ep * El);
+    pl->expert_offsets = arena_take(&c, i4 * (El + 1));
+    pl->slot = arena_take(&c, i4 * (size_t)S);
+    pl->recv_to_expert = arena_take(&c, i4 * (size_t)R);
+    m->route_work = arena_take(&c, route_workspace_bytes(S_max, k));
+    m->records = arena_take(&c, i4 * (size_t)n * (k + 1));
+    m->records_all = arena_take(&c, i4 * (size_t)S_max * (k + 1));
+    m->tokens_per_rank = arena_take(&c, i4 * world);
+    m->rec_bytes = arena_take(&c, i4 * world);
+    m->rec_displs = arena_take(&c, i4 * world);
+    m->logits = arena_take(&c, f * (size_t)n * E);
+    m->p = arena_take(&c, f * (size_t)n * E);
+    m->dlogits = arena_take(&c, f * (size_t)n * E);
+    m->lse = arena_take(&c, f * n);
+    m->score = arena_take(&c, f * n);
+    m->weight = arena_take(&c, f * (size_t)n * k);
+    m->dweight = arena_take(&c, f * (size_t)n * k);
+    m->choice = arena_take(&c, i4 * (size_t)n * k);
+    m->gsum = arena_take(&c, sizeof(double) * (E + 1));
+    m->aux_coef = arena_take(&c, f * E);
+    m->send = arena_take(&c, f * (size_t)S * d);
+    m->crecv = arena_take(&c, f * (size_t)S * d);
+    m->recv = arena_take(&c, f * (size_t)R * d);
+    m->xe = arena_take(&c, f * (size_t)R * d);
+    m->ye = arena_take(&c, f * (size_t)R * d);
+    m->dxe = arena_take(&c, f * (size_t)R * d);
+    m->pre = arena_take(&c, f * (size_t)R * m->h1);
+    m->dpre = arena_take(&c, f * (size_t)R * m->h1);
+    m->hid = arena_take(&c, f * (size_t)R * m->h);
+    m->dhid = arena_take(&c, f * (size_t)R * m->h);
     if (m->cfg.wire_bf16) {
-        m->wire_out = carve(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
-        m->wire_in = carve(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
+        m->wire_out = arena_take(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
+        m->wire_in = arena_take(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
     }
     m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
     m->wg = param_data(m, m->p_wg);

@@ -286,11 +286,6 @@ static sched_bucket bucket_of(const param_table *pt, int first, int count) {
     return b;
 }
 
-static void *carve(char **cur, size_t bytes) {
-    void *r = *cur;
-    *cur += (bytes + 63) & ~(size_t)63;
-    return r;
-}
 
 static scmoe_status alloc_activations(scmoe_pair *p) {
     const scmoe_config *c = &p->cfg;
@@ -303,22 +298,22 @@ static scmoe_status alloc_activations(scmoe_pair *p) {
     char *m = p->mem;
     float **nd[] = {&p->x, &p->a0, &p->A, &p->m0, &p->H, &p->a1, &p->A2, &p->m1, &p->se_out, &p->o0, &p->o1,
                     &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO, &p->gse};
-    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = carve(&m, f * N * d);
-    p->ln_stats = carve(&m, f * N * 8);
-    p->qkv0 = carve(&m, f * N * 3 * d);
-    p->qkv1 = carve(&m, f * N * 3 * d);
-    p->dqkv = carve(&m, f * N * 3 * d);
-    p->att0 = carve(&m, f * att);
-    p->att1 = carve(&m, f * att);
-    p->datt = carve(&m, f * att);
-    p->pre0 = carve(&m, f * N * h1);
-    p->se_pre = carve(&m, f * N * h1);
-    p->dpre = carve(&m, f * N * h1);
-    p->hid0 = carve(&m, f * N * h);
-    p->se_hid = carve(&m, f * N * h);
-    p->dhid = carve(&m, f * N * h);
-    p->cgate = carve(&m, f * N);
-    p->dcg = carve(&m, f * N);
+    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = arena_take(&m, f * N * d);
+    p->ln_stats = arena_take(&m, f * N * 8);
+    p->qkv0 = arena_take(&m, f * N * 3 * d);
+    p->qkv1 = arena_take(&m, f * N * 3 * d);
+    p->dqkv = arena_take(&m, f * N * 3 * d);
+    p->att0 = arena_take(&m, f * att);
+    p->att1 = arena_take(&m, f * att);
+    p->datt = arena_take(&m, f * att);
+    p->pre0 = arena_take(&m, f * N * h1);
+    p->se_pre = arena_take(&m, f * N * h1);
+    p->dpre = arena_take(&m, f * N * h1);
+    p->hid0 = arena_take(&m, f * N * h);
+    p->se_hid = arena_take(&m, f * N * h);
+    p->dhid = arena_take(&m, f * N * h);
+    p->cgate = arena_take(&m, f * N);
+    p->dcg = arena_take(&m, f * N);
     return SCMOE_OK;
 }
 

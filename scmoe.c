@@ -155,6 +155,24 @@ double scmoe_now(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
+void *arena_take(char **cur, size_t bytes) {
+    void *p = *cur;
+    *cur += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+const char *scmoe_build_info(void) {
+    return "scmoe " SCMOE_STR(SCMOE_VERSION_MAJOR) "." SCMOE_STR(SCMOE_VERSION_MINOR) "." SCMOE_STR(SCMOE_VERSION_PATCH)
+           "; compute: openblas (OpenMP threads = OMP_NUM_THREADS); communication: serial"
+#ifdef SCMOE_WITH_MPI
+           " + MPI (nonblocking all-to-all, progress poll|thread|none)"
+#endif
+#ifdef SCMOE_WITH_CUDA
+           " + CUDA"
+#endif
+        ;
+}
+
 int scmoe_has_nonfinite(const float *x, size_t n) {
     int bad = 0;
 #pragma omp parallel for reduction(| : bad) schedule(static)

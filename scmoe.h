@@ -216,8 +216,8 @@ typedef struct scmoe_context scmoe_context;
  * @param[out] ctx receives the new context (NULL on failure); free it with scmoe_context_destroy().
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL (ctx NULL) or ::SCMOE_ERR_NOMEM. */
 scmoe_status scmoe_context_create(scmoe_context **ctx);
-/** Frees a context and, for MPI, its duplicated communicator. Destroy every object created on it
- * first. COLLECTIVE for an MPI context (MPI_Comm_free), and before MPI_Finalize.
+/** COLLECTIVE for an MPI context: frees a context (MPI_Comm_free of its duplicated communicator).
+ * Destroy every object created on it first, and, for MPI, call it before MPI_Finalize.
  * @param ctx the context; NULL is a no-op. */
 void scmoe_context_destroy(scmoe_context *ctx);
 /** This rank's index in the context.
@@ -275,11 +275,11 @@ typedef struct scmoe_stats {
     /** @var scmoe_stats::grad_sync_time
      * dense-gradient all-reduce: time it was in flight, seconds */
     double fwd_time, bwd_time;       /**< backward: wall time, seconds */
-    double fwd_comm, bwd_comm;       /**< backward: time the exchanges were in flight */
-    double fwd_exposed, bwd_exposed; /**< backward: time compute waited on an exchange */
+    double fwd_comm, bwd_comm;       /**< backward: time the exchanges were in flight, seconds */
+    double fwd_exposed, bwd_exposed; /**< backward: time compute waited on an exchange, seconds */
     double fwd_overlap, bwd_overlap; /**< backward: hidden / total exchange time, 0..1 (1 when no exchange) */
-    double fwd_expert, bwd_expert;   /**< backward: time in the experts' FFNs (the MoE's compute) */
-    double grad_sync_time, grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it */
+    double fwd_expert, bwd_expert;   /**< backward: time in the experts' FFNs (the MoE's compute), seconds */
+    double grad_sync_time, grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it, seconds */
     int expert_slot;         /**< slot the experts ran in (pair), -1 for the layer */
 } scmoe_stats;
 
@@ -288,7 +288,7 @@ typedef struct scmoe_stats {
 /** An opaque MoE layer: gate, routing with capacity, E experts spread over the expert-parallel group. */
 typedef struct scmoe_moe scmoe_moe;
 
-/** Creates an MoE layer. COLLECTIVE.
+/** COLLECTIVE: creates an MoE layer.
  *
  * Validates cfg, allocates parameters, gradients and the whole workspace, initialises parameters
  * (N(0, 0.02), biases 0) from cfg->seed. Uses cfg->top_k. Parameters: "gate.weight" [d, E] and, for
@@ -299,7 +299,7 @@ typedef struct scmoe_moe scmoe_moe;
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
  *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **moe);
-/** Frees a layer. COLLECTIVE over MPI (it frees the layer's communicators with MPI_Comm_free).
+/** COLLECTIVE over MPI: frees a layer (its communicators go with MPI_Comm_free).
  * @param moe the layer; NULL is a no-op. */
 void scmoe_moe_destroy(scmoe_moe *moe);
 /** Training (1: noise, train capacity, caches for backward) or inference (0). The default is
@@ -308,7 +308,7 @@ void scmoe_moe_destroy(scmoe_moe *moe);
  * @param training  1 or 0 (any nonzero is 1).
  * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_moe_set_training(scmoe_moe *moe, int training);
-/** Forward: y[n_tokens, d] = sum_j w_j E_{e_j}(x). COLLECTIVE.
+/** COLLECTIVE: forward, y[n_tokens, d] = sum_j w_j E_{e_j}(x).
  *
  * n_tokens may be 0 and differ per rank. In training mode the step is kept for scmoe_moe_backward().
  * @param moe       the layer.
@@ -319,7 +319,7 @@ scmoe_status scmoe_moe_set_training(scmoe_moe *moe, int training);
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_N_TOKENS, ::SCMOE_ERR_NONFINITE (check_finite),
  *         ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_moe_forward(scmoe_moe *moe, int n_tokens, const float *x, float *y, scmoe_stats *stats);
-/** Backward of the last training forward. COLLECTIVE.
+/** COLLECTIVE: backward of the last training forward.
  *
  * From dy = dL/dy: dx = dL/dx (overwritten), gradients accumulated (+=), including the aux and z
  * losses with their config weights. Expert gradients sum over every token routed to the expert;
@@ -358,7 +358,7 @@ scmoe_status scmoe_moe_param(const scmoe_moe *moe, const char *name, scmoe_tenso
 /** An opaque block pair: dense block l followed by MoE block l+1, run by the ScMoE schedule. */
 typedef struct scmoe_pair scmoe_pair;
 
-/** Creates a block pair. COLLECTIVE.
+/** COLLECTIVE: creates a block pair.
  *
  * Parameters are initialised GPT-2 style: weights N(0, 0.02), attention and MLP output projections
  * (residual writers) N(0, 0.02/sqrt(2*n_layers)), biases 0, LayerNorm 1/0, w_cg 0. They are named
@@ -372,8 +372,7 @@ typedef struct scmoe_pair scmoe_pair;
  *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or
  *         ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **pair);
-/** Frees a pair (and closes its trace). COLLECTIVE over MPI (it frees the pair's communicators with
- * MPI_Comm_free).
+/** COLLECTIVE over MPI: frees a pair and closes its trace (its communicators go with MPI_Comm_free).
  * @param pair the pair; NULL is a no-op. */
 void scmoe_pair_destroy(scmoe_pair *pair);
 /** Training (1, the default) or inference (0); see scmoe_moe_set_training(). Local, but every rank
@@ -382,7 +381,7 @@ void scmoe_pair_destroy(scmoe_pair *pair);
  * @param training  1 or 0 (any nonzero is 1).
  * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_pair_set_training(scmoe_pair *pair, int training);
-/** Forward through both blocks. COLLECTIVE.
+/** COLLECTIVE: forward through both blocks.
  *
  * x, y: [batch, seq_len, d_model]; batch may be 0 and differ per rank.
  * @param pair       the pair.
@@ -396,7 +395,7 @@ scmoe_status scmoe_pair_set_training(scmoe_pair *pair, int training);
  *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const float *x, float *y,
                                 scmoe_stats *stats);
-/** Backward of the last training forward. COLLECTIVE.
+/** COLLECTIVE: backward of the last training forward.
  *
  * dx overwritten; gradients accumulated. dy on each rank is taken as dL/dy of one global loss: expert
  * gradients sum over every token routed to the expert, replicated (dense) gradients are summed over
@@ -408,7 +407,7 @@ scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const 
  * @return ::SCMOE_OK, ::SCMOE_ERR_STATE, ::SCMOE_ERR_NULL, ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
  *         ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_pair_backward(scmoe_pair *pair, const float *dy, float *dx, scmoe_stats *stats);
-/** Finishes the dense-gradient all-reduce started by backward (overlap_grad_sync=1). COLLECTIVE.
+/** COLLECTIVE: finishes the dense-gradient all-reduce started by backward (overlap_grad_sync=1).
  *
  * Call it before reading or stepping the gradients, and before the next forward or backward; it
  * returns at once when nothing is pending.

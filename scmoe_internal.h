@@ -19,6 +19,8 @@ scmoe_status context_create_with(comm *world, scmoe_context **out);
 scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 double scmoe_now(void);
+/* Takes bytes from a bump allocator over one block, 64-byte aligned. */
+void *arena_take(char **cur, size_t bytes);
 int scmoe_has_nonfinite(const float *x, size_t n);
 
 /* ---- parameters: registered by name, then laid out in one allocation ---- */

@@ -14,8 +14,9 @@
 extern "C" {
 #endif
 
-/** A context over the ranks of an MPI communicator. COLLECTIVE over host_comm: every rank of
- * host_comm must call it, in the same order as its other collectives on host_comm.
+/** COLLECTIVE over host_comm: a context over the ranks of an MPI communicator.
+ *
+ * Every rank of host_comm must call it, in the same order as its other collectives on host_comm.
  *
  * The context spans exactly the ranks of host_comm (any communicator: the library never assumes
  * MPI_COMM_WORLD). The library duplicates host_comm with MPI_Comm_dup, so its messages can never match

@@ -35,7 +35,10 @@ Backward: autograd (one CPU thread), exchanges blocking. Then the dense (replica
 gate included, are all-reduced as one flat buffer (timed separately), then an SGD step.
 
 Run:   /usr/bin/python3 bench/torch_peer.py [--nproc 2] [--steps 5] [--archs top2,...]
-   or: /usr/bin/python3 -m torch.distributed.run --nproc_per_node 2 bench/torch_peer.py
+       (spawns the ranks itself with torch.multiprocessing, rendezvous on 127.0.0.1). It also runs under
+       a launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; but Debian's torch 1.13 launcher
+       (python3 -m torch.distributed.run) fails on Python 3.11 before starting workers
+       (AttributeError in elastic/multiprocessing/api.py to_map), hence the spawn default.
 bench/run_peer.sh RATE runs it inside a network namespace whose loopback is rate-limited.
 gloo is bound to lo (GLOO_SOCKET_IFNAME=lo unless set). Note gloo always goes through TCP, also
 over plain loopback (no shared-memory transport), unlike OpenMPI's vader.

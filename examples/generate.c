@@ -132,7 +132,7 @@ static int sample(const float *z, int V, double temperature, int top_k, uint64_t
         p[v] = z[v] >= cut ? exp((z[v] - z[best]) / temperature) : 0.0;
         sum += p[v];
     }
-    double u = (rng_next(rng) >> 11) / 9007199254740992.0 * sum;
+    double u = (double)(rng_next(rng) >> 11) / 9007199254740992.0 * sum;
     for (int v = 0; v < V; v++) {
         if (u < p[v]) return v;
         u -= p[v];
@@ -227,9 +227,9 @@ int main(int argc, char **argv) {
             const float *xl = x + (size_t)(Tw - 1) * d;
             float mu = 0.0f, var = 0.0f;
             for (int j = 0; j < d; j++) mu += xl[j];
-            mu /= d;
+            mu /= (float)d;
             for (int j = 0; j < d; j++) var += (xl[j] - mu) * (xl[j] - mu);
-            float rs = 1.0f / sqrtf(var / d + 1e-5f);
+            float rs = 1.0f / sqrtf(var / (float)d + 1e-5f);
             for (int j = 0; j < d; j++) h_last[j] = (xl[j] - mu) * rs * lnf_w[j] + lnf_b[j];
             for (int v = 0; v < V; v++) {
                 float z = 0.0f;

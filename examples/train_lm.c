@@ -36,7 +36,16 @@
  *
  * Checkpoints (checkpoint.h): parameters, AdamW moments, step, RNG and data position; a resumed run
  * continues the loss curve bit for bit. Gate noise stays off: its counter lives inside the library
- * and is not saved.
+ * and is not saved. One caveat, the library's: with --overlap 1 it cuts its GEMMs into --poll-rows
+ * row tiles only while an exchange is in flight, which depends on timing and can move the last bits;
+ * a --poll-rows larger than any GEMM (one tile) makes overlapped runs reproducible too.
+ *
+ * Output (rank 0): a progress line every --print-every steps with the loss (CE + aux_w * aux), the
+ * latest validation CE, tokens/s, the step time split into compute and exposed communication (time
+ * spent waiting on the MoE all-to-alls and gradient all-reduces, from the library's stats, plus our own
+ * blocking all-reduces), overlap (the share of all-to-all time hidden behind compute: 1 - exposed /
+ * in flight) and the share of (token, expert) assignments dropped by capacity; --log FILE.jsonl gets
+ * the same per step; a summary table ends the run.
  */
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
@@ -238,7 +247,7 @@ static uint64_t rng_next(uint64_t *s) {
     return z ^ (z >> 31);
 }
 static float rng_normal(uint64_t *s) { /* Box-Muller */
-    double u1 = ((rng_next(s) >> 11) + 1.0) / 9007199254740993.0, u2 = (rng_next(s) >> 11) / 9007199254740992.0;
+    double u1 = ((double)(rng_next(s) >> 11) + 1.0) / 9007199254740993.0, u2 = (double)(rng_next(s) >> 11) / 9007199254740992.0;
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
@@ -434,9 +443,9 @@ static double model_forward(model *m, int B, double inv_S) {
         const float *x = xn + (size_t)n * d;
         float mu = 0.0f, var = 0.0f;
         for (int j = 0; j < d; j++) mu += x[j];
-        mu /= d;
+        mu /= (float)d;
         for (int j = 0; j < d; j++) var += (x[j] - mu) * (x[j] - mu);
-        float rs = 1.0f / sqrtf(var / d + LN_EPS);
+        float rs = 1.0f / sqrtf(var / (float)d + LN_EPS);
         m->mean[n] = mu;
         m->rstd[n] = rs;
         float *h = m->h + (size_t)n * d;
@@ -484,8 +493,8 @@ static void model_backward(model *m, int B) {
             m->d_lnf_w[j] += dy[j] * xh;
             m->d_lnf_b[j] += dy[j];
         }
-        gm /= d;
-        gx /= d;
+        gm /= (float)d;
+        gx /= (float)d;
         float *o = dx + (size_t)n * d;
         for (int j = 0; j < d; j++) o[j] = rs * (dy[j] * m->lnf_w[j] - gm - (x[j] - mu) * rs * gx);
     }

@@ -97,7 +97,7 @@ docs:
 	@command -v doxygen >/dev/null 2>&1 || tools/install_deps.sh doxygen
 	@mkdir -p $(B)
 	rm -rf docs/html
-	doxygen Doxyfile > $(B)/doxygen.out 2> $(B)/doxygen.warnings || { cat $(B)/doxygen.warnings; exit 1; }
+	SCMOE_VERSION=$(SCMOE_VERSION) doxygen Doxyfile > $(B)/doxygen.out 2> $(B)/doxygen.warnings || { cat $(B)/doxygen.warnings; exit 1; }
 	@if [ -s $(B)/doxygen.warnings ]; then cat $(B)/doxygen.warnings; echo "docs: doxygen warned" >&2; exit 1; fi
 	@echo "docs: docs/html/index.html"
 

@@ -38,5 +38,7 @@ fi
 if [ -x ${BUILD:-build}/tests/test_ep ]; then
     for n in 1 2 4; do want ep && run "expert parallelism == 1 rank, $n ranks" 600 $MPIRUN -np $n ${BUILD:-build}/tests/test_ep; done
 fi
+want install && run "make install + pkg-config" 600 tests/test_install.sh
+want amalgamation && run "single-file drop-in == library" 900 tests/test_amalgamation.sh
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

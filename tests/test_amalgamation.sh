@@ -9,9 +9,9 @@
 # and every build must print the same bytes: one rank (serial context) and 2 ranks over MPI.
 # Ends with "N passed, N failed"; exits non-zero on a failure.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
-B=${BUILD:-build}
+B=build   # the default build (not $BUILD: run.sh points that at sanitizer builds)
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none OMP_NUM_THREADS=2
 MPIRUN="mpirun --oversubscribe -x OMP_NUM_THREADS"
@@ -60,6 +60,9 @@ for f in $(make_var CORE_SRC) $(make_var BLAS_SRC) $(make_var MPI_SRC) scmoe.h s
     grep -q "^/\* ======== $f ======== \*/\$" dist/scmoe_all.h || missing="$missing $f"
 done
 if [ -z "$missing" ]; then ok "every library source and public header is inlined"; else not_ok "inlined sources" "missing:$missing"; fi
+renamed=$(sed -n '/File-scope names renamed/,/^ \*\/$/p' dist/scmoe_all.h | sed -n 's/^ \*   //p')
+echo "# file-scope names renamed in the amalgamation (found by tools/amalgamate.sh):"
+printf '%s\n' "${renamed:-none}" | sed 's/^/#   /'
 n_inc=$(grep -cE '^[[:space:]]*#[[:space:]]*include[[:space:]]*"' dist/scmoe_all.h)
 if [ "$n_inc" = 0 ]; then ok "no project #include \"...\" left"; else not_ok "no project #include left" "$(grep -nE '^[[:space:]]*#[[:space:]]*include[[:space:]]*"' dist/scmoe_all.h)"; fi
 
@@ -211,7 +214,7 @@ printf '#define SCMOE_IMPLEMENTATION\n#include "scmoe_all.h"\n' >"$TMP/impl.c"
 # the header included twice, and the implementation requested twice, in one file
 printf '#define SCMOE_IMPLEMENTATION\n#include "scmoe_all.h"\n#include "scmoe_all.h"\nint main(void) { return scmoe_strerror(SCMOE_OK)[0] == 0; }\n' >"$TMP/twice.c"
 
-cd "$TMP"
+cd "$TMP" || exit 2
 # shellcheck disable=SC2086
 {
     check "build lib: scmoe_all.h declarations + $B/libscmoe.a" \

@@ -45,7 +45,7 @@ static uint64_t hash_str(const char *s) {
 static float value_of(const char *name, int seed, size_t i) {
     uint64_t z = hash_str(name) ^ ((uint64_t)seed * 0x9E3779B97F4A7C15ull) ^ (i * 0xBF58476D1CE4E5B9ull);
     z = (z ^ (z >> 29)) * 0x94D049BB133111EBull;
-    return (float)((z >> 40) / 16777216.0 - 0.5);
+    return (float)((double)(z >> 40) / 16777216.0 - 0.5);
 }
 
 /* The model of the test: one extra replicated tensor "emb" and one pair, parameters and one moment

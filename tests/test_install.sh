@@ -4,9 +4,9 @@
 # library; `make install DESTDIR=...`; `make uninstall` leaves nothing behind.
 # Ends with "N passed, N failed"; exits non-zero on a failure.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
-B=${BUILD:-build}
+B=build   # the default build (not $BUILD: run.sh points that at sanitizer builds)
 
 pass=0 fail=0
 ok() { echo "ok - $1"; pass=$((pass + 1)); }
@@ -75,7 +75,7 @@ fi
 
 # ---- a program outside the tree ----
 mkdir -p "$TMP/app"
-cd "$TMP/app"
+cd "$TMP/app" || exit 2
 cat >app.c <<'EOF'
 /* A user of the installed library: one rank, a tiny block pair, forward + backward, checksums. */
 #include <scmoe.h>
@@ -153,7 +153,7 @@ printf '#include <scmoe_mpi.h>\nint main(void) { scmoe_context *c; return scmoe_
 # shellcheck disable=SC2046
 check "scmoe_mpi.h compiles with \$(pkg-config --cflags scmoe) alone (mpi.h from Requires.private)" \
     $CC -c mpiapp.c $(pkg-config --cflags scmoe) -o mpiapp.o
-cd "$ROOT"
+cd "$ROOT" || exit 2
 
 # ---- DESTDIR ----
 S=$TMP/stage

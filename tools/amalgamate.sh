@@ -21,9 +21,9 @@
 # environment variables SCMOE_SRC and SCMOE_MPI_SRC override them. The MPI_SRC files, and any header
 # only they include, are left out when SCMOE_NO_MPI is defined.
 set -euo pipefail
+if [[ -n ${1:-} ]]; then OUT=$(realpath -m -- "$1"); fi   # relative to the caller's directory
 cd "$(dirname "$0")/.."
-
-OUT=${1:-dist/scmoe_all.h}
+OUT=${OUT:-dist/scmoe_all.h}
 PUBLIC_HEADERS="scmoe.h scmoe_mpi.h"
 PUBLIC_MPI_HEADERS="scmoe_mpi.h"   # left out under SCMOE_NO_MPI
 
@@ -88,21 +88,23 @@ group=mpi
 for f in "${mpi_src[@]}"; do for h in $(project_includes "$f"); do visit "$h"; done; done
 
 # ---- file-scope names that clash between .c files ----
-if command -v ctags >/dev/null 2>&1 && ctags --version 2>/dev/null | grep -q Universal; then
+if [[ -z ${SCMOE_AMALG_NO_CTAGS:-} ]] && command -v ctags >/dev/null 2>&1 && ctags --version 2>/dev/null | grep -q Universal; then
     tags() { ctags -f - --fields=+K --kinds-C=fvtsuge --language-force=C "$1" 2>/dev/null; }
     local_names() { tags "$1" | awk -F'\t' '/\tfile:/ && $1 !~ /^__anon/ {print $1}' | sort -u; }
     global_names() { tags "$1" | awk -F'\t' '!/\tfile:/ && $1 !~ /^__anon/ {print $1}' | sort -u; }
 else
     echo "amalgamate: universal-ctags not found, finding file-scope names with a regex" >&2
     local_names() {
-        sed -nE -e 's/^static[^=(;]*[^A-Za-z0-9_]([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*[([=;].*/\1/p' \
-            -e 's/^typedef[^;]*[^A-Za-z0-9_]([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*;.*/\1/p' \
-            -e 's/^}[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*;.*/\1/p' \
+        sed -nE -e 's/^static[^=(;]*[^A-Za-z0-9_]([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*[(=;[].*/\1/p' \
+            -e 's/^typedef[^{;]*[^A-Za-z0-9_]([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*;.*/\1/p' \
+            -e 's/^typedef.*\}[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*;.*/\1/p' \
+            -e 's/^\}[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*;.*/\1/p' \
             -e 's/^(typedef[[:space:]]+)?(struct|union|enum)[[:space:]]+([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*\{.*/\3/p' \
             "$1" | sort -u
     }
-    global_names() {
-        sed -nE 's/^[A-Za-z_][^=(;]*[^A-Za-z0-9_]([A-Za-z_][A-Za-z0-9_]*)\(.*/\1/p' "$1" | grep -v '^static' | sort -u
+    global_names() { # functions and variables defined at column 0 without static
+        grep -vE '^(static|typedef|extern)[^A-Za-z0-9_]' "$1" |
+            sed -nE 's/^[A-Za-z_][^=(;]*[^A-Za-z0-9_]([A-Za-z_][A-Za-z0-9_]*)[[:space:]]*[(=[].*/\1/p' | sort -u
     }
 fi
 declare -A local_count=() local_in=() global_in=() all_names=()
