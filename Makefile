@@ -63,7 +63,7 @@ deps:
 tests: $(TEST_BINS)
 
 check: deps
-	$(MAKE) tests
+	$(MAKE) tests examples
 	tests/run.sh
 
 # The same suite built with ASan + UBSan in its own build folder.
@@ -80,3 +80,4 @@ clean:
 	rm -rf build build-san dist docs/html
 
 include mk/install.mk
+include mk/examples.mk

@@ -25,7 +25,7 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
     if (!s) {
         o->ctx = ctx;
         o->ex.blas = ctx->blas;
-        o->ex.poll_rows = cfg->poll_rows;
+        o->ex.poll_cols = cfg->poll_cols;
         s = moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
     }
     if (!s) {

@@ -336,7 +336,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
         p->training = 1;
         p->ex.blas = ctx->blas;
-        p->ex.poll_rows = cfg->poll_rows;
+        p->ex.poll_cols = cfg->poll_cols;
         s = register_params(p);
     }
     if (!s) {

@@ -36,7 +36,7 @@ scmoe_config scmoe_config_default(void) {
     c.n_layers = 2;
     c.ep_size = 0;
     c.progress = SCMOE_PROGRESS_POLL;
-    c.poll_rows = 64;
+    c.poll_cols = 512;
     c.overlap = 1;
     c.expert_slot = -1;
     c.overlap_grad_sync = 0;
@@ -85,7 +85,7 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (c->n_layers < 1) return bad(msg, len, SCMOE_ERR_N_LAYERS, "n_layers = %d: must be >= 1", c->n_layers);
     if (c->ep_size < 0 || (c->ep_size > 0 && c->n_experts % c->ep_size != 0)) return bad(msg, len, SCMOE_ERR_EP_SIZE, "ep_size = %d: must be 0 (all ranks) or divide n_experts (%d)", c->ep_size, c->n_experts);
     if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE) return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
-    if (c->poll_rows < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_rows = %d: must be >= 1", c->poll_rows);
+    if (c->poll_cols < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_cols = %d: must be >= 1", c->poll_cols);
     if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
     if (c->expert_slot < -1 || c->expert_slot > 3) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..3", c->expert_slot);
     if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
@@ -353,7 +353,7 @@ scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *c, scmoe_statu
         H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); H(capacity_factor); H(eval_capacity_factor);
         H(priority); H(renormalize); H(aux_loss_weight); H(z_loss_weight); H(aux_scope); H(gate_noise_std); H(seed);
         H(activation); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal); H(n_layers);
-        H(ep_size); H(progress); H(poll_rows); H(overlap); H(expert_slot); H(overlap_grad_sync); H(wire_bf16);
+        H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync); H(wire_bf16);
 #undef H
     }
     int64_t mine = (int64_t)(h >> 2);

@@ -125,7 +125,7 @@ typedef enum scmoe_combine {
  * POLL: compute is split in row tiles and the exchange is tested between tiles. THREAD: a progress
  * thread tests it (needs MPI_THREAD_MULTIPLE). NONE: bytes move only in the final wait. */
 typedef enum scmoe_progress {
-    SCMOE_PROGRESS_POLL = 0,   /**< test the exchange between compute tiles of poll_rows rows */
+    SCMOE_PROGRESS_POLL = 0,   /**< test the exchange between GEMM tiles of poll_cols output columns */
     SCMOE_PROGRESS_THREAD = 1, /**< a progress thread tests it (falls back to POLL without MPI_THREAD_MULTIPLE) */
     SCMOE_PROGRESS_NONE = 2    /**< bytes move only in the final wait */
 } scmoe_progress;
@@ -173,7 +173,7 @@ typedef struct scmoe_config {
     /* parallelism and schedule */
     int ep_size;            /**< ranks in one expert-parallel group; 0 = all ranks (0) */
     scmoe_progress progress;/**< how exchanges progress while compute runs (POLL) */
-    int poll_rows;          /**< rows per compute tile between progress polls (64) */
+    int poll_cols;          /**< GEMM output columns per compute tile; progress is polled between tiles (512) */
     int overlap;            /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
     int expert_slot;        /**< -1: chosen from measured times; 0..3 forces the slot (-1) */
     int overlap_grad_sync;  /**< 1: dense-gradient all-reduce runs behind the backward and is finished by

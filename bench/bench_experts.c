@@ -102,7 +102,7 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     die(NULL, scmoe_context_create(&b->ctx), "context");
     b->ex.blas = b->ctx->blas;
     b->ex.poll = NULL;
-    b->ex.poll_rows = cfg.poll_rows;
+    b->ex.poll_cols = cfg.poll_cols;
     moe_layer *m = &b->m;
     die(b->ctx, moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "moe_init");
     die(b->ctx, params_allocate(&b->pt, 0, 0), "params_allocate");

@@ -85,16 +85,17 @@ class AllToAll(torch.autograd.Function):
     Backward: the mirrored exchange, blocking."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, box):
+    def forward(ctx, x, out_splits, in_splits, box, key):
         ctx.out_splits, ctx.in_splits = out_splits, in_splits
         out = x.new_empty((sum(out_splits), x.shape[1]))
         t0 = time.perf_counter()
         work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, async_op=True)
         if box is not None:
-            box.work, box.t0 = work, t0
+            box.work, box.t0, box.key = work, t0, key
         else:
             work.wait()
             tadd("fwd_exposed", time.perf_counter() - t0)
+            tadd(key, time.perf_counter() - t0)
         return out
 
     @staticmethod
@@ -103,12 +104,13 @@ class AllToAll(torch.autograd.Function):
         t0 = time.perf_counter()
         dist.all_to_all_single(gin, g.contiguous(), ctx.in_splits, ctx.out_splits)
         tadd("bwd_exposed", time.perf_counter() - t0)
-        return gin, None, None, None
+        return gin, None, None, None, None
 
 
 class Box:
     work = None
     t0 = 0.0
+    key = ""
 
 
 def normal(gen, shape, std):
@@ -212,10 +214,11 @@ class Pair(torch.nn.Module):
         rc = torch.empty(E, dtype=counts.dtype)
         dist.all_to_all_single(rc, counts)  # rc[q*El + j]: rows rank q sends to my expert j
         tadd("fwd_exposed", time.perf_counter() - t0)
+        tadd("counts", time.perf_counter() - t0)
         rc = rc.view(Pw, El)
         recv_splits = rc.sum(1).tolist()
         box = Box() if asynchronous else None
-        recv = AllToAll.apply(send_x, recv_splits, send_splits, box)
+        recv = AllToAll.apply(send_x, recv_splits, send_splits, box, "disp")
         return dict(recv=recv, box=box, rc=rc, recv_splits=recv_splits, send_splits=send_splits, tok=tok,
                     w=w_sorted, aux=aux, n=n)
 
@@ -226,7 +229,7 @@ class Pair(torch.nn.Module):
             box.work.wait()
             t1 = time.perf_counter()
             tadd("fwd_exposed", t1 - t0)
-            tadd("fwd_inflight", t1 - box.t0)
+            tadd(box.key, t1 - t0)
             box.work = None
 
     def experts_combine(self, st, asynchronous):
@@ -259,7 +262,7 @@ class Pair(torch.nn.Module):
         out_recv = ye.index_select(0, inv)
         tadd("experts", time.perf_counter() - t0)
         box = Box() if asynchronous else None
-        st["back"] = AllToAll.apply(out_recv, st["send_splits"], st["recv_splits"], box)
+        st["back"] = AllToAll.apply(out_recv, st["send_splits"], st["recv_splits"], box, "comb")
         st["box"] = box
 
     def decode(self, st):
@@ -333,7 +336,8 @@ def bench_arch(name, args, rank, world):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     dense = model.dense_params()
     res = {}
-    keys = ("train", "pair", "ar", "fwd_exposed", "bwd_exposed", "fwd_inflight", "experts")
+    step_keys = ("fwd_exposed", "bwd_exposed", "counts", "disp", "comb", "experts")
+    keys = ("train", "pair", "ar") + step_keys
     acc = {k: 0.0 for k in keys}
     for i in range(args.warmup + args.steps):
         T.clear()
@@ -359,9 +363,9 @@ def bench_arch(name, args, rank, world):
         acc["train"] += t3 - t0
         acc["pair"] += t1 - t0
         acc["ar"] += t2 - t1
-        for k in ("fwd_exposed", "bwd_exposed", "fwd_inflight", "experts"):
+        for k in step_keys:
             acc[k] += T.get(k, 0.0)
-    iacc = {"infer": 0.0, "inf_exposed": 0.0, "inf_inflight": 0.0}
+    iacc = {"infer": 0.0, "inf_exposed": 0.0, "inf_disp": 0.0}
     with torch.no_grad():
         for i in range(args.warmup + args.steps):
             T.clear()
@@ -374,25 +378,26 @@ def bench_arch(name, args, rank, world):
                 continue
             iacc["infer"] += t1 - t0
             iacc["inf_exposed"] += T.get("fwd_exposed", 0.0)
-            iacc["inf_inflight"] += T.get("fwd_inflight", 0.0)
-        # the same exchanges alone (counts + dispatch + combine, blocking): the comm time to hide
+            iacc["inf_disp"] += T.get("disp", 0.0)
+        # the same exchanges alone, blocking, nothing else running: counts, dispatch, combine
         xs = model.ln("ln_m1", x)
         st = model.gate_dispatch(xs, asynchronous=False)
         rows_out = sum(st["send_splits"])
         rows_in = sum(st["recv_splits"])
-        a2a = 0.0
+        alone = {"counts_alone": 0.0, "disp_alone": 0.0, "comb_alone": 0.0}
         for i in range(args.warmup + args.steps):
             barrier()
-            t0 = time.perf_counter()
             T.clear()
             model.gate_dispatch(xs, asynchronous=False)
-            g = T.get("gate", 0.0)
             back = torch.empty(rows_out, args.d)
+            t0 = time.perf_counter()
             dist.all_to_all_single(back, torch.empty(rows_in, args.d), st["send_splits"], st["recv_splits"])
             t1 = time.perf_counter()
             if i >= args.warmup:
-                a2a += t1 - t0 - g
-    allv = {**acc, **iacc, "a2a_alone": a2a}
+                alone["counts_alone"] += T.get("counts", 0.0)
+                alone["disp_alone"] += T.get("disp", 0.0)
+                alone["comb_alone"] += t1 - t0
+    allv = {**acc, **iacc, **alone}
     names = list(allv)
     t = torch.tensor([allv[k] for k in names], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # slowest rank
@@ -424,8 +429,8 @@ def worker(rank, world, args):
               f"{args.steps} timed steps after {args.warmup} warm-up (mean, ms, slowest rank)"
               + (f", link {args.link}" if args.link else ""), flush=True)
         print(f"{'arch':8s} {'train':>8s} {'pair f+b':>9s} {'speedup':>7s} {'infer':>8s} {'speedup':>7s} "
-              f"{'allred':>7s} {'fwd exp':>8s} {'bwd exp':>8s} {'a2a alone':>9s} {'hid fwd':>7s} {'hid inf':>7s} "
-              f"{'experts':>7s} {'rows':>6s}", flush=True)
+              f"{'allred':>7s} {'a2a alone':>9s} {'fwd exp':>8s} {'bwd exp':>8s} {'disp alone':>10s} {'disp wait':>9s} "
+              f"{'hid disp':>8s} {'inf wait':>8s} {'hid inf':>7s} {'experts':>7s} {'rows':>5s}", flush=True)
     base = None
     for a in archs:
         if a not in ARCHS:
@@ -436,20 +441,25 @@ def worker(rank, world, args):
         if base is None and a == "top2":
             base = r
         if rank == 0:
-            # hidden: of the forward exchanges' time alone, the part not waited on (clamped to [0, 1])
-            hf = max(0.0, min(1.0, 1 - r["fwd_exposed"] / r["a2a_alone"])) if r["a2a_alone"] > 0 else 0
-            hi = max(0.0, min(1.0, 1 - r["inf_exposed"] / r["a2a_alone"])) if r["a2a_alone"] > 0 else 0
+            # a2a alone = counts + dispatch + combine run alone; hidden = 1 - dispatch wait / dispatch alone
+            alone = r["counts_alone"] + r["disp_alone"] + r["comb_alone"]
+            da = r["disp_alone"]
+            hf = max(0.0, min(1.0, 1 - r["disp"] / da)) if da > 0 else 0
+            hi = max(0.0, min(1.0, 1 - r["inf_disp"] / da)) if da > 0 else 0
             sp = base["train"] / r["train"] if base else 0
             si = base["infer"] / r["infer"] if base else 0
             print(f"{a:8s} {r['train']:8.1f} {r['pair']:9.1f} {sp:7.2f} {r['infer']:8.1f} {si:7.2f} {r['ar']:7.1f} "
-                  f"{r['fwd_exposed']:8.1f} {r['bwd_exposed']:8.1f} {r['a2a_alone']:9.1f} {hf:7.2f} {hi:7.2f} "
-                  f"{r['experts']:7.1f} {r['rows_sent']:6.0f}", flush=True)
+                  f"{alone:9.1f} {r['fwd_exposed']:8.1f} {r['bwd_exposed']:8.1f} {da:10.1f} {r['disp']:9.1f} "
+                  f"{hf:8.2f} {r['inf_disp']:8.1f} {hi:7.2f} {r['experts']:7.1f} {r['rows_sent']:5.0f}", flush=True)
     if rank == 0:
         print("# train = fwd + bwd + dense-grad all-reduce + SGD; pair f+b = fwd + bwd; allred = the all-reduce of the\n"
-              "# dense gradients (gate included) as one buffer; fwd exp / bwd exp = time blocked in exchanges per training\n"
-              "# step (forward: counts + dispatch wait + combine; backward: the two autograd exchanges); a2a alone = the\n"
-              "# forward's exchanges (counts, dispatch, combine) run alone, blocking; hid fwd / hid inf = 1 - exposed /\n"
-              "# alone in the training / inference forward; experts = local expert FFN forward; rows = rows sent per rank.",
+              "# dense gradients (gate included) as one buffer. a2a alone = the forward's exchanges (counts, dispatch,\n"
+              "# combine) run alone, blocking, nothing else running (backward moves the same bytes). fwd exp / bwd exp =\n"
+              "# time blocked in exchanges per training step (forward: counts + dispatch wait + combine; backward: the two\n"
+              "# autograd exchanges), waits for the slower rank included. disp alone / disp wait = the dispatch alone and\n"
+              "# the time waited on it in the training forward (inf wait: inference); hid = 1 - wait / alone (scmoe only\n"
+              "# overlaps the dispatch; the combine stays exposed unless --slot). experts = local expert FFN forward;\n"
+              "# rows = rows sent per rank per exchange (all ranks' mean).",
               flush=True)
     dist.barrier()
     dist.destroy_process_group()

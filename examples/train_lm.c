@@ -36,9 +36,8 @@
  *
  * Checkpoints (checkpoint.h): parameters, AdamW moments, step, RNG and data position; a resumed run
  * continues the loss curve bit for bit. Gate noise stays off: its counter lives inside the library
- * and is not saved. One caveat, the library's: with --overlap 1 it cuts its GEMMs into --poll-rows
- * row tiles only while an exchange is in flight, which depends on timing and can move the last bits;
- * a --poll-rows larger than any GEMM (one tile) makes overlapped runs reproducible too.
+ * and is not saved. The overlapped schedule computes the same numbers as the serialized one, so
+ * --overlap 1 runs resume bit for bit too.
  *
  * Output (rank 0): a progress line every --print-every steps with the loss (CE + aux_w * aux), the
  * latest validation CE, tokens/s, the step time split into compute and exposed communication (time
@@ -72,7 +71,7 @@ static int g_rank, g_size;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_rows, quiet;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, quiet;
     float lr, cf, aux, clip;
     long long seed;
     const char *save, *resume, *data, *log;
@@ -92,7 +91,7 @@ static const char *const ARCH_NAMES[] = {"top2", "top1", "shared", "scmoe"};
 static opts O = {
     .arch = SCMOE_ARCH_SCMOE, .pos = 2, .d = 64, .hidden = 256, .experts = 8, .heads = 4, .pairs = 2,
     .seq = 64, .batch = 8, .steps = 300, .warmup = 30, .eval_every = 50, .eval_batches = 8, .print_every = 10,
-    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_rows = 64, .quiet = 0,
+    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .quiet = 0,
     .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234,
 };
 
@@ -120,10 +119,10 @@ static const flag FLAGS[] = {
     {"--save-every", T_INT, &O.save_every, 0, 1e9, "checkpoint every N steps (0: only at the end)"},
     {"--resume", T_STR, &O.resume, 0, 0, "continue from DIR/ckpt.bin (same model flags and data)"},
     {"--stop-at", T_INT, &O.stop_at, 0, 1e9, "stop after step N as if interrupted (0: run all --steps)"},
-    {"--data", T_STR, &O.data, 0, 0, "training text (default: this repository's sources and docs)"},
+    {"--data", T_STR, &O.data, 0, 0, "training text file (default: this repository's docs and sources, read from the working directory)"},
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
-    {"--poll-rows", T_INT, &O.poll_rows, 1, 1 << 30, "rows per compute tile between MPI progress polls (library's poll_rows)"},
+    {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
 };
@@ -157,7 +156,8 @@ static void print_help(void) {
         case T_ARCH: snprintf(def, sizeof def, "%s", ARCH_NAMES[*(int *)f->ptr]); break;
         case T_BOOL: snprintf(def, sizeof def, "off"); break;
         }
-        printf("  %-15s %s (default %s)\n", f->name, f->help, def);
+        if (strstr(f->help, "(default")) printf("  %-15s %s\n", f->name, f->help);
+        else printf("  %-15s %s (default %s)\n", f->name, f->help, def);
     }
     printf("  %-15s this list\n", "--help");
 }
@@ -354,7 +354,7 @@ static void model_init(model *m, scmoe_context *ctx) {
         c.max_seq_len = T; c.max_tokens = N; c.n_layers = 2 * O.pairs;
         c.arch = (scmoe_arch)O.arch; c.shortcut_pos = O.pos;
         c.capacity_factor = O.cf; c.aux_loss_weight = O.aux; c.ep_size = O.ep_size;
-        c.overlap = O.overlap; c.overlap_grad_sync = O.overlap; c.poll_rows = O.poll_rows;
+        c.overlap = O.overlap; c.overlap_grad_sync = O.overlap; c.poll_cols = O.poll_cols;
         c.seed = (uint64_t)O.seed + (uint64_t)i;
         char msg[256];
         if (scmoe_config_validate(&c, msg, sizeof msg)) die(2, "bad configuration: %s", msg);

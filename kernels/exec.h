@@ -1,6 +1,6 @@
-/* exec.h: what every kernel runs with: the GEMM backend and the progress hook. When a nonblocking
- * exchange is in flight, the schedule sets poll, and exec_gemm splits its rows into tiles of
- * poll_rows and calls poll between them, so MPI moves bytes while the GEMM computes. */
+/* exec.h: what every kernel runs with: the GEMM backend and the progress hook. exec_gemm splits a
+ * GEMM's output columns into tiles of poll_cols; while a nonblocking exchange is in flight the
+ * schedule sets poll, called between tiles, so MPI moves bytes while the GEMM computes. */
 #ifndef SCMOE_EXEC_H
 #define SCMOE_EXEC_H
 
@@ -10,14 +10,13 @@ typedef struct exec {
     const blas_backend *blas;
     void (*poll)(void *arg);   /* NULL: nothing in flight */
     void *poll_arg;
-    int poll_rows;
+    int poll_cols;
 } exec;
 
 /* Calls the poll hook, from the master thread only (MPI is initialised FUNNELED at least). */
 void exec_poll(const exec *ex);
 
-/* exec->blas->gemm, tiled over M with a poll between tiles while an exchange is in flight. Each
- * output row is computed by the same GEMM either way, so tiling does not change results. */
+/* exec->blas->gemm over column tiles of poll_cols, with a poll between tiles while one is set. */
 void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
 

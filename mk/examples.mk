@@ -15,7 +15,7 @@ EX_BINS   := $(B)/examples/train_lm $(B)/examples/generate
 # repository's own sources (train_lm's default text), then a few lines sampled from the checkpoint.
 DEMO_DIR   ?= $(B)/demo
 DEMO_TRAIN ?= --arch scmoe --pos 2 --d 64 --hidden 256 --experts 8 --heads 4 --pairs 2 --seq 64 --batch 8 \
-              --steps 350 --warmup 30 --lr 3e-3 --eval-every 50 --print-every 25
+              --steps 1000 --warmup 50 --lr 3e-3 --eval-every 100 --print-every 50
 DEMO_GEN   ?= --prompt "/* " --tokens 400 --temperature 0.7 --top-k 20 --seed 7
 
 .PHONY: examples demo check-examples check-slurm

@@ -38,6 +38,10 @@ fi
 if [ -x ${BUILD:-build}/tests/test_ep ]; then
     for n in 1 2 4; do want ep && run "expert parallelism == 1 rank, $n ranks" 600 $MPIRUN -np $n ${BUILD:-build}/tests/test_ep; done
 fi
+if [ -x ${BUILD:-build}/tests/test_checkpoint ]; then
+    for n in 1 2 4; do want checkpoint && run "checkpoint format, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_checkpoint; done
+fi
+[ -x ${BUILD:-build}/examples/train_lm ] && want train && run "train_lm + generate end to end" 600 env BUILD=${BUILD:-build} tests/test_train.sh
 want install && run "make install + pkg-config" 600 tests/test_install.sh
 want amalgamation && run "single-file drop-in == library" 900 tests/test_amalgamation.sh
 echo "$pass passed, $fail failed"

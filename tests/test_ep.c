@@ -193,10 +193,10 @@ static scmoe_config pair_cfg(scmoe_arch arch, int pos, float cf) {
 /* On this communicator, the overlapped order gives bitwise the serialized order's numbers (after the
  * schedule's profiling steps, when it really overlaps). */
 static void overlap_equals_serial(scmoe_context *ctx, scmoe_config c, const char *what) {
+    c.poll_cols = 5; /* many tiles, many polls */
     scmoe_config cs = c;
     cs.overlap = 0;
     c.overlap = 1;
-    c.poll_rows = 5;
     object a, b;
     if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &cs, 1, &b)) { check(0, "%s: create", what); return; }
     init_params(&a, 0);

@@ -126,10 +126,11 @@ static void gradcheck(scmoe_arch arch, int pos, scmoe_activation act, float cf, 
 static void overlap_equals_serial(scmoe_arch arch, int pos) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
-    scmoe_config a = tiny(arch, pos, SCMOE_GELU, 1.0f), b = a;
+    scmoe_config a = tiny(arch, pos, SCMOE_GELU, 1.0f);
+    a.poll_cols = 3; /* many tiles, many polls */
+    scmoe_config b = a;
     a.overlap = 0;
     b.overlap = 1;
-    b.poll_rows = 3;
     scmoe_pair *pa, *pb;
     scmoe_pair_create(ctx, &a, &pa);
     scmoe_pair_create(ctx, &b, &pb);
