@@ -210,6 +210,19 @@ static scmoe_status bucket_start(schedule *s, int b, comm *c) {
     return SCMOE_OK;
 }
 
+/* A finished bucket's all-reduce starts once no token exchange is in flight: the exchange is on the
+ * critical path while the all-reduce only has to end before the optimizer step, and over one link
+ * the two would split the bandwidth. */
+static scmoe_status buckets_flush(schedule *s, const inflight *f) {
+    scmoe_status st = SCMOE_OK;
+    for (int b = 0; b < SCHED_OPS + 2 && !st && !f->active; b++)
+        if (s->ready[b]) {
+            s->ready[b] = 0;
+            st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
+        }
+    return st;
+}
+
 scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int needed_before,
                                sched_moe *mo, const float *dy, int n) {
     moe_layer *m = mo->m;
@@ -238,7 +251,7 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
             if (serial) s->tb_exp = t1 - t0;
             if (!st) st = moe_grad_combine_start(m);
             if (!st && serial) { st = xwait(&r, "grad_combine"); s->tb_comb = m->ex.t_done - m->ex.t_start; }
-            if (!st && early_grads) st = bucket_start(s, SCHED_OPS + 1, s->replicas);
+            s->ready[SCHED_OPS + 1] = early_grads;
             experts_done = 1;
             set_poll(&r);
         }
@@ -247,17 +260,19 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
             t0 = scmoe_now();
             if (!st) moe_gate_backward(m, ex, mo->dx, 1.0f);
             event(s, 1, "gate_bwd", 0, t0, scmoe_now());
-            if (!st && early_grads) st = bucket_start(s, SCHED_OPS, s->world);
+            s->ready[SCHED_OPS] = early_grads;
         }
         if (!st && i < SCHED_OPS) {
             timed_op(&r, run, arg, i, s->t_b, bwd_names[i]);
-            if (early_grads) st = bucket_start(s, i, s->world);
+            s->ready[i] = early_grads;
         }
+        if (!st) st = buckets_flush(s, r.f);
     }
     ex->poll = NULL;
     if (st) return st;
-    if (!early_grads)
-        for (int b = 0; b < SCHED_OPS + 2 && !st; b++) st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
+    if (!early_grads) /* serialized: every bucket after the backward */
+        for (int b = 0; b < SCHED_OPS + 2; b++) s->ready[b] = 1;
+    st = buckets_flush(s, r.f);
     s->slot_used[1] = serial ? -1 : K;
     s->time[1] = scmoe_now() - t_start;
     trace_flush(s, 1);

@@ -39,6 +39,7 @@ typedef struct schedule {
     /* gradient buckets: one per backward operation, then the gate, then the experts (replicas) */
     sched_bucket bucket[SCHED_OPS + 2];
     int req[SCHED_OPS + 2];
+    int ready[SCHED_OPS + 2];           /* finished, its all-reduce not started yet */
     comm *world, *replicas;
     double grad_t0, grad_exposed, grad_time;
     /* stats of the last forward / backward */
