@@ -357,9 +357,11 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     }
     const char *trace = getenv("SCMOE_TRACE");
     if (!s && trace && *trace) {
-        char path[1024];
-        if (ctx->world->size > 1) snprintf(path, sizeof path, "%s.rank%d.json", trace, ctx->world->rank);
-        else snprintf(path, sizeof path, "%s", trace);
+        char path[1024], pair_tag[32] = "";
+        if (ctx->traces > 0) snprintf(pair_tag, sizeof pair_tag, ".pair%d", ctx->traces);
+        ctx->traces++;
+        if (ctx->world->size > 1) snprintf(path, sizeof path, "%s%s.rank%d.json", trace, pair_tag, ctx->world->rank);
+        else snprintf(path, sizeof path, "%s%s", trace, pair_tag);
         s = schedule_trace_open(&p->sch, path);
     }
     s = status_agree(ctx, s);

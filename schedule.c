@@ -31,12 +31,10 @@ scmoe_status schedule_init(schedule *s, scmoe_context *ctx, const scmoe_config *
     s->shortcut = cfg->arch == SCMOE_ARCH_SCMOE;
     s->world = ctx->world;
     s->replicas = replicas;
-    s->profile_left = SCHED_PROFILE_STEPS;
     s->profile_n = -1;
     s->slot_f = s->slot_b = 0;
     memcpy(s->bucket, buckets, sizeof s->bucket);
     for (int i = 0; i < SCHED_OPS + 2; i++) s->req[i] = -2;
-    s->t_origin = scmoe_now();
     return SCMOE_OK;
 }
 
@@ -65,7 +63,8 @@ static void event(schedule *s, int dir, const char *name, int kind, double t0, d
     if (s->n_ev[dir] < SCHED_MAX_EVENTS) s->ev[dir][s->n_ev[dir]++] = (sched_event){name, kind, t0, t1};
 }
 
-/* ---- trace: one JSON array of complete events ("ph":"X"), pid = rank, tid 0 compute, tid 1 comm ---- */
+/* ---- trace: one JSON array of complete events ("ph":"X"), pid = rank, tid 0 compute, tid 1 token
+ * exchanges, tid 2 the gradient all-reduce; ts in microseconds of CLOCK_MONOTONIC ---- */
 
 scmoe_status schedule_trace_open(schedule *s, const char *path) {
     schedule_trace_close(s);
@@ -99,10 +98,12 @@ static void trace_flush(schedule *s, int dir) {
     }
 }
 
-/* Polls only while something is in flight and the policy is POLL. */
+/* Polls only while something is in flight on a communicator whose policy is POLL (a THREAD policy
+ * that MPI cannot host falls back to POLL on its communicator). */
 static void set_poll(run_state *r) {
-    int busy = (r->f->active && !r->f->t_done) || grads_in_flight(r->s);
-    r->ex->poll = busy && r->s->cfg.progress == SCMOE_PROGRESS_POLL ? poll_all : NULL;
+    int exch = r->f->active && !r->f->t_done && r->f->c->progress == SCMOE_PROGRESS_POLL;
+    int grads = grads_in_flight(r->s) && r->s->world->progress == SCMOE_PROGRESS_POLL;
+    r->ex->poll = exch || grads ? poll_all : NULL;
     r->ex->poll_arg = r;
 }
 
@@ -130,36 +131,31 @@ static const char *const fwd_names[SCHED_OPS] = {"ln_a0", "attn0", "ln_m0", "mlp
 static const char *const bwd_names[SCHED_OPS] = {"shared_expert_bwd", "ln_m1_bwd", "attn1_bwd", "ln_a1_bwd", "mlp0_bwd",
                                                  "ln_m0_bwd", "attn0_bwd", "ln_a0_bwd"};
 
-static void choose(schedule *s, int gate_after, int grad_needed_before) {
-    if (s->cfg.expert_slot >= 0) {
-        s->slot_f = s->cfg.expert_slot < SCHED_OPS - gate_after ? s->cfg.expert_slot : SCHED_OPS - gate_after;
-        s->slot_b = s->cfg.expert_slot < grad_needed_before ? s->cfg.expert_slot : grad_needed_before;
-        return;
+/* The forward and the backward are profiled apart: each runs serialized for its first
+ * SCHED_PROFILE_STEPS steps of a shape, timing its operations and exchanges standalone, then takes
+ * the slot those times favour (or the configured one, clamped to the operations there are). */
+static int profiling(schedule *s, int dir, int n) {
+    if (dir == 0 && n != s->profile_n) {
+        s->profile_n = n;
+        s->profile_left[0] = s->profile_left[1] = SCHED_PROFILE_STEPS;
     }
-    s->slot_f = schedule_choose_slot(s->t_f + gate_after, SCHED_OPS - gate_after, s->t_disp, s->t_exp, s->t_comb);
-    s->slot_b = schedule_choose_slot(s->t_b, grad_needed_before, s->tb_disp, s->tb_exp, s->tb_comb);
+    return s->profile_left[dir] > 0;
 }
 
-/* Serialized while profiling a new shape and when overlap is off or impossible. */
-static int serialized(schedule *s, int n) {
-    if (n != s->profile_n) { s->profile_n = n; s->profile_left = SCHED_PROFILE_STEPS; }
-    return !s->cfg.overlap || !s->shortcut || s->profile_left > 0;
-}
-
-/* A profiled step ends after its backward (training) or its forward (inference). */
-static void profiled(schedule *s, int needed_before) {
-    if (!s->step_serial || s->profile_left <= 0) return;
-    if (--s->profile_left == 0) choose(s, s->gate_after, needed_before);
+static void profiled(schedule *s, int dir, int n_ops) {
+    if (s->profile_left[dir] <= 0 || --s->profile_left[dir] > 0) return;
+    int *slot = dir ? &s->slot_b : &s->slot_f;
+    if (s->cfg.expert_slot >= 0) *slot = s->cfg.expert_slot < n_ops ? s->cfg.expert_slot : n_ops;
+    else if (dir == 0) *slot = schedule_choose_slot(s->t_f + (SCHED_OPS - n_ops), n_ops, s->t_disp, s->t_exp, s->t_comb);
+    else *slot = schedule_choose_slot(s->t_b, n_ops, s->tb_disp, s->tb_exp, s->tb_comb);
 }
 
 scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int gate_after,
                               sched_moe *mo, int n) {
     moe_layer *m = mo->m;
     run_state r = {s, ex, &m->ex, 0};
-    int serial = serialized(s, n);
+    int serial = profiling(s, 0, n) || !s->cfg.overlap || !s->shortcut;
     int K = serial ? 0 : s->slot_f;
-    s->step_serial = serial;
-    s->gate_after = gate_after;
     double t_start = scmoe_now();
     s->comm_time[0] = s->exposed[0] = 0;
     s->n_ev[0] = 0;
@@ -198,7 +194,7 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     s->slot_used[0] = serial ? -1 : K;
     s->time[0] = scmoe_now() - t_start;
     trace_flush(s, 0);
-    if (!m->training) profiled(s, 0);
+    profiled(s, 0, SCHED_OPS - gate_after);
     return SCMOE_OK;
 }
 
@@ -215,7 +211,7 @@ static scmoe_status bucket_start(schedule *s, int b, comm *c) {
  * the two would split the bandwidth. */
 static scmoe_status buckets_flush(schedule *s, const inflight *f) {
     scmoe_status st = SCMOE_OK;
-    for (int b = 0; b < SCHED_OPS + 2 && !st && !f->active; b++)
+    for (int b = 0; b < SCHED_OPS + 2 && !st && !(f->active && !f->t_done); b++)
         if (s->ready[b]) {
             s->ready[b] = 0;
             st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
@@ -227,7 +223,7 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
                                sched_moe *mo, const float *dy, int n) {
     moe_layer *m = mo->m;
     run_state r = {s, ex, &m->ex, 1};
-    int serial = s->step_serial;
+    int serial = profiling(s, 1, n) || !s->cfg.overlap || !s->shortcut;
     int K = serial ? 0 : s->slot_b;
     int early_grads = s->cfg.overlap; /* serialized runs reduce all gradients after backward */
     double t_start = scmoe_now();
@@ -276,7 +272,7 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
     s->slot_used[1] = serial ? -1 : K;
     s->time[1] = scmoe_now() - t_start;
     trace_flush(s, 1);
-    profiled(s, needed_before);
+    profiled(s, 1, needed_before);
     return st;
 }
 
@@ -294,8 +290,9 @@ scmoe_status schedule_grad_wait(schedule *s) {
     if (s->grad_t0) event(s, 1, "grad_allreduce", 1, s->grad_t0, t1);
     if (s->trace && s->grad_t0 && s->n_ev[1] > 0) {
         const sched_event *e = &s->ev[1][s->n_ev[1] - 1];
-        fprintf(s->trace, ",\n{\"name\":\"%s\",\"cat\":\"comm\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":2}",
-                e->name, e->t0 * 1e6, (e->t1 - e->t0) * 1e6, s->world->rank);
+        fprintf(s->trace, ",\n{\"name\":\"%s\",\"cat\":\"comm\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":2,"
+                          "\"args\":{\"step\":%ld,\"pass\":\"grad sync\"}}",
+                e->name, e->t0 * 1e6, (e->t1 - e->t0) * 1e6, s->world->rank, s->trace_step);
     }
     s->grad_exposed = t1 - t0;
     s->grad_time = s->grad_t0 ? t1 - s->grad_t0 : 0;

@@ -32,8 +32,7 @@ typedef struct schedule {
     scmoe_config cfg;
     int shortcut;                       /* the MoE may overlap (arch scmoe) */
     int slot_f, slot_b;                 /* chosen slots */
-    int profile_left, profile_n;
-    int step_serial, gate_after;        /* this step runs serialized (profiling); where its gate ran */
+    int profile_left[2], profile_n;     /* serialized steps left to time, forward / backward; their shape */
     double t_f[SCHED_OPS], t_b[SCHED_OPS];
     double t_disp, t_exp, t_comb, tb_disp, tb_exp, tb_comb;
     /* gradient buckets: one per backward operation, then the gate, then the experts (replicas) */
@@ -48,7 +47,6 @@ typedef struct schedule {
     /* trace */
     sched_event ev[2][SCHED_MAX_EVENTS];
     int n_ev[2];
-    double t_origin;
     FILE *trace;                        /* Chrome/Perfetto trace being written, or NULL */
     long trace_step;
 } schedule;

@@ -87,7 +87,7 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE) return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
     if (c->poll_cols < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_cols = %d: must be >= 1", c->poll_cols);
     if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
-    if (c->expert_slot < -1 || c->expert_slot > 3) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..3", c->expert_slot);
+    if (c->expert_slot < -1 || c->expert_slot > 8) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..8", c->expert_slot);
     if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
     if (!is_flag(c->wire_bf16)) return bad(msg, len, SCMOE_ERR_OPTION, "wire_bf16 = %d: must be 0 or 1", c->wire_bf16);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s)) return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);

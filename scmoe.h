@@ -17,8 +17,8 @@
  * - Every call returns a ::scmoe_status; scmoe_strerror() names it and scmoe_last_error() gives the
  *   detail of the last failure on a context.
  * - The library allocates only in `*_create`, never prints, never exits, keeps no global state.
- * - Buffers passed in stay the caller's; the library never keeps a pointer to them past the call,
- *   except the input of a training forward, which must stay unchanged until the backward.
+ * - Buffers passed in stay the caller's; the library never keeps a pointer to them past the call
+ *   (a training forward copies its input for the backward).
  * - Objects returned by `*_create` belong to the caller, who frees them with the matching
  *   `*_destroy`: every object before the context it was created on.
  * - With MPI (scmoe_mpi.h), calls marked COLLECTIVE must be made by every rank of the context's
@@ -74,7 +74,7 @@ typedef enum scmoe_status {
     SCMOE_ERR_SEQ_LEN,         /**< seq_len < 1 or > max_seq_len, or batch*seq_len > max_tokens */
     SCMOE_ERR_N_LAYERS,        /**< n_layers < 1 */
     SCMOE_ERR_EP_SIZE,         /**< ep_size does not divide the ranks, or n_experts % ep_size != 0 */
-    SCMOE_ERR_PROGRESS,        /**< unknown progress policy, or a thread policy without thread support */
+    SCMOE_ERR_PROGRESS,        /**< unknown progress policy (a THREAD policy MPI cannot host falls back to POLL) */
     SCMOE_ERR_OPTION,          /**< another option out of range (message names it) */
     SCMOE_ERR_STATE,           /**< a call out of order (backward without a training forward, ...) */
     SCMOE_ERR_NOT_FOUND,       /**< no parameter of that name on this rank */
@@ -175,7 +175,8 @@ typedef struct scmoe_config {
     scmoe_progress progress;/**< how exchanges progress while compute runs (POLL) */
     int poll_cols;          /**< GEMM output columns per compute tile; progress is polled between tiles (512) */
     int overlap;            /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
-    int expert_slot;        /**< -1: chosen from measured times; 0..3 forces the slot (-1) */
+    int expert_slot;        /**< -1: chosen from measured times; K >= 0 runs the experts before the K-th of the
+                                 pair's operations after the gate (LayerNorms count; clamped to the last) (-1) */
     int overlap_grad_sync;  /**< 1: dense-gradient all-reduce runs behind the backward and is finished by
                                scmoe_pair_grad_sync(); 0: backward finishes it (0) */
     double comm_timeout_s;  /**< give up on an exchange after this long, in seconds: ::SCMOE_ERR_TIMEOUT (600) */
@@ -202,7 +203,7 @@ const char *scmoe_strerror(scmoe_status status);
 /** The library's version, "MAJOR.MINOR.PATCH" (::SCMOE_VERSION_MAJOR ...).
  * @return a static string. */
 const char *scmoe_version(void);
-/** Backends compiled in, BLAS threads, MPI thread level.
+/** The version and the backends compiled in (compute, communication, CUDA).
  * @return a static string describing this build. */
 const char *scmoe_build_info(void);
 
@@ -280,7 +281,7 @@ typedef struct scmoe_stats {
     double fwd_overlap, bwd_overlap; /**< backward: hidden / total exchange time, 0..1 (1 when no exchange) */
     double fwd_expert, bwd_expert;   /**< backward: time in the experts' FFNs (the MoE's compute), seconds */
     double grad_sync_time, grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it, seconds */
-    int expert_slot;         /**< slot the experts ran in (pair), -1 for the layer */
+    int expert_slot;         /**< slot the experts ran in; -1 when serialized (the layer, profiling, overlap 0, no shortcut) */
 } scmoe_stats;
 
 /* ---- one MoE layer ---- */
@@ -424,7 +425,8 @@ scmoe_status scmoe_pair_zero_grad(scmoe_pair *pair);
  * Writes every later step's operations, with begin and end times, to a Chrome/Perfetto JSON trace at
  * path (open it at ui.perfetto.dev or chrome://tracing): pid = rank, lane 0 compute, lane 1 the
  * token exchanges, lane 2 the gradient all-reduce. NULL closes it. Setting SCMOE_TRACE=path in the
- * environment does the same at create; with several ranks each writes path.rank(r).json.
+ * environment does the same at create; with several ranks each writes path.rank(r).json, and the
+ * second and later pairs on a context add .pair(i) to the name.
  * @param pair  the pair.
  * @param path  the file to write (replaced), or NULL to finish and close the current trace.
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_IO (the file cannot be opened). */

@@ -9,6 +9,7 @@
 struct scmoe_context {
     comm *world;
     const blas_backend *blas;
+    int traces;                /* pairs that opened an SCMOE_TRACE file, to name the next one apart */
     char err[512];
 };
 

@@ -56,7 +56,9 @@ rate_Bps() {
     awk -v n="${BASH_REMATCH[1]}" -v m="$m" 'BEGIN { printf "%.0f\n", n * m }'
 }
 
-# TERM then KILL whatever still runs in our namespace (only processes started through it), then delete it
+# TERM then KILL whatever still runs in our namespace (only processes started through it), then delete it.
+# (Invoked by the EXIT trap; $pids is a list of pids, split on purpose.)
+# shellcheck disable=SC2317,SC2086,SC2116
 cleanup() {
     local rc=$? pids i
     trap - EXIT INT TERM HUP
@@ -121,7 +123,7 @@ cmd_run() {
         i=$((i + 1))
     done
     local flags=${TCP_FLAGS:-send,inplace,need-ack,need-csum} kv k env
-    local -a defaults=(btl=tcp,self btl_tcp_if_include=lo oob_tcp_if_include=lo)
+    local -a defaults=("btl=tcp,self" "btl_tcp_if_include=lo" "oob_tcp_if_include=lo")
     [ "$flags" = default ] || defaults+=("btl_tcp_flags=$flags")
     for kv in "${defaults[@]}"; do
         k=${kv%%=*} env=OMPI_MCA_${kv%%=*}
@@ -130,11 +132,12 @@ cmd_run() {
     if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
     make_ns "scmoe-$$" "$rate" || die "could not set up the network namespace (try: bench/netns.sh check)"
     log "namespace $NS, lo shaped to $rate${BURST:+ (burst $BURST)}: mpirun ${def[*]} ${args[*]}"
-    # not exec: the trap must delete the namespace after mpirun ends
-    set +e
-    ip netns exec "$NS" mpirun "${def[@]}" "${args[@]}"
-    local rc=$?
-    set -e
+    # Not exec: the EXIT trap must delete the namespace after mpirun ends. In the background + wait,
+    # so that a signal to this script runs its trap at once (bash defers traps while a foreground
+    # child runs); the trap then stops mpirun and its ranks (everything inside the namespace).
+    ip netns exec "$NS" mpirun "${def[@]}" "${args[@]}" &
+    local rc=0
+    wait $! || rc=$?
     exit $rc
 }
 

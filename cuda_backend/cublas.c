@@ -1,0 +1,196 @@
+/* cublas.c: blas.h's compute interface on cuBLAS, for device pointers, on the stream of a cuda_blas.
+ *
+ * The core's GEMMs are row-major; cuBLAS is column-major. A row-major M x N matrix with row stride
+ * ld is the column-major N x M matrix with the same ld, its transpose. So
+ *     C = op(A) op(B)   (row-major)   <=>   C^T = op(B)^T op(A)^T   (column-major)
+ * and the call is cublasSgemm(opB, opA, N, M, K, B, ldb, A, lda, C, ldc): operands swapped, ops and
+ * leading dimensions kept. cuda_gemm_to_colmajor does exactly that mapping (and the checks), apart
+ * from any device call, so it is tested on the host.
+ *
+ * Math: CUDA_MATH_FP32 is cuBLAS's default math (no TF32 unless the NVIDIA_TF32_OVERRIDE environment
+ * says so); CUDA_MATH_BF16 runs the same fp32 GEMMs as cublasGemmEx with
+ * CUBLAS_COMPUTE_32F_FAST_16BF (inputs may be rounded to bf16 for the tensor cores, fp32
+ * accumulation). cuda_blas_gemm_bf16 takes bf16 operands directly (CUDA_R_16BF). */
+#include "cuda.h"
+#include <cublas_v2.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static int cuda_blas_max_threads(void) { return 1; } /* host threads a GEMM may use: it runs on the device */
+
+int cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
+                          cuda_gemm_colmajor *out) {
+    if (!out) return CUDA_GEMM_BAD;
+    if (M <= 0 || N <= 0) return CUDA_GEMM_NOTHING;
+    if (ldc < N) return CUDA_GEMM_BAD;
+    if (K <= 0) return CUDA_GEMM_SCALE;
+    /* row-major A is M x K (lda >= K), or K x M when transposed (lda >= M); B likewise */
+    if (lda < (trans_a ? M : K) || ldb < (trans_b ? K : N)) return CUDA_GEMM_BAD;
+    out->trans_first = trans_b != 0;
+    out->trans_second = trans_a != 0;
+    out->m = N;
+    out->n = M;
+    out->k = K;
+    out->ld_first = ldb;
+    out->ld_second = lda;
+    out->ldc = ldc;
+    return CUDA_GEMM_RUN;
+}
+
+static void fail(cuda_blas *cb, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail(cuda_blas *cb, int code, const char *fmt, ...) {
+    if (cb->status) return; /* keep the first */
+    cb->status = code ? code : -1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cb->err, sizeof cb->err, fmt, ap);
+    va_end(ap);
+}
+
+static void set_err(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_err(char *err, const char *fmt, ...) {
+    if (!err) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, 160, fmt, ap);
+    va_end(ap);
+}
+
+scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err) {
+    if (err) err[0] = '\0';
+    if (!out) {
+        set_err(err, "cuda_blas_create: out is NULL");
+        return SCMOE_ERR_NULL;
+    }
+    *out = NULL;
+    if (math != CUDA_MATH_FP32 && math != CUDA_MATH_BF16) {
+        set_err(err, "cuda_blas_create: unknown math %d (CUDA_MATH_FP32 or CUDA_MATH_BF16)", math);
+        return SCMOE_ERR_OPTION;
+    }
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n < 1) {
+        if (e == cudaSuccess) set_err(err, "no CUDA device (cudaGetDeviceCount: 0 devices)");
+        else set_err(err, "no CUDA device (cudaGetDeviceCount: %s)", cudaGetErrorString(e));
+        return SCMOE_ERR_UNSUPPORTED;
+    }
+    cuda_blas *cb = calloc(1, sizeof *cb);
+    if (!cb) {
+        set_err(err, "cuda_blas_create: out of memory");
+        return SCMOE_ERR_NOMEM;
+    }
+    cb->base.name = "cublas";
+    cb->base.gemm = NULL; /* no context argument in blas_gemm_fn yet: see cuda.h */
+    cb->base.max_threads = cuda_blas_max_threads;
+    cb->math = math;
+    if (!stream) {
+        e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+        if (e != cudaSuccess) {
+            set_err(err, "cudaStreamCreateWithFlags failed: %s", cudaGetErrorString(e));
+            free(cb);
+            return SCMOE_ERR_UNSUPPORTED;
+        }
+        cb->owns_stream = 1;
+    }
+    cb->stream = stream;
+    cublasHandle_t h;
+    cublasStatus_t bs = cublasCreate(&h);
+    if (bs != CUBLAS_STATUS_SUCCESS) {
+        set_err(err, "cublasCreate failed: %s", cublasGetStatusString(bs));
+        cuda_blas_destroy(cb);
+        return bs == CUBLAS_STATUS_ALLOC_FAILED ? SCMOE_ERR_NOMEM : SCMOE_ERR_UNSUPPORTED;
+    }
+    cb->handle = h;
+    if ((bs = cublasSetStream(h, stream)) != CUBLAS_STATUS_SUCCESS ||
+        (bs = cublasSetMathMode(h, CUBLAS_DEFAULT_MATH)) != CUBLAS_STATUS_SUCCESS) {
+        set_err(err, "cublasSetStream / cublasSetMathMode failed: %s", cublasGetStatusString(bs));
+        cuda_blas_destroy(cb);
+        return SCMOE_ERR_UNSUPPORTED;
+    }
+    *out = cb;
+    return SCMOE_OK;
+}
+
+void cuda_blas_destroy(cuda_blas *cb) {
+    if (!cb) return;
+    if (cb->handle) cublasDestroy(cb->handle);
+    if (cb->owns_stream && cb->stream) cudaStreamDestroy(cb->stream);
+    free(cb);
+}
+
+const blas_backend *cuda_blas_table(cuda_blas *cb) { return cb ? &cb->base : NULL; }
+
+/* The checks and the K = 0 case shared by both GEMMs: returns 1 when a cuBLAS call must follow, else
+ * 0 with *code = 0 (nothing left to do) or the failure (also recorded on cb). */
+static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b, int M, int N, int K, int lda,
+                        int ldb, float beta, const void *A, const void *B, float *C, int ldc, cuda_gemm_colmajor *g,
+                        int *code) {
+    *code = 0;
+    int r = cuda_gemm_to_colmajor(trans_a, trans_b, M, N, K, lda, ldb, ldc, g);
+    if (r == CUDA_GEMM_NOTHING) return 0;
+    if (r == CUDA_GEMM_BAD || !C || (r == CUDA_GEMM_RUN && (!A || !B))) {
+        *code = CUBLAS_STATUS_INVALID_VALUE;
+        fail(cb, *code, "%s: bad arguments (M %d N %d K %d lda %d ldb %d ldc %d, trans %d %d%s)", who, M, N, K, lda,
+             ldb, ldc, trans_a, trans_b, !C || (r == CUDA_GEMM_RUN && (!A || !B)) ? ", NULL operand" : "");
+        return 0;
+    }
+    if (r == CUDA_GEMM_SCALE) { /* K = 0: C = beta C, as openblas.c makes explicit */
+        cudaError_t e = cuda_scale_matrix(C, M, N, ldc, beta, cb->stream);
+        if (e != cudaSuccess) {
+            *code = (int)e;
+            fail(cb, *code, "%s: scaling C for K = 0 failed: %s", who, cudaGetErrorString(e));
+        }
+        return 0;
+    }
+    return 1;
+}
+
+static cublasOperation_t op(int t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    cuda_gemm_colmajor g;
+    int code;
+    if (!cb || !gemm_prepare(cb, "cuda_blas_gemm", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
+        return;
+    cublasStatus_t s;
+    if (cb->math == CUDA_MATH_BF16)
+        s = cublasGemmEx(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B, CUDA_R_32F,
+                         g.ld_first, A, CUDA_R_32F, g.ld_second, &beta, C, CUDA_R_32F, g.ldc,
+                         CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT);
+    else
+        s = cublasSgemm(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B, g.ld_first, A,
+                        g.ld_second, &beta, C, g.ldc);
+    if (s != CUBLAS_STATUS_SUCCESS)
+        fail(cb, (int)s, "cuda_blas_gemm: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
+}
+
+int cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                        const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc) {
+    if (!cb) return CUBLAS_STATUS_NOT_INITIALIZED;
+    cuda_gemm_colmajor g;
+    int code;
+    if (!gemm_prepare(cb, "cuda_blas_gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
+        return code;
+    cublasStatus_t s = cublasGemmEx(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B,
+                                    CUDA_R_16BF, g.ld_first, A, CUDA_R_16BF, g.ld_second, &beta, C, CUDA_R_32F,
+                                    g.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        fail(cb, (int)s, "cuda_blas_gemm_bf16: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
+        return (int)s;
+    }
+    return 0;
+}
+
+void cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
+                            int n, int lda, int ldb, float beta, int ldc) {
+    if (!cb) return;
+    if (n > 0 && !items) {
+        fail(cb, CUBLAS_STATUS_INVALID_VALUE, "cuda_blas_gemm_grouped: items is NULL with n = %d", n);
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        cuda_blas_gemm(cb, trans_a, trans_b, items[i].M, items[i].N, items[i].K, alpha, items[i].A, lda, items[i].B,
+                       ldb, beta, items[i].C, ldc);
+}

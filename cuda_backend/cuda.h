@@ -1,0 +1,259 @@
+/* cuda.h: the optional CUDA backend (built with `make CUDA=1`, into build/libscmoe_cuda.a).
+ *
+ *   cublas.c    cuda_blas: blas.h's compute interface on cuBLAS, for DEVICE pointers, on one stream;
+ *               a grouped (per-expert) GEMM and a bf16 compute path
+ *   kernels.cu  the kernels of kernels/ and moe.c on device buffers, forward and backward, with
+ *               host-callable launch wrappers (below); same semantics, same formulas, same tie rules
+ *   staging.c   token exchanges through pinned host buffers for an MPI that is not CUDA-aware
+ *
+ * Every pointer handed to a launch wrapper or to cuda_blas_gemm* is a device pointer unless the
+ * comment says "host". Wrappers validate their arguments on the host (negative sizes, NULL pointers
+ * with work to do) and return cudaErrorInvalidValue without launching anything; a count of 0 is a
+ * successful no-op. Otherwise they return the launch's status (cudaGetLastError). Nothing here
+ * synchronizes the device: work is enqueued on the stream given.
+ *
+ * The library keeps no global state, and neither does this backend: every handle, stream and
+ * buffer lives in an object the caller creates and destroys. */
+#ifndef SCMOE_CUDA_H
+#define SCMOE_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+#include "../blas_backend/blas.h"
+#include "../mpi_backend/comm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ======================================================================================= cuBLAS */
+
+struct cublasContext; /* cublasHandle_t is a struct cublasContext *: no cuBLAS header needed here */
+
+enum {
+    CUDA_MATH_FP32 = 0, /* plain fp32 GEMMs (no TF32): matches the CPU to ~1e-6 */
+    CUDA_MATH_BF16 = 1  /* fp32 in and out, cuBLAS may down-convert inputs to bf16 (tensor cores),
+                           fp32 accumulate: CUBLAS_COMPUTE_32F_FAST_16BF */
+};
+
+/* The cuBLAS backend. blas.h's gemm has no context argument, so a cuBLAS handle cannot be reached
+ * from a plain blas_backend without a global. Instead the table is embedded as the FIRST member:
+ * a cuda_blas * is a valid blas_backend * (name, max_threads), and once blas_gemm_fn gains a context
+ * argument (docs/cuda.md, "interface extension") its gemm casts the table back to the cuda_blas.
+ * Until then base.gemm is NULL and the core cannot call it by mistake: call cuda_blas_gemm. */
+typedef struct cuda_blas {
+    blas_backend base;            /* must stay first */
+    struct cublasContext *handle;
+    cudaStream_t stream;          /* every GEMM is enqueued here */
+    int owns_stream;              /* created by cuda_blas_create (destroyed with it) */
+    int math;                     /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for cuda_blas_gemm */
+    int status;                   /* first failure of a void GEMM call, sticky: 0 none */
+    char err[160];                /* and its sentence */
+} cuda_blas;
+
+/* Creates the backend on stream (NULL: a new non-blocking stream it owns). Fails with
+ * SCMOE_ERR_UNSUPPORTED when there is no usable device, SCMOE_ERR_NOMEM, or SCMOE_ERR_OPTION for
+ * an unknown math; *out is NULL on failure and err (may be NULL, >= 160 bytes) says why. */
+scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err);
+void cuda_blas_destroy(cuda_blas *cb);
+/* The embedded table (see above): &cb->base. */
+const blas_backend *cuda_blas_table(cuda_blas *cb);
+
+/* blas.h's GEMM on device pointers: C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, row-major, via the
+ * column-major identity C^T = op(B)^T op(A)^T. Same edge cases as openblas.c: nothing when M or N
+ * <= 0; C = beta C (0 when beta == 0, even over NaN) when K <= 0. Void like blas_gemm_fn: a failure
+ * is recorded in cb->status / cb->err (the first one; cuda_blas_clear_status resets it). */
+void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
+/* The same GEMM with bf16 A and B (uint16_t bit patterns, as bf16_pack / cuda_bf16_pack make them),
+ * fp32 C, fp32 accumulate (cublasGemmEx, CUDA_R_16BF). Returns 0, or the failure's code (a
+ * cublasStatus_t, or a cudaError_t from the K = 0 scaling), which is also recorded on cb. */
+int cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                        const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc);
+
+/* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. */
+typedef struct cuda_gemm_item {
+    int M, N, K;
+    const float *A, *B;
+    float *C;
+} cuda_gemm_item;
+
+/* n GEMMs back to back on the stream (items on the host, operands on the device), e.g. the routed
+ * experts, whose row ranges differ: item i = { rows_i, h1, d, xe + o_i*d, w1_i, pre + o_i*h1 }.
+ * The forms with per-item sizes (cublasSgemmGroupedBatched) would need a device pointer array per
+ * call; a loop of cublasSgemm on one stream keeps the GPU busy once rows_i is a few hundred. */
+void cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
+                            int n, int lda, int ldb, float beta, int ldc);
+
+static inline int cuda_blas_get_status(const cuda_blas *cb) { return cb->status; }
+static inline void cuda_blas_clear_status(cuda_blas *cb) { cb->status = 0; cb->err[0] = '\0'; }
+
+/* The column-major call a row-major GEMM becomes (pure host logic, unit-tested without a GPU):
+ * cublasSgemm(opB, opA, m = N, n = M, k = K, B, ldb, A, lda, C, ldc). Returns CUDA_GEMM_RUN,
+ * CUDA_GEMM_NOTHING (M or N <= 0), CUDA_GEMM_SCALE (K <= 0: C = beta C only) or CUDA_GEMM_BAD
+ * (a leading dimension too small for its row-major shape, or a NULL table). */
+enum { CUDA_GEMM_RUN = 0, CUDA_GEMM_NOTHING = 1, CUDA_GEMM_SCALE = 2, CUDA_GEMM_BAD = -1 };
+typedef struct cuda_gemm_colmajor {
+    int trans_first, trans_second;   /* ops of the first (B) and second (A) operand */
+    int m, n, k;
+    int ld_first, ld_second, ldc;
+} cuda_gemm_colmajor;
+int cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
+                          cuda_gemm_colmajor *out);
+
+/* ====================================================================================== kernels */
+/* Semantics are those of the CPU function named in brackets. */
+
+/* [layernorm_forward] out, mean [N], rstd [N]; eps 1e-5 */
+cudaError_t cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+                                   const float *b, int N, int C, cudaStream_t s);
+/* [layernorm_backward] dx +=, dw +=, db += (column sums in a fixed order: deterministic) */
+cudaError_t cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                                    const float *w, const float *mean, const float *rstd, int N, int C,
+                                    cudaStream_t s);
+
+/* [activation_forward / activation_backward] act: SCMOE_GELU (tanh form) or SCMOE_SWIGLU;
+ * pre [N, ffn_width(h)], hid / dhid [N, h] */
+cudaError_t cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
+                                    cudaStream_t s);
+cudaError_t cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
+                                     scmoe_activation act, cudaStream_t s);
+
+/* [ffn.c broadcast_rows] out[i, :] = b for every row; [sum_rows] acc[c] += sum_i x[i, c] (deterministic) */
+cudaError_t cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s);
+cudaError_t cuda_sum_rows(float *acc, const float *x, int N, int C, cudaStream_t s);
+
+/* [gate_forward after its GEMM] logits [N, E] in (noise added in place when noise_std > 0), p [N, E],
+ * lse [N]: the same counter-based noise, so a token gets the same noise on the CPU and the GPU */
+cudaError_t cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
+                              uint64_t step, int64_t token_offset, cudaStream_t s);
+/* [gate_topk] choice [N, k], weight [N, k], score [N]; ties go to the lower expert index */
+cudaError_t cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
+                           int renormalize, cudaStream_t s);
+/* [gate_backward before its GEMMs] dlogits [N, E] = dL/dlogits (aux_coef [E] may be NULL) */
+cudaError_t cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
+                                      const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
+                                      int renormalize, cudaStream_t s);
+
+/* [moe.c permute_rows] scatter: dst[map[r]] = src[r]; gather: dst[r] = src[map[r]]; rows of d floats */
+cudaError_t cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
+                              cudaStream_t s);
+/* [moe_gate_encode's pack] send[slot[t, j]] = x[t] for every kept slot (slot >= 0) */
+cudaError_t cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d, cudaStream_t s);
+/* [moe_decode] y[t] = beta y[t] + sum_j weight[t, j] rows[slot[t, j]] over kept slots (beta == 0
+ * overwrites, even NaN). weight NULL: every weight 1, which is moe_gate_backward's dx accumulation. */
+cudaError_t cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight, int n,
+                            int k, int d, cudaStream_t s);
+/* [moe_decode_backward] grows[slot] = weight * dy[t], dweight[t, j] = dy[t] . rows[slot] (0 if dropped) */
+cudaError_t cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
+                                     const int *slot, const float *weight, int n, int k, int d, cudaStream_t s);
+
+/* [attention_forward / attention_backward] qkv [B*T, 3d], out [B*T, d], att / datt [B, H, T, T];
+ * dqkv overwritten. One block per (batch, head, query row), softmax fused; att is what the CPU
+ * keeps (masked entries 0). */
+cudaError_t cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H, int causal,
+                                   cudaStream_t s);
+cudaError_t cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
+                                    int B, int T, int d, int H, int causal, cudaStream_t s);
+
+/* [bf16_pack / bf16_unpack] round to nearest even (NaN stays a quiet NaN); unpack is exact */
+cudaError_t cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s);
+cudaError_t cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStream_t s);
+
+/* C[M, N] (row stride ldc) = beta C, 0 when beta == 0: the K = 0 GEMM */
+cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s);
+
+/* ====================================================================== staging (no CUDA-aware MPI) */
+
+/* 1 when the MPI library can take device pointers: MPIX_Query_cuda_support() where OpenMPI's
+ * mpi-ext.h says it was built with CUDA, else 0 (assume not aware). Needs MPI initialised; always
+ * 0 in a build without SCMOE_WITH_MPI. */
+int cuda_mpi_cuda_aware(void);
+
+/* The device calls staging makes, as a table so that the bookkeeping can be tested without a GPU.
+ * Every call returns 0 on success, else a nonzero code (a cudaError_t for the runtime's; host_alloc
+ * returns cudaErrorMemoryAllocation when out of memory). event_query returns 0 (complete), 1 (not
+ * yet) or minus the error. kind: 0 device -> host, 1 host -> device. */
+typedef struct cuda_stage_ops {
+    int (*host_alloc)(void **p, size_t bytes);          /* pinned host memory */
+    void (*host_free)(void *p);
+    int (*stream_create)(void **stream);
+    void (*stream_destroy)(void *stream);
+    int (*event_create)(void **event);
+    void (*event_destroy)(void *event);
+    int (*event_record)(void *event, void *stream);
+    int (*stream_wait_event)(void *stream, void *event);
+    int (*event_query)(void *event);
+    int (*memcpy_async)(void *dst, const void *src, size_t bytes, int kind, void *stream);
+} cuda_stage_ops;
+
+/* The CUDA runtime's calls (cudaHostAlloc, cudaStreamCreateWithFlags(non-blocking), cudaEventCreate
+ * WithFlags(disable timing), cudaEventRecord, cudaStreamWaitEvent, cudaEventQuery, cudaMemcpyAsync). */
+const cuda_stage_ops *cuda_stage_runtime_ops(void);
+
+enum {
+    CUDA_STAGE_IDLE = 0,   /* nothing in flight (or the last exchange finished and was collected) */
+    CUDA_STAGE_TO_HOST,    /* send rows being copied device -> pinned host (or, CUDA-aware: the
+                              producer's event not yet complete) */
+    CUDA_STAGE_EXCHANGE,   /* the comm's alltoallv in flight */
+    CUDA_STAGE_TO_DEVICE,  /* received rows being copied pinned host -> device (enqueued: a stream
+                              that waits on ev_to_device sees them; CUDA-aware: skipped) */
+    CUDA_STAGE_DONE        /* the received rows are on the device (the copy has completed) */
+};
+
+/* One exchange's staging: pinned buffers, a copy stream and its events, sized once at create. */
+typedef struct cuda_stage {
+    const cuda_stage_ops *ops;
+    int cuda_aware;                  /* exchange device pointers directly: no copies */
+    size_t cap_send, cap_recv;       /* bytes of the pinned buffers */
+    void *h_send, *h_recv;           /* pinned host buffers (NULL when cuda_aware) */
+    void *copy_stream;               /* cudaStream_t */
+    void *ev_ready, *ev_to_host, *ev_to_device;   /* cudaEvent_t */
+    int state;
+    /* the exchange in flight */
+    comm *c;
+    const char *d_send;
+    char *d_recv;
+    const int *scounts, *sdispls, *rcounts, *rdispls;   /* host, kept by the caller until DONE */
+    int elem_bytes, req;
+    size_t send_lo, send_bytes, recv_lo, recv_bytes;    /* the byte spans the counts touch */
+    int polls;                       /* progress calls since begin (for tests and traces) */
+    char err[256];
+} cuda_stage;
+
+/* Creates staging for exchanges of at most send_bytes out and recv_bytes in. ops NULL: the CUDA
+ * runtime's. cuda_aware: cuda_mpi_cuda_aware() or the caller's own knowledge. */
+scmoe_status cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
+                               const cuda_stage_ops *ops);
+void cuda_stage_destroy(cuda_stage *st);
+
+/* Starts an alltoallv of device rows (comm.h's counts and displacements, in elements of elem_bytes,
+ * every array on the host and kept until DONE): records an event on producer (the stream that wrote
+ * d_send), makes the copy stream wait for it, enqueues the device -> host copy of the send span and
+ * records ev_to_host. The exchange itself starts in cuda_stage_progress once that event completes,
+ * so nothing waits for the device as a whole. Returns SCMOE_ERR_STATE when one is already in
+ * flight, SCMOE_ERR_OPTION when a count does not fit the buffers, SCMOE_ERR_UNSUPPORTED when a
+ * device call fails. */
+scmoe_status cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
+                              void *d_recv, const int *rcounts, const int *rdispls, int elem_bytes,
+                              cudaStream_t producer);
+/* Moves the exchange along without blocking: starts it once the send copy's event has completed,
+ * tests it (letting the comm progress), enqueues the host -> device copy once it has arrived.
+ * *done = 1 from then on (state TO_DEVICE or DONE): the rows can be consumed in stream order, after
+ * cuda_stage_finish. d_send may be overwritten once the state has passed TO_HOST. Call it between
+ * kernels, like exec_poll. SCMOE_ERR_STATE when nothing is in flight; a failure (the comm's status,
+ * or SCMOE_ERR_UNSUPPORTED for a device call) abandons the exchange and returns the stage to IDLE. */
+scmoe_status cuda_stage_progress(cuda_stage *st, int *done);
+/* Makes consumer wait for the received rows on the device (cudaStreamWaitEvent: the host does not
+ * wait) and returns the stage to IDLE. Valid once *done (TO_DEVICE or DONE): SCMOE_ERR_STATE before. */
+scmoe_status cuda_stage_finish(cuda_stage *st, cudaStream_t consumer);
+/* progress until done, then finish: a blocking convenience that spins on the host.
+ * timeout_s <= 0: the comm's timeout_s. SCMOE_ERR_TIMEOUT (the exchange stays in flight) when it
+ * runs out. */
+scmoe_status cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,633 @@
+/* kernels.cu: the kernels of kernels/ and moe.c on device buffers, forward and backward.
+ *
+ * Each kernel computes what its CPU twin computes, with the same formulas, constants and tie rules
+ * (docs/cuda.md lists the pairs); only the order of floating-point sums differs where a block reduces
+ * a row, so results agree to rounding (tests/test_cuda.c: <= 1e-4 relative on outputs, 1e-3 on
+ * gradients). Nothing uses atomics: parameter-gradient column sums run over rows in a fixed order,
+ * so every result is deterministic, run to run.
+ *
+ * Shapes follow the CPU: rows of C floats, row-major. Launch wrappers validate on the host and
+ * enqueue on the stream given; they never synchronize. Built without --use_fast_math: expf, tanhf,
+ * logf and 1/sqrtf are the accurate versions. */
+#include "cuda.h"
+#include <float.h>
+#include <math.h>
+
+/* Launches go through LAUNCH so that this file also builds as plain C++ for the host emulation
+ * (emu/cuda_emu.h, `make check-cuda-emu`), which runs every kernel on CPU threads, block by block. */
+#ifdef SCMOE_CUDA_EMU
+#include "emu/cuda_emu.h"
+#else
+#include <cuda_runtime.h>
+#define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<grid, block, shmem, stream>>>(__VA_ARGS__)
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+#define THREADS 256           /* a multiple of 32: block_sum / block_max assume whole warps */
+#define MAX_GRID (1L << 20)   /* grid-stride loops past this many blocks */
+#define GELU_S 0.7978845608028654f
+
+/* ------------------------------------------------------------------------------ helpers */
+
+/* Sum (or max) over the block; every thread gets the result. sh: 32 floats of shared memory. */
+__device__ static float block_sum(float v, float *sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads(); /* sh may still be read by a previous call */
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ static float block_max(float v, float *sh) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -FLT_MAX;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+static unsigned grid_for(long work, int per_block) {
+    long g = (work + per_block - 1) / per_block;
+    if (g < 1) g = 1;
+    return (unsigned)(g < MAX_GRID ? g : MAX_GRID);
+}
+
+/* threads for a block that walks a row of n: whole warps, at most THREADS */
+static int threads_for(int n) {
+    int t = ((n + 31) / 32) * 32;
+    return t < 32 ? 32 : (t > THREADS ? THREADS : t);
+}
+
+#define CHECK_ARGS(cond) do { if (!(cond)) return cudaErrorInvalidValue; } while (0)
+
+/* ---------------------------------------------------------------------------- layernorm */
+
+__global__ static void k_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+                                           const float *b, int N, int C) {
+    __shared__ float sh[32];
+    for (long i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *xi = x + i * C;
+        float s = 0.0f;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) s += xi[c];
+        float m = block_sum(s, sh) / C;
+        float v = 0.0f;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) { float t = xi[c] - m; v += t * t; }
+        v = block_sum(v, sh) / C;
+        float r = 1.0f / sqrtf(v + 1e-5f);
+        float *oi = out + i * C;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) oi[c] = (xi[c] - m) * r * w[c] + b[c];
+        if (threadIdx.x == 0) { mean[i] = m; rstd[i] = r; }
+    }
+}
+
+__global__ static void k_layernorm_backward_dx(float *dx, const float *dy, const float *x, const float *w,
+                                               const float *mean, const float *rstd, int N, int C) {
+    __shared__ float sh[32];
+    for (long i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *dyi = dy + i * C, *xi = x + i * C;
+        float m = mean[i], r = rstd[i], g = 0.0f, gx = 0.0f;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            float t = w[c] * dyi[c];
+            g += t;
+            gx += t * (xi[c] - m) * r;
+        }
+        g = block_sum(g, sh) / C;
+        gx = block_sum(gx, sh) / C;
+        float *dxi = dx + i * C;
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            float xhat = (xi[c] - m) * r;
+            dxi[c] += r * (w[c] * dyi[c] - g - xhat * gx);
+        }
+    }
+}
+
+/* Column sums over N rows, deterministic: a block owns 32 columns (threadIdx.x) and splits the rows
+ * over RY thread rows (threadIdx.y, fixed stride), then adds the RY partials in order. With
+ * ln != NULL it sums the two LayerNorm parameter gradients, else plain columns of x. */
+#define RY 16
+struct colsum_ln { const float *x, *mean, *rstd; float *dw; };
+
+__global__ static void k_column_sums(float *acc, const float *v, int N, int C, colsum_ln ln) {
+    __shared__ float s1[RY][33], s2[RY][33];
+    int c = blockIdx.x * 32 + threadIdx.x;
+    float a = 0.0f, bsum = 0.0f;
+    if (c < C)
+        for (long i = threadIdx.y; i < N; i += RY) {
+            float t = v[i * C + c];
+            if (ln.dw) a += t * (ln.x[i * C + c] - ln.mean[i]) * ln.rstd[i];
+            bsum += t;
+        }
+    s1[threadIdx.y][threadIdx.x] = a;
+    s2[threadIdx.y][threadIdx.x] = bsum;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        float ta = 0.0f, tb = 0.0f;
+        for (int y = 0; y < RY; y++) { ta += s1[y][threadIdx.x]; tb += s2[y][threadIdx.x]; }
+        if (ln.dw) ln.dw[c] += ta;
+        acc[c] += tb;
+    }
+}
+
+extern "C" cudaError_t cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+                                              const float *b, int N, int C, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && C >= 0);
+    if (N == 0 || C == 0) return cudaSuccess;
+    CHECK_ARGS(out && mean && rstd && x && w && b);
+    LAUNCH(k_layernorm_forward, grid_for(N, 1), threads_for(C), 0, s, out, mean, rstd, x, w, b, N, C);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                                               const float *w, const float *mean, const float *rstd, int N, int C,
+                                               cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && C >= 0);
+    if (N == 0 || C == 0) return cudaSuccess;
+    CHECK_ARGS(dx && dw && db && dy && x && w && mean && rstd);
+    LAUNCH(k_layernorm_backward_dx, grid_for(N, 1), threads_for(C), 0, s, dx, dy, x, w, mean, rstd, N, C);
+    colsum_ln ln = {x, mean, rstd, dw};
+    LAUNCH(k_column_sums, (unsigned)((C + 31) / 32), dim3(32, RY), 0, s, db, dy, N, C, ln);
+    return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------------------ ffn pieces */
+
+__device__ static float gelu_f(float z) { return 0.5f * z * (1.0f + tanhf(GELU_S * (z + 0.044715f * z * z * z))); }
+
+__global__ static void k_activation_forward(float *hid, const float *pre, long total, int h, int act) {
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
+        if (act == SCMOE_GELU) {
+            hid[idx] = gelu_f(pre[idx]);
+        } else {
+            long i = idx / h, j = idx % h;
+            float g = pre[i * 2 * h + j], u = pre[i * 2 * h + h + j];
+            hid[idx] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+}
+
+__global__ static void k_activation_backward(float *dpre, const float *dhid, const float *pre, long total, int h,
+                                             int act) {
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
+        float dh = dhid[idx];
+        if (act == SCMOE_GELU) {
+            float z = pre[idx], t = tanhf(GELU_S * (z + 0.044715f * z * z * z));
+            float dz = 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * GELU_S * (1.0f + 3.0f * 0.044715f * z * z);
+            dpre[idx] = dh * dz;
+        } else {
+            long i = idx / h, j = idx % h;
+            float g = pre[i * 2 * h + j], u = pre[i * 2 * h + h + j];
+            float sg = 1.0f / (1.0f + expf(-g)), silu = g * sg;
+            dpre[i * 2 * h + h + j] = dh * silu;
+            dpre[i * 2 * h + j] = dh * u * sg * (1.0f + g * (1.0f - sg));
+        }
+    }
+}
+
+extern "C" cudaError_t cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
+                                               cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && h >= 0 && (act == SCMOE_GELU || act == SCMOE_SWIGLU));
+    long total = (long)N * h;
+    if (total == 0) return cudaSuccess;
+    CHECK_ARGS(hid && pre);
+    LAUNCH(k_activation_forward, grid_for(total, THREADS), THREADS, 0, s, hid, pre, total, h, (int)act);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
+                                                scmoe_activation act, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && h >= 0 && (act == SCMOE_GELU || act == SCMOE_SWIGLU));
+    long total = (long)N * h;
+    if (total == 0) return cudaSuccess;
+    CHECK_ARGS(dpre && dhid && pre);
+    LAUNCH(k_activation_backward, grid_for(total, THREADS), THREADS, 0, s, dpre, dhid, pre, total, h, (int)act);
+    return cudaGetLastError();
+}
+
+__global__ static void k_broadcast_rows(float *out, const float *b, long total, int C) {
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x)
+        out[idx] = b[idx % C];
+}
+
+extern "C" cudaError_t cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && C >= 0);
+    long total = (long)N * C;
+    if (total == 0) return cudaSuccess;
+    CHECK_ARGS(out && b);
+    LAUNCH(k_broadcast_rows, grid_for(total, THREADS), THREADS, 0, s, out, b, total, C);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_sum_rows(float *acc, const float *x, int N, int C, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && C >= 0);
+    if (N == 0 || C == 0) return cudaSuccess;
+    CHECK_ARGS(acc && x);
+    colsum_ln none = {NULL, NULL, NULL, NULL};
+    LAUNCH(k_column_sums, (unsigned)((C + 31) / 32), dim3(32, RY), 0, s, acc, x, N, C, none);
+    return cudaGetLastError();
+}
+
+/* -------------------------------------------------------------------------------- gate */
+
+__device__ static uint64_t mix64_d(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ static float normal_from_key_d(uint64_t key) {
+    uint64_t r = mix64_d(key);
+    double u1 = ((double)(r >> 40) + 0.5) / 16777216.0;
+    double u2 = (double)((r >> 16) & 0xFFFFFF) / 16777216.0;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+/* one thread per token: E is small, and the loops are then the CPU's, in its order */
+__global__ static void k_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
+                                      uint64_t seed, uint64_t step, int64_t token_offset) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x) {
+        float *l = logits + i * E, *pi = p + i * E;
+        if (noise_std > 0.0f) {
+            uint64_t key = mix64_d(mix64_d(seed ^ 0x6E6F697365ull) + step) ^ mix64_d((uint64_t)(token_offset + i));
+            for (int e = 0; e < E; e++) l[e] += noise_std * normal_from_key_d(key + (uint64_t)e * 0x9E3779B9ull) / E;
+        }
+        float mx = -FLT_MAX;
+        for (int e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        float s = 0.0f;
+        for (int e = 0; e < E; e++) { pi[e] = expf(l[e] - mx); s += pi[e]; }
+        for (int e = 0; e < E; e++) pi[e] /= s;
+        lse[i] = mx + logf(s);
+    }
+}
+
+__global__ static void k_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
+                                   int renormalize) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x) {
+        const float *pi = p + i * E;
+        int *ci = choice + i * k;
+        float *wi = weight + i * k;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int q = 0; q < j; q++) taken |= ci[q] == e;
+                if (!taken && (best < 0 || pi[e] > pi[best])) best = e;
+            }
+            ci[j] = best;
+            wi[j] = pi[best];
+        }
+        score[i] = wi[0];
+        if (k > 1 && renormalize) {
+            float s = 0.0f;
+            for (int j = 0; j < k; j++) s += wi[j];
+            s = s > FLT_EPSILON ? s : FLT_EPSILON;
+            for (int j = 0; j < k; j++) wi[j] /= s;
+        }
+    }
+}
+
+__global__ static void k_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,
+                                              const float *p, const float *lse, const float *aux_coef, float z_coef,
+                                              int N, int E, int k, int renormalize) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x) {
+        const float *pi = p + i * E, *dw = dweight + i * k;
+        const int *c = choice + i * k;
+        float *dl = dlogits + i * E;
+        for (int e = 0; e < E; e++) dl[e] = aux_coef ? aux_coef[e] : 0.0f;
+        if (k > 1 && renormalize) {
+            float s = 0.0f, dot = 0.0f;
+            for (int j = 0; j < k; j++) { s += pi[c[j]]; dot += dw[j] * pi[c[j]]; }
+            int clamped = s <= FLT_EPSILON;
+            s = clamped ? FLT_EPSILON : s;
+            for (int j = 0; j < k; j++) dl[c[j]] += dw[j] / s - (clamped ? 0.0f : dot / (s * s));
+        } else {
+            for (int j = 0; j < k; j++) dl[c[j]] += dw[j];
+        }
+        float dot = 0.0f;
+        for (int e = 0; e < E; e++) dot += pi[e] * dl[e];
+        for (int e = 0; e < E; e++) dl[e] = pi[e] * (dl[e] - dot) + z_coef * 2.0f * lse[i] * pi[e];
+    }
+}
+
+extern "C" cudaError_t cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
+                                         uint64_t seed, uint64_t step, int64_t token_offset, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && E >= 1);
+    if (N == 0) return cudaSuccess;
+    CHECK_ARGS(logits && p && lse);
+    LAUNCH(k_gate_softmax, grid_for(N, 128), 128, 0, s, logits, p, lse, N, E, noise_std, seed, step, token_offset);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
+                                      int renormalize, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && E >= 1 && k >= 1 && k <= E);
+    if (N == 0) return cudaSuccess;
+    CHECK_ARGS(choice && weight && score && p);
+    LAUNCH(k_gate_topk, grid_for(N, 128), 128, 0, s, choice, weight, score, p, N, E, k, renormalize);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,
+                                                 const float *p, const float *lse, const float *aux_coef,
+                                                 float z_coef, int N, int E, int k, int renormalize, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && E >= 1 && k >= 1 && k <= E);
+    if (N == 0) return cudaSuccess;
+    CHECK_ARGS(dlogits && dweight && choice && p && lse);
+    LAUNCH(k_gate_backward_logits, grid_for(N, 128), 128, 0, s, dlogits, dweight, choice, p, lse, aux_coef, z_coef,
+           N, E, k, renormalize);
+    return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------------ rows: permute, pack, decode */
+
+__global__ static void k_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter) {
+    for (long r = blockIdx.x; r < n; r += gridDim.x) {
+        float *o = dst + (scatter ? (long)map[r] : r) * d;
+        const float *in = src + (scatter ? r : (long)map[r]) * d;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = in[c];
+    }
+}
+
+__global__ static void k_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d) {
+    for (long t = blockIdx.x; t < n; t += gridDim.x)
+        for (int j = 0; j < k; j++) {
+            int sl = slot[t * k + j];
+            if (sl < 0) continue;
+            float *o = send + (long)sl * d;
+            const float *in = x + t * d;
+            for (int c = threadIdx.x; c < d; c += blockDim.x) o[c] = in[c];
+        }
+}
+
+/* per element: scale first, then add the k rows in order j = 0..k-1, as moe_decode does */
+__global__ static void k_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight,
+                                    int n, int k, int d) {
+    for (long t = blockIdx.x; t < n; t += gridDim.x) {
+        float *yt = y + t * d;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float acc = beta == 0.0f ? 0.0f : (beta != 1.0f ? yt[c] * beta : yt[c]);
+            for (int j = 0; j < k; j++) {
+                int sl = slot[t * k + j];
+                if (sl < 0) continue;
+                float w = weight ? weight[t * k + j] : 1.0f;
+                acc += weight ? w * rows[(long)sl * d + c] : rows[(long)sl * d + c];
+            }
+            yt[c] = acc;
+        }
+    }
+}
+
+__global__ static void k_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
+                                             const int *slot, const float *weight, int n, int k, int d) {
+    __shared__ float sh[32];
+    for (long t = blockIdx.x; t < n; t += gridDim.x) {
+        const float *dyt = dy + t * d;
+        for (int j = 0; j < k; j++) {
+            long a = t * k + j;
+            int sl = slot[a];
+            if (sl < 0) { /* uniform over the block: no thread reaches block_sum */
+                if (threadIdx.x == 0) dweight[a] = 0.0f;
+                continue;
+            }
+            const float *r = rows + (long)sl * d;
+            float *g = grows + (long)sl * d, w = weight[a], dot = 0.0f;
+            for (int c = threadIdx.x; c < d; c += blockDim.x) { dot += dyt[c] * r[c]; g[c] = w * dyt[c]; }
+            dot = block_sum(dot, sh);
+            if (threadIdx.x == 0) dweight[a] = dot;
+        }
+    }
+}
+
+extern "C" cudaError_t cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
+                                         cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && d >= 0);
+    if (n == 0 || d == 0) return cudaSuccess;
+    CHECK_ARGS(dst && src && map && dst != src);
+    LAUNCH(k_permute_rows, grid_for(n, 1), threads_for(d), 0, s, dst, src, map, n, d, scatter);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d,
+                                     cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
+    if (n == 0 || d == 0) return cudaSuccess;
+    CHECK_ARGS(send && x && slot);
+    LAUNCH(k_moe_pack, grid_for(n, 1), threads_for(d), 0, s, send, x, slot, n, k, d);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight,
+                                       int n, int k, int d, cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
+    if (n == 0 || d == 0) return cudaSuccess;
+    CHECK_ARGS(y && rows && slot);
+    LAUNCH(k_moe_decode, grid_for(n, 1), threads_for(d), 0, s, y, beta, rows, slot, weight, n, k, d);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
+                                                const int *slot, const float *weight, int n, int k, int d,
+                                                cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(grows && dweight && dy && rows && slot && weight);
+    LAUNCH(k_moe_decode_backward, grid_for(n, 1), threads_for(d), 0, s, grows, dweight, dy, rows, slot, weight, n, k,
+           d);
+    return cudaGetLastError();
+}
+
+/* --------------------------------------------------------------------------- attention */
+
+/* Forward, one block per (b, h, i): the scores row goes straight into att (which the backward needs
+ * anyway), then max, exp, sum, normalise in place, masked entries 0, and out_i = P_i V. */
+__global__ static void k_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H,
+                                           int causal, float scale) {
+    DYNAMIC_SHARED(float, qs); /* hd floats: this row's query */
+    __shared__ float sh[32];
+    int hd = d / H;
+    long ld = 3L * d, rows = (long)B * H * T;
+    for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+        long bh = r / T;
+        int i = (int)(r % T), b = (int)(bh / H), h = (int)(bh % H);
+        const float *q = qkv + (long)b * T * ld + h * hd, *k = q + d, *v = q + 2 * d;
+        float *P = att + bh * T * T + (long)i * T;
+        int n = causal ? i + 1 : T;
+        __syncthreads(); /* qs of the previous row is no longer read */
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[(long)i * ld + c];
+        __syncthreads();
+        float mx = -FLT_MAX;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float *kj = k + (long)j * ld;
+            float s = 0.0f;
+            for (int c = 0; c < hd; c++) s += qs[c] * kj[c];
+            s *= scale;
+            P[j] = s;
+            mx = s > mx ? s : mx;
+        }
+        mx = block_max(mx, sh);
+        float sum = 0.0f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(P[j] - mx); P[j] = e; sum += e; }
+        sum = block_sum(sum, sh);
+        for (int j = threadIdx.x; j < T; j += blockDim.x) P[j] = j < n ? P[j] / sum : 0.0f;
+        __syncthreads(); /* the whole row of P is written (global memory is visible to the block) */
+        float *o = out + ((long)b * T + i) * d + h * hd;
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+            float acc = 0.0f;
+            for (int j = 0; j < n; j++) acc += P[j] * v[(long)j * ld + c];
+            o[c] = acc;
+        }
+    }
+}
+
+/* Backward, rows: dP_ij = dO_i . v_j, dS_ij = P_ij (dP_ij - sum_j P_ij dP_ij) (into datt, 0 where
+ * masked), dq_i = scale sum_j dS_ij k_j. */
+__global__ static void k_attention_backward_rows(float *dqkv, float *datt, const float *dout, const float *qkv,
+                                                 const float *att, int B, int T, int d, int H, int causal,
+                                                 float scale) {
+    DYNAMIC_SHARED(float, dos); /* hd floats: dO_i */
+    __shared__ float sh[32];
+    int hd = d / H;
+    long ld = 3L * d, rows = (long)B * H * T;
+    for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+        long bh = r / T;
+        int i = (int)(r % T), b = (int)(bh / H), h = (int)(bh % H);
+        const float *q = qkv + (long)b * T * ld + h * hd, *k = q + d, *v = q + 2 * d;
+        const float *P = att + bh * T * T + (long)i * T;
+        float *dS = datt + bh * T * T + (long)i * T;
+        int n = causal ? i + 1 : T;
+        __syncthreads();
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) dos[c] = dout[((long)b * T + i) * d + h * hd + c];
+        __syncthreads();
+        float dot = 0.0f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float *vj = v + (long)j * ld;
+            float s = 0.0f;
+            for (int c = 0; c < hd; c++) s += dos[c] * vj[c];
+            dS[j] = s;
+            dot += P[j] * s;
+        }
+        dot = block_sum(dot, sh);
+        for (int j = threadIdx.x; j < T; j += blockDim.x) dS[j] = j < n ? P[j] * (dS[j] - dot) : 0.0f;
+        __syncthreads();
+        float *dq = dqkv + ((long)b * T + i) * ld + h * hd;
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+            float acc = 0.0f;
+            for (int j = 0; j < n; j++) acc += dS[j] * k[(long)j * ld + c];
+            dq[c] = scale * acc;
+        }
+    }
+}
+
+/* Backward, columns: one block per (b, h, j): dv_j = sum_i P_ij dO_i, dk_j = scale sum_i dS_ij q_i
+ * (i >= j when causal: the other terms are 0). */
+__global__ static void k_attention_backward_cols(float *dqkv, const float *datt, const float *dout, const float *qkv,
+                                                 const float *att, int B, int T, int d, int H, int causal,
+                                                 float scale) {
+    int hd = d / H;
+    long ld = 3L * d, rows = (long)B * H * T;
+    for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+        long bh = r / T;
+        int j = (int)(r % T), b = (int)(bh / H), h = (int)(bh % H);
+        const float *q = qkv + (long)b * T * ld + h * hd;
+        const float *P = att + bh * T * T, *dS = datt + bh * T * T;
+        const float *dO = dout + (long)b * T * d + h * hd;
+        float *dk = dqkv + ((long)b * T + j) * ld + d + h * hd, *dv = dk + d;
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+            float av = 0.0f, ak = 0.0f;
+            for (int i = causal ? j : 0; i < T; i++) {
+                av += P[(long)i * T + j] * dO[(long)i * d + c];
+                ak += dS[(long)i * T + j] * q[(long)i * ld + c];
+            }
+            dv[c] = av;
+            dk[c] = scale * ak;
+        }
+    }
+}
+
+static cudaError_t attention_args(int B, int T, int d, int H) {
+    if (B < 0 || T < 0 || d < 0 || H < 1 || d % H) return cudaErrorInvalidValue;
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H,
+                                              int causal, cudaStream_t s) {
+    if (attention_args(B, T, d, H)) return cudaErrorInvalidValue;
+    long rows = (long)B * H * T;
+    if (rows == 0 || d == 0) return cudaSuccess;
+    CHECK_ARGS(out && att && qkv);
+    int hd = d / H;
+    LAUNCH(k_attention_forward, grid_for(rows, 1), threads_for(T > hd ? T : hd), sizeof(float) * hd, s, out, att, qkv,
+           B, T, d, H, causal, 1.0f / sqrtf((float)hd));
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
+                                               const float *att, int B, int T, int d, int H, int causal,
+                                               cudaStream_t s) {
+    if (attention_args(B, T, d, H)) return cudaErrorInvalidValue;
+    long rows = (long)B * H * T;
+    if (rows == 0 || d == 0) return cudaSuccess;
+    CHECK_ARGS(dqkv && datt && dout && qkv && att);
+    int hd = d / H;
+    float scale = 1.0f / sqrtf((float)hd);
+    LAUNCH(k_attention_backward_rows, grid_for(rows, 1), threads_for(T > hd ? T : hd), sizeof(float) * hd, s, dqkv,
+           datt, dout, qkv, att, B, T, d, H, causal, scale);
+    LAUNCH(k_attention_backward_cols, grid_for(rows, 1), threads_for(hd), 0, s, dqkv, datt, dout, qkv, att, B, T, d, H,
+           causal, scale);
+    return cudaGetLastError();
+}
+
+/* -------------------------------------------------------------------------------- bf16 */
+
+__global__ static void k_bf16_pack(uint16_t *dst, const float *src, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t u = __float_as_uint(src[i]);
+        if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) dst[i] = (uint16_t)((u >> 16) | 0x0040u);
+        else dst[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+__global__ static void k_bf16_unpack(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __uint_as_float((uint32_t)src[i] << 16);
+}
+
+static long elems_for_grid(size_t n) { return n < (size_t)MAX_GRID * THREADS ? (long)n : MAX_GRID * THREADS; }
+
+extern "C" cudaError_t cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s) {
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(dst && src);
+    LAUNCH(k_bf16_pack, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, dst, src, n);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStream_t s) {
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(dst && src);
+    LAUNCH(k_bf16_unpack, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, dst, src, n);
+    return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------------------------- scale */
+
+__global__ static void k_scale_matrix(float *C, int M, int N, int ldc, float beta) {
+    long total = (long)M * N;
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x) {
+        float *c = C + (idx / N) * ldc + idx % N;
+        *c = beta == 0.0f ? 0.0f : beta * *c;
+    }
+}
+
+extern "C" cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s) {
+    CHECK_ARGS(M >= 0 && N >= 0 && ldc >= N);
+    if (M == 0 || N == 0) return cudaSuccess;
+    CHECK_ARGS(C);
+    LAUNCH(k_scale_matrix, grid_for((long)M * N, THREADS), THREADS, 0, s, C, M, N, ldc, beta);
+    return cudaGetLastError();
+}
