@@ -1,5 +1,6 @@
 # scmoe. `make` builds build/libscmoe.a; `make check` runs the tests; `make demo` the main job.
-# Options: MPI=0 (serial backend only), OPT=..., SAN=1 (address + undefined sanitizers).
+# Options: MPI=0 (serial backend only), OPT=..., SAN=1 (address + undefined sanitizers),
+# CUDA=1 (also build/libscmoe_cuda.a, see docs/cuda.md).
 CC      ?= cc
 MPICC   ?= mpicc
 MPI     ?= 1
@@ -81,3 +82,4 @@ clean:
 
 include mk/install.mk
 include mk/examples.mk
+include mk/cuda.mk

@@ -6,8 +6,9 @@
  *     $(pkg-config --cflags openblas) bench/bench_experts.c scmoe.c layer.c moe.c pair.c schedule.c \
  *     kernels/[a-z]*.c mpi_backend/serial.c blas_backend/openblas.c -o build/bench/bench_experts \
  *     $(pkg-config --libs openblas) -lm
- * or against the library the Makefile builds (MPI=1 needs mpicc for the link):
- *   $(CC_LIB) $(CFLAGS) $(BLAS_INC) -I. bench/bench_experts.c $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o ...
+ * or `make bench`, which links build/libscmoe.a (mpicc when MPI=1):
+ *   $(CC_LIB) $(CFLAGS) $(BLAS_INC) -I. bench/bench_experts.c $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) \
+ *     -o $(B)/bench/bench_experts
  * Run:  OMP_NUM_THREADS=2 build/bench/bench_experts [reps [cases]]
  *       reps >= 3 (default 5); cases: letters of a (E=8 d=512 h=2048 16k tokens GELU, the target),
  *       s (the same with SwiGLU), b (small: d=128 h=512 1k tokens), w (parallel-vs-sequential sweep);
@@ -31,7 +32,10 @@
  *   forward 2 R d h1 + 2 R h d;  backward twice that (dgrad and wgrad of both GEMMs).
  * The baseline runs the same six GEMM shapes with plain threaded cblas_sgemm as if one expert held
  * all R rows; bias, activation, grouping and the row permutations are what the ratio charges.
- * Reported: the best sample and the median, in ms; GFLOP/s and ratios use the best. The modes of a
+ * Reported: the best sample and the median, in ms; GFLOP/s and ratios use the best; also the least
+ * process CPU time (all threads) and the baseline's over it: with OMP_NUM_THREADS=1 that CPU-time
+ * ratio hardly moves with load from other processes, so it is the number to trust on a busy
+ * machine (with more threads it also counts OpenMP spin-waiting). The modes of a
  * case are sampled round-robin (one sample of each per round), so load from other processes on a
  * shared machine hits all of them alike; each case also prints how many CPUs other processes kept
  * busy meanwhile (from /proc/stat, Linux): numbers taken with that well above 0 are not clean. */
@@ -86,6 +90,7 @@ static float *pgrad(bench *b, int idx) { return b->pt.p[idx].gwork; }
 
 static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation act) {
     memset(b, 0, sizeof *b);
+    rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)T; /* the same data whichever cases run before */
     scmoe_config cfg = scmoe_config_default();
     cfg.d_model = d;
     cfg.d_hidden = h;

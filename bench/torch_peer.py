@@ -492,6 +492,8 @@ def main():
     ap.add_argument("--link", default=os.environ.get("PEER_LINK", ""), help="label printed in the header")
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # the BLAS under torch, too
+        os.environ.setdefault(v, str(args.threads))
     args.launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.launched:
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)

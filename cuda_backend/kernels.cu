@@ -23,7 +23,11 @@
 #define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
 
+#ifdef SCMOE_CUDA_EMU          /* the emulation runs a block on real threads: smaller blocks, same code paths */
+#define THREADS 64
+#else
 #define THREADS 256           /* a multiple of 32: block_sum / block_max assume whole warps */
+#endif
 #define MAX_GRID (1L << 20)   /* grid-stride loops past this many blocks */
 #define GELU_S 0.7978845608028654f
 

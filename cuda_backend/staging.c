@@ -68,7 +68,8 @@ static int rt_event_query(void *ev) {
     cudaError_t e = cudaEventQuery((cudaEvent_t)ev);
     if (e == cudaSuccess) return 0;
     if (e == cudaErrorNotReady) {
-        (void)cudaGetLastError(); /* not an error: do not leave it for the next launch check */
+        /* not an error: do not leave it for the next launch check (and clear nothing else) */
+        if (cudaPeekAtLastError() == cudaErrorNotReady) (void)cudaGetLastError();
         return 1;
     }
     return -(int)e;

@@ -2,7 +2,7 @@
  *
  * ckpt_load is collective (it agrees on the status with MPI_Allreduce), so the harness initialises
  * MPI once in LLVMFuzzerInitialize (a one-rank singleton, no mpirun needed) and calls it on
- * MPI_COMM_WORLD of size 1.
+ * MPI_COMM_WORLD of size 1 (never finalised: see finalize()).
  *
  * Input: byte 0 = flags, the rest = the bytes of a ckpt.bin (written to a memfd, read back through
  * /proc/self/fd/N, so nothing touches the disk).
@@ -52,9 +52,10 @@ static void finalize(void) {
     snprintf(p, sizeof p, "%s/ckpt.tmp", rtdir);
     unlink(p);
     rmdir(rtdir);
-    int fin = 0;
-    MPI_Finalized(&fin);
-    if (!fin) MPI_Finalize();
+    /* no MPI_Finalize: it unloads OpenMPI's plugins, after which LeakSanitizer's exit-time report
+     * shows their process-lifetime allocations as leaks of "<unknown module>" that no suppression
+     * can name. (libFuzzer's own per-input leak check, which is what catches a leak in the reader,
+     * is unaffected.) */
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
@@ -163,6 +164,15 @@ static void load_fuzzed(const uint8_t *file, size_t n) {
     }
     ckpt_status s = ckpt_load(MPI_COMM_WORLD, mpath, &l, NULL, 0);
     REQUIRE(s == first);
+    /* err_len 0: the buffer must not be touched nor read (BUG errlen0-overread: ckpt_agree copies
+     * err with "%s" whenever err != NULL, reading an unterminated buffer past its end) */
+    if (first != CKPT_OK && !known_bug("errlen0-overread")) {
+        char *e = malloc(1);
+        e[0] = 'x';
+        REQUIRE(ckpt_load(MPI_COMM_WORLD, mpath, &l, e, 0) == first);
+        REQUIRE(e[0] == 'x');
+        free(e);
+    }
     /* a header-level failure is the same failure from either entry point */
     if (sh != CKPT_OK) REQUIRE(s == sh);
     if (s == CKPT_OK) {

@@ -51,7 +51,7 @@ static inline float pick_float(fuzz_in *in, const float *table, int n_table) {
 }
 
 /* Known, reported library bugs whose checks are skipped when listed (comma-separated) in the
- * environment variable SCMOE_FUZZ_KNOWN_BUGS, so a fuzzing run can look past them. Each skip is
+ * environment variable SCMOE_KNOWN_BUGS, so a fuzzing run can look past them. Each skip is
  * counted and printed at exit, so a replay shows which known bugs the inputs still hit. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,12 +60,12 @@ static const char *known_bug_names[8];
 static void known_bug_report(void) {
     for (int i = 0; i < 8 && known_bug_names[i]; i++)
         if (known_bug_hits[i])
-            fprintf(stderr, "# known library bug '%s' hit %d time(s) (skipped: listed in SCMOE_FUZZ_KNOWN_BUGS)\n",
+            fprintf(stderr, "# known library bug '%s' hit %d time(s) (skipped: listed in SCMOE_KNOWN_BUGS)\n",
                     known_bug_names[i], known_bug_hits[i]);
 }
 /* 1 if the check named `name` is to be skipped (and counts the hit) */
 static inline int known_bug(const char *name) {
-    const char *list = getenv("SCMOE_FUZZ_KNOWN_BUGS");
+    const char *list = getenv("SCMOE_KNOWN_BUGS");
     if (!list) return 0;
     size_t n = strlen(name);
     for (const char *p = list; (p = strstr(p, name)) != NULL; p += n)

@@ -17,8 +17,8 @@
 # Nothing below is read unless CUDA=1 or a check-cuda-* target is asked for: every other build is
 # exactly what it was without this file.
 
+ifneq ($(filter 1,$(CUDA))$(filter check-cuda-build check-cuda-emu,$(MAKECMDGOALS)),)
 CUDA_GOALS := check-cuda-build check-cuda-emu
-ifneq ($(filter 1,$(CUDA))$(filter $(CUDA_GOALS),$(MAKECMDGOALS)),)
 
 ifeq ($(origin NVCC),undefined)
   NVCC := $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
@@ -30,6 +30,7 @@ endif
 CUDA_SYS    := $(filter /usr /,$(CUDA_HOME))
 CUDA_INC    := $(if $(CUDA_SYS),,$(if $(CUDA_HOME),-I$(CUDA_HOME)/include))
 CUDA_LIBDIR := $(if $(CUDA_SYS),,$(firstword $(wildcard $(CUDA_HOME)/lib64 $(CUDA_HOME)/targets/x86_64-linux/lib)))
+comma := ,
 CUDA_LDLIBS :=
 ifneq ($(CUDA_LIBDIR),)
   CUDA_LDLIBS += -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR)
@@ -40,7 +41,9 @@ CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
              -gencode arch=compute_90,code=compute_90
 NVCCFLAGS ?= -O2 -g
 NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall,-Wextra,-Wno-unused-parameter -MMD -MP
-CUDA_EMU_CXXFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -fPIC -pthread -MMD -MP
+# SAN=1 builds the emulated kernels with the sanitizers too: every device access is bounds-checked
+CUDA_EMU_CXXFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -fPIC -pthread -MMD -MP \
+                     $(if $(filter 1,$(SAN)),-fsanitize=address$(comma)undefined -fno-omit-frame-pointer)
 
 CUDA_C_OBJ  := $(B)/cuda_backend/cublas.o $(B)/cuda_backend/staging.o
 CUDA_OBJ    := $(CUDA_C_OBJ) $(B)/cuda_backend/kernels.o

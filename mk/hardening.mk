@@ -6,13 +6,13 @@
 #                                 for FUZZ_SECONDS (60) from fuzz/corpus/<name>/; a crash is copied to
 #                                 fuzz/regressions/<name>/ and fails the target
 #   make fuzz-build               only build them
-#   make check-fuzz-regressions   replay fuzz/regressions/*/ and fuzz/corpus/*/ through the harnesses (seconds)
+#   make check-fuzz-regressions   replay fuzz/regressions/*/ and fuzz/corpus/*/ through the harnesses (~10 s)
 #   make check-faults             tests/faults/run.sh: SIGKILLed rank, an error on one rank, link down (~2-3 min)
 #   make check-soak               tests/test_soak.sh: 2,000 steps with RSS sampling, valgrind, TSan (~6-10 min: opt-in)
 #   make check-determinism        tests/test_determinism.sh: bitwise loss curves, runs x threads x ranks (~1-2 min)
 #
-# Variables: FUZZ_CC (clang), FUZZ_SECONDS (60), FUZZ_JOBS (1), FUZZ_FLAGS (extra libFuzzer flags),
-# FUZZ_TARGETS (checkpoint config route).
+# Variables: FUZZ_CC (clang), FUZZ_SECONDS (60), FUZZ_FLAGS (extra libFuzzer flags), FUZZ_TARGETS
+# (route config checkpoint), KNOWN_BUGS (below).
 
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
@@ -29,10 +29,19 @@ FUZZ_MPI_LIB := $(shell mpicc --showme:link 2>/dev/null)
 FUZZ_LIB_SRC := $(CORE_SRC) $(BLAS_SRC)
 FUZZ_LIB_OBJ := $(patsubst %.c,$(FUZZ_B)/obj/%.o,$(FUZZ_LIB_SRC))
 FUZZ_BINS    := $(addprefix $(FUZZ_B)/fuzz_,$(FUZZ_TARGETS))
-FUZZ_ENV     := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-                OMPI_MCA_btl_vader_single_copy_mechanism=none \
-                ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 LSAN_OPTIONS=suppressions=fuzz/lsan.supp \
-                UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# Library bugs found here and reported but not fixed yet (docs/reliability.md), passed to the harnesses
+# and fault tests as SCMOE_KNOWN_BUGS: the fuzzers skip these checks so fuzzing can look past them (and
+# say how often an input hit one); the fault tests print a failure they explain as a TAP TODO, not
+# counted. Remove a name once the library is fixed (or run with KNOWN_BUGS= to see them all fail):
+# fuzz/regressions/*/<name> then must pass.
+KNOWN_BUGS ?= stale-backward,null-memcpy,huge-capacity-factor,errlen0-overread,blocking-collective-timeout,grad-sync-timeout
+FUZZ_ENV     = OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+               OMPI_MCA_btl_vader_single_copy_mechanism=none SCMOE_KNOWN_BUGS=$(KNOWN_BUGS) \
+               ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:leak_check_at_exit=$$lcx \
+               LSAN_OPTIONS=suppressions=fuzz/lsan.supp UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# the checkpoint harness keeps MPI initialised: its exit-time leak report would be OpenMPI's (libFuzzer's
+# per-input leak check still runs); the others check leaks at exit too
+fuzz_lcx = lcx=1; [ $$t = checkpoint ] && lcx=0;
 
 $(FUZZ_B)/obj/blas_backend/%.o: blas_backend/%.c
 	@mkdir -p $(dir $@)
@@ -69,11 +78,11 @@ fuzz-build: $(FUZZ_BINS)
 fuzz: $(FUZZ_BINS)
 	@fail=0; for t in $(FUZZ_TARGETS); do \
 	    mkdir -p $(FUZZ_B)/corpus/$$t fuzz/regressions/$$t $(FUZZ_B)/artifacts/$$t; \
-	    echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	    echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; $(fuzz_lcx) \
 	    env $(FUZZ_ENV) $(FUZZ_B)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 	        -print_final_stats=1 -artifact_prefix=$(FUZZ_B)/artifacts/$$t/ $(FUZZ_FLAGS) \
 	        $(FUZZ_B)/corpus/$$t fuzz/corpus/$$t > $(FUZZ_B)/fuzz_$$t.log 2>&1; rc=$$?; \
-	    grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ *DONE)' $(FUZZ_B)/fuzz_$$t.log; \
+	    grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|# known library bug)' $(FUZZ_B)/fuzz_$$t.log; \
 	    for a in $(FUZZ_B)/artifacts/$$t/*; do [ -f "$$a" ] && cp "$$a" fuzz/regressions/$$t/ && echo "kept $$a -> fuzz/regressions/$$t/"; done; \
 	    if [ $$rc -ne 0 ]; then echo "not ok - fuzz_$$t (exit $$rc; log $(FUZZ_B)/fuzz_$$t.log):"; \
 	        grep -E 'ERROR|SUMMARY|invariant failed|runtime error' $(FUZZ_B)/fuzz_$$t.log | head -n 5; fail=$$((fail + 1)); \
@@ -86,8 +95,9 @@ check-fuzz-regressions: $(FUZZ_BINS)
 	    files=$$(find fuzz/regressions/$$t fuzz/corpus/$$t -type f ! -name '.*' ! -name '*.md' 2>/dev/null | sort); \
 	    n=$$(echo "$$files" | grep -c . || true); \
 	    if [ "$$n" = 0 ]; then echo "ok - fuzz_$$t: nothing to replay"; pass=$$((pass + 1)); continue; fi; \
-	    if env $(FUZZ_ENV) $(FUZZ_B)/fuzz_$$t -runs=0 $$files > $(FUZZ_B)/replay_$$t.log 2>&1; then \
+	    $(fuzz_lcx) if env $(FUZZ_ENV) $(FUZZ_B)/fuzz_$$t -runs=0 $$files > $(FUZZ_B)/replay_$$t.log 2>&1; then \
 	        echo "ok - fuzz_$$t: $$n inputs replayed clean ($$(find fuzz/regressions/$$t -type f ! -name '.*' ! -name '*.md' | wc -l) regressions)"; pass=$$((pass + 1)); \
+	        grep '^# known library bug' $(FUZZ_B)/replay_$$t.log || true; \
 	    else echo "not ok - fuzz_$$t: a replayed input fails (log $(FUZZ_B)/replay_$$t.log)"; \
 	        grep -E 'Running:|ERROR|SUMMARY|invariant failed|runtime error' $(FUZZ_B)/replay_$$t.log | tail -n 6; fail=$$((fail + 1)); fi; \
 	done; echo "$$pass passed, $$fail failed"; [ $$fail = 0 ]
@@ -95,7 +105,7 @@ check-fuzz-regressions: $(FUZZ_BINS)
 check-faults: deps
 	$(MAKE) all examples
 	$(MAKE) $(B)/faults/fault_rank_error $(B)/faults/linkdown_pair
-	BUILD=$(B) tests/faults/run.sh
+	BUILD=$(B) SCMOE_KNOWN_BUGS=$(KNOWN_BUGS) tests/faults/run.sh
 
 check-soak: deps
 	$(MAKE) all examples

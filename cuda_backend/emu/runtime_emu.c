@@ -47,6 +47,10 @@ cudaError_t cudaMemset(void *p, int v, size_t bytes) {
     memset(p, v, bytes);
     return cudaSuccess;
 }
+cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s) {
+    (void)s;
+    return cudaMemset(p, v, bytes);
+}
 
 /* streams and events are tokens: everything is already complete */
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) {

@@ -1,0 +1,1022 @@
+/* test_cuda.c: the CUDA backend (cuda_backend/) against the CPU kernels it mirrors.
+ *
+ * With a device (cudaGetDeviceCount > 0): every kernel and the cuBLAS GEMMs on random data against
+ * kernels/ (and moe.c's row loops, restated here): <= 1e-4 relative on outputs, 1e-3 on gradients,
+ * integer outputs and copies exact. Without one, each of those prints "ok - NAME # SKIP no CUDA
+ * device" (not counted), and the host-side checks still run: the row-major -> column-major GEMM
+ * mapping against a reference, argument validation of every launch wrapper and of the GEMMs,
+ * cuda_blas_create's failures, and the staging state machine with its device calls stubbed.
+ *
+ * Built with -DSCMOE_CUDA_EMU (make check-cuda-emu) the same program runs on the host emulation:
+ * kernels.cu compiled as C++ on CPU threads, the runtime and cuBLAS on host memory.
+ * Relative error = max |gpu - cpu| / max |cpu|. Ends with "N passed, N failed". */
+#include "../cuda_backend/cuda.h"
+#include "../kernels/kernels.h"
+#include "check.h"
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define TOL_OUT 1e-4
+#define TOL_GRAD 1e-3
+/* the emulation runs every block on real threads (64 per block there): fewer rows, same code paths */
+#ifdef SCMOE_CUDA_EMU
+#define GPU_OR_EMU(gpu, emu) (emu)
+#else
+#define GPU_OR_EMU(gpu, emu) (gpu)
+#endif
+
+static int have_gpu, n_skipped;
+static cuda_blas *cb;
+static cudaStream_t stream;
+static exec cpu;
+
+static uint64_t rng_state = 2024;
+static float frand(void) { /* uniform in [-1, 1) */
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) / 8388608.0 - 1.0);
+}
+static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i++) x[i] = scale * frand(); }
+static float *fnew(size_t n, float scale) {
+    float *x = malloc(sizeof(float) * (n ? n : 1));
+    if (!x) { printf("# out of host memory\n"); exit(2); }
+    fill(x, n, scale);
+    return x;
+}
+static float *fcopy(const float *x, size_t n) {
+    float *y = fnew(n, 0.0f);
+    memcpy(y, x, sizeof(float) * n);
+    return y;
+}
+
+static double relerr(const float *a, const float *b, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d != d) d = INFINITY; /* NaN where the reference is finite: fail */
+        num = d > num ? d : num;
+        den = fabs(b[i]) > den ? fabs(b[i]) : den;
+    }
+    return n ? num / (den + 1e-30) : 0;
+}
+
+static void skip(const char *what) {
+    printf("ok - %s # SKIP no CUDA device\n", what);
+    n_skipped++;
+}
+
+/* ---- device buffers: freed together after each test ---- */
+#define MAX_DEV 96
+static void *dev_ptrs[MAX_DEV];
+static int n_dev;
+
+static void *dalloc(size_t bytes) {
+    void *p = NULL;
+    if (n_dev == MAX_DEV || cudaMalloc(&p, bytes ? bytes : 4) != cudaSuccess) {
+        printf("# cudaMalloc(%zu) failed\n", bytes);
+        exit(2);
+    }
+    dev_ptrs[n_dev++] = p;
+    return p;
+}
+static void *dup_bytes(const void *h, size_t bytes) {
+    void *d = dalloc(bytes);
+    if (bytes && cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream) != cudaSuccess) {
+        printf("# upload failed\n");
+        exit(2);
+    }
+    return d;
+}
+static float *dupf(const float *h, size_t n) { return dup_bytes(h, sizeof(float) * n); }
+static int *dupi(const int *h, size_t n) { return dup_bytes(h, sizeof(int) * n); }
+/* waits for the stream, then copies back; 0 when the stream or the copy reported an error */
+static int get(void *h, const void *d, size_t bytes) {
+    int ok = cudaStreamSynchronize(stream) == cudaSuccess;
+    ok &= cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost) == cudaSuccess;
+    ok &= cudaGetLastError() == cudaSuccess;
+    return ok;
+}
+static void dev_free_all(void) {
+    cudaStreamSynchronize(stream);
+    for (int i = 0; i < n_dev; i++) cudaFree(dev_ptrs[i]);
+    n_dev = 0;
+}
+
+/* ============================================================================= host-side checks */
+
+/* the definitions: row-major C = alpha op(A) op(B) + beta C, and column-major the same */
+static void rm_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+                    float beta, float *C, int ldc) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = 0;
+            for (int l = 0; l < K; l++)
+                s += (double)(ta ? A[(long)l * lda + i] : A[(long)i * lda + l]) *
+                     (tb ? B[(long)j * ldb + l] : B[(long)l * ldb + j]);
+            float *c = &C[(long)i * ldc + j];
+            *c = (float)(alpha * s + (beta == 0.0f ? 0.0 : (double)beta * *c));
+        }
+}
+static void cm_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda, const float *B, int ldb,
+                    float beta, float *C, int ldc) {
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            double s = 0;
+            for (int l = 0; l < k; l++)
+                s += (double)(ta ? A[(long)l + (long)i * lda] : A[(long)i + (long)l * lda]) *
+                     (tb ? B[(long)j + (long)l * ldb] : B[(long)l + (long)j * ldb]);
+            float *c = &C[(long)i + (long)j * ldc];
+            *c = (float)(alpha * s + (beta == 0.0f ? 0.0 : (double)beta * *c));
+        }
+}
+
+static void host_gemm_mapping(void) {
+    int M = 7, N = 5, K = 6, all = 1;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int lda = (ta ? M : K) + 2, ldb = (tb ? K : N) + 1, ldc = N + 3;
+            float *A = fnew((size_t)(ta ? K : M) * lda, 1), *B = fnew((size_t)(tb ? N : K) * ldb, 1);
+            float *C1 = fnew((size_t)M * ldc, 1), *C2 = fcopy(C1, (size_t)M * ldc);
+            rm_gemm(ta, tb, M, N, K, 0.7f, A, lda, B, ldb, 0.3f, C1, ldc);
+            cuda_gemm_colmajor g;
+            int r = cuda_gemm_to_colmajor(ta, tb, M, N, K, lda, ldb, ldc, &g);
+            cm_gemm(g.trans_first, g.trans_second, g.m, g.n, g.k, 0.7f, B, g.ld_first, A, g.ld_second, 0.3f, C2, g.ldc);
+            double e = relerr(C2, C1, (size_t)M * ldc);
+            CHECK(r == CUDA_GEMM_RUN && e < 1e-6, "row-major GEMM as a column-major call, trans %d %d (rel %.1e)", ta,
+                  tb, e);
+            all &= r == CUDA_GEMM_RUN;
+            free(A); free(B); free(C1); free(C2);
+        }
+    cuda_gemm_colmajor g;
+    CHECK(cuda_gemm_to_colmajor(0, 0, 0, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING &&
+              cuda_gemm_to_colmajor(0, 0, 4, 0, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING,
+          "GEMM mapping: M or N = 0 is nothing to do");
+    CHECK(cuda_gemm_to_colmajor(0, 0, 4, 5, 0, 0, 0, 5, &g) == CUDA_GEMM_SCALE, "GEMM mapping: K = 0 only scales C");
+    CHECK(cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 2, 5, 5, &g) == CUDA_GEMM_BAD &&
+              cuda_gemm_to_colmajor(1, 0, 4, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_BAD &&
+              cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 4, 5, &g) == CUDA_GEMM_BAD &&
+              cuda_gemm_to_colmajor(0, 1, 4, 5, 3, 3, 2, 5, &g) == CUDA_GEMM_BAD &&
+              cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 5, 4, &g) == CUDA_GEMM_BAD &&
+              cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 5, 5, NULL) == CUDA_GEMM_BAD,
+          "GEMM mapping: a leading dimension too small for its shape, or no output, is refused");
+    (void)all;
+}
+
+static void host_blas_checks(void) {
+    cuda_blas *out = (cuda_blas *)1;
+    char err[160];
+    CHECK(cuda_blas_create(NULL, NULL, CUDA_MATH_FP32, err) == SCMOE_ERR_NULL, "cuda_blas_create: out NULL");
+    CHECK(cuda_blas_create(&out, NULL, 9, err) == SCMOE_ERR_OPTION && out == NULL && strstr(err, "math"),
+          "cuda_blas_create: unknown math -> SCMOE_ERR_OPTION (%s)", err);
+    if (!have_gpu) {
+        out = (cuda_blas *)1;
+        scmoe_status s = cuda_blas_create(&out, NULL, CUDA_MATH_FP32, err);
+        CHECK(s == SCMOE_ERR_UNSUPPORTED && out == NULL && err[0], "cuda_blas_create without a device: %s", err);
+    }
+    /* the GEMMs' checks come before any device call, so a table that was never created shows them */
+    cuda_blas fake;
+    memset(&fake, 0, sizeof fake);
+    float A[16] = {0}, B[16] = {0}, C[16] = {0};
+    cuda_blas_gemm(&fake, 0, 0, 0, 4, 4, 1.0f, A, 4, B, 4, 0.0f, C, 4);
+    CHECK(fake.status == 0, "cuda_blas_gemm with M = 0: nothing done, no error");
+    cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, A, 2, B, 4, 0.0f, C, 4);
+    int first = fake.status;
+    CHECK(first != 0 && strstr(fake.err, "bad arguments"), "cuda_blas_gemm with lda < K is recorded: %s", fake.err);
+    cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
+    CHECK(fake.status == first && !strstr(fake.err, "NULL"), "the first failure is kept (sticky)");
+    cuda_blas_clear_status(&fake);
+    cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
+    CHECK(fake.status != 0 && strstr(fake.err, "NULL operand"), "cuda_blas_gemm with a NULL operand: %s", fake.err);
+    cuda_blas_clear_status(&fake);
+    CHECK(cuda_blas_gemm_bf16(&fake, 1, 0, 4, 4, 4, 1.0f, (const uint16_t *)A, 3, (const uint16_t *)B, 4, 0.0f, C,
+                              4) != 0 && fake.status != 0,
+          "cuda_blas_gemm_bf16 with lda < M (transposed A) returns the failure");
+    cuda_blas_clear_status(&fake);
+    cuda_blas_gemm_grouped(&fake, 0, 0, 1.0f, NULL, 2, 4, 4, 0.0f, 4);
+    CHECK(fake.status != 0, "cuda_blas_gemm_grouped with NULL items: %s", fake.err);
+    CHECK((const void *)cuda_blas_table(&fake) == (const void *)&fake && cuda_blas_table(NULL) == NULL,
+          "cuda_blas embeds blas_backend as its first member");
+}
+
+static void host_wrapper_checks(void) {
+    const cudaError_t bad = cudaErrorInvalidValue, ok = cudaSuccess;
+    float f[8] = {0};
+    int i8[8] = {0};
+    cudaStream_t s = NULL;
+    CHECK(cuda_layernorm_forward(f, f, f, f, f, f, -1, 4, s) == bad &&
+              cuda_layernorm_forward(NULL, f, f, f, f, f, 2, 4, s) == bad &&
+              cuda_layernorm_forward(NULL, NULL, NULL, NULL, NULL, NULL, 0, 4, s) == ok,
+          "layernorm forward: N < 0 and NULL refused, N = 0 a no-op");
+    CHECK(cuda_layernorm_backward(f, f, NULL, f, f, f, f, f, 2, 4, s) == bad &&
+              cuda_layernorm_backward(f, f, f, f, f, f, f, f, 2, -4, s) == bad,
+          "layernorm backward: NULL db, C < 0 refused");
+    CHECK(cuda_activation_forward(f, f, 2, 4, (scmoe_activation)7, s) == bad &&
+              cuda_activation_backward(f, f, f, -2, 4, SCMOE_GELU, s) == bad &&
+              cuda_activation_forward(NULL, NULL, 0, 4, SCMOE_SWIGLU, s) == ok,
+          "activation: unknown activation, N < 0 refused, N = 0 a no-op");
+    CHECK(cuda_broadcast_rows(NULL, f, 2, 2, s) == bad && cuda_sum_rows(f, NULL, 2, 2, s) == bad &&
+              cuda_sum_rows(NULL, NULL, 0, 0, s) == ok,
+          "broadcast_rows / sum_rows: NULL refused, empty a no-op");
+    CHECK(cuda_gate_softmax(f, f, f, 2, 0, 0, 0, 0, 0, s) == bad &&
+              cuda_gate_softmax(f, NULL, f, 2, 4, 0, 0, 0, 0, s) == bad,
+          "gate softmax: E < 1, NULL p refused");
+    CHECK(cuda_gate_topk(i8, f, f, f, 2, 4, 5, 1, s) == bad && cuda_gate_topk(i8, f, f, f, 2, 4, 0, 1, s) == bad &&
+              cuda_gate_topk(NULL, NULL, NULL, NULL, 0, 4, 2, 1, s) == ok,
+          "gate top-k: k > E and k < 1 refused, N = 0 a no-op");
+    CHECK(cuda_gate_backward_logits(f, f, i8, f, NULL, NULL, 0, 2, 4, 2, 1, s) == bad,
+          "gate backward: NULL lse refused (aux_coef NULL is allowed)");
+    CHECK(cuda_permute_rows(f, f, i8, 2, 2, 1, s) == bad && cuda_permute_rows(f, f + 4, NULL, 2, 2, 0, s) == bad,
+          "permute_rows: in place or NULL map refused");
+    CHECK(cuda_moe_pack(f, f, i8, 2, 0, 2, s) == bad && cuda_moe_decode(f, 1, f, i8, NULL, -1, 1, 2, s) == bad &&
+              cuda_moe_decode(f, 1, NULL, i8, NULL, 2, 1, 2, s) == bad &&
+              cuda_moe_decode_backward(f, f, f, f, i8, NULL, 2, 1, 2, s) == bad &&
+              cuda_moe_decode(NULL, 0, NULL, NULL, NULL, 0, 1, 2, s) == ok,
+          "pack / decode / decode_backward: k < 1, n < 0, NULL rows or weight refused, n = 0 a no-op");
+    CHECK(cuda_attention_forward(f, f, f, 1, 4, 6, 4, 1, s) == bad &&
+              cuda_attention_forward(f, f, f, 1, 4, 8, 0, 1, s) == bad &&
+              cuda_attention_backward(f, f, f, f, NULL, 1, 4, 8, 2, 1, s) == bad &&
+              cuda_attention_forward(NULL, NULL, NULL, 0, 4, 8, 2, 1, s) == ok,
+          "attention: d %% H != 0, H < 1, NULL att refused, B = 0 a no-op");
+    CHECK(cuda_bf16_pack(NULL, f, 3, s) == bad && cuda_bf16_unpack(f, NULL, 3, s) == bad &&
+              cuda_bf16_pack(NULL, NULL, 0, s) == ok,
+          "bf16 pack / unpack: NULL refused, n = 0 a no-op");
+    CHECK(cuda_scale_matrix(f, 2, 4, 3, 0, s) == bad && cuda_scale_matrix(NULL, 0, 4, 4, 0, s) == ok,
+          "scale_matrix: ldc < N refused, M = 0 a no-op");
+}
+
+/* ---- staging with stubbed device calls ---- */
+
+typedef struct { int pending; } fake_event;
+static struct {
+    int pending_on_record, fail_alloc, fail_create, fail_copy;
+    int allocs, frees, streams, events, records, waits, d2h, h2d;
+    void *last_wait_stream, *last_wait_event;
+    size_t last_bytes;
+} F;
+
+static int f_host_alloc(void **p, size_t b) {
+    if (F.fail_alloc) return (int)cudaErrorMemoryAllocation;
+    *p = malloc(b);
+    F.allocs++;
+    return *p ? 0 : (int)cudaErrorMemoryAllocation;
+}
+static void f_host_free(void *p) { free(p); F.frees++; }
+static int f_stream_create(void **s) {
+    if (F.fail_create) return (int)cudaErrorNoDevice;
+    *s = malloc(1);
+    F.streams++;
+    return 0;
+}
+static void f_stream_destroy(void *s) { free(s); F.streams--; }
+static int f_event_create(void **e) {
+    *e = calloc(1, sizeof(fake_event));
+    F.events++;
+    return 0;
+}
+static void f_event_destroy(void *e) { free(e); F.events--; }
+static int f_event_record(void *e, void *s) {
+    (void)s;
+    ((fake_event *)e)->pending = F.pending_on_record;
+    F.records++;
+    return 0;
+}
+static int f_stream_wait_event(void *s, void *e) {
+    F.waits++;
+    F.last_wait_stream = s;
+    F.last_wait_event = e;
+    return 0;
+}
+static int f_event_query(void *e) {
+    fake_event *v = e;
+    if (v->pending > 0) { v->pending--; return 1; }
+    return 0;
+}
+static int f_memcpy_async(void *dst, const void *src, size_t bytes, int kind, void *s) {
+    (void)s;
+    if (F.fail_copy) return (int)cudaErrorInvalidValue;
+    memcpy(dst, src, bytes);
+    if (kind) F.h2d++;
+    else F.d2h++;
+    F.last_bytes = bytes;
+    return 0;
+}
+static const cuda_stage_ops fake_ops = {f_host_alloc,     f_host_free,      f_stream_create, f_stream_destroy,
+                                        f_event_create,   f_event_destroy,  f_event_record,  f_stream_wait_event,
+                                        f_event_query,    f_memcpy_async};
+
+/* a one-rank comm whose exchange completes after test_done_after tests */
+static struct { int starts, tests, test_done_after, fail_start; const void *last_send; } FC;
+static scmoe_status fc_start(comm *c, const void *send, const int *sc, const int *sd, void *recv, const int *rc,
+                             const int *rd, int eb, int *req) {
+    (void)rc;
+    FC.starts++;
+    FC.last_send = send;
+    FC.tests = 0;
+    if (FC.fail_start) {
+        snprintf(c->err, sizeof c->err, "fake comm failure");
+        return SCMOE_ERR_COMM;
+    }
+    memmove((char *)recv + (size_t)rd[0] * eb, (const char *)send + (size_t)sd[0] * eb, (size_t)sc[0] * eb);
+    *req = 7;
+    return SCMOE_OK;
+}
+static scmoe_status fc_test(comm *c, int req, int *done) {
+    (void)c;
+    FC.tests++;
+    *done = req == 7 && FC.tests > FC.test_done_after;
+    return SCMOE_OK;
+}
+static void fc_progress(comm *c) { (void)c; }
+static const comm_ops fc_ops = {.alltoallv_start = fc_start, .test = fc_test, .progress = fc_progress};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void host_staging(void) {
+    comm fc;
+    memset(&fc, 0, sizeof fc);
+    fc.ops = &fc_ops;
+    fc.size = 1;
+    fc.timeout_s = 600;
+    enum { D = 3, EB = D * (int)sizeof(float) };
+    float dsend[7 * D], drecv[6 * D], expect[6 * D];
+    for (int i = 0; i < 7 * D; i++) dsend[i] = (float)i;
+    for (int i = 0; i < 6 * D; i++) drecv[i] = expect[i] = -1.0f;
+    memcpy(expect + D, dsend + 2 * D, sizeof(float) * 5 * D);
+    int sc[1] = {5}, sd[1] = {2}, rc[1] = {5}, rd[1] = {1};
+    cudaStream_t producer = (cudaStream_t)(void *)&F, consumer = (cudaStream_t)(void *)&FC;
+
+    /* not CUDA-aware: copies through pinned buffers */
+    memset(&F, 0, sizeof F);
+    memset(&FC, 0, sizeof FC);
+    cuda_stage *st = NULL;
+    scmoe_status s = cuda_stage_create(&st, 7 * EB, 6 * EB, 0, &fake_ops);
+    CHECK(s == SCMOE_OK && F.allocs == 2 && F.streams == 1 && F.events == 3,
+          "staging create: two pinned buffers, a copy stream, three events");
+    F.pending_on_record = 2;
+    FC.test_done_after = 1;
+    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    CHECK(s == SCMOE_OK && st->state == CUDA_STAGE_TO_HOST && F.d2h == 1 && F.last_bytes == 5 * EB && F.waits == 1 &&
+              F.last_wait_event == st->ev_ready && F.last_wait_stream == st->copy_stream &&
+              !memcmp((char *)st->h_send + 2 * EB, dsend + 2 * D, 5 * EB),
+          "begin: the copy stream waits for the producer, then copies only the send span, at its offset");
+    int done = -1, started_early = 0;
+    for (int i = 0; i < 2; i++) {
+        s = cuda_stage_progress(st, &done);
+        started_early |= FC.starts != 0 || done != 0 || s != SCMOE_OK || st->state != CUDA_STAGE_TO_HOST;
+    }
+    CHECK(!started_early, "progress: no exchange while the send copy's event is pending");
+    s = cuda_stage_progress(st, &done);
+    CHECK(s == SCMOE_OK && FC.starts == 1 && FC.last_send == st->h_send && st->state == CUDA_STAGE_EXCHANGE && !done,
+          "progress: the exchange starts from the pinned buffer once the event completes");
+    s = cuda_stage_progress(st, &done);
+    CHECK(s == SCMOE_OK && done == 1 && st->state == CUDA_STAGE_TO_DEVICE && F.h2d == 1 && F.last_bytes == 5 * EB &&
+              !memcmp(drecv, expect, sizeof expect),
+          "progress: on arrival the receive span is copied back (rows 1..5 land, row 0 untouched), done = 1");
+    CHECK(cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_STATE,
+          "begin while one is in flight -> SCMOE_ERR_STATE");
+    s = cuda_stage_progress(st, &done);
+    CHECK(s == SCMOE_OK && done && st->state == CUDA_STAGE_TO_DEVICE, "progress: still copying back (event pending)");
+    int waits = F.waits;
+    s = cuda_stage_finish(st, consumer);
+    CHECK(s == SCMOE_OK && F.waits == waits + 1 && F.last_wait_stream == (void *)consumer &&
+              F.last_wait_event == st->ev_to_device && st->state == CUDA_STAGE_IDLE,
+          "finish: the consumer stream waits for the copy on the device; back to idle");
+    CHECK(cuda_stage_progress(st, &done) == SCMOE_ERR_STATE && cuda_stage_finish(st, consumer) == SCMOE_ERR_STATE &&
+              cuda_stage_wait(st, consumer, 1) == SCMOE_ERR_STATE,
+          "progress / finish / wait with nothing in flight -> SCMOE_ERR_STATE");
+
+    /* bad arguments leave it idle */
+    int big[1] = {6}, neg[1] = {-1};
+    CHECK(cuda_stage_begin(st, &fc, dsend, big, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_OPTION &&
+              cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, big, rd, EB, producer) == SCMOE_ERR_OPTION &&
+              cuda_stage_begin(st, &fc, dsend, neg, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_OPTION &&
+              cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, 0, producer) == SCMOE_ERR_OPTION &&
+              cuda_stage_begin(st, &fc, NULL, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_NULL &&
+              cuda_stage_begin(st, NULL, dsend, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_NULL &&
+              st->state == CUDA_STAGE_IDLE,
+          "begin: spans beyond the buffers, negative counts, elem_bytes 0, NULL buffers refused (%s)", st->err);
+
+    /* a blocking wait */
+    F.pending_on_record = 1;
+    FC.test_done_after = 0;
+    for (int i = 0; i < 6 * D; i++) drecv[i] = -1.0f;
+    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = s ? s : cuda_stage_wait(st, consumer, 10);
+    CHECK(s == SCMOE_OK && st->state == CUDA_STAGE_IDLE && !memcmp(drecv, expect, sizeof expect),
+          "wait: progress until done, then finish");
+
+    /* failures */
+    F.fail_copy = 1;
+    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    CHECK(s == SCMOE_ERR_UNSUPPORTED && st->state == CUDA_STAGE_IDLE && strstr(st->err, "copying"),
+          "a failed device copy -> SCMOE_ERR_UNSUPPORTED, still idle (%s)", st->err);
+    F.fail_copy = 0;
+    F.pending_on_record = 0;
+    FC.fail_start = 1;
+    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = s ? s : cuda_stage_progress(st, &done);
+    CHECK(s == SCMOE_ERR_COMM && st->state == CUDA_STAGE_IDLE && strstr(st->err, "fake comm failure"),
+          "the comm's failure is returned and the exchange abandoned (%s)", st->err);
+    FC.fail_start = 0;
+    F.pending_on_record = 1 << 30;
+    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    double t0 = now_s();
+    s = s ? s : cuda_stage_wait(st, consumer, 0.05);
+    CHECK(s == SCMOE_ERR_TIMEOUT && now_s() - t0 < 5 && st->state == CUDA_STAGE_TO_HOST,
+          "wait gives up after its timeout: SCMOE_ERR_TIMEOUT");
+    cuda_stage_destroy(st);
+    CHECK(F.streams == 0 && F.events == 0 && F.allocs == F.frees, "destroy releases streams, events and buffers");
+
+    /* CUDA-aware: no copies, the exchange reads the device rows */
+    memset(&F, 0, sizeof F);
+    memset(&FC, 0, sizeof FC);
+    s = cuda_stage_create(&st, 0, 0, 1, &fake_ops);
+    CHECK(s == SCMOE_OK && F.allocs == 0 && F.streams == 0 && F.events == 1,
+          "CUDA-aware staging: no pinned buffers, no copy stream, one event");
+    F.pending_on_record = 1;
+    FC.test_done_after = 0;
+    for (int i = 0; i < 6 * D; i++) drecv[i] = -1.0f;
+    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    int d0 = -1;
+    s = s ? s : cuda_stage_progress(st, &d0);
+    int d1 = -1;
+    s = s ? s : cuda_stage_progress(st, &d1);
+    CHECK(s == SCMOE_OK && d0 == 0 && d1 == 1 && FC.last_send == (const void *)dsend && F.d2h + F.h2d == 0 &&
+              st->state == CUDA_STAGE_DONE && !memcmp(drecv, expect, sizeof expect),
+          "CUDA-aware: waits for the producer's event, then exchanges the device rows directly");
+    s = cuda_stage_finish(st, consumer);
+    CHECK(s == SCMOE_OK && F.waits == 0 && st->state == CUDA_STAGE_IDLE, "CUDA-aware finish: nothing to wait for");
+    cuda_stage_destroy(st);
+
+    /* creation failures release what they took */
+    memset(&F, 0, sizeof F);
+    st = (cuda_stage *)1;
+    F.fail_alloc = 1;
+    s = cuda_stage_create(&st, 64, 64, 0, &fake_ops);
+    CHECK(s == SCMOE_ERR_NOMEM && st == NULL, "create: pinned allocation fails -> SCMOE_ERR_NOMEM");
+    F.fail_alloc = 0;
+    F.fail_create = 1;
+    s = cuda_stage_create(&st, 64, 64, 0, &fake_ops);
+    CHECK(s == SCMOE_ERR_UNSUPPORTED && st == NULL && F.allocs == F.frees && F.events == 0,
+          "create: a device failure -> SCMOE_ERR_UNSUPPORTED, nothing leaked");
+    CHECK(cuda_stage_create(NULL, 1, 1, 0, &fake_ops) == SCMOE_ERR_NULL, "create: out NULL");
+    if (!have_gpu) {
+        st = (cuda_stage *)1;
+        s = cuda_stage_create(&st, 64, 64, 0, NULL);
+        CHECK((s == SCMOE_ERR_UNSUPPORTED || s == SCMOE_ERR_NOMEM) && st == NULL,
+              "create on the CUDA runtime without a device fails cleanly (%s)", scmoe_strerror(s));
+    }
+    int aware = cuda_mpi_cuda_aware();
+    CHECK(aware == 0 || aware == 1, "cuda_mpi_cuda_aware() = %d (MPIX_Query_cuda_support where OpenMPI has it)", aware);
+}
+
+/* =============================================================================== device checks */
+
+static void dev_gemm(void) {
+    if (!have_gpu) { skip("cuBLAS GEMM (4 transposes, padded ld, beta 0 over NaN, K = 0) vs OpenBLAS"); return; }
+    const blas_backend *ob = blas_openblas();
+    int M = 37, N = 29, K = 53;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int bi = 0; bi < 2; bi++) {
+                float beta = bi ? 0.0f : 0.3f;
+                int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 2, ldc = N + 5;
+                size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+                float *A = fnew(na, 1), *B = fnew(nb, 1), *C = fnew(nc, 1);
+                if (beta == 0.0f)
+                    for (int i = 0; i < M; i++)
+                        for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = NAN;
+                float *ref = fcopy(C, nc), *got = fnew(nc, 0);
+                ob->gemm(ta, tb, M, N, K, 0.7f, A, lda, B, ldb, beta, ref, ldc);
+                float *dA = dupf(A, na), *dB = dupf(B, nb), *dC = dupf(C, nc);
+                cuda_blas_gemm(cb, ta, tb, M, N, K, 0.7f, dA, lda, dB, ldb, beta, dC, ldc);
+                int ok = get(got, dC, sizeof(float) * nc);
+                double e = relerr(got, ref, nc); /* the padding must be untouched too (equal to ref there) */
+                CHECK(ok && cb->status == 0 && e <= TOL_OUT, "cuBLAS GEMM trans %d %d beta %g, padded ld (rel %.1e)",
+                      ta, tb, beta, e);
+                free(A); free(B); free(C); free(ref); free(got);
+                dev_free_all();
+            }
+    /* K = 0: C = beta C; beta 0 overwrites NaN */
+    for (int bi = 0; bi < 2; bi++) {
+        float beta = bi ? 0.0f : 0.5f;
+        float *C = fnew(6 * 8, 1);
+        if (bi) for (int i = 0; i < 6 * 8; i++) C[i] = NAN;
+        float *ref = fcopy(C, 48), *got = fnew(48, 0);
+        ob->gemm(0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, ref, 8);
+        for (int i = 0; i < 6; i++) ref[i * 8 + 7] = got[i * 8 + 7] = 0; /* padding column, not compared */
+        float *dC = dupf(C, 48);
+        cuda_blas_gemm(cb, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, dC, 8);
+        int ok = get(got, dC, sizeof(float) * 48);
+        for (int i = 0; i < 6; i++) got[i * 8 + 7] = 0;
+        double e = relerr(got, ref, 48);
+        CHECK(ok && cb->status == 0 && e == 0, "cuBLAS GEMM K = 0, beta %g: C = beta C (rel %.1e)", beta, e);
+        free(C); free(ref); free(got);
+        dev_free_all();
+    }
+    const blas_backend *t = cuda_blas_table(cb);
+    CHECK(t->max_threads() == 1 && !strcmp(t->name, "cublas") && t->gemm == NULL,
+          "the embedded table: name cublas, max_threads 1, gemm NULL until blas_gemm_fn takes a context");
+}
+
+static void dev_gemm_bf16(void) {
+    if (!have_gpu) { skip("bf16 GEMMs (CUDA_R_16BF operands; CUDA_MATH_BF16 fast path) vs OpenBLAS"); return; }
+    const blas_backend *ob = blas_openblas();
+    int M = 33, N = 40, K = 64;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
+            size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+            float *A = fnew(na, 1), *B = fnew(nb, 1), *C = fnew(nc, 1), *Ar = fnew(na, 0), *Br = fnew(nb, 0);
+            uint16_t *Ah = malloc(2 * na), *Bh = malloc(2 * nb);
+            bf16_pack(Ah, A, na);
+            bf16_pack(Bh, B, nb);
+            bf16_unpack(Ar, Ah, na);
+            bf16_unpack(Br, Bh, nb);
+            float *ref = fcopy(C, nc), *got = fnew(nc, 0);
+            ob->gemm(ta, tb, M, N, K, 1.0f, Ar, lda, Br, ldb, 0.5f, ref, ldc);
+            void *dA = dup_bytes(Ah, 2 * na), *dB = dup_bytes(Bh, 2 * nb);
+            float *dC = dupf(C, nc);
+            int r = cuda_blas_gemm_bf16(cb, ta, tb, M, N, K, 1.0f, dA, lda, dB, ldb, 0.5f, dC, ldc);
+            int ok = get(got, dC, sizeof(float) * nc);
+            double e = relerr(got, ref, nc);
+            CHECK(r == 0 && ok && e <= TOL_OUT, "cublasGemmEx bf16 operands, fp32 accumulate, trans %d %d (rel %.1e)", ta,
+                  tb, e);
+            free(A); free(B); free(C); free(Ar); free(Br); free(Ah); free(Bh); free(ref); free(got);
+            dev_free_all();
+        }
+    cuda_blas *fast = NULL;
+    char err[160];
+    scmoe_status s = cuda_blas_create(&fast, stream, CUDA_MATH_BF16, err);
+    CHECK(s == SCMOE_OK, "cuda_blas_create(CUDA_MATH_BF16) on the test's stream %s", err);
+    if (s) return;
+    size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
+    float *A = fnew(na, 1), *B = fnew(nb, 1), *ref = fnew(nc, 0), *got = fnew(nc, 0);
+    ob->gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, ref, N);
+    float *dA = dupf(A, na), *dB = dupf(B, nb), *dC = dalloc(sizeof(float) * nc);
+    cuda_blas_gemm(fast, 0, 0, M, N, K, 1.0f, dA, K, dB, N, 0.0f, dC, N);
+    int ok = get(got, dC, sizeof(float) * nc);
+    double e = relerr(got, ref, nc);
+    CHECK(ok && fast->status == 0 && e <= 1e-2, "CUDA_MATH_BF16 fp32 GEMM (bf16 inputs inside) within 1e-2 (rel %.1e)",
+          e);
+    cuda_blas_destroy(fast);
+    free(A); free(B); free(ref); free(got);
+    dev_free_all();
+}
+
+static void dev_gemm_grouped(void) {
+    if (!have_gpu) { skip("grouped expert GEMMs (rows 5, 0, 11: forward and weight gradients) vs OpenBLAS"); return; }
+    const blas_backend *ob = blas_openblas();
+    enum { E = 3, R = 16, D = 24, H = 40 };
+    int off[E + 1] = {0, 5, 5, 16};
+    float *X = fnew(R * D, 1), *W = fnew(E * D * H, 1), *dY = fnew(R * H, 1), *dW = fnew(E * D * H, 1);
+    float *Y = fnew(R * H, 0), *dWref = fcopy(dW, E * D * H), *got = fnew(E * D * H, 0);
+    for (int i = 0; i < E; i++) {
+        int o = off[i], rows = off[i + 1] - o;
+        ob->gemm(0, 0, rows, H, D, 1.0f, X + o * D, D, W + i * D * H, H, 0.0f, Y + o * H, H);
+        ob->gemm(1, 0, D, H, rows, 1.0f, X + o * D, D, dY + o * H, H, 1.0f, dWref + i * D * H, H);
+    }
+    float *dX = dupf(X, R * D), *dWt = dupf(W, E * D * H), *ddY = dupf(dY, R * H), *ddW = dupf(dW, E * D * H);
+    float *dYo = dalloc(sizeof(float) * R * H);
+    cuda_gemm_item fw[E], bw[E];
+    for (int i = 0; i < E; i++) {
+        int o = off[i], rows = off[i + 1] - o;
+        fw[i] = (cuda_gemm_item){rows, H, D, dX + o * D, dWt + i * D * H, dYo + o * H};
+        bw[i] = (cuda_gemm_item){D, H, rows, dX + o * D, ddY + o * H, ddW + i * D * H};
+    }
+    cuda_blas_gemm_grouped(cb, 0, 0, 1.0f, fw, E, D, H, 0.0f, H);
+    cuda_blas_gemm_grouped(cb, 1, 0, 1.0f, bw, E, D, H, 1.0f, H);
+    int ok = get(got, dYo, sizeof(float) * R * H);
+    double e1 = relerr(got, Y, R * H);
+    ok &= get(got, ddW, sizeof(float) * E * D * H);
+    double e2 = relerr(got, dWref, E * D * H);
+    CHECK(ok && cb->status == 0 && e1 <= TOL_OUT, "grouped GEMM, experts' row ranges: forward (rel %.1e)", e1);
+    CHECK(ok && cb->status == 0 && e2 <= TOL_GRAD, "grouped GEMM: dW_e += X_e^T dY_e, an empty expert keeps dW (rel %.1e)",
+          e2);
+    free(X); free(W); free(dY); free(dW); free(Y); free(dWref); free(got);
+    dev_free_all();
+}
+
+static void dev_layernorm(void) {
+    if (!have_gpu) { skip("layernorm forward / backward vs kernels/layernorm.c"); return; }
+    /* the last case has a variance near eps (1e-5), so eps itself is checked */
+    int shapes[4][2] = {{13, 300}, {7, 16}, {GPU_OR_EMU(1000, 200), 40}, {5, 64}};
+    float scales[4] = {2.0f, 2.0f, 2.0f, 0.005f};
+    for (int c = 0; c < 4; c++) {
+        int N = shapes[c][0], C = shapes[c][1];
+        size_t n = (size_t)N * C;
+        float *x = fnew(n, scales[c]), *w = fnew(C, 1), *b = fnew(C, 1), *dy = fnew(n, 1);
+        for (size_t i = 0; i < n; i++) x[i] += 0.5f; /* a nonzero mean */
+        float *out = fnew(n, 0), *mean = fnew(N, 0), *rstd = fnew(N, 0);
+        float *dx = fnew(n, 1), *dw = fnew(C, 1), *db = fnew(C, 1);
+        float *ddx = dupf(dx, n), *ddw = dupf(dw, C), *ddb = dupf(db, C);
+        layernorm_forward(out, mean, rstd, x, w, b, N, C);
+        layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C);
+        float *dX = dupf(x, n), *dW = dupf(w, C), *dB = dupf(b, C), *dDY = dupf(dy, n);
+        float *dO = dalloc(sizeof(float) * n), *dM = dalloc(sizeof(float) * N), *dR = dalloc(sizeof(float) * N);
+        cudaError_t r1 = cuda_layernorm_forward(dO, dM, dR, dX, dW, dB, N, C, stream);
+        cudaError_t r2 = cuda_layernorm_backward(ddx, ddw, ddb, dDY, dX, dW, dM, dR, N, C, stream);
+        float *g = fnew(n, 0);
+        int ok = r1 == cudaSuccess && r2 == cudaSuccess;
+        double eo, em, er, ex, ew, eb;
+        ok &= get(g, dO, sizeof(float) * n); eo = relerr(g, out, n);
+        ok &= get(g, dM, sizeof(float) * N); em = relerr(g, mean, N);
+        ok &= get(g, dR, sizeof(float) * N); er = relerr(g, rstd, N);
+        ok &= get(g, ddx, sizeof(float) * n); ex = relerr(g, dx, n);
+        ok &= get(g, ddw, sizeof(float) * C); ew = relerr(g, dw, C);
+        ok &= get(g, ddb, sizeof(float) * C); eb = relerr(g, db, C);
+        CHECK(ok && eo <= TOL_OUT && em <= TOL_OUT && er <= TOL_OUT,
+              "layernorm forward N %d C %d x scale %g: out %.1e, mean %.1e, rstd %.1e", N, C, scales[c], eo, em, er);
+        CHECK(ok && ex <= TOL_GRAD && ew <= TOL_GRAD && eb <= TOL_GRAD,
+              "layernorm backward N %d C %d x scale %g (dx, dw, db accumulate): %.1e %.1e %.1e", N, C, scales[c], ex,
+              ew, eb);
+        free(x); free(w); free(b); free(dy); free(out); free(mean); free(rstd); free(dx); free(dw); free(db); free(g);
+        dev_free_all();
+    }
+}
+
+static void dev_activation(void) {
+    if (!have_gpu) { skip("GELU / SwiGLU forward and backward vs kernels/ffn.c"); return; }
+    for (int a = 0; a < 2; a++) {
+        scmoe_activation act = a ? SCMOE_SWIGLU : SCMOE_GELU;
+        int N = 9, h = 70, h1 = ffn_width(h, act);
+        float *pre = fnew((size_t)N * h1, 3), *dhid = fnew((size_t)N * h, 1);
+        float *hid = fnew((size_t)N * h, 0), *dpre = fnew((size_t)N * h1, 0), *g = fnew((size_t)N * h1, 0);
+        activation_forward(hid, pre, N, h, act);
+        activation_backward(dpre, dhid, pre, N, h, act);
+        float *dP = dupf(pre, (size_t)N * h1), *dDH = dupf(dhid, (size_t)N * h);
+        float *dH = dalloc(sizeof(float) * N * h), *dDP = dalloc(sizeof(float) * N * h1);
+        int ok = cuda_activation_forward(dH, dP, N, h, act, stream) == cudaSuccess;
+        ok &= cuda_activation_backward(dDP, dDH, dP, N, h, act, stream) == cudaSuccess;
+        ok &= get(g, dH, sizeof(float) * N * h);
+        double e1 = relerr(g, hid, (size_t)N * h);
+        ok &= get(g, dDP, sizeof(float) * N * h1);
+        double e2 = relerr(g, dpre, (size_t)N * h1);
+        CHECK(ok && e1 <= TOL_OUT, "%s forward (rel %.1e)", a ? "SwiGLU" : "GELU", e1);
+        CHECK(ok && e2 <= TOL_GRAD, "%s backward (rel %.1e)", a ? "SwiGLU" : "GELU", e2);
+        free(pre); free(dhid); free(hid); free(dpre); free(g);
+        dev_free_all();
+    }
+}
+
+/* ffn.c's static broadcast_rows, restated */
+static void broadcast_ref(float *out, const float *b, int N, int C) {
+    for (int i = 0; i < N; i++) memcpy(out + (size_t)i * C, b, sizeof(float) * C);
+}
+
+static void dev_bias(void) {
+    if (!have_gpu) { skip("bias broadcast and column sums (sum_rows) vs kernels/ffn.c"); return; }
+    int N = 1000, C = 70;
+    float *x = fnew((size_t)N * C, 1), *b = fnew(C, 1), *acc = fnew(C, 1), *out = fnew((size_t)N * C, 0);
+    float *g = fnew((size_t)N * C, 0);
+    float *dX = dupf(x, (size_t)N * C), *dB = dupf(b, C), *dA = dupf(acc, C), *dO = dalloc(sizeof(float) * N * C);
+    sum_rows(acc, x, N, C);
+    broadcast_ref(out, b, N, C);
+    int ok = cuda_sum_rows(dA, dX, N, C, stream) == cudaSuccess;
+    ok &= cuda_broadcast_rows(dO, dB, N, C, stream) == cudaSuccess;
+    ok &= get(g, dA, sizeof(float) * C);
+    double e = relerr(g, acc, C);
+    CHECK(ok && e <= TOL_GRAD, "sum_rows: acc += column sums of 1000 rows (rel %.1e)", e);
+    ok &= get(g, dO, sizeof(float) * N * C);
+    CHECK(ok && !memcmp(g, out, sizeof(float) * N * C), "broadcast_rows: every row is the bias, exactly");
+    free(x); free(b); free(acc); free(out); free(g);
+    dev_free_all();
+}
+
+static void dev_gate(void) {
+    if (!have_gpu) { skip("gate softmax with noise, top-k (ties), weights and backward vs kernels/gate.c"); return; }
+    int N = 50, d = 32, E = 8;
+    float *x = fnew((size_t)N * d, 1), *wg = fnew((size_t)d * E, 1);
+    float *logits = fnew((size_t)N * E, 0), *p = fnew((size_t)N * E, 0), *lse = fnew(N, 0), *g = fnew((size_t)N * d, 0);
+    gate_forward(&cpu, logits, p, lse, x, wg, N, d, E, 0.5f, 7, 3, 100);
+    float *dx_ = dupf(x, (size_t)N * d), *dwg = dupf(wg, (size_t)d * E);
+    float *dL = dalloc(sizeof(float) * N * E), *dP = dalloc(sizeof(float) * N * E), *dLse = dalloc(sizeof(float) * N);
+    cuda_blas_gemm(cb, 0, 0, N, E, d, 1.0f, dx_, d, dwg, E, 0.0f, dL, E);
+    int ok = cuda_gate_softmax(dL, dP, dLse, N, E, 0.5f, 7, 3, 100, stream) == cudaSuccess;
+    double el, ep, es;
+    ok &= get(g, dL, sizeof(float) * N * E); el = relerr(g, logits, (size_t)N * E);
+    ok &= get(g, dP, sizeof(float) * N * E); ep = relerr(g, p, (size_t)N * E);
+    ok &= get(g, dLse, sizeof(float) * N); es = relerr(g, lse, N);
+    CHECK(ok && cb->status == 0 && el <= TOL_OUT && ep <= TOL_OUT && es <= TOL_OUT,
+          "gate forward with counter-based noise: logits %.1e, p %.1e, lse %.1e", el, ep, es);
+    dev_free_all();
+
+    /* top-k on the CPU's p (so choices are comparable), plus rows with exact ties */
+    for (int i = 0; i < 4; i++) p[i] = 0.25f, p[4 + i] = 0.0f;                   /* row 0: 4-way tie */
+    for (int e = 0; e < E; e++) p[E + e] = e == 2 || e == 5 || e == 6 ? 0.3f : 0.1f / 5; /* row 1: 3-way tie */
+    for (int k = 1; k <= 3; k++)
+        for (int renorm = 0; renorm < 2; renorm++) {
+            int *choice = malloc(sizeof(int) * N * k), *gc = malloc(sizeof(int) * N * k);
+            float *weight = fnew((size_t)N * k, 0), *score = fnew(N, 0), *gw = fnew((size_t)N * k, 0);
+            gate_topk(choice, weight, score, p, N, E, k, renorm);
+            float *dPp = dupf(p, (size_t)N * E), *dW = dalloc(sizeof(float) * N * k), *dS = dalloc(sizeof(float) * N);
+            int *dC = dalloc(sizeof(int) * N * k);
+            int okk = cuda_gate_topk(dC, dW, dS, dPp, N, E, k, renorm, stream) == cudaSuccess;
+            okk &= get(gc, dC, sizeof(int) * N * k);
+            int same = !memcmp(gc, choice, sizeof(int) * N * k);
+            okk &= get(gw, dW, sizeof(float) * N * k);
+            double ew = relerr(gw, weight, (size_t)N * k);
+            okk &= get(g, dS, sizeof(float) * N);
+            double esc = relerr(g, score, N);
+            CHECK(okk && same && ew <= TOL_OUT && esc <= TOL_OUT,
+                  "top-%d%s: same experts (ties to the lower index: row 0 -> %d%s), weights %.1e, score %.1e", k,
+                  renorm ? " renormalised" : "", gc[0], k > 1 ? ", ..." : "", ew, esc);
+            free(choice); free(gc); free(weight); free(score); free(gw);
+            dev_free_all();
+        }
+
+    /* backward: dlogits on the device, then the two GEMMs as gate_backward does */
+    for (int k = 1; k <= 2; k++)
+        for (int aux = 0; aux < 2; aux++) {
+            int *choice = malloc(sizeof(int) * N * k);
+            float *weight = fnew((size_t)N * k, 0), *score = fnew(N, 0);
+            gate_topk(choice, weight, score, p, N, E, k, 1);
+            float *dweight = fnew((size_t)N * k, 1), *aux_coef = fnew(E, 0.1f), *dlog = fnew((size_t)N * E, 0);
+            float *dxr = fnew((size_t)N * d, 1), *dwgr = fnew((size_t)d * E, 1);
+            float *ddx = dupf(dxr, (size_t)N * d), *ddwg = dupf(dwgr, (size_t)d * E);
+            gate_backward(&cpu, dxr, 0.5f, dwgr, dlog, dweight, choice, p, lse, x, wg, aux ? aux_coef : NULL, 0.01f, N,
+                          d, E, k, 1);
+            float *dDW = dupf(dweight, (size_t)N * k), *dAux = dupf(aux_coef, E), *dPp = dupf(p, (size_t)N * E);
+            float *dLse2 = dupf(lse, N), *dX2 = dupf(x, (size_t)N * d), *dWg2 = dupf(wg, (size_t)d * E);
+            int *dC = dupi(choice, (size_t)N * k);
+            float *dDL = dalloc(sizeof(float) * N * E);
+            int okb = cuda_gate_backward_logits(dDL, dDW, dC, dPp, dLse2, aux ? dAux : NULL, 0.01f, N, E, k, 1,
+                                                stream) == cudaSuccess;
+            cuda_blas_gemm(cb, 1, 0, d, E, N, 1.0f, dX2, d, dDL, E, 1.0f, ddwg, E);
+            cuda_blas_gemm(cb, 0, 1, N, d, E, 1.0f, dDL, E, dWg2, E, 0.5f, ddx, d);
+            double e1, e2, e3;
+            okb &= get(g, dDL, sizeof(float) * N * E); e1 = relerr(g, dlog, (size_t)N * E);
+            okb &= get(g, ddwg, sizeof(float) * d * E); e2 = relerr(g, dwgr, (size_t)d * E);
+            okb &= get(g, ddx, sizeof(float) * N * d); e3 = relerr(g, dxr, (size_t)N * d);
+            CHECK(okb && cb->status == 0 && e1 <= TOL_GRAD && e2 <= TOL_GRAD && e3 <= TOL_GRAD,
+                  "gate backward k %d%s: dlogits %.1e, dWg %.1e, dx %.1e", k, aux ? " with aux" : "", e1, e2, e3);
+            free(choice); free(weight); free(score); free(dweight); free(aux_coef); free(dlog); free(dxr); free(dwgr);
+            dev_free_all();
+        }
+    free(x); free(wg); free(logits); free(p); free(lse); free(g);
+}
+
+static void dev_rows(void) {
+    if (!have_gpu) { skip("permute_rows, dispatch pack, decode and decode backward vs moe.c"); return; }
+    int n = 13, k = 2, d = 33, nr = n * k;
+    /* slots: a random permutation of the assignments, every fifth dropped */
+    int *slot = malloc(sizeof(int) * nr), n_send = 0;
+    for (int a = 0; a < nr; a++) slot[a] = a % 5 == 3 ? -1 : n_send++;
+    for (int a = nr - 1; a > 0; a--) {
+        int b = (int)((frand() + 1.0f) * 0.5f * (a + 1)) % (a + 1), t = slot[a];
+        slot[a] = slot[b];
+        slot[b] = t;
+    }
+    int *map = malloc(sizeof(int) * n_send);
+    for (int r = 0; r < n_send; r++) map[r] = (r * 7 + 3) % n_send;
+    float *x = fnew((size_t)n * d, 1), *rows = fnew((size_t)n_send * d, 1), *w = fnew(nr, 1), *dy = fnew((size_t)n * d, 1);
+    float *ref = fnew((size_t)n_send * d, 0), *g = fnew((size_t)n_send * d + (size_t)n * d, 0);
+    int *dSlot = dupi(slot, nr), *dMap = dupi(map, n_send);
+    float *dX = dupf(x, (size_t)n * d), *dRows = dupf(rows, (size_t)n_send * d), *dW = dupf(w, nr);
+    float *dDy = dupf(dy, (size_t)n * d), *dOut = dalloc(sizeof(float) * n_send * d);
+
+    for (int scatter = 0; scatter < 2; scatter++) { /* moe.c permute_rows */
+        for (int r = 0; r < n_send; r++)
+            memcpy(ref + (size_t)(scatter ? map[r] : r) * d, rows + (size_t)(scatter ? r : map[r]) * d, sizeof(float) * d);
+        int ok = cuda_permute_rows(dOut, dRows, dMap, n_send, d, scatter, stream) == cudaSuccess;
+        ok &= get(g, dOut, sizeof(float) * n_send * d);
+        CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "permute_rows %s: exact",
+              scatter ? "scatter dst[map[r]] = src[r]" : "gather dst[r] = src[map[r]]");
+    }
+    /* moe_gate_encode's pack */
+    for (size_t i = 0; i < (size_t)n_send * d; i++) ref[i] = 0;
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < k; j++)
+            if (slot[t * k + j] >= 0) memcpy(ref + (size_t)slot[t * k + j] * d, x + (size_t)t * d, sizeof(float) * d);
+    cudaMemsetAsync(dOut, 0, sizeof(float) * n_send * d, stream);
+    int ok = cuda_moe_pack(dOut, dX, dSlot, n, k, d, stream) == cudaSuccess;
+    ok &= get(g, dOut, sizeof(float) * n_send * d);
+    CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "dispatch pack send[slot[t, j]] = x[t]: exact");
+
+    /* moe_decode: y = beta y + sum_j w rows[slot]; weight NULL is moe_gate_backward's dx sum */
+    float betas[4] = {0.0f, 1.0f, 0.5f, 1.0f};
+    for (int bi = 0; bi < 4; bi++) {
+        float beta = betas[bi];
+        int unweighted = bi == 3;
+        float *y = fnew((size_t)n * d, 1);
+        if (beta == 0.0f) for (int i = 0; i < n * d; i++) y[i] = NAN;
+        float *dY = dupf(y, (size_t)n * d);
+        for (int t = 0; t < n; t++) {
+            float *yt = y + (size_t)t * d;
+            if (beta == 0.0f) memset(yt, 0, sizeof(float) * d);
+            else if (beta != 1.0f) for (int c = 0; c < d; c++) yt[c] *= beta;
+            for (int j = 0; j < k; j++) {
+                int sl = slot[t * k + j];
+                if (sl < 0) continue;
+                for (int c = 0; c < d; c++) yt[c] += (unweighted ? 1.0f : w[t * k + j]) * rows[(size_t)sl * d + c];
+            }
+        }
+        int okd = cuda_moe_decode(dY, beta, dRows, dSlot, unweighted ? NULL : dW, n, k, d, stream) == cudaSuccess;
+        okd &= get(g, dY, sizeof(float) * n * d);
+        double e = relerr(g, y, (size_t)n * d);
+        CHECK(okd && e <= TOL_OUT, "decode beta %g%s (rel %.1e)", beta, unweighted ? ", unweighted (gate-backward dx)" : "",
+              e);
+        free(y);
+    }
+    /* moe_decode_backward: grows[slot] = w dy[t], dweight = dy[t] . rows[slot], 0 when dropped */
+    float *dwref = fnew(nr, 0), *gw = fnew(nr, 0);
+    for (size_t i = 0; i < (size_t)n_send * d; i++) ref[i] = 7.0f;
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < k; j++) {
+            int a = t * k + j, sl = slot[a];
+            if (sl < 0) { dwref[a] = 0.0f; continue; }
+            float dot = 0.0f;
+            for (int c = 0; c < d; c++) {
+                dot += dy[(size_t)t * d + c] * rows[(size_t)sl * d + c];
+                ref[(size_t)sl * d + c] = w[a] * dy[(size_t)t * d + c];
+            }
+            dwref[a] = dot;
+        }
+    float *seven = fnew((size_t)n_send * d, 0);
+    for (size_t i = 0; i < (size_t)n_send * d; i++) seven[i] = 7.0f;
+    float *dG = dupf(seven, (size_t)n_send * d), *dDW = dupf(seven, nr);
+    ok = cuda_moe_decode_backward(dG, dDW, dDy, dRows, dSlot, dW, n, k, d, stream) == cudaSuccess;
+    ok &= get(g, dG, sizeof(float) * n_send * d);
+    double e1 = relerr(g, ref, (size_t)n_send * d);
+    ok &= get(gw, dDW, sizeof(float) * nr);
+    double e2 = relerr(gw, dwref, nr);
+    CHECK(ok && e1 <= TOL_GRAD && e2 <= TOL_GRAD, "decode backward: rows %.1e, dweight %.1e (dropped -> 0)", e1, e2);
+    free(slot); free(map); free(x); free(rows); free(w); free(dy); free(ref); free(g); free(dwref); free(gw);
+    free(seven);
+    dev_free_all();
+}
+
+static void dev_attention(void) {
+    if (!have_gpu) { skip("attention forward / backward (causal and not, T up to 260) vs kernels/attention.c"); return; }
+    /* T above the block size: the row loops stride (256 threads on a GPU, 64 in the emulation) */
+    int cases[4][5] = {{2, 19, 32, 4, 1}, {2, 19, 32, 4, 0}, {1, GPU_OR_EMU(260, 100), 16, 2, 1}, {3, 5, 12, 1, 1}};
+    for (int c = 0; c < 4; c++) {
+        int B = cases[c][0], T = cases[c][1], d = cases[c][2], H = cases[c][3], causal = cases[c][4];
+        size_t nq = (size_t)B * T * 3 * d, no = (size_t)B * T * d, na = (size_t)B * H * T * T;
+        float *qkv = fnew(nq, 1), *out = fnew(no, 0), *att = fnew(na, 0), *dout = fnew(no, 1);
+        float *dqkv = fnew(nq, 0), *datt = fnew(na, 0), *g = fnew(na > nq ? na : nq, 0);
+        attention_forward(&cpu, out, att, qkv, B, T, d, H, causal);
+        attention_backward(&cpu, dqkv, datt, dout, qkv, att, B, T, d, H, causal);
+        float *dQ = dupf(qkv, nq), *dDO = dupf(dout, no);
+        float *dO = dalloc(sizeof(float) * no), *dA = dalloc(sizeof(float) * na);
+        float *dDQ = dalloc(sizeof(float) * nq), *dDA = dalloc(sizeof(float) * na);
+        int ok = cuda_attention_forward(dO, dA, dQ, B, T, d, H, causal, stream) == cudaSuccess;
+        ok &= cuda_attention_backward(dDQ, dDA, dDO, dQ, dA, B, T, d, H, causal, stream) == cudaSuccess;
+        double eo, ea, eq, ed;
+        ok &= get(g, dO, sizeof(float) * no); eo = relerr(g, out, no);
+        ok &= get(g, dA, sizeof(float) * na); ea = relerr(g, att, na);
+        ok &= get(g, dDQ, sizeof(float) * nq); eq = relerr(g, dqkv, nq);
+        ok &= get(g, dDA, sizeof(float) * na); ed = relerr(g, datt, na);
+        CHECK(ok && eo <= TOL_OUT && ea <= TOL_OUT, "attention forward B %d T %d d %d H %d %s: out %.1e, att %.1e", B,
+              T, d, H, causal ? "causal" : "full", eo, ea);
+        CHECK(ok && eq <= TOL_GRAD && ed <= TOL_GRAD, "attention backward B %d T %d d %d H %d %s: dqkv %.1e, datt %.1e",
+              B, T, d, H, causal ? "causal" : "full", eq, ed);
+        free(qkv); free(out); free(att); free(dout); free(dqkv); free(datt); free(g);
+        dev_free_all();
+    }
+}
+
+static void dev_bf16(void) {
+    if (!have_gpu) { skip("bf16 pack / unpack bit-exact vs kernels/bf16.c"); return; }
+    size_t n = 5000;
+    float *x = fnew(n, 1);
+    uint32_t special[] = {0x7FC00001u, 0x7F800001u, 0xFF800000u, 0x7F800000u, 0x3F808000u, 0x3F818000u, 0x7F7FFFFFu,
+                          0x00000001u, 0x80000000u, 0x3F80FFFFu};
+    for (size_t i = 0; i < sizeof special / sizeof special[0]; i++) memcpy(&x[i], &special[i], 4);
+    for (size_t i = 20; i < n; i++) x[i] *= powf(2.0f, (float)((int)(i % 60) - 30));
+    uint16_t *ref = malloc(2 * n), *got = malloc(2 * n);
+    float *back = fnew(n, 0), *gback = fnew(n, 0);
+    bf16_pack(ref, x, n);
+    bf16_unpack(back, ref, n);
+    float *dX = dupf(x, n), *dB = dalloc(sizeof(float) * n);
+    uint16_t *dH = dalloc(2 * n);
+    int ok = cuda_bf16_pack(dH, dX, n, stream) == cudaSuccess;
+    ok &= cuda_bf16_unpack(dB, dH, n, stream) == cudaSuccess;
+    ok &= get(got, dH, 2 * n);
+    ok &= get(gback, dB, sizeof(float) * n);
+    CHECK(ok && !memcmp(got, ref, 2 * n), "bf16 pack: the same bits (nearest even, NaN quiet, inf, overflow)");
+    CHECK(ok && !memcmp(gback, back, sizeof(float) * n), "bf16 unpack: the same bits");
+    free(x); free(ref); free(got); free(back); free(gback);
+    dev_free_all();
+}
+
+/* ffn_forward / ffn_backward composed from the kernels and cuBLAS, as a device dispatch would */
+static void dev_ffn(void) {
+    if (!have_gpu) { skip("FFN forward / backward from kernels + cuBLAS (GELU, SwiGLU) vs kernels/ffn.c"); return; }
+    for (int a = 0; a < 2; a++) {
+        scmoe_activation act = a ? SCMOE_SWIGLU : SCMOE_GELU;
+        int N = 21, d = 24, h = 40, h1 = ffn_width(h, act);
+        size_t nx = (size_t)N * d, nw1 = (size_t)d * h1, nw2 = (size_t)h * d, np = (size_t)N * h1, nh = (size_t)N * h;
+        float *x = fnew(nx, 1), *w1 = fnew(nw1, 0.3f), *b1 = fnew(h1, 0.1f), *w2 = fnew(nw2, 0.3f), *b2 = fnew(d, 0.1f);
+        float *out = fnew(nx, 0), *pre = fnew(np, 0), *hid = fnew(nh, 0), *dout = fnew(nx, 1);
+        float *dx = fnew(nx, 1), *dw1 = fnew(nw1, 1), *db1 = fnew(h1, 1), *dw2 = fnew(nw2, 1), *db2 = fnew(d, 1);
+        float *dhid = fnew(nh, 0), *dpre = fnew(np, 0), *g = fnew(np > nw1 ? np : nw1, 0);
+        float *Ddx = dupf(dx, nx), *Ddw1 = dupf(dw1, nw1), *Ddb1 = dupf(db1, h1), *Ddw2 = dupf(dw2, nw2);
+        float *Ddb2 = dupf(db2, d);
+        ffn_forward(&cpu, out, pre, hid, x, w1, b1, w2, b2, N, d, h, act);
+        ffn_backward(&cpu, dx, 0.5f, dw1, db1, dw2, db2, dhid, dpre, dout, x, pre, hid, w1, w2, N, d, h, act);
+        float *Dx = dupf(x, nx), *Dw1 = dupf(w1, nw1), *Db1 = dupf(b1, h1), *Dw2 = dupf(w2, nw2), *Db2 = dupf(b2, d);
+        float *Dout = dalloc(sizeof(float) * nx), *Dpre = dalloc(sizeof(float) * np), *Dhid = dalloc(sizeof(float) * nh);
+        float *Ddout = dupf(dout, nx), *Ddhid = dalloc(sizeof(float) * nh), *Ddpre = dalloc(sizeof(float) * np);
+        int ok = cuda_broadcast_rows(Dpre, Db1, N, h1, stream) == cudaSuccess;
+        cuda_blas_gemm(cb, 0, 0, N, h1, d, 1.0f, Dx, d, Dw1, h1, 1.0f, Dpre, h1);
+        ok &= cuda_activation_forward(Dhid, Dpre, N, h, act, stream) == cudaSuccess;
+        ok &= cuda_broadcast_rows(Dout, Db2, N, d, stream) == cudaSuccess;
+        cuda_blas_gemm(cb, 0, 0, N, d, h, 1.0f, Dhid, h, Dw2, d, 1.0f, Dout, d);
+        cuda_blas_gemm(cb, 0, 1, N, h, d, 1.0f, Ddout, d, Dw2, d, 0.0f, Ddhid, h);
+        cuda_blas_gemm(cb, 1, 0, h, d, N, 1.0f, Dhid, h, Ddout, d, 1.0f, Ddw2, d);
+        ok &= cuda_sum_rows(Ddb2, Ddout, N, d, stream) == cudaSuccess;
+        ok &= cuda_activation_backward(Ddpre, Ddhid, Dpre, N, h, act, stream) == cudaSuccess;
+        cuda_blas_gemm(cb, 1, 0, d, h1, N, 1.0f, Dx, d, Ddpre, h1, 1.0f, Ddw1, h1);
+        ok &= cuda_sum_rows(Ddb1, Ddpre, N, h1, stream) == cudaSuccess;
+        cuda_blas_gemm(cb, 0, 1, N, d, h1, 1.0f, Ddpre, h1, Dw1, h1, 0.5f, Ddx, d);
+        double eo, ep, eh, ex, e1, eb1, e2, eb2;
+        ok &= get(g, Dout, sizeof(float) * nx); eo = relerr(g, out, nx);
+        ok &= get(g, Dpre, sizeof(float) * np); ep = relerr(g, pre, np);
+        ok &= get(g, Dhid, sizeof(float) * nh); eh = relerr(g, hid, nh);
+        ok &= get(g, Ddx, sizeof(float) * nx); ex = relerr(g, dx, nx);
+        ok &= get(g, Ddw1, sizeof(float) * nw1); e1 = relerr(g, dw1, nw1);
+        ok &= get(g, Ddb1, sizeof(float) * h1); eb1 = relerr(g, db1, h1);
+        ok &= get(g, Ddw2, sizeof(float) * nw2); e2 = relerr(g, dw2, nw2);
+        ok &= get(g, Ddb2, sizeof(float) * d); eb2 = relerr(g, db2, d);
+        const char *name = a ? "SwiGLU" : "GELU";
+        CHECK(ok && cb->status == 0 && eo <= TOL_OUT && ep <= TOL_OUT && eh <= TOL_OUT,
+              "FFN %s forward: out %.1e, pre %.1e, hid %.1e", name, eo, ep, eh);
+        CHECK(ok && cb->status == 0 && ex <= TOL_GRAD && e1 <= TOL_GRAD && eb1 <= TOL_GRAD && e2 <= TOL_GRAD &&
+                  eb2 <= TOL_GRAD,
+              "FFN %s backward: dx %.1e, dW1 %.1e, db1 %.1e, dW2 %.1e, db2 %.1e", name, ex, e1, eb1, e2, eb2);
+        free(x); free(w1); free(b1); free(w2); free(b2); free(out); free(pre); free(hid); free(dout);
+        free(dx); free(dw1); free(db1); free(dw2); free(db2); free(dhid); free(dpre); free(g);
+        dev_free_all();
+    }
+}
+
+static void dev_staging(void) {
+    if (!have_gpu) { skip("staging on the CUDA runtime: device rows -> pinned -> exchange -> device"); return; }
+    comm *c = NULL;
+    if (comm_serial_create(&c)) { CHECK(0, "comm_serial_create"); return; }
+    int d = 16, rows = 9;
+    float *x = fnew((size_t)rows * d, 1), *got = fnew((size_t)rows * d, 0);
+    float *dS = dupf(x, (size_t)rows * d), *dR = dalloc(sizeof(float) * rows * d);
+    cudaMemsetAsync(dR, 0, sizeof(float) * rows * d, stream);
+    int sc[1] = {rows}, sd[1] = {0};
+    cuda_stage *st = NULL;
+    scmoe_status s = cuda_stage_create(&st, sizeof(float) * rows * d, sizeof(float) * rows * d, 0, NULL);
+    s = s ? s : cuda_stage_begin(st, c, dS, sc, sd, dR, sc, sd, (int)sizeof(float) * d, stream);
+    s = s ? s : cuda_stage_wait(st, stream, 30);
+    int ok = get(got, dR, sizeof(float) * rows * d);
+    CHECK(s == SCMOE_OK && ok && !memcmp(got, x, sizeof(float) * rows * d),
+          "staging on the runtime: 9 rows device -> pinned -> serial exchange -> device, exact (%s)",
+          st ? st->err : "create failed");
+    cuda_stage_destroy(st);
+    c->ops->destroy(c);
+    free(x); free(got);
+    dev_free_all();
+}
+
+int main(void) {
+    cpu.blas = blas_openblas();
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    have_gpu = e == cudaSuccess && n > 0;
+    (void)cudaGetLastError();
+#ifdef SCMOE_CUDA_EMU
+    printf("# CUDA host emulation: kernels.cu on CPU threads, runtime and cuBLAS on host memory\n");
+#endif
+    if (have_gpu) {
+        char err[160];
+        scmoe_status s = cuda_blas_create(&cb, NULL, CUDA_MATH_FP32, err);
+        CHECK(s == SCMOE_OK, "cuda_blas_create on a new stream (%d device%s)%s%s", n, n == 1 ? "" : "s", s ? ": " : "",
+              s ? err : "");
+        if (s) have_gpu = 0;
+        else stream = cb->stream;
+    } else {
+        printf("# no CUDA device (%s): device checks are skipped\n", e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+    }
+    host_gemm_mapping();
+    host_blas_checks();
+    host_wrapper_checks();
+    host_staging();
+    dev_gemm();
+    dev_gemm_bf16();
+    dev_gemm_grouped();
+    dev_layernorm();
+    dev_activation();
+    dev_bias();
+    dev_gate();
+    dev_rows();
+    dev_attention();
+    dev_bf16();
+    dev_ffn();
+    dev_staging();
+    if (cb) cuda_blas_destroy(cb);
+    if (n_skipped) printf("# %d device checks skipped (no CUDA device)\n", n_skipped);
+    return check_summary();
+}
