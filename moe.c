@@ -20,6 +20,9 @@
 
 /* ---- exchanges in flight ---- */
 
+/* My own rows never travel: the plan's self counts are zeroed in the exchange (xs/xr counts) and
+ * the experts read and write them in place (rows_in / rows_out). That keeps the copy of the own
+ * block, which MPI does synchronously inside the start call, off the critical path. */
 static scmoe_status exchange_start(moe_layer *m, const float *src, const int *scounts, const int *sdispls,
                                    float *dst, const int *rcounts, const int *rdispls) {
     inflight *f = &m->ex;
@@ -31,12 +34,14 @@ static scmoe_status exchange_start(moe_layer *m, const float *src, const int *sc
     f->unpack_to = NULL;
     scmoe_status s;
     if (m->cfg.wire_bf16) {
-        size_t ns = 0, nr = 0;
-        for (int q = 0; q < c->size; q++) { ns += (size_t)scounts[q]; nr += (size_t)rcounts[q]; }
-        bf16_pack(m->wire_out, src, ns * m->d); /* displacements are dense prefix sums: rows stay in place */
+        /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
+        for (int q = 0; q < c->size; q++)
+            bf16_pack(m->wire_out + (size_t)sdispls[q] * m->d, src + (size_t)sdispls[q] * m->d, (size_t)scounts[q] * m->d);
         f->unpack_to = dst;
         f->unpack_from = m->wire_in;
-        f->unpack_n = nr * m->d;
+        f->unpack_counts = rcounts;
+        f->unpack_displs = rdispls;
+        f->row = m->d;
         s = c->ops->alltoallv_start(c, m->wire_out, scounts, sdispls, m->wire_in, rcounts, rdispls,
                                     (int)sizeof(uint16_t) * m->d, &f->req);
     } else {
@@ -64,25 +69,27 @@ scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what) {
     f->t_waited = t1 - t0;
     f->active = 0;
     if (s) return scmoe_fail(ctx, s, "%s: %s", what, f->c->err);
-    if (f->unpack_to) bf16_unpack(f->unpack_to, f->unpack_from, f->unpack_n);
+    for (int q = 0; f->unpack_to && q < f->c->size; q++)
+        bf16_unpack(f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
+                    (size_t)f->unpack_counts[q] * f->row);
     return SCMOE_OK;
 }
 
 scmoe_status moe_dispatch_start(moe_layer *m) {
     route_plan *pl = &m->plan;
-    return exchange_start(m, m->send, pl->send_counts, pl->send_displs, m->recv, pl->recv_counts, pl->recv_displs);
+    return exchange_start(m, m->send, m->xs_counts, pl->send_displs, m->recv, m->xr_counts, pl->recv_displs);
 }
 
 scmoe_status moe_combine_start(moe_layer *m) {
     route_plan *pl = &m->plan;
-    return exchange_start(m, m->recv, pl->recv_counts, pl->recv_displs, m->crecv, pl->send_counts, pl->send_displs);
+    return exchange_start(m, m->recv, m->xr_counts, pl->recv_displs, m->crecv, m->xs_counts, pl->send_displs);
 }
 
 scmoe_status moe_grad_dispatch_start(moe_layer *m) { return moe_dispatch_start(m); }
 
 scmoe_status moe_grad_combine_start(moe_layer *m) {
     route_plan *pl = &m->plan;
-    return exchange_start(m, m->recv, pl->recv_counts, pl->recv_displs, m->send, pl->send_counts, pl->send_displs);
+    return exchange_start(m, m->recv, m->xr_counts, pl->recv_displs, m->send, m->xs_counts, pl->send_displs);
 }
 
 /* ---- setup ---- */
@@ -154,7 +161,7 @@ scmoe_status moe_alloc(moe_layer *m) {
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
     size_t f = sizeof(float), i4 = sizeof(int);
     size_t sizes[] = {
-        i4 * E * 4 + sizeof(int64_t) * E * 3 + i4 * ep * 4 + i4 * ep * El + i4 * (El + 1) + i4 * (size_t)S + i4 * (size_t)R,
+        i4 * E * 4 + sizeof(int64_t) * E * 3 + i4 * ep * 6 + i4 * ep * El + i4 * (El + 1) + i4 * (size_t)S + i4 * (size_t)R,
         route_workspace_bytes(S_max, k),
         i4 * (size_t)n * (k + 1), i4 * (size_t)S_max * (k + 1), i4 * world * 3,
         f * (size_t)n * E * 3, f * n * 2, f * (size_t)n * k * 2, i4 * (size_t)n * k,
@@ -177,6 +184,8 @@ scmoe_status moe_alloc(moe_layer *m) {
     pl->send_displs = arena_take(&c, i4 * ep);
     pl->recv_counts = arena_take(&c, i4 * ep);
     pl->recv_displs = arena_take(&c, i4 * ep);
+    m->xs_counts = arena_take(&c, i4 * ep);
+    m->xr_counts = arena_take(&c, i4 * ep);
     pl->src_cursor = arena_take(&c, i4 * ep * El);
     pl->expert_offsets = arena_take(&c, i4 * (El + 1));
     pl->slot = arena_take(&c, i4 * (size_t)S);
@@ -305,6 +314,10 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
                      m->cfg.priority, route_capacity(S, E, k, cf));
+    for (int q = 0; q < m->ep_size; q++) {
+        m->xs_counts[q] = q == m->ep_rank ? 0 : m->plan.send_counts[q];
+        m->xr_counts[q] = q == m->ep_rank ? 0 : m->plan.recv_counts[q];
+    }
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++)
         for (int j = 0; j < k; j++) {
@@ -315,13 +328,29 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     return SCMOE_OK;
 }
 
-/* rows of src to dst: dst[map[r]] = src[r] (scatter) or dst[r] = src[map[r]] (gather) */
-static void permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter) {
+/* Row r of the receive layout lives in recv, or, for my own block (never exchanged), at the same
+ * place of my block in own (a buffer in the send layout). */
+static float *recv_row(const moe_layer *m, float *recv, float *own, int r) {
+    const route_plan *pl = &m->plan;
+    int o = r - pl->recv_displs[m->ep_rank];
+    if (o >= 0 && o < pl->recv_counts[m->ep_rank]) return own + (size_t)(pl->send_displs[m->ep_rank] + o) * m->d;
+    return recv + (size_t)r * m->d;
+}
+
+/* receive layout -> expert-major: dst[recv_to_expert[r]] = row r */
+static void rows_in(const moe_layer *m, float *dst, float *recv, float *own) {
+    const route_plan *pl = &m->plan;
 #pragma omp parallel for schedule(static)
-    for (int r = 0; r < n; r++) {
-        if (scatter) memcpy(dst + (size_t)map[r] * d, src + (size_t)r * d, sizeof(float) * d);
-        else memcpy(dst + (size_t)r * d, src + (size_t)map[r] * d, sizeof(float) * d);
-    }
+    for (int r = 0; r < pl->n_recv; r++)
+        memcpy(dst + (size_t)pl->recv_to_expert[r] * m->d, recv_row(m, recv, own, r), sizeof(float) * m->d);
+}
+
+/* expert-major -> receive layout: row r = src[recv_to_expert[r]] */
+static void rows_out(const moe_layer *m, const float *src, float *recv, float *own) {
+    const route_plan *pl = &m->plan;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < pl->n_recv; r++)
+        memcpy(recv_row(m, recv, own, r), src + (size_t)pl->recv_to_expert[r] * m->d, sizeof(float) * m->d);
 }
 
 /* Few rows per expert: experts in parallel, one thread each; many: one expert at a time with a
@@ -333,7 +362,7 @@ static int experts_in_parallel(const moe_layer *m) {
 void moe_experts_forward(moe_layer *m, const exec *ex) {
     route_plan *pl = &m->plan;
     int d = m->d, h = m->h, h1 = m->h1;
-    permute_rows(m->xe, m->recv, pl->recv_to_expert, pl->n_recv, d, 1);
+    rows_in(m, m->xe, m->recv, m->send);
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
     for (int i = 0; i < m->E_local; i++) {
         int o = pl->expert_offsets[i], rows = pl->expert_offsets[i + 1] - o, b = m->p_e0 + 4 * i;
@@ -341,7 +370,7 @@ void moe_experts_forward(moe_layer *m, const exec *ex) {
                     param_data(m, b), param_data(m, b + 1), param_data(m, b + 2), param_data(m, b + 3), rows, d, h,
                     m->cfg.activation);
     }
-    permute_rows(m->recv, m->ye, pl->recv_to_expert, pl->n_recv, d, 0);
+    rows_out(m, m->ye, m->recv, m->crecv);
 }
 
 void moe_decode(moe_layer *m, float *y, float beta) {
@@ -385,7 +414,7 @@ void moe_experts_backward(moe_layer *m, const exec *ex) {
     route_plan *pl = &m->plan;
     int d = m->d, h = m->h, h1 = m->h1;
     float *dye = m->rows, *dxe = m->dxe;
-    permute_rows(dye, m->recv, pl->recv_to_expert, pl->n_recv, d, 1);
+    rows_in(m, dye, m->recv, m->send);
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
     for (int i = 0; i < m->E_local; i++) {
         int o = pl->expert_offsets[i], rows = pl->expert_offsets[i + 1] - o, b = m->p_e0 + 4 * i;
@@ -394,7 +423,7 @@ void moe_experts_backward(moe_layer *m, const exec *ex) {
                      m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, param_data(m, b),
                      param_data(m, b + 2), rows, d, h, m->cfg.activation);
     }
-    permute_rows(m->recv, dxe, pl->recv_to_expert, pl->n_recv, d, 0);
+    rows_out(m, dxe, m->recv, m->send);
 }
 
 void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {

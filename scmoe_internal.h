@@ -67,7 +67,8 @@ typedef struct inflight {
     int req, active;
     float *unpack_to;          /* bf16 wire: where the received rows go as floats on completion */
     const uint16_t *unpack_from;
-    size_t unpack_n;
+    const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout */
+    int row;                   /* floats per row */
     double t_start, t_done, t_waited;
 } inflight;
 
@@ -87,6 +88,7 @@ typedef struct moe_layer {
     float *wg;
     /* routing */
     route_plan plan;
+    int *xs_counts, *xr_counts; /* the plan's counts with my own block zeroed: what travels */
     void *route_work;
     int32_t *records, *records_all;
     int *tokens_per_rank, *rec_bytes, *rec_displs;

@@ -26,15 +26,15 @@
  *     lib       moe_dispatch_start + inflight_wait("dispatch"), then moe_combine_start +
  *               inflight_wait("combine"). The experts are not run: the combine sends back the rows
  *               the dispatch left in m->recv, which are the same bytes the experts' output would be.
- *     mpi       MPI_Alltoallv (blocking) with the plan's counts and displacements times d, MPI_FLOAT,
- *               between the bench's own send/receive buffers, once in the dispatch direction and
- *               once in the combine direction (counts swapped).
  *               "start" is the part of lib spent inside moe_dispatch_start + moe_combine_start: the
  *               work MPI_Ialltoallv does before returning (OpenMPI's libnbc copies the rank's own
  *               block, send to receive, synchronously there), which an overlapped schedule cannot hide.
+ *     mpi       MPI_Alltoallv (blocking) with the plan's counts and displacements times d, MPI_FLOAT,
+ *               between the bench's own send/receive buffers, once in the dispatch direction and
+ *               once in the combine direction (counts swapped).
  *   Every timed phase starts after an MPI_Barrier; its time is the slowest rank's (MPI_MAX over
- *   ranks, reduced after the iteration). After WARMUP
- *   untimed iterations, REPS are timed and the table gives medians.
+ *   ranks, reduced after the iteration). After WARMUP untimed iterations, REPS are timed and the
+ *   table gives medians.
  *
  * Bytes: rows a rank sends to OTHER ranks x d x 4, dispatch plus combine (self-sends are excluded on
  * both sides: they are local copies). Since the combine mirrors the dispatch, that is also

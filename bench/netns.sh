@@ -13,10 +13,12 @@
 # Env: BURST     tbf bucket in bytes (default: 1 ms of RATE, at least 128 KiB, since lo's MTU is
 #                64 KiB and a bucket smaller than one packet stalls the link)
 #      LATENCY   tbf queue bound (default 20ms)
-#      TCP_FLAGS btl_tcp_flags passed to OpenMPI (default send,inplace,need-ack,need-csum: without
-#                "put", large messages go as pipelined sends; with OpenMPI 4.1's default, which adds
-#                put, a 2-rank Alltoallv reaches clearly less of the link, see bench/README.md);
-#                TCP_FLAGS=default keeps OpenMPI's own value
+#      TCP_FLAGS btl_tcp_flags passed to OpenMPI (default send,inplace,need-ack,need-csum: no "put",
+#                so large messages go as pipelined sends); TCP_FLAGS=default keeps OpenMPI 4.1's
+#                own value (send,put,inplace,need-ack,need-csum,hetero-rdma). On this one shaped lo
+#                both reach the same rate (bench_a2a, 2 ranks, 8192 tokens: 0.12 GB/s/rank at 2gbit,
+#                0.47-0.48 at 8gbit, either way); across separate per-host links "put" has been seen
+#                to reach only about half the link rate, so send-only is the default.
 #
 # What it sets up: namespace scmoe-<pid> with only lo, up; `tc qdisc add dev lo root tbf rate RATE
 # burst BURST latency LATENCY`. Then, unless the caller already set them (on the command line or as
@@ -34,7 +36,7 @@ set -euo pipefail
 NS=
 log() { echo "netns.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
-usage() { sed -n '5,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 need_tools() {
     [ "$(id -u)" = 0 ] || { log "must run as root (network namespaces and tc need CAP_NET_ADMIN)"; return 1; }

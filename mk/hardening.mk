@@ -72,8 +72,8 @@ $(FUZZ_B)/fuzz_checkpoint: fuzz/fuzz_checkpoint.c fuzz/fuzz_input.h $(FUZZ_B)/ob
 
 fuzz-build: $(FUZZ_BINS)
 
-# Each harness runs FUZZ_SECONDS from a scratch copy of its seed corpus (new inputs stay in
-# build/fuzz/corpus/<name>, never in the checked-in seeds); a crash, leak, timeout or OOM leaves its
+# Each harness runs FUZZ_SECONDS, starting from its seeds and its regressions (new inputs go to
+# build/fuzz/corpus/<name>, never into the checked-in folders); a crash, leak, timeout or OOM leaves its
 # input in fuzz/regressions/<name>/ for check-fuzz-regressions, and the target fails.
 fuzz: $(FUZZ_BINS)
 	@fail=0; for t in $(FUZZ_TARGETS); do \
@@ -81,7 +81,7 @@ fuzz: $(FUZZ_BINS)
 	    echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; $(fuzz_lcx) \
 	    env $(FUZZ_ENV) $(FUZZ_B)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 	        -print_final_stats=1 -artifact_prefix=$(FUZZ_B)/artifacts/$$t/ $(FUZZ_FLAGS) \
-	        $(FUZZ_B)/corpus/$$t fuzz/corpus/$$t > $(FUZZ_B)/fuzz_$$t.log 2>&1; rc=$$?; \
+	        $(FUZZ_B)/corpus/$$t fuzz/corpus/$$t fuzz/regressions/$$t > $(FUZZ_B)/fuzz_$$t.log 2>&1; rc=$$?; \
 	    grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|# known library bug)' $(FUZZ_B)/fuzz_$$t.log; \
 	    for a in $(FUZZ_B)/artifacts/$$t/*; do [ -f "$$a" ] && cp "$$a" fuzz/regressions/$$t/ && echo "kept $$a -> fuzz/regressions/$$t/"; done; \
 	    if [ $$rc -ne 0 ]; then echo "not ok - fuzz_$$t (exit $$rc; log $(FUZZ_B)/fuzz_$$t.log):"; \

@@ -231,6 +231,34 @@ static void overlap_equals_serial(scmoe_context *ctx, scmoe_config c, const char
     obj_destroy(&b);
 }
 
+/* bf16 on the wire: what the rounding of the exchanged rows costs against float exchanges. */
+static void wire_bf16(scmoe_context *ctx) {
+    scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f), cb = c;
+    cb.wire_bf16 = 1;
+    object a, b;
+    if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &cb, 1, &b)) { check(0, "bf16: create"); return; }
+    init_params(&a, 0);
+    init_params(&b, 0);
+    int n = 32, T = 8, d = c.d_model;
+    float *x = malloc(sizeof(float) * n * d), *dy = malloc(sizeof(float) * n * d), *ya = malloc(sizeof(float) * n * d),
+          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d), *dxb = malloc(sizeof(float) * n * d);
+    char nm[8];
+    snprintf(nm, sizeof nm, "x%d", rank);
+    fill_named(x, (size_t)n * d, nm, 1.0f, 0.0f);
+    fill_named(dy, (size_t)n * d, "dy", 1.0f, 0.0f);
+    scmoe_stats st;
+    obj_forward(&a, n, T, x, ya, &st);
+    obj_forward(&b, n, T, x, yb, &st);
+    obj_backward(&a, dy, dxa, &st);
+    obj_backward(&b, dy, dxb, &st);
+    double ey = relerr(yb, ya, (size_t)n * d), ed = relerr(dxb, dxa, (size_t)n * d);
+    check(size == 1 ? ey == 0 && ed == 0 : ey > 0 && ey < 1e-2 && ed < 1e-2,
+          "bf16 wire: output %.2e, dX %.2e relative to float exchanges", ey, ed);
+    free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    obj_destroy(&a);
+    obj_destroy(&b);
+}
+
 static void robustness(scmoe_context *ctx) {
     /* a config that differs on one rank: every rank gets an error, nobody hangs */
     scmoe_config c = layer_cfg(1, 1.0f);
@@ -336,6 +364,7 @@ int main(int argc, char **argv) {
         snprintf(what, sizeof what, "pair scmoe-pos%d drops, progress poll", pos);
         overlap_equals_serial(ctx, c, what);
     }
+    wire_bf16(ctx);
     robustness(ctx);
     scmoe_context_destroy(ref);
     scmoe_context_destroy(ctx);

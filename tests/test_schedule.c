@@ -94,8 +94,8 @@ static void wire_bf16(void) {
         ey = fmax(ey, fabs(ya[i] - yb[i])); my = fmax(my, fabs(ya[i]));
         ed = fmax(ed, fabs(dxa[i] - dxb[i])); md = fmax(md, fabs(dxa[i]));
     }
-    CHECK(ey > 0 && ey / my < 1e-2, "bf16 wire: output differs from float exchanges by %.2e relative (< 1e-2)", ey / my);
-    CHECK(ed / md < 1e-2, "bf16 wire: dX differs by %.2e relative (< 1e-2)", ed / md);
+    /* one rank: nothing travels, so nothing is rounded (tests/test_ep.c measures the wire on 2 and 4 ranks) */
+    CHECK(ey == 0 && ed == 0, "bf16 wire on one rank: own rows never travel, outputs and dX unchanged (%.1e, %.1e)", ey / my, ed / md);
     free(x); free(ya); free(yb); free(dxa); free(dxb);
     scmoe_pair_destroy(pa);
     scmoe_pair_destroy(pb);

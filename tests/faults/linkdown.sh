@@ -62,7 +62,7 @@ kill_ns() { # TERM, then KILL, every process in namespace $1
     kill -KILL $pids 2>/dev/null
 }
 teardown() {
-    [ -n "$MPID" ] && kill -KILL "$MPID" 2>/dev/null
+    if [ -n "$MPID" ]; then kill -KILL "$MPID" 2>/dev/null; { wait "$MPID"; } 2>/dev/null; fi
     MPID=
     for n in $NA $NB; do
         [ -e /run/netns/$n ] || continue
@@ -141,7 +141,7 @@ for round in $(seq 1 "$ROUNDS"); do
                 p=$([ $r = 0 ] && echo $pid0 || echo $pid1)
                 timeout 20 gdb -p "$p" -batch -ex "thread apply all bt" > "$TMP/stack$round.$r" 2>&1
                 echo "# rank $r is still inside the library $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.0f", b - a}') s after the link went down; its main thread:"
-                awk '/^Thread /{n++} n==1' "$TMP/stack$round.$r" | grep -E '^#[0-9]+ ' |
+                awk '/^Thread /{m = ($2 == 1)} m' "$TMP/stack$round.$r" | grep -E '^#[0-9]+ ' |
                     grep -E ' (PMPI_|MPI_|ompi_coll|mca_coll|scmoe_|moe_|schedule_|status_agree|config_agree|sync_grads|inflight_|mpi_[a-z]|main)' |
                     sed -E 's/^(#[0-9]+) +(0x[0-9a-f]+ in )?([^ ]+) .*( at [^ ]+)?$/#   \1 \3\4/' | head -n 10
             done
@@ -159,7 +159,7 @@ for round in $(seq 1 "$ROUNDS"); do
         # a rank that did not come back: which known library bug holds it (from its stack, when gdb is here)
         bug=""
         if [ -s "$TMP/stack$round.$r" ]; then
-            main=$(awk '/^Thread /{n++} n==1' "$TMP/stack$round.$r")
+            main=$(awk '/^Thread /{m = ($2 == 1)} m' "$TMP/stack$round.$r")
             if echo "$main" | grep -q 'schedule_grad_wait'; then bug=grad-sync-timeout
             elif echo "$main" | grep -Eq 'PMPI_(Allreduce|Allgather|Allgatherv)' &&
                  echo "$main" | grep -Eq 'mpi_allreduce|mpi_allgather'; then bug=blocking-collective-timeout; fi
