@@ -83,3 +83,4 @@ clean:
 include mk/install.mk
 include mk/examples.mk
 include mk/cuda.mk
+include mk/hardening.mk

@@ -64,6 +64,8 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     if (!o) return SCMOE_ERR_NULL;
     moe_layer *m = &o->m;
     double t0 = scmoe_now();
+    moe_bind_comms(m);
+    m->forward_done = 0; /* a failed forward leaves nothing to differentiate */
     /* bad arguments still take part in gate_encode's first exchange, which fails every rank */
     const float *xin = x;
     if (n > 0 && n <= m->max_tokens && x && y) {
@@ -119,6 +121,7 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     if (!o) return SCMOE_ERR_NULL;
     moe_layer *m = &o->m;
     double t0 = scmoe_now();
+    moe_bind_comms(m);
     scmoe_status local = SCMOE_OK;
     if (!m->forward_done || !m->training) local = scmoe_fail(o->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
     else if (m->n > 0 && (!dy || !dx)) local = scmoe_fail(o->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");

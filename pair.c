@@ -40,7 +40,9 @@ static void linear_backward(const exec *ex, float *din, float beta, float *dw, f
     exec_gemm(ex, 0, 1, N, K, M, 1.0f, dout, M, w, M, beta, din, K);
 }
 
-static void copy_rows(float *dst, const float *src, size_t n) { memcpy(dst, src, sizeof(float) * n); }
+static void copy_rows(float *dst, const float *src, size_t n) {
+    if (n) memcpy(dst, src, sizeof(float) * n);
+}
 
 /* ---- parameters ---- */
 
@@ -415,6 +417,8 @@ static int grad_needed_before(const scmoe_pair *p) {
 scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, float *y, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
     scmoe_context *ctx = p->ctx;
+    moe_bind_comms(&p->moe);
+    p->backward_ready = 0; /* a failed forward leaves nothing to differentiate */
     scmoe_status local = SCMOE_OK;
     if (B < 0 || T < 1 || T > p->cfg.max_seq_len || (int64_t)B * T > p->cfg.max_tokens)
         local = scmoe_fail(ctx, SCMOE_ERR_SEQ_LEN, "batch %d x seq_len %d: need batch >= 0, 1 <= seq_len <= %d, batch*seq_len <= %d",
@@ -445,6 +449,7 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
 
 scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
+    moe_bind_comms(&p->moe);
     scmoe_status local = SCMOE_OK;
     if (!p->backward_ready) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
     else if (p->grads_pending) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
@@ -470,6 +475,7 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
 
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
+    moe_bind_comms(&p->moe);
     if (!p->grads_pending) return SCMOE_OK;
     scmoe_status s = schedule_grad_wait(&p->sch);
     p->grads_pending = 0;

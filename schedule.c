@@ -277,13 +277,17 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
 }
 
 scmoe_status schedule_grad_wait(schedule *s) {
-    double t0 = scmoe_now();
+    /* one deadline for the whole sync, however many buckets; the first failure ends it */
+    double t0 = scmoe_now(), deadline = t0 + s->world->timeout_s;
     scmoe_status st = SCMOE_OK;
-    for (int b = 0; b < SCHED_OPS + 2; b++) {
+    for (int b = 0; b < SCHED_OPS + 2 && !st; b++) {
         if (s->req[b] == -2) continue;
         comm *c = b == SCHED_OPS + 1 ? s->replicas : s->world;
+        double full = c->timeout_s, left = deadline - scmoe_now();
+        c->timeout_s = left > 1e-3 ? left : 1e-3;
         scmoe_status w = c->ops->wait(c, s->req[b]);
-        if (w && !st) st = scmoe_fail(s->ctx, w, "gradient all-reduce: %s", c->err);
+        c->timeout_s = full;
+        if (w) st = scmoe_fail(s->ctx, w, "gradient all-reduce: %s", c->err);
         s->req[b] = -2;
     }
     double t1 = scmoe_now();

@@ -64,8 +64,9 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (c->d_hidden < 1 || c->d_hidden > (1 << 22)) return bad(msg, len, SCMOE_ERR_D_HIDDEN, "d_hidden = %d: must be in 1..2^22", c->d_hidden);
     if (c->n_experts < 1 || c->n_experts > 4096) return bad(msg, len, SCMOE_ERR_N_EXPERTS, "n_experts = %d: must be in 1..4096", c->n_experts);
     if (c->top_k < 1 || c->top_k > c->n_experts) return bad(msg, len, SCMOE_ERR_TOP_K, "top_k = %d: must be in 1..n_experts (%d)", c->top_k, c->n_experts);
-    if (!isfinite(c->capacity_factor)) return bad(msg, len, SCMOE_ERR_CAPACITY, "capacity_factor is not finite");
-    if (!isfinite(c->eval_capacity_factor)) return bad(msg, len, SCMOE_ERR_CAPACITY, "eval_capacity_factor is not finite");
+    /* above E, every token fits anyway; the bound keeps the slot arithmetic in range */
+    if (!isfinite(c->capacity_factor) || c->capacity_factor > 1e4f) return bad(msg, len, SCMOE_ERR_CAPACITY, "capacity_factor = %g: must be finite and <= 1e4 (<= 0: dropless)", c->capacity_factor);
+    if (!isfinite(c->eval_capacity_factor) || c->eval_capacity_factor > 1e4f) return bad(msg, len, SCMOE_ERR_CAPACITY, "eval_capacity_factor = %g: must be finite and <= 1e4 (<= 0: dropless)", c->eval_capacity_factor);
     if (!isfinite(c->aux_loss_weight) || c->aux_loss_weight < 0) return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "aux_loss_weight = %g: must be finite and >= 0", c->aux_loss_weight);
     if (!isfinite(c->z_loss_weight) || c->z_loss_weight < 0) return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "z_loss_weight = %g: must be finite and >= 0", c->z_loss_weight);
     if (c->aux_scope != SCMOE_AUX_GLOBAL && c->aux_scope != SCMOE_AUX_LOCAL) return bad(msg, len, SCMOE_ERR_OPTION, "aux_scope = %d: must be GLOBAL or LOCAL", (int)c->aux_scope);
@@ -320,7 +321,7 @@ void params_add_stage(param_table *pt) {
 /* ---- groups and agreement ---- */
 
 scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **replicas) {
-    comm *w = ctx->world;
+    comm *w = ctx->world; /* the groups inherit its deadline and progress policy (moe_bind_comms) */
     int ep_size = ep_size_cfg ? ep_size_cfg : w->size;
     *ep = *replicas = NULL;
     if (w->size % ep_size != 0)

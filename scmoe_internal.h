@@ -115,6 +115,7 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
 /* Sizes and allocates the workspace (after params_allocate, which fixes the parameter pointers). */
 scmoe_status moe_alloc(moe_layer *m);
 void moe_free(moe_layer *m);
+void moe_bind_comms(moe_layer *m);
 
 /* forward: gate_encode (small blocking collectives) -> dispatch start -> wait -> experts -> combine start
  *          -> wait -> decode */

@@ -246,7 +246,7 @@ ckpt_status ckpt_agree(MPI_Comm comm, ckpt_status local, char *err, size_t err_l
     MPI_Allreduce(&me, &first, 1, MPI_INT, MPI_MIN, comm);
     char msg[512] = "";
     int code = l;
-    if (rank == first) snprintf(msg, sizeof msg, "%s", err ? err : "");
+    if (rank == first) snprintf(msg, sizeof msg, "%.*s", err ? (int)strnlen(err, err_len) : 0, err ? err : "");
     MPI_Bcast(msg, sizeof msg, MPI_CHAR, first, comm);
     MPI_Bcast(&code, 1, MPI_INT, first, comm);
     if (err && err_len) {

@@ -15,7 +15,8 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const 
 /* ffn.c: pre [N, ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
 int ffn_width(int h, scmoe_activation act);
 void sum_rows(float *acc, const float *x, int N, int C);
-void activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act);
+/* pre += b (b may be NULL), then hid = act(pre) */
+void activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act);
 void activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
 void ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
                  const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act);

@@ -15,21 +15,26 @@
  *   expert buffer the same rows by local expert, then loc: each expert's rows are contiguous for its
  *                 GEMMs and in the order one rank would have them. recv_to_expert maps the two. */
 #include "kernels.h"
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 typedef struct { float score; int token; } ranked;
 
+/* Highest score first, ties by token; a NaN score ranks last (a total order even then). */
 static int by_score_desc(const void *a, const void *b) {
     const ranked *x = a, *y = b;
-    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    int xn = isnan(x->score), yn = isnan(y->score);
+    if (xn != yn) return xn - yn;
+    if (!xn && x->score != y->score) return x->score > y->score ? -1 : 1;
     return x->token - y->token;
 }
 
 int64_t route_capacity(int64_t S, int E, int k, float cf) {
     if (cf <= 0.0f) return INT64_MAX;
     int64_t per = (S + E - 1) / E;
-    return (int64_t)k * (int64_t)(cf * (float)per);
+    double c = (double)k * floor((double)cf * (double)per);
+    return c >= (double)S * k ? INT64_MAX : (int64_t)c; /* a capacity no expert can fill is dropless */
 }
 
 size_t route_workspace_bytes(int64_t S_max, int k) {

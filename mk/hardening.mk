@@ -34,7 +34,7 @@ FUZZ_BINS    := $(addprefix $(FUZZ_B)/fuzz_,$(FUZZ_TARGETS))
 # say how often an input hit one); the fault tests print a failure they explain as a TAP TODO, not
 # counted. Remove a name once the library is fixed (or run with KNOWN_BUGS= to see them all fail):
 # fuzz/regressions/*/<name> then must pass.
-KNOWN_BUGS ?= stale-backward,null-memcpy,huge-capacity-factor,errlen0-overread,blocking-collective-timeout,grad-sync-timeout
+KNOWN_BUGS ?=
 FUZZ_ENV     = OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
                OMPI_MCA_btl_vader_single_copy_mechanism=none SCMOE_KNOWN_BUGS=$(KNOWN_BUGS) \
                ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:leak_check_at_exit=$$lcx \
@@ -77,13 +77,16 @@ fuzz-build: $(FUZZ_BINS)
 # input in fuzz/regressions/<name>/ for check-fuzz-regressions, and the target fails.
 fuzz: $(FUZZ_BINS)
 	@fail=0; for t in $(FUZZ_TARGETS); do \
-	    mkdir -p $(FUZZ_B)/corpus/$$t fuzz/regressions/$$t $(FUZZ_B)/artifacts/$$t; \
+	    rm -rf $(FUZZ_B)/artifacts/$$t; mkdir -p $(FUZZ_B)/corpus/$$t fuzz/regressions/$$t $(FUZZ_B)/artifacts/$$t; \
 	    echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; $(fuzz_lcx) \
 	    env $(FUZZ_ENV) $(FUZZ_B)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 	        -print_final_stats=1 -artifact_prefix=$(FUZZ_B)/artifacts/$$t/ $(FUZZ_FLAGS) \
 	        $(FUZZ_B)/corpus/$$t fuzz/corpus/$$t fuzz/regressions/$$t > $(FUZZ_B)/fuzz_$$t.log 2>&1; rc=$$?; \
 	    grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|# known library bug)' $(FUZZ_B)/fuzz_$$t.log; \
-	    for a in $(FUZZ_B)/artifacts/$$t/*; do [ -f "$$a" ] && cp "$$a" fuzz/regressions/$$t/ && echo "kept $$a -> fuzz/regressions/$$t/"; done; \
+	    for a in $(FUZZ_B)/artifacts/$$t/*; do [ -f "$$a" ] || continue; dup=; \
+	        for r in fuzz/regressions/$$t/* fuzz/corpus/$$t/*; do [ -f "$$r" ] && cmp -s "$$a" "$$r" && dup=$$r; done; \
+	        if [ -n "$$dup" ]; then echo "the checked-in input $$dup fails again"; \
+	        else cp "$$a" fuzz/regressions/$$t/ && echo "kept $$a -> fuzz/regressions/$$t/ (rename it after the bug)"; fi; done; \
 	    if [ $$rc -ne 0 ]; then echo "not ok - fuzz_$$t (exit $$rc; log $(FUZZ_B)/fuzz_$$t.log):"; \
 	        grep -E 'ERROR|SUMMARY|invariant failed|runtime error' $(FUZZ_B)/fuzz_$$t.log | head -n 5; fail=$$((fail + 1)); \
 	    else echo "ok - fuzz_$$t: $(FUZZ_SECONDS) s, no crash"; fi; \

@@ -43,7 +43,7 @@
 #define PROGRESS_SLEEP_NS 200000L
 
 enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
-enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE };
+enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL };
 
 typedef struct slot {
     MPI_Request r;
@@ -106,7 +106,8 @@ static const char *thread_level_name(int level) {
 
 static void describe(const slot *s, char *buf, size_t len) {
     if (s->kind == KIND_ALLTOALLV) snprintf(buf, len, "all-to-all exchange of %d-byte elements", s->n);
-    else snprintf(buf, len, "all-reduce of %d floats", s->n);
+    else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
+    else snprintf(buf, len, "per-step agreement (counts, routing or status) of %d bytes", s->n);
 }
 
 /* ---- the progress helper ---- */
@@ -324,30 +325,49 @@ static scmoe_status elem_type(comm *c, int elem_bytes, MPI_Datatype *t) {
 
 /* ---- blocking collectives ---- */
 
+/* The small per-step collectives (token counts, routing records, gate statistics, status and config
+ * agreement) are blocking for the caller but run nonblocking under the same deadline as the
+ * exchanges, so a peer that is gone gives SCMOE_ERR_TIMEOUT here too instead of a hang. */
+static scmoe_status finish_small(comm *c, int rc, MPI_Request r, int bytes, const char *what) {
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, what);
+    mpi_impl *m = c->impl;
+    int i = slot_claim(m);
+    if (i < 0) { /* no slot to track it: finish it without a deadline rather than leak it */
+        rc = MPI_Wait(&r, MPI_STATUS_IGNORE);
+        return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, what);
+    }
+    slot_publish(m, i, r, KIND_SMALL, bytes);
+    return mpi_wait(c, i);
+}
+
 static scmoe_status mpi_allgather(comm *c, const void *send, int bytes, void *recv) {
     mpi_impl *m = c->impl;
     /* send already in its place in recv: MPI forbids aliased buffers, MPI_IN_PLACE means exactly this */
     const void *sb = (send == (const char *)recv + (size_t)c->rank * bytes && bytes > 0) ? MPI_IN_PLACE : send;
-    int rc = MPI_Allgather(sb, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, m->mc);
-    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allgather");
+    MPI_Request r = MPI_REQUEST_NULL;
+    int rc = MPI_Iallgather(sb, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, m->mc, &r);
+    return finish_small(c, rc, r, bytes, "MPI_Iallgather");
 }
 
 static scmoe_status mpi_allgatherv(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
                                    const int *displs) {
     mpi_impl *m = c->impl;
     const void *sb = (send == (const char *)recv + displs[c->rank] && bytes > 0) ? MPI_IN_PLACE : send;
-    int rc = MPI_Allgatherv(sb, bytes, MPI_BYTE, recv, recv_bytes, displs, MPI_BYTE, m->mc);
-    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allgatherv");
+    MPI_Request r = MPI_REQUEST_NULL;
+    int rc = MPI_Iallgatherv(sb, bytes, MPI_BYTE, recv, recv_bytes, displs, MPI_BYTE, m->mc, &r);
+    return finish_small(c, rc, r, bytes, "MPI_Iallgatherv");
 }
 
 static scmoe_status mpi_allreduce_f64(comm *c, double *buf, int n) {
-    int rc = MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, ((mpi_impl *)c->impl)->mc);
-    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allreduce (double, sum)");
+    MPI_Request r = MPI_REQUEST_NULL;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, ((mpi_impl *)c->impl)->mc, &r);
+    return finish_small(c, rc, r, n * (int)sizeof(double), "MPI_Iallreduce (double, sum)");
 }
 
 static scmoe_status mpi_allreduce_i64_max(comm *c, int64_t *buf, int n) {
-    int rc = MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_INT64_T, MPI_MAX, ((mpi_impl *)c->impl)->mc);
-    return rc == MPI_SUCCESS ? SCMOE_OK : mpi_fail(c, rc, "MPI_Allreduce (int64, max)");
+    MPI_Request r = MPI_REQUEST_NULL;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_INT64_T, MPI_MAX, ((mpi_impl *)c->impl)->mc, &r);
+    return finish_small(c, rc, r, n * (int)sizeof(int64_t), "MPI_Iallreduce (int64, max)");
 }
 
 /* ---- nonblocking collectives ---- */

@@ -649,7 +649,7 @@ static void dev_activation(void) {
         int N = 9, h = 70, h1 = ffn_width(h, act);
         float *pre = fnew((size_t)N * h1, 3), *dhid = fnew((size_t)N * h, 1);
         float *hid = fnew((size_t)N * h, 0), *dpre = fnew((size_t)N * h1, 0), *g = fnew((size_t)N * h1, 0);
-        activation_forward(hid, pre, N, h, act);
+        activation_forward(hid, pre, NULL, N, h, act);
         activation_backward(dpre, dhid, pre, N, h, act);
         float *dP = dupf(pre, (size_t)N * h1), *dDH = dupf(dhid, (size_t)N * h);
         float *dH = dalloc(sizeof(float) * N * h), *dDP = dalloc(sizeof(float) * N * h1);

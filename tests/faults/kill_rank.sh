@@ -76,11 +76,13 @@ scenario() { # scenario P VICTIM SAVE_EVERY
     t1=$(date +%s.%N)
     local secs
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+    if [ $gone = 0 ]; then kill -KILL "$MPID" 2>/dev/null; for p in $others; do kill -KILL "$p" 2>/dev/null; done; fi
     wait "$MPID" 2>/dev/null
     local rc=$?
     MPID=
-    [ $gone = 1 ]; ok $? "$what at step ~$at_step: every other rank and mpirun exited ${gone:+in} $secs s (limit $LIMIT s; mpirun exit $rc)"
-    [ $gone = 1 ] || { for p in $others; do kill -KILL "$p" 2>/dev/null; done; }
+    local verdict="exited in $secs s"
+    [ $gone = 1 ] || verdict="still running after $secs s"
+    [ $gone = 1 ]; ok $? "$what at step ~$at_step: every other rank and mpirun $verdict (limit $LIMIT s; mpirun exit $rc)"
     # the last good checkpoint resumes, 4 steps past where the killed run got
     local left_tmp=no stop rc2 first
     [ -e "$dir/ckpt.tmp" ] && left_tmp=yes
