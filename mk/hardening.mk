@@ -68,14 +68,17 @@ $(FUZZ_B)/fuzz_checkpoint: fuzz/fuzz_checkpoint.c fuzz/fuzz_input.h $(FUZZ_B)/ob
 
 -include $(FUZZ_LIB_OBJ:.o=.d)
 
-.PHONY: fuzz fuzz-build check-fuzz-regressions check-faults check-soak check-determinism
+.PHONY: fuzz fuzz-deps fuzz-build check-fuzz-regressions check-faults check-soak check-determinism
 
-fuzz-build: $(FUZZ_BINS)
+fuzz-deps:
+	@tools/install_deps.sh clang libclang-rt-14-dev
+
+fuzz-build: fuzz-deps $(FUZZ_BINS)
 
 # Each harness runs FUZZ_SECONDS, starting from its seeds and its regressions (new inputs go to
 # build/fuzz/corpus/<name>, never into the checked-in folders); a crash, leak, timeout or OOM leaves its
 # input in fuzz/regressions/<name>/ for check-fuzz-regressions, and the target fails.
-fuzz: $(FUZZ_BINS)
+fuzz: fuzz-deps $(FUZZ_BINS)
 	@fail=0; for t in $(FUZZ_TARGETS); do \
 	    rm -rf $(FUZZ_B)/artifacts/$$t; mkdir -p $(FUZZ_B)/corpus/$$t fuzz/regressions/$$t $(FUZZ_B)/artifacts/$$t; \
 	    echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; $(fuzz_lcx) \
@@ -93,7 +96,7 @@ fuzz: $(FUZZ_BINS)
 	done; exit $$fail
 
 # Replays every kept regression input and every seed once (no fuzzing); each must run clean.
-check-fuzz-regressions: $(FUZZ_BINS)
+check-fuzz-regressions: fuzz-deps $(FUZZ_BINS)
 	@pass=0; fail=0; for t in $(FUZZ_TARGETS); do \
 	    files=$$(find fuzz/regressions/$$t fuzz/corpus/$$t -type f ! -name '.*' ! -name '*.md' 2>/dev/null | sort); \
 	    n=$$(echo "$$files" | grep -c . || true); \
