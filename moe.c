@@ -50,6 +50,8 @@ static scmoe_status exchange_start(moe_layer *m, const float *src, const int *sc
     }
     if (s) return scmoe_fail(m->ctx, s, "starting a token exchange failed: %s", c->err);
     f->active = 1;
+    /* time inside the start call (packing, MPI's eager sends and self-copies) is the caller's: exposed */
+    f->t_waited = scmoe_now() - f->t_start;
     return SCMOE_OK;
 }
 
@@ -66,7 +68,7 @@ scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what) {
     scmoe_status s = f->t_done ? SCMOE_OK : f->c->ops->wait(f->c, f->req);
     double t1 = scmoe_now();
     if (!f->t_done) f->t_done = t1;
-    f->t_waited = t1 - t0;
+    f->t_waited += t1 - t0;
     f->active = 0;
     if (s) return scmoe_fail(ctx, s, "%s: %s", what, f->c->err);
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
