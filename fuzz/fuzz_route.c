@@ -52,8 +52,8 @@ static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int wor
     int64_t S_max = (int64_t)max_tokens * world;
     int64_t recv = (int64_t)max_tokens * ep_size * k;
     if (cf_hi > 0) {
-        int64_t cap = (int64_t)El * route_capacity(S_max, E, k, cf_hi);
-        if (cap < recv) recv = cap;
+        int64_t cap = route_capacity(S_max, E, k, cf_hi); /* as moe_alloc: INT64_MAX is dropless */
+        if (cap <= recv / El) recv = cap * El;
     }
     b->max_recv = (int)recv;
     b->max_send = max_tokens * k;

@@ -22,10 +22,13 @@
 static inline float exp_fast(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 40.0f ? 40.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    /* adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits: n without a float-to-int
+     * conversion, which a NaN would make undefined (a NaN just stays NaN through p) */
+    union { float f; int32_t i; } m = {.f = x * 1.44269504088896341f + 12582912.0f};
+    float n = m.f - 12582912.0f;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666418f + r * (0.00833345205f + r * 0.00138888637f)))));
-    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    union { int32_t i; float f; } two_n = {.i = (int32_t)((uint32_t)(m.i - 0x4B400000 + 127) << 23)};
     return p * two_n.f;
 }
 

@@ -54,17 +54,16 @@ void gate_topk(int *choice, float *weight, float *score, const float *p, int N, 
         const float *pi = p + (long)i * E;
         int *ci = choice + (long)i * k;
         float *wi = weight + (long)i * k;
-        /* k passes of arg-max, skipping experts already taken: k is small */
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int taken = 0;
-                for (int q = 0; q < j; q++) taken |= ci[q] == e;
-                if (!taken && (best < 0 || pi[e] > pi[best])) best = e;
-            }
-            ci[j] = best;
-            wi[j] = pi[best];
+        /* one pass keeping ci sorted by p, highest first: an expert enters only if strictly above the
+         * current k-th, so among equal p the lower index stays ahead (and a NaN never displaces) */
+        int have = 0;
+        for (int e = 0; e < E; e++) {
+            if (have == k && !(pi[e] > pi[ci[k - 1]])) continue;
+            int pos = have < k ? have++ : k - 1;
+            while (pos > 0 && pi[e] > pi[ci[pos - 1]]) { ci[pos] = ci[pos - 1]; pos--; }
+            ci[pos] = e;
         }
+        for (int j = 0; j < k; j++) wi[j] = pi[ci[j]];
         score[i] = wi[0];
         if (k > 1 && renormalize) {
             float s = 0.0f;
