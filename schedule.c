@@ -206,12 +206,13 @@ static scmoe_status bucket_start(schedule *s, int b, comm *c) {
     return SCMOE_OK;
 }
 
-/* A finished bucket's all-reduce starts once no token exchange is in flight: the exchange is on the
- * critical path while the all-reduce only has to end before the optimizer step, and over one link
- * the two would split the bandwidth. */
-static scmoe_status buckets_flush(schedule *s, const inflight *f) {
+/* Finished buckets' all-reduces start once the MoE's last exchange of the step has landed: the
+ * exchanges are on the critical path while the all-reduce only has to end before the optimizer
+ * step, and over one link the two would split the bandwidth (a trace showed the gradient combine
+ * slowed by a bucket started between the two exchanges). */
+static scmoe_status buckets_flush(schedule *s, int exchanges_done) {
     scmoe_status st = SCMOE_OK;
-    for (int b = 0; b < SCHED_OPS + 2 && !st && !(f->active && !f->t_done); b++)
+    for (int b = 0; b < SCHED_OPS + 2 && !st && exchanges_done; b++)
         if (s->ready[b]) {
             s->ready[b] = 0;
             st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
@@ -262,13 +263,13 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
             timed_op(&r, run, arg, i, s->t_b, bwd_names[i]);
             s->ready[i] = early_grads;
         }
-        if (!st) st = buckets_flush(s, r.f);
+        if (!st) st = buckets_flush(s, i >= needed_before);
     }
     ex->poll = NULL;
     if (st) return st;
     if (!early_grads) /* serialized: every bucket after the backward */
         for (int b = 0; b < SCHED_OPS + 2; b++) s->ready[b] = 1;
-    st = buckets_flush(s, r.f);
+    st = buckets_flush(s, 1);
     s->slot_used[1] = serial ? -1 : K;
     s->time[1] = scmoe_now() - t_start;
     trace_flush(s, 1);
