@@ -80,7 +80,8 @@ typedef enum scmoe_status {
     SCMOE_ERR_NOT_FOUND,       /**< no parameter of that name on this rank */
     SCMOE_ERR_CONFIG_MISMATCH, /**< ranks were given different configs */
     SCMOE_ERR_COMM,            /**< the communication backend failed (message has the MPI error) */
-    SCMOE_ERR_TIMEOUT,         /**< an exchange did not complete within comm_timeout_s */
+    SCMOE_ERR_TIMEOUT,         /**< an exchange did not complete within comm_timeout_s; MPI cannot cancel it, so
+                                    the context must not be used again: checkpoint and abort */
     SCMOE_ERR_IO,              /**< a file could not be read or written */
     SCMOE_ERR_UNSUPPORTED,     /**< a feature not compiled into this build */
     SCMOE_STATUS_COUNT         /**< the number of statuses (not a status) */
