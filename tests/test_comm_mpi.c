@@ -256,7 +256,7 @@ int main(int argc, char **argv) {
         double d = 0;
         c->err[0] = 0;
         s = c->ops->allreduce_f64(c, &d, -1);
-        check("MPI error (negative count) is SCMOE_ERR_COMM", s == SCMOE_ERR_COMM && strstr(c->err, "MPI_Allreduce"));
+        check("MPI error (negative count) is SCMOE_ERR_COMM", s == SCMOE_ERR_COMM && strstr(c->err, "MPI_Iallreduce"));
         if (r == 0) printf("#   err: %s\n", c->err);
     }
 
