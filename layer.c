@@ -160,23 +160,16 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
 
 scmoe_status scmoe_moe_zero_grad(scmoe_moe *o) {
     if (!o) return SCMOE_ERR_NULL;
-    memset(o->pt.grad, 0, sizeof(float) * o->pt.total);
+    params_zero_grad(&o->pt);
     return SCMOE_OK;
 }
 
 int scmoe_moe_param_count(const scmoe_moe *o) { return o ? o->pt.n : 0; }
 
 scmoe_status scmoe_moe_param_at(const scmoe_moe *o, int i, scmoe_tensor *t) {
-    if (!o || !t) return SCMOE_ERR_NULL;
-    if (i < 0 || i >= o->pt.n) return SCMOE_ERR_NOT_FOUND;
-    *t = o->pt.p[i].t;
-    return SCMOE_OK;
+    return o ? params_at(&o->pt, i, t) : SCMOE_ERR_NULL;
 }
 
 scmoe_status scmoe_moe_param(const scmoe_moe *o, const char *name, scmoe_tensor *t) {
-    if (!o || !name || !t) return SCMOE_ERR_NULL;
-    int i = params_find(&o->pt, name);
-    if (i < 0) return scmoe_fail(o->ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
-    *t = o->pt.p[i].t;
-    return SCMOE_OK;
+    return o ? params_named(o->ctx, &o->pt, name, t) : SCMOE_ERR_NULL;
 }

@@ -487,7 +487,7 @@ scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
 
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *p) {
     if (!p) return SCMOE_ERR_NULL;
-    memset(p->pt.grad, 0, sizeof(float) * p->pt.total);
+    params_zero_grad(&p->pt);
     return SCMOE_OK;
 }
 
@@ -499,16 +499,9 @@ scmoe_status scmoe_pair_trace(scmoe_pair *p, const char *path) {
 int scmoe_pair_param_count(const scmoe_pair *p) { return p ? p->pt.n : 0; }
 
 scmoe_status scmoe_pair_param_at(const scmoe_pair *p, int i, scmoe_tensor *t) {
-    if (!p || !t) return SCMOE_ERR_NULL;
-    if (i < 0 || i >= p->pt.n) return SCMOE_ERR_NOT_FOUND;
-    *t = p->pt.p[i].t;
-    return SCMOE_OK;
+    return p ? params_at(&p->pt, i, t) : SCMOE_ERR_NULL;
 }
 
 scmoe_status scmoe_pair_param(const scmoe_pair *p, const char *name, scmoe_tensor *t) {
-    if (!p || !name || !t) return SCMOE_ERR_NULL;
-    int i = params_find(&p->pt, name);
-    if (i < 0) return scmoe_fail(p->ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
-    *t = p->pt.p[i].t;
-    return SCMOE_OK;
+    return p ? params_named(p->ctx, &p->pt, name, t) : SCMOE_ERR_NULL;
 }

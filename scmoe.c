@@ -304,6 +304,23 @@ int params_find(const param_table *pt, const char *name) {
     return -1;
 }
 
+void params_zero_grad(param_table *pt) { memset(pt->grad, 0, sizeof(float) * pt->total); }
+
+scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t) {
+    if (!t) return SCMOE_ERR_NULL;
+    if (i < 0 || i >= pt->n) return SCMOE_ERR_NOT_FOUND;
+    *t = pt->p[i].t;
+    return SCMOE_OK;
+}
+
+scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t) {
+    if (!name || !t) return SCMOE_ERR_NULL;
+    int i = params_find(pt, name);
+    if (i < 0) return scmoe_fail(ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
+    *t = pt->p[i].t;
+    return SCMOE_OK;
+}
+
 void params_zero_stage(param_table *pt) {
     if (pt->stage_total) memset(pt->stage, 0, sizeof(float) * pt->stage_total);
 }

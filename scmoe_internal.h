@@ -58,6 +58,10 @@ scmoe_status params_allocate(param_table *pt, int world_sync, int replica_sync);
 void params_free(param_table *pt);
 int params_find(const param_table *pt, const char *name);
 void params_zero_stage(param_table *pt);
+void params_zero_grad(param_table *pt);
+/* the public accessors' bodies: by index, and by name (NOT_FOUND with a message on ctx) */
+scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t);
+scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
 /* grad += stage for every staged tensor */
 void params_add_stage(param_table *pt);
 
