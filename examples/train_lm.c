@@ -37,7 +37,8 @@
  * Checkpoints (checkpoint.h): parameters, AdamW moments, step, RNG and data position; a resumed run
  * continues the loss curve bit for bit. Gate noise stays off: its counter lives inside the library
  * and is not saved. The overlapped schedule computes the same numbers as the serialized one, so
- * --overlap 1 runs resume bit for bit too.
+ * --overlap 1 runs resume bit for bit too. --wire-bf16 is a wire format, not part of the model: it is
+ * not recorded, and a checkpoint resumes with either setting (bit for bit when it is the same).
  *
  * Output (rank 0): a progress line every --print-every steps with the loss (CE + aux_w * aux), the
  * latest validation CE, tokens/s, the step time split into compute and exposed communication (time
@@ -71,7 +72,7 @@ static int g_rank, g_size;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, quiet;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, quiet;
     float lr, cf, aux, clip;
     long long seed;
     const char *save, *resume, *data, *log;
@@ -91,7 +92,7 @@ static const char *const ARCH_NAMES[] = {"top2", "top1", "shared", "scmoe"};
 static opts O = {
     .arch = SCMOE_ARCH_SCMOE, .pos = 2, .d = 64, .hidden = 256, .experts = 8, .heads = 4, .pairs = 2,
     .seq = 64, .batch = 8, .steps = 300, .warmup = 30, .eval_every = 50, .eval_batches = 8, .print_every = 10,
-    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .quiet = 0,
+    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .wire_bf16 = 0, .quiet = 0,
     .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234,
 };
 
@@ -123,6 +124,7 @@ static const flag FLAGS[] = {
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
     {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
+    {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1, "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
 };
@@ -355,6 +357,7 @@ static void model_init(model *m, scmoe_context *ctx) {
         c.arch = (scmoe_arch)O.arch; c.shortcut_pos = O.pos;
         c.capacity_factor = O.cf; c.aux_loss_weight = O.aux; c.ep_size = O.ep_size;
         c.overlap = O.overlap; c.overlap_grad_sync = O.overlap; c.poll_cols = O.poll_cols;
+        c.wire_bf16 = O.wire_bf16;
         c.seed = (uint64_t)O.seed + (uint64_t)i;
         char msg[256];
         if (scmoe_config_validate(&c, msg, sizeof msg)) die(2, "bad configuration: %s", msg);

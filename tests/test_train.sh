@@ -4,7 +4,7 @@
 #   - the command line: --help lists every flag; bad flags and values exit 2 with one line naming the flag
 #   - a tiny model trains 50 steps on 1 rank (batch 8) and on 2 ranks (batch 4, the same global batch):
 #     the loss falls, and the two loss curves agree to 1e-4 relative at every step (max |a-b|/|b|);
-#     --ep-size 1 (experts replicated) gives the same curve and the same clipping norm
+#     --ep-size 1 (experts replicated) gives the same curve and the same clipping norm; --wire-bf16 1 trains
 #   - resume: 20 steps straight == 10 steps, save, resume, 10 more: identical losses (17 digits),
 #     serialized (--overlap 0) and overlapped (--overlap 1)
 #   - a checkpoint saved on 2 ranks resumes on 1 and one saved on 1 resumes on 2 (curves within 1e-4)
@@ -48,7 +48,7 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a != "inf" && a + 0 <= b + 0)}'; }
 out=$($TRAIN --help 2>&1); rc=$?
 missing=""
 for f in --arch --pos --d --hidden --experts --heads --pairs --seq --batch --steps --lr --warmup --cf --aux --seed \
-         --eval-every --save --save-every --resume --data --quiet --log --ep-size --overlap --help; do
+         --eval-every --save --save-every --resume --data --quiet --log --ep-size --overlap --wire-bf16 --help; do
     echo "$out" | grep -q -- "^  $f " || missing="$missing $f"
 done
 [ $rc = 0 ] && [ -z "$missing" ]; ok $? "--help exits 0 and lists every flag with its default${missing:+ (missing:$missing)}"
@@ -97,6 +97,8 @@ r=$(maxrel "$TMP/e1.first20" "$TMP/r2.first20"); rg=$(maxrel "$TMP/g1.first20" "
 R=$(maxrel "$TMP/e1.jsonl" "$TMP/r2.jsonl"); RG=$(maxrel "$TMP/g1" "$TMP/g2")
 le "$r" 1e-4 && le "$rg" 1e-4 && le "$R" 1e-2 && le "$RG" 1e-2
 ok $? "--ep-size 1 (experts replicated on both ranks): same loss curve and global gradient norm (20 steps: $r, $rg; 50 steps: $R, $RG)"
+$MPIRUN -np 2 $TRAIN $TINY --steps 30 --batch 4 --wire-bf16 1 --log "$TMP/w.jsonl" > /dev/null 2>&1 &&
+    losses "$TMP/w.jsonl" | awk 'NR == 1 {a = $1} {b = $1} END {exit !(NR == 30 && b < a - 1.0)}'; ok $? "--wire-bf16 1 (bfloat16 exchanges) on 2 ranks: the loss falls by more than 1 in 30 steps"
 
 # ---- resume continues bit for bit ----
 for ov in 0 1; do
