@@ -10,6 +10,7 @@
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
 #include "checkpoint.h"
+#include "model.h"
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -167,6 +168,10 @@ int main(int argc, char **argv) {
     float *wte = xcalloc((size_t)V * d, sizeof(float)), *wpe = xcalloc((size_t)T * d, sizeof(float));
     float *lnf_w = xcalloc((size_t)d, sizeof(float)), *lnf_b = xcalloc((size_t)d, sizeof(float));
     scmoe_pair **pairs = xcalloc((size_t)M->n_pairs, sizeof *pairs);
+    scmoe_config base = scmoe_config_default();
+    base.max_tokens = T; base.ep_size = o_ep_size;
+    scmoe_config c = lm_pair_config(M, &base);
+    if (scmoe_config_validate(&c, err, sizeof err)) die(3, "checkpoint %s: its model is not valid: %s", path, err);
     ckpt_list l = {0};
     int bad = 0;
     bad |= ckpt_list_add(&l, "wte", 2, (int[]){V, d}, -1, wte);
@@ -174,12 +179,6 @@ int main(int argc, char **argv) {
     bad |= ckpt_list_add(&l, "lnf.weight", 1, (int[]){d}, -1, lnf_w);
     bad |= ckpt_list_add(&l, "lnf.bias", 1, (int[]){d}, -1, lnf_b);
     for (int i = 0; i < M->n_pairs; i++) {
-        scmoe_config c = scmoe_config_default();
-        c.arch = (scmoe_arch)M->arch; c.shortcut_pos = M->shortcut_pos;
-        c.combine = (scmoe_combine)M->combine; c.activation = (scmoe_activation)M->activation;
-        c.d_model = d; c.d_hidden = M->d_hidden; c.n_experts = M->n_experts; c.n_heads = M->n_heads;
-        c.max_seq_len = T; c.max_tokens = T; c.n_layers = 2 * M->n_pairs; c.ep_size = o_ep_size;
-        if (scmoe_config_validate(&c, err, sizeof err)) die(3, "checkpoint %s: its model is not valid: %s", path, err);
         SC(scmoe_pair_create(g_ctx, &c, &pairs[i]));
         SC(scmoe_pair_set_training(pairs[i], 0)); /* inference: eval capacity, no caches for backward */
         ckpt_pair_tensor *pt;

@@ -50,6 +50,7 @@
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
 #include "checkpoint.h"
+#include "model.h"
 #include <cblas.h>
 #include <glob.h>
 #include <math.h>
@@ -335,6 +336,11 @@ typedef struct model {
     scmoe_stats *st;          /* per pair, this step */
 } model;
 
+/* What shapes the parameters, as the checkpoint records it; the pairs are built from it (model.h). */
+static ckpt_model model_shape(void) {
+    return (ckpt_model){O.arch, O.pos, SCMOE_COMBINE_CG1, SCMOE_GELU, O.d, O.hidden, O.experts, O.heads, O.pairs, O.seq, VOCAB};
+}
+
 static void model_init(model *m, scmoe_context *ctx) {
     int V = VOCAB, T = O.seq, d = O.d, N = O.batch * O.seq;
     m->V = V; m->T = T; m->d = d; m->n_pairs = O.pairs; m->B = O.batch;
@@ -349,15 +355,15 @@ static void model_init(model *m, scmoe_context *ctx) {
     for (size_t i = 0; i < (size_t)T * d; i++) m->wpe[i] = 0.01f * rng_normal(&s);
     for (int i = 0; i < d; i++) m->lnf_w[i] = 1.0f;
 
+    /* the pairs: the shape the checkpoint records, this run's options */
+    ckpt_model shape = model_shape();
+    scmoe_config base = scmoe_config_default();
+    base.max_tokens = N; base.capacity_factor = O.cf; base.aux_loss_weight = O.aux; base.ep_size = O.ep_size;
+    base.overlap = O.overlap; base.overlap_grad_sync = O.overlap; base.poll_cols = O.poll_cols;
+    base.wire_bf16 = O.wire_bf16;
     m->pairs = xcalloc((size_t)O.pairs, sizeof *m->pairs);
     for (int i = 0; i < O.pairs; i++) {
-        scmoe_config c = scmoe_config_default();
-        c.d_model = d; c.d_hidden = O.hidden; c.n_experts = O.experts; c.n_heads = O.heads;
-        c.max_seq_len = T; c.max_tokens = N; c.n_layers = 2 * O.pairs;
-        c.arch = (scmoe_arch)O.arch; c.shortcut_pos = O.pos;
-        c.capacity_factor = O.cf; c.aux_loss_weight = O.aux; c.ep_size = O.ep_size;
-        c.overlap = O.overlap; c.overlap_grad_sync = O.overlap; c.poll_cols = O.poll_cols;
-        c.wire_bf16 = O.wire_bf16;
+        scmoe_config c = lm_pair_config(&shape, &base);
         c.seed = (uint64_t)O.seed + (uint64_t)i;
         char msg[256];
         if (scmoe_config_validate(&c, msg, sizeof msg)) die(2, "bad configuration: %s", msg);
@@ -655,8 +661,7 @@ static double evaluate(run *r) {
 
 static void fill_header(const run *r, ckpt_header *h) {
     memset(h, 0, sizeof *h);
-    h->model = (ckpt_model){O.arch, O.pos, SCMOE_COMBINE_CG1, SCMOE_GELU, O.d, O.hidden, O.experts, O.heads,
-                            O.pairs, O.seq, VOCAB};
+    h->model = model_shape();
     h->train = (ckpt_train){g_size, O.batch, O.ep_size, O.overlap, O.warmup, O.steps, O.lr, O.cf, O.aux,
                             WEIGHT_DECAY, O.clip, (uint64_t)O.seed};
     h->state = (ckpt_state){(uint64_t)r->step, r->rng, r->tokens_seen, r->data_bytes, r->data_crc};

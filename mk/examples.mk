@@ -10,6 +10,7 @@
 EX_MPIRUN ?= mpirun --oversubscribe -x OMP_NUM_THREADS=1
 EX_ENV    := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
 EX_BINS   := $(B)/examples/train_lm $(B)/examples/generate
+EX_OBJS   := $(B)/examples/checkpoint.o $(B)/examples/model.o
 
 # The demo: ScMoE (shortcut position 2), 2 block pairs, d 64, 8 experts over 2 ranks, trained on this
 # repository's own sources (train_lm's default text), then a few lines sampled from the checkpoint.
@@ -25,9 +26,13 @@ $(B)/examples/checkpoint.o: examples/checkpoint.c examples/checkpoint.h scmoe.h
 	@mkdir -p $(dir $@)
 	$(MPICC) $(CFLAGS) -c $< -o $@
 
-$(EX_BINS): $(B)/examples/%: examples/%.c examples/checkpoint.h scmoe.h scmoe_mpi.h $(B)/examples/checkpoint.o $(B)/libscmoe.a
+$(B)/examples/model.o: examples/model.c examples/model.h examples/checkpoint.h scmoe.h
 	@mkdir -p $(dir $@)
-	$(MPICC) $(CFLAGS) $(BLAS_INC) -I. $< $(B)/examples/checkpoint.o $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
+	$(MPICC) $(CFLAGS) -c $< -o $@
+
+$(EX_BINS): $(B)/examples/%: examples/%.c examples/checkpoint.h examples/model.h scmoe.h scmoe_mpi.h $(EX_OBJS) $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(MPICC) $(CFLAGS) $(BLAS_INC) -I. $< $(EX_OBJS) $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
 
 $(B)/tests/test_checkpoint: tests/test_checkpoint.c examples/checkpoint.h $(B)/examples/checkpoint.o $(B)/libscmoe.a
 	@mkdir -p $(dir $@)
