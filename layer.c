@@ -1,5 +1,6 @@
-/* layer.c: the public MoE layer: one moe_layer run phase after phase, every exchange waited on at
- * once (no other work to hide it behind; the block pair is where overlap happens). */
+/* layer.c: the public MoE layer: one moe_layer run phase after phase. There is no other work to hide
+ * an exchange behind (the block pair is where overlap happens) except, with pipeline_chunks, the
+ * experts' own stages. */
 #include "scmoe_internal.h"
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +61,35 @@ scmoe_status scmoe_moe_set_training(scmoe_moe *o, int training) {
     return SCMOE_OK;
 }
 
+typedef struct exchange_time { double comm, exposed; } exchange_time;
+
+static void exchange_waited(void *arg, const char *what, const inflight *f) {
+    (void)what;
+    exchange_time *t = arg;
+    t->comm += f->t_done - f->t_start;
+    t->exposed += f->t_waited;
+}
+
+static double overlap(const exchange_time *t) {
+    return t->comm > 0 ? 1.0 - (t->exposed < t->comm ? t->exposed : t->comm) / t->comm : 1.0;
+}
+
+/* dispatch, the experts (forward or backward, stage by stage), every combine: only a pipeline's own
+ * stages overlap here, so the GEMMs poll the exchanges only then. */
+static scmoe_status run_experts(scmoe_moe *o, exchange_time *t, scmoe_status (*experts)(moe_layer *, const exec *)) {
+    moe_layer *m = &o->m;
+    m->on_wait = exchange_waited;
+    m->on_wait_arg = t;
+    o->ex.poll = m->plan.n_stages > 1 ? moe_poll : NULL;
+    o->ex.poll_arg = m;
+    scmoe_status s = moe_dispatch_start(m);
+    if (!s) s = experts(m, &o->ex);
+    if (!s) s = moe_combine_wait(m);
+    m->on_wait = NULL;
+    o->ex.poll = NULL;
+    return s;
+}
+
 scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, scmoe_stats *stats) {
     if (!o) return SCMOE_ERR_NULL;
     moe_layer *m = &o->m;
@@ -76,17 +106,8 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     }
     scmoe_status s = moe_gate_encode(m, &o->ex, n, xin);
     if (s) return s;
-    double comm = 0, exposed = 0;
-    s = moe_dispatch_start(m);
-    if (!s) s = inflight_wait(o->ctx, &m->ex, "dispatch");
-    comm += m->ex.t_done - m->ex.t_start;
-    exposed += m->ex.t_waited;
-    if (s) return s;
-    moe_experts_forward(m, &o->ex);
-    s = moe_combine_start(m);
-    if (!s) s = inflight_wait(o->ctx, &m->ex, "combine");
-    comm += m->ex.t_done - m->ex.t_start;
-    exposed += m->ex.t_waited;
+    exchange_time t = {0, 0};
+    s = run_experts(o, &t, moe_experts_forward);
     if (s) return s;
     moe_decode(m, y, 0.0f);
     if (!m->training) m->forward_done = 0;
@@ -94,9 +115,9 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
         memset(stats, 0, sizeof *stats);
         moe_fill_stats(m, stats);
         stats->fwd_time = scmoe_now() - t0;
-        stats->fwd_comm = comm;
-        stats->fwd_exposed = exposed;
-        stats->fwd_overlap = comm > 0 ? 1.0 - (exposed < comm ? exposed : comm) / comm : 1.0;
+        stats->fwd_comm = t.comm;
+        stats->fwd_exposed = t.exposed;
+        stats->fwd_overlap = overlap(&t);
         stats->expert_slot = -1;
     }
     return SCMOE_OK;
@@ -130,18 +151,9 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     scmoe_status s = status_agree(o->ctx, local);
     if (s) return s;
     params_zero_stage(&o->pt);
-    double comm = 0, exposed = 0;
     moe_decode_backward(m, dy);
-    s = moe_grad_dispatch_start(m);
-    if (!s) s = inflight_wait(o->ctx, &m->ex, "gradient dispatch");
-    comm += m->ex.t_done - m->ex.t_start;
-    exposed += m->ex.t_waited;
-    if (s) return s;
-    moe_experts_backward(m, &o->ex);
-    s = moe_grad_combine_start(m);
-    if (!s) s = inflight_wait(o->ctx, &m->ex, "gradient combine");
-    comm += m->ex.t_done - m->ex.t_start;
-    exposed += m->ex.t_waited;
+    exchange_time t = {0, 0};
+    s = run_experts(o, &t, moe_experts_backward);
     if (s) return s;
     moe_gate_backward(m, &o->ex, dx, 0.0f);
     double ts = scmoe_now();
@@ -150,9 +162,9 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     if (stats) {
         moe_fill_stats(m, stats);
         stats->bwd_time = scmoe_now() - t0;
-        stats->bwd_comm = comm;
-        stats->bwd_exposed = exposed;
-        stats->bwd_overlap = comm > 0 ? 1.0 - (exposed < comm ? exposed : comm) / comm : 1.0;
+        stats->bwd_comm = t.comm;
+        stats->bwd_exposed = t.exposed;
+        stats->bwd_overlap = overlap(&t);
         stats->grad_sync_time = stats->grad_sync_exposed = scmoe_now() - ts;
     }
     return SCMOE_OK;

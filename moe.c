@@ -20,49 +20,62 @@
 
 /* ---- exchanges in flight ---- */
 
-/* My own rows never travel: the plan's self counts are zeroed in the exchange (xs/xr counts) and
- * the experts read and write them in place (rows_in / rows_out). That keeps the copy of the own
- * block, which MPI does synchronously inside the start call, off the critical path. */
-static scmoe_status exchange_start(moe_layer *m, const float *src, const int *scounts, const int *sdispls,
-                                   float *dst, const int *rcounts, const int *rdispls) {
-    inflight *f = &m->ex;
+/* A stage has an exchange unless it is the own block's (stage 0 of a pipeline). All ranks of the
+ * group decide this alike, so their collectives match even where a stage moves no rows. */
+static int stage_travels(const moe_layer *m, int s) { return m->plan.n_stages == 1 || s > 0; }
+
+/* Starts stage s's exchange: a dispatch (send layout -> receive layout: forward the input rows,
+ * backward the dy rows) or a combine (the way back: forward into crecv, backward into send).
+ * My own rows never travel: the experts read and write them in place (rows_in / rows_out), which keeps
+ * the copy of the own block, done synchronously inside MPI's start call, off the critical path. */
+scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
+    inflight *f = combine ? &m->xc[s] : &m->xd[s];
     comm *c = m->ep;
+    int P = m->ep_size, o = s * P;
+    const int *sc = (combine ? m->xr_counts : m->xs_counts) + o, *sd = (combine ? m->xr_displs : m->xs_displs) + o;
+    const int *rc = (combine ? m->xs_counts : m->xr_counts) + o, *rd = (combine ? m->xs_displs : m->xr_displs) + o;
+    const float *src = combine ? m->recv : m->send;
+    float *dst = !combine ? m->recv : m->pass ? m->send : m->crecv;
     f->c = c;
     f->t_start = scmoe_now();
     f->t_done = 0;
     f->t_waited = 0;
     f->unpack_to = NULL;
-    scmoe_status s;
+    scmoe_status st;
     if (m->cfg.wire_bf16) {
         /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
-        for (int q = 0; q < c->size; q++)
-            bf16_pack(m->wire_out + (size_t)sdispls[q] * m->d, src + (size_t)sdispls[q] * m->d, (size_t)scounts[q] * m->d);
+        uint16_t *out = combine ? m->wire_c_out : m->wire_d_out, *in = combine ? m->wire_c_in : m->wire_d_in;
+        for (int q = 0; q < P; q++)
+            bf16_pack(out + (size_t)sd[q] * m->d, src + (size_t)sd[q] * m->d, (size_t)sc[q] * m->d);
         f->unpack_to = dst;
-        f->unpack_from = m->wire_in;
-        f->unpack_counts = rcounts;
-        f->unpack_displs = rdispls;
+        f->unpack_from = in;
+        f->unpack_counts = rc;
+        f->unpack_displs = rd;
         f->row = m->d;
-        s = c->ops->alltoallv_start(c, m->wire_out, scounts, sdispls, m->wire_in, rcounts, rdispls,
-                                    (int)sizeof(uint16_t) * m->d, &f->req);
+        st = c->ops->alltoallv_start(c, out, sc, sd, in, rc, rd, (int)sizeof(uint16_t) * m->d, &f->req);
     } else {
-        s = c->ops->alltoallv_start(c, src, scounts, sdispls, dst, rcounts, rdispls, (int)sizeof(float) * m->d,
-                                    &f->req);
+        st = c->ops->alltoallv_start(c, src, sc, sd, dst, rc, rd, (int)sizeof(float) * m->d, &f->req);
     }
-    if (s) return scmoe_fail(m->ctx, s, "starting a token exchange failed: %s", c->err);
+    if (st) return scmoe_fail(m->ctx, st, "starting a token exchange failed: %s", c->err);
     f->active = 1;
     /* time inside the start call (packing, MPI's eager sends and self-copies) is the caller's: exposed */
     f->t_waited = scmoe_now() - f->t_start;
     return SCMOE_OK;
 }
 
-void inflight_poll(void *arg) {
-    inflight *f = arg;
-    if (!f->active || f->t_done) return;
-    int done = 0;
-    if (f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe_now();
+void moe_poll(void *arg) {
+    moe_layer *m = arg;
+    if (m->ep->progress != SCMOE_PROGRESS_POLL) return;
+    for (int s = 0; s < m->plan.n_stages; s++)
+        for (int combine = 0; combine < 2; combine++) {
+            inflight *f = combine ? &m->xc[s] : &m->xd[s];
+            int done = 0;
+            if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done)
+                f->t_done = scmoe_now();
+        }
 }
 
-scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what) {
+static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     if (!f->active) return SCMOE_OK;
     double t0 = scmoe_now();
     scmoe_status s = f->t_done ? SCMOE_OK : f->c->ops->wait(f->c, f->req);
@@ -70,28 +83,29 @@ scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what) {
     if (!f->t_done) f->t_done = t1;
     f->t_waited += t1 - t0;
     f->active = 0;
-    if (s) return scmoe_fail(ctx, s, "%s: %s", what, f->c->err);
+    if (s) return scmoe_fail(m->ctx, s, "%s: %s", what, f->c->err);
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         bf16_unpack(f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
                     (size_t)f->unpack_counts[q] * f->row);
+    if (m->on_wait) m->on_wait(m->on_wait_arg, what, f);
     return SCMOE_OK;
 }
 
-scmoe_status moe_dispatch_start(moe_layer *m) {
-    route_plan *pl = &m->plan;
-    return exchange_start(m, m->send, m->xs_counts, pl->send_displs, m->recv, m->xr_counts, pl->recv_displs);
+static const char *exchange_name(const moe_layer *m, int combine) {
+    static const char *const names[2][2] = {{"dispatch", "combine"}, {"grad_dispatch", "grad_combine"}};
+    return names[m->pass][combine];
 }
 
-scmoe_status moe_combine_start(moe_layer *m) {
-    route_plan *pl = &m->plan;
-    return exchange_start(m, m->recv, m->xr_counts, pl->recv_displs, m->crecv, m->xs_counts, pl->send_displs);
+scmoe_status moe_dispatch_start(moe_layer *m) { return moe_exchange_start(m, m->plan.n_stages > 1, 0); }
+
+scmoe_status moe_dispatch_wait(moe_layer *m) {
+    return inflight_wait(m, &m->xd[m->plan.n_stages > 1], exchange_name(m, 0));
 }
 
-scmoe_status moe_grad_dispatch_start(moe_layer *m) { return moe_dispatch_start(m); }
-
-scmoe_status moe_grad_combine_start(moe_layer *m) {
-    route_plan *pl = &m->plan;
-    return exchange_start(m, m->recv, m->xr_counts, pl->recv_displs, m->send, m->xs_counts, pl->send_displs);
+scmoe_status moe_combine_wait(moe_layer *m) {
+    scmoe_status st = SCMOE_OK;
+    for (int s = 0; s < m->plan.n_stages && !st; s++) st = inflight_wait(m, &m->xc[s], exchange_name(m, 1));
+    return st;
 }
 
 /* ---- setup ---- */
@@ -161,16 +175,18 @@ scmoe_status moe_alloc(moe_layer *m) {
                           m->max_tokens, world);
     m->max_recv = (int)recv;
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
+    int ns = route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
     size_t f = sizeof(float), i4 = sizeof(int);
     size_t sizes[] = {
-        i4 * E * 4 + sizeof(int64_t) * E * 3 + i4 * ep * 6 + i4 * ep * El + i4 * (El + 1) + i4 * (size_t)S + i4 * (size_t)R,
+        i4 * (size_t)cur + sizeof(int64_t) * E * 3 + i4 * ep * 4 + i4 * (size_t)ns * ep * 4 + i4 * ep * El +
+            i4 * ((size_t)ns * El + 1) + i4 * (size_t)S + i4 * (size_t)R,
         route_workspace_bytes(S_max, k),
         i4 * (size_t)n * (k + 1), i4 * (size_t)S_max * (k + 1), i4 * world * 3,
         f * (size_t)n * E * 3, f * n * 2, f * (size_t)n * k * 2, i4 * (size_t)n * k,
         sizeof(double) * (E + 1), f * E,
         f * (size_t)S * d * 2, f * (size_t)R * d * 4,
         f * (size_t)R * m->h1 * 2, f * (size_t)R * m->h * 2,
-        m->cfg.wire_bf16 ? sizeof(uint16_t) * (size_t)(R > S ? R : S) * d * 2 : 0,
+        m->cfg.wire_bf16 ? sizeof(uint16_t) * ((size_t)R + S) * d * 2 : 0,
     };
     size_t total = 0;
     for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i] + 64 * 16;
@@ -178,7 +194,7 @@ scmoe_status moe_alloc(moe_layer *m) {
     if (!m->mem) return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes", total);
     char *c = m->mem;
     route_plan *pl = &m->plan;
-    pl->cursor = arena_take(&c, i4 * E);
+    pl->cursor = arena_take(&c, i4 * (size_t)cur);
     pl->expert_count = arena_take(&c, sizeof(int64_t) * E);
     pl->expert_kept = arena_take(&c, sizeof(int64_t) * E);
     m->top1_count = arena_take(&c, sizeof(int64_t) * E);
@@ -186,10 +202,12 @@ scmoe_status moe_alloc(moe_layer *m) {
     pl->send_displs = arena_take(&c, i4 * ep);
     pl->recv_counts = arena_take(&c, i4 * ep);
     pl->recv_displs = arena_take(&c, i4 * ep);
-    m->xs_counts = arena_take(&c, i4 * ep);
-    m->xr_counts = arena_take(&c, i4 * ep);
+    m->xs_counts = arena_take(&c, i4 * (size_t)ns * ep);
+    m->xs_displs = arena_take(&c, i4 * (size_t)ns * ep);
+    m->xr_counts = arena_take(&c, i4 * (size_t)ns * ep);
+    m->xr_displs = arena_take(&c, i4 * (size_t)ns * ep);
     pl->src_cursor = arena_take(&c, i4 * ep * El);
-    pl->expert_offsets = arena_take(&c, i4 * (El + 1));
+    pl->expert_offsets = arena_take(&c, i4 * ((size_t)ns * El + 1));
     pl->slot = arena_take(&c, i4 * (size_t)S);
     pl->recv_to_expert = arena_take(&c, i4 * (size_t)R);
     m->route_work = arena_take(&c, route_workspace_bytes(S_max, k));
@@ -219,8 +237,10 @@ scmoe_status moe_alloc(moe_layer *m) {
     m->hid = arena_take(&c, f * (size_t)R * m->h);
     m->dhid = arena_take(&c, f * (size_t)R * m->h);
     if (m->cfg.wire_bf16) {
-        m->wire_out = arena_take(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
-        m->wire_in = arena_take(&c, sizeof(uint16_t) * (size_t)(R > S ? R : S) * d);
+        m->wire_d_out = arena_take(&c, sizeof(uint16_t) * (size_t)S * d);
+        m->wire_d_in = arena_take(&c, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_out = arena_take(&c, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_in = arena_take(&c, sizeof(uint16_t) * (size_t)S * d);
     }
     m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
     m->wg = param_data(m, m->p_wg);
@@ -325,19 +345,27 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
 
     /* the plan, then my rows packed by destination */
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-    route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
-                     m->cfg.priority, route_capacity(S, E, k, cf));
-    for (int q = 0; q < m->ep_size; q++) {
-        m->xs_counts[q] = q == m->ep_rank ? 0 : m->plan.send_counts[q];
-        m->xr_counts[q] = q == m->ep_rank ? 0 : m->plan.recv_counts[q];
-    }
+    route_plan *pl = &m->plan;
+    route_plan_build(pl, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
+                     m->cfg.priority, route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
+    for (int st_i = 0; st_i < pl->n_stages; st_i++)
+        for (int q = 0; q < m->ep_size; q++) {
+            int i = st_i * m->ep_size + q, own = q == m->ep_rank, lo, hi;
+            route_stage_range(pl->n_stages, st_i, own, pl->send_counts[q], &lo, &hi);
+            m->xs_counts[i] = own ? 0 : hi - lo;
+            m->xs_displs[i] = pl->send_displs[q] + lo;
+            route_stage_range(pl->n_stages, st_i, own, pl->recv_counts[q], &lo, &hi);
+            m->xr_counts[i] = own ? 0 : hi - lo;
+            m->xr_displs[i] = pl->recv_displs[q] + lo;
+        }
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++)
         for (int j = 0; j < k; j++) {
-            int slot = m->plan.slot[(size_t)t * k + j];
+            int slot = pl->slot[(size_t)t * k + j];
             if (slot >= 0) memcpy(m->send + (size_t)slot * d, x + (size_t)t * d, sizeof(float) * d);
         }
     m->forward_done = 0;
+    m->pass = 0;
     return SCMOE_OK;
 }
 
@@ -350,44 +378,63 @@ static float *recv_row(const moe_layer *m, float *recv, float *own, int r) {
     return recv + (size_t)r * m->d;
 }
 
-/* receive layout -> expert-major: dst[recv_to_expert[r]] = row r */
-static void rows_in(const moe_layer *m, float *dst, float *recv, float *own) {
+/* Stage s's rows of the receive layout -> the expert buffer: dst[recv_to_expert[r]] = row r (in), or
+ * back (out). */
+static void stage_rows(const moe_layer *m, int s, float *ebuf, float *recv, float *own, int out) {
     const route_plan *pl = &m->plan;
+    for (int p = 0; p < m->ep_size; p++) {
+        int lo, hi;
+        route_stage_range(pl->n_stages, s, p == m->ep_rank, pl->recv_counts[p], &lo, &hi);
 #pragma omp parallel for schedule(static)
-    for (int r = 0; r < pl->n_recv; r++)
-        memcpy(dst + (size_t)pl->recv_to_expert[r] * m->d, recv_row(m, recv, own, r), sizeof(float) * m->d);
-}
-
-/* expert-major -> receive layout: row r = src[recv_to_expert[r]] */
-static void rows_out(const moe_layer *m, const float *src, float *recv, float *own) {
-    const route_plan *pl = &m->plan;
-#pragma omp parallel for schedule(static)
-    for (int r = 0; r < pl->n_recv; r++)
-        memcpy(recv_row(m, recv, own, r), src + (size_t)pl->recv_to_expert[r] * m->d, sizeof(float) * m->d);
+        for (int r = pl->recv_displs[p] + lo; r < pl->recv_displs[p] + hi; r++) {
+            float *e = ebuf + (size_t)pl->recv_to_expert[r] * m->d, *row = recv_row(m, recv, own, r);
+            if (out) memcpy(row, e, sizeof(float) * m->d);
+            else memcpy(e, row, sizeof(float) * m->d);
+        }
+    }
 }
 
 /* Experts in parallel (one thread each, single-threaded GEMMs) or one at a time (threaded GEMMs).
  * bench/bench_experts on 2 cores: in parallel was never slower, 0.53x the time at 32 rows per
  * expert and 0.96x at 2048, and it degrades far less when the cores are shared; one at a time
  * remains for fewer experts than threads. */
-static int experts_in_parallel(const moe_layer *m) {
+static int experts_in_parallel(const moe_layer *m, int rows) {
     int threads = omp_get_max_threads();
-    return threads > 1 && m->E_local > 1 && (m->E_local >= threads || m->plan.n_recv < 256 * m->E_local);
+    return threads > 1 && m->E_local > 1 && (m->E_local >= threads || rows < 256 * m->E_local);
 }
 
-void moe_experts_forward(moe_layer *m, const exec *ex) {
-    route_plan *pl = &m->plan;
+/* The stages in turn: wait for the stage's rows, put the next stage's on the wire, run the experts on
+ * these (ffn_stage), send the results back. Forward the rows are independent, so any split computes
+ * the same numbers; backward the weight gradients sum over the stages. */
+static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(moe_layer *, const exec *, int)) {
+    scmoe_status st = SCMOE_OK;
+    for (int s = 0; s < m->plan.n_stages && !st; s++) {
+        if (stage_travels(m, s)) {
+            st = inflight_wait(m, &m->xd[s], exchange_name(m, 0));
+            if (!st && s + 1 < m->plan.n_stages) st = moe_exchange_start(m, s + 1, 0);
+        }
+        if (st) break;
+        ffn_stage(m, ex, s);
+        if (stage_travels(m, s)) st = moe_exchange_start(m, s, 1);
+    }
+    return st;
+}
+
+static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
+    const int *off = m->plan.expert_offsets + (size_t)s * m->E_local;
     int d = m->d, h = m->h, h1 = m->h1;
-    rows_in(m, m->xe, m->recv, m->send);
-#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
+    stage_rows(m, s, m->xe, m->recv, m->send, 0);
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
-        int o = pl->expert_offsets[i], rows = pl->expert_offsets[i + 1] - o, b = m->p_e0 + 4 * i;
+        int o = off[i], rows = off[i + 1] - o, b = m->p_e0 + 4 * i;
         ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, m->xe + (size_t)o * d,
                     param_data(m, b), param_data(m, b + 1), param_data(m, b + 2), param_data(m, b + 3), rows, d, h,
                     m->cfg.activation);
     }
-    rows_out(m, m->ye, m->recv, m->crecv);
+    stage_rows(m, s, m->ye, m->recv, m->crecv, 1);
 }
+
+scmoe_status moe_experts_forward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_forward_stage); }
 
 void moe_decode(moe_layer *m, float *y, float beta) {
     int k = m->k, d = m->d;
@@ -411,6 +458,7 @@ void moe_decode(moe_layer *m, float *y, float beta) {
 
 void moe_decode_backward(moe_layer *m, const float *dy) {
     int k = m->k, d = m->d;
+    m->pass = 1;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < m->n; t++) {
         const float *dyt = dy + (size_t)t * d;
@@ -426,21 +474,23 @@ void moe_decode_backward(moe_layer *m, const float *dy) {
     }
 }
 
-void moe_experts_backward(moe_layer *m, const exec *ex) {
-    route_plan *pl = &m->plan;
+static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
+    const int *off = m->plan.expert_offsets + (size_t)s * m->E_local;
     int d = m->d, h = m->h, h1 = m->h1;
     float *dye = m->rows, *dxe = m->dxe;
-    rows_in(m, dye, m->recv, m->send);
-#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m))
+    stage_rows(m, s, dye, m->recv, m->send, 0);
+#pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
-        int o = pl->expert_offsets[i], rows = pl->expert_offsets[i + 1] - o, b = m->p_e0 + 4 * i;
+        int o = off[i], rows = off[i + 1] - o, b = m->p_e0 + 4 * i;
         ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1), param_gwork(m, b + 2),
                      param_gwork(m, b + 3), m->dhid + (size_t)o * h, m->dpre + (size_t)o * h1, dye + (size_t)o * d,
                      m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, param_data(m, b),
                      param_data(m, b + 2), rows, d, h, m->cfg.activation);
     }
-    rows_out(m, dxe, m->recv, m->send);
+    stage_rows(m, s, dxe, m->recv, m->send, 1);
 }
+
+scmoe_status moe_experts_backward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_backward_stage); }
 
 void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
     int k = m->k, d = m->d;

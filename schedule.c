@@ -43,8 +43,9 @@ scmoe_status schedule_init(schedule *s, scmoe_context *ctx, const scmoe_config *
 typedef struct run_state {
     schedule *s;
     exec *ex;
-    inflight *f;
+    moe_layer *m;
     int dir;
+    double last;   /* duration of the last exchange waited on */
 } run_state;
 
 static int grads_in_flight(const schedule *s) {
@@ -53,10 +54,12 @@ static int grads_in_flight(const schedule *s) {
     return 0;
 }
 
+/* Between GEMM tiles: the MoE's exchanges and the gradient all-reduces in flight, each where its
+ * communicator's policy is POLL (a THREAD policy MPI cannot host falls back to POLL). */
 static void poll_all(void *arg) {
     run_state *r = arg;
-    inflight_poll(r->f);
-    if (grads_in_flight(r->s)) r->s->world->ops->progress(r->s->world);
+    moe_poll(r->m);
+    if (r->s->world->progress == SCMOE_PROGRESS_POLL && grads_in_flight(r->s)) r->s->world->ops->progress(r->s->world);
 }
 
 static void event(schedule *s, int dir, const char *name, int kind, double t0, double t1) {
@@ -98,28 +101,24 @@ static void trace_flush(schedule *s, int dir) {
     }
 }
 
-/* Polls only while something is in flight on a communicator whose policy is POLL (a THREAD policy
- * that MPI cannot host falls back to POLL on its communicator). */
-static void set_poll(run_state *r) {
-    int exch = r->f->active && !r->f->t_done && r->f->c->progress == SCMOE_PROGRESS_POLL;
-    int grads = grads_in_flight(r->s) && r->s->world->progress == SCMOE_PROGRESS_POLL;
-    r->ex->poll = exch || grads ? poll_all : NULL;
-    r->ex->poll_arg = r;
-}
-
-static scmoe_status xwait(run_state *r, const char *what) {
-    inflight *f = r->f;
-    if (!f->active) return SCMOE_OK;
-    scmoe_status st = inflight_wait(r->s->ctx, f, what);
+/* The MoE tells of every exchange it waited for: its time, what of it was exposed, its trace box. */
+static void exchange_waited(void *arg, const char *what, const inflight *f) {
+    run_state *r = arg;
     r->s->comm_time[r->dir] += f->t_done - f->t_start;
     r->s->exposed[r->dir] += f->t_waited;
     event(r->s, r->dir, what, 1, f->t_start, f->t_done);
-    set_poll(r);
-    return st;
+    r->last = f->t_done - f->t_start;
+}
+
+/* Hooks the pass's timing and polling into the MoE and the GEMMs (NULL r: unhooks them). */
+static void hook(run_state *r, exec *ex, moe_layer *m) {
+    m->on_wait = r ? exchange_waited : NULL;
+    m->on_wait_arg = r;
+    ex->poll = r ? poll_all : NULL;
+    ex->poll_arg = r;
 }
 
 static void timed_op(run_state *r, void (*run)(void *, int), void *arg, int i, double *t, const char *name) {
-    set_poll(r);
     double t0 = scmoe_now();
     run(arg, i);
     double t1 = scmoe_now();
@@ -153,13 +152,14 @@ static void profiled(schedule *s, int dir, int n_ops) {
 scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int gate_after,
                               sched_moe *mo, int n) {
     moe_layer *m = mo->m;
-    run_state r = {s, ex, &m->ex, 0};
+    run_state r = {s, ex, m, 0, 0};
     int serial = profiling(s, 0, n) || !s->cfg.overlap || !s->shortcut;
     int K = serial ? 0 : s->slot_f;
     double t_start = scmoe_now();
     s->comm_time[0] = s->exposed[0] = 0;
     s->n_ev[0] = 0;
     s->trace_step++;
+    hook(&r, ex, m);
     scmoe_status st = SCMOE_OK;
     int experts_done = 0;
     for (int i = 0; i <= SCHED_OPS && !st; i++) {
@@ -168,25 +168,22 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
             st = moe_gate_encode(m, ex, n, mo->x);
             if (!st) st = moe_dispatch_start(m);
             event(s, 0, "gate_encode", 0, t0, scmoe_now());
-            if (!st && serial) { st = xwait(&r, "dispatch"); s->t_disp = m->ex.t_done - m->ex.t_start; }
+            if (!st && serial) { st = moe_dispatch_wait(m); s->t_disp = r.last; }
         }
         if (!st && i == gate_after + K && !experts_done) {
-            if (!serial) st = xwait(&r, "dispatch");
             double t0 = scmoe_now();
-            if (!st) moe_experts_forward(m, ex);
+            st = moe_experts_forward(m, ex);
             double t1 = scmoe_now();
             event(s, 0, "experts", 0, t0, t1);
             s->expert[0] = t1 - t0;
             if (serial) s->t_exp = t1 - t0;
-            if (!st) st = moe_combine_start(m);
-            if (!st && serial) { st = xwait(&r, "combine"); s->t_comb = m->ex.t_done - m->ex.t_start; }
+            if (!st && serial) { st = moe_combine_wait(m); s->t_comb = r.last; }
             experts_done = 1;
-            set_poll(&r);
         }
         if (!st && i < SCHED_OPS) timed_op(&r, run, arg, i, s->t_f, fwd_names[i]);
     }
-    if (!st) st = xwait(&r, "combine");
-    ex->poll = NULL;
+    if (!st) st = moe_combine_wait(m);
+    hook(NULL, ex, m);
     if (st) return st;
     double t0 = scmoe_now();
     moe_decode(m, mo->y, 1.0f);
@@ -223,7 +220,7 @@ static scmoe_status buckets_flush(schedule *s, int exchanges_done) {
 scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int needed_before,
                                sched_moe *mo, const float *dy, int n) {
     moe_layer *m = mo->m;
-    run_state r = {s, ex, &m->ex, 1};
+    run_state r = {s, ex, m, 1, 0};
     int serial = profiling(s, 1, n) || !s->cfg.overlap || !s->shortcut;
     int K = serial ? 0 : s->slot_b;
     int early_grads = s->cfg.overlap; /* serialized runs reduce all gradients after backward */
@@ -231,29 +228,27 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
     s->comm_time[1] = s->exposed[1] = 0;
     s->n_ev[1] = 0;
     s->grad_t0 = 0;
+    hook(&r, ex, m);
     double t0 = scmoe_now();
     moe_decode_backward(m, dy);
-    scmoe_status st = moe_grad_dispatch_start(m);
+    scmoe_status st = moe_dispatch_start(m);
     event(s, 1, "decode_bwd", 0, t0, scmoe_now());
-    if (!st && serial) { st = xwait(&r, "grad_dispatch"); s->tb_disp = m->ex.t_done - m->ex.t_start; }
+    if (!st && serial) { st = moe_dispatch_wait(m); s->tb_disp = r.last; }
     int experts_done = 0;
     for (int i = 0; i <= SCHED_OPS && !st; i++) {
         if (i == K && !experts_done) {
-            if (!serial) st = xwait(&r, "grad_dispatch");
             t0 = scmoe_now();
-            if (!st) moe_experts_backward(m, ex);
+            st = moe_experts_backward(m, ex);
             double t1 = scmoe_now();
             event(s, 1, "experts_bwd", 0, t0, t1);
             s->expert[1] = t1 - t0;
             if (serial) s->tb_exp = t1 - t0;
-            if (!st) st = moe_grad_combine_start(m);
-            if (!st && serial) { st = xwait(&r, "grad_combine"); s->tb_comb = m->ex.t_done - m->ex.t_start; }
+            if (!st && serial) { st = moe_combine_wait(m); s->tb_comb = r.last; }
             s->ready[SCHED_OPS + 1] = early_grads;
             experts_done = 1;
-            set_poll(&r);
         }
         if (!st && i == needed_before) {
-            st = xwait(&r, "grad_combine");
+            st = moe_combine_wait(m);
             t0 = scmoe_now();
             if (!st) moe_gate_backward(m, ex, mo->dx, 1.0f);
             event(s, 1, "gate_bwd", 0, t0, scmoe_now());
@@ -265,7 +260,7 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
         }
         if (!st) st = buckets_flush(s, i >= needed_before);
     }
-    ex->poll = NULL;
+    hook(NULL, ex, m);
     if (st) return st;
     if (!early_grads) /* serialized: every bucket after the backward */
         for (int b = 0; b < SCHED_OPS + 2; b++) s->ready[b] = 1;

@@ -42,6 +42,7 @@ scmoe_config scmoe_config_default(void) {
     c.overlap_grad_sync = 0;
     c.comm_timeout_s = 600.0;
     c.wire_bf16 = 0;
+    c.pipeline_chunks = 0;
     return c;
 }
 
@@ -91,6 +92,7 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (c->expert_slot < -1 || c->expert_slot > 8) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..8", c->expert_slot);
     if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
     if (!is_flag(c->wire_bf16)) return bad(msg, len, SCMOE_ERR_OPTION, "wire_bf16 = %d: must be 0 or 1", c->wire_bf16);
+    if (c->pipeline_chunks < 0 || c->pipeline_chunks > SCMOE_MAX_PIPELINE_CHUNKS) return bad(msg, len, SCMOE_ERR_OPTION, "pipeline_chunks = %d: must be in 0..%d", c->pipeline_chunks, SCMOE_MAX_PIPELINE_CHUNKS);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s)) return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
 }
@@ -372,6 +374,7 @@ scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *c, scmoe_statu
         H(priority); H(renormalize); H(aux_loss_weight); H(z_loss_weight); H(aux_scope); H(gate_noise_std); H(seed);
         H(activation); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal); H(n_layers);
         H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync); H(wire_bf16);
+        H(pipeline_chunks);
 #undef H
     }
     int64_t mine = (int64_t)(h >> 2);

@@ -50,6 +50,9 @@ extern "C" {
 /** Patch version: fixes only. */
 #define SCMOE_VERSION_PATCH 0
 
+/** The most chunks scmoe_config::pipeline_chunks may split an exchange into. */
+#define SCMOE_MAX_PIPELINE_CHUNKS 16
+
 /** What a call returns: ::SCMOE_OK or the reason it failed (scmoe_strerror() names it). */
 typedef enum scmoe_status {
     SCMOE_OK = 0,              /**< success */
@@ -123,7 +126,7 @@ typedef enum scmoe_combine {
 /** How nonblocking exchanges make progress while compute runs (OpenMPI only moves bytes inside MPI
  * calls).
  *
- * POLL: compute is split in row tiles and the exchange is tested between tiles. THREAD: a progress
+ * POLL: GEMMs are split in column tiles and the exchange is tested between tiles. THREAD: a progress
  * thread tests it (needs MPI_THREAD_MULTIPLE). NONE: bytes move only in the final wait. */
 typedef enum scmoe_progress {
     SCMOE_PROGRESS_POLL = 0,   /**< test the exchange between GEMM tiles of poll_cols output columns */
@@ -183,6 +186,10 @@ typedef struct scmoe_config {
     double comm_timeout_s;  /**< give up on an exchange after this long, in seconds: ::SCMOE_ERR_TIMEOUT (600) */
     int wire_bf16;          /**< send exchanged activations and gradients as bfloat16 (half the bytes),
                                unpacked to float on arrival (0) */
+    int pipeline_chunks;    /**< 0: one exchange each way. C in 1..16: token-chunk pipelining (Tutel): the
+                               experts first run the rows that stay on this rank while the rest travel in C
+                               chunks, then chunk i while chunk i+1's dispatch and chunk i-1's combine fly.
+                               For when the exchange is longer than the window that hides it (any arch) (0) */
 } scmoe_config;
 
 /** The default config (the defaults listed in ::scmoe_config): a valid small model.

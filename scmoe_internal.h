@@ -77,6 +77,8 @@ typedef struct inflight {
 } inflight;
 
 /* ---- the MoE layer, as phases a schedule can interleave with other work ---- */
+#define MOE_MAX_STAGES (SCMOE_MAX_PIPELINE_CHUNKS + 1)
+
 typedef struct moe_layer {
     scmoe_context *ctx;
     scmoe_config cfg;
@@ -92,7 +94,8 @@ typedef struct moe_layer {
     float *wg;
     /* routing */
     route_plan plan;
-    int *xs_counts, *xr_counts; /* the plan's counts with my own block zeroed: what travels */
+    /* [n_stages * ep_size]: what travels in each stage, send and receive side (my own block never does) */
+    int *xs_counts, *xs_displs, *xr_counts, *xr_displs;
     void *route_work;
     int32_t *records, *records_all;
     int *tokens_per_rank, *rec_bytes, *rec_displs;
@@ -105,12 +108,18 @@ typedef struct moe_layer {
     /* rows */
     float *send, *recv, *xe, *ye, *crecv, *rows, *dxe;
     float *pre, *hid, *dhid, *dpre, *dweight, *dlogits;
-    uint16_t *wire_out, *wire_in;   /* bf16 wire buffers (wire_bf16) */
+    /* bf16 wire buffers (wire_bf16): dispatches send from the send layout into the receive layout,
+     * combines the other way; a pipeline has both in flight, so each direction has its own pair */
+    uint16_t *wire_d_out, *wire_d_in, *wire_c_out, *wire_c_in;
     /* state of the current step */
     int n;
     const float *x;
     int forward_done;
-    inflight ex;
+    int pass;                  /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
+    inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
+    /* told of every exchange as it completes (a schedule's timing and trace); may be NULL */
+    void (*on_wait)(void *arg, const char *what, const inflight *f);
+    void *on_wait_arg;
 } moe_layer;
 
 /* Creates the groups (collective) and registers the parameters under prefix. */
@@ -121,24 +130,30 @@ scmoe_status moe_alloc(moe_layer *m);
 void moe_free(moe_layer *m);
 void moe_bind_comms(moe_layer *m);
 
-/* forward: gate_encode (small blocking collectives) -> dispatch start -> wait -> experts -> combine start
- *          -> wait -> decode */
+/* forward: gate_encode (small blocking collectives) -> dispatch_start -> experts_forward -> combine_wait
+ * -> decode. experts_forward goes stage by stage (route.c): it waits for a stage's dispatch, starts the
+ * next one, runs the experts on the stage's rows and starts its combine; without pipelining that is
+ * wait, experts, combine. */
 scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
+/* starts the first stage's exchange: forward the input rows, backward (after decode_backward) dy's */
 scmoe_status moe_dispatch_start(moe_layer *m);
-void moe_experts_forward(moe_layer *m, const exec *ex);
-scmoe_status moe_combine_start(moe_layer *m);
+/* starts stage s's dispatch (combine 0) or combine (1) on its own (run_stages starts the rest) */
+scmoe_status moe_exchange_start(moe_layer *m, int s, int combine);
+/* waits for that first exchange (a serialized order times it apart) */
+scmoe_status moe_dispatch_wait(moe_layer *m);
+scmoe_status moe_experts_forward(moe_layer *m, const exec *ex);
+/* waits for every combine of the pass */
+scmoe_status moe_combine_wait(moe_layer *m);
 /* y = beta * y + sum_j w_j E_j(x) */
 void moe_decode(moe_layer *m, float *y, float beta);
-/* backward: decode_backward -> start -> wait -> experts_backward -> start -> wait -> gate_backward */
+/* backward: decode_backward -> dispatch_start -> experts_backward -> combine_wait -> gate_backward */
 void moe_decode_backward(moe_layer *m, const float *dy);
-scmoe_status moe_grad_dispatch_start(moe_layer *m);
-void moe_experts_backward(moe_layer *m, const exec *ex);
-scmoe_status moe_grad_combine_start(moe_layer *m);
+scmoe_status moe_experts_backward(moe_layer *m, const exec *ex);
 /* dx = beta * dx + dL/dx through the routed rows, the gate, and the aux and z losses */
 void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta);
+/* exec poll hook (arg: the moe_layer): tests the exchanges in flight when the progress policy is POLL */
+void moe_poll(void *arg);
 
-scmoe_status inflight_wait(scmoe_context *ctx, inflight *f, const char *what);
-void inflight_poll(void *arg);
 void moe_fill_stats(const moe_layer *m, scmoe_stats *st);
 
 /* collectives used at create */

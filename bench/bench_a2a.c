@@ -23,10 +23,10 @@
  *               rows. "meta" is those three small blocking collectives alone, replayed with plain
  *               MPI calls of the same sizes on MPI_COMM_WORLD: the part of gate that is
  *               communication.
- *     lib       moe_dispatch_start + inflight_wait("dispatch"), then moe_combine_start +
- *               inflight_wait("combine"). The experts are not run: the combine sends back the rows
+ *     lib       moe_dispatch_start + moe_dispatch_wait, then moe_exchange_start(combine) +
+ *               moe_combine_wait. The experts are not run: the combine sends back the rows
  *               the dispatch left in m->recv, which are the same bytes the experts' output would be.
- *               "start" is the part of lib spent inside moe_dispatch_start + moe_combine_start: the
+ *               "start" is the part of lib spent inside the two start calls: the
  *               work MPI_Ialltoallv does before returning (OpenMPI's libnbc copies the rank's own
  *               block, send to receive, synchronously there), which an overlapped schedule cannot hide.
  *     mpi       MPI_Alltoallv (blocking) with the plan's counts and displacements times d, MPI_FLOAT,
@@ -224,13 +224,13 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
                 t0 = MPI_Wtime();
                 check(ctx, moe_dispatch_start(&m), "moe_dispatch_start");
                 double ts = MPI_Wtime() - t0;
-                check(ctx, inflight_wait(ctx, &m.ex, "dispatch"), "dispatch");
+                check(ctx, moe_dispatch_wait(&m), "dispatch");
                 loc[T_LDISP] = MPI_Wtime() - t0;
                 MPI_Barrier(MPI_COMM_WORLD);
                 t0 = MPI_Wtime();
-                check(ctx, moe_combine_start(&m), "moe_combine_start");
+                check(ctx, moe_exchange_start(&m, 0, 1), "moe_exchange_start(combine)");
                 loc[T_LSTART] = ts + (MPI_Wtime() - t0);
-                check(ctx, inflight_wait(ctx, &m.ex, "combine"), "combine");
+                check(ctx, moe_combine_wait(&m), "combine");
                 loc[T_LCOMB] = MPI_Wtime() - t0;
             } else if (which == 2) {
                 MPI_Request r;

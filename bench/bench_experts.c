@@ -125,19 +125,18 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     fill(dy, (size_t)T * d, 1.0f);
     die(b->ctx, moe_gate_encode(m, &b->ex, T, x), "gate_encode");
     die(b->ctx, moe_dispatch_start(m), "dispatch");
-    die(b->ctx, inflight_wait(b->ctx, &m->ex, "dispatch"), "dispatch wait");
+    die(b->ctx, moe_dispatch_wait(m), "dispatch wait");
     int R = b->R = m->plan.n_recv;
     b->x_recv = xalloc(sizeof(float) * (size_t)R * d);
     b->dy_recv = xalloc(sizeof(float) * (size_t)R * d);
     b->dye = xalloc(sizeof(float) * (size_t)R * d);
     memcpy(b->x_recv, m->recv, sizeof(float) * (size_t)R * d);
-    moe_experts_forward(m, &b->ex);
-    die(b->ctx, moe_combine_start(m), "combine");
-    die(b->ctx, inflight_wait(b->ctx, &m->ex, "combine"), "combine wait");
+    die(b->ctx, moe_experts_forward(m, &b->ex), "experts");
+    die(b->ctx, moe_combine_wait(m), "combine wait");
     moe_decode(m, y, 0.0f);
     moe_decode_backward(m, dy);
-    die(b->ctx, moe_grad_dispatch_start(m), "grad dispatch");
-    die(b->ctx, inflight_wait(b->ctx, &m->ex, "grad dispatch"), "grad dispatch wait");
+    die(b->ctx, moe_dispatch_start(m), "grad dispatch");
+    die(b->ctx, moe_dispatch_wait(m), "grad dispatch wait");
     memcpy(b->dy_recv, m->recv, sizeof(float) * (size_t)R * d);
     for (int r = 0; r < R; r++) /* the same scatter moe_experts_backward does */
         memcpy(b->dye + (size_t)m->plan.recv_to_expert[r] * d, b->dy_recv + (size_t)r * d, sizeof(float) * d);

@@ -1,8 +1,9 @@
 /* bench_overlap.c: how much of the all-to-all the ScMoE schedule hides, and what that buys per step.
  *
  * For one block pair shape (default GPT2-MoE-Small-like: d=768, hidden 3072, 8 experts) it runs, in
- * one process group and one run: top2, shared, top1, scmoe pos 1/2/3 and scmoe pos 2 serialized
- * (the same math with every exchange waited on at once), training steps (forward + backward +
+ * one process group and one run: top2, shared, top1, scmoe pos 1/2/3, scmoe pos 2 serialized
+ * (the same math with every exchange waited on at once) and top2 / scmoe pos 2 with token-chunk
+ * pipelining, training steps (forward + backward +
  * gradient sync + an SGD update) and inference steps, and prints step times, the speedup of each
  * over top2, the overlap fraction (hidden / total exchange time), the exposed communication and the
  * communication share of top2's MoE time (which the link rate is tuned against: ~60% "PCIe-like",
@@ -10,7 +11,7 @@
  * profiling steps), each step ended by a barrier so a step is the slowest rank's.
  *
  *   mpirun -np 2 build/bench/bench_overlap [--d 768 --hidden 3072 --experts 8 --batch 1 --seq 256
- *          --steps 5 --progress poll|thread|none --bf16 --archs top2,shared,...]
+ *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,...]
  * bench/run_overlap.sh runs it over an emulated slow link (network namespace + tc). */
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
@@ -22,7 +23,7 @@
 
 static int rank, nranks;
 
-typedef struct variant { const char *name; scmoe_arch arch; int pos, overlap; } variant;
+typedef struct variant { const char *name; scmoe_arch arch; int pos, overlap, pipelined; } variant;
 
 typedef struct result {
     double train, pair, infer;               /* ms per step: full training step, pair fwd+bwd, inference */
@@ -39,10 +40,12 @@ static double max_all(double v) {
     return r;
 }
 
-static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, int T, int steps, result *r) {
+static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, int T, int steps, int chunks,
+               result *r) {
     cfg.arch = v->arch;
     cfg.shortcut_pos = v->pos;
     cfg.overlap = v->overlap;
+    cfg.pipeline_chunks = v->pipelined ? chunks : 0;
     scmoe_pair *p;
     scmoe_status s = scmoe_pair_create(ctx, &cfg, &p);
     if (s) {
@@ -106,8 +109,17 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
 
 static void usage(void) {
     printf("bench_overlap [--d N] [--hidden N] [--experts N] [--heads N] [--batch B] [--seq T] [--steps N]\n"
-           "              [--progress poll|thread|none] [--bf16] [--cf F] [--archs a,b,...]\n"
-           "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 (default: all)\n");
+           "              [--progress poll|thread|none] [--bf16] [--cf F] [--chunks C] [--archs a,b,...]\n"
+           "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 top2p scmoe2p (default: all; p: token-chunk\n"
+           "pipelining with --chunks C, default 4)\n");
+}
+
+/* name is one of the comma-separated entries of list */
+static int listed(const char *list, const char *name) {
+    size_t n = strlen(name);
+    for (const char *p = list; (p = strstr(p, name)) != NULL; p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
+    return 0;
 }
 
 int main(int argc, char **argv) {
@@ -118,8 +130,8 @@ int main(int argc, char **argv) {
     scmoe_config cfg = scmoe_config_default();
     cfg.d_model = 768; cfg.d_hidden = 3072; cfg.n_experts = 8; cfg.n_heads = 12;
     cfg.capacity_factor = 2.0f; cfg.eval_capacity_factor = 2.0f;
-    int B = 1, T = 256, steps = 5;
-    const char *archs = "top2,shared,top1,scmoe1,scmoe2,scmoe3,serial2";
+    int B = 1, T = 256, steps = 5, chunks = 4;
+    const char *archs = "top2,shared,top1,scmoe1,scmoe2,scmoe3,serial2,top2p,scmoe2p";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help")) { if (rank == 0) usage(); MPI_Finalize(); return 0; }
@@ -135,6 +147,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--steps")) steps = atoi(v);
         else if (!strcmp(a, "--cf")) cfg.capacity_factor = cfg.eval_capacity_factor = (float)atof(v);
         else if (!strcmp(a, "--archs")) archs = v;
+        else if (!strcmp(a, "--chunks")) chunks = atoi(v);
         else if (!strcmp(a, "--progress"))
             cfg.progress = !strcmp(v, "thread") ? SCMOE_PROGRESS_THREAD : !strcmp(v, "none") ? SCMOE_PROGRESS_NONE : SCMOE_PROGRESS_POLL;
         else { if (rank == 0) fprintf(stderr, "bench_overlap: unknown flag %s\n", a); MPI_Finalize(); return 2; }
@@ -144,26 +157,26 @@ int main(int argc, char **argv) {
     scmoe_context *ctx;
     if (scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx)) { fprintf(stderr, "bench_overlap: no context\n"); MPI_Abort(MPI_COMM_WORLD, 1); }
     const variant all[] = {
-        {"top2", SCMOE_ARCH_TOP2, 2, 1},   {"shared", SCMOE_ARCH_SHARED, 2, 1}, {"top1", SCMOE_ARCH_TOP1, 2, 1},
-        {"scmoe1", SCMOE_ARCH_SCMOE, 1, 1}, {"scmoe2", SCMOE_ARCH_SCMOE, 2, 1}, {"scmoe3", SCMOE_ARCH_SCMOE, 3, 1},
-        {"serial2", SCMOE_ARCH_SCMOE, 2, 0},
+        {"top2", SCMOE_ARCH_TOP2, 2, 1, 0},    {"shared", SCMOE_ARCH_SHARED, 2, 1, 0}, {"top1", SCMOE_ARCH_TOP1, 2, 1, 0},
+        {"scmoe1", SCMOE_ARCH_SCMOE, 1, 1, 0}, {"scmoe2", SCMOE_ARCH_SCMOE, 2, 1, 0}, {"scmoe3", SCMOE_ARCH_SCMOE, 3, 1, 0},
+        {"serial2", SCMOE_ARCH_SCMOE, 2, 0, 0}, {"top2p", SCMOE_ARCH_TOP2, 2, 1, 1}, {"scmoe2p", SCMOE_ARCH_SCMOE, 2, 1, 1},
     };
     const char *prog = cfg.progress == SCMOE_PROGRESS_THREAD ? "thread" : cfg.progress == SCMOE_PROGRESS_NONE ? "none" : "poll";
     if (rank == 0)
         printf("# bench_overlap: %d ranks, d=%d hidden=%d experts=%d heads=%d, %d x %d tokens per rank, progress=%s%s, "
-               "%d timed steps (mean, ms, slowest rank)\n",
+               "%d timed steps (mean, ms, slowest rank), pipelined variants %d chunks\n",
                nranks, cfg.d_model, cfg.d_hidden, cfg.n_experts, cfg.n_heads, B, T, prog, cfg.wire_bf16 ? ", bf16 wire" : "",
-               steps);
-    result res[7], base = {0};
+               steps, chunks);
+    result res[sizeof all / sizeof *all], base = {0};
     int have_base = 0;
     if (rank == 0)
         printf("%-8s %9s %9s %7s %8s %8s %9s %9s %7s %9s %7s %8s %8s %4s\n", "arch", "train", "pair f+b", "speedup",
                "ovl fwd", "ovl bwd", "exp comm", "grad exp", "grad", "infer", "speedup", "ovl inf", "comm/MoE", "slot");
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) {
-        if (!strstr(archs, all[i].name)) continue;
+        if (!listed(archs, all[i].name)) continue;
         result *r = &res[i];
-        if (run(ctx, cfg, &all[i], B, T, steps, r)) continue;
-        if (!have_base && all[i].arch == SCMOE_ARCH_TOP2) { base = *r; have_base = 1; }
+        if (run(ctx, cfg, &all[i], B, T, steps, chunks, r)) continue;
+        if (!have_base && all[i].arch == SCMOE_ARCH_TOP2 && !all[i].pipelined) { base = *r; have_base = 1; }
         double ovf = r->fwd_comm > 0 ? 1 - fmin(r->fwd_exposed, r->fwd_comm) / r->fwd_comm : 1;
         double ovb = r->bwd_comm > 0 ? 1 - fmin(r->bwd_exposed, r->bwd_comm) / r->bwd_comm : 1;
         double ovi = r->inf_comm > 0 ? 1 - fmin(r->inf_exposed, r->inf_comm) / r->inf_comm : 1;
@@ -177,7 +190,8 @@ int main(int argc, char **argv) {
         printf("# train = forward + backward + gradient sync + SGD; pair f+b = forward + backward alone; ovl = hidden / total\n"
                "# exchange time; exp comm = exposed exchange time per step; grad exp / grad = exposed / total time of the\n"
                "# dense-gradient all-reduce; comm/MoE = exchange share of the MoE's forward time (exchanges + experts);\n"
-               "# slot = the experts' slot chosen for inference (-1: serialized).\n");
+               "# slot = the experts' slot chosen for inference (-1: serialized); top2p / scmoe2p = top2 / scmoe2 with\n"
+               "# token-chunk pipelining (pipeline_chunks).\n");
     scmoe_context_destroy(ctx);
     MPI_Finalize();
     return 0;

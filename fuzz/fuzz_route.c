@@ -2,7 +2,8 @@
  *
  * Input -> world size P (1..8), ep_size (a divisor of P), E (a multiple of ep_size), k (1..min(E,4)),
  * priority, tokens per rank, a capacity (the library's formula from a capacity factor, or any raw
- * value), and every global token's routing record (k distinct expert ids, then the top-1 score).
+ * value), every global token's routing record (k distinct expert ids, then the top-1 score), and last
+ * the pipeline's chunks (0..16; 0 when the input ends before, as in corpora older than the option).
  * All P ranks are simulated in this one process: route_plan_build is called once per rank with the
  * same global records, each plan in buffers sized exactly as moe_alloc sizes them (ASan catches any
  * write past them), and the union of the plans is checked:
@@ -16,12 +17,13 @@
  *   - receive side: recv_counts[p] on rank r equals send_counts[r's ep_rank] on source p of its group
  *     (the all-to-all's two sides agree), recv_displs are prefix sums, n_recv fits the buffer;
  *   - the exchange simulated row by row: recv_to_expert is a permutation of 0..n_recv-1,
- *     expert_offsets start at 0, are monotone and end at n_recv, every row lands in the block of its
- *     expert, each expert's rows are in location order, and every kept (token, choice) of a group
- *     reaches exactly one expert-buffer row of the rank owning its expert in that group;
+ *     expert_offsets (per stage and expert) start at 0, are monotone and end at n_recv, every row lands
+ *     in the block of its stage (route_stage_range of its source block) and expert, each expert's rows
+ *     of a stage are in location order, and every kept (token, choice) of a group reaches exactly one
+ *     expert-buffer row of the rank owning its expert in that group;
  *   - the combine (the same plan mirrored) brings every row back to its slot;
  *   - P ranks route as one rank: a one-rank plan over the same records gives the same counts, and the
- *     same rows per expert in the same order (restricted to the group's tokens).
+ *     same rows per expert (restricted to the group's tokens), in the same order without pipelining.
  * Any violation calls __builtin_trap(), so libFuzzer records the input. */
 #include "../scmoe_internal.h"
 #include "fuzz_input.h"
@@ -47,8 +49,8 @@ typedef struct plan_bufs {
 } plan_bufs;
 
 /* The plan's arrays, each its own allocation of exactly the size moe_alloc gives it. */
-static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int world, int k, float cf_hi) {
-    int El = E / ep_size;
+static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int world, int k, float cf_hi, int chunks) {
+    int El = E / ep_size, ns = route_stages(chunks);
     int64_t S_max = (int64_t)max_tokens * world;
     int64_t recv = (int64_t)max_tokens * ep_size * k;
     if (cf_hi > 0) {
@@ -59,7 +61,7 @@ static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int wor
     b->max_send = max_tokens * k;
     route_plan *pl = &b->pl;
     memset(pl, 0, sizeof *pl);
-    pl->cursor = malloc(sizeof(int) * E);
+    pl->cursor = malloc(sizeof(int) * (E > ns * El ? E : ns * El));
     pl->expert_count = malloc(sizeof(int64_t) * E);
     pl->expert_kept = malloc(sizeof(int64_t) * E);
     pl->send_counts = malloc(sizeof(int) * ep_size);
@@ -67,7 +69,7 @@ static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int wor
     pl->recv_counts = malloc(sizeof(int) * ep_size);
     pl->recv_displs = malloc(sizeof(int) * ep_size);
     pl->src_cursor = malloc(sizeof(int) * ep_size * El);
-    pl->expert_offsets = malloc(sizeof(int) * (El + 1));
+    pl->expert_offsets = malloc(sizeof(int) * (ns * El + 1));
     pl->slot = malloc(sizeof(int) * (b->max_send ? b->max_send : 1));
     pl->recv_to_expert = malloc(sizeof(int) * (b->max_recv ? b->max_recv : 1));
     b->work = malloc(route_workspace_bytes(S_max, k) + 1);
@@ -143,16 +145,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (isnan(sc)) any_nan = 1;
         memcpy(&r[k], &sc, sizeof sc);
     }
+    int chunks = take_u8(&in) % (SCMOE_MAX_PIPELINE_CHUNKS + 1), ns = route_stages(chunks);
 
     /* plans: one per rank, and the one-rank reference over the same records */
     plan_bufs pb[MAX_WORLD], one;
     for (int r = 0; r < world; r++) {
-        plan_alloc(&pb[r], E, ep_size, max_tokens, world, k, cf_hi);
-        route_plan_build(&pb[r].pl, pb[r].work, rec, tokens, world, r, ep_size, E, k, prio, capacity);
+        plan_alloc(&pb[r], E, ep_size, max_tokens, world, k, cf_hi, chunks);
+        route_plan_build(&pb[r].pl, pb[r].work, rec, tokens, world, r, ep_size, E, k, prio, capacity, chunks);
     }
     int one_tokens = (int)S;
-    plan_alloc(&one, E, 1, one_tokens > 0 ? one_tokens : 1, 1, k, cf_hi);
-    route_plan_build(&one.pl, one.work, rec, &one_tokens, 1, 0, 1, E, k, prio, capacity);
+    plan_alloc(&one, E, 1, one_tokens > 0 ? one_tokens : 1, 1, k, cf_hi, 0);
+    route_plan_build(&one.pl, one.work, rec, &one_tokens, 1, 0, 1, E, k, prio, capacity, 0);
 
     /* independent recomputation of the locations */
     int *order = malloc(sizeof(int) * (size_t)(S ? S : 1));
@@ -271,47 +274,67 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             memcpy(recv + pl->recv_displs[p], sendrow[g * ep_size + p] + src->send_displs[q],
                    sizeof(int64_t) * (size_t)src->send_counts[q]);
         }
-        REQUIRE(pl->expert_offsets[0] == 0);
-        for (int e = 0; e < El; e++) REQUIRE(pl->expert_offsets[e] <= pl->expert_offsets[e + 1]);
-        REQUIRE(pl->expert_offsets[El] == pl->n_recv);
+        const int *eoff = pl->expert_offsets;
+        REQUIRE(pl->n_stages == ns);
+        REQUIRE(eoff[0] == 0);
+        for (int i = 0; i < ns * El; i++) REQUIRE(eoff[i] <= eoff[i + 1]);
+        REQUIRE(eoff[ns * El] == pl->n_recv);
         int64_t *ebuf = malloc(sizeof(int64_t) * (size_t)(pl->n_recv ? pl->n_recv : 1));
+        int *from = malloc(sizeof(int) * (size_t)(pl->n_recv ? pl->n_recv : 1)); /* expert row -> receive row */
         for (int i = 0; i < pl->n_recv; i++) ebuf[i] = -1;
         for (int i = 0; i < pl->n_recv; i++) {
             int dst = pl->recv_to_expert[i];
             REQUIRE(dst >= 0 && dst < pl->n_recv);
             REQUIRE(ebuf[dst] == -1); /* a permutation */
             ebuf[dst] = recv[i];
+            from[dst] = i;
         }
-        for (int e = 0; e < El; e++)
-            for (int i = pl->expert_offsets[e]; i < pl->expert_offsets[e + 1]; i++) {
-                int64_t a = ebuf[i];
-                REQUIRE(a >= 0 && a < S * k);
-                REQUIRE(rec[(a / k) * stride + a % k] == first_e + e);
-                REQUIRE(a / k >= first_tok[g * ep_size] && a / k < first_tok[g * ep_size + ep_size]);
-                REQUIRE(!seen[a]); /* exactly once over all ranks */
-                seen[a] = 1;
-                if (i > pl->expert_offsets[e] && have_ref) REQUIRE(loc[ebuf[i - 1]] < loc[a]);
-            }
+        for (int st = 0; st < ns; st++)
+            for (int e = 0; e < El; e++)
+                for (int i = eoff[st * El + e]; i < eoff[st * El + e + 1]; i++) {
+                    int64_t a = ebuf[i];
+                    REQUIRE(a >= 0 && a < S * k);
+                    REQUIRE(rec[(a / k) * stride + a % k] == first_e + e);
+                    REQUIRE(a / k >= first_tok[g * ep_size] && a / k < first_tok[g * ep_size + ep_size]);
+                    REQUIRE(!seen[a]); /* exactly once over all ranks */
+                    seen[a] = 1;
+                    if (i > eoff[st * El + e] && have_ref) REQUIRE(loc[ebuf[i - 1]] < loc[a]);
+                    /* the stage of its receive row, as both sides of the exchange split the block */
+                    int p = 0, lo, hi;
+                    while (from[i] >= pl->recv_displs[p] + pl->recv_counts[p]) p++;
+                    route_stage_range(ns, st, p == q, pl->recv_counts[p], &lo, &hi);
+                    REQUIRE(from[i] - pl->recv_displs[p] >= lo && from[i] - pl->recv_displs[p] < hi);
+                }
         /* P ranks route as one: expert e's rows here are the one-rank plan's rows of expert e that
-         * belong to this group's tokens, in the same order */
+         * belong to this group's tokens, in the same order (stage by stage when pipelined: the count) */
         if (have_ref)
             for (int e = 0; e < El; e++) {
-                int ge = first_e + e, i = pl->expert_offsets[e];
+                int ge = first_e + e, i = eoff[e], n_e = 0;
+                for (int st = 0; st < ns; st++) n_e += eoff[st * El + e + 1] - eoff[st * El + e];
+                if (ns > 1) {
+                    for (int64_t l = 0; l < cnt[ge] && l < capacity; l++) {
+                        int64_t a = by_loc[estart[ge] + l];
+                        n_e -= a / k >= first_tok[g * ep_size] && a / k < first_tok[g * ep_size + ep_size];
+                    }
+                    REQUIRE(n_e == 0);
+                    continue;
+                }
                 /* the one-rank expert buffer of expert ge: its kept assignments by location */
                 for (int64_t l = 0; l < cnt[ge] && l < capacity; l++) {
                     int64_t a = by_loc[estart[ge] + l]; /* the assignment with location l of expert ge */
                     REQUIRE(a >= 0);
                     if (a / k < first_tok[g * ep_size] || a / k >= first_tok[g * ep_size + ep_size]) continue;
-                    REQUIRE(i < pl->expert_offsets[e + 1]);
+                    REQUIRE(i < eoff[e + 1]);
                     REQUIRE(ebuf[i] == a);
                     i++;
                 }
-                REQUIRE(i == pl->expert_offsets[e + 1]);
+                REQUIRE(i == eoff[e + 1]);
             }
         /* the combine: expert rows back to recv order, back to the sender's slot */
         for (int i = 0; i < pl->n_recv; i++) REQUIRE(ebuf[pl->recv_to_expert[i]] == recv[i]);
         free(recv);
         free(ebuf);
+        free(from);
     }
     int64_t n_seen = 0;
     for (int64_t a = 0; a < S * k; a++) {

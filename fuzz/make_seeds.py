@@ -99,14 +99,16 @@ write("config", "invalid_heads", config_seed(d=6, heads=4, rng=rng))
 write("config", "empty", [])
 
 
-# ---- route: world, ep, E_local, k, priority, cap mode, cf, tokens per rank, extra, records ----
-def route_seed(world, ep_idx, el, k, prio, cap_mode, cf, tokens, rng):
+# ---- route: world, ep, E_local, k, priority, cap mode, cf, tokens per rank, extra, records, chunks ----
+def route_seed(world, ep_idx, el, k, prio, cap_mode, cf, tokens, rng, chunks=None):
     b = [world - 1, ep_idx, el - 1, k - 1, prio, cap_mode, cf]
     b += tokens + [1]
     if cap_mode >= 192:
         b += [rng.randrange(256), 0]
     for _ in range(sum(tokens)):
         b += [rng.randrange(256) for _ in range(k)] + [rng.randrange(250)]
+    if chunks is not None:
+        b += [chunks]
     return b
 
 
@@ -116,4 +118,7 @@ write("route", "w4_ep2_batch", route_seed(4, 1, 2, 2, 1, 0, 2, [5, 0, 9, 3], rng
 write("route", "w8_ep4_dropless", route_seed(8, 2, 1, 1, 1, 0, 0, [3, 1, 4, 1, 5, 9, 2, 6], rng))
 write("route", "w3_raw_capacity", route_seed(3, 2, 3, 3, 0, 200, 0, [7, 7, 7], rng))
 write("route", "w6_ep3_k4", route_seed(6, 2, 2, 4, 0, 0, 5, [4, 4, 0, 4, 4, 2], rng))
+write("route", "w2_k2_chunks3", route_seed(2, 1, 2, 2, 0, 0, 3, [8, 12], rng, chunks=3))
+write("route", "w4_ep2_batch_chunks1", route_seed(4, 1, 2, 2, 1, 0, 2, [5, 0, 9, 3], rng, chunks=1))
+write("route", "w8_ep8_chunks16", route_seed(8, 3, 1, 2, 0, 0, 0, [3, 1, 4, 1, 5, 9, 2, 6], rng, chunks=16))
 print("seeds written under", ROOT)

@@ -45,16 +45,21 @@ typedef struct route_plan {
     int *send_counts, *send_displs;         /* [ep_size] rows */
     int *recv_counts, *recv_displs;         /* [ep_size] rows */
     int *recv_to_expert;                    /* [n_recv] */
-    int *expert_offsets;                    /* [E_local + 1] rows of the expert buffer */
-    int *cursor, *src_cursor;               /* scratch [E], [ep_size * E_local] */
-    int n_send, n_recv;
+    int *expert_offsets;                    /* [n_stages * E_local + 1]: stage s, expert e starts at [s * E_local + e] */
+    int *cursor, *src_cursor;               /* scratch [max(E, n_stages * E_local)], [ep_size * E_local] */
+    int n_send, n_recv, n_stages;
 } route_plan;
 
 int64_t route_capacity(int64_t S, int E, int k, float cf);
 size_t route_workspace_bytes(int64_t S_max, int k);
-/* records: per global token (rank-major), k int32 expert ids then the top-1 probability's bits */
+/* records: per global token (rank-major), k int32 expert ids then the top-1 probability's bits;
+ * chunks: 0, or the peers' blocks split in chunks stages after the own block's (pipelining) */
 void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
-                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity);
+                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks);
+/* stages of a plan with this many chunks */
+int route_stages(int chunks);
+/* [*lo, *hi): the rows of a block of count rows to or from one peer (own: this rank's block) in stage s */
+void route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi);
 
 /* bf16.c: round-to-nearest-even float -> bfloat16, and back */
 void bf16_pack(uint16_t *dst, const float *src, size_t n);

@@ -12,8 +12,14 @@
  *                 plan->slot[t*k + j] is the row of my token t's j-th choice, -1 if dropped. The
  *                 combine's receive buffer has the same layout, so decode reads the same rows.
  *   recv buffer   what my experts receive, by source rank, then expert, then loc (MPI's layout).
- *   expert buffer the same rows by local expert, then loc: each expert's rows are contiguous for its
- *                 GEMMs and in the order one rank would have them. recv_to_expert maps the two. */
+ *   expert buffer the same rows by stage, then local expert, then loc: each expert's rows of a stage
+ *                 are contiguous for its GEMMs and in the order one rank would have them.
+ *                 recv_to_expert maps the two.
+ *
+ * Stages (token-chunk pipelining, chunks C >= 1): stage 0 is the block that stays on this rank, stage
+ * 1 + c the c-th of C near-equal row ranges of every peer's block. Sender and receiver split the same
+ * block (my send block for q is q's receive block from me), so each stage is one all-to-all with
+ * contiguous per-peer ranges. Without pipelining (C = 0) there is one stage, everything. */
 #include "kernels.h"
 #include <math.h>
 #include <stdlib.h>
@@ -37,12 +43,34 @@ int64_t route_capacity(int64_t S, int E, int k, float cf) {
     return c >= (double)S * k ? INT64_MAX : (int64_t)c; /* a capacity no expert can fill is dropless */
 }
 
+int route_stages(int chunks) { return chunks > 0 ? chunks + 1 : 1; }
+
+void route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi) {
+    int C = n_stages - 1, c = s - 1;
+    if (own || n_stages == 1) {
+        *lo = 0;
+        *hi = s == 0 ? count : 0;
+    } else if (c < 0) {
+        *lo = *hi = 0;
+    } else {
+        *lo = (int)((int64_t)c * count / C);
+        *hi = (int)((int64_t)(c + 1) * count / C);
+    }
+}
+
+/* The stage of row o of a peer's block of count rows: the c with floor(c count / C) <= o. */
+static int stage_of(int n_stages, int own, int o, int count) {
+    if (own || n_stages == 1) return 0;
+    int64_t C = n_stages - 1;
+    return 1 + (int)(((int64_t)(o + 1) * C - 1) / count);
+}
+
 size_t route_workspace_bytes(int64_t S_max, int k) {
     return sizeof(int) * (size_t)S_max * (size_t)(k + 2) + sizeof(ranked) * (size_t)S_max;
 }
 
 void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
-                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity) {
+                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks) {
     int E_local = E / ep_size, group = rank / ep_size, ep_rank = rank % ep_size;
     int64_t S = 0, my_first = 0, my_end = 0, group_first = 0, group_end = 0;
     for (int r = 0; r < world; r++) {
@@ -112,19 +140,14 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
         }
 
     /* receive side: rows for my experts from each source of my group */
-    int first_e = ep_rank * E_local;
+    int first_e = ep_rank * E_local, S_n = route_stages(chunks);
     int *src_cnt = pl->src_cursor; /* [ep_size * E_local] */
     memset(src_cnt, 0, sizeof(int) * ep_size * E_local);
-    memset(pl->expert_offsets, 0, sizeof(int) * (E_local + 1));
     for (int64_t t = group_first; t < group_end; t++)
         for (int j = 0; j < k; j++) {
             int e = records[t * stride + j] - first_e;
-            if (e >= 0 && e < E_local && loc[t * k + j] < capacity) {
-                src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
-                pl->expert_offsets[e + 1]++;
-            }
+            if (e >= 0 && e < E_local && loc[t * k + j] < capacity) src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
         }
-    for (int e = 0; e < E_local; e++) pl->expert_offsets[e + 1] += pl->expert_offsets[e];
     int off = 0;
     for (int p = 0; p < ep_size; p++) {
         pl->recv_displs[p] = off;
@@ -133,15 +156,28 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
         pl->recv_counts[p] = off - c0;
     }
     pl->n_recv = off;
-    int *ecur = cursor; /* reuse: expert-buffer cursor per local expert */
-    for (int e = 0; e < E_local; e++) ecur[e] = pl->expert_offsets[e];
+    pl->n_stages = S_n;
+
+    /* rows per (stage, expert): block p holds expert e's rows at [src_cnt[p, e], src_cnt[p, e + 1]) */
+    int *eoff = pl->expert_offsets; /* [S_n * E_local + 1] */
+    memset(eoff, 0, sizeof(int) * ((size_t)S_n * E_local + 1));
+    for (int p = 0; p < ep_size; p++)
+        for (int e = 0; e < E_local; e++) {
+            int end = e + 1 < E_local ? src_cnt[p * E_local + e + 1] : pl->recv_displs[p] + pl->recv_counts[p];
+            for (int r = src_cnt[p * E_local + e]; r < end; r++)
+                eoff[stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]) * E_local + e + 1]++;
+        }
+    for (int i = 0; i < S_n * E_local; i++) eoff[i + 1] += eoff[i];
+    int *ecur = cursor; /* reuse: expert-buffer cursor per (stage, local expert) */
+    memcpy(ecur, eoff, sizeof(int) * (size_t)S_n * E_local);
     for (int j = 0; j < k; j++)
         for (int64_t i = 0; i < S; i++) {
             int64_t t = order[i];
             if (t < group_first || t >= group_end) continue;
             int e = records[t * stride + j] - first_e;
             if (e < 0 || e >= E_local || loc[t * k + j] >= capacity) continue;
-            int r = src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
-            pl->recv_to_expert[r] = ecur[e]++;
+            int p = owner[t] - group * ep_size, r = src_cnt[p * E_local + e]++;
+            int stage = stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]);
+            pl->recv_to_expert[r] = ecur[stage * E_local + e]++;
         }
 }

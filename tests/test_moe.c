@@ -119,7 +119,8 @@ static void bad_input(void) {
         {"act=7", SCMOE_ERR_ACTIVATION}, {"priority=5", SCMOE_ERR_PRIORITY}, {"max_tokens=0", SCMOE_ERR_MAX_TOKENS},
         {"arch=9", SCMOE_ERR_ARCH}, {"pos=4", SCMOE_ERR_SHORTCUT_POS}, {"combine=3", SCMOE_ERR_COMBINE},
         {"heads=3", SCMOE_ERR_N_HEADS}, {"ep=3", SCMOE_ERR_EP_SIZE}, {"progress=9", SCMOE_ERR_PROGRESS},
-        {"renorm=2", SCMOE_ERR_OPTION}, {"timeout=0", SCMOE_ERR_OPTION},
+        {"renorm=2", SCMOE_ERR_OPTION}, {"timeout=0", SCMOE_ERR_OPTION}, {"pipeline_chunks=-1", SCMOE_ERR_OPTION},
+        {"pipeline_chunks=17", SCMOE_ERR_OPTION},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         c = c0;
@@ -144,6 +145,8 @@ static void bad_input(void) {
         case 17: c.progress = (scmoe_progress)9; break;
         case 18: c.renormalize = 2; break;
         case 19: c.comm_timeout_s = 0; break;
+        case 20: c.pipeline_chunks = -1; break;
+        case 21: c.pipeline_chunks = SCMOE_MAX_PIPELINE_CHUNKS + 1; break;
         }
         char msg[200];
         scmoe_status v = scmoe_config_validate(&c, msg, sizeof msg);

@@ -3,7 +3,8 @@
 #
 #   - the command line: --help lists every flag; bad flags and values exit 2 with one line naming the flag
 #   - a tiny model trains 50 steps on 1 rank (batch 8) and on 2 ranks (batch 4, the same global batch):
-#     the loss falls, and the two loss curves agree to 1e-4 relative at every step (max |a-b|/|b|);
+#     the loss falls; the two loss curves and gradient norms agree to 1e-4 relative over the first 20
+#     steps (max |a-b|/|b|) and the losses to 1e-2 over all 50 (a routing tie may flip later);
 #     --ep-size 1 (experts replicated) gives the same curve and the same clipping norm; --wire-bf16 1 trains
 #   - resume: 20 steps straight == 10 steps, save, resume, 10 more: identical losses (17 digits),
 #     serialized (--overlap 0) and overlapped (--overlap 1)
@@ -31,7 +32,17 @@ TMP=$(mktemp -d /tmp/scmoe_train_XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 
 # a fixed text: the test must not depend on which files the repository holds today
-cat scmoe.h pair.c moe.c > "$TMP/text.txt"
+# A fixed text (not the repository's files, which change with every edit and with them the routing
+# ties the curve comparisons below meet): sentences of words drawn by a fixed LCG.
+awk 'BEGIN {
+    n = split("the expert routes each token to its top choice while the shortcut block computes and " \
+              "all ranks exchange rows of floats over the link then combine them back in order", w, " ")
+    x = 12345
+    for (i = 0; i < 12000; i++) {
+        x = (x * 1103515245 + 12345) % 2147483648
+        printf "%s%s", w[int(x / 65536) % n + 1], (i % 13 == 12) ? ".\n" : " "
+    }
+}' > "$TMP/text.txt"
 TINY="--d 32 --hidden 64 --experts 4 --heads 2 --pairs 2 --seq 32 --warmup 5 --eval-every 10 --eval-batches 2 --quiet --data $TMP/text.txt"
 
 # the "loss" values of a JSONL log, one a line, as printed (17 significant digits)
@@ -83,20 +94,26 @@ first=$(losses "$TMP/r2.jsonl" | head -n 1); last=$(losses "$TMP/r2.jsonl" | tai
 awk -v a="$first" -v b="$last" 'BEGIN {exit !(b < a - 1.0)}'; ok $? "the loss falls: step 1 $first -> mean of steps 46-50 $last"
 grep -q '"val_loss":[0-9]' "$TMP/r2.jsonl" && tail -n 2 "$TMP/r2.out" | grep -q 'scmoe-pos2 *50'
 ok $? "the log has validation losses and the summary table a row: $(tail -n 1 "$TMP/r2.out" | tr -s ' ')"
-r=$(maxrel "$TMP/r1.jsonl" "$TMP/r2.jsonl")
-le "$r" 1e-4; ok $? "1 rank x batch 8 and 2 ranks x batch 4 give the same loss curve (max relative difference $r <= 1e-4)"
+# Other rank counts sum the dense gradients (and replicated experts theirs) in another order, so the
+# curves drift apart in the last bits, and once a token near a routing tie flips expert (seen after
+# ~30 steps, at a step that moves with the data) the loss moves by ~1e-4..1e-3 and that step's gradient
+# norm by up to ~15%: the first 20 steps are compared tightly, the losses of all 50 loosely.
+gn() { sed -E 's/.*"grad_norm":([^,]*),.*/"loss":\1,/' "$1"; }
+for f in r1 r2; do gn "$TMP/$f.jsonl" > "$TMP/$f.gn"; done
+first20() { head -n 20 "$1" > "$1.first20"; }
+for f in r1.jsonl r2.jsonl r1.gn r2.gn; do first20 "$TMP/$f"; done
+r=$(maxrel "$TMP/r1.jsonl.first20" "$TMP/r2.jsonl.first20"); rg=$(maxrel "$TMP/r1.gn.first20" "$TMP/r2.gn.first20")
+R=$(maxrel "$TMP/r1.jsonl" "$TMP/r2.jsonl")
+le "$r" 1e-4 && le "$rg" 1e-4 && le "$R" 1e-2
+ok $? "1 rank x batch 8 and 2 ranks x batch 4: same loss curve and gradient norm (20 steps: $r, $rg <= 1e-4; 50 steps' losses: $R <= 1e-2)"
 # --ep-size 1: every rank holds every expert; the clipping norm must still count each expert once
 $MPIRUN -np 2 $TRAIN $TINY --steps 50 --batch 4 --ep-size 1 --log "$TMP/e1.jsonl" > /dev/null 2>&1
-# Replicated experts sum their gradients over ranks in another order, so the curves drift apart in
-# the last bits, and once a token near a routing tie flips expert (seen after ~30 steps) they move
-# by ~1e-4..1e-3: the first 20 steps are compared tightly, all 50 loosely.
-gn() { sed -E 's/.*"grad_norm":([^,]*),.*/"loss":\1,/' "$1"; }
-gn "$TMP/r2.jsonl" > "$TMP/g2"; gn "$TMP/e1.jsonl" > "$TMP/g1"
-for f in e1.jsonl r2.jsonl g1 g2; do head -n 20 "$TMP/$f" > "$TMP/${f%.jsonl}.first20"; done
-r=$(maxrel "$TMP/e1.first20" "$TMP/r2.first20"); rg=$(maxrel "$TMP/g1.first20" "$TMP/g2.first20")
-R=$(maxrel "$TMP/e1.jsonl" "$TMP/r2.jsonl"); RG=$(maxrel "$TMP/g1" "$TMP/g2")
-le "$r" 1e-4 && le "$rg" 1e-4 && le "$R" 1e-2 && le "$RG" 1e-2
-ok $? "--ep-size 1 (experts replicated on both ranks): same loss curve and global gradient norm (20 steps: $r, $rg; 50 steps: $R, $RG)"
+gn "$TMP/e1.jsonl" > "$TMP/e1.gn"
+for f in e1.jsonl e1.gn; do first20 "$TMP/$f"; done
+r=$(maxrel "$TMP/e1.jsonl.first20" "$TMP/r2.jsonl.first20"); rg=$(maxrel "$TMP/e1.gn.first20" "$TMP/r2.gn.first20")
+R=$(maxrel "$TMP/e1.jsonl" "$TMP/r2.jsonl")
+le "$r" 1e-4 && le "$rg" 1e-4 && le "$R" 1e-2
+ok $? "--ep-size 1 (experts replicated on both ranks): same loss curve and gradient norm (20 steps: $r, $rg; 50 steps' losses: $R)"
 $MPIRUN -np 2 $TRAIN $TINY --steps 30 --batch 4 --wire-bf16 1 --log "$TMP/w.jsonl" > /dev/null 2>&1 &&
     losses "$TMP/w.jsonl" | awk 'NR == 1 {a = $1} {b = $1} END {exit !(NR == 30 && b < a - 1.0)}'; ok $? "--wire-bf16 1 (bfloat16 exchanges) on 2 ranks: the loss falls by more than 1 in 30 steps"
 
