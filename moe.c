@@ -30,7 +30,7 @@ static int stage_travels(const moe_layer *m, int s) { return m->plan.n_stages ==
  * the copy of the own block, done synchronously inside MPI's start call, off the critical path. */
 scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
     inflight *f = combine ? &m->xc[s] : &m->xd[s];
-    comm *c = m->ep;
+    comm *c = combine ? m->ep_back : m->ep;
     int P = m->ep_size, o = s * P;
     const int *sc = (combine ? m->xr_counts : m->xs_counts) + o, *sd = (combine ? m->xr_displs : m->xs_displs) + o;
     const int *rc = (combine ? m->xs_counts : m->xr_counts) + o, *rd = (combine ? m->xs_displs : m->xr_displs) + o;
@@ -63,16 +63,32 @@ scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
     return SCMOE_OK;
 }
 
+static void test_one(inflight *f) {
+    int done = 0;
+    if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe_now();
+}
+
+/* A pipeline's dispatches take the link one after another (concurrent ones would share it and all land
+ * late): the next starts as soon as the one before has landed, noticed by a poll or a wait, so the
+ * chunks keep flowing behind whatever compute runs meanwhile. */
+static scmoe_status dispatch_next(moe_layer *m) {
+    int s = m->next_dispatch;
+    if (s >= m->plan.n_stages || !m->xd[s - 1].t_done) return SCMOE_OK;
+    m->next_dispatch++;
+    return moe_exchange_start(m, s, 0);
+}
+
 void moe_poll(void *arg) {
     moe_layer *m = arg;
-    if (m->ep->progress != SCMOE_PROGRESS_POLL) return;
-    for (int s = 0; s < m->plan.n_stages; s++)
-        for (int combine = 0; combine < 2; combine++) {
-            inflight *f = combine ? &m->xc[s] : &m->xd[s];
-            int done = 0;
-            if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done)
-                f->t_done = scmoe_now();
+    if (m->ep->progress == SCMOE_PROGRESS_POLL) {
+        for (int s = 0; s < m->plan.n_stages; s++) {
+            test_one(&m->xd[s]);
+            test_one(&m->xc[s]);
         }
+    } else if (m->ep->progress == SCMOE_PROGRESS_THREAD && m->next_dispatch < m->plan.n_stages) {
+        test_one(&m->xd[m->next_dispatch - 1]); /* the helper thread moves it; this only learns it landed */
+    }
+    if (!m->deferred) m->deferred = dispatch_next(m);
 }
 
 static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
@@ -96,11 +112,22 @@ static const char *exchange_name(const moe_layer *m, int combine) {
     return names[m->pass][combine];
 }
 
-scmoe_status moe_dispatch_start(moe_layer *m) { return moe_exchange_start(m, m->plan.n_stages > 1, 0); }
-
-scmoe_status moe_dispatch_wait(moe_layer *m) {
-    return inflight_wait(m, &m->xd[m->plan.n_stages > 1], exchange_name(m, 0));
+scmoe_status moe_dispatch_start(moe_layer *m) {
+    int first = m->plan.n_stages > 1; /* a pipeline's stage 0 is the own block: nothing to send */
+    m->deferred = SCMOE_OK;
+    m->next_dispatch = first + 1;
+    return moe_exchange_start(m, first, 0);
 }
+
+/* waits for stage s's dispatch, then puts the next one on the wire if a poll has not already */
+static scmoe_status dispatch_wait(moe_layer *m, int s) {
+    scmoe_status st = inflight_wait(m, &m->xd[s], exchange_name(m, 0));
+    if (!st) st = m->deferred;
+    if (!st) st = dispatch_next(m);
+    return st;
+}
+
+scmoe_status moe_dispatch_wait(moe_layer *m) { return dispatch_wait(m, m->plan.n_stages > 1); }
 
 scmoe_status moe_combine_wait(moe_layer *m) {
     scmoe_status st = SCMOE_OK;
@@ -126,7 +153,7 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
     m->h1 = ffn_width(m->h, cfg->activation);
     m->max_tokens = cfg->max_tokens;
     m->training = 1;
-    scmoe_status s = groups_create(ctx, cfg->ep_size, &m->ep, &m->replicas);
+    scmoe_status s = groups_create(ctx, cfg->ep_size, &m->ep, &m->ep_back, &m->replicas);
     if (s) return s;
     m->ep_size = m->ep->size;
     m->ep_rank = m->ep->rank;
@@ -251,8 +278,8 @@ scmoe_status moe_alloc(moe_layer *m) {
  * deadline and progress policy on the communicators it will use (a THREAD policy MPI cannot host
  * falls back to POLL again at the next start). */
 void moe_bind_comms(moe_layer *m) {
-    comm *cs[3] = {m->ctx->world, m->ep, m->replicas};
-    for (int i = 0; i < 3; i++) {
+    comm *cs[4] = {m->ctx->world, m->ep, m->ep_back, m->replicas};
+    for (int i = 0; i < 4; i++) {
         cs[i]->timeout_s = m->cfg.comm_timeout_s;
         cs[i]->progress = m->cfg.progress;
     }
@@ -260,9 +287,10 @@ void moe_bind_comms(moe_layer *m) {
 
 void moe_free(moe_layer *m) {
     if (m->ep) m->ep->ops->destroy(m->ep);
+    if (m->ep_back) m->ep_back->ops->destroy(m->ep_back);
     if (m->replicas) m->replicas->ops->destroy(m->replicas);
     free(m->mem);
-    m->ep = m->replicas = NULL;
+    m->ep = m->ep_back = m->replicas = NULL;
     m->mem = NULL;
 }
 
@@ -403,16 +431,14 @@ static int experts_in_parallel(const moe_layer *m, int rows) {
     return threads > 1 && m->E_local > 1 && (m->E_local >= threads || rows < 256 * m->E_local);
 }
 
-/* The stages in turn: wait for the stage's rows, put the next stage's on the wire, run the experts on
- * these (ffn_stage), send the results back. Forward the rows are independent, so any split computes
- * the same numbers; backward the weight gradients sum over the stages. */
+/* The stages in turn: wait for the stage's rows (the next stage's then go on the wire, if they are
+ * not there already), run the experts on these (ffn_stage), send the results back. Forward the rows
+ * are independent, so any split computes the same numbers; backward the weight gradients sum over the
+ * stages. */
 static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(moe_layer *, const exec *, int)) {
     scmoe_status st = SCMOE_OK;
     for (int s = 0; s < m->plan.n_stages && !st; s++) {
-        if (stage_travels(m, s)) {
-            st = inflight_wait(m, &m->xd[s], exchange_name(m, 0));
-            if (!st && s + 1 < m->plan.n_stages) st = moe_exchange_start(m, s + 1, 0);
-        }
+        if (stage_travels(m, s)) st = dispatch_wait(m, s);
         if (st) break;
         ffn_stage(m, ex, s);
         if (stage_travels(m, s)) st = moe_exchange_start(m, s, 1);

@@ -339,22 +339,24 @@ void params_add_stage(param_table *pt) {
 
 /* ---- groups and agreement ---- */
 
-scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **replicas) {
+scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas) {
     comm *w = ctx->world; /* the groups inherit its deadline and progress policy (moe_bind_comms) */
     int ep_size = ep_size_cfg ? ep_size_cfg : w->size;
-    *ep = *replicas = NULL;
+    *ep = *ep_back = *replicas = NULL;
     if (w->size % ep_size != 0)
         return scmoe_fail(ctx, SCMOE_ERR_EP_SIZE, "ep_size %d does not divide the %d ranks", ep_size, w->size);
     /* expert-parallel groups are runs of ep_size consecutive ranks; replicas share rank % ep_size */
     scmoe_status s = w->ops->split(w, w->rank / ep_size, w->rank, ep);
+    if (!s) s = w->ops->split(w, w->rank / ep_size, w->rank, ep_back);
     if (!s) s = w->ops->split(w, w->rank % ep_size, w->rank, replicas);
     if (s) {
         if (*ep) (*ep)->ops->destroy(*ep);
-        *ep = NULL;
+        if (*ep_back) (*ep_back)->ops->destroy(*ep_back);
+        *ep = *ep_back = NULL;
         return scmoe_fail(ctx, s, "creating the expert-parallel groups failed: %s", w->err);
     }
-    (*ep)->timeout_s = (*replicas)->timeout_s = w->timeout_s;
-    (*ep)->progress = (*replicas)->progress = w->progress;
+    (*ep)->timeout_s = (*ep_back)->timeout_s = (*replicas)->timeout_s = w->timeout_s;
+    (*ep)->progress = (*ep_back)->progress = (*replicas)->progress = w->progress;
     return SCMOE_OK;
 }
 

@@ -84,7 +84,11 @@ typedef struct moe_layer {
     scmoe_config cfg;
     param_table *pt;
     void *mem;                 /* the whole workspace, one allocation */
-    comm *ep, *replicas;       /* expert-parallel group; ranks holding the same experts */
+    /* the expert-parallel group, twice: dispatches go on ep, combines on ep_back. A pipeline starts
+     * each dispatch as soon as the one before has landed, noticed by a poll at a moment that differs
+     * between ranks; MPI matches collectives by their order on a communicator, so the two kinds must
+     * not share one. replicas: the ranks holding the same experts */
+    comm *ep, *ep_back, *replicas;
     int E, E_local, k, d, h, h1, first_expert, ep_size, ep_rank;
     int max_tokens, max_send, max_recv;
     int training;
@@ -116,6 +120,8 @@ typedef struct moe_layer {
     const float *x;
     int forward_done;
     int pass;                  /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
+    int next_dispatch;         /* the next stage whose dispatch has not started */
+    scmoe_status deferred;     /* a dispatch started from moe_poll that failed, reported by the next wait */
     inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
     /* told of every exchange as it completes (a schedule's timing and trace); may be NULL */
     void (*on_wait)(void *arg, const char *what, const inflight *f);
@@ -157,7 +163,8 @@ void moe_poll(void *arg);
 void moe_fill_stats(const moe_layer *m, scmoe_stats *st);
 
 /* collectives used at create */
-scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **replicas);
+/* ep and ep_back: the same expert-parallel group twice (dispatches and combines, see moe_layer) */
+scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas);
 scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *cfg, scmoe_status local);
 scmoe_status status_agree(scmoe_context *ctx, scmoe_status local);
 
