@@ -34,6 +34,7 @@ static inline float exp_fast(float x) {
 
 /* acc[c] += sum_i x[i, c]. Threads take blocks of 512 columns and stream whole row segments; each
  * column is summed over rows in order, so the result does not depend on the thread count. */
+SCMOE_SIMD_CLONES
 void sum_rows(float *acc, const float *x, int N, int C) {
     enum { W = 512 };
     int blocks = (C + W - 1) / W;
@@ -56,6 +57,7 @@ static void broadcast_rows(float *out, const float *b, int N, int C) {
 }
 
 /* pre += b (when b is given), then hid = act(pre); gelu(z) = 0.5 z (1 + tanh u) = z sigmoid(2u). */
+SCMOE_SIMD_CLONES
 void activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act) {
     int h1 = ffn_width(h, act);
 #pragma omp parallel for schedule(static)
@@ -81,6 +83,7 @@ void activation_forward(float *hid, float *pre, const float *b, int N, int h, sc
 
 /* With s = sigmoid(2u): gelu'(z) = s + 2 z s (1 - s) u'(z), u'(z) = sqrt(2/pi) (1 + 3 * 0.044715 z^2);
  * silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g). */
+SCMOE_SIMD_CLONES
 void activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {

@@ -9,6 +9,7 @@
 #include "kernels.h"
 #include <math.h>
 
+SCMOE_SIMD_CLONES
 void layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
                        int N, int C) {
 #pragma omp parallel for schedule(static)
@@ -28,6 +29,7 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *x, con
     }
 }
 
+SCMOE_SIMD_CLONES
 void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
                         const float *mean, const float *rstd, int N, int C) {
 #pragma omp parallel for schedule(static)
