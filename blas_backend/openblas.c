@@ -4,7 +4,7 @@
 #include <cblas.h>
 #include <omp.h>
 
-static void openblas_gemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+static void openblas_gemm(const blas_backend *self, int trans_a, int trans_b, int M, int N, int K, float alpha,
                           const float *A, int lda, const float *B, int ldb, float beta,
                           float *C, int ldc) {
     if (M <= 0 || N <= 0) return;

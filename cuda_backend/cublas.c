@@ -57,6 +57,12 @@ static void set_err(char *err, const char *fmt, ...) {
     va_end(ap);
 }
 
+/* blas_gemm_fn: the table is cuda_blas's first member, so self is the cuda_blas */
+static void table_gemm(const blas_backend *self, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    cuda_blas_gemm((cuda_blas *)self, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err) {
     if (err) err[0] = '\0';
     if (!out) {
@@ -81,7 +87,7 @@ scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, ch
         return SCMOE_ERR_NOMEM;
     }
     cb->base.name = "cublas";
-    cb->base.gemm = NULL; /* no context argument in blas_gemm_fn yet: see cuda.h */
+    cb->base.gemm = table_gemm;
     cb->base.max_threads = cuda_blas_max_threads;
     cb->math = math;
     if (!stream) {

@@ -37,11 +37,9 @@ enum {
                            fp32 accumulate: CUBLAS_COMPUTE_32F_FAST_16BF */
 };
 
-/* The cuBLAS backend. blas.h's gemm has no context argument, so a cuBLAS handle cannot be reached
- * from a plain blas_backend without a global. Instead the table is embedded as the FIRST member:
- * a cuda_blas * is a valid blas_backend * (name, max_threads), and once blas_gemm_fn gains a context
- * argument (docs/cuda.md, "interface extension") its gemm casts the table back to the cuda_blas.
- * Until then base.gemm is NULL and the core cannot call it by mistake: call cuda_blas_gemm. */
+/* The cuBLAS backend. The table is embedded as the FIRST member: a cuda_blas * is a valid
+ * blas_backend * (name "cublas", max_threads 1), and its gemm, called with that table as self,
+ * finds the handle and stream from it: exec_gemm reaches cuBLAS like OpenBLAS, on device pointers. */
 typedef struct cuda_blas {
     blas_backend base;            /* must stay first */
     struct cublasContext *handle;

@@ -15,7 +15,7 @@ void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, fl
         int n = N - n0 < tile ? N - n0 : tile;
         /* column n0 of op(B): B + n0 untransposed, B + n0*ldb (row n0) transposed */
         const float *b = trans_b ? B + (long)n0 * ldb : B + n0;
-        ex->blas->gemm(trans_a, trans_b, M, n, K, alpha, A, lda, b, ldb, beta, C + n0, ldc);
+        ex->blas->gemm(ex->blas, trans_a, trans_b, M, n, K, alpha, A, lda, b, ldb, beta, C + n0, ldc);
         if (n0 + n < N) exec_poll(ex);
     }
 }

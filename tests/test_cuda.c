@@ -494,7 +494,7 @@ static void dev_gemm(void) {
                     for (int i = 0; i < M; i++)
                         for (int j = 0; j < N; j++) C[(size_t)i * ldc + j] = NAN;
                 float *ref = fcopy(C, nc), *got = fnew(nc, 0);
-                ob->gemm(ta, tb, M, N, K, 0.7f, A, lda, B, ldb, beta, ref, ldc);
+                ob->gemm(ob, ta, tb, M, N, K, 0.7f, A, lda, B, ldb, beta, ref, ldc);
                 float *dA = dupf(A, na), *dB = dupf(B, nb), *dC = dupf(C, nc);
                 cuda_blas_gemm(cb, ta, tb, M, N, K, 0.7f, dA, lda, dB, ldb, beta, dC, ldc);
                 int ok = get(got, dC, sizeof(float) * nc);
@@ -510,7 +510,7 @@ static void dev_gemm(void) {
         float *C = fnew(6 * 8, 1);
         if (bi) for (int i = 0; i < 6 * 8; i++) C[i] = NAN;
         float *ref = fcopy(C, 48), *got = fnew(48, 0);
-        ob->gemm(0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, ref, 8);
+        ob->gemm(ob, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, ref, 8);
         for (int i = 0; i < 6; i++) ref[i * 8 + 7] = got[i * 8 + 7] = 0; /* padding column, not compared */
         float *dC = dupf(C, 48);
         cuda_blas_gemm(cb, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, dC, 8);
@@ -521,9 +521,21 @@ static void dev_gemm(void) {
         free(C); free(ref); free(got);
         dev_free_all();
     }
+    /* the embedded table through the core's exec_gemm (column tiles of 5): the same GEMM */
     const blas_backend *t = cuda_blas_table(cb);
-    CHECK(t->max_threads() == 1 && !strcmp(t->name, "cublas") && t->gemm == NULL,
-          "the embedded table: name cublas, max_threads 1, gemm NULL until blas_gemm_fn takes a context");
+    exec tex = {t, NULL, NULL, 5};
+    int M2 = 19, N2 = 23, K2 = 11;
+    float *A = fnew((size_t)M2 * K2, 1), *B = fnew((size_t)K2 * N2, 1), *ref = fnew((size_t)M2 * N2, 0);
+    float *got = fnew((size_t)M2 * N2, 0);
+    ob->gemm(ob, 0, 1, M2, N2, K2, 1.0f, A, K2, B, K2, 0.0f, ref, N2);
+    float *dA = dupf(A, (size_t)M2 * K2), *dB = dupf(B, (size_t)K2 * N2), *dC = dupf(got, (size_t)M2 * N2);
+    exec_gemm(&tex, 0, 1, M2, N2, K2, 1.0f, dA, K2, dB, K2, 0.0f, dC, N2);
+    int ok = get(got, dC, sizeof(float) * M2 * N2);
+    double e = relerr(got, ref, (size_t)M2 * N2);
+    CHECK(t->max_threads() == 1 && !strcmp(t->name, "cublas") && ok && cb->status == 0 && e <= TOL_OUT,
+          "the embedded table: name cublas, max_threads 1, exec_gemm through it == OpenBLAS (rel %.1e)", e);
+    free(A); free(B); free(ref); free(got);
+    dev_free_all();
 }
 
 static void dev_gemm_bf16(void) {
@@ -541,7 +553,7 @@ static void dev_gemm_bf16(void) {
             bf16_unpack(Ar, Ah, na);
             bf16_unpack(Br, Bh, nb);
             float *ref = fcopy(C, nc), *got = fnew(nc, 0);
-            ob->gemm(ta, tb, M, N, K, 1.0f, Ar, lda, Br, ldb, 0.5f, ref, ldc);
+            ob->gemm(ob, ta, tb, M, N, K, 1.0f, Ar, lda, Br, ldb, 0.5f, ref, ldc);
             void *dA = dup_bytes(Ah, 2 * na), *dB = dup_bytes(Bh, 2 * nb);
             float *dC = dupf(C, nc);
             int r = cuda_blas_gemm_bf16(cb, ta, tb, M, N, K, 1.0f, dA, lda, dB, ldb, 0.5f, dC, ldc);
@@ -559,7 +571,7 @@ static void dev_gemm_bf16(void) {
     if (s) return;
     size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
     float *A = fnew(na, 1), *B = fnew(nb, 1), *ref = fnew(nc, 0), *got = fnew(nc, 0);
-    ob->gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, ref, N);
+    ob->gemm(ob, 0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, ref, N);
     float *dA = dupf(A, na), *dB = dupf(B, nb), *dC = dalloc(sizeof(float) * nc);
     cuda_blas_gemm(fast, 0, 0, M, N, K, 1.0f, dA, K, dB, N, 0.0f, dC, N);
     int ok = get(got, dC, sizeof(float) * nc);
@@ -580,8 +592,8 @@ static void dev_gemm_grouped(void) {
     float *Y = fnew(R * H, 0), *dWref = fcopy(dW, E * D * H), *got = fnew(E * D * H, 0);
     for (int i = 0; i < E; i++) {
         int o = off[i], rows = off[i + 1] - o;
-        ob->gemm(0, 0, rows, H, D, 1.0f, X + o * D, D, W + i * D * H, H, 0.0f, Y + o * H, H);
-        ob->gemm(1, 0, D, H, rows, 1.0f, X + o * D, D, dY + o * H, H, 1.0f, dWref + i * D * H, H);
+        ob->gemm(ob, 0, 0, rows, H, D, 1.0f, X + o * D, D, W + i * D * H, H, 0.0f, Y + o * H, H);
+        ob->gemm(ob, 1, 0, D, H, rows, 1.0f, X + o * D, D, dY + o * H, H, 1.0f, dWref + i * D * H, H);
     }
     float *dX = dupf(X, R * D), *dWt = dupf(W, E * D * H), *ddY = dupf(dY, R * H), *ddW = dupf(dW, E * D * H);
     float *dYo = dalloc(sizeof(float) * R * H);
