@@ -21,6 +21,28 @@ int tio_write(FILE *f, const char *name, int ndim, const int *dims, const float 
 
 int tio_write_scalar(FILE *f, const char *name, float v) { return tio_write(f, name, 0, NULL, &v); }
 
+void tio_write_step(FILE *f, const tio_step *s) {
+    tio_write(f, "x", s->ndim, s->dims, s->x);
+    tio_write(f, "dy", s->ndim, s->dims, s->dy);
+    for (int i = 0; i < s->n_params; i++) {
+        const scmoe_tensor *t = &s->params[i];
+        tio_write(f, t->name, t->ndim, t->shape, t->data);
+    }
+    tio_write(f, "out.y", s->ndim, s->dims, s->y);
+    tio_write_scalar(f, "out.aux_loss", s->aux_loss);
+    tio_write_scalar(f, "out.z_loss", s->z_loss);
+    tio_write_scalar(f, "out.dropped", s->dropped);
+    tio_write_scalar(f, "out.capacity", s->capacity);
+    tio_write(f, "out.expert_tokens", 1, &s->n_experts, s->expert_tokens);
+    tio_write(f, "grad.x", s->ndim, s->dims, s->dx);
+    for (int i = 0; i < s->n_params; i++) {
+        const scmoe_tensor *t = &s->params[i];
+        char gname[160];
+        snprintf(gname, sizeof gname, "grad.%s", t->name);
+        tio_write(f, gname, t->ndim, t->shape, t->grad);
+    }
+}
+
 int tio_read_all(const char *path, tio_record **out) {
     FILE *f = fopen(path, "rb");
     if (!f) return -1;

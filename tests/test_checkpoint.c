@@ -11,31 +11,14 @@
 #include "../examples/checkpoint.h"
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
-#include <stdarg.h>
+#include "mpi_check.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-static int rank, size, passed, failed;
-
-/* every rank calls it; it passes only if it passes on every rank */
-static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void check(int ok, const char *fmt, ...) {
-    int all;
-    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
-    all ? passed++ : failed++;
-    if (rank == 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        printf("%sok - [%d ranks] ", all ? "" : "not ", size);
-        vprintf(fmt, ap);
-        printf("\n");
-        va_end(ap);
-        fflush(stdout);
-    }
-}
+static int rank, size;
 
 static uint64_t hash_str(const char *s) {
     uint64_t h = 1469598103934665603ull;
@@ -356,8 +339,8 @@ int main(int argc, char **argv) {
             rmdir(dirs[i]);
         }
         rmdir(root);
-        printf("%d passed, %d failed\n", passed, failed);
+        printf("%d passed, %d failed\n", check_passed, check_failed);
     }
     MPI_Finalize();
-    return failed ? 1 : 0;
+    return check_failed ? 1 : 0;
 }

@@ -6,32 +6,16 @@
  * overlapped order == the serialized one, and token-chunk pipelining == one exchange each way. */
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
+#include "mpi_check.h"
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int rank, size, passed, failed;
+static int rank, size;
 static scmoe_context *ctx_ref; /* one rank of its own, for the 1-rank references */
 static int S_global;            /* global tokens of the equivalence cases */
-
-static void check(int ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void check(int ok, const char *fmt, ...) {
-    int all;
-    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
-    all ? passed++ : failed++;
-    if (rank == 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        printf("%sok - [%d ranks] ", all ? "" : "not ", size);
-        vprintf(fmt, ap);
-        printf("\n");
-        va_end(ap);
-        fflush(stdout);
-    }
-}
 
 static uint64_t hash_str(const char *s) {
     uint64_t h = 1469598103934665603ull;
@@ -424,7 +408,7 @@ int main(int argc, char **argv) {
     robustness(ctx);
     scmoe_context_destroy(ref);
     scmoe_context_destroy(ctx);
-    if (rank == 0) printf("%d passed, %d failed\n", passed, failed);
+    if (rank == 0) printf("%d passed, %d failed\n", check_passed, check_failed);
     MPI_Finalize();
-    return failed ? 1 : 0;
+    return check_failed ? 1 : 0;
 }

@@ -2,6 +2,7 @@
  * expert tensor (k = 1, 2; with and without drops; GELU and SwiGLU), bad input, determinism. */
 #include "../scmoe.h"
 #include "check.h"
+#include "fdcheck.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,10 +18,11 @@ static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i+
 typedef struct { scmoe_moe *m; int n, d, E; const float *x; const float *dy; float waux, wz; } fd_ctx;
 
 /* L = sum(y . dy) + w_aux aux + w_z z, in double; also a fingerprint of the routing */
-static double loss(fd_ctx *c, const float *x, int64_t *route_sig) {
+static double loss(void *arg, int64_t *route_sig) {
+    fd_ctx *c = arg;
     float *y = malloc(sizeof(float) * (size_t)(c->n ? c->n : 1) * c->d);
     scmoe_stats st;
-    scmoe_moe_forward(c->m, c->n, x, y, &st);
+    scmoe_moe_forward(c->m, c->n, c->x, y, &st);
     double L = 0;
     for (size_t i = 0; i < (size_t)c->n * c->d; i++) L += (double)y[i] * c->dy[i];
     L += (double)c->waux * st.aux_loss + (double)c->wz * st.z_loss;
@@ -29,39 +31,6 @@ static double loss(fd_ctx *c, const float *x, int64_t *route_sig) {
     *route_sig = sig;
     free(y);
     return L;
-}
-
-/* Compares sampled entries of an analytic gradient with central differences. A perturbation that
- * changes the routing is a discontinuity: entries whose routing fingerprint changes are skipped, and
- * since a swap can keep the fingerprint, the check asks 90% of the entries to agree, not all.
- * Returns the fraction of entries that disagree. */
-static double fd_check(fd_ctx *c, float *param, const float *grad, size_t numel, float *xmut, int samples) {
-    const float eps = 2e-3f;
-    float gmax = 0;
-    for (size_t i = 0; i < numel; i++) gmax = fabsf(grad[i]) > gmax ? fabsf(grad[i]) : gmax;
-    int64_t sig0, sp, sm;
-    int tried = 0, bad = 0;
-    loss(c, xmut, &sig0);
-    for (int s = 0; s < samples; s++) {
-        size_t i = (size_t)((frand() + 1.0f) * 0.5f * numel) % numel;
-        float keep = param[i];
-        double fd[2];
-        int jump = 0;
-        for (int q = 0; q < 2; q++) { /* a jump shows as differences that disagree between two steps */
-            float h = q ? eps / 2 : eps;
-            param[i] = keep + h;
-            double lp = loss(c, xmut, &sp);
-            param[i] = keep - h;
-            double lm = loss(c, xmut, &sm);
-            param[i] = keep;
-            fd[q] = (lp - lm) / (2 * h);
-            jump |= sp != sig0 || sm != sig0;
-        }
-        if (jump || fabs(fd[0] - fd[1]) > 0.005 * fabs(fd[0]) + 1e-3 * gmax + 1e-5) continue;
-        tried++;
-        bad += fabs(fd[1] - grad[i]) > 1e-2 * fabs(grad[i]) + 2e-3 * gmax + 1e-5;
-    }
-    return tried ? (double)bad / tried : 1.0;
 }
 
 static void gradcheck(int k, float cf, scmoe_activation act, int renorm) {
@@ -92,16 +61,15 @@ static void gradcheck(int k, float cf, scmoe_activation act, int renorm) {
     s = scmoe_moe_backward(m, dy, dx, &st);
     CHECK(s == SCMOE_OK, "backward");
     fd_ctx c = {m, n, d, cfg.n_experts, x, dy, cfg.aux_loss_weight, cfg.z_loss_weight};
-    double e = fd_check(&c, x, dx, (size_t)n * d, x, 40);
+    fd_spec f = {.loss = loss, .arg = &c, .uniform = frand, .eps = 2e-3f, .tol_gmax = 2e-3, .tol_abs = 1e-5,
+                 .none_tried = 1.0};
+    double e = fd_check(&f, x, dx, (size_t)n * d, 40);
     CHECK(e <= 0.1, "fd dx k=%d cf=%.2f %s renorm=%d: %.0f%% of entries disagree", k, cf, act ? "swiglu" : "gelu", renorm, e);
     for (int i = 0; i < scmoe_moe_param_count(m); i++) {
         scmoe_tensor t;
         scmoe_moe_param_at(m, i, &t);
-        float *g = malloc(sizeof(float) * t.numel);
-        memcpy(g, t.grad, sizeof(float) * t.numel);
-        e = fd_check(&c, t.data, g, t.numel, x, 20);
+        e = fd_check_param(&f, &t, 20);
         CHECK(e <= 0.1, "fd %s k=%d cf=%.2f %s: %.0f%% of entries disagree", t.name, k, cf, act ? "swiglu" : "gelu", 100 * e);
-        free(g);
     }
     free(x); free(dy); free(y); free(dx);
     scmoe_moe_destroy(m);

@@ -14,6 +14,7 @@
  * Build: cc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -fopenmp -I. tests/test_oracle_moe.c tests/tensorio.c \
  *            build/libscmoe.a $(pkg-config --libs openblas) -lm -o build/test_oracle_moe   (mpicc for an MPI lib) */
 #include "scmoe.h"
+#include "tests/oracle.h"
 #include "tests/tensorio.h"
 
 #include <math.h>
@@ -57,29 +58,6 @@ static const oracle_case CASES[] = {
     {"n0_k1_swiglu_dropless",     16, 32, 4, 1,  0, 0.0f,  0, 1, 0, 0.01f, 0.0f,  0, 43, 1.0f},
 };
 
-/* splitmix64 stream -> uniform in [-1, 1) */
-static uint64_t rng_state;
-static uint64_t rng_next(void) {
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static float rng_uniform(void) { return (float)((double)(rng_next() >> 11) * (2.0 / 9007199254740992.0) - 1.0); }
-static void fill_uniform(float *a, size_t n, float scale) {
-    for (size_t i = 0; i < n; i++) a[i] = scale * rng_uniform();
-}
-
-static int ends_with(const char *s, const char *suffix) {
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && !strcmp(s + a - b, suffix);
-}
-
-static const char *env_or(const char *name, const char *dflt) {
-    const char *v = getenv(name);
-    return v && *v ? v : dflt;
-}
-
 /* Runs the oracle; returns its exit status (or -1) and leaves its last line in last[]. */
 static int run_oracle(const char *python, const char *script, const char *file, char *last, size_t last_len,
                       int verbose_on_fail) {
@@ -119,15 +97,6 @@ static int run_oracle(const char *python, const char *script, const char *file, 
     return rc;
 }
 
-#define CHECK(call)                                                                                        \
-    do {                                                                                                   \
-        scmoe_status s_ = (call);                                                                          \
-        if (s_ != SCMOE_OK) {                                                                              \
-            snprintf(why, sizeof why, "%s -> %s (%s)", #call, scmoe_strerror(s_), ctx ? scmoe_last_error(ctx) : ""); \
-            goto done;                                                                                     \
-        }                                                                                                  \
-    } while (0)
-
 /* 1 pass, 0 fail. */
 static int run_case(const oracle_case *c, const char *outdir, const char *python, const char *script, int keep) {
     char why[2048] = "", file[1024], last[1024] = "";
@@ -135,6 +104,7 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     scmoe_context *ctx = NULL;
     scmoe_moe *moe = NULL;
     float *x = NULL, *y = NULL, *dy = NULL, *dx = NULL, *et = NULL;
+    scmoe_tensor *pt = NULL;
     FILE *f = NULL;
     snprintf(file, sizeof file, "%s/oracle_moe_%s.scmt", outdir, c->name);
     rng_state = 0x5C30E000ull + c->seed * 0x100000001B3ull;
@@ -163,9 +133,12 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     int np = scmoe_moe_param_count(moe);
     int expect_np = 1 + 4 * c->E;
     if (np != expect_np) { snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np); goto done; }
+    pt = calloc((size_t)np, sizeof *pt);
+    if (!pt) { snprintf(why, sizeof why, "out of memory"); goto done; }
     for (int i = 0; i < np; i++) {
         scmoe_tensor t;
         CHECK(scmoe_moe_param_at(moe, i, &t));
+        pt[i] = t;
         float scale;
         if (ends_with(t.name, "gate.weight")) scale = 2.5f / sqrtf((float)t.shape[0]); /* logits of O(1) spread */
         else if (t.ndim == 1) scale = 0.5f;                                            /* biases, nonzero */
@@ -189,18 +162,13 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
 
     scmoe_stats st;
     CHECK(scmoe_moe_forward(moe, c->n, x, y, &st));
-    if (c->expect_drops == 1 && st.dropped <= 0) {
-        snprintf(why, sizeof why, "expected dropped > 0 with capacity factor %g, got %lld", c->cf, (long long)st.dropped);
-        goto done;
-    }
-    if (c->expect_drops == 0 && st.dropped != 0) {
-        snprintf(why, sizeof why, "expected no drops, got %lld", (long long)st.dropped);
-        goto done;
-    }
+    if (!drops_as_expected(c->expect_drops, c->cf, st.dropped, why, sizeof why)) goto done;
     if (st.tokens != c->n) { snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, c->n); goto done; }
     for (int e = 0; e < c->E; e++) et[e] = st.expert_tokens ? (float)st.expert_tokens[e] : -1.0f;
-    float aux = st.aux_loss, z = st.z_loss;
-    float dropped = (float)st.dropped, capacity = (float)st.capacity;
+    int xd[2] = {c->n, c->d};
+    tio_step step = {.ndim = 2, .dims = xd, .x = x, .dy = dy, .y = y, .dx = dx, .params = pt, .n_params = np,
+                     .aux_loss = st.aux_loss, .z_loss = st.z_loss, .dropped = (float)st.dropped,
+                     .capacity = (float)st.capacity, .n_experts = c->E, .expert_tokens = et};
 
     CHECK(scmoe_moe_zero_grad(moe));
     for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
@@ -218,28 +186,7 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     tio_write_scalar(f, "cfg.z_loss_weight", c->z_w);
     tio_write_scalar(f, "cfg.activation", (float)c->act);
     tio_write_scalar(f, "cfg.priority", (float)c->prio);
-    int xd[2] = {c->n, c->d};
-    tio_write(f, "x", 2, xd, x);
-    tio_write(f, "dy", 2, xd, dy);
-    for (int i = 0; i < np; i++) {
-        scmoe_tensor t;
-        CHECK(scmoe_moe_param_at(moe, i, &t));
-        tio_write(f, t.name, t.ndim, t.shape, t.data);
-    }
-    tio_write(f, "out.y", 2, xd, y);
-    tio_write_scalar(f, "out.aux_loss", aux);
-    tio_write_scalar(f, "out.z_loss", z);
-    tio_write_scalar(f, "out.dropped", dropped);
-    tio_write_scalar(f, "out.capacity", capacity);
-    tio_write(f, "out.expert_tokens", 1, &c->E, et);
-    tio_write(f, "grad.x", 2, xd, dx);
-    for (int i = 0; i < np; i++) {
-        scmoe_tensor t;
-        CHECK(scmoe_moe_param_at(moe, i, &t));
-        char gname[160];
-        snprintf(gname, sizeof gname, "grad.%s", t.name);
-        tio_write(f, gname, t.ndim, t.shape, t.grad);
-    }
+    tio_write_step(f, &step);
     if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
     f = NULL;
 
@@ -253,37 +200,22 @@ done:
     if (!pass && why[0]) printf("#   %s\n", why);
     if (last[0]) printf("#   %s\n", last);
     if (pass && !keep) remove(file);
-    free(x); free(y); free(dy); free(dx); free(et);
+    free(x); free(y); free(dy); free(dx); free(et); free(pt);
     scmoe_moe_destroy(moe);
     scmoe_context_destroy(ctx);
     return pass;
 }
 
 int main(int argc, char **argv) {
-    const char *outdir = argc > 1 ? argv[1] : env_or("TMPDIR", "/tmp");
-    const char *python = env_or("SCMOE_PYTHON", "/usr/bin/python3");
-    const char *refdir = env_or("SCMOE_REF_DIR", "tests/reference");
-    int keep = getenv("SCMOE_KEEP") && atoi(getenv("SCMOE_KEEP"));
-    char script[1024], cmd[2048];
-    snprintf(script, sizeof script, "%s/moe_ref.py", refdir);
+    oracle_env env;
+    int status = oracle_setup(argc, argv, "moe_ref.py", &env);
+    if (status >= 0) return status;
     int n = (int)(sizeof CASES / sizeof CASES[0]);
-
-    snprintf(cmd, sizeof cmd, "'%s' -c 'import torch, numpy' >/dev/null 2>&1", python);
-    if (system(cmd) != 0) {
-        printf("1..0 # SKIP %s cannot import torch and numpy: the PyTorch oracle did not run\n", python);
-        return 0;
-    }
-    FILE *probe = fopen(script, "r");
-    if (!probe) {
-        printf("Bail out! %s not found (run from the repository root or set SCMOE_REF_DIR)\n", script);
-        return 1;
-    }
-    fclose(probe);
 
     printf("1..%d\n", n);
     int passed = 0, failed = 0;
     for (int i = 0; i < n; i++) {
-        if (run_case(&CASES[i], outdir, python, script, keep)) passed++;
+        if (run_case(&CASES[i], env.outdir, env.python, env.script, env.keep)) passed++;
         else failed++;
         fflush(stdout);
     }

@@ -17,6 +17,7 @@
  *
  * Build: make build/tests/test_oracle_pair */
 #include "scmoe.h"
+#include "tests/oracle.h"
 #include "tests/tensorio.h"
 
 #include <math.h>
@@ -95,29 +96,6 @@ static const oracle_case CASES[] = {
 
 enum { D_MODEL = 32, N_HEADS = 4, D_HIDDEN = 48 };
 
-/* splitmix64 stream -> uniform in [-1, 1) */
-static uint64_t rng_state;
-static uint64_t rng_next(void) {
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static float rng_uniform(void) { return (float)((double)(rng_next() >> 11) * (2.0 / 9007199254740992.0) - 1.0); }
-static void fill_uniform(float *a, size_t n, float scale) {
-    for (size_t i = 0; i < n; i++) a[i] = scale * rng_uniform();
-}
-
-static int ends_with(const char *s, const char *suffix) {
-    size_t a = strlen(s), b = strlen(suffix);
-    return a >= b && !strcmp(s + a - b, suffix);
-}
-
-static const char *env_or(const char *name, const char *dflt) {
-    const char *v = getenv(name);
-    return v && *v ? v : dflt;
-}
-
 /* What one case came to. The C part runs first for every case; then one oracle process checks every
  * written file (torch loads once: ~1 s per process, most of the test's time otherwise). */
 typedef struct {
@@ -185,15 +163,6 @@ static int run_oracle(const char *python, const char *script, case_result *r, in
     return st == -1 ? -1 : (st & 0xff) ? -1 : (st >> 8) & 0xff;
 }
 
-#define CHECK(call)                                                                                        \
-    do {                                                                                                   \
-        scmoe_status s_ = (call);                                                                          \
-        if (s_ != SCMOE_OK) {                                                                              \
-            snprintf(why, sizeof why, "%s -> %s (%s)", #call, scmoe_strerror(s_), ctx ? scmoe_last_error(ctx) : ""); \
-            goto done;                                                                                     \
-        }                                                                                                  \
-    } while (0)
-
 /* The C part of one case: fills r->why on failure, or writes r->file and sets r->written. */
 static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     char why[2048] = "", *file = r->file;
@@ -201,6 +170,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     scmoe_context *ctx = NULL;
     scmoe_pair *pair = NULL;
     float *x = NULL, *y = NULL, *dy = NULL, *dx = NULL, *et = NULL;
+    scmoe_tensor *pt = NULL;
     FILE *f = NULL;
     const int d = D_MODEL, n = c->B * c->T;
     snprintf(file, file_len, "%s/oracle_pair_%s.scmt", outdir, c->name);
@@ -238,10 +208,13 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     /* 2 blocks x (2 LN x 2 + attn 4) + mlp 4 + gate + 4E [+ se 4 [+ cg]] */
     int expect_np = 2 * 8 + 4 + 1 + 4 * c->E + (has_se ? 4 + (c->combine == CG1) : 0);
     if (np != expect_np) { snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np); goto done; }
+    pt = calloc((size_t)np, sizeof *pt);
+    if (!pt) { snprintf(why, sizeof why, "out of memory"); goto done; }
     int seen_gate = 0, seen_cg = 0;
     for (int i = 0; i < np; i++) {
         scmoe_tensor t;
         CHECK(scmoe_pair_param_at(pair, i, &t));
+        pt[i] = t;
         float scale;
         int is_ln = strstr(t.name, ".ln_") != NULL;
         if (is_ln && ends_with(t.name, ".weight")) {
@@ -294,18 +267,13 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
                  want_f == -2 ? 0 : want_f);
         goto done;
     }
-    if (c->expect_drops == 1 && st.dropped <= 0) {
-        snprintf(why, sizeof why, "expected dropped > 0 with capacity factor %g, got %lld", c->cf, (long long)st.dropped);
-        goto done;
-    }
-    if (c->expect_drops == 0 && st.dropped != 0) {
-        snprintf(why, sizeof why, "expected no drops, got %lld", (long long)st.dropped);
-        goto done;
-    }
+    if (!drops_as_expected(c->expect_drops, c->cf, st.dropped, why, sizeof why)) goto done;
     if (st.tokens != n) { snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, n); goto done; }
     for (int e = 0; e < c->E; e++) et[e] = st.expert_tokens ? (float)st.expert_tokens[e] : -1.0f;
-    float aux = st.aux_loss, z = st.z_loss;
-    float dropped = (float)st.dropped, capacity = (float)st.capacity;
+    int xd[3] = {c->B, c->T, d};
+    tio_step step = {.ndim = 3, .dims = xd, .x = x, .dy = dy, .y = y, .dx = dx, .params = pt, .n_params = np,
+                     .aux_loss = st.aux_loss, .z_loss = st.z_loss, .dropped = (float)st.dropped,
+                     .capacity = (float)st.capacity, .n_experts = c->E, .expert_tokens = et};
 
     CHECK(scmoe_pair_zero_grad(pair));
     for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
@@ -335,28 +303,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     tio_write_scalar(f, "cfg.causal", (float)c->causal);
     tio_write_scalar(f, "cfg.batch", (float)c->B);
     tio_write_scalar(f, "cfg.seq_len", (float)c->T);
-    int xd[3] = {c->B, c->T, d};
-    tio_write(f, "x", 3, xd, x);
-    tio_write(f, "dy", 3, xd, dy);
-    for (int i = 0; i < np; i++) {
-        scmoe_tensor t;
-        CHECK(scmoe_pair_param_at(pair, i, &t));
-        tio_write(f, t.name, t.ndim, t.shape, t.data);
-    }
-    tio_write(f, "out.y", 3, xd, y);
-    tio_write_scalar(f, "out.aux_loss", aux);
-    tio_write_scalar(f, "out.z_loss", z);
-    tio_write_scalar(f, "out.dropped", dropped);
-    tio_write_scalar(f, "out.capacity", capacity);
-    tio_write(f, "out.expert_tokens", 1, &c->E, et);
-    tio_write(f, "grad.x", 3, xd, dx);
-    for (int i = 0; i < np; i++) {
-        scmoe_tensor t;
-        CHECK(scmoe_pair_param_at(pair, i, &t));
-        char gname[160];
-        snprintf(gname, sizeof gname, "grad.%s", t.name);
-        tio_write(f, gname, t.ndim, t.shape, t.grad);
-    }
+    tio_write_step(f, &step);
     if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
     f = NULL;
 
@@ -365,7 +312,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
 done:
     if (f) fclose(f);
     snprintf(r->why, sizeof r->why, "%s", why);
-    free(x); free(y); free(dy); free(dx); free(et);
+    free(x); free(y); free(dy); free(dx); free(et); free(pt);
     scmoe_pair_destroy(pair);
     scmoe_context_destroy(ctx);
 }
@@ -381,35 +328,20 @@ static void print_comment_lines(const char *s) {
 }
 
 int main(int argc, char **argv) {
-    const char *outdir = argc > 1 ? argv[1] : env_or("TMPDIR", "/tmp");
-    const char *python = env_or("SCMOE_PYTHON", "/usr/bin/python3");
-    const char *refdir = env_or("SCMOE_REF_DIR", "tests/reference");
-    int keep = getenv("SCMOE_KEEP") && atoi(getenv("SCMOE_KEEP"));
-    char script[1024], cmd[2048];
-    snprintf(script, sizeof script, "%s/pair_ref.py", refdir);
+    oracle_env env;
+    int status = oracle_setup(argc, argv, "pair_ref.py", &env);
+    if (status >= 0) return status;
     int n = (int)(sizeof CASES / sizeof CASES[0]);
-
-    snprintf(cmd, sizeof cmd, "'%s' -c 'import torch, numpy' >/dev/null 2>&1", python);
-    if (system(cmd) != 0) {
-        printf("1..0 # SKIP %s cannot import torch and numpy: the PyTorch oracle did not run\n", python);
-        return 0;
-    }
-    FILE *probe = fopen(script, "r");
-    if (!probe) {
-        printf("Bail out! %s not found (run from the repository root or set SCMOE_REF_DIR)\n", script);
-        return 1;
-    }
-    fclose(probe);
 
     case_result *res = calloc((size_t)n, sizeof *res);
     if (!res) { printf("Bail out! out of memory\n"); return 1; }
     int written = 0;
     for (int i = 0; i < n; i++) {
         res[i].verdict = -1;
-        run_case(&CASES[i], outdir, &res[i]);
+        run_case(&CASES[i], env.outdir, &res[i]);
         written += res[i].written;
     }
-    int rc = written ? run_oracle(python, script, res, n) : 0;
+    int rc = written ? run_oracle(env.python, env.script, res, n) : 0;
 
     printf("1..%d\n", n);
     int passed = 0, failed = 0;
@@ -425,7 +357,7 @@ int main(int argc, char **argv) {
         }
         if (pass) passed++;
         else failed++;
-        if (r->written && pass && !keep) remove(r->file);
+        if (r->written && pass && !env.keep) remove(r->file);
         free(r->output);
     }
     free(res);

@@ -2,7 +2,7 @@
  * input for all five arches, serialized vs overlapped order, determinism, bad input. */
 #include "../scmoe.h"
 #include "check.h"
-#include <math.h>
+#include "fdcheck.h"
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,13 +22,14 @@ static const char *arch_name(scmoe_arch a, int pos) {
     return buf;
 }
 
-typedef struct { scmoe_pair *p; int B, T, d; const float *dy; float waux, wz; } fd_ctx;
+typedef struct { scmoe_pair *p; int B, T, d; const float *x, *dy; float waux, wz; } fd_ctx;
 
-static double loss(fd_ctx *c, const float *x, int64_t *sig) {
+static double loss(void *arg, int64_t *sig) {
+    fd_ctx *c = arg;
     size_t n = (size_t)c->B * c->T * c->d;
     float *y = malloc(sizeof(float) * n);
     scmoe_stats st;
-    scmoe_pair_forward(c->p, c->B, c->T, x, y, &st);
+    scmoe_pair_forward(c->p, c->B, c->T, c->x, y, &st);
     double L = 0;
     for (size_t i = 0; i < n; i++) L += (double)y[i] * c->dy[i];
     L += (double)c->waux * st.aux_loss + (double)c->wz * st.z_loss;
@@ -36,36 +37,6 @@ static double loss(fd_ctx *c, const float *x, int64_t *sig) {
     for (int e = 0; e < 4; e++) *sig = (int64_t)((uint64_t)*sig * 1000003u + (uint64_t)st.expert_tokens[e]);
     free(y);
     return L;
-}
-
-/* fraction of sampled entries whose central difference disagrees (jumps skipped, see test_moe.c) */
-static double fd_check(fd_ctx *c, float *param, const float *grad, size_t numel, const float *x, int samples) {
-    const float eps = 4e-3f;
-    float gmax = 0;
-    for (size_t i = 0; i < numel; i++) gmax = fabsf(grad[i]) > gmax ? fabsf(grad[i]) : gmax;
-    int64_t s0, sp, sm;
-    int tried = 0, bad = 0;
-    loss(c, x, &s0);
-    for (int s = 0; s < samples; s++) {
-        size_t i = (size_t)((frand() + 1.0f) * 0.5f * numel) % numel;
-        float keep = param[i];
-        double fd[2];
-        int jump = 0;
-        for (int q = 0; q < 2; q++) {
-            float h = q ? eps / 2 : eps;
-            param[i] = keep + h;
-            double lp = loss(c, x, &sp);
-            param[i] = keep - h;
-            double lm = loss(c, x, &sm);
-            param[i] = keep;
-            fd[q] = (lp - lm) / (2 * h);
-            jump |= sp != s0 || sm != s0;
-        }
-        if (jump || fabs(fd[0] - fd[1]) > 0.005 * fabs(fd[0]) + 1e-3 * gmax + 1e-5) continue;
-        tried++;
-        bad += fabs(fd[1] - grad[i]) > 1e-2 * fabs(grad[i]) + 3e-3 * gmax + 2e-5;
-    }
-    return tried ? (double)bad / tried : 0.0;
 }
 
 static scmoe_config tiny(scmoe_arch arch, int pos, scmoe_activation act, float cf) {
@@ -102,20 +73,19 @@ static void gradcheck(scmoe_arch arch, int pos, scmoe_activation act, float cf, 
     scmoe_pair_zero_grad(p);
     s = scmoe_pair_backward(p, dy, dx, &st);
     CHECK(s == SCMOE_OK, "backward %s", arch_name(arch, pos));
-    fd_ctx c = {p, B, T, d, dy, cfg.aux_loss_weight, cfg.z_loss_weight};
+    fd_ctx c = {p, B, T, d, x, dy, cfg.aux_loss_weight, cfg.z_loss_weight};
+    fd_spec f = {.loss = loss, .arg = &c, .uniform = frand, .eps = 4e-3f, .tol_gmax = 3e-3, .tol_abs = 2e-5,
+                 .none_tried = 0.0};
     const char *tag = arch_name(arch, pos);
     char name[64];
     snprintf(name, sizeof name, "%s %s cf=%.1f%s", tag, act ? "swiglu" : "gelu", cf, comb ? " add" : "");
-    double e = fd_check(&c, x, dx, n, x, 24);
+    double e = fd_check(&f, x, dx, n, 24);
     CHECK(e <= 0.1, "fd dx %s: %.0f%% disagree", name, 100 * e);
     for (int i = 0; i < scmoe_pair_param_count(p); i++) {
         scmoe_tensor t;
         scmoe_pair_param_at(p, i, &t);
-        float *g = malloc(sizeof(float) * t.numel);
-        memcpy(g, t.grad, sizeof(float) * t.numel);
-        e = fd_check(&c, t.data, g, t.numel, x, 6);
+        e = fd_check_param(&f, &t, 6);
         CHECK(e <= 0.2, "fd %s %s: %.0f%% disagree", t.name, name, 100 * e);
-        free(g);
     }
     free(x); free(dy); free(y); free(dx);
     scmoe_pair_destroy(p);
