@@ -64,7 +64,7 @@ static void gradcheck(int k, float cf, scmoe_activation act, int renorm) {
     fd_spec f = {.loss = loss, .arg = &c, .uniform = frand, .eps = 2e-3f, .tol_gmax = 2e-3, .tol_abs = 1e-5,
                  .none_tried = 1.0};
     double e = fd_check(&f, x, dx, (size_t)n * d, 40);
-    CHECK(e <= 0.1, "fd dx k=%d cf=%.2f %s renorm=%d: %.0f%% of entries disagree", k, cf, act ? "swiglu" : "gelu", renorm, e);
+    CHECK(e <= 0.1, "fd dx k=%d cf=%.2f %s renorm=%d: %.0f%% of entries disagree", k, cf, act ? "swiglu" : "gelu", renorm, 100 * e);
     for (int i = 0; i < scmoe_moe_param_count(m); i++) {
         scmoe_tensor t;
         scmoe_moe_param_at(m, i, &t);
