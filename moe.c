@@ -26,7 +26,7 @@ static int stage_travels(const moe_layer *m, int s) { return m->plan.n_stages ==
 
 /* Starts stage s's exchange: a dispatch (send layout -> receive layout: forward the input rows,
  * backward the dy rows) or a combine (the way back: forward into crecv, backward into send).
- * My own rows never travel: the experts read and write them in place (rows_in / rows_out), which keeps
+ * My own rows never travel: the experts read and write them in place (stage_rows), which keeps
  * the copy of the own block, done synchronously inside MPI's start call, off the critical path. */
 scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
     inflight *f = combine ? &m->xc[s] : &m->xd[s];
@@ -99,7 +99,10 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     if (!f->t_done) f->t_done = t1;
     f->t_waited += t1 - t0;
     f->active = 0;
-    if (s) return scmoe_fail(m->ctx, s, "%s: %s", what, f->c->err);
+    if (s) {
+        m->next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
+        return scmoe_fail(m->ctx, s, "%s: %s", what, f->c->err);
+    }
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         bf16_unpack(f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
                     (size_t)f->unpack_counts[q] * f->row);
@@ -298,6 +301,7 @@ void moe_free(moe_layer *m) {
 
 scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
     scmoe_context *ctx = m->ctx;
+    m->next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
     comm *w = ctx->world;
     int E = m->E, k = m->k, d = m->d, P = w->size;
 
@@ -485,6 +489,7 @@ void moe_decode(moe_layer *m, float *y, float beta) {
 void moe_decode_backward(moe_layer *m, const float *dy) {
     int k = m->k, d = m->d;
     m->pass = 1;
+    m->next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < m->n; t++) {
         const float *dyt = dy + (size_t)t * d;

@@ -11,11 +11,13 @@
 # (ip netns exec ... unshare --uts). Nothing is created in the root namespace; everything (namespaces,
 # processes in them, scratch files) is removed on exit. Without root or namespaces: a SKIP line.
 #
-# Rounds: ROUNDS (3) times, progress poll / thread alternating, the link taken down after a random 5..20
+# Rounds: ROUNDS (3) times, progress poll / thread alternating (rounds 3, 6, ... with pipeline_chunks 3,
+# so chained dispatches are in flight too), the link taken down after a random 5..20
 # completed steps. Each rank writes its own report file (see linkdown_pair.c). Per round and rank:
 #   - the library call in flight returns an error and the program exits, no call outliving
 #     4 x comm_timeout_s + 10 s (the program's own watchdog reports HUNG and exits otherwise);
-#   - the error is SCMOE_ERR_TIMEOUT and its message names the exchange ("did not complete").
+#   - the error is SCMOE_ERR_TIMEOUT and its message names the exchange ("did not complete"): a token
+#     all-to-all, a gradient all-reduce, or the small per-step agreement (counts, routing, status).
 # A rank still inside the library 3 x comm_timeout_s + 3 s after the link went down has its stack
 # printed (gdb), which names the call that does not time out.
 # Prints "ok - ..." / "not ok - ..." and "N passed, N failed". Env: BUILD (build), TIMEOUT_S, ROUNDS.
@@ -106,12 +108,13 @@ steps_done() { local n; n=$(grep -c '^step .* ok$' "$1" 2>/dev/null); echo "${n:
 
 for round in $(seq 1 "$ROUNDS"); do
     prog=$([ $((round % 2)) = 1 ] && echo poll || echo thread)
-    what="round $round (progress $prog, comm_timeout_s $TIMEOUT_S)"
+    chunks=$([ $((round % 3)) = 0 ] && echo 3 || echo 0)
+    what="round $round (progress $prog, pipeline_chunks $chunks, comm_timeout_s $TIMEOUT_S)"
     [ $round = 1 ] || setup || { ok 1 "$what: namespaces"; continue; }
     rep=$TMP/rep$round
     rm -f "$rep".*
     ip netns exec $NA unshare --uts -- /bin/sh -c "hostname hosta; exec mpirun $MCA --hostfile $TMP/hostfile \
-        --bind-to none -np 2 -x OMP_NUM_THREADS=1 $PROG $rep $TIMEOUT_S $prog" > "$TMP/mpirun$round.out" 2>&1 &
+        --bind-to none -np 2 -x OMP_NUM_THREADS=1 $PROG $rep $TIMEOUT_S $prog 100000 $chunks" > "$TMP/mpirun$round.out" 2>&1 &
     MPID=$!
     want=$((5 + RANDOM % 16)) t=0
     while [ $t -lt 600 ] && { [ "$(steps_done "$rep.0")" -lt $want ] || [ "$(steps_done "$rep.1")" -lt $want ]; }; do
@@ -168,7 +171,7 @@ for round in $(seq 1 "$ROUNDS"); do
         msg="$what: rank $r: the library call returns an error and the program exits (no call outlives 4 x comm_timeout_s + 10 s)"
         if [ $returned != 0 ] && [ -n "$bug" ] && known "$bug"; then todo "$msg" "$bug"; else ok $returned "$msg"; fi
         echo "$last" | grep -q 'SCMOE_ERR_TIMEOUT' && echo "$last" | grep -q 'did not complete' &&
-            echo "$last" | grep -Eq '(all-to-all|all-reduce)'
+            echo "$last" | grep -Eq '(all-to-all|all-reduce|per-step agreement)'
         rc=$?
         msg="$what: rank $r: the error is SCMOE_ERR_TIMEOUT and its message names the exchange"
         if [ $rc != 0 ] && [ -n "$bug" ] && known "$bug"; then todo "$msg" "$bug"; else ok $rc "$msg"; fi

@@ -1,7 +1,8 @@
 /* linkdown_pair.c: the host program of tests/faults/linkdown.sh. A block-pair training loop over MPI
  * with a short comm_timeout_s, run on two emulated hosts whose link the test takes down mid-run.
  *
- *   linkdown_pair REPORT_PREFIX [TIMEOUT_S=3] [PROGRESS=poll|thread] [MAX_STEPS=100000]
+ *   linkdown_pair REPORT_PREFIX [TIMEOUT_S=3] [PROGRESS=poll|thread] [MAX_STEPS=100000] [CHUNKS=0]
+ * (CHUNKS: pipeline_chunks, so the link can also go down between a pipeline's chained dispatches)
  *
  * Each rank writes REPORT_PREFIX.<rank> (its stdout may not reach mpirun once the link is down):
  *   "pid P"                  at start
@@ -98,6 +99,7 @@ int main(int argc, char **argv) {
     if (argc > 2) timeout_s = atof(argv[2]);
     int thread = argc > 3 && strcmp(argv[3], "thread") == 0;
     long max_steps = argc > 4 ? atol(argv[4]) : 100000;
+    int chunks = argc > 5 ? atoi(argv[5]) : 0;
     char path[4096];
     snprintf(path, sizeof path, "%s.%d", argv[1], rank);
     rep = fopen(path, "w");
@@ -111,6 +113,7 @@ int main(int argc, char **argv) {
     c.d_model = 64; c.d_hidden = 128; c.n_experts = 4; c.n_heads = 4; c.max_seq_len = 64; c.max_tokens = 512;
     c.arch = SCMOE_ARCH_SCMOE; c.shortcut_pos = 2; c.comm_timeout_s = timeout_s;
     c.progress = thread ? SCMOE_PROGRESS_THREAD : SCMOE_PROGRESS_POLL; c.overlap_grad_sync = 1;
+    c.pipeline_chunks = chunks;
     scmoe_pair *p;
     CALL(scmoe_pair_create(ctx, &c, &p));
     int B = 8, T = 64, d = c.d_model;
