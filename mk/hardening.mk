@@ -118,7 +118,7 @@ check-soak: deps
 	BUILD=$(B) tests/test_soak.sh
 
 check-determinism: deps
-	$(MAKE) all examples
+	$(MAKE) all examples $(B)/tests/test_pair
 	BUILD=$(B) tests/test_determinism.sh
 
 # the fault programs: ordinary MPI programs against libscmoe.a

@@ -42,6 +42,11 @@ differing() { # the first differing step, or "none"
         sed -E 's/^\{"step":([0-9]+),.*/step \1/' | grep . || echo none
 }
 
+# Thread counts can only agree where OpenBLAS's sgemm does (its Haswell kernels of 0.3.21 do not; docs/env.md).
+blas_invariant=1
+if [ -x "$BUILD/tests/test_pair" ]; then
+    OMP_NUM_THREADS=2 "$BUILD/tests/test_pair" --blas-thread-probe || blas_invariant=0
+fi
 for np in 1 2; do
     train "a$np" $np 1 --seed 1234
     train "b$np" $np 1 --seed 1234
@@ -49,7 +54,11 @@ for np in 1 2; do
     train "s$np" $np 1 --seed 99
     train "o$np" $np 1 --seed 1234 --overlap 0
     same "a$np" "b$np"; ok $? "$np rank(s): two runs, same seed: bitwise-identical loss curves (first difference: $(differing a$np b$np))"
-    same "a$np" "t$np"; ok $? "$np rank(s): OMP_NUM_THREADS=2 == OMP_NUM_THREADS=1, bitwise (first difference: $(differing a$np t$np))"
+    if [ "$blas_invariant" = 1 ]; then
+        same "a$np" "t$np"; ok $? "$np rank(s): OMP_NUM_THREADS=2 == OMP_NUM_THREADS=1, bitwise (first difference: $(differing a$np t$np))"
+    else
+        ok 0 "$np rank(s): OMP_NUM_THREADS=2 == OMP_NUM_THREADS=1 # SKIP OpenBLAS's own sgemm differs between 1 and 2 threads on this CPU"
+    fi
     ! same "a$np" "s$np"; ok $? "$np rank(s): another seed gives another curve (the check can fail)"
     same "a$np" "o$np"; ok $? "$np rank(s): --overlap 0 (serialized) == --overlap 1 (overlapped), bitwise (first difference: $(differing a$np o$np))"
 done
