@@ -61,31 +61,15 @@ scmoe_status scmoe_moe_set_training(scmoe_moe *o, int training) {
     return SCMOE_OK;
 }
 
-typedef struct exchange_time { double comm, exposed; } exchange_time;
-
-static void exchange_waited(void *arg, const char *what, const inflight *f) {
-    (void)what;
-    exchange_time *t = arg;
-    t->comm += f->t_done - f->t_start;
-    t->exposed += f->t_waited;
-}
-
-static double overlap(const exchange_time *t) {
-    return t->comm > 0 ? 1.0 - (t->exposed < t->comm ? t->exposed : t->comm) / t->comm : 1.0;
-}
-
 /* dispatch, the experts (forward or backward, stage by stage), every combine: only a pipeline's own
  * stages overlap here, so the GEMMs poll the exchanges only then. */
-static scmoe_status run_experts(scmoe_moe *o, exchange_time *t, scmoe_status (*experts)(moe_layer *, const exec *)) {
+static scmoe_status run_experts(scmoe_moe *o, scmoe_status (*experts)(moe_layer *, const exec *)) {
     moe_layer *m = &o->m;
-    m->on_wait = exchange_waited;
-    m->on_wait_arg = t;
     o->ex.poll = m->plan.n_stages > 1 ? moe_poll : NULL;
     o->ex.poll_arg = m;
     scmoe_status s = moe_dispatch_start(m);
     if (!s) s = experts(m, &o->ex);
     if (!s) s = moe_combine_wait(m);
-    m->on_wait = NULL;
     o->ex.poll = NULL;
     return s;
 }
@@ -106,8 +90,7 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     }
     scmoe_status s = moe_gate_encode(m, &o->ex, n, xin);
     if (s) return s;
-    exchange_time t = {0, 0};
-    s = run_experts(o, &t, moe_experts_forward);
+    s = run_experts(o, moe_experts_forward);
     if (s) return s;
     moe_decode(m, y, 0.0f);
     if (!m->training) m->forward_done = 0;
@@ -115,9 +98,9 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
         memset(stats, 0, sizeof *stats);
         moe_fill_stats(m, stats);
         stats->fwd_time = scmoe_now() - t0;
-        stats->fwd_comm = t.comm;
-        stats->fwd_exposed = t.exposed;
-        stats->fwd_overlap = overlap(&t);
+        stats->fwd_comm = m->comm_time;
+        stats->fwd_exposed = m->exposed_time;
+        stats->fwd_overlap = overlap_fraction(m->comm_time, m->exposed_time);
         stats->expert_slot = -1;
     }
     return SCMOE_OK;
@@ -152,8 +135,7 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     if (s) return s;
     params_zero_stage(&o->pt);
     moe_decode_backward(m, dy);
-    exchange_time t = {0, 0};
-    s = run_experts(o, &t, moe_experts_backward);
+    s = run_experts(o, moe_experts_backward);
     if (s) return s;
     moe_gate_backward(m, &o->ex, dx, 0.0f);
     double ts = scmoe_now();
@@ -162,9 +144,9 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     if (stats) {
         moe_fill_stats(m, stats);
         stats->bwd_time = scmoe_now() - t0;
-        stats->bwd_comm = t.comm;
-        stats->bwd_exposed = t.exposed;
-        stats->bwd_overlap = overlap(&t);
+        stats->bwd_comm = m->comm_time;
+        stats->bwd_exposed = m->exposed_time;
+        stats->bwd_overlap = overlap_fraction(m->comm_time, m->exposed_time);
         stats->grad_sync_time = stats->grad_sync_exposed = scmoe_now() - ts;
     }
     return SCMOE_OK;

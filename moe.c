@@ -106,8 +106,14 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         bf16_unpack(f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
                     (size_t)f->unpack_counts[q] * f->row);
+    m->comm_time += f->t_done - f->t_start;
+    m->exposed_time += f->t_waited;
     if (m->on_wait) m->on_wait(m->on_wait_arg, what, f);
     return SCMOE_OK;
+}
+
+double overlap_fraction(double comm, double exposed) {
+    return comm > 0 ? 1.0 - (exposed < comm ? exposed : comm) / comm : 1.0;
 }
 
 static const char *exchange_name(const moe_layer *m, int combine) {
@@ -302,6 +308,7 @@ void moe_free(moe_layer *m) {
 scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
     scmoe_context *ctx = m->ctx;
     m->next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
+    m->comm_time = m->exposed_time = 0;
     comm *w = ctx->world;
     int E = m->E, k = m->k, d = m->d, P = w->size;
 
@@ -490,6 +497,7 @@ void moe_decode_backward(moe_layer *m, const float *dy) {
     int k = m->k, d = m->d;
     m->pass = 1;
     m->next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
+    m->comm_time = m->exposed_time = 0;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < m->n; t++) {
         const float *dyt = dy + (size_t)t * d;

@@ -101,11 +101,10 @@ static void trace_flush(schedule *s, int dir) {
     }
 }
 
-/* The MoE tells of every exchange it waited for: its time, what of it was exposed, its trace box. */
+/* The MoE tells of every exchange it waited for (it sums their times itself): its trace box, and its
+ * duration for the profile of a serialized step. */
 static void exchange_waited(void *arg, const char *what, const inflight *f) {
     run_state *r = arg;
-    r->s->comm_time[r->dir] += f->t_done - f->t_start;
-    r->s->exposed[r->dir] += f->t_waited;
     event(r->s, r->dir, what, 1, f->t_start, f->t_done);
     r->last = f->t_done - f->t_start;
 }
@@ -156,7 +155,6 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     int serial = profiling(s, 0, n) || !s->cfg.overlap || !s->shortcut;
     int K = serial ? 0 : s->slot_f;
     double t_start = scmoe_now();
-    s->comm_time[0] = s->exposed[0] = 0;
     s->n_ev[0] = 0;
     s->trace_step++;
     hook(&r, ex, m);
@@ -184,6 +182,8 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     }
     if (!st) st = moe_combine_wait(m);
     hook(NULL, ex, m);
+    s->comm_time[0] = m->comm_time;
+    s->exposed[0] = m->exposed_time;
     if (st) return st;
     double t0 = scmoe_now();
     moe_decode(m, mo->y, 1.0f);
@@ -225,7 +225,6 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
     int K = serial ? 0 : s->slot_b;
     int early_grads = s->cfg.overlap; /* serialized runs reduce all gradients after backward */
     double t_start = scmoe_now();
-    s->comm_time[1] = s->exposed[1] = 0;
     s->n_ev[1] = 0;
     s->grad_t0 = 0;
     hook(&r, ex, m);
@@ -261,6 +260,8 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
         if (!st) st = buckets_flush(s, i >= needed_before);
     }
     hook(NULL, ex, m);
+    s->comm_time[1] = m->comm_time;
+    s->exposed[1] = m->exposed_time;
     if (st) return st;
     if (!early_grads) /* serialized: every bucket after the backward */
         for (int b = 0; b < SCHED_OPS + 2; b++) s->ready[b] = 1;
@@ -305,8 +306,7 @@ void schedule_fill_stats(const schedule *s, scmoe_stats *st, int which) {
         st->grad_sync_exposed = s->grad_exposed;
         return;
     }
-    double c = s->comm_time[which], e = s->exposed[which] < c ? s->exposed[which] : c;
-    double ov = c > 0 ? 1.0 - e / c : 1.0;
+    double c = s->comm_time[which], ov = overlap_fraction(c, s->exposed[which]);
     if (which == 0) {
         st->fwd_time = s->time[0]; st->fwd_comm = c; st->fwd_exposed = s->exposed[0]; st->fwd_overlap = ov;
         st->fwd_expert = s->expert[0];

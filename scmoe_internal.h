@@ -121,6 +121,7 @@ typedef struct moe_layer {
     int forward_done;
     int pass;                  /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
     int next_dispatch;         /* the next stage whose dispatch has not started */
+    double comm_time, exposed_time; /* this pass's exchanges: time in flight, and time the caller waited */
     scmoe_status deferred;     /* a dispatch started from moe_poll that failed, reported by the next wait */
     inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
     /* told of every exchange as it completes (a schedule's timing and trace); may be NULL */
@@ -157,6 +158,8 @@ void moe_decode_backward(moe_layer *m, const float *dy);
 scmoe_status moe_experts_backward(moe_layer *m, const exec *ex);
 /* dx = beta * dx + dL/dx through the routed rows, the gate, and the aux and z losses */
 void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta);
+/* hidden / total exchange time: 1 - min(exposed, comm) / comm, 1 when nothing was exchanged */
+double overlap_fraction(double comm, double exposed);
 /* exec poll hook (arg: the moe_layer): tests the exchanges in flight when the progress policy is POLL */
 void moe_poll(void *arg);
 
