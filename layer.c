@@ -10,8 +10,16 @@ struct scmoe_moe {
     param_table pt;
     moe_layer m;
     exec ex;
-    float *xbuf;       /* the training forward's input, kept for backward */
+    float *xbuf;       /* the training forward's input, kept for backward (the backend's memory) */
 };
+
+/* A kernel or copy of a device backend that failed in this call (the host backend never fails). */
+static scmoe_status device_check(scmoe_moe *o) {
+    const compute_ops *co = o->ctx->compute;
+    char msg[200];
+    if (!co->failed(co, msg, sizeof msg)) return SCMOE_OK;
+    return scmoe_fail(o->ctx, SCMOE_ERR_DEVICE, "%s backend: %s", co->name, msg);
+}
 
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
@@ -25,17 +33,20 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
     if (!o) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
         o->ctx = ctx;
+        ctx->objects++;
         o->ex.blas = ctx->blas;
+        o->ex.compute = ctx->compute;
         o->ex.poll_cols = cfg->poll_cols;
         s = moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
     }
     if (!s) {
-        s = params_allocate(&o->pt, ctx->world->size > 1, o->m.replicas->size > 1);
+        s = params_allocate(&o->pt, ctx->compute, ctx->world->size > 1, o->m.replicas->size > 1);
         if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", o->pt.total);
     }
     if (!s) s = moe_alloc(&o->m);
     if (!s) {
-        o->xbuf = malloc(sizeof(float) * (size_t)cfg->max_tokens * cfg->d_model);
+        o->xbuf = ctx->compute->alloc(ctx->compute, sizeof(float) * (size_t)cfg->max_tokens * cfg->d_model,
+                                      COMPUTE_DEVICE);
         if (!o->xbuf) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the input copy");
     }
     s = status_agree(ctx, s);
@@ -51,7 +62,10 @@ void scmoe_moe_destroy(scmoe_moe *o) {
     if (!o) return;
     moe_free(&o->m);
     params_free(&o->pt);
-    free(o->xbuf);
+    if (o->ctx) {
+        o->ctx->compute->release(o->ctx->compute, o->xbuf, COMPUTE_DEVICE);
+        o->ctx->objects--;
+    }
     free(o);
 }
 
@@ -83,7 +97,7 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     /* bad arguments still take part in gate_encode's first exchange, which fails every rank */
     const float *xin = x;
     if (n > 0 && n <= m->max_tokens && x && y) {
-        memcpy(o->xbuf, x, sizeof(float) * (size_t)n * m->d);
+        o->ctx->compute->copy(o->ctx->compute, o->xbuf, x, sizeof(float) * (size_t)n * m->d);
         xin = o->xbuf;
     } else if (n > 0 && !y) {
         xin = NULL;
@@ -93,6 +107,11 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     s = run_experts(o, moe_experts_forward);
     if (s) return s;
     moe_decode(m, y, 0.0f);
+    s = device_check(o);
+    if (s) {
+        m->forward_done = 0;
+        return s;
+    }
     if (!m->training) m->forward_done = 0;
     if (stats) {
         memset(stats, 0, sizeof *stats);
@@ -129,7 +148,7 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     scmoe_status local = SCMOE_OK;
     if (!m->forward_done || !m->training) local = scmoe_fail(o->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
     else if (m->n > 0 && (!dy || !dx)) local = scmoe_fail(o->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
-    else if (m->cfg.check_finite && m->n > 0 && scmoe_has_nonfinite(dy, (size_t)m->n * m->d))
+    else if (m->cfg.check_finite && m->n > 0 && o->ctx->compute->has_nonfinite(o->ctx->compute, dy, (size_t)m->n * m->d))
         local = scmoe_fail(o->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
     scmoe_status s = status_agree(o->ctx, local);
     if (s) return s;
@@ -138,8 +157,10 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     s = run_experts(o, moe_experts_backward);
     if (s) return s;
     moe_gate_backward(m, &o->ex, dx, 0.0f);
+    o->ctx->compute->sync(o->ctx->compute); /* the staged gradients are summed by MPI on the host */
     double ts = scmoe_now();
     s = sync_grads(o->ctx, &o->pt, o->ctx->world, m->replicas);
+    if (!s) s = device_check(o);
     if (s) return s;
     if (stats) {
         moe_fill_stats(m, stats);

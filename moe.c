@@ -41,19 +41,23 @@ scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
     f->t_done = 0;
     f->t_waited = 0;
     f->unpack_to = NULL;
+    const compute_ops *co = m->co;
     scmoe_status st;
+    /* MPI reads the mapped buffers on the host: every kernel writing them must have finished */
     if (m->cfg.wire_bf16) {
         /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
         uint16_t *out = combine ? m->wire_c_out : m->wire_d_out, *in = combine ? m->wire_c_in : m->wire_d_in;
         for (int q = 0; q < P; q++)
-            bf16_pack(out + (size_t)sd[q] * m->d, src + (size_t)sd[q] * m->d, (size_t)sc[q] * m->d);
+            co->bf16_pack(co, out + (size_t)sd[q] * m->d, src + (size_t)sd[q] * m->d, (size_t)sc[q] * m->d);
         f->unpack_to = dst;
         f->unpack_from = in;
         f->unpack_counts = rc;
         f->unpack_displs = rd;
         f->row = m->d;
+        co->sync(co);
         st = c->ops->alltoallv_start(c, out, sc, sd, in, rc, rd, (int)sizeof(uint16_t) * m->d, &f->req);
     } else {
+        co->sync(co);
         st = c->ops->alltoallv_start(c, src, sc, sd, dst, rc, rd, (int)sizeof(float) * m->d, &f->req);
     }
     if (st) return scmoe_fail(m->ctx, st, "starting a token exchange failed: %s", c->err);
@@ -104,7 +108,7 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
         return scmoe_fail(m->ctx, s, "%s: %s", what, f->c->err);
     }
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
-        bf16_unpack(f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
+        m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
                     (size_t)f->unpack_counts[q] * f->row);
     m->comm_time += f->t_done - f->t_start;
     m->exposed_time += f->t_waited;
@@ -193,8 +197,91 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
 }
 
 
+/* A bump allocator that first only counts (base NULL), then hands out the same layout. */
+typedef struct moe_arena {
+    char *base;
+    size_t used;
+} moe_arena;
+
+static void *moe_take(moe_arena *a, size_t bytes) {
+    void *p = a->base ? a->base + a->used : NULL;
+    a->used += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+/* The workspace in three arenas: host (the plan and what host code reads), device (activations and
+ * expert rows) and mapped (what MPI exchanges). On a device backend the host keeps mirrors of the gate's
+ * small outputs, and the device copies of the plan's slot and recv_to_expert; on the host they are the
+ * same arrays. */
+static void moe_layout(moe_layer *m, moe_arena *H, moe_arena *D, moe_arena *X) {
+    int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
+    int64_t S_max = (int64_t)m->max_tokens * world;
+    int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
+    int ns = route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
+    size_t f = sizeof(float), i4 = sizeof(int);
+    route_plan *pl = &m->plan;
+    pl->cursor = moe_take(H, i4 * (size_t)cur);
+    pl->expert_count = moe_take(H, sizeof(int64_t) * E);
+    pl->expert_kept = moe_take(H, sizeof(int64_t) * E);
+    m->top1_count = moe_take(H, sizeof(int64_t) * E);
+    pl->send_counts = moe_take(H, i4 * ep);
+    pl->send_displs = moe_take(H, i4 * ep);
+    pl->recv_counts = moe_take(H, i4 * ep);
+    pl->recv_displs = moe_take(H, i4 * ep);
+    m->xs_counts = moe_take(H, i4 * (size_t)ns * ep);
+    m->xs_displs = moe_take(H, i4 * (size_t)ns * ep);
+    m->xr_counts = moe_take(H, i4 * (size_t)ns * ep);
+    m->xr_displs = moe_take(H, i4 * (size_t)ns * ep);
+    pl->src_cursor = moe_take(H, i4 * ep * El);
+    pl->expert_offsets = moe_take(H, i4 * ((size_t)ns * El + 1));
+    pl->slot = moe_take(H, i4 * (size_t)S);
+    pl->recv_to_expert = moe_take(H, i4 * (size_t)R);
+    m->route_work = moe_take(H, route_workspace_bytes(S_max, k));
+    m->records = moe_take(H, i4 * (size_t)n * (k + 1));
+    m->records_all = moe_take(H, i4 * (size_t)S_max * (k + 1));
+    m->tokens_per_rank = moe_take(H, i4 * world);
+    m->rec_bytes = moe_take(H, i4 * world);
+    m->rec_displs = moe_take(H, i4 * world);
+    m->gsum = moe_take(H, sizeof(double) * (E + 1));
+    m->aux_coef_h = moe_take(H, f * E);
+
+    m->logits = moe_take(D, f * (size_t)n * E);
+    m->p = moe_take(D, f * (size_t)n * E);
+    m->dlogits = moe_take(D, f * (size_t)n * E);
+    m->lse = moe_take(D, f * n);
+    m->score = moe_take(D, f * n);
+    m->weight = moe_take(D, f * (size_t)n * k);
+    m->dweight = moe_take(D, f * (size_t)n * k);
+    m->choice = moe_take(D, i4 * (size_t)n * k);
+    m->aux_coef = dev ? moe_take(D, f * E) : m->aux_coef_h;
+    m->xe = moe_take(D, f * (size_t)R * d);
+    m->ye = moe_take(D, f * (size_t)R * d);
+    m->dxe = moe_take(D, f * (size_t)R * d);
+    m->pre = moe_take(D, f * (size_t)R * m->h1);
+    m->dpre = moe_take(D, f * (size_t)R * m->h1);
+    m->hid = moe_take(D, f * (size_t)R * m->h);
+    m->dhid = moe_take(D, f * (size_t)R * m->h);
+    m->slot_d = dev ? moe_take(D, i4 * (size_t)S) : pl->slot;
+    m->r2e_d = dev ? moe_take(D, i4 * (size_t)R) : pl->recv_to_expert;
+    m->p_h = dev ? moe_take(H, f * (size_t)n * E) : m->p;
+    m->lse_h = dev ? moe_take(H, f * n) : m->lse;
+    m->choice_h = dev ? moe_take(H, i4 * (size_t)n * k) : m->choice;
+    m->score_h = dev ? moe_take(H, f * n) : m->score;
+
+    m->send = moe_take(X, f * (size_t)S * d);
+    m->crecv = moe_take(X, f * (size_t)S * d);
+    m->recv = moe_take(X, f * (size_t)R * d);
+    if (m->cfg.wire_bf16) {
+        m->wire_d_out = moe_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->wire_d_in = moe_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_out = moe_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_in = moe_take(X, sizeof(uint16_t) * (size_t)S * d);
+    }
+    m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
+}
+
 scmoe_status moe_alloc(moe_layer *m) {
-    int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d;
+    int world = m->ctx->world->size, k = m->k, E = m->E;
     int64_t S_max = (int64_t)m->max_tokens * world;
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
         return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x top_k %d is too large", m->max_tokens, k);
@@ -210,75 +297,19 @@ scmoe_status moe_alloc(moe_layer *m) {
         return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
                           m->max_tokens, world);
     m->max_recv = (int)recv;
-    int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
-    int ns = route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
-    size_t f = sizeof(float), i4 = sizeof(int);
-    size_t sizes[] = {
-        i4 * (size_t)cur + sizeof(int64_t) * E * 3 + i4 * ep * 4 + i4 * (size_t)ns * ep * 4 + i4 * ep * El +
-            i4 * ((size_t)ns * El + 1) + i4 * (size_t)S + i4 * (size_t)R,
-        route_workspace_bytes(S_max, k),
-        i4 * (size_t)n * (k + 1), i4 * (size_t)S_max * (k + 1), i4 * world * 3,
-        f * (size_t)n * E * 3, f * n * 2, f * (size_t)n * k * 2, i4 * (size_t)n * k,
-        sizeof(double) * (E + 1), f * E,
-        f * (size_t)S * d * 2, f * (size_t)R * d * 4,
-        f * (size_t)R * m->h1 * 2, f * (size_t)R * m->h * 2,
-        m->cfg.wire_bf16 ? sizeof(uint16_t) * ((size_t)R + S) * d * 2 : 0,
-    };
-    size_t total = 0;
-    for (size_t i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i] + 64 * 16;
-    m->mem = aligned_alloc(64, (total + 63) & ~(size_t)63);
-    if (!m->mem) return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes", total);
-    char *c = m->mem;
-    route_plan *pl = &m->plan;
-    pl->cursor = arena_take(&c, i4 * (size_t)cur);
-    pl->expert_count = arena_take(&c, sizeof(int64_t) * E);
-    pl->expert_kept = arena_take(&c, sizeof(int64_t) * E);
-    m->top1_count = arena_take(&c, sizeof(int64_t) * E);
-    pl->send_counts = arena_take(&c, i4 * ep);
-    pl->send_displs = arena_take(&c, i4 * ep);
-    pl->recv_counts = arena_take(&c, i4 * ep);
-    pl->recv_displs = arena_take(&c, i4 * ep);
-    m->xs_counts = arena_take(&c, i4 * (size_t)ns * ep);
-    m->xs_displs = arena_take(&c, i4 * (size_t)ns * ep);
-    m->xr_counts = arena_take(&c, i4 * (size_t)ns * ep);
-    m->xr_displs = arena_take(&c, i4 * (size_t)ns * ep);
-    pl->src_cursor = arena_take(&c, i4 * ep * El);
-    pl->expert_offsets = arena_take(&c, i4 * ((size_t)ns * El + 1));
-    pl->slot = arena_take(&c, i4 * (size_t)S);
-    pl->recv_to_expert = arena_take(&c, i4 * (size_t)R);
-    m->route_work = arena_take(&c, route_workspace_bytes(S_max, k));
-    m->records = arena_take(&c, i4 * (size_t)n * (k + 1));
-    m->records_all = arena_take(&c, i4 * (size_t)S_max * (k + 1));
-    m->tokens_per_rank = arena_take(&c, i4 * world);
-    m->rec_bytes = arena_take(&c, i4 * world);
-    m->rec_displs = arena_take(&c, i4 * world);
-    m->logits = arena_take(&c, f * (size_t)n * E);
-    m->p = arena_take(&c, f * (size_t)n * E);
-    m->dlogits = arena_take(&c, f * (size_t)n * E);
-    m->lse = arena_take(&c, f * n);
-    m->score = arena_take(&c, f * n);
-    m->weight = arena_take(&c, f * (size_t)n * k);
-    m->dweight = arena_take(&c, f * (size_t)n * k);
-    m->choice = arena_take(&c, i4 * (size_t)n * k);
-    m->gsum = arena_take(&c, sizeof(double) * (E + 1));
-    m->aux_coef = arena_take(&c, f * E);
-    m->send = arena_take(&c, f * (size_t)S * d);
-    m->crecv = arena_take(&c, f * (size_t)S * d);
-    m->recv = arena_take(&c, f * (size_t)R * d);
-    m->xe = arena_take(&c, f * (size_t)R * d);
-    m->ye = arena_take(&c, f * (size_t)R * d);
-    m->dxe = arena_take(&c, f * (size_t)R * d);
-    m->pre = arena_take(&c, f * (size_t)R * m->h1);
-    m->dpre = arena_take(&c, f * (size_t)R * m->h1);
-    m->hid = arena_take(&c, f * (size_t)R * m->h);
-    m->dhid = arena_take(&c, f * (size_t)R * m->h);
-    if (m->cfg.wire_bf16) {
-        m->wire_d_out = arena_take(&c, sizeof(uint16_t) * (size_t)S * d);
-        m->wire_d_in = arena_take(&c, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_out = arena_take(&c, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_in = arena_take(&c, sizeof(uint16_t) * (size_t)S * d);
-    }
-    m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
+    m->co = m->ctx->compute;
+    moe_arena H = {0}, D = {0}, X = {0};
+    moe_layout(m, &H, &D, &X);
+    m->mem = aligned_alloc(64, H.used);
+    m->mem_dev = m->co->alloc(m->co, D.used, COMPUTE_DEVICE);
+    m->mem_map = m->co->alloc(m->co, X.used, COMPUTE_MAPPED);
+    if (!m->mem || !m->mem_dev || !m->mem_map)
+        return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
+                          "%s and %zu of exchange memory", H.used, D.used, m->co->name, X.used);
+    H = (moe_arena){m->mem, 0};
+    D = (moe_arena){m->mem_dev, 0};
+    X = (moe_arena){m->mem_map, 0};
+    moe_layout(m, &H, &D, &X);
     m->wg = param_data(m, m->p_wg);
     return SCMOE_OK;
 }
@@ -299,8 +330,12 @@ void moe_free(moe_layer *m) {
     if (m->ep_back) m->ep_back->ops->destroy(m->ep_back);
     if (m->replicas) m->replicas->ops->destroy(m->replicas);
     free(m->mem);
+    if (m->co) {
+        m->co->release(m->co, m->mem_dev, COMPUTE_DEVICE);
+        m->co->release(m->co, m->mem_map, COMPUTE_MAPPED);
+    }
     m->ep = m->ep_back = m->replicas = NULL;
-    m->mem = NULL;
+    m->mem = m->mem_dev = m->mem_map = NULL;
 }
 
 /* ---- forward phases ---- */
@@ -317,7 +352,7 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     scmoe_status local = SCMOE_OK;
     if (n < 0 || n > m->max_tokens) local = SCMOE_ERR_N_TOKENS;
     else if (n > 0 && !x) local = SCMOE_ERR_NULL;
-    else if (m->cfg.check_finite && n > 0 && scmoe_has_nonfinite(x, (size_t)n * d)) local = SCMOE_ERR_NONFINITE;
+    else if (m->cfg.check_finite && n > 0 && m->co->has_nonfinite(m->co, x, (size_t)n * d)) local = SCMOE_ERR_NONFINITE;
     int mine = local ? -(int)local : n;
     scmoe_status s = w->ops->allgather(w, &mine, sizeof mine, m->tokens_per_rank);
     if (s) return scmoe_fail(ctx, s, "exchanging token counts failed: %s", w->err);
@@ -337,15 +372,22 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     m->S_global = S;
 
     float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
+    const compute_ops *co = m->co;
     gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, d, E, noise, m->cfg.seed, m->step, offset);
-    gate_topk(m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
+    co->gate_topk(co, m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
     if (m->training) m->step++;
+    if (co->device) { /* the one wait of a forward: routing is planned on the host */
+        co->copy(co, m->choice_h, m->choice, sizeof(int) * (size_t)n * k);
+        co->copy(co, m->score_h, m->score, sizeof(float) * n);
+        co->copy(co, m->p_h, m->p, sizeof(float) * (size_t)n * E);
+        co->copy(co, m->lse_h, m->lse, sizeof(float) * n);
+    }
 
     /* routing records of the whole batch */
     int stride = k + 1;
     for (int t = 0; t < n; t++) {
-        memcpy(m->records + (size_t)t * stride, m->choice + (size_t)t * k, sizeof(int) * k);
-        memcpy(m->records + (size_t)t * stride + k, &m->score[t], sizeof(float));
+        memcpy(m->records + (size_t)t * stride, m->choice_h + (size_t)t * k, sizeof(int) * k);
+        memcpy(m->records + (size_t)t * stride + k, &m->score_h[t], sizeof(float));
     }
     for (int r = 0, off = 0; r < P; r++) {
         m->rec_bytes[r] = m->tokens_per_rank[r] * stride * (int)sizeof(int32_t);
@@ -360,9 +402,9 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
     memset(m->gsum, 0, sizeof(double) * (E + 1));
     for (int t = 0; t < n; t++) {
-        const float *pt = m->p + (size_t)t * E;
+        const float *pt = m->p_h + (size_t)t * E;
         for (int e = 0; e < E; e++) m->gsum[e] += pt[e];
-        m->gsum[E] += (double)m->lse[t] * m->lse[t];
+        m->gsum[E] += (double)m->lse_h[t] * m->lse_h[t];
     }
     if (global && P > 1) {
         s = w->ops->allreduce_f64(w, m->gsum, E + 1);
@@ -376,8 +418,9 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     for (int e = 0; e < E; e++) {
         double me = Sa ? m->gsum[e] / Sa : 0.0, ce = Sa ? (double)m->top1_count[e] / Sa : 0.0;
         aux += me * ce;
-        m->aux_coef[e] = Sa ? (float)(scale * m->cfg.aux_loss_weight * E * ce / Sa) : 0.0f;
+        m->aux_coef_h[e] = Sa ? (float)(scale * m->cfg.aux_loss_weight * E * ce / Sa) : 0.0f;
     }
+    if (co->device) co->copy(co, m->aux_coef, m->aux_coef_h, sizeof(float) * E);
     m->aux_loss = (float)(E * aux);
     m->z_loss = Sa ? (float)(m->gsum[E] / Sa) : 0.0f;
     m->z_coef = Sa ? (float)(scale * m->cfg.z_loss_weight / Sa) : 0.0f;
@@ -397,39 +440,29 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
             m->xr_counts[i] = own ? 0 : hi - lo;
             m->xr_displs[i] = pl->recv_displs[q] + lo;
         }
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < n; t++)
-        for (int j = 0; j < k; j++) {
-            int slot = pl->slot[(size_t)t * k + j];
-            if (slot >= 0) memcpy(m->send + (size_t)slot * d, x + (size_t)t * d, sizeof(float) * d);
-        }
+    if (co->device) {
+        co->copy(co, m->slot_d, pl->slot, sizeof(int) * (size_t)n * k);
+        co->copy(co, m->r2e_d, pl->recv_to_expert, sizeof(int) * (size_t)pl->n_recv);
+    }
+    co->pack_rows(co, m->send, x, m->slot_d, n, k, d);
     m->forward_done = 0;
     m->pass = 0;
     return SCMOE_OK;
 }
 
-/* Row r of the receive layout lives in recv, or, for my own block (never exchanged), at the same
- * place of my block in own (a buffer in the send layout). */
-static float *recv_row(const moe_layer *m, float *recv, float *own, int r) {
-    const route_plan *pl = &m->plan;
-    int o = r - pl->recv_displs[m->ep_rank];
-    if (o >= 0 && o < pl->recv_counts[m->ep_rank]) return own + (size_t)(pl->send_displs[m->ep_rank] + o) * m->d;
-    return recv + (size_t)r * m->d;
-}
-
-/* Stage s's rows of the receive layout -> the expert buffer: dst[recv_to_expert[r]] = row r (in), or
- * back (out). */
+/* Stage s's rows of the receive layout -> the expert buffer: ebuf[recv_to_expert[r]] = row r (in), or
+ * back (out). My own block's rows (never exchanged) are not in recv but at the same place of my block
+ * in own, a buffer in the send layout. */
 static void stage_rows(const moe_layer *m, int s, float *ebuf, float *recv, float *own, int out) {
     const route_plan *pl = &m->plan;
     for (int p = 0; p < m->ep_size; p++) {
-        int lo, hi;
-        route_stage_range(pl->n_stages, s, p == m->ep_rank, pl->recv_counts[p], &lo, &hi);
-#pragma omp parallel for schedule(static)
-        for (int r = pl->recv_displs[p] + lo; r < pl->recv_displs[p] + hi; r++) {
-            float *e = ebuf + (size_t)pl->recv_to_expert[r] * m->d, *row = recv_row(m, recv, own, r);
-            if (out) memcpy(row, e, sizeof(float) * m->d);
-            else memcpy(e, row, sizeof(float) * m->d);
-        }
+        int lo, hi, me = p == m->ep_rank;
+        route_stage_range(pl->n_stages, s, me, pl->recv_counts[p], &lo, &hi);
+        if (hi <= lo) continue;
+        float *rows = me ? own + (size_t)(pl->send_displs[p] + lo) * m->d : recv + (size_t)(pl->recv_displs[p] + lo) * m->d;
+        const int *map = m->r2e_d + pl->recv_displs[p] + lo;
+        if (out) m->co->permute_rows(m->co, rows, ebuf, map, hi - lo, m->d, 0);
+        else m->co->permute_rows(m->co, ebuf, rows, map, hi - lo, m->d, 1);
     }
 }
 
@@ -439,7 +472,7 @@ static void stage_rows(const moe_layer *m, int s, float *ebuf, float *recv, floa
  * remains for fewer experts than threads. */
 static int experts_in_parallel(const moe_layer *m, int rows) {
     int threads = omp_get_max_threads();
-    return threads > 1 && m->E_local > 1 && (m->E_local >= threads || rows < 256 * m->E_local);
+    return !m->co->device && threads > 1 && m->E_local > 1 && (m->E_local >= threads || rows < 256 * m->E_local);
 }
 
 /* The stages in turn: wait for the stage's rows (the next stage's then go on the wire, if they are
@@ -474,43 +507,17 @@ static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
 scmoe_status moe_experts_forward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_forward_stage); }
 
 void moe_decode(moe_layer *m, float *y, float beta) {
-    int k = m->k, d = m->d;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < m->n; t++) {
-        float *yt = y + (size_t)t * d;
-        if (beta == 0.0f) memset(yt, 0, sizeof(float) * d);
-        else if (beta != 1.0f) for (int c = 0; c < d; c++) yt[c] *= beta;
-        for (int j = 0; j < k; j++) {
-            int slot = m->plan.slot[(size_t)t * k + j];
-            if (slot < 0) continue;
-            float w = m->weight[(size_t)t * k + j];
-            const float *r = m->crecv + (size_t)slot * d;
-            for (int c = 0; c < d; c++) yt[c] += w * r[c];
-        }
-    }
+    m->co->decode_rows(m->co, y, beta, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
     m->forward_done = 1;
 }
 
 /* ---- backward phases ---- */
 
 void moe_decode_backward(moe_layer *m, const float *dy) {
-    int k = m->k, d = m->d;
     m->pass = 1;
     m->next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
     m->comm_time = m->exposed_time = 0;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < m->n; t++) {
-        const float *dyt = dy + (size_t)t * d;
-        for (int j = 0; j < k; j++) {
-            size_t a = (size_t)t * k + j;
-            int slot = m->plan.slot[a];
-            if (slot < 0) { m->dweight[a] = 0.0f; continue; }
-            const float *r = m->crecv + (size_t)slot * d;
-            float *g = m->send + (size_t)slot * d, w = m->weight[a], dot = 0.0f;
-            for (int c = 0; c < d; c++) { dot += dyt[c] * r[c]; g[c] = w * dyt[c]; }
-            m->dweight[a] = dot;
-        }
-    }
+    m->co->decode_rows_backward(m->co, m->send, m->dweight, dy, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
 }
 
 static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
@@ -533,18 +540,7 @@ scmoe_status moe_experts_backward(moe_layer *m, const exec *ex) { return run_sta
 
 void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
     int k = m->k, d = m->d;
-#pragma omp parallel for schedule(static)
-    for (int t = 0; t < m->n; t++) {
-        float *dxt = dx + (size_t)t * d;
-        if (beta == 0.0f) memset(dxt, 0, sizeof(float) * d);
-        else if (beta != 1.0f) for (int c = 0; c < d; c++) dxt[c] *= beta;
-        for (int j = 0; j < k; j++) {
-            int slot = m->plan.slot[(size_t)t * k + j];
-            if (slot < 0) continue;
-            const float *r = m->send + (size_t)slot * d;
-            for (int c = 0; c < d; c++) dxt[c] += r[c];
-        }
-    }
+    m->co->decode_rows(m->co, dx, beta, m->send, m->slot_d, NULL, m->n, k, d); /* dx = beta dx + sum of the rows */
     gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->dlogits, m->dweight, m->choice, m->p, m->lse, m->x,
                   m->wg, m->aux_coef, m->z_coef, m->n, d, m->E, k, m->cfg.renormalize);
 }

@@ -325,12 +325,16 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     char msg[256];
     scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
     if (s) scmoe_fail(ctx, s, "%s", msg);
+    else if (ctx->compute->device)
+        s = scmoe_fail(ctx, SCMOE_ERR_UNSUPPORTED, "the block pair runs on the host backend only; on a %s context "
+                       "only the MoE layer does (docs/cuda.md)", ctx->compute->name);
     s = config_agree(ctx, cfg, s);
     if (s) return s;
     scmoe_pair *p = calloc(1, sizeof *p);
     if (!p) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
         p->ctx = ctx;
+        ctx->objects++;
         p->cfg = *cfg;
         p->k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
         p->cfg.top_k = p->k;
@@ -342,7 +346,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         s = register_params(p);
     }
     if (!s) {
-        s = params_allocate(&p->pt, ctx->world->size > 1, p->moe.replicas->size > 1);
+        s = params_allocate(&p->pt, ctx->compute, ctx->world->size > 1, p->moe.replicas->size > 1);
         if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", p->pt.total);
     }
     if (!s) s = moe_alloc(&p->moe);
@@ -377,6 +381,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
 
 void scmoe_pair_destroy(scmoe_pair *p) {
     if (!p) return;
+    if (p->ctx) p->ctx->objects--;
     schedule_trace_close(&p->sch);
     moe_free(&p->moe);
     params_free(&p->pt);
@@ -425,7 +430,7 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
                            B, T, p->cfg.max_seq_len, p->cfg.max_tokens);
     else if (B > 0 && (!x || !y)) local = scmoe_fail(ctx, SCMOE_ERR_NULL, "x or y is NULL");
     else if (p->grads_pending) local = scmoe_fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
-    else if (p->cfg.check_finite && B > 0 && scmoe_has_nonfinite(x, (size_t)B * T * p->cfg.d_model))
+    else if (p->cfg.check_finite && B > 0 && has_nonfinite(x, (size_t)B * T * p->cfg.d_model))
         local = scmoe_fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
     scmoe_status s = status_agree(ctx, local);
     if (s) return s;
@@ -454,7 +459,7 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
     if (!p->backward_ready) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
     else if (p->grads_pending) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
     else if (p->n > 0 && (!dy || !dx)) local = scmoe_fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
-    else if (p->cfg.check_finite && p->n > 0 && scmoe_has_nonfinite(dy, (size_t)p->n * p->cfg.d_model))
+    else if (p->cfg.check_finite && p->n > 0 && has_nonfinite(dy, (size_t)p->n * p->cfg.d_model))
         local = scmoe_fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
     scmoe_status s = status_agree(p->ctx, local);
     if (s) return s;

@@ -129,6 +129,7 @@ static const char *const status_names[SCMOE_STATUS_COUNT] = {
     [SCMOE_ERR_TIMEOUT] = "an exchange timed out",
     [SCMOE_ERR_IO] = "file input/output failed",
     [SCMOE_ERR_UNSUPPORTED] = "not supported by this build",
+    [SCMOE_ERR_DEVICE] = "a device call failed",
 };
 
 const char *scmoe_strerror(scmoe_status s) {
@@ -176,13 +177,6 @@ const char *scmoe_build_info(void) {
         ;
 }
 
-int scmoe_has_nonfinite(const float *x, size_t n) {
-    int bad = 0;
-#pragma omp parallel for reduction(| : bad) schedule(static)
-    for (size_t i = 0; i < n; i++) bad |= !isfinite(x[i]);
-    return bad;
-}
-
 /* ---- context ---- */
 
 scmoe_status context_create_with(comm *world, scmoe_context **out) {
@@ -190,6 +184,7 @@ scmoe_status context_create_with(comm *world, scmoe_context **out) {
     if (!ctx) return SCMOE_ERR_NOMEM;
     ctx->world = world;
     ctx->blas = blas_openblas();
+    ctx->compute = compute_host();
     *out = ctx;
     return SCMOE_OK;
 }
@@ -208,6 +203,7 @@ scmoe_status scmoe_context_create(scmoe_context **out) {
 void scmoe_context_destroy(scmoe_context *ctx) {
     if (!ctx) return;
     if (ctx->world) ctx->world->ops->destroy(ctx->world);
+    if (ctx->backend_release) ctx->backend_release(ctx->backend);
     free(ctx);
 }
 
@@ -256,16 +252,26 @@ static int staged(const param_entry *e, int world_sync, int replica_sync) {
     return (e->sync == SYNC_WORLD && world_sync) || (e->sync == SYNC_REPLICAS && replica_sync);
 }
 
-scmoe_status params_allocate(param_table *pt, int world_sync, int replica_sync) {
+/* init of one tensor, seeded by its name and element index: the same values on every backend */
+static void params_init(const param_entry *e, float *dst) {
+    for (size_t j = 0; j < e->t.numel; j++)
+        dst[j] = e->init == INIT_ZERO ? 0.0f
+               : e->init == INIT_ONE ? 1.0f
+               : e->init_std * normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
+}
+
+scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync) {
     size_t total = pt->total ? pt->total : 16;
-    pt->data = aligned_alloc(64, sizeof(float) * total);
-    pt->grad = aligned_alloc(64, sizeof(float) * total);
+    pt->co = co;
+    pt->data = co->alloc(co, sizeof(float) * total, COMPUTE_DEVICE);
+    pt->grad = co->alloc(co, sizeof(float) * total, COMPUTE_DEVICE);
     if (!pt->data || !pt->grad) return SCMOE_ERR_NOMEM;
-    memset(pt->grad, 0, sizeof(float) * total);
-    size_t stage = 0;
+    co->zero(co, pt->grad, sizeof(float) * total);
+    size_t stage = 0, largest = 0;
     for (int pass = SYNC_WORLD; pass <= SYNC_REPLICAS; pass++) {
         for (int i = 0; i < pt->n; i++) {
             param_entry *e = &pt->p[i];
+            if (e->t.numel > largest) largest = e->t.numel;
             if (e->sync != pass || !staged(e, world_sync, replica_sync)) continue;
             e->offset_stage = stage;
             stage += (e->t.numel + 15) & ~(size_t)15;
@@ -273,30 +279,34 @@ scmoe_status params_allocate(param_table *pt, int world_sync, int replica_sync) 
         if (pass == SYNC_WORLD) pt->stage_world = stage;
     }
     pt->stage_total = stage;
-    if (stage) {
-        pt->stage = aligned_alloc(64, sizeof(float) * stage);
+    if (stage) { /* summed over ranks by MPI on the host: mapped */
+        pt->stage = co->alloc(co, sizeof(float) * stage, COMPUTE_MAPPED);
         if (!pt->stage) return SCMOE_ERR_NOMEM;
-        memset(pt->stage, 0, sizeof(float) * stage);
+        co->zero(co, pt->stage, sizeof(float) * stage);
     }
+    /* a device backend's values are made on the host, one tensor at a time, and copied over */
+    float *init = co->device ? malloc(sizeof(float) * (largest ? largest : 1)) : NULL;
+    if (co->device && !init) return SCMOE_ERR_NOMEM;
     for (int i = 0; i < pt->n; i++) {
         param_entry *e = &pt->p[i];
         e->t.name = e->name;
         e->t.data = pt->data + e->offset;
         e->t.grad = pt->grad + e->offset;
         e->gwork = staged(e, world_sync, replica_sync) ? pt->stage + e->offset_stage : e->t.grad;
-        for (size_t j = 0; j < e->t.numel; j++)
-            e->t.data[j] = e->init == INIT_ZERO ? 0.0f
-                         : e->init == INIT_ONE ? 1.0f
-                         : e->init_std * normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
+        params_init(e, init ? init : e->t.data);
+        if (init) co->copy(co, e->t.data, init, sizeof(float) * e->t.numel);
     }
+    free(init);
     return SCMOE_OK;
 }
 
 void params_free(param_table *pt) {
     free(pt->p);
-    free(pt->data);
-    free(pt->grad);
-    free(pt->stage);
+    if (pt->co) {
+        pt->co->release(pt->co, pt->data, COMPUTE_DEVICE);
+        pt->co->release(pt->co, pt->grad, COMPUTE_DEVICE);
+        pt->co->release(pt->co, pt->stage, COMPUTE_MAPPED);
+    }
     memset(pt, 0, sizeof *pt);
 }
 
@@ -306,7 +316,7 @@ int params_find(const param_table *pt, const char *name) {
     return -1;
 }
 
-void params_zero_grad(param_table *pt) { memset(pt->grad, 0, sizeof(float) * pt->total); }
+void params_zero_grad(param_table *pt) { pt->co->zero(pt->co, pt->grad, sizeof(float) * pt->total); }
 
 scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t) {
     if (!t) return SCMOE_ERR_NULL;
@@ -324,16 +334,13 @@ scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char 
 }
 
 void params_zero_stage(param_table *pt) {
-    if (pt->stage_total) memset(pt->stage, 0, sizeof(float) * pt->stage_total);
+    if (pt->stage_total) pt->co->zero(pt->co, pt->stage, sizeof(float) * pt->stage_total);
 }
 
 void params_add_stage(param_table *pt) {
     for (int i = 0; i < pt->n; i++) {
         param_entry *e = &pt->p[i];
-        if (e->gwork == e->t.grad) continue;
-        float *g = e->t.grad;
-        const float *s = e->gwork;
-        for (size_t j = 0; j < e->t.numel; j++) g[j] += s[j];
+        if (e->gwork != e->t.grad) pt->co->add(pt->co, e->t.grad, e->gwork, e->t.numel);
     }
 }
 

@@ -9,6 +9,11 @@
 struct scmoe_context {
     comm *world;
     const blas_backend *blas;
+    const compute_ops *compute; /* compute_host(), or a device backend's (scmoe_context_use_cuda) */
+    /* a device backend's state, released with the context (NULL: none) */
+    void *backend;
+    void (*backend_release)(void *backend);
+    int objects;               /* layers and pairs created on it and not yet destroyed */
     int traces;                /* pairs that opened an SCMOE_TRACE file, to name the next one apart */
     char err[512];
 };
@@ -22,7 +27,6 @@ scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt
 double scmoe_now(void);
 /* Takes bytes from a bump allocator over one block, 64-byte aligned. */
 void *arena_take(char **cur, size_t bytes);
-int scmoe_has_nonfinite(const float *x, size_t n);
 
 /* ---- parameters: registered by name, then laid out in one allocation ---- */
 enum { SYNC_NONE = 0, SYNC_WORLD = 1, SYNC_REPLICAS = 2 };
@@ -46,15 +50,16 @@ typedef struct param_table {
     size_t total;          /* floats */
     size_t stage_total;    /* floats staged for a sum over ranks */
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
+    const compute_ops *co; /* where data and grad live (device memory), and stage (mapped) */
     float *data, *grad, *stage;
 } param_table;
 
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
 int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
                uint64_t key);
-/* Allocates data, grad and staging (stage: 1 if this rank's gradients must be summed over ranks),
- * and initialises the values. */
-scmoe_status params_allocate(param_table *pt, int world_sync, int replica_sync);
+/* Allocates data, grad (co's device memory) and staging (mapped; stage: 1 if this rank's gradients must
+ * be summed over ranks), and initialises the values. */
+scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync);
 void params_free(param_table *pt);
 int params_find(const param_table *pt, const char *name);
 void params_zero_stage(param_table *pt);
@@ -83,7 +88,8 @@ typedef struct moe_layer {
     scmoe_context *ctx;
     scmoe_config cfg;
     param_table *pt;
-    void *mem;                 /* the whole workspace, one allocation */
+    const compute_ops *co;     /* the context's: where the buffers live, what runs on them */
+    void *mem, *mem_dev, *mem_map; /* the workspace: host, device and mapped (exchanged) memory */
     /* the expert-parallel group, twice: dispatches go on ep, combines on ep_back. A pipeline starts
      * each dispatch as soon as the one before has landed, noticed by a poll at a moment that differs
      * between ranks; MPI matches collectives by their order on a communicator, so the two kinds must
@@ -106,7 +112,11 @@ typedef struct moe_layer {
     float *logits, *p, *lse, *weight, *score;
     int *choice;
     double *gsum;              /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
-    float *aux_coef;           /* [E] */
+    float *aux_coef, *aux_coef_h; /* [E], device and host */
+    /* a device backend's host mirrors of the gate's outputs and device copies of the plan's slot and
+     * recv_to_expert; on the host backend the same arrays as their twins */
+    float *p_h, *lse_h, *score_h;
+    int *choice_h, *slot_d, *r2e_d;
     float aux_loss, z_loss, z_coef;
     int64_t S_global, *top1_count;
     /* rows */

@@ -162,6 +162,22 @@ cudaError_t cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStre
 /* C[M, N] (row stride ldc) = beta C, 0 when beta == 0: the K = 0 GEMM */
 cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s);
 
+/* [compute_host.c's add] y += x */
+cudaError_t cuda_add(float *y, const float *x, size_t n, cudaStream_t s);
+/* [activation_forward's bias] x[i, :] += b */
+cudaError_t cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s);
+/* [has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
+cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
+
+/* ================================================================= the compute table (compute.c) */
+
+/* compute.h's table on one stream (that of cb, which it does not own): device memory from cudaMalloc,
+ * mapped memory from cudaHostAlloc(Mapped | Portable) used through its unified address, copies with
+ * cudaMemcpyDefault. Fails with SCMOE_ERR_NOMEM or SCMOE_ERR_DEVICE (err, >= 160 bytes, says why). */
+struct compute_ops;
+scmoe_status cuda_compute_create(struct compute_ops **out, cuda_blas *cb, char *err);
+void cuda_compute_destroy(struct compute_ops *co);
+
 /* ====================================================================== staging (no CUDA-aware MPI) */
 
 /* 1 when the MPI library can take device pointers: MPIX_Query_cuda_support() where OpenMPI's

@@ -635,3 +635,44 @@ extern "C" cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float 
     LAUNCH(k_scale_matrix, grid_for((long)M * N, THREADS), THREADS, 0, s, C, M, N, ldc, beta);
     return cudaGetLastError();
 }
+
+/* ------------------------------------------------------------------ the compute table's small ones */
+
+__global__ static void k_add(float *y, const float *x, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] += x[i];
+}
+
+extern "C" cudaError_t cuda_add(float *y, const float *x, size_t n, cudaStream_t s) {
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(y && x);
+    LAUNCH(k_add, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, y, x, n);
+    return cudaGetLastError();
+}
+
+__global__ static void k_add_bias_rows(float *x, const float *b, long total, int C) {
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x)
+        x[idx] += b[idx % C];
+}
+
+extern "C" cudaError_t cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s) {
+    CHECK_ARGS(N >= 0 && C >= 0);
+    long total = (long)N * C;
+    if (total == 0) return cudaSuccess;
+    CHECK_ARGS(x && b);
+    LAUNCH(k_add_bias_rows, grid_for(total, THREADS), THREADS, 0, s, x, b, total, C);
+    return cudaGetLastError();
+}
+
+/* every thread that sees a NaN or Inf stores 1: the same value, so no atomics are needed */
+__global__ static void k_flag_nonfinite(int *flag, const float *x, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        if (!isfinite(x[i])) *flag = 1;
+}
+
+extern "C" cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s) {
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(flag && x);
+    LAUNCH(k_flag_nonfinite, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, flag, x, n);
+    return cudaGetLastError();
+}

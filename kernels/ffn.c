@@ -51,7 +51,7 @@ void sum_rows(float *acc, const float *x, int N, int C) {
     }
 }
 
-static void broadcast_rows(float *out, const float *b, int N, int C) {
+void broadcast_rows(float *out, const float *b, int N, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) memcpy(out + (size_t)i * C, b, sizeof(float) * C);
 }
@@ -115,9 +115,10 @@ void ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float
                  const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act) {
     if (N <= 0) return;
     int h1 = ffn_width(h, act);
+    const compute_ops *co = exec_compute(ex);
     exec_gemm(ex, 0, 0, N, h1, d, 1.0f, x, d, w1, h1, 0.0f, pre, h1);
-    activation_forward(hid, pre, b1, N, h, act);
-    broadcast_rows(out, b2, N, d);
+    co->activation_forward(co, hid, pre, b1, N, h, act);
+    co->broadcast_rows(co, out, b2, N, d);
     exec_gemm(ex, 0, 0, N, d, h, 1.0f, hid, h, w2, d, 1.0f, out, d);
 }
 
@@ -126,11 +127,12 @@ void ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *d
                   const float *w1, const float *w2, int N, int d, int h, scmoe_activation act) {
     if (N <= 0) return;
     int h1 = ffn_width(h, act);
+    const compute_ops *co = exec_compute(ex);
     exec_gemm(ex, 0, 1, N, h, d, 1.0f, dout, d, w2, d, 0.0f, dhid, h);
     exec_gemm(ex, 1, 0, h, d, N, 1.0f, hid, h, dout, d, 1.0f, dw2, d);
-    sum_rows(db2, dout, N, d);
-    activation_backward(dpre, dhid, pre, N, h, act);
+    co->sum_rows(co, db2, dout, N, d);
+    co->activation_backward(co, dpre, dhid, pre, N, h, act);
     exec_gemm(ex, 1, 0, d, h1, N, 1.0f, x, d, dpre, h1, 1.0f, dw1, h1);
-    sum_rows(db1, dpre, N, h1);
+    co->sum_rows(co, db1, dpre, N, h1);
     exec_gemm(ex, 0, 1, N, d, h1, 1.0f, dpre, h1, w1, h1, beta_dx, dx, d);
 }

@@ -28,10 +28,8 @@ float normal_from_key(uint64_t key) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
-void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
-                  int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
-    if (N <= 0) return;
-    exec_gemm(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
+void gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
+                  int64_t token_offset) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         float *l = logits + (long)i * E, *pi = p + (long)i * E;
@@ -46,6 +44,14 @@ void gate_forward(const exec *ex, float *logits, float *p, float *lse, const flo
         for (int e = 0; e < E; e++) pi[e] /= s;
         lse[i] = mx + logf(s);
     }
+}
+
+void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
+                  int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
+    if (N <= 0) return;
+    const compute_ops *co = exec_compute(ex);
+    exec_gemm(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
+    co->gate_softmax(co, logits, p, lse, N, E, noise_std, seed, step, token_offset);
 }
 
 void gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize) {
@@ -88,10 +94,8 @@ static void weight_backward(float *dp, const float *dw, const int *c, const floa
     }
 }
 
-void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
-                   const int *choice, const float *p, const float *lse, const float *x, const float *wg,
-                   const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize) {
-    if (N <= 0) return;
+void gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
+                          const float *aux_coef, float z_coef, int N, int E, int k, int renormalize) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         const float *pi = p + (long)i * E;
@@ -104,6 +108,14 @@ void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *
         for (int e = 0; e < E; e++) dot += pi[e] * dl[e];
         for (int e = 0; e < E; e++) dl[e] = pi[e] * (dl[e] - dot) + z_coef * 2.0f * lse[i] * pi[e];
     }
+}
+
+void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
+                   const int *choice, const float *p, const float *lse, const float *x, const float *wg,
+                   const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize) {
+    if (N <= 0) return;
+    const compute_ops *co = exec_compute(ex);
+    co->gate_backward_logits(co, dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize);
     exec_gemm(ex, 1, 0, d, E, N, 1.0f, x, d, dlogits, E, 1.0f, dwg, E);
     exec_gemm(ex, 0, 1, N, d, E, 1.0f, dlogits, E, wg, E, beta_dx, dx, d);
 }

@@ -29,6 +29,7 @@ void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const 
 /* ffn.c: pre [N, ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
 int ffn_width(int h, scmoe_activation act);
 void sum_rows(float *acc, const float *x, int N, int C);
+void broadcast_rows(float *out, const float *b, int N, int C);
 /* pre += b (b may be NULL), then hid = act(pre) */
 void activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act);
 void activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
@@ -41,10 +42,17 @@ void ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *d
 /* gate.c */
 uint64_t mix64(uint64_t z);
 float normal_from_key(uint64_t key);
+/* logits [N, E] in (noise added in place), p [N, E] = softmax, lse [N] = logsumexp */
+void gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
+                  int64_t token_offset);
+/* logits = x Wg, then gate_softmax */
 void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
                   int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset);
 /* choice [N, k], weight [N, k] (after renormalisation), score [N] = top-1 probability */
 void gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize);
+/* dlogits [N, E] = dL/dlogits (the part of gate_backward before its GEMMs) */
+void gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
+                          const float *aux_coef, float z_coef, int N, int E, int k, int renormalize);
 /* dweight [N, k] = dL/dweight; aux_coef [E] = dL/dp[s, e] from the aux loss (NULL: none);
  * z_coef = w_z / S. dlogits [N, E] is scratch. dx = dlogits Wg^T + beta_dx * dx. */
 void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
@@ -74,6 +82,16 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
 int route_stages(int chunks);
 /* [*lo, *hi): the rows of a block of count rows to or from one peer (own: this rank's block) in stage s */
 void route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi);
+
+/* rows.c: the MoE's row moves (slot: the route plan's, -1 dropped); see rows.c for the math */
+void pack_rows(float *send, const float *x, const int *slot, int n, int k, int d);
+void permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter);
+void decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d);
+void decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
+                          const float *weight, int n, int k, int d);
+
+/* compute_host.c: 1 if any of x[0..n) is NaN or Inf */
+int has_nonfinite(const float *x, size_t n);
 
 /* bf16.c: round-to-nearest-even float -> bfloat16, and back */
 void bf16_pack(uint16_t *dst, const float *src, size_t n);

@@ -45,7 +45,8 @@ NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall,-Wextra,-Wno-unused-
 CUDA_EMU_CXXFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -fPIC -pthread -MMD -MP \
                      $(if $(filter 1,$(SAN)),-fsanitize=address$(comma)undefined -fno-omit-frame-pointer)
 
-CUDA_C_OBJ  := $(B)/cuda_backend/cublas.o $(B)/cuda_backend/staging.o
+CUDA_C_OBJ  := $(B)/cuda_backend/cublas.o $(B)/cuda_backend/staging.o $(B)/cuda_backend/compute.o \
+               $(B)/cuda_backend/context.o
 CUDA_OBJ    := $(CUDA_C_OBJ) $(B)/cuda_backend/kernels.o
 CUDA_EMU_OBJ := $(B)/cuda_emu/kernels.o $(B)/cuda_emu/emu_launch.o $(B)/cuda_emu/runtime_emu.o
 
@@ -69,12 +70,23 @@ $(B)/tests/test_cuda_emu: tests/test_cuda.c tests/check.h $(CUDA_C_OBJ) $(CUDA_E
 	$(CC_LIB) $(CFLAGS) -DSCMOE_CUDA_EMU $(CUDA_INC) -I. $< $(CUDA_C_OBJ) $(CUDA_EMU_OBJ) $(B)/libscmoe.a \
 	    $(LDFLAGS) -lstdc++ -pthread $(LDLIBS) -o $@
 
+$(B)/tests/test_cuda_moe_emu: tests/test_cuda_moe.c tests/check.h $(CUDA_C_OBJ) $(CUDA_EMU_OBJ) $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) -DSCMOE_CUDA_EMU $(CUDA_INC) -I. $< $(CUDA_C_OBJ) $(CUDA_EMU_OBJ) $(B)/libscmoe.a \
+	    $(LDFLAGS) -lstdc++ -pthread $(LDLIBS) -o $@
+
+# the MoE layer's tests also on 2 ranks (exchanges between device layers) where MPI is built
+CUDA_MPIRUN := $(if $(filter 1,$(MPI)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
+               mpirun --oversubscribe -np 2)
+
 ifeq ($(CUDA_HOME),)
 check-cuda-emu:
 	@echo "check-cuda-emu: SKIP - no CUDA headers (nvcc not found; set CUDA_HOME=/path/to/cuda)"
 else
-check-cuda-emu: $(B)/tests/test_cuda_emu
+check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu
 	$(B)/tests/test_cuda_emu
+	$(B)/tests/test_cuda_moe_emu
+	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe_emu)
 endif
 
 ifeq ($(NVCC),)
@@ -99,15 +111,21 @@ $(B)/tests/test_cuda: tests/test_cuda.c tests/check.h $(B)/libscmoe_cuda.a $(B)/
 	$(CC_LIB) $(CFLAGS) $(CUDA_INC) -I. $< $(B)/libscmoe_cuda.a $(B)/libscmoe.a $(LDFLAGS) $(CUDA_LDLIBS) $(LDLIBS) \
 	    -o $@
 
+$(B)/tests/test_cuda_moe: tests/test_cuda_moe.c tests/check.h $(B)/libscmoe_cuda.a $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) $(CUDA_INC) -I. $< $(B)/libscmoe_cuda.a $(B)/libscmoe.a $(LDFLAGS) $(CUDA_LDLIBS) $(LDLIBS) \
+	    -o $@
+
 ifeq ($(CUDA),1)
 all: $(B)/libscmoe_cuda.a
-tests: $(B)/tests/test_cuda
+tests: $(B)/tests/test_cuda $(B)/tests/test_cuda_moe
 endif
 
-# test_cuda before the emulation (both print their own "N passed, N failed")
-check-cuda-build: $(B)/libscmoe_cuda.a $(B)/tests/test_cuda $(B)/tests/test_cuda_emu
+# the emulation first, then the same tests against the real runtime (each prints its own "N passed, N failed")
+check-cuda-build: $(B)/libscmoe_cuda.a $(B)/tests/test_cuda $(B)/tests/test_cuda_moe check-cuda-emu
 	$(B)/tests/test_cuda
-	$(B)/tests/test_cuda_emu
+	$(B)/tests/test_cuda_moe
+	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe)
 endif
 
 -include $(CUDA_OBJ:.o=.d) $(CUDA_EMU_OBJ:.o=.d)

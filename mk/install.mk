@@ -27,8 +27,9 @@ SCMOE_VERSION := $(SCMOE_VERSION_MAJOR).$(SCMOE_VERSION_MINOR).$(SCMOE_VERSION_P
 SCMOE_SONAME  := libscmoe.so.$(SCMOE_VERSION_MAJOR)
 SCMOE_SHLIB   := libscmoe.so.$(SCMOE_VERSION)
 
-# scmoe_mpi.h is installed by MPI builds only (without MPI, scmoe_context_create_mpi is not in the library).
-SCMOE_PUBLIC_HEADERS := scmoe.h $(if $(filter 1,$(MPI)),scmoe_mpi.h)
+# scmoe_mpi.h is installed by MPI builds only (without MPI, scmoe_context_create_mpi is not in the library);
+# scmoe_cuda.h and libscmoe_cuda.a by CUDA=1 builds.
+SCMOE_PUBLIC_HEADERS := scmoe.h $(if $(filter 1,$(MPI)),scmoe_mpi.h) $(if $(filter 1,$(CUDA)),scmoe_cuda.h)
 
 # ---- the shared library: the same PIC objects as libscmoe.a, exporting only scmoe_* ----
 # -z defs: every symbol must resolve at link time (MPI through mpicc, OpenBLAS, libgomp through LDLIBS),
@@ -67,9 +68,10 @@ $(B)/scmoe.pc: scmoe.pc.in scmoe.h mk/install.mk _scmoe_force
 	    scmoe.pc.in > $@
 
 # ---- install / uninstall ----
-install: $(B)/libscmoe.a $(B)/libscmoe.so $(B)/scmoe.pc
+install: $(B)/libscmoe.a $(B)/libscmoe.so $(B)/scmoe.pc $(if $(filter 1,$(CUDA)),$(B)/libscmoe_cuda.a)
 	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
 	$(INSTALL) -m 644 $(B)/libscmoe.a $(DESTDIR)$(LIBDIR)/libscmoe.a
+	$(if $(filter 1,$(CUDA)),$(INSTALL) -m 644 $(B)/libscmoe_cuda.a $(DESTDIR)$(LIBDIR)/libscmoe_cuda.a)
 	$(INSTALL) -m 755 $(B)/$(SCMOE_SHLIB) $(DESTDIR)$(LIBDIR)/$(SCMOE_SHLIB)
 	ln -sf $(SCMOE_SHLIB) $(DESTDIR)$(LIBDIR)/$(SCMOE_SONAME)
 	ln -sf $(SCMOE_SONAME) $(DESTDIR)$(LIBDIR)/libscmoe.so
@@ -80,6 +82,7 @@ install: $(B)/libscmoe.a $(B)/libscmoe.so $(B)/scmoe.pc
 uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/libscmoe.a $(DESTDIR)$(LIBDIR)/libscmoe.so $(DESTDIR)$(LIBDIR)/$(SCMOE_SONAME) \
 	      $(DESTDIR)$(LIBDIR)/$(SCMOE_SHLIB) $(DESTDIR)$(INCLUDEDIR)/scmoe.h $(DESTDIR)$(INCLUDEDIR)/scmoe_mpi.h \
+	      $(DESTDIR)$(LIBDIR)/libscmoe_cuda.a $(DESTDIR)$(INCLUDEDIR)/scmoe_cuda.h \
 	      $(DESTDIR)$(PKGCONFIGDIR)/scmoe.pc
 	@if [ -z "$(DESTDIR)" ] && [ -n "$(LDCONFIG)" ] && [ "$$(id -u)" = 0 ]; then $(LDCONFIG) 2>/dev/null || true; fi
 

@@ -67,6 +67,10 @@ static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, sizeof
 
 #define DYNAMIC_SHARED(type, name) type *name = (type *)emu_state->dyn.data()
 
+/* runtime_emu.c: device memory is reachable from the host only inside these (see there) */
+extern "C" void emu_device_enter(void);
+extern "C" void emu_device_leave(void);
+
 /* Runs body for every block of grid on block.x * block.y * block.z threads (emu_launch.cpp). */
 void emu_launch(dim3 grid, dim3 block, size_t shmem, const std::function<void()> &body);
 

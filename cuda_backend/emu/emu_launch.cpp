@@ -50,12 +50,14 @@ void emu_launch(dim3 grid, dim3 block, size_t shmem, const std::function<void()>
     pthread_attr_setstacksize(&attr, 1 << 18);
     std::vector<pthread_t> th(n);
     std::vector<worker_arg> args(n);
+    emu_device_enter();
     for (unsigned i = 0; i < n; i++) {
         args[i].st = &st;
         args[i].lin = i;
         if (pthread_create(&th[i], &attr, worker, &args[i])) abort();
     }
     for (unsigned i = 0; i < n; i++) pthread_join(th[i], nullptr);
+    emu_device_leave();
     pthread_attr_destroy(&attr);
     pthread_barrier_destroy(&st.bar);
 }

@@ -4,11 +4,13 @@
  * event is complete. The GEMMs are the BLAS definition, column-major, in double; with
  * CUBLAS_COMPUTE_32F_FAST_16BF the inputs are first rounded to bf16 (nearest even), as tensor cores
  * would. Test builds only: never part of libscmoe_cuda.a. */
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS */
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* ---- runtime ---- */
 
@@ -20,23 +22,85 @@ cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 cudaError_t cudaPeekAtLastError(void) { return cudaSuccess; }
 const char *cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated error"; }
 cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 
-cudaError_t cudaMalloc(void **p, size_t bytes) {
-    *p = malloc(bytes ? bytes : 1);
-    return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+/* ---- device memory the host cannot touch ----
+ * After emu_protect_device(1), device allocations are pages of their own, PROT_NONE except while an
+ * emulated device call (a copy, a memset, a GEMM, a launch) runs: host code that dereferences a device
+ * pointer faults here as it would on a GPU. Off (the default), they are malloc's, which the sanitizers
+ * bounds-check. Pinned host memory is never protected. Device calls are synchronous and come from one
+ * host thread, so a depth counter is all the bookkeeping needed. */
+typedef struct emu_block {
+    void *p;
+    size_t len; /* 0: malloc'd */
+} emu_block;
+static emu_block *blocks;
+static size_t n_blocks, cap_blocks, depth;
+static int protecting;
+
+static void protect_all(int prot) {
+    for (size_t i = 0; i < n_blocks; i++)
+        if (blocks[i].len) mprotect(blocks[i].p, blocks[i].len, prot);
 }
-cudaError_t cudaFree(void *p) {
-    free(p);
+void emu_protect_device(int on) {
+    protecting = on;
+    protect_all(on && !depth ? PROT_NONE : PROT_READ | PROT_WRITE);
+}
+void emu_device_enter(void) {
+    if (depth++ == 0 && protecting) protect_all(PROT_READ | PROT_WRITE);
+}
+void emu_device_leave(void) {
+    if (--depth == 0 && protecting) protect_all(PROT_NONE);
+}
+
+static cudaError_t device_alloc(void **p, size_t bytes, int pinned) {
+    if (n_blocks == cap_blocks) {
+        size_t cap = cap_blocks ? 2 * cap_blocks : 64;
+        emu_block *b = realloc(blocks, sizeof *b * cap);
+        if (!b) return cudaErrorMemoryAllocation;
+        blocks = b;
+        cap_blocks = cap;
+    }
+    size_t len = 0;
+    if (protecting && !pinned) {
+        len = (bytes + 4095) & ~(size_t)4095;
+        *p = mmap(NULL, len ? len : 4096, depth ? PROT_READ | PROT_WRITE : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (*p == MAP_FAILED) *p = NULL;
+        len = len ? len : 4096;
+    } else {
+        *p = malloc(bytes ? bytes : 1);
+    }
+    if (!*p) return cudaErrorMemoryAllocation;
+    blocks[n_blocks++] = (emu_block){*p, len};
     return cudaSuccess;
+}
+cudaError_t cudaMalloc(void **p, size_t bytes) { return device_alloc(p, bytes, 0); }
+cudaError_t cudaFree(void *p) {
+    for (size_t i = 0; p && i < n_blocks; i++)
+        if (blocks[i].p == p) {
+            if (blocks[i].len) munmap(p, blocks[i].len);
+            else free(p);
+            blocks[i] = blocks[--n_blocks];
+            return cudaSuccess;
+        }
+    return p ? cudaErrorInvalidValue : cudaSuccess;
 }
 cudaError_t cudaHostAlloc(void **p, size_t bytes, unsigned int flags) {
     (void)flags;
-    return cudaMalloc(p, bytes);
+    return device_alloc(p, bytes, 1);
 }
 cudaError_t cudaFreeHost(void *p) { return cudaFree(p); }
+/* one address space, as with unified addressing on a device */
+cudaError_t cudaHostGetDevicePointer(void **dp, void *p, unsigned int flags) {
+    (void)flags;
+    *dp = p;
+    return cudaSuccess;
+}
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind) {
     (void)kind;
+    emu_device_enter();
     if (bytes) memmove(dst, src, bytes);
+    emu_device_leave();
     return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind, cudaStream_t s) {
@@ -44,7 +108,9 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, enum cudaM
     return cudaMemcpy(dst, src, bytes, kind);
 }
 cudaError_t cudaMemset(void *p, int v, size_t bytes) {
+    emu_device_enter();
     memset(p, v, bytes);
+    emu_device_leave();
     return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s) {
@@ -161,7 +227,10 @@ cublasStatus_t cublasSgemm_v2(cublasHandle_t h, cublasOperation_t ta, cublasOper
                               const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
                               float *C, int ldc) {
     (void)h;
-    return gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc, 0);
+    emu_device_enter();
+    cublasStatus_t st = gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc, 0);
+    emu_device_leave();
+    return st;
 }
 
 cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
@@ -172,6 +241,9 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     if (ct != CUDA_R_32F || (at != CUDA_R_32F && at != CUDA_R_16BF) || (bt != CUDA_R_32F && bt != CUDA_R_16BF) ||
         (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF))
         return CUBLAS_STATUS_NOT_SUPPORTED;
-    return gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, C, ldc,
-                compute == CUBLAS_COMPUTE_32F_FAST_16BF);
+    emu_device_enter();
+    cublasStatus_t st = gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta,
+                             C, ldc, compute == CUBLAS_COMPUTE_32F_FAST_16BF);
+    emu_device_leave();
+    return st;
 }

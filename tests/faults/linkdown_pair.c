@@ -70,7 +70,7 @@ static const char *status_name(scmoe_status s) {
         "SCMOE_ERR_NONFINITE", "SCMOE_ERR_ARCH", "SCMOE_ERR_SHORTCUT_POS", "SCMOE_ERR_COMBINE", "SCMOE_ERR_N_HEADS",
         "SCMOE_ERR_SEQ_LEN", "SCMOE_ERR_N_LAYERS", "SCMOE_ERR_EP_SIZE", "SCMOE_ERR_PROGRESS", "SCMOE_ERR_OPTION",
         "SCMOE_ERR_STATE", "SCMOE_ERR_NOT_FOUND", "SCMOE_ERR_CONFIG_MISMATCH", "SCMOE_ERR_COMM", "SCMOE_ERR_TIMEOUT",
-        "SCMOE_ERR_IO", "SCMOE_ERR_UNSUPPORTED"};
+        "SCMOE_ERR_IO", "SCMOE_ERR_UNSUPPORTED", "SCMOE_ERR_DEVICE"};
     return (unsigned)s < sizeof n / sizeof *n ? n[s] : "unknown";
 }
 

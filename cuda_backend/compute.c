@@ -1,0 +1,212 @@
+/* compute.c: compute.h's table on a CUDA device: the kernels of kernels.cu on the stream of a cuda_blas,
+ * so GEMMs and kernels run in one order and the core needs no events.
+ *
+ * Memory. COMPUTE_DEVICE is cudaMalloc's. COMPUTE_MAPPED is pinned host memory mapped into the device's
+ * address space (cudaHostAlloc, Mapped | Portable) and used through its one unified address: MPI reads
+ * and writes it on the host, kernels pack rows into it and permute them out of it, so the permute of a
+ * received block *is* its copy to the device, over PCIe, in the same pass. That is why the MoE needs no
+ * staging copies (staging.c remains for callers that want explicit copies on a copy stream). A device
+ * without unified addressing (cudaHostGetDevicePointer giving another address) is refused.
+ *
+ * Failures. The table's functions are void like the host's: the first failure (a launch, a copy, or
+ * a cuBLAS call on the same cuda_blas) is kept and `failed` hands it to the core, which returns
+ * SCMOE_ERR_DEVICE at the end of the call. */
+#include "cuda.h"
+#include "../kernels/compute.h"
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct cuda_compute {
+    compute_ops base;  /* must stay first: the table the core holds is this struct */
+    cuda_blas *cb;     /* its stream, and its GEMM failures */
+    int *flag;         /* device int for has_nonfinite */
+    int status;        /* first failure, 0 none */
+    char err[160];
+} cuda_compute;
+
+static cuda_compute *self_of(const compute_ops *co) { return (cuda_compute *)co; }
+static cudaStream_t stream_of(const compute_ops *co) { return self_of(co)->cb->stream; }
+
+static void note(const compute_ops *co, cudaError_t e, const char *what) {
+    cuda_compute *cc = self_of(co);
+    if (e == cudaSuccess || cc->status) return;
+    cc->status = (int)e;
+    snprintf(cc->err, sizeof cc->err, "%s: %s", what, cudaGetErrorString(e));
+}
+
+static void *cuda_alloc(const compute_ops *co, size_t bytes, int kind) {
+    void *p = NULL;
+    bytes = bytes ? bytes : 64;
+    if (kind == COMPUTE_HOST) return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (kind == COMPUTE_DEVICE) return cudaMalloc(&p, bytes) == cudaSuccess ? p : NULL;
+    if (cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess) return NULL;
+    void *dp = NULL;
+    if (cudaHostGetDevicePointer(&dp, p, 0) != cudaSuccess || dp != p) { /* no unified addressing */
+        cudaFreeHost(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_release(const compute_ops *co, void *p, int kind) {
+    if (!p) return;
+    if (kind == COMPUTE_HOST) free(p);
+    else if (kind == COMPUTE_DEVICE) cudaFree(p);
+    else cudaFreeHost(p);
+}
+
+/* in stream order after every kernel before it, and done when it returns */
+static void cuda_copy(const compute_ops *co, void *dst, const void *src, size_t bytes) {
+    if (!bytes || dst == src) return;
+    note(co, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_of(co)), "cudaMemcpyAsync");
+    note(co, cudaStreamSynchronize(stream_of(co)), "cudaStreamSynchronize after a copy");
+}
+
+static void cuda_zero(const compute_ops *co, void *p, size_t bytes) {
+    if (bytes) note(co, cudaMemsetAsync(p, 0, bytes, stream_of(co)), "cudaMemsetAsync");
+}
+
+static void cuda_sync(const compute_ops *co) {
+    note(co, cudaStreamSynchronize(stream_of(co)), "cudaStreamSynchronize");
+}
+
+static int cuda_failed(const compute_ops *co, char *msg, size_t len) {
+    cuda_compute *cc = self_of(co);
+    int status = cc->status;
+    const char *why = cc->err;
+    if (!status && cc->cb->status) {
+        status = cc->cb->status;
+        why = cc->cb->err;
+    }
+    if (!status) return 0;
+    if (msg && len) snprintf(msg, len, "%s", why);
+    cc->status = 0;
+    cc->err[0] = '\0';
+    cuda_blas_clear_status(cc->cb);
+    return status;
+}
+
+static int cuda_has_nonfinite(const compute_ops *co, const float *x, size_t n) {
+    cuda_compute *cc = self_of(co);
+    int flag = 0;
+    if (!n) return 0;
+    note(co, cudaMemsetAsync(cc->flag, 0, sizeof(int), stream_of(co)), "cudaMemsetAsync");
+    note(co, cuda_flag_nonfinite(cc->flag, x, n, stream_of(co)), "the non-finite check");
+    cuda_copy(co, &flag, cc->flag, sizeof flag);
+    return flag;
+}
+
+static void cuda_add_op(const compute_ops *co, float *y, const float *x, size_t n) {
+    note(co, cuda_add(y, x, n, stream_of(co)), "add");
+}
+static void cuda_broadcast_rows_op(const compute_ops *co, float *out, const float *b, int N, int C) {
+    note(co, cuda_broadcast_rows(out, b, N, C, stream_of(co)), "broadcast_rows");
+}
+static void cuda_sum_rows_op(const compute_ops *co, float *acc, const float *x, int N, int C) {
+    note(co, cuda_sum_rows(acc, x, N, C, stream_of(co)), "sum_rows");
+}
+static void cuda_activation_forward_op(const compute_ops *co, float *hid, float *pre, const float *b, int N, int h,
+                                       scmoe_activation act) {
+    if (b) note(co, cuda_add_bias_rows(pre, b, N, act == SCMOE_SWIGLU ? 2 * h : h, stream_of(co)), "the bias");
+    note(co, cuda_activation_forward(hid, pre, N, h, act, stream_of(co)), "activation_forward");
+}
+static void cuda_activation_backward_op(const compute_ops *co, float *dpre, const float *dhid, const float *pre, int N,
+                                        int h, scmoe_activation act) {
+    note(co, cuda_activation_backward(dpre, dhid, pre, N, h, act, stream_of(co)), "activation_backward");
+}
+static void cuda_gate_softmax_op(const compute_ops *co, float *logits, float *p, float *lse, int N, int E,
+                                 float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
+    note(co, cuda_gate_softmax(logits, p, lse, N, E, noise_std, seed, step, token_offset, stream_of(co)),
+         "gate_softmax");
+}
+static void cuda_gate_topk_op(const compute_ops *co, int *choice, float *weight, float *score, const float *p, int N,
+                              int E, int k, int renormalize) {
+    note(co, cuda_gate_topk(choice, weight, score, p, N, E, k, renormalize, stream_of(co)), "gate_topk");
+}
+static void cuda_gate_backward_logits_op(const compute_ops *co, float *dlogits, const float *dweight,
+                                         const int *choice, const float *p, const float *lse, const float *aux_coef,
+                                         float z_coef, int N, int E, int k, int renormalize) {
+    note(co, cuda_gate_backward_logits(dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize,
+                                       stream_of(co)), "gate_backward_logits");
+}
+static void cuda_permute_rows_op(const compute_ops *co, float *dst, const float *src, const int *map, int n, int d,
+                                 int scatter) {
+    note(co, cuda_permute_rows(dst, src, map, n, d, scatter, stream_of(co)), "permute_rows");
+}
+static void cuda_pack_rows_op(const compute_ops *co, float *send, const float *x, const int *slot, int n, int k,
+                              int d) {
+    note(co, cuda_moe_pack(send, x, slot, n, k, d, stream_of(co)), "pack_rows");
+}
+static void cuda_decode_rows_op(const compute_ops *co, float *y, float beta, const float *rows, const int *slot,
+                                const float *weight, int n, int k, int d) {
+    note(co, cuda_moe_decode(y, beta, rows, slot, weight, n, k, d, stream_of(co)), "decode_rows");
+}
+static void cuda_decode_rows_backward_op(const compute_ops *co, float *grows, float *dweight, const float *dy,
+                                         const float *rows, const int *slot, const float *weight, int n, int k,
+                                         int d) {
+    note(co, cuda_moe_decode_backward(grows, dweight, dy, rows, slot, weight, n, k, d, stream_of(co)),
+         "decode_rows_backward");
+}
+static void cuda_bf16_pack_op(const compute_ops *co, uint16_t *dst, const float *src, size_t n) {
+    note(co, cuda_bf16_pack(dst, src, n, stream_of(co)), "bf16_pack");
+}
+static void cuda_bf16_unpack_op(const compute_ops *co, float *dst, const uint16_t *src, size_t n) {
+    note(co, cuda_bf16_unpack(dst, src, n, stream_of(co)), "bf16_unpack");
+}
+
+static const compute_ops cuda_table = {
+    .name = "cuda",
+    .device = 1,
+    .alloc = cuda_alloc,
+    .release = cuda_release,
+    .copy = cuda_copy,
+    .zero = cuda_zero,
+    .sync = cuda_sync,
+    .failed = cuda_failed,
+    .has_nonfinite = cuda_has_nonfinite,
+    .add = cuda_add_op,
+    .broadcast_rows = cuda_broadcast_rows_op,
+    .sum_rows = cuda_sum_rows_op,
+    .activation_forward = cuda_activation_forward_op,
+    .activation_backward = cuda_activation_backward_op,
+    .gate_softmax = cuda_gate_softmax_op,
+    .gate_topk = cuda_gate_topk_op,
+    .gate_backward_logits = cuda_gate_backward_logits_op,
+    .permute_rows = cuda_permute_rows_op,
+    .pack_rows = cuda_pack_rows_op,
+    .decode_rows = cuda_decode_rows_op,
+    .decode_rows_backward = cuda_decode_rows_backward_op,
+    .bf16_pack = cuda_bf16_pack_op,
+    .bf16_unpack = cuda_bf16_unpack_op,
+};
+
+scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, char *err) {
+    if (!out || !cb) {
+        if (err) snprintf(err, 160, "cuda_compute_create: out or cb is NULL");
+        return SCMOE_ERR_NULL;
+    }
+    *out = NULL;
+    cuda_compute *cc = calloc(1, sizeof *cc);
+    if (!cc) {
+        if (err) snprintf(err, 160, "cuda_compute_create: out of memory");
+        return SCMOE_ERR_NOMEM;
+    }
+    cc->base = cuda_table;
+    cc->cb = cb;
+    cudaError_t e = cudaMalloc((void **)&cc->flag, sizeof(int));
+    if (e != cudaSuccess) {
+        if (err) snprintf(err, 160, "cudaMalloc of 4 bytes failed: %s", cudaGetErrorString(e));
+        free(cc);
+        return SCMOE_ERR_DEVICE;
+    }
+    *out = &cc->base;
+    return SCMOE_OK;
+}
+
+void cuda_compute_destroy(compute_ops *co) {
+    if (!co) return;
+    cudaFree(self_of(co)->flag);
+    free(self_of(co));
+}

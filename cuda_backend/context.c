@@ -1,0 +1,54 @@
+/* context.c: scmoe_context_use_cuda (scmoe_cuda.h): a context's GEMM table becomes a cuda_blas and its
+ * compute table the CUDA one (compute.c), both on the cuda_blas's own stream. */
+#include "../scmoe_cuda.h"
+#include "../scmoe_internal.h"
+#include "cuda.h"
+#include <stdlib.h>
+
+typedef struct cuda_backend {
+    cuda_blas *cb;
+    compute_ops *co;
+} cuda_backend;
+
+static void backend_release(void *p) {
+    cuda_backend *b = p;
+    if (!b) return;
+    cuda_compute_destroy(b->co);
+    cuda_blas_destroy(b->cb);
+    free(b);
+}
+
+scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, int device, scmoe_cuda_math math) {
+    if (!ctx) return SCMOE_ERR_NULL;
+    if (ctx->objects > 0)
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_use_cuda: %d layer(s) already live on this context; "
+                          "move it to the device before creating any", ctx->objects);
+    if (ctx->compute->device)
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_use_cuda: the context is on a device already");
+    if (math != SCMOE_CUDA_FP32 && math != SCMOE_CUDA_BF16)
+        return scmoe_fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: math = %d: must be SCMOE_CUDA_FP32 or "
+                          "SCMOE_CUDA_BF16", (int)math);
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || device < 0 || device >= count)
+        return scmoe_fail(ctx, SCMOE_ERR_UNSUPPORTED, "scmoe_context_use_cuda: no CUDA device %d (%d visible%s%s)",
+                          device, e == cudaSuccess ? count : 0, e == cudaSuccess ? "" : ": ",
+                          e == cudaSuccess ? "" : cudaGetErrorString(e));
+    e = cudaSetDevice(device);
+    if (e != cudaSuccess)
+        return scmoe_fail(ctx, SCMOE_ERR_UNSUPPORTED, "cudaSetDevice(%d) failed: %s", device, cudaGetErrorString(e));
+    cuda_backend *b = calloc(1, sizeof *b);
+    if (!b) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "scmoe_context_use_cuda: out of memory");
+    char err[160];
+    scmoe_status s = cuda_blas_create(&b->cb, NULL, math == SCMOE_CUDA_BF16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err);
+    if (!s) s = cuda_compute_create(&b->co, b->cb, err);
+    if (s) {
+        backend_release(b);
+        return scmoe_fail(ctx, s, "scmoe_context_use_cuda: %s", err);
+    }
+    ctx->blas = cuda_blas_table(b->cb);
+    ctx->compute = b->co;
+    ctx->backend = b;
+    ctx->backend_release = backend_release;
+    return SCMOE_OK;
+}

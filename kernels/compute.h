@@ -1,0 +1,71 @@
+/* compute.h: where a layer's buffers live and what runs on them. The MoE calls its elementwise and
+ * row-moving kernels, and its memory, through this table, the way it calls GEMMs through blas.h: the
+ * host backend (compute_host.c: the functions of kernels/, OpenMP) or the CUDA one
+ * (cuda_backend/compute.c: the kernels of kernels.cu on one stream) fills it, and the core never
+ * knows which.
+ *
+ * Three kinds of memory:
+ *   COMPUTE_HOST    the host's own: routing plans, counts, statistics (host code reads them)
+ *   COMPUTE_DEVICE  the backend's: activations, expert buffers, parameters
+ *   COMPUTE_MAPPED  reachable by both (CUDA: pinned, mapped host memory): the exchange buffers, so MPI
+ *                   reads and writes them on the host while kernels pack into them and permute out of
+ *                   them; the permute is the copy to the device, and no staging copy is needed
+ * On the host backend all three are the same plain memory.
+ *
+ * Kernels are enqueued in order and may run asynchronously: `sync` waits for all of them, which the
+ * core does before it hands a mapped buffer to MPI or reads device results on the host (`copy` waits
+ * by itself). A kernel or copy that fails is kept as the table's first failure (`failed`), which the
+ * core turns into SCMOE_ERR_DEVICE at the end of a phase; the host backend never fails. */
+#ifndef SCMOE_COMPUTE_H
+#define SCMOE_COMPUTE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "../scmoe.h"
+
+enum { COMPUTE_HOST = 0, COMPUTE_DEVICE = 1, COMPUTE_MAPPED = 2 };
+
+typedef struct compute_ops compute_ops;
+struct compute_ops {
+    const char *name;
+    int device;   /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
+    /* ---- memory (allocation happens only in *_create) ---- */
+    void *(*alloc)(const compute_ops *self, size_t bytes, int kind); /* 64-byte aligned; NULL when out */
+    void (*release)(const compute_ops *self, void *p, int kind);
+    /* bytes between any two kinds of memory; returns once the bytes are at dst */
+    void (*copy)(const compute_ops *self, void *dst, const void *src, size_t bytes);
+    void (*zero)(const compute_ops *self, void *p, size_t bytes);
+    void (*sync)(const compute_ops *self);
+    /* the first failure since the last call: nonzero and its sentence in msg; then cleared */
+    int (*failed)(const compute_ops *self, char *msg, size_t len);
+    int (*has_nonfinite)(const compute_ops *self, const float *x, size_t n);
+    /* ---- kernels: the functions of kernels.h and rows.c of the same name ---- */
+    void (*add)(const compute_ops *self, float *y, const float *x, size_t n); /* y += x */
+    void (*broadcast_rows)(const compute_ops *self, float *out, const float *b, int N, int C);
+    void (*sum_rows)(const compute_ops *self, float *acc, const float *x, int N, int C);
+    void (*activation_forward)(const compute_ops *self, float *hid, float *pre, const float *b, int N, int h,
+                               scmoe_activation act);
+    void (*activation_backward)(const compute_ops *self, float *dpre, const float *dhid, const float *pre, int N,
+                                int h, scmoe_activation act);
+    void (*gate_softmax)(const compute_ops *self, float *logits, float *p, float *lse, int N, int E, float noise_std,
+                         uint64_t seed, uint64_t step, int64_t token_offset);
+    void (*gate_topk)(const compute_ops *self, int *choice, float *weight, float *score, const float *p, int N, int E,
+                      int k, int renormalize);
+    void (*gate_backward_logits)(const compute_ops *self, float *dlogits, const float *dweight, const int *choice,
+                                 const float *p, const float *lse, const float *aux_coef, float z_coef, int N, int E,
+                                 int k, int renormalize);
+    void (*permute_rows)(const compute_ops *self, float *dst, const float *src, const int *map, int n, int d,
+                         int scatter);
+    void (*pack_rows)(const compute_ops *self, float *send, const float *x, const int *slot, int n, int k, int d);
+    void (*decode_rows)(const compute_ops *self, float *y, float beta, const float *rows, const int *slot,
+                        const float *weight, int n, int k, int d);
+    void (*decode_rows_backward)(const compute_ops *self, float *grows, float *dweight, const float *dy,
+                                 const float *rows, const int *slot, const float *weight, int n, int k, int d);
+    void (*bf16_pack)(const compute_ops *self, uint16_t *dst, const float *src, size_t n);
+    void (*bf16_unpack)(const compute_ops *self, float *dst, const uint16_t *src, size_t n);
+};
+
+/* The host backend: kernels/ on host memory. */
+const compute_ops *compute_host(void);
+
+#endif

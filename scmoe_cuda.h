@@ -1,0 +1,48 @@
+/**
+ * @file scmoe_cuda.h
+ * @brief Running a context's MoE layers on a CUDA device (build with `make CUDA=1`, link
+ *        build/libscmoe_cuda.a before build/libscmoe.a, plus -lcublas -lcudart -lstdc++).
+ *
+ * Only embedders that build the CUDA backend include this; scmoe.h never pulls in CUDA.
+ */
+#ifndef SCMOE_CUDA_PUBLIC_H
+#define SCMOE_CUDA_PUBLIC_H
+
+#include "scmoe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/** GEMM math on the device. */
+typedef enum {
+    SCMOE_CUDA_FP32 = 0, /**< plain fp32 GEMMs (no TF32): matches the host backend to ~1e-6 */
+    SCMOE_CUDA_BF16 = 1  /**< fp32 data, GEMM inputs may be rounded to bf16 on the tensor cores, fp32 accumulation */
+} scmoe_cuda_math;
+
+/** LOCAL: moves ctx onto CUDA device `device` (cudaSetDevice), before any layer is created on it.
+ *
+ * From then on every scmoe_moe created on ctx keeps its parameters, gradients and workspace on the
+ * device and runs its GEMMs (cuBLAS) and kernels on one stream of its own; routing is planned on the
+ * host from the gate's choices (one small copy per forward), and the token exchanges go through MPI
+ * on pinned host memory mapped into the device, so MPI needs no CUDA support. With such a context:
+ * - scmoe_moe_forward / _backward take DEVICE pointers for x, y, dy and dx, and return once the
+ *   results are in them;
+ * - scmoe_moe_param() / _param_at() tensors' data and grad are DEVICE pointers (an optimizer runs on
+ *   the device, or copies them);
+ * - a failing kernel, copy or cuBLAS call returns ::SCMOE_ERR_DEVICE with the CUDA error in
+ *   scmoe_last_error();
+ * - scmoe_pair_create() returns ::SCMOE_ERR_UNSUPPORTED: the block pair runs on the host backend only
+ *   (docs/cuda.md).
+ * Each rank decides for itself: ranks on the host and ranks on a device exchange with one another.
+ * The device state is released by scmoe_context_destroy().
+ *
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer already exists on ctx, or ctx is on a
+ *         device already), ::SCMOE_ERR_OPTION (unknown math), ::SCMOE_ERR_UNSUPPORTED (no such device,
+ *         no driver), ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_DEVICE; on failure ctx is unchanged. */
+scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, int device, scmoe_cuda_math math);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SCMOE_CUDA_PUBLIC_H */

@@ -1,0 +1,239 @@
+/* test_cuda_moe.c: the MoE layer on the CUDA backend (scmoe_context_use_cuda) against the same layer on
+ * the host backend, same config, same weights, same input: outputs <= 1e-4 relative, dX and every
+ * parameter gradient <= 1e-3, routing statistics equal, over two training steps and an inference
+ * forward. Run on one rank or under mpirun (each rank's CUDA layer against its host twin, exchanges
+ * included). Built twice: against the real runtime (a GPU; without one only the refusals run, the
+ * rest SKIPs) and against the host emulation (`make check-cuda-emu`, every kernel on CPU threads). */
+#include "../scmoe.h"
+#include "../scmoe_cuda.h"
+#include "check.h"
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef SCMOE_WITH_MPI
+#include "../scmoe_mpi.h"
+#endif
+
+#ifdef SCMOE_CUDA_EMU
+/* runtime_emu.c: from now on the host faults on device memory, as it would with a GPU */
+void emu_protect_device(int on);
+#endif
+
+static int rank_, size_ = 1;
+
+static scmoe_status make_ctx(scmoe_context **ctx) {
+#ifdef SCMOE_WITH_MPI
+    return scmoe_context_create_mpi(MPI_COMM_WORLD, ctx);
+#else
+    return scmoe_context_create(ctx);
+#endif
+}
+
+static void fill(float *x, size_t n, unsigned seed) {
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        x[i] = ((seed >> 8) / 16777216.0f - 0.5f) * 2.0f;
+    }
+}
+
+static float *dev_alloc(size_t n) {
+    void *p = NULL;
+    return cudaMalloc(&p, sizeof(float) * (n ? n : 1)) == cudaSuccess ? p : NULL;
+}
+static void to_dev(float *d, const float *h, size_t n) { cudaMemcpy(d, h, sizeof(float) * n, cudaMemcpyHostToDevice); }
+static void to_host(float *h, const float *d, size_t n) { cudaMemcpy(h, d, sizeof(float) * n, cudaMemcpyDeviceToHost); }
+
+/* max |a - b| / max(max |b|, 1e-6) */
+static double rel_err(const float *a, const float *b, size_t n) {
+    double diff = 0, ref = 1e-6;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= diff)) diff = d; /* NaN counts */
+        if (fabs(b[i]) > ref) ref = fabs(b[i]);
+    }
+    return diff / ref;
+}
+
+typedef struct tcase {
+    const char *name;
+    int k, chunks, wire_bf16;
+    scmoe_activation act;
+    float cf, z, noise;
+} tcase;
+
+/* one case: both layers, 2 training steps and an inference forward */
+static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) {
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = 48;
+    cfg.d_hidden = 80;
+    cfg.n_experts = 4;
+    cfg.top_k = tc->k;
+    cfg.max_tokens = 64;
+    cfg.activation = tc->act;
+    cfg.capacity_factor = tc->cf;
+    cfg.z_loss_weight = tc->z;
+    cfg.gate_noise_std = tc->noise;
+    cfg.pipeline_chunks = tc->chunks;
+    cfg.wire_bf16 = tc->wire_bf16;
+    cfg.check_finite = 1;
+    scmoe_moe *hm = NULL, *dm = NULL;
+    scmoe_status s1 = scmoe_moe_create(hctx, &cfg, &hm), s2 = scmoe_moe_create(dctx, &cfg, &dm);
+    CHECK(!s1 && !s2, "[%s] create on host and device: %s", tc->name,
+          s1 ? scmoe_last_error(hctx) : s2 ? scmoe_last_error(dctx) : "ok");
+    if (s1 || s2) {
+        scmoe_moe_destroy(hm);
+        scmoe_moe_destroy(dm);
+        return;
+    }
+    int n = 40 + 7 * rank_, d = cfg.d_model, np = scmoe_moe_param_count(hm);
+    size_t nd = (size_t)n * d, big = 0;
+    for (int i = 0; i < np; i++) {
+        scmoe_tensor t;
+        scmoe_moe_param_at(hm, i, &t);
+        if (t.numel > big) big = t.numel;
+    }
+    float *x = malloc(sizeof(float) * nd), *dy = malloc(sizeof(float) * nd), *y = malloc(sizeof(float) * nd);
+    float *dx = malloc(sizeof(float) * nd), *got = malloc(sizeof(float) * (big > nd ? big : nd));
+    float *dX = dev_alloc(nd), *dY = dev_alloc(nd), *dDY = dev_alloc(nd), *dDX = dev_alloc(nd);
+
+    /* the same init on both (seeded by name): uploaded bit for bit */
+    int same = np == scmoe_moe_param_count(dm);
+    for (int i = 0; i < np && same; i++) {
+        scmoe_tensor a, b;
+        scmoe_moe_param_at(hm, i, &a);
+        scmoe_moe_param_at(dm, i, &b);
+        to_host(got, b.data, b.numel);
+        same = a.numel == b.numel && !strcmp(a.name, b.name) && !memcmp(got, a.data, sizeof(float) * a.numel);
+    }
+    CHECK(same, "[%s] %d parameters initialised identically on the device", tc->name, np);
+
+    double worst_y = 0, worst_dx = 0, worst_g = 0;
+    int stats_equal = 1, ok = 1;
+    for (int step = 0; step < 2 && ok; step++) {
+        fill(x, nd, 17 + 31 * step + 101 * rank_);
+        fill(dy, nd, 99 + 31 * step + 101 * rank_);
+        to_dev(dX, x, nd);
+        to_dev(dDY, dy, nd);
+        scmoe_stats hs, ds;
+        ok = !scmoe_moe_forward(hm, n, x, y, &hs) && !scmoe_moe_forward(dm, n, dX, dY, &ds);
+        ok = ok && !scmoe_moe_backward(hm, dy, dx, &hs) && !scmoe_moe_backward(dm, dDY, dDX, &ds);
+        if (!ok) break;
+        to_host(got, dY, nd);
+        double e = rel_err(got, y, nd);
+        worst_y = e > worst_y ? e : worst_y;
+        to_host(got, dDX, nd);
+        e = rel_err(got, dx, nd);
+        worst_dx = e > worst_dx ? e : worst_dx;
+        for (int i = 0; i < np; i++) {
+            scmoe_tensor a, b;
+            scmoe_moe_param_at(hm, i, &a);
+            scmoe_moe_param_at(dm, i, &b);
+            to_host(got, b.grad, b.numel);
+            e = rel_err(got, a.grad, a.numel);
+            worst_g = e > worst_g ? e : worst_g;
+        }
+        stats_equal &= hs.tokens == ds.tokens && hs.dropped == ds.dropped && hs.capacity == ds.capacity &&
+                       fabsf(hs.aux_loss - ds.aux_loss) <= 1e-5f * fabsf(hs.aux_loss) + 1e-7f &&
+                       fabsf(hs.z_loss - ds.z_loss) <= 1e-4f * fabsf(hs.z_loss) + 1e-7f;
+        for (int e2 = 0; e2 < cfg.n_experts; e2++) stats_equal &= hs.expert_tokens[e2] == ds.expert_tokens[e2];
+        scmoe_moe_zero_grad(hm);
+        scmoe_moe_zero_grad(dm);
+    }
+    CHECK(ok, "[%s] two training steps on both backends: %s", tc->name, ok ? "ok" : scmoe_last_error(dctx));
+    CHECK(ok && worst_y <= 1e-4, "[%s] outputs match the host backend (%.1e)", tc->name, worst_y);
+    CHECK(ok && worst_dx <= 1e-3, "[%s] dX matches (%.1e)", tc->name, worst_dx);
+    CHECK(ok && worst_g <= 1e-3, "[%s] all %d parameter gradients match (%.1e)", tc->name, np, worst_g);
+    CHECK(ok && stats_equal, "[%s] routing statistics equal (tokens, drops, per-expert counts, aux, z)", tc->name);
+
+    /* inference */
+    scmoe_moe_set_training(hm, 0);
+    scmoe_moe_set_training(dm, 0);
+    ok = !scmoe_moe_forward(hm, n, x, y, NULL) && !scmoe_moe_forward(dm, n, dX, dY, NULL);
+    to_host(got, dY, nd);
+    double e = ok ? rel_err(got, y, nd) : 1;
+    CHECK(ok && e <= 1e-4, "[%s] inference forward matches (%.1e)", tc->name, e);
+    CHECK(scmoe_moe_backward(dm, dDY, dDX, NULL) == SCMOE_ERR_STATE, "[%s] backward after inference: STATE",
+          tc->name);
+
+    scmoe_moe_destroy(hm);
+    scmoe_moe_destroy(dm);
+    free(x); free(dy); free(y); free(dx); free(got);
+    cudaFree(dX); cudaFree(dY); cudaFree(dDY); cudaFree(dDX);
+}
+
+/* bad input on a device context: every rank gets the error, nothing crashes */
+static void run_refusals(scmoe_context *dctx) {
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = 16;
+    cfg.d_hidden = 32;
+    cfg.n_experts = 2 * size_;
+    cfg.max_tokens = 8;
+    cfg.check_finite = 1;
+    scmoe_pair *pair = NULL;
+    CHECK(scmoe_pair_create(dctx, &cfg, &pair) == SCMOE_ERR_UNSUPPORTED && !pair,
+          "block pair on a CUDA context: UNSUPPORTED (%s)", scmoe_last_error(dctx));
+    scmoe_moe *m = NULL;
+    scmoe_status s = scmoe_moe_create(dctx, &cfg, &m);
+    CHECK(!s, "small layer on the device");
+    if (s) return;
+    CHECK(scmoe_context_use_cuda(dctx, 0, SCMOE_CUDA_FP32) == SCMOE_ERR_STATE, "use_cuda with a live layer: STATE (%s)",
+          scmoe_last_error(dctx));
+    float h[8 * 16];
+    fill(h, 8 * 16, 5);
+    h[37] = NAN;
+    float *dX = dev_alloc(8 * 16), *dY = dev_alloc(8 * 16);
+    to_dev(dX, h, 8 * 16);
+    CHECK(scmoe_moe_forward(m, 8, dX, dY, NULL) == SCMOE_ERR_NONFINITE, "a NaN in device input: NONFINITE");
+    h[37] = 0.5f;
+    to_dev(dX, h, 8 * 16);
+    CHECK(scmoe_moe_forward(m, 9, dX, dY, NULL) == SCMOE_ERR_N_TOKENS, "9 tokens of 8: N_TOKENS");
+    CHECK(scmoe_moe_forward(m, 8, dX, dY, NULL) == SCMOE_OK, "then a good forward works");
+    scmoe_moe_destroy(m);
+    cudaFree(dX);
+    cudaFree(dY);
+}
+
+int main(int argc, char **argv) {
+#ifdef SCMOE_WITH_MPI
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+    MPI_Comm_size(MPI_COMM_WORLD, &size_);
+#endif
+    check_quiet = rank_ != 0;
+#ifdef SCMOE_CUDA_EMU
+    emu_protect_device(1);
+#endif
+    scmoe_context *hctx = NULL, *dctx = NULL;
+    CHECK(!make_ctx(&hctx) && !make_ctx(&dctx), "two contexts");
+    CHECK(scmoe_context_use_cuda(NULL, 0, SCMOE_CUDA_FP32) == SCMOE_ERR_NULL, "use_cuda(NULL): NULL");
+    CHECK(scmoe_context_use_cuda(dctx, 0, (scmoe_cuda_math)7) == SCMOE_ERR_OPTION, "unknown math: OPTION (%s)",
+          scmoe_last_error(dctx));
+    CHECK(scmoe_context_use_cuda(dctx, 4096, SCMOE_CUDA_FP32) == SCMOE_ERR_UNSUPPORTED, "device 4096: UNSUPPORTED (%s)",
+          scmoe_last_error(dctx));
+    scmoe_status s = scmoe_context_use_cuda(dctx, 0, SCMOE_CUDA_FP32);
+    if (s == SCMOE_ERR_UNSUPPORTED) {
+        if (!rank_) printf("ok - the MoE layer on the device vs the host # SKIP no CUDA device (%s)\n", scmoe_last_error(dctx));
+    } else {
+        CHECK(!s, "context on device 0: %s", s ? scmoe_last_error(dctx) : "ok");
+        CHECK(scmoe_context_use_cuda(dctx, 0, SCMOE_CUDA_FP32) == SCMOE_ERR_STATE, "twice: STATE");
+        const tcase cases[] = {
+            {"top1 gelu dropless", 1, 0, 0, SCMOE_GELU, 0.0f, 0.0f, 0.0f},
+            {"top2 swiglu drops z noise", 2, 0, 0, SCMOE_SWIGLU, 1.0f, 1e-3f, 0.5f},
+            {"top2 gelu drops 3 chunks", 2, 3, 0, SCMOE_GELU, 1.25f, 0.0f, 0.0f},
+            {"top1 swiglu bf16 wire 2 chunks", 1, 2, 1, SCMOE_SWIGLU, 2.0f, 0.0f, 0.0f},
+        };
+        for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i]);
+        if (!s) run_refusals(dctx);
+    }
+    scmoe_context_destroy(hctx);
+    scmoe_context_destroy(dctx);
+#ifdef SCMOE_WITH_MPI
+    int failed = check_failed, any = 0;
+    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Finalize();
+    if (rank_) return any ? 1 : 0;
+    if (any && !check_failed) check_failed = 1; /* another rank's failure */
+#endif
+    return check_summary();
+}
