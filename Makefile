@@ -17,7 +17,7 @@ LDLIBS  += $(BLAS_LIB) -fopenmp -lm -lpthread
 
 B ?= build
 CORE_SRC := scmoe.c layer.c moe.c pair.c schedule.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
-            kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/compute_host.c \
+            kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
             mpi_backend/serial.c
 BLAS_SRC := blas_backend/openblas.c
 ifeq ($(MPI),1)

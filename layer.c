@@ -13,13 +13,7 @@ struct scmoe_moe {
     float *xbuf;       /* the training forward's input, kept for backward (the backend's memory) */
 };
 
-/* A kernel or copy of a device backend that failed in this call (the host backend never fails). */
-static scmoe_status device_check(scmoe_moe *o) {
-    const compute_ops *co = o->ctx->compute;
-    char msg[200];
-    if (!co->failed(co, msg, sizeof msg)) return SCMOE_OK;
-    return scmoe_fail(o->ctx, SCMOE_ERR_DEVICE, "%s backend: %s", co->name, msg);
-}
+
 
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
@@ -107,7 +101,7 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     s = run_experts(o, moe_experts_forward);
     if (s) return s;
     moe_decode(m, y, 0.0f);
-    s = device_check(o);
+    s = context_device_check(o->ctx);
     if (s) {
         m->forward_done = 0;
         return s;
@@ -160,7 +154,7 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     o->ctx->compute->sync(o->ctx->compute); /* the staged gradients are summed by MPI on the host */
     double ts = scmoe_now();
     s = sync_grads(o->ctx, &o->pt, o->ctx->world, m->replicas);
-    if (!s) s = device_check(o);
+    if (!s) s = context_device_check(o->ctx);
     if (s) return s;
     if (stats) {
         moe_fill_stats(m, stats);

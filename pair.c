@@ -23,25 +23,19 @@
 
 static void linear_forward(const exec *ex, float *out, const float *res, const float *in, const float *w,
                            const float *b, int N, int K, int M) {
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < N; i++) {
-        float *o = out + (size_t)i * M;
-        if (res) for (int j = 0; j < M; j++) o[j] = res[(size_t)i * M + j] + b[j];
-        else memcpy(o, b, sizeof(float) * M);
-    }
+    const compute_ops *co = exec_compute(ex);
+    co->broadcast_rows(co, out, b, N, M);
+    if (res) co->add(co, out, res, (size_t)N * M);
     exec_gemm(ex, 0, 0, N, M, K, 1.0f, in, K, w, M, 1.0f, out, M);
 }
 
 /* dW += in^T dout, db += sum_rows dout, din = dout W^T + beta din */
 static void linear_backward(const exec *ex, float *din, float beta, float *dw, float *db, const float *dout,
                             const float *in, const float *w, int N, int K, int M) {
+    const compute_ops *co = exec_compute(ex);
     exec_gemm(ex, 1, 0, K, M, N, 1.0f, in, K, dout, M, 1.0f, dw, M);
-    sum_rows(db, dout, N, M);
+    co->sum_rows(co, db, dout, N, M);
     exec_gemm(ex, 0, 1, N, K, M, 1.0f, dout, M, w, M, beta, din, K);
-}
-
-static void copy_rows(float *dst, const float *src, size_t n) {
-    if (n) memcpy(dst, src, sizeof(float) * n);
 }
 
 /* ---- parameters ---- */
@@ -80,17 +74,22 @@ struct scmoe_pair {
 
 static float *P(const scmoe_pair *p, int idx) { return p->pt.p[idx].t.data; }
 static float *G(const scmoe_pair *p, int idx) { return p->pt.p[idx].gwork; }
+static const compute_ops *CO(const scmoe_pair *p) { return p->ctx->compute; }
+
+static void copy_rows(const scmoe_pair *p, float *dst, const float *src, size_t n) {
+    CO(p)->copy(CO(p), dst, src, sizeof(float) * n);
+}
 
 /* ---- forward operations ---- */
 
 static void ln_fwd(scmoe_pair *p, float *out, int slot, const float *in, int par) {
-    layernorm_forward(out, p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
+    CO(p)->layernorm_forward(CO(p), out, p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
                       p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, in, P(p, par), P(p, par + 1), p->n,
                       p->cfg.d_model);
 }
 
 static void ln_bwd(scmoe_pair *p, float *dx, int slot, const float *dy, const float *in, int par) {
-    layernorm_backward(dx, G(p, par), G(p, par + 1), dy, in, P(p, par),
+    CO(p)->layernorm_backward(CO(p), dx, G(p, par), G(p, par + 1), dy, in, P(p, par),
                        p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
                        p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, p->n, p->cfg.d_model);
 }
@@ -100,7 +99,7 @@ static void attn_fwd(scmoe_pair *p, float *out, const float *res, const float *i
                      int par) {
     int d = p->cfg.d_model;
     linear_forward(&p->ex, qkv, NULL, in, P(p, par), P(p, par + 1), p->n, d, 3 * d);
-    attention_forward(&p->ex, o, att, qkv, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
+    CO(p)->attention_forward(CO(p), &p->ex, o, att, qkv, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
     linear_forward(&p->ex, out, res, o, P(p, par + 2), P(p, par + 3), p->n, d, d);
 }
 
@@ -109,13 +108,8 @@ static void attn_bwd(scmoe_pair *p, float *din, const float *dout, const float *
                      const float *att, const float *o, int par) {
     int d = p->cfg.d_model;
     linear_backward(&p->ex, p->dO, 0.0f, G(p, par + 2), G(p, par + 3), dout, o, P(p, par + 2), p->n, d, d);
-    attention_backward(&p->ex, p->dqkv, p->datt, p->dO, qkv, att, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
+    CO(p)->attention_backward(CO(p), &p->ex, p->dqkv, p->datt, p->dO, qkv, att, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
     linear_backward(&p->ex, din, 0.0f, G(p, par), G(p, par + 1), p->dqkv, in, P(p, par), p->n, d, 3 * d);
-}
-
-static void add_rows(float *out, const float *a, size_t n) {
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) out[i] += a[i];
 }
 
 static void f_ln_a0(scmoe_pair *p) { ln_fwd(p, p->a0, 0, p->x, p->p_ln_a0); }
@@ -125,36 +119,24 @@ static void f_mlp0(scmoe_pair *p) {
     int b = p->p_mlp0;
     ffn_forward(&p->ex, p->H, p->pre0, p->hid0, p->m0, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), p->n,
                 p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
-    add_rows(p->H, p->A, (size_t)p->n * p->cfg.d_model);
+    CO(p)->add(CO(p), p->H, p->A, (size_t)p->n * p->cfg.d_model);
 }
 static void f_ln_a1(scmoe_pair *p) { ln_fwd(p, p->a1, 2, p->H, p->p_ln_a1); }
 static void f_attn1(scmoe_pair *p) { attn_fwd(p, p->A2, p->H, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
 static void f_ln_m1(scmoe_pair *p) { ln_fwd(p, p->m1, 3, p->A2, p->p_ln_m1); }
 
-/* y = A2 + c * SE(m1), c = sigmoid(w_cg . m1) for CG-1, 1 for direct add; y = A2 without a shared expert */
+/* y = A2 + c * SE(m1), c = sigmoid(w_cg . m1) for CG-1, 1 for direct add (combine.c); y = A2 without a
+ * shared expert */
 static void f_se(scmoe_pair *p) {
     int d = p->cfg.d_model, n = p->n;
     if (!p->has_se) {
-        copy_rows(p->y, p->A2, (size_t)n * d);
+        copy_rows(p, p->y, p->A2, (size_t)n * d);
         return;
     }
     int b = p->p_se;
     ffn_forward(&p->ex, p->se_out, p->se_pre, p->se_hid, p->m1, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), n, d,
                 p->cfg.d_hidden, p->cfg.activation);
-    const float *wcg = p->cg ? P(p, p->p_cg) : NULL;
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        const float *m = p->m1 + (size_t)i * d, *s = p->se_out + (size_t)i * d, *a = p->A2 + (size_t)i * d;
-        float c = 1.0f;
-        if (wcg) {
-            float z = 0.0f;
-            for (int j = 0; j < d; j++) z += wcg[j] * m[j];
-            c = 1.0f / (1.0f + expf(-z));
-        }
-        p->cgate[i] = c;
-        float *yi = p->y + (size_t)i * d;
-        for (int j = 0; j < d; j++) yi[j] = a[j] + c * s[j];
-    }
+    CO(p)->cg_combine_forward(CO(p), p->y, p->cgate, p->A2, p->se_out, p->m1, p->cg ? P(p, p->p_cg) : NULL, n, d);
 }
 
 /* ---- backward operations (each the mirror of one forward operation) ---- */
@@ -163,35 +145,26 @@ static void f_se(scmoe_pair *p) {
 static void b_se(scmoe_pair *p) {
     int d = p->cfg.d_model, n = p->n;
     if (!p->has_se) {
-        memset(p->dm1, 0, sizeof(float) * (size_t)n * d);
+        CO(p)->zero(CO(p), p->dm1, sizeof(float) * (size_t)n * d);
         return;
     }
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++) {
-        const float *dyi = p->dy + (size_t)i * d, *s = p->se_out + (size_t)i * d;
-        float c = p->cgate[i], dc = 0.0f, *g = p->gse + (size_t)i * d;
-        for (int j = 0; j < d; j++) { g[j] = c * dyi[j]; dc += dyi[j] * s[j]; }
-        p->dcg[i] = dc * c * (1.0f - c);
-    }
+    CO(p)->cg_combine_backward(CO(p), p->gse, p->dcg, p->dy, p->se_out, p->cgate, n, d);
     int b = p->p_se;
     ffn_backward(&p->ex, p->dm1, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->gse, p->m1,
                  p->se_pre, p->se_hid, P(p, b), P(p, b + 2), n, d, p->cfg.d_hidden, p->cfg.activation);
     if (!p->cg) return;
-    const float *wcg = P(p, p->p_cg);
     float *gw = G(p, p->p_cg);
-#pragma omp parallel for schedule(static)
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < d; j++) p->dm1[(size_t)i * d + j] += p->dcg[i] * wcg[j];
+    CO(p)->add_outer(CO(p), p->dm1, p->dcg, P(p, p->p_cg), n, d);
     /* dw_cg = m1^T dz: a GEMV through the backend keeps the sum order fixed */
     exec_gemm(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
 }
 static void b_ln_m1(scmoe_pair *p) {
-    copy_rows(p->dA2, p->dy, (size_t)p->n * p->cfg.d_model);
+    copy_rows(p, p->dA2, p->dy, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dA2, 3, p->dm1, p->A2, p->p_ln_m1);
 }
 static void b_attn1(scmoe_pair *p) { attn_bwd(p, p->da1, p->dA2, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
 static void b_ln_a1(scmoe_pair *p) {
-    copy_rows(p->dH, p->dA2, (size_t)p->n * p->cfg.d_model);
+    copy_rows(p, p->dH, p->dA2, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dH, 2, p->da1, p->H, p->p_ln_a1);
 }
 static void b_mlp0(scmoe_pair *p) {
@@ -200,12 +173,12 @@ static void b_mlp0(scmoe_pair *p) {
                  p->pre0, p->hid0, P(p, b), P(p, b + 2), p->n, p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
 }
 static void b_ln_m0(scmoe_pair *p) {
-    copy_rows(p->dA, p->dH, (size_t)p->n * p->cfg.d_model);
+    copy_rows(p, p->dA, p->dH, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dA, 1, p->dm0, p->A, p->p_ln_m0);
 }
 static void b_attn0(scmoe_pair *p) { attn_bwd(p, p->da0, p->dA, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
 static void b_ln_a0(scmoe_pair *p) {
-    copy_rows(p->dx, p->dA, (size_t)p->n * p->cfg.d_model);
+    copy_rows(p, p->dx, p->dA, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dx, 0, p->da0, p->x, p->p_ln_a0);
 }
 
@@ -295,8 +268,10 @@ static scmoe_status alloc_activations(scmoe_pair *p) {
            h1 = (size_t)ffn_width(c->d_hidden, c->activation);
     size_t att = N * (size_t)c->n_heads * (size_t)c->max_seq_len, f = sizeof(float);
     size_t total = f * (N * d * 24 + N * 8 + N * 3 * d * 3 + att * 3 + N * h1 * 3 + N * h * 3 + N * 2) + 64 * 64;
-    p->mem = aligned_alloc(64, (total + 63) & ~(size_t)63);
-    if (!p->mem) return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes", total);
+    p->mem = CO(p)->alloc(CO(p), total, COMPUTE_DEVICE);
+    if (!p->mem)
+        return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes (%s memory)",
+                          total, CO(p)->name);
     char *m = p->mem;
     float **nd[] = {&p->x, &p->a0, &p->A, &p->m0, &p->H, &p->a1, &p->A2, &p->m1, &p->se_out, &p->o0, &p->o1,
                     &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO, &p->gse};
@@ -325,9 +300,6 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     char msg[256];
     scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
     if (s) scmoe_fail(ctx, s, "%s", msg);
-    else if (ctx->compute->device)
-        s = scmoe_fail(ctx, SCMOE_ERR_UNSUPPORTED, "the block pair runs on the host backend only; on a %s context "
-                       "only the MoE layer does (docs/cuda.md)", ctx->compute->name);
     s = config_agree(ctx, cfg, s);
     if (s) return s;
     scmoe_pair *p = calloc(1, sizeof *p);
@@ -342,6 +314,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
         p->training = 1;
         p->ex.blas = ctx->blas;
+        p->ex.compute = ctx->compute;
         p->ex.poll_cols = cfg->poll_cols;
         s = register_params(p);
     }
@@ -385,7 +358,7 @@ void scmoe_pair_destroy(scmoe_pair *p) {
     schedule_trace_close(&p->sch);
     moe_free(&p->moe);
     params_free(&p->pt);
-    free(p->mem);
+    if (p->ctx) CO(p)->release(CO(p), p->mem, COMPUTE_DEVICE);
     free(p);
 }
 
@@ -430,7 +403,7 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
                            B, T, p->cfg.max_seq_len, p->cfg.max_tokens);
     else if (B > 0 && (!x || !y)) local = scmoe_fail(ctx, SCMOE_ERR_NULL, "x or y is NULL");
     else if (p->grads_pending) local = scmoe_fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
-    else if (p->cfg.check_finite && B > 0 && has_nonfinite(x, (size_t)B * T * p->cfg.d_model))
+    else if (p->cfg.check_finite && B > 0 && CO(p)->has_nonfinite(CO(p), x, (size_t)B * T * p->cfg.d_model))
         local = scmoe_fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
     scmoe_status s = status_agree(ctx, local);
     if (s) return s;
@@ -439,9 +412,10 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
     p->n = B * T;
     p->y = y;
     p->backward_ready = 0;
-    if (p->n) copy_rows(p->x, x, (size_t)p->n * p->cfg.d_model);
+    copy_rows(p, p->x, x, (size_t)p->n * p->cfg.d_model);
     sched_moe mo = {&p->moe, moe_input(p), NULL, y};
     s = schedule_forward(&p->sch, &p->ex, run_f, p, gate_after(p), &mo, p->n);
+    if (!s) s = context_device_check(ctx);
     if (s) return s;
     p->backward_ready = p->training;
     if (stats) {
@@ -459,7 +433,7 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
     if (!p->backward_ready) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
     else if (p->grads_pending) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
     else if (p->n > 0 && (!dy || !dx)) local = scmoe_fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
-    else if (p->cfg.check_finite && p->n > 0 && has_nonfinite(dy, (size_t)p->n * p->cfg.d_model))
+    else if (p->cfg.check_finite && p->n > 0 && CO(p)->has_nonfinite(CO(p), dy, (size_t)p->n * p->cfg.d_model))
         local = scmoe_fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
     scmoe_status s = status_agree(p->ctx, local);
     if (s) return s;
@@ -468,7 +442,9 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
     sched_moe mo = {&p->moe, NULL, moe_input_grad(p), NULL};
     s = schedule_backward(&p->sch, &p->ex, run_b, p, grad_needed_before(p), &mo, dy, p->n);
     if (s) return s;
-    if (p->n) copy_rows(dx, p->dx, (size_t)p->n * p->cfg.d_model);
+    copy_rows(p, dx, p->dx, (size_t)p->n * p->cfg.d_model);
+    s = context_device_check(p->ctx);
+    if (s) return s;
     p->grads_pending = 1;
     if (!p->cfg.overlap_grad_sync) s = scmoe_pair_grad_sync(p, NULL);
     if (stats) {
@@ -487,7 +463,7 @@ scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
     if (s) return s;
     params_add_stage(&p->pt);
     if (stats) schedule_fill_stats(&p->sch, stats, 2);
-    return SCMOE_OK;
+    return context_device_check(p->ctx);
 }
 
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *p) {

@@ -117,9 +117,12 @@ static void hook(run_state *r, exec *ex, moe_layer *m) {
     ex->poll_arg = r;
 }
 
+/* On a device an operation is only enqueued: a profiled (serialized) step waits for each, so its times
+ * are the device's and the slot is chosen from them; other steps run ahead while the host waits on MPI. */
 static void timed_op(run_state *r, void (*run)(void *, int), void *arg, int i, double *t, const char *name) {
     double t0 = scmoe_now();
     run(arg, i);
+    if (r->s->profile_left[r->dir] > 0) r->s->ctx->compute->sync(r->s->ctx->compute);
     double t1 = scmoe_now();
     t[i] = t1 - t0;
     event(r->s, r->dir, name, 0, t0, t1);
@@ -209,8 +212,10 @@ static scmoe_status bucket_start(schedule *s, int b, comm *c) {
  * slowed by a bucket started between the two exchanges). */
 static scmoe_status buckets_flush(schedule *s, int exchanges_done) {
     scmoe_status st = SCMOE_OK;
+    int synced = 0;
     for (int b = 0; b < SCHED_OPS + 2 && !st && exchanges_done; b++)
         if (s->ready[b]) {
+            if (!synced++) s->ctx->compute->sync(s->ctx->compute); /* MPI reads what the device wrote */
             s->ready[b] = 0;
             st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
         }

@@ -211,6 +211,14 @@ int scmoe_context_rank(const scmoe_context *ctx) { return ctx ? ctx->world->rank
 int scmoe_context_size(const scmoe_context *ctx) { return ctx ? ctx->world->size : -1; }
 const char *scmoe_last_error(const scmoe_context *ctx) { return ctx ? ctx->err : "context is NULL"; }
 
+scmoe_status context_device_check(scmoe_context *ctx) {
+    const compute_ops *co = ctx->compute;
+    char msg[200];
+    co->sync(co);
+    if (!co->failed(co, msg, sizeof msg)) return SCMOE_OK;
+    return scmoe_fail(ctx, SCMOE_ERR_DEVICE, "%s backend: %s", co->name, msg);
+}
+
 /* ---- parameters ---- */
 
 static uint64_t hash_str(const char *s) {

@@ -21,6 +21,11 @@ struct scmoe_context {
 /* Wraps a communicator (serial or MPI) in a new context; the context owns it. */
 scmoe_status context_create_with(comm *world, scmoe_context **out);
 
+/* Waits for the context's device and returns SCMOE_ERR_DEVICE (with the CUDA error) if a kernel, copy
+ * or GEMM of it failed since the last check; the host backend never fails. A call that hands results
+ * to the caller ends with it. */
+scmoe_status context_device_check(scmoe_context *ctx);
+
 /* Records the detail of a failure on ctx and returns status. */
 scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

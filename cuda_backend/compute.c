@@ -149,6 +149,36 @@ static void cuda_decode_rows_backward_op(const compute_ops *co, float *grows, fl
     note(co, cuda_moe_decode_backward(grows, dweight, dy, rows, slot, weight, n, k, d, stream_of(co)),
          "decode_rows_backward");
 }
+static void cuda_layernorm_forward_op(const compute_ops *co, float *out, float *mean, float *rstd, const float *x,
+                                      const float *w, const float *b, int N, int C) {
+    note(co, cuda_layernorm_forward(out, mean, rstd, x, w, b, N, C, stream_of(co)), "layernorm_forward");
+}
+static void cuda_layernorm_backward_op(const compute_ops *co, float *dx, float *dw, float *db, const float *dy,
+                                       const float *x, const float *w, const float *mean, const float *rstd, int N,
+                                       int C) {
+    note(co, cuda_layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C, stream_of(co)), "layernorm_backward");
+}
+static void cuda_attention_forward_op(const compute_ops *co, const struct exec *ex, float *out, float *att,
+                                      const float *qkv, int B, int T, int d, int H, int causal) {
+    note(co, cuda_attention_forward(out, att, qkv, B, T, d, H, causal, stream_of(co)), "attention_forward");
+}
+static void cuda_attention_backward_op(const compute_ops *co, const struct exec *ex, float *dqkv, float *datt,
+                                       const float *dout, const float *qkv, const float *att, int B, int T, int d,
+                                       int H, int causal) {
+    note(co, cuda_attention_backward(dqkv, datt, dout, qkv, att, B, T, d, H, causal, stream_of(co)),
+         "attention_backward");
+}
+static void cuda_cg_combine_forward_op(const compute_ops *co, float *y, float *cgate, const float *a, const float *s,
+                                       const float *m, const float *wcg, int n, int d) {
+    note(co, cuda_cg_combine_forward(y, cgate, a, s, m, wcg, n, d, stream_of(co)), "cg_combine_forward");
+}
+static void cuda_cg_combine_backward_op(const compute_ops *co, float *ds, float *dz, const float *dy, const float *s,
+                                        const float *cgate, int n, int d) {
+    note(co, cuda_cg_combine_backward(ds, dz, dy, s, cgate, n, d, stream_of(co)), "cg_combine_backward");
+}
+static void cuda_add_outer_op(const compute_ops *co, float *out, const float *u, const float *v, int n, int d) {
+    note(co, cuda_add_outer(out, u, v, n, d, stream_of(co)), "add_outer");
+}
 static void cuda_bf16_pack_op(const compute_ops *co, uint16_t *dst, const float *src, size_t n) {
     note(co, cuda_bf16_pack(dst, src, n, stream_of(co)), "bf16_pack");
 }
@@ -178,6 +208,13 @@ static const compute_ops cuda_table = {
     .pack_rows = cuda_pack_rows_op,
     .decode_rows = cuda_decode_rows_op,
     .decode_rows_backward = cuda_decode_rows_backward_op,
+    .layernorm_forward = cuda_layernorm_forward_op,
+    .layernorm_backward = cuda_layernorm_backward_op,
+    .attention_forward = cuda_attention_forward_op,
+    .attention_backward = cuda_attention_backward_op,
+    .cg_combine_forward = cuda_cg_combine_forward_op,
+    .cg_combine_backward = cuda_cg_combine_backward_op,
+    .add_outer = cuda_add_outer_op,
     .bf16_pack = cuda_bf16_pack_op,
     .bf16_unpack = cuda_bf16_unpack_op,
 };

@@ -166,6 +166,13 @@ cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaS
 cudaError_t cuda_add(float *y, const float *x, size_t n, cudaStream_t s);
 /* [activation_forward's bias] x[i, :] += b */
 cudaError_t cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s);
+/* [combine.c] y = a + c s, c = sigmoid(w_cg . m) per row (wcg NULL: 1), cgate [n] = c; backward
+ * ds = c dy, dz = (dy . s) c (1 - c); out[i, j] += u[i] v[j] */
+cudaError_t cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
+                                    const float *wcg, int n, int d, cudaStream_t st);
+cudaError_t cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
+                                     int d, cudaStream_t st);
+cudaError_t cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
 /* [has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
 cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
 

@@ -676,3 +676,68 @@ extern "C" cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, 
     LAUNCH(k_flag_nonfinite, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, flag, x, n);
     return cudaGetLastError();
 }
+
+/* ---------------------------------------------------------- the shared expert's gate (combine.c) */
+
+/* block per row: c = sigmoid(w_cg . m) (1 without w_cg), y = a + c s */
+__global__ static void k_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
+                                            const float *wcg, int n, int d) {
+    __shared__ float sh[32];
+    for (long i = blockIdx.x; i < n; i += gridDim.x) {
+        float c = 1.0f;
+        if (wcg) {
+            float z = 0.0f;
+            for (int j = threadIdx.x; j < d; j += blockDim.x) z += wcg[j] * m[i * d + j];
+            c = 1.0f / (1.0f + expf(-block_sum(z, sh)));
+        }
+        for (int j = threadIdx.x; j < d; j += blockDim.x) y[i * d + j] = a[i * d + j] + c * s[i * d + j];
+        if (threadIdx.x == 0) cgate[i] = c;
+    }
+}
+
+extern "C" cudaError_t cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
+                                               const float *wcg, int n, int d, cudaStream_t st) {
+    CHECK_ARGS(n >= 0 && d >= 1);
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(y && cgate && a && s && m);
+    LAUNCH(k_cg_combine_forward, grid_for(n, 1), threads_for(d), 0, st, y, cgate, a, s, m, wcg, n, d);
+    return cudaGetLastError();
+}
+
+/* block per row: ds = c dy, dz = (dy . s) c (1 - c) */
+__global__ static void k_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate,
+                                             int n, int d) {
+    __shared__ float sh[32];
+    for (long i = blockIdx.x; i < n; i += gridDim.x) {
+        float c = cgate[i], dc = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            ds[i * d + j] = c * dy[i * d + j];
+            dc += dy[i * d + j] * s[i * d + j];
+        }
+        dc = block_sum(dc, sh);
+        if (threadIdx.x == 0) dz[i] = dc * c * (1.0f - c);
+    }
+}
+
+extern "C" cudaError_t cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s,
+                                                const float *cgate, int n, int d, cudaStream_t st) {
+    CHECK_ARGS(n >= 0 && d >= 1);
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(ds && dz && dy && s && cgate);
+    LAUNCH(k_cg_combine_backward, grid_for(n, 1), threads_for(d), 0, st, ds, dz, dy, s, cgate, n, d);
+    return cudaGetLastError();
+}
+
+__global__ static void k_add_outer(float *out, const float *u, const float *v, long total, int d) {
+    for (long idx = (long)blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += (long)gridDim.x * blockDim.x)
+        out[idx] += u[idx / d] * v[idx % d];
+}
+
+extern "C" cudaError_t cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && d >= 0);
+    long total = (long)n * d;
+    if (total == 0) return cudaSuccess;
+    CHECK_ARGS(out && u && v);
+    LAUNCH(k_add_outer, grid_for(total, THREADS), THREADS, 0, s, out, u, v, total, d);
+    return cudaGetLastError();
+}

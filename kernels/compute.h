@@ -26,6 +26,7 @@
 enum { COMPUTE_HOST = 0, COMPUTE_DEVICE = 1, COMPUTE_MAPPED = 2 };
 
 typedef struct compute_ops compute_ops;
+struct exec;
 struct compute_ops {
     const char *name;
     int device;   /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
@@ -39,7 +40,7 @@ struct compute_ops {
     /* the first failure since the last call: nonzero and its sentence in msg; then cleared */
     int (*failed)(const compute_ops *self, char *msg, size_t len);
     int (*has_nonfinite)(const compute_ops *self, const float *x, size_t n);
-    /* ---- kernels: the functions of kernels.h and rows.c of the same name ---- */
+    /* ---- kernels: the functions of kernels.h of the same name ---- */
     void (*add)(const compute_ops *self, float *y, const float *x, size_t n); /* y += x */
     void (*broadcast_rows)(const compute_ops *self, float *out, const float *b, int N, int C);
     void (*sum_rows)(const compute_ops *self, float *acc, const float *x, int N, int C);
@@ -61,6 +62,21 @@ struct compute_ops {
                         const float *weight, int n, int k, int d);
     void (*decode_rows_backward)(const compute_ops *self, float *grows, float *dweight, const float *dy,
                                  const float *rows, const int *slot, const float *weight, int n, int k, int d);
+    void (*layernorm_forward)(const compute_ops *self, float *out, float *mean, float *rstd, const float *x,
+                              const float *w, const float *b, int N, int C);
+    void (*layernorm_backward)(const compute_ops *self, float *dx, float *dw, float *db, const float *dy,
+                               const float *x, const float *w, const float *mean, const float *rstd, int N, int C);
+    /* the host's runs GEMMs through ex (and so polls); a device's is one kernel */
+    void (*attention_forward)(const compute_ops *self, const struct exec *ex, float *out, float *att,
+                              const float *qkv, int B, int T, int d, int H, int causal);
+    void (*attention_backward)(const compute_ops *self, const struct exec *ex, float *dqkv, float *datt,
+                               const float *dout, const float *qkv, const float *att, int B, int T, int d, int H,
+                               int causal);
+    void (*cg_combine_forward)(const compute_ops *self, float *y, float *cgate, const float *a, const float *s,
+                               const float *m, const float *wcg, int n, int d);
+    void (*cg_combine_backward)(const compute_ops *self, float *ds, float *dz, const float *dy, const float *s,
+                                const float *cgate, int n, int d);
+    void (*add_outer)(const compute_ops *self, float *out, const float *u, const float *v, int n, int d);
     void (*bf16_pack)(const compute_ops *self, uint16_t *dst, const float *src, size_t n);
     void (*bf16_unpack)(const compute_ops *self, float *dst, const uint16_t *src, size_t n);
 };

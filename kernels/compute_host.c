@@ -71,6 +71,35 @@ static void host_decode_rows_backward(const compute_ops *self, float *grows, flo
                                       const float *rows, const int *slot, const float *weight, int n, int k, int d) {
     decode_rows_backward(grows, dweight, dy, rows, slot, weight, n, k, d);
 }
+static void host_layernorm_forward(const compute_ops *self, float *out, float *mean, float *rstd, const float *x,
+                                   const float *w, const float *b, int N, int C) {
+    layernorm_forward(out, mean, rstd, x, w, b, N, C);
+}
+static void host_layernorm_backward(const compute_ops *self, float *dx, float *dw, float *db, const float *dy,
+                                    const float *x, const float *w, const float *mean, const float *rstd, int N,
+                                    int C) {
+    layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C);
+}
+static void host_attention_forward(const compute_ops *self, const exec *ex, float *out, float *att, const float *qkv,
+                                   int B, int T, int d, int H, int causal) {
+    attention_forward(ex, out, att, qkv, B, T, d, H, causal);
+}
+static void host_attention_backward(const compute_ops *self, const exec *ex, float *dqkv, float *datt,
+                                    const float *dout, const float *qkv, const float *att, int B, int T, int d, int H,
+                                    int causal) {
+    attention_backward(ex, dqkv, datt, dout, qkv, att, B, T, d, H, causal);
+}
+static void host_cg_combine_forward(const compute_ops *self, float *y, float *cgate, const float *a, const float *s,
+                                    const float *m, const float *wcg, int n, int d) {
+    cg_combine_forward(y, cgate, a, s, m, wcg, n, d);
+}
+static void host_cg_combine_backward(const compute_ops *self, float *ds, float *dz, const float *dy, const float *s,
+                                     const float *cgate, int n, int d) {
+    cg_combine_backward(ds, dz, dy, s, cgate, n, d);
+}
+static void host_add_outer(const compute_ops *self, float *out, const float *u, const float *v, int n, int d) {
+    add_outer(out, u, v, n, d);
+}
 static void host_bf16_pack(const compute_ops *self, uint16_t *dst, const float *src, size_t n) {
     bf16_pack(dst, src, n);
 }
@@ -100,6 +129,13 @@ static const compute_ops host_ops = {
     .pack_rows = host_pack_rows,
     .decode_rows = host_decode_rows,
     .decode_rows_backward = host_decode_rows_backward,
+    .layernorm_forward = host_layernorm_forward,
+    .layernorm_backward = host_layernorm_backward,
+    .attention_forward = host_attention_forward,
+    .attention_backward = host_attention_backward,
+    .cg_combine_forward = host_cg_combine_forward,
+    .cg_combine_backward = host_cg_combine_backward,
+    .add_outer = host_add_outer,
     .bf16_pack = host_bf16_pack,
     .bf16_unpack = host_bf16_unpack,
 };

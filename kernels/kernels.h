@@ -90,6 +90,13 @@ void decode_rows(float *y, float beta, const float *rows, const int *slot, const
 void decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
                           const float *weight, int n, int k, int d);
 
+/* combine.c: y = a + c s with c = sigmoid(w_cg . m) (wcg NULL: 1), cgate [n] = c; its backward
+ * (ds = c dy, dz = (dy . s) c (1 - c)); out[i, j] += u[i] v[j] */
+void cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
+                        int n, int d);
+void cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d);
+void add_outer(float *out, const float *u, const float *v, int n, int d);
+
 /* compute_host.c: 1 if any of x[0..n) is NaN or Inf */
 int has_nonfinite(const float *x, size_t n);
 

@@ -1,7 +1,7 @@
-/* test_cuda_moe.c: the MoE layer on the CUDA backend (scmoe_context_use_cuda) against the same layer on
- * the host backend, same config, same weights, same input: outputs <= 1e-4 relative, dX and every
- * parameter gradient <= 1e-3, routing statistics equal, over two training steps and an inference
- * forward. Run on one rank or under mpirun (each rank's CUDA layer against its host twin, exchanges
+/* test_cuda_moe.c: the MoE layer and the block pair on the CUDA backend (scmoe_context_use_cuda) against
+ * the same objects on the host backend, same config, same weights, same input: outputs <= 1e-4
+ * relative, dX and every parameter gradient <= 1e-3, routing statistics equal, over training steps
+ * (the pair's first ones serialized to profile, the later ones overlapped) and an inference forward. Run on one rank or under mpirun (each rank's CUDA layer against its host twin, exchanges
  * included). Built twice: against the real runtime (a GPU; without one only the refusals run, the
  * rest SKIPs) and against the host emulation (`make check-cuda-emu`, every kernel on CPU threads). */
 #include "../scmoe.h"
@@ -55,6 +55,54 @@ static double rel_err(const float *a, const float *b, size_t n) {
     return diff / ref;
 }
 
+/* the parameter accessors of a layer or a pair */
+typedef struct params_api {
+    int (*count)(const void *);
+    scmoe_status (*at)(const void *, int, scmoe_tensor *);
+} params_api;
+static int moe_count(const void *m) { return scmoe_moe_param_count(m); }
+static scmoe_status moe_at(const void *m, int i, scmoe_tensor *t) { return scmoe_moe_param_at(m, i, t); }
+static int pair_count(const void *p) { return scmoe_pair_param_count(p); }
+static scmoe_status pair_at(const void *p, int i, scmoe_tensor *t) { return scmoe_pair_param_at(p, i, t); }
+static const params_api moe_api = {moe_count, moe_at}, pair_api = {pair_count, pair_at};
+
+static size_t largest_param(const params_api *f, const void *o) {
+    size_t big = 0;
+    for (int i = 0; i < f->count(o); i++) {
+        scmoe_tensor t;
+        f->at(o, i, &t);
+        if (t.numel > big) big = t.numel;
+    }
+    return big;
+}
+
+/* the parameters of a (host) and b (device) hold the same values, bit for bit */
+static int same_params(const params_api *f, const void *a, const void *b, float *scratch) {
+    int n = f->count(a), same = n == f->count(b);
+    for (int i = 0; i < n && same; i++) {
+        scmoe_tensor x, y;
+        f->at(a, i, &x);
+        f->at(b, i, &y);
+        to_host(scratch, y.data, y.numel);
+        same = x.numel == y.numel && !strcmp(x.name, y.name) && !memcmp(scratch, x.data, sizeof(float) * x.numel);
+    }
+    return same;
+}
+
+/* the worst relative error of b's gradients (device) against a's (host) */
+static double grads_err(const params_api *f, const void *a, const void *b, float *scratch) {
+    double worst = 0;
+    for (int i = 0; i < f->count(a); i++) {
+        scmoe_tensor x, y;
+        f->at(a, i, &x);
+        f->at(b, i, &y);
+        to_host(scratch, y.grad, y.numel);
+        double e = rel_err(scratch, x.grad, x.numel);
+        if (e > worst) worst = e;
+    }
+    return worst;
+}
+
 typedef struct tcase {
     const char *name;
     int k, chunks, wire_bf16;
@@ -87,26 +135,14 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) 
         return;
     }
     int n = 40 + 7 * rank_, d = cfg.d_model, np = scmoe_moe_param_count(hm);
-    size_t nd = (size_t)n * d, big = 0;
-    for (int i = 0; i < np; i++) {
-        scmoe_tensor t;
-        scmoe_moe_param_at(hm, i, &t);
-        if (t.numel > big) big = t.numel;
-    }
+    size_t nd = (size_t)n * d, big = largest_param(&moe_api, hm);
     float *x = malloc(sizeof(float) * nd), *dy = malloc(sizeof(float) * nd), *y = malloc(sizeof(float) * nd);
     float *dx = malloc(sizeof(float) * nd), *got = malloc(sizeof(float) * (big > nd ? big : nd));
     float *dX = dev_alloc(nd), *dY = dev_alloc(nd), *dDY = dev_alloc(nd), *dDX = dev_alloc(nd);
 
     /* the same init on both (seeded by name): uploaded bit for bit */
-    int same = np == scmoe_moe_param_count(dm);
-    for (int i = 0; i < np && same; i++) {
-        scmoe_tensor a, b;
-        scmoe_moe_param_at(hm, i, &a);
-        scmoe_moe_param_at(dm, i, &b);
-        to_host(got, b.data, b.numel);
-        same = a.numel == b.numel && !strcmp(a.name, b.name) && !memcmp(got, a.data, sizeof(float) * a.numel);
-    }
-    CHECK(same, "[%s] %d parameters initialised identically on the device", tc->name, np);
+    CHECK(same_params(&moe_api, hm, dm, got), "[%s] %d parameters initialised identically on the device",
+          tc->name, np);
 
     double worst_y = 0, worst_dx = 0, worst_g = 0;
     int stats_equal = 1, ok = 1;
@@ -125,14 +161,8 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) 
         to_host(got, dDX, nd);
         e = rel_err(got, dx, nd);
         worst_dx = e > worst_dx ? e : worst_dx;
-        for (int i = 0; i < np; i++) {
-            scmoe_tensor a, b;
-            scmoe_moe_param_at(hm, i, &a);
-            scmoe_moe_param_at(dm, i, &b);
-            to_host(got, b.grad, b.numel);
-            e = rel_err(got, a.grad, a.numel);
-            worst_g = e > worst_g ? e : worst_g;
-        }
+        e = grads_err(&moe_api, hm, dm, got);
+        worst_g = e > worst_g ? e : worst_g;
         stats_equal &= hs.tokens == ds.tokens && hs.dropped == ds.dropped && hs.capacity == ds.capacity &&
                        fabsf(hs.aux_loss - ds.aux_loss) <= 1e-5f * fabsf(hs.aux_loss) + 1e-7f &&
                        fabsf(hs.z_loss - ds.z_loss) <= 1e-4f * fabsf(hs.z_loss) + 1e-7f;
@@ -162,6 +192,88 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) 
     cudaFree(dX); cudaFree(dY); cudaFree(dDY); cudaFree(dDX);
 }
 
+typedef struct pcase {
+    const char *name;
+    scmoe_arch arch;
+    int pos, chunks;
+    scmoe_combine combine;
+    scmoe_activation act;
+} pcase;
+
+/* one pair case: 4 training steps (2 profiled serialized, then overlapped where the arch has a
+ * shortcut) and an inference forward */
+static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase *pc) {
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = 32;
+    cfg.d_hidden = 48;
+    cfg.n_experts = 4;
+    cfg.n_heads = 4;
+    cfg.max_seq_len = 16;
+    cfg.max_tokens = 48;
+    cfg.arch = pc->arch;
+    cfg.shortcut_pos = pc->pos;
+    cfg.combine = pc->combine;
+    cfg.activation = pc->act;
+    cfg.capacity_factor = 1.25f;
+    cfg.pipeline_chunks = pc->chunks;
+    cfg.check_finite = 1;
+    scmoe_pair *hp = NULL, *dp = NULL;
+    scmoe_status s1 = scmoe_pair_create(hctx, &cfg, &hp), s2 = scmoe_pair_create(dctx, &cfg, &dp);
+    CHECK(!s1 && !s2, "[pair %s] create on host and device: %s", pc->name,
+          s1 ? scmoe_last_error(hctx) : s2 ? scmoe_last_error(dctx) : "ok");
+    if (s1 || s2) {
+        scmoe_pair_destroy(hp);
+        scmoe_pair_destroy(dp);
+        return;
+    }
+    int B = 3, T = 13, d = cfg.d_model, np = scmoe_pair_param_count(hp);
+    size_t nd = (size_t)B * T * d, big = largest_param(&pair_api, hp);
+    big = big > nd ? big : nd;
+    float *x = malloc(sizeof(float) * nd), *dy = malloc(sizeof(float) * nd), *y = malloc(sizeof(float) * nd);
+    float *dx = malloc(sizeof(float) * nd), *got = malloc(sizeof(float) * big);
+    float *dX = dev_alloc(nd), *dY = dev_alloc(nd), *dDY = dev_alloc(nd), *dDX = dev_alloc(nd);
+    CHECK(same_params(&pair_api, hp, dp, got), "[pair %s] %d parameters initialised identically", pc->name, np);
+    double worst_y = 0, worst_dx = 0, worst_g = 0;
+    int ok = 1, stats_equal = 1, overlapped = 0;
+    for (int step = 0; step < 4 && ok; step++) {
+        fill(x, nd, 7 + 13 * step + 101 * rank_);
+        fill(dy, nd, 3 + 13 * step + 101 * rank_);
+        to_dev(dX, x, nd);
+        to_dev(dDY, dy, nd);
+        scmoe_stats hs, ds;
+        ok = !scmoe_pair_forward(hp, B, T, x, y, &hs) && !scmoe_pair_forward(dp, B, T, dX, dY, &ds);
+        ok = ok && !scmoe_pair_backward(hp, dy, dx, &hs) && !scmoe_pair_backward(dp, dDY, dDX, &ds);
+        if (!ok) break;
+        overlapped |= ds.expert_slot >= 0;
+        double e;
+        to_host(got, dY, nd);
+        if ((e = rel_err(got, y, nd)) > worst_y) worst_y = e;
+        to_host(got, dDX, nd);
+        if ((e = rel_err(got, dx, nd)) > worst_dx) worst_dx = e;
+        if ((e = grads_err(&pair_api, hp, dp, got)) > worst_g) worst_g = e;
+        stats_equal &= hs.tokens == ds.tokens && hs.dropped == ds.dropped;
+        scmoe_pair_zero_grad(hp);
+        scmoe_pair_zero_grad(dp);
+    }
+    CHECK(ok, "[pair %s] four training steps on both backends: %s", pc->name, ok ? "ok" : scmoe_last_error(dctx));
+    CHECK(ok && worst_y <= 1e-4, "[pair %s] outputs match the host backend (%.1e)", pc->name, worst_y);
+    CHECK(ok && worst_dx <= 1e-3, "[pair %s] dX matches (%.1e)", pc->name, worst_dx);
+    CHECK(ok && worst_g <= 1e-3, "[pair %s] all %d parameter gradients match (%.1e)", pc->name, np, worst_g);
+    CHECK(ok && stats_equal, "[pair %s] routing statistics equal", pc->name);
+    if (pc->arch == SCMOE_ARCH_SCMOE)
+        CHECK(overlapped, "[pair %s] the device ran the overlapped schedule after profiling", pc->name);
+    scmoe_pair_set_training(hp, 0);
+    scmoe_pair_set_training(dp, 0);
+    ok = !scmoe_pair_forward(hp, B, T, x, y, NULL) && !scmoe_pair_forward(dp, B, T, dX, dY, NULL);
+    to_host(got, dY, nd);
+    double e = ok ? rel_err(got, y, nd) : 1;
+    CHECK(ok && e <= 1e-4, "[pair %s] inference forward matches (%.1e)", pc->name, e);
+    scmoe_pair_destroy(hp);
+    scmoe_pair_destroy(dp);
+    free(x); free(dy); free(y); free(dx); free(got);
+    cudaFree(dX); cudaFree(dY); cudaFree(dDY); cudaFree(dDX);
+}
+
 /* bad input on a device context: every rank gets the error, nothing crashes */
 static void run_refusals(scmoe_context *dctx) {
     scmoe_config cfg = scmoe_config_default();
@@ -170,9 +282,6 @@ static void run_refusals(scmoe_context *dctx) {
     cfg.n_experts = 2 * size_;
     cfg.max_tokens = 8;
     cfg.check_finite = 1;
-    scmoe_pair *pair = NULL;
-    CHECK(scmoe_pair_create(dctx, &cfg, &pair) == SCMOE_ERR_UNSUPPORTED && !pair,
-          "block pair on a CUDA context: UNSUPPORTED (%s)", scmoe_last_error(dctx));
     scmoe_moe *m = NULL;
     scmoe_status s = scmoe_moe_create(dctx, &cfg, &m);
     CHECK(!s, "small layer on the device");
@@ -224,6 +333,14 @@ int main(int argc, char **argv) {
             {"top1 swiglu bf16 wire 2 chunks", 1, 2, 1, SCMOE_SWIGLU, 2.0f, 0.0f, 0.0f},
         };
         for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i]);
+        const pcase pairs[] = {
+            {"scmoe pos 2 cg1 gelu", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU},
+            {"scmoe pos 1 add swiglu", SCMOE_ARCH_SCMOE, 1, 0, SCMOE_COMBINE_ADD, SCMOE_SWIGLU},
+            {"scmoe pos 3 cg1 2 chunks", SCMOE_ARCH_SCMOE, 3, 2, SCMOE_COMBINE_CG1, SCMOE_GELU},
+            {"top2 gelu", SCMOE_ARCH_TOP2, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU},
+            {"shared cg1 swiglu", SCMOE_ARCH_SHARED, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU},
+        };
+        for (size_t i = 0; !s && i < sizeof pairs / sizeof *pairs; i++) run_pair_case(hctx, dctx, &pairs[i]);
         if (!s) run_refusals(dctx);
     }
     scmoe_context_destroy(hctx);
