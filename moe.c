@@ -178,6 +178,7 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
 
     char name[64];
     int d = m->d, E = m->E, h = m->h, h1 = m->h1;
+    int offload = ctx->compute->device && ctx->offload_experts > 0;
     snprintf(name, sizeof name, "%sgate.weight", prefix);
     m->p_wg = params_add(pt, name, 2, (int[]){d, E}, SYNC_WORLD, INIT_NORMAL, 0.02f, cfg->seed);
     for (int i = 0; i < m->E_local; i++) {
@@ -193,6 +194,8 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
         params_add(pt, name, 1, (int[]){d}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
     }
     if (pt->failed) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    for (int i = 0; offload && i < 4 * m->E_local; i++) pt->p[m->p_e0 + i].host_data = 1;
+    m->slots = offload ? (ctx->offload_experts < m->E_local ? ctx->offload_experts : m->E_local) : 0;
     return SCMOE_OK;
 }
 
@@ -243,6 +246,8 @@ static void moe_layout(moe_layer *m, moe_arena *H, moe_arena *D, moe_arena *X) {
     m->rec_bytes = moe_take(H, i4 * world);
     m->rec_displs = moe_take(H, i4 * world);
     m->gsum = moe_take(H, sizeof(double) * (E + 1));
+    m->slot_of = moe_take(H, i4 * El);
+    m->held = moe_take(H, i4 * (m->slots ? m->slots : 1));
     m->aux_coef_h = moe_take(H, f * E);
 
     m->logits = moe_take(D, f * (size_t)n * E);
@@ -261,6 +266,7 @@ static void moe_layout(moe_layer *m, moe_arena *H, moe_arena *D, moe_arena *X) {
     m->dpre = moe_take(D, f * (size_t)R * m->h1);
     m->hid = moe_take(D, f * (size_t)R * m->h);
     m->dhid = moe_take(D, f * (size_t)R * m->h);
+    m->cache = moe_take(D, f * m->slots * m->span);
     m->slot_d = dev ? moe_take(D, i4 * (size_t)S) : pl->slot;
     m->r2e_d = dev ? moe_take(D, i4 * (size_t)R) : pl->recv_to_expert;
     m->p_h = dev ? moe_take(H, f * (size_t)n * E) : m->p;
@@ -298,6 +304,10 @@ scmoe_status moe_alloc(moe_layer *m) {
                           m->max_tokens, world);
     m->max_recv = (int)recv;
     m->co = m->ctx->compute;
+    if (m->slots) { /* w1 .. b2 of an expert are consecutive in the table's host block */
+        const param_entry *w1 = &m->pt->p[m->p_e0], *b2 = &m->pt->p[m->p_e0 + 3];
+        m->span = b2->offset_data + ((b2->t.numel + 15) & ~(size_t)15) - w1->offset_data;
+    }
     moe_arena H = {0}, D = {0}, X = {0};
     moe_layout(m, &H, &D, &X);
     m->mem = aligned_alloc(64, H.used);
@@ -311,6 +321,8 @@ scmoe_status moe_alloc(moe_layer *m) {
     X = (moe_arena){m->mem_map, 0};
     moe_layout(m, &H, &D, &X);
     m->wg = param_data(m, m->p_wg);
+    for (int i = 0; i < m->E_local; i++) m->slot_of[i] = -1;
+    for (int i = 0; i < m->slots; i++) m->held[i] = -1;
     return SCMOE_OK;
 }
 
@@ -336,6 +348,54 @@ void moe_free(moe_layer *m) {
     }
     m->ep = m->ep_back = m->replicas = NULL;
     m->mem = m->mem_dev = m->mem_map = NULL;
+}
+
+/* ---- expert offloading ---- */
+
+/* Starts copying local expert i's weights into the next slot (round robin), evicting its expert. */
+static void expert_fetch(moe_layer *m, int i) {
+    int v = m->victim;
+    m->victim = (v + 1) % m->slots;
+    if (m->held[v] >= 0) m->slot_of[m->held[v]] = -1;
+    m->co->prefetch(m->co, m->cache + (size_t)v * m->span, param_data(m, m->p_e0 + 4 * i), sizeof(float) * m->span);
+    m->held[v] = i;
+    m->slot_of[i] = v;
+    m->fetched++;
+    m->prefetched = 1;
+}
+
+/* A forward's fetch: the weights may have changed on the host since the last one, so the cache starts
+ * empty; the experts that received rows (in the order they run) are copied in while the exchange and
+ * whatever the schedule enqueues next run, as many as there are slots. */
+static void experts_prefetch(moe_layer *m) {
+    const route_plan *pl = &m->plan;
+    int El = m->E_local;
+    m->victim = 0;
+    for (int i = 0; i < El; i++) m->slot_of[i] = -1;
+    for (int v = 0; v < m->slots; v++) m->held[v] = -1;
+    for (int i = 0, taken = 0; i < El && taken < m->slots; i++) {
+        int rows = 0;
+        for (int s = 0; s < pl->n_stages; s++) rows += pl->expert_offsets[s * El + i + 1] - pl->expert_offsets[s * El + i];
+        if (rows > 0) {
+            expert_fetch(m, i);
+            taken++;
+        }
+    }
+}
+
+/* Local expert i's w1, b1, w2, b2 where the kernels can read them: the table's, or (offloading) its
+ * slot, fetched now if it is not there; the kernels enqueued next wait for every fetch in flight. */
+static void expert_weights(moe_layer *m, int i, float *w[4]) {
+    int b = m->p_e0 + 4 * i;
+    if (!m->slots) {
+        for (int j = 0; j < 4; j++) w[j] = param_data(m, b + j);
+        return;
+    }
+    if (m->slot_of[i] < 0) expert_fetch(m, i);
+    if (m->prefetched) m->co->prefetch_wait(m->co);
+    m->prefetched = 0;
+    const float *base = param_data(m, b);
+    for (int j = 0; j < 4; j++) w[j] = m->cache + (size_t)m->slot_of[i] * m->span + (param_data(m, b + j) - base);
 }
 
 /* ---- forward phases ---- */
@@ -445,6 +505,8 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
         co->copy(co, m->r2e_d, pl->recv_to_expert, sizeof(int) * (size_t)pl->n_recv);
     }
     co->pack_rows(co, m->send, x, m->slot_d, n, k, d);
+    m->fetched = 0;
+    if (m->slots) experts_prefetch(m);
     m->forward_done = 0;
     m->pass = 0;
     return SCMOE_OK;
@@ -496,10 +558,12 @@ static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
     stage_rows(m, s, m->xe, m->recv, m->send, 0);
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
-        int o = off[i], rows = off[i + 1] - o, b = m->p_e0 + 4 * i;
+        int o = off[i], rows = off[i + 1] - o;
+        if (rows <= 0) continue;
+        float *w[4];
+        expert_weights(m, i, w);
         ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, m->xe + (size_t)o * d,
-                    param_data(m, b), param_data(m, b + 1), param_data(m, b + 2), param_data(m, b + 3), rows, d, h,
-                    m->cfg.activation);
+                    w[0], w[1], w[2], w[3], rows, d, h, m->cfg.activation);
     }
     stage_rows(m, s, m->ye, m->recv, m->crecv, 1);
 }
@@ -517,6 +581,7 @@ void moe_decode_backward(moe_layer *m, const float *dy) {
     m->pass = 1;
     m->next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
     m->comm_time = m->exposed_time = 0;
+    m->fetched = 0;
     m->co->decode_rows_backward(m->co, m->send, m->dweight, dy, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
 }
 
@@ -528,10 +593,13 @@ static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
         int o = off[i], rows = off[i + 1] - o, b = m->p_e0 + 4 * i;
+        if (rows <= 0) continue;
+        float *w[4];
+        expert_weights(m, i, w);
         ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1), param_gwork(m, b + 2),
                      param_gwork(m, b + 3), m->dhid + (size_t)o * h, m->dpre + (size_t)o * h1, dye + (size_t)o * d,
-                     m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, param_data(m, b),
-                     param_data(m, b + 2), rows, d, h, m->cfg.activation);
+                     m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, w[0], w[2], rows, d, h,
+                     m->cfg.activation);
     }
     stage_rows(m, s, dxe, m->recv, m->send, 1);
 }
@@ -552,4 +620,5 @@ void moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
     st->dropped = m->plan.dropped;
     st->capacity = m->plan.capacity == INT64_MAX ? 0 : m->plan.capacity;
     st->expert_tokens = m->plan.expert_kept;
+    st->experts_fetched = m->fetched;
 }

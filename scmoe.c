@@ -269,11 +269,21 @@ static void params_init(const param_entry *e, float *dst) {
 }
 
 scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync) {
-    size_t total = pt->total ? pt->total : 16;
+    size_t total = pt->total ? pt->total : 16, on_device = 0, on_host = 0;
+    for (int i = 0; i < pt->n; i++) { /* data: host_data tensors in their own block, in registration order */
+        param_entry *e = &pt->p[i];
+        size_t *at = e->host_data ? &on_host : &on_device;
+        e->offset_data = *at;
+        *at += (e->t.numel + 15) & ~(size_t)15;
+    }
     pt->co = co;
-    pt->data = co->alloc(co, sizeof(float) * total, COMPUTE_DEVICE);
+    pt->data = co->alloc(co, sizeof(float) * (on_device ? on_device : 16), COMPUTE_DEVICE);
     pt->grad = co->alloc(co, sizeof(float) * total, COMPUTE_DEVICE);
     if (!pt->data || !pt->grad) return SCMOE_ERR_NOMEM;
+    if (on_host) {
+        pt->data_host = co->alloc(co, sizeof(float) * on_host, COMPUTE_MAPPED);
+        if (!pt->data_host) return SCMOE_ERR_NOMEM;
+    }
     co->zero(co, pt->grad, sizeof(float) * total);
     size_t stage = 0, largest = 0;
     for (int pass = SYNC_WORLD; pass <= SYNC_REPLICAS; pass++) {
@@ -298,11 +308,12 @@ scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_s
     for (int i = 0; i < pt->n; i++) {
         param_entry *e = &pt->p[i];
         e->t.name = e->name;
-        e->t.data = pt->data + e->offset;
+        e->t.data = (e->host_data ? pt->data_host : pt->data) + e->offset_data;
         e->t.grad = pt->grad + e->offset;
         e->gwork = staged(e, world_sync, replica_sync) ? pt->stage + e->offset_stage : e->t.grad;
-        params_init(e, init ? init : e->t.data);
-        if (init) co->copy(co, e->t.data, init, sizeof(float) * e->t.numel);
+        int direct = !init || e->host_data; /* the host can write it */
+        params_init(e, direct ? e->t.data : init);
+        if (!direct) co->copy(co, e->t.data, init, sizeof(float) * e->t.numel);
     }
     free(init);
     return SCMOE_OK;
@@ -314,6 +325,7 @@ void params_free(param_table *pt) {
         pt->co->release(pt->co, pt->data, COMPUTE_DEVICE);
         pt->co->release(pt->co, pt->grad, COMPUTE_DEVICE);
         pt->co->release(pt->co, pt->stage, COMPUTE_MAPPED);
+        pt->co->release(pt->co, pt->data_host, COMPUTE_MAPPED);
     }
     memset(pt, 0, sizeof *pt);
 }

@@ -291,6 +291,8 @@ typedef struct scmoe_stats {
     double fwd_expert, bwd_expert;   /**< backward: time in the experts' FFNs (the MoE's compute), seconds */
     double grad_sync_time, grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it, seconds */
     int expert_slot;         /**< slot the experts ran in; -1 when serialized (the layer, profiling, overlap 0, no shortcut) */
+    int experts_fetched;     /**< expert offloading (scmoe_cuda.h): expert weight sets copied to the device by this
+                                  call; 0 without offloading */
 } scmoe_stats;
 
 /* ---- one MoE layer ---- */

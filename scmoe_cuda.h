@@ -20,7 +20,25 @@ typedef enum {
     SCMOE_CUDA_BF16 = 1  /**< fp32 data, GEMM inputs may be rounded to bf16 on the tensor cores, fp32 accumulation */
 } scmoe_cuda_math;
 
-/** LOCAL: moves ctx onto CUDA device `device` (cudaSetDevice), before any layer is created on it.
+/** How a context uses its device; scmoe_cuda_options_default() gives the values in parentheses. */
+typedef struct scmoe_cuda_options {
+    int device;              /**< CUDA device ordinal, as cudaSetDevice takes it (0) */
+    scmoe_cuda_math math;    /**< GEMM math (::SCMOE_CUDA_FP32) */
+    /** Expert offloading (paper, appendix A.3) (0: off). n > 0: the routed experts' weights stay in
+     * pinned host memory (their tensors' data are host pointers the device can also read) and each
+     * MoE keeps at most n experts' weights on the device. After the gate has chosen (from the
+     * shortcut, with arch SCMOE, a block early), the experts that received tokens are copied in on a
+     * copy stream of their own while the exchange and the dense operations run; one that does not
+     * fit is fetched when its turn comes. Saves the device memory of the routed experts' weights
+     * (their gradients stay on the device); fetched anew every forward, so host-side updates are
+     * seen. */
+    int offload_experts;
+} scmoe_cuda_options;
+
+/** The defaults: device 0, fp32 math, no offloading. */
+scmoe_cuda_options scmoe_cuda_options_default(void);
+
+/** LOCAL: moves ctx onto CUDA device opt->device (cudaSetDevice), before any layer is created on it.
  *
  * From then on every scmoe_moe created on ctx keeps its parameters, gradients and workspace on the
  * device and runs its GEMMs (cuBLAS) and kernels on one stream of its own; routing is planned on the
@@ -38,9 +56,10 @@ typedef enum {
  * The device state is released by scmoe_context_destroy().
  *
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer already exists on ctx, or ctx is on a
- *         device already), ::SCMOE_ERR_OPTION (unknown math), ::SCMOE_ERR_UNSUPPORTED (no such device,
- *         no driver), ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_DEVICE; on failure ctx is unchanged. */
-scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, int device, scmoe_cuda_math math);
+ *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0), ::SCMOE_ERR_UNSUPPORTED (no such device,
+ *         no driver), ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
+ * @param opt  NULL: the defaults */
+scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options *opt);
 
 #ifdef __cplusplus
 }

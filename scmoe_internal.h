@@ -14,6 +14,7 @@ struct scmoe_context {
     void *backend;
     void (*backend_release)(void *backend);
     int objects;               /* layers and pairs created on it and not yet destroyed */
+    int offload_experts;       /* a device's routed experts' weights kept on the host, this many cached (0: off) */
     int traces;                /* pairs that opened an SCMOE_TRACE file, to name the next one apart */
     char err[512];
 };
@@ -33,7 +34,7 @@ double scmoe_now(void);
 /* Takes bytes from a bump allocator over one block, 64-byte aligned. */
 void *arena_take(char **cur, size_t bytes);
 
-/* ---- parameters: registered by name, then laid out in one allocation ---- */
+/* ---- parameters: registered by name, then laid out in one allocation each for data, grad and stage ---- */
 enum { SYNC_NONE = 0, SYNC_WORLD = 1, SYNC_REPLICAS = 2 };
 enum { INIT_ZERO = 0, INIT_ONE = 1, INIT_NORMAL = 2 };
 
@@ -46,6 +47,8 @@ typedef struct param_entry {
     float init_std;
     uint64_t init_key;
     float *gwork;    /* where backward writes: t.grad, or a staging area summed over ranks first */
+    int host_data;   /* its data live in mapped host memory (expert offloading), at offset_data there */
+    size_t offset_data;
 } param_entry;
 
 typedef struct param_table {
@@ -57,6 +60,7 @@ typedef struct param_table {
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
     const compute_ops *co; /* where data and grad live (device memory), and stage (mapped) */
     float *data, *grad, *stage;
+    float *data_host;      /* mapped: the data of host_data tensors */
 } param_table;
 
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
@@ -139,6 +143,14 @@ typedef struct moe_layer {
     double comm_time, exposed_time; /* this pass's exchanges: time in flight, and time the caller waited */
     scmoe_status deferred;     /* a dispatch started from moe_poll that failed, reported by the next wait */
     inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
+    /* expert offloading (slots > 0): the routed experts' weights live in mapped host memory and at
+     * most slots of them on the device at a time, each as the span of its w1, b1, w2, b2 */
+    int slots, victim;         /* victim: the slot the next fetch takes (round robin) */
+    int fetched;               /* expert weight sets copied in during this call */
+    int prefetched;            /* copies in flight that the experts must wait for */
+    size_t span;               /* floats of one expert's four tensors, padding included */
+    float *cache;              /* [slots * span], device */
+    int *slot_of, *held;       /* [E_local] expert -> slot or -1; [slots] slot -> expert or -1 */
     /* told of every exchange as it completes (a schedule's timing and trace); may be NULL */
     void (*on_wait)(void *arg, const char *what, const inflight *f);
     void *on_wait_arg;

@@ -22,6 +22,10 @@ typedef struct cuda_compute {
     compute_ops base;  /* must stay first: the table the core holds is this struct */
     cuda_blas *cb;     /* its stream, and its GEMM failures */
     int *flag;         /* device int for has_nonfinite */
+    /* prefetches (expert offloading): their stream; ev_compute lets a copy wait for the kernels before
+     * it, ev_copy the kernels after prefetch_wait for the copies */
+    cudaStream_t copy_stream;
+    cudaEvent_t ev_compute, ev_copy;
     int status;        /* first failure, 0 none */
     char err[160];
 } cuda_compute;
@@ -179,6 +183,17 @@ static void cuda_cg_combine_backward_op(const compute_ops *co, float *ds, float 
 static void cuda_add_outer_op(const compute_ops *co, float *out, const float *u, const float *v, int n, int d) {
     note(co, cuda_add_outer(out, u, v, n, d, stream_of(co)), "add_outer");
 }
+static void cuda_prefetch(const compute_ops *co, void *dst, const void *src, size_t bytes) {
+    cuda_compute *cc = self_of(co);
+    if (!bytes) return;
+    note(co, cudaEventRecord(cc->ev_compute, stream_of(co)), "cudaEventRecord");
+    note(co, cudaStreamWaitEvent(cc->copy_stream, cc->ev_compute, 0), "cudaStreamWaitEvent");
+    note(co, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cc->copy_stream), "prefetch (cudaMemcpyAsync)");
+    note(co, cudaEventRecord(cc->ev_copy, cc->copy_stream), "cudaEventRecord");
+}
+static void cuda_prefetch_wait(const compute_ops *co) {
+    note(co, cudaStreamWaitEvent(stream_of(co), self_of(co)->ev_copy, 0), "cudaStreamWaitEvent");
+}
 static void cuda_bf16_pack_op(const compute_ops *co, uint16_t *dst, const float *src, size_t n) {
     note(co, cuda_bf16_pack(dst, src, n, stream_of(co)), "bf16_pack");
 }
@@ -215,6 +230,8 @@ static const compute_ops cuda_table = {
     .cg_combine_forward = cuda_cg_combine_forward_op,
     .cg_combine_backward = cuda_cg_combine_backward_op,
     .add_outer = cuda_add_outer_op,
+    .prefetch = cuda_prefetch,
+    .prefetch_wait = cuda_prefetch_wait,
     .bf16_pack = cuda_bf16_pack_op,
     .bf16_unpack = cuda_bf16_unpack_op,
 };
@@ -232,10 +249,17 @@ scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, char *err) {
     }
     cc->base = cuda_table;
     cc->cb = cb;
-    cudaError_t e = cudaMalloc((void **)&cc->flag, sizeof(int));
-    if (e != cudaSuccess) {
-        if (err) snprintf(err, 160, "cudaMalloc of 4 bytes failed: %s", cudaGetErrorString(e));
-        free(cc);
+    const char *what = NULL;
+    cudaError_t e;
+    if ((e = cudaMalloc((void **)&cc->flag, sizeof(int))) != cudaSuccess) what = "cudaMalloc of 4 bytes";
+    else if ((e = cudaStreamCreateWithFlags(&cc->copy_stream, cudaStreamNonBlocking)) != cudaSuccess)
+        what = "cudaStreamCreateWithFlags";
+    else if ((e = cudaEventCreateWithFlags(&cc->ev_compute, cudaEventDisableTiming)) != cudaSuccess ||
+             (e = cudaEventCreateWithFlags(&cc->ev_copy, cudaEventDisableTiming)) != cudaSuccess)
+        what = "cudaEventCreateWithFlags";
+    if (what) {
+        if (err) snprintf(err, 160, "%s failed: %s", what, cudaGetErrorString(e));
+        cuda_compute_destroy(&cc->base);
         return SCMOE_ERR_DEVICE;
     }
     *out = &cc->base;
@@ -244,6 +268,10 @@ scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, char *err) {
 
 void cuda_compute_destroy(compute_ops *co) {
     if (!co) return;
-    cudaFree(self_of(co)->flag);
-    free(self_of(co));
+    cuda_compute *cc = self_of(co);
+    if (cc->ev_copy) cudaEventDestroy(cc->ev_copy);
+    if (cc->ev_compute) cudaEventDestroy(cc->ev_compute);
+    if (cc->copy_stream) cudaStreamDestroy(cc->copy_stream);
+    cudaFree(cc->flag);
+    free(cc);
 }

@@ -18,8 +18,16 @@ static void backend_release(void *p) {
     free(b);
 }
 
-scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, int device, scmoe_cuda_math math) {
+scmoe_cuda_options scmoe_cuda_options_default(void) {
+    scmoe_cuda_options o = {0, SCMOE_CUDA_FP32, 0};
+    return o;
+}
+
+scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options *opt) {
     if (!ctx) return SCMOE_ERR_NULL;
+    scmoe_cuda_options o = opt ? *opt : scmoe_cuda_options_default();
+    int device = o.device;
+    scmoe_cuda_math math = o.math;
     if (ctx->objects > 0)
         return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_use_cuda: %d layer(s) already live on this context; "
                           "move it to the device before creating any", ctx->objects);
@@ -28,6 +36,9 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, int device, scmoe_cuda_m
     if (math != SCMOE_CUDA_FP32 && math != SCMOE_CUDA_BF16)
         return scmoe_fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: math = %d: must be SCMOE_CUDA_FP32 or "
                           "SCMOE_CUDA_BF16", (int)math);
+    if (o.offload_experts < 0)
+        return scmoe_fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: offload_experts = %d: must be >= 0 "
+                          "(0: off)", o.offload_experts);
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || device < 0 || device >= count)
@@ -50,5 +61,6 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, int device, scmoe_cuda_m
     ctx->compute = b->co;
     ctx->backend = b;
     ctx->backend_release = backend_release;
+    ctx->offload_experts = o.offload_experts;
     return SCMOE_OK;
 }

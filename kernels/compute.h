@@ -77,6 +77,11 @@ struct compute_ops {
     void (*cg_combine_backward)(const compute_ops *self, float *ds, float *dz, const float *dy, const float *s,
                                 const float *cgate, int n, int d);
     void (*add_outer)(const compute_ops *self, float *out, const float *u, const float *v, int n, int d);
+    /* expert offloading: bytes from mapped to device memory on a copy queue of their own, once every
+     * kernel enqueued before has finished (the destination may still be read); prefetch_wait makes
+     * the kernels enqueued after it wait for every prefetch */
+    void (*prefetch)(const compute_ops *self, void *dst, const void *src, size_t bytes);
+    void (*prefetch_wait)(const compute_ops *self);
     void (*bf16_pack)(const compute_ops *self, uint16_t *dst, const float *src, size_t n);
     void (*bf16_unpack)(const compute_ops *self, float *dst, const uint16_t *src, size_t n);
 };

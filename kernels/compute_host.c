@@ -100,6 +100,7 @@ static void host_cg_combine_backward(const compute_ops *self, float *ds, float *
 static void host_add_outer(const compute_ops *self, float *out, const float *u, const float *v, int n, int d) {
     add_outer(out, u, v, n, d);
 }
+static void host_prefetch_wait(const compute_ops *self) {}
 static void host_bf16_pack(const compute_ops *self, uint16_t *dst, const float *src, size_t n) {
     bf16_pack(dst, src, n);
 }
@@ -136,6 +137,8 @@ static const compute_ops host_ops = {
     .cg_combine_forward = host_cg_combine_forward,
     .cg_combine_backward = host_cg_combine_backward,
     .add_outer = host_add_outer,
+    .prefetch = host_copy,
+    .prefetch_wait = host_prefetch_wait,
     .bf16_pack = host_bf16_pack,
     .bf16_unpack = host_bf16_unpack,
 };

@@ -110,8 +110,9 @@ typedef struct tcase {
     float cf, z, noise;
 } tcase;
 
-/* one case: both layers, 2 training steps and an inference forward */
-static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) {
+/* one case: both layers, 2 training steps and an inference forward. slots: dctx's offload_experts (0:
+ * none), whose fetches are counted against the local experts that received rows */
+static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, int slots) {
     scmoe_config cfg = scmoe_config_default();
     cfg.d_model = 48;
     cfg.d_hidden = 80;
@@ -144,8 +145,17 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) 
     CHECK(same_params(&moe_api, hm, dm, got), "[%s] %d parameters initialised identically on the device",
           tc->name, np);
 
+    if (slots) { /* offloaded: the experts' weights are host memory, readable right here */
+        char name[64];
+        scmoe_tensor a, b;
+        snprintf(name, sizeof name, "experts.%d.w2", rank_ * (cfg.n_experts / size_));
+        CHECK(!scmoe_moe_param(hm, name, &a) && !scmoe_moe_param(dm, name, &b) &&
+                  !memcmp(a.data, b.data, sizeof(float) * a.numel),
+              "[%s, %d slot(s)] an offloaded expert's weights are host memory, equal to the host layer's", tc->name,
+              slots);
+    }
     double worst_y = 0, worst_dx = 0, worst_g = 0;
-    int stats_equal = 1, ok = 1;
+    int stats_equal = 1, ok = 1, fetch_ok = 1, fetched_total = 0;
     for (int step = 0; step < 2 && ok; step++) {
         fill(x, nd, 17 + 31 * step + 101 * rank_);
         fill(dy, nd, 99 + 31 * step + 101 * rank_);
@@ -153,7 +163,15 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) 
         to_dev(dDY, dy, nd);
         scmoe_stats hs, ds;
         ok = !scmoe_moe_forward(hm, n, x, y, &hs) && !scmoe_moe_forward(dm, n, dX, dY, &ds);
+        int fetched = ok ? ds.experts_fetched : 0, active = 0, E_local = cfg.n_experts / size_;
+        for (int e2 = rank_ * E_local; ok && e2 < (rank_ + 1) * E_local; e2++) active += ds.expert_tokens[e2] > 0;
         ok = ok && !scmoe_moe_backward(hm, dy, dx, &hs) && !scmoe_moe_backward(dm, dDY, dDX, &ds);
+        if (!ok) break;
+        /* the forward fetches exactly the experts with rows when they fit, the backward then none */
+        fetch_ok &= !slots                ? fetched == 0 && ds.experts_fetched == 0
+                    : slots >= active ? fetched == active && ds.experts_fetched == 0
+                                      : fetched >= active;
+        fetched_total += fetched;
         if (!ok) break;
         to_host(got, dY, nd);
         double e = rel_err(got, y, nd);
@@ -175,6 +193,9 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc) 
     CHECK(ok && worst_dx <= 1e-3, "[%s] dX matches (%.1e)", tc->name, worst_dx);
     CHECK(ok && worst_g <= 1e-3, "[%s] all %d parameter gradients match (%.1e)", tc->name, np, worst_g);
     CHECK(ok && stats_equal, "[%s] routing statistics equal (tokens, drops, per-expert counts, aux, z)", tc->name);
+    if (slots)
+        CHECK(ok && fetch_ok, "[%s, %d slot(s)] the forward fetched the experts that received rows (%d over 2 steps), "
+              "the backward found them resident where they fit", tc->name, slots, fetched_total);
 
     /* inference */
     scmoe_moe_set_training(hm, 0);
@@ -286,7 +307,7 @@ static void run_refusals(scmoe_context *dctx) {
     scmoe_status s = scmoe_moe_create(dctx, &cfg, &m);
     CHECK(!s, "small layer on the device");
     if (s) return;
-    CHECK(scmoe_context_use_cuda(dctx, 0, SCMOE_CUDA_FP32) == SCMOE_ERR_STATE, "use_cuda with a live layer: STATE (%s)",
+    CHECK(scmoe_context_use_cuda(dctx, NULL) == SCMOE_ERR_STATE, "use_cuda with a live layer: STATE (%s)",
           scmoe_last_error(dctx));
     float h[8 * 16];
     fill(h, 8 * 16, 5);
@@ -315,24 +336,31 @@ int main(int argc, char **argv) {
 #endif
     scmoe_context *hctx = NULL, *dctx = NULL;
     CHECK(!make_ctx(&hctx) && !make_ctx(&dctx), "two contexts");
-    CHECK(scmoe_context_use_cuda(NULL, 0, SCMOE_CUDA_FP32) == SCMOE_ERR_NULL, "use_cuda(NULL): NULL");
-    CHECK(scmoe_context_use_cuda(dctx, 0, (scmoe_cuda_math)7) == SCMOE_ERR_OPTION, "unknown math: OPTION (%s)",
+    scmoe_cuda_options o = scmoe_cuda_options_default();
+    CHECK(scmoe_context_use_cuda(NULL, &o) == SCMOE_ERR_NULL, "use_cuda(NULL): NULL");
+    o.math = (scmoe_cuda_math)7;
+    CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_OPTION, "unknown math: OPTION (%s)", scmoe_last_error(dctx));
+    o = scmoe_cuda_options_default();
+    o.offload_experts = -1;
+    CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_OPTION, "offload_experts -1: OPTION (%s)",
           scmoe_last_error(dctx));
-    CHECK(scmoe_context_use_cuda(dctx, 4096, SCMOE_CUDA_FP32) == SCMOE_ERR_UNSUPPORTED, "device 4096: UNSUPPORTED (%s)",
+    o = scmoe_cuda_options_default();
+    o.device = 4096;
+    CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_UNSUPPORTED, "device 4096: UNSUPPORTED (%s)",
           scmoe_last_error(dctx));
-    scmoe_status s = scmoe_context_use_cuda(dctx, 0, SCMOE_CUDA_FP32);
+    scmoe_status s = scmoe_context_use_cuda(dctx, NULL);
     if (s == SCMOE_ERR_UNSUPPORTED) {
         if (!rank_) printf("ok - the MoE layer on the device vs the host # SKIP no CUDA device (%s)\n", scmoe_last_error(dctx));
     } else {
         CHECK(!s, "context on device 0: %s", s ? scmoe_last_error(dctx) : "ok");
-        CHECK(scmoe_context_use_cuda(dctx, 0, SCMOE_CUDA_FP32) == SCMOE_ERR_STATE, "twice: STATE");
+        CHECK(scmoe_context_use_cuda(dctx, NULL) == SCMOE_ERR_STATE, "twice: STATE");
         const tcase cases[] = {
             {"top1 gelu dropless", 1, 0, 0, SCMOE_GELU, 0.0f, 0.0f, 0.0f},
             {"top2 swiglu drops z noise", 2, 0, 0, SCMOE_SWIGLU, 1.0f, 1e-3f, 0.5f},
             {"top2 gelu drops 3 chunks", 2, 3, 0, SCMOE_GELU, 1.25f, 0.0f, 0.0f},
             {"top1 swiglu bf16 wire 2 chunks", 1, 2, 1, SCMOE_SWIGLU, 2.0f, 0.0f, 0.0f},
         };
-        for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i]);
+        for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i], 0);
         const pcase pairs[] = {
             {"scmoe pos 2 cg1 gelu", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU},
             {"scmoe pos 1 add swiglu", SCMOE_ARCH_SCMOE, 1, 0, SCMOE_COMBINE_ADD, SCMOE_SWIGLU},
@@ -341,6 +369,18 @@ int main(int argc, char **argv) {
             {"shared cg1 swiglu", SCMOE_ARCH_SHARED, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU},
         };
         for (size_t i = 0; !s && i < sizeof pairs / sizeof *pairs; i++) run_pair_case(hctx, dctx, &pairs[i]);
+        /* expert offloading: one slot (fewer than the experts with rows: fetched on demand, evicted), and
+         * as many as there are experts */
+        for (int slots = 1; slots <= 4; slots += 3) {
+            scmoe_context *octx = NULL;
+            scmoe_cuda_options o = scmoe_cuda_options_default();
+            o.offload_experts = slots;
+            CHECK(!make_ctx(&octx) && !scmoe_context_use_cuda(octx, &o), "a context offloading experts, %d slot(s)",
+                  slots);
+            for (size_t i = 1; octx && i < 3; i++) run_case(hctx, octx, &cases[i], slots);
+            if (octx) run_pair_case(hctx, octx, &pairs[0]); /* the shortcut gate picks what is fetched */
+            scmoe_context_destroy(octx);
+        }
         if (!s) run_refusals(dctx);
     }
     scmoe_context_destroy(hctx);
