@@ -75,9 +75,12 @@ $(B)/tests/test_cuda_moe_emu: tests/test_cuda_moe.c tests/check.h $(CUDA_C_OBJ) 
 	$(CC_LIB) $(CFLAGS) -DSCMOE_CUDA_EMU $(CUDA_INC) -I. $< $(CUDA_C_OBJ) $(CUDA_EMU_OBJ) $(B)/libscmoe.a \
 	    $(LDFLAGS) -lstdc++ -pthread $(LDLIBS) -o $@
 
-# the MoE layer's tests also on 2 ranks (exchanges between device layers) where MPI is built
+# the layer and pair tests also on 2 ranks (exchanges between device layers) where MPI is built; with
+# SAN=1, OpenMPI's process-lifetime allocations are suppressed by name as in check-sanitize
+CUDA_SAN_ENV := $(if $(filter 1,$(SAN)),ASAN_OPTIONS=detect_leaks=1:fast_unwind_on_malloc=0 \
+                LSAN_OPTIONS=suppressions=$(CURDIR)/fuzz/lsan.supp OMPI_MCA_mca_base_component_disable_dlclose=1)
 CUDA_MPIRUN := $(if $(filter 1,$(MPI)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
-               mpirun --oversubscribe -np 2)
+               $(CUDA_SAN_ENV) mpirun --oversubscribe -np 2)
 
 ifeq ($(CUDA_HOME),)
 check-cuda-emu:
@@ -85,7 +88,7 @@ check-cuda-emu:
 else
 check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu
 	$(B)/tests/test_cuda_emu
-	$(B)/tests/test_cuda_moe_emu
+	$(CUDA_SAN_ENV) $(B)/tests/test_cuda_moe_emu
 	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe_emu)
 endif
 
