@@ -1,15 +1,19 @@
 # mk/cuda.mk: the optional CUDA backend (cuda_backend/, docs/cuda.md). Included at the end of the
 # Makefile; uses its B, CC_LIB, CFLAGS, LDFLAGS, LDLIBS and its $(B)/libscmoe.a rule.
 #
-#   make CUDA=1             also builds $(B)/libscmoe_cuda.a (with `tests`: $(B)/tests/test_cuda too)
-#   make check-cuda-build   builds and links every CUDA file, then runs
-#                             $(B)/tests/test_cuda      device checks on a GPU, "ok - ... # SKIP no CUDA
-#                                                       device" without one; host-side checks always
-#                             $(B)/tests/test_cuda_emu  the same tests with kernels.cu built by $(CXX)
-#                                                       for the host emulation (cuda_backend/emu/): every
-#                                                       kernel runs on CPU threads, no GPU needed
+#   make CUDA=1             also builds $(B)/libscmoe_cuda.a (with `tests`: test_cuda and test_cuda_moe too)
+#   make check-cuda-build   builds and links every CUDA file, runs check-cuda-emu, then
+#                             $(B)/tests/test_cuda      the kernels and GEMMs: device checks on a GPU, "ok -
+#                                                       ... # SKIP no CUDA device" without one; host-side
+#                                                       checks always
+#                             $(B)/tests/test_cuda_moe  the layer and the pair on the device vs the host
+#                                                       (1 rank, and 2 with MPI); SKIP without a device
+#                           the emulation runs the same two tests (*_emu) with kernels.cu built by $(CXX)
+#                           (cuda_backend/emu/): every kernel on CPU threads, no GPU needed
 #                           without nvcc it prints a SKIP line and succeeds
-#   make check-cuda-emu     only the emulation (needs the CUDA headers, not nvcc or a GPU)
+#   make check-cuda-emu     only the emulation (needs the CUDA headers, not nvcc or a GPU); also a tiny run of
+#                           bench/cuda/bench_cuda in it, as a smoke test
+#   make bench-cuda         $(B)/bench/bench_cuda: the layer's experts vs plain cuBLAS, ScMoE vs top-2 (a GPU)
 #
 # Variables: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), CUDA_HOME (default: the
 # folder above nvcc's bin/), CUDA_ARCH (sm_80 and sm_90 code, compute_90 PTX), NVCCFLAGS.
@@ -17,8 +21,8 @@
 # Nothing below is read unless CUDA=1 or a check-cuda-* target is asked for: every other build is
 # exactly what it was without this file.
 
-ifneq ($(filter 1,$(CUDA))$(filter check-cuda-build check-cuda-emu,$(MAKECMDGOALS)),)
-CUDA_GOALS := check-cuda-build check-cuda-emu
+ifneq ($(filter 1,$(CUDA))$(filter check-cuda-build check-cuda-emu bench-cuda,$(MAKECMDGOALS)),)
+CUDA_GOALS := check-cuda-build check-cuda-emu bench-cuda
 
 ifeq ($(origin NVCC),undefined)
   NVCC := $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
@@ -82,14 +86,22 @@ CUDA_SAN_ENV := $(if $(filter 1,$(SAN)),ASAN_OPTIONS=detect_leaks=1:fast_unwind_
 CUDA_MPIRUN := $(if $(filter 1,$(MPI)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 \
                $(CUDA_SAN_ENV) mpirun --oversubscribe -np 2)
 
+# bench/cuda/bench_cuda.c (not in `make bench`, which builds bench/*.c for every build)
+$(B)/bench/bench_cuda_emu: bench/cuda/bench_cuda.c $(CUDA_C_OBJ) $(CUDA_EMU_OBJ) $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) -DSCMOE_CUDA_EMU $(CUDA_INC) -I. $< $(CUDA_C_OBJ) $(CUDA_EMU_OBJ) $(B)/libscmoe.a \
+	    $(LDFLAGS) -lstdc++ -pthread $(LDLIBS) -o $@
+CUDA_BENCH_SMOKE := --d 32 --hidden 64 --experts 4 --tokens 64 --heads 4 --seq 16 --batch 2 --reps 1
+
 ifeq ($(CUDA_HOME),)
 check-cuda-emu:
 	@echo "check-cuda-emu: SKIP - no CUDA headers (nvcc not found; set CUDA_HOME=/path/to/cuda)"
 else
-check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu
+check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu $(B)/bench/bench_cuda_emu
 	$(B)/tests/test_cuda_emu
 	$(CUDA_SAN_ENV) $(B)/tests/test_cuda_moe_emu
 	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe_emu)
+	$(CUDA_SAN_ENV) $(B)/bench/bench_cuda_emu $(CUDA_BENCH_SMOKE)
 endif
 
 ifeq ($(NVCC),)
@@ -98,8 +110,8 @@ ifeq ($(NVCC),)
       $(error CUDA=1: nvcc not found (not on PATH, not at /usr/local/cuda/bin/nvcc); set NVCC=/path/to/nvcc)
     endif
   endif
-check-cuda-build:
-	@echo "check-cuda-build: SKIP - nvcc not found (not on PATH, not at /usr/local/cuda/bin/nvcc); set NVCC=/path/to/nvcc"
+check-cuda-build bench-cuda:
+	@echo "$@: SKIP - nvcc not found (not on PATH, not at /usr/local/cuda/bin/nvcc); set NVCC=/path/to/nvcc"
 else
 
 $(B)/cuda_backend/%.o: cuda_backend/%.cu
@@ -119,13 +131,19 @@ $(B)/tests/test_cuda_moe: tests/test_cuda_moe.c tests/check.h $(B)/libscmoe_cuda
 	$(CC_LIB) $(CFLAGS) $(CUDA_INC) -I. $< $(B)/libscmoe_cuda.a $(B)/libscmoe.a $(LDFLAGS) $(CUDA_LDLIBS) $(LDLIBS) \
 	    -o $@
 
+$(B)/bench/bench_cuda: bench/cuda/bench_cuda.c $(B)/libscmoe_cuda.a $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) $(CUDA_INC) -I. $< $(B)/libscmoe_cuda.a $(B)/libscmoe.a $(LDFLAGS) $(CUDA_LDLIBS) $(LDLIBS) \
+	    -o $@
+bench-cuda: $(B)/bench/bench_cuda
+
 ifeq ($(CUDA),1)
 all: $(B)/libscmoe_cuda.a
 tests: $(B)/tests/test_cuda $(B)/tests/test_cuda_moe
 endif
 
 # the emulation first, then the same tests against the real runtime (each prints its own "N passed, N failed")
-check-cuda-build: $(B)/libscmoe_cuda.a $(B)/tests/test_cuda $(B)/tests/test_cuda_moe check-cuda-emu
+check-cuda-build: $(B)/libscmoe_cuda.a $(B)/tests/test_cuda $(B)/tests/test_cuda_moe $(B)/bench/bench_cuda check-cuda-emu
 	$(B)/tests/test_cuda
 	$(B)/tests/test_cuda_moe
 	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe)
