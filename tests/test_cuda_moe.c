@@ -16,8 +16,10 @@
 #endif
 
 #ifdef SCMOE_CUDA_EMU
-/* runtime_emu.c: from now on the host faults on device memory, as it would with a GPU */
+/* runtime_emu.c: from now on the host faults on device memory, as it would with a GPU; the asynchronous
+ * copy after `after` more fails */
 void emu_protect_device(int on);
+void emu_fail_copy_after(long after);
 #endif
 
 static int rank_, size_ = 1;
@@ -319,6 +321,18 @@ static void run_refusals(scmoe_context *dctx) {
     to_dev(dX, h, 8 * 16);
     CHECK(scmoe_moe_forward(m, 9, dX, dY, NULL) == SCMOE_ERR_N_TOKENS, "9 tokens of 8: N_TOKENS");
     CHECK(scmoe_moe_forward(m, 8, dX, dY, NULL) == SCMOE_OK, "then a good forward works");
+#ifdef SCMOE_CUDA_EMU
+    emu_fail_copy_after(0); /* the forward's first device copy: its input into the layer */
+    scmoe_status st = scmoe_moe_forward(m, 8, dX, dY, NULL);
+    CHECK(st == SCMOE_ERR_DEVICE && strstr(scmoe_last_error(dctx), "cudaMemcpyAsync"),
+          "a failing device copy: DEVICE, every rank back (%s)", scmoe_last_error(dctx));
+    CHECK(scmoe_moe_backward(m, dX, dY, NULL) == SCMOE_ERR_STATE, "no backward of the failed forward: STATE");
+    emu_fail_copy_after(3);
+    st = scmoe_moe_forward(m, 8, dX, dY, NULL);
+    CHECK(st == SCMOE_ERR_DEVICE, "a copy failing later in the forward (the gate's results): DEVICE (%s)",
+          scmoe_last_error(dctx));
+    CHECK(scmoe_moe_forward(m, 8, dX, dY, NULL) == SCMOE_OK, "the failure is reported once: the next forward works");
+#endif
     scmoe_moe_destroy(m);
     cudaFree(dX);
     cudaFree(dY);

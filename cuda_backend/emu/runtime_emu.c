@@ -103,8 +103,18 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, enum cudaMemcpy
     emu_device_leave();
     return cudaSuccess;
 }
+/* fault injection for tests: the asynchronous copy after `after` more successful ones fails, once,
+ * with cudaErrorInvalidValue (-1: none) */
+static long copies_before_failure = -1;
+void emu_fail_copy_after(long after) { copies_before_failure = after; }
+
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind, cudaStream_t s) {
     (void)s;
+    if (copies_before_failure == 0) {
+        copies_before_failure = -1;
+        return cudaErrorInvalidValue;
+    }
+    if (copies_before_failure > 0) copies_before_failure--;
     return cudaMemcpy(dst, src, bytes, kind);
 }
 cudaError_t cudaMemset(void *p, int v, size_t bytes) {
