@@ -43,7 +43,7 @@ scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
     f->unpack_to = NULL;
     const compute_ops *co = m->co;
     scmoe_status st;
-    /* MPI reads the mapped buffers on the host: every kernel writing them must have finished */
+    /* MPI reads the exchange buffers: every kernel writing them must have finished */
     if (m->cfg.wire_bf16) {
         /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
         uint16_t *out = combine ? m->wire_c_out : m->wire_d_out, *in = combine ? m->wire_c_in : m->wire_d_in;
@@ -213,7 +213,7 @@ static void *moe_take(moe_arena *a, size_t bytes) {
 }
 
 /* The workspace in three arenas: host (the plan and what host code reads), device (activations and
- * expert rows) and mapped (what MPI exchanges). On a device backend the host keeps mirrors of the gate's
+ * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI). On a device backend the host keeps mirrors of the gate's
  * small outputs, and the device copies of the plan's slot and recv_to_expert; on the host they are the
  * same arrays. */
 static void moe_layout(moe_layer *m, moe_arena *H, moe_arena *D, moe_arena *X) {
@@ -312,7 +312,7 @@ scmoe_status moe_alloc(moe_layer *m) {
     moe_layout(m, &H, &D, &X);
     m->mem = aligned_alloc(64, H.used);
     m->mem_dev = m->co->alloc(m->co, D.used, COMPUTE_DEVICE);
-    m->mem_map = m->co->alloc(m->co, X.used, COMPUTE_MAPPED);
+    m->mem_map = m->co->alloc(m->co, X.used, m->co->exchange_kind);
     if (!m->mem || !m->mem_dev || !m->mem_map)
         return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
                           "%s and %zu of exchange memory", H.used, D.used, m->co->name, X.used);
@@ -344,7 +344,7 @@ void moe_free(moe_layer *m) {
     free(m->mem);
     if (m->co) {
         m->co->release(m->co, m->mem_dev, COMPUTE_DEVICE);
-        m->co->release(m->co, m->mem_map, COMPUTE_MAPPED);
+        m->co->release(m->co, m->mem_map, m->co->exchange_kind);
     }
     m->ep = m->ep_back = m->replicas = NULL;
     m->mem = m->mem_dev = m->mem_map = NULL;

@@ -297,8 +297,8 @@ scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_s
         if (pass == SYNC_WORLD) pt->stage_world = stage;
     }
     pt->stage_total = stage;
-    if (stage) { /* summed over ranks by MPI on the host: mapped */
-        pt->stage = co->alloc(co, sizeof(float) * stage, COMPUTE_MAPPED);
+    if (stage) { /* summed over ranks by MPI */
+        pt->stage = co->alloc(co, sizeof(float) * stage, co->exchange_kind);
         if (!pt->stage) return SCMOE_ERR_NOMEM;
         co->zero(co, pt->stage, sizeof(float) * stage);
     }
@@ -324,7 +324,7 @@ void params_free(param_table *pt) {
     if (pt->co) {
         pt->co->release(pt->co, pt->data, COMPUTE_DEVICE);
         pt->co->release(pt->co, pt->grad, COMPUTE_DEVICE);
-        pt->co->release(pt->co, pt->stage, COMPUTE_MAPPED);
+        pt->co->release(pt->co, pt->stage, pt->co->exchange_kind);
         pt->co->release(pt->co, pt->data_host, COMPUTE_MAPPED);
     }
     memset(pt, 0, sizeof *pt);

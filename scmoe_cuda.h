@@ -33,9 +33,14 @@ typedef struct scmoe_cuda_options {
      * (their gradients stay on the device); fetched anew every forward, so host-side updates are
      * seen. */
     int offload_experts;
+    /** Whether MPI can read and write device memory (-1: ask OpenMPI, MPIX_Query_cuda_support; 0: no;
+     * 1: yes, the caller knows). Yes: the token exchanges and the summed gradients live in device
+     * memory and MPI moves them itself (GPUDirect where the MPI has it). No: they live in pinned host
+     * memory mapped into the device, which any MPI can use. */
+    int cuda_aware_mpi;
 } scmoe_cuda_options;
 
-/** The defaults: device 0, fp32 math, no offloading. */
+/** The defaults: device 0, fp32 math, no offloading, ask MPI whether it is CUDA-aware. */
 scmoe_cuda_options scmoe_cuda_options_default(void);
 
 /** LOCAL: moves ctx onto CUDA device opt->device (cudaSetDevice), before any layer is created on it.
@@ -43,7 +48,8 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
  * From then on every scmoe_moe created on ctx keeps its parameters, gradients and workspace on the
  * device and runs its GEMMs (cuBLAS) and kernels on one stream of its own; routing is planned on the
  * host from the gate's choices (one small copy per forward), and the token exchanges go through MPI
- * on pinned host memory mapped into the device, so MPI needs no CUDA support. With such a context:
+ * on device memory (a CUDA-aware MPI) or on pinned host memory mapped into the device (any MPI; see
+ * scmoe_cuda_options). With such a context:
  * - scmoe_moe_forward / _backward take DEVICE pointers for x, y, dy and dx, and return once the
  *   results are in them;
  * - scmoe_moe_param() / _param_at() tensors' data and grad are DEVICE pointers (an optimizer runs on
@@ -56,7 +62,7 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
  * The device state is released by scmoe_context_destroy().
  *
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer already exists on ctx, or ctx is on a
- *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0), ::SCMOE_ERR_UNSUPPORTED (no such device,
+ *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1, 0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device,
  *         no driver), ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
  * @param opt  NULL: the defaults */
 scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options *opt);

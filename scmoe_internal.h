@@ -58,7 +58,7 @@ typedef struct param_table {
     size_t total;          /* floats */
     size_t stage_total;    /* floats staged for a sum over ranks */
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
-    const compute_ops *co; /* where data and grad live (device memory), and stage (mapped) */
+    const compute_ops *co; /* where data and grad live (device memory), and stage (co->exchange_kind) */
     float *data, *grad, *stage;
     float *data_host;      /* mapped: the data of host_data tensors */
 } param_table;
@@ -66,8 +66,8 @@ typedef struct param_table {
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
 int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
                uint64_t key);
-/* Allocates data, grad (co's device memory) and staging (mapped; stage: 1 if this rank's gradients must
- * be summed over ranks), and initialises the values. */
+/* Allocates data, grad (co's device memory) and staging (co->exchange_kind: stage, 1 if this rank's
+ * gradients must be summed over ranks), and initialises the values. */
 scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync);
 void params_free(param_table *pt);
 int params_find(const param_table *pt, const char *name);
@@ -98,7 +98,7 @@ typedef struct moe_layer {
     scmoe_config cfg;
     param_table *pt;
     const compute_ops *co;     /* the context's: where the buffers live, what runs on them */
-    void *mem, *mem_dev, *mem_map; /* the workspace: host, device and mapped (exchanged) memory */
+    void *mem, *mem_dev, *mem_map; /* the workspace: host, device and exchanged (co->exchange_kind) memory */
     /* the expert-parallel group, twice: dispatches go on ep, combines on ep_back. A pipeline starts
      * each dispatch as soon as the one before has landed, noticed by a poll at a moment that differs
      * between ranks; MPI matches collectives by their order on a communicator, so the two kinds must

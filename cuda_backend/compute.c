@@ -6,7 +6,8 @@
  * and writes it on the host, kernels pack rows into it and permute them out of it, so the permute of a
  * received block *is* its copy to the device, over PCIe, in the same pass. That is why the MoE needs no
  * staging copies (staging.c remains for callers that want explicit copies on a copy stream). A device
- * without unified addressing (cudaHostGetDevicePointer giving another address) is refused.
+ * without unified addressing (cudaHostGetDevicePointer giving another address) is refused. With a
+ * CUDA-aware MPI the exchange buffers are device memory (exchange_kind) and MPI moves them itself.
  *
  * Failures. The table's functions are void like the host's: the first failure (a launch, a copy, or
  * a cuBLAS call on the same cuda_blas) is kept and `failed` hands it to the core, which returns
@@ -204,6 +205,7 @@ static void cuda_bf16_unpack_op(const compute_ops *co, float *dst, const uint16_
 static const compute_ops cuda_table = {
     .name = "cuda",
     .device = 1,
+    .exchange_kind = COMPUTE_MAPPED,
     .alloc = cuda_alloc,
     .release = cuda_release,
     .copy = cuda_copy,
@@ -236,7 +238,7 @@ static const compute_ops cuda_table = {
     .bf16_unpack = cuda_bf16_unpack_op,
 };
 
-scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, char *err) {
+scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_aware, char *err) {
     if (!out || !cb) {
         if (err) snprintf(err, 160, "cuda_compute_create: out or cb is NULL");
         return SCMOE_ERR_NULL;
@@ -248,6 +250,7 @@ scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, char *err) {
         return SCMOE_ERR_NOMEM;
     }
     cc->base = cuda_table;
+    cc->base.exchange_kind = cuda_aware ? COMPUTE_DEVICE : COMPUTE_MAPPED;
     cc->cb = cb;
     const char *what = NULL;
     cudaError_t e;

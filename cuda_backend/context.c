@@ -19,7 +19,7 @@ static void backend_release(void *p) {
 }
 
 scmoe_cuda_options scmoe_cuda_options_default(void) {
-    scmoe_cuda_options o = {0, SCMOE_CUDA_FP32, 0};
+    scmoe_cuda_options o = {0, SCMOE_CUDA_FP32, 0, -1};
     return o;
 }
 
@@ -36,6 +36,9 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options
     if (math != SCMOE_CUDA_FP32 && math != SCMOE_CUDA_BF16)
         return scmoe_fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: math = %d: must be SCMOE_CUDA_FP32 or "
                           "SCMOE_CUDA_BF16", (int)math);
+    if (o.cuda_aware_mpi < -1 || o.cuda_aware_mpi > 1)
+        return scmoe_fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: cuda_aware_mpi = %d: must be -1 (ask "
+                          "MPI), 0 or 1", o.cuda_aware_mpi);
     if (o.offload_experts < 0)
         return scmoe_fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: offload_experts = %d: must be >= 0 "
                           "(0: off)", o.offload_experts);
@@ -52,7 +55,9 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options
     if (!b) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "scmoe_context_use_cuda: out of memory");
     char err[160];
     scmoe_status s = cuda_blas_create(&b->cb, NULL, math == SCMOE_CUDA_BF16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err);
-    if (!s) s = cuda_compute_create(&b->co, b->cb, err);
+    /* auto: ask OpenMPI, where there are exchanges at all (one rank exchanges nothing) */
+    int aware = o.cuda_aware_mpi >= 0 ? o.cuda_aware_mpi : ctx->world->size > 1 && cuda_mpi_cuda_aware();
+    if (!s) s = cuda_compute_create(&b->co, b->cb, aware, err);
     if (s) {
         backend_release(b);
         return scmoe_fail(ctx, s, "scmoe_context_use_cuda: %s", err);

@@ -180,9 +180,10 @@ cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_
 
 /* compute.h's table on one stream (that of cb, which it does not own): device memory from cudaMalloc,
  * mapped memory from cudaHostAlloc(Mapped | Portable) used through its unified address, copies with
- * cudaMemcpyDefault. Fails with SCMOE_ERR_NOMEM or SCMOE_ERR_DEVICE (err, >= 160 bytes, says why). */
+ * cudaMemcpyDefault. cuda_aware: MPI can read device memory, so the exchanges use device buffers.
+ * Fails with SCMOE_ERR_NOMEM or SCMOE_ERR_DEVICE (err, >= 160 bytes, says why). */
 struct compute_ops;
-scmoe_status cuda_compute_create(struct compute_ops **out, cuda_blas *cb, char *err);
+scmoe_status cuda_compute_create(struct compute_ops **out, cuda_blas *cb, int cuda_aware, char *err);
 void cuda_compute_destroy(struct compute_ops *co);
 
 /* ====================================================================== staging (no CUDA-aware MPI) */

@@ -9,7 +9,8 @@
  *   COMPUTE_DEVICE  the backend's: activations, expert buffers, parameters
  *   COMPUTE_MAPPED  reachable by both (CUDA: pinned, mapped host memory): the exchange buffers, so MPI
  *                   reads and writes them on the host while kernels pack into them and permute out of
- *                   them; the permute is the copy to the device, and no staging copy is needed
+ *                   them; the permute is the copy to the device, and no staging copy is needed. With a
+ *                   CUDA-aware MPI the exchange buffers are device memory instead (exchange_kind).
  * On the host backend all three are the same plain memory.
  *
  * Kernels are enqueued in order and may run asynchronously: `sync` waits for all of them, which the
@@ -30,6 +31,7 @@ struct exec;
 struct compute_ops {
     const char *name;
     int device;   /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
+    int exchange_kind; /* what MPI exchanges live in: COMPUTE_MAPPED, or COMPUTE_DEVICE for a CUDA-aware MPI */
     /* ---- memory (allocation happens only in *_create) ---- */
     void *(*alloc)(const compute_ops *self, size_t bytes, int kind); /* 64-byte aligned; NULL when out */
     void (*release)(const compute_ops *self, void *p, int kind);

@@ -111,6 +111,7 @@ static void host_bf16_unpack(const compute_ops *self, float *dst, const uint16_t
 static const compute_ops host_ops = {
     .name = "host",
     .device = 0,
+    .exchange_kind = COMPUTE_MAPPED,
     .alloc = host_alloc,
     .release = host_release,
     .copy = host_copy,

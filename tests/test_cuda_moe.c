@@ -359,6 +359,9 @@ int main(int argc, char **argv) {
     CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_OPTION, "offload_experts -1: OPTION (%s)",
           scmoe_last_error(dctx));
     o = scmoe_cuda_options_default();
+    o.cuda_aware_mpi = 2;
+    CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_OPTION, "cuda_aware_mpi 2: OPTION (%s)", scmoe_last_error(dctx));
+    o = scmoe_cuda_options_default();
     o.device = 4096;
     CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_UNSUPPORTED, "device 4096: UNSUPPORTED (%s)",
           scmoe_last_error(dctx));
@@ -395,6 +398,21 @@ int main(int argc, char **argv) {
             if (octx) run_pair_case(hctx, octx, &pairs[0]); /* the shortcut gate picks what is fetched */
             scmoe_context_destroy(octx);
         }
+#ifdef SCMOE_CUDA_EMU
+        /* a CUDA-aware MPI: exchanges and summed gradients in device memory, which MPI reads itself (here
+         * the emulated device's memory is the host's, so it is left unprotected for these) */
+        scmoe_context *actx = NULL;
+        scmoe_cuda_options ao = scmoe_cuda_options_default();
+        ao.cuda_aware_mpi = 1;
+        CHECK(!make_ctx(&actx) && !scmoe_context_use_cuda(actx, &ao), "a context with a CUDA-aware MPI");
+        emu_protect_device(0);
+        if (actx) {
+            run_case(hctx, actx, &cases[3], 0);
+            run_pair_case(hctx, actx, &pairs[2]);
+        }
+        emu_protect_device(1);
+        scmoe_context_destroy(actx);
+#endif
         if (!s) run_refusals(dctx);
     }
     scmoe_context_destroy(hctx);
