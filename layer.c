@@ -30,7 +30,7 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
         ctx->objects++;
         o->ex.blas = ctx->blas;
         o->ex.compute = ctx->compute;
-        o->ex.poll_cols = cfg->poll_cols;
+        o->ex.poll_cols = exec_poll_cols(ctx->compute, cfg->poll_cols);
         s = moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
     }
     if (!s) {

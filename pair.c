@@ -315,7 +315,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->training = 1;
         p->ex.blas = ctx->blas;
         p->ex.compute = ctx->compute;
-        p->ex.poll_cols = cfg->poll_cols;
+        p->ex.poll_cols = exec_poll_cols(ctx->compute, cfg->poll_cols);
         s = register_params(p);
     }
     if (!s) {
