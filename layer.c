@@ -13,8 +13,6 @@ struct scmoe_moe {
     float *xbuf;       /* the training forward's input, kept for backward (the backend's memory) */
 };
 
-
-
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
     *out = NULL;
@@ -151,7 +149,7 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     s = run_experts(o, moe_experts_backward);
     if (s) return s;
     moe_gate_backward(m, &o->ex, dx, 0.0f);
-    o->ctx->compute->sync(o->ctx->compute); /* the staged gradients are summed by MPI on the host */
+    o->ctx->compute->sync(o->ctx->compute); /* MPI sums the staged gradients the kernels wrote */
     double ts = scmoe_now();
     s = sync_grads(o->ctx, &o->pt, o->ctx->world, m->replicas);
     if (!s) s = context_device_check(o->ctx);

@@ -213,9 +213,9 @@ static void *moe_take(moe_arena *a, size_t bytes) {
 }
 
 /* The workspace in three arenas: host (the plan and what host code reads), device (activations and
- * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI). On a device backend the host keeps mirrors of the gate's
- * small outputs, and the device copies of the plan's slot and recv_to_expert; on the host they are the
- * same arrays. */
+ * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI).
+ * On a device backend the host keeps mirrors of the gate's small outputs, and the device copies of the
+ * plan's slot and recv_to_expert; on the host backend they are the same arrays. */
 static void moe_layout(moe_layer *m, moe_arena *H, moe_arena *D, moe_arena *X) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * world;
