@@ -65,7 +65,7 @@ deps:
 tests: $(TEST_BINS)
 
 check: deps
-	$(MAKE) tests examples
+	$(MAKE) tests examples bench
 	tests/run.sh
 
 # The same suite built with ASan + UBSan in its own build folder. OpenMPI keeps allocations for the life of

@@ -153,7 +153,7 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     moe_layer m;
     memset(&pt, 0, sizeof pt);
     check(ctx, moe_init(&m, ctx, &cfg, k, &pt, "", 0.02f), "moe_init");
-    check(ctx, params_allocate(&pt, ctx->world->size > 1, m.replicas->size > 1), "params_allocate");
+    check(ctx, params_allocate(&pt, ctx->compute, ctx->world->size > 1, m.replicas->size > 1), "params_allocate");
     check(ctx, moe_alloc(&m), "moe_alloc");
     m.training = 0;
     exec ex = {ctx->blas, NULL, NULL, cfg.poll_cols, NULL};

@@ -110,7 +110,7 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     b->ex.poll_cols = cfg.poll_cols;
     moe_layer *m = &b->m;
     die(b->ctx, moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "moe_init");
-    die(b->ctx, params_allocate(&b->pt, 0, 0), "params_allocate");
+    die(b->ctx, params_allocate(&b->pt, b->ctx->compute, 0, 0), "params_allocate");
     die(b->ctx, moe_alloc(m), "moe_alloc");
     /* small random biases so the bias passes do real work */
     for (int i = 0; i < m->E_local; i++) {
