@@ -1,7 +1,7 @@
 /* test_cuda.c: the CUDA backend (cuda_backend/) against the CPU kernels it mirrors.
  *
  * With a device (cudaGetDeviceCount > 0): every kernel and the cuBLAS GEMMs on random data against
- * kernels/ (and moe.c's row loops, restated here): <= 1e-4 relative on outputs, 1e-3 on gradients,
+ * kernels/ (rows.c for the routed rows): <= 1e-4 relative on outputs, 1e-3 on gradients,
  * integer outputs and copies exact. Without one, each of those prints "ok - NAME # SKIP no CUDA
  * device" (not counted), and the host-side checks still run: the row-major -> column-major GEMM
  * mapping against a reference, argument validation of every launch wrapper and of the GEMMs,
@@ -776,7 +776,7 @@ static void dev_gate(void) {
 }
 
 static void dev_rows(void) {
-    if (!have_gpu) { skip("permute_rows, dispatch pack, decode and decode backward vs moe.c"); return; }
+    if (!have_gpu) { skip("permute_rows, dispatch pack, decode and decode backward vs kernels/rows.c"); return; }
     int n = 13, k = 2, d = 33, nr = n * k;
     /* slots: a random permutation of the assignments, every fifth dropped */
     int *slot = malloc(sizeof(int) * nr), n_send = 0;
@@ -794,25 +794,22 @@ static void dev_rows(void) {
     float *dX = dupf(x, (size_t)n * d), *dRows = dupf(rows, (size_t)n_send * d), *dW = dupf(w, nr);
     float *dDy = dupf(dy, (size_t)n * d), *dOut = dalloc(sizeof(float) * n_send * d);
 
-    for (int scatter = 0; scatter < 2; scatter++) { /* moe.c permute_rows */
-        for (int r = 0; r < n_send; r++)
-            memcpy(ref + (size_t)(scatter ? map[r] : r) * d, rows + (size_t)(scatter ? r : map[r]) * d, sizeof(float) * d);
+    for (int scatter = 0; scatter < 2; scatter++) {
+        permute_rows(ref, rows, map, n_send, d, scatter);
         int ok = cuda_permute_rows(dOut, dRows, dMap, n_send, d, scatter, stream) == cudaSuccess;
         ok &= get(g, dOut, sizeof(float) * n_send * d);
         CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "permute_rows %s: exact",
               scatter ? "scatter dst[map[r]] = src[r]" : "gather dst[r] = src[map[r]]");
     }
-    /* moe_gate_encode's pack */
+    /* the dispatch's pack */
     for (size_t i = 0; i < (size_t)n_send * d; i++) ref[i] = 0;
-    for (int t = 0; t < n; t++)
-        for (int j = 0; j < k; j++)
-            if (slot[t * k + j] >= 0) memcpy(ref + (size_t)slot[t * k + j] * d, x + (size_t)t * d, sizeof(float) * d);
+    pack_rows(ref, x, slot, n, k, d);
     cudaMemsetAsync(dOut, 0, sizeof(float) * n_send * d, stream);
     int ok = cuda_moe_pack(dOut, dX, dSlot, n, k, d, stream) == cudaSuccess;
     ok &= get(g, dOut, sizeof(float) * n_send * d);
     CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "dispatch pack send[slot[t, j]] = x[t]: exact");
 
-    /* moe_decode: y = beta y + sum_j w rows[slot]; weight NULL is moe_gate_backward's dx sum */
+    /* decode: y = beta y + sum_j w rows[slot]; weight NULL is moe_gate_backward's dx sum */
     float betas[4] = {0.0f, 1.0f, 0.5f, 1.0f};
     for (int bi = 0; bi < 4; bi++) {
         float beta = betas[bi];
@@ -820,16 +817,7 @@ static void dev_rows(void) {
         float *y = fnew((size_t)n * d, 1);
         if (beta == 0.0f) for (int i = 0; i < n * d; i++) y[i] = NAN;
         float *dY = dupf(y, (size_t)n * d);
-        for (int t = 0; t < n; t++) {
-            float *yt = y + (size_t)t * d;
-            if (beta == 0.0f) memset(yt, 0, sizeof(float) * d);
-            else if (beta != 1.0f) for (int c = 0; c < d; c++) yt[c] *= beta;
-            for (int j = 0; j < k; j++) {
-                int sl = slot[t * k + j];
-                if (sl < 0) continue;
-                for (int c = 0; c < d; c++) yt[c] += (unweighted ? 1.0f : w[t * k + j]) * rows[(size_t)sl * d + c];
-            }
-        }
+        decode_rows(y, beta, rows, slot, unweighted ? NULL : w, n, k, d);
         int okd = cuda_moe_decode(dY, beta, dRows, dSlot, unweighted ? NULL : dW, n, k, d, stream) == cudaSuccess;
         okd &= get(g, dY, sizeof(float) * n * d);
         double e = relerr(g, y, (size_t)n * d);
@@ -837,20 +825,10 @@ static void dev_rows(void) {
               e);
         free(y);
     }
-    /* moe_decode_backward: grows[slot] = w dy[t], dweight = dy[t] . rows[slot], 0 when dropped */
+    /* decode backward: grows[slot] = w dy[t], dweight = dy[t] . rows[slot], 0 when dropped */
     float *dwref = fnew(nr, 0), *gw = fnew(nr, 0);
     for (size_t i = 0; i < (size_t)n_send * d; i++) ref[i] = 7.0f;
-    for (int t = 0; t < n; t++)
-        for (int j = 0; j < k; j++) {
-            int a = t * k + j, sl = slot[a];
-            if (sl < 0) { dwref[a] = 0.0f; continue; }
-            float dot = 0.0f;
-            for (int c = 0; c < d; c++) {
-                dot += dy[(size_t)t * d + c] * rows[(size_t)sl * d + c];
-                ref[(size_t)sl * d + c] = w[a] * dy[(size_t)t * d + c];
-            }
-            dwref[a] = dot;
-        }
+    decode_rows_backward(ref, dwref, dy, rows, slot, w, n, k, d);
     float *seven = fnew((size_t)n_send * d, 0);
     for (size_t i = 0; i < (size_t)n_send * d; i++) seven[i] = 7.0f;
     float *dG = dupf(seven, (size_t)n_send * d), *dDW = dupf(seven, nr);
