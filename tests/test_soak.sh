@@ -5,8 +5,11 @@
 #   1. soak: 2,000 training steps of a tiny model (examples/train_lm) on 2 ranks, a checkpoint every 500
 #      and a validation pass every 250; every rank's resident memory (VmRSS, /proc/<pid>/status) sampled
 #      every 100 steps (100 .. 1,900). After warm-up (step 300) the RSS of each rank may not grow by more
-#      than SOAK_RSS_TOL_KB (512 KiB), nor grow steadily (the least-squares slope over the samples after
-#      warm-up below 128 KiB per 1,000 steps: a leak of 256 bytes a step fails it).
+#      than SOAK_RSS_TOL_KB (512 KiB), nor grow steadily (the least-squares slope over the second half of
+#      the run below 128 KiB per 1,000 steps: a leak of 256 bytes a step fails it). The slope is taken late
+#      because the first ~2,000 steps still settle by up to ~200 KiB (OpenMPI's and malloc's pools: over
+#      8,000 steps the growth stays at 20-56 KiB, the late slope at 0-1 KiB), which measured from step 300
+#      gave slopes of 100-133 on a run of 2,000, failing about one run in three.
 #   2. valgrind memcheck of a short 1-rank train_lm run (3 steps, save) and of a resume from it (2 more
 #      steps): 0 errors, no definite or indirect leak. OpenMPI's own MPI_Init/MPI_Finalize allocations are
 #      suppressed (tests/valgrind-openmpi.supp + /usr/share/openmpi/openmpi-valgrind.supp); their count
@@ -74,12 +77,13 @@ if want rss; then
         series=$(awk -v r=$r '$2 == r {printf "%s:%d ", $1, $3 / 1024}' "$TMP/rss")
         echo "# rank $r VmRSS (step:MiB): $series"
         # growth after warm-up, and the least-squares slope of the samples after warm-up (KiB per 1000 steps)
-        read -r n base top last slope <<< "$(awk -v r=$r '$2 == r && $1 >= 300 {
-                if (!n) base = $3; n++; if ($3 > top) top = $3; last = $3; sx += $1; sy += $3; sxx += $1 * $1; sxy += $1 * $3 }
-            END { s = (n > 1 && n * sxx - sx * sx) ? (n * sxy - sx * sy) / (n * sxx - sx * sx) * 1000 : 0
+        read -r n base top last slope <<< "$(awk -v r=$r -v half=$((STEPS / 2)) '$2 == r && $1 >= 300 {
+                if (!n) base = $3; n++; if ($3 > top) top = $3; last = $3 }
+            $2 == r && $1 >= half { m++; sx += $1; sy += $3; sxx += $1 * $1; sxy += $1 * $3 }
+            END { s = (m > 1 && m * sxx - sx * sx) ? (m * sxy - sx * sy) / (m * sxx - sx * sx) * 1000 : 0
                   printf "%d %d %d %d %.0f\n", n, base, top, last, s }' "$TMP/rss")"
         [ "${n:-0}" -ge 5 ] && [ $((top - base)) -le "$TOL" ] && awk -v s="$slope" 'BEGIN {exit !(s < 128)}'
-        ok $? "soak: rank $r resident memory flat after warm-up: $((base / 1024)) MiB at step 300, max $((top / 1024)) MiB, $((last / 1024)) MiB at the end (growth $((top - base)) KiB <= $TOL KiB, slope $slope KiB / 1000 steps < 128; $n samples)"
+        ok $? "soak: rank $r resident memory flat after warm-up: $((base / 1024)) MiB at step 300, max $((top / 1024)) MiB, $((last / 1024)) MiB at the end (growth $((top - base)) KiB <= $TOL KiB, slope over the second half $slope KiB / 1000 steps < 128; $n samples)"
     done
 fi
 

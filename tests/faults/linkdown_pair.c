@@ -29,9 +29,10 @@
 static FILE *rep;
 static int rank;
 static double timeout_s = 3.0;
-static volatile double call_start; /* 0: not inside a library call */
-static volatile const char *call_name = "";
-static volatile long step_no;
+/* shared with the watchdog thread: atomics, so the reads are defined (ThreadSanitizer flagged volatile) */
+static _Atomic double call_start; /* 0: not inside a library call */
+static const char *_Atomic call_name = "";
+static _Atomic long step_no;
 
 static double now(void) {
     struct timespec ts;
@@ -55,7 +56,7 @@ static void *watchdog(void *arg) {
         nanosleep(&(struct timespec){0, 100000000L}, NULL);
         double t0 = call_start;
         if (t0 > 0 && now() - t0 > limit) {
-            say("HUNG step %ld %s for %.1f s (comm_timeout_s %.1f): the call never returned", step_no,
+            say("HUNG step %ld %s for %.1f s (comm_timeout_s %.1f): the call never returned", (long)step_no,
                 (const char *)call_name, now() - t0, timeout_s);
             _exit(5);
         }
@@ -82,7 +83,7 @@ static scmoe_context *ctx;
         scmoe_status s_ = (expr);                                                                           \
         call_start = 0;                                                                                     \
         if (s_ != SCMOE_OK) {                                                                               \
-            say("ERROR step %ld %s: %s (code %d): %s", step_no, #expr, status_name(s_), (int)s_,              \
+            say("ERROR step %ld %s: %s (code %d): %s", (long)step_no, #expr, status_name(s_), (int)s_,        \
                 scmoe_last_error(ctx));                                                                     \
             _exit(4);                                                                                       \
         }                                                                                                   \
@@ -125,7 +126,7 @@ int main(int argc, char **argv) {
         CALL(scmoe_pair_forward(p, B, T, x, y, &st));
         CALL(scmoe_pair_backward(p, dy, dx, &st));
         CALL(scmoe_pair_grad_sync(p, &st));
-        say("step %ld ok", step_no);
+        say("step %ld ok", (long)step_no);
     }
     scmoe_pair_destroy(p);
     scmoe_context_destroy(ctx);
