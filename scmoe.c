@@ -209,6 +209,7 @@ void scmoe_context_destroy(scmoe_context *ctx) {
 
 int scmoe_context_rank(const scmoe_context *ctx) { return ctx ? ctx->world->rank : -1; }
 int scmoe_context_size(const scmoe_context *ctx) { return ctx ? ctx->world->size : -1; }
+const char *scmoe_context_backend(const scmoe_context *ctx) { return ctx ? ctx->compute->name : "context is NULL"; }
 const char *scmoe_last_error(const scmoe_context *ctx) { return ctx ? ctx->err : "context is NULL"; }
 
 scmoe_status context_device_check(scmoe_context *ctx) {

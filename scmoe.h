@@ -238,6 +238,11 @@ int scmoe_context_rank(const scmoe_context *ctx);
  * @param ctx the context.
  * @return the ranks; 1 for a one-rank context; -1 when ctx is NULL. */
 int scmoe_context_size(const scmoe_context *ctx);
+/** Where the context's layers compute.
+ * @param ctx the context.
+ * @return "host" (OpenBLAS + OpenMP), "cuda" after scmoe_context_use_cuda() (scmoe_cuda.h), or
+ *         "context is NULL". */
+const char *scmoe_context_backend(const scmoe_context *ctx);
 /** Detail of the last failure on this context ("" if none). Valid until the next call on it.
  * @param ctx the context (NULL gives "context is NULL").
  * @return a string owned by the context. */

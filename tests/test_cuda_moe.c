@@ -367,9 +367,11 @@ int main(int argc, char **argv) {
           scmoe_last_error(dctx));
     scmoe_status s = scmoe_context_use_cuda(dctx, NULL);
     if (s == SCMOE_ERR_UNSUPPORTED) {
+        CHECK(!strcmp(scmoe_context_backend(dctx), "host"), "a failed move leaves the context on the host");
         if (!rank_) printf("ok - the MoE layer on the device vs the host # SKIP no CUDA device (%s)\n", scmoe_last_error(dctx));
     } else {
-        CHECK(!s, "context on device 0: %s", s ? scmoe_last_error(dctx) : "ok");
+        CHECK(!s && !strcmp(scmoe_context_backend(dctx), "cuda") && !strcmp(scmoe_context_backend(hctx), "host"),
+              "context on device 0: %s", s ? scmoe_last_error(dctx) : "ok, backend cuda");
         CHECK(scmoe_context_use_cuda(dctx, NULL) == SCMOE_ERR_STATE, "twice: STATE");
         const tcase cases[] = {
             {"top1 gelu dropless", 1, 0, 0, SCMOE_GELU, 0.0f, 0.0f, 0.0f},

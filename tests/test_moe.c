@@ -148,6 +148,8 @@ static void bad_input(void) {
           "parameter by name with its shape");
     CHECK(strcmp(scmoe_strerror((scmoe_status)999), "unknown status") == 0, "strerror of an unknown status");
     for (int s = 0; s < SCMOE_STATUS_COUNT; s++) CHECK(scmoe_strerror((scmoe_status)s)[0], "strerror(%d) names it", s);
+    CHECK(!strcmp(scmoe_context_backend(ctx), "host") && !strcmp(scmoe_context_backend(NULL), "context is NULL"),
+          "a context computes on the host unless moved to a device");
     scmoe_moe_destroy(m);
     scmoe_moe_destroy(NULL);
     scmoe_context_destroy(ctx);
