@@ -16,19 +16,14 @@ struct scmoe_moe {
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
     *out = NULL;
-    char msg[256];
-    scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
-    if (s) scmoe_fail(ctx, s, "%s", msg);
-    s = config_agree(ctx, cfg, s);
+    scmoe_status s = config_check(ctx, cfg);
     if (s) return s;
     scmoe_moe *o = calloc(1, sizeof *o);
     if (!o) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
         o->ctx = ctx;
         ctx->objects++;
-        o->ex.blas = ctx->blas;
-        o->ex.compute = ctx->compute;
-        o->ex.poll_cols = exec_poll_cols(ctx->compute, cfg->poll_cols);
+        o->ex = context_exec(ctx, cfg->poll_cols);
         s = moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
     }
     if (!s) {

@@ -297,10 +297,7 @@ static scmoe_status alloc_activations(scmoe_pair *p) {
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
     *out = NULL;
-    char msg[256];
-    scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
-    if (s) scmoe_fail(ctx, s, "%s", msg);
-    s = config_agree(ctx, cfg, s);
+    scmoe_status s = config_check(ctx, cfg);
     if (s) return s;
     scmoe_pair *p = calloc(1, sizeof *p);
     if (!p) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
@@ -313,9 +310,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->has_se = cfg->arch == SCMOE_ARCH_SHARED || cfg->arch == SCMOE_ARCH_SCMOE;
         p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
         p->training = 1;
-        p->ex.blas = ctx->blas;
-        p->ex.compute = ctx->compute;
-        p->ex.poll_cols = exec_poll_cols(ctx->compute, cfg->poll_cols);
+        p->ex = context_exec(ctx, cfg->poll_cols);
         s = register_params(p);
     }
     if (!s) {

@@ -422,6 +422,18 @@ scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *c, scmoe_statu
     return SCMOE_OK;
 }
 
+scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg) {
+    char msg[256];
+    scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
+    if (s) scmoe_fail(ctx, s, "%s", msg);
+    return config_agree(ctx, cfg, s);
+}
+
+exec context_exec(const scmoe_context *ctx, int poll_cols) {
+    exec ex = {ctx->blas, NULL, NULL, ctx->compute->device ? 0 : poll_cols, ctx->compute};
+    return ex;
+}
+
 /* After a local step that may fail on some ranks only: every rank learns whether any failed. */
 scmoe_status status_agree(scmoe_context *ctx, scmoe_status local) {
     comm *w = ctx->world;

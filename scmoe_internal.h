@@ -21,6 +21,12 @@ struct scmoe_context {
 
 /* Wraps a communicator (serial or MPI) in a new context; the context owns it. */
 scmoe_status context_create_with(comm *world, scmoe_context **out);
+/* The start of every *_create: validates cfg (its message on ctx) and agrees on it with every rank. */
+scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg);
+/* What an object's kernels run with on ctx: its GEMM and compute tables, and poll_cols tiles on the host
+ * (on a device a GEMM is only enqueued, so a poll between tiles would run at enqueue time and a tile
+ * would only cost a launch: whole GEMMs). */
+exec context_exec(const scmoe_context *ctx, int poll_cols);
 
 /* Waits for the context's device and returns SCMOE_ERR_DEVICE (with the CUDA error) if a kernel, copy
  * or GEMM of it failed since the last check; the host backend never fails. A call that hands results

@@ -156,7 +156,7 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     check(ctx, params_allocate(&pt, ctx->compute, ctx->world->size > 1, m.replicas->size > 1), "params_allocate");
     check(ctx, moe_alloc(&m), "moe_alloc");
     m.training = 0;
-    exec ex = {ctx->blas, NULL, NULL, cfg.poll_cols, NULL};
+    exec ex = context_exec(ctx, cfg.poll_cols);
 
     float *x = xalloc(sizeof(float) * (size_t)n * d);
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(g_rank + 1) * 0x2545f4914f6cdd1dull;

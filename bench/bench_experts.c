@@ -105,9 +105,7 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     scmoe_status s = scmoe_config_validate(&cfg, msg, sizeof msg);
     if (s) { fprintf(stderr, "bench_experts: config: %s\n", msg); exit(1); }
     die(NULL, scmoe_context_create(&b->ctx), "context");
-    b->ex.blas = b->ctx->blas;
-    b->ex.poll = NULL;
-    b->ex.poll_cols = cfg.poll_cols;
+    b->ex = context_exec(b->ctx, cfg.poll_cols);
     moe_layer *m = &b->m;
     die(b->ctx, moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "moe_init");
     die(b->ctx, params_allocate(&b->pt, b->ctx->compute, 0, 0), "params_allocate");

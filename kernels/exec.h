@@ -17,10 +17,6 @@ typedef struct exec {
 
 static inline const compute_ops *exec_compute(const exec *ex) { return ex->compute ? ex->compute : compute_host(); }
 
-/* The tile width for a backend: on a device a GEMM is only enqueued, so a poll between tiles would run
- * at enqueue time and each tile would only cost a launch: one GEMM whole (0). */
-static inline int exec_poll_cols(const compute_ops *co, int poll_cols) { return co->device ? 0 : poll_cols; }
-
 /* Calls the poll hook, from the master thread only (MPI is initialised FUNNELED at least). */
 void exec_poll(const exec *ex);
 
