@@ -69,8 +69,9 @@ static void cuda_copy(const compute_ops *co, void *dst, const void *src, size_t 
     note(co, cudaStreamSynchronize(stream_of(co)), "cudaStreamSynchronize after a copy");
 }
 
+/* a kernel rather than cudaMemsetAsync: the memory may be mapped host memory (the staged gradients) */
 static void cuda_zero(const compute_ops *co, void *p, size_t bytes) {
-    if (bytes) note(co, cudaMemsetAsync(p, 0, bytes, stream_of(co)), "cudaMemsetAsync");
+    note(co, cuda_zero_bytes(p, bytes, stream_of(co)), "zero");
 }
 
 static void cuda_sync(const compute_ops *co) {
@@ -97,7 +98,7 @@ static int cuda_has_nonfinite(const compute_ops *co, const float *x, size_t n) {
     cuda_compute *cc = self_of(co);
     int flag = 0;
     if (!n) return 0;
-    note(co, cudaMemsetAsync(cc->flag, 0, sizeof(int), stream_of(co)), "cudaMemsetAsync");
+    cuda_zero(co, cc->flag, sizeof(int));
     note(co, cuda_flag_nonfinite(cc->flag, x, n, stream_of(co)), "the non-finite check");
     cuda_copy(co, &flag, cc->flag, sizeof flag);
     return flag;

@@ -173,6 +173,9 @@ cudaError_t cuda_cg_combine_forward(float *y, float *cgate, const float *a, cons
 cudaError_t cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
                                      int d, cudaStream_t st);
 cudaError_t cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
+/* bytes of p = 0, for any memory the device can reach (cudaMemsetAsync is for device memory; this also
+ * zeroes mapped host memory: the gradient staging area) */
+cudaError_t cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s);
 /* [has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
 cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
 

@@ -741,3 +741,24 @@ extern "C" cudaError_t cuda_add_outer(float *out, const float *u, const float *v
     LAUNCH(k_add_outer, grid_for(total, THREADS), THREADS, 0, s, out, u, v, total, d);
     return cudaGetLastError();
 }
+
+/* ------------------------------------------------------------------------------- zero */
+
+/* words first (4-byte aligned start), then the bytes before and after them */
+__global__ static void k_zero(unsigned char *p, size_t head, uint32_t *w, size_t nw, size_t tail) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < nw; i += (size_t)gridDim.x * blockDim.x) w[i] = 0;
+    if (blockIdx.x == 0 && threadIdx.x < head) p[threadIdx.x] = 0;
+    if (blockIdx.x == 0 && threadIdx.x < tail) ((unsigned char *)(w + nw))[threadIdx.x] = 0;
+}
+
+extern "C" cudaError_t cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s) {
+    if (bytes == 0) return cudaSuccess;
+    CHECK_ARGS(p);
+    unsigned char *c = (unsigned char *)p;
+    size_t head = (4 - (size_t)((uintptr_t)c & 3)) & 3;
+    if (head > bytes) head = bytes;
+    size_t nw = (bytes - head) / 4, tail = bytes - head - 4 * nw;
+    LAUNCH(k_zero, grid_for(elems_for_grid(nw ? nw : 1), THREADS), THREADS, 0, s, c, head, (uint32_t *)(c + head), nw,
+           tail);
+    return cudaGetLastError();
+}

@@ -897,6 +897,73 @@ static void dev_bf16(void) {
     dev_free_all();
 }
 
+/* the compute table's small kernels against their CPU twins (compute_host.c, combine.c) */
+static void dev_small(void) {
+    if (!have_gpu) { skip("zero, add, bias rows, non-finite flag, CG-1 combine and add_outer vs kernels/"); return; }
+    /* zero: every start alignment and length, nothing outside the range touched */
+    unsigned char ones[64], got[64];
+    memset(ones, 0xFF, sizeof ones);
+    int ok = 1;
+    unsigned char *dP = dup_bytes(ones, sizeof ones);
+    for (int off = 0; off < 4; off++)
+        for (int len = 0; len <= 41; len++) {
+            cudaMemcpyAsync(dP, ones, sizeof ones, cudaMemcpyHostToDevice, stream);
+            ok &= cuda_zero_bytes(dP + off, (size_t)len, stream) == cudaSuccess && get(got, dP, sizeof got);
+            for (int i = 0; i < 64; i++) ok &= got[i] == ((i >= off && i < off + len) ? 0 : 0xFF);
+        }
+    CHECK(ok, "zero_bytes: every start alignment 0..3, lengths 0..41, exactly the range");
+
+    int n = 7, d = 45;
+    size_t nd = (size_t)n * d;
+    float *y = fnew(nd, 1), *x = fnew(nd, 1), *b = fnew(d, 1), *s = fnew(nd, 1), *m = fnew(nd, 1), *w = fnew(d, 1);
+    float *g = fnew(nd, 0), *gc = fnew(n, 0), *ref = fnew(nd, 0), *refc = fnew(n, 0);
+    float *dY = dupf(y, nd), *dX = dupf(x, nd), *dB = dupf(b, d), *dS = dupf(s, nd), *dM = dupf(m, nd), *dW = dupf(w, d);
+    float *dO = dalloc(sizeof(float) * nd), *dC = dalloc(sizeof(float) * n);
+    memcpy(ref, y, sizeof(float) * nd); /* add: y += x */
+    for (size_t i = 0; i < nd; i++) ref[i] += x[i];
+    ok = cuda_add(dY, dX, nd, stream) == cudaSuccess && get(g, dY, sizeof(float) * nd);
+    CHECK(ok && !memcmp(g, ref, sizeof(float) * nd), "add y += x: exact");
+    for (int i = 0; i < n; i++) /* bias rows: y[i, :] += b */
+        for (int j = 0; j < d; j++) ref[(size_t)i * d + j] += b[j];
+    ok = cuda_add_bias_rows(dY, dB, n, d, stream) == cudaSuccess && get(g, dY, sizeof(float) * nd);
+    CHECK(ok && !memcmp(g, ref, sizeof(float) * nd), "add_bias_rows x[i, :] += b: exact");
+
+    int *dF = dalloc(sizeof(int)), flag = 0;
+    ok = cuda_zero_bytes(dF, sizeof(int), stream) == cudaSuccess && cuda_flag_nonfinite(dF, dX, nd, stream) == cudaSuccess &&
+         get(&flag, dF, sizeof flag) && flag == 0;
+    x[nd - 3] = INFINITY;
+    float *dXi = dupf(x, nd);
+    ok &= cuda_flag_nonfinite(dF, dXi, nd, stream) == cudaSuccess && get(&flag, dF, sizeof flag) && flag == 1;
+    CHECK(ok && has_nonfinite(x, nd), "flag_nonfinite: 0 on finite input, 1 with an Inf (as has_nonfinite)");
+
+    float *dA = dupf(y, nd); /* the residual: y as uploaded (dY has been added to since) */
+    for (int gated = 0; gated < 2; gated++) {
+        cg_combine_forward(ref, refc, y, s, m, gated ? w : NULL, n, d);
+        ok = cuda_cg_combine_forward(dO, dC, dA, dS, dM, gated ? dW : NULL, n, d, stream) == cudaSuccess;
+        ok &= get(g, dO, sizeof(float) * nd) && get(gc, dC, sizeof(float) * n);
+        double e1 = relerr(g, ref, nd), e2 = relerr(gc, refc, n);
+        CHECK(ok && e1 <= TOL_OUT && e2 <= TOL_OUT, "cg_combine_forward%s: y %.1e, gate %.1e", gated ? " (CG-1)" : " (add)",
+              e1, e2);
+    }
+    x[nd - 3] = 0.25f;
+    float *cg = fnew(n, 0);
+    cg_combine_forward(ref, cg, y, s, m, w, n, d);
+    cg_combine_backward(ref, refc, x, s, cg, n, d);
+    float *dCg = dupf(cg, n), *dXf = dupf(x, nd);
+    ok = cuda_cg_combine_backward(dO, dC, dXf, dS, dCg, n, d, stream) == cudaSuccess;
+    ok &= get(g, dO, sizeof(float) * nd) && get(gc, dC, sizeof(float) * n);
+    double e1 = relerr(g, ref, nd), e2 = relerr(gc, refc, n);
+    CHECK(ok && e1 <= TOL_GRAD && e2 <= TOL_GRAD, "cg_combine_backward: ds %.1e, dz %.1e", e1, e2);
+
+    memcpy(ref, y, sizeof(float) * nd);
+    add_outer(ref, cg, w, n, d);
+    float *dY2 = dupf(y, nd);
+    ok = cuda_add_outer(dY2, dCg, dW, n, d, stream) == cudaSuccess && get(g, dY2, sizeof(float) * nd);
+    CHECK(ok && relerr(g, ref, nd) <= TOL_OUT, "add_outer out += u v^T (%.1e)", relerr(g, ref, nd));
+    free(y); free(x); free(b); free(s); free(m); free(w); free(g); free(gc); free(ref); free(refc); free(cg);
+    dev_free_all();
+}
+
 /* ffn_forward / ffn_backward composed from the kernels and cuBLAS, as a device dispatch would */
 static void dev_ffn(void) {
     if (!have_gpu) { skip("FFN forward / backward from kernels + cuBLAS (GELU, SwiGLU) vs kernels/ffn.c"); return; }
@@ -1004,6 +1071,7 @@ int main(void) {
     dev_rows();
     dev_attention();
     dev_bf16();
+    dev_small();
     dev_ffn();
     dev_staging();
     if (cb) cuda_blas_destroy(cb);
