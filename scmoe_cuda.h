@@ -40,7 +40,8 @@ typedef struct scmoe_cuda_options {
     int cuda_aware_mpi;
 } scmoe_cuda_options;
 
-/** The defaults: device 0, fp32 math, no offloading, ask MPI whether it is CUDA-aware. */
+/** The defaults: device 0, fp32 math, no offloading, ask MPI whether it is CUDA-aware.
+ * @return the options, ready to change field by field. */
 scmoe_cuda_options scmoe_cuda_options_default(void);
 
 /** LOCAL: moves ctx onto CUDA device opt->device (cudaSetDevice), before any layer is created on it.
@@ -64,7 +65,8 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer already exists on ctx, or ctx is on a
  *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1, 0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device,
  *         no driver), ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
- * @param opt  NULL: the defaults */
+ * @param ctx  the context to move (no layer or pair created on it yet).
+ * @param opt  the options; NULL: the defaults. */
 scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options *opt);
 
 #ifdef __cplusplus
