@@ -63,8 +63,9 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
  * The device state is released by scmoe_context_destroy().
  *
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer already exists on ctx, or ctx is on a
- *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1, 0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device,
- *         no driver), ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
+ *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1,
+ *         0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device, no driver), ::SCMOE_ERR_NOMEM or
+ *         ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
  * @param ctx  the context to move (no layer or pair created on it yet).
  * @param opt  the options; NULL: the defaults. */
 scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options *opt);
