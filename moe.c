@@ -200,88 +200,76 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
 }
 
 
-/* A bump allocator that first only counts (base NULL), then hands out the same layout. */
-typedef struct moe_arena {
-    char *base;
-    size_t used;
-} moe_arena;
-
-static void *moe_take(moe_arena *a, size_t bytes) {
-    void *p = a->base ? a->base + a->used : NULL;
-    a->used += (bytes + 63) & ~(size_t)63;
-    return p;
-}
-
 /* The workspace in three arenas: host (the plan and what host code reads), device (activations and
  * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI).
  * On a device backend the host keeps mirrors of the gate's small outputs, and the device copies of the
  * plan's slot and recv_to_expert; on the host backend they are the same arrays. */
-static void moe_layout(moe_layer *m, moe_arena *H, moe_arena *D, moe_arena *X) {
+static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * world;
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
     int ns = route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
     size_t f = sizeof(float), i4 = sizeof(int);
     route_plan *pl = &m->plan;
-    pl->cursor = moe_take(H, i4 * (size_t)cur);
-    pl->expert_count = moe_take(H, sizeof(int64_t) * E);
-    pl->expert_kept = moe_take(H, sizeof(int64_t) * E);
-    m->top1_count = moe_take(H, sizeof(int64_t) * E);
-    pl->send_counts = moe_take(H, i4 * ep);
-    pl->send_displs = moe_take(H, i4 * ep);
-    pl->recv_counts = moe_take(H, i4 * ep);
-    pl->recv_displs = moe_take(H, i4 * ep);
-    m->xs_counts = moe_take(H, i4 * (size_t)ns * ep);
-    m->xs_displs = moe_take(H, i4 * (size_t)ns * ep);
-    m->xr_counts = moe_take(H, i4 * (size_t)ns * ep);
-    m->xr_displs = moe_take(H, i4 * (size_t)ns * ep);
-    pl->src_cursor = moe_take(H, i4 * ep * El);
-    pl->expert_offsets = moe_take(H, i4 * ((size_t)ns * El + 1));
-    pl->slot = moe_take(H, i4 * (size_t)S);
-    pl->recv_to_expert = moe_take(H, i4 * (size_t)R);
-    m->route_work = moe_take(H, route_workspace_bytes(S_max, k));
-    m->records = moe_take(H, i4 * (size_t)n * (k + 1));
-    m->records_all = moe_take(H, i4 * (size_t)S_max * (k + 1));
-    m->tokens_per_rank = moe_take(H, i4 * world);
-    m->rec_bytes = moe_take(H, i4 * world);
-    m->rec_displs = moe_take(H, i4 * world);
-    m->gsum = moe_take(H, sizeof(double) * (E + 1));
-    m->slot_of = moe_take(H, i4 * El);
-    m->held = moe_take(H, i4 * (m->slots ? m->slots : 1));
-    m->aux_coef_h = moe_take(H, f * E);
+    pl->cursor = arena_take(H, i4 * (size_t)cur);
+    pl->expert_count = arena_take(H, sizeof(int64_t) * E);
+    pl->expert_kept = arena_take(H, sizeof(int64_t) * E);
+    m->top1_count = arena_take(H, sizeof(int64_t) * E);
+    pl->send_counts = arena_take(H, i4 * ep);
+    pl->send_displs = arena_take(H, i4 * ep);
+    pl->recv_counts = arena_take(H, i4 * ep);
+    pl->recv_displs = arena_take(H, i4 * ep);
+    m->xs_counts = arena_take(H, i4 * (size_t)ns * ep);
+    m->xs_displs = arena_take(H, i4 * (size_t)ns * ep);
+    m->xr_counts = arena_take(H, i4 * (size_t)ns * ep);
+    m->xr_displs = arena_take(H, i4 * (size_t)ns * ep);
+    pl->src_cursor = arena_take(H, i4 * ep * El);
+    pl->expert_offsets = arena_take(H, i4 * ((size_t)ns * El + 1));
+    pl->slot = arena_take(H, i4 * (size_t)S);
+    pl->recv_to_expert = arena_take(H, i4 * (size_t)R);
+    m->route_work = arena_take(H, route_workspace_bytes(S_max, k));
+    m->records = arena_take(H, i4 * (size_t)n * (k + 1));
+    m->records_all = arena_take(H, i4 * (size_t)S_max * (k + 1));
+    m->tokens_per_rank = arena_take(H, i4 * world);
+    m->rec_bytes = arena_take(H, i4 * world);
+    m->rec_displs = arena_take(H, i4 * world);
+    m->gsum = arena_take(H, sizeof(double) * (E + 1));
+    m->slot_of = arena_take(H, i4 * El);
+    m->held = arena_take(H, i4 * (m->slots ? m->slots : 1));
+    m->aux_coef_h = arena_take(H, f * E);
 
-    m->logits = moe_take(D, f * (size_t)n * E);
-    m->p = moe_take(D, f * (size_t)n * E);
-    m->dlogits = moe_take(D, f * (size_t)n * E);
-    m->lse = moe_take(D, f * n);
-    m->score = moe_take(D, f * n);
-    m->weight = moe_take(D, f * (size_t)n * k);
-    m->dweight = moe_take(D, f * (size_t)n * k);
-    m->choice = moe_take(D, i4 * (size_t)n * k);
-    m->aux_coef = dev ? moe_take(D, f * E) : m->aux_coef_h;
-    m->xe = moe_take(D, f * (size_t)R * d);
-    m->ye = moe_take(D, f * (size_t)R * d);
-    m->dxe = moe_take(D, f * (size_t)R * d);
-    m->pre = moe_take(D, f * (size_t)R * m->h1);
-    m->dpre = moe_take(D, f * (size_t)R * m->h1);
-    m->hid = moe_take(D, f * (size_t)R * m->h);
-    m->dhid = moe_take(D, f * (size_t)R * m->h);
-    m->cache = moe_take(D, f * m->slots * m->span);
-    m->slot_d = dev ? moe_take(D, i4 * (size_t)S) : pl->slot;
-    m->r2e_d = dev ? moe_take(D, i4 * (size_t)R) : pl->recv_to_expert;
-    m->p_h = dev ? moe_take(H, f * (size_t)n * E) : m->p;
-    m->lse_h = dev ? moe_take(H, f * n) : m->lse;
-    m->choice_h = dev ? moe_take(H, i4 * (size_t)n * k) : m->choice;
-    m->score_h = dev ? moe_take(H, f * n) : m->score;
+    m->logits = arena_take(D, f * (size_t)n * E);
+    m->p = arena_take(D, f * (size_t)n * E);
+    m->dlogits = arena_take(D, f * (size_t)n * E);
+    m->lse = arena_take(D, f * n);
+    m->score = arena_take(D, f * n);
+    m->weight = arena_take(D, f * (size_t)n * k);
+    m->dweight = arena_take(D, f * (size_t)n * k);
+    m->choice = arena_take(D, i4 * (size_t)n * k);
+    m->aux_coef = dev ? arena_take(D, f * E) : m->aux_coef_h;
+    m->xe = arena_take(D, f * (size_t)R * d);
+    m->ye = arena_take(D, f * (size_t)R * d);
+    m->dxe = arena_take(D, f * (size_t)R * d);
+    m->pre = arena_take(D, f * (size_t)R * m->h1);
+    m->dpre = arena_take(D, f * (size_t)R * m->h1);
+    m->hid = arena_take(D, f * (size_t)R * m->h);
+    m->dhid = arena_take(D, f * (size_t)R * m->h);
+    m->cache = arena_take(D, f * m->slots * m->span);
+    m->slot_d = dev ? arena_take(D, i4 * (size_t)S) : pl->slot;
+    m->r2e_d = dev ? arena_take(D, i4 * (size_t)R) : pl->recv_to_expert;
+    m->p_h = dev ? arena_take(H, f * (size_t)n * E) : m->p;
+    m->lse_h = dev ? arena_take(H, f * n) : m->lse;
+    m->choice_h = dev ? arena_take(H, i4 * (size_t)n * k) : m->choice;
+    m->score_h = dev ? arena_take(H, f * n) : m->score;
 
-    m->send = moe_take(X, f * (size_t)S * d);
-    m->crecv = moe_take(X, f * (size_t)S * d);
-    m->recv = moe_take(X, f * (size_t)R * d);
+    m->send = arena_take(X, f * (size_t)S * d);
+    m->crecv = arena_take(X, f * (size_t)S * d);
+    m->recv = arena_take(X, f * (size_t)R * d);
     if (m->cfg.wire_bf16) {
-        m->wire_d_out = moe_take(X, sizeof(uint16_t) * (size_t)S * d);
-        m->wire_d_in = moe_take(X, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_out = moe_take(X, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_in = moe_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->wire_d_out = arena_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->wire_d_in = arena_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_out = arena_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_in = arena_take(X, sizeof(uint16_t) * (size_t)S * d);
     }
     m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
 }
@@ -308,7 +296,7 @@ scmoe_status moe_alloc(moe_layer *m) {
         const param_entry *w1 = &m->pt->p[m->p_e0], *b2 = &m->pt->p[m->p_e0 + 3];
         m->span = b2->offset_data + ((b2->t.numel + 15) & ~(size_t)15) - w1->offset_data;
     }
-    moe_arena H = {0}, D = {0}, X = {0};
+    arena H = {0}, D = {0}, X = {0};
     moe_layout(m, &H, &D, &X);
     m->mem = aligned_alloc(64, H.used);
     m->mem_dev = m->co->alloc(m->co, D.used, COMPUTE_DEVICE);
@@ -316,9 +304,9 @@ scmoe_status moe_alloc(moe_layer *m) {
     if (!m->mem || !m->mem_dev || !m->mem_map)
         return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
                           "%s and %zu of exchange memory", H.used, D.used, m->co->name, X.used);
-    H = (moe_arena){m->mem, 0};
-    D = (moe_arena){m->mem_dev, 0};
-    X = (moe_arena){m->mem_map, 0};
+    H = (arena){m->mem, 0};
+    D = (arena){m->mem_dev, 0};
+    X = (arena){m->mem_map, 0};
     moe_layout(m, &H, &D, &X);
     m->wg = param_data(m, m->p_wg);
     for (int i = 0; i < m->E_local; i++) m->slot_of[i] = -1;

@@ -262,35 +262,41 @@ static sched_bucket bucket_of(const param_table *pt, int first, int count) {
 }
 
 
-static scmoe_status alloc_activations(scmoe_pair *p) {
+/* The activations, laid out in one block of the backend's memory ([N, d] each unless noted). */
+static void layout_activations(scmoe_pair *p, arena *a) {
     const scmoe_config *c = &p->cfg;
     size_t N = (size_t)c->max_tokens, d = (size_t)c->d_model, h = (size_t)c->d_hidden,
            h1 = (size_t)ffn_width(c->d_hidden, c->activation);
     size_t att = N * (size_t)c->n_heads * (size_t)c->max_seq_len, f = sizeof(float);
-    size_t total = f * (N * d * 24 + N * 8 + N * 3 * d * 3 + att * 3 + N * h1 * 3 + N * h * 3 + N * 2) + 64 * 64;
-    p->mem = CO(p)->alloc(CO(p), total, COMPUTE_DEVICE);
-    if (!p->mem)
-        return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes (%s memory)",
-                          total, CO(p)->name);
-    char *m = p->mem;
     float **nd[] = {&p->x, &p->a0, &p->A, &p->m0, &p->H, &p->a1, &p->A2, &p->m1, &p->se_out, &p->o0, &p->o1,
                     &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO, &p->gse};
-    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = arena_take(&m, f * N * d);
-    p->ln_stats = arena_take(&m, f * N * 8);
-    p->qkv0 = arena_take(&m, f * N * 3 * d);
-    p->qkv1 = arena_take(&m, f * N * 3 * d);
-    p->dqkv = arena_take(&m, f * N * 3 * d);
-    p->att0 = arena_take(&m, f * att);
-    p->att1 = arena_take(&m, f * att);
-    p->datt = arena_take(&m, f * att);
-    p->pre0 = arena_take(&m, f * N * h1);
-    p->se_pre = arena_take(&m, f * N * h1);
-    p->dpre = arena_take(&m, f * N * h1);
-    p->hid0 = arena_take(&m, f * N * h);
-    p->se_hid = arena_take(&m, f * N * h);
-    p->dhid = arena_take(&m, f * N * h);
-    p->cgate = arena_take(&m, f * N);
-    p->dcg = arena_take(&m, f * N);
+    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = arena_take(a, f * N * d);
+    p->ln_stats = arena_take(a, f * N * 8);
+    p->qkv0 = arena_take(a, f * N * 3 * d);
+    p->qkv1 = arena_take(a, f * N * 3 * d);
+    p->dqkv = arena_take(a, f * N * 3 * d);
+    p->att0 = arena_take(a, f * att);
+    p->att1 = arena_take(a, f * att);
+    p->datt = arena_take(a, f * att);
+    p->pre0 = arena_take(a, f * N * h1);
+    p->se_pre = arena_take(a, f * N * h1);
+    p->dpre = arena_take(a, f * N * h1);
+    p->hid0 = arena_take(a, f * N * h);
+    p->se_hid = arena_take(a, f * N * h);
+    p->dhid = arena_take(a, f * N * h);
+    p->cgate = arena_take(a, f * N);
+    p->dcg = arena_take(a, f * N);
+}
+
+static scmoe_status alloc_activations(scmoe_pair *p) {
+    arena a = {0};
+    layout_activations(p, &a);
+    p->mem = CO(p)->alloc(CO(p), a.used, COMPUTE_DEVICE);
+    if (!p->mem)
+        return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes (%s memory)",
+                          a.used, CO(p)->name);
+    a = (arena){p->mem, 0};
+    layout_activations(p, &a);
     return SCMOE_OK;
 }
 

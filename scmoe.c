@@ -159,9 +159,9 @@ double scmoe_now(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
-void *arena_take(char **cur, size_t bytes) {
-    void *p = *cur;
-    *cur += (bytes + 63) & ~(size_t)63;
+void *arena_take(arena *a, size_t bytes) {
+    void *p = a->base ? a->base + a->used : NULL;
+    a->used += (bytes + 63) & ~(size_t)63;
     return p;
 }
 

@@ -37,8 +37,15 @@ scmoe_status context_device_check(scmoe_context *ctx);
 scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 double scmoe_now(void);
-/* Takes bytes from a bump allocator over one block, 64-byte aligned. */
-void *arena_take(char **cur, size_t bytes);
+/* A bump allocator over one block, 64-byte aligned, that can also only count: a layout function run once
+ * with base NULL sizes the block (used), then again over the allocated block hands out the same
+ * pointers, so sizes are never written twice. */
+typedef struct arena {
+    char *base;
+    size_t used;
+} arena;
+/* The next bytes: base + used (NULL while counting), then used grows by bytes rounded up to 64. */
+void *arena_take(arena *a, size_t bytes);
 
 /* ---- parameters: registered by name, then laid out in one allocation each for data, grad and stage ---- */
 enum { SYNC_NONE = 0, SYNC_WORLD = 1, SYNC_REPLICAS = 2 };
