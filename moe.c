@@ -202,8 +202,10 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
 
 /* The workspace in three arenas: host (the plan and what host code reads), device (activations and
  * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI).
- * On a device backend the host keeps mirrors of the gate's small outputs, and the device copies of the
- * plan's slot and recv_to_expert; on the host backend they are the same arrays. */
+ * On a device backend the host keeps mirrors of the gate's small outputs (p, lse, score, choice), and
+ * the device copies of aux_coef and the plan's slot and recv_to_expert; on the host backend they are the
+ * same arrays. Each group is laid out in the same order and sizes on both sides, so it crosses in one
+ * copy (a device copy waits for the stream: one wait each way per forward, not seven). */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * world;
@@ -225,6 +227,7 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     m->xr_displs = arena_take(H, i4 * (size_t)ns * ep);
     pl->src_cursor = arena_take(H, i4 * ep * El);
     pl->expert_offsets = arena_take(H, i4 * ((size_t)ns * El + 1));
+    m->aux_coef_h = arena_take(H, f * E); /* with slot and recv_to_expert: one copy to the device */
     pl->slot = arena_take(H, i4 * (size_t)S);
     pl->recv_to_expert = arena_take(H, i4 * (size_t)R);
     m->route_work = arena_take(H, route_workspace_bytes(S_max, k));
@@ -236,17 +239,15 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     m->gsum = arena_take(H, sizeof(double) * (E + 1));
     m->slot_of = arena_take(H, i4 * El);
     m->held = arena_take(H, i4 * (m->slots ? m->slots : 1));
-    m->aux_coef_h = arena_take(H, f * E);
 
     m->logits = arena_take(D, f * (size_t)n * E);
-    m->p = arena_take(D, f * (size_t)n * E);
     m->dlogits = arena_take(D, f * (size_t)n * E);
-    m->lse = arena_take(D, f * n);
-    m->score = arena_take(D, f * n);
     m->weight = arena_take(D, f * (size_t)n * k);
     m->dweight = arena_take(D, f * (size_t)n * k);
+    m->p = arena_take(D, f * (size_t)n * E); /* with lse, score, choice: one copy to the host */
+    m->lse = arena_take(D, f * n);
+    m->score = arena_take(D, f * n);
     m->choice = arena_take(D, i4 * (size_t)n * k);
-    m->aux_coef = dev ? arena_take(D, f * E) : m->aux_coef_h;
     m->xe = arena_take(D, f * (size_t)R * d);
     m->ye = arena_take(D, f * (size_t)R * d);
     m->dxe = arena_take(D, f * (size_t)R * d);
@@ -255,12 +256,13 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     m->hid = arena_take(D, f * (size_t)R * m->h);
     m->dhid = arena_take(D, f * (size_t)R * m->h);
     m->cache = arena_take(D, f * m->slots * m->span);
+    m->aux_coef = dev ? arena_take(D, f * E) : m->aux_coef_h;
     m->slot_d = dev ? arena_take(D, i4 * (size_t)S) : pl->slot;
     m->r2e_d = dev ? arena_take(D, i4 * (size_t)R) : pl->recv_to_expert;
-    m->p_h = dev ? arena_take(H, f * (size_t)n * E) : m->p;
+    m->p_h = dev ? arena_take(H, f * (size_t)n * E) : m->p; /* as p, lse, score, choice above */
     m->lse_h = dev ? arena_take(H, f * n) : m->lse;
-    m->choice_h = dev ? arena_take(H, i4 * (size_t)n * k) : m->choice;
     m->score_h = dev ? arena_take(H, f * n) : m->score;
+    m->choice_h = dev ? arena_take(H, i4 * (size_t)n * k) : m->choice;
 
     m->send = arena_take(X, f * (size_t)S * d);
     m->crecv = arena_take(X, f * (size_t)S * d);
@@ -424,12 +426,8 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, d, E, noise, m->cfg.seed, m->step, offset);
     co->gate_topk(co, m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
     if (m->training) m->step++;
-    if (co->device) { /* the one wait of a forward: routing is planned on the host */
-        co->copy(co, m->choice_h, m->choice, sizeof(int) * (size_t)n * k);
-        co->copy(co, m->score_h, m->score, sizeof(float) * n);
-        co->copy(co, m->p_h, m->p, sizeof(float) * (size_t)n * E);
-        co->copy(co, m->lse_h, m->lse, sizeof(float) * n);
-    }
+    if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (moe_layout) */
+        co->copy(co, m->p_h, m->p, (size_t)((char *)(m->choice + (size_t)n * k) - (char *)m->p));
 
     /* routing records of the whole batch */
     int stride = k + 1;
@@ -468,7 +466,6 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
         aux += me * ce;
         m->aux_coef_h[e] = Sa ? (float)(scale * m->cfg.aux_loss_weight * E * ce / Sa) : 0.0f;
     }
-    if (co->device) co->copy(co, m->aux_coef, m->aux_coef_h, sizeof(float) * E);
     m->aux_loss = (float)(E * aux);
     m->z_loss = Sa ? (float)(m->gsum[E] / Sa) : 0.0f;
     m->z_coef = Sa ? (float)(scale * m->cfg.z_loss_weight / Sa) : 0.0f;
@@ -488,10 +485,9 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
             m->xr_counts[i] = own ? 0 : hi - lo;
             m->xr_displs[i] = pl->recv_displs[q] + lo;
         }
-    if (co->device) {
-        co->copy(co, m->slot_d, pl->slot, sizeof(int) * (size_t)n * k);
-        co->copy(co, m->r2e_d, pl->recv_to_expert, sizeof(int) * (size_t)pl->n_recv);
-    }
+    if (co->device) /* aux_coef, slot and recv_to_expert in one copy (moe_layout) */
+        co->copy(co, m->aux_coef, m->aux_coef_h,
+                 (size_t)((char *)(pl->recv_to_expert + pl->n_recv) - (char *)m->aux_coef_h));
     co->pack_rows(co, m->send, x, m->slot_d, n, k, d);
     m->fetched = 0;
     if (m->slots) experts_prefetch(m);
