@@ -84,7 +84,7 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     /* bad arguments still take part in gate_encode's first exchange, which fails every rank */
     const float *xin = x;
     if (n > 0 && n <= m->max_tokens && x && y) {
-        o->ctx->compute->copy(o->ctx->compute, o->xbuf, x, sizeof(float) * (size_t)n * m->d);
+        o->ctx->compute->copy_rows(o->ctx->compute, o->xbuf, x, sizeof(float) * (size_t)n * m->d);
         xin = o->xbuf;
     } else if (n > 0 && !y) {
         xin = NULL;

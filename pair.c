@@ -77,7 +77,7 @@ static float *G(const scmoe_pair *p, int idx) { return p->pt.p[idx].gwork; }
 static const compute_ops *CO(const scmoe_pair *p) { return p->ctx->compute; }
 
 static void copy_rows(const scmoe_pair *p, float *dst, const float *src, size_t n) {
-    CO(p)->copy(CO(p), dst, src, sizeof(float) * n);
+    CO(p)->copy_rows(CO(p), dst, src, sizeof(float) * n);
 }
 
 /* ---- forward operations ---- */

@@ -70,6 +70,11 @@ static void cuda_copy(const compute_ops *co, void *dst, const void *src, size_t 
 }
 
 /* a kernel rather than cudaMemsetAsync: the memory may be mapped host memory (the staged gradients) */
+static void cuda_copy_rows(const compute_ops *co, void *dst, const void *src, size_t bytes) {
+    if (bytes && dst != src)
+        note(co, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream_of(co)), "cudaMemcpyAsync");
+}
+
 static void cuda_zero(const compute_ops *co, void *p, size_t bytes) {
     note(co, cuda_zero_bytes(p, bytes, stream_of(co)), "zero");
 }
@@ -210,6 +215,7 @@ static const compute_ops cuda_table = {
     .alloc = cuda_alloc,
     .release = cuda_release,
     .copy = cuda_copy,
+    .copy_rows = cuda_copy_rows,
     .zero = cuda_zero,
     .sync = cuda_sync,
     .failed = cuda_failed,

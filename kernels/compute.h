@@ -35,8 +35,10 @@ struct compute_ops {
     /* ---- memory (allocation happens only in *_create) ---- */
     void *(*alloc)(const compute_ops *self, size_t bytes, int kind); /* 64-byte aligned; NULL when out */
     void (*release)(const compute_ops *self, void *p, int kind);
-    /* bytes between any two kinds of memory; returns once the bytes are at dst */
+    /* bytes between any two kinds of memory; returns once the bytes are at dst (the host reads them) */
     void (*copy)(const compute_ops *self, void *dst, const void *src, size_t bytes);
+    /* bytes between two buffers the kernels use, in stream order like a kernel: the host does not wait */
+    void (*copy_rows)(const compute_ops *self, void *dst, const void *src, size_t bytes);
     void (*zero)(const compute_ops *self, void *p, size_t bytes);
     void (*sync)(const compute_ops *self);
     /* the first failure since the last call: nonzero and its sentence in msg; then cleared */

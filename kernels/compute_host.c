@@ -115,6 +115,7 @@ static const compute_ops host_ops = {
     .alloc = host_alloc,
     .release = host_release,
     .copy = host_copy,
+    .copy_rows = host_copy,
     .zero = host_zero,
     .sync = host_sync,
     .failed = host_failed,
