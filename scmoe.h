@@ -86,7 +86,7 @@ typedef enum scmoe_status {
     SCMOE_ERR_TIMEOUT,         /**< an exchange did not complete within comm_timeout_s; MPI cannot cancel it, so
                                     the context must not be used again: checkpoint and abort */
     SCMOE_ERR_IO,              /**< a file could not be read or written */
-    SCMOE_ERR_UNSUPPORTED,     /**< a feature not compiled into this build, or not on this backend */
+    SCMOE_ERR_UNSUPPORTED,     /**< a feature not compiled into this build, or missing on this machine (no CUDA device) */
     SCMOE_ERR_DEVICE,          /**< a device (CUDA) kernel, copy or allocation failed (message has the CUDA error) */
     SCMOE_STATUS_COUNT         /**< the number of statuses (not a status) */
 } scmoe_status;

@@ -46,24 +46,22 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
 
 /** LOCAL: moves ctx onto CUDA device opt->device (cudaSetDevice), before any layer is created on it.
  *
- * From then on every scmoe_moe created on ctx keeps its parameters, gradients and workspace on the
- * device and runs its GEMMs (cuBLAS) and kernels on one stream of its own; routing is planned on the
- * host from the gate's choices (one small copy per forward), and the token exchanges go through MPI
- * on device memory (a CUDA-aware MPI) or on pinned host memory mapped into the device (any MPI; see
- * scmoe_cuda_options). With such a context:
- * - scmoe_moe_forward / _backward take DEVICE pointers for x, y, dy and dx, and return once the
+ * From then on every scmoe_moe and scmoe_pair created on ctx keeps its parameters, gradients and
+ * workspace on the device and runs its GEMMs (cuBLAS) and kernels on one stream of its own; routing is
+ * planned on the host from the gate's choices (one small copy each way per forward), and the token
+ * exchanges go through MPI on device memory (a CUDA-aware MPI) or on pinned host memory mapped into the
+ * device (any MPI; see scmoe_cuda_options). With such a context:
+ * - the forward / backward calls of both take DEVICE pointers for x, y, dy and dx, and return once the
  *   results are in them;
- * - scmoe_moe_param() / _param_at() tensors' data and grad are DEVICE pointers (an optimizer runs on
- *   the device, or copies them);
+ * - the param() / param_at() tensors' data and grad are DEVICE pointers (an optimizer runs on the
+ *   device, or copies them); with offload_experts, the routed experts' data are pinned host memory;
  * - a failing kernel, copy or cuBLAS call returns ::SCMOE_ERR_DEVICE with the CUDA error in
- *   scmoe_last_error();
- * - scmoe_pair_create() returns ::SCMOE_ERR_UNSUPPORTED: the block pair runs on the host backend only
- *   (docs/cuda.md).
+ *   scmoe_last_error().
  * Each rank decides for itself: ranks on the host and ranks on a device exchange with one another.
  * The device state is released by scmoe_context_destroy().
  *
- * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer already exists on ctx, or ctx is on a
- *         device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1,
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer or pair already exists on ctx, or ctx is on
+ *         a device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1,
  *         0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device, no driver), ::SCMOE_ERR_NOMEM or
  *         ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
  * @param ctx  the context to move (no layer or pair created on it yet).
