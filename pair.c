@@ -68,7 +68,7 @@ struct scmoe_pair {
     /* backward */
     float *dA2, *dm1, *dH, *da1, *dA, *dm0, *da0, *dx, *dqkv, *dO, *datt, *dhid, *dpre, *gse, *dcg;
     /* schedule */
-    schedule sch;
+    scheduler sch;
     int backward_ready, grads_pending;
 };
 
@@ -112,22 +112,30 @@ static void attn_bwd(scmoe_pair *p, float *din, const float *dout, const float *
     linear_backward(&p->ex, din, 0.0f, G(p, par), G(p, par + 1), p->dqkv, in, P(p, par), p->n, d, 3 * d);
 }
 
-static void f_ln_a0(scmoe_pair *p) { ln_fwd(p, p->a0, 0, p->x, p->p_ln_a0); }
-static void f_attn0(scmoe_pair *p) { attn_fwd(p, p->A, p->x, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
-static void f_ln_m0(scmoe_pair *p) { ln_fwd(p, p->m0, 1, p->A, p->p_ln_m0); }
-static void f_mlp0(scmoe_pair *p) {
+static void f_ln_a0(void *self) {
+    scmoe_pair *p = self; ln_fwd(p, p->a0, 0, p->x, p->p_ln_a0); }
+static void f_attn0(void *self) {
+    scmoe_pair *p = self; attn_fwd(p, p->A, p->x, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
+static void f_ln_m0(void *self) {
+    scmoe_pair *p = self; ln_fwd(p, p->m0, 1, p->A, p->p_ln_m0); }
+static void f_mlp0(void *self) {
+    scmoe_pair *p = self;
     int b = p->p_mlp0;
     ffn_forward(&p->ex, p->H, p->pre0, p->hid0, p->m0, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), p->n,
                 p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
     CO(p)->add(CO(p), p->H, p->A, (size_t)p->n * p->cfg.d_model);
 }
-static void f_ln_a1(scmoe_pair *p) { ln_fwd(p, p->a1, 2, p->H, p->p_ln_a1); }
-static void f_attn1(scmoe_pair *p) { attn_fwd(p, p->A2, p->H, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
-static void f_ln_m1(scmoe_pair *p) { ln_fwd(p, p->m1, 3, p->A2, p->p_ln_m1); }
+static void f_ln_a1(void *self) {
+    scmoe_pair *p = self; ln_fwd(p, p->a1, 2, p->H, p->p_ln_a1); }
+static void f_attn1(void *self) {
+    scmoe_pair *p = self; attn_fwd(p, p->A2, p->H, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
+static void f_ln_m1(void *self) {
+    scmoe_pair *p = self; ln_fwd(p, p->m1, 3, p->A2, p->p_ln_m1); }
 
 /* y = A2 + c * SE(m1), c = sigmoid(w_cg . m1) for CG-1, 1 for direct add (combine.c); y = A2 without a
  * shared expert */
-static void f_se(scmoe_pair *p) {
+static void f_se(void *self) {
+    scmoe_pair *p = self;
     int d = p->cfg.d_model, n = p->n;
     if (!p->has_se) {
         copy_rows(p, p->y, p->A2, (size_t)n * d);
@@ -142,7 +150,8 @@ static void f_se(scmoe_pair *p) {
 /* ---- backward operations (each the mirror of one forward operation) ---- */
 
 /* From y = A2 + c SE(m1): dSE = c dy, dc = dy . SE, dz = dc c (1 - c), dw_cg += dz m1, dm1 = dz w_cg + dSE/dm1 */
-static void b_se(scmoe_pair *p) {
+static void b_se(void *self) {
+    scmoe_pair *p = self;
     int d = p->cfg.d_model, n = p->n;
     if (!p->has_se) {
         CO(p)->zero(CO(p), p->dm1, sizeof(float) * (size_t)n * d);
@@ -158,39 +167,52 @@ static void b_se(scmoe_pair *p) {
     /* dw_cg = m1^T dz: a GEMV through the backend keeps the sum order fixed */
     exec_gemm(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
 }
-static void b_ln_m1(scmoe_pair *p) {
+static void b_ln_m1(void *self) {
+    scmoe_pair *p = self;
     copy_rows(p, p->dA2, p->dy, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dA2, 3, p->dm1, p->A2, p->p_ln_m1);
 }
-static void b_attn1(scmoe_pair *p) { attn_bwd(p, p->da1, p->dA2, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
-static void b_ln_a1(scmoe_pair *p) {
+static void b_attn1(void *self) {
+    scmoe_pair *p = self; attn_bwd(p, p->da1, p->dA2, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
+static void b_ln_a1(void *self) {
+    scmoe_pair *p = self;
     copy_rows(p, p->dH, p->dA2, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dH, 2, p->da1, p->H, p->p_ln_a1);
 }
-static void b_mlp0(scmoe_pair *p) {
+static void b_mlp0(void *self) {
+    scmoe_pair *p = self;
     int b = p->p_mlp0;
     ffn_backward(&p->ex, p->dm0, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->dH, p->m0,
                  p->pre0, p->hid0, P(p, b), P(p, b + 2), p->n, p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
 }
-static void b_ln_m0(scmoe_pair *p) {
+static void b_ln_m0(void *self) {
+    scmoe_pair *p = self;
     copy_rows(p, p->dA, p->dH, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dA, 1, p->dm0, p->A, p->p_ln_m0);
 }
-static void b_attn0(scmoe_pair *p) { attn_bwd(p, p->da0, p->dA, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
-static void b_ln_a0(scmoe_pair *p) {
+static void b_attn0(void *self) {
+    scmoe_pair *p = self; attn_bwd(p, p->da0, p->dA, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
+static void b_ln_a0(void *self) {
+    scmoe_pair *p = self;
     copy_rows(p, p->dx, p->dA, (size_t)p->n * p->cfg.d_model);
     ln_bwd(p, p->dx, 0, p->da0, p->x, p->p_ln_a0);
 }
 
-/* ---- the operation tables the schedule walks ---- */
+/* ---- the pair as the schedule sees it (schedule.h): its operations in forward order, F0..F7; the
+ * backward runs them in reverse, B0 = shared_expert_bwd .. B7 = ln_a0_bwd ---- */
 
-static void run_f(void *p, int i) {
-    static void (*const f[SCHED_OPS])(scmoe_pair *) = {f_ln_a0, f_attn0, f_ln_m0, f_mlp0, f_ln_a1, f_attn1, f_ln_m1, f_se};
-    f[i](p);
-}
-static void run_b(void *p, int i) {
-    static void (*const f[SCHED_OPS])(scmoe_pair *) = {b_se, b_ln_m1, b_attn1, b_ln_a1, b_mlp0, b_ln_m0, b_attn0, b_ln_a0};
-    f[i](p);
+enum { OP_LN_A0, OP_ATTN0, OP_LN_M0, OP_MLP0, OP_LN_A1, OP_ATTN1, OP_LN_M1, OP_SE, PAIR_OPS };
+static const sched_op pair_ops[PAIR_OPS] = {
+    [OP_LN_A0] = {"ln_a0", f_ln_a0, b_ln_a0}, [OP_ATTN0] = {"attn0", f_attn0, b_attn0},
+    [OP_LN_M0] = {"ln_m0", f_ln_m0, b_ln_m0}, [OP_MLP0] = {"mlp0", f_mlp0, b_mlp0},
+    [OP_LN_A1] = {"ln_a1", f_ln_a1, b_ln_a1}, [OP_ATTN1] = {"attn1", f_attn1, b_attn1},
+    [OP_LN_M1] = {"ln_m1", f_ln_m1, b_ln_m1}, [OP_SE] = {"shared_expert", f_se, b_se},
+};
+
+/* The operation whose output the MoE reads: X_sc = a1 | m0 | a0 for scmoe pos 1 | 2 | 3, m1 otherwise. */
+static int moe_input_op(const scmoe_config *c) {
+    if (c->arch != SCMOE_ARCH_SCMOE) return OP_LN_M1;
+    return c->shortcut_pos == 1 ? OP_LN_A1 : c->shortcut_pos == 2 ? OP_LN_M0 : OP_LN_A0;
 }
 
 /* ---- create ---- */
@@ -250,9 +272,9 @@ static scmoe_status register_params(scmoe_pair *p) {
     return moe_init(&p->moe, p->ctx, &p->cfg, p->k, pt, "l1.", res_std);
 }
 
-/* The staged gradients of count tensors from first on, or an empty bucket if they are not summed. */
-static sched_bucket bucket_of(const param_table *pt, int first, int count) {
-    sched_bucket b = {NULL, 0};
+/* The staged gradients of count tensors from first on, summed over c; an empty bucket if they are not summed. */
+static sched_bucket bucket_of(const param_table *pt, int first, int count, comm *c) {
+    sched_bucket b = {NULL, 0, c};
     if (count <= 0 || first < 0) return b;
     const param_entry *a = &pt->p[first], *z = &pt->p[first + count - 1];
     if (a->gwork == a->t.grad) return b;
@@ -261,6 +283,21 @@ static sched_bucket bucket_of(const param_table *pt, int first, int count) {
     return b;
 }
 
+/* The pair as a block of the schedule: its operations, the MoE's input, and the gradient buckets each
+ * backward operation finishes (contiguous by construction: register_params lays each op's tensors out
+ * together). */
+static sched_block pair_block(scmoe_pair *p) {
+    comm *w = p->ctx->world;
+    const param_table *pt = &p->pt;
+    sched_block b = {.self = p, .ops = pair_ops, .n_ops = PAIR_OPS, .moe_input_op = moe_input_op(&p->cfg),
+                     .overlap = p->cfg.arch == SCMOE_ARCH_SCMOE};
+    int first[PAIR_OPS] = {p->p_ln_a0, p->p_attn0, p->p_ln_m0, p->p_mlp0, p->p_ln_a1, p->p_attn1, p->p_ln_m1, p->p_se};
+    int count[PAIR_OPS] = {2, 4, 2, 4, 2, 4, 2, p->has_se ? 4 + p->cg : 0};
+    for (int i = 0; i < PAIR_OPS; i++) b.op_grads[i] = bucket_of(pt, first[i], count[i], w);
+    b.gate_grads = bucket_of(pt, p->moe.p_wg, 1, w);
+    b.expert_grads = bucket_of(pt, p->moe.p_e0, 4 * p->moe.E_local, p->moe.replicas);
+    return b;
+}
 
 /* The activations, laid out in one block of the backend's memory ([N, d] each unless noted). */
 static void layout_activations(scmoe_pair *p, arena *a) {
@@ -326,14 +363,8 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     if (!s) s = moe_alloc(&p->moe);
     if (!s) s = alloc_activations(p);
     if (!s) {
-        /* gradient buckets: the tensors each backward operation finishes, contiguous by construction */
-        sched_bucket b[SCHED_OPS + 2];
-        int first[SCHED_OPS] = {p->p_se, p->p_ln_m1, p->p_attn1, p->p_ln_a1, p->p_mlp0, p->p_ln_m0, p->p_attn0, p->p_ln_a0};
-        int count[SCHED_OPS] = {p->has_se ? 4 + p->cg : 0, 2, 4, 2, 4, 2, 4, 2};
-        for (int i = 0; i < SCHED_OPS; i++) b[i] = bucket_of(&p->pt, first[i], count[i]);
-        b[SCHED_OPS] = bucket_of(&p->pt, p->moe.p_wg, 1);
-        b[SCHED_OPS + 1] = bucket_of(&p->pt, p->moe.p_e0, 4 * p->moe.E_local);
-        s = schedule_init(&p->sch, ctx, &p->cfg, p->moe.replicas, b);
+        sched_block b = pair_block(p);
+        s = schedule_init(&p->sch, ctx, &p->cfg, &b);
     }
     const char *trace = getenv("SCMOE_TRACE");
     if (!s && trace && *trace) {
@@ -370,27 +401,16 @@ scmoe_status scmoe_pair_set_training(scmoe_pair *p, int training) {
     return SCMOE_OK;
 }
 
-/* the MoE's input: the shortcut for scmoe, the block's own LN otherwise */
+/* the MoE's input, the output of its moe_input_op (the shortcut for scmoe, the block's own LN
+ * otherwise), and where its gradient goes */
 static const float *moe_input(const scmoe_pair *p) {
-    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return p->m1;
-    return p->cfg.shortcut_pos == 1 ? p->a1 : p->cfg.shortcut_pos == 2 ? p->m0 : p->a0;
-}
-
-/* where the MoE's input exists: the forward operation after which the gate can run, and the backward
- * operation before which dX_sc must be complete */
-static int gate_after(const scmoe_pair *p) {
-    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return SCHED_OPS;
-    return p->cfg.shortcut_pos == 1 ? 5 : p->cfg.shortcut_pos == 2 ? 3 : 1;
+    int op = moe_input_op(&p->cfg);
+    return op == OP_LN_A1 ? p->a1 : op == OP_LN_M0 ? p->m0 : op == OP_LN_A0 ? p->a0 : p->m1;
 }
 
 static float *moe_input_grad(const scmoe_pair *p) {
-    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return p->dm1;
-    return p->cfg.shortcut_pos == 1 ? p->da1 : p->cfg.shortcut_pos == 2 ? p->dm0 : p->da0;
-}
-
-static int grad_needed_before(const scmoe_pair *p) {
-    if (p->cfg.arch != SCMOE_ARCH_SCMOE) return 1;
-    return p->cfg.shortcut_pos == 1 ? 3 : p->cfg.shortcut_pos == 2 ? 5 : 7;
+    int op = moe_input_op(&p->cfg);
+    return op == OP_LN_A1 ? p->da1 : op == OP_LN_M0 ? p->dm0 : op == OP_LN_A0 ? p->da0 : p->dm1;
 }
 
 scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, float *y, scmoe_stats *stats) {
@@ -414,8 +434,8 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
     p->y = y;
     p->backward_ready = 0;
     copy_rows(p, p->x, x, (size_t)p->n * p->cfg.d_model);
-    sched_moe mo = {&p->moe, moe_input(p), NULL, y};
-    s = schedule_forward(&p->sch, &p->ex, run_f, p, gate_after(p), &mo, p->n);
+    sched_moe mo = {&p->moe, moe_input(p), NULL, y, NULL};
+    s = schedule_forward(&p->sch, &p->ex, &mo, p->n);
     if (!s) s = context_device_check(ctx);
     if (s) return s;
     p->backward_ready = p->training;
@@ -440,8 +460,8 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
     if (s) return s;
     p->dy = dy;
     params_zero_stage(&p->pt);
-    sched_moe mo = {&p->moe, NULL, moe_input_grad(p), NULL};
-    s = schedule_backward(&p->sch, &p->ex, run_b, p, grad_needed_before(p), &mo, dy, p->n);
+    sched_moe mo = {&p->moe, NULL, moe_input_grad(p), NULL, dy};
+    s = schedule_backward(&p->sch, &p->ex, &mo, p->n);
     if (s) return s;
     copy_rows(p, dx, p->dx, (size_t)p->n * p->cfg.d_model);
     s = context_device_check(p->ctx);

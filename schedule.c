@@ -1,6 +1,6 @@
-/* schedule.c: runs a pair's operations and its MoE's phases in the serialized or the overlapped order
- * (schedule.h), times every one, and chooses the experts' slot from those times (paper, "The
- * schedule that makes it fast").
+/* schedule.c: runs a block's operations and its MoE's phases in the serialized or the overlapped order
+ * (schedule.h), times every one, and chooses the experts' slot from those times (paper, "The schedule
+ * that makes it fast").
  *
  * Overlap needs progress: OpenMPI moves a nonblocking collective only inside MPI calls, so while an
  * exchange or a gradient all-reduce is in flight the GEMMs are tiled and poll between tiles (POLL),
@@ -8,6 +8,9 @@
 #include "schedule.h"
 #include <stdlib.h>
 #include <string.h>
+
+/* A bucket whose all-reduce has not started (request ids are >= -1: -1 is one that completed at once). */
+#define NOT_STARTED (-2)
 
 int schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_exp, double t_comb) {
     double total = 0;
@@ -23,34 +26,45 @@ int schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_e
     return best;
 }
 
-scmoe_status schedule_init(schedule *s, scmoe_context *ctx, const scmoe_config *cfg, comm *replicas,
-                           const sched_bucket *buckets) {
+scmoe_status schedule_init(scheduler *s, scmoe_context *ctx, const scmoe_config *cfg, const sched_block *blk) {
     memset(s, 0, sizeof *s);
+    if (blk->n_ops < 1 || blk->n_ops > SCHED_MAX_OPS || blk->moe_input_op < 0 || blk->moe_input_op >= blk->n_ops)
+        return scmoe_fail(ctx, SCMOE_ERR_OPTION, "a block of %d operations (at most %d) with the MoE's input from op %d",
+                          blk->n_ops, SCHED_MAX_OPS, blk->moe_input_op);
+    int n = blk->n_ops;
     s->ctx = ctx;
-    s->cfg = *cfg;
-    s->shortcut = cfg->arch == SCMOE_ARCH_SCMOE;
+    s->blk = *blk;
+    s->expert_slot = cfg->expert_slot;
+    s->overlap = cfg->overlap;
     s->world = ctx->world;
-    s->replicas = replicas;
+    s->gate_after = blk->overlap ? blk->moe_input_op + 1 : n;
+    s->grad_needed_before = n - 1 - blk->moe_input_op;
     s->profile_n = -1;
-    s->slot_f = s->slot_b = 0;
-    memcpy(s->bucket, buckets, sizeof s->bucket);
-    for (int i = 0; i < SCHED_OPS + 2; i++) s->req[i] = -2;
+    /* backward step i runs op n-1-i, and finishes that op's gradients */
+    for (int i = 0; i < n; i++) {
+        snprintf(s->bwd_name[i], sizeof s->bwd_name[i], "%s_bwd", blk->ops[n - 1 - i].name);
+        s->bucket[i] = blk->op_grads[n - 1 - i];
+    }
+    s->bucket[n] = blk->gate_grads;
+    s->bucket[n + 1] = blk->expert_grads;
+    for (int b = 0; b < n + 2; b++) s->req[b] = NOT_STARTED;
     return SCMOE_OK;
 }
 
 /* ---- the poll hook and the trace ---- */
 
 typedef struct run_state {
-    schedule *s;
+    scheduler *s;
     exec *ex;
     moe_layer *m;
-    int dir;
+    int dir;       /* 0 forward, 1 backward */
+    int serial;    /* this pass waits on every exchange at once */
     double last;   /* duration of the last exchange waited on */
 } run_state;
 
-static int grads_in_flight(const schedule *s) {
-    for (int i = 0; i < SCHED_OPS + 2; i++)
-        if (s->req[i] != -2) return 1;
+static int grads_in_flight(const scheduler *s) {
+    for (int b = 0; b < s->blk.n_ops + 2; b++)
+        if (s->req[b] != NOT_STARTED) return 1;
     return 0;
 }
 
@@ -62,14 +76,14 @@ static void poll_all(void *arg) {
     if (r->s->world->progress == SCMOE_PROGRESS_POLL && grads_in_flight(r->s)) r->s->world->ops->progress(r->s->world);
 }
 
-static void event(schedule *s, int dir, const char *name, int kind, double t0, double t1) {
+static void event(scheduler *s, int dir, const char *name, int kind, double t0, double t1) {
     if (s->n_ev[dir] < SCHED_MAX_EVENTS) s->ev[dir][s->n_ev[dir]++] = (sched_event){name, kind, t0, t1};
 }
 
 /* ---- trace: one JSON array of complete events ("ph":"X"), pid = rank, tid 0 compute, tid 1 token
  * exchanges, tid 2 the gradient all-reduce; ts in microseconds of CLOCK_MONOTONIC ---- */
 
-scmoe_status schedule_trace_open(schedule *s, const char *path) {
+scmoe_status schedule_trace_open(scheduler *s, const char *path) {
     schedule_trace_close(s);
     if (!path) return SCMOE_OK;
     s->trace = fopen(path, "w");
@@ -83,14 +97,14 @@ scmoe_status schedule_trace_open(schedule *s, const char *path) {
     return SCMOE_OK;
 }
 
-void schedule_trace_close(schedule *s) {
+void schedule_trace_close(scheduler *s) {
     if (!s->trace) return;
     fprintf(s->trace, "\n]\n");
     fclose(s->trace);
     s->trace = NULL;
 }
 
-static void trace_flush(schedule *s, int dir) {
+static void trace_flush(scheduler *s, int dir) {
     if (!s->trace) return;
     for (int i = 0; i < s->n_ev[dir]; i++) {
         const sched_event *e = &s->ev[dir][i];
@@ -117,25 +131,48 @@ static void hook(run_state *r, exec *ex, moe_layer *m) {
     ex->poll_arg = r;
 }
 
-/* On a device an operation is only enqueued: a profiled (serialized) step waits for each, so its times
- * are the device's and the slot is chosen from them; other steps run ahead while the host waits on MPI. */
-static void timed_op(run_state *r, void (*run)(void *, int), void *arg, int i, double *t, const char *name) {
+/* Step i of the pass: op i forward, op n-1-i backward. On a device an operation is only enqueued: a
+ * profiled (serialized) step waits for each, so its times are the device's and the slot is chosen from
+ * them; other steps run ahead while the host waits on MPI. */
+static void timed_op(run_state *r, int i) {
+    scheduler *s = r->s;
+    const sched_op *op = &s->blk.ops[r->dir ? s->blk.n_ops - 1 - i : i];
     double t0 = scmoe_now();
-    run(arg, i);
-    if (r->s->profile_left[r->dir] > 0) r->s->ctx->compute->sync(r->s->ctx->compute);
+    (r->dir ? op->backward : op->forward)(s->blk.self);
+    if (s->profile_left[r->dir] > 0) s->ctx->compute->sync(s->ctx->compute);
     double t1 = scmoe_now();
-    t[i] = t1 - t0;
-    event(r->s, r->dir, name, 0, t0, t1);
+    (r->dir ? s->t_b : s->t_f)[i] = t1 - t0;
+    event(s, r->dir, r->dir ? s->bwd_name[i] : op->name, 0, t0, t1);
 }
 
-static const char *const fwd_names[SCHED_OPS] = {"ln_a0", "attn0", "ln_m0", "mlp0", "ln_a1", "attn1", "ln_m1", "shared_expert"};
-static const char *const bwd_names[SCHED_OPS] = {"shared_expert_bwd", "ln_m1_bwd", "attn1_bwd", "ln_a1_bwd", "mlp0_bwd",
-                                                 "ln_m0_bwd", "attn0_bwd", "ln_a0_bwd"};
+/* The first exchange of the pass has started; a serialized pass waits for it at once and times it. */
+static scmoe_status dispatch_started(run_state *r) {
+    if (!r->serial) return SCMOE_OK;
+    scmoe_status st = moe_dispatch_wait(r->m);
+    r->s->t_disp[r->dir] = r->last;
+    return st;
+}
+
+/* The experts in their slot, either way: timed, and in a serialized pass followed by the combine's wait. */
+static scmoe_status experts_at_slot(run_state *r) {
+    scheduler *s = r->s;
+    double t0 = scmoe_now();
+    scmoe_status st = r->dir ? moe_experts_backward(r->m, r->ex) : moe_experts_forward(r->m, r->ex);
+    double t1 = scmoe_now();
+    event(s, r->dir, r->dir ? "experts_bwd" : "experts", 0, t0, t1);
+    s->expert[r->dir] = t1 - t0;
+    if (r->serial) s->t_exp[r->dir] = t1 - t0;
+    if (!st && r->serial) {
+        st = moe_combine_wait(r->m);
+        s->t_comb[r->dir] = r->last;
+    }
+    return st;
+}
 
 /* The forward and the backward are profiled apart: each runs serialized for its first
  * SCHED_PROFILE_STEPS steps of a shape, timing its operations and exchanges standalone, then takes
  * the slot those times favour (or the configured one, clamped to the operations there are). */
-static int profiling(schedule *s, int dir, int n) {
+static int profiling(scheduler *s, int dir, int n) {
     if (dir == 0 && n != s->profile_n) {
         s->profile_n = n;
         s->profile_left[0] = s->profile_left[1] = SCHED_PROFILE_STEPS;
@@ -143,19 +180,19 @@ static int profiling(schedule *s, int dir, int n) {
     return s->profile_left[dir] > 0;
 }
 
-static void profiled(schedule *s, int dir, int n_ops) {
+/* After a pass: the slot among the n_ops steps from first on, once the profile is complete. */
+static void profiled(scheduler *s, int dir, int first, int n_ops) {
     if (s->profile_left[dir] <= 0 || --s->profile_left[dir] > 0) return;
     int *slot = dir ? &s->slot_b : &s->slot_f;
-    if (s->cfg.expert_slot >= 0) *slot = s->cfg.expert_slot < n_ops ? s->cfg.expert_slot : n_ops;
-    else if (dir == 0) *slot = schedule_choose_slot(s->t_f + (SCHED_OPS - n_ops), n_ops, s->t_disp, s->t_exp, s->t_comb);
-    else *slot = schedule_choose_slot(s->t_b, n_ops, s->tb_disp, s->tb_exp, s->tb_comb);
+    const double *t = (dir ? s->t_b : s->t_f) + first;
+    if (s->expert_slot >= 0) *slot = s->expert_slot < n_ops ? s->expert_slot : n_ops;
+    else *slot = schedule_choose_slot(t, n_ops, s->t_disp[dir], s->t_exp[dir], s->t_comb[dir]);
 }
 
-scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int gate_after,
-                              sched_moe *mo, int n) {
+scmoe_status schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n) {
     moe_layer *m = mo->m;
-    run_state r = {s, ex, m, 0, 0};
-    int serial = profiling(s, 0, n) || !s->cfg.overlap || !s->shortcut;
+    int n_ops = s->blk.n_ops, serial = profiling(s, 0, n) || !s->overlap || !s->blk.overlap;
+    run_state r = {s, ex, m, 0, serial, 0};
     int K = serial ? 0 : s->slot_f;
     double t_start = scmoe_now();
     s->n_ev[0] = 0;
@@ -163,25 +200,19 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     hook(&r, ex, m);
     scmoe_status st = SCMOE_OK;
     int experts_done = 0;
-    for (int i = 0; i <= SCHED_OPS && !st; i++) {
-        if (i == gate_after) {
+    for (int i = 0; i <= n_ops && !st; i++) {
+        if (i == s->gate_after) {
             double t0 = scmoe_now();
             st = moe_gate_encode(m, ex, n, mo->x);
             if (!st) st = moe_dispatch_start(m);
             event(s, 0, "gate_encode", 0, t0, scmoe_now());
-            if (!st && serial) { st = moe_dispatch_wait(m); s->t_disp = r.last; }
+            if (!st) st = dispatch_started(&r);
         }
-        if (!st && i == gate_after + K && !experts_done) {
-            double t0 = scmoe_now();
-            st = moe_experts_forward(m, ex);
-            double t1 = scmoe_now();
-            event(s, 0, "experts", 0, t0, t1);
-            s->expert[0] = t1 - t0;
-            if (serial) s->t_exp = t1 - t0;
-            if (!st && serial) { st = moe_combine_wait(m); s->t_comb = r.last; }
+        if (!st && i == s->gate_after + K && !experts_done) {
+            st = experts_at_slot(&r);
             experts_done = 1;
         }
-        if (!st && i < SCHED_OPS) timed_op(&r, run, arg, i, s->t_f, fwd_names[i]);
+        if (!st && i < n_ops) timed_op(&r, i);
     }
     if (!st) st = moe_combine_wait(m);
     hook(NULL, ex, m);
@@ -194,15 +225,16 @@ scmoe_status schedule_forward(schedule *s, exec *ex, void (*run)(void *, int), v
     s->slot_used[0] = serial ? -1 : K;
     s->time[0] = scmoe_now() - t_start;
     trace_flush(s, 0);
-    profiled(s, 0, SCHED_OPS - gate_after);
+    profiled(s, 0, s->gate_after, n_ops - s->gate_after);
     return SCMOE_OK;
 }
 
-static scmoe_status bucket_start(schedule *s, int b, comm *c) {
-    if (!s->bucket[b].ptr || s->bucket[b].n <= 0 || c->size == 1) return SCMOE_OK;
+static scmoe_status bucket_start(scheduler *s, int b) {
+    const sched_bucket *k = &s->bucket[b];
+    if (!k->ptr || k->n <= 0 || k->over->size == 1) return SCMOE_OK;
     if (s->grad_t0 == 0) s->grad_t0 = scmoe_now();
-    scmoe_status st = c->ops->allreduce_start(c, s->bucket[b].ptr, s->bucket[b].n, &s->req[b]);
-    if (st) return scmoe_fail(s->ctx, st, "starting a gradient all-reduce failed: %s", c->err);
+    scmoe_status st = k->over->ops->allreduce_start(k->over, k->ptr, k->n, &s->req[b]);
+    if (st) return scmoe_fail(s->ctx, st, "starting a gradient all-reduce failed: %s", k->over->err);
     return SCMOE_OK;
 }
 
@@ -210,45 +242,39 @@ static scmoe_status bucket_start(schedule *s, int b, comm *c) {
  * exchanges are on the critical path while the all-reduce only has to end before the optimizer
  * step, and over one link the two would split the bandwidth (a trace showed the gradient combine
  * slowed by a bucket started between the two exchanges). */
-static scmoe_status buckets_flush(schedule *s, int exchanges_done) {
+static scmoe_status buckets_flush(scheduler *s, int exchanges_done) {
     scmoe_status st = SCMOE_OK;
     int synced = 0;
-    for (int b = 0; b < SCHED_OPS + 2 && !st && exchanges_done; b++)
+    for (int b = 0; b < s->blk.n_ops + 2 && !st && exchanges_done; b++)
         if (s->ready[b]) {
             if (!synced++) s->ctx->compute->sync(s->ctx->compute); /* MPI reads what the device wrote */
             s->ready[b] = 0;
-            st = bucket_start(s, b, b == SCHED_OPS + 1 ? s->replicas : s->world);
+            st = bucket_start(s, b);
         }
     return st;
 }
 
-scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), void *arg, int needed_before,
-                               sched_moe *mo, const float *dy, int n) {
+scmoe_status schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n) {
     moe_layer *m = mo->m;
-    run_state r = {s, ex, m, 1, 0};
-    int serial = profiling(s, 1, n) || !s->cfg.overlap || !s->shortcut;
+    int n_ops = s->blk.n_ops, serial = profiling(s, 1, n) || !s->overlap || !s->blk.overlap;
+    int needed_before = s->grad_needed_before;
+    run_state r = {s, ex, m, 1, serial, 0};
     int K = serial ? 0 : s->slot_b;
-    int early_grads = s->cfg.overlap; /* serialized runs reduce all gradients after backward */
+    int early_grads = s->overlap; /* serialized runs reduce all gradients after backward */
     double t_start = scmoe_now();
     s->n_ev[1] = 0;
     s->grad_t0 = 0;
     hook(&r, ex, m);
     double t0 = scmoe_now();
-    moe_decode_backward(m, dy);
+    moe_decode_backward(m, mo->dy);
     scmoe_status st = moe_dispatch_start(m);
     event(s, 1, "decode_bwd", 0, t0, scmoe_now());
-    if (!st && serial) { st = moe_dispatch_wait(m); s->tb_disp = r.last; }
+    if (!st) st = dispatch_started(&r);
     int experts_done = 0;
-    for (int i = 0; i <= SCHED_OPS && !st; i++) {
+    for (int i = 0; i <= n_ops && !st; i++) {
         if (i == K && !experts_done) {
-            t0 = scmoe_now();
-            st = moe_experts_backward(m, ex);
-            double t1 = scmoe_now();
-            event(s, 1, "experts_bwd", 0, t0, t1);
-            s->expert[1] = t1 - t0;
-            if (serial) s->tb_exp = t1 - t0;
-            if (!st && serial) { st = moe_combine_wait(m); s->tb_comb = r.last; }
-            s->ready[SCHED_OPS + 1] = early_grads;
+            st = experts_at_slot(&r);
+            s->ready[n_ops + 1] = early_grads;
             experts_done = 1;
         }
         if (!st && i == needed_before) {
@@ -256,10 +282,10 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
             t0 = scmoe_now();
             if (!st) moe_gate_backward(m, ex, mo->dx, 1.0f);
             event(s, 1, "gate_bwd", 0, t0, scmoe_now());
-            s->ready[SCHED_OPS] = early_grads;
+            s->ready[n_ops] = early_grads;
         }
-        if (!st && i < SCHED_OPS) {
-            timed_op(&r, run, arg, i, s->t_b, bwd_names[i]);
+        if (!st && i < n_ops) {
+            timed_op(&r, i);
             s->ready[i] = early_grads;
         }
         if (!st) st = buckets_flush(s, i >= needed_before);
@@ -269,28 +295,28 @@ scmoe_status schedule_backward(schedule *s, exec *ex, void (*run)(void *, int), 
     s->exposed[1] = m->exposed_time;
     if (st) return st;
     if (!early_grads) /* serialized: every bucket after the backward */
-        for (int b = 0; b < SCHED_OPS + 2; b++) s->ready[b] = 1;
+        for (int b = 0; b < n_ops + 2; b++) s->ready[b] = 1;
     st = buckets_flush(s, 1);
     s->slot_used[1] = serial ? -1 : K;
     s->time[1] = scmoe_now() - t_start;
     trace_flush(s, 1);
-    profiled(s, 1, needed_before);
+    profiled(s, 1, 0, needed_before);
     return st;
 }
 
-scmoe_status schedule_grad_wait(schedule *s) {
+scmoe_status schedule_grad_wait(scheduler *s) {
     /* one deadline for the whole sync, however many buckets; the first failure ends it */
     double t0 = scmoe_now(), deadline = t0 + s->world->timeout_s;
     scmoe_status st = SCMOE_OK;
-    for (int b = 0; b < SCHED_OPS + 2 && !st; b++) {
-        if (s->req[b] == -2) continue;
-        comm *c = b == SCHED_OPS + 1 ? s->replicas : s->world;
+    for (int b = 0; b < s->blk.n_ops + 2 && !st; b++) {
+        if (s->req[b] == NOT_STARTED) continue;
+        comm *c = s->bucket[b].over;
         double full = c->timeout_s, left = deadline - scmoe_now();
         c->timeout_s = left > 1e-3 ? left : 1e-3;
         scmoe_status w = c->ops->wait(c, s->req[b]);
         c->timeout_s = full;
         if (w) st = scmoe_fail(s->ctx, w, "gradient all-reduce: %s", c->err);
-        s->req[b] = -2;
+        s->req[b] = NOT_STARTED;
     }
     double t1 = scmoe_now();
     if (s->grad_t0) event(s, 1, "grad_allreduce", 1, s->grad_t0, t1);
@@ -305,7 +331,7 @@ scmoe_status schedule_grad_wait(schedule *s) {
     return st;
 }
 
-void schedule_fill_stats(const schedule *s, scmoe_stats *st, int which) {
+void schedule_fill_stats(const scheduler *s, scmoe_stats *st, int which) {
     if (which == 2) {
         st->grad_sync_time = s->grad_time;
         st->grad_sync_exposed = s->grad_exposed;

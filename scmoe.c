@@ -1,6 +1,8 @@
 /* scmoe.c: the portable core's common ground: configuration, statuses, the context, the parameter
  * table. The layer lives in moe.c, the block pair in pair.c, the overlap schedule in schedule.c. */
 #include "scmoe_internal.h"
+#include "schedule.h" /* SCHED_MAX_OPS bounds expert_slot */
+#include "kernels/gate_row.h" /* the counter-based normal of parameter inits */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -89,7 +91,8 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE) return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
     if (c->poll_cols < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_cols = %d: must be >= 1", c->poll_cols);
     if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
-    if (c->expert_slot < -1 || c->expert_slot > 8) return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..8", c->expert_slot);
+    if (c->expert_slot < -1 || c->expert_slot > SCHED_MAX_OPS)
+        return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..%d", c->expert_slot, SCHED_MAX_OPS);
     if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
     if (!is_flag(c->wire_bf16)) return bad(msg, len, SCMOE_ERR_OPTION, "wire_bf16 = %d: must be 0 or 1", c->wire_bf16);
     if (c->pipeline_chunks < 0 || c->pipeline_chunks > SCMOE_MAX_PIPELINE_CHUNKS) return bad(msg, len, SCMOE_ERR_OPTION, "pipeline_chunks = %d: must be in 0..%d", c->pipeline_chunks, SCMOE_MAX_PIPELINE_CHUNKS);
@@ -249,7 +252,7 @@ int params_add(param_table *pt, const char *name, int ndim, const int *shape, in
     e->init = init;
     e->init_std = std;
     /* the key depends on the name, not on the rank: an expert starts the same wherever it lives */
-    e->init_key = mix64(seed) ^ hash_str(name);
+    e->init_key = gate_mix64(seed) ^ hash_str(name);
     e->offset = pt->total;
     pt->total += (e->t.numel + 15) & ~(size_t)15; /* 64-byte aligned tensors */
     return pt->n++;
@@ -266,7 +269,7 @@ static void params_init(const param_entry *e, float *dst) {
     for (size_t j = 0; j < e->t.numel; j++)
         dst[j] = e->init == INIT_ZERO ? 0.0f
                : e->init == INIT_ONE ? 1.0f
-               : e->init_std * normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
+               : e->init_std * gate_normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
 }
 
 scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync) {

@@ -180,8 +180,8 @@ typedef struct scmoe_config {
     scmoe_progress progress;/**< how exchanges progress while compute runs (POLL) */
     int poll_cols;          /**< GEMM output columns per compute tile; progress is polled between tiles (512) */
     int overlap;            /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
-    int expert_slot;        /**< -1: chosen from measured times; K >= 0 runs the experts before the K-th of the
-                                 pair's operations after the gate (LayerNorms count; clamped to the last) (-1) */
+    int expert_slot;        /**< -1: chosen from measured times; K in 0..16 runs the experts before the K-th of
+                                 the pair's operations after the gate (LayerNorms count; clamped to the last) (-1) */
     int overlap_grad_sync;  /**< 1: dense-gradient all-reduce runs behind the backward and is finished by
                                scmoe_pair_grad_sync(); 0: backward finishes it (0) */
     double comm_timeout_s;  /**< give up on an exchange after this long, in seconds: ::SCMOE_ERR_TIMEOUT (600) */
@@ -276,25 +276,19 @@ typedef struct scmoe_stats {
     int64_t capacity;        /**< slots per expert (0 = dropless) */
     const int64_t *expert_tokens; /**< [n_experts] global assignments kept per expert (owned by the object,
                                        valid until its next forward or its destroy) */
-    /* timing of the last forward (fwd_) and backward (bwd_), seconds */
-    /** @var scmoe_stats::fwd_time
-     * wall time of the forward, seconds */
-    /** @var scmoe_stats::fwd_comm
-     * forward: time the exchanges were in flight, seconds */
-    /** @var scmoe_stats::fwd_exposed
-     * forward: time compute waited on an exchange, seconds */
-    /** @var scmoe_stats::fwd_overlap
-     * forward: hidden / total exchange time, 0..1 (1 when no exchange) */
-    /** @var scmoe_stats::fwd_expert
-     * forward: time in the experts' FFNs (the MoE's compute), seconds */
-    /** @var scmoe_stats::grad_sync_time
-     * dense-gradient all-reduce: time it was in flight, seconds */
-    double fwd_time, bwd_time;       /**< backward: wall time, seconds */
-    double fwd_comm, bwd_comm;       /**< backward: time the exchanges were in flight, seconds */
-    double fwd_exposed, bwd_exposed; /**< backward: time compute waited on an exchange, seconds */
-    double fwd_overlap, bwd_overlap; /**< backward: hidden / total exchange time, 0..1 (1 when no exchange) */
-    double fwd_expert, bwd_expert;   /**< backward: time in the experts' FFNs (the MoE's compute), seconds */
-    double grad_sync_time, grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it, seconds */
+    /* timing of the last forward (fwd_) and backward (bwd_), seconds, in the struct's original order */
+    double fwd_time;          /**< forward: wall time */
+    double bwd_time;          /**< backward: wall time */
+    double fwd_comm;          /**< forward: time the token exchanges were in flight */
+    double bwd_comm;          /**< backward: time the gradient exchanges were in flight */
+    double fwd_exposed;       /**< forward: time compute waited on an exchange */
+    double bwd_exposed;       /**< backward: time compute waited on an exchange */
+    double fwd_overlap;       /**< forward: hidden / total exchange time, 0..1 (1 when no exchange) */
+    double bwd_overlap;       /**< backward: hidden / total exchange time, 0..1 (1 when no exchange) */
+    double fwd_expert;        /**< forward: time in the experts' FFNs (the MoE's compute) */
+    double bwd_expert;        /**< backward: time in the experts' FFNs */
+    double grad_sync_time;    /**< dense-gradient all-reduce: time it was in flight */
+    double grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it */
     int expert_slot;         /**< slot the experts ran in; -1 when serialized (the layer, profiling, overlap 0, no shortcut) */
     int experts_fetched;     /**< expert offloading (scmoe_cuda.h): expert weight sets copied to the device by this
                                   call; 0 without offloading */

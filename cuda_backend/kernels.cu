@@ -10,6 +10,7 @@
  * enqueue on the stream given; they never synchronize. Built without --use_fast_math: expf, tanhf,
  * logf and 1/sqrtf are the accurate versions. */
 #include "cuda.h"
+#include "../kernels/gate_row.h"
 #include <float.h>
 #include <math.h>
 
@@ -238,62 +239,17 @@ extern "C" cudaError_t cuda_sum_rows(float *acc, const float *x, int N, int C, c
 
 /* -------------------------------------------------------------------------------- gate */
 
-__device__ static uint64_t mix64_d(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-__device__ static float normal_from_key_d(uint64_t key) {
-    uint64_t r = mix64_d(key);
-    double u1 = ((double)(r >> 40) + 0.5) / 16777216.0;
-    double u2 = (double)((r >> 16) & 0xFFFFFF) / 16777216.0;
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
-/* one thread per token: E is small, and the loops are then the CPU's, in its order */
+/* one thread per token: E is small, and the row functions are the CPU's own (kernels/gate_row.h) */
 __global__ static void k_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
                                       uint64_t seed, uint64_t step, int64_t token_offset) {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x) {
-        float *l = logits + i * E, *pi = p + i * E;
-        if (noise_std > 0.0f) {
-            uint64_t key = mix64_d(mix64_d(seed ^ 0x6E6F697365ull) + step) ^ mix64_d((uint64_t)(token_offset + i));
-            for (int e = 0; e < E; e++) l[e] += noise_std * normal_from_key_d(key + (uint64_t)e * 0x9E3779B9ull) / E;
-        }
-        float mx = -FLT_MAX;
-        for (int e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        float s = 0.0f;
-        for (int e = 0; e < E; e++) { pi[e] = expf(l[e] - mx); s += pi[e]; }
-        for (int e = 0; e < E; e++) pi[e] /= s;
-        lse[i] = mx + logf(s);
-    }
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x)
+        gate_softmax_row(logits + i * E, p + i * E, lse + i, E, noise_std, seed, step, token_offset + i);
 }
 
 __global__ static void k_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
                                    int renormalize) {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x) {
-        const float *pi = p + i * E;
-        int *ci = choice + i * k;
-        float *wi = weight + i * k;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) {
-                int taken = 0;
-                for (int q = 0; q < j; q++) taken |= ci[q] == e;
-                if (!taken && (best < 0 || pi[e] > pi[best])) best = e;
-            }
-            ci[j] = best;
-            wi[j] = pi[best];
-        }
-        score[i] = wi[0];
-        if (k > 1 && renormalize) {
-            float s = 0.0f;
-            for (int j = 0; j < k; j++) s += wi[j];
-            s = s > FLT_EPSILON ? s : FLT_EPSILON;
-            for (int j = 0; j < k; j++) wi[j] /= s;
-        }
-    }
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x)
+        gate_topk_row(choice + i * k, weight + i * k, score + i, p + i * E, E, k, renormalize);
 }
 
 __global__ static void k_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,

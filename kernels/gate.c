@@ -7,43 +7,17 @@
  *   aux  = E * sum_e mean_s(p[s,e]) * frac_s(top1(s) == e)          (GShard)
  *   z    = mean_s(logsumexp(logits_s)^2)                           (router z-loss)
  *
- * The noise is a counter-based hash of (seed, step, global token index, expert), so a token gets the
- * same noise whatever rank holds it and whatever the thread count. */
+ * The per-token math (noise, softmax, top-k) is in gate_row.h, shared with the CUDA kernels. */
 #include "kernels.h"
+#include "gate_row.h"
 #include <float.h>
 #include <math.h>
-
-uint64_t mix64(uint64_t z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* A standard normal from a 64-bit key (Box-Muller on two 32-bit halves of its hash). */
-float normal_from_key(uint64_t key) {
-    uint64_t r = mix64(key);
-    double u1 = ((double)(r >> 40) + 0.5) / 16777216.0; /* (0,1) from 24 bits */
-    double u2 = (double)((r >> 16) & 0xFFFFFF) / 16777216.0;
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
 
 void gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
                   int64_t token_offset) {
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < N; i++) {
-        float *l = logits + (long)i * E, *pi = p + (long)i * E;
-        if (noise_std > 0.0f) {
-            uint64_t key = mix64(mix64(seed ^ 0x6E6F697365ull) + step) ^ mix64((uint64_t)(token_offset + i));
-            for (int e = 0; e < E; e++) l[e] += noise_std * normal_from_key(key + (uint64_t)e * 0x9E3779B9ull) / E;
-        }
-        float mx = -FLT_MAX;
-        for (int e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        float s = 0.0f;
-        for (int e = 0; e < E; e++) { pi[e] = expf(l[e] - mx); s += pi[e]; }
-        for (int e = 0; e < E; e++) pi[e] /= s;
-        lse[i] = mx + logf(s);
-    }
+    for (int i = 0; i < N; i++)
+        gate_softmax_row(logits + (long)i * E, p + (long)i * E, lse + i, E, noise_std, seed, step, token_offset + i);
 }
 
 void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
@@ -56,28 +30,8 @@ void gate_forward(const exec *ex, float *logits, float *p, float *lse, const flo
 
 void gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize) {
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < N; i++) {
-        const float *pi = p + (long)i * E;
-        int *ci = choice + (long)i * k;
-        float *wi = weight + (long)i * k;
-        /* one pass keeping ci sorted by p, highest first: an expert enters only if strictly above the
-         * current k-th, so among equal p the lower index stays ahead (and a NaN never displaces) */
-        int have = 0;
-        for (int e = 0; e < E; e++) {
-            if (have == k && !(pi[e] > pi[ci[k - 1]])) continue;
-            int pos = have < k ? have++ : k - 1;
-            while (pos > 0 && pi[e] > pi[ci[pos - 1]]) { ci[pos] = ci[pos - 1]; pos--; }
-            ci[pos] = e;
-        }
-        for (int j = 0; j < k; j++) wi[j] = pi[ci[j]];
-        score[i] = wi[0];
-        if (k > 1 && renormalize) {
-            float s = 0.0f;
-            for (int j = 0; j < k; j++) s += wi[j];
-            s = s > FLT_EPSILON ? s : FLT_EPSILON;
-            for (int j = 0; j < k; j++) wi[j] /= s;
-        }
-    }
+    for (int i = 0; i < N; i++)
+        gate_topk_row(choice + (long)i * k, weight + (long)i * k, score + i, p + (long)i * E, E, k, renormalize);
 }
 
 /* dL/dp for one token from dL/dweight, through the (optional) renormalisation:

@@ -40,8 +40,6 @@ void ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *d
                   const float *w1, const float *w2, int N, int d, int h, scmoe_activation act);
 
 /* gate.c */
-uint64_t mix64(uint64_t z);
-float normal_from_key(uint64_t key);
 /* logits [N, E] in (noise added in place), p [N, E] = softmax, lse [N] = logsumexp */
 void gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
                   int64_t token_offset);

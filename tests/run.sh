@@ -48,6 +48,7 @@ fi
 [ -x ${BUILD:-build}/examples/train_lm ] && want train && run "train_lm + generate end to end" 600 env BUILD=${BUILD:-build} tests/test_train.sh
 [ -x ${BUILD:-build}/tests/test_cuda ] && want cuda && run "CUDA backend (device checks skip without a GPU)" 600 ${BUILD:-build}/tests/test_cuda
 want plot && run "tools/plot_trace on a synthetic trace" 120 tests/test_plot_trace.sh
+want docs && run "docs name only functions that exist" 120 tests/test_docs.sh
 want install && run "make install + pkg-config" 600 tests/test_install.sh
 want amalgamation && run "single-file drop-in == library" 900 tests/test_amalgamation.sh
 echo "$pass passed, $fail failed"

@@ -1,5 +1,5 @@
-/* test_schedule.c: the slot chooser against brute force on synthetic times, the trace file, and the
- * bf16 wire's error against float exchanges. */
+/* test_schedule.c: the slot chooser against brute force on synthetic times, the trace file, the bf16
+ * wire's error against float exchanges, and a block that is not the pair run by the same schedule. */
 #include "../schedule.h"
 #include "check.h"
 #include <math.h>
@@ -102,9 +102,117 @@ static void wire_bf16(void) {
     scmoe_context_destroy(ctx);
 }
 
+/* ---- a block that is not the pair, run by schedule.c unchanged ----
+ * x -> h = 2x ("double", the MoE's input) -> z = h + 1 ("shift") -> y = z ("out"), then y += MoE(h).
+ * Backward: dz = dy, dh = dz, dh += dMoE/dh (the schedule adds it before "double"'s backward), dx = 2 dh. */
+typedef struct toy {
+    size_t n;
+    const float *x, *dy;
+    float *h, *z, *y, *dz, *dh, *dx;
+} toy;
+static void toy_double(void *s) { toy *t = s; for (size_t i = 0; i < t->n; i++) t->h[i] = 2.0f * t->x[i]; }
+static void toy_double_bwd(void *s) { toy *t = s; for (size_t i = 0; i < t->n; i++) t->dx[i] = 2.0f * t->dh[i]; }
+static void toy_shift(void *s) { toy *t = s; for (size_t i = 0; i < t->n; i++) t->z[i] = t->h[i] + 1.0f; }
+static void toy_shift_bwd(void *s) { toy *t = s; memcpy(t->dh, t->dz, sizeof(float) * t->n); }
+static void toy_out(void *s) { toy *t = s; memcpy(t->y, t->z, sizeof(float) * t->n); }
+static void toy_out_bwd(void *s) { toy *t = s; memcpy(t->dz, t->dy, sizeof(float) * t->n); }
+static const sched_op toy_ops[3] = {{"double", toy_double, toy_double_bwd}, {"shift", toy_shift, toy_shift_bwd},
+                                    {"out", toy_out, toy_out_bwd}};
+
+/* Four training steps of the toy block in one order; y, dx and the MoE's gradients of the last step. */
+static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x, const float *dy, float *y,
+                    float *dx, float *grads, int *slot) {
+    size_t n = (size_t)rows * c.d_model;
+    param_table pt;
+    moe_layer m;
+    memset(&pt, 0, sizeof pt);
+    toy t = {n, x, dy, calloc(n, 4), calloc(n, 4), y, calloc(n, 4), calloc(n, 4), dx};
+    scheduler s;
+    int ok = !moe_init(&m, ctx, &c, c.top_k, &pt, "", 0.02f) && !params_allocate(&pt, ctx->compute, 0, 0) &&
+             !moe_alloc(&m);
+    sched_block b = {.self = &t, .ops = toy_ops, .n_ops = 3, .moe_input_op = 0, .overlap = 1,
+                     .gate_grads = {NULL, 0, ctx->world}, .expert_grads = {NULL, 0, ctx->world}};
+    for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world};
+    ok = ok && !schedule_init(&s, ctx, &c, &b);
+    exec ex = context_exec(ctx, c.poll_cols);
+    m.training = 1;
+    scmoe_stats st = {0};
+    for (int step = 0; step < 4 && ok; step++) {
+        params_zero_grad(&pt);
+        sched_moe f = {&m, t.h, NULL, y, NULL}, g = {&m, NULL, t.dh, NULL, dy};
+        ok = !schedule_forward(&s, &ex, &f, rows) && !schedule_backward(&s, &ex, &g, rows) && !schedule_grad_wait(&s);
+    }
+    schedule_fill_stats(&s, &st, 0);
+    *slot = ok ? st.expert_slot : -2;
+    for (int i = 0, o = 0; i < pt.n; i++) {
+        memcpy(grads + o, pt.p[i].t.grad, sizeof(float) * pt.p[i].t.numel);
+        o += (int)pt.p[i].t.numel;
+    }
+    moe_free(&m);
+    params_free(&pt);
+    free(t.h); free(t.z); free(t.dz); free(t.dh);
+}
+
+static double max_rel(const float *a, const float *b, size_t n) {
+    double e = 0, m = 1e-30;
+    for (size_t i = 0; i < n; i++) { e = fmax(e, fabs((double)a[i] - b[i])); m = fmax(m, fabs((double)b[i])); }
+    return e / m;
+}
+
+static void other_block(void) {
+    scmoe_context *ctx;
+    scmoe_context_create(&ctx);
+    scmoe_config c = tiny();
+    c.top_k = 2;
+    c.capacity_factor = 1.0f;
+    c.expert_slot = 1;
+    int rows = 48;
+    size_t n = (size_t)rows * c.d_model, ng = 1 << 16;
+    float *x = malloc(4 * n), *dy = malloc(4 * n), *h = malloc(4 * n), *y[2], *dx[2], *g[2];
+    for (size_t i = 0; i < n; i++) x[i] = sinf(0.37f * (float)i), dy[i] = 0.01f * cosf(0.11f * (float)i), h[i] = 2.0f * x[i];
+    int slot[2];
+    for (int o = 0; o < 2; o++) {
+        y[o] = malloc(4 * n); dx[o] = malloc(4 * n); g[o] = calloc(ng, 4);
+        scmoe_config co = c;
+        co.overlap = o;
+        toy_run(ctx, co, rows, x, dy, y[o], dx[o], g[o], &slot[o]);
+    }
+    CHECK(slot[0] == -1 && slot[1] == 1, "a 3-op block: serialized, and overlapped with the experts in slot 1 (%d, %d)",
+          slot[0], slot[1]);
+    CHECK(!memcmp(y[0], y[1], 4 * n) && !memcmp(dx[0], dx[1], 4 * n) && !memcmp(g[0], g[1], 4 * ng),
+          "a 3-op block: overlapped == serialized, bitwise (y, dx, every MoE gradient)");
+    /* the same MoE as the public layer: y = 2x + 1 + MoE(2x), dx = 2 (dy + dMoE/dh^T dy) */
+    scmoe_moe *l;
+    scmoe_moe_create(ctx, &c, &l);
+    float *yl = malloc(4 * n), *dxl = malloc(4 * n), *ref = calloc(n, 4);
+    scmoe_stats st;
+    for (int step = 0; step < 4; step++) {
+        scmoe_moe_zero_grad(l);
+        scmoe_moe_forward(l, rows, h, yl, &st);
+        scmoe_moe_backward(l, dy, dxl, &st);
+    }
+    for (size_t i = 0; i < n; i++) ref[i] = (2.0f * x[i] + 1.0f) + yl[i];
+    double ey = max_rel(y[1], ref, n);
+    for (size_t i = 0; i < n; i++) ref[i] = 2.0f * (dy[i] + dxl[i]);
+    double ed = max_rel(dx[1], ref, n), eg = 0;
+    for (int i = 0, o = 0; i < scmoe_moe_param_count(l); i++) {
+        scmoe_tensor t;
+        scmoe_moe_param_at(l, i, &t);
+        eg = fmax(eg, max_rel(g[1] + o, t.grad, t.numel));
+        o += (int)t.numel;
+    }
+    CHECK(ey < 1e-6 && ed < 1e-6 && eg < 1e-6, "a 3-op block == the public layer on h = 2x: y %.1e, dx %.1e, grads %.1e",
+          ey, ed, eg);
+    scmoe_moe_destroy(l);
+    for (int o = 0; o < 2; o++) { free(y[o]); free(dx[o]); free(g[o]); }
+    free(x); free(dy); free(h); free(yl); free(dxl); free(ref);
+    scmoe_context_destroy(ctx);
+}
+
 int main(void) {
     chooser();
     trace();
     wire_bf16();
+    other_block();
     return check_summary();
 }
