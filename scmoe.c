@@ -472,7 +472,7 @@ scmoe_status status_agree(scmoe_context *ctx, scmoe_status local) {
 
 scmoe_status scmoe__ctx_usable(scmoe_context *ctx) {
     if (!ctx->broken) return SCMOE_OK;
-    return scmoe_fail(ctx, SCMOE_ERR_STATE, "the context is unusable since an earlier %s (%s): an exchange may "
+    return scmoe_fail(ctx, SCMOE_ERR_STATE, "the context is unusable since an earlier failure, %s (%s): an exchange may "
                       "still be pending and the ranks are out of step; save what you need, then abort "
                       "(scmoe_pair_abort / scmoe_moe_abort, scmoe_context_abort) and restart",
                       scmoe_strerror(ctx->broken), ctx->broken_err);
