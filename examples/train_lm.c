@@ -737,14 +737,16 @@ static void resume(run *r) {
     r->step = (int)h.state.step;
     r->rng = h.state.rng;
     r->tokens_seen = h.state.tokens_seen;
+    const ckpt_train *a = &h.train, *b = &want.train;
+    /* even with --quiet: another rank count with the same --batch silently changes the optimisation */
+    if (g_rank == 0 && (long long)a->ranks * a->batch != (long long)b->ranks * b->batch)
+        printf("note: global batch %d = %d ranks x --batch %d (the checkpoint's run used %d = %d x %d)\n", b->ranks * b->batch,
+               b->ranks, b->batch, a->ranks * a->batch, a->ranks, a->batch);
     if (g_rank == 0 && !O.quiet) {
-        const ckpt_train *a = &h.train, *b = &want.train;
         printf("resumed %s at step %d\n", path, r->step);
         if (a->lr != b->lr) printf("note: --lr %g (the checkpoint's run used %g)\n", b->lr, a->lr);
         if (a->steps != b->steps) printf("note: --steps %d (the checkpoint's run used %d)\n", b->steps, a->steps);
         if (a->warmup != b->warmup) printf("note: --warmup %d (the checkpoint's run used %d)\n", b->warmup, a->warmup);
-        if ((long long)a->ranks * a->batch != (long long)b->ranks * b->batch)
-            printf("note: global batch %d (the checkpoint's run used %d)\n", b->ranks * b->batch, a->ranks * a->batch);
         if (a->seed != b->seed) printf("note: --seed %llu (the checkpoint's run used %llu)\n",
                                        (unsigned long long)b->seed, (unsigned long long)a->seed);
     }
