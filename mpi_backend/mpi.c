@@ -15,7 +15,9 @@
  *
  * Errors: the communicator is a private duplicate with MPI_ERRORS_RETURN, so every MPI failure comes
  * back as a return code, turned here into SCMOE_ERR_COMM with MPI_Error_string's text in c->err. The
- * library never aborts and never prints.
+ * library never aborts and never prints. OpenMPI sends an error inside a nonblocking collective to
+ * MPI_COMM_WORLD's handler instead, so a context is only created once the host has made that handler
+ * return (world_errors_return, scmoe_mpi.h).
  *
  * Progress: OpenMPI's nonblocking collectives (libnbc) advance only inside MPI calls. With POLL the
  * core calls comm_progress/comm_test between compute tiles. With THREAD (and MPI_THREAD_MULTIPLE) a
