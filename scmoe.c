@@ -483,8 +483,8 @@ static const char *call_name(int64_t call) {
          : call == SCMOE__CALL_BACKWARD ? "backward" : "an unknown call";
 }
 
-/* One all-reduce (max) of [v, -v] for each field and the local status: a field agrees iff max == -(-v)max,
- * i.e. its max equals its min. The vector has the same length for every call, so ranks in different
+/* One all-reduce (max) of [v, -v] for each field and the local status: the max of -v is -min(v), so a
+ * field agrees iff its max equals its min. The vector has the same length for every call, so ranks in different
  * calls still meet in it and learn so, instead of matching mismatched collectives. */
 enum { AG_ID, AG_CALL, AG_SEQ, AG_MODE, AG_HASH, AG_FIELDS };
 scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call, int training, scmoe_status local) {
