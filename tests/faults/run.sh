@@ -7,7 +7,7 @@
 #   kill_rank.sh      a rank SIGKILLed mid-step during train_lm, 2 and 3 ranks; resume   (~30 s)
 #   linkdown.sh       two emulated hosts, the link taken down mid-run, comm_timeout_s 3  (~80 s; SKIP without root)
 # Env: BUILD (build), SCMOE_KNOWN_BUGS (reported library bugs whose failures are TAP TODOs), FAULTS
-# (a subset: "rank_error out_of_step symlink kill linkdown").
+# (a subset: "rank_error out_of_step kill linkdown").
 set -u
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
