@@ -340,7 +340,8 @@ typedef struct scmoe_moe scmoe_moe;
  * @param cfg       the config (copied; the same on every rank).
  * @param[out] moe  receives the layer (NULL on failure); free it with scmoe_moe_destroy().
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
- *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. */
+ *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_STATE (ranks in different calls, or a broken context),
+ *         ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **moe);
 /** COLLECTIVE over MPI: frees a layer (its communicators go with MPI_Comm_free). On a broken context
  * (after ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM) it is scmoe_moe_abort().
@@ -368,7 +369,8 @@ scmoe_status scmoe_moe_set_training(scmoe_moe *moe, int training);
  * @param[out] y    [n_tokens, d_model] output, overwritten.
  * @param[out] stats (may be NULL) routing statistics and the forward timings.
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_N_TOKENS, ::SCMOE_ERR_NONFINITE (check_finite),
- *         ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
+ *         ::SCMOE_ERR_STATE (ranks in different calls or modes, or a broken context), ::SCMOE_ERR_COMM or
+ *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_moe_forward(scmoe_moe *moe, int n_tokens, const float *x, float *y, scmoe_stats *stats);
 /** COLLECTIVE: backward of the last training forward (once: a second backward of the same forward
  * returns ::SCMOE_ERR_STATE).
@@ -421,8 +423,8 @@ typedef struct scmoe_pair scmoe_pair;
  * @param cfg        the config (copied; the same on every rank); top_k is set from cfg->arch.
  * @param[out] pair  receives the pair (NULL on failure); free it with scmoe_pair_destroy().
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
- *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or
- *         ::SCMOE_ERR_COMM. */
+ *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_STATE (ranks in different calls, or a broken context),
+ *         ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **pair);
 /** COLLECTIVE over MPI: frees a pair and closes its trace (its communicators go with MPI_Comm_free). On
  * a broken context (after ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM) it is scmoe_pair_abort().
@@ -448,7 +450,8 @@ scmoe_status scmoe_pair_set_training(scmoe_pair *pair, int training);
  * @param[out] y     [batch, seq_len, d_model] output, overwritten.
  * @param[out] stats (may be NULL) routing statistics, timings and the expert slot used.
  * @return ::SCMOE_OK, ::SCMOE_ERR_SEQ_LEN, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a gradient all-reduce
- *         pending: call scmoe_pair_grad_sync()), ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
+ *         pending: call scmoe_pair_grad_sync(); ranks in different calls or modes; a broken context),
+ *         ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
  *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const float *x, float *y,
                                 scmoe_stats *stats);
@@ -471,7 +474,8 @@ scmoe_status scmoe_pair_backward(scmoe_pair *pair, const float *dy, float *dx, s
  * returns at once when nothing is pending.
  * @param pair       the pair.
  * @param[out] stats (may be NULL) receives grad_sync_time and grad_sync_exposed.
- * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT. */
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a broken context), ::SCMOE_ERR_COMM or
+ *         ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *pair, scmoe_stats *stats);
 /** Sets every gradient of the pair to 0 (local).
  * @param pair the pair.
