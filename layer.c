@@ -11,17 +11,20 @@ struct scmoe_moe {
     moe_layer m;
     exec ex;
     float *xbuf;       /* the training forward's input, kept for backward (the backend's memory) */
+    scmoe__calls calls; /* its place in the ranks' call sequence (scmoe__call_agree) */
 };
 
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
     *out = NULL;
-    scmoe_status s = config_check(ctx, cfg);
+    scmoe__calls calls;
+    scmoe_status s = config_check(ctx, cfg, &calls);
     if (s) return s;
     scmoe_moe *o = calloc(1, sizeof *o);
     if (!o) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
         o->ctx = ctx;
+        o->calls = calls;
         ctx->objects++;
         o->ex = context_exec(ctx, cfg->poll_cols);
         s = moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
@@ -45,15 +48,26 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
     return SCMOE_OK;
 }
 
-void scmoe_moe_destroy(scmoe_moe *o) {
-    if (!o) return;
-    moe_free(&o->m);
+static void moe_release(scmoe_moe *o, int abort) {
+    /* an abort keeps what a pending exchange may write: the workspace and the staged gradients */
+    int keep = abort && (moe_pending(&o->m) || (o->ctx && o->ctx->world->ops->pending(o->ctx->world)));
+    if (abort) moe_abandon(&o->m, keep);
+    else moe_free(&o->m);
+    if (keep) o->pt.stage = NULL;
     params_free(&o->pt);
     if (o->ctx) {
         o->ctx->compute->release(o->ctx->compute, o->xbuf, COMPUTE_DEVICE);
         o->ctx->objects--;
     }
     free(o);
+}
+
+void scmoe_moe_destroy(scmoe_moe *o) {
+    if (o) moe_release(o, o->ctx && o->ctx->broken);
+}
+
+void scmoe_moe_abort(scmoe_moe *o) {
+    if (o) moe_release(o, 1);
 }
 
 scmoe_status scmoe_moe_set_training(scmoe_moe *o, int training) {
@@ -89,7 +103,8 @@ scmoe_status scmoe_moe_forward(scmoe_moe *o, int n, const float *x, float *y, sc
     } else if (n > 0 && !y) {
         xin = NULL;
     }
-    scmoe_status s = moe_gate_encode(m, &o->ex, n, xin);
+    scmoe_status s = scmoe__call_agree(o->ctx, &o->calls, SCMOE__CALL_FORWARD, m->training, SCMOE_OK);
+    if (!s) s = moe_gate_encode(m, &o->ex, n, xin);
     if (s) return s;
     s = run_experts(o, moe_experts_forward);
     if (s) return s;
@@ -137,8 +152,9 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     else if (m->n > 0 && (!dy || !dx)) local = scmoe_fail(o->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
     else if (m->cfg.check_finite && m->n > 0 && o->ctx->compute->has_nonfinite(o->ctx->compute, dy, (size_t)m->n * m->d))
         local = scmoe_fail(o->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
-    scmoe_status s = status_agree(o->ctx, local);
+    scmoe_status s = scmoe__call_agree(o->ctx, &o->calls, SCMOE__CALL_BACKWARD, m->training, local);
     if (s) return s;
+    m->forward_done = 0; /* one backward per forward: a second would add every gradient again */
     params_zero_stage(&o->pt);
     moe_decode_backward(m, dy);
     s = run_experts(o, moe_experts_backward);

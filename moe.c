@@ -340,6 +340,20 @@ void moe_free(moe_layer *m) {
     m->mem = m->mem_dev = m->mem_map = NULL;
 }
 
+int moe_pending(const moe_layer *m) {
+    int n = 0;
+    comm *g[3] = {m->ep, m->ep_back, m->replicas};
+    for (int i = 0; i < 3; i++) n += g[i] ? g[i]->ops->pending(g[i]) : 0;
+    return n;
+}
+
+void moe_abandon(moe_layer *m, int keep_workspace) {
+    comm *g[3] = {m->ep, m->ep_back, m->replicas};
+    for (int i = 0; i < 3; i++) if (g[i]) g[i]->ops->abandon(g[i]);
+    m->ep = m->ep_back = m->replicas = NULL;
+    if (!keep_workspace) moe_free(m);
+}
+
 /* ---- expert offloading ---- */
 
 /* Starts copying local expert i's weights into the next slot (round robin), evicting its expert. */
@@ -403,17 +417,21 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     if (n < 0 || n > m->max_tokens) local = SCMOE_ERR_N_TOKENS;
     else if (n > 0 && !x) local = SCMOE_ERR_NULL;
     else if (m->cfg.check_finite && n > 0 && m->co->has_nonfinite(m->co, x, (size_t)n * d)) local = SCMOE_ERR_NONFINITE;
-    int mine = local ? -(int)local : n;
-    scmoe_status s = w->ops->allgather(w, &mine, sizeof mine, m->tokens_per_rank);
+    int *mine = &m->tokens_per_rank[w->rank]; /* in place: a send buffer that outlives a timed-out gather */
+    *mine = local ? -(int)local : n;
+    scmoe_status s = w->ops->allgather(w, mine, sizeof *mine, m->tokens_per_rank);
     if (s) return scmoe_fail(ctx, s, "exchanging token counts failed: %s", w->err);
     if (local == SCMOE_ERR_N_TOKENS) return scmoe_fail(ctx, local, "n_tokens = %d: must be in 0..max_tokens (%d)", n, m->max_tokens);
     if (local == SCMOE_ERR_NULL) return scmoe_fail(ctx, local, "input is NULL with n_tokens = %d", n);
     if (local) return scmoe_fail(ctx, local, "the input holds NaN or Inf");
     int64_t S = 0, offset = 0;
     for (int r = 0; r < P; r++) {
-        if (m->tokens_per_rank[r] < 0)
+        if (m->tokens_per_rank[r] < 0 && -m->tokens_per_rank[r] < SCMOE_STATUS_COUNT)
             return scmoe_fail(ctx, (scmoe_status)-m->tokens_per_rank[r], "rank %d rejected its input: %s", r,
                               scmoe_strerror((scmoe_status)-m->tokens_per_rank[r]));
+        if (m->tokens_per_rank[r] < 0 || m->tokens_per_rank[r] > m->max_tokens) /* not a count: out of step */
+            return scmoe_fail(ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step",
+                              r, m->tokens_per_rank[r]);
         if (r == w->rank) offset = S;
         S += m->tokens_per_rank[r];
     }

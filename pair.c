@@ -70,6 +70,7 @@ struct scmoe_pair {
     /* schedule */
     scheduler sch;
     int backward_ready, grads_pending;
+    scmoe__calls calls; /* its place in the ranks' call sequence (scmoe__call_agree) */
 };
 
 static float *P(const scmoe_pair *p, int idx) { return p->pt.p[idx].t.data; }
@@ -340,12 +341,14 @@ static scmoe_status alloc_activations(scmoe_pair *p) {
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **out) {
     if (!ctx || !out) return SCMOE_ERR_NULL;
     *out = NULL;
-    scmoe_status s = config_check(ctx, cfg);
+    scmoe__calls calls;
+    scmoe_status s = config_check(ctx, cfg, &calls);
     if (s) return s;
     scmoe_pair *p = calloc(1, sizeof *p);
     if (!p) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
         p->ctx = ctx;
+        p->calls = calls;
         ctx->objects++;
         p->cfg = *cfg;
         p->k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
@@ -384,14 +387,26 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     return SCMOE_OK;
 }
 
-void scmoe_pair_destroy(scmoe_pair *p) {
-    if (!p) return;
+static void pair_release(scmoe_pair *p, int abort) {
+    /* an abort keeps what a pending exchange or gradient all-reduce may write: the MoE's workspace and
+     * the staged gradients */
+    int keep = abort && (moe_pending(&p->moe) || (p->ctx && p->ctx->world->ops->pending(p->ctx->world)));
     if (p->ctx) p->ctx->objects--;
     schedule_trace_close(&p->sch);
-    moe_free(&p->moe);
+    if (abort) moe_abandon(&p->moe, keep);
+    else moe_free(&p->moe);
+    if (keep) p->pt.stage = NULL;
     params_free(&p->pt);
     if (p->ctx) CO(p)->release(CO(p), p->mem, COMPUTE_DEVICE);
     free(p);
+}
+
+void scmoe_pair_destroy(scmoe_pair *p) {
+    if (p) pair_release(p, p->ctx && p->ctx->broken);
+}
+
+void scmoe_pair_abort(scmoe_pair *p) {
+    if (p) pair_release(p, 1);
 }
 
 scmoe_status scmoe_pair_set_training(scmoe_pair *p, int training) {
@@ -426,7 +441,7 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
     else if (p->grads_pending) local = scmoe_fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
     else if (p->cfg.check_finite && B > 0 && CO(p)->has_nonfinite(CO(p), x, (size_t)B * T * p->cfg.d_model))
         local = scmoe_fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
-    scmoe_status s = status_agree(ctx, local);
+    scmoe_status s = scmoe__call_agree(ctx, &p->calls, SCMOE__CALL_FORWARD, p->training, local);
     if (s) return s;
     p->B = B;
     p->T = T;
@@ -456,8 +471,9 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
     else if (p->n > 0 && (!dy || !dx)) local = scmoe_fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
     else if (p->cfg.check_finite && p->n > 0 && CO(p)->has_nonfinite(CO(p), dy, (size_t)p->n * p->cfg.d_model))
         local = scmoe_fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
-    scmoe_status s = status_agree(p->ctx, local);
+    scmoe_status s = scmoe__call_agree(p->ctx, &p->calls, SCMOE__CALL_BACKWARD, p->training, local);
     if (s) return s;
+    p->backward_ready = 0; /* one backward per forward: a second would add every gradient again */
     p->dy = dy;
     params_zero_stage(&p->pt);
     sched_moe mo = {&p->moe, NULL, moe_input_grad(p), NULL, dy};
@@ -478,8 +494,10 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
     moe_bind_comms(&p->moe);
+    scmoe_status s = scmoe__ctx_usable(p->ctx);
+    if (s) return s;
     if (!p->grads_pending) return SCMOE_OK;
-    scmoe_status s = schedule_grad_wait(&p->sch);
+    s = schedule_grad_wait(&p->sch);
     p->grads_pending = 0;
     if (s) return s;
     params_add_stage(&p->pt);

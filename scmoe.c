@@ -152,6 +152,12 @@ scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt
         va_start(ap, fmt);
         vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
         va_end(ap);
+        /* a failed or timed-out exchange may still be pending, and the ranks are no longer in step: every
+         * later collective call is refused (scmoe__ctx_usable) rather than matched against it */
+        if ((status == SCMOE_ERR_TIMEOUT || status == SCMOE_ERR_COMM) && !ctx->broken) {
+            ctx->broken = status;
+            snprintf(ctx->broken_err, sizeof ctx->broken_err, "%.255s", ctx->err);
+        }
     }
     return status;
 }
@@ -203,11 +209,27 @@ scmoe_status scmoe_context_create(scmoe_context **out) {
     return s;
 }
 
-void scmoe_context_destroy(scmoe_context *ctx) {
-    if (!ctx) return;
+scmoe_status scmoe_context_destroy(scmoe_context *ctx) {
+    if (!ctx) return SCMOE_OK;
+    if (ctx->objects > 0) /* they keep a pointer to it and free their memory through its backend */
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_destroy: %d layer(s) or pair(s) created on this "
+                          "context are still alive: destroy (or abort) them first", ctx->objects);
+    if (ctx->broken) return scmoe_context_abort(ctx);
     if (ctx->world) ctx->world->ops->destroy(ctx->world);
     if (ctx->backend_release) ctx->backend_release(ctx->backend);
     free(ctx);
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_context_abort(scmoe_context *ctx) {
+    if (!ctx) return SCMOE_OK;
+    if (ctx->objects > 0)
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_abort: %d layer(s) or pair(s) created on this "
+                          "context are still alive: abort them first", ctx->objects);
+    if (ctx->world) ctx->world->ops->abandon(ctx->world);
+    if (ctx->backend_release) ctx->backend_release(ctx->backend);
+    free(ctx);
+    return SCMOE_OK;
 }
 
 int scmoe_context_rank(const scmoe_context *ctx) { return ctx ? ctx->world->rank : -1; }
@@ -397,44 +419,47 @@ static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
     return h;
 }
 
-/* Every rank calls this with its own config and its local validation status, so a rank with a bad
- * config still takes part and nobody hangs: all ranks return an error if any config differs. */
-scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *c, scmoe_status local) {
+static uint64_t config_hash(const scmoe_config *c) {
     uint64_t h = 1469598103934665603ull;
-    if (c) {
+    if (!c) return h;
 #define H(f) h = hash_bytes(h, &c->f, sizeof c->f)
-        H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); H(capacity_factor); H(eval_capacity_factor);
-        H(priority); H(renormalize); H(aux_loss_weight); H(z_loss_weight); H(aux_scope); H(gate_noise_std); H(seed);
-        H(activation); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal); H(n_layers);
-        H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync); H(wire_bf16);
-        H(pipeline_chunks);
+    /* floats by value: -0.0 and 0.0 are the same setting (both a dropless capacity factor) */
+#define HF(f) do { float v_ = c->f == 0.0f ? 0.0f : c->f; h = hash_bytes(h, &v_, sizeof v_); } while (0)
+    H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); HF(capacity_factor); HF(eval_capacity_factor);
+    H(priority); H(renormalize); HF(aux_loss_weight); HF(z_loss_weight); H(aux_scope); HF(gate_noise_std); H(seed);
+    H(activation); H(check_finite); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal);
+    H(n_layers); H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync);
+    H(wire_bf16); H(pipeline_chunks);
+#undef HF
 #undef H
-    }
-    int64_t mine = (int64_t)(h >> 2);
-    int64_t v[3] = {mine, -mine, local}; /* max and -min agree iff all hashes are equal */
-    comm *w = ctx->world;
-    scmoe_status s = w->ops->allreduce_i64_max(w, v, 3);
-    if (s) return scmoe_fail(ctx, s, "config agreement failed: %s", w->err);
-    if (local) return local;
-    if (v[0] != mine || -v[1] != mine)
-        return scmoe_fail(ctx, SCMOE_ERR_CONFIG_MISMATCH,
-                          "ranks were given different configs (rank %d's hash %016llx differs from another's)",
-                          w->rank, (unsigned long long)h);
-    if (v[2]) return scmoe_fail(ctx, (scmoe_status)v[2], "another rank's config is invalid: %s",
-                                scmoe_strerror((scmoe_status)v[2]));
-    return SCMOE_OK;
+    return h;
 }
 
-scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg) {
+/* The first call agreement of an object: every rank calls this with its own config and its local
+ * validation status, so a rank with a bad config still takes part and nobody hangs: all ranks return an
+ * error if any config differs. */
+scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls) {
     char msg[256];
     scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
     if (s) scmoe_fail(ctx, s, "%s", msg);
-    return config_agree(ctx, cfg, s);
+    calls->id = ctx->creates++;
+    calls->seq = 0;
+    calls->hash = config_hash(cfg);
+    return scmoe__call_agree(ctx, calls, SCMOE__CALL_CREATE, 0, s);
 }
 
 exec context_exec(const scmoe_context *ctx, int poll_cols) {
     exec ex = {ctx->blas, NULL, NULL, ctx->compute->device ? 0 : poll_cols, ctx->compute};
     return ex;
+}
+
+/* A status another rank sent: anything outside the statuses means the ranks are out of step (a token
+ * count or a routing record read as a status), which is a communication failure. */
+static scmoe_status agreed_status(scmoe_context *ctx, int64_t v, const char *what) {
+    if (v > 0 && v < SCMOE_STATUS_COUNT)
+        return scmoe_fail(ctx, (scmoe_status)v, "another rank failed%s: %s", what, scmoe_strerror((scmoe_status)v));
+    return scmoe_fail(ctx, SCMOE_ERR_COMM, "the ranks are out of step: the status agreement%s received %lld, which "
+                      "is not a status (another rank is in a different collective call)", what, (long long)v);
 }
 
 /* After a local step that may fail on some ranks only: every rank learns whether any failed. */
@@ -444,6 +469,64 @@ scmoe_status status_agree(scmoe_context *ctx, scmoe_status local) {
     scmoe_status s = w->ops->allreduce_i64_max(w, &v, 1);
     if (s) return scmoe_fail(ctx, s, "status agreement failed: %s", w->err);
     if (local) return local;
-    if (v) return scmoe_fail(ctx, (scmoe_status)v, "another rank failed: %s", scmoe_strerror((scmoe_status)v));
+    if (v) return agreed_status(ctx, v, "");
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe__ctx_usable(scmoe_context *ctx) {
+    if (!ctx->broken) return SCMOE_OK;
+    return scmoe_fail(ctx, SCMOE_ERR_STATE, "the context is unusable since an earlier failure, %s (%s): an exchange may "
+                      "still be pending and the ranks are out of step; save what you need, then abort "
+                      "(scmoe_pair_abort / scmoe_moe_abort, scmoe_context_abort) and restart",
+                      scmoe_strerror(ctx->broken), ctx->broken_err);
+}
+
+static const char *call_name(int64_t call) {
+    return call == SCMOE__CALL_CREATE ? "create" : call == SCMOE__CALL_FORWARD ? "forward"
+         : call == SCMOE__CALL_BACKWARD ? "backward" : "an unknown call";
+}
+
+/* One all-reduce (max) of [v, -v] for each field and the local status: the max of -v is -min(v), so a
+ * field agrees iff its max equals its min. The vector has the same length for every call, so ranks in different
+ * calls still meet in it and learn so, instead of matching mismatched collectives. */
+enum { AG_ID, AG_CALL, AG_SEQ, AG_MODE, AG_HASH, AG_FIELDS };
+scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call, int training, scmoe_status local) {
+    scmoe_status s = scmoe__ctx_usable(ctx);
+    if (s) return s;
+    int64_t mine[AG_FIELDS] = {calls->id, call, calls->seq, training != 0, (int64_t)(calls->hash >> 2)};
+    int64_t v[2 * AG_FIELDS + 1];
+    for (int i = 0; i < AG_FIELDS; i++) { v[2 * i] = mine[i]; v[2 * i + 1] = -mine[i]; }
+    v[2 * AG_FIELDS] = local;
+    comm *w = ctx->world;
+    s = w->ops->allreduce_i64_max(w, v, 2 * AG_FIELDS + 1);
+    if (s) return scmoe_fail(ctx, s, "the call agreement (%s) failed: %s", call_name(call), w->err);
+    /* every rank continues from the same sequence number, so one out-of-step call does not leave the
+     * object out of step for good */
+    calls->seq = v[2 * AG_SEQ] + 1;
+    int64_t max[AG_FIELDS], min[AG_FIELDS];
+    for (int i = 0; i < AG_FIELDS; i++) { max[i] = v[2 * i]; min[i] = -v[2 * i + 1]; }
+#define OTHER(f) (mine[f] == max[f] ? min[f] : max[f])
+    if (max[AG_ID] != min[AG_ID] || max[AG_CALL] != min[AG_CALL])
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s on object #%lld of "
+                          "the context, another rank called %s on object #%lld: every rank must make the same "
+                          "collective calls in the same order", w->rank, call_name(call), (long long)mine[AG_ID],
+                          call_name(OTHER(AG_CALL)), (long long)OTHER(AG_ID));
+    if (max[AG_SEQ] != min[AG_SEQ])
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s as call %lld on "
+                          "object #%lld, another rank as call %lld (a rank skipped or repeated a collective call)",
+                          w->rank, call_name(call), (long long)mine[AG_SEQ], (long long)mine[AG_ID],
+                          (long long)OTHER(AG_SEQ));
+    if (max[AG_MODE] != min[AG_MODE])
+        return scmoe_fail(ctx, SCMOE_ERR_STATE, "ranks are in different modes: this rank (%d) called %s in %s mode, "
+                          "another rank in %s mode (set_training must agree on every rank)", w->rank,
+                          call_name(call), training ? "training" : "inference", training ? "inference" : "training");
+#undef OTHER
+    if (local) return local;
+    if (max[AG_HASH] != min[AG_HASH])
+        return scmoe_fail(ctx, SCMOE_ERR_CONFIG_MISMATCH,
+                          "ranks were given different configs (rank %d's hash %016llx differs from another's)",
+                          w->rank, (unsigned long long)calls->hash);
+    if (v[2 * AG_FIELDS])
+        return agreed_status(ctx, v[2 * AG_FIELDS], call == SCMOE__CALL_CREATE ? " (its config is invalid)" : "");
     return SCMOE_OK;
 }

@@ -24,6 +24,17 @@
  * - With MPI (scmoe_mpi.h), calls marked COLLECTIVE must be made by every rank of the context's
  *   communicator, in the same order. A bad argument on one rank is agreed on first, so every rank
  *   returns the error instead of hanging. Calls not marked COLLECTIVE are local to the rank.
+ * - Every COLLECTIVE create, forward and backward starts with one small agreement in which each rank
+ *   says which object and call it is in, the call's sequence number on that object and the object's
+ *   mode (training or inference): a rank in another call, on another object or in another mode makes
+ *   every rank return ::SCMOE_ERR_STATE (the message names what the others called) instead of matching
+ *   mismatched exchanges.
+ * - After ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM the context is broken: an exchange may still be
+ *   pending (MPI cannot cancel it) and the ranks are out of step. Every later COLLECTIVE call on the
+ *   context or any object on it returns ::SCMOE_ERR_STATE at once without communicating; local calls
+ *   (parameters, gradients) still work, so the host can save what it needs, then free everything with
+ *   scmoe_pair_abort(), scmoe_moe_abort() and scmoe_context_abort() (or the `*_destroy` calls, which
+ *   act as the aborts on a broken context) and restart.
  *
  * @par Thread safety
  * The library does no locking. A context, and every object created on it, must be used by one thread
@@ -79,12 +90,17 @@ typedef enum scmoe_status {
     SCMOE_ERR_EP_SIZE,         /**< ep_size does not divide the ranks, or n_experts % ep_size != 0 */
     SCMOE_ERR_PROGRESS,        /**< unknown progress policy (a THREAD policy MPI cannot host falls back to POLL) */
     SCMOE_ERR_OPTION,          /**< another option out of range (message names it) */
-    SCMOE_ERR_STATE,           /**< a call out of order (backward without a training forward, ...) */
+    SCMOE_ERR_STATE,           /**< a call out of order (backward without a training forward, a second backward,
+                                    ranks in different calls or modes, a context broken by an earlier timeout or
+                                    communication failure, destroying a context with live objects) */
     SCMOE_ERR_NOT_FOUND,       /**< no parameter of that name on this rank */
     SCMOE_ERR_CONFIG_MISMATCH, /**< ranks were given different configs */
-    SCMOE_ERR_COMM,            /**< the communication backend failed (message has the MPI error) */
+    SCMOE_ERR_COMM,            /**< the communication backend failed (message has the MPI error), or the ranks
+                                    are out of step (a value that is not a status arrived in a status agreement);
+                                    the context is then broken (later collective calls: ::SCMOE_ERR_STATE) */
     SCMOE_ERR_TIMEOUT,         /**< an exchange did not complete within comm_timeout_s; MPI cannot cancel it, so
-                                    the context must not be used again: checkpoint and abort */
+                                    the context is broken: later collective calls return ::SCMOE_ERR_STATE at once.
+                                    Checkpoint, abort (scmoe_pair_abort() ... scmoe_context_abort()) and restart */
     SCMOE_ERR_IO,              /**< a file could not be read or written */
     SCMOE_ERR_UNSUPPORTED,     /**< a feature not compiled into this build, or missing on this machine (no CUDA device) */
     SCMOE_ERR_DEVICE,          /**< a device (CUDA) kernel, copy or allocation failed (message has the CUDA error) */
@@ -227,9 +243,19 @@ typedef struct scmoe_context scmoe_context;
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL (ctx NULL) or ::SCMOE_ERR_NOMEM. */
 scmoe_status scmoe_context_create(scmoe_context **ctx);
 /** COLLECTIVE for an MPI context: frees a context (MPI_Comm_free of its duplicated communicator).
- * Destroy every object created on it first, and, for MPI, call it before MPI_Finalize.
- * @param ctx the context; NULL is a no-op. */
-void scmoe_context_destroy(scmoe_context *ctx);
+ * Destroy every object created on it first, and, for MPI, call it before MPI_Finalize. On a context
+ * broken by ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM it is scmoe_context_abort().
+ * @param ctx the context; NULL is a no-op.
+ * @return ::SCMOE_OK, or ::SCMOE_ERR_STATE (nothing freed, the context stays usable) while a layer or
+ *         pair created on it is alive. */
+scmoe_status scmoe_context_destroy(scmoe_context *ctx);
+/** Local: frees a context without communicating or waiting on any other rank (like ncclCommAbort), for
+ * after ::SCMOE_ERR_TIMEOUT / ::SCMOE_ERR_COMM or when the host knows a peer is gone. Its MPI
+ * communicator is not freed (that would be collective) and is left to MPI_Finalize or the process's
+ * exit, as is the memory of any exchange still pending on it. Abort every object on it first.
+ * @param ctx the context; NULL is a no-op.
+ * @return ::SCMOE_OK, or ::SCMOE_ERR_STATE (nothing freed) while a layer or pair created on it is alive. */
+scmoe_status scmoe_context_abort(scmoe_context *ctx);
 /** This rank's index in the context.
  * @param ctx the context.
  * @return 0..size-1; 0 for a one-rank context; -1 when ctx is NULL. */
@@ -308,13 +334,22 @@ typedef struct scmoe_moe scmoe_moe;
  * @param cfg       the config (copied; the same on every rank).
  * @param[out] moe  receives the layer (NULL on failure); free it with scmoe_moe_destroy().
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
- *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. */
+ *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_STATE (ranks in different calls, or a broken context),
+ *         ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_moe **moe);
-/** COLLECTIVE over MPI: frees a layer (its communicators go with MPI_Comm_free).
+/** COLLECTIVE over MPI: frees a layer (its communicators go with MPI_Comm_free). On a broken context
+ * (after ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM) it is scmoe_moe_abort().
  * @param moe the layer; NULL is a no-op. */
 void scmoe_moe_destroy(scmoe_moe *moe);
+/** Local: frees a layer without communicating or waiting on any other rank (like ncclCommAbort). Its MPI
+ * communicators are left to MPI_Finalize; if an exchange of it is still pending (a timeout), the
+ * buffers MPI may still write into are left allocated too (reclaimed at the process's exit), the rest
+ * is freed.
+ * @param moe the layer; NULL is a no-op. */
+void scmoe_moe_abort(scmoe_moe *moe);
 /** Training (1: noise, train capacity, caches for backward) or inference (0). The default is
- * training. Local, but every rank must be in the same mode for the next forward.
+ * training. Local, but every rank must be in the same mode for the next forward (checked: its call
+ * agreement fails every rank with ::SCMOE_ERR_STATE otherwise).
  * @param moe       the layer.
  * @param training  1 or 0 (any nonzero is 1).
  * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
@@ -328,9 +363,11 @@ scmoe_status scmoe_moe_set_training(scmoe_moe *moe, int training);
  * @param[out] y    [n_tokens, d_model] output, overwritten.
  * @param[out] stats (may be NULL) routing statistics and the forward timings.
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_N_TOKENS, ::SCMOE_ERR_NONFINITE (check_finite),
- *         ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
+ *         ::SCMOE_ERR_STATE (ranks in different calls or modes, or a broken context), ::SCMOE_ERR_COMM or
+ *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_moe_forward(scmoe_moe *moe, int n_tokens, const float *x, float *y, scmoe_stats *stats);
-/** COLLECTIVE: backward of the last training forward.
+/** COLLECTIVE: backward of the last training forward (once: a second backward of the same forward
+ * returns ::SCMOE_ERR_STATE).
  *
  * From dy = dL/dy: dx = dL/dx (overwritten), gradients accumulated (+=), including the aux and z
  * losses with their config weights. Expert gradients sum over every token routed to the expert;
@@ -339,7 +376,7 @@ scmoe_status scmoe_moe_forward(scmoe_moe *moe, int n_tokens, const float *x, flo
  * @param dy        [n_tokens, d_model] gradient of the loss w.r.t. y (n_tokens of the forward).
  * @param[out] dx   [n_tokens, d_model] gradient w.r.t. x, overwritten.
  * @param[out] stats (may be NULL) the backward timings (and the forward's routing statistics).
- * @return ::SCMOE_OK, ::SCMOE_ERR_STATE (no training forward before), ::SCMOE_ERR_NULL,
+ * @return ::SCMOE_OK, ::SCMOE_ERR_STATE (no training forward since the last backward), ::SCMOE_ERR_NULL,
  *         ::SCMOE_ERR_NONFINITE (check_finite), ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_moe_backward(scmoe_moe *moe, const float *dy, float *dx, scmoe_stats *stats);
 /** Sets every gradient of the layer to 0 (local).
@@ -380,14 +417,19 @@ typedef struct scmoe_pair scmoe_pair;
  * @param cfg        the config (copied; the same on every rank); top_k is set from cfg->arch.
  * @param[out] pair  receives the pair (NULL on failure); free it with scmoe_pair_destroy().
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
- *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or
- *         ::SCMOE_ERR_COMM. */
+ *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_STATE (ranks in different calls, or a broken context),
+ *         ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **pair);
-/** COLLECTIVE over MPI: frees a pair and closes its trace (its communicators go with MPI_Comm_free).
+/** COLLECTIVE over MPI: frees a pair and closes its trace (its communicators go with MPI_Comm_free). On
+ * a broken context (after ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM) it is scmoe_pair_abort().
  * @param pair the pair; NULL is a no-op. */
 void scmoe_pair_destroy(scmoe_pair *pair);
+/** Local: frees a pair without communicating or waiting on any other rank (like ncclCommAbort); as
+ * scmoe_moe_abort(), an exchange or gradient all-reduce still pending keeps the buffers it may write.
+ * @param pair the pair; NULL is a no-op. */
+void scmoe_pair_abort(scmoe_pair *pair);
 /** Training (1, the default) or inference (0); see scmoe_moe_set_training(). Local, but every rank
- * must be in the same mode for the next forward.
+ * must be in the same mode for the next forward (checked, as there).
  * @param pair      the pair.
  * @param training  1 or 0 (any nonzero is 1).
  * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
@@ -402,11 +444,13 @@ scmoe_status scmoe_pair_set_training(scmoe_pair *pair, int training);
  * @param[out] y     [batch, seq_len, d_model] output, overwritten.
  * @param[out] stats (may be NULL) routing statistics, timings and the expert slot used.
  * @return ::SCMOE_OK, ::SCMOE_ERR_SEQ_LEN, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a gradient all-reduce
- *         pending: call scmoe_pair_grad_sync()), ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
+ *         pending: call scmoe_pair_grad_sync(); ranks in different calls or modes; a broken context),
+ *         ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
  *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
 scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const float *x, float *y,
                                 scmoe_stats *stats);
-/** COLLECTIVE: backward of the last training forward.
+/** COLLECTIVE: backward of the last training forward (once: a second backward of the same forward
+ * returns ::SCMOE_ERR_STATE).
  *
  * dx overwritten; gradients accumulated. dy on each rank is taken as dL/dy of one global loss: expert
  * gradients sum over every token routed to the expert, replicated (dense) gradients are summed over
@@ -424,7 +468,8 @@ scmoe_status scmoe_pair_backward(scmoe_pair *pair, const float *dy, float *dx, s
  * returns at once when nothing is pending.
  * @param pair       the pair.
  * @param[out] stats (may be NULL) receives grad_sync_time and grad_sync_exposed.
- * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_COMM or ::SCMOE_ERR_TIMEOUT. */
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a broken context), ::SCMOE_ERR_COMM or
+ *         ::SCMOE_ERR_TIMEOUT. */
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *pair, scmoe_stats *stats);
 /** Sets every gradient of the pair to 0 (local).
  * @param pair the pair.

@@ -14,6 +14,9 @@ struct scmoe_context {
     void *backend;
     void (*backend_release)(void *backend);
     int objects;               /* layers and pairs created on it and not yet destroyed */
+    int64_t creates;           /* create calls made on it: the next object's id in the call agreement */
+    scmoe_status broken;       /* SCMOE_ERR_TIMEOUT or SCMOE_ERR_COMM once a communicator of it failed (0: fine) */
+    char broken_err[256];      /* the detail of that failure */
     int offload_experts;       /* a device's routed experts' weights kept on the host, this many cached (0: off) */
     int traces;                /* pairs that opened an SCMOE_TRACE file, to name the next one apart */
     char err[512];
@@ -22,7 +25,9 @@ struct scmoe_context {
 /* Wraps a communicator (serial or MPI) in a new context; the context owns it. */
 scmoe_status context_create_with(comm *world, scmoe_context **out);
 /* The start of every *_create: validates cfg (its message on ctx) and agrees on it with every rank. */
-scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg);
+/* It is the object's first call agreement: calls receives the object's id and config hash, seq 1. */
+typedef struct scmoe__calls scmoe__calls;
+scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls);
 /* What an object's kernels run with on ctx: its GEMM and compute tables, and poll_cols tiles on the host
  * (on a device a GEMM is only enqueued, so a poll between tiles would run at enqueue time and a tile
  * would only cost a launch: whole GEMMs). */
@@ -33,7 +38,8 @@ exec context_exec(const scmoe_context *ctx, int poll_cols);
  * to the caller ends with it. */
 scmoe_status context_device_check(scmoe_context *ctx);
 
-/* Records the detail of a failure on ctx and returns status. */
+/* Records the detail of a failure on ctx and returns status. A SCMOE_ERR_TIMEOUT or SCMOE_ERR_COMM also
+ * breaks the context (see call_agree): a collective may still be pending, and MPI cannot cancel it. */
 scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 double scmoe_now(void);
@@ -175,6 +181,10 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
 /* Sizes and allocates the workspace (after params_allocate, which fixes the parameter pointers). */
 scmoe_status moe_alloc(moe_layer *m);
 void moe_free(moe_layer *m);
+/* requests pending on the layer's groups; moe_abandon: frees it without communicating (an abort), keeping
+ * the workspace when an exchange may still write into it */
+int moe_pending(const moe_layer *m);
+void moe_abandon(moe_layer *m, int keep_workspace);
 void moe_bind_comms(moe_layer *m);
 
 /* forward: gate_encode (small blocking collectives) -> dispatch_start -> experts_forward -> combine_wait
@@ -208,7 +218,22 @@ void moe_fill_stats(const moe_layer *m, scmoe_stats *st);
 /* collectives used at create */
 /* ep and ep_back: the same expert-parallel group twice (dispatches and combines, see moe_layer) */
 scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas);
-scmoe_status config_agree(scmoe_context *ctx, const scmoe_config *cfg, scmoe_status local);
 scmoe_status status_agree(scmoe_context *ctx, scmoe_status local);
+
+/* ---- the per-call agreement: every COLLECTIVE call on an object starts with it ---- */
+enum { SCMOE__CALL_CREATE = 1, SCMOE__CALL_FORWARD, SCMOE__CALL_BACKWARD };
+/* An object's place in its call sequence, agreed on by every rank at the start of each call */
+struct scmoe__calls {
+    int64_t id;      /* the object's creation index on its context */
+    int64_t seq;     /* collective calls made on it so far */
+    uint64_t hash;   /* its config's hash, agreed at create */
+};
+/* Refuses at once, without communicating, when ctx is broken (SCMOE_ERR_STATE naming the failure);
+ * otherwise one all-reduce over the context in which every rank says which object, which call, its
+ * sequence number, the mode (training 1 / inference 0) and its local status. Every rank returns
+ * SCMOE_ERR_STATE if they differ (naming what the others called), the worst local status otherwise. */
+scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call, int training, scmoe_status local);
+/* SCMOE_ERR_STATE with the reason when ctx is broken, SCMOE_OK otherwise (no communication) */
+scmoe_status scmoe__ctx_usable(scmoe_context *ctx);
 
 #endif

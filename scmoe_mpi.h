@@ -25,14 +25,30 @@ extern "C" {
  * untouched and may be freed by the host after this call; scmoe_context_destroy() frees the duplicate,
  * so destroy every context before MPI_Finalize.
  *
- * The library never calls MPI_Init or MPI_Finalize. If MPI is not initialised (or already finalised)
- * this returns ::SCMOE_ERR_STATE and sets *ctx to NULL. The MPI thread level granted to the host is
+ * @par MPI_COMM_WORLD's error handler (the host's decision)
+ * OpenMPI (4.1 and later) reports an error inside a nonblocking collective (the library's exchanges
+ * and agreements all are) to MPI_COMM_WORLD's error handler, whatever communicator it ran on: with the
+ * default MPI_ERRORS_ARE_FATAL a truncated or failed exchange aborts the whole job, so the promise above
+ * could not hold. The library does not change a process-wide setting behind the host's back: this
+ * call refuses with ::SCMOE_ERR_STATE while MPI_COMM_WORLD's handler is MPI_ERRORS_ARE_FATAL (or
+ * MPI_ERRORS_ABORT). The host consents by setting it after MPI_Init, before this call:
+ * @code
+ * MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+ * @endcode
+ * Its own MPI calls on MPI_COMM_WORLD then return error codes too; a host that relies on aborting can
+ * run them on a duplicate with MPI_ERRORS_ARE_FATAL set (examples/train_lm.c does). Any other handler
+ * the host installed (one that returns) is accepted as it is.
+ *
+ * The library never calls MPI_Init or MPI_Finalize. If MPI is not initialised (or already finalised),
+ * or MPI_COMM_WORLD's error handler would abort the job, this returns ::SCMOE_ERR_STATE and sets *ctx to
+ * NULL. The MPI thread level granted to the host is
  * recorded: the THREAD progress policy needs MPI_THREAD_MULTIPLE and falls back to POLL without it.
  *
  * @param host_comm  the host's communicator (not MPI_COMM_NULL); the context's rank and size are the
  *                   calling process's rank and size in it.
  * @param[out] ctx   receives the new context; free it with scmoe_context_destroy() (COLLECTIVE).
- * @return ::SCMOE_OK, ::SCMOE_ERR_NULL (ctx NULL or host_comm MPI_COMM_NULL), ::SCMOE_ERR_STATE,
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL (ctx NULL or host_comm MPI_COMM_NULL), ::SCMOE_ERR_STATE (MPI not
+ *         initialised, or MPI_COMM_WORLD's handler is fatal: see above),
  *         ::SCMOE_ERR_NOMEM or ::SCMOE_ERR_COMM. On failure *ctx is NULL; since there is then no context
  *         to hold the detail, the status alone says what went wrong. */
 scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx);

@@ -300,6 +300,24 @@ static void write_record(writer *w, const ckpt_entry *e, const float *data) {
     wr_u32(w, crc, NULL);
 }
 
+/* The temporary file is always a new file: whatever sits at DIR/ckpt.tmp (a stale file from a killed
+ * save, or a symlink planted to make the job overwrite another file) is unlinked first, which removes a
+ * link and never its target, and O_EXCL | O_NOFOLLOW make the open fail if anything appears there
+ * again before it, so the job never writes through a link and never renames one over ckpt.bin. */
+static FILE *create_tmp(const char *tmp) {
+    if (unlink(tmp) != 0 && errno != ENOENT) return NULL;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+    if (fd < 0) return NULL;
+    FILE *f = fdopen(fd, "wb");
+    if (!f) {
+        int e = errno;
+        close(fd);
+        unlink(tmp);
+        errno = e;
+    }
+    return f;
+}
+
 ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, const ckpt_list *l, char *err,
                       size_t err_len) {
     int rank;
@@ -322,7 +340,7 @@ ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, c
     if (!s && rank == 0) {
         if (mkdir(dir, 0777) != 0 && errno != EEXIST)
             s = fail(err, err_len, CKPT_ERR_OPEN, "cannot create directory %s: %s", dir, strerror(errno));
-        else if (!(w.f = fopen(tmp, "wb")))
+        else if (!(w.f = create_tmp(tmp)))
             s = fail(err, err_len, CKPT_ERR_OPEN, "cannot create %s: %s", tmp, strerror(errno));
     }
     s = ckpt_agree(comm, s, err, err_len);

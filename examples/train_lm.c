@@ -68,6 +68,8 @@
 #define MIN_LR_FRAC 0.1f
 
 static int g_rank, g_size;
+/* train_lm's own collectives: MPI_COMM_WORLD duplicated, with MPI_ERRORS_ARE_FATAL (their codes go unchecked) */
+static MPI_Comm g_comm;
 
 /* ---- command line ---- */
 
@@ -563,7 +565,7 @@ static double global_grad_norm(run *r, double *t_comm) {
         else if (in_first_group) expert += s;
     }
     double t0 = MPI_Wtime();
-    MPI_Allreduce(&expert, &expert_all, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&expert, &expert_all, 1, MPI_DOUBLE, MPI_SUM, g_comm);
     *t_comm += MPI_Wtime() - t0;
     return sqrt(dense + expert_all);
 }
@@ -605,9 +607,9 @@ static void train_step(run *r, step_info *si) {
     model_backward(m, B);
     /* our own parameters' gradients: summed over ranks like the library's dense ones */
     double t1 = MPI_Wtime();
-    if (g_size > 1) MPI_Allreduce(MPI_IN_PLACE, m->own_grad, (int)m->n_own, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    if (g_size > 1) MPI_Allreduce(MPI_IN_PLACE, m->own_grad, (int)m->n_own, MPI_FLOAT, MPI_SUM, g_comm);
     double ce_sum = 0.0;
-    MPI_Allreduce(&ce_local, &ce_sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&ce_local, &ce_sum, 1, MPI_DOUBLE, MPI_SUM, g_comm);
     t_comm += MPI_Wtime() - t1;
 
     double gnorm = global_grad_norm(r, &t_comm);
@@ -653,7 +655,7 @@ static double evaluate(run *r) {
     }
     free(start);
     for (int i = 0; i < m->n_pairs; i++) SC(scmoe_pair_set_training(m->pairs[i], 1));
-    MPI_Allreduce(&sum, &all, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&sum, &all, 1, MPI_DOUBLE, MPI_SUM, g_comm);
     return all / ((double)total * T);
 }
 
@@ -705,7 +707,7 @@ static void save(run *r) {
     fill_header(r, &h);
     build_list(&r->m, &l);
     double t0 = MPI_Wtime();
-    ckpt_status s = ckpt_save(MPI_COMM_WORLD, O.save, &h, &l, err, sizeof err);
+    ckpt_status s = ckpt_save(g_comm, O.save, &h, &l, err, sizeof err);
     ckpt_list_free(&l);
     if (s) die(3, "%s", err);
     if (g_rank == 0 && !O.quiet) printf("saved %s/%s at step %d (%.2f s)\n", O.save, CKPT_FILE, r->step, MPI_Wtime() - t0);
@@ -725,24 +727,26 @@ static void resume(run *r) {
                  "here %llu bytes, crc %08x): pass the same --data", (unsigned long long)h.state.data_bytes,
                  h.state.data_crc, (unsigned long long)r->data_bytes, r->data_crc);
     }
-    s = ckpt_agree(MPI_COMM_WORLD, s, err, sizeof err);
+    s = ckpt_agree(g_comm, s, err, sizeof err);
     if (s) die(3, "%s", err);
     ckpt_list l = {0};
     build_list(&r->m, &l);
-    s = ckpt_load(MPI_COMM_WORLD, path, &l, err, sizeof err);
+    s = ckpt_load(g_comm, path, &l, err, sizeof err);
     ckpt_list_free(&l);
     if (s) die(3, "%s", err);
     r->step = (int)h.state.step;
     r->rng = h.state.rng;
     r->tokens_seen = h.state.tokens_seen;
+    const ckpt_train *a = &h.train, *b = &want.train;
+    /* even with --quiet: another rank count with the same --batch silently changes the optimisation */
+    if (g_rank == 0 && (long long)a->ranks * a->batch != (long long)b->ranks * b->batch)
+        printf("note: global batch %d = %d ranks x --batch %d (the checkpoint's run used %d = %d x %d)\n", b->ranks * b->batch,
+               b->ranks, b->batch, a->ranks * a->batch, a->ranks, a->batch);
     if (g_rank == 0 && !O.quiet) {
-        const ckpt_train *a = &h.train, *b = &want.train;
         printf("resumed %s at step %d\n", path, r->step);
         if (a->lr != b->lr) printf("note: --lr %g (the checkpoint's run used %g)\n", b->lr, a->lr);
         if (a->steps != b->steps) printf("note: --steps %d (the checkpoint's run used %d)\n", b->steps, a->steps);
         if (a->warmup != b->warmup) printf("note: --warmup %d (the checkpoint's run used %d)\n", b->warmup, a->warmup);
-        if ((long long)a->ranks * a->batch != (long long)b->ranks * b->batch)
-            printf("note: global batch %d (the checkpoint's run used %d)\n", b->ranks * b->batch, a->ranks * a->batch);
         if (a->seed != b->seed) printf("note: --seed %llu (the checkpoint's run used %llu)\n",
                                        (unsigned long long)b->seed, (unsigned long long)a->seed);
     }
@@ -761,6 +765,12 @@ int main(int argc, char **argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+    /* train_lm consents to MPI_ERRORS_RETURN on MPI_COMM_WORLD (scmoe_mpi.h): OpenMPI reports a failed
+     * exchange of the library there, and only then does it come back as a status (a message and a clean
+     * exit instead of an abort from inside MPI) */
+    MPI_Comm_dup(MPI_COMM_WORLD, &g_comm);
+    MPI_Comm_set_errhandler(g_comm, MPI_ERRORS_ARE_FATAL);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     parse_args(argc, argv);
 
     run r;
@@ -785,7 +795,7 @@ int main(int argc, char **argv) {
     FILE *log = NULL;
     int log_ok = 1; /* rank 0 writes the log; if it cannot, every rank must stop */
     if (O.log && g_rank == 0) log_ok = (log = fopen(O.log, "w")) != NULL;
-    MPI_Bcast(&log_ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    MPI_Bcast(&log_ok, 1, MPI_INT, 0, g_comm);
     if (!log_ok) die(2, "--log %s: cannot create the file", O.log);
 
     char label[32];
@@ -861,7 +871,9 @@ int main(int argc, char **argv) {
         if (tot.a2a_comm > 0) snprintf(ov, sizeof ov, "%.1f%%", 100.0 * (1.0 - tot.a2a_exposed / tot.a2a_comm));
         if (tot_steps) snprintf(ex, sizeof ex, "%.2fms(%.1f%%)", 1e3 * tot.exposed / tot_steps, 100.0 * tot.exposed / tot.time);
         printf("\n%-12s %6s %11s %9s %9s %8s %16s\n", "arch", "steps", "train_loss", "val_loss", "tokens/s", "overlap", "exposed_comm");
-        printf("%-12s %6d %11.4f %9.4f %9.0f %8s %16s\n", label, r.step, final_loss, val, tps, ov, ex);
+        char tl[16] = "-"; /* no step ran (resumed at the last step): there is no training loss */
+        if (tot_steps) snprintf(tl, sizeof tl, "%.4f", final_loss);
+        printf("%-12s %6d %11s %9.4f %9.0f %8s %16s\n", label, r.step, tl, val, tps, ov, ex);
         fflush(stdout);
     }
     if (log) fclose(log);

@@ -15,8 +15,9 @@
  *   4. one training forward + backward with tiny B, T (inputs from the fuzz bytes, finite or not):
  *      NONFINITE exactly when check_finite and the input holds NaN/Inf; with moderate settings the
  *      outputs, dX and losses are finite and the routing statistics add up (kept + dropped = S*k,
- *      capacity as the formula says); then bad calls (too many tokens, seq_len > max_seq_len, NULL
- *      input, backward after an inference forward) return their statuses and the object still works.
+ *      capacity as the formula says), and a second backward of the same forward is SCMOE_ERR_STATE;
+ *      then bad calls (too many tokens, seq_len > max_seq_len, NULL input, backward after an inference
+ *      forward) return their statuses and the object still works.
  * Any violation calls __builtin_trap(). */
 #include "../scmoe_internal.h"
 #include "fuzz_input.h"
@@ -240,6 +241,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         REQUIRE(s == SCMOE_OK);
         if (use_pair && c.overlap_grad_sync) REQUIRE(scmoe_pair_grad_sync(p, NULL) == SCMOE_OK);
         if (fin) REQUIRE(finite_all(dx, (size_t)n * c.d_model));
+        /* one backward per forward: a second would add every gradient again (issue 18) */
+        s = use_pair ? scmoe_pair_backward(p, dy, dx, NULL) : scmoe_moe_backward(m, dy, dx, NULL);
+        REQUIRE(s == SCMOE_ERR_STATE);
     }
     /* bad calls: each fails with its status, and the object still works after */
     if (use_pair) {

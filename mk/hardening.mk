@@ -7,7 +7,8 @@
 #                                 fuzz/regressions/<name>/ and fails the target
 #   make fuzz-build               only build them
 #   make check-fuzz-regressions   replay fuzz/regressions/*/ and fuzz/corpus/*/ through the harnesses (~10 s)
-#   make check-faults             tests/faults/run.sh: SIGKILLed rank, an error on one rank, link down (~2-3 min)
+#   make check-faults             tests/faults/run.sh: SIGKILLed rank, an error on one rank, ranks out of step
+#                                 or broken by a timeout, link down (~2-3 min)
 #   make check-soak               tests/test_soak.sh: 2,000 steps with RSS sampling, valgrind, TSan (~6-10 min: opt-in)
 #   make check-determinism        tests/test_determinism.sh: bitwise loss curves, runs x threads x ranks (~1-2 min)
 #
@@ -110,7 +111,7 @@ check-fuzz-regressions: fuzz-deps $(FUZZ_BINS)
 
 check-faults: deps
 	$(MAKE) all examples
-	$(MAKE) $(B)/faults/fault_rank_error $(B)/faults/linkdown_pair
+	$(MAKE) $(B)/faults/fault_rank_error $(B)/faults/fault_out_of_step $(B)/faults/linkdown_pair
 	BUILD=$(B) SCMOE_KNOWN_BUGS=$(KNOWN_BUGS) tests/faults/run.sh
 
 check-soak: deps

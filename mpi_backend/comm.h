@@ -32,6 +32,11 @@ typedef struct comm_ops {
     scmoe_status (*test)(comm *c, int req, int *done);
     scmoe_status (*wait)(comm *c, int req);
     void (*progress)(comm *c);
+    /* requests started and not yet completed by test or wait (a timed-out one stays pending) */
+    int (*pending)(comm *c);
+    /* frees c without communicating (abort): no MPI_Comm_free, and what a pending request may still use
+     * (its argument copies, the backend's own buffers) is left allocated */
+    void (*abandon)(comm *c);
 } comm_ops;
 
 struct comm {

@@ -15,7 +15,9 @@
  *
  * Errors: the communicator is a private duplicate with MPI_ERRORS_RETURN, so every MPI failure comes
  * back as a return code, turned here into SCMOE_ERR_COMM with MPI_Error_string's text in c->err. The
- * library never aborts and never prints.
+ * library never aborts and never prints. OpenMPI sends an error inside a nonblocking collective to
+ * MPI_COMM_WORLD's handler instead, so a context is only created once the host has made that handler
+ * return (world_errors_return, scmoe_mpi.h).
  *
  * Progress: OpenMPI's nonblocking collectives (libnbc) advance only inside MPI calls. With POLL the
  * core calls comm_progress/comm_test between compute tiles. With THREAD (and MPI_THREAD_MULTIPLE) a
@@ -41,6 +43,8 @@
  * MPI call cost, yielding keeps an oversubscribed node (more ranks than cores) from starving a peer */
 #define WAIT_SPINS_BEFORE_YIELD 1000
 #define PROGRESS_SLEEP_NS 200000L
+/* the longest int64 max-reduction that runs in the comm's own buffer (the call agreement is 11) */
+#define SMALL_I64 16
 
 enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
 enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL };
@@ -70,6 +74,9 @@ typedef struct mpi_impl {
     MPI_Datatype types[TYPE_CACHE];
     pthread_t th;
     int th_running, th_stop;
+    /* the agreements' in-place buffer: a timed-out agreement stays pending and MPI may write its result
+     * later, into memory the comm owns (kept by abandon) rather than into a caller's dead stack frame */
+    int64_t i64[SMALL_I64];
 } mpi_impl;
 
 static double now_s(void) {
@@ -365,9 +372,15 @@ static scmoe_status mpi_allreduce_f64(comm *c, double *buf, int n) {
 }
 
 static scmoe_status mpi_allreduce_i64_max(comm *c, int64_t *buf, int n) {
+    mpi_impl *m = c->impl;
+    int own = n <= SMALL_I64;
+    int64_t *b = own ? m->i64 : buf;
+    if (own) memcpy(b, buf, sizeof(int64_t) * n);
     MPI_Request r = MPI_REQUEST_NULL;
-    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_INT64_T, MPI_MAX, ((mpi_impl *)c->impl)->mc, &r);
-    return finish_small(c, rc, r, n * (int)sizeof(int64_t), "MPI_Iallreduce (int64, max)");
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, b, n, MPI_INT64_T, MPI_MAX, m->mc, &r);
+    scmoe_status s = finish_small(c, rc, r, n * (int)sizeof(int64_t), "MPI_Iallreduce (int64, max)");
+    if (!s && own) memcpy(buf, b, sizeof(int64_t) * n);
+    return s;
 }
 
 /* ---- nonblocking collectives ---- */
@@ -415,17 +428,49 @@ static scmoe_status mpi_allreduce_start(comm *c, float *buf, int n, int *req) {
 
 static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out);
 
+static void stop_helper(mpi_impl *m) {
+    if (!m->th_running) return;
+    pthread_mutex_lock(&m->mu);
+    m->th_stop = 1;
+    pthread_cond_signal(&m->cv);
+    pthread_mutex_unlock(&m->mu);
+    pthread_join(m->th, NULL);
+    m->th_running = 0;
+}
+
+static int mpi_pending(comm *c) {
+    mpi_impl *m = c->impl;
+    int n = 0;
+    pthread_mutex_lock(&m->mu);
+    for (int i = 0; i < COMM_MAX_REQ; i++) n += m->slots[i].state == SLOT_ACTIVE;
+    pthread_mutex_unlock(&m->mu);
+    return n;
+}
+
+/* No MPI_Comm_free (collective: the peers may be gone) and, while a request is pending, nothing MPI may
+ * still read or write (the argument copies, the agreement buffer, the datatypes): all of it stays
+ * allocated until the process exits. */
+static void mpi_abandon(comm *c) {
+    if (!c) return;
+    mpi_impl *m = c->impl;
+    if (m) {
+        stop_helper(m);
+        if (mpi_pending(c) == 0) {
+            for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
+            pthread_cond_destroy(&m->cv);
+            pthread_mutex_destroy(&m->mu);
+            free(m->args);
+            free(m);
+        }
+    }
+    free(c);
+}
+
 static void mpi_destroy(comm *c) {
     if (!c) return;
     mpi_impl *m = c->impl;
     if (m) {
-        if (m->th_running) {
-            pthread_mutex_lock(&m->mu);
-            m->th_stop = 1;
-            pthread_cond_signal(&m->cv);
-            pthread_mutex_unlock(&m->mu);
-            pthread_join(m->th, NULL);
-        }
+        stop_helper(m);
         /* Requests still pending (a timed-out exchange never finished) cannot be freed: MPI forbids
          * MPI_Request_free on a collective. They are left to MPI_Finalize. */
         for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
@@ -459,7 +504,7 @@ static scmoe_status mpi_split(comm *c, int color, int key, comm **out) {
 
 static const comm_ops mpi_ops = {
     mpi_split, mpi_destroy, mpi_allgather, mpi_allgatherv, mpi_allreduce_f64, mpi_allreduce_i64_max,
-    mpi_alltoallv_start, mpi_allreduce_start, mpi_test, mpi_wait, mpi_progress,
+    mpi_alltoallv_start, mpi_allreduce_start, mpi_test, mpi_wait, mpi_progress, mpi_pending, mpi_abandon,
 };
 
 /* Takes ownership of mc (a communicator this library created) on success only. */
@@ -505,6 +550,21 @@ static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out) {
     return SCMOE_OK;
 }
 
+/* OpenMPI (4.1 at least) reports an error inside a nonblocking collective, whatever its communicator,
+ * to MPI_COMM_WORLD's error handler: with the default MPI_ERRORS_ARE_FATAL a truncated exchange aborts
+ * the job before our MPI_Test can return the code. So the promise "errors come back as SCMOE_ERR_COMM"
+ * holds only when WORLD's handler returns; changing it is the host's decision (scmoe_mpi.h). */
+static int world_errors_return(void) {
+    MPI_Errhandler eh = MPI_ERRHANDLER_NULL;
+    if (MPI_Comm_get_errhandler(MPI_COMM_WORLD, &eh) != MPI_SUCCESS) return 0;
+    int fatal = eh == MPI_ERRORS_ARE_FATAL;
+#ifdef MPI_ERRORS_ABORT
+    fatal |= eh == MPI_ERRORS_ABORT;
+#endif
+    if (eh != MPI_ERRHANDLER_NULL) MPI_Errhandler_free(&eh);
+    return !fatal;
+}
+
 scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
     if (!ctx) return SCMOE_ERR_NULL;
     *ctx = NULL;
@@ -513,6 +573,7 @@ scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
     MPI_Finalized(&finalized);
     if (!inited || finalized) return SCMOE_ERR_STATE;
     if (host_comm == MPI_COMM_NULL) return SCMOE_ERR_NULL;
+    if (!world_errors_return()) return SCMOE_ERR_STATE;
     int level = MPI_THREAD_SINGLE;
     if (MPI_Query_thread(&level) != MPI_SUCCESS) level = MPI_THREAD_SINGLE;
     MPI_Comm mc;

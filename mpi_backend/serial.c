@@ -48,10 +48,13 @@ static scmoe_status serial_test(comm *c, int req, int *done) { (void)c; (void)re
 static scmoe_status serial_wait(comm *c, int req) { (void)c; (void)req; return SCMOE_OK; }
 static void serial_progress(comm *c) { (void)c; }
 
+/* every request completes in its *_start: nothing is ever pending, so abandoning is destroying */
+static int serial_pending(comm *c) { return 0; }
+
 static const comm_ops serial_ops = {
     serial_split, serial_destroy, serial_allgather, serial_allgatherv, serial_allreduce_f64,
     serial_allreduce_i64_max, serial_alltoallv_start, serial_allreduce_start, serial_test, serial_wait,
-    serial_progress,
+    serial_progress, serial_pending, serial_destroy,
 };
 
 scmoe_status comm_serial_create(comm **out) {

@@ -133,6 +133,7 @@ static ckpt_status load_variant(const char *dir, const unsigned char *good, long
 int main(int argc, char **argv) {
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN); /* MPI errors come back as statuses (scmoe_mpi.h) */
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     const int E = 4;
@@ -321,6 +322,37 @@ int main(int argc, char **argv) {
     fill(&lw, 0);
     if (!s) s = ckpt_load(MPI_COMM_WORLD, p1, &lw, err, sizeof err);
     check(s == CKPT_OK && holds(&lw, 3), "the next save replaces it");
+
+    /* ---- a symlink planted at DIR/ckpt.tmp (issue 18): the save must not write through it ---- */
+    {
+        char tmp[4096], victim[4096];
+        snprintf(tmp, sizeof tmp, "%s/ckpt.tmp", d1);
+        snprintf(victim, sizeof victim, "%s/victim", root);
+        static const char canary[] = "not a checkpoint: must survive";
+        if (rank == 0) {
+            FILE *f = fopen(victim, "wb");
+            if (f) { fwrite(canary, 1, sizeof canary, f); fclose(f); }
+            if (symlink(victim, tmp) != 0) perror("symlink");
+        }
+        MPI_Barrier(MPI_COMM_WORLD);
+        fill(&lw, 4);
+        s = ckpt_save(MPI_COMM_WORLD, d1, &h2, &lw, err, sizeof err);
+        int ok = 1;
+        if (rank == 0) {
+            long n = 0;
+            unsigned char *v = read_all(victim, &n);
+            struct stat st;
+            ok = v && n == (long)sizeof canary && memcmp(v, canary, sizeof canary) == 0 && lstat(p1, &st) == 0 &&
+                 S_ISREG(st.st_mode) && lstat(tmp, &st) != 0;
+            free(v);
+            unlink(victim);
+        }
+        fill(&lw, 0);
+        ckpt_status sl = s ? s : ckpt_load(MPI_COMM_WORLD, p1, &lw, err, sizeof err);
+        check(s == CKPT_OK && sl == CKPT_OK && holds(&lw, 4) && ok,
+              "a symlink planted at DIR/ckpt.tmp: the save succeeds, the link's target is untouched, ckpt.bin is a "
+              "regular file and loads (%s)", s || sl ? err : "ok");
+    }
 
     /* ---- clean up ---- */
     free(good);

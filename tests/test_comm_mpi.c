@@ -106,8 +106,14 @@ int main(int argc, char **argv) {
     if (r == 0) printf("# %d ranks, MPI thread level provided %d (MULTIPLE = %d)\n", P, provided, MPI_THREAD_MULTIPLE);
 
     scmoe_context *ctx = NULL;
+    /* OpenMPI reports a failed nonblocking collective to MPI_COMM_WORLD's handler: with the default
+     * (fatal) one the promise "MPI errors come back as statuses" cannot hold, so create refuses */
     scmoe_status s = scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx);
-    check("create_mpi on MPI_COMM_WORLD", s == SCMOE_OK && ctx && scmoe_context_rank(ctx) == r &&
+    check("create_mpi refuses while MPI_COMM_WORLD's error handler is MPI_ERRORS_ARE_FATAL (SCMOE_ERR_STATE)",
+          s == SCMOE_ERR_STATE && !ctx);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    s = scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx);
+    check("create_mpi on MPI_COMM_WORLD (handler MPI_ERRORS_RETURN)", s == SCMOE_OK && ctx && scmoe_context_rank(ctx) == r &&
                                               scmoe_context_size(ctx) == P);
     if (!ctx) {
         MPI_Finalize();
@@ -347,6 +353,42 @@ int main(int argc, char **argv) {
         }
         scmoe_context_destroy(sc);
         check("create_mpi on a split sub-communicator", ok);
+    }
+
+    /* a truncated exchange (issue 18): rank 0 sends every peer 8 floats where the peers expect 4. OpenMPI
+     * reports it to MPI_COMM_WORLD's handler, MPI_ERRORS_RETURN since above: every rank gets a status
+     * (the receivers SCMOE_ERR_COMM naming the truncation) and nobody aborts. The context is then
+     * abandoned with scmoe_context_abort (no collective on a communicator in an unknown state). */
+    if (P >= 2) {
+        scmoe_context *tc = NULL;
+        s = scmoe_context_create_mpi(MPI_COMM_WORLD, &tc);
+        int ok = s == SCMOE_OK, req = -1;
+        scmoe_status st = SCMOE_ERR_NULL;
+        char msg[256] = "";
+        if (ok) {
+            comm *w = tc->world;
+            float *snd = calloc(8 * (size_t)P, sizeof(float)), *rcv = calloc(8 * (size_t)P, sizeof(float));
+            int *sc = calloc(4 * (size_t)P, sizeof(int)), *sd = sc + P, *rc = sc + 2 * P, *rd = sc + 3 * P;
+            for (int i = 0; i < P; i++) {
+                sc[i] = r == 0 ? 8 : 4;
+                rc[i] = 4; /* the receivers expect 4 from everybody, rank 0 included */
+                sd[i] = rd[i] = 8 * i;
+            }
+            w->timeout_s = 2;
+            st = w->ops->alltoallv_start(w, snd, sc, sd, rcv, rc, rd, (int)sizeof(float), &req);
+            if (!st) st = comm_wait(w, req);
+            snprintf(msg, sizeof msg, "%s", w->err);
+            free(snd); free(rcv); free(sc);
+        }
+        /* rank 0 truncates its own block too, which ends its schedule: it may never send to the others,
+         * who then time out. Each rank must come back (no abort) with a status; one sees the truncation */
+        int mine = st == SCMOE_ERR_COMM && strstr(msg, "TRUNCATE") != NULL, seen = 0;
+        MPI_Allreduce(&mine, &seen, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+        if (r == 0) printf("# truncation: rank %d got %s: %.120s\n", r, scmoe_strerror(st), msg);
+        check("a truncated all-to-all (rank 0 sends 8 floats, the others expect 4): every rank returns "
+              "SCMOE_ERR_COMM (MPI_ERR_TRUNCATE, seen by some rank), SCMOE_ERR_TIMEOUT or OK, and no rank aborts",
+              ok && seen && (st == SCMOE_ERR_COMM || st == SCMOE_ERR_TIMEOUT || st == SCMOE_OK));
+        check("scmoe_context_abort after it", scmoe_context_abort(tc) == SCMOE_OK);
     }
 
     scmoe_context_destroy(ctx);

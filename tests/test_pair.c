@@ -245,6 +245,48 @@ static void bad_input(void) {
     scmoe_context_destroy(ctx);
 }
 
+/* issue 18 on one rank: one backward per forward, a context outlives its objects, the aborts */
+static void lifecycle(void) {
+    scmoe_context *ctx;
+    scmoe_context_create(&ctx);
+    scmoe_config c = tiny(SCMOE_ARCH_SCMOE, 2, SCMOE_GELU, 1.0f);
+    scmoe_pair *p = NULL;
+    CHECK(scmoe_pair_create(ctx, &c, &p) == SCMOE_OK, "lifecycle: create");
+    if (!p) { scmoe_context_destroy(ctx); return; }
+    enum { n = 2 * 8 * 16 };
+    float x[n], y[n], dy[n], dx[n];
+    fill(x, n, 1.0f);
+    fill(dy, n, 1.0f);
+    scmoe_tensor t;
+    scmoe_pair_param(p, "l0.attn.wqkv", &t);
+    scmoe_status s = scmoe_pair_forward(p, 2, 8, x, y, NULL);
+    if (!s) s = scmoe_pair_backward(p, dy, dx, NULL);
+    float g = t.grad[5];
+    scmoe_status s2 = scmoe_pair_backward(p, dy, dx, NULL);
+    CHECK(!s && s2 == SCMOE_ERR_STATE && t.grad[5] == g && g != 0.0f,
+          "a second backward of one forward: SCMOE_ERR_STATE, gradients not doubled (%s)", scmoe_strerror(s2));
+    CHECK(scmoe_context_destroy(ctx) == SCMOE_ERR_STATE, "context_destroy with a live pair: SCMOE_ERR_STATE (%s)",
+          scmoe_last_error(ctx));
+    CHECK(scmoe_pair_forward(p, 2, 8, x, y, NULL) == SCMOE_OK, "the pair still runs after the refused destroy");
+    scmoe_pair_abort(p);
+    CHECK(scmoe_context_abort(ctx) == SCMOE_OK, "scmoe_pair_abort then scmoe_context_abort");
+    scmoe_moe *m = NULL;
+    scmoe_context_create(&ctx);
+    c.top_k = 1;
+    CHECK(scmoe_moe_create(ctx, &c, &m) == SCMOE_OK, "lifecycle: create a layer");
+    if (m) {
+        s = scmoe_moe_forward(m, 16, x, y, NULL);
+        if (!s) s = scmoe_moe_backward(m, dy, dx, NULL);
+        scmoe_moe_param(m, "gate.weight", &t);
+        g = t.grad[3];
+        s2 = scmoe_moe_backward(m, dy, dx, NULL);
+        CHECK(!s && s2 == SCMOE_ERR_STATE && t.grad[3] == g && g != 0.0f,
+              "layer: a second backward of one forward: SCMOE_ERR_STATE, gradients not doubled (%s)", scmoe_strerror(s2));
+        scmoe_moe_abort(m);
+    }
+    CHECK(scmoe_context_destroy(ctx) == SCMOE_OK, "a context without objects is destroyed");
+}
+
 int main(int argc, char **argv) {
     /* --blas-thread-probe: exit 0 iff OpenBLAS's sgemm gives the same bits with 1 and 2 threads here
      * (tests/test_determinism.sh asks before it compares thread counts) */
@@ -262,5 +304,6 @@ int main(int argc, char **argv) {
     for (int pos = 1; pos <= 3; pos++) overlap_equals_serial(SCMOE_ARCH_SCMOE, pos);
     thread_independence();
     bad_input();
+    lifecycle();
     return check_summary();
 }

@@ -184,6 +184,12 @@ out=$($MPIRUN -np 2 $TRAIN $TINY --steps 20 --batch 4 --resume "$TMP/ck2" 2>&1 |
 [ "$before" = "$(md5sum < "$TMP/ck2/ckpt.bin")" ] && [ ! -e "$TMP/ck2/ckpt.tmp" ] && [ $rc = 0 ]
 ok $? "the previous checkpoint is untouched (same bytes, no ckpt.tmp) and still resumes"
 
+# ---- resumed at its last step, on another rank count (issue 18): no "nan", and a note on the batch ----
+out=$($MPIRUN -np 1 $TRAIN $TINY --steps 10 --batch 4 --resume "$TMP/ck2" 2>&1); rc=$?
+tl=$(echo "$out" | awk '/^arch /{getline; print $3}')
+[ $rc = 0 ] && [ "$tl" = "-" ] && echo "$out" | grep -q "note: global batch 4 = 1 ranks x --batch 4 (the checkpoint's run used 8 = 2 x 4)"
+ok $? "resumed at its last step (0 steps run) on 1 rank with --batch 4: train_loss \"$tl\" (not nan), and a note that the global batch went 8 -> 4"
+
 # ---- generate ----
 g1=$($MPIRUN -np 1 $GEN --ckpt "$TMP/ck2" --prompt "static " --tokens 60 --temperature 0 2>&1); rc1=$?
 g2=$($MPIRUN -np 2 $GEN --ckpt "$TMP/ck2" --prompt "static " --tokens 60 --temperature 0 2>&1); rc2=$?

@@ -2,10 +2,12 @@
 # tests/faults/run.sh: the fault-injection suite (make check-faults). Each part prints ok / not ok lines
 # and its own "N passed, N failed"; this adds them up and ends with the total line.
 #   fault_rank_error  bad input on one rank only, every collective call, 2 and 3 ranks  (~5 s)
+#   fault_out_of_step ranks in different calls, objects or modes; a second backward; destroy order; a
+#                     context broken by a timeout, then aborted (issue 18), 2 ranks       (~10 s)
 #   kill_rank.sh      a rank SIGKILLed mid-step during train_lm, 2 and 3 ranks; resume   (~30 s)
 #   linkdown.sh       two emulated hosts, the link taken down mid-run, comm_timeout_s 3  (~80 s; SKIP without root)
 # Env: BUILD (build), SCMOE_KNOWN_BUGS (reported library bugs whose failures are TAP TODOs), FAULTS
-# (a subset: "rank_error kill linkdown").
+# (a subset: "rank_error out_of_step kill linkdown").
 set -u
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build}
@@ -34,6 +36,7 @@ want() { [ -z "${FAULTS:-}" ] || [[ " $FAULTS " == *" $1 "* ]]; }
 for n in 2 3; do
     want rank_error && run "bad input on one rank, $n ranks" 300 $MPIRUN -np $n $BUILD/faults/fault_rank_error
 done
+want out_of_step && run "ranks out of step, mode mismatch, broken context, 2 ranks" 120 $MPIRUN -np 2 $BUILD/faults/fault_out_of_step
 want kill && run "a rank SIGKILLed mid-step (train_lm), then resume" 400 tests/faults/kill_rank.sh
 want linkdown && run "link down between two hosts (network namespaces)" 400 tests/faults/linkdown.sh
 echo "$pass passed, $fail failed"
