@@ -64,7 +64,9 @@ deps:
 
 tests: $(TEST_BINS)
 
+# The PyTorch oracles need python3-torch: tried here (apt only), and they SKIP, loudly, without it.
 check: deps
+	@tools/install_deps.sh --optional python3-torch python3-numpy
 	$(MAKE) tests examples bench
 	tests/run.sh
 
