@@ -55,6 +55,7 @@ fi
 [ -x ${BUILD:-build}/tests/test_cuda ] && want cuda && run "CUDA backend (device checks skip without a GPU)" 600 ${BUILD:-build}/tests/test_cuda
 want deps && run "tools/install_deps.sh (nothing installed)" 60 tests/test_deps.sh
 want plot && run "tools/plot_trace on a synthetic trace" 120 tests/test_plot_trace.sh
+want minimal && run "minimal examples: pkg-config + rpath, static, drop-in" 900 env BUILD=${BUILD:-build} tests/test_minimal.sh
 want install && run "make install + pkg-config" 600 tests/test_install.sh
 want amalgamation && run "single-file drop-in == library" 900 tests/test_amalgamation.sh
 # a suite that could not run (the PyTorch oracles without torch) is said loudly, before the total

@@ -131,7 +131,7 @@ $MPIRUN -np 2 $TRAIN $TINY --steps 30 --batch 4 --wire-bf16 1 --log "$TMP/w.json
 # ---- resume continues bit for bit ----
 for ov in 0 1; do
     A="$TINY --steps 20 --batch 4 --overlap $ov"
-    rm -rf "$TMP/ck"
+    rm -rf "$TMP/ck" "$TMP/b.jsonl" # a resumed run appends to its log
     $MPIRUN -np 2 $TRAIN $A --log "$TMP/full.jsonl" > /dev/null 2>&1
     $MPIRUN -np 2 $TRAIN $A --stop-at 10 --save "$TMP/ck" --log "$TMP/a.jsonl" > /dev/null 2>&1
     $MPIRUN -np 2 $TRAIN $A --resume "$TMP/ck" --log "$TMP/b.jsonl" > "$TMP/b.out" 2>&1
