@@ -30,9 +30,10 @@
  *
  * Data: the bytes of --data FILE, or by default this repository's own sources and docs, read at run
  * time from the list in DEFAULT_TEXT (paths relative to the working directory: run from the
- * repository root). First 90% train, last 10% validation. Each step draws the start of every sequence
- * of the global batch from one seeded RNG (the same draws on every rank; rank r uses sequences
- * r*B .. r*B+B-1), so one rank with batch 2B sees exactly the data of two ranks with batch B.
+ * repository root). First 90% train, last 10% validation (with --val-data FILE all of it trains and
+ * FILE validates). Each step draws the start of every sequence of the global batch from one seeded
+ * RNG (the same draws on every rank; rank r uses sequences r*B .. r*B+B-1), so one rank with batch 2B
+ * sees exactly the data of two ranks with batch B.
  *
  * Gradient accumulation (--grad-accum M): one optimizer step runs M micro-batches of B sequences per
  * rank and sums their gradients; S then counts the tokens of all M, so dlogits = (softmax - onehot) / S
@@ -42,17 +43,20 @@
  *
  * Checkpoints (checkpoint.h): parameters, AdamW moments, step, RNG, data position and the pairs'
  * gate-noise state; a resumed run continues the loss curve bit for bit. --keep N also keeps
- * DIR/ckpt-STEP.bin of the last N saves (hard links to the files written, no copies). The overlapped schedule computes the same numbers as the serialized one, so
- * --overlap 1 runs resume bit for bit too. --wire-bf16 is a wire format, not part of the model: it is
- * not recorded, and a checkpoint resumes with either setting (bit for bit when it is the same).
+ * DIR/ckpt-STEP.bin of the last N saves (hard links to the files written, no copies). The overlapped
+ * schedule computes the same numbers as the serialized one, so --overlap 1 runs resume bit for bit
+ * too. --wire-bf16 is a wire format, not part of the model: it is not recorded, and a checkpoint
+ * resumes with either setting (bit for bit when it is the same).
  *
- * Output (rank 0): a progress line every --print-every steps with the loss (CE + aux_w * aux), the
- * latest validation CE, tokens/s, the step time split into compute and exposed communication (time
- * spent waiting on the MoE all-to-alls and gradient all-reduces, from the library's stats, plus our own
+ * Output (rank 0): a progress line every --print-every steps with the step out of the total, the loss
+ * (CE + aux_w * aux), the aux loss (summed over the pairs, averaged over the micro-batches), the latest
+ * validation CE, tokens/s, the step time split into compute and exposed communication (time spent
+ * waiting on the MoE all-to-alls and gradient all-reduces, from the library's stats, plus our own
  * blocking all-reduces), overlap (the share of all-to-all time hidden behind compute: 1 - exposed /
- * in flight) and the share of (token, expert) assignments dropped by capacity; --log FILE.jsonl gets
- * the same per step (appended to on --resume); a summary table ends the run. At start every rank's CPU
- * mask is printed, with a warning where a rank has fewer CPUs than OpenMP threads (a bad binding).
+ * in flight), the share of (token, expert) assignments dropped by capacity, the learning rate, the
+ * wall time since this run started and the time left at its pace (ETA); --log FILE.jsonl gets the
+ * same per step (appended to on --resume); a summary table ends the run. At start every rank's CPUs
+ * are printed, with a warning where a rank has fewer CPUs than OpenMP threads (a bad binding).
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "../scmoe.h"
@@ -832,7 +836,22 @@ static void print_binding(void) {
     cpu_set_t set;
     CPU_ZERO(&set);
     me.threads = omp_get_max_threads();
-    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    /* With OMP_PROC_BIND the runtime has already pinned this (initial) thread to the first place, so
+     * its own mask shows one core: the rank's CPUs are then the union of OpenMP's places, which the
+     * runtime took from the process's mask at start. Without places, the thread's mask is the rank's. */
+    int places = omp_get_num_places(), got = 1;
+    if (places > 0) {
+        for (int p = 0; p < places; p++) {
+            int ids[CPU_SETSIZE], n = omp_get_place_num_procs(p);
+            if (n > CPU_SETSIZE) n = 0;
+            omp_get_place_proc_ids(p, ids);
+            for (int i = 0; i < n; i++)
+                if (ids[i] >= 0 && ids[i] < CPU_SETSIZE) CPU_SET(ids[i], &set);
+        }
+    } else {
+        got = sched_getaffinity(0, sizeof set, &set) == 0;
+    }
+    if (got) {
         me.cpus = CPU_COUNT(&set);
         cpu_list(&set, me.list, sizeof me.list);
     } else {

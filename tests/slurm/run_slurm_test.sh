@@ -138,7 +138,7 @@ binding() {
     masks=$(grep -o 'mask 0x[0-9a-f]* set' "$job_out" 2>/dev/null | sort -u | cut -d' ' -f2)
     bits=$(for m in $masks; do v=$((m)) c=0; while [ $v -gt 0 ]; do c=$((c + (v & 1))); v=$((v >> 1)); done; echo $c; done | sort -u | tr '\n' ' ')
     [ "$(echo "$masks" | grep -c .)" = "$nt" ] && [ "$bits" = "$cpt " ]
-    ok $? "srun bound each of the $nt task(s) to $cpt CPU(s) of its own: masks $(echo $masks) ($bits CPUs each)"
+    ok $? "srun bound each of the $nt task(s) to $cpt CPU(s) of its own: masks $(echo $masks) (${bits% } CPUs each)"
     local seen
     seen=$(grep -cE "^rank [0-9]+ on .*: CPUs [-0-9,]+ \($cpt\) for $cpt OpenMP threads$" "$job_out" 2>/dev/null)
     [ "$seen" = "$nt" ] && ! grep -q '^warning: rank' "$job_out"
