@@ -183,6 +183,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     scmoe_pair *p = NULL;
     scmoe_moe *m = NULL;
     scmoe_status s = use_pair ? scmoe_pair_create(ctx, &c, &p) : scmoe_moe_create(ctx, &c, &m);
+    if (use_pair && c.top_k != k && c.top_k != 1) { /* the pair's k is its arch's: top_k may not say otherwise */
+        REQUIRE(s == SCMOE_ERR_TOP_K && p == NULL);
+        return 0;
+    }
     if (c.ep_size > 1) {
         REQUIRE(s == SCMOE_ERR_EP_SIZE);
         return 0;
