@@ -16,7 +16,7 @@ BLAS_LIB := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas)
 LDLIBS  += $(BLAS_LIB) -fopenmp -lm -lpthread
 
 B ?= build
-CORE_SRC := scmoe.c layer.c moe.c pair.c schedule.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
+CORE_SRC := scmoe.c layer.c moe.c pair.c controls.c schedule.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
             kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
             mpi_backend/serial.c
 BLAS_SRC := blas_backend/openblas.c
@@ -30,7 +30,7 @@ else
 endif
 LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
 
-TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe test_oracle_pair
+TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe test_oracle_pair test_controls
 TESTS_MPI    := test_comm_mpi test_ep
 TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
 
@@ -64,7 +64,9 @@ deps:
 
 tests: $(TEST_BINS)
 
+# The PyTorch oracles need python3-torch: tried here (apt only), and they SKIP, loudly, without it.
 check: deps
+	@tools/install_deps.sh --optional python3-torch python3-numpy
 	$(MAKE) tests examples bench
 	tests/run.sh
 

@@ -191,3 +191,30 @@ scmoe_status scmoe_moe_param_at(const scmoe_moe *o, int i, scmoe_tensor *t) {
 scmoe_status scmoe_moe_param(const scmoe_moe *o, const char *name, scmoe_tensor *t) {
     return o ? params_named(o->ctx, &o->pt, name, t) : SCMOE_ERR_NULL;
 }
+
+scmoe_status scmoe_moe_set_loss_weights(scmoe_moe *o, float aux, float z) {
+    return o ? scmoe__moe_set_loss_weights(&o->m, aux, z) : SCMOE_ERR_NULL;
+}
+
+scmoe_status scmoe_moe_set_name_prefix(scmoe_moe *o, const char *prefix) {
+    return o && prefix ? scmoe__params_set_prefix(o->ctx, &o->pt, prefix) : SCMOE_ERR_NULL;
+}
+
+scmoe_status scmoe_moe_expert_range(const scmoe_moe *o, int *first, int *count) {
+    if (!o || !first || !count) return SCMOE_ERR_NULL;
+    *first = o->m.first_expert;
+    *count = o->m.E_local;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_noise_state(const scmoe_moe *o, uint64_t *state) {
+    if (!o || !state) return SCMOE_ERR_NULL;
+    *state = o->m.step;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_set_noise_state(scmoe_moe *o, uint64_t state) {
+    if (!o) return SCMOE_ERR_NULL;
+    o->m.step = state;
+    return SCMOE_OK;
+}

@@ -620,7 +620,9 @@ void moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
     st->z_loss = m->z_loss;
     st->tokens = m->plan.tokens;
     st->dropped = m->plan.dropped;
-    st->capacity = m->plan.capacity == INT64_MAX ? 0 : m->plan.capacity;
+    /* the C the capacity factor asks for, even when it exceeds S*k (then nothing drops): only -1 means dropless */
+    st->capacity = scmoe__route_slots(m->S_global, m->E, m->k,
+                                      m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
     st->expert_tokens = m->plan.expert_kept;
     st->experts_fetched = m->fetched;
 }

@@ -344,6 +344,12 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     scmoe__calls calls;
     scmoe_status s = config_check(ctx, cfg, &calls);
     if (s) return s;
+    /* the arch fixes k: a top_k that says otherwise is refused rather than overwritten (1, the default,
+     * stands for "not set"). The config is the same on every rank, so every rank refuses it. */
+    int k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
+    if (cfg->top_k != k && cfg->top_k != 1)
+        return scmoe_fail(ctx, SCMOE_ERR_TOP_K, "top_k = %d contradicts arch %d, which routes to k = %d (top_k must "
+                          "be %d or the default 1)", cfg->top_k, (int)cfg->arch, k, k);
     scmoe_pair *p = calloc(1, sizeof *p);
     if (!p) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
@@ -351,8 +357,8 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->calls = calls;
         ctx->objects++;
         p->cfg = *cfg;
-        p->k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
-        p->cfg.top_k = p->k;
+        p->k = k;
+        p->cfg.top_k = k;
         p->has_se = cfg->arch == SCMOE_ARCH_SHARED || cfg->arch == SCMOE_ARCH_SCMOE;
         p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
         p->training = 1;
@@ -524,4 +530,34 @@ scmoe_status scmoe_pair_param_at(const scmoe_pair *p, int i, scmoe_tensor *t) {
 
 scmoe_status scmoe_pair_param(const scmoe_pair *p, const char *name, scmoe_tensor *t) {
     return p ? params_named(p->ctx, &p->pt, name, t) : SCMOE_ERR_NULL;
+}
+
+scmoe_status scmoe_pair_set_loss_weights(scmoe_pair *p, float aux, float z) {
+    if (!p) return SCMOE_ERR_NULL;
+    scmoe_status s = scmoe__moe_set_loss_weights(&p->moe, aux, z);
+    if (!s) p->cfg.aux_loss_weight = aux, p->cfg.z_loss_weight = z;
+    return s;
+}
+
+scmoe_status scmoe_pair_set_name_prefix(scmoe_pair *p, const char *prefix) {
+    return p && prefix ? scmoe__params_set_prefix(p->ctx, &p->pt, prefix) : SCMOE_ERR_NULL;
+}
+
+scmoe_status scmoe_pair_expert_range(const scmoe_pair *p, int *first, int *count) {
+    if (!p || !first || !count) return SCMOE_ERR_NULL;
+    *first = p->moe.first_expert;
+    *count = p->moe.E_local;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_noise_state(const scmoe_pair *p, uint64_t *state) {
+    if (!p || !state) return SCMOE_ERR_NULL;
+    *state = p->moe.step;
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_pair_set_noise_state(scmoe_pair *p, uint64_t state) {
+    if (!p) return SCMOE_ERR_NULL;
+    p->moe.step = state;
+    return SCMOE_OK;
 }

@@ -169,7 +169,8 @@ typedef struct scmoe_config {
     int d_model;            /**< model width d (default 64) */
     int d_hidden;           /**< hidden width of each expert, the shared expert and the dense MLP (256) */
     int n_experts;          /**< E, global number of routed experts (8) */
-    int top_k;              /**< k experts per token for the layer; the pair sets it from arch (1) */
+    int top_k;              /**< k experts per token for the layer (1). A pair takes k from arch (2 for TOP2,
+                                 else 1): its top_k must be that k or the default 1, else ::SCMOE_ERR_TOP_K */
     int max_tokens;         /**< most tokens (rows) one rank passes to one forward (1024); sizes the workspace */
     /* gate and routing */
     float capacity_factor;  /**< CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens; <= 0: dropless (2.0) */
@@ -299,7 +300,8 @@ typedef struct scmoe_stats {
     float z_loss;            /**< router z-loss (unweighted) */
     int64_t tokens;          /**< tokens routed in the global batch */
     int64_t dropped;         /**< (token, choice) assignments dropped by capacity, global */
-    int64_t capacity;        /**< slots per expert (0 = dropless) */
+    int64_t capacity;        /**< slots per expert C = k*floor(CF*ceil(S/E)) of the last forward's capacity factor;
+                                  -1 when dropless (CF <= 0). C >= S*k also drops nothing */
     const int64_t *expert_tokens; /**< [n_experts] global assignments kept per expert (owned by the object,
                                        valid until its next forward or its destroy) */
     /* timing of the last forward (fwd_) and backward (bwd_), seconds, in the struct's original order */
@@ -414,11 +416,12 @@ typedef struct scmoe_pair scmoe_pair;
  * "l1.experts.e.w1", ... (scmoe_pair_param_at() lists them). When the environment variable
  * SCMOE_TRACE is set, tracing starts as with scmoe_pair_trace().
  * @param ctx        the context (kept by the pair: destroy the pair first).
- * @param cfg        the config (copied; the same on every rank); top_k is set from cfg->arch.
+ * @param cfg        the config (copied; the same on every rank); k comes from cfg->arch (top_k may
+ *                   only repeat it or keep the default 1).
  * @param[out] pair  receives the pair (NULL on failure); free it with scmoe_pair_destroy().
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, the status of the first bad config field (on every rank),
- *         ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_STATE (ranks in different calls, or a broken context),
- *         ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or ::SCMOE_ERR_COMM. */
+ *         ::SCMOE_ERR_TOP_K (top_k contradicts arch), ::SCMOE_ERR_CONFIG_MISMATCH, ::SCMOE_ERR_STATE (ranks in
+ *         different calls, or a broken context), ::SCMOE_ERR_NOMEM, ::SCMOE_ERR_IO (trace file) or ::SCMOE_ERR_COMM. */
 scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe_pair **pair);
 /** COLLECTIVE over MPI: frees a pair and closes its trace (its communicators go with MPI_Comm_free). On
  * a broken context (after ::SCMOE_ERR_TIMEOUT or ::SCMOE_ERR_COMM) it is scmoe_pair_abort().
@@ -503,6 +506,84 @@ scmoe_status scmoe_pair_param_at(const scmoe_pair *pair, int i, scmoe_tensor *t)
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_NOT_FOUND (no such tensor on this rank: an
  *         expert held by other ranks). */
 scmoe_status scmoe_pair_param(const scmoe_pair *pair, const char *name, scmoe_tensor *t);
+
+/* ---- driving a layer or a pair from a host's own training loop ---- */
+
+/** Changes the weights of the load-balance (aux) and router z losses (local; set the same on every rank).
+ *
+ * The weights scale the aux and z gradients that backward adds; a forward fixes them for its own
+ * backward, so a change applies from the next forward (a schedule sets them before each step).
+ * Gradient accumulation over M micro-batches: every backward adds its micro-batch's aux and z gradient,
+ * so when the host averages its loss over the micro-batches (dy scaled by 1/M), set the weights to w/M
+ * to weigh the auxiliary losses the same as in one step over the whole batch.
+ * @param moe              the layer.
+ * @param aux_loss_weight  the new scmoe_config::aux_loss_weight, finite and >= 0.
+ * @param z_loss_weight    the new scmoe_config::z_loss_weight, finite and >= 0.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_LOSS_WEIGHT (nothing changed). */
+scmoe_status scmoe_moe_set_loss_weights(scmoe_moe *moe, float aux_loss_weight, float z_loss_weight);
+/** The pair's MoE block's aux and z loss weights; see scmoe_moe_set_loss_weights().
+ * @param pair             the pair.
+ * @param aux_loss_weight  finite and >= 0.
+ * @param z_loss_weight    finite and >= 0.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_LOSS_WEIGHT (nothing changed). */
+scmoe_status scmoe_pair_set_loss_weights(scmoe_pair *pair, float aux_loss_weight, float z_loss_weight);
+
+/** Puts prefix in front of every parameter name of the layer (local), e.g. "layers.3.mlp." turns
+ * "gate.weight" into "layers.3.mlp.gate.weight", so several layers share one name space.
+ *
+ * A later call replaces the prefix ("" removes it). Only the names change, not the values (the
+ * initialisation was keyed on the names without prefix). scmoe_moe_param() then takes the new names.
+ * @param moe     the layer.
+ * @param prefix  the prefix; with it every name must stay under 64 bytes.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_OPTION (too long: nothing changed). */
+scmoe_status scmoe_moe_set_name_prefix(scmoe_moe *moe, const char *prefix);
+/** Puts prefix in front of every parameter name of the pair ("blocks.2." turns "l0.attn.wqkv" into
+ * "blocks.2.l0.attn.wqkv"); see scmoe_moe_set_name_prefix().
+ * @param pair    the pair.
+ * @param prefix  the prefix; with it every name must stay under 64 bytes.
+ * @return ::SCMOE_OK, ::SCMOE_ERR_NULL or ::SCMOE_ERR_OPTION (too long: nothing changed). */
+scmoe_status scmoe_pair_set_name_prefix(scmoe_pair *pair, const char *prefix);
+
+/** The routed experts this rank holds: first .. first+count-1 (global indices; local).
+ *
+ * Experts are spread in contiguous blocks over the expert-parallel group (scmoe_config::ep_size):
+ * rank r of the group holds n_experts/ep_size of them from r*n_experts/ep_size on.
+ * @param moe         the layer.
+ * @param[out] first  the first expert held here.
+ * @param[out] count  how many (n_experts / ep_size).
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_moe_expert_range(const scmoe_moe *moe, int *first, int *count);
+/** The routed experts of the pair's MoE block this rank holds; see scmoe_moe_expert_range().
+ * @param pair        the pair.
+ * @param[out] first  the first expert held here.
+ * @param[out] count  how many.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_pair_expert_range(const scmoe_pair *pair, int *first, int *count);
+
+/** The gate-noise generator's state (local): the count of training forwards so far.
+ *
+ * The noise of a training forward is a function of (seed, this state, token); saving it with the
+ * parameters and restoring it with scmoe_moe_set_noise_state() makes a resumed run draw the same noise
+ * as an uninterrupted one (scmoe_config::gate_noise_std > 0). Every rank holds the same value.
+ * @param moe         the layer.
+ * @param[out] state  receives the state.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_moe_noise_state(const scmoe_moe *moe, uint64_t *state);
+/** Restores the gate-noise state read by scmoe_moe_noise_state() (local; the same on every rank).
+ * @param moe    the layer.
+ * @param state  the saved state.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_moe_set_noise_state(scmoe_moe *moe, uint64_t state);
+/** The pair's gate-noise state; see scmoe_moe_noise_state().
+ * @param pair        the pair.
+ * @param[out] state  receives the state.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_pair_noise_state(const scmoe_pair *pair, uint64_t *state);
+/** Restores the pair's gate-noise state; see scmoe_moe_set_noise_state().
+ * @param pair   the pair.
+ * @param state  the saved state.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_pair_set_noise_state(scmoe_pair *pair, uint64_t state);
 
 #ifdef __cplusplus
 }

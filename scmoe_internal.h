@@ -80,6 +80,7 @@ typedef struct param_table {
     const compute_ops *co; /* where data and grad live (device memory), and stage (co->exchange_kind) */
     float *data, *grad, *stage;
     float *data_host;      /* mapped: the data of host_data tensors */
+    int prefix_len;        /* bytes of the host's name prefix in front of every name (scmoe_*_set_name_prefix) */
 } param_table;
 
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
@@ -97,6 +98,9 @@ scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t);
 scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
 /* grad += stage for every staged tensor */
 void params_add_stage(param_table *pt);
+/* Replaces the name prefix of every tensor (controls.c); OPTION with a message on ctx if a name would
+ * not fit, and then nothing changes. */
+scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const char *prefix);
 
 /* ---- a nonblocking exchange in flight, timed ---- */
 typedef struct inflight {
@@ -214,6 +218,8 @@ double overlap_fraction(double comm, double exposed);
 void moe_poll(void *arg);
 
 void moe_fill_stats(const moe_layer *m, scmoe_stats *st);
+/* The aux and z loss weights from the next forward on (controls.c); LOSS_WEIGHT if not finite and >= 0. */
+scmoe_status scmoe__moe_set_loss_weights(moe_layer *m, float aux, float z);
 
 /* collectives used at create */
 /* ep and ep_back: the same expert-parallel group twice (dispatches and combines, see moe_layer) */

@@ -17,7 +17,9 @@
 
 static const char MAGIC[8] = {'S', 'C', 'M', 'O', 'E', 'C', 'K', 'P'};
 static const char END_MAGIC[8] = {'S', 'C', 'M', 'O', 'E', 'E', 'N', 'D'};
-enum { HEADER_BYTES = 8 + 4 + 4 + 11 * 4 + (6 * 4 + 5 * 4 + 8) + (4 * 8 + 4) + 4 + 8 + 4, TRAILER_BYTES = 16 };
+/* version 2 added the gate-noise state (u64) after data_crc; version 1 files still load */
+enum { HEADER_BYTES_V1 = 8 + 4 + 4 + 11 * 4 + (6 * 4 + 5 * 4 + 8) + (4 * 8 + 4) + 4 + 8 + 4,
+       HEADER_BYTES = HEADER_BYTES_V1 + 8, TRAILER_BYTES = 16 };
 
 const char *ckpt_strerror(ckpt_status s) {
     static const char *const names[CKPT_STATUS_COUNT] = {
@@ -197,6 +199,7 @@ static void header_encode(buf *b, const ckpt_header *h) {
     put_u64(b, s->tokens_seen);
     put_u64(b, s->data_bytes);
     put_u32(b, s->data_crc);
+    put_u64(b, s->noise_state);
     put_u32(b, h->n_records);
     put_u64(b, h->file_bytes);
     put_u32(b, ckpt_crc32(0, b->b, b->n));
@@ -224,6 +227,9 @@ static void header_decode(const unsigned char *p, ckpt_header *h) {
     s->step = get_u64(p); s->rng = get_u64(p + 8); s->tokens_seen = get_u64(p + 16); s->data_bytes = get_u64(p + 24);
     s->data_crc = get_u32(p + 32);
     p += 36;
+    /* version 1 had no noise state: its writer ran one training forward per step, so it was the step */
+    if (h->version >= 2) s->noise_state = get_u64(p), p += 8;
+    else s->noise_state = s->step;
     h->n_records = get_u32(p);
     h->file_bytes = get_u64(p + 4);
 }
@@ -455,14 +461,15 @@ static ckpt_status open_checked(reader *r, const char *path, ckpt_header *h, cha
     if (r->size < 16) return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %d", path, (unsigned long long)r->size, HEADER_BYTES);
     if ((s = rd(r, hb + 8, 8))) return s;
     uint32_t version = get_u32(hb + 8), hbytes = get_u32(hb + 12);
-    if (version != CKPT_VERSION)
-        return fail(err, err_len, CKPT_ERR_VERSION, "%s is format version %u; this build reads version %d", path, version, CKPT_VERSION);
-    if (hbytes != HEADER_BYTES)
-        return fail(err, err_len, CKPT_ERR_CORRUPT, "%s: header size field is %u, version %d headers have %d bytes", path, hbytes, CKPT_VERSION, HEADER_BYTES);
-    if (r->size < HEADER_BYTES)
-        return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %d", path, (unsigned long long)r->size, HEADER_BYTES);
-    if ((s = rd(r, hb + 16, HEADER_BYTES - 16))) return s;
-    if (ckpt_crc32(0, hb, HEADER_BYTES - 4) != get_u32(hb + HEADER_BYTES - 4))
+    if (version < 1 || version > CKPT_VERSION)
+        return fail(err, err_len, CKPT_ERR_VERSION, "%s is format version %u; this build reads versions 1 to %d", path, version, CKPT_VERSION);
+    uint32_t want = version == 1 ? HEADER_BYTES_V1 : HEADER_BYTES;
+    if (hbytes != want)
+        return fail(err, err_len, CKPT_ERR_CORRUPT, "%s: header size field is %u, version %u headers have %u bytes", path, hbytes, version, want);
+    if (r->size < want)
+        return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %u", path, (unsigned long long)r->size, want);
+    if ((s = rd(r, hb + 16, want - 16))) return s;
+    if (ckpt_crc32(0, hb, want - 4) != get_u32(hb + want - 4))
         return fail(err, err_len, CKPT_ERR_CORRUPT, "%s: header checksum mismatch", path);
     header_decode(hb, h);
     if (r->size < h->file_bytes)

@@ -3,11 +3,13 @@
  * One file, DIR/ckpt.bin. Every integer is little-endian, every float an IEEE-754 binary32:
  *
  *   header    "SCMOECKP"                         8-byte magic
- *             u32 version (CKPT_VERSION)         a reader refuses any other version
+ *             u32 version (CKPT_VERSION)         a reader takes 1..CKPT_VERSION, refuses others
  *             u32 header_bytes                   bytes from the magic to the end of the header crc
  *             model  11 x i32                    what shapes the parameters (must match to resume)
  *             train   6 x i32, 5 x f32, u64      how the run was being trained (recorded, not enforced)
- *             state   4 x u64, u32               step, data RNG, tokens seen, data bytes, data crc32
+ *             state   4 x u64, u32, u64          step, data RNG, tokens seen, data bytes, data crc32,
+ *                                                gate-noise state (version 2 on; version 1 files load
+ *                                                with it equal to the step)
  *             u32 n_records, u64 file_bytes      so truncation is told apart from corruption
  *             u32 crc32 of all the header bytes before it
  *   records   n_records x { u32 name_len | name | u32 ndim | u32 shape[ndim] | f32 data[numel]
@@ -32,7 +34,7 @@
 #include <stdint.h>
 #include "../scmoe.h"
 
-#define CKPT_VERSION 1
+#define CKPT_VERSION 2
 #define CKPT_NAME_MAX 96
 #define CKPT_FILE "ckpt.bin"
 
@@ -72,6 +74,7 @@ typedef struct ckpt_state {
     uint64_t tokens_seen; /* training tokens consumed, all ranks */
     uint64_t data_bytes;  /* size of the training text, and its crc32: resuming needs the same text */
     uint32_t data_crc;
+    uint64_t noise_state; /* the pairs' gate-noise state (scmoe_pair_noise_state: they advance together) */
 } ckpt_state;
 
 typedef struct ckpt_header {

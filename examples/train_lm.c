@@ -30,23 +30,35 @@
  *
  * Data: the bytes of --data FILE, or by default this repository's own sources and docs, read at run
  * time from the list in DEFAULT_TEXT (paths relative to the working directory: run from the
- * repository root). First 90% train, last 10% validation. Each step draws the start of every sequence
- * of the global batch from one seeded RNG (the same draws on every rank; rank r uses sequences
- * r*B .. r*B+B-1), so one rank with batch 2B sees exactly the data of two ranks with batch B.
+ * repository root). First 90% train, last 10% validation (with --val-data FILE all of it trains and
+ * FILE validates). Each step draws the start of every sequence of the global batch from one seeded
+ * RNG (the same draws on every rank; rank r uses sequences r*B .. r*B+B-1), so one rank with batch 2B
+ * sees exactly the data of two ranks with batch B.
  *
- * Checkpoints (checkpoint.h): parameters, AdamW moments, step, RNG and data position; a resumed run
- * continues the loss curve bit for bit. Gate noise stays off: its counter lives inside the library
- * and is not saved. The overlapped schedule computes the same numbers as the serialized one, so
- * --overlap 1 runs resume bit for bit too. --wire-bf16 is a wire format, not part of the model: it is
- * not recorded, and a checkpoint resumes with either setting (bit for bit when it is the same).
+ * Gradient accumulation (--grad-accum M): one optimizer step runs M micro-batches of B sequences per
+ * rank and sums their gradients; S then counts the tokens of all M, so dlogits = (softmax - onehot) / S
+ * needs no rescaling, and the pairs' aux and z weights are set to w / M (scmoe_pair_set_loss_weights)
+ * so the auxiliary losses weigh as much as in one step. Micro-batch j on rank r reads sequences
+ * r*M*B + j*B .. of the step's draws: --grad-accum M --batch B sees the data of --batch M*B.
  *
- * Output (rank 0): a progress line every --print-every steps with the loss (CE + aux_w * aux), the
- * latest validation CE, tokens/s, the step time split into compute and exposed communication (time
- * spent waiting on the MoE all-to-alls and gradient all-reduces, from the library's stats, plus our own
+ * Checkpoints (checkpoint.h): parameters, AdamW moments, step, RNG, data position and the pairs'
+ * gate-noise state; a resumed run continues the loss curve bit for bit. --keep N also keeps
+ * DIR/ckpt-STEP.bin of the last N saves (hard links to the files written, no copies). The overlapped
+ * schedule computes the same numbers as the serialized one, so --overlap 1 runs resume bit for bit
+ * too. --wire-bf16 is a wire format, not part of the model: it is not recorded, and a checkpoint
+ * resumes with either setting (bit for bit when it is the same).
+ *
+ * Output (rank 0): a progress line every --print-every steps with the step out of the total, the loss
+ * (CE + aux_w * aux), the aux loss (summed over the pairs, averaged over the micro-batches), the latest
+ * validation CE, tokens/s, the step time split into compute and exposed communication (time spent
+ * waiting on the MoE all-to-alls and gradient all-reduces, from the library's stats, plus our own
  * blocking all-reduces), overlap (the share of all-to-all time hidden behind compute: 1 - exposed /
- * in flight) and the share of (token, expert) assignments dropped by capacity; --log FILE.jsonl gets
- * the same per step; a summary table ends the run.
+ * in flight), the share of (token, expert) assignments dropped by capacity, the learning rate, the
+ * wall time since this run started and the time left at its pace (ETA); --log FILE.jsonl gets the
+ * same per step (appended to on --resume); a summary table ends the run. At start every rank's CPUs
+ * are printed, with a warning where a rank has fewer CPUs than OpenMP threads (a bad binding).
  */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
 #include "checkpoint.h"
@@ -54,10 +66,14 @@
 #include <cblas.h>
 #include <glob.h>
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define VOCAB 256
 #define LN_EPS 1e-5f
@@ -75,10 +91,10 @@ static MPI_Comm g_comm;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, quiet;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, quiet, keep, grad_accum;
     float lr, cf, aux, clip;
     long long seed;
-    const char *save, *resume, *data, *log;
+    const char *save, *resume, *data, *val_data, *log;
 } opts;
 
 enum { T_INT, T_FLOAT, T_LL, T_STR, T_ARCH, T_BOOL };
@@ -95,7 +111,8 @@ static const char *const ARCH_NAMES[] = {"top2", "top1", "shared", "scmoe"};
 static opts O = {
     .arch = SCMOE_ARCH_SCMOE, .pos = 2, .d = 64, .hidden = 256, .experts = 8, .heads = 4, .pairs = 2,
     .seq = 64, .batch = 8, .steps = 300, .warmup = 30, .eval_every = 50, .eval_batches = 8, .print_every = 10,
-    .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .wire_bf16 = 0, .quiet = 0,
+.save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .wire_bf16 = 0, .quiet = 0,
+    .keep = 0, .grad_accum = 1,
     .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234,
 };
 
@@ -108,7 +125,8 @@ static const flag FLAGS[] = {
     {"--heads", T_INT, &O.heads, 1, 1024, "attention heads (must divide --d)"},
     {"--pairs", T_INT, &O.pairs, 1, 256, "block pairs (each a dense block + an MoE block)"},
     {"--seq", T_INT, &O.seq, 1, 8192, "sequence length T"},
-    {"--batch", T_INT, &O.batch, 1, 1 << 20, "sequences per rank per step (global batch = ranks x batch)"},
+    {"--batch", T_INT, &O.batch, 1, 1 << 20, "sequences per rank per micro-batch (global batch = ranks x batch x grad-accum)"},
+    {"--grad-accum", T_INT, &O.grad_accum, 1, 1 << 20, "micro-batches whose gradients one optimizer step sums"},
     {"--steps", T_INT, &O.steps, 0, 1e9, "optimizer steps (the LR schedule spans them)"},
     {"--lr", T_FLOAT, &O.lr, 1e-12, 10, "peak learning rate"},
     {"--warmup", T_INT, &O.warmup, 0, 1e9, "linear warmup steps, then cosine decay to 10% of --lr"},
@@ -121,9 +139,11 @@ static const flag FLAGS[] = {
     {"--print-every", T_INT, &O.print_every, 1, 1e9, "a progress line every N steps"},
     {"--save", T_STR, &O.save, 0, 0, "checkpoint directory (DIR/ckpt.bin), written every --save-every steps and at the end"},
     {"--save-every", T_INT, &O.save_every, 0, 1e9, "checkpoint every N steps (0: only at the end)"},
-    {"--resume", T_STR, &O.resume, 0, 0, "continue from DIR/ckpt.bin (same model flags and data)"},
+    {"--keep", T_INT, &O.keep, 0, 1e6, "also keep DIR/ckpt-STEP.bin of the last N saves (0: only DIR/ckpt.bin)"},
+    {"--resume", T_STR, &O.resume, 0, 0, "continue from DIR/ckpt.bin, or from a checkpoint file (same model flags and data)"},
     {"--stop-at", T_INT, &O.stop_at, 0, 1e9, "stop after step N as if interrupted (0: run all --steps)"},
     {"--data", T_STR, &O.data, 0, 0, "training text file (default: this repository's docs and sources, read from the working directory)"},
+    {"--val-data", T_STR, &O.val_data, 0, 0, "validation text file (default: the last 10% of the training text)"},
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
     {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
@@ -149,7 +169,8 @@ static void usage_error(const char *fmt, ...) {
 }
 
 static void print_help(void) {
-    printf("usage: mpirun -np P train_lm [flags]   (P must divide --experts, or use --ep-size)\n\n");
+    printf("usage: mpirun -np P train_lm [flags]   (P must divide --experts, or use --ep-size)\n");
+    printf("       every flag takes its value as --flag VALUE or --flag=VALUE\n\n");
     for (int i = 0; i < N_FLAGS; i++) {
         const flag *f = &FLAGS[i];
         char def[64] = "";
@@ -175,13 +196,21 @@ static void parse_args(int argc, char **argv) {
             MPI_Finalize();
             exit(0);
         }
+        /* --flag=value or --flag value */
+        const char *eq = strchr(a, '=');
+        size_t len = eq ? (size_t)(eq - a) : strlen(a);
         const flag *f = NULL;
         for (int j = 0; j < N_FLAGS; j++)
-            if (strcmp(a, FLAGS[j].name) == 0) f = &FLAGS[j];
-        if (!f) usage_error("unknown flag '%s'", a);
-        if (f->type == T_BOOL) { *(int *)f->ptr = 1; continue; }
-        if (i + 1 >= argc) usage_error("%s needs a value", a);
-        const char *v = argv[++i];
+            if (strlen(FLAGS[j].name) == len && strncmp(a, FLAGS[j].name, len) == 0) f = &FLAGS[j];
+        if (!f) usage_error("unknown flag '%.*s'", (int)len, a);
+        a = f->name;
+        if (f->type == T_BOOL) {
+            if (eq) usage_error("%s takes no value", a);
+            *(int *)f->ptr = 1;
+            continue;
+        }
+        if (!eq && i + 1 >= argc) usage_error("%s needs a value", a);
+        const char *v = eq ? eq + 1 : argv[++i];
         char *end;
         if (f->type == T_STR) {
             if (!*v) usage_error("%s needs a non-empty value", a);
@@ -210,6 +239,7 @@ static void parse_args(int argc, char **argv) {
     int ep = O.ep_size ? O.ep_size : g_size;
     if (g_size % ep) usage_error("--ep-size %d does not divide the %d ranks", O.ep_size, g_size);
     if (O.experts % ep) usage_error("--experts %d is not a multiple of the expert-parallel size %d (--ep-size or the rank count)", O.experts, ep);
+    if (O.keep && !O.save) usage_error("--keep %d needs --save DIR", O.keep);
     if ((long long)O.batch * O.seq > 1 << 24) usage_error("--batch x --seq = %lld tokens per rank is too many", (long long)O.batch * O.seq);
     if (O.stop_at && O.stop_at > O.steps) usage_error("--stop-at %d is past --steps %d", O.stop_at, O.steps);
 }
@@ -370,6 +400,9 @@ static void model_init(model *m, scmoe_context *ctx) {
         char msg[256];
         if (scmoe_config_validate(&c, msg, sizeof msg)) die(2, "bad configuration: %s", msg);
         SC(scmoe_pair_create(ctx, &c, &m->pairs[i]));
+        /* M micro-batches each add their aux and z gradients: weigh each by 1/M (1/1 keeps the bits) */
+        SC(scmoe_pair_set_loss_weights(m->pairs[i], c.aux_loss_weight / (float)O.grad_accum,
+                                       c.z_loss_weight / (float)O.grad_accum));
     }
 
     /* the parameter list the optimizer walks: ours, then each pair's tensors in the pair's order */
@@ -593,18 +626,30 @@ typedef struct step_info {
 
 static void train_step(run *r, step_info *si) {
     model *m = &r->m;
-    int B = O.batch, T = O.seq, Bg = B * g_size;
+    int B = O.batch, T = O.seq, M = O.grad_accum, Bg = B * g_size * M;
     double t0 = MPI_Wtime(), t_comm = 0.0;
-    /* the global batch's starts, the same draws on every rank; this rank's slice */
+    /* the global batch's starts, the same draws on every rank; this rank's M*B of them */
     uint64_t *start = xcalloc((size_t)Bg, sizeof *start);
     for (int b = 0; b < Bg; b++) start[b] = rng_next(&r->rng) % (r->n_train - (uint64_t)T);
-    load_batch(m, r->train, start + (size_t)g_rank * B, B);
-    free(start);
 
-    double S = (double)Bg * T;
+    double S = (double)Bg * T, ce_local = 0.0;
+    memset(si, 0, sizeof *si);
     zero_grads(m);
-    double ce_local = model_forward(m, B, 1.0 / S);
-    model_backward(m, B);
+    for (int j = 0; j < M; j++) { /* gradients accumulate over the micro-batches */
+        load_batch(m, r->train, start + (size_t)g_rank * B * M + (size_t)j * B, B);
+        ce_local += model_forward(m, B, 1.0 / S);
+        model_backward(m, B);
+        for (int i = 0; i < m->n_pairs; i++) {
+            const scmoe_stats *st = &m->st[i];
+            si->aux += st->aux_loss / M;
+            si->a2a_comm += st->fwd_comm + st->bwd_comm;
+            si->a2a_exposed += st->fwd_exposed + st->bwd_exposed;
+            si->exposed += st->fwd_exposed + st->bwd_exposed + st->grad_sync_exposed;
+            si->routed += (double)st->tokens * (O.arch == SCMOE_ARCH_TOP2 ? 2 : 1);
+            si->dropped += (double)st->dropped;
+        }
+    }
+    free(start);
     /* our own parameters' gradients: summed over ranks like the library's dense ones */
     double t1 = MPI_Wtime();
     if (g_size > 1) MPI_Allreduce(MPI_IN_PLACE, m->own_grad, (int)m->n_own, MPI_FLOAT, MPI_SUM, g_comm);
@@ -619,17 +664,7 @@ static void train_step(run *r, step_info *si) {
     r->step++;
     r->tokens_seen += (uint64_t)S;
 
-    memset(si, 0, sizeof *si);
     si->ce = ce_sum / S;
-    for (int i = 0; i < m->n_pairs; i++) {
-        const scmoe_stats *st = &m->st[i];
-        si->aux += st->aux_loss;
-        si->a2a_comm += st->fwd_comm + st->bwd_comm;
-        si->a2a_exposed += st->fwd_exposed + st->bwd_exposed;
-        si->exposed += st->fwd_exposed + st->bwd_exposed + st->grad_sync_exposed;
-        si->routed += (double)st->tokens * (O.arch == SCMOE_ARCH_TOP2 ? 2 : 1);
-        si->dropped += (double)st->dropped;
-    }
     si->loss = si->ce + O.aux * si->aux;
     si->exposed += t_comm; /* our blocking all-reduces are exposed by definition */
     si->lr = lr;
@@ -664,9 +699,11 @@ static double evaluate(run *r) {
 static void fill_header(const run *r, ckpt_header *h) {
     memset(h, 0, sizeof *h);
     h->model = model_shape();
-    h->train = (ckpt_train){g_size, O.batch, O.ep_size, O.overlap, O.warmup, O.steps, O.lr, O.cf, O.aux,
-                            WEIGHT_DECAY, O.clip, (uint64_t)O.seed};
-    h->state = (ckpt_state){(uint64_t)r->step, r->rng, r->tokens_seen, r->data_bytes, r->data_crc};
+    h->train = (ckpt_train){g_size, O.batch * O.grad_accum, O.ep_size, O.overlap, O.warmup, O.steps, O.lr, O.cf,
+                            O.aux, WEIGHT_DECAY, O.clip, (uint64_t)O.seed};
+    uint64_t noise = 0; /* every pair runs the same training forwards: one state for all */
+    SC(scmoe_pair_noise_state(r->m.pairs[0], &noise));
+    h->state = (ckpt_state){(uint64_t)r->step, r->rng, r->tokens_seen, r->data_bytes, r->data_crc, noise};
 }
 
 /* The checkpoint's tensor list (the same on every rank): parameters and AdamW moments by name. */
@@ -700,6 +737,26 @@ static void build_list(model *m, ckpt_list *l) {
     if (bad) die(1, "cannot build the checkpoint list (out of memory or a name too long)");
 }
 
+/* --keep N (rank 0, after a save): DIR/ckpt-STEP.bin becomes a hard link to the ckpt.bin just written (the
+ * next save renames a new file over ckpt.bin and leaves this one), and all but the newest N such files
+ * go. Zero-padded steps sort by name in step order. A failure is reported and training goes on. */
+static void keep_last(int step) {
+    char cur[4096], kept[4096], pat[4096];
+    ckpt_path(cur, sizeof cur, O.save);
+    snprintf(kept, sizeof kept, "%s/ckpt-%09d.bin", O.save, step);
+    unlink(kept); /* a rerun from an earlier checkpoint saves the same step again */
+    if (link(cur, kept) != 0) {
+        fprintf(stderr, "train_lm: warning: --keep: cannot link %s to %s\n", kept, cur);
+        return;
+    }
+    snprintf(pat, sizeof pat, "%s/ckpt-[0-9]*.bin", O.save);
+    glob_t g;
+    if (glob(pat, 0, NULL, &g) != 0) return;
+    for (size_t i = 0; i + (size_t)O.keep < g.gl_pathc; i++)
+        if (unlink(g.gl_pathv[i]) != 0) fprintf(stderr, "train_lm: warning: --keep: cannot remove %s\n", g.gl_pathv[i]);
+    globfree(&g);
+}
+
 static void save(run *r) {
     ckpt_header h;
     ckpt_list l = {0};
@@ -711,11 +768,14 @@ static void save(run *r) {
     ckpt_list_free(&l);
     if (s) die(3, "%s", err);
     if (g_rank == 0 && !O.quiet) printf("saved %s/%s at step %d (%.2f s)\n", O.save, CKPT_FILE, r->step, MPI_Wtime() - t0);
+    if (g_rank == 0 && O.keep > 0) keep_last(r->step);
 }
 
 static void resume(run *r) {
     char path[4096], err[512];
-    ckpt_path(path, sizeof path, O.resume);
+    struct stat sb;
+    if (stat(O.resume, &sb) == 0 && S_ISREG(sb.st_mode)) snprintf(path, sizeof path, "%s", O.resume);
+    else ckpt_path(path, sizeof path, O.resume);
     ckpt_header h, want;
     ckpt_status s = ckpt_read_header(path, &h, err, sizeof err);
     fill_header(r, &want);
@@ -742,6 +802,7 @@ static void resume(run *r) {
     if (g_rank == 0 && (long long)a->ranks * a->batch != (long long)b->ranks * b->batch)
         printf("note: global batch %d = %d ranks x --batch %d (the checkpoint's run used %d = %d x %d)\n", b->ranks * b->batch,
                b->ranks, b->batch, a->ranks * a->batch, a->ranks, a->batch);
+    for (int i = 0; i < r->m.n_pairs; i++) SC(scmoe_pair_set_noise_state(r->m.pairs[i], h.state.noise_state));
     if (g_rank == 0 && !O.quiet) {
         printf("resumed %s at step %d\n", path, r->step);
         if (a->lr != b->lr) printf("note: --lr %g (the checkpoint's run used %g)\n", b->lr, a->lr);
@@ -753,6 +814,76 @@ static void resume(run *r) {
 }
 
 /* ---- main ---- */
+
+/* "0-3,8" from a CPU set */
+static void cpu_list(const cpu_set_t *set, char *buf, size_t n) {
+    size_t k = 0;
+    buf[0] = 0;
+    for (int c = 0; c < CPU_SETSIZE && k + 24 < n; c++) {
+        if (!CPU_ISSET(c, set)) continue;
+        int e = c;
+        while (e + 1 < CPU_SETSIZE && CPU_ISSET(e + 1, set)) e++;
+        k += (size_t)snprintf(buf + k, n - k, k ? ",%d" : "%d", c);
+        if (e > c) k += (size_t)snprintf(buf + k, n - k, "-%d", e);
+        c = e;
+    }
+}
+
+/* Every rank's CPU mask and thread count, printed by rank 0 in rank order. A rank with fewer CPUs than
+ * OpenMP threads time-slices them on shared cores (mpirun binds each rank to one core unless told
+ * --map-by slot:PE=N; srun since Slurm 22.05 needs --cpus-per-task itself): that is warned about even
+ * with --quiet. */
+static void print_binding(void) {
+    enum { LIST = 200, HOST = 56 };
+    struct { int cpus, threads; char host[HOST], list[LIST]; } me, *all = NULL;
+    memset(&me, 0, sizeof me);
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    me.threads = omp_get_max_threads();
+    /* With OMP_PROC_BIND the runtime has already pinned this (initial) thread to the first place, so
+     * its own mask shows one core: the rank's CPUs are then the union of OpenMP's places, which the
+     * runtime took from the process's mask at start. Without places, the thread's mask is the rank's. */
+    int places = omp_get_num_places(), got = 1;
+    if (places > 0) {
+        for (int p = 0; p < places; p++) {
+            int ids[CPU_SETSIZE], n = omp_get_place_num_procs(p);
+            if (n > CPU_SETSIZE) n = 0;
+            omp_get_place_proc_ids(p, ids);
+            for (int i = 0; i < n; i++)
+                if (ids[i] >= 0 && ids[i] < CPU_SETSIZE) CPU_SET(ids[i], &set);
+        }
+    } else {
+        got = sched_getaffinity(0, sizeof set, &set) == 0;
+    }
+    if (got) {
+        me.cpus = CPU_COUNT(&set);
+        cpu_list(&set, me.list, sizeof me.list);
+    } else {
+        snprintf(me.list, sizeof me.list, "unknown");
+    }
+    gethostname(me.host, sizeof me.host - 1);
+    if (g_rank == 0) all = xcalloc((size_t)g_size, sizeof me);
+    MPI_Gather(&me, (int)sizeof me, MPI_BYTE, all, (int)sizeof me, MPI_BYTE, 0, g_comm);
+    if (g_rank != 0) return;
+    for (int r = 0; r < g_size; r++) {
+        if (!O.quiet)
+            printf("rank %d on %s: CPUs %s (%d) for %d OpenMP threads\n", r, all[r].host, all[r].list, all[r].cpus,
+                   all[r].threads);
+        if (all[r].cpus > 0 && all[r].cpus < all[r].threads)
+            printf("warning: rank %d has %d OpenMP threads on %d CPU(s): they share cores. Bind each rank to "
+                   "OMP_NUM_THREADS cores: mpirun --map-by slot:PE=N --bind-to core, or srun --cpus-per-task=N "
+                   "(see docs/env.md)\n", r, all[r].threads, all[r].cpus);
+    }
+    fflush(stdout);
+    free(all);
+}
+
+/* seconds as "m:ss" or "h:mm:ss" */
+static void hms(double t, char *buf, size_t n) {
+    long s = t > 0 && t < 1e9 ? (long)(t + 0.5) : 0;
+    if (s >= 3600) snprintf(buf, n, "%ld:%02ld:%02ld", s / 3600, s / 60 % 60, s % 60);
+    else snprintf(buf, n, "%ld:%02ld", s / 60, s % 60);
+}
 
 static const char *arch_label(char *buf, size_t n) {
     if (O.arch == SCMOE_ARCH_SCMOE) snprintf(buf, n, "scmoe-pos%d", O.pos);
@@ -776,25 +907,35 @@ int main(int argc, char **argv) {
     run r;
     memset(&r, 0, sizeof r);
     r.ep_eff = O.ep_size ? O.ep_size : g_size;
-    size_t n_text;
-    unsigned char *text = load_text(O.data, &n_text);
+    size_t n_text, n_valtext = 0, cap = 0;
+    unsigned char *text = load_text(O.data, &n_text), *valtext = NULL;
     r.data_bytes = n_text;
     r.data_crc = ckpt_crc32(0, text, n_text);
     r.n_train = n_text * 9 / 10;
     r.n_val = n_text - r.n_train;
     r.train = text;
     r.val = text + r.n_train;
+    if (O.val_data) { /* all of the text trains, the other file validates */
+        if (append_file(O.val_data, &valtext, &n_valtext, &cap)) die(2, "--val-data %s: cannot read the file", O.val_data);
+        r.n_train = n_text;
+        r.val = valtext;
+        r.n_val = n_valtext;
+        if (r.n_val < (size_t)O.seq + 2)
+            die(2, "--val-data: %zu bytes of text are too few for --seq %d (it needs more than seq+1 bytes)", r.n_val, O.seq);
+    }
     if (r.n_train < (size_t)O.seq + 2 || r.n_val < (size_t)O.seq + 2)
         die(2, "--data: %zu bytes of text are too few for --seq %d (each split needs more than seq+1 bytes)", n_text, O.seq);
     r.rng = (uint64_t)O.seed * 0x2545F4914F6CDD1Dull + 1;
 
     SC(scmoe_context_create_mpi(MPI_COMM_WORLD, &g_ctx));
+    print_binding();
     model_init(&r.m, g_ctx);
     if (O.resume) resume(&r);
 
     FILE *log = NULL;
     int log_ok = 1; /* rank 0 writes the log; if it cannot, every rank must stop */
-    if (O.log && g_rank == 0) log_ok = (log = fopen(O.log, "w")) != NULL;
+    /* a resumed run continues the log of the run it resumes */
+    if (O.log && g_rank == 0) log_ok = (log = fopen(O.log, O.resume ? "a" : "w")) != NULL;
     MPI_Bcast(&log_ok, 1, MPI_INT, 0, g_comm);
     if (!log_ok) die(2, "--log %s: cannot create the file", O.log);
 
@@ -804,22 +945,22 @@ int main(int argc, char **argv) {
     if (g_rank == 0 && !O.quiet) {
         size_t np = 0;
         for (int i = 0; i < r.m.n_params; i++) if (!r.m.params[i].expert) np += r.m.params[i].numel;
-        printf("train_lm: %s, %d pairs, d %d, hidden %d, %d experts, %d heads, seq %d | %d ranks x batch %d | "
-               "%zu replicated params + %d experts/block | text %zu bytes (%zu train, %zu val)\n",
-               label, O.pairs, O.d, O.hidden, O.experts, O.heads, O.seq, g_size, O.batch, np, O.experts, n_text,
-               r.n_train, r.n_val);
+        printf("train_lm: %s, %d pairs, d %d, hidden %d, %d experts, %d heads, seq %d | %d ranks x batch %d x "
+               "%d micro-batches | %zu replicated params + %d experts/block | text %zu bytes (%zu train, %zu val)\n",
+               label, O.pairs, O.d, O.hidden, O.experts, O.heads, O.seq, g_size, O.batch, O.grad_accum, np, O.experts,
+               n_text, r.n_train, r.n_val);
         fflush(stdout);
     }
     double val = NAN;
     if (O.eval_every > 0 && r.step == 0 && last > 0) {
         val = evaluate(&r);
-        if (g_rank == 0 && !O.quiet) printf("step %5d | val %.4f\n", 0, val);
+        if (g_rank == 0 && !O.quiet) printf("step %5d/%d | val %.4f\n", 0, last, val);
     }
 
     /* totals for the summary, and the window since the last progress line */
     step_info si, win = {0}, tot = {0};
-    int win_steps = 0, tot_steps = 0;
-    double final_loss = NAN;
+    int win_steps = 0, tot_steps = 0, first_step = r.step;
+    double final_loss = NAN, t_start = MPI_Wtime();
     while (r.step < last) {
         train_step(&r, &si);
         int s = r.step;
@@ -834,7 +975,7 @@ int main(int argc, char **argv) {
         }
         win_steps++;
         tot_steps++;
-        double tok = (double)O.batch * g_size * O.seq;
+        double tok = (double)O.batch * g_size * O.seq * O.grad_accum;
         if (log) {
             fprintf(log, "{\"step\":%d,\"loss\":%.17g,\"ce\":%.17g,\"aux\":%.9g,\"lr\":%.9g,\"grad_norm\":%.9g,", s,
                     si.loss, si.ce, si.aux, si.lr, si.gnorm);
@@ -852,10 +993,15 @@ int main(int argc, char **argv) {
             if (do_eval) snprintf(vbuf, sizeof vbuf, "%6.4f", v);
             if (win.a2a_comm > 0) snprintf(obuf, sizeof obuf, "%4.0f%%", 100.0 * (1.0 - win.a2a_exposed / win.a2a_comm));
             double ms = 1e3 * win.time / win_steps, ex = 1e3 * win.exposed / win_steps;
-            printf("step %5d | loss %6.4f | val %s | %8.0f tok/s | %7.1f ms (compute %7.1f, comm %6.1f) | overlap %s | "
-                   "drop %5.2f%% | lr %.2e\n",
-                   s, si.loss, vbuf, tok * win_steps / win.time, ms, ms - ex, ex, obuf,
-                   win.routed > 0 ? 100.0 * win.dropped / win.routed : 0.0, si.lr);
+            /* elapsed: this run's wall time (evaluations and saves included); ETA at this run's pace */
+            double el = MPI_Wtime() - t_start;
+            char ebuf[24], tbuf[24];
+            hms(el, ebuf, sizeof ebuf);
+            hms(el / (s - first_step) * (last - s), tbuf, sizeof tbuf);
+            printf("step %5d/%d | loss %6.4f | aux %6.4f | val %s | %8.0f tok/s | %7.1f ms (compute %7.1f, comm %6.1f) | "
+                   "overlap %s | drop %5.2f%% | lr %.2e | %s elapsed, ETA %s\n",
+                   s, last, si.loss, si.aux, vbuf, tok * win_steps / win.time, ms, ms - ex, ex, obuf,
+                   win.routed > 0 ? 100.0 * win.dropped / win.routed : 0.0, si.lr, ebuf, tbuf);
             fflush(stdout);
             memset(&win, 0, sizeof win);
             win_steps = 0;
@@ -866,7 +1012,7 @@ int main(int argc, char **argv) {
     if (O.save && tot_steps == 0) save(&r);
 
     if (g_rank == 0) {
-        double tps = tot.time > 0 ? (double)O.batch * g_size * O.seq * tot_steps / tot.time : 0.0;
+        double tps = tot.time > 0 ? (double)O.batch * g_size * O.seq * O.grad_accum * tot_steps / tot.time : 0.0;
         char ov[16] = "n/a", ex[32] = "n/a";
         if (tot.a2a_comm > 0) snprintf(ov, sizeof ov, "%.1f%%", 100.0 * (1.0 - tot.a2a_exposed / tot.a2a_comm));
         if (tot_steps) snprintf(ex, sizeof ex, "%.2fms(%.1f%%)", 1e3 * tot.exposed / tot_steps, 100.0 * tot.exposed / tot.time);
@@ -879,6 +1025,7 @@ int main(int argc, char **argv) {
     if (log) fclose(log);
     model_free(&r.m);
     free(text);
+    free(valtext);
     scmoe_context_destroy(g_ctx);
     MPI_Finalize();
     return 0;

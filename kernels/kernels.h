@@ -70,6 +70,8 @@ typedef struct route_plan {
     int n_send, n_recv, n_stages;
 } route_plan;
 
+/* C = k*floor(cf*ceil(S/E)) slots per expert as the config asks for them, -1 when dropless (cf <= 0) */
+int64_t scmoe__route_slots(int64_t S, int E, int k, float cf);
 int64_t route_capacity(int64_t S, int E, int k, float cf);
 size_t route_workspace_bytes(int64_t S_max, int k);
 /* records: per global token (rank-major), k int32 expert ids then the top-1 probability's bits;

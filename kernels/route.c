@@ -36,11 +36,16 @@ static int by_score_desc(const void *a, const void *b) {
     return x->token - y->token;
 }
 
-int64_t route_capacity(int64_t S, int E, int k, float cf) {
-    if (cf <= 0.0f) return INT64_MAX;
+int64_t scmoe__route_slots(int64_t S, int E, int k, float cf) {
+    if (cf <= 0.0f) return -1;
     int64_t per = (S + E - 1) / E;
     double c = (double)k * floor((double)cf * (double)per);
-    return c >= (double)S * k ? INT64_MAX : (int64_t)c; /* a capacity no expert can fill is dropless */
+    return c >= 9.2e18 ? INT64_MAX : (int64_t)c;
+}
+
+int64_t route_capacity(int64_t S, int E, int k, float cf) {
+    int64_t c = scmoe__route_slots(S, E, k, cf);
+    return c < 0 || c >= S * k ? INT64_MAX : c; /* a capacity no expert can fill is dropless */
 }
 
 int route_stages(int chunks) { return chunks > 0 ? chunks + 1 : 1; }

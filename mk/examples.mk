@@ -2,9 +2,10 @@
 # `make check-slurm`. Included at the end of the Makefile; uses its B, MPI, MPICC, CFLAGS, BLAS_INC,
 # LDFLAGS, LDLIBS and its `deps` target. The examples need MPI (MPI=1, the default).
 #
-#   make examples        build/examples/{train_lm,generate} and build/tests/test_checkpoint
+#   make examples        build/examples/{train_lm,generate,minimal_moe,minimal_pair}, build/tests/test_checkpoint
 #   make demo            install deps, build, train a small ScMoE LM on 2 ranks (~1 min), sample from it
-#   make check-examples  tests/test_train.sh + tests/test_checkpoint on 1 and 2 ranks
+#   make check-examples  the minimal examples (in-tree, then tests/test_minimal.sh: installed + pkg-config,
+#                        static, drop-in), tests/test_train.sh, tests/test_checkpoint on 1 and 2 ranks
 #   make check-slurm     a real one-node Slurm (installed if missing), one training job through sbatch
 
 EX_MPIRUN ?= mpirun --oversubscribe -x OMP_NUM_THREADS=1
@@ -20,6 +21,13 @@ DEMO_TRAIN ?= --arch scmoe --pos 2 --d 64 --hidden 256 --experts 8 --heads 4 --p
 DEMO_GEN   ?= --prompt "/* " --tokens 400 --temperature 0.7 --top-k 20 --seed 7
 
 .PHONY: examples demo check-examples check-slurm
+
+# The minimal examples: a layer / a pair in a host's own loop, one rank, against the in-tree archive
+# (tests/test_minimal.sh builds them the README's ways: installed, static, drop-in).
+EX_MINIMAL := $(B)/examples/minimal_moe $(B)/examples/minimal_pair
+$(EX_MINIMAL): $(B)/examples/%: examples/%.c scmoe.h $(B)/libscmoe.a
+	@mkdir -p $(dir $@)
+	$(CC_LIB) $(CFLAGS) -I. $< $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
 
 ifeq ($(MPI),1)
 $(B)/examples/checkpoint.o: examples/checkpoint.c examples/checkpoint.h scmoe.h
@@ -38,7 +46,7 @@ $(B)/tests/test_checkpoint: tests/test_checkpoint.c examples/checkpoint.h $(B)/e
 	@mkdir -p $(dir $@)
 	$(MPICC) $(CFLAGS) -I. $< $(B)/examples/checkpoint.o $(B)/libscmoe.a $(LDFLAGS) $(LDLIBS) -o $@
 
-examples: $(EX_BINS) $(B)/tests/test_checkpoint
+examples: $(EX_BINS) $(EX_MINIMAL) $(B)/tests/test_checkpoint
 
 demo: deps
 	$(MAKE) all examples
@@ -49,6 +57,9 @@ demo: deps
 
 check-examples: deps
 	$(MAKE) all examples
+	OMP_NUM_THREADS=2 $(B)/examples/minimal_moe
+	OMP_NUM_THREADS=2 $(B)/examples/minimal_pair
+	BUILD=$(B) tests/test_minimal.sh
 	BUILD=$(B) tests/test_train.sh
 	$(EX_ENV) $(EX_MPIRUN) -np 1 $(B)/tests/test_checkpoint
 	$(EX_ENV) $(EX_MPIRUN) -np 2 $(B)/tests/test_checkpoint

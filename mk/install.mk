@@ -1,4 +1,5 @@
-# mk/install.mk: the shared library, `make install` / `make uninstall` (with scmoe.pc for pkg-config),
+# mk/install.mk: the shared library, `make install` / `make uninstall` (with scmoe.pc and scmoe-static.pc
+# for pkg-config),
 # the single-file drop-in (`make amalgamate`) and the API reference (`make docs`).
 #
 # Included by the Makefile after it defines B, LIB_OBJ, CC_LIB, LDFLAGS, LDLIBS, MPI and BLAS_LIB.
@@ -67,8 +68,17 @@ $(B)/scmoe.pc: scmoe.pc.in scmoe.h mk/install.mk _scmoe_force
 	    -e 's|@requires_private@|$(strip $(SCMOE_PC_REQUIRES))|' -e 's|@libs_private@|$(strip $(SCMOE_PC_LIBS))|' \
 	    scmoe.pc.in > $@
 
+# scmoe-static.pc: the archive by its path. pkg-config --static only appends Libs.private after Libs, so
+# scmoe.pc's -lscmoe still finds libscmoe.so where both sit in libdir (the linker prefers it): a
+# static link names the archive itself, and its dependencies become plain Requires and Libs (the same
+# flags with or without --static).
+$(B)/scmoe-static.pc: $(B)/scmoe.pc
+	sed -e 's|^Name: scmoe$$|Name: scmoe-static|' -e 's|^Description: |Description: (static archive) |' \
+	    -e 's|^Requires.private:|Requires:|' -e 's|^Libs: .*|Libs: $${libdir}/libscmoe.a $(strip $(SCMOE_PC_LIBS))|' \
+	    -e '/^Libs.private:/d' $< > $@
+
 # ---- install / uninstall ----
-install: $(B)/libscmoe.a $(B)/libscmoe.so $(B)/scmoe.pc $(if $(filter 1,$(CUDA)),$(B)/libscmoe_cuda.a)
+install: $(B)/libscmoe.a $(B)/libscmoe.so $(B)/scmoe.pc $(B)/scmoe-static.pc $(if $(filter 1,$(CUDA)),$(B)/libscmoe_cuda.a)
 	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
 	$(INSTALL) -m 644 $(B)/libscmoe.a $(DESTDIR)$(LIBDIR)/libscmoe.a
 	$(if $(filter 1,$(CUDA)),$(INSTALL) -m 644 $(B)/libscmoe_cuda.a $(DESTDIR)$(LIBDIR)/libscmoe_cuda.a)
@@ -77,13 +87,14 @@ install: $(B)/libscmoe.a $(B)/libscmoe.so $(B)/scmoe.pc $(if $(filter 1,$(CUDA))
 	ln -sf $(SCMOE_SONAME) $(DESTDIR)$(LIBDIR)/libscmoe.so
 	$(INSTALL) -m 644 $(SCMOE_PUBLIC_HEADERS) $(DESTDIR)$(INCLUDEDIR)/
 	$(INSTALL) -m 644 $(B)/scmoe.pc $(DESTDIR)$(PKGCONFIGDIR)/scmoe.pc
+	$(INSTALL) -m 644 $(B)/scmoe-static.pc $(DESTDIR)$(PKGCONFIGDIR)/scmoe-static.pc
 	@if [ -z "$(DESTDIR)" ] && [ -n "$(LDCONFIG)" ] && [ "$$(id -u)" = 0 ]; then $(LDCONFIG) 2>/dev/null || true; fi
 
 uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/libscmoe.a $(DESTDIR)$(LIBDIR)/libscmoe.so $(DESTDIR)$(LIBDIR)/$(SCMOE_SONAME) \
 	      $(DESTDIR)$(LIBDIR)/$(SCMOE_SHLIB) $(DESTDIR)$(INCLUDEDIR)/scmoe.h $(DESTDIR)$(INCLUDEDIR)/scmoe_mpi.h \
 	      $(DESTDIR)$(LIBDIR)/libscmoe_cuda.a $(DESTDIR)$(INCLUDEDIR)/scmoe_cuda.h \
-	      $(DESTDIR)$(PKGCONFIGDIR)/scmoe.pc
+	      $(DESTDIR)$(PKGCONFIGDIR)/scmoe.pc $(DESTDIR)$(PKGCONFIGDIR)/scmoe-static.pc
 	@if [ -z "$(DESTDIR)" ] && [ -n "$(LDCONFIG)" ] && [ "$$(id -u)" = 0 ]; then $(LDCONFIG) 2>/dev/null || true; fi
 
 # ---- the single-file drop-in, generated from every source and header ----

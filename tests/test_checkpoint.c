@@ -91,7 +91,7 @@ static ckpt_header header(uint64_t step) {
     memset(&h, 0, sizeof h);
     h.model = (ckpt_model){SCMOE_ARCH_SCMOE, 2, 0, 0, 16, 32, 4, 2, 1, 8, 256};
     h.train = (ckpt_train){size, 4, 0, 1, 5, 20, 3e-3f, 2.0f, 0.01f, 0.1f, 1.0f, 1234};
-    h.state = (ckpt_state){step, 0xDEADBEEFCAFEF00Dull, 1000 * step, 12345, 0xABCD1234u};
+    h.state = (ckpt_state){step, 0xDEADBEEFCAFEF00Dull, 1000 * step, 12345, 0xABCD1234u, 3 * step + 1};
     return h;
 }
 
@@ -196,10 +196,11 @@ int main(int argc, char **argv) {
     check(access(p1, R_OK) == 0 && file_size(p1) > 0, "the file exists");
     s = ckpt_read_header(p1, &hr, err, sizeof err);
     check(s == CKPT_OK && hr.version == CKPT_VERSION && hr.state.step == 10 && hr.state.rng == h1.state.rng &&
-              hr.state.tokens_seen == 10000 && hr.state.data_crc == h1.state.data_crc && hr.train.lr == h1.train.lr &&
+              hr.state.tokens_seen == 10000 && hr.state.data_crc == h1.state.data_crc && hr.state.noise_state == 31 &&
+              hr.train.lr == h1.train.lr &&
               hr.train.seed == 1234 && hr.n_records == (uint32_t)lw.n && hr.file_bytes == (uint64_t)file_size(p1) &&
               ckpt_model_compare(&hr.model, &h1.model, NULL, 0) == CKPT_OK,
-          "the header round-trips (step, RNG, data position, config, record count, size)");
+          "the header round-trips (step, RNG, data position, gate-noise state, config, record count, size)");
     fill(&lw, 0);
     s = ckpt_load(MPI_COMM_WORLD, p1, &lw, err, sizeof err);
     check(s == CKPT_OK && holds(&lw, 1), "load with the same ranks: every tensor back, bit for bit (%s)", s ? err : "ok");
@@ -240,11 +241,35 @@ int main(int argc, char **argv) {
     {
         unsigned char *b = malloc((size_t)n);
         memcpy(b, good, (size_t)n);
-        b[8] = 2; /* version 2, little-endian u32 at byte 8 */
+        b[8] = CKPT_VERSION + 1; /* a version from the future, little-endian u32 at byte 8 */
         s = load_variant(dv, b, n, n, -1, 0, &lw, err, sizeof err);
         free(b);
     }
-    check(s == CKPT_ERR_VERSION && strstr(err, "version 2"), "wrong version: \"%s\"", err);
+    check(s == CKPT_ERR_VERSION && strstr(err, "version 3"), "wrong version: \"%s\"", err);
+    {
+        /* a version 1 file: the same without the 8 bytes of gate-noise state after data_crc (header
+         * offset 148), with its version, header size, file size and header checksum rewritten */
+        enum { NOISE_AT = 148, V1_HEADER = 164 };
+        unsigned char *b = malloc((size_t)n);
+        memcpy(b, good, NOISE_AT);
+        memcpy(b + NOISE_AT, good + NOISE_AT + 8, (size_t)n - NOISE_AT - 8);
+        uint64_t fb = (uint64_t)n - 8;
+        b[8] = 1;
+        b[12] = V1_HEADER;
+        for (int i = 0; i < 8; i++) b[NOISE_AT + 4 + i] = (unsigned char)(fb >> (8 * i));
+        uint32_t crc = ckpt_crc32(0, b, V1_HEADER - 4);
+        for (int i = 0; i < 4; i++) b[V1_HEADER - 4 + i] = (unsigned char)(crc >> (8 * i));
+        fill(&lw, 0);
+        s = load_variant(dv, b, n - 8, n - 8, -1, 0, &lw, err, sizeof err);
+        ckpt_header hv;
+        char pv[4096];
+        ckpt_status sh = ckpt_read_header(ckpt_path(pv, sizeof pv, dv), &hv, err, sizeof err);
+        free(b);
+        check(s == CKPT_OK && holds(&lw, 1) && sh == CKPT_OK && hv.version == 1 && hv.state.step == 10 &&
+                  hv.state.noise_state == 10 && hv.state.data_crc == h1.state.data_crc,
+              "a version 1 file still loads, bit for bit, its gate-noise state taken as its step (%s)", s ? err : "ok");
+        fill(&lw, 1);
+    }
     {
         ckpt_header hh;
         ckpt_model other = h1.model;

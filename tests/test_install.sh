@@ -37,7 +37,7 @@ version=$major.$(sed -nE 's/^#define SCMOE_VERSION_MINOR ([0-9]+).*/\1/p' scmoe.
 
 # ---- install ----
 check "make install PREFIX=<temp>" mk install PREFIX="$P"
-expect="lib/libscmoe.a lib/libscmoe.so lib/libscmoe.so.$major lib/libscmoe.so.$version include/scmoe.h include/scmoe_mpi.h lib/pkgconfig/scmoe.pc"
+expect="lib/libscmoe.a lib/libscmoe.so lib/libscmoe.so.$major lib/libscmoe.so.$version include/scmoe.h include/scmoe_mpi.h lib/pkgconfig/scmoe.pc lib/pkgconfig/scmoe-static.pc"
 missing=""
 for f in $expect; do [ -e "$P/$f" ] || missing="$missing $f"; done
 if [ -z "$missing" ]; then ok "installed: $expect"; else not_ok "installed files" "missing:$missing"; fi
@@ -62,6 +62,7 @@ fi
 # ---- pkg-config ----
 export PKG_CONFIG_PATH=$P/lib/pkgconfig
 check "pkg-config --validate scmoe" pkg-config --validate scmoe
+check "pkg-config --validate scmoe-static" pkg-config --validate scmoe-static
 got=$(pkg-config --modversion scmoe 2>&1)
 if [ "$got" = "$version" ]; then ok "pkg-config --modversion scmoe = $version (SCMOE_VERSION_* in scmoe.h)"; else not_ok "modversion" "$got"; fi
 libs=$(pkg-config --libs scmoe 2>&1)
@@ -130,6 +131,13 @@ static_libs=$(pkg-config --static --libs scmoe | sed 's/\(^\| \)-lscmoe\( \|$\)/
 check "build against the static library: $CC app.c \$(pkg-config --cflags scmoe) \$(pkg-config --static --libs scmoe)" \
     $CC app.c $(pkg-config --cflags scmoe) $static_libs -o app_static
 
+# the README's lines: the shared library with an rpath (no LD_LIBRARY_PATH), the archive by scmoe-static
+# shellcheck disable=SC2046
+check "build with an rpath: $CC app.c \$(pkg-config --cflags --libs scmoe) -Wl,-rpath,\$(pkg-config --variable=libdir scmoe)" \
+    $CC app.c $(pkg-config --cflags --libs scmoe) -Wl,-rpath,"$(pkg-config --variable=libdir scmoe)" -o app_rpath
+# shellcheck disable=SC2046
+check "build static: $CC app.c \$(pkg-config --static --cflags --libs scmoe-static)" \
+    $CC app.c $(pkg-config --static --cflags --libs scmoe-static) -o app_static2
 if [ -x app_shared ]; then
     if readelf -d app_shared | grep -q "NEEDED.*\[libscmoe.so.$major\]"; then ok "app_shared needs libscmoe.so.$major"
     else not_ok "app_shared needs libscmoe.so.$major" "$(readelf -d app_shared | grep NEEDED)"; fi
@@ -139,6 +147,17 @@ if [ -x app_shared ]; then
     out_shared=$(LD_LIBRARY_PATH=$P/lib ./app_shared 2>&1)
     if [ $? -eq 0 ] && [[ $out_shared == "scmoe $version checksum "* ]]; then ok "shared: $out_shared"
     else not_ok "app_shared runs" "$out_shared"; fi
+fi
+if [ -x app_rpath ]; then
+    out_rpath=$(env -u LD_LIBRARY_PATH ./app_rpath 2>&1)
+    if [ $? -eq 0 ] && [ "$out_rpath" = "${out_shared:-}" ]; then ok "the rpath build runs without LD_LIBRARY_PATH: $out_rpath"
+    else not_ok "app_rpath runs" "$out_rpath"; fi
+fi
+if [ -x app_static2 ]; then
+    out_static2=$(./app_static2 2>&1)
+    if ! readelf -d app_static2 | grep -q 'NEEDED.*libscmoe' && [ "$out_static2" = "${out_shared:-}" ]; then
+        ok "scmoe-static links the archive (no libscmoe.so needed) and gives the same checksums"
+    else not_ok "scmoe-static links the archive" "$(readelf -d app_static2 | grep NEEDED; echo "$out_static2")"; fi
 fi
 if [ -x app_static ]; then
     if ! readelf -d app_static | grep -q 'NEEDED.*libscmoe'; then ok "app_static does not need libscmoe.so"

@@ -12,6 +12,10 @@
 #   - truncated, bit-flipped, wrong-magic, wrong-version and config-mismatched checkpoints: exit 3, each
 #     with its own message; a save that fails halfway (SCMOE_CKPT_FAIL=half) leaves the old one loadable
 #   - generate samples from a checkpoint on 1 and 2 ranks; greedy decoding gives the same text on both
+#   - --flag=value; the progress line (step N/total, aux, elapsed, ETA) and each rank's CPU mask; --log
+#     appends on --resume (10 + 10 lines == 20 straight); --keep 2 keeps the last two ckpt-STEP.bin and
+#     one of them resumes (== the straight run); --grad-accum 2 --batch 2 == --batch 4 (aux 0, dropless:
+#     curves within 1e-4); --val-data validates on its own file
 # Prints "ok - ..." / "not ok - ..." and "N passed, N failed"; exits non-zero on a failure.
 set -u
 cd "$(dirname "$0")/.."
@@ -59,7 +63,8 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a != "inf" && a + 0 <= b + 0)}'; }
 out=$($TRAIN --help 2>&1); rc=$?
 missing=""
 for f in --arch --pos --d --hidden --experts --heads --pairs --seq --batch --steps --lr --warmup --cf --aux --seed \
-         --eval-every --save --save-every --resume --data --quiet --log --ep-size --overlap --wire-bf16 --help; do
+         --eval-every --save --save-every --resume --data --quiet --log --ep-size --overlap --wire-bf16 --help \
+         --grad-accum --keep --val-data; do
     echo "$out" | grep -q -- "^  $f " || missing="$missing $f"
 done
 [ $rc = 0 ] && [ -z "$missing" ]; ok $? "--help exits 0 and lists every flag with its default${missing:+ (missing:$missing)}"
@@ -85,6 +90,12 @@ bad "--experts" --experts 3
 bad "--ep-size" --ep-size 3
 bad "--pos" --pos 4
 bad "--data" --data /nonexistent/text.txt
+bad "--d" --d=abc
+bad "--frobnicate" --frobnicate=3
+bad "--quiet" --quiet=1
+bad "--keep" --keep 2
+bad "--grad-accum" --grad-accum 0
+bad "--val-data" --val-data /nonexistent/val.txt
 
 # ---- 1 rank vs 2 ranks, the same global batch ----
 $MPIRUN -np 1 $TRAIN $TINY --steps 50 --batch 8 --log "$TMP/r1.jsonl" > "$TMP/r1.out" 2>&1; rc1=$?
@@ -120,7 +131,7 @@ $MPIRUN -np 2 $TRAIN $TINY --steps 30 --batch 4 --wire-bf16 1 --log "$TMP/w.json
 # ---- resume continues bit for bit ----
 for ov in 0 1; do
     A="$TINY --steps 20 --batch 4 --overlap $ov"
-    rm -rf "$TMP/ck"
+    rm -rf "$TMP/ck" "$TMP/b.jsonl" # a resumed run appends to its log
     $MPIRUN -np 2 $TRAIN $A --log "$TMP/full.jsonl" > /dev/null 2>&1
     $MPIRUN -np 2 $TRAIN $A --stop-at 10 --save "$TMP/ck" --log "$TMP/a.jsonl" > /dev/null 2>&1
     $MPIRUN -np 2 $TRAIN $A --resume "$TMP/ck" --log "$TMP/b.jsonl" > "$TMP/b.out" 2>&1
@@ -189,6 +200,52 @@ out=$($MPIRUN -np 1 $TRAIN $TINY --steps 10 --batch 4 --resume "$TMP/ck2" 2>&1);
 tl=$(echo "$out" | awk '/^arch /{getline; print $3}')
 [ $rc = 0 ] && [ "$tl" = "-" ] && echo "$out" | grep -q "note: global batch 4 = 1 ranks x --batch 4 (the checkpoint's run used 8 = 2 x 4)"
 ok $? "resumed at its last step (0 steps run) on 1 rank with --batch 4: train_loss \"$tl\" (not nan), and a note that the global batch went 8 -> 4"
+
+# ---- the run's own output: --flag=value, progress line, CPU masks ----
+out=$($MPIRUN -np 2 $TRAIN ${TINY/--quiet/} --steps=10 --batch=4 --print-every=5 2>&1); rc=$?
+line=$(echo "$out" | grep -E '^step +10/10 \| loss [0-9.]+ \| aux [0-9.]+ \|.*\| [0-9]+:[0-9]{2} elapsed, ETA [0-9]+:[0-9]{2}$')
+[ $rc = 0 ] && [ -n "$line" ]; ok $? "--steps=10 --batch=4 run; the progress line has N/total, aux, elapsed and ETA: ${line:-<none>}"
+masks=$(echo "$out" | grep -cE '^rank [01] on .*: CPUs [0-9][-0-9,]* \([0-9]+\) for 1 OpenMP threads$')
+[ "$masks" = 2 ]; ok $? "each rank's CPU mask is printed at start ($masks lines): $(echo "$out" | grep -m1 '^rank 0 on')"
+
+# ---- the log appends on --resume ----
+A="$TINY --steps 20 --batch 4"
+rm -rf "$TMP/ckl"
+$MPIRUN -np 2 $TRAIN $A --log "$TMP/straight.jsonl" > /dev/null 2>&1
+$MPIRUN -np 2 $TRAIN $A --stop-at 10 --save "$TMP/ckl" --log "$TMP/cont.jsonl" > /dev/null 2>&1
+$MPIRUN -np 2 $TRAIN $A --resume "$TMP/ckl" --log "$TMP/cont.jsonl" > /dev/null 2>&1
+[ "$(wc -l < "$TMP/cont.jsonl")" = 20 ] &&
+    diff <(sed -E 's/,"tokens_per_s".*//' "$TMP/straight.jsonl") <(sed -E 's/,"tokens_per_s".*//' "$TMP/cont.jsonl") > /dev/null
+ok $? "--log on --resume appends: 10 + 10 lines == the 20 of the straight run"
+
+# ---- --keep N ----
+rm -rf "$TMP/ckk"
+$MPIRUN -np 2 $TRAIN $A --save "$TMP/ckk" --save-every 5 --keep 2 > /dev/null 2>&1; rc=$?
+kept=$(cd "$TMP/ckk" 2>/dev/null && ls ckpt-*.bin | tr '\n' ' ')
+[ $rc = 0 ] && [ "$kept" = "ckpt-000000015.bin ckpt-000000020.bin " ] && cmp -s "$TMP/ckk/ckpt.bin" "$TMP/ckk/ckpt-000000020.bin"
+ok $? "--save-every 5 --keep 2: the last two kept (${kept:-none}), ckpt.bin is the newest"
+$MPIRUN -np 2 $TRAIN $A --resume "$TMP/ckk/ckpt-000000015.bin" --log "$TMP/k15.jsonl" > /dev/null 2>&1; rc=$?
+tail -n 5 "$TMP/straight.jsonl" > "$TMP/straight_tail5.jsonl"
+[ $rc = 0 ] && diff <(sed -E 's/,"tokens_per_s".*//' "$TMP/straight_tail5.jsonl") <(sed -E 's/,"tokens_per_s".*//' "$TMP/k15.jsonl") > /dev/null
+ok $? "--resume from a kept file (ckpt-000000015.bin): steps 16-20 == the straight run"
+
+# ---- --grad-accum ----
+G="$TINY --steps 20 --aux 0 --cf 0"
+$MPIRUN -np 2 $TRAIN $G --batch 4 --log "$TMP/b4.jsonl" > /dev/null 2>&1; rc1=$?
+$MPIRUN -np 2 $TRAIN $G --batch 2 --grad-accum 2 --log "$TMP/ga.jsonl" > /dev/null 2>&1; rc2=$?
+r=$(maxrel "$TMP/ga.jsonl" "$TMP/b4.jsonl"); gn "$TMP/ga.jsonl" > "$TMP/ga.gn"; gn "$TMP/b4.jsonl" > "$TMP/b4.gn"
+rg=$(maxrel "$TMP/ga.gn" "$TMP/b4.gn")
+[ $rc1 = 0 ] && [ $rc2 = 0 ] && le "$r" 1e-4 && le "$rg" 1e-4
+ok $? "--grad-accum 2 --batch 2 == --batch 4 (aux 0, dropless; 2 ranks): losses $r, gradient norms $rg <= 1e-4"
+$MPIRUN -np 2 $TRAIN $TINY --steps 10 --batch 2 --grad-accum 3 --log "$TMP/ga3.jsonl" > /dev/null 2>&1; rc=$?
+[ $rc = 0 ] && [ "$(wc -l < "$TMP/ga3.jsonl")" = 10 ]; ok $? "--grad-accum 3 with the aux loss on trains 10 steps (exit $rc)"
+
+# ---- --val-data ----
+head -c 20000 "$TMP/text.txt" > "$TMP/val.txt"
+out=$($MPIRUN -np 2 $TRAIN ${TINY/--quiet/} --steps 10 --batch 4 --val-data "$TMP/val.txt" --log "$TMP/v.jsonl" 2>&1); rc=$?
+tsize=$(stat -c %s "$TMP/text.txt")
+[ $rc = 0 ] && echo "$out" | grep -q "($tsize train, 20000 val)" && grep -q '"val_loss":[0-9]' "$TMP/v.jsonl"
+ok $? "--val-data: all $tsize bytes train, the 20000 of the other file validate: $(echo "$out" | grep -o '([0-9]* train, [0-9]* val)')"
 
 # ---- generate ----
 g1=$($MPIRUN -np 1 $GEN --ckpt "$TMP/ck2" --prompt "static " --tokens 60 --temperature 0 2>&1); rc1=$?

@@ -4,8 +4,11 @@
 # Installs slurm-wlm and munge if missing (apt-get, through tools/install_deps.sh), starts munged,
 # slurmctld and slurmd as root with every file under a temporary directory (their own ports, key,
 # socket, state, logs: nothing of a system Slurm is used or touched), submits a short training job of
-# 2 tasks with `sbatch --wait`, checks that it completed and printed loss lines and the summary, and
-# tears everything down, also on failure or Ctrl-C. Needs root (the daemons run as root). The setup
+# 2 tasks x 2 CPUs (1 task x 2 CPUs on a node with fewer than 4 CPUs) with `sbatch --wait`, checks
+# that it completed, printed loss lines and the summary, and that each task's CPU mask (srun's and
+# the one train_lm reads with sched_getaffinity) holds as many CPUs as it runs threads; then a job
+# submitted as plain `sbatch -N 1 -n 1` (the script fixes no layout of its own); and tears
+# everything down, also on failure or Ctrl-C. Needs root (the daemons run as root). The setup
 # is the one measured to work on Debian 12 (Slurm 22.05), with TaskPlugin=task/affinity so srun binds.
 # Prints "ok - ..." / "not ok - ..." and "N passed, N failed"; exits non-zero on a failure.
 set -u
@@ -102,27 +105,55 @@ if [ $fail != 0 ]; then
     finish
 fi
 
-# ---- one short training job, 2 tasks ----
+# ---- a short training job: 2 tasks x 2 CPUs (1 x 2 on a 2- or 3-CPU node) ----
 cat scmoe.h pair.c > "$T/text.txt"
-job_out=$T/job.out
 train_abs=$(cd "$BUILD/examples" && pwd)/train_lm
-start=$(date +%s)
-submit=$(timeout 300 sbatch --wait --parsable -N 1 -n 2 --cpus-per-task=1 -o "$job_out" \
-         --export=ALL,TRAIN_LM="$train_abs" examples/slurm/train.sbatch \
-         --d 32 --hidden 64 --experts 4 --heads 2 --pairs 2 --seq 32 --batch 4 --steps 40 --warmup 5 \
-         --eval-every 20 --print-every 10 --data "$T/text.txt" --save "$T/ckpt" 2>&1); rc=$?
-job=$(echo "$submit" | grep -E '^[0-9]+' | head -n 1 | cut -d';' -f1)
-ok $rc "sbatch --wait ran job ${job:-?} to the end in $(( $(date +%s) - start )) s (exit $rc)"
-st=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n 1)
-[ "$st" = JobState=COMPLETED ]; ok $? "the job's state is COMPLETED (${st:-no record})"
-grep -q '2 ranks on 1 node' "$job_out" 2>/dev/null; ok $? "the job ran 2 ranks on 1 node via srun --mpi=pmix"
-masks=$(grep -o 'mask 0x[0-9a-f]* set' "$job_out" 2>/dev/null | sort -u | wc -l)
-[ "$masks" = 2 ]; ok $? "each rank is bound to its own core (srun --cpu-bind=cores: $masks distinct masks)"
-grep -qE '^step +40 \| loss [0-9.]+ ' "$job_out" 2>/dev/null; ok $? "its output has loss lines: $(grep -E '^step +40 ' "$job_out" 2>/dev/null | cut -c1-60)"
+TRAIN_FLAGS="--d 32 --hidden 64 --experts 4 --heads 2 --pairs 2 --seq 32 --batch 4 --warmup 5 --data $T/text.txt"
+NT=2 CPT=2
+[ "$NCPU" -ge 4 ] || NT=1
+# submit NAME SBATCH-LAYOUT... -- TRAIN-FLAGS...: runs the job to the end, sets job and job_out
+submit() {
+    local name=$1; shift
+    local layout=()
+    while [ "$1" != -- ]; do layout+=("$1"); shift; done
+    shift
+    job_out=$T/$name.out
+    local start rc out
+    start=$(date +%s)
+    out=$(timeout 300 sbatch --wait --parsable "${layout[@]}" -o "$job_out" --export=ALL,TRAIN_LM="$train_abs" \
+          examples/slurm/train.sbatch "$@" 2>&1); rc=$?
+    job=$(echo "$out" | grep -E '^[0-9]+' | head -n 1 | cut -d';' -f1)
+    ok $rc "sbatch --wait ${layout[*]} ran job ${job:-?} to the end in $(( $(date +%s) - start )) s (exit $rc)"
+    local st
+    st=$(scontrol show job "$job" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -n 1)
+    [ "$st" = JobState=COMPLETED ]; ok $? "the job's state is COMPLETED (${st:-no record})"
+}
+# binding NT CPT: srun's masks and train_lm's view of them: NT ranks, each with CPT CPUs of its own
+# for CPT threads, and no warning about threads sharing cores
+binding() {
+    local nt=$1 cpt=$2
+    grep -q "$nt ranks on 1 node(s) .* $cpt threads per rank" "$job_out" 2>/dev/null
+    ok $? "the job ran $nt rank(s) x $cpt thread(s) on 1 node via srun --mpi=pmix"
+    local masks bits
+    masks=$(grep -o 'mask 0x[0-9a-f]* set' "$job_out" 2>/dev/null | sort -u | cut -d' ' -f2)
+    bits=$(for m in $masks; do v=$((m)) c=0; while [ $v -gt 0 ]; do c=$((c + (v & 1))); v=$((v >> 1)); done; echo $c; done | sort -u | tr '\n' ' ')
+    [ "$(echo "$masks" | grep -c .)" = "$nt" ] && [ "$bits" = "$cpt " ]
+    ok $? "srun bound each of the $nt task(s) to $cpt CPU(s) of its own: masks $(echo $masks) (${bits% } CPUs each)"
+    local seen
+    seen=$(grep -cE "^rank [0-9]+ on .*: CPUs [-0-9,]+ \($cpt\) for $cpt OpenMP threads$" "$job_out" 2>/dev/null)
+    [ "$seen" = "$nt" ] && ! grep -q '^warning: rank' "$job_out"
+    ok $? "train_lm sees each rank's mask cover its threads ($seen of $nt lines: $(grep -m1 '^rank 0 on' "$job_out" 2>/dev/null))"
+}
+submit threads -N 1 -n $NT --cpus-per-task=$CPT -- $TRAIN_FLAGS --steps 40 --eval-every 20 --print-every 10 --save "$T/ckpt"
+binding $NT $CPT
+grep -qE '^step +40/40 \| loss [0-9.]+ ' "$job_out" 2>/dev/null; ok $? "its output has loss lines: $(grep -E '^step +40/' "$job_out" 2>/dev/null | cut -c1-60)"
 grep -qE '^scmoe-pos2 +40 ' "$job_out" 2>/dev/null; ok $? "and the summary table"
 [ -s "$T/ckpt/ckpt.bin" ]; ok $? "and saved its checkpoint"
+# the layout is the submission's: a plain one-task job (refused while the script fixed 2 tasks per node)
+submit plain -N 1 -n 1 -- $TRAIN_FLAGS --steps 10 --eval-every 0 --print-every 5
+binding 1 1
 if [ $fail != 0 ]; then
-    echo "# job output:"; sed 's/^/#   /' "$job_out" 2>/dev/null | tail -n 20
+    for f in "$T"/threads.out "$T"/plain.out; do echo "# $f:"; sed 's/^/#   /' "$f" 2>/dev/null | tail -n 20; done
     echo "# slurmd.log:"; tail -n 10 "$T/slurmd.log" 2>/dev/null | sed 's/^/#   /'
 fi
 finish
