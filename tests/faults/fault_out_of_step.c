@@ -270,7 +270,7 @@ static void broken_context(void) {
     if (s) return;
     s = scmoe_pair_forward(p, B, T, x, y, NULL);
     if (rank == 0) s = scmoe_pair_forward(p, B, T, x, y, NULL);
-    else sleep(2);
+    else sleep(4); /* 4 timeouts: rank 0 has given up before rank 1 arrives, however loaded the machine */
     if (rank == 1) s = scmoe_pair_forward(p, B, T, x, y, NULL);
     check(s == SCMOE_ERR_TIMEOUT, "broken: rank 1 skips a forward: SCMOE_ERR_TIMEOUT on both ranks (rank %d: %s: %s)",
           rank, scmoe_strerror(s), scmoe_last_error(ctx));
