@@ -25,23 +25,20 @@ extern "C" {
  * untouched and may be freed by the host after this call; scmoe_context_destroy() frees the duplicate,
  * so destroy every context before MPI_Finalize.
  *
- * @par MPI_COMM_WORLD's error handler (the host's decision)
+ * @par MPI_COMM_WORLD's error handler while a context lives
  * OpenMPI (4.1 and later) reports an error inside a nonblocking collective (the library's exchanges
- * and agreements all are) to MPI_COMM_WORLD's error handler, whatever communicator it ran on: with the
- * default MPI_ERRORS_ARE_FATAL a truncated or failed exchange aborts the whole job, so the promise above
- * could not hold. The library does not change a process-wide setting behind the host's back: this
- * call refuses with ::SCMOE_ERR_STATE while MPI_COMM_WORLD's handler is MPI_ERRORS_ARE_FATAL (or
- * MPI_ERRORS_ABORT). The host consents by setting it after MPI_Init, before this call:
- * @code
- * MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
- * @endcode
- * Its own MPI calls on MPI_COMM_WORLD then return error codes too; a host that relies on aborting can
- * run them on a duplicate with MPI_ERRORS_ARE_FATAL set (examples/train_lm.c does). Any other handler
- * the host installed (one that returns) is accepted as it is.
+ * and agreements all are) to MPI_COMM_WORLD's error handler, whatever communicator it ran on: with
+ * MPI's default MPI_ERRORS_ARE_FATAL a truncated or failed exchange would abort the whole job, and the
+ * promise above could not hold. So when MPI_COMM_WORLD's handler is one that aborts
+ * (MPI_ERRORS_ARE_FATAL, MPI_ERRORS_ABORT), this call replaces it with MPI_ERRORS_RETURN, and
+ * scmoe_context_destroy() of this context puts it back (unless the host installed another handler in
+ * between). Meanwhile the host's own calls on MPI_COMM_WORLD return error codes too: a host that relies
+ * on aborting runs them on a duplicate with MPI_ERRORS_ARE_FATAL set (examples/train_lm.c does). A
+ * handler that returns (MPI_ERRORS_RETURN or the host's own) is left as it is. scmoe_context_abort()
+ * leaves MPI_ERRORS_RETURN in place: exchanges it abandoned may still fail later.
  *
  * The library never calls MPI_Init or MPI_Finalize. If MPI is not initialised (or already finalised),
- * or MPI_COMM_WORLD's error handler would abort the job, this returns ::SCMOE_ERR_STATE and sets *ctx to
- * NULL. The MPI thread level granted to the host is
+ * this returns ::SCMOE_ERR_STATE and sets *ctx to NULL. The MPI thread level granted to the host is
  * recorded: the THREAD progress policy needs MPI_THREAD_MULTIPLE and falls back to POLL without it.
  *
  * @param host_comm  the host's communicator (not MPI_COMM_NULL); the context's rank and size are the

@@ -146,7 +146,6 @@ static int sample(const float *z, int V, double temperature, int top_k, uint64_t
 int main(int argc, char **argv) {
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN); /* MPI errors come back as statuses (scmoe_mpi.h) */
     MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g_size);
     parse_args(argc, argv);

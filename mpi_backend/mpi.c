@@ -16,8 +16,9 @@
  * Errors: the communicator is a private duplicate with MPI_ERRORS_RETURN, so every MPI failure comes
  * back as a return code, turned here into SCMOE_ERR_COMM with MPI_Error_string's text in c->err. The
  * library never aborts and never prints. OpenMPI sends an error inside a nonblocking collective to
- * MPI_COMM_WORLD's handler instead, so a context is only created once the host has made that handler
- * return (world_errors_return, scmoe_mpi.h).
+ * MPI_COMM_WORLD's handler instead, so while a context lives that handler returns: create replaces one
+ * that aborts with MPI_ERRORS_RETURN and destroy puts it back (world_fatal_handler, world_restore,
+ * scmoe_mpi.h).
  *
  * Progress: OpenMPI's nonblocking collectives (libnbc) advance only inside MPI calls. With POLL the
  * core calls comm_progress/comm_test between compute tiles. With THREAD (and MPI_THREAD_MULTIPLE) a
@@ -77,6 +78,10 @@ typedef struct mpi_impl {
     /* the agreements' in-place buffer: a timed-out agreement stays pending and MPI may write its result
      * later, into memory the comm owns (kept by abandon) rather than into a caller's dead stack frame */
     int64_t i64[SMALL_I64];
+    /* the context's own communicator only: MPI_COMM_WORLD's handler was one that aborts (world_prev)
+     * and create replaced it with MPI_ERRORS_RETURN; destroy puts it back */
+    int world_set;
+    MPI_Errhandler world_prev;
 } mpi_impl;
 
 static double now_s(void) {
@@ -466,11 +471,39 @@ static void mpi_abandon(comm *c) {
     free(c);
 }
 
+/* OpenMPI (4.1 at least) reports an error inside a nonblocking collective, whatever its communicator,
+ * to MPI_COMM_WORLD's error handler: with the default MPI_ERRORS_ARE_FATAL a truncated exchange aborts
+ * the job before our MPI_Test can return the code. So the promise "errors come back as SCMOE_ERR_COMM"
+ * holds only while WORLD's handler returns (scmoe_mpi.h): a handler that aborts is returned in *eh (a
+ * predefined handle, nothing to free), any other gives MPI_ERRHANDLER_NULL. */
+static MPI_Errhandler world_fatal_handler(void) {
+    MPI_Errhandler eh = MPI_ERRHANDLER_NULL;
+    if (MPI_Comm_get_errhandler(MPI_COMM_WORLD, &eh) != MPI_SUCCESS) return MPI_ERRHANDLER_NULL;
+    int fatal = eh == MPI_ERRORS_ARE_FATAL;
+#ifdef MPI_ERRORS_ABORT
+    fatal |= eh == MPI_ERRORS_ABORT;
+#endif
+    if (fatal) return eh;
+    if (eh != MPI_ERRHANDLER_NULL) MPI_Errhandler_free(&eh);
+    return MPI_ERRHANDLER_NULL;
+}
+
+/* Puts back the WORLD handler create replaced, unless the host has installed another one since. */
+static void world_restore(mpi_impl *m) {
+    if (!m->world_set) return;
+    MPI_Errhandler eh = MPI_ERRHANDLER_NULL;
+    if (MPI_Comm_get_errhandler(MPI_COMM_WORLD, &eh) == MPI_SUCCESS && eh == MPI_ERRORS_RETURN)
+        MPI_Comm_set_errhandler(MPI_COMM_WORLD, m->world_prev);
+    if (eh != MPI_ERRHANDLER_NULL && eh != MPI_ERRORS_RETURN) MPI_Errhandler_free(&eh);
+    m->world_set = 0;
+}
+
 static void mpi_destroy(comm *c) {
     if (!c) return;
     mpi_impl *m = c->impl;
     if (m) {
         stop_helper(m);
+        world_restore(m);
         /* Requests still pending (a timed-out exchange never finished) cannot be freed: MPI forbids
          * MPI_Request_free on a collective. They are left to MPI_Finalize. */
         for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
@@ -550,21 +583,6 @@ static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out) {
     return SCMOE_OK;
 }
 
-/* OpenMPI (4.1 at least) reports an error inside a nonblocking collective, whatever its communicator,
- * to MPI_COMM_WORLD's error handler: with the default MPI_ERRORS_ARE_FATAL a truncated exchange aborts
- * the job before our MPI_Test can return the code. So the promise "errors come back as SCMOE_ERR_COMM"
- * holds only when WORLD's handler returns; changing it is the host's decision (scmoe_mpi.h). */
-static int world_errors_return(void) {
-    MPI_Errhandler eh = MPI_ERRHANDLER_NULL;
-    if (MPI_Comm_get_errhandler(MPI_COMM_WORLD, &eh) != MPI_SUCCESS) return 0;
-    int fatal = eh == MPI_ERRORS_ARE_FATAL;
-#ifdef MPI_ERRORS_ABORT
-    fatal |= eh == MPI_ERRORS_ABORT;
-#endif
-    if (eh != MPI_ERRHANDLER_NULL) MPI_Errhandler_free(&eh);
-    return !fatal;
-}
-
 scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
     if (!ctx) return SCMOE_ERR_NULL;
     *ctx = NULL;
@@ -573,7 +591,6 @@ scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
     MPI_Finalized(&finalized);
     if (!inited || finalized) return SCMOE_ERR_STATE;
     if (host_comm == MPI_COMM_NULL) return SCMOE_ERR_NULL;
-    if (!world_errors_return()) return SCMOE_ERR_STATE;
     int level = MPI_THREAD_SINGLE;
     if (MPI_Query_thread(&level) != MPI_SUCCESS) level = MPI_THREAD_SINGLE;
     MPI_Comm mc;
@@ -585,6 +602,13 @@ scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
     if (s) {
         MPI_Comm_free(&mc);
         return s;
+    }
+    /* while the context lives, an MPI error in its exchanges must return to it, not abort the job */
+    MPI_Errhandler prev = world_fatal_handler();
+    if (prev != MPI_ERRHANDLER_NULL && MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN) == MPI_SUCCESS) {
+        mpi_impl *m = c->impl;
+        m->world_set = 1;
+        m->world_prev = prev;
     }
     s = context_create_with(c, ctx);
     if (s) {

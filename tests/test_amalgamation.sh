@@ -194,7 +194,6 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "mpi") == 0 && argc > 2) {
         int provided, rank;
         MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-        MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN); /* scmoe_mpi.h: create refuses a fatal one */
         MPI_Comm_rank(MPI_COMM_WORLD, &rank);
         char path[4096];
         snprintf(path, sizeof path, "%s.rank%d", argv[2], rank);

@@ -341,7 +341,6 @@ static void run_refusals(scmoe_context *dctx) {
 int main(int argc, char **argv) {
 #ifdef SCMOE_WITH_MPI
     MPI_Init(&argc, &argv);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN); /* MPI errors come back as statuses (scmoe_mpi.h) */
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
 #endif

@@ -192,7 +192,6 @@ static int bench_pair(scmoe_context *ctx, const opts *o, scmoe_arch arch, double
 int main(int argc, char **argv) {
 #ifdef SCMOE_WITH_MPI
     MPI_Init(&argc, &argv);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN); /* MPI errors come back as statuses (scmoe_mpi.h) */
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
 #endif

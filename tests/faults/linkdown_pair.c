@@ -92,7 +92,6 @@ static scmoe_context *ctx;
 int main(int argc, char **argv) {
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN); /* MPI errors come back as statuses (scmoe_mpi.h) */
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     if (argc < 2) {
         fprintf(stderr, "usage: linkdown_pair REPORT_PREFIX [TIMEOUT_S] [poll|thread] [MAX_STEPS]\n");
