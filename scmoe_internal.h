@@ -9,6 +9,7 @@
 struct scmoe_context {
     comm *world;
     const blas_backend *blas;
+    blas_backend *host_blas;    /* the host's table with bf16 GEMMs, made by the first bf16 object (NULL: none yet) */
     const compute_ops *compute; /* compute_host(), or a device backend's (scmoe_context_use_cuda) */
     /* a device backend's state, released with the context (NULL: none) */
     void *backend;
@@ -74,6 +75,7 @@ typedef struct param_table {
     const compute_ops *co; /* where data and grad live (device memory), and stage (co->exchange_kind) */
     float *data, *grad, *stage;
     float *data_host;      /* mapped: the data of host_data tensors */
+    uint16_t *data_bf16;   /* SCMOE_PRECISION_BF16 on the host: data rounded to bf16, same offsets (precision.c) */
 } param_table;
 
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
@@ -91,6 +93,12 @@ scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t);
 scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
 /* grad += stage for every staged tensor */
 void params_add_stage(param_table *pt);
+/* precision.c: with cfg->precision BF16, points ex at bf16 GEMMs (the host's table, made on first use) and
+ * on the host gives pt a bf16 copy of its data (after params_allocate); nothing with FP32. */
+scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg, param_table *pt, exec *ex);
+/* Rounds pt's data into its bf16 copy again (scmoe_*_params_changed); nothing without one. */
+void scmoe__precision_refresh(param_table *pt);
+
 
 /* ---- a nonblocking exchange in flight, timed ---- */
 typedef struct inflight {

@@ -34,6 +34,7 @@ SLOW=1 VGENV=
 want moe && run "moe layer (1 rank)" $((900 * SLOW)) env OMP_NUM_THREADS=2 $VGENV $VG ${BUILD:-build}/tests/test_moe
 want pair && run "block pair (1 rank)" $((900 * SLOW)) env OMP_NUM_THREADS=2 $VGENV $VG ${BUILD:-build}/tests/test_pair
 want schedule && run "schedule, trace, bf16 wire" $((600 * SLOW)) env $VGENV $VG ${BUILD:-build}/tests/test_schedule
+want bf16 && run "bf16 GEMM engines and precision" 300 env OMP_NUM_THREADS=2 $VGENV $VG ${BUILD:-build}/tests/test_bf16
 want oracle_moe && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
 want oracle_pair && run "block pair vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_pair
 if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then
