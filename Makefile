@@ -22,7 +22,6 @@ endif
 ifneq ($(DNNL_LIB),)
   CFLAGS  += -DSCMOE_WITH_ONEDNN
   DNNL_INC := $(shell pkg-config --cflags dnnl 2>/dev/null)
-  ONEDNN_SRC := blas_backend/onednn.c
 endif
 LDLIBS  += $(BLAS_LIB) $(DNNL_LIB) -fopenmp -lm -lpthread
 
@@ -30,7 +29,7 @@ B ?= build
 CORE_SRC := scmoe.c layer.c moe.c pair.c schedule.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
             kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
             mpi_backend/serial.c precision.c
-BLAS_SRC := blas_backend/openblas.c blas_backend/blas_host.c $(ONEDNN_SRC)
+BLAS_SRC := blas_backend/openblas.c blas_backend/blas_host.c blas_backend/onednn.c
 ifeq ($(MPI),1)
   CC_LIB  := $(MPICC)
   MPI_SRC := mpi_backend/mpi.c

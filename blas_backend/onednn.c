@@ -9,6 +9,7 @@
  * {1, lda} when transposed; B likewise; C is M x N, {ldc, 1}. alpha is the output scale and beta a
  * sum post-op: C = alpha (A B) + beta C, accumulated in fp32 by oneDNN. Threads: oneDNN's OpenMP
  * runtime (Debian's build), the library's threads; inside a parallel region it runs on one. */
+#ifdef SCMOE_WITH_ONEDNN /* the build's choice (make ONEDNN=0, or the amalgamation's macro) */
 #include "onednn.h"
 #include <oneapi/dnnl/dnnl.h>
 #include <stdlib.h>
@@ -194,3 +195,4 @@ const char *scmoe__onednn_isa(void) {
     default: return "unknown";
     }
 }
+#endif /* SCMOE_WITH_ONEDNN */

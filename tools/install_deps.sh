@@ -2,7 +2,7 @@
 # Installs the Debian/Ubuntu packages scmoe needs, if any are missing (with sudo when not root).
 # Usage: tools/install_deps.sh [extra packages...]
 set -e
-pkgs="build-essential pkg-config libopenblas-openmp-dev libopenmpi-dev openmpi-bin python3-torch python3-numpy $*"
+pkgs="build-essential pkg-config libopenblas-openmp-dev libdnnl-dev libopenmpi-dev openmpi-bin python3-torch python3-numpy $*"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
