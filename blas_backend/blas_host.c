@@ -20,38 +20,34 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef SCMOE_WITH_ONEDNN
 #include "onednn.h"
-#else
-typedef struct scmoe__onednn scmoe__onednn;
-#endif
 
-typedef struct slot {
+typedef struct bf16_slot {
     float *a, *b;
     uint16_t *ha, *hb;
     size_t na, nb, nha, nhb; /* elements held */
     char pad[64];            /* slots of different threads on different cache lines */
-} slot;
+} bf16_slot;
 
 typedef struct blas_host {
     blas_backend base; /* first: self is the blas_host */
     int engine;
     scmoe__onednn *dnn;
     int slots;
-    slot *slot;
+    bf16_slot *slot;
     char desc[256];
 } blas_host;
 
 /* The caller's slot: its thread number in the innermost active parallel region, mixed-radix over the
  * active levels when regions nest, so two threads running at once never share one. */
-static int slot_of(void) {
+static int bf16_slot_of(void) {
     int s = 0;
     for (int l = 1; l <= omp_get_level(); l++)
         if (omp_get_team_size(l) > 1) s = s * omp_get_team_size(l) + omp_get_ancestor_thread_num(l);
     return s;
 }
 
-static void *grow(void **p, size_t *have, size_t need, size_t size) {
+static void *bf16_grow(void **p, size_t *have, size_t need, size_t size) {
     if (need <= *have) return *p;
     free(*p);
     *have = 0;
@@ -61,17 +57,17 @@ static void *grow(void **p, size_t *have, size_t need, size_t size) {
 }
 
 /* op(X)[i, j] of a row-major matrix with stride ld, transposed when t */
-static inline float at(const float *X, const uint16_t *Xb, int t, int ld, int i, int j) {
+static inline float bf16_op_at(const float *X, const uint16_t *Xb, int t, int ld, int i, int j) {
     size_t o = t ? (size_t)j * ld + i : (size_t)i * ld + j;
     return bf16_to_float(Xb ? Xb[o] : bf16_from_float(X[o]));
 }
 
-static void naive(int ta, int tb, int M, int N, int K, float alpha, const float *A, const uint16_t *Ab, int lda,
+static void bf16_gemm_naive(int ta, int tb, int M, int N, int K, float alpha, const float *A, const uint16_t *Ab, int lda,
                   const float *B, const uint16_t *Bb, int ldb, float beta, float *C, int ldc) {
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             float s = 0.0f;
-            for (int k = 0; k < K; k++) s += at(A, Ab, ta, lda, i, k) * at(B, Bb, tb, ldb, k, j);
+            for (int k = 0; k < K; k++) s += bf16_op_at(A, Ab, ta, lda, i, k) * bf16_op_at(B, Bb, tb, ldb, k, j);
             float *c = &C[(size_t)i * ldc + j];
             *c = alpha * s + (beta == 0.0f ? 0.0f : beta * *c);
         }
@@ -93,30 +89,30 @@ static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int 
     const blas_host *h = (const blas_host *)self;
     /* the operands as stored: A is ra x ca (M x K, or K x M when transposed), B is rb x cb */
     int ra = ta ? K : M, ca = ta ? M : K, rb = tb ? N : K, cb = tb ? K : N;
-    int s = slot_of();
+    int s = bf16_slot_of();
     if (s >= h->slots) {
-        naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
+        bf16_gemm_naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
         return;
     }
-    slot *sl = &h->slot[s];
+    bf16_slot *sl = &h->slot[s];
 #ifdef SCMOE_WITH_ONEDNN
     if (h->engine == BLAS_BF16_ONEDNN) {
         const uint16_t *a = Ab, *b = Bb;
         int la = lda, lb = ldb;
-        if (!a && (a = grow((void **)&sl->ha, &sl->nha, (size_t)ra * ca, 2))) {
+        if (!a && (a = bf16_grow((void **)&sl->ha, &sl->nha, (size_t)ra * ca, 2))) {
             bf16_pack_rows(sl->ha, A, ra, ca, lda);
             la = ca;
         }
-        if (!b && (b = grow((void **)&sl->hb, &sl->nhb, (size_t)rb * cb, 2))) {
+        if (!b && (b = bf16_grow((void **)&sl->hb, &sl->nhb, (size_t)rb * cb, 2))) {
             bf16_pack_rows(sl->hb, B, rb, cb, ldb);
             lb = cb;
         }
         if (a && b && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, la, b, lb, beta, C, ldc)) return;
     }
 #endif
-    float *a = grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4), *b = grow((void **)&sl->b, &sl->nb, (size_t)rb * cb, 4);
+    float *a = bf16_grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4), *b = bf16_grow((void **)&sl->b, &sl->nb, (size_t)rb * cb, 4);
     if (!a || !b) {
-        naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
+        bf16_gemm_naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
         return;
     }
     if (Ab) bf16_unpack_rows(a, Ab, ra, ca, lda);

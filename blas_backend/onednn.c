@@ -2,7 +2,7 @@
  * sizes, leading dimensions, alpha, beta): creating one JIT-compiles its kernel, so it is made on the
  * first GEMM of that shape and kept (a shape it cannot make is remembered as such), with a memory object per operand and thread, whose data pointer
  * is set on each call; after warm-up a GEMM allocates nothing. The cache is a fixed array searched
- * under a lock and never evicts (SCMOE_ONEDNN_CACHE): an entry, once published, lives until destroy,
+ * under a lock and never evicts (SCMOE_ONEDNN_CACHE): an onednn_entry, once published, lives until destroy,
  * so threads use entries without holding the lock.
  *
  * Row-major with strides: A is M x K with strides {lda, 1}, or stored K x M and read through strides
@@ -15,12 +15,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct entry {
+typedef struct onednn_entry {
     int ta, tb, M, N, K, lda, ldb, ldc;
     float alpha, beta;
     dnnl_primitive_t prim;
     dnnl_memory_t *mem; /* [slots][3]: A, B, C of each thread slot */
-} entry;
+} onednn_entry;
 
 struct scmoe__onednn {
     dnnl_engine_t eng;
@@ -28,21 +28,21 @@ struct scmoe__onednn {
     dnnl_data_type_t dt;
     int slots, n;
     char impl[96];
-    entry *e[SCMOE_ONEDNN_CACHE];
+    onednn_entry *e[SCMOE_ONEDNN_CACHE];
 };
 
-static void md2(dnnl_memory_desc_t *md, int rows, int cols, int ld, int trans, dnnl_data_type_t dt) {
+static void onednn_md(dnnl_memory_desc_t *md, int rows, int cols, int ld, int trans, dnnl_data_type_t dt) {
     dnnl_dims_t dims = {rows, cols}, strides = {trans ? 1 : ld, trans ? ld : 1};
     dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides);
 }
 
 /* The primitive of one shape, or NULL when oneDNN cannot make one; impl (may be NULL) gets its name. */
-static dnnl_primitive_t make(const scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda,
+static dnnl_primitive_t onednn_make(const scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda,
                              int ldb, float beta, int ldc, char *impl, size_t len) {
     dnnl_memory_desc_t a, b, c;
-    md2(&a, M, K, lda, ta, d->dt);
-    md2(&b, K, N, ldb, tb, d->dt);
-    md2(&c, M, N, ldc, 0, dnnl_f32);
+    onednn_md(&a, M, K, lda, ta, d->dt);
+    onednn_md(&b, K, N, ldb, tb, d->dt);
+    onednn_md(&c, M, N, ldc, 0, dnnl_f32);
     dnnl_matmul_desc_t desc;
     if (dnnl_matmul_desc_init(&desc, &a, &b, NULL, &c) != dnnl_success) return NULL;
     dnnl_primitive_attr_t attr;
@@ -78,7 +78,7 @@ static dnnl_primitive_t make(const scmoe__onednn *d, int ta, int tb, int M, int 
 void scmoe__onednn_destroy(scmoe__onednn *d) {
     if (!d) return;
     for (int i = 0; i < d->n; i++) {
-        entry *e = d->e[i];
+        onednn_entry *e = d->e[i];
         for (int j = 0; j < 3 * d->slots; j++)
             if (e->mem[j]) dnnl_memory_destroy(e->mem[j]);
         free(e->mem);
@@ -103,7 +103,7 @@ scmoe__onednn *scmoe__onednn_create(int bf16, int slots) {
     for (int s = 0; ok && s < slots; s++)
         ok = dnnl_stream_create(&d->streams[s], d->eng, dnnl_stream_default_flags) == dnnl_success;
     /* the probe: can this CPU run matmuls of this type other than by the reference loops? */
-    dnnl_primitive_t probe = ok ? make(d, 0, 0, 32, 32, 32, 1.0f, 32, 32, 0.0f, 32, d->impl, sizeof d->impl) : NULL;
+    dnnl_primitive_t probe = ok ? onednn_make(d, 0, 0, 32, 32, 32, 1.0f, 32, 32, 0.0f, 32, d->impl, sizeof d->impl) : NULL;
     if (!probe) {
         scmoe__onednn_destroy(d);
         return NULL;
@@ -112,14 +112,14 @@ scmoe__onednn *scmoe__onednn_create(int bf16, int slots) {
     return d;
 }
 
-static entry *find(scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda, int ldb, float beta,
+static onednn_entry *onednn_find(scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda, int ldb, float beta,
                    int ldc) {
-    entry key = {ta, tb, M, N, K, lda, ldb, ldc, alpha, beta, NULL, NULL};
-    entry *hit = NULL;
+    onednn_entry key = {ta, tb, M, N, K, lda, ldb, ldc, alpha, beta, NULL, NULL};
+    onednn_entry *hit = NULL;
 #pragma omp critical(scmoe_onednn_cache)
     {
         for (int i = 0; i < d->n && !hit; i++) {
-            entry *e = d->e[i];
+            onednn_entry *e = d->e[i];
             if (e->ta == ta && e->tb == tb && e->M == M && e->N == N && e->K == K && e->lda == lda &&
                 e->ldb == ldb && e->ldc == ldc && !memcmp(&e->alpha, &alpha, sizeof alpha) &&
                 !memcmp(&e->beta, &beta, sizeof beta))
@@ -127,11 +127,11 @@ static entry *find(scmoe__onednn *d, int ta, int tb, int M, int N, int K, float 
         }
         if (!hit && d->n < SCMOE_ONEDNN_CACHE) {
             /* a shape oneDNN has no primitive for is kept too (prim NULL), so it is asked once */
-            entry *e = calloc(1, sizeof *e);
+            onednn_entry *e = calloc(1, sizeof *e);
             dnnl_memory_t *mem = calloc(3 * (size_t)d->slots, sizeof *mem);
             if (e && mem) {
                 *e = key;
-                e->prim = make(d, ta, tb, M, N, K, alpha, lda, ldb, beta, ldc, NULL, 0);
+                e->prim = onednn_make(d, ta, tb, M, N, K, alpha, lda, ldb, beta, ldc, NULL, 0);
                 e->mem = mem;
                 hit = d->e[d->n++] = e;
             } else {
@@ -145,14 +145,14 @@ static entry *find(scmoe__onednn *d, int ta, int tb, int M, int N, int K, float 
 
 int scmoe__onednn_gemm(scmoe__onednn *d, int slot, int trans_a, int trans_b, int M, int N, int K, float alpha,
                        const void *A, int lda, const void *B, int ldb, float beta, float *C, int ldc) {
-    entry *e = find(d, trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
+    onednn_entry *e = onednn_find(d, trans_a, trans_b, M, N, K, alpha, lda, ldb, beta, ldc);
     if (!e || !e->prim) return -1;
     dnnl_memory_t *m = e->mem + 3 * slot;
     if (!m[0]) { /* this thread's first use of the shape: its memory objects, without data yet */
         dnnl_memory_desc_t a, b, c;
-        md2(&a, M, K, lda, trans_a, d->dt);
-        md2(&b, K, N, ldb, trans_b, d->dt);
-        md2(&c, M, N, ldc, 0, dnnl_f32);
+        onednn_md(&a, M, K, lda, trans_a, d->dt);
+        onednn_md(&b, K, N, ldb, trans_b, d->dt);
+        onednn_md(&c, M, N, ldc, 0, dnnl_f32);
         dnnl_memory_t t[3] = {NULL, NULL, NULL};
         if (dnnl_memory_create(&t[0], &a, d->eng, DNNL_MEMORY_NONE) != dnnl_success ||
             dnnl_memory_create(&t[1], &b, d->eng, DNNL_MEMORY_NONE) != dnnl_success ||

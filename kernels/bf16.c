@@ -1,7 +1,7 @@
 /* bf16.c: bfloat16. A bf16 is the top 16 bits of an IEEE float; packing rounds to nearest, ties to
  * even, on the dropped 16 bits (NaN stays a quiet NaN), so a value keeps a relative error of at most
- * 2^-9. Unpacking is exact. Used for the wire (exchanged rows in half the bytes) and for the operands
- * of bf16 GEMMs (SCMOE_PRECISION_BF16). */
+ * 2^-8 (8 significant bits). Unpacking is exact. Used for the wire (exchanged rows in half the bytes)
+ * and for the operands of bf16 GEMMs (SCMOE_PRECISION_BF16). */
 #include "kernels.h"
 
 void bf16_pack(uint16_t *dst, const float *src, size_t n) {
