@@ -1,6 +1,7 @@
 # scmoe. `make` builds build/libscmoe.a; `make check` runs the tests; `make demo` the main job.
 # Options: MPI=0 (serial backend only), OPT=..., SAN=1 (address + undefined sanitizers),
-# CUDA=1 (also build/libscmoe_cuda.a, see docs/cuda.md).
+# CUDA=1 (also build/libscmoe_cuda.a, see docs/cuda.md), ONEDNN=0 (bf16 GEMMs without oneDNN: rounded
+# operands, fp32 GEMMs; the default 1 uses oneDNN when pkg-config or its header finds it).
 CC      ?= cc
 MPICC   ?= mpicc
 MPI     ?= 1
@@ -13,13 +14,22 @@ ifeq ($(SAN),1)
 endif
 BLAS_INC := $(shell pkg-config --cflags openblas 2>/dev/null || echo -I/usr/include/x86_64-linux-gnu/openblas-openmp)
 BLAS_LIB := $(shell pkg-config --libs openblas 2>/dev/null || echo -lopenblas)
-LDLIBS  += $(BLAS_LIB) -fopenmp -lm -lpthread
+# oneDNN (Debian libdnnl-dev) for the bf16 GEMMs; Debian ships no dnnl.pc, so its header stands in
+ONEDNN  ?= 1
+ifeq ($(ONEDNN),1)
+  DNNL_LIB := $(shell pkg-config --libs dnnl 2>/dev/null || (test -f /usr/include/oneapi/dnnl/dnnl.h && echo -ldnnl))
+endif
+ifneq ($(DNNL_LIB),)
+  CFLAGS  += -DSCMOE_WITH_ONEDNN
+  DNNL_INC := $(shell pkg-config --cflags dnnl 2>/dev/null)
+endif
+LDLIBS  += $(BLAS_LIB) $(DNNL_LIB) -fopenmp -lm -lpthread
 
 B ?= build
 CORE_SRC := scmoe.c layer.c moe.c pair.c controls.c schedule.c kernels/exec.c kernels/layernorm.c kernels/ffn.c kernels/gate.c \
             kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
-            mpi_backend/serial.c
-BLAS_SRC := blas_backend/openblas.c
+            mpi_backend/serial.c precision.c
+BLAS_SRC := blas_backend/openblas.c blas_backend/blas_host.c blas_backend/onednn.c
 ifeq ($(MPI),1)
   CC_LIB  := $(MPICC)
   MPI_SRC := mpi_backend/mpi.c
@@ -30,7 +40,7 @@ else
 endif
 LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
 
-TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe test_oracle_pair test_controls
+TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe test_oracle_pair test_controls test_bf16
 TESTS_MPI    := test_comm_mpi test_ep
 TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
 
@@ -38,7 +48,7 @@ all: $(B)/libscmoe.a
 
 $(B)/blas_backend/%.o: blas_backend/%.c
 	@mkdir -p $(dir $@)
-	$(CC_LIB) $(CFLAGS) $(BLAS_INC) -c $< -o $@
+	$(CC_LIB) $(CFLAGS) $(BLAS_INC) $(DNNL_INC) -c $< -o $@
 $(B)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC_LIB) $(CFLAGS) -c $< -o $@
@@ -61,6 +71,7 @@ bench: $(BENCHES)
 .PHONY: all deps tests bench check check-sanitize check-valgrind clean
 deps:
 	@tools/install_deps.sh
+	@$(if $(filter 1,$(ONEDNN)),tools/install_deps.sh --optional libdnnl-dev)
 
 tests: $(TEST_BINS)
 

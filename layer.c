@@ -33,6 +33,7 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
         s = params_allocate(&o->pt, ctx->compute, ctx->world->size > 1, o->m.replicas->size > 1);
         if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", o->pt.total);
     }
+    if (!s) s = scmoe__precision_attach(ctx, cfg, &o->pt, &o->ex);
     if (!s) s = moe_alloc(&o->m);
     if (!s) {
         o->xbuf = ctx->compute->alloc(ctx->compute, sizeof(float) * (size_t)cfg->max_tokens * cfg->d_model,
@@ -173,6 +174,12 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
         stats->bwd_overlap = overlap_fraction(m->comm_time, m->exposed_time);
         stats->grad_sync_time = stats->grad_sync_exposed = scmoe_now() - ts;
     }
+    return SCMOE_OK;
+}
+
+scmoe_status scmoe_moe_params_changed(scmoe_moe *o) {
+    if (!o) return SCMOE_ERR_NULL;
+    scmoe__precision_refresh(&o->pt);
     return SCMOE_OK;
 }
 

@@ -166,7 +166,7 @@ static void b_se(void *self) {
     float *gw = G(p, p->p_cg);
     CO(p)->add_outer(CO(p), p->dm1, p->dcg, P(p, p->p_cg), n, d);
     /* dw_cg = m1^T dz: a GEMV through the backend keeps the sum order fixed */
-    exec_gemm(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
+    exec_gemm_fp32(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
 }
 static void b_ln_m1(void *self) {
     scmoe_pair *p = self;
@@ -369,6 +369,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         s = params_allocate(&p->pt, ctx->compute, ctx->world->size > 1, p->moe.replicas->size > 1);
         if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", p->pt.total);
     }
+    if (!s) s = scmoe__precision_attach(ctx, cfg, &p->pt, &p->ex);
     if (!s) s = moe_alloc(&p->moe);
     if (!s) s = alloc_activations(p);
     if (!s) {
@@ -509,6 +510,12 @@ scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
     params_add_stage(&p->pt);
     if (stats) schedule_fill_stats(&p->sch, stats, 2);
     return context_device_check(p->ctx);
+}
+
+scmoe_status scmoe_pair_params_changed(scmoe_pair *p) {
+    if (!p) return SCMOE_ERR_NULL;
+    scmoe__precision_refresh(&p->pt);
+    return SCMOE_OK;
 }
 
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *p) {

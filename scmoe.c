@@ -45,6 +45,7 @@ scmoe_config scmoe_config_default(void) {
     c.comm_timeout_s = 600.0;
     c.wire_bf16 = 0;
     c.pipeline_chunks = 0;
+    c.precision = SCMOE_PRECISION_FP32;
     return c;
 }
 
@@ -96,6 +97,7 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
     if (!is_flag(c->wire_bf16)) return bad(msg, len, SCMOE_ERR_OPTION, "wire_bf16 = %d: must be 0 or 1", c->wire_bf16);
     if (c->pipeline_chunks < 0 || c->pipeline_chunks > SCMOE_MAX_PIPELINE_CHUNKS) return bad(msg, len, SCMOE_ERR_OPTION, "pipeline_chunks = %d: must be in 0..%d", c->pipeline_chunks, SCMOE_MAX_PIPELINE_CHUNKS);
+    if (c->precision != SCMOE_PRECISION_FP32 && c->precision != SCMOE_PRECISION_BF16) return bad(msg, len, SCMOE_ERR_OPTION, "precision = %d: must be FP32 or BF16", (int)c->precision);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s)) return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
 }
@@ -183,6 +185,11 @@ const char *scmoe_build_info(void) {
 #ifdef SCMOE_WITH_CUDA
            " + CUDA"
 #endif
+#ifdef SCMOE_WITH_ONEDNN
+           "; bf16 GEMMs: oneDNN where the CPU has bf16 matmuls, else rounded operands and fp32 GEMMs"
+#else
+           "; bf16 GEMMs: rounded operands and fp32 GEMMs (built without oneDNN)"
+#endif
         ;
 }
 
@@ -217,6 +224,7 @@ scmoe_status scmoe_context_destroy(scmoe_context *ctx) {
     if (ctx->broken) return scmoe_context_abort(ctx);
     if (ctx->world) ctx->world->ops->destroy(ctx->world);
     if (ctx->backend_release) ctx->backend_release(ctx->backend);
+    scmoe__blas_host_destroy(ctx->host_blas);
     free(ctx);
     return SCMOE_OK;
 }
@@ -353,6 +361,7 @@ void params_free(param_table *pt) {
         pt->co->release(pt->co, pt->stage, pt->co->exchange_kind);
         pt->co->release(pt->co, pt->data_host, COMPUTE_MAPPED);
     }
+    free(pt->data_bf16);
     memset(pt, 0, sizeof *pt);
 }
 
@@ -429,7 +438,7 @@ static uint64_t config_hash(const scmoe_config *c) {
     H(priority); H(renormalize); HF(aux_loss_weight); HF(z_loss_weight); H(aux_scope); HF(gate_noise_std); H(seed);
     H(activation); H(check_finite); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal);
     H(n_layers); H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync);
-    H(wire_bf16); H(pipeline_chunks);
+    H(wire_bf16); H(pipeline_chunks); H(precision);
 #undef HF
 #undef H
     return h;
@@ -449,7 +458,7 @@ scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__ca
 }
 
 exec context_exec(const scmoe_context *ctx, int poll_cols) {
-    exec ex = {ctx->blas, NULL, NULL, ctx->compute->device ? 0 : poll_cols, ctx->compute};
+    exec ex = {ctx->blas, NULL, NULL, ctx->compute->device ? 0 : poll_cols, ctx->compute, 0, NULL, NULL, 0};
     return ex;
 }
 

@@ -160,6 +160,21 @@ typedef enum scmoe_aux_scope {
     SCMOE_AUX_LOCAL = 1   /**< over this rank's tokens, each rank's term weighted 1/P */
 } scmoe_aux_scope;
 
+/** The precision of the GEMMs (scmoe_config.precision). */
+typedef enum scmoe_precision {
+    SCMOE_PRECISION_FP32 = 0, /**< every GEMM in fp32 */
+    SCMOE_PRECISION_BF16 = 1  /**< the GEMMs of the experts, the shared expert, the dense MLP, the attention
+                                   projections and attention's two products take bf16 operands (rounded to
+                                   nearest even) and accumulate in fp32: oneDNN's bf16 matmuls (AMX,
+                                   AVX512-BF16) where the CPU has them, the same math through fp32 GEMMs on
+                                   rounded operands elsewhere; CUBLAS_COMPUTE_32F_FAST_16BF on a CUDA context.
+                                   Weights, gradients and the optimizer stay fp32, and so do LayerNorm,
+                                   softmax, the gates, routing and the losses. The weights' bf16 copies are
+                                   made at create and by scmoe_pair_params_changed() /
+                                   scmoe_moe_params_changed(), which the host calls after it writes the
+                                   weights (optimizer step, load) */
+} scmoe_precision;
+
 /** Everything that shapes a layer or a pair. Start from scmoe_config_default() and change fields.
  *
  * Every rank of a context must pass the same config to a COLLECTIVE create (checked: the create
@@ -208,6 +223,7 @@ typedef struct scmoe_config {
                                experts first run the rows that stay on this rank while the rest travel in C
                                chunks, then chunk i while chunk i+1's dispatch and chunk i-1's combine fly.
                                For when the exchange is longer than the window that hides it (any arch) (0) */
+    scmoe_precision precision; /**< the GEMMs' precision (FP32) */
 } scmoe_config;
 
 /** The default config (the defaults listed in ::scmoe_config): a valid small model.
@@ -270,6 +286,12 @@ int scmoe_context_size(const scmoe_context *ctx);
  * @return "host" (OpenBLAS + OpenMP), "cuda" after scmoe_context_use_cuda() (scmoe_cuda.h), or
  *         "context is NULL". */
 const char *scmoe_context_backend(const scmoe_context *ctx);
+/** What runs the context's GEMMs, for people: OpenBLAS's kernel core (openblas_get_corename) and the
+ * bf16 engine (oneDNN's implementation and instruction set, or operands rounded for fp32 GEMMs), or
+ * the device's library.
+ * @param ctx the context.
+ * @return a string owned by ctx (valid until it is destroyed). */
+const char *scmoe_context_gemm_info(scmoe_context *ctx);
 /** Detail of the last failure on this context ("" if none). Valid until the next call on it.
  * @param ctx the context (NULL gives "context is NULL").
  * @return a string owned by the context. */
@@ -385,6 +407,12 @@ scmoe_status scmoe_moe_backward(scmoe_moe *moe, const float *dy, float *dx, scmo
  * @param moe the layer.
  * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_moe_zero_grad(scmoe_moe *moe);
+/** Tells the layer its weights were written (an optimizer step, a load): with
+ * ::SCMOE_PRECISION_BF16 it rounds them again into the bf16 copies its GEMMs read; until then the
+ * GEMMs use the copies of the last call (or of create). With FP32 it does nothing (local).
+ * @param moe the layer.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_moe_params_changed(scmoe_moe *moe);
 /** The number of parameter tensors this rank holds (local).
  * @param moe the layer.
  * @return the count (0 when moe is NULL). */
@@ -478,6 +506,10 @@ scmoe_status scmoe_pair_grad_sync(scmoe_pair *pair, scmoe_stats *stats);
  * @param pair the pair.
  * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *pair);
+/** Tells the pair its weights were written; see scmoe_moe_params_changed() (local).
+ * @param pair the pair.
+ * @return ::SCMOE_OK or ::SCMOE_ERR_NULL. */
+scmoe_status scmoe_pair_params_changed(scmoe_pair *pair);
 /** Traces every later step's operations to a Chrome/Perfetto JSON file (local: each rank its own file).
  *
  * Writes every later step's operations, with begin and end times, to a Chrome/Perfetto JSON trace at

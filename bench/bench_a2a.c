@@ -48,6 +48,7 @@
  * Lib, mpi and nb take turns going first. */
 #include "../scmoe_internal.h"
 #include "../scmoe_mpi.h"
+#include "bench_info.h"
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -341,6 +342,7 @@ int main(int argc, char **argv) {
         const char *btl = getenv("OMPI_MCA_btl"), *flags = getenv("OMPI_MCA_btl_tcp_flags");
         printf("bench_a2a: %d ranks, d=%d, E=%d, %d timed reps (+%d warm-up), medians of the slowest rank; "
                "gate_encode once per iteration\n", g_size, d, E, reps, warmup);
+        bench_print_gemm_info(stdout, ctx);
         printf("  btl=%s%s%s; MB/rank = off-rank bytes sent by a rank in dispatch + combine (mean over ranks); "
                "ratio = median over iterations of mpi / lib time\n",
                btl ? btl : "(default)", flags ? ", btl_tcp_flags=" : "", flags ? flags : "");

@@ -40,6 +40,7 @@
  * shared machine hits all of them alike; each case also prints how many CPUs other processes kept
  * busy meanwhile (from /proc/stat, Linux): numbers taken with that well above 0 are not clean. */
 #include "../scmoe_internal.h"
+#include "bench_info.h"
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
@@ -434,18 +435,81 @@ static void sweep(void) {
     printf("   (the library's rule: parallel when rows per expert < 256 and more than 1 thread)\n");
 }
 
+/* Case h: the layer's experts in SCMOE_PRECISION_BF16 against plain bf16 matmuls of the same six shapes
+ * (one expert holding all R rows, every operand already bf16, so no rounding is timed): the context's
+ * bf16 engine with its copies given, which on oneDNN is one cached bf16 matmul primitive per GEMM. */
+static uint16_t *bf16_of(const float *x, size_t n) {
+    uint16_t *h = xalloc(2 * n);
+    bf16_pack(h, x, n);
+    return h;
+}
+
+static void six_gemms_bf16(bench *b, int phase, uint16_t *const *hb) {
+    const blas_backend *g = b->ctx->host_blas;
+    int R = b->R, d = b->d, h = b->h, h1 = b->h1;
+    enum { A, W1, H, W2, DY, DP };
+    if (phase == 0) {
+        g->gemm_bf16(g, 0, 0, R, h1, d, 1.0f, b->A, hb[A], d, b->W1, hb[W1], h1, 0.0f, b->P, h1);
+        g->gemm_bf16(g, 0, 0, R, d, h, 1.0f, b->H, hb[H], h, b->W2, hb[W2], d, 0.0f, b->Y, d);
+    } else {
+        g->gemm_bf16(g, 0, 1, R, h, d, 1.0f, b->dY, hb[DY], d, b->W2, hb[W2], d, 0.0f, b->dH, h);
+        g->gemm_bf16(g, 1, 0, h, d, R, 1.0f, b->H, hb[H], h, b->dY, hb[DY], d, 1.0f, b->dW2, d);
+        g->gemm_bf16(g, 1, 0, d, h1, R, 1.0f, b->A, hb[A], d, b->dP, hb[DP], h1, 1.0f, b->dW1, h1);
+        g->gemm_bf16(g, 0, 1, R, d, h1, 1.0f, b->dP, hb[DP], h1, b->W1, hb[W1], h1, 0.0f, b->dX, d);
+    }
+}
+
+static void run_bf16_case(const char *label, int E, int d, int h, int T) {
+    bench b;
+    bench_setup(&b, E, d, h, T, SCMOE_GELU);
+    scmoe_config cfg = b.m.cfg;
+    cfg.precision = SCMOE_PRECISION_BF16;
+    die(b.ctx, scmoe__precision_attach(b.ctx, &cfg, &b.pt, &b.ex), "bf16");
+    bench_alloc_baseline(&b);
+    size_t R = (size_t)b.R, h1 = (size_t)b.h1;
+    uint16_t *hb[6] = {bf16_of(b.A, R * d), bf16_of(b.W1, (size_t)d * h1), bf16_of(b.H, R * h),
+                       bf16_of(b.W2, (size_t)h * d), bf16_of(b.dY, R * d), bf16_of(b.dP, R * h1)};
+    double best_lib = 1e30, best_base = 1e30;
+    for (int rep = 0; rep <= g_reps; rep++) { /* rep 0 warms up (primitives, operand buffers) */
+        double lib = run_phase(&b, MODE_LIB, 0) + run_phase(&b, MODE_LIB, 1);
+        double t0 = omp_get_wtime();
+        six_gemms_bf16(&b, 0, hb);
+        six_gemms_bf16(&b, 1, hb);
+        double base = omp_get_wtime() - t0;
+        if (rep > 0) {
+            best_lib = lib < best_lib ? lib : best_lib;
+            best_base = base < best_base ? base : best_base;
+        }
+    }
+    double gf = flops_total(&b) * 1e-9;
+    printf("\n== case %s: bf16 experts E=%d d=%d h=%d tokens=%d top-1 GELU dropless, rows R=%d\n", label, E, d, h, T, b.R);
+    printf("   %s\n", b.ctx->host_blas->describe(b.ctx->host_blas));
+    printf("   experts fwd+bwd %.2f ms (%.1f GFLOP/s); plain bf16 matmuls %.2f ms (%.1f GFLOP/s)\n", best_lib * 1e3,
+           gf / best_lib, best_base * 1e3, gf / best_base);
+    printf("BF16 RATIO experts/onednn: %.2f\n", best_base / best_lib);
+    for (int i = 0; i < 6; i++) free(hb[i]);
+    bench_free(&b);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) g_reps = atoi(argv[1]);
     if (g_reps < 3) g_reps = 3;
-    const char *which = argc > 2 ? argv[2] : "asbw"; /* a: case a GELU, s: case a SwiGLU, b: small, w: sweep */
+    /* a: case a GELU, s: case a SwiGLU, b: small, w: sweep, h: case a in bf16, t: a tiny bf16 case (smoke) */
+    const char *which = argc > 2 ? argv[2] : "asbwh";
     /* (scmoe_build_info() is declared in scmoe.h but not defined in the library yet) */
     printf("bench_experts: threads %d (omp_get_max_threads); scmoe %s; BLAS: %s\n"
            "  samples per measurement >= %d after 1 warm-up; times are the best fwd+bwd sample (median also\n"
            "  shown); GFLOP/s and ratios from the best\n",
            omp_get_max_threads(), scmoe_version(), openblas_get_config(), g_reps);
+    scmoe_context *info;
+    die(NULL, scmoe_context_create(&info), "context");
+    bench_print_gemm_info(stdout, info);
+    scmoe_context_destroy(info);
     if (strchr(which, 'a')) run_case("a (target)", 8, 512, 2048, 16384, SCMOE_GELU, 0.85);
     if (strchr(which, 's')) run_case("a SwiGLU", 8, 512, 2048, 16384, SCMOE_SWIGLU, 0);
     if (strchr(which, 'b')) run_case("b (small)", 8, 128, 512, 1024, SCMOE_GELU, 0);
     if (strchr(which, 'w')) sweep();
+    if (strchr(which, 'h')) run_bf16_case("a bf16", 8, 512, 2048, 16384);
+    if (strchr(which, 't')) run_bf16_case("tiny bf16", 4, 32, 64, 256);
     return 0;
 }

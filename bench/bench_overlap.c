@@ -11,10 +11,13 @@
  * profiling steps), each step ended by a barrier so a step is the slowest rank's.
  *
  *   mpirun -np 2 build/bench/bench_overlap [--d 768 --hidden 3072 --experts 8 --batch 1 --seq 256
- *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,...]
+ *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,... --precision bf16]
+ * --precision bf16 runs every variant in SCMOE_PRECISION_BF16 and again in fp32 (the table shows bf16),
+ * and prints "BF16 SPEEDUP pair f+b bf16/fp32: X.XX" for each (fp32 pair time / bf16 pair time).
  * bench/run_overlap.sh runs it over an emulated slow link (network namespace + tc). */
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
+#include "bench_info.h"
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -75,6 +78,7 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
             scmoe_pair_param_at(p, k, &t);
             for (size_t j = 0; j < t.numel; j++) { t.data[j] -= 1e-4f * t.grad[j]; t.grad[j] = 0; }
         }
+        if (!s) s = scmoe_pair_params_changed(p); /* bf16: the weights' copies follow the update */
         MPI_Barrier(MPI_COMM_WORLD);
         double t1 = now();
         if (s) break;
@@ -110,6 +114,7 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
 static void usage(void) {
     printf("bench_overlap [--d N] [--hidden N] [--experts N] [--heads N] [--batch B] [--seq T] [--steps N]\n"
            "              [--progress poll|thread|none] [--bf16] [--cf F] [--chunks C] [--archs a,b,...]\n"
+           "              [--precision fp32|bf16]\n"
            "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 top2p scmoe2p (default: all; p: token-chunk\n"
            "pipelining with --chunks C, default 4)\n");
 }
@@ -148,6 +153,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--cf")) cfg.capacity_factor = cfg.eval_capacity_factor = (float)atof(v);
         else if (!strcmp(a, "--archs")) archs = v;
         else if (!strcmp(a, "--chunks")) chunks = atoi(v);
+        else if (!strcmp(a, "--precision")) cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
         else if (!strcmp(a, "--progress"))
             cfg.progress = !strcmp(v, "thread") ? SCMOE_PROGRESS_THREAD : !strcmp(v, "none") ? SCMOE_PROGRESS_NONE : SCMOE_PROGRESS_POLL;
         else { if (rank == 0) fprintf(stderr, "bench_overlap: unknown flag %s\n", a); MPI_Finalize(); return 2; }
@@ -167,7 +173,13 @@ int main(int argc, char **argv) {
                "%d timed steps (mean, ms, slowest rank), pipelined variants %d chunks\n",
                nranks, cfg.d_model, cfg.d_hidden, cfg.n_experts, cfg.n_heads, B, T, prog, cfg.wire_bf16 ? ", bf16 wire" : "",
                steps, chunks);
+    if (rank == 0) {
+        bench_print_gemm_info(stdout, ctx);
+        printf("# precision: %s\n", cfg.precision == SCMOE_PRECISION_BF16 ? "bf16 (the table), each variant also run in fp32"
+                                                                          : "fp32");
+    }
     result res[sizeof all / sizeof *all], base = {0};
+    double speedup[sizeof all / sizeof *all] = {0};
     int have_base = 0;
     if (rank == 0)
         printf("%-8s %9s %9s %7s %8s %8s %9s %9s %7s %9s %7s %8s %8s %4s\n", "arch", "train", "pair f+b", "speedup",
@@ -176,6 +188,12 @@ int main(int argc, char **argv) {
         if (!listed(archs, all[i].name)) continue;
         result *r = &res[i];
         if (run(ctx, cfg, &all[i], B, T, steps, chunks, r)) continue;
+        if (cfg.precision == SCMOE_PRECISION_BF16) { /* the same variant in fp32, for the speedup */
+            scmoe_config c32 = cfg;
+            c32.precision = SCMOE_PRECISION_FP32;
+            result r32;
+            if (!run(ctx, c32, &all[i], B, T, steps, chunks, &r32)) speedup[i] = r32.pair / r->pair;
+        }
         if (!have_base && all[i].arch == SCMOE_ARCH_TOP2 && !all[i].pipelined) { base = *r; have_base = 1; }
         double ovf = r->fwd_comm > 0 ? 1 - fmin(r->fwd_exposed, r->fwd_comm) / r->fwd_comm : 1;
         double ovb = r->bwd_comm > 0 ? 1 - fmin(r->bwd_exposed, r->bwd_comm) / r->bwd_comm : 1;
@@ -186,6 +204,8 @@ int main(int argc, char **argv) {
                    r->pair, have_base ? base.train / r->train : 0, ovf, ovb, r->fwd_exposed + r->bwd_exposed, r->grad_exposed,
                    r->grad_time, r->infer, have_base ? base.infer / r->infer : 0, ovi, share, r->slot_f);
     }
+    for (size_t i = 0; rank == 0 && i < sizeof all / sizeof *all; i++)
+        if (speedup[i] > 0) printf("%-8s BF16 SPEEDUP pair f+b bf16/fp32: %.2f\n", all[i].name, speedup[i]);
     if (rank == 0)
         printf("# train = forward + backward + gradient sync + SGD; pair f+b = forward + backward alone; ovl = hidden / total\n"
                "# exchange time; exp comm = exposed exchange time per step; grad exp / grad = exposed / total time of the\n"

@@ -34,7 +34,8 @@ Schedule (forward, training and inference):
 Backward: autograd (one CPU thread), exchanges blocking. Then the dense (replicated) gradients,
 gate included, are all-reduced as one flat buffer (timed separately), then an SGD step.
 
-Run:   /usr/bin/python3 bench/torch_peer.py [--nproc 2] [--steps 5] [--archs top2,...]
+Run:   /usr/bin/python3 bench/torch_peer.py [--nproc 2] [--steps 5] [--archs top2,...] [--bf16]
+       (--bf16: forwards under torch.autocast("cpu", torch.bfloat16), the one line a PyTorch user adds)
        (spawns the ranks itself with torch.multiprocessing, rendezvous on 127.0.0.1). It also runs under
        a launcher that sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; but Debian's torch 1.13 launcher
        (python3 -m torch.distributed.run) fails on Python 3.11 before starting workers
@@ -89,7 +90,7 @@ class AllToAll(torch.autograd.Function):
         ctx.out_splits, ctx.in_splits = out_splits, in_splits
         out = x.new_empty((sum(out_splits), x.shape[1]))
         t0 = time.perf_counter()
-        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, async_op=True)
+        work = dist.all_to_all_single(wire(out), wire(x.contiguous()), out_splits, in_splits, async_op=True)
         if box is not None:
             box.work, box.t0, box.key = work, t0, key
         else:
@@ -102,9 +103,14 @@ class AllToAll(torch.autograd.Function):
     def backward(ctx, g):
         gin = g.new_empty((sum(ctx.in_splits), g.shape[1]))
         t0 = time.perf_counter()
-        dist.all_to_all_single(gin, g.contiguous(), ctx.in_splits, ctx.out_splits)
+        dist.all_to_all_single(wire(gin), wire(g.contiguous()), ctx.in_splits, ctx.out_splits)
         tadd("bwd_exposed", time.perf_counter() - t0)
         return gin, None, None, None, None
+
+
+def wire(t):
+    """gloo has no bfloat16 (nor int16): autocast's bf16 rows travel as their bytes, [rows, 2d] uint8"""
+    return t.view(torch.uint8) if t.dtype == torch.bfloat16 else t
 
 
 class Box:
@@ -343,8 +349,9 @@ def bench_arch(name, args, rank, world):
         T.clear()
         barrier()
         t0 = time.perf_counter()
-        y, aux = model(x, B, Tn)
-        loss = (y * dy).sum() + model.aux_w * aux
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            y, aux = model(x, B, Tn)
+        loss = (y.float() * dy).sum() + model.aux_w * aux.float()
         loss.backward()
         t1 = time.perf_counter()
         flat = torch.cat([p.grad.reshape(-1) for p in dense])
@@ -371,7 +378,8 @@ def bench_arch(name, args, rank, world):
             T.clear()
             barrier()
             t0 = time.perf_counter()
-            model(x, B, Tn)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                model(x, B, Tn)
             barrier()
             t1 = time.perf_counter()
             if i < args.warmup:
@@ -427,7 +435,8 @@ def worker(rank, world, args):
               f"heads={args.heads}, {args.batch} x {args.seq} tokens/rank, cf={args.cf}, "
               f"schedule={'slot %d' % args.slot if args.slot is not None else 'dispatch waited after the dense ops'}, "
               f"{args.steps} timed steps after {args.warmup} warm-up (mean, ms, slowest rank)"
-              + (f", link {args.link}" if args.link else ""), flush=True)
+              + (f", link {args.link}" if args.link else "")
+              + (", autocast bf16" if args.bf16 else ", fp32"), flush=True)
         print(f"{'arch':8s} {'train':>8s} {'pair f+b':>9s} {'speedup':>7s} {'infer':>8s} {'speedup':>7s} "
               f"{'allred':>7s} {'a2a alone':>9s} {'fwd exp':>8s} {'bwd exp':>8s} {'disp alone':>10s} {'disp wait':>9s} "
               f"{'hid disp':>8s} {'inf wait':>8s} {'hid inf':>7s} {'experts':>7s} {'rows':>5s}", flush=True)
@@ -490,6 +499,8 @@ def main():
                     help="scmoe: run the experts after this many dense ops following the gate, combine async")
     ap.add_argument("--archs", default="top2,shared,top1,scmoe1,scmoe2,scmoe3,serial2")
     ap.add_argument("--link", default=os.environ.get("PEER_LINK", ""), help="label printed in the header")
+    ap.add_argument("--bf16", action="store_true",
+                    help="forward under torch.autocast('cpu', torch.bfloat16) (the peer of bench_overlap --precision bf16)")
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # the BLAS under torch, too

@@ -19,7 +19,13 @@ static void openblas_gemm(const blas_backend *self, int trans_a, int trans_b, in
 
 static int openblas_max_threads(void) { return omp_get_max_threads(); }
 
+/* OpenBLAS picks its kernels at run time from the CPU it sees (a VM reporting a generic CPU gets an old
+ * core's kernels); the name says which it took */
+const char *scmoe__openblas_core(void) { return openblas_get_corename(); }
+
+static const char *openblas_describe(const blas_backend *self) { return "openblas"; }
+
 const blas_backend *blas_openblas(void) {
-    static const blas_backend b = {"openblas", openblas_gemm, openblas_max_threads};
+    static const blas_backend b = {"openblas", openblas_gemm, openblas_max_threads, NULL, openblas_describe};
     return &b;
 }

@@ -63,6 +63,22 @@ static void table_gemm(const blas_backend *self, int trans_a, int trans_b, int M
     cuda_blas_gemm((cuda_blas *)self, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+/* blas_gemm_bf16_fn (SCMOE_PRECISION_BF16): CUDA_MATH_BF16's GEMM whatever the context's math; cuBLAS
+ * rounds the fp32 operands itself, so the host's bf16 weight copies (Ab, Bb) are never made here */
+static void table_gemm_bf16(const blas_backend *self, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                            const float *A, const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb,
+                            float beta, float *C, int ldc) {
+    gemm_math((cuda_blas *)self, CUDA_MATH_BF16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static const char *table_describe(const blas_backend *self) {
+    return ((const cuda_blas *)self)->math == CUDA_MATH_BF16 ? "cublas (CUBLAS_COMPUTE_32F_FAST_16BF)"
+                                                             : "cublas (fp32; bf16 precision: CUBLAS_COMPUTE_32F_FAST_16BF)";
+}
+
 scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err) {
     if (err) err[0] = '\0';
     if (!out) {
@@ -89,6 +105,8 @@ scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, ch
     cb->base.name = "cublas";
     cb->base.gemm = table_gemm;
     cb->base.max_threads = cuda_blas_max_threads;
+    cb->base.gemm_bf16 = table_gemm_bf16;
+    cb->base.describe = table_describe;
     cb->math = math;
     if (!stream) {
         e = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
@@ -154,14 +172,15 @@ static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b
 
 static cublasOperation_t op(int t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+/* cuda_blas_gemm in the given math */
+static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     cuda_gemm_colmajor g;
     int code;
     if (!cb || !gemm_prepare(cb, "cuda_blas_gemm", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
         return;
     cublasStatus_t s;
-    if (cb->math == CUDA_MATH_BF16)
+    if (math == CUDA_MATH_BF16)
         s = cublasGemmEx(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B, CUDA_R_32F,
                          g.ld_first, A, CUDA_R_32F, g.ld_second, &beta, C, CUDA_R_32F, g.ldc,
                          CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT);
@@ -170,6 +189,11 @@ void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K
                         g.ld_second, &beta, C, g.ldc);
     if (s != CUBLAS_STATUS_SUCCESS)
         fail(cb, (int)s, "cuda_blas_gemm: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
+}
+
+void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm_math(cb, cb ? cb->math : CUDA_MATH_FP32, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 int cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,

@@ -94,7 +94,7 @@ typedef struct opts {
     int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, quiet, keep, grad_accum;
     float lr, cf, aux, clip;
     long long seed;
-    const char *save, *resume, *data, *val_data, *log;
+    const char *save, *resume, *data, *val_data, *log, *precision;
 } opts;
 
 enum { T_INT, T_FLOAT, T_LL, T_STR, T_ARCH, T_BOOL };
@@ -113,7 +113,7 @@ static opts O = {
     .seq = 64, .batch = 8, .steps = 300, .warmup = 30, .eval_every = 50, .eval_batches = 8, .print_every = 10,
 .save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .wire_bf16 = 0, .quiet = 0,
     .keep = 0, .grad_accum = 1,
-    .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234,
+    .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234, .precision = "auto",
 };
 
 static const flag FLAGS[] = {
@@ -149,6 +149,7 @@ static const flag FLAGS[] = {
     {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
     {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1, "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
+    {"--precision", T_STR, &O.precision, 0, 0, "GEMM precision: fp32 | bf16 (bf16 operands, fp32 sums) | auto (bf16 where the CPU has amx_bf16 or avx512_bf16)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
 };
 #define N_FLAGS ((int)(sizeof FLAGS / sizeof *FLAGS))
@@ -373,6 +374,27 @@ static ckpt_model model_shape(void) {
     return (ckpt_model){O.arch, O.pos, SCMOE_COMBINE_CG1, SCMOE_GELU, O.d, O.hidden, O.experts, O.heads, O.pairs, O.seq, VOCAB};
 }
 
+/* --precision: auto is bf16 where /proc/cpuinfo lists a bf16 matrix unit (AMX or AVX512-BF16), whose
+ * GEMMs then run several times faster; elsewhere bf16 would only round the operands, at fp32's speed */
+static scmoe_precision precision_of(const char **why) {
+    if (!strcmp(O.precision, "fp32")) { *why = "asked"; return SCMOE_PRECISION_FP32; }
+    if (!strcmp(O.precision, "bf16")) { *why = "asked"; return SCMOE_PRECISION_BF16; }
+    if (strcmp(O.precision, "auto")) usage_error("--precision '%s': expected auto, fp32 or bf16", O.precision);
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[4096];
+    int bf16 = 0;
+    while (f && !bf16 && fgets(line, sizeof line, f))
+        if (!strncmp(line, "flags", 5)) bf16 = strstr(line, " amx_bf16") || strstr(line, " avx512_bf16");
+    if (f) fclose(f);
+    *why = bf16 ? "auto: the CPU has amx_bf16 or avx512_bf16" : "auto: no amx_bf16 or avx512_bf16 on this CPU";
+    return bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
+}
+
+/* after the weights change (optimizer step, checkpoint load): the pairs' bf16 copies follow */
+static void pairs_params_changed(model *m) {
+    for (int i = 0; i < m->n_pairs; i++) SC(scmoe_pair_params_changed(m->pairs[i]));
+}
+
 static void model_init(model *m, scmoe_context *ctx) {
     int V = VOCAB, T = O.seq, d = O.d, N = O.batch * O.seq;
     m->V = V; m->T = T; m->d = d; m->n_pairs = O.pairs; m->B = O.batch;
@@ -393,6 +415,10 @@ static void model_init(model *m, scmoe_context *ctx) {
     base.max_tokens = N; base.capacity_factor = O.cf; base.aux_loss_weight = O.aux; base.ep_size = O.ep_size;
     base.overlap = O.overlap; base.overlap_grad_sync = O.overlap; base.poll_cols = O.poll_cols;
     base.wire_bf16 = O.wire_bf16;
+    const char *why;
+    base.precision = precision_of(&why);
+    if (g_rank == 0 && !O.quiet)
+        printf("precision: %s (%s)\n", base.precision == SCMOE_PRECISION_BF16 ? "bf16" : "fp32", why);
     m->pairs = xcalloc((size_t)O.pairs, sizeof *m->pairs);
     for (int i = 0; i < O.pairs; i++) {
         scmoe_config c = lm_pair_config(&shape, &base);
@@ -661,6 +687,7 @@ static void train_step(run *r, step_info *si) {
     float gscale = O.clip > 0 && gnorm > O.clip ? (float)(O.clip / gnorm) : 1.0f;
     float lr = lr_at(r->step);
     adamw_update(m, r->step + 1, lr, gscale);
+    pairs_params_changed(m);
     r->step++;
     r->tokens_seen += (uint64_t)S;
 
@@ -794,6 +821,7 @@ static void resume(run *r) {
     s = ckpt_load(g_comm, path, &l, err, sizeof err);
     ckpt_list_free(&l);
     if (s) die(3, "%s", err);
+    pairs_params_changed(&r->m);
     r->step = (int)h.state.step;
     r->rng = h.state.rng;
     r->tokens_seen = h.state.tokens_seen;

@@ -5,8 +5,22 @@ void exec_poll(const exec *ex) {
     if (ex->poll && omp_get_thread_num() == 0) ex->poll(ex->poll_arg);
 }
 
-void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-               const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+/* x's bf16 copy when x lies in the weights, else NULL */
+static const uint16_t *weight_copy(const exec *ex, const float *x) {
+    return ex->wb && x >= ex->w && x < ex->w + ex->wn ? ex->wb + (x - ex->w) : NULL;
+}
+
+static void gemm(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (bf16)
+        ex->blas->gemm_bf16(ex->blas, trans_a, trans_b, M, N, K, alpha, A, weight_copy(ex, A), lda, B,
+                            weight_copy(ex, B), ldb, beta, C, ldc);
+    else
+        ex->blas->gemm(ex->blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     /* Tiles split the output's columns, always the same way whether or not anything is in flight,
      * so the numbers never depend on timing; column tiles keep the GEMMs' row count, and with it
      * their efficiency, where row tiles of a few dozen rows halve it. */
@@ -15,7 +29,22 @@ void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, fl
         int n = N - n0 < tile ? N - n0 : tile;
         /* column n0 of op(B): B + n0 untransposed, B + n0*ldb (row n0) transposed */
         const float *b = trans_b ? B + (long)n0 * ldb : B + n0;
-        ex->blas->gemm(ex->blas, trans_a, trans_b, M, n, K, alpha, A, lda, b, ldb, beta, C + n0, ldc);
+        gemm(ex, bf16, trans_a, trans_b, M, n, K, alpha, A, lda, b, ldb, beta, C + n0, ldc);
         if (n0 + n < N) exec_poll(ex);
     }
+}
+
+void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+               const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    tiled(ex, ex->bf16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    tiled(ex, 0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm(ex, ex->bf16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

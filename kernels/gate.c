@@ -24,7 +24,7 @@ void gate_forward(const exec *ex, float *logits, float *p, float *lse, const flo
                   int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
     if (N <= 0) return;
     const compute_ops *co = exec_compute(ex);
-    exec_gemm(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
+    exec_gemm_fp32(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
     co->gate_softmax(co, logits, p, lse, N, E, noise_std, seed, step, token_offset);
 }
 
@@ -70,6 +70,6 @@ void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *
     if (N <= 0) return;
     const compute_ops *co = exec_compute(ex);
     co->gate_backward_logits(co, dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize);
-    exec_gemm(ex, 1, 0, d, E, N, 1.0f, x, d, dlogits, E, 1.0f, dwg, E);
-    exec_gemm(ex, 0, 1, N, d, E, 1.0f, dlogits, E, wg, E, beta_dx, dx, d);
+    exec_gemm_fp32(ex, 1, 0, d, E, N, 1.0f, x, d, dlogits, E, 1.0f, dwg, E);
+    exec_gemm_fp32(ex, 0, 1, N, d, E, 1.0f, dlogits, E, wg, E, beta_dx, dx, d);
 }

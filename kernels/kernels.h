@@ -5,6 +5,7 @@
 
 #include "../scmoe.h"
 #include "exec.h"
+#include <string.h>
 
 /* The elementwise loops are compiled for the portable baseline and for AVX2 and AVX-512 cores, and
  * the loader picks one per machine (GCC's target_clones, an ifunc): up to 4x wider vectors with the
@@ -100,9 +101,27 @@ void add_outer(float *out, const float *u, const float *v, int n, int d);
 /* compute_host.c: 1 if any of x[0..n) is NaN or Inf */
 int has_nonfinite(const float *x, size_t n);
 
-/* bf16.c: round-to-nearest-even float -> bfloat16, and back */
+/* bf16.c: round-to-nearest-even float -> bfloat16, and back. One value: rounding to nearest even on
+ * the dropped 16 bits, a NaN kept quiet; widening is exact. */
+static inline uint16_t bf16_from_float(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return (uint16_t)((u >> 16) | 0x0040u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
 void bf16_pack(uint16_t *dst, const float *src, size_t n);
 void bf16_unpack(float *dst, const uint16_t *src, size_t n);
+/* rows x cols of a matrix with row stride ld, written densely (row stride cols); round: to bf16 and
+ * back, the float a bf16 GEMM operand stands for */
+void bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld);
+void bf16_unpack_rows(float *dst, const uint16_t *src, int rows, int cols, int ld);
+void bf16_round_rows(float *dst, const float *src, int rows, int cols, int ld);
 
 /* attention.c: att, datt [B, H, T, T]; dqkv overwritten */
 void attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,

@@ -17,7 +17,7 @@ EX_OBJS   := $(B)/examples/checkpoint.o $(B)/examples/model.o
 # repository's own sources (train_lm's default text), then a few lines sampled from the checkpoint.
 DEMO_DIR   ?= $(B)/demo
 DEMO_TRAIN ?= --arch scmoe --pos 2 --d 64 --hidden 256 --experts 8 --heads 4 --pairs 2 --seq 64 --batch 8 \
-              --steps 1000 --warmup 50 --lr 3e-3 --eval-every 100 --print-every 50
+              --steps 1000 --warmup 50 --lr 3e-3 --eval-every 100 --print-every 50 --precision auto
 DEMO_GEN   ?= --prompt "/* " --tokens 400 --temperature 0.7 --top-k 20 --seed 7
 
 .PHONY: examples demo check-examples check-slurm
@@ -50,7 +50,7 @@ examples: $(EX_BINS) $(EX_MINIMAL) $(B)/tests/test_checkpoint
 
 demo: deps
 	$(MAKE) all examples
-	@echo "== training a small ScMoE language model on 2 ranks (about a minute) =="
+	@echo "== training a small ScMoE language model on 2 ranks (about a minute; its first line names the precision) =="
 	$(EX_ENV) $(EX_MPIRUN) -np 2 $(B)/examples/train_lm $(DEMO_TRAIN) --save $(DEMO_DIR) --log $(DEMO_DIR).jsonl
 	@echo "== sampling from $(DEMO_DIR)/ckpt.bin (MoE in inference mode, 2 ranks) =="
 	$(EX_ENV) $(EX_MPIRUN) -np 2 $(B)/examples/generate --ckpt $(DEMO_DIR) $(DEMO_GEN)

@@ -57,7 +57,7 @@ SCMOE_PC_MPI := $(if $(filter 1,$(MPI)),$(shell pkg-config --exists ompi-c 2>/de
 SCMOE_PC_BLAS := $(shell pkg-config --exists openblas 2>/dev/null && echo yes || echo no)
 SCMOE_PC_REQUIRES := $(if $(filter yes,$(SCMOE_PC_MPI)),ompi-c) $(if $(filter yes,$(SCMOE_PC_BLAS)),openblas)
 SCMOE_PC_LIBS := $(if $(filter no,$(SCMOE_PC_MPI)),-lmpi) $(if $(filter no,$(SCMOE_PC_BLAS)),$(BLAS_LIB)) \
-                 -fopenmp -lm -lpthread
+                 $(DNNL_LIB) -fopenmp -lm -lpthread
 # libdir and includedir relative to ${prefix} when under it, so the file can be relocated
 scmoe_pc_dir = $(if $(filter $(PREFIX)/%,$(1)),$${prefix}/$(patsubst $(PREFIX)/%,%,$(1)),$(1))
 

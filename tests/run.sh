@@ -40,6 +40,7 @@ want pair && run "block pair (1 rank)" $((900 * SLOW)) env OMP_NUM_THREADS=2 $VG
 want schedule && run "schedule, trace, bf16 wire" $((600 * SLOW)) env $VGENV $VG ${BUILD:-build}/tests/test_schedule
 want controls && run "layer controls (loss weights, names, experts, noise state), 1 rank" 300 ${BUILD:-build}/tests/test_controls
 [ -x ${BUILD:-build}/tests/test_ep ] && want controls && run "layer controls, 2 ranks" 300 $MPIRUN -np 2 ${BUILD:-build}/tests/test_controls
+want bf16 && run "bf16 GEMM engines and precision" 300 env OMP_NUM_THREADS=2 $VGENV $VG ${BUILD:-build}/tests/test_bf16
 want oracle_moe && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
 want oracle_pair && run "block pair vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_pair
 if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then

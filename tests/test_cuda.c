@@ -523,7 +523,7 @@ static void dev_gemm(void) {
     }
     /* the embedded table through the core's exec_gemm (column tiles of 5): the same GEMM */
     const blas_backend *t = cuda_blas_table(cb);
-    exec tex = {t, NULL, NULL, 5, NULL};
+    exec tex = {.blas = t, .poll_cols = 5};
     int M2 = 19, N2 = 23, K2 = 11;
     float *A = fnew((size_t)M2 * K2, 1), *B = fnew((size_t)K2 * N2, 1), *ref = fnew((size_t)M2 * N2, 0);
     float *got = fnew((size_t)M2 * N2, 0);

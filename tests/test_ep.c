@@ -81,6 +81,8 @@ static void init_params(object *o, int all_to_one) {
             for (int r = 0; r < t.shape[0]; r++)
                 for (int e = 0; e < t.shape[1]; e++) t.data[r * t.shape[1] + e] = e == 0 ? 1.0f : 0.0f;
     }
+    if (o->is_pair) scmoe_pair_params_changed(o->p); /* bf16 precision: the weights' copies follow */
+    else scmoe_moe_params_changed(o->m);
 }
 
 /* tokens of each rank: equal slices, or rank 0 empty when `empty0` */
@@ -296,6 +298,41 @@ static void wire_bf16(scmoe_context *ctx) {
     obj_destroy(&b);
 }
 
+/* SCMOE_PRECISION_BF16: P ranks == 1 rank (the GEMMs round the same fp32 values on every layout, so
+ * the fp32 equivalence carries over), the same bits from two objects and from the overlapped and the
+ * serialized order, and a difference from fp32 of the size bf16 rounding makes (2^-8 per operand). */
+static void precision_bf16(scmoe_context *ctx) {
+    scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.5f);
+    c.precision = SCMOE_PRECISION_BF16;
+    equivalence("bf16: pair scmoe-pos2 drops", ctx, ctx_ref, c, 1, S_global, 8, 0, 0);
+    c.arch = SCMOE_ARCH_TOP2;
+    c.capacity_factor = 0.0f;
+    equivalence("bf16: pair top2 dropless", ctx, ctx_ref, c, 1, S_global, 8, 0, 0);
+    scmoe_config l = layer_cfg(2, 0.5f);
+    l.precision = SCMOE_PRECISION_BF16;
+    equivalence("bf16: layer k=2 drops", ctx, ctx_ref, l, 0, S_global, 1, 0, 0);
+    c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 1.0f);
+    c.precision = SCMOE_PRECISION_BF16;
+    same_numbers(ctx, 1, c, c, 0.0, "bf16: pair scmoe-pos2, two objects");
+    overlap_equals_serial(ctx, c, "bf16: pair scmoe-pos2 overlapped == serialized");
+    scmoe_config f = c;
+    f.precision = SCMOE_PRECISION_FP32;
+    object a, b;
+    if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &f, 1, &b)) { check(0, "bf16 vs fp32: create"); return; }
+    init_params(&a, 0);
+    init_params(&b, 0);
+    int n = 32, T = 8, d = c.d_model;
+    float *x = malloc(sizeof(float) * n * d), *ya = malloc(sizeof(float) * n * d), *yb = malloc(sizeof(float) * n * d);
+    fill_named(x, (size_t)n * d, "x", 1.0f, 0.0f);
+    scmoe_stats st;
+    int ok = obj_forward(&a, n, T, x, ya, &st) == SCMOE_OK && obj_forward(&b, n, T, x, yb, &st) == SCMOE_OK;
+    double e = relerr(ya, yb, (size_t)n * d);
+    check(ok && e > 0 && e < 3e-2, "bf16 vs fp32: outputs differ by %.2e (bf16 operands: ~2^-8 per GEMM)", e);
+    free(x); free(ya); free(yb);
+    obj_destroy(&a);
+    obj_destroy(&b);
+}
+
 static void robustness(scmoe_context *ctx) {
     /* a config that differs on one rank: every rank gets an error, nobody hangs */
     scmoe_config c = layer_cfg(1, 1.0f);
@@ -404,6 +441,7 @@ int main(int argc, char **argv) {
         overlap_equals_serial(ctx, c, what);
     }
     wire_bf16(ctx);
+    precision_bf16(ctx);
     pipelined(ctx);
     robustness(ctx);
     scmoe_context_destroy(ref);

@@ -44,54 +44,63 @@ typedef struct {
      * warm > 0 runs that many training steps on the same data first, so that the checked step runs the
      * overlapped order (arch scmoe, overlap 1), with the expert slot chosen (slot -1) or forced (0..3) */
     int warm, slot, overlap;
+    int bf16;         /* SCMOE_PRECISION_BF16: the oracle rounds the same GEMM operands (bf16_ref.py) */
 } oracle_case;
 
 static const oracle_case CASES[] = {
     /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy   warm slot ovl */
-    {"top2_gelu_drops",            TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 101, 1.0f, 0, -1, 1},
-    {"top2_gelu_dropless",         TOP2,   2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 102, 1.0f, 0, -1, 1},
-    {"top2_swiglu_drops",          TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 103, 1.0f, 0, -1, 1},
-    {"top2_swiglu_dropless",       TOP2,   2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 104, 1.0f, 0, -1, 1},
-    {"top1_gelu_drops",            TOP1,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 111, 1.0f, 0, -1, 1},
-    {"top1_gelu_dropless",         TOP1,   2, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 112, 1.0f, 0, -1, 1},
-    {"top1_swiglu_drops",          TOP1,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 113, 1.0f, 0, -1, 1},
-    {"top1_swiglu_dropless",       TOP1,   2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 114, 1.0f, 0, -1, 1},
-    {"shared_gelu_drops",          SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 121, 1.0f, 0, -1, 1},
-    {"shared_gelu_dropless",       SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 122, 1.0f, 0, -1, 1},
-    {"shared_swiglu_drops",        SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 123, 1.0f, 0, -1, 1},
-    {"shared_swiglu_dropless",     SHARED, 2, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 124, 1.0f, 0, -1, 1},
-    {"scmoe1_gelu_drops",          SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 131, 1.0f, 0, -1, 1},
-    {"scmoe1_gelu_dropless",       SC,     1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 132, 1.0f, 0, -1, 1},
-    {"scmoe1_swiglu_drops",        SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 133, 1.0f, 0, -1, 1},
-    {"scmoe1_swiglu_dropless",     SC,     1, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 134, 1.0f, 0, -1, 1},
-    {"scmoe2_gelu_drops",          SC,     2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 141, 1.0f, 0, -1, 1},
-    {"scmoe2_gelu_dropless",       SC,     2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 142, 1.0f, 0, -1, 1},
-    {"scmoe2_swiglu_drops",        SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 143, 1.0f, 0, -1, 1},
-    {"scmoe2_swiglu_dropless",     SC,     2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 144, 1.0f, 0, -1, 1},
-    {"scmoe3_gelu_drops",          SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 151, 1.0f, 0, -1, 1},
-    {"scmoe3_gelu_dropless",       SC,     3, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 152, 1.0f, 0, -1, 1},
-    {"scmoe3_swiglu_drops",        SC,     3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 153, 1.0f, 0, -1, 1},
-    {"scmoe3_swiglu_dropless",     SC,     3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 154, 1.0f, 0, -1, 1},
+    {"top2_gelu_drops",            TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 101, 1.0f, 0, -1, 1, 0},
+    {"top2_gelu_dropless",         TOP2,   2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 102, 1.0f, 0, -1, 1, 0},
+    {"top2_swiglu_drops",          TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 103, 1.0f, 0, -1, 1, 0},
+    {"top2_swiglu_dropless",       TOP2,   2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 104, 1.0f, 0, -1, 1, 0},
+    {"top1_gelu_drops",            TOP1,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 111, 1.0f, 0, -1, 1, 0},
+    {"top1_gelu_dropless",         TOP1,   2, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 112, 1.0f, 0, -1, 1, 0},
+    {"top1_swiglu_drops",          TOP1,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 113, 1.0f, 0, -1, 1, 0},
+    {"top1_swiglu_dropless",       TOP1,   2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 114, 1.0f, 0, -1, 1, 0},
+    {"shared_gelu_drops",          SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 121, 1.0f, 0, -1, 1, 0},
+    {"shared_gelu_dropless",       SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 122, 1.0f, 0, -1, 1, 0},
+    {"shared_swiglu_drops",        SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 123, 1.0f, 0, -1, 1, 0},
+    {"shared_swiglu_dropless",     SHARED, 2, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 124, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_gelu_drops",          SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 131, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_gelu_dropless",       SC,     1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 132, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_swiglu_drops",        SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 133, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_swiglu_dropless",     SC,     1, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 134, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_gelu_drops",          SC,     2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 141, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_gelu_dropless",       SC,     2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 142, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_swiglu_drops",        SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 143, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_swiglu_dropless",     SC,     2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 144, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_gelu_drops",          SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 151, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_gelu_dropless",       SC,     3, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 152, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_swiglu_drops",        SC,     3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 153, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_swiglu_dropless",     SC,     3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 154, 1.0f, 0, -1, 1, 0},
     /* combine, mask, losses, priority, empty batch */
-    {"scmoe2_add_gelu_drops",      SC,     2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 161, 1.0f, 0, -1, 1},
-    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 162, 1.0f, 0, -1, 1},
-    {"scmoe3_noncausal_gelu",      SC,     3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f, 0, -1, 1},
-    {"top2_noncausal_swiglu",      TOP2,   2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 164, 1.0f, 0, -1, 1},
-    {"scmoe2_lossdominant",        SC,     2, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 165, 0.01f, 0, -1, 1},
-    {"top2_lossdominant_drops",    TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.1f,  1, 166, 0.01f, 0, -1, 1},
-    {"scmoe1_batchprio_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 167, 1.0f, 0, -1, 1},
-    {"top2_batchprio_drops",       TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f, 0, -1, 1},
-    {"B0_scmoe2",                  SC,     2, CG1, 1, 0, 4, 0,  8, 0.5f, 0, 0.01f, 0.1f,  0, 171, 1.0f, 0, -1, 1},
-    {"B0_top2_swiglu",             TOP2,   2, CG1, 1, 1, 4, 0,  8, 0.0f, 0, 0.01f, 0.1f,  0, 172, 1.0f, 0, -1, 1},
+    {"scmoe2_add_gelu_drops",      SC,     2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 161, 1.0f, 0, -1, 1, 0},
+    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 162, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_noncausal_gelu",      SC,     3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f, 0, -1, 1, 0},
+    {"top2_noncausal_swiglu",      TOP2,   2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 164, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_lossdominant",        SC,     2, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 165, 0.01f, 0, -1, 1, 0},
+    {"top2_lossdominant_drops",    TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.1f,  1, 166, 0.01f, 0, -1, 1, 0},
+    {"scmoe1_batchprio_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 167, 1.0f, 0, -1, 1, 0},
+    {"top2_batchprio_drops",       TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f, 0, -1, 1, 0},
+    {"B0_scmoe2",                  SC,     2, CG1, 1, 0, 4, 0,  8, 0.5f, 0, 0.01f, 0.1f,  0, 171, 1.0f, 0, -1, 1, 0},
+    {"B0_top2_swiglu",             TOP2,   2, CG1, 1, 1, 4, 0,  8, 0.0f, 0, 0.01f, 0.1f,  0, 172, 1.0f, 0, -1, 1, 0},
     /* the overlapped schedule (after the profiling steps): expert slot chosen or forced, and overlap off */
-    {"ovl_scmoe1_slot3_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.1f,  1, 181, 1.0f, 2,  3, 1},
-    {"ovl_scmoe2_slot1_swiglu",    SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.0f,  1, 182, 1.0f, 2,  1, 1},
-    {"ovl_scmoe2_slot3_add",       SC,     2, ADD, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 183, 1.0f, 2,  3, 1},
-    {"ovl_scmoe3_slot2_batchprio", SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 184, 1.0f, 2,  2, 1},
-    {"ovl_scmoe3_slot3_noncausal", SC,     3, CG1, 0, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 185, 1.0f, 2,  3, 1},
-    {"ovl_scmoe1_auto_lossdom",    SC,     1, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 186, 0.01f,2, -1, 1},
-    {"ovl_scmoe2_auto_gelu",       SC,     2, CG1, 1, 0, 4, 2, 16, 1.0f, 0, 0.01f, 0.0f, -1, 187, 1.0f, 2, -1, 1},
-    {"overlap0_scmoe2_warm",       SC,     2, CG1, 1, 1, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 188, 1.0f, 2,  2, 0},
+    {"ovl_scmoe1_slot3_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.1f,  1, 181, 1.0f, 2,  3, 1, 0},
+    {"ovl_scmoe2_slot1_swiglu",    SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.0f,  1, 182, 1.0f, 2,  1, 1, 0},
+    {"ovl_scmoe2_slot3_add",       SC,     2, ADD, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 183, 1.0f, 2,  3, 1, 0},
+    {"ovl_scmoe3_slot2_batchprio", SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 184, 1.0f, 2,  2, 1, 0},
+    {"ovl_scmoe3_slot3_noncausal", SC,     3, CG1, 0, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 185, 1.0f, 2,  3, 1, 0},
+    {"ovl_scmoe1_auto_lossdom",    SC,     1, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 186, 0.01f,2, -1, 1, 0},
+    {"ovl_scmoe2_auto_gelu",       SC,     2, CG1, 1, 0, 4, 2, 16, 1.0f, 0, 0.01f, 0.0f, -1, 187, 1.0f, 2, -1, 1, 0},
+    {"overlap0_scmoe2_warm",       SC,     2, CG1, 1, 1, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 188, 1.0f, 2,  2, 0, 0},
+    /* SCMOE_PRECISION_BF16: every arch, both activations, every shortcut position, the overlapped order */
+    /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy   warm slot ovl bf16 */
+    {"bf16_top2_gelu_drops",       TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 201, 1.0f, 0, -1, 1, 1},
+    {"bf16_top1_swiglu_dropless",  TOP1,   2, CG1, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 202, 1.0f, 0, -1, 1, 1},
+    {"bf16_shared_gelu_drops",     SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 203, 1.0f, 0, -1, 1, 1},
+    {"bf16_scmoe1_swiglu_drops",   SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 204, 1.0f, 0, -1, 1, 1},
+    {"bf16_scmoe2_add_noncausal",  SC,     2, ADD, 0, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.1f,  0, 205, 1.0f, 0, -1, 1, 1},
+    {"bf16_ovl_scmoe3_auto",       SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 206, 1.0f, 2, -1, 1, 1},
 };
 
 enum { D_MODEL = 32, N_HEADS = 4, D_HIDDEN = 48 };
@@ -198,6 +207,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     cfg.seed = c->seed;
     cfg.expert_slot = c->slot;
     cfg.overlap = c->overlap;
+    cfg.precision = c->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
 
     CHECK(scmoe_context_create(&ctx));
     CHECK(scmoe_pair_create(ctx, &cfg, &pair));
@@ -232,6 +242,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
         CHECK(scmoe_pair_param(pair, t.name, &u));
         if (u.data != t.data) { snprintf(why, sizeof why, "param(\"%s\") is not param_at(%d)", t.name, i); goto done; }
     }
+    CHECK(scmoe_pair_params_changed(pair)); /* the weights were written: their bf16 copies follow */
     if (!seen_gate || seen_cg != (has_se && c->combine == CG1)) {
         snprintf(why, sizeof why, "parameter names: gate %d, cg %d unexpected", seen_gate, seen_cg);
         goto done;
@@ -303,6 +314,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     tio_write_scalar(f, "cfg.causal", (float)c->causal);
     tio_write_scalar(f, "cfg.batch", (float)c->B);
     tio_write_scalar(f, "cfg.seq_len", (float)c->T);
+    tio_write_scalar(f, "cfg.precision", (float)c->bf16);
     tio_write_step(f, &step);
     if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
     f = NULL;

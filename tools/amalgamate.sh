@@ -221,6 +221,8 @@ trap 'rm -f "$tmp"' EXIT
  *           \$(pkg-config --libs openblas) -fopenmp -lm -lpthread
  *     cc -std=c11 -O2 -fopenmp -DSCMOE_NO_MPI \$(pkg-config --cflags openblas) app.c \\
  *           \$(pkg-config --libs openblas) -fopenmp -lm -lpthread
+ * bf16 GEMMs (SCMOE_PRECISION_BF16) run on rounded operands through OpenBLAS; define SCMOE_WITH_ONEDNN
+ * where the implementation is compiled and add -ldnnl (Debian libdnnl-dev) for oneDNN's bf16 matmuls.
  * It uses POSIX (clock_gettime, pthreads): when SCMOE_IMPLEMENTATION is defined and no feature macro
  * is, this file defines _POSIX_C_SOURCE 200809L, which works when it is included before any system
  * header (otherwise compile with -D_POSIX_C_SOURCE=200809L or -std=gnu11).

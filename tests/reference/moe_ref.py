@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bf16_ref  # noqa: E402
 import tensorio  # noqa: E402
 
 FLT_EPSILON = 1.1920928955078125e-07
@@ -40,7 +41,7 @@ RESERVED_PREFIXES = ("cfg.", "out.", "grad.")
 RESERVED_NAMES = ("x", "dy")
 
 CFG_INT_KEYS = ("d_model", "d_hidden", "n_experts", "top_k", "renormalize", "activation", "priority",
-                "arch", "shortcut_pos", "combine", "n_heads", "causal", "batch", "seq_len")
+                "arch", "shortcut_pos", "combine", "n_heads", "causal", "batch", "seq_len", "precision")
 
 
 # ---------------------------------------------------------------- loading
@@ -68,9 +69,10 @@ def gelu_tanh(z):
     return 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z * z * z)))
 
 
-def ffn(x, w1, b1, w2, b2, activation):
-    """GELU: gelu_tanh(x W1 + b1) W2 + b2.  SwiGLU: pre = x W1 + b1 (W1 [d, 2h]); silu(pre[:, :h]) * pre[:, h:]."""
-    pre = x @ w1 + b1
+def ffn(x, w1, b1, w2, b2, activation, bf16=False):
+    """GELU: gelu_tanh(x W1 + b1) W2 + b2.  SwiGLU: pre = x W1 + b1 (W1 [d, 2h]); silu(pre[:, :h]) * pre[:, h:].
+    bf16: both GEMMs as the library's SCMOE_PRECISION_BF16 runs them (bf16_ref.py)."""
+    pre = bf16_ref.matmul(x, w1, bf16) + b1
     if activation == 0:
         hid = gelu_tanh(pre)
     elif activation == 1:
@@ -81,7 +83,7 @@ def ffn(x, w1, b1, w2, b2, activation):
         hid = g * torch.sigmoid(g) * u
     else:
         raise ValueError("unknown activation %r" % activation)
-    return hid @ w2 + b2
+    return bf16_ref.matmul(hid, w2, bf16) + b2
 
 
 def capacity(S, E, k, cf):
@@ -159,7 +161,8 @@ def moe_layer(x, P, cfg, prefix="", k=None, warn=None):
         if t_idx.numel() == 0:
             continue
         pre = "%sexperts.%d." % (prefix, e)
-        out = ffn(x[t_idx], P[pre + "w1"], P[pre + "b1"], P[pre + "w2"], P[pre + "b2"], act)
+        out = ffn(x[t_idx], P[pre + "w1"], P[pre + "b1"], P[pre + "w2"], P[pre + "b2"], act,
+                  cfg.get("precision", 0) == 1)
         y = y.index_add(0, t_idx, w[t_idx, j_idx].unsqueeze(1) * out)
     if S:
         frac = torch.nn.functional.one_hot(choice[:, 0], E).to(x.dtype).mean(dim=0)  # no gradient
@@ -290,6 +293,8 @@ def main(argv):
     except (KeyError, ValueError, OSError) as exc:
         print("moe_ref.py %s: FAIL bad input file: %r" % (path, exc))
         return 2
+    if cfg.get("precision", 0) == 1:  # SCMOE_PRECISION_BF16: bf16_ref.py derives the tolerance
+        tol_out = tol_grad = max(bf16_ref.BF16_TOL, tol_out, tol_grad)
     rep = Report(tol_out, tol_grad, quiet)
     rep.line("moe_ref: S=%d d=%d h=%d E=%d k=%d CF=%g renorm=%d act=%s prio=%s aux_w=%g z_w=%g" % (
         x.shape[0], cfg["d_model"], cfg["d_hidden"], cfg["n_experts"], cfg["top_k"], cfg["capacity_factor"],

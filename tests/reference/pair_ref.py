@@ -9,6 +9,7 @@ cfg.seq_len; x [B, T, d], dy, every parameter by name, out.y, out.aux_loss, out.
 [, out.dropped], grad.x and grad.<name>. Written from the specification, float64 autograd:
 
     LN(v; n)   LayerNorm over the last dim, eps 1e-5, n.weight / n.bias
+    (cfg.precision 1: every GEMM below but the gates' in bf16, as bf16_ref.py)
     Attn(a; p) qkv = a p.wqkv + p.bqkv; q | k | v column blocks; head h uses columns h*hd..(h+1)*hd-1
                of each; softmax(q k^T / sqrt(hd)) per (batch, head), causal mask j > i if causal;
                heads concatenated in column order; out = o p.wo + p.bo
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bf16_ref  # noqa: E402
 import moe_ref  # noqa: E402
 
 ARCH_TOP2, ARCH_TOP1, ARCH_SHARED, ARCH_SCMOE = 0, 1, 2, 3
@@ -45,28 +47,28 @@ def layer_norm(v, P, name):
     return (v - mu) / torch.sqrt(var + LN_EPS) * P[name + ".weight"] + P[name + ".bias"]
 
 
-def attention(a, P, prefix, B, T, n_heads, causal):
-    """a [B*T, d] -> [B*T, d]."""
+def attention(a, P, prefix, B, T, n_heads, causal, bf16=False):
+    """a [B*T, d] -> [B*T, d]. bf16: the four GEMMs as SCMOE_PRECISION_BF16 runs them (bf16_ref.py)."""
     d = a.shape[1]
     hd = d // n_heads
-    qkv = a @ P[prefix + ".wqkv"] + P[prefix + ".bqkv"]
+    qkv = bf16_ref.matmul(a, P[prefix + ".wqkv"], bf16) + P[prefix + ".bqkv"]
     q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
 
     def heads(m):  # [B*T, d] -> [B, H, T, hd], head h = columns h*hd .. h*hd+hd-1
         return m.reshape(B, T, n_heads, hd).permute(0, 2, 1, 3)
 
     q, k, v = heads(q), heads(k), heads(v)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    scores = bf16_ref.matmul(q, k.transpose(-1, -2), bf16, 1.0 / math.sqrt(hd))
     if causal:
         mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)  # j > i
         scores = scores.masked_fill(mask, float("-inf"))
-    o = torch.softmax(scores, dim=-1) @ v                      # [B, H, T, hd]
+    o = bf16_ref.matmul(torch.softmax(scores, dim=-1), v, bf16)  # [B, H, T, hd]
     o = o.permute(0, 2, 1, 3).reshape(B * T, d)                 # heads back in column order
-    return o @ P[prefix + ".wo"] + P[prefix + ".bo"]
+    return bf16_ref.matmul(o, P[prefix + ".wo"], bf16) + P[prefix + ".bo"]
 
 
-def ffn(v, P, prefix, activation):
-    return moe_ref.ffn(v, P[prefix + ".w1"], P[prefix + ".b1"], P[prefix + ".w2"], P[prefix + ".b2"], activation)
+def ffn(v, P, prefix, activation, bf16=False):
+    return moe_ref.ffn(v, P[prefix + ".w1"], P[prefix + ".b1"], P[prefix + ".w2"], P[prefix + ".b2"], activation, bf16)
 
 
 def arch_top_k(arch):
@@ -84,13 +86,14 @@ def pair_forward(x, P, cfg, warn=None):
     if d % H:
         raise ValueError("n_heads %d does not divide d_model %d" % (H, d))
     k = arch_top_k(arch)
+    bf = cfg.get("precision", 0) == 1
     xs = x.reshape(B * T, d)
     a0 = layer_norm(xs, P, "l0.ln_a")
-    A = xs + attention(a0, P, "l0.attn", B, T, H, causal)
+    A = xs + attention(a0, P, "l0.attn", B, T, H, causal, bf)
     m0 = layer_norm(A, P, "l0.ln_m")
-    Hh = A + ffn(m0, P, "l0.mlp", act)
+    Hh = A + ffn(m0, P, "l0.mlp", act, bf)
     a1 = layer_norm(Hh, P, "l1.ln_a")
-    A2 = Hh + attention(a1, P, "l1.attn", B, T, H, causal)
+    A2 = Hh + attention(a1, P, "l1.attn", B, T, H, causal, bf)
     m1 = layer_norm(A2, P, "l1.ln_m")
     if arch in (ARCH_TOP2, ARCH_TOP1, ARCH_SHARED):
         moe_in = m1
@@ -102,7 +105,7 @@ def pair_forward(x, P, cfg, warn=None):
     r, aux, z, info = moe_ref.moe_layer(moe_in, P, cfg, prefix="l1.", k=k, warn=warn)
     y = A2 + r
     if arch in (ARCH_SHARED, ARCH_SCMOE):
-        se = ffn(m1, P, "l1.se", act)
+        se = ffn(m1, P, "l1.se", act, bf)
         if cfg["combine"] == 0:
             g = torch.sigmoid(m1 @ P["l1.cg.weight"].reshape(-1))
             se = g.unsqueeze(1) * se
@@ -132,6 +135,8 @@ def check_file(path, tol_out, tol_grad, quiet):
     except (KeyError, ValueError, OSError) as exc:
         print("pair_ref.py %s: FAIL bad input file: %r" % (path, exc))
         return 2
+    if cfg.get("precision", 0) == 1:  # SCMOE_PRECISION_BF16: bf16_ref.py derives the tolerance
+        tol_out = tol_grad = max(bf16_ref.BF16_TOL, tol_out, tol_grad)
     rep = moe_ref.Report(tol_out, tol_grad, quiet)
     rep.line("pair_ref: arch=%s pos=%s combine=%s B=%d T=%d d=%d H=%d causal=%d h=%d E=%d CF=%g act=%s "
              "aux_w=%g z_w=%g" % (ARCH_NAMES[cfg["arch"]] if 0 <= cfg["arch"] < 4 else cfg["arch"],
