@@ -29,7 +29,7 @@ CUDA_GOALS := check-cuda-build check-cuda-emu bench-cuda check-gpu
 
 # builds with make itself where there is no GPU (no make variable reaches it: its builds are its own)
 check-gpu:
-	tools/gpu_check.sh
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL tools/gpu_check.sh
 
 ifeq ($(origin NVCC),undefined)
   NVCC := $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
