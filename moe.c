@@ -310,6 +310,9 @@ scmoe_status moe_alloc(moe_layer *m) {
     D = (arena){m->mem_dev, 0};
     X = (arena){m->mem_map, 0};
     moe_layout(m, &H, &D, &X);
+    if (m->co->device) /* the gate's outputs cross in one copy that spans max_tokens-sized arrays: a short
+                        * batch leaves gaps no kernel writes, zeroed once so the copy moves defined bytes */
+        m->co->zero(m->co, m->p, (size_t)((char *)(m->choice + (size_t)m->max_tokens * k) - (char *)m->p));
     m->wg = param_data(m, m->p_wg);
     for (int i = 0; i < m->E_local; i++) m->slot_of[i] = -1;
     for (int i = 0; i < m->slots; i++) m->held[i] = -1;

@@ -14,6 +14,9 @@
 #   make check-cuda-emu     only the emulation (needs the CUDA headers, not nvcc or a GPU); also a tiny run of
 #                           bench/cuda/bench_cuda in it, as a smoke test
 #   make bench-cuda         $(B)/bench/bench_cuda: the layer's experts vs plain cuBLAS, ScMoE vs top-2 (a GPU)
+#   make check-gpu          tools/gpu_check.sh: on the build machine (nvcc, no GPU) it builds and packs what the
+#                           GPU machine needs into .gpu/; on the GPU machine (.gpu/ carried along) it runs every
+#                           CUDA test, compute-sanitizer's four tools and the benches, and prints the summary
 #
 # Variables: NVCC (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc), CUDA_HOME (default: the
 # folder above nvcc's bin/), CUDA_ARCH (sm_80 and sm_90 code, compute_90 PTX), NVCCFLAGS.
@@ -21,8 +24,12 @@
 # Nothing below is read unless CUDA=1 or a check-cuda-* target is asked for: every other build is
 # exactly what it was without this file.
 
-ifneq ($(filter 1,$(CUDA))$(filter check-cuda-build check-cuda-emu bench-cuda,$(MAKECMDGOALS)),)
-CUDA_GOALS := check-cuda-build check-cuda-emu bench-cuda
+ifneq ($(filter 1,$(CUDA))$(filter check-cuda-build check-cuda-emu bench-cuda check-gpu,$(MAKECMDGOALS)),)
+CUDA_GOALS := check-cuda-build check-cuda-emu bench-cuda check-gpu
+
+# builds with make itself where there is no GPU (no make variable reaches it: its builds are its own)
+check-gpu:
+	env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL tools/gpu_check.sh
 
 ifeq ($(origin NVCC),undefined)
   NVCC := $(firstword $(shell command -v nvcc 2>/dev/null) $(wildcard /usr/local/cuda/bin/nvcc))
@@ -102,6 +109,7 @@ check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu $(B)/bench
 	$(CUDA_SAN_ENV) $(B)/tests/test_cuda_moe_emu
 	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe_emu)
 	$(CUDA_SAN_ENV) $(B)/bench/bench_cuda_emu $(CUDA_BENCH_SMOKE)
+	tests/test_gpu_summary.sh
 endif
 
 ifeq ($(NVCC),)

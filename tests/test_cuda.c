@@ -20,6 +20,11 @@
 #include <string.h>
 #include <time.h>
 
+#ifdef SCMOE_CUDA_EMU
+/* runtime_emu.c: words copied out of device memory that nothing had written (initcheck's errors) */
+size_t emu_uninit_words(const void **first);
+#endif
+
 #define TOL_OUT 1e-4
 #define TOL_GRAD 1e-3
 /* the emulation runs every block on real threads (64 per block there): fewer rows, same code paths */
@@ -786,8 +791,15 @@ static void dev_rows(void) {
         slot[a] = slot[b];
         slot[b] = t;
     }
+    /* a permutation (Fisher-Yates): a map with repeated destinations would race on a device and leave
+     * rows unwritten, and permute_rows promises neither */
     int *map = malloc(sizeof(int) * n_send);
-    for (int r = 0; r < n_send; r++) map[r] = (r * 7 + 3) % n_send;
+    for (int r = 0; r < n_send; r++) map[r] = r;
+    for (int r = n_send - 1; r > 0; r--) {
+        int b = (int)((frand() + 1.0f) * 0.5f * (r + 1)) % (r + 1), t = map[r];
+        map[r] = map[b];
+        map[b] = t;
+    }
     float *x = fnew((size_t)n * d, 1), *rows = fnew((size_t)n_send * d, 1), *w = fnew(nr, 1), *dy = fnew((size_t)n * d, 1);
     float *ref = fnew((size_t)n_send * d, 0), *g = fnew((size_t)n_send * d + (size_t)n * d, 0);
     int *dSlot = dupi(slot, nr), *dMap = dupi(map, n_send);
@@ -795,9 +807,23 @@ static void dev_rows(void) {
     float *dDy = dupf(dy, (size_t)n * d), *dOut = dalloc(sizeof(float) * n_send * d);
 
     for (int scatter = 0; scatter < 2; scatter++) {
+        /* the output starts as all-ones bytes (a NaN no kernel writes): a row the kernel skips shows */
+        cudaMemsetAsync(dOut, 0xFF, sizeof(float) * n_send * d, stream);
         permute_rows(ref, rows, map, n_send, d, scatter);
         int ok = cuda_permute_rows(dOut, dRows, dMap, n_send, d, scatter, stream) == cudaSuccess;
         ok &= get(g, dOut, sizeof(float) * n_send * d);
+        int unwritten = 0;
+        for (int r = 0; r < n_send; r++) {
+            int hole = 0;
+            for (int c = 0; c < d; c++) {
+                uint32_t u;
+                memcpy(&u, &g[(size_t)r * d + c], sizeof u);
+                hole |= u == 0xFFFFFFFFu;
+            }
+            unwritten += hole;
+        }
+        CHECK(ok && unwritten == 0, "permute_rows %s with a permutation writes every one of the %d rows (%d not)",
+              scatter ? "scatter" : "gather", n_send, unwritten);
         CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "permute_rows %s: exact",
               scatter ? "scatter dst[map[r]] = src[r]" : "gather dst[r] = src[map[r]]");
     }
@@ -1075,6 +1101,11 @@ int main(void) {
     dev_ffn();
     dev_staging();
     if (cb) cuda_blas_destroy(cb);
+#ifdef SCMOE_CUDA_EMU
+    const void *first = NULL;
+    size_t uninit = emu_uninit_words(&first);
+    CHECK(uninit == 0, "no device bytes copied out before anything wrote them (%zu words, first at %p)", uninit, first);
+#endif
     if (n_skipped) printf("# %d device checks skipped (no CUDA device)\n", n_skipped);
     return check_summary();
 }

@@ -20,6 +20,8 @@
  * copy after `after` more fails */
 void emu_protect_device(int on);
 void emu_fail_copy_after(long after);
+/* words copied out of device memory that nothing had written (what initcheck reports on a device) */
+size_t emu_uninit_words(const void **first);
 #endif
 
 static int rank_, size_ = 1;
@@ -416,6 +418,12 @@ int main(int argc, char **argv) {
         scmoe_context_destroy(actx);
 #endif
         if (!s) run_refusals(dctx);
+#ifdef SCMOE_CUDA_EMU
+        const void *first = NULL;
+        size_t uninit = emu_uninit_words(&first);
+        CHECK(uninit == 0, "no device bytes copied out before anything wrote them (%zu words, first at %p)", uninit,
+              first);
+#endif
     }
     scmoe_context_destroy(hctx);
     scmoe_context_destroy(dctx);

@@ -32,11 +32,51 @@ cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaE
  * host thread, so a depth counter is all the bookkeeping needed. */
 typedef struct emu_block {
     void *p;
-    size_t len; /* 0: malloc'd */
+    size_t len;   /* 0: malloc'd */
+    size_t bytes; /* as asked */
+    int device;   /* cudaMalloc's (poisoned), not pinned host memory */
 } emu_block;
 static emu_block *blocks;
 static size_t n_blocks, cap_blocks, depth;
 static int protecting;
+
+/* ---- uninitialised device memory ----
+ * cudaMalloc's memory starts as EMU_POISON words (a signalling NaN with a payload arithmetic never
+ * produces: any operation on it gives a quiet NaN, a different word), not the zeros fresh pages would
+ * hold, so a kernel that skips an output row leaves a NaN the comparison against the CPU catches. A copy
+ * out of device memory counts the words it moves that still hold the poison: bytes no kernel, copy or
+ * memset wrote, what compute-sanitizer's initcheck reports on a device (emu_uninit_words). */
+#define EMU_POISON 0x7FA5A5A5u
+static size_t uninit_words;
+static const void *uninit_first;
+
+size_t emu_uninit_words(const void **first) {
+    if (first) *first = uninit_first;
+    return uninit_words;
+}
+
+static void poison(void *p, size_t bytes) {
+    uint32_t w = EMU_POISON;
+    for (size_t i = 0; i + 4 <= bytes; i += 4) memcpy((char *)p + i, &w, 4);
+}
+
+/* the 4-byte-aligned words of [src, src + bytes) inside a cudaMalloc block that still hold the poison */
+static void count_uninit(const void *src, size_t bytes) {
+    const char *s = src;
+    for (size_t i = 0; i < n_blocks; i++) {
+        const char *b = blocks[i].p;
+        if (!blocks[i].device || s < b || s >= b + blocks[i].bytes) continue;
+        size_t lo = ((size_t)(s - b) + 3) & ~(size_t)3, hi = (size_t)(s - b) + bytes;
+        hi = hi < blocks[i].bytes ? hi : blocks[i].bytes;
+        for (size_t o = lo; o + 4 <= hi; o += 4) {
+            uint32_t w;
+            memcpy(&w, b + o, 4);
+            if (w != EMU_POISON) continue;
+            if (!uninit_words++) uninit_first = b + o;
+        }
+        return;
+    }
+}
 
 static void protect_all(int prot) {
     for (size_t i = 0; i < n_blocks; i++)
@@ -64,14 +104,16 @@ static cudaError_t device_alloc(void **p, size_t bytes, int pinned) {
     size_t len = 0;
     if (protecting && !pinned) {
         len = (bytes + 4095) & ~(size_t)4095;
-        *p = mmap(NULL, len ? len : 4096, depth ? PROT_READ | PROT_WRITE : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (*p == MAP_FAILED) *p = NULL;
         len = len ? len : 4096;
+        *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (*p == MAP_FAILED) *p = NULL;
     } else {
         *p = malloc(bytes ? bytes : 1);
     }
     if (!*p) return cudaErrorMemoryAllocation;
-    blocks[n_blocks++] = (emu_block){*p, len};
+    if (!pinned) poison(*p, bytes);
+    if (len && !depth) mprotect(*p, len, PROT_NONE);
+    blocks[n_blocks++] = (emu_block){*p, len, bytes, !pinned};
     return cudaSuccess;
 }
 cudaError_t cudaMalloc(void **p, size_t bytes) { return device_alloc(p, bytes, 0); }
@@ -99,6 +141,7 @@ cudaError_t cudaHostGetDevicePointer(void **dp, void *p, unsigned int flags) {
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind) {
     (void)kind;
     emu_device_enter();
+    count_uninit(src, bytes);
     if (bytes) memmove(dst, src, bytes);
     emu_device_leave();
     return cudaSuccess;
