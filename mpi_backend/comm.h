@@ -32,6 +32,8 @@ typedef struct comm_ops {
     scmoe_status (*test)(comm *c, int req, int *done);
     scmoe_status (*wait)(comm *c, int req);
     void (*progress)(comm *c);
+    /* in place, sum: the small per-step statistics, waited on only where they are needed */
+    scmoe_status (*allreduce_f64_start)(comm *c, double *buf, int n, int *req);
 } comm_ops;
 
 struct comm {
