@@ -574,14 +574,13 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
 
     inflight_begin(&m->xstats, w);
     int req = -1;
-    scmoe_status st = small_start(m, &m->xstats, w, w->ops->allreduce_f64_start(w, ls, MOE_LSTATS(E), &req), req);
-    if (st) return st;
+    scmoe_status st = w->ops->allreduce_f64_start(w, ls, MOE_LSTATS(E), &req);
+    if ((st = small_start(m, &m->xstats, w, st, req))) return st;
     m->stats_pending = 1;
     inflight_begin(&m->xcount, ep);
-    req = -1;
-    st = small_start(m, &m->xcount, ep, ep->ops->alltoallv_start(ep, m->counts_out, m->ones, m->iota, m->counts_in, m->ones,
-                                                              m->iota, (int)sizeof(int32_t) * msg, &req), req);
-    if (st) return st;
+    st = ep->ops->alltoallv_start(ep, m->counts_out, m->ones, m->iota, m->counts_in, m->ones, m->iota,
+                                  (int)sizeof(int32_t) * msg, &req);
+    if ((st = small_start(m, &m->xcount, ep, st, req))) return st;
     /* on the host the send side is ready: pack while the counts travel */
     int packed = !local && !m->co->device;
     if (packed) m->co->pack_rows(m->co, m->send, x, pl->slot, n, k, m->d);
