@@ -168,7 +168,7 @@ out:
 
 static scmoe_config layer_cfg(int k, float cf) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = 24; c.d_hidden = 40; c.n_experts = 8; c.top_k = k; c.capacity_factor = cf;
+    c.d_model = 24; c.d_hidden = 40; c.n_experts = size > 8 ? size : 8; c.top_k = k; c.capacity_factor = cf;
     c.aux_loss_weight = 0.1f; c.z_loss_weight = 0.01f; c.max_tokens = 64; c.max_seq_len = 8;
     return c;
 }
