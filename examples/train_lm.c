@@ -73,7 +73,7 @@ static int g_rank, g_size;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, quiet;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, capacity_scope, quiet;
     float lr, cf, aux, clip;
     long long seed;
     const char *save, *resume, *data, *log;
@@ -126,6 +126,7 @@ static const flag FLAGS[] = {
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
     {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
     {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1, "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
+    {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1, "0: expert capacity over the global batch (routing independent of the ranks); 1: per source rank (Tutel; flat routing cost in ranks)"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
 };
@@ -361,6 +362,7 @@ static void model_init(model *m, scmoe_context *ctx) {
     base.max_tokens = N; base.capacity_factor = O.cf; base.aux_loss_weight = O.aux; base.ep_size = O.ep_size;
     base.overlap = O.overlap; base.overlap_grad_sync = O.overlap; base.poll_cols = O.poll_cols;
     base.wire_bf16 = O.wire_bf16;
+    base.capacity_scope = (scmoe_capacity_scope)O.capacity_scope;
     m->pairs = xcalloc((size_t)O.pairs, sizeof *m->pairs);
     for (int i = 0; i < O.pairs; i++) {
         scmoe_config c = lm_pair_config(&shape, &base);
