@@ -114,8 +114,10 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
                     (size_t)f->unpack_counts[q] * f->row);
-    m->comm_time += f->t_done - f->t_start;
-    m->exposed_time += f->t_waited;
+    if (!f->metadata) {
+        m->comm_time += f->t_done - f->t_start;
+        m->exposed_time += f->t_waited;
+    }
     if (m->on_wait) m->on_wait(m->on_wait_arg, what, f);
     return SCMOE_OK;
 }
@@ -499,6 +501,7 @@ static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL,
 
 static scmoe_status small_start(moe_layer *m, inflight *f, comm *c, scmoe_status st, int req) {
     if (st) return scmoe_fail(m->ctx, st, "starting the routing statistics or counts failed: %s", c->err);
+    f->metadata = 1;
     f->req = req;
     f->active = 1;
     f->t_waited = scmoe_now() - f->t_start;

@@ -100,6 +100,8 @@ typedef struct inflight {
     const uint16_t *unpack_from;
     const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout */
     int row;                   /* floats per row */
+    int metadata;              /* routing counts or statistics (capacity LOCAL): traced, but not counted in
+                                  the token exchanges' comm_time / exposed_time (their overlap figures) */
     double t_start, t_done, t_waited;
 } inflight;
 

@@ -450,6 +450,16 @@ static void capacity_local(scmoe_context *ctx) {
     c.capacity_scope = SCMOE_CAPACITY_LOCAL;
     equivalence("LOCAL pair scmoe-pos2 dropless == 1 rank", ctx, ctx_ref, c, 1, S_global, 8, 0, 0);
 
+    /* and on this communicator bitwise: the same rows reach every expert in the same order */
+    c = layer_cfg(2, 0.0f);
+    scmoe_config cg = c;
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    same_numbers(ctx, 0, c, cg, 0.0, "LOCAL layer k=2 dropless == GLOBAL on this communicator");
+    c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
+    cg = c;
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    same_numbers(ctx, 1, c, cg, 0.0, "LOCAL pair scmoe-pos2 dropless == GLOBAL on this communicator");
+
     /* with drops: P ranks == P slices run alone */
     for (int k = 1; k <= 2; k++)
         for (int prio = 0; prio < 2; prio++) {
@@ -489,7 +499,7 @@ static void capacity_local(scmoe_context *ctx) {
     c = layer_cfg(2, 0.5f);
     c.priority = SCMOE_PRIORITY_BATCH;
     c.gate_noise_std = 1.0f;
-    scmoe_config cg = c;
+    cg = c;
     c.capacity_scope = SCMOE_CAPACITY_LOCAL;
     same_numbers(ctx_ref, 0, c, cg, 0.0, "one rank: LOCAL layer k=2 drops, batch priority, noise == GLOBAL");
     c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.5f);
