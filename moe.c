@@ -24,6 +24,14 @@
  * group decide this alike, so their collectives match even where a stage moves no rows. */
 static int stage_travels(const moe_layer *m, int s) { return m->plan.n_stages == 1 || s > 0; }
 
+static void inflight_begin(inflight *f, comm *c) {
+    f->c = c;
+    f->t_start = scmoe_now();
+    f->t_done = 0;
+    f->t_waited = 0;
+    f->unpack_to = NULL;
+}
+
 /* Starts stage s's exchange: a dispatch (send layout -> receive layout: forward the input rows,
  * backward the dy rows) or a combine (the way back: forward into crecv, backward into send).
  * My own rows never travel: the experts read and write them in place (stage_rows), which keeps
@@ -36,11 +44,7 @@ scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
     const int *rc = (combine ? m->xs_counts : m->xr_counts) + o, *rd = (combine ? m->xs_displs : m->xr_displs) + o;
     const float *src = combine ? m->recv : m->send;
     float *dst = !combine ? m->recv : m->pass ? m->send : m->crecv;
-    f->c = c;
-    f->t_start = scmoe_now();
-    f->t_done = 0;
-    f->t_waited = 0;
-    f->unpack_to = NULL;
+    inflight_begin(f, c);
     const compute_ops *co = m->co;
     scmoe_status st;
     /* MPI reads the exchange buffers: every kernel writing them must have finished */
@@ -110,8 +114,10 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
                     (size_t)f->unpack_counts[q] * f->row);
-    m->comm_time += f->t_done - f->t_start;
-    m->exposed_time += f->t_waited;
+    if (!f->metadata) {
+        m->comm_time += f->t_done - f->t_start;
+        m->exposed_time += f->t_waited;
+    }
     if (m->on_wait) m->on_wait(m->on_wait_arg, what, f);
     return SCMOE_OK;
 }
@@ -142,8 +148,11 @@ static scmoe_status dispatch_wait(moe_layer *m, int s) {
 
 scmoe_status moe_dispatch_wait(moe_layer *m) { return dispatch_wait(m, m->plan.n_stages > 1); }
 
+static scmoe_status stats_finish(moe_layer *m);
+
 scmoe_status moe_combine_wait(moe_layer *m) {
-    scmoe_status st = SCMOE_OK;
+    /* the statistics first: a serialized order times the combine as the last exchange waited on */
+    scmoe_status st = m->pass == 0 ? stats_finish(m) : SCMOE_OK;
     for (int s = 0; s < m->plan.n_stages && !st; s++) st = inflight_wait(m, &m->xc[s], exchange_name(m, 1));
     return st;
 }
@@ -208,7 +217,7 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
  * copy (a device copy waits for the stream: one wait each way per forward, not seven). */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
-    int64_t S_max = (int64_t)m->max_tokens * world;
+    int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world); /* the tokens one rank plans */
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
     int ns = route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
     size_t f = sizeof(float), i4 = sizeof(int);
@@ -232,11 +241,18 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     pl->recv_to_expert = arena_take(H, i4 * (size_t)R);
     m->route_work = arena_take(H, route_workspace_bytes(S_max, k));
     m->records = arena_take(H, i4 * (size_t)n * (k + 1));
-    m->records_all = arena_take(H, i4 * (size_t)S_max * (k + 1));
+    m->records_all = m->local_cap ? NULL : arena_take(H, i4 * (size_t)S_max * (k + 1));
     m->tokens_per_rank = arena_take(H, i4 * world);
     m->rec_bytes = arena_take(H, i4 * world);
     m->rec_displs = arena_take(H, i4 * world);
     m->gsum = arena_take(H, sizeof(double) * (E + 1));
+    if (m->local_cap) {
+        m->counts_out = arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->counts_in = arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->ones = arena_take(H, i4 * ep);
+        m->iota = arena_take(H, i4 * ep);
+        m->lstats = arena_take(H, sizeof(double) * MOE_LSTATS(E));
+    }
     m->slot_of = arena_take(H, i4 * El);
     m->held = arena_take(H, i4 * (m->slots ? m->slots : 1));
 
@@ -278,7 +294,9 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
 
 scmoe_status moe_alloc(moe_layer *m) {
     int world = m->ctx->world->size, k = m->k, E = m->E;
-    int64_t S_max = (int64_t)m->max_tokens * world;
+    m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL;
+    /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
+    int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
         return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x top_k %d is too large", m->max_tokens, k);
     m->max_send = m->max_tokens * k;
@@ -286,8 +304,8 @@ scmoe_status moe_alloc(moe_layer *m) {
     float cf_lo = m->cfg.capacity_factor < m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     if (cf_lo > 0) { /* capacity bounds what one expert can receive */
         float cf_hi = m->cfg.capacity_factor > m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-        int64_t cap = route_capacity(S_max, E, k, cf_hi);
-        if (cap <= recv / m->E_local) recv = cap * m->E_local;
+        int64_t cap = route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
+        if (cap <= recv / m->E_local / sources) recv = cap * m->E_local * sources;
     }
     if (S_max * (k + 1) * 4 > INT32_MAX || recv > INT32_MAX / 2)
         return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
@@ -314,6 +332,10 @@ scmoe_status moe_alloc(moe_layer *m) {
                         * batch leaves gaps no kernel writes, zeroed once so the copy moves defined bytes */
         m->co->zero(m->co, m->p, (size_t)((char *)(m->choice + (size_t)m->max_tokens * k) - (char *)m->p));
     m->wg = param_data(m, m->p_wg);
+    for (int q = 0; m->local_cap && q < m->ep_size; q++) {
+        m->ones[q] = 1;
+        m->iota[q] = q;
+    }
     for (int i = 0; i < m->E_local; i++) m->slot_of[i] = -1;
     for (int i = 0; i < m->slots; i++) m->held[i] = -1;
     return SCMOE_OK;
@@ -407,6 +429,199 @@ static void expert_weights(moe_layer *m, int i, float *w[4]) {
 
 /* ---- forward phases ---- */
 
+/* logits, softmax, top-k of my n tokens (the noise keyed by token offset + t), and their routing
+ * records: k expert ids, then the top-1 probability's bits */
+static void gate_run(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset) {
+    int E = m->E, k = m->k, stride = k + 1;
+    float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
+    const compute_ops *co = m->co;
+    gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, m->d, E, noise, m->cfg.seed, m->step, offset);
+    co->gate_topk(co, m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
+    if (m->training) m->step++;
+    if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (moe_layout) */
+        co->copy(co, m->p_h, m->p, (size_t)((char *)(m->choice + (size_t)n * k) - (char *)m->p));
+    for (int t = 0; t < n; t++) {
+        memcpy(m->records + (size_t)t * stride, m->choice_h + (size_t)t * k, sizeof(int) * k);
+        memcpy(m->records + (size_t)t * stride + k, &m->score_h[t], sizeof(float));
+    }
+}
+
+/* gsum = (sum_t p[t, e], sum_t lse_t^2) over my n tokens */
+static void gate_sums(moe_layer *m, int n) {
+    int E = m->E;
+    memset(m->gsum, 0, sizeof(double) * (E + 1));
+    for (int t = 0; t < n; t++) {
+        const float *pt = m->p_h + (size_t)t * E;
+        for (int e = 0; e < E; e++) m->gsum[e] += pt[e];
+        m->gsum[E] += (double)m->lse_h[t] * m->lse_h[t];
+    }
+}
+
+/* load-balance and z losses from gsum and top1_count over Sa tokens: aux = E sum_e mean_s p[s,e]
+ * frac_s(top1 = e), z = mean_s lse^2; scale weighs this rank's term (aux_scope LOCAL: 1/P, the global
+ * loss is the mean of the ranks') */
+static void gate_losses(moe_layer *m, int64_t Sa, double scale) {
+    int E = m->E;
+    double aux = 0.0;
+    for (int e = 0; e < E; e++) {
+        double me = Sa ? m->gsum[e] / Sa : 0.0, ce = Sa ? (double)m->top1_count[e] / Sa : 0.0;
+        aux += me * ce;
+        m->aux_coef_h[e] = Sa ? (float)(scale * m->cfg.aux_loss_weight * E * ce / Sa) : 0.0f;
+    }
+    m->aux_loss = (float)(E * aux);
+    m->z_loss = Sa ? (float)(m->gsum[E] / Sa) : 0.0f;
+    m->z_coef = Sa ? (float)(scale * m->cfg.z_loss_weight / Sa) : 0.0f;
+}
+
+/* The plan's stages as exchanges, then (on a device: aux_coef, slot and recv_to_expert in one copy,
+ * moe_layout) my rows packed by destination unless packed already, the experts' prefetch. */
+static void encode_finish(moe_layer *m, int packed) {
+    route_plan *pl = &m->plan;
+    const compute_ops *co = m->co;
+    for (int st_i = 0; st_i < pl->n_stages; st_i++)
+        for (int q = 0; q < m->ep_size; q++) {
+            int i = st_i * m->ep_size + q, own = q == m->ep_rank, lo, hi;
+            route_stage_range(pl->n_stages, st_i, own, pl->send_counts[q], &lo, &hi);
+            m->xs_counts[i] = own ? 0 : hi - lo;
+            m->xs_displs[i] = pl->send_displs[q] + lo;
+            route_stage_range(pl->n_stages, st_i, own, pl->recv_counts[q], &lo, &hi);
+            m->xr_counts[i] = own ? 0 : hi - lo;
+            m->xr_displs[i] = pl->recv_displs[q] + lo;
+        }
+    if (co->device)
+        co->copy(co, m->aux_coef, m->aux_coef_h,
+                 (size_t)((char *)(pl->recv_to_expert + pl->n_recv) - (char *)m->aux_coef_h));
+    if (!packed) co->pack_rows(co, m->send, m->x, m->slot_d, m->n, m->k, m->d);
+    m->fetched = 0;
+    if (m->slots) experts_prefetch(m);
+    m->forward_done = 0;
+    m->pass = 0;
+}
+
+static const char *input_error(scmoe_status s, int n, int max_tokens, char *buf, size_t len) {
+    if (s == SCMOE_ERR_N_TOKENS) snprintf(buf, len, "n_tokens = %d: must be in 0..max_tokens (%d)", n, max_tokens);
+    else if (s == SCMOE_ERR_NULL) snprintf(buf, len, "input is NULL with n_tokens = %d", n);
+    else snprintf(buf, len, "the input holds NaN or Inf");
+    return buf;
+}
+
+/* ---- capacity per source rank (LOCAL) ----
+ *
+ * lstats, reduced by one nonblocking all-reduce over the world (doubles: the counts stay exact below
+ * 2^53): [0, E) sum_t p[t, e] | E: sum_t lse_t^2 | [E+1, 2E+1) top-1 counts | [2E+1, 3E+1) kept
+ * assignments per expert | 3E+1: tokens | 3E+2 .. 3E+4: ranks whose input was rejected with
+ * N_TOKENS, NULL, NONFINITE. The per-expert counts travel on the expert-parallel group in one small
+ * all-to-all, each peer's message led by my input status, so a group never starts a dispatch that one
+ * of its ranks will not join; other groups learn of a rejected input from the statistics, at the end
+ * of the same forward. */
+static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE};
+
+static scmoe_status small_start(moe_layer *m, inflight *f, comm *c, scmoe_status st, int req) {
+    if (st) return scmoe_fail(m->ctx, st, "starting the routing statistics or counts failed: %s", c->err);
+    f->metadata = 1;
+    f->req = req;
+    f->active = 1;
+    f->t_waited = scmoe_now() - f->t_start;
+    return SCMOE_OK;
+}
+
+/* Waits for the statistics started by this forward and folds them in: the global counts of the stats,
+ * the losses (aux_scope GLOBAL), or the agreed error if a rank rejected its input. */
+static scmoe_status stats_finish(moe_layer *m) {
+    if (!m->stats_pending) return SCMOE_OK;
+    m->stats_pending = 0;
+    scmoe_status st = inflight_wait(m, &m->xstats, "gate_stats");
+    if (st) return st;
+    int E = m->E;
+    const double *ls = m->lstats;
+    scmoe_status bad = SCMOE_OK; /* as status_agree: the largest status any rank reported */
+    for (int i = 0; i < 3; i++)
+        if (ls[3 * E + 2 + i] > 0 && input_errors[i] > bad) bad = input_errors[i];
+    if (bad) {
+        double ranks = ls[3 * E + 2] + ls[3 * E + 3] + ls[3 * E + 4];
+        return scmoe_fail(m->ctx, bad, "%.0f rank(s) rejected their input: %s", ranks, scmoe_strerror(bad));
+    }
+    route_plan *pl = &m->plan;
+    pl->tokens = (int64_t)ls[3 * E + 1];
+    pl->dropped = pl->tokens * m->k;
+    for (int e = 0; e < E; e++) {
+        pl->expert_kept[e] = (int64_t)ls[2 * E + 1 + e];
+        pl->dropped -= pl->expert_kept[e];
+    }
+    if (m->cfg.aux_scope == SCMOE_AUX_GLOBAL) {
+        memcpy(m->gsum, ls, sizeof(double) * (E + 1));
+        for (int e = 0; e < E; e++) m->top1_count[e] = (int64_t)ls[E + 1 + e];
+        gate_losses(m, pl->tokens, 1.0);
+        if (m->co->device) m->co->copy(m->co, m->aux_coef, m->aux_coef_h, sizeof(float) * E);
+    }
+    return SCMOE_OK;
+}
+
+static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
+    comm *w = m->ctx->world, *ep = m->ep;
+    int E = m->E, k = m->k, El = m->E_local, msg = 1 + El * k, P = w->size;
+    route_plan *pl = &m->plan;
+    double *ls = m->lstats;
+    if (m->stats_pending) { /* an earlier forward failed before its statistics landed: finish them */
+        m->stats_pending = 0;
+        scmoe_status st = inflight_wait(m, &m->xstats, "gate_stats");
+        if (st) return st;
+    }
+    memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
+    if (!local) {
+        m->n = n;
+        m->x = x;
+        /* a token's noise key needs no other rank's count: rank * max_tokens + t is unique */
+        gate_run(m, ex, n, x, (int64_t)w->rank * m->max_tokens);
+        float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+        route_plan_local_send(pl, m->route_work, m->records, n, m->ep_size, E, k, m->cfg.priority,
+                              route_capacity(n, E, k, cf), m->counts_out);
+        gate_sums(m, n);
+        memset(m->top1_count, 0, sizeof(int64_t) * E);
+        for (int t = 0; t < n; t++) m->top1_count[m->records[(size_t)t * (k + 1)]]++;
+        memcpy(ls, m->gsum, sizeof(double) * (E + 1));
+        for (int e = 0; e < E; e++) {
+            ls[E + 1 + e] = (double)m->top1_count[e];
+            ls[2 * E + 1 + e] = (double)pl->expert_kept[e];
+        }
+        ls[3 * E + 1] = n;
+        if (m->cfg.aux_scope == SCMOE_AUX_LOCAL) gate_losses(m, n, 1.0 / P);
+    } else {
+        memset(m->counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * msg);
+        for (int i = 0; i < 3; i++) ls[3 * E + 2 + i] = local == input_errors[i];
+    }
+    for (int q = 0; q < m->ep_size; q++) m->counts_out[(size_t)q * msg] = (int32_t)local;
+
+    inflight_begin(&m->xstats, w);
+    int req = -1;
+    scmoe_status st = w->ops->allreduce_f64_start(w, ls, MOE_LSTATS(E), &req);
+    if ((st = small_start(m, &m->xstats, w, st, req))) return st;
+    m->stats_pending = 1;
+    inflight_begin(&m->xcount, ep);
+    st = ep->ops->alltoallv_start(ep, m->counts_out, m->ones, m->iota, m->counts_in, m->ones, m->iota,
+                                  (int)sizeof(int32_t) * msg, &req);
+    if ((st = small_start(m, &m->xcount, ep, st, req))) return st;
+    /* on the host the send side is ready: pack while the counts travel */
+    int packed = !local && !m->co->device;
+    if (packed) m->co->pack_rows(m->co, m->send, x, pl->slot, n, k, m->d);
+    st = inflight_wait(m, &m->xcount, "route_counts");
+    if (st) return st;
+    int group_bad = 0;
+    for (int p = 0; p < m->ep_size; p++) group_bad |= m->counts_in[(size_t)p * msg] != 0;
+    if (group_bad) { /* no dispatch in this group: every rank takes the agreed status from the statistics */
+        st = stats_finish(m);
+        if (local) {
+            char buf[128];
+            return scmoe_fail(m->ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
+        }
+        return st ? st : scmoe_fail(m->ctx, SCMOE_ERR_STATE, "a rank's input status was lost");
+    }
+    route_plan_local_recv(pl, m->counts_in, m->ep_size, m->ep_rank, El, k, m->cfg.pipeline_chunks);
+    pl->capacity = route_capacity(n, E, k, m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
+    encode_finish(m, packed);
+    return SCMOE_OK;
+}
+
 scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
     scmoe_context *ctx = m->ctx;
     m->next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
@@ -420,13 +635,13 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     if (n < 0 || n > m->max_tokens) local = SCMOE_ERR_N_TOKENS;
     else if (n > 0 && !x) local = SCMOE_ERR_NULL;
     else if (m->cfg.check_finite && n > 0 && m->co->has_nonfinite(m->co, x, (size_t)n * d)) local = SCMOE_ERR_NONFINITE;
+    if (m->local_cap) return gate_encode_local(m, ex, n, x, local);
     int *mine = &m->tokens_per_rank[w->rank]; /* in place: a send buffer that outlives a timed-out gather */
     *mine = local ? -(int)local : n;
     scmoe_status s = w->ops->allgather(w, mine, sizeof *mine, m->tokens_per_rank);
     if (s) return scmoe_fail(ctx, s, "exchanging token counts failed: %s", w->err);
-    if (local == SCMOE_ERR_N_TOKENS) return scmoe_fail(ctx, local, "n_tokens = %d: must be in 0..max_tokens (%d)", n, m->max_tokens);
-    if (local == SCMOE_ERR_NULL) return scmoe_fail(ctx, local, "input is NULL with n_tokens = %d", n);
-    if (local) return scmoe_fail(ctx, local, "the input holds NaN or Inf");
+    char buf[128];
+    if (local) return scmoe_fail(ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
     int64_t S = 0, offset = 0;
     for (int r = 0; r < P; r++) {
         if (m->tokens_per_rank[r] < 0 && -m->tokens_per_rank[r] < SCMOE_STATUS_COUNT)
@@ -441,21 +656,10 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     m->n = n;
     m->x = x;
     m->S_global = S;
-
-    float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
-    const compute_ops *co = m->co;
-    gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, d, E, noise, m->cfg.seed, m->step, offset);
-    co->gate_topk(co, m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
-    if (m->training) m->step++;
-    if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (moe_layout) */
-        co->copy(co, m->p_h, m->p, (size_t)((char *)(m->choice + (size_t)n * k) - (char *)m->p));
+    gate_run(m, ex, n, x, offset);
 
     /* routing records of the whole batch */
     int stride = k + 1;
-    for (int t = 0; t < n; t++) {
-        memcpy(m->records + (size_t)t * stride, m->choice_h + (size_t)t * k, sizeof(int) * k);
-        memcpy(m->records + (size_t)t * stride + k, &m->score_h[t], sizeof(float));
-    }
     for (int r = 0, off = 0; r < P; r++) {
         m->rec_bytes[r] = m->tokens_per_rank[r] * stride * (int)sizeof(int32_t);
         m->rec_displs[r] = off;
@@ -465,14 +669,8 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
                            m->rec_displs);
     if (s) return scmoe_fail(ctx, s, "gathering the routing choices failed: %s", w->err);
 
-    /* load-balance and z losses: aux = E sum_e mean_s p[s,e] frac_s(top1 = e), z = mean_s lse^2 */
     int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
-    memset(m->gsum, 0, sizeof(double) * (E + 1));
-    for (int t = 0; t < n; t++) {
-        const float *pt = m->p_h + (size_t)t * E;
-        for (int e = 0; e < E; e++) m->gsum[e] += pt[e];
-        m->gsum[E] += (double)m->lse_h[t] * m->lse_h[t];
-    }
+    gate_sums(m, n);
     if (global && P > 1) {
         s = w->ops->allreduce_f64(w, m->gsum, E + 1);
         if (s) return scmoe_fail(ctx, s, "reducing the gate statistics failed: %s", w->err);
@@ -481,39 +679,13 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     int64_t Sa = global ? S : n;
     memset(m->top1_count, 0, sizeof(int64_t) * E);
     for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
-    double aux = 0.0, scale = global ? 1.0 : 1.0 / P; /* LOCAL: the global loss is the mean of the ranks' */
-    for (int e = 0; e < E; e++) {
-        double me = Sa ? m->gsum[e] / Sa : 0.0, ce = Sa ? (double)m->top1_count[e] / Sa : 0.0;
-        aux += me * ce;
-        m->aux_coef_h[e] = Sa ? (float)(scale * m->cfg.aux_loss_weight * E * ce / Sa) : 0.0f;
-    }
-    m->aux_loss = (float)(E * aux);
-    m->z_loss = Sa ? (float)(m->gsum[E] / Sa) : 0.0f;
-    m->z_coef = Sa ? (float)(scale * m->cfg.z_loss_weight / Sa) : 0.0f;
+    gate_losses(m, Sa, global ? 1.0 : 1.0 / P);
 
     /* the plan, then my rows packed by destination */
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-    route_plan *pl = &m->plan;
-    route_plan_build(pl, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
+    route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
                      m->cfg.priority, route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
-    for (int st_i = 0; st_i < pl->n_stages; st_i++)
-        for (int q = 0; q < m->ep_size; q++) {
-            int i = st_i * m->ep_size + q, own = q == m->ep_rank, lo, hi;
-            route_stage_range(pl->n_stages, st_i, own, pl->send_counts[q], &lo, &hi);
-            m->xs_counts[i] = own ? 0 : hi - lo;
-            m->xs_displs[i] = pl->send_displs[q] + lo;
-            route_stage_range(pl->n_stages, st_i, own, pl->recv_counts[q], &lo, &hi);
-            m->xr_counts[i] = own ? 0 : hi - lo;
-            m->xr_displs[i] = pl->recv_displs[q] + lo;
-        }
-    if (co->device) /* aux_coef, slot and recv_to_expert in one copy (moe_layout) */
-        co->copy(co, m->aux_coef, m->aux_coef_h,
-                 (size_t)((char *)(pl->recv_to_expert + pl->n_recv) - (char *)m->aux_coef_h));
-    co->pack_rows(co, m->send, x, m->slot_d, n, k, d);
-    m->fetched = 0;
-    if (m->slots) experts_prefetch(m);
-    m->forward_done = 0;
-    m->pass = 0;
+    encode_finish(m, 0);
     return SCMOE_OK;
 }
 
@@ -623,8 +795,9 @@ void moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
     st->z_loss = m->z_loss;
     st->tokens = m->plan.tokens;
     st->dropped = m->plan.dropped;
-    /* the C the capacity factor asks for, even when it exceeds S*k (then nothing drops): only -1 means dropless */
-    st->capacity = scmoe__route_slots(m->S_global, m->E, m->k,
+    /* the C the capacity factor asks for, even when it exceeds S*k (then nothing drops): only -1 means
+     * dropless; over the global batch, or (LOCAL) this rank's own tokens */
+    st->capacity = scmoe__route_slots(m->local_cap ? m->n : m->S_global, m->E, m->k,
                                       m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
     st->expert_tokens = m->plan.expert_kept;
     st->experts_fetched = m->fetched;

@@ -21,6 +21,7 @@ scmoe_config scmoe_config_default(void) {
     c.capacity_factor = 2.0f;
     c.eval_capacity_factor = 2.0f;
     c.priority = SCMOE_PRIORITY_TOKEN;
+    c.capacity_scope = SCMOE_CAPACITY_GLOBAL;
     c.renormalize = 1;
     c.aux_loss_weight = 0.01f;
     c.z_loss_weight = 0.0f;
@@ -77,6 +78,7 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
     if (!isfinite(c->gate_noise_std) || c->gate_noise_std < 0) return bad(msg, len, SCMOE_ERR_NOISE, "gate_noise_std = %g: must be finite and >= 0", c->gate_noise_std);
     if (c->activation != SCMOE_GELU && c->activation != SCMOE_SWIGLU) return bad(msg, len, SCMOE_ERR_ACTIVATION, "activation = %d: must be GELU or SWIGLU", (int)c->activation);
     if (c->priority != SCMOE_PRIORITY_TOKEN && c->priority != SCMOE_PRIORITY_BATCH) return bad(msg, len, SCMOE_ERR_PRIORITY, "priority = %d: must be TOKEN or BATCH", (int)c->priority);
+    if (c->capacity_scope != SCMOE_CAPACITY_GLOBAL && c->capacity_scope != SCMOE_CAPACITY_LOCAL) return bad(msg, len, SCMOE_ERR_OPTION, "capacity_scope = %d: must be GLOBAL or LOCAL", (int)c->capacity_scope);
     if (!is_flag(c->renormalize)) return bad(msg, len, SCMOE_ERR_OPTION, "renormalize = %d: must be 0 or 1", c->renormalize);
     if (!is_flag(c->check_finite)) return bad(msg, len, SCMOE_ERR_OPTION, "check_finite = %d: must be 0 or 1", c->check_finite);
     if (c->max_tokens < 1 || c->max_tokens > (1 << 24)) return bad(msg, len, SCMOE_ERR_MAX_TOKENS, "max_tokens = %d: must be in 1..2^24", c->max_tokens);
@@ -435,7 +437,7 @@ static uint64_t config_hash(const scmoe_config *c) {
     /* floats by value: -0.0 and 0.0 are the same setting (both a dropless capacity factor) */
 #define HF(f) do { float v_ = c->f == 0.0f ? 0.0f : c->f; h = hash_bytes(h, &v_, sizeof v_); } while (0)
     H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); HF(capacity_factor); HF(eval_capacity_factor);
-    H(priority); H(renormalize); HF(aux_loss_weight); HF(z_loss_weight); H(aux_scope); HF(gate_noise_std); H(seed);
+    H(priority); H(capacity_scope); H(renormalize); HF(aux_loss_weight); HF(z_loss_weight); H(aux_scope); HF(gate_noise_std); H(seed);
     H(activation); H(check_finite); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal);
     H(n_layers); H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync);
     H(wire_bf16); H(pipeline_chunks); H(precision);

@@ -117,7 +117,7 @@ typedef enum scmoe_activation {
  *
  * TOKEN_ORDER (GShard/Tutel): all first choices in token order, then all second choices, ... BATCH:
  * the same rounds, but tokens ordered by their highest gate probability (ties by token index). Both
- * over the global batch. */
+ * over the tokens capacity counts (::scmoe_capacity_scope: the global batch, or one rank's). */
 typedef enum scmoe_priority {
     SCMOE_PRIORITY_TOKEN = 0, /**< token order (GShard/Tutel) */
     SCMOE_PRIORITY_BATCH = 1  /**< batch-prioritised: highest top-1 gate probability first */
@@ -175,6 +175,29 @@ typedef enum scmoe_precision {
                                    weights (optimizer step, load) */
 } scmoe_precision;
 
+/** Over which tokens expert capacity is counted.
+ *
+ * GLOBAL: C = k*floor(CF*ceil(S/E)) slots per expert over the global batch S, priority across all
+ * ranks' tokens. Every rank gathers every token's choices (S x (k+1) x 4 bytes) and plans the whole
+ * batch: P ranks route bitwise as one rank does, whatever the cluster, but bytes and host work per
+ * rank grow with P. LOCAL (Tutel, DeepSpeed, the ScMoE paper): C = k*floor(CF*ceil(S_r/E)) slots per
+ * expert for each source rank r's S_r tokens, priority within the rank; only per-expert counts
+ * cross the network (one all-to-all of E_local*k ints per peer) and the statistics ride one
+ * nonblocking all-reduce of 3E+5 doubles, waited on at the end of the forward: flat in P. A token
+ * then competes only with its own rank's tokens, so the routing (not the math) depends on how the
+ * batch is split over ranks; one rank, or nothing dropped under TOKEN priority without gate noise,
+ * routes bitwise as GLOBAL (the gate noise is keyed by rank * max_tokens + token, not by the global
+ * token index, which would need every rank's count).
+ *
+ * The default is GLOBAL so that results stay those of every earlier run and of any rank count (a
+ * checkpoint resumes bitwise on another cluster size); pick LOCAL beyond a few ranks, where a
+ * Tutel/DeepSpeed user expects it and where GLOBAL's gather (S x (k+1) x 4 bytes per rank per
+ * layer) starts to cost: README "Which capacity scope", docs/scaling.md. */
+typedef enum scmoe_capacity_scope {
+    SCMOE_CAPACITY_GLOBAL = 0, /**< over the global batch: P ranks route as one rank */
+    SCMOE_CAPACITY_LOCAL = 1   /**< per source rank (Tutel): O(E) routing metadata per rank, flat in P */
+} scmoe_capacity_scope;
+
 /** Everything that shapes a layer or a pair. Start from scmoe_config_default() and change fields.
  *
  * Every rank of a context must pass the same config to a COLLECTIVE create (checked: the create
@@ -188,9 +211,11 @@ typedef struct scmoe_config {
                                  else 1): its top_k must be that k or the default 1, else ::SCMOE_ERR_TOP_K */
     int max_tokens;         /**< most tokens (rows) one rank passes to one forward (1024); sizes the workspace */
     /* gate and routing */
-    float capacity_factor;  /**< CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens; <= 0: dropless (2.0) */
+    float capacity_factor;  /**< CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens (capacity_scope
+                               LOCAL: each rank's own); <= 0: dropless (2.0) */
     float eval_capacity_factor; /**< CF when not training (2.0) */
     scmoe_priority priority;    /**< slot priority (TOKEN) */
+    scmoe_capacity_scope capacity_scope; /**< capacity over the global batch or per source rank (GLOBAL) */
     int renormalize;        /**< k > 1: divide the k gate weights by their sum (1) */
     float aux_loss_weight;  /**< weight of the GShard load-balance loss in backward (0.01) */
     float z_loss_weight;    /**< weight of the router z-loss (0) */
@@ -322,8 +347,9 @@ typedef struct scmoe_stats {
     float z_loss;            /**< router z-loss (unweighted) */
     int64_t tokens;          /**< tokens routed in the global batch */
     int64_t dropped;         /**< (token, choice) assignments dropped by capacity, global */
-    int64_t capacity;        /**< slots per expert C = k*floor(CF*ceil(S/E)) of the last forward's capacity factor;
-                                  -1 when dropless (CF <= 0). C >= S*k also drops nothing */
+    int64_t capacity;        /**< slots per expert C = k*floor(CF*ceil(S/E)) of the last forward's capacity factor,
+                                  S the global batch (capacity_scope LOCAL: this rank's own tokens, so this
+                                  rank's C); -1 when dropless (CF <= 0). C >= S*k also drops nothing */
     const int64_t *expert_tokens; /**< [n_experts] global assignments kept per expert (owned by the object,
                                        valid until its next forward or its destroy) */
     /* timing of the last forward (fwd_) and backward (bwd_), seconds, in the struct's original order */

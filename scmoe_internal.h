@@ -118,11 +118,14 @@ typedef struct inflight {
     const uint16_t *unpack_from;
     const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout */
     int row;                   /* floats per row */
+    int metadata;              /* routing counts or statistics (capacity LOCAL): traced, but not counted in
+                                  the token exchanges' comm_time / exposed_time (their overlap figures) */
     double t_start, t_done, t_waited;
 } inflight;
 
 /* ---- the MoE layer, as phases a schedule can interleave with other work ---- */
 #define MOE_MAX_STAGES (SCMOE_MAX_PIPELINE_CHUNKS + 1)
+#define MOE_LSTATS(E) (3 * (E) + 5)
 
 typedef struct moe_layer {
     scmoe_context *ctx;
@@ -149,6 +152,15 @@ typedef struct moe_layer {
     void *route_work;
     int32_t *records, *records_all;
     int *tokens_per_rank, *rec_bytes, *rec_displs;
+    /* capacity per source rank (capacity_scope LOCAL): each rank's counts for each peer's experts by round,
+     * after its input status ([ep_size][1 + E_local*k], out and in, exchanged as one element per peer:
+     * ones, iota), and the statistics reduced without blocking ([MOE_LSTATS(E)], layout at gate_encode) */
+    int local_cap;
+    int32_t *counts_out, *counts_in;
+    int *ones, *iota;
+    double *lstats;
+    inflight xcount, xstats;
+    int stats_pending;         /* xstats started by this forward, not yet folded into the plan and losses */
     float *logits, *p, *lse, *weight, *score;
     int *choice;
     double *gsum;              /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
@@ -199,8 +211,9 @@ int moe_pending(const moe_layer *m);
 void moe_abandon(moe_layer *m, int keep_workspace);
 void moe_bind_comms(moe_layer *m);
 
-/* forward: gate_encode (small blocking collectives) -> dispatch_start -> experts_forward -> combine_wait
- * -> decode. experts_forward goes stage by stage (route.c): it waits for a stage's dispatch, starts the
+/* forward: gate_encode (small blocking collectives; capacity LOCAL: one small all-to-all, and the
+ * statistics' all-reduce left in flight until combine_wait) -> dispatch_start -> experts_forward ->
+ * combine_wait -> decode. experts_forward goes stage by stage (route.c): it waits for a stage's dispatch, starts the
  * next one, runs the experts on the stage's rows and starts its combine; without pipelining that is
  * wait, experts, combine. */
 scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
@@ -211,7 +224,8 @@ scmoe_status moe_exchange_start(moe_layer *m, int s, int combine);
 /* waits for that first exchange (a serialized order times it apart) */
 scmoe_status moe_dispatch_wait(moe_layer *m);
 scmoe_status moe_experts_forward(moe_layer *m, const exec *ex);
-/* waits for every combine of the pass */
+/* waits for every combine of the pass (forward, capacity LOCAL: first for the gate statistics, which
+ * may carry another rank's input error) */
 scmoe_status moe_combine_wait(moe_layer *m);
 /* y = beta * y + sum_j w_j E_j(x) */
 void moe_decode(moe_layer *m, float *y, float beta);

@@ -91,7 +91,7 @@ static MPI_Comm g_comm;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, quiet, keep, grad_accum;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, capacity_scope, quiet, keep, grad_accum;
     float lr, cf, aux, clip;
     long long seed;
     const char *save, *resume, *data, *val_data, *log, *precision;
@@ -148,6 +148,7 @@ static const flag FLAGS[] = {
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
     {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
     {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1, "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
+    {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1, "0: expert capacity over the global batch (routing independent of the ranks); 1: per source rank (Tutel; flat routing cost in ranks)"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
     {"--precision", T_STR, &O.precision, 0, 0, "GEMM precision: fp32 | bf16 (bf16 operands, fp32 sums) | auto (bf16 where the CPU has amx_bf16 or avx512_bf16)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
@@ -419,6 +420,7 @@ static void model_init(model *m, scmoe_context *ctx) {
     base.precision = precision_of(&why);
     if (g_rank == 0 && !O.quiet)
         printf("precision: %s (%s)\n", base.precision == SCMOE_PRECISION_BF16 ? "bf16" : "fp32", why);
+    base.capacity_scope = (scmoe_capacity_scope)O.capacity_scope;
     m->pairs = xcalloc((size_t)O.pairs, sizeof *m->pairs);
     for (int i = 0; i < O.pairs; i++) {
         scmoe_config c = lm_pair_config(&shape, &base);

@@ -76,6 +76,8 @@ static scmoe_config config_from(fuzz_in *in) {
     /* the input's last byte (the fields above keep the byte layout of corpora older than the option) */
     fuzz_in last = {in->p + (in->n ? in->n - 1 : 0), in->n ? 1 : 0, 0};
     c.pipeline_chunks = pick_int(&last, 0, 4);
+    /* and that byte's top bit */
+    c.capacity_scope = in->n && (in->p[in->n - 1] & 0x80) ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
     return c;
 }
 
@@ -105,13 +107,13 @@ static void print_config(const scmoe_config *c, int use_pair) {
             "%s d_model %d d_hidden %d n_experts %d top_k %d max_tokens %d cf %g eval_cf %g priority %d renorm %d "
             "aux %g z %g aux_scope %d noise %g seed %llu act %d check_finite %d arch %d pos %d combine %d heads %d "
             "max_seq_len %d causal %d n_layers %d ep_size %d progress %d poll_cols %d overlap %d expert_slot %d "
-            "ogs %d timeout %g bf16 %d chunks %d\n",
+            "ogs %d timeout %g bf16 %d chunks %d capacity_scope %d\n",
             use_pair ? "pair" : "moe", c->d_model, c->d_hidden, c->n_experts, c->top_k, c->max_tokens,
             c->capacity_factor, c->eval_capacity_factor, (int)c->priority, c->renormalize, c->aux_loss_weight,
             c->z_loss_weight, (int)c->aux_scope, c->gate_noise_std, (unsigned long long)c->seed, (int)c->activation,
             c->check_finite, (int)c->arch, c->shortcut_pos, (int)c->combine, c->n_heads, c->max_seq_len, c->causal,
             c->n_layers, c->ep_size, (int)c->progress, c->poll_cols, c->overlap, c->expert_slot, c->overlap_grad_sync,
-            c->comm_timeout_s, c->wire_bf16, c->pipeline_chunks);
+            c->comm_timeout_s, c->wire_bf16, c->pipeline_chunks, (int)c->capacity_scope);
 }
 
 static double estimate_floats(const scmoe_config *c, int k) {

@@ -23,7 +23,8 @@
  *     expert-buffer row of the rank owning its expert in that group;
  *   - the combine (the same plan mirrored) brings every row back to its slot;
  *   - P ranks route as one rank: a one-rank plan over the same records gives the same counts, and the
- *     same rows per expert (restricted to the group's tokens), in the same order without pipelining.
+ *     same rows per expert (restricted to the group's tokens), in the same order without pipelining;
+ *   - capacity per source rank (LOCAL): see local_scope.
  * Any violation calls __builtin_trap(), so libFuzzer records the input. */
 #include "../scmoe_internal.h"
 #include "fuzz_input.h"
@@ -89,6 +90,103 @@ static int ref_cmp(const void *a, const void *b) {
      * when every score is a number (see below) */
     if (x->score != y->score) return x->score > y->score ? -1 : 1;
     return x->token - y->token;
+}
+
+/* Capacity per source rank (route_plan_local_send / _recv): each rank plans its own slice alone, the
+ * receivers only get the per-(expert, round) counts. Checked: a rank's send side is exactly a one-rank
+ * GLOBAL plan of its slice with its own capacity (raw: the same for every rank); its counts add up to
+ * its send blocks; on the receive side, recv_counts match the senders' blocks, recv_to_expert is a
+ * permutation, expert_offsets are monotone and end at n_recv, every row reaches the block of its
+ * expert in the stage its receive row belongs to, and (dropless, token priority, no pipelining: gref
+ * given) expert e's rows are in GLOBAL's order, the one-rank plan's by location. */
+static void local_scope(const int32_t *rec, const int *tokens, const int64_t *first_tok, int world, int ep_size, int E,
+                        int k, scmoe_priority prio, int64_t raw_cap, float cf, int chunks, int max_tokens,
+                        const int64_t *gref, const int64_t *estart, const int64_t *cnt) {
+    int El = E / ep_size, msg = 1 + El * k, stride = k + 1, ns = route_stages(chunks);
+    plan_bufs lb[MAX_WORLD], ob;
+    int32_t *out[MAX_WORLD], *in = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
+    int64_t *sendrow[MAX_WORLD];
+    for (int r = 0; r < world; r++) {
+        int n = tokens[r];
+        int64_t cap = raw_cap >= 0 ? raw_cap : route_capacity(n, E, k, cf);
+        const int32_t *mine = rec + first_tok[r] * stride;
+        plan_alloc(&lb[r], E, ep_size, max_tokens, 1, k, 0.0f, chunks);
+        out[r] = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
+        route_plan_local_send(&lb[r].pl, lb[r].work, mine, n, ep_size, E, k, prio, cap, out[r]);
+        plan_alloc(&ob, E, 1, max_tokens, 1, k, 0.0f, 0);
+        int one = n;
+        route_plan_build(&ob.pl, ob.work, mine, &one, 1, 0, 1, E, k, prio, cap, 0);
+        const route_plan *pl = &lb[r].pl;
+        REQUIRE(pl->n_send == ob.pl.n_send && pl->tokens == n && pl->dropped == ob.pl.dropped);
+        for (int e = 0; e < E; e++) REQUIRE(pl->expert_kept[e] == ob.pl.expert_kept[e]);
+        for (int i = 0; i < n * k; i++) REQUIRE(pl->slot[i] == ob.pl.slot[i]);
+        plan_free(&ob);
+        sendrow[r] = malloc(sizeof(int64_t) * (size_t)(pl->n_send ? pl->n_send : 1));
+        for (int t = 0; t < n; t++)
+            for (int j = 0; j < k; j++)
+                if (pl->slot[t * k + j] >= 0) sendrow[r][pl->slot[t * k + j]] = (first_tok[r] + t) * k + j;
+        for (int q = 0; q < ep_size; q++) {
+            int sum = 0;
+            for (int i = 1; i < msg; i++) sum += out[r][(size_t)q * msg + i];
+            REQUIRE(sum == pl->send_counts[q]);
+        }
+    }
+    for (int r = 0; r < world; r++) {
+        int g = r / ep_size, q = r % ep_size, first_e = q * El;
+        for (int p = 0; p < ep_size; p++) memcpy(in + (size_t)p * msg, out[g * ep_size + p] + (size_t)q * msg, sizeof(int32_t) * msg);
+        route_plan *pl = &lb[r].pl;
+        route_plan_local_recv(pl, in, ep_size, q, El, k, chunks);
+        REQUIRE(pl->n_stages == ns);
+        int off = 0;
+        for (int p = 0; p < ep_size; p++) {
+            REQUIRE(pl->recv_counts[p] == lb[g * ep_size + p].pl.send_counts[q] && pl->recv_displs[p] == off);
+            off += pl->recv_counts[p];
+        }
+        REQUIRE(off == pl->n_recv && pl->n_recv <= lb[r].max_recv);
+        int64_t *ebuf = malloc(sizeof(int64_t) * (size_t)(pl->n_recv ? pl->n_recv : 1));
+        int *from = malloc(sizeof(int) * (size_t)(pl->n_recv ? pl->n_recv : 1));
+        for (int i = 0; i < pl->n_recv; i++) ebuf[i] = -1;
+        for (int p = 0; p < ep_size; p++)
+            for (int i = 0; i < pl->recv_counts[p]; i++) {
+                const route_plan *src = &lb[g * ep_size + p].pl;
+                int row = pl->recv_displs[p] + i, dst = pl->recv_to_expert[row];
+                REQUIRE(dst >= 0 && dst < pl->n_recv && ebuf[dst] == -1);
+                ebuf[dst] = sendrow[g * ep_size + p][src->send_displs[q] + i];
+                from[dst] = row;
+            }
+        const int *eoff = pl->expert_offsets;
+        REQUIRE(eoff[0] == 0 && eoff[ns * El] == pl->n_recv);
+        for (int st = 0; st < ns; st++)
+            for (int e = 0; e < El; e++) {
+                REQUIRE(eoff[st * El + e] <= eoff[st * El + e + 1]);
+                for (int i = eoff[st * El + e]; i < eoff[st * El + e + 1]; i++) {
+                    int64_t a = ebuf[i];
+                    REQUIRE(a >= 0 && rec[(a / k) * stride + a % k] == first_e + e);
+                    int p = 0, lo, hi;
+                    while (from[i] >= pl->recv_displs[p] + pl->recv_counts[p]) p++;
+                    route_stage_range(ns, st, p == q, pl->recv_counts[p], &lo, &hi);
+                    REQUIRE(from[i] - pl->recv_displs[p] >= lo && from[i] - pl->recv_displs[p] < hi);
+                }
+            }
+        for (int e = 0; gref && e < El; e++) { /* GLOBAL's order: by location over the whole batch */
+            int ge = first_e + e, i = eoff[e];
+            for (int64_t l = 0; l < cnt[ge]; l++) {
+                int64_t a = gref[estart[ge] + l];
+                if (a / k < first_tok[g * ep_size] || a / k >= first_tok[g * ep_size + ep_size]) continue;
+                REQUIRE(i < eoff[e + 1] && ebuf[i] == a);
+                i++;
+            }
+            REQUIRE(i == eoff[e + 1]);
+        }
+        free(ebuf);
+        free(from);
+    }
+    for (int r = 0; r < world; r++) {
+        free(out[r]);
+        free(sendrow[r]);
+        plan_free(&lb[r]);
+    }
+    free(in);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -347,6 +445,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     REQUIRE(n_seen == n_sent);
 
     free(seen);
+    local_scope(rec, tokens, first_tok, world, ep_size, E, k, prio, cap_mode < 192 ? -1 : capacity, cf, chunks,
+                max_tokens, have_ref && prio == SCMOE_PRIORITY_TOKEN && cap_mode < 192 && cf <= 0 && ns == 1 ? by_loc : NULL,
+                estart, cnt);
     for (int r = 0; r < world; r++) {
         free(sendrow[r]);
         plan_free(&pb[r]);

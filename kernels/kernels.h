@@ -79,6 +79,14 @@ size_t route_workspace_bytes(int64_t S_max, int k);
  * chunks: 0, or the peers' blocks split in chunks stages after the own block's (pipelining) */
 void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
                       int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks);
+/* capacity per source rank: the send side from this rank's n records alone (capacity its own C);
+ * counts [ep_size][1 + E_local*k]: for each peer, words 1.. = rows kept for its expert e in round j at
+ * 1 + e*k + j (word 0 is left to the caller). work: route_workspace_bytes(n, k). */
+void route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+                           scmoe_priority priority, int64_t capacity, int32_t *counts);
+/* the receive side from every source's counts (as sent above, indexed by source) */
+void route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
+                           int chunks);
 /* stages of a plan with this many chunks */
 int route_stages(int chunks);
 /* [*lo, *hi): the rows of a block of count rows to or from one peer (own: this rank's block) in stage s */

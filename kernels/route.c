@@ -1,5 +1,7 @@
-/* route.c: who goes where. From every rank's routing choices (the global batch, gathered), each rank
- * computes the same slot assignment and then its own part of the exchange plan.
+/* route.c: who goes where. GLOBAL capacity (route_plan_build): from every rank's routing choices (the
+ * global batch, gathered), each rank computes the same slot assignment and then its own part of the
+ * exchange plan. LOCAL capacity (route_plan_local_*, at the end): each rank locates its own tokens,
+ * and receivers learn only per-expert counts.
  *
  * Locations (GShard/Tutel): round j = 0..k-1, tokens in priority order; the j-th choice of token t
  * takes location loc = fill[e]++ of its expert e. Counting every assignment, dropped or not, makes a
@@ -74,6 +76,38 @@ size_t route_workspace_bytes(int64_t S_max, int k) {
     return sizeof(int) * (size_t)S_max * (size_t)(k + 2) + sizeof(ranked) * (size_t)S_max;
 }
 
+/* Priority order of S tokens' records, then every assignment's location in its expert, loc[t*k + j]
+ * (round j, tokens in that order), and the counts: expert_count and expert_kept under capacity. */
+static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32_t *records, int64_t S, int E, int k,
+                   scmoe_priority priority, int64_t capacity) {
+    int stride = k + 1;
+    if (priority == SCMOE_PRIORITY_BATCH) {
+        for (int64_t t = 0; t < S; t++) {
+            float sc;
+            memcpy(&sc, &records[t * stride + k], sizeof sc);
+            rk[t].score = sc;
+            rk[t].token = (int)t;
+        }
+        qsort(rk, (size_t)S, sizeof *rk, by_score_desc);
+        for (int64_t t = 0; t < S; t++) order[t] = rk[t].token;
+    } else {
+        for (int64_t t = 0; t < S; t++) order[t] = (int)t;
+    }
+    memset(pl->expert_count, 0, sizeof(int64_t) * E);
+    for (int j = 0; j < k; j++)
+        for (int64_t i = 0; i < S; i++) {
+            int t = order[i];
+            loc[(int64_t)t * k + j] = (int)pl->expert_count[records[(int64_t)t * stride + j]]++;
+        }
+    pl->capacity = capacity;
+    pl->dropped = 0;
+    pl->tokens = S;
+    for (int e = 0; e < E; e++) {
+        pl->expert_kept[e] = pl->expert_count[e] < capacity ? pl->expert_count[e] : capacity;
+        pl->dropped += pl->expert_count[e] - pl->expert_kept[e];
+    }
+}
+
 void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
                       int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks) {
     int E_local = E / ep_size, group = rank / ep_size, ep_rank = rank % ep_size;
@@ -89,36 +123,9 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
     ranked *rk = (ranked *)(owner + S);
     int stride = k + 1;
 
-    /* priority order */
-    if (priority == SCMOE_PRIORITY_BATCH) {
-        for (int64_t t = 0; t < S; t++) {
-            float sc;
-            memcpy(&sc, &records[t * stride + k], sizeof sc);
-            rk[t].score = sc;
-            rk[t].token = (int)t;
-        }
-        qsort(rk, (size_t)S, sizeof *rk, by_score_desc);
-        for (int64_t t = 0; t < S; t++) order[t] = rk[t].token;
-    } else {
-        for (int64_t t = 0; t < S; t++) order[t] = (int)t;
-    }
+    locate(pl, loc, order, rk, records, S, E, k, priority, capacity);
     for (int r = 0, t = 0; r < world; r++)
         for (int i = 0; i < tokens_per_rank[r]; i++) owner[t++] = r;
-
-    /* locations over the global batch */
-    memset(pl->expert_count, 0, sizeof(int64_t) * E);
-    for (int j = 0; j < k; j++)
-        for (int64_t i = 0; i < S; i++) {
-            int t = order[i];
-            loc[(int64_t)t * k + j] = (int)pl->expert_count[records[(int64_t)t * stride + j]]++;
-        }
-    pl->capacity = capacity;
-    pl->dropped = 0;
-    pl->tokens = S;
-    for (int e = 0; e < E; e++) {
-        pl->expert_kept[e] = pl->expert_count[e] < capacity ? pl->expert_count[e] : capacity;
-        pl->dropped += pl->expert_count[e] - pl->expert_kept[e];
-    }
 
     /* send side: my kept assignments per expert, experts in order (so destinations in order) */
     int *cursor = pl->cursor; /* [E] */
@@ -185,4 +192,77 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
             int stage = stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]);
             pl->recv_to_expert[r] = ecur[stage * E_local + e]++;
         }
+}
+
+/* ---- capacity per source rank (LOCAL) ----
+ *
+ * Each rank locates its own n tokens alone (locate over them, its own C), so its send side needs
+ * nothing from other ranks. What a receiver must know is how many rows each source sends for each of
+ * its experts in each round j: counts[p][1 + e*k + j] (word 0 carries the source's input status).
+ * The sender's block for expert e holds its kept rows in location order, i.e. round by round, so
+ * round j's rows are a contiguous run of the block. The receiver puts a stage's rows of expert e in
+ * the order (j, p, row): with TOKEN priority and nothing dropped that is exactly GLOBAL's order
+ * (round j, then the global token order, which is rank-major), so the experts' GEMMs see the same
+ * rows in the same order and even the weight gradients' sums match GLOBAL bitwise. */
+void route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+                           scmoe_priority priority, int64_t capacity, int32_t *counts) {
+    int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k;
+    int *loc = work, *order = loc + (size_t)n * k;
+    ranked *rk = (ranked *)(order + 2 * (size_t)n); /* the layout of route_workspace_bytes */
+    locate(pl, loc, order, rk, records, n, E, k, priority, capacity);
+
+    int *cursor = pl->cursor; /* [E]: kept rows per expert, then where the next one goes */
+    int start = 0;
+    memset(pl->send_counts, 0, sizeof(int) * ep_size);
+    for (int e = 0; e < E; e++) {
+        int c = (int)pl->expert_kept[e];
+        pl->send_counts[e / E_local] += c;
+        cursor[e] = start;
+        start += c;
+    }
+    pl->n_send = start;
+    for (int q = 0, off = 0; q < ep_size; q++) { pl->send_displs[q] = off; off += pl->send_counts[q]; }
+    for (int q = 0; q < ep_size; q++) memset(counts + (size_t)q * msg + 1, 0, sizeof(int32_t) * E_local * k);
+    for (int j = 0; j < k; j++)
+        for (int i = 0; i < n; i++) {
+            int t = order[i], e = records[(int64_t)t * stride + j];
+            int kept = loc[(int64_t)t * k + j] < capacity;
+            pl->slot[(int64_t)t * k + j] = kept ? cursor[e]++ : -1;
+            counts[(size_t)(e / E_local) * msg + 1 + (e % E_local) * k + j] += kept;
+        }
+}
+
+void route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
+                           int chunks) {
+    int msg = 1 + E_local * k, S_n = route_stages(chunks), off = 0;
+    for (int p = 0; p < ep_size; p++) {
+        int c = 0;
+        for (int i = 0; i < E_local * k; i++) c += counts[(size_t)p * msg + 1 + i];
+        pl->recv_displs[p] = off;
+        pl->recv_counts[p] = c;
+        off += c;
+    }
+    pl->n_recv = off;
+    pl->n_stages = S_n;
+
+    /* block p, expert e, round j: rows [r0, r0 + counts) of the receive layout, r0 running in (p, e, j) */
+    int *eoff = pl->expert_offsets; /* [S_n * E_local + 1] */
+    memset(eoff, 0, sizeof(int) * ((size_t)S_n * E_local + 1));
+    for (int p = 0, r = 0; p < ep_size; p++)
+        for (int e = 0; e < E_local; e++)
+            for (int j = 0; j < k; j++)
+                for (int c = counts[(size_t)p * msg + 1 + e * k + j]; c > 0; c--, r++)
+                    eoff[stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]) * E_local + e + 1]++;
+    for (int i = 0; i < S_n * E_local; i++) eoff[i + 1] += eoff[i];
+    int *ecur = pl->cursor, *next = pl->src_cursor; /* per (stage, local expert); per source: its next row */
+    memcpy(ecur, eoff, sizeof(int) * (size_t)S_n * E_local);
+    memcpy(next, pl->recv_displs, sizeof(int) * ep_size);
+    for (int e = 0; e < E_local; e++)
+        for (int j = 0; j < k; j++)
+            for (int p = 0; p < ep_size; p++)
+                for (int c = counts[(size_t)p * msg + 1 + e * k + j]; c > 0; c--) {
+                    int r = next[p]++;
+                    int stage = stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]);
+                    pl->recv_to_expert[r] = ecur[stage * E_local + e]++;
+                }
 }

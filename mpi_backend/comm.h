@@ -37,6 +37,8 @@ typedef struct comm_ops {
     /* frees c without communicating (abort): no MPI_Comm_free, and what a pending request may still use
      * (its argument copies, the backend's own buffers) is left allocated */
     void (*abandon)(comm *c);
+    /* in place, sum: the small per-step statistics, waited on only where they are needed */
+    scmoe_status (*allreduce_f64_start)(comm *c, double *buf, int n, int *req);
 } comm_ops;
 
 struct comm {

@@ -10,6 +10,7 @@
  *                      elem_bytes, sent as one committed contiguous datatype of elem_bytes bytes so
  *                      that only elem_bytes * count (not count) has to fit an int.
  *   allreduce_start    buf[j] = sum_i buf_i[j] (MPI_FLOAT, MPI_SUM, MPI_IN_PLACE).
+ *   allreduce_f64_start  the same over doubles (MPI_DOUBLE).
  * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
  * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
  *
@@ -48,7 +49,7 @@
 #define SMALL_I64 16
 
 enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
-enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL };
+enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64 };
 
 typedef struct slot {
     MPI_Request r;
@@ -119,6 +120,7 @@ static const char *thread_level_name(int level) {
 static void describe(const slot *s, char *buf, size_t len) {
     if (s->kind == KIND_ALLTOALLV) snprintf(buf, len, "all-to-all exchange of %d-byte elements", s->n);
     else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
+    else if (s->kind == KIND_ALLREDUCE_F64) snprintf(buf, len, "all-reduce of %d doubles (statistics)", s->n);
     else snprintf(buf, len, "per-step agreement (counts, routing or status) of %d bytes", s->n);
 }
 
@@ -415,18 +417,26 @@ static scmoe_status mpi_alltoallv_start(comm *c, const void *send, const int *sc
     return SCMOE_OK;
 }
 
-static scmoe_status mpi_allreduce_start(comm *c, float *buf, int n, int *req) {
+static scmoe_status allreduce_sum_start(comm *c, void *buf, int n, MPI_Datatype t, int kind, int *req) {
     mpi_impl *m = c->impl;
     *req = -1;
     int i = slot_claim(m);
     if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
     ensure_progress(c);
     MPI_Request r;
-    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_FLOAT, MPI_SUM, m->mc, &r);
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, t, MPI_SUM, m->mc, &r);
     if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iallreduce");
-    slot_publish(m, i, r, KIND_ALLREDUCE, n);
+    slot_publish(m, i, r, kind, n);
     *req = i;
     return SCMOE_OK;
+}
+
+static scmoe_status mpi_allreduce_start(comm *c, float *buf, int n, int *req) {
+    return allreduce_sum_start(c, buf, n, MPI_FLOAT, KIND_ALLREDUCE, req);
+}
+
+static scmoe_status mpi_allreduce_f64_start(comm *c, double *buf, int n, int *req) {
+    return allreduce_sum_start(c, buf, n, MPI_DOUBLE, KIND_ALLREDUCE_F64, req);
 }
 
 /* ---- lifetime ---- */
@@ -538,6 +548,7 @@ static scmoe_status mpi_split(comm *c, int color, int key, comm **out) {
 static const comm_ops mpi_ops = {
     mpi_split, mpi_destroy, mpi_allgather, mpi_allgatherv, mpi_allreduce_f64, mpi_allreduce_i64_max,
     mpi_alltoallv_start, mpi_allreduce_start, mpi_test, mpi_wait, mpi_progress, mpi_pending, mpi_abandon,
+    mpi_allreduce_f64_start,
 };
 
 /* Takes ownership of mc (a communicator this library created) on success only. */

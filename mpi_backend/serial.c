@@ -44,6 +44,12 @@ static scmoe_status serial_allreduce_start(comm *c, float *buf, int n, int *req)
     return SCMOE_OK;
 }
 
+static scmoe_status serial_allreduce_f64_start(comm *c, double *buf, int n, int *req) {
+    (void)c; (void)buf; (void)n;
+    *req = -1;
+    return SCMOE_OK;
+}
+
 static scmoe_status serial_test(comm *c, int req, int *done) { (void)c; (void)req; *done = 1; return SCMOE_OK; }
 static scmoe_status serial_wait(comm *c, int req) { (void)c; (void)req; return SCMOE_OK; }
 static void serial_progress(comm *c) { (void)c; }
@@ -54,7 +60,7 @@ static int serial_pending(comm *c) { return 0; }
 static const comm_ops serial_ops = {
     serial_split, serial_destroy, serial_allgather, serial_allgatherv, serial_allreduce_f64,
     serial_allreduce_i64_max, serial_alltoallv_start, serial_allreduce_start, serial_test, serial_wait,
-    serial_progress, serial_pending, serial_destroy,
+    serial_progress, serial_pending, serial_destroy, serial_allreduce_f64_start,
 };
 
 scmoe_status comm_serial_create(comm **out) {

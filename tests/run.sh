@@ -49,6 +49,13 @@ fi
 if [ -x ${BUILD:-build}/tests/test_ep ]; then
     for n in 1 2 4; do want ep && run "expert parallelism == 1 rank, $n ranks" 600 $MPIRUN -np $n ${BUILD:-build}/tests/test_ep; done
 fi
+if [ -x ${BUILD:-build}/tests/test_oracle_ep ]; then
+    for n in 2 4; do want oracle_ep && run "moe layer on P ranks vs PyTorch (capacity per rank), $n ranks" 900 $MPIRUN -np $n ${BUILD:-build}/tests/test_oracle_ep; done
+fi
+# 8 and 16 ranks, oversubscribed: only when named (make check-scale), as they take minutes on a small box
+if [ -x ${BUILD:-build}/tests/test_ep ] && [[ " $filter " == *" scale "* ]]; then
+    for n in 8 16; do run "expert parallelism at scale (both capacity scopes, every arch), $n ranks" 1800 $MPIRUN -np $n ${BUILD:-build}/tests/test_ep; done
+fi
 if [ -x ${BUILD:-build}/tests/test_checkpoint ]; then
     for n in 1 2 4; do want checkpoint && run "checkpoint format, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_checkpoint; done
 fi

@@ -226,6 +226,16 @@ int main(int argc, char **argv) {
         free(b);
     }
 
+    /* allreduce_f64_start (double sum, in place): the routing statistics; counts stay exact */
+    {
+        double v[3] = {r + 1.0, 1e15 + r, 0.5};
+        int rq = -1;
+        s = c->ops->allreduce_f64_start(c, v, 3, &rq);
+        int ok = s == SCMOE_OK && comm_wait(c, rq) == SCMOE_OK;
+        check("allreduce_f64_start + wait", ok && v[0] == P * (P + 1) / 2.0 && v[1] == 1e15 * P + P * (P - 1) / 2.0 &&
+                                                v[2] == 0.5 * P);
+    }
+
     /* split into two halves (reversed key order); the halves inherit timeout and progress */
     {
         c->timeout_s = 123;

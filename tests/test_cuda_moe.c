@@ -112,6 +112,7 @@ typedef struct tcase {
     int k, chunks, wire_bf16;
     scmoe_activation act;
     float cf, z, noise;
+    int local; /* capacity_scope LOCAL */
 } tcase;
 
 /* one case: both layers, 2 training steps and an inference forward. slots: dctx's offload_experts (0:
@@ -129,6 +130,7 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     cfg.gate_noise_std = tc->noise;
     cfg.pipeline_chunks = tc->chunks;
     cfg.wire_bf16 = tc->wire_bf16;
+    cfg.capacity_scope = tc->local ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
     cfg.check_finite = 1;
     scmoe_moe *hm = NULL, *dm = NULL;
     scmoe_status s1 = scmoe_moe_create(hctx, &cfg, &hm), s2 = scmoe_moe_create(dctx, &cfg, &dm);
@@ -376,10 +378,11 @@ int main(int argc, char **argv) {
               "context on device 0: %s", s ? scmoe_last_error(dctx) : "ok, backend cuda");
         CHECK(scmoe_context_use_cuda(dctx, NULL) == SCMOE_ERR_STATE, "twice: STATE");
         const tcase cases[] = {
-            {"top1 gelu dropless", 1, 0, 0, SCMOE_GELU, 0.0f, 0.0f, 0.0f},
-            {"top2 swiglu drops z noise", 2, 0, 0, SCMOE_SWIGLU, 1.0f, 1e-3f, 0.5f},
-            {"top2 gelu drops 3 chunks", 2, 3, 0, SCMOE_GELU, 1.25f, 0.0f, 0.0f},
-            {"top1 swiglu bf16 wire 2 chunks", 1, 2, 1, SCMOE_SWIGLU, 2.0f, 0.0f, 0.0f},
+            {"top1 gelu dropless", 1, 0, 0, SCMOE_GELU, 0.0f, 0.0f, 0.0f, 0},
+            {"top2 swiglu drops z noise", 2, 0, 0, SCMOE_SWIGLU, 1.0f, 1e-3f, 0.5f, 0},
+            {"top2 gelu drops 3 chunks", 2, 3, 0, SCMOE_GELU, 1.25f, 0.0f, 0.0f, 0},
+            {"top1 swiglu bf16 wire 2 chunks", 1, 2, 1, SCMOE_SWIGLU, 2.0f, 0.0f, 0.0f, 0},
+            {"top2 gelu drops z, capacity per rank, 2 chunks", 2, 2, 0, SCMOE_GELU, 0.75f, 1e-3f, 0.0f, 1},
         };
         for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i], 0);
         const pcase pairs[] = {

@@ -3,7 +3,9 @@
  * through it, and compares its own slice of the outputs and dX, the aux loss, the drop count and
  * every parameter gradient it holds (max |a - b| / max |b| <= 1e-5). Also: ep_size < ranks, all
  * tokens to one expert, a rank with no tokens, mismatched configs, bad input on one rank only; the
- * overlapped order == the serialized one, and token-chunk pipelining == one exchange each way. */
+ * overlapped order == the serialized one, and token-chunk pipelining == one exchange each way. Capacity
+ * per source rank (LOCAL): == 1 rank where nothing is dropped, == each rank's slice run alone where
+ * tokens are, the same guarantees otherwise. */
 #include "../scmoe.h"
 #include "../scmoe_mpi.h"
 #include "mpi_check.h"
@@ -168,7 +170,7 @@ out:
 
 static scmoe_config layer_cfg(int k, float cf) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = 24; c.d_hidden = 40; c.n_experts = 8; c.top_k = k; c.capacity_factor = cf;
+    c.d_model = 24; c.d_hidden = 40; c.n_experts = size > 8 ? size : 8; c.top_k = k; c.capacity_factor = cf;
     c.aux_loss_weight = 0.1f; c.z_loss_weight = 0.01f; c.max_tokens = 64; c.max_seq_len = 8;
     return c;
 }
@@ -369,6 +371,189 @@ static void robustness(scmoe_context *ctx) {
     scmoe_moe_destroy(m);
 }
 
+/* ---- capacity per source rank (capacity_scope LOCAL) ---- */
+
+/* LOCAL on this communicator against P independent one-rank runs, each on its own rank's slice: with
+ * capacity and priority per source rank, a rank's tokens route as its slice alone would, so outputs and
+ * dX agree token by token, the counts are the slices' sums and every gradient is the sum of the slices'
+ * (aux and z weights 0: those couple the ranks through global statistics; the oracle checks them).
+ * Ranks hold different token counts, so their capacities differ. */
+static void local_slices(const char *what, scmoe_context *ctx, scmoe_config c, int is_pair) {
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    c.aux_loss_weight = c.z_loss_weight = 0;
+    int T = is_pair ? 8 : 1, n = 8 * (2 + rank % 3), d = c.d_model;
+    object a, b;
+    scmoe_config cr = c;
+    cr.ep_size = 0;
+    scmoe_status s1 = obj_create(ctx, &c, is_pair, &a), s2 = obj_create(ctx_ref, &cr, is_pair, &b);
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: create (%s%s)", what, scmoe_last_error(ctx), scmoe_last_error(ctx_ref));
+    if (s1 || s2) return;
+    init_params(&a, 0);
+    init_params(&b, 0);
+    float *x = malloc(sizeof(float) * n * d), *dy = malloc(sizeof(float) * n * d), *ya = malloc(sizeof(float) * n * d),
+          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d), *dxb = malloc(sizeof(float) * n * d);
+    char nm[16];
+    snprintf(nm, sizeof nm, "x%d", rank);
+    fill_named(x, (size_t)n * d, nm, 1.0f, 0.0f);
+    snprintf(nm, sizeof nm, "dy%d", rank);
+    fill_named(dy, (size_t)n * d, nm, 1.0f, 0.0f);
+    scmoe_stats sa, sb;
+    s1 = obj_forward(&a, n, T, x, ya, &sa);
+    s2 = obj_forward(&b, n, T, x, yb, &sb);
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: forward (%s)", what, scmoe_last_error(ctx));
+    if (s1 || s2) goto out;
+    int E = c.n_experts;
+    int64_t mine[2 + 64] = {sb.tokens, sb.dropped}, sum[2 + 64];
+    for (int e = 0; e < E; e++) mine[2 + e] = sb.expert_tokens[e];
+    MPI_Allreduce(mine, sum, 2 + E, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+    int counts_ok = sa.tokens == sum[0] && sa.dropped == sum[1] && sa.capacity == sb.capacity;
+    for (int e = 0; e < E; e++) counts_ok &= sa.expert_tokens[e] == sum[2 + e];
+    check(counts_ok, "%s: tokens %lld, dropped %lld, per expert: the slices' sums; capacity this rank's own (%lld)", what,
+          (long long)sa.tokens, (long long)sa.dropped, (long long)sa.capacity);
+    double ey = relerr(ya, yb, (size_t)n * d);
+    check(ey <= 1e-5, "%s: output == the slice's alone %s (%.1e)", what, ey == 0 ? "bitwise" : "within 1e-5", ey);
+    s1 = obj_backward(&a, dy, dxa, &sa);
+    s2 = obj_backward(&b, dy, dxb, &sb);
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: backward (%s)", what, scmoe_last_error(ctx));
+    if (s1 || s2) goto out;
+    double edx = relerr(dxa, dxb, (size_t)n * d), eg = 0;
+    int missing = 0;
+    for (int i = 0; i < obj_count(&b); i++) { /* every rank's b holds every tensor: sum them in the same order */
+        scmoe_tensor tb, ta;
+        obj_at(&b, i, &tb);
+        float *g = malloc(sizeof(float) * tb.numel);
+        MPI_Allreduce(tb.grad, g, (int)tb.numel, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+        double num = 0, den = 0;
+        if (obj_param(&a, tb.name, &ta) == SCMOE_OK) {
+            missing |= ta.numel != tb.numel;
+            for (size_t j = 0; !missing && j < tb.numel; j++) {
+                double dd = fabs((double)ta.grad[j] - g[j]);
+                num = dd > num ? dd : num;
+                den = fabs(g[j]) > den ? fabs(g[j]) : den;
+            }
+        }
+        double e = num / (den + 1e-30);
+        eg = e > eg ? e : eg;
+        free(g);
+    }
+    double all;
+    MPI_Allreduce(&eg, &all, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    check(edx <= 1e-5 && !missing && all <= 1e-5, "%s: dX (%.1e) and every gradient == the slices' sum (%.1e)", what, edx, all);
+out:
+    free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    obj_destroy(&a);
+    obj_destroy(&b);
+}
+
+/* a forward with n tokens on rank bad_rank (x NULL if null_x) and 16 elsewhere: status on every rank,
+ * then backward refused and the next good forward fine */
+static void local_bad_input(scmoe_context *ctx, scmoe_config c, int bad_rank, int n_bad, int null_x, scmoe_status want,
+                            const char *what) {
+    scmoe_moe *m = NULL;
+    scmoe_status s = scmoe_moe_create(ctx, &c, &m);
+    float *x = calloc(64 * 24, sizeof(float)), *y = calloc(64 * 24, sizeof(float));
+    scmoe_stats st;
+    s = scmoe_moe_forward(m, rank == bad_rank ? n_bad : 16, rank == bad_rank && null_x ? NULL : x, y, &st);
+    check(s == want, "%s -> %s on every rank (%s)", what, scmoe_strerror(s), scmoe_last_error(ctx));
+    s = scmoe_moe_backward(m, y, x, &st);
+    check(s == SCMOE_ERR_STATE, "%s: backward after it -> %s", what, scmoe_strerror(s));
+    s = scmoe_moe_forward(m, 16, x, y, &st);
+    if (!s) s = scmoe_moe_backward(m, y, x, &st);
+    check(s == SCMOE_OK && st.tokens == 16 * size, "%s: the next good step works (%lld tokens)", what, (long long)st.tokens);
+    free(x); free(y);
+    scmoe_moe_destroy(m);
+}
+
+static void capacity_local(scmoe_context *ctx) {
+    char what[128];
+    /* nothing dropped, TOKEN priority: LOCAL routes exactly as GLOBAL, so P ranks == 1 rank again */
+    for (int k = 1; k <= 2; k++) {
+        scmoe_config c = layer_cfg(k, 0.0f);
+        c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+        snprintf(what, sizeof what, "LOCAL layer k=%d dropless == 1 rank", k);
+        equivalence(what, ctx, ctx_ref, c, 0, S_global, 1, 0, 0);
+    }
+    scmoe_config c = layer_cfg(2, 0.0f);
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    c.pipeline_chunks = 2;
+    equivalence("LOCAL layer k=2 dropless, 2 chunks, rank 0 holding no tokens == 1 rank", ctx, ctx_ref, c, 0, S_global, 1, 0, 1);
+    if (size >= 2) {
+        c = layer_cfg(2, 0.0f);
+        c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+        c.ep_size = size / 2;
+        equivalence("LOCAL layer k=2 dropless, ep_size P/2 == 1 rank", ctx, ctx_ref, c, 0, S_global, 1, 0, 0);
+    }
+    c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    equivalence("LOCAL pair scmoe-pos2 dropless == 1 rank", ctx, ctx_ref, c, 1, S_global, 8, 0, 0);
+
+    /* and on this communicator bitwise: the same rows reach every expert in the same order */
+    c = layer_cfg(2, 0.0f);
+    scmoe_config cg = c;
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    same_numbers(ctx, 0, c, cg, 0.0, "LOCAL layer k=2 dropless == GLOBAL on this communicator");
+    c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
+    cg = c;
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    same_numbers(ctx, 1, c, cg, 0.0, "LOCAL pair scmoe-pos2 dropless == GLOBAL on this communicator");
+
+    /* with drops: P ranks == P slices run alone */
+    for (int k = 1; k <= 2; k++)
+        for (int prio = 0; prio < 2; prio++) {
+            c = layer_cfg(k, 0.5f);
+            c.priority = (scmoe_priority)prio;
+            snprintf(what, sizeof what, "LOCAL layer k=%d drops, %s priority", k, prio ? "batch" : "token");
+            local_slices(what, ctx, c, 0);
+        }
+    c = layer_cfg(2, 0.75f);
+    c.pipeline_chunks = 3;
+    if (size >= 2) c.ep_size = size / 2;
+    local_slices("LOCAL layer k=2 drops, 3 chunks, ep_size P/2", ctx, c, 0);
+    const char *names[] = {"top2", "top1", "shared", "scmoe"};
+    for (int a = 0; a < 4; a++) {
+        c = pair_cfg((scmoe_arch)a, 2, 0.5f);
+        snprintf(what, sizeof what, "LOCAL pair %s drops", names[a]);
+        local_slices(what, ctx, c, 1);
+    }
+
+    /* the schedules agree bitwise; pipelining agrees */
+    const char *prog[] = {"poll", "thread", "none"};
+    for (int a = 0; a < 4; a++)
+        for (int pg = 0; pg < 3; pg++) {
+            c = pair_cfg((scmoe_arch)a, 2, 0.5f);
+            c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+            c.progress = (scmoe_progress)pg;
+            snprintf(what, sizeof what, "LOCAL pair %s drops, progress %s", names[a], prog[pg]);
+            overlap_equals_serial(ctx, c, what);
+        }
+    c = layer_cfg(2, 0.5f);
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    scmoe_config cp = c;
+    cp.pipeline_chunks = 3;
+    same_numbers(ctx, 0, cp, c, 1e-6, "LOCAL layer k=2 drops, 3 chunks == unpipelined");
+
+    /* one rank: LOCAL is GLOBAL bit for bit, drops, batch priority and losses included */
+    c = layer_cfg(2, 0.5f);
+    c.priority = SCMOE_PRIORITY_BATCH;
+    c.gate_noise_std = 1.0f;
+    cg = c;
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    same_numbers(ctx_ref, 0, c, cg, 0.0, "one rank: LOCAL layer k=2 drops, batch priority, noise == GLOBAL");
+    c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.5f);
+    cg = c;
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    same_numbers(ctx_ref, 1, c, cg, 0.0, "one rank: LOCAL pair scmoe drops == GLOBAL");
+
+    /* bad input on one rank: the same status everywhere, also in the other expert-parallel group */
+    c = layer_cfg(2, 1.0f);
+    c.capacity_scope = SCMOE_CAPACITY_LOCAL;
+    local_bad_input(ctx, c, size - 1, 65, 0, SCMOE_ERR_N_TOKENS, "LOCAL: n_tokens too large on the last rank");
+    if (size >= 2) c.ep_size = size / 2;
+    local_bad_input(ctx, c, 0, 16, 1, SCMOE_ERR_NULL, "LOCAL, ep_size P/2: NULL input on rank 0");
+    c.check_finite = 1;
+    local_bad_input(ctx, c, size - 1, -1, 0, SCMOE_ERR_N_TOKENS, "LOCAL, ep_size P/2: negative n_tokens on the last rank");
+}
+
 int main(int argc, char **argv) {
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
@@ -444,6 +629,7 @@ int main(int argc, char **argv) {
     precision_bf16(ctx);
     pipelined(ctx);
     robustness(ctx);
+    capacity_local(ctx);
     scmoe_context_destroy(ref);
     scmoe_context_destroy(ctx);
     if (rank == 0) printf("%d passed, %d failed\n", check_passed, check_failed);

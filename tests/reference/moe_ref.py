@@ -6,6 +6,7 @@
 FILE (SCMT format, tests/reference/tensorio.py) was written by a C test and holds:
     cfg.d_model cfg.d_hidden cfg.n_experts cfg.top_k cfg.capacity_factor cfg.renormalize
     cfg.aux_loss_weight cfg.z_loss_weight cfg.activation (0 gelu, 1 swiglu) cfg.priority (0 token, 1 batch)
+    [cfg.capacity_scope (0 global, 1 local) and route.sources (tokens of each rank, rank-major)]
     x [n, d], dy [n, d], every parameter by name (gate.weight, experts.{e}.w1/b1/w2/b2),
     out.y, out.aux_loss, out.z_loss, out.dropped, [out.capacity, out.expert_tokens],
     grad.x and grad.<param> for each parameter.
@@ -15,7 +16,8 @@ The model is written from the specification (Tutel/GShard semantics), in float64
     (k > 1 and renormalize: w_j = p[e_j] / max(sum_j p[e_j], FLT_EPSILON));
     C = k * floor(CF * ceil(S / E)), CF <= 0 dropless; rounds j = 0..k-1, tokens in priority order
     (token order, or by top-1 probability descending with ties by token index), loc = fill[e]++ counting
-    every assignment, kept iff loc < C;
+    every assignment, kept iff loc < C; capacity_scope local: the same within each source's slice of
+    the rows, with that slice's own S, fill and priority order (Tutel: capacity per source rank);
     y[t] = sum_{kept j} w_j FFN_{e_j}(x[t]);
     aux = E * sum_e mean_t p[t,e] * mean_t 1[top1(t) = e];  z = mean_t logsumexp(logits_t)^2;
     L = sum(y * dy) + aux_loss_weight * aux + z_loss_weight * z.
@@ -37,10 +39,10 @@ import tensorio  # noqa: E402
 
 FLT_EPSILON = 1.1920928955078125e-07
 DTYPE = torch.float64
-RESERVED_PREFIXES = ("cfg.", "out.", "grad.")
+RESERVED_PREFIXES = ("cfg.", "out.", "grad.", "route.")
 RESERVED_NAMES = ("x", "dy")
 
-CFG_INT_KEYS = ("d_model", "d_hidden", "n_experts", "top_k", "renormalize", "activation", "priority",
+CFG_INT_KEYS = ("d_model", "d_hidden", "n_experts", "top_k", "renormalize", "activation", "priority", "capacity_scope",
                 "arch", "shortcut_pos", "combine", "n_heads", "causal", "batch", "seq_len", "precision")
 
 
@@ -95,9 +97,11 @@ def capacity(S, E, k, cf):
     return k * int(math.floor(float(np.float32(cf) * np.float32(per))))
 
 
-def route(p, k, cf, priority, warn):
+def route(p, k, cf, priority, warn, sources=None):
     """Routing decisions (constants): choice [S, k] (long), kept [S, k] (bool), capacity, and the
-    counts of all / kept assignments per expert. p is detached."""
+    counts of all / kept assignments per expert. p is detached. sources: the row counts of the slices
+    that each count capacity on their own (capacity_scope local); None: one slice, the whole batch.
+    The capacity returned is the first slice's (what its rank reports)."""
     S, E = p.shape
     pn = p.detach().numpy()
     choice = np.zeros((S, k), dtype=np.int64)
@@ -111,37 +115,48 @@ def route(p, k, cf, priority, warn):
             if ranked[j] - ranked[j + 1] < 1e-6 * max(ranked[0], 1e-30):
                 warn("token %d: near-tie between experts %d and %d (p %.9g vs %.9g): routing may differ "
                      "from the float32 C code" % (t, order[j], order[j + 1], ranked[j], ranked[j + 1]))
-    C = capacity(S, E, k, cf)
-    if priority == 0:
-        prio = list(range(S))
-    elif priority == 1:
-        top1 = pn[np.arange(S), choice[:, 0]] if S else np.zeros(0)
-        prio = sorted(range(S), key=lambda t: (-top1[t], t))
-        if C is not None:
-            for a, b in zip(prio, prio[1:]):
-                if top1[a] - top1[b] < 1e-6 * max(top1[a], 1e-30):
-                    warn("tokens %d and %d: near-equal top-1 probability (%.9g vs %.9g): batch priority "
-                         "may order them differently from the float32 C code" % (a, b, top1[a], top1[b]))
-    else:
-        raise ValueError("unknown priority %r" % priority)
     fill = np.zeros(E, dtype=np.int64)
     kept = np.zeros((S, k), dtype=bool)
-    for j in range(k):
-        for t in prio:
-            e = choice[t, j]
-            loc = fill[e]
-            fill[e] += 1
-            kept[t, j] = C is None or loc < C
+    C0, start = None, 0
+    for s_i, n in enumerate(sources if sources is not None else [S]):
+        rows = list(range(start, start + n))
+        start += n
+        C = capacity(n, E, k, cf)
+        if s_i == 0:
+            C0 = C
+        if priority == 0:
+            prio = rows
+        elif priority == 1:
+            top1 = {t: pn[t, choice[t, 0]] for t in rows}
+            prio = sorted(rows, key=lambda t: (-top1[t], t))
+            if C is not None:
+                for a, b in zip(prio, prio[1:]):
+                    if top1[a] - top1[b] < 1e-6 * max(top1[a], 1e-30):
+                        warn("tokens %d and %d: near-equal top-1 probability (%.9g vs %.9g): batch priority "
+                             "may order them differently from the float32 C code" % (a, b, top1[a], top1[b]))
+        else:
+            raise ValueError("unknown priority %r" % priority)
+        slice_fill = np.zeros(E, dtype=np.int64)
+        for j in range(k):
+            for t in prio:
+                e = choice[t, j]
+                loc = slice_fill[e]
+                slice_fill[e] += 1
+                kept[t, j] = C is None or loc < C
+        fill += slice_fill
+    if start != S:
+        raise ValueError("route.sources add up to %d rows, x has %d" % (start, S))
     kept_count = np.zeros(E, dtype=np.int64)
     for t in range(S):
         for j in range(k):
             if kept[t, j]:
                 kept_count[choice[t, j]] += 1
-    return torch.from_numpy(choice), torch.from_numpy(kept), C, fill, kept_count
+    return torch.from_numpy(choice), torch.from_numpy(kept), C0, fill, kept_count
 
 
-def moe_layer(x, P, cfg, prefix="", k=None, warn=None):
-    """One MoE layer over the rows of x [S, d]. P: name -> tensor. Returns y, aux, z, info."""
+def moe_layer(x, P, cfg, prefix="", k=None, warn=None, sources=None):
+    """One MoE layer over the rows of x [S, d]. P: name -> tensor. Returns y, aux, z, info.
+    sources: see route (used when cfg capacity_scope is local)."""
     warn = warn or (lambda msg: print("warning: " + msg))
     E = cfg["n_experts"]
     k = cfg["top_k"] if k is None else k
@@ -150,7 +165,9 @@ def moe_layer(x, P, cfg, prefix="", k=None, warn=None):
     wg = P[prefix + "gate.weight"]
     logits = x @ wg
     p = torch.softmax(logits, dim=1)
-    choice, kept, C, fill, kept_count = route(p.detach(), k, cfg["capacity_factor"], cfg["priority"], warn)
+    local = cfg.get("capacity_scope", 0) == 1
+    choice, kept, C, fill, kept_count = route(p.detach(), k, cfg["capacity_factor"], cfg["priority"], warn,
+                                              sources if local else None)
     w = torch.gather(p, 1, choice) if S else p.new_zeros((0, k))
     if k > 1 and cfg["renormalize"]:
         w = w / torch.clamp(w.sum(dim=1, keepdim=True), min=FLT_EPSILON)
@@ -296,11 +313,18 @@ def main(argv):
     if cfg.get("precision", 0) == 1:  # SCMOE_PRECISION_BF16: bf16_ref.py derives the tolerance
         tol_out = tol_grad = max(bf16_ref.BF16_TOL, tol_out, tol_grad)
     rep = Report(tol_out, tol_grad, quiet)
-    rep.line("moe_ref: S=%d d=%d h=%d E=%d k=%d CF=%g renorm=%d act=%s prio=%s aux_w=%g z_w=%g" % (
+    rep.line("moe_ref: S=%d d=%d h=%d E=%d k=%d CF=%g renorm=%d act=%s prio=%s aux_w=%g z_w=%g capacity=%s" % (
         x.shape[0], cfg["d_model"], cfg["d_hidden"], cfg["n_experts"], cfg["top_k"], cfg["capacity_factor"],
         cfg["renormalize"], ("gelu", "swiglu")[cfg["activation"]], ("token", "batch")[cfg["priority"]],
-        cfg["aux_loss_weight"], cfg["z_loss_weight"]))
-    y, aux, z, info = moe_layer(x, P, cfg, warn=rep.warn)
+        cfg["aux_loss_weight"], cfg["z_loss_weight"],
+        "local" if cfg.get("capacity_scope", 0) == 1 else "global"))
+    sources = None
+    if "route.sources" in rec:
+        sources = [int(round(v)) for v in np.asarray(rec["route.sources"]).reshape(-1)]
+    if cfg.get("capacity_scope", 0) not in (0, 1):
+        print("moe_ref.py %s: FAIL bad input file: capacity_scope %r" % (path, cfg["capacity_scope"]))
+        return 2
+    y, aux, z, info = moe_layer(x, P, cfg, warn=rep.warn, sources=sources)
     L = (y * dy).sum() + cfg["aux_loss_weight"] * aux + cfg["z_loss_weight"] * z
     rep.compare("out", "out.y", rec.get("out.y"), y)
     rep.compare("out", "out.aux_loss", rec.get("out.aux_loss"), aux)
