@@ -12,6 +12,7 @@
 #ifdef SCMOE_WITH_ONEDNN /* the build's choice (make ONEDNN=0, or the amalgamation's macro) */
 #include "onednn.h"
 #include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +29,7 @@ struct scmoe__onednn {
     dnnl_data_type_t dt;
     int slots, n;
     char impl[96];
+    omp_lock_t lock; /* the cache's: an object's own lock, not a named critical section (a global symbol) */
     onednn_entry *e[SCMOE_ONEDNN_CACHE];
 };
 
@@ -90,12 +92,14 @@ void scmoe__onednn_destroy(scmoe__onednn *d) {
             if (d->streams[s]) dnnl_stream_destroy(d->streams[s]);
     free(d->streams);
     if (d->eng) dnnl_engine_destroy(d->eng);
+    omp_destroy_lock(&d->lock);
     free(d);
 }
 
 scmoe__onednn *scmoe__onednn_create(int bf16, int slots) {
     scmoe__onednn *d = calloc(1, sizeof *d);
     if (!d) return NULL;
+    omp_init_lock(&d->lock);
     d->dt = bf16 ? dnnl_bf16 : dnnl_f32;
     d->slots = slots;
     d->streams = calloc((size_t)slots, sizeof *d->streams);
@@ -116,7 +120,7 @@ static onednn_entry *onednn_find(scmoe__onednn *d, int ta, int tb, int M, int N,
                    int ldc) {
     onednn_entry key = {ta, tb, M, N, K, lda, ldb, ldc, alpha, beta, NULL, NULL};
     onednn_entry *hit = NULL;
-#pragma omp critical(scmoe_onednn_cache)
+    omp_set_lock(&d->lock);
     {
         for (int i = 0; i < d->n && !hit; i++) {
             onednn_entry *e = d->e[i];
@@ -140,6 +144,7 @@ static onednn_entry *onednn_find(scmoe__onednn *d, int ta, int tb, int M, int N,
             }
         }
     }
+    omp_unset_lock(&d->lock);
     return hit;
 }
 

@@ -40,7 +40,7 @@ SCMOE_SHLIB_LDFLAGS := -shared -Wl,-soname,$(SCMOE_SONAME) -Wl,--version-script=
 
 $(B)/libscmoe.map: mk/install.mk
 	@mkdir -p $(dir $@)
-	printf '{\n  global: scmoe_*;\n  local: *;\n};\n' > $@
+	printf '{\n  global: scmoe_[!_]*;\n  local: *;\n};\n' > $@
 
 $(B)/$(SCMOE_SHLIB): $(LIB_OBJ) $(B)/libscmoe.map
 	$(CC_LIB) $(SCMOE_SHLIB_LDFLAGS) $(LDFLAGS) $(LIB_OBJ) $(LDLIBS) -o $@
