@@ -9,7 +9,7 @@
  *   decode        y_t = sum_j w_tj E_{e_tj}(x_t)
  *
  * Backward mirrors it with the same plan: decode_backward (dL/dw, w * dy rows) -> exchange like a
- * dispatch -> experts_backward -> exchange like a combine -> gate_backward (dx through the rows, the
+ * dispatch -> experts_backward -> exchange like a combine -> scmoe__gate_backward (dx through the rows, the
  * gate weights, the aux and z losses). */
 #include "scmoe_internal.h"
 #include <math.h>
@@ -26,7 +26,7 @@ static int stage_travels(const moe_layer *m, int s) { return m->plan.n_stages ==
 
 static void inflight_begin(inflight *f, comm *c) {
     f->c = c;
-    f->t_start = scmoe_now();
+    f->t_start = scmoe__now();
     f->t_done = 0;
     f->t_waited = 0;
     f->unpack_to = NULL;
@@ -36,7 +36,7 @@ static void inflight_begin(inflight *f, comm *c) {
  * backward the dy rows) or a combine (the way back: forward into crecv, backward into send).
  * My own rows never travel: the experts read and write them in place (stage_rows), which keeps
  * the copy of the own block, done synchronously inside MPI's start call, off the critical path. */
-scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
+scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
     inflight *f = combine ? &m->xc[s] : &m->xd[s];
     comm *c = combine ? m->ep_back : m->ep;
     int P = m->ep_size, o = s * P;
@@ -64,16 +64,16 @@ scmoe_status moe_exchange_start(moe_layer *m, int s, int combine) {
         co->sync(co);
         st = c->ops->alltoallv_start(c, src, sc, sd, dst, rc, rd, (int)sizeof(float) * m->d, &f->req);
     }
-    if (st) return scmoe_fail(m->ctx, st, "starting a token exchange failed: %s", c->err);
+    if (st) return scmoe__fail(m->ctx, st, "starting a token exchange failed: %s", c->err);
     f->active = 1;
     /* time inside the start call (packing, MPI's eager sends and self-copies) is the caller's: exposed */
-    f->t_waited = scmoe_now() - f->t_start;
+    f->t_waited = scmoe__now() - f->t_start;
     return SCMOE_OK;
 }
 
 static void test_one(inflight *f) {
     int done = 0;
-    if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe_now();
+    if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe__now();
 }
 
 /* A pipeline's dispatches take the link one after another (concurrent ones would share it and all land
@@ -83,10 +83,10 @@ static scmoe_status dispatch_next(moe_layer *m) {
     int s = m->next_dispatch;
     if (s >= m->plan.n_stages || !m->xd[s - 1].t_done) return SCMOE_OK;
     m->next_dispatch++;
-    return moe_exchange_start(m, s, 0);
+    return scmoe__moe_exchange_start(m, s, 0);
 }
 
-void moe_poll(void *arg) {
+void scmoe__moe_poll(void *arg) {
     moe_layer *m = arg;
     if (m->ep->progress == SCMOE_PROGRESS_POLL) {
         for (int s = 0; s < m->plan.n_stages; s++) {
@@ -101,15 +101,15 @@ void moe_poll(void *arg) {
 
 static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     if (!f->active) return SCMOE_OK;
-    double t0 = scmoe_now();
+    double t0 = scmoe__now();
     scmoe_status s = f->t_done ? SCMOE_OK : f->c->ops->wait(f->c, f->req);
-    double t1 = scmoe_now();
+    double t1 = scmoe__now();
     if (!f->t_done) f->t_done = t1;
     f->t_waited += t1 - t0;
     f->active = 0;
     if (s) {
         m->next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
-        return scmoe_fail(m->ctx, s, "%s: %s", what, f->c->err);
+        return scmoe__fail(m->ctx, s, "%s: %s", what, f->c->err);
     }
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
@@ -122,7 +122,7 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     return SCMOE_OK;
 }
 
-double overlap_fraction(double comm, double exposed) {
+double scmoe__overlap_fraction(double comm, double exposed) {
     return comm > 0 ? 1.0 - (exposed < comm ? exposed : comm) / comm : 1.0;
 }
 
@@ -131,11 +131,11 @@ static const char *exchange_name(const moe_layer *m, int combine) {
     return names[m->pass][combine];
 }
 
-scmoe_status moe_dispatch_start(moe_layer *m) {
+scmoe_status scmoe__moe_dispatch_start(moe_layer *m) {
     int first = m->plan.n_stages > 1; /* a pipeline's stage 0 is the own block: nothing to send */
     m->deferred = SCMOE_OK;
     m->next_dispatch = first + 1;
-    return moe_exchange_start(m, first, 0);
+    return scmoe__moe_exchange_start(m, first, 0);
 }
 
 /* waits for stage s's dispatch, then puts the next one on the wire if a poll has not already */
@@ -146,11 +146,11 @@ static scmoe_status dispatch_wait(moe_layer *m, int s) {
     return st;
 }
 
-scmoe_status moe_dispatch_wait(moe_layer *m) { return dispatch_wait(m, m->plan.n_stages > 1); }
+scmoe_status scmoe__moe_dispatch_wait(moe_layer *m) { return dispatch_wait(m, m->plan.n_stages > 1); }
 
 static scmoe_status stats_finish(moe_layer *m);
 
-scmoe_status moe_combine_wait(moe_layer *m) {
+scmoe_status scmoe__moe_combine_wait(moe_layer *m) {
     /* the statistics first: a serialized order times the combine as the last exchange waited on */
     scmoe_status st = m->pass == 0 ? stats_finish(m) : SCMOE_OK;
     for (int s = 0; s < m->plan.n_stages && !st; s++) st = inflight_wait(m, &m->xc[s], exchange_name(m, 1));
@@ -162,7 +162,7 @@ scmoe_status moe_combine_wait(moe_layer *m) {
 static float *param_data(const moe_layer *m, int idx) { return m->pt->p[idx].t.data; }
 static float *param_gwork(const moe_layer *m, int idx) { return m->pt->p[idx].gwork; }
 
-scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
+scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
                       const char *prefix, float w2_std) {
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
@@ -172,15 +172,15 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
     m->E = cfg->n_experts;
     m->d = cfg->d_model;
     m->h = cfg->d_hidden;
-    m->h1 = ffn_width(m->h, cfg->activation);
+    m->h1 = scmoe__ffn_width(m->h, cfg->activation);
     m->max_tokens = cfg->max_tokens;
     m->training = 1;
-    scmoe_status s = groups_create(ctx, cfg->ep_size, &m->ep, &m->ep_back, &m->replicas);
+    scmoe_status s = scmoe__groups_create(ctx, cfg->ep_size, &m->ep, &m->ep_back, &m->replicas);
     if (s) return s;
     m->ep_size = m->ep->size;
     m->ep_rank = m->ep->rank;
     if (m->E % m->ep_size != 0)
-        return scmoe_fail(ctx, SCMOE_ERR_EP_SIZE, "n_experts %d is not divisible by the expert-parallel size %d",
+        return scmoe__fail(ctx, SCMOE_ERR_EP_SIZE, "n_experts %d is not divisible by the expert-parallel size %d",
                           m->E, m->ep_size);
     m->E_local = m->E / m->ep_size;
     m->first_expert = m->ep_rank * m->E_local;
@@ -189,20 +189,20 @@ scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg,
     int d = m->d, E = m->E, h = m->h, h1 = m->h1;
     int offload = ctx->compute->device && ctx->offload_experts > 0;
     snprintf(name, sizeof name, "%sgate.weight", prefix);
-    m->p_wg = params_add(pt, name, 2, (int[]){d, E}, SYNC_WORLD, INIT_NORMAL, 0.02f, cfg->seed);
+    m->p_wg = scmoe__params_add(pt, name, 2, (int[]){d, E}, SYNC_WORLD, INIT_NORMAL, 0.02f, cfg->seed);
     for (int i = 0; i < m->E_local; i++) {
         int e = m->first_expert + i, idx;
         snprintf(name, sizeof name, "%sexperts.%d.w1", prefix, e);
-        idx = params_add(pt, name, 2, (int[]){d, h1}, SYNC_REPLICAS, INIT_NORMAL, 0.02f, cfg->seed);
+        idx = scmoe__params_add(pt, name, 2, (int[]){d, h1}, SYNC_REPLICAS, INIT_NORMAL, 0.02f, cfg->seed);
         if (i == 0) m->p_e0 = idx;
         snprintf(name, sizeof name, "%sexperts.%d.b1", prefix, e);
-        params_add(pt, name, 1, (int[]){h1}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
+        scmoe__params_add(pt, name, 1, (int[]){h1}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
         snprintf(name, sizeof name, "%sexperts.%d.w2", prefix, e);
-        params_add(pt, name, 2, (int[]){h, d}, SYNC_REPLICAS, INIT_NORMAL, w2_std, cfg->seed);
+        scmoe__params_add(pt, name, 2, (int[]){h, d}, SYNC_REPLICAS, INIT_NORMAL, w2_std, cfg->seed);
         snprintf(name, sizeof name, "%sexperts.%d.b2", prefix, e);
-        params_add(pt, name, 1, (int[]){d}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
+        scmoe__params_add(pt, name, 1, (int[]){d}, SYNC_REPLICAS, INIT_ZERO, 0, cfg->seed);
     }
-    if (pt->failed) return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    if (pt->failed) return scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
     for (int i = 0; offload && i < 4 * m->E_local; i++) pt->p[m->p_e0 + i].host_data = 1;
     m->slots = offload ? (ctx->offload_experts < m->E_local ? ctx->offload_experts : m->E_local) : 0;
     return SCMOE_OK;
@@ -219,96 +219,96 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world); /* the tokens one rank plans */
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
-    int ns = route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
+    int ns = scmoe__route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
     size_t f = sizeof(float), i4 = sizeof(int);
     route_plan *pl = &m->plan;
-    pl->cursor = arena_take(H, i4 * (size_t)cur);
-    pl->expert_count = arena_take(H, sizeof(int64_t) * E);
-    pl->expert_kept = arena_take(H, sizeof(int64_t) * E);
-    m->top1_count = arena_take(H, sizeof(int64_t) * E);
-    pl->send_counts = arena_take(H, i4 * ep);
-    pl->send_displs = arena_take(H, i4 * ep);
-    pl->recv_counts = arena_take(H, i4 * ep);
-    pl->recv_displs = arena_take(H, i4 * ep);
-    m->xs_counts = arena_take(H, i4 * (size_t)ns * ep);
-    m->xs_displs = arena_take(H, i4 * (size_t)ns * ep);
-    m->xr_counts = arena_take(H, i4 * (size_t)ns * ep);
-    m->xr_displs = arena_take(H, i4 * (size_t)ns * ep);
-    pl->src_cursor = arena_take(H, i4 * ep * El);
-    pl->expert_offsets = arena_take(H, i4 * ((size_t)ns * El + 1));
-    m->aux_coef_h = arena_take(H, f * E); /* with slot and recv_to_expert: one copy to the device */
-    pl->slot = arena_take(H, i4 * (size_t)S);
-    pl->recv_to_expert = arena_take(H, i4 * (size_t)R);
-    m->route_work = arena_take(H, route_workspace_bytes(S_max, k));
-    m->records = arena_take(H, i4 * (size_t)n * (k + 1));
-    m->records_all = m->local_cap ? NULL : arena_take(H, i4 * (size_t)S_max * (k + 1));
-    m->tokens_per_rank = arena_take(H, i4 * world);
-    m->rec_bytes = arena_take(H, i4 * world);
-    m->rec_displs = arena_take(H, i4 * world);
-    m->gsum = arena_take(H, sizeof(double) * (E + 1));
+    pl->cursor = scmoe__arena_take(H, i4 * (size_t)cur);
+    pl->expert_count = scmoe__arena_take(H, sizeof(int64_t) * E);
+    pl->expert_kept = scmoe__arena_take(H, sizeof(int64_t) * E);
+    m->top1_count = scmoe__arena_take(H, sizeof(int64_t) * E);
+    pl->send_counts = scmoe__arena_take(H, i4 * ep);
+    pl->send_displs = scmoe__arena_take(H, i4 * ep);
+    pl->recv_counts = scmoe__arena_take(H, i4 * ep);
+    pl->recv_displs = scmoe__arena_take(H, i4 * ep);
+    m->xs_counts = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xs_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xr_counts = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xr_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    pl->src_cursor = scmoe__arena_take(H, i4 * ep * El);
+    pl->expert_offsets = scmoe__arena_take(H, i4 * ((size_t)ns * El + 1));
+    m->aux_coef_h = scmoe__arena_take(H, f * E); /* with slot and recv_to_expert: one copy to the device */
+    pl->slot = scmoe__arena_take(H, i4 * (size_t)S);
+    pl->recv_to_expert = scmoe__arena_take(H, i4 * (size_t)R);
+    m->route_work = scmoe__arena_take(H, scmoe__route_workspace_bytes(S_max, k));
+    m->records = scmoe__arena_take(H, i4 * (size_t)n * (k + 1));
+    m->records_all = m->local_cap ? NULL : scmoe__arena_take(H, i4 * (size_t)S_max * (k + 1));
+    m->tokens_per_rank = scmoe__arena_take(H, i4 * world);
+    m->rec_bytes = scmoe__arena_take(H, i4 * world);
+    m->rec_displs = scmoe__arena_take(H, i4 * world);
+    m->gsum = scmoe__arena_take(H, sizeof(double) * (E + 1));
     if (m->local_cap) {
-        m->counts_out = arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
-        m->counts_in = arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
-        m->ones = arena_take(H, i4 * ep);
-        m->iota = arena_take(H, i4 * ep);
-        m->lstats = arena_take(H, sizeof(double) * MOE_LSTATS(E));
+        m->counts_out = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->ones = scmoe__arena_take(H, i4 * ep);
+        m->iota = scmoe__arena_take(H, i4 * ep);
+        m->lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
     }
-    m->slot_of = arena_take(H, i4 * El);
-    m->held = arena_take(H, i4 * (m->slots ? m->slots : 1));
+    m->slot_of = scmoe__arena_take(H, i4 * El);
+    m->held = scmoe__arena_take(H, i4 * (m->slots ? m->slots : 1));
 
-    m->logits = arena_take(D, f * (size_t)n * E);
-    m->dlogits = arena_take(D, f * (size_t)n * E);
-    m->weight = arena_take(D, f * (size_t)n * k);
-    m->dweight = arena_take(D, f * (size_t)n * k);
-    m->p = arena_take(D, f * (size_t)n * E); /* with lse, score, choice: one copy to the host */
-    m->lse = arena_take(D, f * n);
-    m->score = arena_take(D, f * n);
-    m->choice = arena_take(D, i4 * (size_t)n * k);
-    m->xe = arena_take(D, f * (size_t)R * d);
-    m->ye = arena_take(D, f * (size_t)R * d);
-    m->dxe = arena_take(D, f * (size_t)R * d);
-    m->pre = arena_take(D, f * (size_t)R * m->h1);
-    m->dpre = arena_take(D, f * (size_t)R * m->h1);
-    m->hid = arena_take(D, f * (size_t)R * m->h);
-    m->dhid = arena_take(D, f * (size_t)R * m->h);
-    m->cache = arena_take(D, f * m->slots * m->span);
-    m->aux_coef = dev ? arena_take(D, f * E) : m->aux_coef_h;
-    m->slot_d = dev ? arena_take(D, i4 * (size_t)S) : pl->slot;
-    m->r2e_d = dev ? arena_take(D, i4 * (size_t)R) : pl->recv_to_expert;
-    m->p_h = dev ? arena_take(H, f * (size_t)n * E) : m->p; /* as p, lse, score, choice above */
-    m->lse_h = dev ? arena_take(H, f * n) : m->lse;
-    m->score_h = dev ? arena_take(H, f * n) : m->score;
-    m->choice_h = dev ? arena_take(H, i4 * (size_t)n * k) : m->choice;
+    m->logits = scmoe__arena_take(D, f * (size_t)n * E);
+    m->dlogits = scmoe__arena_take(D, f * (size_t)n * E);
+    m->weight = scmoe__arena_take(D, f * (size_t)n * k);
+    m->dweight = scmoe__arena_take(D, f * (size_t)n * k);
+    m->p = scmoe__arena_take(D, f * (size_t)n * E); /* with lse, score, choice: one copy to the host */
+    m->lse = scmoe__arena_take(D, f * n);
+    m->score = scmoe__arena_take(D, f * n);
+    m->choice = scmoe__arena_take(D, i4 * (size_t)n * k);
+    m->xe = scmoe__arena_take(D, f * (size_t)R * d);
+    m->ye = scmoe__arena_take(D, f * (size_t)R * d);
+    m->dxe = scmoe__arena_take(D, f * (size_t)R * d);
+    m->pre = scmoe__arena_take(D, f * (size_t)R * m->h1);
+    m->dpre = scmoe__arena_take(D, f * (size_t)R * m->h1);
+    m->hid = scmoe__arena_take(D, f * (size_t)R * m->h);
+    m->dhid = scmoe__arena_take(D, f * (size_t)R * m->h);
+    m->cache = scmoe__arena_take(D, f * m->slots * m->span);
+    m->aux_coef = dev ? scmoe__arena_take(D, f * E) : m->aux_coef_h;
+    m->slot_d = dev ? scmoe__arena_take(D, i4 * (size_t)S) : pl->slot;
+    m->r2e_d = dev ? scmoe__arena_take(D, i4 * (size_t)R) : pl->recv_to_expert;
+    m->p_h = dev ? scmoe__arena_take(H, f * (size_t)n * E) : m->p; /* as p, lse, score, choice above */
+    m->lse_h = dev ? scmoe__arena_take(H, f * n) : m->lse;
+    m->score_h = dev ? scmoe__arena_take(H, f * n) : m->score;
+    m->choice_h = dev ? scmoe__arena_take(H, i4 * (size_t)n * k) : m->choice;
 
-    m->send = arena_take(X, f * (size_t)S * d);
-    m->crecv = arena_take(X, f * (size_t)S * d);
-    m->recv = arena_take(X, f * (size_t)R * d);
+    m->send = scmoe__arena_take(X, f * (size_t)S * d);
+    m->crecv = scmoe__arena_take(X, f * (size_t)S * d);
+    m->recv = scmoe__arena_take(X, f * (size_t)R * d);
     if (m->cfg.wire_bf16) {
-        m->wire_d_out = arena_take(X, sizeof(uint16_t) * (size_t)S * d);
-        m->wire_d_in = arena_take(X, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_out = arena_take(X, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_in = arena_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->wire_d_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->wire_d_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->wire_c_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
     }
     m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
 }
 
-scmoe_status moe_alloc(moe_layer *m) {
+scmoe_status scmoe__moe_alloc(moe_layer *m) {
     int world = m->ctx->world->size, k = m->k, E = m->E;
     m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
-        return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x top_k %d is too large", m->max_tokens, k);
+        return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x top_k %d is too large", m->max_tokens, k);
     m->max_send = m->max_tokens * k;
     int64_t recv = (int64_t)m->max_tokens * m->ep_size * k;
     float cf_lo = m->cfg.capacity_factor < m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     if (cf_lo > 0) { /* capacity bounds what one expert can receive */
         float cf_hi = m->cfg.capacity_factor > m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-        int64_t cap = route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
+        int64_t cap = scmoe__route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
         if (cap <= recv / m->E_local / sources) recv = cap * m->E_local * sources;
     }
     if (S_max * (k + 1) * 4 > INT32_MAX || recv > INT32_MAX / 2)
-        return scmoe_fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
+        return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
                           m->max_tokens, world);
     m->max_recv = (int)recv;
     m->co = m->ctx->compute;
@@ -322,7 +322,7 @@ scmoe_status moe_alloc(moe_layer *m) {
     m->mem_dev = m->co->alloc(m->co, D.used, COMPUTE_DEVICE);
     m->mem_map = m->co->alloc(m->co, X.used, m->co->exchange_kind);
     if (!m->mem || !m->mem_dev || !m->mem_map)
-        return scmoe_fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
+        return scmoe__fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
                           "%s and %zu of exchange memory", H.used, D.used, m->co->name, X.used);
     H = (arena){m->mem, 0};
     D = (arena){m->mem_dev, 0};
@@ -344,7 +344,7 @@ scmoe_status moe_alloc(moe_layer *m) {
 /* The context's communicator is shared by every object on it: each call first puts its own
  * deadline and progress policy on the communicators it will use (a THREAD policy MPI cannot host
  * falls back to POLL again at the next start). */
-void moe_bind_comms(moe_layer *m) {
+void scmoe__moe_bind_comms(moe_layer *m) {
     comm *cs[4] = {m->ctx->world, m->ep, m->ep_back, m->replicas};
     for (int i = 0; i < 4; i++) {
         cs[i]->timeout_s = m->cfg.comm_timeout_s;
@@ -352,7 +352,7 @@ void moe_bind_comms(moe_layer *m) {
     }
 }
 
-void moe_free(moe_layer *m) {
+void scmoe__moe_free(moe_layer *m) {
     if (m->ep) m->ep->ops->destroy(m->ep);
     if (m->ep_back) m->ep_back->ops->destroy(m->ep_back);
     if (m->replicas) m->replicas->ops->destroy(m->replicas);
@@ -365,18 +365,18 @@ void moe_free(moe_layer *m) {
     m->mem = m->mem_dev = m->mem_map = NULL;
 }
 
-int moe_pending(const moe_layer *m) {
+int scmoe__moe_pending(const moe_layer *m) {
     int n = 0;
     comm *g[3] = {m->ep, m->ep_back, m->replicas};
     for (int i = 0; i < 3; i++) n += g[i] ? g[i]->ops->pending(g[i]) : 0;
     return n;
 }
 
-void moe_abandon(moe_layer *m, int keep_workspace) {
+void scmoe__moe_abandon(moe_layer *m, int keep_workspace) {
     comm *g[3] = {m->ep, m->ep_back, m->replicas};
     for (int i = 0; i < 3; i++) if (g[i]) g[i]->ops->abandon(g[i]);
     m->ep = m->ep_back = m->replicas = NULL;
-    if (!keep_workspace) moe_free(m);
+    if (!keep_workspace) scmoe__moe_free(m);
 }
 
 /* ---- expert offloading ---- */
@@ -435,7 +435,7 @@ static void gate_run(moe_layer *m, const exec *ex, int n, const float *x, int64_
     int E = m->E, k = m->k, stride = k + 1;
     float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
     const compute_ops *co = m->co;
-    gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, m->d, E, noise, m->cfg.seed, m->step, offset);
+    scmoe__gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, m->d, E, noise, m->cfg.seed, m->step, offset);
     co->gate_topk(co, m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
     if (m->training) m->step++;
     if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (moe_layout) */
@@ -481,10 +481,10 @@ static void encode_finish(moe_layer *m, int packed) {
     for (int st_i = 0; st_i < pl->n_stages; st_i++)
         for (int q = 0; q < m->ep_size; q++) {
             int i = st_i * m->ep_size + q, own = q == m->ep_rank, lo, hi;
-            route_stage_range(pl->n_stages, st_i, own, pl->send_counts[q], &lo, &hi);
+            scmoe__route_stage_range(pl->n_stages, st_i, own, pl->send_counts[q], &lo, &hi);
             m->xs_counts[i] = own ? 0 : hi - lo;
             m->xs_displs[i] = pl->send_displs[q] + lo;
-            route_stage_range(pl->n_stages, st_i, own, pl->recv_counts[q], &lo, &hi);
+            scmoe__route_stage_range(pl->n_stages, st_i, own, pl->recv_counts[q], &lo, &hi);
             m->xr_counts[i] = own ? 0 : hi - lo;
             m->xr_displs[i] = pl->recv_displs[q] + lo;
         }
@@ -517,11 +517,11 @@ static const char *input_error(scmoe_status s, int n, int max_tokens, char *buf,
 static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE};
 
 static scmoe_status small_start(moe_layer *m, inflight *f, comm *c, scmoe_status st, int req) {
-    if (st) return scmoe_fail(m->ctx, st, "starting the routing statistics or counts failed: %s", c->err);
+    if (st) return scmoe__fail(m->ctx, st, "starting the routing statistics or counts failed: %s", c->err);
     f->metadata = 1;
     f->req = req;
     f->active = 1;
-    f->t_waited = scmoe_now() - f->t_start;
+    f->t_waited = scmoe__now() - f->t_start;
     return SCMOE_OK;
 }
 
@@ -534,12 +534,12 @@ static scmoe_status stats_finish(moe_layer *m) {
     if (st) return st;
     int E = m->E;
     const double *ls = m->lstats;
-    scmoe_status bad = SCMOE_OK; /* as status_agree: the largest status any rank reported */
+    scmoe_status bad = SCMOE_OK; /* as scmoe__status_agree: the largest status any rank reported */
     for (int i = 0; i < 3; i++)
         if (ls[3 * E + 2 + i] > 0 && input_errors[i] > bad) bad = input_errors[i];
     if (bad) {
         double ranks = ls[3 * E + 2] + ls[3 * E + 3] + ls[3 * E + 4];
-        return scmoe_fail(m->ctx, bad, "%.0f rank(s) rejected their input: %s", ranks, scmoe_strerror(bad));
+        return scmoe__fail(m->ctx, bad, "%.0f rank(s) rejected their input: %s", ranks, scmoe_strerror(bad));
     }
     route_plan *pl = &m->plan;
     pl->tokens = (int64_t)ls[3 * E + 1];
@@ -574,8 +574,8 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
         /* a token's noise key needs no other rank's count: rank * max_tokens + t is unique */
         gate_run(m, ex, n, x, (int64_t)w->rank * m->max_tokens);
         float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-        route_plan_local_send(pl, m->route_work, m->records, n, m->ep_size, E, k, m->cfg.priority,
-                              route_capacity(n, E, k, cf), m->counts_out);
+        scmoe__route_plan_local_send(pl, m->route_work, m->records, n, m->ep_size, E, k, m->cfg.priority,
+                              scmoe__route_capacity(n, E, k, cf), m->counts_out);
         gate_sums(m, n);
         memset(m->top1_count, 0, sizeof(int64_t) * E);
         for (int t = 0; t < n; t++) m->top1_count[m->records[(size_t)t * (k + 1)]]++;
@@ -612,17 +612,17 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
         st = stats_finish(m);
         if (local) {
             char buf[128];
-            return scmoe_fail(m->ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
+            return scmoe__fail(m->ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
         }
-        return st ? st : scmoe_fail(m->ctx, SCMOE_ERR_STATE, "a rank's input status was lost");
+        return st ? st : scmoe__fail(m->ctx, SCMOE_ERR_STATE, "a rank's input status was lost");
     }
-    route_plan_local_recv(pl, m->counts_in, m->ep_size, m->ep_rank, El, k, m->cfg.pipeline_chunks);
-    pl->capacity = route_capacity(n, E, k, m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
+    scmoe__route_plan_local_recv(pl, m->counts_in, m->ep_size, m->ep_rank, El, k, m->cfg.pipeline_chunks);
+    pl->capacity = scmoe__route_capacity(n, E, k, m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
     encode_finish(m, packed);
     return SCMOE_OK;
 }
 
-scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
+scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
     scmoe_context *ctx = m->ctx;
     m->next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
     m->comm_time = m->exposed_time = 0;
@@ -639,16 +639,16 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     int *mine = &m->tokens_per_rank[w->rank]; /* in place: a send buffer that outlives a timed-out gather */
     *mine = local ? -(int)local : n;
     scmoe_status s = w->ops->allgather(w, mine, sizeof *mine, m->tokens_per_rank);
-    if (s) return scmoe_fail(ctx, s, "exchanging token counts failed: %s", w->err);
+    if (s) return scmoe__fail(ctx, s, "exchanging token counts failed: %s", w->err);
     char buf[128];
-    if (local) return scmoe_fail(ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
+    if (local) return scmoe__fail(ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
     int64_t S = 0, offset = 0;
     for (int r = 0; r < P; r++) {
         if (m->tokens_per_rank[r] < 0 && -m->tokens_per_rank[r] < SCMOE_STATUS_COUNT)
-            return scmoe_fail(ctx, (scmoe_status)-m->tokens_per_rank[r], "rank %d rejected its input: %s", r,
+            return scmoe__fail(ctx, (scmoe_status)-m->tokens_per_rank[r], "rank %d rejected its input: %s", r,
                               scmoe_strerror((scmoe_status)-m->tokens_per_rank[r]));
         if (m->tokens_per_rank[r] < 0 || m->tokens_per_rank[r] > m->max_tokens) /* not a count: out of step */
-            return scmoe_fail(ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step",
+            return scmoe__fail(ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step",
                               r, m->tokens_per_rank[r]);
         if (r == w->rank) offset = S;
         S += m->tokens_per_rank[r];
@@ -667,13 +667,13 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
     }
     s = w->ops->allgatherv(w, m->records, n * stride * (int)sizeof(int32_t), m->records_all, m->rec_bytes,
                            m->rec_displs);
-    if (s) return scmoe_fail(ctx, s, "gathering the routing choices failed: %s", w->err);
+    if (s) return scmoe__fail(ctx, s, "gathering the routing choices failed: %s", w->err);
 
     int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
     gate_sums(m, n);
     if (global && P > 1) {
         s = w->ops->allreduce_f64(w, m->gsum, E + 1);
-        if (s) return scmoe_fail(ctx, s, "reducing the gate statistics failed: %s", w->err);
+        if (s) return scmoe__fail(ctx, s, "reducing the gate statistics failed: %s", w->err);
     }
     const int32_t *top1 = global ? m->records_all : m->records;
     int64_t Sa = global ? S : n;
@@ -683,8 +683,8 @@ scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x
 
     /* the plan, then my rows packed by destination */
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-    route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
-                     m->cfg.priority, route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
+    scmoe__route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
+                     m->cfg.priority, scmoe__route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
     encode_finish(m, 0);
     return SCMOE_OK;
 }
@@ -696,7 +696,7 @@ static void stage_rows(const moe_layer *m, int s, float *ebuf, float *recv, floa
     const route_plan *pl = &m->plan;
     for (int p = 0; p < m->ep_size; p++) {
         int lo, hi, me = p == m->ep_rank;
-        route_stage_range(pl->n_stages, s, me, pl->recv_counts[p], &lo, &hi);
+        scmoe__route_stage_range(pl->n_stages, s, me, pl->recv_counts[p], &lo, &hi);
         if (hi <= lo) continue;
         float *rows = me ? own + (size_t)(pl->send_displs[p] + lo) * m->d : recv + (size_t)(pl->recv_displs[p] + lo) * m->d;
         const int *map = m->r2e_d + pl->recv_displs[p] + lo;
@@ -724,7 +724,7 @@ static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(m
         if (stage_travels(m, s)) st = dispatch_wait(m, s);
         if (st) break;
         ffn_stage(m, ex, s);
-        if (stage_travels(m, s)) st = moe_exchange_start(m, s, 1);
+        if (stage_travels(m, s)) st = scmoe__moe_exchange_start(m, s, 1);
     }
     return st;
 }
@@ -739,22 +739,22 @@ static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
         if (rows <= 0) continue;
         float *w[4];
         expert_weights(m, i, w);
-        ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, m->xe + (size_t)o * d,
+        scmoe__ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, m->xe + (size_t)o * d,
                     w[0], w[1], w[2], w[3], rows, d, h, m->cfg.activation);
     }
     stage_rows(m, s, m->ye, m->recv, m->crecv, 1);
 }
 
-scmoe_status moe_experts_forward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_forward_stage); }
+scmoe_status scmoe__moe_experts_forward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_forward_stage); }
 
-void moe_decode(moe_layer *m, float *y, float beta) {
+void scmoe__moe_decode(moe_layer *m, float *y, float beta) {
     m->co->decode_rows(m->co, y, beta, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
     m->forward_done = 1;
 }
 
 /* ---- backward phases ---- */
 
-void moe_decode_backward(moe_layer *m, const float *dy) {
+void scmoe__moe_decode_backward(moe_layer *m, const float *dy) {
     m->pass = 1;
     m->next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
     m->comm_time = m->exposed_time = 0;
@@ -773,7 +773,7 @@ static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
         if (rows <= 0) continue;
         float *w[4];
         expert_weights(m, i, w);
-        ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1), param_gwork(m, b + 2),
+        scmoe__ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1), param_gwork(m, b + 2),
                      param_gwork(m, b + 3), m->dhid + (size_t)o * h, m->dpre + (size_t)o * h1, dye + (size_t)o * d,
                      m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, w[0], w[2], rows, d, h,
                      m->cfg.activation);
@@ -781,16 +781,16 @@ static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
     stage_rows(m, s, dxe, m->recv, m->send, 1);
 }
 
-scmoe_status moe_experts_backward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_backward_stage); }
+scmoe_status scmoe__moe_experts_backward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_backward_stage); }
 
-void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
+void scmoe__moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
     int k = m->k, d = m->d;
     m->co->decode_rows(m->co, dx, beta, m->send, m->slot_d, NULL, m->n, k, d); /* dx = beta dx + sum of the rows */
-    gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->dlogits, m->dweight, m->choice, m->p, m->lse, m->x,
+    scmoe__gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->dlogits, m->dweight, m->choice, m->p, m->lse, m->x,
                   m->wg, m->aux_coef, m->z_coef, m->n, d, m->E, k, m->cfg.renormalize);
 }
 
-void moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
+void scmoe__moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
     st->aux_loss = m->aux_loss;
     st->z_loss = m->z_loss;
     st->tokens = m->plan.tokens;

@@ -26,16 +26,16 @@ static void linear_forward(const exec *ex, float *out, const float *res, const f
     const compute_ops *co = exec_compute(ex);
     co->broadcast_rows(co, out, b, N, M);
     if (res) co->add(co, out, res, (size_t)N * M);
-    exec_gemm(ex, 0, 0, N, M, K, 1.0f, in, K, w, M, 1.0f, out, M);
+    scmoe__exec_gemm(ex, 0, 0, N, M, K, 1.0f, in, K, w, M, 1.0f, out, M);
 }
 
-/* dW += in^T dout, db += sum_rows dout, din = dout W^T + beta din */
+/* dW += in^T dout, db += scmoe__sum_rows dout, din = dout W^T + beta din */
 static void linear_backward(const exec *ex, float *din, float beta, float *dw, float *db, const float *dout,
                             const float *in, const float *w, int N, int K, int M) {
     const compute_ops *co = exec_compute(ex);
-    exec_gemm(ex, 1, 0, K, M, N, 1.0f, in, K, dout, M, 1.0f, dw, M);
+    scmoe__exec_gemm(ex, 1, 0, K, M, N, 1.0f, in, K, dout, M, 1.0f, dw, M);
     co->sum_rows(co, db, dout, N, M);
-    exec_gemm(ex, 0, 1, N, K, M, 1.0f, dout, M, w, M, beta, din, K);
+    scmoe__exec_gemm(ex, 0, 1, N, K, M, 1.0f, dout, M, w, M, beta, din, K);
 }
 
 /* ---- parameters ---- */
@@ -122,7 +122,7 @@ static void f_ln_m0(void *self) {
 static void f_mlp0(void *self) {
     scmoe_pair *p = self;
     int b = p->p_mlp0;
-    ffn_forward(&p->ex, p->H, p->pre0, p->hid0, p->m0, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), p->n,
+    scmoe__ffn_forward(&p->ex, p->H, p->pre0, p->hid0, p->m0, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), p->n,
                 p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
     CO(p)->add(CO(p), p->H, p->A, (size_t)p->n * p->cfg.d_model);
 }
@@ -143,7 +143,7 @@ static void f_se(void *self) {
         return;
     }
     int b = p->p_se;
-    ffn_forward(&p->ex, p->se_out, p->se_pre, p->se_hid, p->m1, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), n, d,
+    scmoe__ffn_forward(&p->ex, p->se_out, p->se_pre, p->se_hid, p->m1, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), n, d,
                 p->cfg.d_hidden, p->cfg.activation);
     CO(p)->cg_combine_forward(CO(p), p->y, p->cgate, p->A2, p->se_out, p->m1, p->cg ? P(p, p->p_cg) : NULL, n, d);
 }
@@ -160,13 +160,13 @@ static void b_se(void *self) {
     }
     CO(p)->cg_combine_backward(CO(p), p->gse, p->dcg, p->dy, p->se_out, p->cgate, n, d);
     int b = p->p_se;
-    ffn_backward(&p->ex, p->dm1, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->gse, p->m1,
+    scmoe__ffn_backward(&p->ex, p->dm1, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->gse, p->m1,
                  p->se_pre, p->se_hid, P(p, b), P(p, b + 2), n, d, p->cfg.d_hidden, p->cfg.activation);
     if (!p->cg) return;
     float *gw = G(p, p->p_cg);
     CO(p)->add_outer(CO(p), p->dm1, p->dcg, P(p, p->p_cg), n, d);
     /* dw_cg = m1^T dz: a GEMV through the backend keeps the sum order fixed */
-    exec_gemm_fp32(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
+    scmoe__exec_gemm_fp32(&p->ex, 1, 0, d, 1, n, 1.0f, p->m1, d, p->dcg, 1, 1.0f, gw, 1);
 }
 static void b_ln_m1(void *self) {
     scmoe_pair *p = self;
@@ -183,7 +183,7 @@ static void b_ln_a1(void *self) {
 static void b_mlp0(void *self) {
     scmoe_pair *p = self;
     int b = p->p_mlp0;
-    ffn_backward(&p->ex, p->dm0, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->dH, p->m0,
+    scmoe__ffn_backward(&p->ex, p->dm0, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->dH, p->m0,
                  p->pre0, p->hid0, P(p, b), P(p, b + 2), p->n, p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
 }
 static void b_ln_m0(void *self) {
@@ -221,7 +221,7 @@ static int moe_input_op(const scmoe_config *c) {
 static scmoe_status register_params(scmoe_pair *p) {
     param_table *pt = &p->pt;
     const scmoe_config *c = &p->cfg;
-    int d = c->d_model, h = c->d_hidden, h1 = ffn_width(h, c->activation);
+    int d = c->d_model, h = c->d_hidden, h1 = scmoe__ffn_width(h, c->activation);
     uint64_t s = c->seed;
     float std = 0.02f, res_std = 0.02f / sqrtf(2.0f * c->n_layers);
     char n[64];
@@ -230,31 +230,31 @@ static scmoe_status register_params(scmoe_pair *p) {
 #define LN(field, pre)                                                                    \
     do {                                                                                  \
         snprintf(n, sizeof n, "%s.weight", pre);                                          \
-        p->field = params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ONE, 0, s);          \
+        p->field = scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ONE, 0, s);          \
         snprintf(n, sizeof n, "%s.bias", pre);                                            \
-        params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
     } while (0)
 #define ATTN(field, pre)                                                                  \
     do {                                                                                  \
         snprintf(n, sizeof n, "%s.wqkv", pre);                                            \
-        p->field = params_add(pt, n, 2, (int[]){d, 3 * d}, SYNC_WORLD, INIT_NORMAL, std, s); \
+        p->field = scmoe__params_add(pt, n, 2, (int[]){d, 3 * d}, SYNC_WORLD, INIT_NORMAL, std, s); \
         snprintf(n, sizeof n, "%s.bqkv", pre);                                            \
-        params_add(pt, n, 1, (int[]){3 * d}, SYNC_WORLD, INIT_ZERO, 0, s);                \
+        scmoe__params_add(pt, n, 1, (int[]){3 * d}, SYNC_WORLD, INIT_ZERO, 0, s);                \
         snprintf(n, sizeof n, "%s.wo", pre);                                              \
-        params_add(pt, n, 2, (int[]){d, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
+        scmoe__params_add(pt, n, 2, (int[]){d, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
         snprintf(n, sizeof n, "%s.bo", pre);                                              \
-        params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
     } while (0)
 #define FFN(field, pre)                                                                   \
     do {                                                                                  \
         snprintf(n, sizeof n, "%s.w1", pre);                                              \
-        p->field = params_add(pt, n, 2, (int[]){d, h1}, SYNC_WORLD, INIT_NORMAL, std, s); \
+        p->field = scmoe__params_add(pt, n, 2, (int[]){d, h1}, SYNC_WORLD, INIT_NORMAL, std, s); \
         snprintf(n, sizeof n, "%s.b1", pre);                                              \
-        params_add(pt, n, 1, (int[]){h1}, SYNC_WORLD, INIT_ZERO, 0, s);                   \
+        scmoe__params_add(pt, n, 1, (int[]){h1}, SYNC_WORLD, INIT_ZERO, 0, s);                   \
         snprintf(n, sizeof n, "%s.w2", pre);                                              \
-        params_add(pt, n, 2, (int[]){h, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
+        scmoe__params_add(pt, n, 2, (int[]){h, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
         snprintf(n, sizeof n, "%s.b2", pre);                                              \
-        params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
     } while (0)
     LN(p_ln_a0, "l0.ln_a");
     ATTN(p_attn0, "l0.attn");
@@ -265,12 +265,12 @@ static scmoe_status register_params(scmoe_pair *p) {
     LN(p_ln_m1, "l1.ln_m");
     p->p_se = p->p_cg = -1;
     if (p->has_se) FFN(p_se, "l1.se");
-    if (p->cg) p->p_cg = params_add(pt, "l1.cg.weight", 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);
+    if (p->cg) p->p_cg = scmoe__params_add(pt, "l1.cg.weight", 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);
 #undef LN
 #undef ATTN
 #undef FFN
-    if (pt->failed) return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
-    return moe_init(&p->moe, p->ctx, &p->cfg, p->k, pt, "l1.", res_std);
+    if (pt->failed) return scmoe__fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
+    return scmoe__moe_init(&p->moe, p->ctx, &p->cfg, p->k, pt, "l1.", res_std);
 }
 
 /* The staged gradients of count tensors from first on, summed over c; an empty bucket if they are not summed. */
@@ -304,26 +304,26 @@ static sched_block pair_block(scmoe_pair *p) {
 static void layout_activations(scmoe_pair *p, arena *a) {
     const scmoe_config *c = &p->cfg;
     size_t N = (size_t)c->max_tokens, d = (size_t)c->d_model, h = (size_t)c->d_hidden,
-           h1 = (size_t)ffn_width(c->d_hidden, c->activation);
+           h1 = (size_t)scmoe__ffn_width(c->d_hidden, c->activation);
     size_t att = N * (size_t)c->n_heads * (size_t)c->max_seq_len, f = sizeof(float);
     float **nd[] = {&p->x, &p->a0, &p->A, &p->m0, &p->H, &p->a1, &p->A2, &p->m1, &p->se_out, &p->o0, &p->o1,
                     &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO, &p->gse};
-    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = arena_take(a, f * N * d);
-    p->ln_stats = arena_take(a, f * N * 8);
-    p->qkv0 = arena_take(a, f * N * 3 * d);
-    p->qkv1 = arena_take(a, f * N * 3 * d);
-    p->dqkv = arena_take(a, f * N * 3 * d);
-    p->att0 = arena_take(a, f * att);
-    p->att1 = arena_take(a, f * att);
-    p->datt = arena_take(a, f * att);
-    p->pre0 = arena_take(a, f * N * h1);
-    p->se_pre = arena_take(a, f * N * h1);
-    p->dpre = arena_take(a, f * N * h1);
-    p->hid0 = arena_take(a, f * N * h);
-    p->se_hid = arena_take(a, f * N * h);
-    p->dhid = arena_take(a, f * N * h);
-    p->cgate = arena_take(a, f * N);
-    p->dcg = arena_take(a, f * N);
+    for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = scmoe__arena_take(a, f * N * d);
+    p->ln_stats = scmoe__arena_take(a, f * N * 8);
+    p->qkv0 = scmoe__arena_take(a, f * N * 3 * d);
+    p->qkv1 = scmoe__arena_take(a, f * N * 3 * d);
+    p->dqkv = scmoe__arena_take(a, f * N * 3 * d);
+    p->att0 = scmoe__arena_take(a, f * att);
+    p->att1 = scmoe__arena_take(a, f * att);
+    p->datt = scmoe__arena_take(a, f * att);
+    p->pre0 = scmoe__arena_take(a, f * N * h1);
+    p->se_pre = scmoe__arena_take(a, f * N * h1);
+    p->dpre = scmoe__arena_take(a, f * N * h1);
+    p->hid0 = scmoe__arena_take(a, f * N * h);
+    p->se_hid = scmoe__arena_take(a, f * N * h);
+    p->dhid = scmoe__arena_take(a, f * N * h);
+    p->cgate = scmoe__arena_take(a, f * N);
+    p->dcg = scmoe__arena_take(a, f * N);
 }
 
 static scmoe_status alloc_activations(scmoe_pair *p) {
@@ -331,7 +331,7 @@ static scmoe_status alloc_activations(scmoe_pair *p) {
     layout_activations(p, &a);
     p->mem = CO(p)->alloc(CO(p), a.used, COMPUTE_DEVICE);
     if (!p->mem)
-        return scmoe_fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes (%s memory)",
+        return scmoe__fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes (%s memory)",
                           a.used, CO(p)->name);
     a = (arena){p->mem, 0};
     layout_activations(p, &a);
@@ -342,16 +342,16 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     if (!ctx || !out) return SCMOE_ERR_NULL;
     *out = NULL;
     scmoe__calls calls;
-    scmoe_status s = config_check(ctx, cfg, &calls);
+    scmoe_status s = scmoe__config_check(ctx, cfg, &calls);
     if (s) return s;
     /* the arch fixes k: a top_k that says otherwise is refused rather than overwritten (1, the default,
      * stands for "not set"). The config is the same on every rank, so every rank refuses it. */
     int k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
     if (cfg->top_k != k && cfg->top_k != 1)
-        return scmoe_fail(ctx, SCMOE_ERR_TOP_K, "top_k = %d contradicts arch %d, which routes to k = %d (top_k must "
+        return scmoe__fail(ctx, SCMOE_ERR_TOP_K, "top_k = %d contradicts arch %d, which routes to k = %d (top_k must "
                           "be %d or the default 1)", cfg->top_k, (int)cfg->arch, k, k);
     scmoe_pair *p = calloc(1, sizeof *p);
-    if (!p) s = scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
+    if (!p) s = scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
         p->ctx = ctx;
         p->calls = calls;
@@ -362,19 +362,19 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->has_se = cfg->arch == SCMOE_ARCH_SHARED || cfg->arch == SCMOE_ARCH_SCMOE;
         p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
         p->training = 1;
-        p->ex = context_exec(ctx, cfg->poll_cols);
+        p->ex = scmoe__context_exec(ctx, cfg->poll_cols);
         s = register_params(p);
     }
     if (!s) {
-        s = params_allocate(&p->pt, ctx->compute, ctx->world->size > 1, p->moe.replicas->size > 1);
-        if (s) scmoe_fail(ctx, s, "out of memory for %zu parameters", p->pt.total);
+        s = scmoe__params_allocate(&p->pt, ctx->compute, ctx->world->size > 1, p->moe.replicas->size > 1);
+        if (s) scmoe__fail(ctx, s, "out of memory for %zu parameters", p->pt.total);
     }
     if (!s) s = scmoe__precision_attach(ctx, cfg, &p->pt, &p->ex);
-    if (!s) s = moe_alloc(&p->moe);
+    if (!s) s = scmoe__moe_alloc(&p->moe);
     if (!s) s = alloc_activations(p);
     if (!s) {
         sched_block b = pair_block(p);
-        s = schedule_init(&p->sch, ctx, &p->cfg, &b);
+        s = scmoe__schedule_init(&p->sch, ctx, &p->cfg, &b);
     }
     const char *trace = getenv("SCMOE_TRACE");
     if (!s && trace && *trace) {
@@ -383,9 +383,9 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         ctx->traces++;
         if (ctx->world->size > 1) snprintf(path, sizeof path, "%s%s.rank%d.json", trace, pair_tag, ctx->world->rank);
         else snprintf(path, sizeof path, "%s%s", trace, pair_tag);
-        s = schedule_trace_open(&p->sch, path);
+        s = scmoe__schedule_trace_open(&p->sch, path);
     }
-    s = status_agree(ctx, s);
+    s = scmoe__status_agree(ctx, s);
     if (s) {
         scmoe_pair_destroy(p);
         return s;
@@ -397,13 +397,13 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
 static void pair_release(scmoe_pair *p, int abort) {
     /* an abort keeps what a pending exchange or gradient all-reduce may write: the MoE's workspace and
      * the staged gradients */
-    int keep = abort && (moe_pending(&p->moe) || (p->ctx && p->ctx->world->ops->pending(p->ctx->world)));
+    int keep = abort && (scmoe__moe_pending(&p->moe) || (p->ctx && p->ctx->world->ops->pending(p->ctx->world)));
     if (p->ctx) p->ctx->objects--;
-    schedule_trace_close(&p->sch);
-    if (abort) moe_abandon(&p->moe, keep);
-    else moe_free(&p->moe);
+    scmoe__schedule_trace_close(&p->sch);
+    if (abort) scmoe__moe_abandon(&p->moe, keep);
+    else scmoe__moe_free(&p->moe);
     if (keep) p->pt.stage = NULL;
-    params_free(&p->pt);
+    scmoe__params_free(&p->pt);
     if (p->ctx) CO(p)->release(CO(p), p->mem, COMPUTE_DEVICE);
     free(p);
 }
@@ -438,16 +438,16 @@ static float *moe_input_grad(const scmoe_pair *p) {
 scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, float *y, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
     scmoe_context *ctx = p->ctx;
-    moe_bind_comms(&p->moe);
+    scmoe__moe_bind_comms(&p->moe);
     p->backward_ready = 0; /* a failed forward leaves nothing to differentiate */
     scmoe_status local = SCMOE_OK;
     if (B < 0 || T < 1 || T > p->cfg.max_seq_len || (int64_t)B * T > p->cfg.max_tokens)
-        local = scmoe_fail(ctx, SCMOE_ERR_SEQ_LEN, "batch %d x seq_len %d: need batch >= 0, 1 <= seq_len <= %d, batch*seq_len <= %d",
+        local = scmoe__fail(ctx, SCMOE_ERR_SEQ_LEN, "batch %d x seq_len %d: need batch >= 0, 1 <= seq_len <= %d, batch*seq_len <= %d",
                            B, T, p->cfg.max_seq_len, p->cfg.max_tokens);
-    else if (B > 0 && (!x || !y)) local = scmoe_fail(ctx, SCMOE_ERR_NULL, "x or y is NULL");
-    else if (p->grads_pending) local = scmoe_fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
+    else if (B > 0 && (!x || !y)) local = scmoe__fail(ctx, SCMOE_ERR_NULL, "x or y is NULL");
+    else if (p->grads_pending) local = scmoe__fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
     else if (p->cfg.check_finite && B > 0 && CO(p)->has_nonfinite(CO(p), x, (size_t)B * T * p->cfg.d_model))
-        local = scmoe_fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
+        local = scmoe__fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
     scmoe_status s = scmoe__call_agree(ctx, &p->calls, SCMOE__CALL_FORWARD, p->training, local);
     if (s) return s;
     p->B = B;
@@ -457,59 +457,59 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
     p->backward_ready = 0;
     copy_rows(p, p->x, x, (size_t)p->n * p->cfg.d_model);
     sched_moe mo = {&p->moe, moe_input(p), NULL, y, NULL};
-    s = schedule_forward(&p->sch, &p->ex, &mo, p->n);
-    if (!s) s = context_device_check(ctx);
+    s = scmoe__schedule_forward(&p->sch, &p->ex, &mo, p->n);
+    if (!s) s = scmoe__context_device_check(ctx);
     if (s) return s;
     p->backward_ready = p->training;
     if (stats) {
         memset(stats, 0, sizeof *stats);
-        moe_fill_stats(&p->moe, stats);
-        schedule_fill_stats(&p->sch, stats, 0);
+        scmoe__moe_fill_stats(&p->moe, stats);
+        scmoe__schedule_fill_stats(&p->sch, stats, 0);
     }
     return SCMOE_OK;
 }
 
 scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
-    moe_bind_comms(&p->moe);
+    scmoe__moe_bind_comms(&p->moe);
     scmoe_status local = SCMOE_OK;
-    if (!p->backward_ready) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
-    else if (p->grads_pending) local = scmoe_fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
-    else if (p->n > 0 && (!dy || !dx)) local = scmoe_fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
+    if (!p->backward_ready) local = scmoe__fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
+    else if (p->grads_pending) local = scmoe__fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
+    else if (p->n > 0 && (!dy || !dx)) local = scmoe__fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
     else if (p->cfg.check_finite && p->n > 0 && CO(p)->has_nonfinite(CO(p), dy, (size_t)p->n * p->cfg.d_model))
-        local = scmoe_fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
+        local = scmoe__fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
     scmoe_status s = scmoe__call_agree(p->ctx, &p->calls, SCMOE__CALL_BACKWARD, p->training, local);
     if (s) return s;
     p->backward_ready = 0; /* one backward per forward: a second would add every gradient again */
     p->dy = dy;
-    params_zero_stage(&p->pt);
+    scmoe__params_zero_stage(&p->pt);
     sched_moe mo = {&p->moe, NULL, moe_input_grad(p), NULL, dy};
-    s = schedule_backward(&p->sch, &p->ex, &mo, p->n);
+    s = scmoe__schedule_backward(&p->sch, &p->ex, &mo, p->n);
     if (s) return s;
     copy_rows(p, dx, p->dx, (size_t)p->n * p->cfg.d_model);
-    s = context_device_check(p->ctx);
+    s = scmoe__context_device_check(p->ctx);
     if (s) return s;
     p->grads_pending = 1;
     if (!p->cfg.overlap_grad_sync) s = scmoe_pair_grad_sync(p, NULL);
     if (stats) {
-        moe_fill_stats(&p->moe, stats);
-        schedule_fill_stats(&p->sch, stats, 1);
+        scmoe__moe_fill_stats(&p->moe, stats);
+        scmoe__schedule_fill_stats(&p->sch, stats, 1);
     }
     return s;
 }
 
 scmoe_status scmoe_pair_grad_sync(scmoe_pair *p, scmoe_stats *stats) {
     if (!p) return SCMOE_ERR_NULL;
-    moe_bind_comms(&p->moe);
+    scmoe__moe_bind_comms(&p->moe);
     scmoe_status s = scmoe__ctx_usable(p->ctx);
     if (s) return s;
     if (!p->grads_pending) return SCMOE_OK;
-    s = schedule_grad_wait(&p->sch);
+    s = scmoe__schedule_grad_wait(&p->sch);
     p->grads_pending = 0;
     if (s) return s;
-    params_add_stage(&p->pt);
-    if (stats) schedule_fill_stats(&p->sch, stats, 2);
-    return context_device_check(p->ctx);
+    scmoe__params_add_stage(&p->pt);
+    if (stats) scmoe__schedule_fill_stats(&p->sch, stats, 2);
+    return scmoe__context_device_check(p->ctx);
 }
 
 scmoe_status scmoe_pair_params_changed(scmoe_pair *p) {
@@ -520,23 +520,23 @@ scmoe_status scmoe_pair_params_changed(scmoe_pair *p) {
 
 scmoe_status scmoe_pair_zero_grad(scmoe_pair *p) {
     if (!p) return SCMOE_ERR_NULL;
-    params_zero_grad(&p->pt);
+    scmoe__params_zero_grad(&p->pt);
     return SCMOE_OK;
 }
 
 scmoe_status scmoe_pair_trace(scmoe_pair *p, const char *path) {
     if (!p) return SCMOE_ERR_NULL;
-    return schedule_trace_open(&p->sch, path);
+    return scmoe__schedule_trace_open(&p->sch, path);
 }
 
 int scmoe_pair_param_count(const scmoe_pair *p) { return p ? p->pt.n : 0; }
 
 scmoe_status scmoe_pair_param_at(const scmoe_pair *p, int i, scmoe_tensor *t) {
-    return p ? params_at(&p->pt, i, t) : SCMOE_ERR_NULL;
+    return p ? scmoe__params_at(&p->pt, i, t) : SCMOE_ERR_NULL;
 }
 
 scmoe_status scmoe_pair_param(const scmoe_pair *p, const char *name, scmoe_tensor *t) {
-    return p ? params_named(p->ctx, &p->pt, name, t) : SCMOE_ERR_NULL;
+    return p ? scmoe__params_named(p->ctx, &p->pt, name, t) : SCMOE_ERR_NULL;
 }
 
 scmoe_status scmoe_pair_set_loss_weights(scmoe_pair *p, float aux, float z) {

@@ -16,16 +16,16 @@ scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg
     ex->bf16 = 1;
     if (ctx->compute->device) { /* the device's table has its own bf16 GEMM (cuBLAS rounds inside) */
         if (!ex->blas->gemm_bf16)
-            return scmoe_fail(ctx, SCMOE_ERR_UNSUPPORTED, "precision BF16: the %s backend has no bf16 GEMM",
+            return scmoe__fail(ctx, SCMOE_ERR_UNSUPPORTED, "precision BF16: the %s backend has no bf16 GEMM",
                               ctx->compute->name);
         return SCMOE_OK;
     }
     if (!ctx->host_blas && !(ctx->host_blas = scmoe__blas_host_create(BLAS_BF16_AUTO)))
-        return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the bf16 GEMM backend");
+        return scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the bf16 GEMM backend");
     ctx->blas = ex->blas = ctx->host_blas;
     pt->data_bf16 = malloc(sizeof(uint16_t) * (pt->total ? pt->total : 1));
     if (!pt->data_bf16)
-        return scmoe_fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the bf16 copy of %zu parameters", pt->total);
+        return scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the bf16 copy of %zu parameters", pt->total);
     ex->w = pt->data;
     ex->wb = pt->data_bf16;
     ex->wn = pt->total;
@@ -37,7 +37,7 @@ void scmoe__precision_refresh(param_table *pt) {
     if (!pt->data_bf16) return;
     for (int i = 0; i < pt->n; i++) { /* tensor by tensor: the padding between them is never written */
         const param_entry *e = &pt->p[i];
-        bf16_pack(pt->data_bf16 + e->offset_data, pt->data + e->offset_data, e->t.numel);
+        scmoe__bf16_pack(pt->data_bf16 + e->offset_data, pt->data + e->offset_data, e->t.numel);
     }
 }
 
@@ -45,7 +45,7 @@ const char *scmoe_context_gemm_info(scmoe_context *ctx) {
     if (!ctx) return "context is NULL";
     if (!ctx->compute->device && !ctx->host_blas) {
         if (!(ctx->host_blas = scmoe__blas_host_create(BLAS_BF16_AUTO))) return "out of memory";
-        ctx->blas = ctx->host_blas; /* the same fp32 GEMMs as blas_openblas() */
+        ctx->blas = ctx->host_blas; /* the same fp32 GEMMs as scmoe__blas_openblas() */
     }
     return ctx->blas->describe ? ctx->blas->describe(ctx->blas) : ctx->blas->name;
 }

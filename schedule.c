@@ -12,7 +12,7 @@
 /* A bucket whose all-reduce has not started (request ids are >= -1: -1 is one that completed at once). */
 #define NOT_STARTED (-2)
 
-int schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_exp, double t_comb) {
+int scmoe__schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_exp, double t_comb) {
     double total = 0;
     for (int i = 0; i < n_ops; i++) total += ops[i];
     int best = 0;
@@ -26,10 +26,10 @@ int schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_e
     return best;
 }
 
-scmoe_status schedule_init(scheduler *s, scmoe_context *ctx, const scmoe_config *cfg, const sched_block *blk) {
+scmoe_status scmoe__schedule_init(scheduler *s, scmoe_context *ctx, const scmoe_config *cfg, const sched_block *blk) {
     memset(s, 0, sizeof *s);
     if (blk->n_ops < 1 || blk->n_ops > SCHED_MAX_OPS || blk->moe_input_op < 0 || blk->moe_input_op >= blk->n_ops)
-        return scmoe_fail(ctx, SCMOE_ERR_OPTION, "a block of %d operations (at most %d) with the MoE's input from op %d",
+        return scmoe__fail(ctx, SCMOE_ERR_OPTION, "a block of %d operations (at most %d) with the MoE's input from op %d",
                           blk->n_ops, SCHED_MAX_OPS, blk->moe_input_op);
     int n = blk->n_ops;
     s->ctx = ctx;
@@ -72,7 +72,7 @@ static int grads_in_flight(const scheduler *s) {
  * communicator's policy is POLL (a THREAD policy MPI cannot host falls back to POLL). */
 static void poll_all(void *arg) {
     run_state *r = arg;
-    moe_poll(r->m);
+    scmoe__moe_poll(r->m);
     if (r->s->world->progress == SCMOE_PROGRESS_POLL && grads_in_flight(r->s)) r->s->world->ops->progress(r->s->world);
 }
 
@@ -83,11 +83,11 @@ static void event(scheduler *s, int dir, const char *name, int kind, double t0, 
 /* ---- trace: one JSON array of complete events ("ph":"X"), pid = rank, tid 0 compute, tid 1 token
  * exchanges, tid 2 the gradient all-reduce; ts in microseconds of CLOCK_MONOTONIC ---- */
 
-scmoe_status schedule_trace_open(scheduler *s, const char *path) {
-    schedule_trace_close(s);
+scmoe_status scmoe__schedule_trace_open(scheduler *s, const char *path) {
+    scmoe__schedule_trace_close(s);
     if (!path) return SCMOE_OK;
     s->trace = fopen(path, "w");
-    if (!s->trace) return scmoe_fail(s->ctx, SCMOE_ERR_IO, "cannot open the trace file %s", path);
+    if (!s->trace) return scmoe__fail(s->ctx, SCMOE_ERR_IO, "cannot open the trace file %s", path);
     int r = s->world->rank;
     fprintf(s->trace, "[\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":%d,\"args\":{\"name\":\"rank %d\"}},\n"
                       "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"compute\"}},\n"
@@ -97,7 +97,7 @@ scmoe_status schedule_trace_open(scheduler *s, const char *path) {
     return SCMOE_OK;
 }
 
-void schedule_trace_close(scheduler *s) {
+void scmoe__schedule_trace_close(scheduler *s) {
     if (!s->trace) return;
     fprintf(s->trace, "\n]\n");
     fclose(s->trace);
@@ -137,10 +137,10 @@ static void hook(run_state *r, exec *ex, moe_layer *m) {
 static void timed_op(run_state *r, int i) {
     scheduler *s = r->s;
     const sched_op *op = &s->blk.ops[r->dir ? s->blk.n_ops - 1 - i : i];
-    double t0 = scmoe_now();
+    double t0 = scmoe__now();
     (r->dir ? op->backward : op->forward)(s->blk.self);
     if (s->profile_left[r->dir] > 0) s->ctx->compute->sync(s->ctx->compute);
-    double t1 = scmoe_now();
+    double t1 = scmoe__now();
     (r->dir ? s->t_b : s->t_f)[i] = t1 - t0;
     event(s, r->dir, r->dir ? s->bwd_name[i] : op->name, 0, t0, t1);
 }
@@ -148,7 +148,7 @@ static void timed_op(run_state *r, int i) {
 /* The first exchange of the pass has started; a serialized pass waits for it at once and times it. */
 static scmoe_status dispatch_started(run_state *r) {
     if (!r->serial) return SCMOE_OK;
-    scmoe_status st = moe_dispatch_wait(r->m);
+    scmoe_status st = scmoe__moe_dispatch_wait(r->m);
     r->s->t_disp[r->dir] = r->last;
     return st;
 }
@@ -156,14 +156,14 @@ static scmoe_status dispatch_started(run_state *r) {
 /* The experts in their slot, either way: timed, and in a serialized pass followed by the combine's wait. */
 static scmoe_status experts_at_slot(run_state *r) {
     scheduler *s = r->s;
-    double t0 = scmoe_now();
-    scmoe_status st = r->dir ? moe_experts_backward(r->m, r->ex) : moe_experts_forward(r->m, r->ex);
-    double t1 = scmoe_now();
+    double t0 = scmoe__now();
+    scmoe_status st = r->dir ? scmoe__moe_experts_backward(r->m, r->ex) : scmoe__moe_experts_forward(r->m, r->ex);
+    double t1 = scmoe__now();
     event(s, r->dir, r->dir ? "experts_bwd" : "experts", 0, t0, t1);
     s->expert[r->dir] = t1 - t0;
     if (r->serial) s->t_exp[r->dir] = t1 - t0;
     if (!st && r->serial) {
-        st = moe_combine_wait(r->m);
+        st = scmoe__moe_combine_wait(r->m);
         s->t_comb[r->dir] = r->last;
     }
     return st;
@@ -186,15 +186,15 @@ static void profiled(scheduler *s, int dir, int first, int n_ops) {
     int *slot = dir ? &s->slot_b : &s->slot_f;
     const double *t = (dir ? s->t_b : s->t_f) + first;
     if (s->expert_slot >= 0) *slot = s->expert_slot < n_ops ? s->expert_slot : n_ops;
-    else *slot = schedule_choose_slot(t, n_ops, s->t_disp[dir], s->t_exp[dir], s->t_comb[dir]);
+    else *slot = scmoe__schedule_choose_slot(t, n_ops, s->t_disp[dir], s->t_exp[dir], s->t_comb[dir]);
 }
 
-scmoe_status schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n) {
+scmoe_status scmoe__schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n) {
     moe_layer *m = mo->m;
     int n_ops = s->blk.n_ops, serial = profiling(s, 0, n) || !s->overlap || !s->blk.overlap;
     run_state r = {s, ex, m, 0, serial, 0};
     int K = serial ? 0 : s->slot_f;
-    double t_start = scmoe_now();
+    double t_start = scmoe__now();
     s->n_ev[0] = 0;
     s->trace_step++;
     hook(&r, ex, m);
@@ -202,10 +202,10 @@ scmoe_status schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n) {
     int experts_done = 0;
     for (int i = 0; i <= n_ops && !st; i++) {
         if (i == s->gate_after) {
-            double t0 = scmoe_now();
-            st = moe_gate_encode(m, ex, n, mo->x);
-            if (!st) st = moe_dispatch_start(m);
-            event(s, 0, "gate_encode", 0, t0, scmoe_now());
+            double t0 = scmoe__now();
+            st = scmoe__moe_gate_encode(m, ex, n, mo->x);
+            if (!st) st = scmoe__moe_dispatch_start(m);
+            event(s, 0, "gate_encode", 0, t0, scmoe__now());
             if (!st) st = dispatch_started(&r);
         }
         if (!st && i == s->gate_after + K && !experts_done) {
@@ -214,16 +214,16 @@ scmoe_status schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n) {
         }
         if (!st && i < n_ops) timed_op(&r, i);
     }
-    if (!st) st = moe_combine_wait(m);
+    if (!st) st = scmoe__moe_combine_wait(m);
     hook(NULL, ex, m);
     s->comm_time[0] = m->comm_time;
     s->exposed[0] = m->exposed_time;
     if (st) return st;
-    double t0 = scmoe_now();
-    moe_decode(m, mo->y, 1.0f);
-    event(s, 0, "decode", 0, t0, scmoe_now());
+    double t0 = scmoe__now();
+    scmoe__moe_decode(m, mo->y, 1.0f);
+    event(s, 0, "decode", 0, t0, scmoe__now());
     s->slot_used[0] = serial ? -1 : K;
-    s->time[0] = scmoe_now() - t_start;
+    s->time[0] = scmoe__now() - t_start;
     trace_flush(s, 0);
     profiled(s, 0, s->gate_after, n_ops - s->gate_after);
     return SCMOE_OK;
@@ -232,9 +232,9 @@ scmoe_status schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n) {
 static scmoe_status bucket_start(scheduler *s, int b) {
     const sched_bucket *k = &s->bucket[b];
     if (!k->ptr || k->n <= 0 || k->over->size == 1) return SCMOE_OK;
-    if (s->grad_t0 == 0) s->grad_t0 = scmoe_now();
+    if (s->grad_t0 == 0) s->grad_t0 = scmoe__now();
     scmoe_status st = k->over->ops->allreduce_start(k->over, k->ptr, k->n, &s->req[b]);
-    if (st) return scmoe_fail(s->ctx, st, "starting a gradient all-reduce failed: %s", k->over->err);
+    if (st) return scmoe__fail(s->ctx, st, "starting a gradient all-reduce failed: %s", k->over->err);
     return SCMOE_OK;
 }
 
@@ -254,21 +254,21 @@ static scmoe_status buckets_flush(scheduler *s, int exchanges_done) {
     return st;
 }
 
-scmoe_status schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n) {
+scmoe_status scmoe__schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n) {
     moe_layer *m = mo->m;
     int n_ops = s->blk.n_ops, serial = profiling(s, 1, n) || !s->overlap || !s->blk.overlap;
     int needed_before = s->grad_needed_before;
     run_state r = {s, ex, m, 1, serial, 0};
     int K = serial ? 0 : s->slot_b;
     int early_grads = s->overlap; /* serialized runs reduce all gradients after backward */
-    double t_start = scmoe_now();
+    double t_start = scmoe__now();
     s->n_ev[1] = 0;
     s->grad_t0 = 0;
     hook(&r, ex, m);
-    double t0 = scmoe_now();
-    moe_decode_backward(m, mo->dy);
-    scmoe_status st = moe_dispatch_start(m);
-    event(s, 1, "decode_bwd", 0, t0, scmoe_now());
+    double t0 = scmoe__now();
+    scmoe__moe_decode_backward(m, mo->dy);
+    scmoe_status st = scmoe__moe_dispatch_start(m);
+    event(s, 1, "decode_bwd", 0, t0, scmoe__now());
     if (!st) st = dispatch_started(&r);
     int experts_done = 0;
     for (int i = 0; i <= n_ops && !st; i++) {
@@ -278,10 +278,10 @@ scmoe_status schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n) {
             experts_done = 1;
         }
         if (!st && i == needed_before) {
-            st = moe_combine_wait(m);
-            t0 = scmoe_now();
-            if (!st) moe_gate_backward(m, ex, mo->dx, 1.0f);
-            event(s, 1, "gate_bwd", 0, t0, scmoe_now());
+            st = scmoe__moe_combine_wait(m);
+            t0 = scmoe__now();
+            if (!st) scmoe__moe_gate_backward(m, ex, mo->dx, 1.0f);
+            event(s, 1, "gate_bwd", 0, t0, scmoe__now());
             s->ready[n_ops] = early_grads;
         }
         if (!st && i < n_ops) {
@@ -298,27 +298,27 @@ scmoe_status schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n) {
         for (int b = 0; b < n_ops + 2; b++) s->ready[b] = 1;
     st = buckets_flush(s, 1);
     s->slot_used[1] = serial ? -1 : K;
-    s->time[1] = scmoe_now() - t_start;
+    s->time[1] = scmoe__now() - t_start;
     trace_flush(s, 1);
     profiled(s, 1, 0, needed_before);
     return st;
 }
 
-scmoe_status schedule_grad_wait(scheduler *s) {
+scmoe_status scmoe__schedule_grad_wait(scheduler *s) {
     /* one deadline for the whole sync, however many buckets; the first failure ends it */
-    double t0 = scmoe_now(), deadline = t0 + s->world->timeout_s;
+    double t0 = scmoe__now(), deadline = t0 + s->world->timeout_s;
     scmoe_status st = SCMOE_OK;
     for (int b = 0; b < s->blk.n_ops + 2 && !st; b++) {
         if (s->req[b] == NOT_STARTED) continue;
         comm *c = s->bucket[b].over;
-        double full = c->timeout_s, left = deadline - scmoe_now();
+        double full = c->timeout_s, left = deadline - scmoe__now();
         c->timeout_s = left > 1e-3 ? left : 1e-3;
         scmoe_status w = c->ops->wait(c, s->req[b]);
         c->timeout_s = full;
-        if (w) st = scmoe_fail(s->ctx, w, "gradient all-reduce: %s", c->err);
+        if (w) st = scmoe__fail(s->ctx, w, "gradient all-reduce: %s", c->err);
         s->req[b] = NOT_STARTED;
     }
-    double t1 = scmoe_now();
+    double t1 = scmoe__now();
     if (s->grad_t0) event(s, 1, "grad_allreduce", 1, s->grad_t0, t1);
     if (s->trace && s->grad_t0 && s->n_ev[1] > 0) {
         const sched_event *e = &s->ev[1][s->n_ev[1] - 1];
@@ -331,13 +331,13 @@ scmoe_status schedule_grad_wait(scheduler *s) {
     return st;
 }
 
-void schedule_fill_stats(const scheduler *s, scmoe_stats *st, int which) {
+void scmoe__schedule_fill_stats(const scheduler *s, scmoe_stats *st, int which) {
     if (which == 2) {
         st->grad_sync_time = s->grad_time;
         st->grad_sync_exposed = s->grad_exposed;
         return;
     }
-    double c = s->comm_time[which], ov = overlap_fraction(c, s->exposed[which]);
+    double c = s->comm_time[which], ov = scmoe__overlap_fraction(c, s->exposed[which]);
     if (which == 0) {
         st->fwd_time = s->time[0]; st->fwd_comm = c; st->fwd_exposed = s->exposed[0]; st->fwd_overlap = ov;
         st->fwd_expert = s->expert[0];

@@ -81,18 +81,18 @@ typedef struct scheduler {
 } scheduler;
 
 /* Takes the block (copied) and the config's expert_slot and overlap. */
-scmoe_status schedule_init(scheduler *s, scmoe_context *ctx, const scmoe_config *cfg, const sched_block *blk);
+scmoe_status scmoe__schedule_init(scheduler *s, scmoe_context *ctx, const scmoe_config *cfg, const sched_block *blk);
 /* One pass over n tokens: the block's ops with the MoE's phases among them. */
-scmoe_status schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n);
-scmoe_status schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n);
-scmoe_status schedule_grad_wait(scheduler *s);
+scmoe_status scmoe__schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int n);
+scmoe_status scmoe__schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int n);
+scmoe_status scmoe__schedule_grad_wait(scheduler *s);
 /* Starts writing a Chrome/Perfetto JSON trace to path (NULL stops and closes it). */
-scmoe_status schedule_trace_open(scheduler *s, const char *path);
-void schedule_trace_close(scheduler *s);
+scmoe_status scmoe__schedule_trace_open(scheduler *s, const char *path);
+void scmoe__schedule_trace_close(scheduler *s);
 /* which: 0 forward, 1 backward, 2 gradient sync */
-void schedule_fill_stats(const scheduler *s, scmoe_stats *st, int which);
+void scmoe__schedule_fill_stats(const scheduler *s, scmoe_stats *st, int which);
 
 /* The slot K in 0..n_ops minimising max(sum_{i<K} ops_i, t_disp) + t_exp + max(sum_{i>=K} ops_i, t_comb). */
-int schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_exp, double t_comb);
+int scmoe__schedule_choose_slot(const double *ops, int n_ops, double t_disp, double t_exp, double t_comb);
 
 #endif

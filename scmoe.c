@@ -150,7 +150,7 @@ const char *scmoe_version(void) {
     return SCMOE_STR(SCMOE_VERSION_MAJOR) "." SCMOE_STR(SCMOE_VERSION_MINOR) "." SCMOE_STR(SCMOE_VERSION_PATCH);
 }
 
-scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...) {
+scmoe_status scmoe__fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...) {
     if (ctx) {
         va_list ap;
         va_start(ap, fmt);
@@ -166,13 +166,13 @@ scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt
     return status;
 }
 
-double scmoe_now(void) {
+double scmoe__now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
-void *arena_take(arena *a, size_t bytes) {
+void *scmoe__arena_take(arena *a, size_t bytes) {
     void *p = a->base ? a->base + a->used : NULL;
     a->used += (bytes + 63) & ~(size_t)63;
     return p;
@@ -197,12 +197,12 @@ const char *scmoe_build_info(void) {
 
 /* ---- context ---- */
 
-scmoe_status context_create_with(comm *world, scmoe_context **out) {
+scmoe_status scmoe__context_create_with(comm *world, scmoe_context **out) {
     scmoe_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return SCMOE_ERR_NOMEM;
     ctx->world = world;
-    ctx->blas = blas_openblas();
-    ctx->compute = compute_host();
+    ctx->blas = scmoe__blas_openblas();
+    ctx->compute = scmoe__compute_host();
     *out = ctx;
     return SCMOE_OK;
 }
@@ -211,9 +211,9 @@ scmoe_status scmoe_context_create(scmoe_context **out) {
     if (!out) return SCMOE_ERR_NULL;
     *out = NULL;
     comm *c;
-    scmoe_status s = comm_serial_create(&c);
+    scmoe_status s = scmoe__comm_serial_create(&c);
     if (s) return s;
-    s = context_create_with(c, out);
+    s = scmoe__context_create_with(c, out);
     if (s) c->ops->destroy(c);
     return s;
 }
@@ -221,7 +221,7 @@ scmoe_status scmoe_context_create(scmoe_context **out) {
 scmoe_status scmoe_context_destroy(scmoe_context *ctx) {
     if (!ctx) return SCMOE_OK;
     if (ctx->objects > 0) /* they keep a pointer to it and free their memory through its backend */
-        return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_destroy: %d layer(s) or pair(s) created on this "
+        return scmoe__fail(ctx, SCMOE_ERR_STATE, "scmoe_context_destroy: %d layer(s) or pair(s) created on this "
                           "context are still alive: destroy (or abort) them first", ctx->objects);
     if (ctx->broken) return scmoe_context_abort(ctx);
     if (ctx->world) ctx->world->ops->destroy(ctx->world);
@@ -234,7 +234,7 @@ scmoe_status scmoe_context_destroy(scmoe_context *ctx) {
 scmoe_status scmoe_context_abort(scmoe_context *ctx) {
     if (!ctx) return SCMOE_OK;
     if (ctx->objects > 0)
-        return scmoe_fail(ctx, SCMOE_ERR_STATE, "scmoe_context_abort: %d layer(s) or pair(s) created on this "
+        return scmoe__fail(ctx, SCMOE_ERR_STATE, "scmoe_context_abort: %d layer(s) or pair(s) created on this "
                           "context are still alive: abort them first", ctx->objects);
     if (ctx->world) ctx->world->ops->abandon(ctx->world);
     if (ctx->backend_release) ctx->backend_release(ctx->backend);
@@ -247,12 +247,12 @@ int scmoe_context_size(const scmoe_context *ctx) { return ctx ? ctx->world->size
 const char *scmoe_context_backend(const scmoe_context *ctx) { return ctx ? ctx->compute->name : "context is NULL"; }
 const char *scmoe_last_error(const scmoe_context *ctx) { return ctx ? ctx->err : "context is NULL"; }
 
-scmoe_status context_device_check(scmoe_context *ctx) {
+scmoe_status scmoe__context_device_check(scmoe_context *ctx) {
     const compute_ops *co = ctx->compute;
     char msg[200];
     co->sync(co);
     if (!co->failed(co, msg, sizeof msg)) return SCMOE_OK;
-    return scmoe_fail(ctx, SCMOE_ERR_DEVICE, "%s backend: %s", co->name, msg);
+    return scmoe__fail(ctx, SCMOE_ERR_DEVICE, "%s backend: %s", co->name, msg);
 }
 
 /* ---- parameters ---- */
@@ -263,7 +263,7 @@ static uint64_t hash_str(const char *s) {
     return h;
 }
 
-int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
+int scmoe__params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
                uint64_t seed) {
     if (pt->failed) return -1;
     if (pt->n == pt->cap) {
@@ -304,7 +304,7 @@ static void params_init(const param_entry *e, float *dst) {
                : e->init_std * gate_normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
 }
 
-scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync) {
+scmoe_status scmoe__params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync) {
     size_t total = pt->total ? pt->total : 16, on_device = 0, on_host = 0;
     for (int i = 0; i < pt->n; i++) { /* data: host_data tensors in their own block, in registration order */
         param_entry *e = &pt->p[i];
@@ -355,7 +355,7 @@ scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_s
     return SCMOE_OK;
 }
 
-void params_free(param_table *pt) {
+void scmoe__params_free(param_table *pt) {
     free(pt->p);
     if (pt->co) {
         pt->co->release(pt->co, pt->data, COMPUTE_DEVICE);
@@ -367,34 +367,34 @@ void params_free(param_table *pt) {
     memset(pt, 0, sizeof *pt);
 }
 
-int params_find(const param_table *pt, const char *name) {
+int scmoe__params_find(const param_table *pt, const char *name) {
     for (int i = 0; i < pt->n; i++)
         if (strcmp(pt->p[i].name, name) == 0) return i;
     return -1;
 }
 
-void params_zero_grad(param_table *pt) { pt->co->zero(pt->co, pt->grad, sizeof(float) * pt->total); }
+void scmoe__params_zero_grad(param_table *pt) { pt->co->zero(pt->co, pt->grad, sizeof(float) * pt->total); }
 
-scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t) {
+scmoe_status scmoe__params_at(const param_table *pt, int i, scmoe_tensor *t) {
     if (!t) return SCMOE_ERR_NULL;
     if (i < 0 || i >= pt->n) return SCMOE_ERR_NOT_FOUND;
     *t = pt->p[i].t;
     return SCMOE_OK;
 }
 
-scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t) {
+scmoe_status scmoe__params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t) {
     if (!name || !t) return SCMOE_ERR_NULL;
-    int i = params_find(pt, name);
-    if (i < 0) return scmoe_fail(ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
+    int i = scmoe__params_find(pt, name);
+    if (i < 0) return scmoe__fail(ctx, SCMOE_ERR_NOT_FOUND, "no parameter named '%s' on this rank", name);
     *t = pt->p[i].t;
     return SCMOE_OK;
 }
 
-void params_zero_stage(param_table *pt) {
+void scmoe__params_zero_stage(param_table *pt) {
     if (pt->stage_total) pt->co->zero(pt->co, pt->stage, sizeof(float) * pt->stage_total);
 }
 
-void params_add_stage(param_table *pt) {
+void scmoe__params_add_stage(param_table *pt) {
     for (int i = 0; i < pt->n; i++) {
         param_entry *e = &pt->p[i];
         if (e->gwork != e->t.grad) pt->co->add(pt->co, e->t.grad, e->gwork, e->t.numel);
@@ -403,12 +403,12 @@ void params_add_stage(param_table *pt) {
 
 /* ---- groups and agreement ---- */
 
-scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas) {
-    comm *w = ctx->world; /* the groups inherit its deadline and progress policy (moe_bind_comms) */
+scmoe_status scmoe__groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas) {
+    comm *w = ctx->world; /* the groups inherit its deadline and progress policy (scmoe__moe_bind_comms) */
     int ep_size = ep_size_cfg ? ep_size_cfg : w->size;
     *ep = *ep_back = *replicas = NULL;
     if (w->size % ep_size != 0)
-        return scmoe_fail(ctx, SCMOE_ERR_EP_SIZE, "ep_size %d does not divide the %d ranks", ep_size, w->size);
+        return scmoe__fail(ctx, SCMOE_ERR_EP_SIZE, "ep_size %d does not divide the %d ranks", ep_size, w->size);
     /* expert-parallel groups are runs of ep_size consecutive ranks; replicas share rank % ep_size */
     scmoe_status s = w->ops->split(w, w->rank / ep_size, w->rank, ep);
     if (!s) s = w->ops->split(w, w->rank / ep_size, w->rank, ep_back);
@@ -417,7 +417,7 @@ scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm 
         if (*ep) (*ep)->ops->destroy(*ep);
         if (*ep_back) (*ep_back)->ops->destroy(*ep_back);
         *ep = *ep_back = NULL;
-        return scmoe_fail(ctx, s, "creating the expert-parallel groups failed: %s", w->err);
+        return scmoe__fail(ctx, s, "creating the expert-parallel groups failed: %s", w->err);
     }
     (*ep)->timeout_s = (*ep_back)->timeout_s = (*replicas)->timeout_s = w->timeout_s;
     (*ep)->progress = (*ep_back)->progress = (*replicas)->progress = w->progress;
@@ -449,17 +449,17 @@ static uint64_t config_hash(const scmoe_config *c) {
 /* The first call agreement of an object: every rank calls this with its own config and its local
  * validation status, so a rank with a bad config still takes part and nobody hangs: all ranks return an
  * error if any config differs. */
-scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls) {
+scmoe_status scmoe__config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls) {
     char msg[256];
     scmoe_status s = scmoe_config_validate(cfg, msg, sizeof msg);
-    if (s) scmoe_fail(ctx, s, "%s", msg);
+    if (s) scmoe__fail(ctx, s, "%s", msg);
     calls->id = ctx->creates++;
     calls->seq = 0;
     calls->hash = config_hash(cfg);
     return scmoe__call_agree(ctx, calls, SCMOE__CALL_CREATE, 0, s);
 }
 
-exec context_exec(const scmoe_context *ctx, int poll_cols) {
+exec scmoe__context_exec(const scmoe_context *ctx, int poll_cols) {
     exec ex = {ctx->blas, NULL, NULL, ctx->compute->device ? 0 : poll_cols, ctx->compute, 0, NULL, NULL, 0};
     return ex;
 }
@@ -468,17 +468,17 @@ exec context_exec(const scmoe_context *ctx, int poll_cols) {
  * count or a routing record read as a status), which is a communication failure. */
 static scmoe_status agreed_status(scmoe_context *ctx, int64_t v, const char *what) {
     if (v > 0 && v < SCMOE_STATUS_COUNT)
-        return scmoe_fail(ctx, (scmoe_status)v, "another rank failed%s: %s", what, scmoe_strerror((scmoe_status)v));
-    return scmoe_fail(ctx, SCMOE_ERR_COMM, "the ranks are out of step: the status agreement%s received %lld, which "
+        return scmoe__fail(ctx, (scmoe_status)v, "another rank failed%s: %s", what, scmoe_strerror((scmoe_status)v));
+    return scmoe__fail(ctx, SCMOE_ERR_COMM, "the ranks are out of step: the status agreement%s received %lld, which "
                       "is not a status (another rank is in a different collective call)", what, (long long)v);
 }
 
 /* After a local step that may fail on some ranks only: every rank learns whether any failed. */
-scmoe_status status_agree(scmoe_context *ctx, scmoe_status local) {
+scmoe_status scmoe__status_agree(scmoe_context *ctx, scmoe_status local) {
     comm *w = ctx->world;
     int64_t v = local;
     scmoe_status s = w->ops->allreduce_i64_max(w, &v, 1);
-    if (s) return scmoe_fail(ctx, s, "status agreement failed: %s", w->err);
+    if (s) return scmoe__fail(ctx, s, "status agreement failed: %s", w->err);
     if (local) return local;
     if (v) return agreed_status(ctx, v, "");
     return SCMOE_OK;
@@ -486,7 +486,7 @@ scmoe_status status_agree(scmoe_context *ctx, scmoe_status local) {
 
 scmoe_status scmoe__ctx_usable(scmoe_context *ctx) {
     if (!ctx->broken) return SCMOE_OK;
-    return scmoe_fail(ctx, SCMOE_ERR_STATE, "the context is unusable since an earlier failure, %s (%s): an exchange may "
+    return scmoe__fail(ctx, SCMOE_ERR_STATE, "the context is unusable since an earlier failure, %s (%s): an exchange may "
                       "still be pending and the ranks are out of step; save what you need, then abort "
                       "(scmoe_pair_abort / scmoe_moe_abort, scmoe_context_abort) and restart",
                       scmoe_strerror(ctx->broken), ctx->broken_err);
@@ -510,7 +510,7 @@ scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call
     v[2 * AG_FIELDS] = local;
     comm *w = ctx->world;
     s = w->ops->allreduce_i64_max(w, v, 2 * AG_FIELDS + 1);
-    if (s) return scmoe_fail(ctx, s, "the call agreement (%s) failed: %s", call_name(call), w->err);
+    if (s) return scmoe__fail(ctx, s, "the call agreement (%s) failed: %s", call_name(call), w->err);
     /* every rank continues from the same sequence number, so one out-of-step call does not leave the
      * object out of step for good */
     calls->seq = v[2 * AG_SEQ] + 1;
@@ -518,23 +518,23 @@ scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call
     for (int i = 0; i < AG_FIELDS; i++) { max[i] = v[2 * i]; min[i] = -v[2 * i + 1]; }
 #define OTHER(f) (mine[f] == max[f] ? min[f] : max[f])
     if (max[AG_ID] != min[AG_ID] || max[AG_CALL] != min[AG_CALL])
-        return scmoe_fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s on object #%lld of "
+        return scmoe__fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s on object #%lld of "
                           "the context, another rank called %s on object #%lld: every rank must make the same "
                           "collective calls in the same order", w->rank, call_name(call), (long long)mine[AG_ID],
                           call_name(OTHER(AG_CALL)), (long long)OTHER(AG_ID));
     if (max[AG_SEQ] != min[AG_SEQ])
-        return scmoe_fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s as call %lld on "
+        return scmoe__fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s as call %lld on "
                           "object #%lld, another rank as call %lld (a rank skipped or repeated a collective call)",
                           w->rank, call_name(call), (long long)mine[AG_SEQ], (long long)mine[AG_ID],
                           (long long)OTHER(AG_SEQ));
     if (max[AG_MODE] != min[AG_MODE])
-        return scmoe_fail(ctx, SCMOE_ERR_STATE, "ranks are in different modes: this rank (%d) called %s in %s mode, "
+        return scmoe__fail(ctx, SCMOE_ERR_STATE, "ranks are in different modes: this rank (%d) called %s in %s mode, "
                           "another rank in %s mode (set_training must agree on every rank)", w->rank,
                           call_name(call), training ? "training" : "inference", training ? "inference" : "training");
 #undef OTHER
     if (local) return local;
     if (max[AG_HASH] != min[AG_HASH])
-        return scmoe_fail(ctx, SCMOE_ERR_CONFIG_MISMATCH,
+        return scmoe__fail(ctx, SCMOE_ERR_CONFIG_MISMATCH,
                           "ranks were given different configs (rank %d's hash %016llx differs from another's)",
                           w->rank, (unsigned long long)calls->hash);
     if (v[2 * AG_FIELDS])

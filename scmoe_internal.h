@@ -10,7 +10,7 @@ struct scmoe_context {
     comm *world;
     const blas_backend *blas;
     blas_backend *host_blas;    /* the host's table with bf16 GEMMs, made by the first bf16 object (NULL: none yet) */
-    const compute_ops *compute; /* compute_host(), or a device backend's (scmoe_context_use_cuda) */
+    const compute_ops *compute; /* scmoe__compute_host(), or a device backend's (scmoe_context_use_cuda) */
     /* a device backend's state, released with the context (NULL: none) */
     void *backend;
     void (*backend_release)(void *backend);
@@ -24,26 +24,26 @@ struct scmoe_context {
 };
 
 /* Wraps a communicator (serial or MPI) in a new context; the context owns it. */
-scmoe_status context_create_with(comm *world, scmoe_context **out);
+scmoe_status scmoe__context_create_with(comm *world, scmoe_context **out);
 /* The start of every *_create: validates cfg (its message on ctx) and agrees on it with every rank. */
 /* It is the object's first call agreement: calls receives the object's id and config hash, seq 1. */
 typedef struct scmoe__calls scmoe__calls;
-scmoe_status config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls);
+scmoe_status scmoe__config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls);
 /* What an object's kernels run with on ctx: its GEMM and compute tables, and poll_cols tiles on the host
  * (on a device a GEMM is only enqueued, so a poll between tiles would run at enqueue time and a tile
  * would only cost a launch: whole GEMMs). */
-exec context_exec(const scmoe_context *ctx, int poll_cols);
+exec scmoe__context_exec(const scmoe_context *ctx, int poll_cols);
 
 /* Waits for the context's device and returns SCMOE_ERR_DEVICE (with the CUDA error) if a kernel, copy
  * or GEMM of it failed since the last check; the host backend never fails. A call that hands results
  * to the caller ends with it. */
-scmoe_status context_device_check(scmoe_context *ctx);
+scmoe_status scmoe__context_device_check(scmoe_context *ctx);
 
 /* Records the detail of a failure on ctx and returns status. A SCMOE_ERR_TIMEOUT or SCMOE_ERR_COMM also
  * breaks the context (see call_agree): a collective may still be pending, and MPI cannot cancel it. */
-scmoe_status scmoe_fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
+scmoe_status scmoe__fail(scmoe_context *ctx, scmoe_status status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-double scmoe_now(void);
+double scmoe__now(void);
 /* A bump allocator over one block, 64-byte aligned, that can also only count: a layout function run once
  * with base NULL sizes the block (used), then again over the allocated block hands out the same
  * pointers, so sizes are never written twice. */
@@ -52,7 +52,7 @@ typedef struct arena {
     size_t used;
 } arena;
 /* The next bytes: base + used (NULL while counting), then used grows by bytes rounded up to 64. */
-void *arena_take(arena *a, size_t bytes);
+void *scmoe__arena_take(arena *a, size_t bytes);
 
 /* ---- parameters: registered by name, then laid out in one allocation each for data, grad and stage ---- */
 enum { SYNC_NONE = 0, SYNC_WORLD = 1, SYNC_REPLICAS = 2 };
@@ -85,26 +85,26 @@ typedef struct param_table {
     uint16_t *data_bf16;   /* SCMOE_PRECISION_BF16 on the host: data rounded to bf16, same offsets (precision.c) */
 } param_table;
 
-/* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by params_allocate. */
-int params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
+/* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by scmoe__params_allocate. */
+int scmoe__params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
                uint64_t key);
 /* Allocates data, grad (co's device memory) and staging (co->exchange_kind: stage, 1 if this rank's
  * gradients must be summed over ranks), and initialises the values. */
-scmoe_status params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync);
-void params_free(param_table *pt);
-int params_find(const param_table *pt, const char *name);
-void params_zero_stage(param_table *pt);
-void params_zero_grad(param_table *pt);
+scmoe_status scmoe__params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync);
+void scmoe__params_free(param_table *pt);
+int scmoe__params_find(const param_table *pt, const char *name);
+void scmoe__params_zero_stage(param_table *pt);
+void scmoe__params_zero_grad(param_table *pt);
 /* the public accessors' bodies: by index, and by name (NOT_FOUND with a message on ctx) */
-scmoe_status params_at(const param_table *pt, int i, scmoe_tensor *t);
-scmoe_status params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
+scmoe_status scmoe__params_at(const param_table *pt, int i, scmoe_tensor *t);
+scmoe_status scmoe__params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
 /* grad += stage for every staged tensor */
-void params_add_stage(param_table *pt);
+void scmoe__params_add_stage(param_table *pt);
 /* Replaces the name prefix of every tensor (controls.c); OPTION with a message on ctx if a name would
  * not fit, and then nothing changes. */
 scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const char *prefix);
 /* precision.c: with cfg->precision BF16, points ex at bf16 GEMMs (the host's table, made on first use) and
- * on the host gives pt a bf16 copy of its data (after params_allocate); nothing with FP32. */
+ * on the host gives pt a bf16 copy of its data (after scmoe__params_allocate); nothing with FP32. */
 scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg, param_table *pt, exec *ex);
 /* Rounds pt's data into its bf16 copy again (scmoe_*_params_changed); nothing without one. */
 void scmoe__precision_refresh(param_table *pt);
@@ -184,7 +184,7 @@ typedef struct moe_layer {
     int pass;                  /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
     int next_dispatch;         /* the next stage whose dispatch has not started */
     double comm_time, exposed_time; /* this pass's exchanges: time in flight, and time the caller waited */
-    scmoe_status deferred;     /* a dispatch started from moe_poll that failed, reported by the next wait */
+    scmoe_status deferred;     /* a dispatch started from scmoe__moe_poll that failed, reported by the next wait */
     inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
     /* expert offloading (slots > 0): the routed experts' weights live in mapped host memory and at
      * most slots of them on the device at a time, each as the span of its w1, b1, w2, b2 */
@@ -200,53 +200,53 @@ typedef struct moe_layer {
 } moe_layer;
 
 /* Creates the groups (collective) and registers the parameters under prefix. */
-scmoe_status moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
+scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
                       const char *prefix, float w2_std);
-/* Sizes and allocates the workspace (after params_allocate, which fixes the parameter pointers). */
-scmoe_status moe_alloc(moe_layer *m);
-void moe_free(moe_layer *m);
-/* requests pending on the layer's groups; moe_abandon: frees it without communicating (an abort), keeping
+/* Sizes and allocates the workspace (after scmoe__params_allocate, which fixes the parameter pointers). */
+scmoe_status scmoe__moe_alloc(moe_layer *m);
+void scmoe__moe_free(moe_layer *m);
+/* requests pending on the layer's groups; scmoe__moe_abandon: frees it without communicating (an abort), keeping
  * the workspace when an exchange may still write into it */
-int moe_pending(const moe_layer *m);
-void moe_abandon(moe_layer *m, int keep_workspace);
-void moe_bind_comms(moe_layer *m);
+int scmoe__moe_pending(const moe_layer *m);
+void scmoe__moe_abandon(moe_layer *m, int keep_workspace);
+void scmoe__moe_bind_comms(moe_layer *m);
 
 /* forward: gate_encode (small blocking collectives; capacity LOCAL: one small all-to-all, and the
  * statistics' all-reduce left in flight until combine_wait) -> dispatch_start -> experts_forward ->
  * combine_wait -> decode. experts_forward goes stage by stage (route.c): it waits for a stage's dispatch, starts the
  * next one, runs the experts on the stage's rows and starts its combine; without pipelining that is
  * wait, experts, combine. */
-scmoe_status moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
+scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
 /* starts the first stage's exchange: forward the input rows, backward (after decode_backward) dy's */
-scmoe_status moe_dispatch_start(moe_layer *m);
+scmoe_status scmoe__moe_dispatch_start(moe_layer *m);
 /* starts stage s's dispatch (combine 0) or combine (1) on its own (run_stages starts the rest) */
-scmoe_status moe_exchange_start(moe_layer *m, int s, int combine);
+scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine);
 /* waits for that first exchange (a serialized order times it apart) */
-scmoe_status moe_dispatch_wait(moe_layer *m);
-scmoe_status moe_experts_forward(moe_layer *m, const exec *ex);
+scmoe_status scmoe__moe_dispatch_wait(moe_layer *m);
+scmoe_status scmoe__moe_experts_forward(moe_layer *m, const exec *ex);
 /* waits for every combine of the pass (forward, capacity LOCAL: first for the gate statistics, which
  * may carry another rank's input error) */
-scmoe_status moe_combine_wait(moe_layer *m);
+scmoe_status scmoe__moe_combine_wait(moe_layer *m);
 /* y = beta * y + sum_j w_j E_j(x) */
-void moe_decode(moe_layer *m, float *y, float beta);
-/* backward: decode_backward -> dispatch_start -> experts_backward -> combine_wait -> gate_backward */
-void moe_decode_backward(moe_layer *m, const float *dy);
-scmoe_status moe_experts_backward(moe_layer *m, const exec *ex);
+void scmoe__moe_decode(moe_layer *m, float *y, float beta);
+/* backward: decode_backward -> dispatch_start -> experts_backward -> combine_wait -> scmoe__gate_backward */
+void scmoe__moe_decode_backward(moe_layer *m, const float *dy);
+scmoe_status scmoe__moe_experts_backward(moe_layer *m, const exec *ex);
 /* dx = beta * dx + dL/dx through the routed rows, the gate, and the aux and z losses */
-void moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta);
+void scmoe__moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta);
 /* hidden / total exchange time: 1 - min(exposed, comm) / comm, 1 when nothing was exchanged */
-double overlap_fraction(double comm, double exposed);
+double scmoe__overlap_fraction(double comm, double exposed);
 /* exec poll hook (arg: the moe_layer): tests the exchanges in flight when the progress policy is POLL */
-void moe_poll(void *arg);
+void scmoe__moe_poll(void *arg);
 
-void moe_fill_stats(const moe_layer *m, scmoe_stats *st);
+void scmoe__moe_fill_stats(const moe_layer *m, scmoe_stats *st);
 /* The aux and z loss weights from the next forward on (controls.c); LOSS_WEIGHT if not finite and >= 0. */
 scmoe_status scmoe__moe_set_loss_weights(moe_layer *m, float aux, float z);
 
 /* collectives used at create */
 /* ep and ep_back: the same expert-parallel group twice (dispatches and combines, see moe_layer) */
-scmoe_status groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas);
-scmoe_status status_agree(scmoe_context *ctx, scmoe_status local);
+scmoe_status scmoe__groups_create(scmoe_context *ctx, int ep_size_cfg, comm **ep, comm **ep_back, comm **replicas);
+scmoe_status scmoe__status_agree(scmoe_context *ctx, scmoe_status local);
 
 /* ---- the per-call agreement: every COLLECTIVE call on an object starts with it ---- */
 enum { SCMOE__CALL_CREATE = 1, SCMOE__CALL_FORWARD, SCMOE__CALL_BACKWARD };

@@ -1,5 +1,5 @@
 /* bench_a2a.c: the MoE layer's token exchange (dispatch + combine) against a plain blocking
- * MPI_Alltoallv of the same bytes, and the routing overhead (moe_gate_encode) beside it.
+ * MPI_Alltoallv of the same bytes, and the routing overhead (scmoe__moe_gate_encode) beside it.
  *
  * Build (from the repository root, after `make`):
  *   mkdir -p build/bench && mpicc -std=c11 -D_POSIX_C_SOURCE=200809L -O2 -fopenmp -I. bench/bench_a2a.c \
@@ -14,17 +14,17 @@
  *          -c LIST (capacity factors, default 0,2; 0 = dropless)  -E N_EXPERTS (8)
  *
  * What is timed, per configuration (every rank: n tokens of random x, E experts, top-k, CF):
- *   A layer is built from the internal pieces the way layer.c's scmoe_moe_create does (moe_init,
- *   params_allocate, moe_alloc) on a context from scmoe_context_create_mpi(MPI_COMM_WORLD), in
+ *   A layer is built from the internal pieces the way layer.c's scmoe_moe_create does (scmoe__moe_init,
+ *   scmoe__params_allocate, scmoe__moe_alloc) on a context from scmoe_context_create_mpi(MPI_COMM_WORLD), in
  *   inference mode (no gate noise: every iteration routes identically). Each iteration:
- *     gate      moe_gate_encode, called once per iteration: the gate GEMM, softmax, top-k, the
+ *     gate      scmoe__moe_gate_encode, called once per iteration: the gate GEMM, softmax, top-k, the
  *               routing metadata (allgather of token counts, allgatherv of the routing records,
  *               allreduce of the E+1 gate statistics), the route plan and the packing of the send
  *               rows. "meta" is those three small blocking collectives alone, replayed with plain
  *               MPI calls of the same sizes on MPI_COMM_WORLD: the part of gate that is
  *               communication.
- *     lib       moe_dispatch_start + moe_dispatch_wait, then moe_exchange_start(combine) +
- *               moe_combine_wait. The experts are not run: the combine sends back the rows
+ *     lib       scmoe__moe_dispatch_start + scmoe__moe_dispatch_wait, then scmoe__moe_exchange_start(combine) +
+ *               scmoe__moe_combine_wait. The experts are not run: the combine sends back the rows
  *               the dispatch left in m->recv, which are the same bytes the experts' output would be.
  *               "start" is the part of lib spent inside the two start calls: the
  *               work MPI_Ialltoallv does before returning (OpenMPI's libnbc copies the rank's own
@@ -153,18 +153,18 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     param_table pt;
     moe_layer m;
     memset(&pt, 0, sizeof pt);
-    check(ctx, moe_init(&m, ctx, &cfg, k, &pt, "", 0.02f), "moe_init");
-    check(ctx, params_allocate(&pt, ctx->compute, ctx->world->size > 1, m.replicas->size > 1), "params_allocate");
-    check(ctx, moe_alloc(&m), "moe_alloc");
+    check(ctx, scmoe__moe_init(&m, ctx, &cfg, k, &pt, "", 0.02f), "scmoe__moe_init");
+    check(ctx, scmoe__params_allocate(&pt, ctx->compute, ctx->world->size > 1, m.replicas->size > 1), "scmoe__params_allocate");
+    check(ctx, scmoe__moe_alloc(&m), "scmoe__moe_alloc");
     m.training = 0;
-    exec ex = context_exec(ctx, cfg.poll_cols);
+    exec ex = scmoe__context_exec(ctx, cfg.poll_cols);
 
     float *x = xalloc(sizeof(float) * (size_t)n * d);
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(g_rank + 1) * 0x2545f4914f6cdd1dull;
     for (size_t i = 0; i < (size_t)n * d; i++) x[i] = frand();
 
     /* route once to size the baseline's buffers (the plan is the same every iteration) */
-    check(ctx, moe_gate_encode(&m, &ex, n, x), "moe_gate_encode");
+    check(ctx, scmoe__moe_gate_encode(&m, &ex, n, x), "scmoe__moe_gate_encode");
     route_plan *pl = &m.plan;
     int P = m.ep_size, me = m.ep_rank;
     int *sc = xalloc(sizeof(int) * P * 4), *sd = sc + P, *rc = sc + 2 * P, *rd = sc + 3 * P;
@@ -183,7 +183,7 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     float *brecv = xalloc(sizeof(float) * (size_t)(rows_max ? rows_max : 1) * d);
     for (size_t i = 0; i < (size_t)rows_max * d; i++) bsend[i] = brecv[i] = 1.0f;
 
-    /* the routing metadata's collectives, replayed (sizes as in moe_gate_encode) */
+    /* the routing metadata's collectives, replayed (sizes as in scmoe__moe_gate_encode) */
     int stride = k + 1;
     int32_t *rec = xalloc(sizeof(int32_t) * (size_t)n * stride);
     memcpy(rec, m.records, sizeof(int32_t) * (size_t)n * stride);
@@ -200,7 +200,7 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
 
         MPI_Barrier(MPI_COMM_WORLD);
         t0 = MPI_Wtime();
-        check(ctx, moe_gate_encode(&m, &ex, n, x), "moe_gate_encode");
+        check(ctx, scmoe__moe_gate_encode(&m, &ex, n, x), "scmoe__moe_gate_encode");
         loc[T_GATE] = MPI_Wtime() - t0;
 
         MPI_Barrier(MPI_COMM_WORLD);
@@ -223,15 +223,15 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
             if (which == 0) {
                 MPI_Barrier(MPI_COMM_WORLD);
                 t0 = MPI_Wtime();
-                check(ctx, moe_dispatch_start(&m), "moe_dispatch_start");
+                check(ctx, scmoe__moe_dispatch_start(&m), "scmoe__moe_dispatch_start");
                 double ts = MPI_Wtime() - t0;
-                check(ctx, moe_dispatch_wait(&m), "dispatch");
+                check(ctx, scmoe__moe_dispatch_wait(&m), "dispatch");
                 loc[T_LDISP] = MPI_Wtime() - t0;
                 MPI_Barrier(MPI_COMM_WORLD);
                 t0 = MPI_Wtime();
-                check(ctx, moe_exchange_start(&m, 0, 1), "moe_exchange_start(combine)");
+                check(ctx, scmoe__moe_exchange_start(&m, 0, 1), "scmoe__moe_exchange_start(combine)");
                 loc[T_LSTART] = ts + (MPI_Wtime() - t0);
-                check(ctx, moe_combine_wait(&m), "combine");
+                check(ctx, scmoe__moe_combine_wait(&m), "combine");
                 loc[T_LCOMB] = MPI_Wtime() - t0;
             } else if (which == 2) {
                 MPI_Request r;
@@ -302,8 +302,8 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     free(brecv);
     free(sc);
     free(x);
-    moe_free(&m);
-    params_free(&pt);
+    scmoe__moe_free(&m);
+    scmoe__params_free(&pt);
 }
 
 int main(int argc, char **argv) {

@@ -14,15 +14,15 @@
  *       s (the same with SwiGLU), b (small: d=128 h=512 1k tokens), w (parallel-vs-sequential sweep);
  *       default "asbw".
  *
- * What is timed. The layer is built from the internal pieces the way layer.c does (moe_init,
- * params_allocate, moe_alloc) on a one-rank context, and routed once for real (moe_gate_encode,
+ * What is timed. The layer is built from the internal pieces the way layer.c does (scmoe__moe_init,
+ * scmoe__params_allocate, scmoe__moe_alloc) on a one-rank context, and routed once for real (scmoe__moe_gate_encode,
  * dispatch, wait: top-1, capacity_factor 0 = dropless, random x and gate weights). One untimed
  * forward + decode + decode_backward + gradient dispatch then leaves dY rows in m->recv. Saved
  * copies of the two recv buffers (x rows after dispatch, dY rows after the gradient dispatch) make
  * every timed pass start from the same state:
- *   moe_experts_forward  reads x rows from m->recv and overwrites m->recv with y rows, and writes
+ *   scmoe__moe_experts_forward  reads x rows from m->recv and overwrites m->recv with y rows, and writes
  *                        m->xe, m->pre, m->hid;  so m->recv <- saved x rows before each forward.
- *   moe_experts_backward reads dY rows from m->recv (and xe, pre, hid from the forward just run),
+ *   scmoe__moe_experts_backward reads dY rows from m->recv (and xe, pre, hid from the forward just run),
  *                        overwrites m->recv with dX rows and accumulates (+=) into the expert
  *                        gradients;  so m->recv <- saved dY rows before each backward.
  * The restores are outside the timed regions; one sample = forward time + backward time. The
@@ -106,11 +106,11 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     scmoe_status s = scmoe_config_validate(&cfg, msg, sizeof msg);
     if (s) { fprintf(stderr, "bench_experts: config: %s\n", msg); exit(1); }
     die(NULL, scmoe_context_create(&b->ctx), "context");
-    b->ex = context_exec(b->ctx, cfg.poll_cols);
+    b->ex = scmoe__context_exec(b->ctx, cfg.poll_cols);
     moe_layer *m = &b->m;
-    die(b->ctx, moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "moe_init");
-    die(b->ctx, params_allocate(&b->pt, b->ctx->compute, 0, 0), "params_allocate");
-    die(b->ctx, moe_alloc(m), "moe_alloc");
+    die(b->ctx, scmoe__moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "scmoe__moe_init");
+    die(b->ctx, scmoe__params_allocate(&b->pt, b->ctx->compute, 0, 0), "scmoe__params_allocate");
+    die(b->ctx, scmoe__moe_alloc(m), "scmoe__moe_alloc");
     /* small random biases so the bias passes do real work */
     for (int i = 0; i < m->E_local; i++) {
         fill(pdata(b, m->p_e0 + 4 * i + 1), (size_t)m->h1, 0.01f);
@@ -122,22 +122,22 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     float *dy = xalloc(sizeof(float) * (size_t)T * d);
     fill(x, (size_t)T * d, 1.0f);
     fill(dy, (size_t)T * d, 1.0f);
-    die(b->ctx, moe_gate_encode(m, &b->ex, T, x), "gate_encode");
-    die(b->ctx, moe_dispatch_start(m), "dispatch");
-    die(b->ctx, moe_dispatch_wait(m), "dispatch wait");
+    die(b->ctx, scmoe__moe_gate_encode(m, &b->ex, T, x), "gate_encode");
+    die(b->ctx, scmoe__moe_dispatch_start(m), "dispatch");
+    die(b->ctx, scmoe__moe_dispatch_wait(m), "dispatch wait");
     int R = b->R = m->plan.n_recv;
     b->x_recv = xalloc(sizeof(float) * (size_t)R * d);
     b->dy_recv = xalloc(sizeof(float) * (size_t)R * d);
     b->dye = xalloc(sizeof(float) * (size_t)R * d);
     memcpy(b->x_recv, m->recv, sizeof(float) * (size_t)R * d);
-    die(b->ctx, moe_experts_forward(m, &b->ex), "experts");
-    die(b->ctx, moe_combine_wait(m), "combine wait");
-    moe_decode(m, y, 0.0f);
-    moe_decode_backward(m, dy);
-    die(b->ctx, moe_dispatch_start(m), "grad dispatch");
-    die(b->ctx, moe_dispatch_wait(m), "grad dispatch wait");
+    die(b->ctx, scmoe__moe_experts_forward(m, &b->ex), "experts");
+    die(b->ctx, scmoe__moe_combine_wait(m), "combine wait");
+    scmoe__moe_decode(m, y, 0.0f);
+    scmoe__moe_decode_backward(m, dy);
+    die(b->ctx, scmoe__moe_dispatch_start(m), "grad dispatch");
+    die(b->ctx, scmoe__moe_dispatch_wait(m), "grad dispatch wait");
     memcpy(b->dy_recv, m->recv, sizeof(float) * (size_t)R * d);
-    for (int r = 0; r < R; r++) /* the same scatter moe_experts_backward does */
+    for (int r = 0; r < R; r++) /* the same scatter scmoe__moe_experts_backward does */
         memcpy(b->dye + (size_t)m->plan.recv_to_expert[r] * d, b->dy_recv + (size_t)r * d, sizeof(float) * d);
     free(x); free(y); free(dy);
 }
@@ -154,8 +154,8 @@ static void bench_alloc_baseline(bench *b) {
 }
 
 static void bench_free(bench *b) {
-    moe_free(&b->m);
-    params_free(&b->pt);
+    scmoe__moe_free(&b->m);
+    scmoe__params_free(&b->pt);
     scmoe_context_destroy(b->ctx);
     free(b->x_recv); free(b->dy_recv); free(b->dye);
     if (b->have_base) {
@@ -171,9 +171,9 @@ static double flops_total(const bench *b) { return 3.0 * flops_fwd(b); }
 enum {
     MODE_BASE,     /* six plain cblas_sgemm over all R rows (threaded) */
     MODE_GROUPED,  /* the same six GEMMs per expert over its rows, one expert at a time: no bias, act, perm */
-    MODE_SEQ,      /* ffn_forward/ffn_backward per expert, one at a time, threaded BLAS and kernels */
+    MODE_SEQ,      /* scmoe__ffn_forward/ffn_backward per expert, one at a time, threaded BLAS and kernels */
     MODE_PAR,      /* the same, experts across OpenMP threads, single-threaded GEMMs */
-    MODE_LIB,      /* moe_experts_forward + moe_experts_backward (permutations + the library's choice) */
+    MODE_LIB,      /* scmoe__moe_experts_forward + scmoe__moe_experts_backward (permutations + the library's choice) */
     MODE_COUNT
 };
 static const char *mode_name[MODE_COUNT] = {
@@ -187,7 +187,7 @@ static void sgemm(int ta, int tb, int M, int N, int K, const float *A, int lda, 
                 B, ldb, beta, C, ldc);
 }
 
-/* The six GEMMs of ffn_forward/ffn_backward, same transposes and accumulation (weight grads +=).
+/* The six GEMMs of scmoe__ffn_forward/ffn_backward, same transposes and accumulation (weight grads +=).
  * Rows [o, o+rows) of the row operands; w1/w2 the weights, dw1/dw2 their gradients. */
 static void six_gemms(bench *b, int phase, size_t o, int rows, const float *w1, const float *w2, float *dw1, float *dw2) {
     int d = b->d, h = b->h, h1 = b->h1;
@@ -212,10 +212,10 @@ static void ffn_loop(bench *b, int phase, int parallel) {
         size_t o = (size_t)off[i];
         int rows = off[i + 1] - off[i], p = m->p_e0 + 4 * i;
         if (phase == 0)
-            ffn_forward(&b->ex, m->ye + o * d, m->pre + o * h1, m->hid + o * h, m->xe + o * d, pdata(b, p),
+            scmoe__ffn_forward(&b->ex, m->ye + o * d, m->pre + o * h1, m->hid + o * h, m->xe + o * d, pdata(b, p),
                         pdata(b, p + 1), pdata(b, p + 2), pdata(b, p + 3), rows, d, h, b->act);
         else
-            ffn_backward(&b->ex, m->dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2), pgrad(b, p + 3),
+            scmoe__ffn_backward(&b->ex, m->dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2), pgrad(b, p + 3),
                          m->dhid + o * h, m->dpre + o * h1, b->dye + o * d, m->xe + o * d, m->pre + o * h1,
                          m->hid + o * h, pdata(b, p), pdata(b, p + 2), rows, d, h, b->act);
     }
@@ -248,8 +248,8 @@ static double run_phase(bench *b, int mode, int phase) {
     case MODE_SEQ: ffn_loop(b, phase, 0); break;
     case MODE_PAR: ffn_loop(b, phase, 1); break;
     case MODE_LIB:
-        if (phase == 0) moe_experts_forward(m, &b->ex);
-        else moe_experts_backward(m, &b->ex);
+        if (phase == 0) scmoe__moe_experts_forward(m, &b->ex);
+        else scmoe__moe_experts_backward(m, &b->ex);
         break;
     }
     double t = omp_get_wtime() - t0;
@@ -375,7 +375,7 @@ static double run_case(const char *label, int E, int d, int h, int T, scmoe_acti
            pick ? "parallel" : "seq", faster(t[MODE_PAR].best, t[MODE_SEQ].best), t[MODE_PAR].best / t[MODE_SEQ].best);
     double ffn_best = pick ? t[MODE_PAR].best : t[MODE_SEQ].best;
     printf("   time over the baseline, in %% of it (best wall | least cpu): GEMM grouping %+.1f | %+.1f,"
-           " bias+act+sum_rows %+.1f | %+.1f, permutations %+.1f | %+.1f\n",
+           " bias+act+scmoe__sum_rows %+.1f | %+.1f, permutations %+.1f | %+.1f\n",
            100 * (t[MODE_GROUPED].best - t[MODE_BASE].best) / t[MODE_BASE].best,
            100 * (t[MODE_GROUPED].cpu - t[MODE_BASE].cpu) / t[MODE_BASE].cpu,
            100 * (t[MODE_SEQ].best - t[MODE_GROUPED].best) / t[MODE_BASE].best,
@@ -440,7 +440,7 @@ static void sweep(void) {
  * bf16 engine with its copies given, which on oneDNN is one cached bf16 matmul primitive per GEMM. */
 static uint16_t *bf16_of(const float *x, size_t n) {
     uint16_t *h = xalloc(2 * n);
-    bf16_pack(h, x, n);
+    scmoe__bf16_pack(h, x, n);
     return h;
 }
 

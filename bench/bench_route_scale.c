@@ -10,7 +10,7 @@
  * The expert-parallel group is min(P, E) ranks (E experts need E % ep == 0): beyond E ranks the
  * experts are replicated, as a real cluster of that size would be run.
  *
- * Bytes per rank per forward: the real message sizes this rank receives, from moe_gate_encode:
+ * Bytes per rank per forward: the real message sizes this rank receives, from scmoe__moe_gate_encode:
  *   GLOBAL  allgather of token counts        4 (P - 1)
  *           allgatherv of routing records    (S - S_local) (k + 1) 4,   S = P S_local
  *           allreduce of gate statistics     8 (E + 1)
@@ -21,8 +21,8 @@
  * The token rows themselves (dispatch and combine, S_local k d 4 each way in both modes) are not
  * routing metadata and are not counted.
  *
- * Host time: the median over REPS of one plan, GLOBAL route_plan_build over all P S_local records;
- * LOCAL route_plan_local_send over this rank's S_local records plus route_plan_local_recv over the
+ * Host time: the median over REPS of one plan, GLOBAL scmoe__route_plan_build over all P S_local records;
+ * LOCAL scmoe__route_plan_local_send over this rank's S_local records plus scmoe__route_plan_local_recv over the
  * counts its ep sources send (here: every source sends what rank 0 does). The gate's GEMM and the
  * packing of rows are the same in both modes and are not timed. The last line:
  *   ROUTE SCALE local bytes/rank P=<last> over P=<first>: X.XX; global: Y.YY
@@ -90,7 +90,7 @@ static void plan_alloc(plan_mem *m, int64_t S_plan, int64_t S_local, int64_t rec
     pl->expert_offsets = xalloc(sizeof(int) * (size_t)(El + 1));
     pl->slot = xalloc(sizeof(int) * (size_t)S_local * k);
     pl->recv_to_expert = xalloc(sizeof(int) * (size_t)recv_max);
-    m->work = xalloc(route_workspace_bytes(S_plan, k));
+    m->work = xalloc(scmoe__route_workspace_bytes(S_plan, k));
 }
 
 static void plan_free(plan_mem *m) {
@@ -160,9 +160,9 @@ int main(int argc, char **argv) {
         plan_mem g;
         plan_alloc(&g, S, n, (int64_t)ep * n * k, E, ep, k);
         for (int i = 0; i < reps; i++) {
-            double t0 = scmoe_now();
-            route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_TOKEN, route_capacity(S, E, k, cf), 0);
-            t[i] = scmoe_now() - t0;
+            double t0 = scmoe__now();
+            scmoe__route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_TOKEN, scmoe__route_capacity(S, E, k, cf), 0);
+            t[i] = scmoe__now() - t0;
         }
         double gms = 1e3 * median(t, reps);
         plan_free(&g);
@@ -172,13 +172,13 @@ int main(int argc, char **argv) {
         plan_alloc(&l, n, n, (int64_t)ep * n * k, E, ep, k);
         int32_t *out = xalloc(sizeof(int32_t) * (size_t)ep * msg), *in = xalloc(sizeof(int32_t) * (size_t)ep * msg);
         for (int i = 0; i < reps; i++) {
-            double t0 = scmoe_now();
-            route_plan_local_send(&l.pl, l.work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN, route_capacity(n, E, k, cf), out);
-            double t1 = scmoe_now();
+            double t0 = scmoe__now();
+            scmoe__route_plan_local_send(&l.pl, l.work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN, scmoe__route_capacity(n, E, k, cf), out);
+            double t1 = scmoe__now();
             for (int p = 0; p < ep; p++) memcpy(in + (size_t)p * msg, out, sizeof(int32_t) * msg); /* the network's part */
-            double t2 = scmoe_now();
-            route_plan_local_recv(&l.pl, in, ep, 0, El, k, 0);
-            t[i] = (t1 - t0) + (scmoe_now() - t2);
+            double t2 = scmoe__now();
+            scmoe__route_plan_local_recv(&l.pl, in, ep, 0, El, k, 0);
+            t[i] = (t1 - t0) + (scmoe__now() - t2);
         }
         double lms = 1e3 * median(t, reps);
         plan_free(&l);

@@ -33,7 +33,7 @@ typedef struct blas_backend {
 } blas_backend;
 
 /* fp32 GEMMs through OpenBLAS (stateless); scmoe__openblas_core: the kernel OpenBLAS picked at run time */
-const blas_backend *blas_openblas(void);
+const blas_backend *scmoe__blas_openblas(void);
 const char *scmoe__openblas_core(void);
 
 /* The host's table (blas_host.c): fp32 through OpenBLAS, bf16 through oneDNN where it has bf16 matmuls

@@ -75,7 +75,7 @@ static void bf16_gemm_naive(int ta, int tb, int M, int N, int K, float alpha, co
 
 static void host_gemm(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha, const float *A,
                       int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-    blas_openblas()->gemm(blas_openblas(), ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    scmoe__blas_openblas()->gemm(scmoe__blas_openblas(), ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha,
@@ -100,11 +100,11 @@ static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int 
         const uint16_t *a = Ab, *b = Bb;
         int la = lda, lb = ldb;
         if (!a && (a = bf16_grow((void **)&sl->ha, &sl->nha, (size_t)ra * ca, 2))) {
-            bf16_pack_rows(sl->ha, A, ra, ca, lda);
+            scmoe__bf16_pack_rows(sl->ha, A, ra, ca, lda);
             la = ca;
         }
         if (!b && (b = bf16_grow((void **)&sl->hb, &sl->nhb, (size_t)rb * cb, 2))) {
-            bf16_pack_rows(sl->hb, B, rb, cb, ldb);
+            scmoe__bf16_pack_rows(sl->hb, B, rb, cb, ldb);
             lb = cb;
         }
         if (a && b && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, la, b, lb, beta, C, ldc)) return;
@@ -115,10 +115,10 @@ static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int 
         bf16_gemm_naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
         return;
     }
-    if (Ab) bf16_unpack_rows(a, Ab, ra, ca, lda);
-    else bf16_round_rows(a, A, ra, ca, lda);
-    if (Bb) bf16_unpack_rows(b, Bb, rb, cb, ldb);
-    else bf16_round_rows(b, B, rb, cb, ldb);
+    if (Ab) scmoe__bf16_unpack_rows(a, Ab, ra, ca, lda);
+    else scmoe__bf16_round_rows(a, A, ra, ca, lda);
+    if (Bb) scmoe__bf16_unpack_rows(b, Bb, rb, cb, ldb);
+    else scmoe__bf16_round_rows(b, B, rb, cb, ldb);
 #ifdef SCMOE_WITH_ONEDNN
     if (h->engine == BLAS_BF16_ONEDNN_F32 && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, ca, b, cb,
                                                                    beta, C, ldc))

@@ -22,7 +22,7 @@
 typedef struct cuda_compute {
     compute_ops base;  /* must stay first: the table the core holds is this struct */
     cuda_blas *cb;     /* its stream, and its GEMM failures */
-    int *flag;         /* device int for has_nonfinite */
+    int *flag;         /* device int for scmoe__has_nonfinite */
     /* prefetches (expert offloading): their stream; ev_compute lets a copy wait for the kernels before
      * it, ev_copy the kernels after prefetch_wait for the copies */
     cudaStream_t copy_stream;
@@ -76,7 +76,7 @@ static void cuda_copy_rows(const compute_ops *co, void *dst, const void *src, si
 }
 
 static void cuda_zero(const compute_ops *co, void *p, size_t bytes) {
-    note(co, cuda_zero_bytes(p, bytes, stream_of(co)), "zero");
+    note(co, scmoe__cuda_zero_bytes(p, bytes, stream_of(co)), "zero");
 }
 
 static void cuda_sync(const compute_ops *co) {
@@ -104,91 +104,91 @@ static int cuda_has_nonfinite(const compute_ops *co, const float *x, size_t n) {
     int flag = 0;
     if (!n) return 0;
     cuda_zero(co, cc->flag, sizeof(int));
-    note(co, cuda_flag_nonfinite(cc->flag, x, n, stream_of(co)), "the non-finite check");
+    note(co, scmoe__cuda_flag_nonfinite(cc->flag, x, n, stream_of(co)), "the non-finite check");
     cuda_copy(co, &flag, cc->flag, sizeof flag);
     return flag;
 }
 
 static void cuda_add_op(const compute_ops *co, float *y, const float *x, size_t n) {
-    note(co, cuda_add(y, x, n, stream_of(co)), "add");
+    note(co, scmoe__cuda_add(y, x, n, stream_of(co)), "add");
 }
 static void cuda_broadcast_rows_op(const compute_ops *co, float *out, const float *b, int N, int C) {
-    note(co, cuda_broadcast_rows(out, b, N, C, stream_of(co)), "broadcast_rows");
+    note(co, scmoe__cuda_broadcast_rows(out, b, N, C, stream_of(co)), "scmoe__broadcast_rows");
 }
 static void cuda_sum_rows_op(const compute_ops *co, float *acc, const float *x, int N, int C) {
-    note(co, cuda_sum_rows(acc, x, N, C, stream_of(co)), "sum_rows");
+    note(co, scmoe__cuda_sum_rows(acc, x, N, C, stream_of(co)), "scmoe__sum_rows");
 }
 static void cuda_activation_forward_op(const compute_ops *co, float *hid, float *pre, const float *b, int N, int h,
                                        scmoe_activation act) {
-    if (b) note(co, cuda_add_bias_rows(pre, b, N, act == SCMOE_SWIGLU ? 2 * h : h, stream_of(co)), "the bias");
-    note(co, cuda_activation_forward(hid, pre, N, h, act, stream_of(co)), "activation_forward");
+    if (b) note(co, scmoe__cuda_add_bias_rows(pre, b, N, act == SCMOE_SWIGLU ? 2 * h : h, stream_of(co)), "the bias");
+    note(co, scmoe__cuda_activation_forward(hid, pre, N, h, act, stream_of(co)), "scmoe__activation_forward");
 }
 static void cuda_activation_backward_op(const compute_ops *co, float *dpre, const float *dhid, const float *pre, int N,
                                         int h, scmoe_activation act) {
-    note(co, cuda_activation_backward(dpre, dhid, pre, N, h, act, stream_of(co)), "activation_backward");
+    note(co, scmoe__cuda_activation_backward(dpre, dhid, pre, N, h, act, stream_of(co)), "scmoe__activation_backward");
 }
 static void cuda_gate_softmax_op(const compute_ops *co, float *logits, float *p, float *lse, int N, int E,
                                  float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
-    note(co, cuda_gate_softmax(logits, p, lse, N, E, noise_std, seed, step, token_offset, stream_of(co)),
-         "gate_softmax");
+    note(co, scmoe__cuda_gate_softmax(logits, p, lse, N, E, noise_std, seed, step, token_offset, stream_of(co)),
+         "scmoe__gate_softmax");
 }
 static void cuda_gate_topk_op(const compute_ops *co, int *choice, float *weight, float *score, const float *p, int N,
                               int E, int k, int renormalize) {
-    note(co, cuda_gate_topk(choice, weight, score, p, N, E, k, renormalize, stream_of(co)), "gate_topk");
+    note(co, scmoe__cuda_gate_topk(choice, weight, score, p, N, E, k, renormalize, stream_of(co)), "scmoe__gate_topk");
 }
 static void cuda_gate_backward_logits_op(const compute_ops *co, float *dlogits, const float *dweight,
                                          const int *choice, const float *p, const float *lse, const float *aux_coef,
                                          float z_coef, int N, int E, int k, int renormalize) {
-    note(co, cuda_gate_backward_logits(dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize,
-                                       stream_of(co)), "gate_backward_logits");
+    note(co, scmoe__cuda_gate_backward_logits(dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize,
+                                       stream_of(co)), "scmoe__gate_backward_logits");
 }
 static void cuda_permute_rows_op(const compute_ops *co, float *dst, const float *src, const int *map, int n, int d,
                                  int scatter) {
-    note(co, cuda_permute_rows(dst, src, map, n, d, scatter, stream_of(co)), "permute_rows");
+    note(co, scmoe__cuda_permute_rows(dst, src, map, n, d, scatter, stream_of(co)), "scmoe__permute_rows");
 }
 static void cuda_pack_rows_op(const compute_ops *co, float *send, const float *x, const int *slot, int n, int k,
                               int d) {
-    note(co, cuda_moe_pack(send, x, slot, n, k, d, stream_of(co)), "pack_rows");
+    note(co, scmoe__cuda_moe_pack(send, x, slot, n, k, d, stream_of(co)), "scmoe__pack_rows");
 }
 static void cuda_decode_rows_op(const compute_ops *co, float *y, float beta, const float *rows, const int *slot,
                                 const float *weight, int n, int k, int d) {
-    note(co, cuda_moe_decode(y, beta, rows, slot, weight, n, k, d, stream_of(co)), "decode_rows");
+    note(co, scmoe__cuda_moe_decode(y, beta, rows, slot, weight, n, k, d, stream_of(co)), "scmoe__decode_rows");
 }
 static void cuda_decode_rows_backward_op(const compute_ops *co, float *grows, float *dweight, const float *dy,
                                          const float *rows, const int *slot, const float *weight, int n, int k,
                                          int d) {
-    note(co, cuda_moe_decode_backward(grows, dweight, dy, rows, slot, weight, n, k, d, stream_of(co)),
-         "decode_rows_backward");
+    note(co, scmoe__cuda_moe_decode_backward(grows, dweight, dy, rows, slot, weight, n, k, d, stream_of(co)),
+         "scmoe__decode_rows_backward");
 }
 static void cuda_layernorm_forward_op(const compute_ops *co, float *out, float *mean, float *rstd, const float *x,
                                       const float *w, const float *b, int N, int C) {
-    note(co, cuda_layernorm_forward(out, mean, rstd, x, w, b, N, C, stream_of(co)), "layernorm_forward");
+    note(co, scmoe__cuda_layernorm_forward(out, mean, rstd, x, w, b, N, C, stream_of(co)), "scmoe__layernorm_forward");
 }
 static void cuda_layernorm_backward_op(const compute_ops *co, float *dx, float *dw, float *db, const float *dy,
                                        const float *x, const float *w, const float *mean, const float *rstd, int N,
                                        int C) {
-    note(co, cuda_layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C, stream_of(co)), "layernorm_backward");
+    note(co, scmoe__cuda_layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C, stream_of(co)), "scmoe__layernorm_backward");
 }
 static void cuda_attention_forward_op(const compute_ops *co, const struct exec *ex, float *out, float *att,
                                       const float *qkv, int B, int T, int d, int H, int causal) {
-    note(co, cuda_attention_forward(out, att, qkv, B, T, d, H, causal, stream_of(co)), "attention_forward");
+    note(co, scmoe__cuda_attention_forward(out, att, qkv, B, T, d, H, causal, stream_of(co)), "scmoe__attention_forward");
 }
 static void cuda_attention_backward_op(const compute_ops *co, const struct exec *ex, float *dqkv, float *datt,
                                        const float *dout, const float *qkv, const float *att, int B, int T, int d,
                                        int H, int causal) {
-    note(co, cuda_attention_backward(dqkv, datt, dout, qkv, att, B, T, d, H, causal, stream_of(co)),
-         "attention_backward");
+    note(co, scmoe__cuda_attention_backward(dqkv, datt, dout, qkv, att, B, T, d, H, causal, stream_of(co)),
+         "scmoe__attention_backward");
 }
 static void cuda_cg_combine_forward_op(const compute_ops *co, float *y, float *cgate, const float *a, const float *s,
                                        const float *m, const float *wcg, int n, int d) {
-    note(co, cuda_cg_combine_forward(y, cgate, a, s, m, wcg, n, d, stream_of(co)), "cg_combine_forward");
+    note(co, scmoe__cuda_cg_combine_forward(y, cgate, a, s, m, wcg, n, d, stream_of(co)), "scmoe__cg_combine_forward");
 }
 static void cuda_cg_combine_backward_op(const compute_ops *co, float *ds, float *dz, const float *dy, const float *s,
                                         const float *cgate, int n, int d) {
-    note(co, cuda_cg_combine_backward(ds, dz, dy, s, cgate, n, d, stream_of(co)), "cg_combine_backward");
+    note(co, scmoe__cuda_cg_combine_backward(ds, dz, dy, s, cgate, n, d, stream_of(co)), "scmoe__cg_combine_backward");
 }
 static void cuda_add_outer_op(const compute_ops *co, float *out, const float *u, const float *v, int n, int d) {
-    note(co, cuda_add_outer(out, u, v, n, d, stream_of(co)), "add_outer");
+    note(co, scmoe__cuda_add_outer(out, u, v, n, d, stream_of(co)), "scmoe__add_outer");
 }
 static void cuda_prefetch(const compute_ops *co, void *dst, const void *src, size_t bytes) {
     cuda_compute *cc = self_of(co);
@@ -202,10 +202,10 @@ static void cuda_prefetch_wait(const compute_ops *co) {
     note(co, cudaStreamWaitEvent(stream_of(co), self_of(co)->ev_copy, 0), "cudaStreamWaitEvent");
 }
 static void cuda_bf16_pack_op(const compute_ops *co, uint16_t *dst, const float *src, size_t n) {
-    note(co, cuda_bf16_pack(dst, src, n, stream_of(co)), "bf16_pack");
+    note(co, scmoe__cuda_bf16_pack(dst, src, n, stream_of(co)), "scmoe__bf16_pack");
 }
 static void cuda_bf16_unpack_op(const compute_ops *co, float *dst, const uint16_t *src, size_t n) {
-    note(co, cuda_bf16_unpack(dst, src, n, stream_of(co)), "bf16_unpack");
+    note(co, scmoe__cuda_bf16_unpack(dst, src, n, stream_of(co)), "scmoe__bf16_unpack");
 }
 
 static const compute_ops cuda_table = {
@@ -245,15 +245,15 @@ static const compute_ops cuda_table = {
     .bf16_unpack = cuda_bf16_unpack_op,
 };
 
-scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_aware, char *err) {
+scmoe_status scmoe__cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_aware, char *err) {
     if (!out || !cb) {
-        if (err) snprintf(err, 160, "cuda_compute_create: out or cb is NULL");
+        if (err) snprintf(err, 160, "scmoe__cuda_compute_create: out or cb is NULL");
         return SCMOE_ERR_NULL;
     }
     *out = NULL;
     cuda_compute *cc = calloc(1, sizeof *cc);
     if (!cc) {
-        if (err) snprintf(err, 160, "cuda_compute_create: out of memory");
+        if (err) snprintf(err, 160, "scmoe__cuda_compute_create: out of memory");
         return SCMOE_ERR_NOMEM;
     }
     cc->base = cuda_table;
@@ -269,14 +269,14 @@ scmoe_status cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_awar
         what = "cudaEventCreateWithFlags";
     if (what) {
         if (err) snprintf(err, 160, "%s failed: %s", what, cudaGetErrorString(e));
-        cuda_compute_destroy(&cc->base);
+        scmoe__cuda_compute_destroy(&cc->base);
         return SCMOE_ERR_DEVICE;
     }
     *out = &cc->base;
     return SCMOE_OK;
 }
 
-void cuda_compute_destroy(compute_ops *co) {
+void scmoe__cuda_compute_destroy(compute_ops *co) {
     if (!co) return;
     cuda_compute *cc = self_of(co);
     if (cc->ev_copy) cudaEventDestroy(cc->ev_copy);

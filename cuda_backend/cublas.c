@@ -4,13 +4,13 @@
  * ld is the column-major N x M matrix with the same ld, its transpose. So
  *     C = op(A) op(B)   (row-major)   <=>   C^T = op(B)^T op(A)^T   (column-major)
  * and the call is cublasSgemm(opB, opA, N, M, K, B, ldb, A, lda, C, ldc): operands swapped, ops and
- * leading dimensions kept. cuda_gemm_to_colmajor does exactly that mapping (and the checks), apart
+ * leading dimensions kept. scmoe__cuda_gemm_to_colmajor does exactly that mapping (and the checks), apart
  * from any device call, so it is tested on the host.
  *
  * Math: CUDA_MATH_FP32 is cuBLAS's default math (no TF32 unless the NVIDIA_TF32_OVERRIDE environment
  * says so); CUDA_MATH_BF16 runs the same fp32 GEMMs as cublasGemmEx with
  * CUBLAS_COMPUTE_32F_FAST_16BF (inputs may be rounded to bf16 for the tensor cores, fp32
- * accumulation). cuda_blas_gemm_bf16 takes bf16 operands directly (CUDA_R_16BF). */
+ * accumulation). scmoe__cuda_blas_gemm_bf16 takes bf16 operands directly (CUDA_R_16BF). */
 #include "cuda.h"
 #include <cublas_v2.h>
 #include <stdarg.h>
@@ -19,7 +19,7 @@
 
 static int cuda_blas_max_threads(void) { return 1; } /* host threads a GEMM may use: it runs on the device */
 
-int cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
+int scmoe__cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
                           cuda_gemm_colmajor *out) {
     if (!out) return CUDA_GEMM_BAD;
     if (M <= 0 || N <= 0) return CUDA_GEMM_NOTHING;
@@ -60,7 +60,7 @@ static void set_err(char *err, const char *fmt, ...) {
 /* blas_gemm_fn: the table is cuda_blas's first member, so self is the cuda_blas */
 static void table_gemm(const blas_backend *self, int trans_a, int trans_b, int M, int N, int K, float alpha,
                        const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-    cuda_blas_gemm((cuda_blas *)self, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    scmoe__cuda_blas_gemm((cuda_blas *)self, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -79,15 +79,15 @@ static const char *table_describe(const blas_backend *self) {
                                                              : "cublas (fp32; bf16 precision: CUBLAS_COMPUTE_32F_FAST_16BF)";
 }
 
-scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err) {
+scmoe_status scmoe__cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err) {
     if (err) err[0] = '\0';
     if (!out) {
-        set_err(err, "cuda_blas_create: out is NULL");
+        set_err(err, "scmoe__cuda_blas_create: out is NULL");
         return SCMOE_ERR_NULL;
     }
     *out = NULL;
     if (math != CUDA_MATH_FP32 && math != CUDA_MATH_BF16) {
-        set_err(err, "cuda_blas_create: unknown math %d (CUDA_MATH_FP32 or CUDA_MATH_BF16)", math);
+        set_err(err, "scmoe__cuda_blas_create: unknown math %d (CUDA_MATH_FP32 or CUDA_MATH_BF16)", math);
         return SCMOE_ERR_OPTION;
     }
     int n = 0;
@@ -99,7 +99,7 @@ scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, ch
     }
     cuda_blas *cb = calloc(1, sizeof *cb);
     if (!cb) {
-        set_err(err, "cuda_blas_create: out of memory");
+        set_err(err, "scmoe__cuda_blas_create: out of memory");
         return SCMOE_ERR_NOMEM;
     }
     cb->base.name = "cublas";
@@ -122,28 +122,28 @@ scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, ch
     cublasStatus_t bs = cublasCreate(&h);
     if (bs != CUBLAS_STATUS_SUCCESS) {
         set_err(err, "cublasCreate failed: %s", cublasGetStatusString(bs));
-        cuda_blas_destroy(cb);
+        scmoe__cuda_blas_destroy(cb);
         return bs == CUBLAS_STATUS_ALLOC_FAILED ? SCMOE_ERR_NOMEM : SCMOE_ERR_UNSUPPORTED;
     }
     cb->handle = h;
     if ((bs = cublasSetStream(h, stream)) != CUBLAS_STATUS_SUCCESS ||
         (bs = cublasSetMathMode(h, CUBLAS_DEFAULT_MATH)) != CUBLAS_STATUS_SUCCESS) {
         set_err(err, "cublasSetStream / cublasSetMathMode failed: %s", cublasGetStatusString(bs));
-        cuda_blas_destroy(cb);
+        scmoe__cuda_blas_destroy(cb);
         return SCMOE_ERR_UNSUPPORTED;
     }
     *out = cb;
     return SCMOE_OK;
 }
 
-void cuda_blas_destroy(cuda_blas *cb) {
+void scmoe__cuda_blas_destroy(cuda_blas *cb) {
     if (!cb) return;
     if (cb->handle) cublasDestroy(cb->handle);
     if (cb->owns_stream && cb->stream) cudaStreamDestroy(cb->stream);
     free(cb);
 }
 
-const blas_backend *cuda_blas_table(cuda_blas *cb) { return cb ? &cb->base : NULL; }
+const blas_backend *scmoe__cuda_blas_table(cuda_blas *cb) { return cb ? &cb->base : NULL; }
 
 /* The checks and the K = 0 case shared by both GEMMs: returns 1 when a cuBLAS call must follow, else
  * 0 with *code = 0 (nothing left to do) or the failure (also recorded on cb). */
@@ -151,7 +151,7 @@ static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b
                         int ldb, float beta, const void *A, const void *B, float *C, int ldc, cuda_gemm_colmajor *g,
                         int *code) {
     *code = 0;
-    int r = cuda_gemm_to_colmajor(trans_a, trans_b, M, N, K, lda, ldb, ldc, g);
+    int r = scmoe__cuda_gemm_to_colmajor(trans_a, trans_b, M, N, K, lda, ldb, ldc, g);
     if (r == CUDA_GEMM_NOTHING) return 0;
     if (r == CUDA_GEMM_BAD || !C || (r == CUDA_GEMM_RUN && (!A || !B))) {
         *code = CUBLAS_STATUS_INVALID_VALUE;
@@ -160,7 +160,7 @@ static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b
         return 0;
     }
     if (r == CUDA_GEMM_SCALE) { /* K = 0: C = beta C, as openblas.c makes explicit */
-        cudaError_t e = cuda_scale_matrix(C, M, N, ldc, beta, cb->stream);
+        cudaError_t e = scmoe__cuda_scale_matrix(C, M, N, ldc, beta, cb->stream);
         if (e != cudaSuccess) {
             *code = (int)e;
             fail(cb, *code, "%s: scaling C for K = 0 failed: %s", who, cudaGetErrorString(e));
@@ -172,12 +172,12 @@ static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b
 
 static cublasOperation_t op(int t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
-/* cuda_blas_gemm in the given math */
+/* scmoe__cuda_blas_gemm in the given math */
 static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     cuda_gemm_colmajor g;
     int code;
-    if (!cb || !gemm_prepare(cb, "cuda_blas_gemm", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
+    if (!cb || !gemm_prepare(cb, "scmoe__cuda_blas_gemm", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
         return;
     cublasStatus_t s;
     if (math == CUDA_MATH_BF16)
@@ -188,39 +188,39 @@ static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, 
         s = cublasSgemm(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B, g.ld_first, A,
                         g.ld_second, &beta, C, g.ldc);
     if (s != CUBLAS_STATUS_SUCCESS)
-        fail(cb, (int)s, "cuda_blas_gemm: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
+        fail(cb, (int)s, "scmoe__cuda_blas_gemm: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
 }
 
-void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+void scmoe__cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     gemm_math(cb, cb ? cb->math : CUDA_MATH_FP32, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-int cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
+int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
                         const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc) {
     if (!cb) return CUBLAS_STATUS_NOT_INITIALIZED;
     cuda_gemm_colmajor g;
     int code;
-    if (!gemm_prepare(cb, "cuda_blas_gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
+    if (!gemm_prepare(cb, "scmoe__cuda_blas_gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
         return code;
     cublasStatus_t s = cublasGemmEx(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B,
                                     CUDA_R_16BF, g.ld_first, A, CUDA_R_16BF, g.ld_second, &beta, C, CUDA_R_32F,
                                     g.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS) {
-        fail(cb, (int)s, "cuda_blas_gemm_bf16: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
+        fail(cb, (int)s, "scmoe__cuda_blas_gemm_bf16: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
         return (int)s;
     }
     return 0;
 }
 
-void cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
+void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
                             int n, int lda, int ldb, float beta, int ldc) {
     if (!cb) return;
     if (n > 0 && !items) {
-        fail(cb, CUBLAS_STATUS_INVALID_VALUE, "cuda_blas_gemm_grouped: items is NULL with n = %d", n);
+        fail(cb, CUBLAS_STATUS_INVALID_VALUE, "scmoe__cuda_blas_gemm_grouped: items is NULL with n = %d", n);
         return;
     }
     for (int i = 0; i < n; i++)
-        cuda_blas_gemm(cb, trans_a, trans_b, items[i].M, items[i].N, items[i].K, alpha, items[i].A, lda, items[i].B,
+        scmoe__cuda_blas_gemm(cb, trans_a, trans_b, items[i].M, items[i].N, items[i].K, alpha, items[i].A, lda, items[i].B,
                        ldb, beta, items[i].C, ldc);
 }

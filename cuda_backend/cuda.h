@@ -6,7 +6,7 @@
  *               host-callable launch wrappers (below); same semantics, same formulas, same tie rules
  *   staging.c   token exchanges through pinned host buffers for an MPI that is not CUDA-aware
  *
- * Every pointer handed to a launch wrapper or to cuda_blas_gemm* is a device pointer unless the
+ * Every pointer handed to a launch wrapper or to scmoe__cuda_blas_gemm* is a device pointer unless the
  * comment says "host". Wrappers validate their arguments on the host (negative sizes, NULL pointers
  * with work to do) and return cudaErrorInvalidValue without launching anything; a count of 0 is a
  * successful no-op. Otherwise they return the launch's status (cudaGetLastError). Nothing here
@@ -39,13 +39,13 @@ enum {
 
 /* The cuBLAS backend. The table is embedded as the FIRST member: a cuda_blas * is a valid
  * blas_backend * (name "cublas", max_threads 1), and its gemm, called with that table as self,
- * finds the handle and stream from it: exec_gemm reaches cuBLAS like OpenBLAS, on device pointers. */
+ * finds the handle and stream from it: scmoe__exec_gemm reaches cuBLAS like OpenBLAS, on device pointers. */
 typedef struct cuda_blas {
     blas_backend base;            /* must stay first */
     struct cublasContext *handle;
     cudaStream_t stream;          /* every GEMM is enqueued here */
-    int owns_stream;              /* created by cuda_blas_create (destroyed with it) */
-    int math;                     /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for cuda_blas_gemm */
+    int owns_stream;              /* created by scmoe__cuda_blas_create (destroyed with it) */
+    int math;                     /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for scmoe__cuda_blas_gemm */
     int status;                   /* first failure of a void GEMM call, sticky: 0 none */
     char err[160];                /* and its sentence */
 } cuda_blas;
@@ -53,21 +53,21 @@ typedef struct cuda_blas {
 /* Creates the backend on stream (NULL: a new non-blocking stream it owns). Fails with
  * SCMOE_ERR_UNSUPPORTED when there is no usable device, SCMOE_ERR_NOMEM, or SCMOE_ERR_OPTION for
  * an unknown math; *out is NULL on failure and err (may be NULL, >= 160 bytes) says why. */
-scmoe_status cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err);
-void cuda_blas_destroy(cuda_blas *cb);
+scmoe_status scmoe__cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err);
+void scmoe__cuda_blas_destroy(cuda_blas *cb);
 /* The embedded table (see above): &cb->base. */
-const blas_backend *cuda_blas_table(cuda_blas *cb);
+const blas_backend *scmoe__cuda_blas_table(cuda_blas *cb);
 
 /* blas.h's GEMM on device pointers: C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, row-major, via the
  * column-major identity C^T = op(B)^T op(A)^T. Same edge cases as openblas.c: nothing when M or N
  * <= 0; C = beta C (0 when beta == 0, even over NaN) when K <= 0. Void like blas_gemm_fn: a failure
  * is recorded in cb->status / cb->err (the first one; cuda_blas_clear_status resets it). */
-void cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+void scmoe__cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                     int lda, const float *B, int ldb, float beta, float *C, int ldc);
-/* The same GEMM with bf16 A and B (uint16_t bit patterns, as bf16_pack / cuda_bf16_pack make them),
+/* The same GEMM with bf16 A and B (uint16_t bit patterns, as scmoe__bf16_pack / scmoe__cuda_bf16_pack make them),
  * fp32 C, fp32 accumulate (cublasGemmEx, CUDA_R_16BF). Returns 0, or the failure's code (a
  * cublasStatus_t, or a cudaError_t from the K = 0 scaling), which is also recorded on cb. */
-int cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
+int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
                         const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc);
 
 /* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. */
@@ -81,7 +81,7 @@ typedef struct cuda_gemm_item {
  * experts, whose row ranges differ: item i = { rows_i, h1, d, xe + o_i*d, w1_i, pre + o_i*h1 }.
  * The forms with per-item sizes (cublasSgemmGroupedBatched) would need a device pointer array per
  * call; a loop of cublasSgemm on one stream keeps the GPU busy once rows_i is a few hundred. */
-void cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
+void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
                             int n, int lda, int ldb, float beta, int ldc);
 
 static inline int cuda_blas_get_status(const cuda_blas *cb) { return cb->status; }
@@ -97,87 +97,87 @@ typedef struct cuda_gemm_colmajor {
     int m, n, k;
     int ld_first, ld_second, ldc;
 } cuda_gemm_colmajor;
-int cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
+int scmoe__cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
                           cuda_gemm_colmajor *out);
 
 /* ====================================================================================== kernels */
 /* Semantics are those of the CPU function named in brackets. */
 
-/* [layernorm_forward] out, mean [N], rstd [N]; eps 1e-5 */
-cudaError_t cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+/* [scmoe__layernorm_forward] out, mean [N], rstd [N]; eps 1e-5 */
+cudaError_t scmoe__cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
                                    const float *b, int N, int C, cudaStream_t s);
-/* [layernorm_backward] dx +=, dw +=, db += (column sums in a fixed order: deterministic) */
-cudaError_t cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+/* [scmoe__layernorm_backward] dx +=, dw +=, db += (column sums in a fixed order: deterministic) */
+cudaError_t scmoe__cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                                     const float *w, const float *mean, const float *rstd, int N, int C,
                                     cudaStream_t s);
 
-/* [activation_forward / activation_backward] act: SCMOE_GELU (tanh form) or SCMOE_SWIGLU;
- * pre [N, ffn_width(h)], hid / dhid [N, h] */
-cudaError_t cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
+/* [scmoe__activation_forward / scmoe__activation_backward] act: SCMOE_GELU (tanh form) or SCMOE_SWIGLU;
+ * pre [N, scmoe__ffn_width(h)], hid / dhid [N, h] */
+cudaError_t scmoe__cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
                                     cudaStream_t s);
-cudaError_t cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
+cudaError_t scmoe__cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
                                      scmoe_activation act, cudaStream_t s);
 
-/* [ffn.c broadcast_rows] out[i, :] = b for every row; [sum_rows] acc[c] += sum_i x[i, c] (deterministic) */
-cudaError_t cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s);
-cudaError_t cuda_sum_rows(float *acc, const float *x, int N, int C, cudaStream_t s);
+/* [ffn.c scmoe__broadcast_rows] out[i, :] = b for every row; [scmoe__sum_rows] acc[c] += sum_i x[i, c] (deterministic) */
+cudaError_t scmoe__cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s);
+cudaError_t scmoe__cuda_sum_rows(float *acc, const float *x, int N, int C, cudaStream_t s);
 
-/* [gate_forward after its GEMM] logits [N, E] in (noise added in place when noise_std > 0), p [N, E],
+/* [scmoe__gate_forward after its GEMM] logits [N, E] in (noise added in place when noise_std > 0), p [N, E],
  * lse [N]: the same counter-based noise, so a token gets the same noise on the CPU and the GPU */
-cudaError_t cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
+cudaError_t scmoe__cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
                               uint64_t step, int64_t token_offset, cudaStream_t s);
-/* [gate_topk] choice [N, k], weight [N, k], score [N]; ties go to the lower expert index */
-cudaError_t cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
+/* [scmoe__gate_topk] choice [N, k], weight [N, k], score [N]; ties go to the lower expert index */
+cudaError_t scmoe__cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
                            int renormalize, cudaStream_t s);
-/* [gate_backward before its GEMMs] dlogits [N, E] = dL/dlogits (aux_coef [E] may be NULL) */
-cudaError_t cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
+/* [scmoe__gate_backward before its GEMMs] dlogits [N, E] = dL/dlogits (aux_coef [E] may be NULL) */
+cudaError_t scmoe__cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
                                       const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
                                       int renormalize, cudaStream_t s);
 
-/* [moe.c permute_rows] scatter: dst[map[r]] = src[r]; gather: dst[r] = src[map[r]]; rows of d floats */
-cudaError_t cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
+/* [moe.c scmoe__permute_rows] scatter: dst[map[r]] = src[r]; gather: dst[r] = src[map[r]]; rows of d floats */
+cudaError_t scmoe__cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
                               cudaStream_t s);
-/* [moe_gate_encode's pack] send[slot[t, j]] = x[t] for every kept slot (slot >= 0) */
-cudaError_t cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d, cudaStream_t s);
-/* [moe_decode] y[t] = beta y[t] + sum_j weight[t, j] rows[slot[t, j]] over kept slots (beta == 0
- * overwrites, even NaN). weight NULL: every weight 1, which is moe_gate_backward's dx accumulation. */
-cudaError_t cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight, int n,
+/* [scmoe__moe_gate_encode's pack] send[slot[t, j]] = x[t] for every kept slot (slot >= 0) */
+cudaError_t scmoe__cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d, cudaStream_t s);
+/* [scmoe__moe_decode] y[t] = beta y[t] + sum_j weight[t, j] rows[slot[t, j]] over kept slots (beta == 0
+ * overwrites, even NaN). weight NULL: every weight 1, which is scmoe__moe_gate_backward's dx accumulation. */
+cudaError_t scmoe__cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight, int n,
                             int k, int d, cudaStream_t s);
-/* [moe_decode_backward] grows[slot] = weight * dy[t], dweight[t, j] = dy[t] . rows[slot] (0 if dropped) */
-cudaError_t cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
+/* [scmoe__moe_decode_backward] grows[slot] = weight * dy[t], dweight[t, j] = dy[t] . rows[slot] (0 if dropped) */
+cudaError_t scmoe__cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
                                      const int *slot, const float *weight, int n, int k, int d, cudaStream_t s);
 
-/* [attention_forward / attention_backward] qkv [B*T, 3d], out [B*T, d], att / datt [B, H, T, T];
+/* [scmoe__attention_forward / scmoe__attention_backward] qkv [B*T, 3d], out [B*T, d], att / datt [B, H, T, T];
  * dqkv overwritten. One block per (batch, head, query row), softmax fused; att is what the CPU
  * keeps (masked entries 0). */
-cudaError_t cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H, int causal,
+cudaError_t scmoe__cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H, int causal,
                                    cudaStream_t s);
-cudaError_t cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
+cudaError_t scmoe__cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
                                     int B, int T, int d, int H, int causal, cudaStream_t s);
 
-/* [bf16_pack / bf16_unpack] round to nearest even (NaN stays a quiet NaN); unpack is exact */
-cudaError_t cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s);
-cudaError_t cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStream_t s);
+/* [scmoe__bf16_pack / scmoe__bf16_unpack] round to nearest even (NaN stays a quiet NaN); unpack is exact */
+cudaError_t scmoe__cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s);
+cudaError_t scmoe__cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStream_t s);
 
 /* C[M, N] (row stride ldc) = beta C, 0 when beta == 0: the K = 0 GEMM */
-cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s);
+cudaError_t scmoe__cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s);
 
 /* [compute_host.c's add] y += x */
-cudaError_t cuda_add(float *y, const float *x, size_t n, cudaStream_t s);
-/* [activation_forward's bias] x[i, :] += b */
-cudaError_t cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s);
+cudaError_t scmoe__cuda_add(float *y, const float *x, size_t n, cudaStream_t s);
+/* [scmoe__activation_forward's bias] x[i, :] += b */
+cudaError_t scmoe__cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s);
 /* [combine.c] y = a + c s, c = sigmoid(w_cg . m) per row (wcg NULL: 1), cgate [n] = c; backward
  * ds = c dy, dz = (dy . s) c (1 - c); out[i, j] += u[i] v[j] */
-cudaError_t cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
+cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
                                     const float *wcg, int n, int d, cudaStream_t st);
-cudaError_t cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
+cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
                                      int d, cudaStream_t st);
-cudaError_t cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
+cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
 /* bytes of p = 0, for any memory the device can reach (cudaMemsetAsync is for device memory; this also
  * zeroes mapped host memory: the gradient staging area) */
-cudaError_t cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s);
-/* [has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
-cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
+cudaError_t scmoe__cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s);
+/* [scmoe__has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
+cudaError_t scmoe__cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
 
 /* ================================================================= the compute table (compute.c) */
 
@@ -186,15 +186,15 @@ cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_
  * cudaMemcpyDefault. cuda_aware: MPI can read device memory, so the exchanges use device buffers.
  * Fails with SCMOE_ERR_NOMEM or SCMOE_ERR_DEVICE (err, >= 160 bytes, says why). */
 struct compute_ops;
-scmoe_status cuda_compute_create(struct compute_ops **out, cuda_blas *cb, int cuda_aware, char *err);
-void cuda_compute_destroy(struct compute_ops *co);
+scmoe_status scmoe__cuda_compute_create(struct compute_ops **out, cuda_blas *cb, int cuda_aware, char *err);
+void scmoe__cuda_compute_destroy(struct compute_ops *co);
 
 /* ====================================================================== staging (no CUDA-aware MPI) */
 
 /* 1 when the MPI library can take device pointers: MPIX_Query_cuda_support() where OpenMPI's
  * mpi-ext.h says it was built with CUDA, else 0 (assume not aware). Needs MPI initialised; always
  * 0 in a build without SCMOE_WITH_MPI. */
-int cuda_mpi_cuda_aware(void);
+int scmoe__cuda_mpi_cuda_aware(void);
 
 /* The device calls staging makes, as a table so that the bookkeeping can be tested without a GPU.
  * Every call returns 0 on success, else a nonzero code (a cudaError_t for the runtime's; host_alloc
@@ -215,7 +215,7 @@ typedef struct cuda_stage_ops {
 
 /* The CUDA runtime's calls (cudaHostAlloc, cudaStreamCreateWithFlags(non-blocking), cudaEventCreate
  * WithFlags(disable timing), cudaEventRecord, cudaStreamWaitEvent, cudaEventQuery, cudaMemcpyAsync). */
-const cuda_stage_ops *cuda_stage_runtime_ops(void);
+const cuda_stage_ops *scmoe__cuda_stage_runtime_ops(void);
 
 enum {
     CUDA_STAGE_IDLE = 0,   /* nothing in flight (or the last exchange finished and was collected) */
@@ -248,35 +248,35 @@ typedef struct cuda_stage {
 } cuda_stage;
 
 /* Creates staging for exchanges of at most send_bytes out and recv_bytes in. ops NULL: the CUDA
- * runtime's. cuda_aware: cuda_mpi_cuda_aware() or the caller's own knowledge. */
-scmoe_status cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
+ * runtime's. cuda_aware: scmoe__cuda_mpi_cuda_aware() or the caller's own knowledge. */
+scmoe_status scmoe__cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
                                const cuda_stage_ops *ops);
-void cuda_stage_destroy(cuda_stage *st);
+void scmoe__cuda_stage_destroy(cuda_stage *st);
 
 /* Starts an alltoallv of device rows (comm.h's counts and displacements, in elements of elem_bytes,
  * every array on the host and kept until DONE): records an event on producer (the stream that wrote
  * d_send), makes the copy stream wait for it, enqueues the device -> host copy of the send span and
- * records ev_to_host. The exchange itself starts in cuda_stage_progress once that event completes,
+ * records ev_to_host. The exchange itself starts in scmoe__cuda_stage_progress once that event completes,
  * so nothing waits for the device as a whole. Returns SCMOE_ERR_STATE when one is already in
  * flight, SCMOE_ERR_OPTION when a count does not fit the buffers, SCMOE_ERR_UNSUPPORTED when a
  * device call fails. */
-scmoe_status cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
+scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
                               void *d_recv, const int *rcounts, const int *rdispls, int elem_bytes,
                               cudaStream_t producer);
 /* Moves the exchange along without blocking: starts it once the send copy's event has completed,
  * tests it (letting the comm progress), enqueues the host -> device copy once it has arrived.
  * *done = 1 from then on (state TO_DEVICE or DONE): the rows can be consumed in stream order, after
- * cuda_stage_finish. d_send may be overwritten once the state has passed TO_HOST. Call it between
- * kernels, like exec_poll. SCMOE_ERR_STATE when nothing is in flight; a failure (the comm's status,
+ * scmoe__cuda_stage_finish. d_send may be overwritten once the state has passed TO_HOST. Call it between
+ * kernels, like scmoe__exec_poll. SCMOE_ERR_STATE when nothing is in flight; a failure (the comm's status,
  * or SCMOE_ERR_UNSUPPORTED for a device call) abandons the exchange and returns the stage to IDLE. */
-scmoe_status cuda_stage_progress(cuda_stage *st, int *done);
+scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done);
 /* Makes consumer wait for the received rows on the device (cudaStreamWaitEvent: the host does not
  * wait) and returns the stage to IDLE. Valid once *done (TO_DEVICE or DONE): SCMOE_ERR_STATE before. */
-scmoe_status cuda_stage_finish(cuda_stage *st, cudaStream_t consumer);
+scmoe_status scmoe__cuda_stage_finish(cuda_stage *st, cudaStream_t consumer);
 /* progress until done, then finish: a blocking convenience that spins on the host.
  * timeout_s <= 0: the comm's timeout_s. SCMOE_ERR_TIMEOUT (the exchange stays in flight) when it
  * runs out. */
-scmoe_status cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s);
+scmoe_status scmoe__cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s);
 
 #ifdef __cplusplus
 }

@@ -139,7 +139,7 @@ __global__ static void k_column_sums(float *acc, const float *v, int N, int C, c
     }
 }
 
-extern "C" cudaError_t cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+extern "C" cudaError_t scmoe__cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
                                               const float *b, int N, int C, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
     if (N == 0 || C == 0) return cudaSuccess;
@@ -148,7 +148,7 @@ extern "C" cudaError_t cuda_layernorm_forward(float *out, float *mean, float *rs
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+extern "C" cudaError_t scmoe__cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
                                                const float *w, const float *mean, const float *rstd, int N, int C,
                                                cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
@@ -194,7 +194,7 @@ __global__ static void k_activation_backward(float *dpre, const float *dhid, con
     }
 }
 
-extern "C" cudaError_t cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
+extern "C" cudaError_t scmoe__cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
                                                cudaStream_t s) {
     CHECK_ARGS(N >= 0 && h >= 0 && (act == SCMOE_GELU || act == SCMOE_SWIGLU));
     long total = (long)N * h;
@@ -204,7 +204,7 @@ extern "C" cudaError_t cuda_activation_forward(float *hid, const float *pre, int
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
+extern "C" cudaError_t scmoe__cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
                                                 scmoe_activation act, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && h >= 0 && (act == SCMOE_GELU || act == SCMOE_SWIGLU));
     long total = (long)N * h;
@@ -219,7 +219,7 @@ __global__ static void k_broadcast_rows(float *out, const float *b, long total, 
         out[idx] = b[idx % C];
 }
 
-extern "C" cudaError_t cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
     long total = (long)N * C;
     if (total == 0) return cudaSuccess;
@@ -228,7 +228,7 @@ extern "C" cudaError_t cuda_broadcast_rows(float *out, const float *b, int N, in
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_sum_rows(float *acc, const float *x, int N, int C, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_sum_rows(float *acc, const float *x, int N, int C, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
     if (N == 0 || C == 0) return cudaSuccess;
     CHECK_ARGS(acc && x);
@@ -275,7 +275,7 @@ __global__ static void k_gate_backward_logits(float *dlogits, const float *dweig
     }
 }
 
-extern "C" cudaError_t cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
+extern "C" cudaError_t scmoe__cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
                                          uint64_t seed, uint64_t step, int64_t token_offset, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && E >= 1);
     if (N == 0) return cudaSuccess;
@@ -284,7 +284,7 @@ extern "C" cudaError_t cuda_gate_softmax(float *logits, float *p, float *lse, in
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
+extern "C" cudaError_t scmoe__cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
                                       int renormalize, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && E >= 1 && k >= 1 && k <= E);
     if (N == 0) return cudaSuccess;
@@ -293,7 +293,7 @@ extern "C" cudaError_t cuda_gate_topk(int *choice, float *weight, float *score, 
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,
+extern "C" cudaError_t scmoe__cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,
                                                  const float *p, const float *lse, const float *aux_coef,
                                                  float z_coef, int N, int E, int k, int renormalize, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && E >= 1 && k >= 1 && k <= E);
@@ -325,7 +325,7 @@ __global__ static void k_moe_pack(float *send, const float *x, const int *slot, 
         }
 }
 
-/* per element: scale first, then add the k rows in order j = 0..k-1, as moe_decode does */
+/* per element: scale first, then add the k rows in order j = 0..k-1, as scmoe__moe_decode does */
 __global__ static void k_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight,
                                     int n, int k, int d) {
     for (long t = blockIdx.x; t < n; t += gridDim.x) {
@@ -364,7 +364,7 @@ __global__ static void k_moe_decode_backward(float *grows, float *dweight, const
     }
 }
 
-extern "C" cudaError_t cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
+extern "C" cudaError_t scmoe__cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
                                          cudaStream_t s) {
     CHECK_ARGS(n >= 0 && d >= 0);
     if (n == 0 || d == 0) return cudaSuccess;
@@ -373,7 +373,7 @@ extern "C" cudaError_t cuda_permute_rows(float *dst, const float *src, const int
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d,
+extern "C" cudaError_t scmoe__cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d,
                                      cudaStream_t s) {
     CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
     if (n == 0 || d == 0) return cudaSuccess;
@@ -382,7 +382,7 @@ extern "C" cudaError_t cuda_moe_pack(float *send, const float *x, const int *slo
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight,
+extern "C" cudaError_t scmoe__cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight,
                                        int n, int k, int d, cudaStream_t s) {
     CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
     if (n == 0 || d == 0) return cudaSuccess;
@@ -391,7 +391,7 @@ extern "C" cudaError_t cuda_moe_decode(float *y, float beta, const float *rows, 
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
+extern "C" cudaError_t scmoe__cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
                                                 const int *slot, const float *weight, int n, int k, int d,
                                                 cudaStream_t s) {
     CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
@@ -515,7 +515,7 @@ static cudaError_t attention_args(int B, int T, int d, int H) {
     return cudaSuccess;
 }
 
-extern "C" cudaError_t cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H,
+extern "C" cudaError_t scmoe__cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H,
                                               int causal, cudaStream_t s) {
     if (attention_args(B, T, d, H)) return cudaErrorInvalidValue;
     long rows = (long)B * H * T;
@@ -527,7 +527,7 @@ extern "C" cudaError_t cuda_attention_forward(float *out, float *att, const floa
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
+extern "C" cudaError_t scmoe__cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
                                                const float *att, int B, int T, int d, int H, int causal,
                                                cudaStream_t s) {
     if (attention_args(B, T, d, H)) return cudaErrorInvalidValue;
@@ -560,14 +560,14 @@ __global__ static void k_bf16_unpack(float *dst, const uint16_t *src, size_t n) 
 
 static long elems_for_grid(size_t n) { return n < (size_t)MAX_GRID * THREADS ? (long)n : MAX_GRID * THREADS; }
 
-extern "C" cudaError_t cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s) {
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(dst && src);
     LAUNCH(k_bf16_pack, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, dst, src, n);
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_bf16_unpack(float *dst, const uint16_t *src, size_t n, cudaStream_t s) {
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(dst && src);
     LAUNCH(k_bf16_unpack, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, dst, src, n);
@@ -584,7 +584,7 @@ __global__ static void k_scale_matrix(float *C, int M, int N, int ldc, float bet
     }
 }
 
-extern "C" cudaError_t cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_scale_matrix(float *C, int M, int N, int ldc, float beta, cudaStream_t s) {
     CHECK_ARGS(M >= 0 && N >= 0 && ldc >= N);
     if (M == 0 || N == 0) return cudaSuccess;
     CHECK_ARGS(C);
@@ -599,7 +599,7 @@ __global__ static void k_add(float *y, const float *x, size_t n) {
         y[i] += x[i];
 }
 
-extern "C" cudaError_t cuda_add(float *y, const float *x, size_t n, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_add(float *y, const float *x, size_t n, cudaStream_t s) {
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(y && x);
     LAUNCH(k_add, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, y, x, n);
@@ -611,7 +611,7 @@ __global__ static void k_add_bias_rows(float *x, const float *b, long total, int
         x[idx] += b[idx % C];
 }
 
-extern "C" cudaError_t cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_add_bias_rows(float *x, const float *b, int N, int C, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
     long total = (long)N * C;
     if (total == 0) return cudaSuccess;
@@ -626,7 +626,7 @@ __global__ static void k_flag_nonfinite(int *flag, const float *x, size_t n) {
         if (!isfinite(x[i])) *flag = 1;
 }
 
-extern "C" cudaError_t cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s) {
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(flag && x);
     LAUNCH(k_flag_nonfinite, grid_for(elems_for_grid(n), THREADS), THREADS, 0, s, flag, x, n);
@@ -651,7 +651,7 @@ __global__ static void k_cg_combine_forward(float *y, float *cgate, const float 
     }
 }
 
-extern "C" cudaError_t cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
+extern "C" cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
                                                const float *wcg, int n, int d, cudaStream_t st) {
     CHECK_ARGS(n >= 0 && d >= 1);
     if (n == 0) return cudaSuccess;
@@ -675,7 +675,7 @@ __global__ static void k_cg_combine_backward(float *ds, float *dz, const float *
     }
 }
 
-extern "C" cudaError_t cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s,
+extern "C" cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s,
                                                 const float *cgate, int n, int d, cudaStream_t st) {
     CHECK_ARGS(n >= 0 && d >= 1);
     if (n == 0) return cudaSuccess;
@@ -689,7 +689,7 @@ __global__ static void k_add_outer(float *out, const float *u, const float *v, l
         out[idx] += u[idx / d] * v[idx % d];
 }
 
-extern "C" cudaError_t cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s) {
     CHECK_ARGS(n >= 0 && d >= 0);
     long total = (long)n * d;
     if (total == 0) return cudaSuccess;
@@ -707,7 +707,7 @@ __global__ static void k_zero(unsigned char *p, size_t head, uint32_t *w, size_t
     if (blockIdx.x == 0 && threadIdx.x < tail) ((unsigned char *)(w + nw))[threadIdx.x] = 0;
 }
 
-extern "C" cudaError_t cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s) {
     if (bytes == 0) return cudaSuccess;
     CHECK_ARGS(p);
     unsigned char *c = (unsigned char *)p;

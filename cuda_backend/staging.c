@@ -8,7 +8,7 @@
  *   finish    consumer stream waits on ev_to_device; back to IDLE
  *
  * Nothing synchronizes the device or a whole stream: the host only polls events (cudaEventQuery), so
- * progress can be called between kernel launches the way exec_poll is called between GEMM tiles.
+ * progress can be called between kernel launches the way scmoe__exec_poll is called between GEMM tiles.
  * With a CUDA-aware MPI (cuda_aware = 1) there are no copies: the exchange starts on the device
  * pointers once the producer's event has completed, and the MPI library orders its own transfers.
  *
@@ -34,7 +34,7 @@
 #endif
 #endif
 
-int cuda_mpi_cuda_aware(void) {
+int scmoe__cuda_mpi_cuda_aware(void) {
 #if defined(SCMOE_WITH_MPI) && defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
     return MPIX_Query_cuda_support() == 1; /* built with CUDA; the run time says whether it is on */
 #else
@@ -79,7 +79,7 @@ static int rt_memcpy_async(void *dst, const void *src, size_t bytes, int kind, v
                                 (cudaStream_t)s);
 }
 
-const cuda_stage_ops *cuda_stage_runtime_ops(void) {
+const cuda_stage_ops *scmoe__cuda_stage_runtime_ops(void) {
     static const cuda_stage_ops ops = {rt_host_alloc,   rt_host_free,    rt_stream_create,     rt_stream_destroy,
                                        rt_event_create, rt_event_destroy, rt_event_record,      rt_stream_wait_event,
                                        rt_event_query,  rt_memcpy_async};
@@ -104,7 +104,7 @@ static scmoe_status device_fail(cuda_stage *st, const char *what, int code) {
                       code);
 }
 
-void cuda_stage_destroy(cuda_stage *st) {
+void scmoe__cuda_stage_destroy(cuda_stage *st) {
     if (!st) return;
     const cuda_stage_ops *o = st->ops;
     if (st->ev_ready) o->event_destroy(st->ev_ready);
@@ -116,13 +116,13 @@ void cuda_stage_destroy(cuda_stage *st) {
     free(st);
 }
 
-scmoe_status cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
+scmoe_status scmoe__cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
                                const cuda_stage_ops *ops) {
     if (!out) return SCMOE_ERR_NULL;
     *out = NULL;
     cuda_stage *st = calloc(1, sizeof *st);
     if (!st) return SCMOE_ERR_NOMEM;
-    st->ops = ops ? ops : cuda_stage_runtime_ops();
+    st->ops = ops ? ops : scmoe__cuda_stage_runtime_ops();
     st->cuda_aware = cuda_aware != 0;
     const cuda_stage_ops *o = st->ops;
     int e = 0;
@@ -141,10 +141,10 @@ scmoe_status cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_
     return SCMOE_OK;
 alloc_failed:
     s = e == (int)cudaErrorMemoryAllocation ? SCMOE_ERR_NOMEM : SCMOE_ERR_UNSUPPORTED;
-    cuda_stage_destroy(st);
+    scmoe__cuda_stage_destroy(st);
     return s;
 device_failed:
-    cuda_stage_destroy(st);
+    scmoe__cuda_stage_destroy(st);
     return SCMOE_ERR_UNSUPPORTED;
 }
 
@@ -163,25 +163,25 @@ static int span(const int *counts, const int *displs, int n, int elem_bytes, siz
     return 0;
 }
 
-scmoe_status cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
+scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
                               void *d_recv, const int *rcounts, const int *rdispls, int elem_bytes,
                               cudaStream_t producer) {
     if (!st) return SCMOE_ERR_NULL;
     if (!c || !scounts || !sdispls || !rcounts || !rdispls)
-        return stage_fail(st, SCMOE_ERR_NULL, "cuda_stage_begin: NULL comm or count array");
+        return stage_fail(st, SCMOE_ERR_NULL, "scmoe__cuda_stage_begin: NULL comm or count array");
     if (st->state != CUDA_STAGE_IDLE)
-        return stage_fail(st, SCMOE_ERR_STATE, "cuda_stage_begin: an exchange is already in flight (state %d)",
+        return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_begin: an exchange is already in flight (state %d)",
                           st->state);
-    if (elem_bytes < 1) return stage_fail(st, SCMOE_ERR_OPTION, "cuda_stage_begin: elem_bytes = %d", elem_bytes);
+    if (elem_bytes < 1) return stage_fail(st, SCMOE_ERR_OPTION, "scmoe__cuda_stage_begin: elem_bytes = %d", elem_bytes);
     size_t slo, shi, rlo, rhi;
     if (span(scounts, sdispls, c->size, elem_bytes, &slo, &shi) ||
         span(rcounts, rdispls, c->size, elem_bytes, &rlo, &rhi))
-        return stage_fail(st, SCMOE_ERR_OPTION, "cuda_stage_begin: a negative count or displacement");
+        return stage_fail(st, SCMOE_ERR_OPTION, "scmoe__cuda_stage_begin: a negative count or displacement");
     if ((shi && !d_send) || (rhi && !d_recv))
-        return stage_fail(st, SCMOE_ERR_NULL, "cuda_stage_begin: NULL device buffer with rows to move");
+        return stage_fail(st, SCMOE_ERR_NULL, "scmoe__cuda_stage_begin: NULL device buffer with rows to move");
     if (!st->cuda_aware && (shi > st->cap_send || rhi > st->cap_recv))
         return stage_fail(st, SCMOE_ERR_OPTION,
-                          "cuda_stage_begin: %zu bytes out / %zu in do not fit the staging buffers (%zu / %zu)", shi,
+                          "scmoe__cuda_stage_begin: %zu bytes out / %zu in do not fit the staging buffers (%zu / %zu)", shi,
                           rhi, st->cap_send, st->cap_recv);
     const cuda_stage_ops *o = st->ops;
     int e;
@@ -215,10 +215,10 @@ scmoe_status cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const
     return SCMOE_OK;
 }
 
-scmoe_status cuda_stage_progress(cuda_stage *st, int *done) {
+scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done) {
     if (!st || !done) return SCMOE_ERR_NULL;
     *done = 0;
-    if (st->state == CUDA_STAGE_IDLE) return stage_fail(st, SCMOE_ERR_STATE, "cuda_stage_progress: nothing in flight");
+    if (st->state == CUDA_STAGE_IDLE) return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_progress: nothing in flight");
     const cuda_stage_ops *o = st->ops;
     st->polls++;
     int e;
@@ -265,10 +265,10 @@ scmoe_status cuda_stage_progress(cuda_stage *st, int *done) {
     return SCMOE_OK;
 }
 
-scmoe_status cuda_stage_finish(cuda_stage *st, cudaStream_t consumer) {
+scmoe_status scmoe__cuda_stage_finish(cuda_stage *st, cudaStream_t consumer) {
     if (!st) return SCMOE_ERR_NULL;
     if (st->state != CUDA_STAGE_TO_DEVICE && st->state != CUDA_STAGE_DONE)
-        return stage_fail(st, SCMOE_ERR_STATE, "cuda_stage_finish: the exchange is not done (state %d)", st->state);
+        return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_finish: the exchange is not done (state %d)", st->state);
     if (!st->cuda_aware) {
         int e = st->ops->stream_wait_event((void *)consumer, st->ev_to_device);
         if (e) { st->state = CUDA_STAGE_IDLE; return device_fail(st, "ordering the consumer after the copy", e); }
@@ -283,17 +283,17 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-scmoe_status cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s) {
+scmoe_status scmoe__cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s) {
     if (!st) return SCMOE_ERR_NULL;
-    if (st->state == CUDA_STAGE_IDLE) return stage_fail(st, SCMOE_ERR_STATE, "cuda_stage_wait: nothing in flight");
+    if (st->state == CUDA_STAGE_IDLE) return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_wait: nothing in flight");
     double limit = timeout_s > 0 ? timeout_s : st->c->timeout_s, t0 = now_s();
     for (;;) {
         int done;
-        scmoe_status s = cuda_stage_progress(st, &done);
+        scmoe_status s = scmoe__cuda_stage_progress(st, &done);
         if (s) return s;
-        if (done) return cuda_stage_finish(st, consumer);
+        if (done) return scmoe__cuda_stage_finish(st, consumer);
         if (limit > 0 && now_s() - t0 > limit)
-            return stage_fail(st, SCMOE_ERR_TIMEOUT, "cuda_stage_wait: no completion after %.3g s (state %d)", limit,
+            return stage_fail(st, SCMOE_ERR_TIMEOUT, "scmoe__cuda_stage_wait: no completion after %.3g s (state %d)", limit,
                               st->state);
     }
 }

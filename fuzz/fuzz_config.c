@@ -10,7 +10,7 @@
  *   3. valid config: if its parameters or its workspace would be big (d_model * d_hidden * n_experts
  *      above 2^18 floats, or the estimated workspace above 2^23 floats) it is skipped BEFORE create, since
  *      a big valid config legitimately allocates a lot, unless the library's own max_tokens guard
- *      (max_tokens * (k+1) * 4 > INT32_MAX in moe_alloc) rejects it first, which is cheap and is
+ *      (max_tokens * (k+1) * 4 > INT32_MAX in scmoe__moe_alloc) rejects it first, which is cheap and is
  *      exercised. Otherwise create must succeed (ep_size > 1 on one rank: SCMOE_ERR_EP_SIZE).
  *   4. one training forward + backward with tiny B, T (inputs from the fuzz bytes, finite or not):
  *      NONFINITE exactly when check_finite and the input holds NaN/Inf; with moderate settings the
@@ -136,7 +136,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (!ctx && scmoe_context_create(&ctx) != SCMOE_OK) __builtin_trap();
     fuzz_in in = {data, size, 0};
     scmoe_config c = config_from(&in);
-    /* BUG huge-capacity-factor: validate accepts any finite capacity factor, but route_capacity's
+    /* BUG huge-capacity-factor: validate accepts any finite capacity factor, but scmoe__route_capacity's
      * (int64_t)(cf * per) overflows (undefined; on x86 it gives INT64_MIN, so capacity 0 and every
      * token dropped) once cf * ceil(S/E) >= 2^63 / k */
     if ((fabsf(c.capacity_factor) > 100.0f || fabsf(c.eval_capacity_factor) > 100.0f) && known_bug("huge-capacity-factor")) {

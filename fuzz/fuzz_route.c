@@ -4,8 +4,8 @@
  * priority, tokens per rank, a capacity (the library's formula from a capacity factor, or any raw
  * value), every global token's routing record (k distinct expert ids, then the top-1 score), and last
  * the pipeline's chunks (0..16; 0 when the input ends before, as in corpora older than the option).
- * All P ranks are simulated in this one process: route_plan_build is called once per rank with the
- * same global records, each plan in buffers sized exactly as moe_alloc sizes them (ASan catches any
+ * All P ranks are simulated in this one process: scmoe__route_plan_build is called once per rank with the
+ * same global records, each plan in buffers sized exactly as scmoe__moe_alloc sizes them (ASan catches any
  * write past them), and the union of the plans is checked:
  *
  *   - global counts identical on every rank: tokens = S, sum expert_count = S*k,
@@ -18,7 +18,7 @@
  *     (the all-to-all's two sides agree), recv_displs are prefix sums, n_recv fits the buffer;
  *   - the exchange simulated row by row: recv_to_expert is a permutation of 0..n_recv-1,
  *     expert_offsets (per stage and expert) start at 0, are monotone and end at n_recv, every row lands
- *     in the block of its stage (route_stage_range of its source block) and expert, each expert's rows
+ *     in the block of its stage (scmoe__route_stage_range of its source block) and expert, each expert's rows
  *     of a stage are in location order, and every kept (token, choice) of a group reaches exactly one
  *     expert-buffer row of the rank owning its expert in that group;
  *   - the combine (the same plan mirrored) brings every row back to its slot;
@@ -49,13 +49,13 @@ typedef struct plan_bufs {
     int max_recv, max_send;
 } plan_bufs;
 
-/* The plan's arrays, each its own allocation of exactly the size moe_alloc gives it. */
+/* The plan's arrays, each its own allocation of exactly the size scmoe__moe_alloc gives it. */
 static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int world, int k, float cf_hi, int chunks) {
-    int El = E / ep_size, ns = route_stages(chunks);
+    int El = E / ep_size, ns = scmoe__route_stages(chunks);
     int64_t S_max = (int64_t)max_tokens * world;
     int64_t recv = (int64_t)max_tokens * ep_size * k;
     if (cf_hi > 0) {
-        int64_t cap = route_capacity(S_max, E, k, cf_hi); /* as moe_alloc: INT64_MAX is dropless */
+        int64_t cap = scmoe__route_capacity(S_max, E, k, cf_hi); /* as scmoe__moe_alloc: INT64_MAX is dropless */
         if (cap <= recv / El) recv = cap * El;
     }
     b->max_recv = (int)recv;
@@ -73,7 +73,7 @@ static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int wor
     pl->expert_offsets = malloc(sizeof(int) * (ns * El + 1));
     pl->slot = malloc(sizeof(int) * (b->max_send ? b->max_send : 1));
     pl->recv_to_expert = malloc(sizeof(int) * (b->max_recv ? b->max_recv : 1));
-    b->work = malloc(route_workspace_bytes(S_max, k) + 1);
+    b->work = malloc(scmoe__route_workspace_bytes(S_max, k) + 1);
 }
 
 static void plan_free(plan_bufs *b) {
@@ -92,7 +92,7 @@ static int ref_cmp(const void *a, const void *b) {
     return x->token - y->token;
 }
 
-/* Capacity per source rank (route_plan_local_send / _recv): each rank plans its own slice alone, the
+/* Capacity per source rank (scmoe__route_plan_local_send / _recv): each rank plans its own slice alone, the
  * receivers only get the per-(expert, round) counts. Checked: a rank's send side is exactly a one-rank
  * GLOBAL plan of its slice with its own capacity (raw: the same for every rank); its counts add up to
  * its send blocks; on the receive side, recv_counts match the senders' blocks, recv_to_expert is a
@@ -102,20 +102,20 @@ static int ref_cmp(const void *a, const void *b) {
 static void local_scope(const int32_t *rec, const int *tokens, const int64_t *first_tok, int world, int ep_size, int E,
                         int k, scmoe_priority prio, int64_t raw_cap, float cf, int chunks, int max_tokens,
                         const int64_t *gref, const int64_t *estart, const int64_t *cnt) {
-    int El = E / ep_size, msg = 1 + El * k, stride = k + 1, ns = route_stages(chunks);
+    int El = E / ep_size, msg = 1 + El * k, stride = k + 1, ns = scmoe__route_stages(chunks);
     plan_bufs lb[MAX_WORLD], ob;
     int32_t *out[MAX_WORLD], *in = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
     int64_t *sendrow[MAX_WORLD];
     for (int r = 0; r < world; r++) {
         int n = tokens[r];
-        int64_t cap = raw_cap >= 0 ? raw_cap : route_capacity(n, E, k, cf);
+        int64_t cap = raw_cap >= 0 ? raw_cap : scmoe__route_capacity(n, E, k, cf);
         const int32_t *mine = rec + first_tok[r] * stride;
         plan_alloc(&lb[r], E, ep_size, max_tokens, 1, k, 0.0f, chunks);
         out[r] = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
-        route_plan_local_send(&lb[r].pl, lb[r].work, mine, n, ep_size, E, k, prio, cap, out[r]);
+        scmoe__route_plan_local_send(&lb[r].pl, lb[r].work, mine, n, ep_size, E, k, prio, cap, out[r]);
         plan_alloc(&ob, E, 1, max_tokens, 1, k, 0.0f, 0);
         int one = n;
-        route_plan_build(&ob.pl, ob.work, mine, &one, 1, 0, 1, E, k, prio, cap, 0);
+        scmoe__route_plan_build(&ob.pl, ob.work, mine, &one, 1, 0, 1, E, k, prio, cap, 0);
         const route_plan *pl = &lb[r].pl;
         REQUIRE(pl->n_send == ob.pl.n_send && pl->tokens == n && pl->dropped == ob.pl.dropped);
         for (int e = 0; e < E; e++) REQUIRE(pl->expert_kept[e] == ob.pl.expert_kept[e]);
@@ -135,7 +135,7 @@ static void local_scope(const int32_t *rec, const int *tokens, const int64_t *fi
         int g = r / ep_size, q = r % ep_size, first_e = q * El;
         for (int p = 0; p < ep_size; p++) memcpy(in + (size_t)p * msg, out[g * ep_size + p] + (size_t)q * msg, sizeof(int32_t) * msg);
         route_plan *pl = &lb[r].pl;
-        route_plan_local_recv(pl, in, ep_size, q, El, k, chunks);
+        scmoe__route_plan_local_recv(pl, in, ep_size, q, El, k, chunks);
         REQUIRE(pl->n_stages == ns);
         int off = 0;
         for (int p = 0; p < ep_size; p++) {
@@ -164,7 +164,7 @@ static void local_scope(const int32_t *rec, const int *tokens, const int64_t *fi
                     REQUIRE(a >= 0 && rec[(a / k) * stride + a % k] == first_e + e);
                     int p = 0, lo, hi;
                     while (from[i] >= pl->recv_displs[p] + pl->recv_counts[p]) p++;
-                    route_stage_range(ns, st, p == q, pl->recv_counts[p], &lo, &hi);
+                    scmoe__route_stage_range(ns, st, p == q, pl->recv_counts[p], &lo, &hi);
                     REQUIRE(from[i] - pl->recv_displs[p] >= lo && from[i] - pl->recv_displs[p] < hi);
                 }
             }
@@ -215,10 +215,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int64_t capacity;
     float cf_hi = cf;
     if (cap_mode < 192) {
-        capacity = route_capacity(S, E, k, cf);
+        capacity = scmoe__route_capacity(S, E, k, cf);
     } else {
         /* a raw capacity: the plan must be consistent for any value; the buffers are then sized for
-         * dropless (the layer never does this, it always uses route_capacity) */
+         * dropless (the layer never does this, it always uses scmoe__route_capacity) */
         capacity = (int64_t)(take_u16(&in) % (S * k + 3));
         cf_hi = 0.0f;
     }
@@ -228,7 +228,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     for (int64_t t = 0; t < S; t++) {
         int32_t *r = rec + t * stride;
         for (int j = 0; j < k; j++) {
-            /* k distinct experts, as gate_topk produces */
+            /* k distinct experts, as scmoe__gate_topk produces */
             int e = take_u8(&in) % E;
             for (int tries = 0;; tries++) {
                 int dup = 0;
@@ -243,17 +243,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (isnan(sc)) any_nan = 1;
         memcpy(&r[k], &sc, sizeof sc);
     }
-    int chunks = take_u8(&in) % (SCMOE_MAX_PIPELINE_CHUNKS + 1), ns = route_stages(chunks);
+    int chunks = take_u8(&in) % (SCMOE_MAX_PIPELINE_CHUNKS + 1), ns = scmoe__route_stages(chunks);
 
     /* plans: one per rank, and the one-rank reference over the same records */
     plan_bufs pb[MAX_WORLD], one;
     for (int r = 0; r < world; r++) {
         plan_alloc(&pb[r], E, ep_size, max_tokens, world, k, cf_hi, chunks);
-        route_plan_build(&pb[r].pl, pb[r].work, rec, tokens, world, r, ep_size, E, k, prio, capacity, chunks);
+        scmoe__route_plan_build(&pb[r].pl, pb[r].work, rec, tokens, world, r, ep_size, E, k, prio, capacity, chunks);
     }
     int one_tokens = (int)S;
     plan_alloc(&one, E, 1, one_tokens > 0 ? one_tokens : 1, 1, k, cf_hi, 0);
-    route_plan_build(&one.pl, one.work, rec, &one_tokens, 1, 0, 1, E, k, prio, capacity, 0);
+    scmoe__route_plan_build(&one.pl, one.work, rec, &one_tokens, 1, 0, 1, E, k, prio, capacity, 0);
 
     /* independent recomputation of the locations */
     int *order = malloc(sizeof(int) * (size_t)(S ? S : 1));
@@ -400,7 +400,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                     /* the stage of its receive row, as both sides of the exchange split the block */
                     int p = 0, lo, hi;
                     while (from[i] >= pl->recv_displs[p] + pl->recv_counts[p]) p++;
-                    route_stage_range(ns, st, p == q, pl->recv_counts[p], &lo, &hi);
+                    scmoe__route_stage_range(ns, st, p == q, pl->recv_counts[p], &lo, &hi);
                     REQUIRE(from[i] - pl->recv_displs[p] >= lo && from[i] - pl->recv_displs[p] < hi);
                 }
         /* P ranks route as one: expert e's rows here are the one-rank plan's rows of expert e that

@@ -10,7 +10,7 @@
 #include <float.h>
 #include <math.h>
 
-void attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
+void scmoe__attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
                        int causal) {
     int hd = d / H, ld = 3 * d;
     float scale = 1.0f / sqrtf((float)hd);
@@ -19,7 +19,7 @@ void attention_forward(const exec *ex, float *out, float *att, const float *qkv,
         int b = bh / H, h = bh % H;
         const float *q = qkv + (long)b * T * ld + h * hd, *k = q + d, *v = q + 2 * d;
         float *P = att + (long)bh * T * T;
-        exec_gemm_one(ex, 0, 1, T, T, hd, scale, q, ld, k, ld, 0.0f, P, T);
+        scmoe__exec_gemm_one(ex, 0, 1, T, T, hd, scale, q, ld, k, ld, 0.0f, P, T);
         for (int i = 0; i < T; i++) {
             float *row = P + (long)i * T;
             int n = causal ? i + 1 : T;
@@ -29,12 +29,12 @@ void attention_forward(const exec *ex, float *out, float *att, const float *qkv,
             for (int j = 0; j < n; j++) row[j] /= s;
             for (int j = n; j < T; j++) row[j] = 0.0f;
         }
-        exec_gemm_one(ex, 0, 0, T, hd, T, 1.0f, P, T, v, ld, 0.0f, out + (long)b * T * d + h * hd, d);
-        exec_poll(ex);
+        scmoe__exec_gemm_one(ex, 0, 0, T, hd, T, 1.0f, P, T, v, ld, 0.0f, out + (long)b * T * d + h * hd, d);
+        scmoe__exec_poll(ex);
     }
 }
 
-void attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
+void scmoe__attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
                         const float *att, int B, int T, int d, int H, int causal) {
     (void)causal; /* masked entries of P are 0, so their gradients vanish on their own */
     int hd = d / H, ld = 3 * d;
@@ -46,16 +46,16 @@ void attention_backward(const exec *ex, float *dqkv, float *datt, const float *d
         float *dq = dqkv + (long)b * T * ld + h * hd, *dk = dq + d, *dv = dq + 2 * d;
         const float *P = att + (long)bh * T * T, *dO = dout + (long)b * T * d + h * hd;
         float *dS = datt + (long)bh * T * T;
-        exec_gemm_one(ex, 1, 0, T, hd, T, 1.0f, P, T, dO, d, 0.0f, dv, ld);
-        exec_gemm_one(ex, 0, 1, T, T, hd, 1.0f, dO, d, v, ld, 0.0f, dS, T);
+        scmoe__exec_gemm_one(ex, 1, 0, T, hd, T, 1.0f, P, T, dO, d, 0.0f, dv, ld);
+        scmoe__exec_gemm_one(ex, 0, 1, T, T, hd, 1.0f, dO, d, v, ld, 0.0f, dS, T);
         for (int i = 0; i < T; i++) {
             const float *pr = P + (long)i * T;
             float *dr = dS + (long)i * T, dot = 0.0f;
             for (int j = 0; j < T; j++) dot += pr[j] * dr[j];
             for (int j = 0; j < T; j++) dr[j] = pr[j] * (dr[j] - dot);
         }
-        exec_gemm_one(ex, 0, 0, T, hd, T, scale, dS, T, k, ld, 0.0f, dq, ld);
-        exec_gemm_one(ex, 1, 0, T, hd, T, scale, dS, T, q, ld, 0.0f, dk, ld);
-        exec_poll(ex);
+        scmoe__exec_gemm_one(ex, 0, 0, T, hd, T, scale, dS, T, k, ld, 0.0f, dq, ld);
+        scmoe__exec_gemm_one(ex, 1, 0, T, hd, T, scale, dS, T, q, ld, 0.0f, dk, ld);
+        scmoe__exec_poll(ex);
     }
 }

@@ -4,31 +4,31 @@
  * and for the operands of bf16 GEMMs (SCMOE_PRECISION_BF16). */
 #include "kernels.h"
 
-void bf16_pack(uint16_t *dst, const float *src, size_t n) {
+void scmoe__bf16_pack(uint16_t *dst, const float *src, size_t n) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) dst[i] = bf16_from_float(src[i]);
 }
 
-void bf16_unpack(float *dst, const uint16_t *src, size_t n) {
+void scmoe__bf16_unpack(float *dst, const uint16_t *src, size_t n) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) dst[i] = bf16_to_float(src[i]);
 }
 
 /* The strided forms: rows x cols of a matrix with row stride ld, written densely (stride cols). */
-void bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld) {
+void scmoe__bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) dst[(size_t)i * cols + j] = bf16_from_float(src[(size_t)i * ld + j]);
 }
 
-void bf16_unpack_rows(float *dst, const uint16_t *src, int rows, int cols, int ld) {
+void scmoe__bf16_unpack_rows(float *dst, const uint16_t *src, int rows, int cols, int ld) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) dst[(size_t)i * cols + j] = bf16_to_float(src[(size_t)i * ld + j]);
 }
 
 /* float -> bf16 -> float in one pass: the value a bf16 GEMM operand carries, as a float */
-void bf16_round_rows(float *dst, const float *src, int rows, int cols, int ld) {
+void scmoe__bf16_round_rows(float *dst, const float *src, int rows, int cols, int ld) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++) dst[(size_t)i * cols + j] = bf16_to_float(bf16_from_float(src[(size_t)i * ld + j]));

@@ -3,11 +3,11 @@
  *
  *   c_i = sigmoid(w_cg . m_i)   (1 without a gate: direct add)        y_i = a_i + c_i s_i
  * Backward, from dy:
- *   ds_i = c_i dy_i,   dz_i = (dy_i . s_i) c_i (1 - c_i),   dm_i += dz_i w_cg   (add_outer),   dw_cg += m^T dz */
+ *   ds_i = c_i dy_i,   dz_i = (dy_i . s_i) c_i (1 - c_i),   dm_i += dz_i w_cg   (scmoe__add_outer),   dw_cg += m^T dz */
 #include "kernels.h"
 #include <math.h>
 
-void cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
+void scmoe__cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
                         int n, int d) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
@@ -24,7 +24,7 @@ void cg_combine_forward(float *y, float *cgate, const float *a, const float *s, 
     }
 }
 
-void cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d) {
+void scmoe__cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         const float *dyi = dy + (size_t)i * d, *si = s + (size_t)i * d;
@@ -34,7 +34,7 @@ void cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, 
     }
 }
 
-void add_outer(float *out, const float *u, const float *v, int n, int d) {
+void scmoe__add_outer(float *out, const float *u, const float *v, int n, int d) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++)
         for (int j = 0; j < d; j++) out[(size_t)i * d + j] += u[i] * v[j];

@@ -91,6 +91,6 @@ struct compute_ops {
 };
 
 /* The host backend: kernels/ on host memory. */
-const compute_ops *compute_host(void);
+const compute_ops *scmoe__compute_host(void);
 
 #endif

@@ -1,7 +1,7 @@
 #include "exec.h"
 #include <omp.h>
 
-void exec_poll(const exec *ex) {
+void scmoe__exec_poll(const exec *ex) {
     if (ex->poll && omp_get_thread_num() == 0) ex->poll(ex->poll_arg);
 }
 
@@ -30,21 +30,21 @@ static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int
         /* column n0 of op(B): B + n0 untransposed, B + n0*ldb (row n0) transposed */
         const float *b = trans_b ? B + (long)n0 * ldb : B + n0;
         gemm(ex, bf16, trans_a, trans_b, M, n, K, alpha, A, lda, b, ldb, beta, C + n0, ldc);
-        if (n0 + n < N) exec_poll(ex);
+        if (n0 + n < N) scmoe__exec_poll(ex);
     }
 }
 
-void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+void scmoe__exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     tiled(ex, ex->bf16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-void exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+void scmoe__exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                     const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     tiled(ex, 0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-void exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+void scmoe__exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     gemm(ex, ex->bf16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

@@ -1,9 +1,9 @@
-/* exec.h: what every kernel runs with: the GEMM backend, the compute backend and the progress hook. exec_gemm splits a
+/* exec.h: what every kernel runs with: the GEMM backend, the compute backend and the progress hook. scmoe__exec_gemm splits a
  * GEMM's output columns into tiles of poll_cols; while a nonblocking exchange is in flight the
  * schedule sets poll, called between tiles, so MPI moves bytes while the GEMM computes.
  *
- * Precision (scmoe_config.precision): with bf16 set, exec_gemm and exec_gemm_one run the backend's
- * gemm_bf16 (bf16 operands, fp32 accumulation); exec_gemm_fp32 always runs fp32 (the gates). An operand
+ * Precision (scmoe_config.precision): with bf16 set, scmoe__exec_gemm and scmoe__exec_gemm_one run the backend's
+ * gemm_bf16 (bf16 operands, fp32 accumulation); scmoe__exec_gemm_fp32 always runs fp32 (the gates). An operand
  * inside the layer's weights [w, w + wn) is read from their bf16 copy wb at the same offset, so weights
  * are rounded once per change (scmoe_*_params_changed), not once per GEMM. */
 #ifndef SCMOE_EXEC_H
@@ -19,26 +19,26 @@ typedef struct exec {
     void (*poll)(void *arg);   /* NULL: nothing in flight */
     void *poll_arg;
     int poll_cols;
-    const compute_ops *compute; /* NULL: compute_host() */
+    const compute_ops *compute; /* NULL: scmoe__compute_host() */
     int bf16;                   /* GEMMs in bf16 (blas->gemm_bf16) */
     const float *w;             /* the weights, and their bf16 copy (NULL: none, operands rounded per GEMM) */
     const uint16_t *wb;
     size_t wn;
 } exec;
 
-static inline const compute_ops *exec_compute(const exec *ex) { return ex->compute ? ex->compute : compute_host(); }
+static inline const compute_ops *exec_compute(const exec *ex) { return ex->compute ? ex->compute : scmoe__compute_host(); }
 
 /* Calls the poll hook, from the master thread only (MPI is initialised FUNNELED at least). */
-void exec_poll(const exec *ex);
+void scmoe__exec_poll(const exec *ex);
 
 /* exec->blas->gemm (or gemm_bf16) over column tiles of poll_cols, with a poll between tiles while one is set. */
-void exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+void scmoe__exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
 /* one GEMM, untiled, in the exec's precision (a task of a parallel loop: attention's heads) */
-void exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+void scmoe__exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
-/* exec_gemm in fp32 whatever the precision */
-void exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
+/* scmoe__exec_gemm in fp32 whatever the precision */
+void scmoe__exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
                     const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
 #endif

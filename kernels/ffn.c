@@ -6,8 +6,8 @@
  * The elementwise passes are written to vectorize (exp_fast, omp simd): with scalar tanhf they cost
  * as much as the GEMMs (bench/bench_experts).
  *
- * Backward: dhid = dout W2^T, dW2 += hid^T dout, db2 += sum_rows dout, dpre = act'(pre) . dhid,
- *           dW1 += x^T dpre, db1 += sum_rows dpre, dx = dpre W1^T (+ beta dx). */
+ * Backward: dhid = dout W2^T, dW2 += hid^T dout, db2 += scmoe__sum_rows dout, dpre = act'(pre) . dhid,
+ *           dW1 += x^T dpre, db1 += scmoe__sum_rows dpre, dx = dpre W1^T (+ beta dx). */
 #include "kernels.h"
 #include <math.h>
 #include <stdint.h>
@@ -35,7 +35,7 @@ static inline float exp_fast(float x) {
 /* acc[c] += sum_i x[i, c]. Threads take blocks of 512 columns and stream whole row segments; each
  * column is summed over rows in order, so the result does not depend on the thread count. */
 SCMOE_SIMD_CLONES
-void sum_rows(float *acc, const float *x, int N, int C) {
+void scmoe__sum_rows(float *acc, const float *x, int N, int C) {
     enum { W = 512 };
     int blocks = (C + W - 1) / W;
 #pragma omp parallel for schedule(static)
@@ -51,15 +51,15 @@ void sum_rows(float *acc, const float *x, int N, int C) {
     }
 }
 
-void broadcast_rows(float *out, const float *b, int N, int C) {
+void scmoe__broadcast_rows(float *out, const float *b, int N, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) memcpy(out + (size_t)i * C, b, sizeof(float) * C);
 }
 
 /* pre += b (when b is given), then hid = act(pre); gelu(z) = 0.5 z (1 + tanh u) = z sigmoid(2u). */
 SCMOE_SIMD_CLONES
-void activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act) {
-    int h1 = ffn_width(h, act);
+void scmoe__activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act) {
+    int h1 = scmoe__ffn_width(h, act);
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         float *p = pre + (size_t)i * h1, *o = hid + (size_t)i * h;
@@ -84,7 +84,7 @@ void activation_forward(float *hid, float *pre, const float *b, int N, int h, sc
 /* With s = sigmoid(2u): gelu'(z) = s + 2 z s (1 - s) u'(z), u'(z) = sqrt(2/pi) (1 + 3 * 0.044715 z^2);
  * silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g). */
 SCMOE_SIMD_CLONES
-void activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act) {
+void scmoe__activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         const float *dh = dhid + (size_t)i * h;
@@ -109,30 +109,30 @@ void activation_backward(float *dpre, const float *dhid, const float *pre, int N
     }
 }
 
-int ffn_width(int h, scmoe_activation act) { return act == SCMOE_SWIGLU ? 2 * h : h; }
+int scmoe__ffn_width(int h, scmoe_activation act) { return act == SCMOE_SWIGLU ? 2 * h : h; }
 
-void ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
+void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
                  const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act) {
     if (N <= 0) return;
-    int h1 = ffn_width(h, act);
+    int h1 = scmoe__ffn_width(h, act);
     const compute_ops *co = exec_compute(ex);
-    exec_gemm(ex, 0, 0, N, h1, d, 1.0f, x, d, w1, h1, 0.0f, pre, h1);
+    scmoe__exec_gemm(ex, 0, 0, N, h1, d, 1.0f, x, d, w1, h1, 0.0f, pre, h1);
     co->activation_forward(co, hid, pre, b1, N, h, act);
     co->broadcast_rows(co, out, b2, N, d);
-    exec_gemm(ex, 0, 0, N, d, h, 1.0f, hid, h, w2, d, 1.0f, out, d);
+    scmoe__exec_gemm(ex, 0, 0, N, d, h, 1.0f, hid, h, w2, d, 1.0f, out, d);
 }
 
-void ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
+void scmoe__ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
                   float *dhid, float *dpre, const float *dout, const float *x, const float *pre, const float *hid,
                   const float *w1, const float *w2, int N, int d, int h, scmoe_activation act) {
     if (N <= 0) return;
-    int h1 = ffn_width(h, act);
+    int h1 = scmoe__ffn_width(h, act);
     const compute_ops *co = exec_compute(ex);
-    exec_gemm(ex, 0, 1, N, h, d, 1.0f, dout, d, w2, d, 0.0f, dhid, h);
-    exec_gemm(ex, 1, 0, h, d, N, 1.0f, hid, h, dout, d, 1.0f, dw2, d);
+    scmoe__exec_gemm(ex, 0, 1, N, h, d, 1.0f, dout, d, w2, d, 0.0f, dhid, h);
+    scmoe__exec_gemm(ex, 1, 0, h, d, N, 1.0f, hid, h, dout, d, 1.0f, dw2, d);
     co->sum_rows(co, db2, dout, N, d);
     co->activation_backward(co, dpre, dhid, pre, N, h, act);
-    exec_gemm(ex, 1, 0, d, h1, N, 1.0f, x, d, dpre, h1, 1.0f, dw1, h1);
+    scmoe__exec_gemm(ex, 1, 0, d, h1, N, 1.0f, x, d, dpre, h1, 1.0f, dw1, h1);
     co->sum_rows(co, db1, dpre, N, h1);
-    exec_gemm(ex, 0, 1, N, d, h1, 1.0f, dpre, h1, w1, h1, beta_dx, dx, d);
+    scmoe__exec_gemm(ex, 0, 1, N, d, h1, 1.0f, dpre, h1, w1, h1, beta_dx, dx, d);
 }

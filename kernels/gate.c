@@ -13,22 +13,22 @@
 #include <float.h>
 #include <math.h>
 
-void gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
+void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
                   int64_t token_offset) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++)
         gate_softmax_row(logits + (long)i * E, p + (long)i * E, lse + i, E, noise_std, seed, step, token_offset + i);
 }
 
-void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
+void scmoe__gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
                   int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
     if (N <= 0) return;
     const compute_ops *co = exec_compute(ex);
-    exec_gemm_fp32(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
+    scmoe__exec_gemm_fp32(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
     co->gate_softmax(co, logits, p, lse, N, E, noise_std, seed, step, token_offset);
 }
 
-void gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize) {
+void scmoe__gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++)
         gate_topk_row(choice + (long)i * k, weight + (long)i * k, score + i, p + (long)i * E, E, k, renormalize);
@@ -48,7 +48,7 @@ static void weight_backward(float *dp, const float *dw, const int *c, const floa
     }
 }
 
-void gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
+void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
                           const float *aux_coef, float z_coef, int N, int E, int k, int renormalize) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
@@ -64,12 +64,12 @@ void gate_backward_logits(float *dlogits, const float *dweight, const int *choic
     }
 }
 
-void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
+void scmoe__gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
                    const int *choice, const float *p, const float *lse, const float *x, const float *wg,
                    const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize) {
     if (N <= 0) return;
     const compute_ops *co = exec_compute(ex);
     co->gate_backward_logits(co, dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize);
-    exec_gemm_fp32(ex, 1, 0, d, E, N, 1.0f, x, d, dlogits, E, 1.0f, dwg, E);
-    exec_gemm_fp32(ex, 0, 1, N, d, E, 1.0f, dlogits, E, wg, E, beta_dx, dx, d);
+    scmoe__exec_gemm_fp32(ex, 1, 0, d, E, N, 1.0f, x, d, dlogits, E, 1.0f, dwg, E);
+    scmoe__exec_gemm_fp32(ex, 0, 1, N, d, E, 1.0f, dlogits, E, wg, E, beta_dx, dx, d);
 }

@@ -22,39 +22,39 @@
 #endif
 
 /* layernorm.c: dx accumulates (+=) */
-void layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
                        int N, int C);
-void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
+void scmoe__layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
                         const float *mean, const float *rstd, int N, int C);
 
-/* ffn.c: pre [N, ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
-int ffn_width(int h, scmoe_activation act);
-void sum_rows(float *acc, const float *x, int N, int C);
-void broadcast_rows(float *out, const float *b, int N, int C);
+/* ffn.c: pre [N, scmoe__ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
+int scmoe__ffn_width(int h, scmoe_activation act);
+void scmoe__sum_rows(float *acc, const float *x, int N, int C);
+void scmoe__broadcast_rows(float *out, const float *b, int N, int C);
 /* pre += b (b may be NULL), then hid = act(pre) */
-void activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act);
-void activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
-void ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
+void scmoe__activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act);
+void scmoe__activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
+void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
                  const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act);
-void ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
+void scmoe__ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
                   float *dhid, float *dpre, const float *dout, const float *x, const float *pre, const float *hid,
                   const float *w1, const float *w2, int N, int d, int h, scmoe_activation act);
 
 /* gate.c */
 /* logits [N, E] in (noise added in place), p [N, E] = softmax, lse [N] = logsumexp */
-void gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
+void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
                   int64_t token_offset);
-/* logits = x Wg, then gate_softmax */
-void gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
+/* logits = x Wg, then scmoe__gate_softmax */
+void scmoe__gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
                   int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset);
 /* choice [N, k], weight [N, k] (after renormalisation), score [N] = top-1 probability */
-void gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize);
-/* dlogits [N, E] = dL/dlogits (the part of gate_backward before its GEMMs) */
-void gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
+void scmoe__gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize);
+/* dlogits [N, E] = dL/dlogits (the part of scmoe__gate_backward before its GEMMs) */
+void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
                           const float *aux_coef, float z_coef, int N, int E, int k, int renormalize);
 /* dweight [N, k] = dL/dweight; aux_coef [E] = dL/dp[s, e] from the aux loss (NULL: none);
  * z_coef = w_z / S. dlogits [N, E] is scratch. dx = dlogits Wg^T + beta_dx * dx. */
-void gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
+void scmoe__gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
                    const int *choice, const float *p, const float *lse, const float *x, const float *wg,
                    const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize);
 
@@ -73,41 +73,41 @@ typedef struct route_plan {
 
 /* C = k*floor(cf*ceil(S/E)) slots per expert as the config asks for them, -1 when dropless (cf <= 0) */
 int64_t scmoe__route_slots(int64_t S, int E, int k, float cf);
-int64_t route_capacity(int64_t S, int E, int k, float cf);
-size_t route_workspace_bytes(int64_t S_max, int k);
+int64_t scmoe__route_capacity(int64_t S, int E, int k, float cf);
+size_t scmoe__route_workspace_bytes(int64_t S_max, int k);
 /* records: per global token (rank-major), k int32 expert ids then the top-1 probability's bits;
  * chunks: 0, or the peers' blocks split in chunks stages after the own block's (pipelining) */
-void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
+void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
                       int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks);
 /* capacity per source rank: the send side from this rank's n records alone (capacity its own C);
  * counts [ep_size][1 + E_local*k]: for each peer, words 1.. = rows kept for its expert e in round j at
- * 1 + e*k + j (word 0 is left to the caller). work: route_workspace_bytes(n, k). */
-void route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+ * 1 + e*k + j (word 0 is left to the caller). work: scmoe__route_workspace_bytes(n, k). */
+void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
                            scmoe_priority priority, int64_t capacity, int32_t *counts);
 /* the receive side from every source's counts (as sent above, indexed by source) */
-void route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
+void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
                            int chunks);
 /* stages of a plan with this many chunks */
-int route_stages(int chunks);
+int scmoe__route_stages(int chunks);
 /* [*lo, *hi): the rows of a block of count rows to or from one peer (own: this rank's block) in stage s */
-void route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi);
+void scmoe__route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi);
 
 /* rows.c: the MoE's row moves (slot: the route plan's, -1 dropped); see rows.c for the math */
-void pack_rows(float *send, const float *x, const int *slot, int n, int k, int d);
-void permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter);
-void decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d);
-void decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
+void scmoe__pack_rows(float *send, const float *x, const int *slot, int n, int k, int d);
+void scmoe__permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter);
+void scmoe__decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d);
+void scmoe__decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
                           const float *weight, int n, int k, int d);
 
 /* combine.c: y = a + c s with c = sigmoid(w_cg . m) (wcg NULL: 1), cgate [n] = c; its backward
  * (ds = c dy, dz = (dy . s) c (1 - c)); out[i, j] += u[i] v[j] */
-void cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
+void scmoe__cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
                         int n, int d);
-void cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d);
-void add_outer(float *out, const float *u, const float *v, int n, int d);
+void scmoe__cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d);
+void scmoe__add_outer(float *out, const float *u, const float *v, int n, int d);
 
 /* compute_host.c: 1 if any of x[0..n) is NaN or Inf */
-int has_nonfinite(const float *x, size_t n);
+int scmoe__has_nonfinite(const float *x, size_t n);
 
 /* bf16.c: round-to-nearest-even float -> bfloat16, and back. One value: rounding to nearest even on
  * the dropped 16 bits, a NaN kept quiet; widening is exact. */
@@ -123,18 +123,18 @@ static inline float bf16_to_float(uint16_t h) {
     memcpy(&x, &u, sizeof x);
     return x;
 }
-void bf16_pack(uint16_t *dst, const float *src, size_t n);
-void bf16_unpack(float *dst, const uint16_t *src, size_t n);
+void scmoe__bf16_pack(uint16_t *dst, const float *src, size_t n);
+void scmoe__bf16_unpack(float *dst, const uint16_t *src, size_t n);
 /* rows x cols of a matrix with row stride ld, written densely (row stride cols); round: to bf16 and
  * back, the float a bf16 GEMM operand stands for */
-void bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld);
-void bf16_unpack_rows(float *dst, const uint16_t *src, int rows, int cols, int ld);
-void bf16_round_rows(float *dst, const float *src, int rows, int cols, int ld);
+void scmoe__bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld);
+void scmoe__bf16_unpack_rows(float *dst, const uint16_t *src, int rows, int cols, int ld);
+void scmoe__bf16_round_rows(float *dst, const float *src, int rows, int cols, int ld);
 
 /* attention.c: att, datt [B, H, T, T]; dqkv overwritten */
-void attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
+void scmoe__attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
                        int causal);
-void attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
+void scmoe__attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
                         const float *att, int B, int T, int d, int H, int causal);
 
 #endif

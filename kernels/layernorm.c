@@ -4,13 +4,13 @@
  *   xhat = (x - mean) * rstd, y = w * xhat + b
  *
  * Backward, with g = w * dy:
- *   dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)),  dw += sum_rows dy * xhat,  db += sum_rows dy
+ *   dx = rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)),  dw += scmoe__sum_rows dy * xhat,  db += scmoe__sum_rows dy
  * Parameter gradients sum rows in a fixed order (columns in parallel), so they are deterministic. */
 #include "kernels.h"
 #include <math.h>
 
 SCMOE_SIMD_CLONES
-void layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
                        int N, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
@@ -30,7 +30,7 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *x, con
 }
 
 SCMOE_SIMD_CLONES
-void layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
+void scmoe__layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
                         const float *mean, const float *rstd, int N, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {

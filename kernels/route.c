@@ -1,4 +1,4 @@
-/* route.c: who goes where. GLOBAL capacity (route_plan_build): from every rank's routing choices (the
+/* route.c: who goes where. GLOBAL capacity (scmoe__route_plan_build): from every rank's routing choices (the
  * global batch, gathered), each rank computes the same slot assignment and then its own part of the
  * exchange plan. LOCAL capacity (route_plan_local_*, at the end): each rank locates its own tokens,
  * and receivers learn only per-expert counts.
@@ -45,14 +45,14 @@ int64_t scmoe__route_slots(int64_t S, int E, int k, float cf) {
     return c >= 9.2e18 ? INT64_MAX : (int64_t)c;
 }
 
-int64_t route_capacity(int64_t S, int E, int k, float cf) {
+int64_t scmoe__route_capacity(int64_t S, int E, int k, float cf) {
     int64_t c = scmoe__route_slots(S, E, k, cf);
     return c < 0 || c >= S * k ? INT64_MAX : c; /* a capacity no expert can fill is dropless */
 }
 
-int route_stages(int chunks) { return chunks > 0 ? chunks + 1 : 1; }
+int scmoe__route_stages(int chunks) { return chunks > 0 ? chunks + 1 : 1; }
 
-void route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi) {
+void scmoe__route_stage_range(int n_stages, int s, int own, int count, int *lo, int *hi) {
     int C = n_stages - 1, c = s - 1;
     if (own || n_stages == 1) {
         *lo = 0;
@@ -72,7 +72,7 @@ static int stage_of(int n_stages, int own, int o, int count) {
     return 1 + (int)(((int64_t)(o + 1) * C - 1) / count);
 }
 
-size_t route_workspace_bytes(int64_t S_max, int k) {
+size_t scmoe__route_workspace_bytes(int64_t S_max, int k) {
     return sizeof(int) * (size_t)S_max * (size_t)(k + 2) + sizeof(ranked) * (size_t)S_max;
 }
 
@@ -108,7 +108,7 @@ static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32
     }
 }
 
-void route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
+void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
                       int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks) {
     int E_local = E / ep_size, group = rank / ep_size, ep_rank = rank % ep_size;
     int64_t S = 0, my_first = 0, my_end = 0, group_first = 0, group_end = 0;
@@ -152,7 +152,7 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
         }
 
     /* receive side: rows for my experts from each source of my group */
-    int first_e = ep_rank * E_local, S_n = route_stages(chunks);
+    int first_e = ep_rank * E_local, S_n = scmoe__route_stages(chunks);
     int *src_cnt = pl->src_cursor; /* [ep_size * E_local] */
     memset(src_cnt, 0, sizeof(int) * ep_size * E_local);
     for (int64_t t = group_first; t < group_end; t++)
@@ -204,11 +204,11 @@ void route_plan_build(route_plan *pl, void *work, const int32_t *records, const 
  * the order (j, p, row): with TOKEN priority and nothing dropped that is exactly GLOBAL's order
  * (round j, then the global token order, which is rank-major), so the experts' GEMMs see the same
  * rows in the same order and even the weight gradients' sums match GLOBAL bitwise. */
-void route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
                            scmoe_priority priority, int64_t capacity, int32_t *counts) {
     int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k;
     int *loc = work, *order = loc + (size_t)n * k;
-    ranked *rk = (ranked *)(order + 2 * (size_t)n); /* the layout of route_workspace_bytes */
+    ranked *rk = (ranked *)(order + 2 * (size_t)n); /* the layout of scmoe__route_workspace_bytes */
     locate(pl, loc, order, rk, records, n, E, k, priority, capacity);
 
     int *cursor = pl->cursor; /* [E]: kept rows per expert, then where the next one goes */
@@ -232,9 +232,9 @@ void route_plan_local_send(route_plan *pl, void *work, const int32_t *records, i
         }
 }
 
-void route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
+void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
                            int chunks) {
-    int msg = 1 + E_local * k, S_n = route_stages(chunks), off = 0;
+    int msg = 1 + E_local * k, S_n = scmoe__route_stages(chunks), off = 0;
     for (int p = 0; p < ep_size; p++) {
         int c = 0;
         for (int i = 0; i < E_local * k; i++) c += counts[(size_t)p * msg + 1 + i];

@@ -10,7 +10,7 @@
 #include "kernels.h"
 #include <string.h>
 
-void pack_rows(float *send, const float *x, const int *slot, int n, int k, int d) {
+void scmoe__pack_rows(float *send, const float *x, const int *slot, int n, int k, int d) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++)
         for (int j = 0; j < k; j++) {
@@ -19,7 +19,7 @@ void pack_rows(float *send, const float *x, const int *slot, int n, int k, int d
         }
 }
 
-void permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter) {
+void scmoe__permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter) {
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < n; r++) {
         size_t to = scatter ? (size_t)map[r] : (size_t)r, from = scatter ? (size_t)r : (size_t)map[r];
@@ -27,7 +27,7 @@ void permute_rows(float *dst, const float *src, const int *map, int n, int d, in
     }
 }
 
-void decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d) {
+void scmoe__decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++) {
         float *yt = y + (size_t)t * d;
@@ -44,7 +44,7 @@ void decode_rows(float *y, float beta, const float *rows, const int *slot, const
     }
 }
 
-void decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
+void scmoe__decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
                           const float *weight, int n, int k, int d) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++) {

@@ -50,7 +50,7 @@ struct comm {
     char err[256];
 };
 
-scmoe_status comm_serial_create(comm **out);
+scmoe_status scmoe__comm_serial_create(comm **out);
 
 static inline scmoe_status comm_wait(comm *c, int req) { return c->ops->wait(c, req); }
 static inline scmoe_status comm_test(comm *c, int req, int *done) { return c->ops->test(c, req, done); }

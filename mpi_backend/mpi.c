@@ -621,7 +621,7 @@ scmoe_status scmoe_context_create_mpi(MPI_Comm host_comm, scmoe_context **ctx) {
         m->world_set = 1;
         m->world_prev = prev;
     }
-    s = context_create_with(c, ctx);
+    s = scmoe__context_create_with(c, ctx);
     if (s) {
         mpi_destroy(c);
         *ctx = NULL;

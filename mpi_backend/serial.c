@@ -6,7 +6,7 @@
 
 static scmoe_status serial_split(comm *c, int color, int key, comm **out) {
     (void)c; (void)color; (void)key;
-    return comm_serial_create(out);
+    return scmoe__comm_serial_create(out);
 }
 
 static void serial_destroy(comm *c) { free(c); }
@@ -63,7 +63,7 @@ static const comm_ops serial_ops = {
     serial_progress, serial_pending, serial_destroy, serial_allreduce_f64_start,
 };
 
-scmoe_status comm_serial_create(comm **out) {
+scmoe_status scmoe__comm_serial_create(comm **out) {
     comm *c = calloc(1, sizeof *c);
     if (!c) return SCMOE_ERR_NOMEM;
     c->ops = &serial_ops;

@@ -67,6 +67,7 @@ want docs && run "docs name only functions that exist" 120 tests/test_docs.sh
 want minimal && run "minimal examples: pkg-config + rpath, static, drop-in" 900 env BUILD=${BUILD:-build} tests/test_minimal.sh
 want install && run "make install + pkg-config" 600 tests/test_install.sh
 want amalgamation && run "single-file drop-in == library" 900 tests/test_amalgamation.sh
+want symbols && run "every global symbol is scmoe_; a host with llm.c's kernel names links" 600 tests/test_symbols.sh
 # a suite that could not run (the PyTorch oracles without torch) is said loudly, before the total
 [ -n "$skipped" ] && echo "# ======== SOME SUITES DID NOT RUN ========$skipped"
 echo "$pass passed, $fail failed"

@@ -46,8 +46,8 @@ static int gemm_ok(const blas_backend *b, int ta, int tb, int M, int N, int K, f
     for (size_t i = 0; i < na; i++) A[i] = urand();
     for (size_t i = 0; i < nb; i++) B[i] = 3.0f * urand();
     for (size_t i = 0; i < nc; i++) C[i] = C0[i] = urand();
-    bf16_pack(Ah, A, na);
-    bf16_pack(Bh, B, nb);
+    scmoe__bf16_pack(Ah, A, na);
+    scmoe__bf16_pack(Bh, B, nb);
     b->gemm_bf16(b, ta, tb, M, N, K, alpha, A, copies ? Ah : NULL, lda, B, copies ? Bh : NULL, ldb, beta, C, ldc);
     int ok = 1;
     for (int i = 0; i < M; i++)

@@ -5,7 +5,7 @@
  * integer outputs and copies exact. Without one, each of those prints "ok - NAME # SKIP no CUDA
  * device" (not counted), and the host-side checks still run: the row-major -> column-major GEMM
  * mapping against a reference, argument validation of every launch wrapper and of the GEMMs,
- * cuda_blas_create's failures, and the staging state machine with its device calls stubbed.
+ * scmoe__cuda_blas_create's failures, and the staging state machine with its device calls stubbed.
  *
  * Built with -DSCMOE_CUDA_EMU (make check-cuda-emu) the same program runs on the host emulation:
  * kernels.cu compiled as C++ on CPU threads, the runtime and cuBLAS on host memory.
@@ -147,7 +147,7 @@ static void host_gemm_mapping(void) {
             float *C1 = fnew((size_t)M * ldc, 1), *C2 = fcopy(C1, (size_t)M * ldc);
             rm_gemm(ta, tb, M, N, K, 0.7f, A, lda, B, ldb, 0.3f, C1, ldc);
             cuda_gemm_colmajor g;
-            int r = cuda_gemm_to_colmajor(ta, tb, M, N, K, lda, ldb, ldc, &g);
+            int r = scmoe__cuda_gemm_to_colmajor(ta, tb, M, N, K, lda, ldb, ldc, &g);
             cm_gemm(g.trans_first, g.trans_second, g.m, g.n, g.k, 0.7f, B, g.ld_first, A, g.ld_second, 0.3f, C2, g.ldc);
             double e = relerr(C2, C1, (size_t)M * ldc);
             CHECK(r == CUDA_GEMM_RUN && e < 1e-6, "row-major GEMM as a column-major call, trans %d %d (rel %.1e)", ta,
@@ -156,16 +156,16 @@ static void host_gemm_mapping(void) {
             free(A); free(B); free(C1); free(C2);
         }
     cuda_gemm_colmajor g;
-    CHECK(cuda_gemm_to_colmajor(0, 0, 0, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING &&
-              cuda_gemm_to_colmajor(0, 0, 4, 0, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING,
+    CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 0, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING &&
+              scmoe__cuda_gemm_to_colmajor(0, 0, 4, 0, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING,
           "GEMM mapping: M or N = 0 is nothing to do");
-    CHECK(cuda_gemm_to_colmajor(0, 0, 4, 5, 0, 0, 0, 5, &g) == CUDA_GEMM_SCALE, "GEMM mapping: K = 0 only scales C");
-    CHECK(cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 2, 5, 5, &g) == CUDA_GEMM_BAD &&
-              cuda_gemm_to_colmajor(1, 0, 4, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_BAD &&
-              cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 4, 5, &g) == CUDA_GEMM_BAD &&
-              cuda_gemm_to_colmajor(0, 1, 4, 5, 3, 3, 2, 5, &g) == CUDA_GEMM_BAD &&
-              cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 5, 4, &g) == CUDA_GEMM_BAD &&
-              cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 5, 5, NULL) == CUDA_GEMM_BAD,
+    CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 0, 0, 0, 5, &g) == CUDA_GEMM_SCALE, "GEMM mapping: K = 0 only scales C");
+    CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 2, 5, 5, &g) == CUDA_GEMM_BAD &&
+              scmoe__cuda_gemm_to_colmajor(1, 0, 4, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_BAD &&
+              scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 4, 5, &g) == CUDA_GEMM_BAD &&
+              scmoe__cuda_gemm_to_colmajor(0, 1, 4, 5, 3, 3, 2, 5, &g) == CUDA_GEMM_BAD &&
+              scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 5, 4, &g) == CUDA_GEMM_BAD &&
+              scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 5, 5, NULL) == CUDA_GEMM_BAD,
           "GEMM mapping: a leading dimension too small for its shape, or no output, is refused");
     (void)all;
 }
@@ -173,36 +173,36 @@ static void host_gemm_mapping(void) {
 static void host_blas_checks(void) {
     cuda_blas *out = (cuda_blas *)1;
     char err[160];
-    CHECK(cuda_blas_create(NULL, NULL, CUDA_MATH_FP32, err) == SCMOE_ERR_NULL, "cuda_blas_create: out NULL");
-    CHECK(cuda_blas_create(&out, NULL, 9, err) == SCMOE_ERR_OPTION && out == NULL && strstr(err, "math"),
-          "cuda_blas_create: unknown math -> SCMOE_ERR_OPTION (%s)", err);
+    CHECK(scmoe__cuda_blas_create(NULL, NULL, CUDA_MATH_FP32, err) == SCMOE_ERR_NULL, "scmoe__cuda_blas_create: out NULL");
+    CHECK(scmoe__cuda_blas_create(&out, NULL, 9, err) == SCMOE_ERR_OPTION && out == NULL && strstr(err, "math"),
+          "scmoe__cuda_blas_create: unknown math -> SCMOE_ERR_OPTION (%s)", err);
     if (!have_gpu) {
         out = (cuda_blas *)1;
-        scmoe_status s = cuda_blas_create(&out, NULL, CUDA_MATH_FP32, err);
-        CHECK(s == SCMOE_ERR_UNSUPPORTED && out == NULL && err[0], "cuda_blas_create without a device: %s", err);
+        scmoe_status s = scmoe__cuda_blas_create(&out, NULL, CUDA_MATH_FP32, err);
+        CHECK(s == SCMOE_ERR_UNSUPPORTED && out == NULL && err[0], "scmoe__cuda_blas_create without a device: %s", err);
     }
     /* the GEMMs' checks come before any device call, so a table that was never created shows them */
     cuda_blas fake;
     memset(&fake, 0, sizeof fake);
     float A[16] = {0}, B[16] = {0}, C[16] = {0};
-    cuda_blas_gemm(&fake, 0, 0, 0, 4, 4, 1.0f, A, 4, B, 4, 0.0f, C, 4);
-    CHECK(fake.status == 0, "cuda_blas_gemm with M = 0: nothing done, no error");
-    cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, A, 2, B, 4, 0.0f, C, 4);
+    scmoe__cuda_blas_gemm(&fake, 0, 0, 0, 4, 4, 1.0f, A, 4, B, 4, 0.0f, C, 4);
+    CHECK(fake.status == 0, "scmoe__cuda_blas_gemm with M = 0: nothing done, no error");
+    scmoe__cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, A, 2, B, 4, 0.0f, C, 4);
     int first = fake.status;
-    CHECK(first != 0 && strstr(fake.err, "bad arguments"), "cuda_blas_gemm with lda < K is recorded: %s", fake.err);
-    cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
+    CHECK(first != 0 && strstr(fake.err, "bad arguments"), "scmoe__cuda_blas_gemm with lda < K is recorded: %s", fake.err);
+    scmoe__cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
     CHECK(fake.status == first && !strstr(fake.err, "NULL"), "the first failure is kept (sticky)");
     cuda_blas_clear_status(&fake);
-    cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
-    CHECK(fake.status != 0 && strstr(fake.err, "NULL operand"), "cuda_blas_gemm with a NULL operand: %s", fake.err);
+    scmoe__cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
+    CHECK(fake.status != 0 && strstr(fake.err, "NULL operand"), "scmoe__cuda_blas_gemm with a NULL operand: %s", fake.err);
     cuda_blas_clear_status(&fake);
-    CHECK(cuda_blas_gemm_bf16(&fake, 1, 0, 4, 4, 4, 1.0f, (const uint16_t *)A, 3, (const uint16_t *)B, 4, 0.0f, C,
+    CHECK(scmoe__cuda_blas_gemm_bf16(&fake, 1, 0, 4, 4, 4, 1.0f, (const uint16_t *)A, 3, (const uint16_t *)B, 4, 0.0f, C,
                               4) != 0 && fake.status != 0,
-          "cuda_blas_gemm_bf16 with lda < M (transposed A) returns the failure");
+          "scmoe__cuda_blas_gemm_bf16 with lda < M (transposed A) returns the failure");
     cuda_blas_clear_status(&fake);
-    cuda_blas_gemm_grouped(&fake, 0, 0, 1.0f, NULL, 2, 4, 4, 0.0f, 4);
-    CHECK(fake.status != 0, "cuda_blas_gemm_grouped with NULL items: %s", fake.err);
-    CHECK((const void *)cuda_blas_table(&fake) == (const void *)&fake && cuda_blas_table(NULL) == NULL,
+    scmoe__cuda_blas_gemm_grouped(&fake, 0, 0, 1.0f, NULL, 2, 4, 4, 0.0f, 4);
+    CHECK(fake.status != 0, "scmoe__cuda_blas_gemm_grouped with NULL items: %s", fake.err);
+    CHECK((const void *)scmoe__cuda_blas_table(&fake) == (const void *)&fake && scmoe__cuda_blas_table(NULL) == NULL,
           "cuda_blas embeds blas_backend as its first member");
 }
 
@@ -211,44 +211,44 @@ static void host_wrapper_checks(void) {
     float f[8] = {0};
     int i8[8] = {0};
     cudaStream_t s = NULL;
-    CHECK(cuda_layernorm_forward(f, f, f, f, f, f, -1, 4, s) == bad &&
-              cuda_layernorm_forward(NULL, f, f, f, f, f, 2, 4, s) == bad &&
-              cuda_layernorm_forward(NULL, NULL, NULL, NULL, NULL, NULL, 0, 4, s) == ok,
+    CHECK(scmoe__cuda_layernorm_forward(f, f, f, f, f, f, -1, 4, s) == bad &&
+              scmoe__cuda_layernorm_forward(NULL, f, f, f, f, f, 2, 4, s) == bad &&
+              scmoe__cuda_layernorm_forward(NULL, NULL, NULL, NULL, NULL, NULL, 0, 4, s) == ok,
           "layernorm forward: N < 0 and NULL refused, N = 0 a no-op");
-    CHECK(cuda_layernorm_backward(f, f, NULL, f, f, f, f, f, 2, 4, s) == bad &&
-              cuda_layernorm_backward(f, f, f, f, f, f, f, f, 2, -4, s) == bad,
+    CHECK(scmoe__cuda_layernorm_backward(f, f, NULL, f, f, f, f, f, 2, 4, s) == bad &&
+              scmoe__cuda_layernorm_backward(f, f, f, f, f, f, f, f, 2, -4, s) == bad,
           "layernorm backward: NULL db, C < 0 refused");
-    CHECK(cuda_activation_forward(f, f, 2, 4, (scmoe_activation)7, s) == bad &&
-              cuda_activation_backward(f, f, f, -2, 4, SCMOE_GELU, s) == bad &&
-              cuda_activation_forward(NULL, NULL, 0, 4, SCMOE_SWIGLU, s) == ok,
+    CHECK(scmoe__cuda_activation_forward(f, f, 2, 4, (scmoe_activation)7, s) == bad &&
+              scmoe__cuda_activation_backward(f, f, f, -2, 4, SCMOE_GELU, s) == bad &&
+              scmoe__cuda_activation_forward(NULL, NULL, 0, 4, SCMOE_SWIGLU, s) == ok,
           "activation: unknown activation, N < 0 refused, N = 0 a no-op");
-    CHECK(cuda_broadcast_rows(NULL, f, 2, 2, s) == bad && cuda_sum_rows(f, NULL, 2, 2, s) == bad &&
-              cuda_sum_rows(NULL, NULL, 0, 0, s) == ok,
-          "broadcast_rows / sum_rows: NULL refused, empty a no-op");
-    CHECK(cuda_gate_softmax(f, f, f, 2, 0, 0, 0, 0, 0, s) == bad &&
-              cuda_gate_softmax(f, NULL, f, 2, 4, 0, 0, 0, 0, s) == bad,
+    CHECK(scmoe__cuda_broadcast_rows(NULL, f, 2, 2, s) == bad && scmoe__cuda_sum_rows(f, NULL, 2, 2, s) == bad &&
+              scmoe__cuda_sum_rows(NULL, NULL, 0, 0, s) == ok,
+          "scmoe__broadcast_rows / scmoe__sum_rows: NULL refused, empty a no-op");
+    CHECK(scmoe__cuda_gate_softmax(f, f, f, 2, 0, 0, 0, 0, 0, s) == bad &&
+              scmoe__cuda_gate_softmax(f, NULL, f, 2, 4, 0, 0, 0, 0, s) == bad,
           "gate softmax: E < 1, NULL p refused");
-    CHECK(cuda_gate_topk(i8, f, f, f, 2, 4, 5, 1, s) == bad && cuda_gate_topk(i8, f, f, f, 2, 4, 0, 1, s) == bad &&
-              cuda_gate_topk(NULL, NULL, NULL, NULL, 0, 4, 2, 1, s) == ok,
+    CHECK(scmoe__cuda_gate_topk(i8, f, f, f, 2, 4, 5, 1, s) == bad && scmoe__cuda_gate_topk(i8, f, f, f, 2, 4, 0, 1, s) == bad &&
+              scmoe__cuda_gate_topk(NULL, NULL, NULL, NULL, 0, 4, 2, 1, s) == ok,
           "gate top-k: k > E and k < 1 refused, N = 0 a no-op");
-    CHECK(cuda_gate_backward_logits(f, f, i8, f, NULL, NULL, 0, 2, 4, 2, 1, s) == bad,
+    CHECK(scmoe__cuda_gate_backward_logits(f, f, i8, f, NULL, NULL, 0, 2, 4, 2, 1, s) == bad,
           "gate backward: NULL lse refused (aux_coef NULL is allowed)");
-    CHECK(cuda_permute_rows(f, f, i8, 2, 2, 1, s) == bad && cuda_permute_rows(f, f + 4, NULL, 2, 2, 0, s) == bad,
-          "permute_rows: in place or NULL map refused");
-    CHECK(cuda_moe_pack(f, f, i8, 2, 0, 2, s) == bad && cuda_moe_decode(f, 1, f, i8, NULL, -1, 1, 2, s) == bad &&
-              cuda_moe_decode(f, 1, NULL, i8, NULL, 2, 1, 2, s) == bad &&
-              cuda_moe_decode_backward(f, f, f, f, i8, NULL, 2, 1, 2, s) == bad &&
-              cuda_moe_decode(NULL, 0, NULL, NULL, NULL, 0, 1, 2, s) == ok,
+    CHECK(scmoe__cuda_permute_rows(f, f, i8, 2, 2, 1, s) == bad && scmoe__cuda_permute_rows(f, f + 4, NULL, 2, 2, 0, s) == bad,
+          "scmoe__permute_rows: in place or NULL map refused");
+    CHECK(scmoe__cuda_moe_pack(f, f, i8, 2, 0, 2, s) == bad && scmoe__cuda_moe_decode(f, 1, f, i8, NULL, -1, 1, 2, s) == bad &&
+              scmoe__cuda_moe_decode(f, 1, NULL, i8, NULL, 2, 1, 2, s) == bad &&
+              scmoe__cuda_moe_decode_backward(f, f, f, f, i8, NULL, 2, 1, 2, s) == bad &&
+              scmoe__cuda_moe_decode(NULL, 0, NULL, NULL, NULL, 0, 1, 2, s) == ok,
           "pack / decode / decode_backward: k < 1, n < 0, NULL rows or weight refused, n = 0 a no-op");
-    CHECK(cuda_attention_forward(f, f, f, 1, 4, 6, 4, 1, s) == bad &&
-              cuda_attention_forward(f, f, f, 1, 4, 8, 0, 1, s) == bad &&
-              cuda_attention_backward(f, f, f, f, NULL, 1, 4, 8, 2, 1, s) == bad &&
-              cuda_attention_forward(NULL, NULL, NULL, 0, 4, 8, 2, 1, s) == ok,
+    CHECK(scmoe__cuda_attention_forward(f, f, f, 1, 4, 6, 4, 1, s) == bad &&
+              scmoe__cuda_attention_forward(f, f, f, 1, 4, 8, 0, 1, s) == bad &&
+              scmoe__cuda_attention_backward(f, f, f, f, NULL, 1, 4, 8, 2, 1, s) == bad &&
+              scmoe__cuda_attention_forward(NULL, NULL, NULL, 0, 4, 8, 2, 1, s) == ok,
           "attention: d %% H != 0, H < 1, NULL att refused, B = 0 a no-op");
-    CHECK(cuda_bf16_pack(NULL, f, 3, s) == bad && cuda_bf16_unpack(f, NULL, 3, s) == bad &&
-              cuda_bf16_pack(NULL, NULL, 0, s) == ok,
+    CHECK(scmoe__cuda_bf16_pack(NULL, f, 3, s) == bad && scmoe__cuda_bf16_unpack(f, NULL, 3, s) == bad &&
+              scmoe__cuda_bf16_pack(NULL, NULL, 0, s) == ok,
           "bf16 pack / unpack: NULL refused, n = 0 a no-op");
-    CHECK(cuda_scale_matrix(f, 2, 4, 3, 0, s) == bad && cuda_scale_matrix(NULL, 0, 4, 4, 0, s) == ok,
+    CHECK(scmoe__cuda_scale_matrix(f, 2, 4, 3, 0, s) == bad && scmoe__cuda_scale_matrix(NULL, 0, 4, 4, 0, s) == ok,
           "scale_matrix: ldc < N refused, M = 0 a no-op");
 }
 
@@ -361,50 +361,50 @@ static void host_staging(void) {
     memset(&F, 0, sizeof F);
     memset(&FC, 0, sizeof FC);
     cuda_stage *st = NULL;
-    scmoe_status s = cuda_stage_create(&st, 7 * EB, 6 * EB, 0, &fake_ops);
+    scmoe_status s = scmoe__cuda_stage_create(&st, 7 * EB, 6 * EB, 0, &fake_ops);
     CHECK(s == SCMOE_OK && F.allocs == 2 && F.streams == 1 && F.events == 3,
           "staging create: two pinned buffers, a copy stream, three events");
     F.pending_on_record = 2;
     FC.test_done_after = 1;
-    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
     CHECK(s == SCMOE_OK && st->state == CUDA_STAGE_TO_HOST && F.d2h == 1 && F.last_bytes == 5 * EB && F.waits == 1 &&
               F.last_wait_event == st->ev_ready && F.last_wait_stream == st->copy_stream &&
               !memcmp((char *)st->h_send + 2 * EB, dsend + 2 * D, 5 * EB),
           "begin: the copy stream waits for the producer, then copies only the send span, at its offset");
     int done = -1, started_early = 0;
     for (int i = 0; i < 2; i++) {
-        s = cuda_stage_progress(st, &done);
+        s = scmoe__cuda_stage_progress(st, &done);
         started_early |= FC.starts != 0 || done != 0 || s != SCMOE_OK || st->state != CUDA_STAGE_TO_HOST;
     }
     CHECK(!started_early, "progress: no exchange while the send copy's event is pending");
-    s = cuda_stage_progress(st, &done);
+    s = scmoe__cuda_stage_progress(st, &done);
     CHECK(s == SCMOE_OK && FC.starts == 1 && FC.last_send == st->h_send && st->state == CUDA_STAGE_EXCHANGE && !done,
           "progress: the exchange starts from the pinned buffer once the event completes");
-    s = cuda_stage_progress(st, &done);
+    s = scmoe__cuda_stage_progress(st, &done);
     CHECK(s == SCMOE_OK && done == 1 && st->state == CUDA_STAGE_TO_DEVICE && F.h2d == 1 && F.last_bytes == 5 * EB &&
               !memcmp(drecv, expect, sizeof expect),
           "progress: on arrival the receive span is copied back (rows 1..5 land, row 0 untouched), done = 1");
-    CHECK(cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_STATE,
+    CHECK(scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_STATE,
           "begin while one is in flight -> SCMOE_ERR_STATE");
-    s = cuda_stage_progress(st, &done);
+    s = scmoe__cuda_stage_progress(st, &done);
     CHECK(s == SCMOE_OK && done && st->state == CUDA_STAGE_TO_DEVICE, "progress: still copying back (event pending)");
     int waits = F.waits;
-    s = cuda_stage_finish(st, consumer);
+    s = scmoe__cuda_stage_finish(st, consumer);
     CHECK(s == SCMOE_OK && F.waits == waits + 1 && F.last_wait_stream == (void *)consumer &&
               F.last_wait_event == st->ev_to_device && st->state == CUDA_STAGE_IDLE,
           "finish: the consumer stream waits for the copy on the device; back to idle");
-    CHECK(cuda_stage_progress(st, &done) == SCMOE_ERR_STATE && cuda_stage_finish(st, consumer) == SCMOE_ERR_STATE &&
-              cuda_stage_wait(st, consumer, 1) == SCMOE_ERR_STATE,
+    CHECK(scmoe__cuda_stage_progress(st, &done) == SCMOE_ERR_STATE && scmoe__cuda_stage_finish(st, consumer) == SCMOE_ERR_STATE &&
+              scmoe__cuda_stage_wait(st, consumer, 1) == SCMOE_ERR_STATE,
           "progress / finish / wait with nothing in flight -> SCMOE_ERR_STATE");
 
     /* bad arguments leave it idle */
     int big[1] = {6}, neg[1] = {-1};
-    CHECK(cuda_stage_begin(st, &fc, dsend, big, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_OPTION &&
-              cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, big, rd, EB, producer) == SCMOE_ERR_OPTION &&
-              cuda_stage_begin(st, &fc, dsend, neg, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_OPTION &&
-              cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, 0, producer) == SCMOE_ERR_OPTION &&
-              cuda_stage_begin(st, &fc, NULL, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_NULL &&
-              cuda_stage_begin(st, NULL, dsend, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_NULL &&
+    CHECK(scmoe__cuda_stage_begin(st, &fc, dsend, big, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_OPTION &&
+              scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, big, rd, EB, producer) == SCMOE_ERR_OPTION &&
+              scmoe__cuda_stage_begin(st, &fc, dsend, neg, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_OPTION &&
+              scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, 0, producer) == SCMOE_ERR_OPTION &&
+              scmoe__cuda_stage_begin(st, &fc, NULL, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_NULL &&
+              scmoe__cuda_stage_begin(st, NULL, dsend, sc, sd, drecv, rc, rd, EB, producer) == SCMOE_ERR_NULL &&
               st->state == CUDA_STAGE_IDLE,
           "begin: spans beyond the buffers, negative counts, elem_bytes 0, NULL buffers refused (%s)", st->err);
 
@@ -412,81 +412,81 @@ static void host_staging(void) {
     F.pending_on_record = 1;
     FC.test_done_after = 0;
     for (int i = 0; i < 6 * D; i++) drecv[i] = -1.0f;
-    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
-    s = s ? s : cuda_stage_wait(st, consumer, 10);
+    s = scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = s ? s : scmoe__cuda_stage_wait(st, consumer, 10);
     CHECK(s == SCMOE_OK && st->state == CUDA_STAGE_IDLE && !memcmp(drecv, expect, sizeof expect),
           "wait: progress until done, then finish");
 
     /* failures */
     F.fail_copy = 1;
-    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
     CHECK(s == SCMOE_ERR_UNSUPPORTED && st->state == CUDA_STAGE_IDLE && strstr(st->err, "copying"),
           "a failed device copy -> SCMOE_ERR_UNSUPPORTED, still idle (%s)", st->err);
     F.fail_copy = 0;
     F.pending_on_record = 0;
     FC.fail_start = 1;
-    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
-    s = s ? s : cuda_stage_progress(st, &done);
+    s = scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = s ? s : scmoe__cuda_stage_progress(st, &done);
     CHECK(s == SCMOE_ERR_COMM && st->state == CUDA_STAGE_IDLE && strstr(st->err, "fake comm failure"),
           "the comm's failure is returned and the exchange abandoned (%s)", st->err);
     FC.fail_start = 0;
     F.pending_on_record = 1 << 30;
-    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
     double t0 = now_s();
-    s = s ? s : cuda_stage_wait(st, consumer, 0.05);
+    s = s ? s : scmoe__cuda_stage_wait(st, consumer, 0.05);
     CHECK(s == SCMOE_ERR_TIMEOUT && now_s() - t0 < 5 && st->state == CUDA_STAGE_TO_HOST,
           "wait gives up after its timeout: SCMOE_ERR_TIMEOUT");
-    cuda_stage_destroy(st);
+    scmoe__cuda_stage_destroy(st);
     CHECK(F.streams == 0 && F.events == 0 && F.allocs == F.frees, "destroy releases streams, events and buffers");
 
     /* CUDA-aware: no copies, the exchange reads the device rows */
     memset(&F, 0, sizeof F);
     memset(&FC, 0, sizeof FC);
-    s = cuda_stage_create(&st, 0, 0, 1, &fake_ops);
+    s = scmoe__cuda_stage_create(&st, 0, 0, 1, &fake_ops);
     CHECK(s == SCMOE_OK && F.allocs == 0 && F.streams == 0 && F.events == 1,
           "CUDA-aware staging: no pinned buffers, no copy stream, one event");
     F.pending_on_record = 1;
     FC.test_done_after = 0;
     for (int i = 0; i < 6 * D; i++) drecv[i] = -1.0f;
-    s = cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
+    s = scmoe__cuda_stage_begin(st, &fc, dsend, sc, sd, drecv, rc, rd, EB, producer);
     int d0 = -1;
-    s = s ? s : cuda_stage_progress(st, &d0);
+    s = s ? s : scmoe__cuda_stage_progress(st, &d0);
     int d1 = -1;
-    s = s ? s : cuda_stage_progress(st, &d1);
+    s = s ? s : scmoe__cuda_stage_progress(st, &d1);
     CHECK(s == SCMOE_OK && d0 == 0 && d1 == 1 && FC.last_send == (const void *)dsend && F.d2h + F.h2d == 0 &&
               st->state == CUDA_STAGE_DONE && !memcmp(drecv, expect, sizeof expect),
           "CUDA-aware: waits for the producer's event, then exchanges the device rows directly");
-    s = cuda_stage_finish(st, consumer);
+    s = scmoe__cuda_stage_finish(st, consumer);
     CHECK(s == SCMOE_OK && F.waits == 0 && st->state == CUDA_STAGE_IDLE, "CUDA-aware finish: nothing to wait for");
-    cuda_stage_destroy(st);
+    scmoe__cuda_stage_destroy(st);
 
     /* creation failures release what they took */
     memset(&F, 0, sizeof F);
     st = (cuda_stage *)1;
     F.fail_alloc = 1;
-    s = cuda_stage_create(&st, 64, 64, 0, &fake_ops);
+    s = scmoe__cuda_stage_create(&st, 64, 64, 0, &fake_ops);
     CHECK(s == SCMOE_ERR_NOMEM && st == NULL, "create: pinned allocation fails -> SCMOE_ERR_NOMEM");
     F.fail_alloc = 0;
     F.fail_create = 1;
-    s = cuda_stage_create(&st, 64, 64, 0, &fake_ops);
+    s = scmoe__cuda_stage_create(&st, 64, 64, 0, &fake_ops);
     CHECK(s == SCMOE_ERR_UNSUPPORTED && st == NULL && F.allocs == F.frees && F.events == 0,
           "create: a device failure -> SCMOE_ERR_UNSUPPORTED, nothing leaked");
-    CHECK(cuda_stage_create(NULL, 1, 1, 0, &fake_ops) == SCMOE_ERR_NULL, "create: out NULL");
+    CHECK(scmoe__cuda_stage_create(NULL, 1, 1, 0, &fake_ops) == SCMOE_ERR_NULL, "create: out NULL");
     if (!have_gpu) {
         st = (cuda_stage *)1;
-        s = cuda_stage_create(&st, 64, 64, 0, NULL);
+        s = scmoe__cuda_stage_create(&st, 64, 64, 0, NULL);
         CHECK((s == SCMOE_ERR_UNSUPPORTED || s == SCMOE_ERR_NOMEM) && st == NULL,
               "create on the CUDA runtime without a device fails cleanly (%s)", scmoe_strerror(s));
     }
-    int aware = cuda_mpi_cuda_aware();
-    CHECK(aware == 0 || aware == 1, "cuda_mpi_cuda_aware() = %d (MPIX_Query_cuda_support where OpenMPI has it)", aware);
+    int aware = scmoe__cuda_mpi_cuda_aware();
+    CHECK(aware == 0 || aware == 1, "scmoe__cuda_mpi_cuda_aware() = %d (MPIX_Query_cuda_support where OpenMPI has it)", aware);
 }
 
 /* =============================================================================== device checks */
 
 static void dev_gemm(void) {
     if (!have_gpu) { skip("cuBLAS GEMM (4 transposes, padded ld, beta 0 over NaN, K = 0) vs OpenBLAS"); return; }
-    const blas_backend *ob = blas_openblas();
+    const blas_backend *ob = scmoe__blas_openblas();
     int M = 37, N = 29, K = 53;
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++)
@@ -501,7 +501,7 @@ static void dev_gemm(void) {
                 float *ref = fcopy(C, nc), *got = fnew(nc, 0);
                 ob->gemm(ob, ta, tb, M, N, K, 0.7f, A, lda, B, ldb, beta, ref, ldc);
                 float *dA = dupf(A, na), *dB = dupf(B, nb), *dC = dupf(C, nc);
-                cuda_blas_gemm(cb, ta, tb, M, N, K, 0.7f, dA, lda, dB, ldb, beta, dC, ldc);
+                scmoe__cuda_blas_gemm(cb, ta, tb, M, N, K, 0.7f, dA, lda, dB, ldb, beta, dC, ldc);
                 int ok = get(got, dC, sizeof(float) * nc);
                 double e = relerr(got, ref, nc); /* the padding must be untouched too (equal to ref there) */
                 CHECK(ok && cb->status == 0 && e <= TOL_OUT, "cuBLAS GEMM trans %d %d beta %g, padded ld (rel %.1e)",
@@ -518,7 +518,7 @@ static void dev_gemm(void) {
         ob->gemm(ob, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, ref, 8);
         for (int i = 0; i < 6; i++) ref[i * 8 + 7] = got[i * 8 + 7] = 0; /* padding column, not compared */
         float *dC = dupf(C, 48);
-        cuda_blas_gemm(cb, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, dC, 8);
+        scmoe__cuda_blas_gemm(cb, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, dC, 8);
         int ok = get(got, dC, sizeof(float) * 48);
         for (int i = 0; i < 6; i++) got[i * 8 + 7] = 0;
         double e = relerr(got, ref, 48);
@@ -526,26 +526,26 @@ static void dev_gemm(void) {
         free(C); free(ref); free(got);
         dev_free_all();
     }
-    /* the embedded table through the core's exec_gemm (column tiles of 5): the same GEMM */
-    const blas_backend *t = cuda_blas_table(cb);
+    /* the embedded table through the core's scmoe__exec_gemm (column tiles of 5): the same GEMM */
+    const blas_backend *t = scmoe__cuda_blas_table(cb);
     exec tex = {.blas = t, .poll_cols = 5};
     int M2 = 19, N2 = 23, K2 = 11;
     float *A = fnew((size_t)M2 * K2, 1), *B = fnew((size_t)K2 * N2, 1), *ref = fnew((size_t)M2 * N2, 0);
     float *got = fnew((size_t)M2 * N2, 0);
     ob->gemm(ob, 0, 1, M2, N2, K2, 1.0f, A, K2, B, K2, 0.0f, ref, N2);
     float *dA = dupf(A, (size_t)M2 * K2), *dB = dupf(B, (size_t)K2 * N2), *dC = dupf(got, (size_t)M2 * N2);
-    exec_gemm(&tex, 0, 1, M2, N2, K2, 1.0f, dA, K2, dB, K2, 0.0f, dC, N2);
+    scmoe__exec_gemm(&tex, 0, 1, M2, N2, K2, 1.0f, dA, K2, dB, K2, 0.0f, dC, N2);
     int ok = get(got, dC, sizeof(float) * M2 * N2);
     double e = relerr(got, ref, (size_t)M2 * N2);
     CHECK(t->max_threads() == 1 && !strcmp(t->name, "cublas") && ok && cb->status == 0 && e <= TOL_OUT,
-          "the embedded table: name cublas, max_threads 1, exec_gemm through it == OpenBLAS (rel %.1e)", e);
+          "the embedded table: name cublas, max_threads 1, scmoe__exec_gemm through it == OpenBLAS (rel %.1e)", e);
     free(A); free(B); free(ref); free(got);
     dev_free_all();
 }
 
 static void dev_gemm_bf16(void) {
     if (!have_gpu) { skip("bf16 GEMMs (CUDA_R_16BF operands; CUDA_MATH_BF16 fast path) vs OpenBLAS"); return; }
-    const blas_backend *ob = blas_openblas();
+    const blas_backend *ob = scmoe__blas_openblas();
     int M = 33, N = 40, K = 64;
     for (int ta = 0; ta < 2; ta++)
         for (int tb = 0; tb < 2; tb++) {
@@ -553,15 +553,15 @@ static void dev_gemm_bf16(void) {
             size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
             float *A = fnew(na, 1), *B = fnew(nb, 1), *C = fnew(nc, 1), *Ar = fnew(na, 0), *Br = fnew(nb, 0);
             uint16_t *Ah = malloc(2 * na), *Bh = malloc(2 * nb);
-            bf16_pack(Ah, A, na);
-            bf16_pack(Bh, B, nb);
-            bf16_unpack(Ar, Ah, na);
-            bf16_unpack(Br, Bh, nb);
+            scmoe__bf16_pack(Ah, A, na);
+            scmoe__bf16_pack(Bh, B, nb);
+            scmoe__bf16_unpack(Ar, Ah, na);
+            scmoe__bf16_unpack(Br, Bh, nb);
             float *ref = fcopy(C, nc), *got = fnew(nc, 0);
             ob->gemm(ob, ta, tb, M, N, K, 1.0f, Ar, lda, Br, ldb, 0.5f, ref, ldc);
             void *dA = dup_bytes(Ah, 2 * na), *dB = dup_bytes(Bh, 2 * nb);
             float *dC = dupf(C, nc);
-            int r = cuda_blas_gemm_bf16(cb, ta, tb, M, N, K, 1.0f, dA, lda, dB, ldb, 0.5f, dC, ldc);
+            int r = scmoe__cuda_blas_gemm_bf16(cb, ta, tb, M, N, K, 1.0f, dA, lda, dB, ldb, 0.5f, dC, ldc);
             int ok = get(got, dC, sizeof(float) * nc);
             double e = relerr(got, ref, nc);
             CHECK(r == 0 && ok && e <= TOL_OUT, "cublasGemmEx bf16 operands, fp32 accumulate, trans %d %d (rel %.1e)", ta,
@@ -571,26 +571,26 @@ static void dev_gemm_bf16(void) {
         }
     cuda_blas *fast = NULL;
     char err[160];
-    scmoe_status s = cuda_blas_create(&fast, stream, CUDA_MATH_BF16, err);
-    CHECK(s == SCMOE_OK, "cuda_blas_create(CUDA_MATH_BF16) on the test's stream %s", err);
+    scmoe_status s = scmoe__cuda_blas_create(&fast, stream, CUDA_MATH_BF16, err);
+    CHECK(s == SCMOE_OK, "scmoe__cuda_blas_create(CUDA_MATH_BF16) on the test's stream %s", err);
     if (s) return;
     size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
     float *A = fnew(na, 1), *B = fnew(nb, 1), *ref = fnew(nc, 0), *got = fnew(nc, 0);
     ob->gemm(ob, 0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, ref, N);
     float *dA = dupf(A, na), *dB = dupf(B, nb), *dC = dalloc(sizeof(float) * nc);
-    cuda_blas_gemm(fast, 0, 0, M, N, K, 1.0f, dA, K, dB, N, 0.0f, dC, N);
+    scmoe__cuda_blas_gemm(fast, 0, 0, M, N, K, 1.0f, dA, K, dB, N, 0.0f, dC, N);
     int ok = get(got, dC, sizeof(float) * nc);
     double e = relerr(got, ref, nc);
     CHECK(ok && fast->status == 0 && e <= 1e-2, "CUDA_MATH_BF16 fp32 GEMM (bf16 inputs inside) within 1e-2 (rel %.1e)",
           e);
-    cuda_blas_destroy(fast);
+    scmoe__cuda_blas_destroy(fast);
     free(A); free(B); free(ref); free(got);
     dev_free_all();
 }
 
 static void dev_gemm_grouped(void) {
     if (!have_gpu) { skip("grouped expert GEMMs (rows 5, 0, 11: forward and weight gradients) vs OpenBLAS"); return; }
-    const blas_backend *ob = blas_openblas();
+    const blas_backend *ob = scmoe__blas_openblas();
     enum { E = 3, R = 16, D = 24, H = 40 };
     int off[E + 1] = {0, 5, 5, 16};
     float *X = fnew(R * D, 1), *W = fnew(E * D * H, 1), *dY = fnew(R * H, 1), *dW = fnew(E * D * H, 1);
@@ -608,8 +608,8 @@ static void dev_gemm_grouped(void) {
         fw[i] = (cuda_gemm_item){rows, H, D, dX + o * D, dWt + i * D * H, dYo + o * H};
         bw[i] = (cuda_gemm_item){D, H, rows, dX + o * D, ddY + o * H, ddW + i * D * H};
     }
-    cuda_blas_gemm_grouped(cb, 0, 0, 1.0f, fw, E, D, H, 0.0f, H);
-    cuda_blas_gemm_grouped(cb, 1, 0, 1.0f, bw, E, D, H, 1.0f, H);
+    scmoe__cuda_blas_gemm_grouped(cb, 0, 0, 1.0f, fw, E, D, H, 0.0f, H);
+    scmoe__cuda_blas_gemm_grouped(cb, 1, 0, 1.0f, bw, E, D, H, 1.0f, H);
     int ok = get(got, dYo, sizeof(float) * R * H);
     double e1 = relerr(got, Y, R * H);
     ok &= get(got, ddW, sizeof(float) * E * D * H);
@@ -634,12 +634,12 @@ static void dev_layernorm(void) {
         float *out = fnew(n, 0), *mean = fnew(N, 0), *rstd = fnew(N, 0);
         float *dx = fnew(n, 1), *dw = fnew(C, 1), *db = fnew(C, 1);
         float *ddx = dupf(dx, n), *ddw = dupf(dw, C), *ddb = dupf(db, C);
-        layernorm_forward(out, mean, rstd, x, w, b, N, C);
-        layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C);
+        scmoe__layernorm_forward(out, mean, rstd, x, w, b, N, C);
+        scmoe__layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C);
         float *dX = dupf(x, n), *dW = dupf(w, C), *dB = dupf(b, C), *dDY = dupf(dy, n);
         float *dO = dalloc(sizeof(float) * n), *dM = dalloc(sizeof(float) * N), *dR = dalloc(sizeof(float) * N);
-        cudaError_t r1 = cuda_layernorm_forward(dO, dM, dR, dX, dW, dB, N, C, stream);
-        cudaError_t r2 = cuda_layernorm_backward(ddx, ddw, ddb, dDY, dX, dW, dM, dR, N, C, stream);
+        cudaError_t r1 = scmoe__cuda_layernorm_forward(dO, dM, dR, dX, dW, dB, N, C, stream);
+        cudaError_t r2 = scmoe__cuda_layernorm_backward(ddx, ddw, ddb, dDY, dX, dW, dM, dR, N, C, stream);
         float *g = fnew(n, 0);
         int ok = r1 == cudaSuccess && r2 == cudaSuccess;
         double eo, em, er, ex, ew, eb;
@@ -663,15 +663,15 @@ static void dev_activation(void) {
     if (!have_gpu) { skip("GELU / SwiGLU forward and backward vs kernels/ffn.c"); return; }
     for (int a = 0; a < 2; a++) {
         scmoe_activation act = a ? SCMOE_SWIGLU : SCMOE_GELU;
-        int N = 9, h = 70, h1 = ffn_width(h, act);
+        int N = 9, h = 70, h1 = scmoe__ffn_width(h, act);
         float *pre = fnew((size_t)N * h1, 3), *dhid = fnew((size_t)N * h, 1);
         float *hid = fnew((size_t)N * h, 0), *dpre = fnew((size_t)N * h1, 0), *g = fnew((size_t)N * h1, 0);
-        activation_forward(hid, pre, NULL, N, h, act);
-        activation_backward(dpre, dhid, pre, N, h, act);
+        scmoe__activation_forward(hid, pre, NULL, N, h, act);
+        scmoe__activation_backward(dpre, dhid, pre, N, h, act);
         float *dP = dupf(pre, (size_t)N * h1), *dDH = dupf(dhid, (size_t)N * h);
         float *dH = dalloc(sizeof(float) * N * h), *dDP = dalloc(sizeof(float) * N * h1);
-        int ok = cuda_activation_forward(dH, dP, N, h, act, stream) == cudaSuccess;
-        ok &= cuda_activation_backward(dDP, dDH, dP, N, h, act, stream) == cudaSuccess;
+        int ok = scmoe__cuda_activation_forward(dH, dP, N, h, act, stream) == cudaSuccess;
+        ok &= scmoe__cuda_activation_backward(dDP, dDH, dP, N, h, act, stream) == cudaSuccess;
         ok &= get(g, dH, sizeof(float) * N * h);
         double e1 = relerr(g, hid, (size_t)N * h);
         ok &= get(g, dDP, sizeof(float) * N * h1);
@@ -683,26 +683,26 @@ static void dev_activation(void) {
     }
 }
 
-/* ffn.c's static broadcast_rows, restated */
+/* ffn.c's static scmoe__broadcast_rows, restated */
 static void broadcast_ref(float *out, const float *b, int N, int C) {
     for (int i = 0; i < N; i++) memcpy(out + (size_t)i * C, b, sizeof(float) * C);
 }
 
 static void dev_bias(void) {
-    if (!have_gpu) { skip("bias broadcast and column sums (sum_rows) vs kernels/ffn.c"); return; }
+    if (!have_gpu) { skip("bias broadcast and column sums (scmoe__sum_rows) vs kernels/ffn.c"); return; }
     int N = 1000, C = 70;
     float *x = fnew((size_t)N * C, 1), *b = fnew(C, 1), *acc = fnew(C, 1), *out = fnew((size_t)N * C, 0);
     float *g = fnew((size_t)N * C, 0);
     float *dX = dupf(x, (size_t)N * C), *dB = dupf(b, C), *dA = dupf(acc, C), *dO = dalloc(sizeof(float) * N * C);
-    sum_rows(acc, x, N, C);
+    scmoe__sum_rows(acc, x, N, C);
     broadcast_ref(out, b, N, C);
-    int ok = cuda_sum_rows(dA, dX, N, C, stream) == cudaSuccess;
-    ok &= cuda_broadcast_rows(dO, dB, N, C, stream) == cudaSuccess;
+    int ok = scmoe__cuda_sum_rows(dA, dX, N, C, stream) == cudaSuccess;
+    ok &= scmoe__cuda_broadcast_rows(dO, dB, N, C, stream) == cudaSuccess;
     ok &= get(g, dA, sizeof(float) * C);
     double e = relerr(g, acc, C);
-    CHECK(ok && e <= TOL_GRAD, "sum_rows: acc += column sums of 1000 rows (rel %.1e)", e);
+    CHECK(ok && e <= TOL_GRAD, "scmoe__sum_rows: acc += column sums of 1000 rows (rel %.1e)", e);
     ok &= get(g, dO, sizeof(float) * N * C);
-    CHECK(ok && !memcmp(g, out, sizeof(float) * N * C), "broadcast_rows: every row is the bias, exactly");
+    CHECK(ok && !memcmp(g, out, sizeof(float) * N * C), "scmoe__broadcast_rows: every row is the bias, exactly");
     free(x); free(b); free(acc); free(out); free(g);
     dev_free_all();
 }
@@ -712,11 +712,11 @@ static void dev_gate(void) {
     int N = 50, d = 32, E = 8;
     float *x = fnew((size_t)N * d, 1), *wg = fnew((size_t)d * E, 1);
     float *logits = fnew((size_t)N * E, 0), *p = fnew((size_t)N * E, 0), *lse = fnew(N, 0), *g = fnew((size_t)N * d, 0);
-    gate_forward(&cpu, logits, p, lse, x, wg, N, d, E, 0.5f, 7, 3, 100);
+    scmoe__gate_forward(&cpu, logits, p, lse, x, wg, N, d, E, 0.5f, 7, 3, 100);
     float *dx_ = dupf(x, (size_t)N * d), *dwg = dupf(wg, (size_t)d * E);
     float *dL = dalloc(sizeof(float) * N * E), *dP = dalloc(sizeof(float) * N * E), *dLse = dalloc(sizeof(float) * N);
-    cuda_blas_gemm(cb, 0, 0, N, E, d, 1.0f, dx_, d, dwg, E, 0.0f, dL, E);
-    int ok = cuda_gate_softmax(dL, dP, dLse, N, E, 0.5f, 7, 3, 100, stream) == cudaSuccess;
+    scmoe__cuda_blas_gemm(cb, 0, 0, N, E, d, 1.0f, dx_, d, dwg, E, 0.0f, dL, E);
+    int ok = scmoe__cuda_gate_softmax(dL, dP, dLse, N, E, 0.5f, 7, 3, 100, stream) == cudaSuccess;
     double el, ep, es;
     ok &= get(g, dL, sizeof(float) * N * E); el = relerr(g, logits, (size_t)N * E);
     ok &= get(g, dP, sizeof(float) * N * E); ep = relerr(g, p, (size_t)N * E);
@@ -732,10 +732,10 @@ static void dev_gate(void) {
         for (int renorm = 0; renorm < 2; renorm++) {
             int *choice = malloc(sizeof(int) * N * k), *gc = malloc(sizeof(int) * N * k);
             float *weight = fnew((size_t)N * k, 0), *score = fnew(N, 0), *gw = fnew((size_t)N * k, 0);
-            gate_topk(choice, weight, score, p, N, E, k, renorm);
+            scmoe__gate_topk(choice, weight, score, p, N, E, k, renorm);
             float *dPp = dupf(p, (size_t)N * E), *dW = dalloc(sizeof(float) * N * k), *dS = dalloc(sizeof(float) * N);
             int *dC = dalloc(sizeof(int) * N * k);
-            int okk = cuda_gate_topk(dC, dW, dS, dPp, N, E, k, renorm, stream) == cudaSuccess;
+            int okk = scmoe__cuda_gate_topk(dC, dW, dS, dPp, N, E, k, renorm, stream) == cudaSuccess;
             okk &= get(gc, dC, sizeof(int) * N * k);
             int same = !memcmp(gc, choice, sizeof(int) * N * k);
             okk &= get(gw, dW, sizeof(float) * N * k);
@@ -749,25 +749,25 @@ static void dev_gate(void) {
             dev_free_all();
         }
 
-    /* backward: dlogits on the device, then the two GEMMs as gate_backward does */
+    /* backward: dlogits on the device, then the two GEMMs as scmoe__gate_backward does */
     for (int k = 1; k <= 2; k++)
         for (int aux = 0; aux < 2; aux++) {
             int *choice = malloc(sizeof(int) * N * k);
             float *weight = fnew((size_t)N * k, 0), *score = fnew(N, 0);
-            gate_topk(choice, weight, score, p, N, E, k, 1);
+            scmoe__gate_topk(choice, weight, score, p, N, E, k, 1);
             float *dweight = fnew((size_t)N * k, 1), *aux_coef = fnew(E, 0.1f), *dlog = fnew((size_t)N * E, 0);
             float *dxr = fnew((size_t)N * d, 1), *dwgr = fnew((size_t)d * E, 1);
             float *ddx = dupf(dxr, (size_t)N * d), *ddwg = dupf(dwgr, (size_t)d * E);
-            gate_backward(&cpu, dxr, 0.5f, dwgr, dlog, dweight, choice, p, lse, x, wg, aux ? aux_coef : NULL, 0.01f, N,
+            scmoe__gate_backward(&cpu, dxr, 0.5f, dwgr, dlog, dweight, choice, p, lse, x, wg, aux ? aux_coef : NULL, 0.01f, N,
                           d, E, k, 1);
             float *dDW = dupf(dweight, (size_t)N * k), *dAux = dupf(aux_coef, E), *dPp = dupf(p, (size_t)N * E);
             float *dLse2 = dupf(lse, N), *dX2 = dupf(x, (size_t)N * d), *dWg2 = dupf(wg, (size_t)d * E);
             int *dC = dupi(choice, (size_t)N * k);
             float *dDL = dalloc(sizeof(float) * N * E);
-            int okb = cuda_gate_backward_logits(dDL, dDW, dC, dPp, dLse2, aux ? dAux : NULL, 0.01f, N, E, k, 1,
+            int okb = scmoe__cuda_gate_backward_logits(dDL, dDW, dC, dPp, dLse2, aux ? dAux : NULL, 0.01f, N, E, k, 1,
                                                 stream) == cudaSuccess;
-            cuda_blas_gemm(cb, 1, 0, d, E, N, 1.0f, dX2, d, dDL, E, 1.0f, ddwg, E);
-            cuda_blas_gemm(cb, 0, 1, N, d, E, 1.0f, dDL, E, dWg2, E, 0.5f, ddx, d);
+            scmoe__cuda_blas_gemm(cb, 1, 0, d, E, N, 1.0f, dX2, d, dDL, E, 1.0f, ddwg, E);
+            scmoe__cuda_blas_gemm(cb, 0, 1, N, d, E, 1.0f, dDL, E, dWg2, E, 0.5f, ddx, d);
             double e1, e2, e3;
             okb &= get(g, dDL, sizeof(float) * N * E); e1 = relerr(g, dlog, (size_t)N * E);
             okb &= get(g, ddwg, sizeof(float) * d * E); e2 = relerr(g, dwgr, (size_t)d * E);
@@ -781,7 +781,7 @@ static void dev_gate(void) {
 }
 
 static void dev_rows(void) {
-    if (!have_gpu) { skip("permute_rows, dispatch pack, decode and decode backward vs kernels/rows.c"); return; }
+    if (!have_gpu) { skip("scmoe__permute_rows, dispatch pack, decode and decode backward vs kernels/rows.c"); return; }
     int n = 13, k = 2, d = 33, nr = n * k;
     /* slots: a random permutation of the assignments, every fifth dropped */
     int *slot = malloc(sizeof(int) * nr), n_send = 0;
@@ -792,7 +792,7 @@ static void dev_rows(void) {
         slot[b] = t;
     }
     /* a permutation (Fisher-Yates): a map with repeated destinations would race on a device and leave
-     * rows unwritten, and permute_rows promises neither */
+     * rows unwritten, and scmoe__permute_rows promises neither */
     int *map = malloc(sizeof(int) * n_send);
     for (int r = 0; r < n_send; r++) map[r] = r;
     for (int r = n_send - 1; r > 0; r--) {
@@ -809,8 +809,8 @@ static void dev_rows(void) {
     for (int scatter = 0; scatter < 2; scatter++) {
         /* the output starts as all-ones bytes (a NaN no kernel writes): a row the kernel skips shows */
         cudaMemsetAsync(dOut, 0xFF, sizeof(float) * n_send * d, stream);
-        permute_rows(ref, rows, map, n_send, d, scatter);
-        int ok = cuda_permute_rows(dOut, dRows, dMap, n_send, d, scatter, stream) == cudaSuccess;
+        scmoe__permute_rows(ref, rows, map, n_send, d, scatter);
+        int ok = scmoe__cuda_permute_rows(dOut, dRows, dMap, n_send, d, scatter, stream) == cudaSuccess;
         ok &= get(g, dOut, sizeof(float) * n_send * d);
         int unwritten = 0;
         for (int r = 0; r < n_send; r++) {
@@ -822,20 +822,20 @@ static void dev_rows(void) {
             }
             unwritten += hole;
         }
-        CHECK(ok && unwritten == 0, "permute_rows %s with a permutation writes every one of the %d rows (%d not)",
+        CHECK(ok && unwritten == 0, "scmoe__permute_rows %s with a permutation writes every one of the %d rows (%d not)",
               scatter ? "scatter" : "gather", n_send, unwritten);
-        CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "permute_rows %s: exact",
+        CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "scmoe__permute_rows %s: exact",
               scatter ? "scatter dst[map[r]] = src[r]" : "gather dst[r] = src[map[r]]");
     }
     /* the dispatch's pack */
     for (size_t i = 0; i < (size_t)n_send * d; i++) ref[i] = 0;
-    pack_rows(ref, x, slot, n, k, d);
+    scmoe__pack_rows(ref, x, slot, n, k, d);
     cudaMemsetAsync(dOut, 0, sizeof(float) * n_send * d, stream);
-    int ok = cuda_moe_pack(dOut, dX, dSlot, n, k, d, stream) == cudaSuccess;
+    int ok = scmoe__cuda_moe_pack(dOut, dX, dSlot, n, k, d, stream) == cudaSuccess;
     ok &= get(g, dOut, sizeof(float) * n_send * d);
     CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "dispatch pack send[slot[t, j]] = x[t]: exact");
 
-    /* decode: y = beta y + sum_j w rows[slot]; weight NULL is moe_gate_backward's dx sum */
+    /* decode: y = beta y + sum_j w rows[slot]; weight NULL is scmoe__moe_gate_backward's dx sum */
     float betas[4] = {0.0f, 1.0f, 0.5f, 1.0f};
     for (int bi = 0; bi < 4; bi++) {
         float beta = betas[bi];
@@ -843,8 +843,8 @@ static void dev_rows(void) {
         float *y = fnew((size_t)n * d, 1);
         if (beta == 0.0f) for (int i = 0; i < n * d; i++) y[i] = NAN;
         float *dY = dupf(y, (size_t)n * d);
-        decode_rows(y, beta, rows, slot, unweighted ? NULL : w, n, k, d);
-        int okd = cuda_moe_decode(dY, beta, dRows, dSlot, unweighted ? NULL : dW, n, k, d, stream) == cudaSuccess;
+        scmoe__decode_rows(y, beta, rows, slot, unweighted ? NULL : w, n, k, d);
+        int okd = scmoe__cuda_moe_decode(dY, beta, dRows, dSlot, unweighted ? NULL : dW, n, k, d, stream) == cudaSuccess;
         okd &= get(g, dY, sizeof(float) * n * d);
         double e = relerr(g, y, (size_t)n * d);
         CHECK(okd && e <= TOL_OUT, "decode beta %g%s (rel %.1e)", beta, unweighted ? ", unweighted (gate-backward dx)" : "",
@@ -854,11 +854,11 @@ static void dev_rows(void) {
     /* decode backward: grows[slot] = w dy[t], dweight = dy[t] . rows[slot], 0 when dropped */
     float *dwref = fnew(nr, 0), *gw = fnew(nr, 0);
     for (size_t i = 0; i < (size_t)n_send * d; i++) ref[i] = 7.0f;
-    decode_rows_backward(ref, dwref, dy, rows, slot, w, n, k, d);
+    scmoe__decode_rows_backward(ref, dwref, dy, rows, slot, w, n, k, d);
     float *seven = fnew((size_t)n_send * d, 0);
     for (size_t i = 0; i < (size_t)n_send * d; i++) seven[i] = 7.0f;
     float *dG = dupf(seven, (size_t)n_send * d), *dDW = dupf(seven, nr);
-    ok = cuda_moe_decode_backward(dG, dDW, dDy, dRows, dSlot, dW, n, k, d, stream) == cudaSuccess;
+    ok = scmoe__cuda_moe_decode_backward(dG, dDW, dDy, dRows, dSlot, dW, n, k, d, stream) == cudaSuccess;
     ok &= get(g, dG, sizeof(float) * n_send * d);
     double e1 = relerr(g, ref, (size_t)n_send * d);
     ok &= get(gw, dDW, sizeof(float) * nr);
@@ -878,13 +878,13 @@ static void dev_attention(void) {
         size_t nq = (size_t)B * T * 3 * d, no = (size_t)B * T * d, na = (size_t)B * H * T * T;
         float *qkv = fnew(nq, 1), *out = fnew(no, 0), *att = fnew(na, 0), *dout = fnew(no, 1);
         float *dqkv = fnew(nq, 0), *datt = fnew(na, 0), *g = fnew(na > nq ? na : nq, 0);
-        attention_forward(&cpu, out, att, qkv, B, T, d, H, causal);
-        attention_backward(&cpu, dqkv, datt, dout, qkv, att, B, T, d, H, causal);
+        scmoe__attention_forward(&cpu, out, att, qkv, B, T, d, H, causal);
+        scmoe__attention_backward(&cpu, dqkv, datt, dout, qkv, att, B, T, d, H, causal);
         float *dQ = dupf(qkv, nq), *dDO = dupf(dout, no);
         float *dO = dalloc(sizeof(float) * no), *dA = dalloc(sizeof(float) * na);
         float *dDQ = dalloc(sizeof(float) * nq), *dDA = dalloc(sizeof(float) * na);
-        int ok = cuda_attention_forward(dO, dA, dQ, B, T, d, H, causal, stream) == cudaSuccess;
-        ok &= cuda_attention_backward(dDQ, dDA, dDO, dQ, dA, B, T, d, H, causal, stream) == cudaSuccess;
+        int ok = scmoe__cuda_attention_forward(dO, dA, dQ, B, T, d, H, causal, stream) == cudaSuccess;
+        ok &= scmoe__cuda_attention_backward(dDQ, dDA, dDO, dQ, dA, B, T, d, H, causal, stream) == cudaSuccess;
         double eo, ea, eq, ed;
         ok &= get(g, dO, sizeof(float) * no); eo = relerr(g, out, no);
         ok &= get(g, dA, sizeof(float) * na); ea = relerr(g, att, na);
@@ -909,12 +909,12 @@ static void dev_bf16(void) {
     for (size_t i = 20; i < n; i++) x[i] *= powf(2.0f, (float)((int)(i % 60) - 30));
     uint16_t *ref = malloc(2 * n), *got = malloc(2 * n);
     float *back = fnew(n, 0), *gback = fnew(n, 0);
-    bf16_pack(ref, x, n);
-    bf16_unpack(back, ref, n);
+    scmoe__bf16_pack(ref, x, n);
+    scmoe__bf16_unpack(back, ref, n);
     float *dX = dupf(x, n), *dB = dalloc(sizeof(float) * n);
     uint16_t *dH = dalloc(2 * n);
-    int ok = cuda_bf16_pack(dH, dX, n, stream) == cudaSuccess;
-    ok &= cuda_bf16_unpack(dB, dH, n, stream) == cudaSuccess;
+    int ok = scmoe__cuda_bf16_pack(dH, dX, n, stream) == cudaSuccess;
+    ok &= scmoe__cuda_bf16_unpack(dB, dH, n, stream) == cudaSuccess;
     ok &= get(got, dH, 2 * n);
     ok &= get(gback, dB, sizeof(float) * n);
     CHECK(ok && !memcmp(got, ref, 2 * n), "bf16 pack: the same bits (nearest even, NaN quiet, inf, overflow)");
@@ -925,7 +925,7 @@ static void dev_bf16(void) {
 
 /* the compute table's small kernels against their CPU twins (compute_host.c, combine.c) */
 static void dev_small(void) {
-    if (!have_gpu) { skip("zero, add, bias rows, non-finite flag, CG-1 combine and add_outer vs kernels/"); return; }
+    if (!have_gpu) { skip("zero, add, bias rows, non-finite flag, CG-1 combine and scmoe__add_outer vs kernels/"); return; }
     /* zero: every start alignment and length, nothing outside the range touched */
     unsigned char ones[64], got[64];
     memset(ones, 0xFF, sizeof ones);
@@ -934,7 +934,7 @@ static void dev_small(void) {
     for (int off = 0; off < 4; off++)
         for (int len = 0; len <= 41; len++) {
             cudaMemcpyAsync(dP, ones, sizeof ones, cudaMemcpyHostToDevice, stream);
-            ok &= cuda_zero_bytes(dP + off, (size_t)len, stream) == cudaSuccess && get(got, dP, sizeof got);
+            ok &= scmoe__cuda_zero_bytes(dP + off, (size_t)len, stream) == cudaSuccess && get(got, dP, sizeof got);
             for (int i = 0; i < 64; i++) ok &= got[i] == ((i >= off && i < off + len) ? 0 : 0xFF);
         }
     CHECK(ok, "zero_bytes: every start alignment 0..3, lengths 0..41, exactly the range");
@@ -947,55 +947,55 @@ static void dev_small(void) {
     float *dO = dalloc(sizeof(float) * nd), *dC = dalloc(sizeof(float) * n);
     memcpy(ref, y, sizeof(float) * nd); /* add: y += x */
     for (size_t i = 0; i < nd; i++) ref[i] += x[i];
-    ok = cuda_add(dY, dX, nd, stream) == cudaSuccess && get(g, dY, sizeof(float) * nd);
+    ok = scmoe__cuda_add(dY, dX, nd, stream) == cudaSuccess && get(g, dY, sizeof(float) * nd);
     CHECK(ok && !memcmp(g, ref, sizeof(float) * nd), "add y += x: exact");
     for (int i = 0; i < n; i++) /* bias rows: y[i, :] += b */
         for (int j = 0; j < d; j++) ref[(size_t)i * d + j] += b[j];
-    ok = cuda_add_bias_rows(dY, dB, n, d, stream) == cudaSuccess && get(g, dY, sizeof(float) * nd);
+    ok = scmoe__cuda_add_bias_rows(dY, dB, n, d, stream) == cudaSuccess && get(g, dY, sizeof(float) * nd);
     CHECK(ok && !memcmp(g, ref, sizeof(float) * nd), "add_bias_rows x[i, :] += b: exact");
 
     int *dF = dalloc(sizeof(int)), flag = 0;
-    ok = cuda_zero_bytes(dF, sizeof(int), stream) == cudaSuccess && cuda_flag_nonfinite(dF, dX, nd, stream) == cudaSuccess &&
+    ok = scmoe__cuda_zero_bytes(dF, sizeof(int), stream) == cudaSuccess && scmoe__cuda_flag_nonfinite(dF, dX, nd, stream) == cudaSuccess &&
          get(&flag, dF, sizeof flag) && flag == 0;
     x[nd - 3] = INFINITY;
     float *dXi = dupf(x, nd);
-    ok &= cuda_flag_nonfinite(dF, dXi, nd, stream) == cudaSuccess && get(&flag, dF, sizeof flag) && flag == 1;
-    CHECK(ok && has_nonfinite(x, nd), "flag_nonfinite: 0 on finite input, 1 with an Inf (as has_nonfinite)");
+    ok &= scmoe__cuda_flag_nonfinite(dF, dXi, nd, stream) == cudaSuccess && get(&flag, dF, sizeof flag) && flag == 1;
+    CHECK(ok && scmoe__has_nonfinite(x, nd), "flag_nonfinite: 0 on finite input, 1 with an Inf (as scmoe__has_nonfinite)");
 
     float *dA = dupf(y, nd); /* the residual: y as uploaded (dY has been added to since) */
     for (int gated = 0; gated < 2; gated++) {
-        cg_combine_forward(ref, refc, y, s, m, gated ? w : NULL, n, d);
-        ok = cuda_cg_combine_forward(dO, dC, dA, dS, dM, gated ? dW : NULL, n, d, stream) == cudaSuccess;
+        scmoe__cg_combine_forward(ref, refc, y, s, m, gated ? w : NULL, n, d);
+        ok = scmoe__cuda_cg_combine_forward(dO, dC, dA, dS, dM, gated ? dW : NULL, n, d, stream) == cudaSuccess;
         ok &= get(g, dO, sizeof(float) * nd) && get(gc, dC, sizeof(float) * n);
         double e1 = relerr(g, ref, nd), e2 = relerr(gc, refc, n);
-        CHECK(ok && e1 <= TOL_OUT && e2 <= TOL_OUT, "cg_combine_forward%s: y %.1e, gate %.1e", gated ? " (CG-1)" : " (add)",
+        CHECK(ok && e1 <= TOL_OUT && e2 <= TOL_OUT, "scmoe__cg_combine_forward%s: y %.1e, gate %.1e", gated ? " (CG-1)" : " (add)",
               e1, e2);
     }
     x[nd - 3] = 0.25f;
     float *cg = fnew(n, 0);
-    cg_combine_forward(ref, cg, y, s, m, w, n, d);
-    cg_combine_backward(ref, refc, x, s, cg, n, d);
+    scmoe__cg_combine_forward(ref, cg, y, s, m, w, n, d);
+    scmoe__cg_combine_backward(ref, refc, x, s, cg, n, d);
     float *dCg = dupf(cg, n), *dXf = dupf(x, nd);
-    ok = cuda_cg_combine_backward(dO, dC, dXf, dS, dCg, n, d, stream) == cudaSuccess;
+    ok = scmoe__cuda_cg_combine_backward(dO, dC, dXf, dS, dCg, n, d, stream) == cudaSuccess;
     ok &= get(g, dO, sizeof(float) * nd) && get(gc, dC, sizeof(float) * n);
     double e1 = relerr(g, ref, nd), e2 = relerr(gc, refc, n);
-    CHECK(ok && e1 <= TOL_GRAD && e2 <= TOL_GRAD, "cg_combine_backward: ds %.1e, dz %.1e", e1, e2);
+    CHECK(ok && e1 <= TOL_GRAD && e2 <= TOL_GRAD, "scmoe__cg_combine_backward: ds %.1e, dz %.1e", e1, e2);
 
     memcpy(ref, y, sizeof(float) * nd);
-    add_outer(ref, cg, w, n, d);
+    scmoe__add_outer(ref, cg, w, n, d);
     float *dY2 = dupf(y, nd);
-    ok = cuda_add_outer(dY2, dCg, dW, n, d, stream) == cudaSuccess && get(g, dY2, sizeof(float) * nd);
-    CHECK(ok && relerr(g, ref, nd) <= TOL_OUT, "add_outer out += u v^T (%.1e)", relerr(g, ref, nd));
+    ok = scmoe__cuda_add_outer(dY2, dCg, dW, n, d, stream) == cudaSuccess && get(g, dY2, sizeof(float) * nd);
+    CHECK(ok && relerr(g, ref, nd) <= TOL_OUT, "scmoe__add_outer out += u v^T (%.1e)", relerr(g, ref, nd));
     free(y); free(x); free(b); free(s); free(m); free(w); free(g); free(gc); free(ref); free(refc); free(cg);
     dev_free_all();
 }
 
-/* ffn_forward / ffn_backward composed from the kernels and cuBLAS, as a device dispatch would */
+/* scmoe__ffn_forward / scmoe__ffn_backward composed from the kernels and cuBLAS, as a device dispatch would */
 static void dev_ffn(void) {
     if (!have_gpu) { skip("FFN forward / backward from kernels + cuBLAS (GELU, SwiGLU) vs kernels/ffn.c"); return; }
     for (int a = 0; a < 2; a++) {
         scmoe_activation act = a ? SCMOE_SWIGLU : SCMOE_GELU;
-        int N = 21, d = 24, h = 40, h1 = ffn_width(h, act);
+        int N = 21, d = 24, h = 40, h1 = scmoe__ffn_width(h, act);
         size_t nx = (size_t)N * d, nw1 = (size_t)d * h1, nw2 = (size_t)h * d, np = (size_t)N * h1, nh = (size_t)N * h;
         float *x = fnew(nx, 1), *w1 = fnew(nw1, 0.3f), *b1 = fnew(h1, 0.1f), *w2 = fnew(nw2, 0.3f), *b2 = fnew(d, 0.1f);
         float *out = fnew(nx, 0), *pre = fnew(np, 0), *hid = fnew(nh, 0), *dout = fnew(nx, 1);
@@ -1003,23 +1003,23 @@ static void dev_ffn(void) {
         float *dhid = fnew(nh, 0), *dpre = fnew(np, 0), *g = fnew(np > nw1 ? np : nw1, 0);
         float *Ddx = dupf(dx, nx), *Ddw1 = dupf(dw1, nw1), *Ddb1 = dupf(db1, h1), *Ddw2 = dupf(dw2, nw2);
         float *Ddb2 = dupf(db2, d);
-        ffn_forward(&cpu, out, pre, hid, x, w1, b1, w2, b2, N, d, h, act);
-        ffn_backward(&cpu, dx, 0.5f, dw1, db1, dw2, db2, dhid, dpre, dout, x, pre, hid, w1, w2, N, d, h, act);
+        scmoe__ffn_forward(&cpu, out, pre, hid, x, w1, b1, w2, b2, N, d, h, act);
+        scmoe__ffn_backward(&cpu, dx, 0.5f, dw1, db1, dw2, db2, dhid, dpre, dout, x, pre, hid, w1, w2, N, d, h, act);
         float *Dx = dupf(x, nx), *Dw1 = dupf(w1, nw1), *Db1 = dupf(b1, h1), *Dw2 = dupf(w2, nw2), *Db2 = dupf(b2, d);
         float *Dout = dalloc(sizeof(float) * nx), *Dpre = dalloc(sizeof(float) * np), *Dhid = dalloc(sizeof(float) * nh);
         float *Ddout = dupf(dout, nx), *Ddhid = dalloc(sizeof(float) * nh), *Ddpre = dalloc(sizeof(float) * np);
-        int ok = cuda_broadcast_rows(Dpre, Db1, N, h1, stream) == cudaSuccess;
-        cuda_blas_gemm(cb, 0, 0, N, h1, d, 1.0f, Dx, d, Dw1, h1, 1.0f, Dpre, h1);
-        ok &= cuda_activation_forward(Dhid, Dpre, N, h, act, stream) == cudaSuccess;
-        ok &= cuda_broadcast_rows(Dout, Db2, N, d, stream) == cudaSuccess;
-        cuda_blas_gemm(cb, 0, 0, N, d, h, 1.0f, Dhid, h, Dw2, d, 1.0f, Dout, d);
-        cuda_blas_gemm(cb, 0, 1, N, h, d, 1.0f, Ddout, d, Dw2, d, 0.0f, Ddhid, h);
-        cuda_blas_gemm(cb, 1, 0, h, d, N, 1.0f, Dhid, h, Ddout, d, 1.0f, Ddw2, d);
-        ok &= cuda_sum_rows(Ddb2, Ddout, N, d, stream) == cudaSuccess;
-        ok &= cuda_activation_backward(Ddpre, Ddhid, Dpre, N, h, act, stream) == cudaSuccess;
-        cuda_blas_gemm(cb, 1, 0, d, h1, N, 1.0f, Dx, d, Ddpre, h1, 1.0f, Ddw1, h1);
-        ok &= cuda_sum_rows(Ddb1, Ddpre, N, h1, stream) == cudaSuccess;
-        cuda_blas_gemm(cb, 0, 1, N, d, h1, 1.0f, Ddpre, h1, Dw1, h1, 0.5f, Ddx, d);
+        int ok = scmoe__cuda_broadcast_rows(Dpre, Db1, N, h1, stream) == cudaSuccess;
+        scmoe__cuda_blas_gemm(cb, 0, 0, N, h1, d, 1.0f, Dx, d, Dw1, h1, 1.0f, Dpre, h1);
+        ok &= scmoe__cuda_activation_forward(Dhid, Dpre, N, h, act, stream) == cudaSuccess;
+        ok &= scmoe__cuda_broadcast_rows(Dout, Db2, N, d, stream) == cudaSuccess;
+        scmoe__cuda_blas_gemm(cb, 0, 0, N, d, h, 1.0f, Dhid, h, Dw2, d, 1.0f, Dout, d);
+        scmoe__cuda_blas_gemm(cb, 0, 1, N, h, d, 1.0f, Ddout, d, Dw2, d, 0.0f, Ddhid, h);
+        scmoe__cuda_blas_gemm(cb, 1, 0, h, d, N, 1.0f, Dhid, h, Ddout, d, 1.0f, Ddw2, d);
+        ok &= scmoe__cuda_sum_rows(Ddb2, Ddout, N, d, stream) == cudaSuccess;
+        ok &= scmoe__cuda_activation_backward(Ddpre, Ddhid, Dpre, N, h, act, stream) == cudaSuccess;
+        scmoe__cuda_blas_gemm(cb, 1, 0, d, h1, N, 1.0f, Dx, d, Ddpre, h1, 1.0f, Ddw1, h1);
+        ok &= scmoe__cuda_sum_rows(Ddb1, Ddpre, N, h1, stream) == cudaSuccess;
+        scmoe__cuda_blas_gemm(cb, 0, 1, N, d, h1, 1.0f, Ddpre, h1, Dw1, h1, 0.5f, Ddx, d);
         double eo, ep, eh, ex, e1, eb1, e2, eb2;
         ok &= get(g, Dout, sizeof(float) * nx); eo = relerr(g, out, nx);
         ok &= get(g, Dpre, sizeof(float) * np); ep = relerr(g, pre, np);
@@ -1044,28 +1044,28 @@ static void dev_ffn(void) {
 static void dev_staging(void) {
     if (!have_gpu) { skip("staging on the CUDA runtime: device rows -> pinned -> exchange -> device"); return; }
     comm *c = NULL;
-    if (comm_serial_create(&c)) { CHECK(0, "comm_serial_create"); return; }
+    if (scmoe__comm_serial_create(&c)) { CHECK(0, "scmoe__comm_serial_create"); return; }
     int d = 16, rows = 9;
     float *x = fnew((size_t)rows * d, 1), *got = fnew((size_t)rows * d, 0);
     float *dS = dupf(x, (size_t)rows * d), *dR = dalloc(sizeof(float) * rows * d);
     cudaMemsetAsync(dR, 0, sizeof(float) * rows * d, stream);
     int sc[1] = {rows}, sd[1] = {0};
     cuda_stage *st = NULL;
-    scmoe_status s = cuda_stage_create(&st, sizeof(float) * rows * d, sizeof(float) * rows * d, 0, NULL);
-    s = s ? s : cuda_stage_begin(st, c, dS, sc, sd, dR, sc, sd, (int)sizeof(float) * d, stream);
-    s = s ? s : cuda_stage_wait(st, stream, 30);
+    scmoe_status s = scmoe__cuda_stage_create(&st, sizeof(float) * rows * d, sizeof(float) * rows * d, 0, NULL);
+    s = s ? s : scmoe__cuda_stage_begin(st, c, dS, sc, sd, dR, sc, sd, (int)sizeof(float) * d, stream);
+    s = s ? s : scmoe__cuda_stage_wait(st, stream, 30);
     int ok = get(got, dR, sizeof(float) * rows * d);
     CHECK(s == SCMOE_OK && ok && !memcmp(got, x, sizeof(float) * rows * d),
           "staging on the runtime: 9 rows device -> pinned -> serial exchange -> device, exact (%s)",
           st ? st->err : "create failed");
-    cuda_stage_destroy(st);
+    scmoe__cuda_stage_destroy(st);
     c->ops->destroy(c);
     free(x); free(got);
     dev_free_all();
 }
 
 int main(void) {
-    cpu.blas = blas_openblas();
+    cpu.blas = scmoe__blas_openblas();
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     have_gpu = e == cudaSuccess && n > 0;
@@ -1075,8 +1075,8 @@ int main(void) {
 #endif
     if (have_gpu) {
         char err[160];
-        scmoe_status s = cuda_blas_create(&cb, NULL, CUDA_MATH_FP32, err);
-        CHECK(s == SCMOE_OK, "cuda_blas_create on a new stream (%d device%s)%s%s", n, n == 1 ? "" : "s", s ? ": " : "",
+        scmoe_status s = scmoe__cuda_blas_create(&cb, NULL, CUDA_MATH_FP32, err);
+        CHECK(s == SCMOE_OK, "scmoe__cuda_blas_create on a new stream (%d device%s)%s%s", n, n == 1 ? "" : "s", s ? ": " : "",
               s ? err : "");
         if (s) have_gpu = 0;
         else stream = cb->stream;
@@ -1100,7 +1100,7 @@ int main(void) {
     dev_small();
     dev_ffn();
     dev_staging();
-    if (cb) cuda_blas_destroy(cb);
+    if (cb) scmoe__cuda_blas_destroy(cb);
 #ifdef SCMOE_CUDA_EMU
     const void *first = NULL;
     size_t uninit = emu_uninit_words(&first);

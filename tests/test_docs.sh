@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test_docs.sh: the docs name only what exists. Every identifier written in backticks in README.md and
 # docs/*.md whose whole span is one name, a call (`name()`, `name(args)`) or a snake_case name
-# (`moe_gate_encode`, `capacity_factor`), must occur as a word in the code: the library, its headers, the examples, tests,
+# (`scmoe__moe_gate_encode`, `capacity_factor`), must occur as a word in the code: the library, its headers, the examples, tests,
 # benches, tools, build files. Env variables and flags (SCMOE_TRACE, --steps) are not checked here.
 # Ends with "N passed, N failed".
 set -u

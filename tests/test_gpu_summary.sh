@@ -20,7 +20,7 @@ F=$D/fake
 mkdir -p $F
 echo "NVIDIA H200, 580.95.05, 143771 MiB" > $F/device.log
 cmd() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> $F/commands.tsv; }
-printf 'ok - a\nnot ok - permute_rows scatter dst[map[r]] = src[r]: exact  (tests/test_cuda.c:801)\n125 passed, 1 failed\n' > $F/test_cuda.log
+printf 'ok - a\nnot ok - scmoe__permute_rows scatter dst[map[r]] = src[r]: exact  (tests/test_cuda.c:801)\n125 passed, 1 failed\n' > $F/test_cuda.log
 cmd test_cuda test 1 3 "/tmp/gb/build0/test_cuda"
 printf 'ok - b\n156 passed, 0 failed\n' > $F/test_cuda_moe.log
 cmd test_cuda_moe test 0 9 "/tmp/gb/build0/test_cuda_moe"
@@ -77,7 +77,7 @@ S=$D/sum.txt
 check "fabricated: exit 1 when a command failed" [ $rc = 1 ]
 check "fabricated: the device line heads the block" has $S "==== check-gpu summary: NVIDIA H200, 580.95.05"
 check "fabricated: 5 passed, 4 failed of 9" has $S "FAILED: 5 passed, 4 failed (of 9 commands)"
-check "fabricated: test_cuda's failure and its first not-ok line" has $S "125 passed, 1 failed, exit 1; first: not ok - permute_rows scatter"
+check "fabricated: test_cuda's failure and its first not-ok line" has $S "125 passed, 1 failed, exit 1; first: not ok - scmoe__permute_rows scatter"
 check "fabricated: a SKIP on the GPU machine fails the test" grep -q "FAILED test_cuda_moe_2ranks .*SKIP" $S
 check "fabricated: initcheck's 749 errors and the first one" has $S "749 errors (156 passed, 0 failed); first: ========= Uninitialized __global__"
 check "fabricated: racecheck's summary line counts as clean" grep -q "ok  *racecheck_test_cuda .*0 errors (126 passed, 0 failed)" $S

@@ -146,7 +146,7 @@ static int blas_thread_invariant(void) {
     float *c1 = malloc(sizeof(float) * M * N), *c2 = malloc(sizeof(float) * M * N);
     fill(a, (size_t)M * K, 1.0f);
     fill(b, (size_t)K * N, 1.0f);
-    const blas_backend *ob = blas_openblas();
+    const blas_backend *ob = scmoe__blas_openblas();
     int max = omp_get_max_threads();
     omp_set_num_threads(1);
     ob->gemm(ob, 0, 0, M, N, K, 1.0f, a, K, b, N, 0.0f, c1, N);

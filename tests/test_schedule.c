@@ -19,14 +19,14 @@ static void chooser(void) {
         int n = 1 + rand() % 7;
         double ops[8], td = rand() % 100, te = rand() % 50, tc = rand() % 100;
         for (int i = 0; i < n; i++) ops[i] = rand() % 60;
-        int K = schedule_choose_slot(ops, n, td, te, tc);
+        int K = scmoe__schedule_choose_slot(ops, n, td, te, tc);
         for (int j = 0; j <= n; j++) agree &= cost(ops, n, K, td, te, tc) <= cost(ops, n, j, td, te, tc) + 1e-9;
     }
     CHECK(agree, "slot chooser finds the minimum of max(pre, T_disp) + T_exp + max(post, T_comb) in 2000 random cases");
     double ops[3] = {30, 20, 10};
-    CHECK(schedule_choose_slot(ops, 3, 25, 5, 12) == 1, "MLP 30, attn 20, SE 10, dispatch 25, combine 12 -> slot 1 (after MLP)");
-    CHECK(schedule_choose_slot(ops, 3, 0, 5, 100) == 0, "a long combine puts the experts first");
-    CHECK(schedule_choose_slot(ops, 3, 100, 5, 0) == 3, "a long dispatch puts the experts last");
+    CHECK(scmoe__schedule_choose_slot(ops, 3, 25, 5, 12) == 1, "MLP 30, attn 20, SE 10, dispatch 25, combine 12 -> slot 1 (after MLP)");
+    CHECK(scmoe__schedule_choose_slot(ops, 3, 0, 5, 100) == 0, "a long combine puts the experts first");
+    CHECK(scmoe__schedule_choose_slot(ops, 3, 100, 5, 0) == 3, "a long dispatch puts the experts last");
 }
 
 static scmoe_config tiny(void) {
@@ -128,28 +128,28 @@ static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x
     memset(&pt, 0, sizeof pt);
     toy t = {n, x, dy, calloc(n, 4), calloc(n, 4), y, calloc(n, 4), calloc(n, 4), dx};
     scheduler s;
-    int ok = !moe_init(&m, ctx, &c, c.top_k, &pt, "", 0.02f) && !params_allocate(&pt, ctx->compute, 0, 0) &&
-             !moe_alloc(&m);
+    int ok = !scmoe__moe_init(&m, ctx, &c, c.top_k, &pt, "", 0.02f) && !scmoe__params_allocate(&pt, ctx->compute, 0, 0) &&
+             !scmoe__moe_alloc(&m);
     sched_block b = {.self = &t, .ops = toy_ops, .n_ops = 3, .moe_input_op = 0, .overlap = 1,
                      .gate_grads = {NULL, 0, ctx->world}, .expert_grads = {NULL, 0, ctx->world}};
     for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world};
-    ok = ok && !schedule_init(&s, ctx, &c, &b);
-    exec ex = context_exec(ctx, c.poll_cols);
+    ok = ok && !scmoe__schedule_init(&s, ctx, &c, &b);
+    exec ex = scmoe__context_exec(ctx, c.poll_cols);
     m.training = 1;
     scmoe_stats st = {0};
     for (int step = 0; step < 4 && ok; step++) {
-        params_zero_grad(&pt);
+        scmoe__params_zero_grad(&pt);
         sched_moe f = {&m, t.h, NULL, y, NULL}, g = {&m, NULL, t.dh, NULL, dy};
-        ok = !schedule_forward(&s, &ex, &f, rows) && !schedule_backward(&s, &ex, &g, rows) && !schedule_grad_wait(&s);
+        ok = !scmoe__schedule_forward(&s, &ex, &f, rows) && !scmoe__schedule_backward(&s, &ex, &g, rows) && !scmoe__schedule_grad_wait(&s);
     }
-    schedule_fill_stats(&s, &st, 0);
+    scmoe__schedule_fill_stats(&s, &st, 0);
     *slot = ok ? st.expert_slot : -2;
     for (int i = 0, o = 0; i < pt.n; i++) {
         memcpy(grads + o, pt.p[i].t.grad, sizeof(float) * pt.p[i].t.numel);
         o += (int)pt.p[i].t.numel;
     }
-    moe_free(&m);
-    params_free(&pt);
+    scmoe__moe_free(&m);
+    scmoe__params_free(&pt);
     free(t.h); free(t.z); free(t.dz); free(t.dh);
 }
 

@@ -118,19 +118,19 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
     int R = o->tokens, d = o->d, h = o->h;
     float *pre = dev_random((size_t)R * h, 5), *w1 = dev_random((size_t)d * h, 6), *w2 = dev_random((size_t)h * d, 7);
     float *dw1 = dev_random((size_t)d * h, 8), *dw2 = dev_random((size_t)h * d, 9), *out = dev_random(nd, 10);
-    if (!cuda_blas_create(&cb, NULL, o->bf16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err)) {
+    if (!scmoe__cuda_blas_create(&cb, NULL, o->bf16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err)) {
         for (int r = -2; r < o->reps; r++) {
             double t0 = now();
-            cuda_blas_gemm(cb, 0, 0, R, h, d, 1, x, d, w1, h, 0, pre, h);      /* pre = x W1 */
-            cuda_blas_gemm(cb, 0, 0, R, d, h, 1, pre, h, w2, d, 0, out, d);    /* out = hid W2 */
-            cuda_blas_gemm(cb, 0, 1, R, h, d, 1, dy, d, w2, d, 0, pre, h);     /* dhid = dy W2^T */
-            cuda_blas_gemm(cb, 1, 0, h, d, R, 1, pre, h, dy, d, 1, dw2, d);    /* dW2 += hid^T dy */
-            cuda_blas_gemm(cb, 1, 0, d, h, R, 1, x, d, pre, h, 1, dw1, h);     /* dW1 += x^T dpre */
-            cuda_blas_gemm(cb, 0, 1, R, d, h, 1, pre, h, w1, h, 0, out, d);    /* dx = dpre W1^T */
+            scmoe__cuda_blas_gemm(cb, 0, 0, R, h, d, 1, x, d, w1, h, 0, pre, h);      /* pre = x W1 */
+            scmoe__cuda_blas_gemm(cb, 0, 0, R, d, h, 1, pre, h, w2, d, 0, out, d);    /* out = hid W2 */
+            scmoe__cuda_blas_gemm(cb, 0, 1, R, h, d, 1, dy, d, w2, d, 0, pre, h);     /* dhid = dy W2^T */
+            scmoe__cuda_blas_gemm(cb, 1, 0, h, d, R, 1, pre, h, dy, d, 1, dw2, d);    /* dW2 += hid^T dy */
+            scmoe__cuda_blas_gemm(cb, 1, 0, d, h, R, 1, x, d, pre, h, 1, dw1, h);     /* dW1 += x^T dpre */
+            scmoe__cuda_blas_gemm(cb, 0, 1, R, d, h, 1, pre, h, w1, h, 0, out, d);    /* dx = dpre W1^T */
             cudaStreamSynchronize(cb->stream);
             if (r >= 0) tb[r] = slowest(now() - t0);
         }
-        cuda_blas_destroy(cb);
+        scmoe__cuda_blas_destroy(cb);
     }
     double flops = 3.0 * (2.0 * R * d * h + 2.0 * R * h * d), lib = median(t, o->reps), base = median(tb, o->reps);
     if (!rank_) {

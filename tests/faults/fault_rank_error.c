@@ -288,7 +288,7 @@ static void create_cases(scmoe_context *ctx) {
 /* A stalled rank: the last rank enters a pair forward LATE_S seconds after the others, with
  * comm_timeout_s = 1. Wanted: the waiting ranks give up with SCMOE_ERR_TIMEOUT after about 1 s. (Known
  * bug blocking-collective-timeout: the forward's first exchange is a blocking MPI_Allreduce
- * (status_agree) without a deadline, so they wait for the late rank however long it takes.) Run last:
+ * (scmoe__status_agree) without a deadline, so they wait for the late rank however long it takes.) Run last:
  * after a real timeout the library's communicator holds an exchange MPI cannot cancel, so the program
  * then skips MPI_Finalize. Returns 1 if some rank timed out. */
 #define LATE_S 4

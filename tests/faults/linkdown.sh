@@ -33,8 +33,8 @@ ok() { if [ "$1" = 0 ]; then pass=$((pass + 1)); echo "ok - $2"; else fail=$((fa
 # Known library bugs (reported, docs/reliability.md), listed in SCMOE_KNOWN_BUGS: a failure explained
 # by one of them (read from the stuck rank's stack) is a TAP TODO line, printed but not counted.
 #   blocking-collective-timeout  a rank blocked in a blocking MPI collective of the library
-#                                (status_agree, gate_encode's allgather/allgatherv/allreduce) never times out
-#   grad-sync-timeout            schedule_grad_wait waits comm_timeout_s for each of the 10 gradient
+#                                (scmoe__status_agree, gate_encode's allgather/allgatherv/allreduce) never times out
+#   grad-sync-timeout            scmoe__schedule_grad_wait waits comm_timeout_s for each of the 10 gradient
 #                                buckets in turn after the first has timed out
 known() { [[ ",${SCMOE_KNOWN_BUGS:-}," == *",$1,"* ]]; }
 todo=0
@@ -145,7 +145,7 @@ for round in $(seq 1 "$ROUNDS"); do
                 timeout 20 gdb -p "$p" -batch -ex "thread apply all bt" > "$TMP/stack$round.$r" 2>&1
                 echo "# rank $r is still inside the library $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.0f", b - a}') s after the link went down; its main thread:"
                 awk '/^Thread /{m = ($2 == 1)} m' "$TMP/stack$round.$r" | grep -E '^#[0-9]+ ' |
-                    grep -E ' (PMPI_|MPI_|ompi_coll|mca_coll|scmoe_|moe_|schedule_|status_agree|config_agree|sync_grads|inflight_|mpi_[a-z]|main)' |
+                    grep -E ' (PMPI_|MPI_|ompi_coll|mca_coll|scmoe_|moe_|schedule_|scmoe__status_agree|config_agree|sync_grads|inflight_|mpi_[a-z]|main)' |
                     sed -E 's/^(#[0-9]+) +(0x[0-9a-f]+ in )?([^ ]+) .*( at [^ ]+)?$/#   \1 \3\4/' | head -n 10
             done
         fi
@@ -163,7 +163,7 @@ for round in $(seq 1 "$ROUNDS"); do
         bug=""
         if [ -s "$TMP/stack$round.$r" ]; then
             main=$(awk '/^Thread /{m = ($2 == 1)} m' "$TMP/stack$round.$r")
-            if echo "$main" | grep -q 'schedule_grad_wait'; then bug=grad-sync-timeout
+            if echo "$main" | grep -q 'scmoe__schedule_grad_wait'; then bug=grad-sync-timeout
             elif echo "$main" | grep -Eq 'PMPI_(Allreduce|Allgather|Allgatherv)' &&
                  echo "$main" | grep -Eq 'mpi_allreduce|mpi_allgather'; then bug=blocking-collective-timeout; fi
         fi
