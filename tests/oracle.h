@@ -1,8 +1,9 @@
-/* oracle.h: what the PyTorch-oracle tests (test_oracle_moe, test_oracle_pair) share: their random
+/* oracle.h: what the PyTorch-oracle tests (test_oracle_moe, test_oracle_pair, test_oracle_ep) share: their random
  * stream, the command line and environment they read, and how a case's C part stops at a failure. */
 #ifndef SCMOE_ORACLE_H
 #define SCMOE_ORACLE_H
 #include "../scmoe.h"
+#include "tensorio.h"
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,4 +88,19 @@ static int drops_as_expected(int expect, float cf, int64_t dropped, char *why, s
     }
     return 1;
 }
+/* The MoE layer's config scalars moe_ref.py reads (cfg.*), in the order it expects them. */
+static inline void oracle_write_moe_cfg(FILE *f, int d, int h, int E, int k, float cf, int renorm, float aux_w,
+                                        float z_w, int act, int prio) {
+    tio_write_scalar(f, "cfg.d_model", (float)d);
+    tio_write_scalar(f, "cfg.d_hidden", (float)h);
+    tio_write_scalar(f, "cfg.n_experts", (float)E);
+    tio_write_scalar(f, "cfg.top_k", (float)k);
+    tio_write_scalar(f, "cfg.capacity_factor", cf);
+    tio_write_scalar(f, "cfg.renormalize", (float)renorm);
+    tio_write_scalar(f, "cfg.aux_loss_weight", aux_w);
+    tio_write_scalar(f, "cfg.z_loss_weight", z_w);
+    tio_write_scalar(f, "cfg.activation", (float)act);
+    tio_write_scalar(f, "cfg.priority", (float)prio);
+}
+
 #endif

@@ -132,16 +132,7 @@ static void run_case(scmoe_context *ctx, const ep_case *c, const oracle_env *env
         snprintf(file, sizeof file, "%s/oracle_ep%d_%s.scmt", env->outdir, size, c->name);
         FILE *f = tio_open_write(file);
         if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
-        tio_write_scalar(f, "cfg.d_model", (float)d);
-        tio_write_scalar(f, "cfg.d_hidden", (float)c->h);
-        tio_write_scalar(f, "cfg.n_experts", (float)c->E);
-        tio_write_scalar(f, "cfg.top_k", (float)c->k);
-        tio_write_scalar(f, "cfg.capacity_factor", c->cf);
-        tio_write_scalar(f, "cfg.renormalize", (float)c->renorm);
-        tio_write_scalar(f, "cfg.aux_loss_weight", c->aux_w);
-        tio_write_scalar(f, "cfg.z_loss_weight", c->z_w);
-        tio_write_scalar(f, "cfg.activation", (float)c->act);
-        tio_write_scalar(f, "cfg.priority", (float)c->prio);
+        oracle_write_moe_cfg(f, d, c->h, c->E, c->k, c->cf, c->renorm, c->aux_w, c->z_w, c->act, c->prio);
         tio_write_scalar(f, "cfg.capacity_scope", (float)c->scope);
         float *src = malloc(sizeof(float) * size);
         for (int r = 0; r < size; r++) src[r] = (float)counts[r];

@@ -176,16 +176,7 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
 
     f = tio_open_write(file);
     if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
-    tio_write_scalar(f, "cfg.d_model", (float)c->d);
-    tio_write_scalar(f, "cfg.d_hidden", (float)c->h);
-    tio_write_scalar(f, "cfg.n_experts", (float)c->E);
-    tio_write_scalar(f, "cfg.top_k", (float)c->k);
-    tio_write_scalar(f, "cfg.capacity_factor", c->cf);
-    tio_write_scalar(f, "cfg.renormalize", (float)c->renorm);
-    tio_write_scalar(f, "cfg.aux_loss_weight", c->aux_w);
-    tio_write_scalar(f, "cfg.z_loss_weight", c->z_w);
-    tio_write_scalar(f, "cfg.activation", (float)c->act);
-    tio_write_scalar(f, "cfg.priority", (float)c->prio);
+    oracle_write_moe_cfg(f, c->d, c->h, c->E, c->k, c->cf, c->renorm, c->aux_w, c->z_w, c->act, c->prio);
     tio_write_step(f, &step);
     if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
     f = NULL;

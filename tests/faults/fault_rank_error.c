@@ -31,17 +31,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define WATCHDOG_S 60
-static int rank, size, todo;
-static const char *current = "start";
+#include "watchdog.h"
 
-static void on_alarm(int sig) {
-    (void)sig;
-    char buf[256];
-    int n = snprintf(buf, sizeof buf, "not ok - rank %d hung for %d s in: %s\n", rank, WATCHDOG_S, current);
-    if (write(1, buf, (size_t)n) < 0) {}
-    _exit(3);
-}
+static int size, todo;
 
 /* a check that fails on a known, reported library bug: a TAP TODO (printed once, not counted) when the
  * bug is listed in SCMOE_KNOWN_BUGS, an ordinary failure otherwise */
