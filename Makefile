@@ -68,7 +68,7 @@ bench: $(BENCHES)
 
 -include $(LIB_OBJ:.o=.d)
 
-.PHONY: all deps tests bench check check-scale check-sanitize check-valgrind clean
+.PHONY: all deps tests bench check check-scale check-sanitize check-valgrind clean format
 deps:
 	@tools/install_deps.sh
 	@$(if $(filter 1,$(ONEDNN)),tools/install_deps.sh --optional libdnnl-dev)
@@ -100,6 +100,10 @@ check-sanitize: deps
 check-valgrind: deps
 	$(MAKE) tests
 	VALGRIND="valgrind --error-exitcode=9 --leak-check=full --errors-for-leak-kinds=definite,indirect --quiet" TESTS="moe pair schedule" tests/run.sh
+
+# The house style (.clang-format); tests/test_format.sh checks it in make check.
+format:
+	clang-format -i $$(git ls-files -- '*.c' '*.h' '*.cu' '*.cpp')
 
 clean:
 	rm -rf build build-san dist docs/html

@@ -7,7 +7,7 @@
 scmoe_status scmoe__moe_set_loss_weights(moe_layer *m, float aux, float z) {
     if (!isfinite(aux) || aux < 0 || !isfinite(z) || z < 0)
         return scmoe__fail(m->ctx, SCMOE_ERR_LOSS_WEIGHT, "loss weights aux %g, z %g: each must be finite and >= 0",
-                          aux, z);
+                           aux, z);
     /* gate_encode turns them into the coefficients its backward uses: aux_coef and z_coef */
     m->cfg.aux_loss_weight = aux;
     m->cfg.z_loss_weight = z;
@@ -20,7 +20,7 @@ scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const
     for (int i = 0; i < pt->n; i++)
         if (np + strlen(pt->p[i].name) - old >= sizeof pt->p[i].name)
             return scmoe__fail(ctx, SCMOE_ERR_OPTION, "name prefix '%s' makes '%s' longer than %zu bytes", prefix,
-                              pt->p[i].name + old, sizeof pt->p[i].name - 1);
+                               pt->p[i].name + old, sizeof pt->p[i].name - 1);
     for (int i = 0; i < pt->n; i++) {
         char *name = pt->p[i].name;
         memmove(name + np, name + old, strlen(name + old) + 1);

@@ -10,7 +10,7 @@ struct scmoe_moe {
     param_table pt;
     moe_layer m;
     exec ex;
-    float *xbuf;       /* the training forward's input, kept for backward (the backend's memory) */
+    float *xbuf;        /* the training forward's input, kept for backward (the backend's memory) */
     scmoe__calls calls; /* its place in the ranks' call sequence (scmoe__call_agree) */
 };
 
@@ -36,8 +36,8 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
     if (!s) s = scmoe__precision_attach(ctx, cfg, &o->pt, &o->ex);
     if (!s) s = scmoe__moe_alloc(&o->m);
     if (!s) {
-        o->xbuf = ctx->compute->alloc(ctx->compute, sizeof(float) * (size_t)cfg->max_tokens * cfg->d_model,
-                                      COMPUTE_DEVICE);
+        o->xbuf =
+            ctx->compute->alloc(ctx->compute, sizeof(float) * (size_t)cfg->max_tokens * cfg->d_model, COMPUTE_DEVICE);
         if (!o->xbuf) s = scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the input copy");
     }
     s = scmoe__status_agree(ctx, s);
@@ -149,9 +149,11 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     double t0 = scmoe__now();
     scmoe__moe_bind_comms(m);
     scmoe_status local = SCMOE_OK;
-    if (!m->forward_done || !m->training) local = scmoe__fail(o->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
+    if (!m->forward_done || !m->training)
+        local = scmoe__fail(o->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
     else if (m->n > 0 && (!dy || !dx)) local = scmoe__fail(o->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
-    else if (m->cfg.check_finite && m->n > 0 && o->ctx->compute->has_nonfinite(o->ctx->compute, dy, (size_t)m->n * m->d))
+    else if (m->cfg.check_finite && m->n > 0 &&
+             o->ctx->compute->has_nonfinite(o->ctx->compute, dy, (size_t)m->n * m->d))
         local = scmoe__fail(o->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");
     scmoe_status s = scmoe__call_agree(o->ctx, &o->calls, SCMOE__CALL_BACKWARD, m->training, local);
     if (s) return s;

@@ -112,8 +112,8 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
         return scmoe__fail(m->ctx, s, "%s: %s", what, f->c->err);
     }
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
-        m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row, f->unpack_from + (size_t)f->unpack_displs[q] * f->row,
-                    (size_t)f->unpack_counts[q] * f->row);
+        m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row,
+                           f->unpack_from + (size_t)f->unpack_displs[q] * f->row, (size_t)f->unpack_counts[q] * f->row);
     if (!f->metadata) {
         m->comm_time += f->t_done - f->t_start;
         m->exposed_time += f->t_waited;
@@ -163,7 +163,7 @@ static float *param_data(const moe_layer *m, int idx) { return m->pt->p[idx].t.d
 static float *param_gwork(const moe_layer *m, int idx) { return m->pt->p[idx].gwork; }
 
 scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
-                      const char *prefix, float w2_std) {
+                             const char *prefix, float w2_std) {
     memset(m, 0, sizeof *m);
     m->ctx = ctx;
     m->cfg = *cfg;
@@ -180,8 +180,8 @@ scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_confi
     m->ep_size = m->ep->size;
     m->ep_rank = m->ep->rank;
     if (m->E % m->ep_size != 0)
-        return scmoe__fail(ctx, SCMOE_ERR_EP_SIZE, "n_experts %d is not divisible by the expert-parallel size %d",
-                          m->E, m->ep_size);
+        return scmoe__fail(ctx, SCMOE_ERR_EP_SIZE, "n_experts %d is not divisible by the expert-parallel size %d", m->E,
+                           m->ep_size);
     m->E_local = m->E / m->ep_size;
     m->first_expert = m->ep_rank * m->E_local;
 
@@ -207,7 +207,6 @@ scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_confi
     m->slots = offload ? (ctx->offload_experts < m->E_local ? ctx->offload_experts : m->E_local) : 0;
     return SCMOE_OK;
 }
-
 
 /* The workspace in three arenas: host (the plan and what host code reads), device (activations and
  * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI).
@@ -301,15 +300,17 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
         return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x top_k %d is too large", m->max_tokens, k);
     m->max_send = m->max_tokens * k;
     int64_t recv = (int64_t)m->max_tokens * m->ep_size * k;
-    float cf_lo = m->cfg.capacity_factor < m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    float cf_lo =
+        m->cfg.capacity_factor < m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     if (cf_lo > 0) { /* capacity bounds what one expert can receive */
-        float cf_hi = m->cfg.capacity_factor > m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+        float cf_hi =
+            m->cfg.capacity_factor > m->cfg.eval_capacity_factor ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
         int64_t cap = scmoe__route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
         if (cap <= recv / m->E_local / sources) recv = cap * m->E_local * sources;
     }
     if (S_max * (k + 1) * 4 > INT32_MAX || recv > INT32_MAX / 2)
         return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
-                          m->max_tokens, world);
+                           m->max_tokens, world);
     m->max_recv = (int)recv;
     m->co = m->ctx->compute;
     if (m->slots) { /* w1 .. b2 of an expert are consecutive in the table's host block */
@@ -322,8 +323,10 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     m->mem_dev = m->co->alloc(m->co, D.used, COMPUTE_DEVICE);
     m->mem_map = m->co->alloc(m->co, X.used, m->co->exchange_kind);
     if (!m->mem || !m->mem_dev || !m->mem_map)
-        return scmoe__fail(m->ctx, SCMOE_ERR_NOMEM, "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
-                          "%s and %zu of exchange memory", H.used, D.used, m->co->name, X.used);
+        return scmoe__fail(m->ctx, SCMOE_ERR_NOMEM,
+                           "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
+                           "%s and %zu of exchange memory",
+                           H.used, D.used, m->co->name, X.used);
     H = (arena){m->mem, 0};
     D = (arena){m->mem_dev, 0};
     X = (arena){m->mem_map, 0};
@@ -374,7 +377,8 @@ int scmoe__moe_pending(const moe_layer *m) {
 
 void scmoe__moe_abandon(moe_layer *m, int keep_workspace) {
     comm *g[3] = {m->ep, m->ep_back, m->replicas};
-    for (int i = 0; i < 3; i++) if (g[i]) g[i]->ops->abandon(g[i]);
+    for (int i = 0; i < 3; i++)
+        if (g[i]) g[i]->ops->abandon(g[i]);
     m->ep = m->ep_back = m->replicas = NULL;
     if (!keep_workspace) scmoe__moe_free(m);
 }
@@ -404,7 +408,8 @@ static void experts_prefetch(moe_layer *m) {
     for (int v = 0; v < m->slots; v++) m->held[v] = -1;
     for (int i = 0, taken = 0; i < El && taken < m->slots; i++) {
         int rows = 0;
-        for (int s = 0; s < pl->n_stages; s++) rows += pl->expert_offsets[s * El + i + 1] - pl->expert_offsets[s * El + i];
+        for (int s = 0; s < pl->n_stages; s++)
+            rows += pl->expert_offsets[s * El + i + 1] - pl->expert_offsets[s * El + i];
         if (rows > 0) {
             expert_fetch(m, i);
             taken++;
@@ -575,7 +580,7 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
         gate_run(m, ex, n, x, (int64_t)w->rank * m->max_tokens);
         float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
         scmoe__route_plan_local_send(pl, m->route_work, m->records, n, m->ep_size, E, k, m->cfg.priority,
-                              scmoe__route_capacity(n, E, k, cf), m->counts_out);
+                                     scmoe__route_capacity(n, E, k, cf), m->counts_out);
         gate_sums(m, n);
         memset(m->top1_count, 0, sizeof(int64_t) * E);
         for (int t = 0; t < n; t++) m->top1_count[m->records[(size_t)t * (k + 1)]]++;
@@ -646,10 +651,10 @@ scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const f
     for (int r = 0; r < P; r++) {
         if (m->tokens_per_rank[r] < 0 && -m->tokens_per_rank[r] < SCMOE_STATUS_COUNT)
             return scmoe__fail(ctx, (scmoe_status)-m->tokens_per_rank[r], "rank %d rejected its input: %s", r,
-                              scmoe_strerror((scmoe_status)-m->tokens_per_rank[r]));
+                               scmoe_strerror((scmoe_status)-m->tokens_per_rank[r]));
         if (m->tokens_per_rank[r] < 0 || m->tokens_per_rank[r] > m->max_tokens) /* not a count: out of step */
-            return scmoe__fail(ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step",
-                              r, m->tokens_per_rank[r]);
+            return scmoe__fail(ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step", r,
+                               m->tokens_per_rank[r]);
         if (r == w->rank) offset = S;
         S += m->tokens_per_rank[r];
     }
@@ -684,7 +689,7 @@ scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const f
     /* the plan, then my rows packed by destination */
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     scmoe__route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
-                     m->cfg.priority, scmoe__route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
+                            m->cfg.priority, scmoe__route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
     encode_finish(m, 0);
     return SCMOE_OK;
 }
@@ -698,7 +703,8 @@ static void stage_rows(const moe_layer *m, int s, float *ebuf, float *recv, floa
         int lo, hi, me = p == m->ep_rank;
         scmoe__route_stage_range(pl->n_stages, s, me, pl->recv_counts[p], &lo, &hi);
         if (hi <= lo) continue;
-        float *rows = me ? own + (size_t)(pl->send_displs[p] + lo) * m->d : recv + (size_t)(pl->recv_displs[p] + lo) * m->d;
+        float *rows =
+            me ? own + (size_t)(pl->send_displs[p] + lo) * m->d : recv + (size_t)(pl->recv_displs[p] + lo) * m->d;
         const int *map = m->r2e_d + pl->recv_displs[p] + lo;
         if (out) m->co->permute_rows(m->co, rows, ebuf, map, hi - lo, m->d, 0);
         else m->co->permute_rows(m->co, ebuf, rows, map, hi - lo, m->d, 1);
@@ -739,13 +745,15 @@ static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
         if (rows <= 0) continue;
         float *w[4];
         expert_weights(m, i, w);
-        scmoe__ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, m->xe + (size_t)o * d,
-                    w[0], w[1], w[2], w[3], rows, d, h, m->cfg.activation);
+        scmoe__ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h,
+                           m->xe + (size_t)o * d, w[0], w[1], w[2], w[3], rows, d, h, m->cfg.activation);
     }
     stage_rows(m, s, m->ye, m->recv, m->crecv, 1);
 }
 
-scmoe_status scmoe__moe_experts_forward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_forward_stage); }
+scmoe_status scmoe__moe_experts_forward(moe_layer *m, const exec *ex) {
+    return run_stages(m, ex, experts_forward_stage);
+}
 
 void scmoe__moe_decode(moe_layer *m, float *y, float beta) {
     m->co->decode_rows(m->co, y, beta, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
@@ -773,21 +781,23 @@ static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
         if (rows <= 0) continue;
         float *w[4];
         expert_weights(m, i, w);
-        scmoe__ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1), param_gwork(m, b + 2),
-                     param_gwork(m, b + 3), m->dhid + (size_t)o * h, m->dpre + (size_t)o * h1, dye + (size_t)o * d,
-                     m->xe + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h, w[0], w[2], rows, d, h,
-                     m->cfg.activation);
+        scmoe__ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1),
+                            param_gwork(m, b + 2), param_gwork(m, b + 3), m->dhid + (size_t)o * h,
+                            m->dpre + (size_t)o * h1, dye + (size_t)o * d, m->xe + (size_t)o * d,
+                            m->pre + (size_t)o * h1, m->hid + (size_t)o * h, w[0], w[2], rows, d, h, m->cfg.activation);
     }
     stage_rows(m, s, dxe, m->recv, m->send, 1);
 }
 
-scmoe_status scmoe__moe_experts_backward(moe_layer *m, const exec *ex) { return run_stages(m, ex, experts_backward_stage); }
+scmoe_status scmoe__moe_experts_backward(moe_layer *m, const exec *ex) {
+    return run_stages(m, ex, experts_backward_stage);
+}
 
 void scmoe__moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
     int k = m->k, d = m->d;
     m->co->decode_rows(m->co, dx, beta, m->send, m->slot_d, NULL, m->n, k, d); /* dx = beta dx + sum of the rows */
     scmoe__gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->dlogits, m->dweight, m->choice, m->p, m->lse, m->x,
-                  m->wg, m->aux_coef, m->z_coef, m->n, d, m->E, k, m->cfg.renormalize);
+                         m->wg, m->aux_coef, m->z_coef, m->n, d, m->E, k, m->cfg.renormalize);
 }
 
 void scmoe__moe_fill_stats(const moe_layer *m, scmoe_stats *st) {

@@ -40,9 +40,15 @@ static void linear_backward(const exec *ex, float *din, float beta, float *dw, f
 
 /* ---- parameters ---- */
 
-typedef struct ln_params { int w; } ln_params;   /* weight, bias = w + 1 */
-typedef struct attn_params { int wqkv; } attn_params; /* wqkv, bqkv, wo, bo */
-typedef struct ffn_params { int w1; } ffn_params;  /* w1, b1, w2, b2 */
+typedef struct ln_params {
+    int w;
+} ln_params; /* weight, bias = w + 1 */
+typedef struct attn_params {
+    int wqkv;
+} attn_params; /* wqkv, bqkv, wo, bo */
+typedef struct ffn_params {
+    int w1;
+} ffn_params; /* w1, b1, w2, b2 */
 
 struct scmoe_pair {
     scmoe_context *ctx;
@@ -59,12 +65,12 @@ struct scmoe_pair {
     /* activations: [max_tokens, d] unless noted */
     void *mem;
     float *x, *a0, *A, *m0, *H, *a1, *A2, *m1, *se_out;
-    float *ln_stats;                 /* 8 x [max_tokens]: mean, rstd of a0, m0, a1, m1 */
-    float *qkv0, *qkv1;              /* [N, 3d] */
-    float *att0, *att1;              /* [B, H, T, T] */
+    float *ln_stats;    /* 8 x [max_tokens]: mean, rstd of a0, m0, a1, m1 */
+    float *qkv0, *qkv1; /* [N, 3d] */
+    float *att0, *att1; /* [B, H, T, T] */
     float *o0, *o1;
     float *pre0, *hid0, *se_pre, *se_hid; /* [N, h1], [N, h] */
-    float *cgate;                    /* [N] sigmoid(w_cg . m1) */
+    float *cgate;                         /* [N] sigmoid(w_cg . m1) */
     /* backward */
     float *dA2, *dm1, *dH, *da1, *dA, *dm0, *da0, *dx, *dqkv, *dO, *datt, *dhid, *dpre, *gse, *dcg;
     /* schedule */
@@ -85,14 +91,14 @@ static void copy_rows(const scmoe_pair *p, float *dst, const float *src, size_t 
 
 static void ln_fwd(scmoe_pair *p, float *out, int slot, const float *in, int par) {
     CO(p)->layernorm_forward(CO(p), out, p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
-                      p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, in, P(p, par), P(p, par + 1), p->n,
-                      p->cfg.d_model);
+                             p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, in, P(p, par), P(p, par + 1),
+                             p->n, p->cfg.d_model);
 }
 
 static void ln_bwd(scmoe_pair *p, float *dx, int slot, const float *dy, const float *in, int par) {
     CO(p)->layernorm_backward(CO(p), dx, G(p, par), G(p, par + 1), dy, in, P(p, par),
-                       p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
-                       p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, p->n, p->cfg.d_model);
+                              p->ln_stats + (size_t)(2 * slot) * p->cfg.max_tokens,
+                              p->ln_stats + (size_t)(2 * slot + 1) * p->cfg.max_tokens, p->n, p->cfg.d_model);
 }
 
 /* out = res + Attn(in) */
@@ -105,33 +111,46 @@ static void attn_fwd(scmoe_pair *p, float *out, const float *res, const float *i
 }
 
 /* din = dAttn/din^T dout (overwritten) */
-static void attn_bwd(scmoe_pair *p, float *din, const float *dout, const float *in, const float *qkv,
-                     const float *att, const float *o, int par) {
+static void attn_bwd(scmoe_pair *p, float *din, const float *dout, const float *in, const float *qkv, const float *att,
+                     const float *o, int par) {
     int d = p->cfg.d_model;
     linear_backward(&p->ex, p->dO, 0.0f, G(p, par + 2), G(p, par + 3), dout, o, P(p, par + 2), p->n, d, d);
-    CO(p)->attention_backward(CO(p), &p->ex, p->dqkv, p->datt, p->dO, qkv, att, p->B, p->T, d, p->cfg.n_heads, p->cfg.causal);
+    CO(p)->attention_backward(CO(p), &p->ex, p->dqkv, p->datt, p->dO, qkv, att, p->B, p->T, d, p->cfg.n_heads,
+                              p->cfg.causal);
     linear_backward(&p->ex, din, 0.0f, G(p, par), G(p, par + 1), p->dqkv, in, P(p, par), p->n, d, 3 * d);
 }
 
 static void f_ln_a0(void *self) {
-    scmoe_pair *p = self; ln_fwd(p, p->a0, 0, p->x, p->p_ln_a0); }
+    scmoe_pair *p = self;
+    ln_fwd(p, p->a0, 0, p->x, p->p_ln_a0);
+}
 static void f_attn0(void *self) {
-    scmoe_pair *p = self; attn_fwd(p, p->A, p->x, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
+    scmoe_pair *p = self;
+    attn_fwd(p, p->A, p->x, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0);
+}
 static void f_ln_m0(void *self) {
-    scmoe_pair *p = self; ln_fwd(p, p->m0, 1, p->A, p->p_ln_m0); }
+    scmoe_pair *p = self;
+    ln_fwd(p, p->m0, 1, p->A, p->p_ln_m0);
+}
 static void f_mlp0(void *self) {
     scmoe_pair *p = self;
     int b = p->p_mlp0;
     scmoe__ffn_forward(&p->ex, p->H, p->pre0, p->hid0, p->m0, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), p->n,
-                p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
+                       p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
     CO(p)->add(CO(p), p->H, p->A, (size_t)p->n * p->cfg.d_model);
 }
 static void f_ln_a1(void *self) {
-    scmoe_pair *p = self; ln_fwd(p, p->a1, 2, p->H, p->p_ln_a1); }
+    scmoe_pair *p = self;
+    ln_fwd(p, p->a1, 2, p->H, p->p_ln_a1);
+}
 static void f_attn1(void *self) {
-    scmoe_pair *p = self; attn_fwd(p, p->A2, p->H, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
+    scmoe_pair *p = self;
+    attn_fwd(p, p->A2, p->H, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1);
+}
 static void f_ln_m1(void *self) {
-    scmoe_pair *p = self; ln_fwd(p, p->m1, 3, p->A2, p->p_ln_m1); }
+    scmoe_pair *p = self;
+    ln_fwd(p, p->m1, 3, p->A2, p->p_ln_m1);
+}
 
 /* y = A2 + c * SE(m1), c = sigmoid(w_cg . m1) for CG-1, 1 for direct add (combine.c); y = A2 without a
  * shared expert */
@@ -143,8 +162,8 @@ static void f_se(void *self) {
         return;
     }
     int b = p->p_se;
-    scmoe__ffn_forward(&p->ex, p->se_out, p->se_pre, p->se_hid, p->m1, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3), n, d,
-                p->cfg.d_hidden, p->cfg.activation);
+    scmoe__ffn_forward(&p->ex, p->se_out, p->se_pre, p->se_hid, p->m1, P(p, b), P(p, b + 1), P(p, b + 2), P(p, b + 3),
+                       n, d, p->cfg.d_hidden, p->cfg.activation);
     CO(p)->cg_combine_forward(CO(p), p->y, p->cgate, p->A2, p->se_out, p->m1, p->cg ? P(p, p->p_cg) : NULL, n, d);
 }
 
@@ -160,8 +179,8 @@ static void b_se(void *self) {
     }
     CO(p)->cg_combine_backward(CO(p), p->gse, p->dcg, p->dy, p->se_out, p->cgate, n, d);
     int b = p->p_se;
-    scmoe__ffn_backward(&p->ex, p->dm1, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->gse, p->m1,
-                 p->se_pre, p->se_hid, P(p, b), P(p, b + 2), n, d, p->cfg.d_hidden, p->cfg.activation);
+    scmoe__ffn_backward(&p->ex, p->dm1, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->gse,
+                        p->m1, p->se_pre, p->se_hid, P(p, b), P(p, b + 2), n, d, p->cfg.d_hidden, p->cfg.activation);
     if (!p->cg) return;
     float *gw = G(p, p->p_cg);
     CO(p)->add_outer(CO(p), p->dm1, p->dcg, P(p, p->p_cg), n, d);
@@ -174,7 +193,9 @@ static void b_ln_m1(void *self) {
     ln_bwd(p, p->dA2, 3, p->dm1, p->A2, p->p_ln_m1);
 }
 static void b_attn1(void *self) {
-    scmoe_pair *p = self; attn_bwd(p, p->da1, p->dA2, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1); }
+    scmoe_pair *p = self;
+    attn_bwd(p, p->da1, p->dA2, p->a1, p->qkv1, p->att1, p->o1, p->p_attn1);
+}
 static void b_ln_a1(void *self) {
     scmoe_pair *p = self;
     copy_rows(p, p->dH, p->dA2, (size_t)p->n * p->cfg.d_model);
@@ -183,8 +204,9 @@ static void b_ln_a1(void *self) {
 static void b_mlp0(void *self) {
     scmoe_pair *p = self;
     int b = p->p_mlp0;
-    scmoe__ffn_backward(&p->ex, p->dm0, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->dH, p->m0,
-                 p->pre0, p->hid0, P(p, b), P(p, b + 2), p->n, p->cfg.d_model, p->cfg.d_hidden, p->cfg.activation);
+    scmoe__ffn_backward(&p->ex, p->dm0, 0.0f, G(p, b), G(p, b + 1), G(p, b + 2), G(p, b + 3), p->dhid, p->dpre, p->dH,
+                        p->m0, p->pre0, p->hid0, P(p, b), P(p, b + 2), p->n, p->cfg.d_model, p->cfg.d_hidden,
+                        p->cfg.activation);
 }
 static void b_ln_m0(void *self) {
     scmoe_pair *p = self;
@@ -192,7 +214,9 @@ static void b_ln_m0(void *self) {
     ln_bwd(p, p->dA, 1, p->dm0, p->A, p->p_ln_m0);
 }
 static void b_attn0(void *self) {
-    scmoe_pair *p = self; attn_bwd(p, p->da0, p->dA, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0); }
+    scmoe_pair *p = self;
+    attn_bwd(p, p->da0, p->dA, p->a0, p->qkv0, p->att0, p->o0, p->p_attn0);
+}
 static void b_ln_a0(void *self) {
     scmoe_pair *p = self;
     copy_rows(p, p->dx, p->dA, (size_t)p->n * p->cfg.d_model);
@@ -227,34 +251,34 @@ static scmoe_status register_params(scmoe_pair *p) {
     char n[64];
     /* registered in the order backward finishes them, reversed: each backward operation's tensors
      * are contiguous, one all-reduce bucket */
-#define LN(field, pre)                                                                    \
-    do {                                                                                  \
-        snprintf(n, sizeof n, "%s.weight", pre);                                          \
-        p->field = scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ONE, 0, s);          \
-        snprintf(n, sizeof n, "%s.bias", pre);                                            \
-        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+#define LN(field, pre)                                                                                                 \
+    do {                                                                                                               \
+        snprintf(n, sizeof n, "%s.weight", pre);                                                                       \
+        p->field = scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ONE, 0, s);                                \
+        snprintf(n, sizeof n, "%s.bias", pre);                                                                         \
+        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                                          \
     } while (0)
-#define ATTN(field, pre)                                                                  \
-    do {                                                                                  \
-        snprintf(n, sizeof n, "%s.wqkv", pre);                                            \
-        p->field = scmoe__params_add(pt, n, 2, (int[]){d, 3 * d}, SYNC_WORLD, INIT_NORMAL, std, s); \
-        snprintf(n, sizeof n, "%s.bqkv", pre);                                            \
-        scmoe__params_add(pt, n, 1, (int[]){3 * d}, SYNC_WORLD, INIT_ZERO, 0, s);                \
-        snprintf(n, sizeof n, "%s.wo", pre);                                              \
-        scmoe__params_add(pt, n, 2, (int[]){d, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
-        snprintf(n, sizeof n, "%s.bo", pre);                                              \
-        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+#define ATTN(field, pre)                                                                                               \
+    do {                                                                                                               \
+        snprintf(n, sizeof n, "%s.wqkv", pre);                                                                         \
+        p->field = scmoe__params_add(pt, n, 2, (int[]){d, 3 * d}, SYNC_WORLD, INIT_NORMAL, std, s);                    \
+        snprintf(n, sizeof n, "%s.bqkv", pre);                                                                         \
+        scmoe__params_add(pt, n, 1, (int[]){3 * d}, SYNC_WORLD, INIT_ZERO, 0, s);                                      \
+        snprintf(n, sizeof n, "%s.wo", pre);                                                                           \
+        scmoe__params_add(pt, n, 2, (int[]){d, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);                               \
+        snprintf(n, sizeof n, "%s.bo", pre);                                                                           \
+        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                                          \
     } while (0)
-#define FFN(field, pre)                                                                   \
-    do {                                                                                  \
-        snprintf(n, sizeof n, "%s.w1", pre);                                              \
-        p->field = scmoe__params_add(pt, n, 2, (int[]){d, h1}, SYNC_WORLD, INIT_NORMAL, std, s); \
-        snprintf(n, sizeof n, "%s.b1", pre);                                              \
-        scmoe__params_add(pt, n, 1, (int[]){h1}, SYNC_WORLD, INIT_ZERO, 0, s);                   \
-        snprintf(n, sizeof n, "%s.w2", pre);                                              \
-        scmoe__params_add(pt, n, 2, (int[]){h, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);         \
-        snprintf(n, sizeof n, "%s.b2", pre);                                              \
-        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                    \
+#define FFN(field, pre)                                                                                                \
+    do {                                                                                                               \
+        snprintf(n, sizeof n, "%s.w1", pre);                                                                           \
+        p->field = scmoe__params_add(pt, n, 2, (int[]){d, h1}, SYNC_WORLD, INIT_NORMAL, std, s);                       \
+        snprintf(n, sizeof n, "%s.b1", pre);                                                                           \
+        scmoe__params_add(pt, n, 1, (int[]){h1}, SYNC_WORLD, INIT_ZERO, 0, s);                                         \
+        snprintf(n, sizeof n, "%s.w2", pre);                                                                           \
+        scmoe__params_add(pt, n, 2, (int[]){h, d}, SYNC_WORLD, INIT_NORMAL, res_std, s);                               \
+        snprintf(n, sizeof n, "%s.b2", pre);                                                                           \
+        scmoe__params_add(pt, n, 1, (int[]){d}, SYNC_WORLD, INIT_ZERO, 0, s);                                          \
     } while (0)
     LN(p_ln_a0, "l0.ln_a");
     ATTN(p_attn0, "l0.attn");
@@ -290,7 +314,10 @@ static sched_bucket bucket_of(const param_table *pt, int first, int count, comm 
 static sched_block pair_block(scmoe_pair *p) {
     comm *w = p->ctx->world;
     const param_table *pt = &p->pt;
-    sched_block b = {.self = p, .ops = pair_ops, .n_ops = PAIR_OPS, .moe_input_op = moe_input_op(&p->cfg),
+    sched_block b = {.self = p,
+                     .ops = pair_ops,
+                     .n_ops = PAIR_OPS,
+                     .moe_input_op = moe_input_op(&p->cfg),
                      .overlap = p->cfg.arch == SCMOE_ARCH_SCMOE};
     int first[PAIR_OPS] = {p->p_ln_a0, p->p_attn0, p->p_ln_m0, p->p_mlp0, p->p_ln_a1, p->p_attn1, p->p_ln_m1, p->p_se};
     int count[PAIR_OPS] = {2, 4, 2, 4, 2, 4, 2, p->has_se ? 4 + p->cg : 0};
@@ -306,8 +333,8 @@ static void layout_activations(scmoe_pair *p, arena *a) {
     size_t N = (size_t)c->max_tokens, d = (size_t)c->d_model, h = (size_t)c->d_hidden,
            h1 = (size_t)scmoe__ffn_width(c->d_hidden, c->activation);
     size_t att = N * (size_t)c->n_heads * (size_t)c->max_seq_len, f = sizeof(float);
-    float **nd[] = {&p->x, &p->a0, &p->A, &p->m0, &p->H, &p->a1, &p->A2, &p->m1, &p->se_out, &p->o0, &p->o1,
-                    &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO, &p->gse};
+    float **nd[] = {&p->x,   &p->a0,  &p->A,  &p->m0,  &p->H,  &p->a1,  &p->A2,  &p->m1, &p->se_out, &p->o0, &p->o1,
+                    &p->dA2, &p->dm1, &p->dH, &p->da1, &p->dA, &p->dm0, &p->da0, &p->dx, &p->dO,     &p->gse};
     for (size_t i = 0; i < sizeof nd / sizeof *nd; i++) *nd[i] = scmoe__arena_take(a, f * N * d);
     p->ln_stats = scmoe__arena_take(a, f * N * 8);
     p->qkv0 = scmoe__arena_take(a, f * N * 3 * d);
@@ -332,7 +359,7 @@ static scmoe_status alloc_activations(scmoe_pair *p) {
     p->mem = CO(p)->alloc(CO(p), a.used, COMPUTE_DEVICE);
     if (!p->mem)
         return scmoe__fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the pair's activations need %zu bytes (%s memory)",
-                          a.used, CO(p)->name);
+                           a.used, CO(p)->name);
     a = (arena){p->mem, 0};
     layout_activations(p, &a);
     return SCMOE_OK;
@@ -348,8 +375,10 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
      * stands for "not set"). The config is the same on every rank, so every rank refuses it. */
     int k = cfg->arch == SCMOE_ARCH_TOP2 ? 2 : 1;
     if (cfg->top_k != k && cfg->top_k != 1)
-        return scmoe__fail(ctx, SCMOE_ERR_TOP_K, "top_k = %d contradicts arch %d, which routes to k = %d (top_k must "
-                          "be %d or the default 1)", cfg->top_k, (int)cfg->arch, k, k);
+        return scmoe__fail(ctx, SCMOE_ERR_TOP_K,
+                           "top_k = %d contradicts arch %d, which routes to k = %d (top_k must "
+                           "be %d or the default 1)",
+                           cfg->top_k, (int)cfg->arch, k, k);
     scmoe_pair *p = calloc(1, sizeof *p);
     if (!p) s = scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory");
     if (!s) {
@@ -442,10 +471,13 @@ scmoe_status scmoe_pair_forward(scmoe_pair *p, int B, int T, const float *x, flo
     p->backward_ready = 0; /* a failed forward leaves nothing to differentiate */
     scmoe_status local = SCMOE_OK;
     if (B < 0 || T < 1 || T > p->cfg.max_seq_len || (int64_t)B * T > p->cfg.max_tokens)
-        local = scmoe__fail(ctx, SCMOE_ERR_SEQ_LEN, "batch %d x seq_len %d: need batch >= 0, 1 <= seq_len <= %d, batch*seq_len <= %d",
-                           B, T, p->cfg.max_seq_len, p->cfg.max_tokens);
+        local = scmoe__fail(ctx, SCMOE_ERR_SEQ_LEN,
+                            "batch %d x seq_len %d: need batch >= 0, 1 <= seq_len <= %d, batch*seq_len <= %d", B, T,
+                            p->cfg.max_seq_len, p->cfg.max_tokens);
     else if (B > 0 && (!x || !y)) local = scmoe__fail(ctx, SCMOE_ERR_NULL, "x or y is NULL");
-    else if (p->grads_pending) local = scmoe__fail(ctx, SCMOE_ERR_STATE, "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
+    else if (p->grads_pending)
+        local = scmoe__fail(ctx, SCMOE_ERR_STATE,
+                            "forward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
     else if (p->cfg.check_finite && B > 0 && CO(p)->has_nonfinite(CO(p), x, (size_t)B * T * p->cfg.d_model))
         local = scmoe__fail(ctx, SCMOE_ERR_NONFINITE, "the input holds NaN or Inf");
     scmoe_status s = scmoe__call_agree(ctx, &p->calls, SCMOE__CALL_FORWARD, p->training, local);
@@ -474,7 +506,9 @@ scmoe_status scmoe_pair_backward(scmoe_pair *p, const float *dy, float *dx, scmo
     scmoe__moe_bind_comms(&p->moe);
     scmoe_status local = SCMOE_OK;
     if (!p->backward_ready) local = scmoe__fail(p->ctx, SCMOE_ERR_STATE, "backward needs a training forward first");
-    else if (p->grads_pending) local = scmoe__fail(p->ctx, SCMOE_ERR_STATE, "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
+    else if (p->grads_pending)
+        local = scmoe__fail(p->ctx, SCMOE_ERR_STATE,
+                            "backward while a gradient all-reduce is pending: call scmoe_pair_grad_sync first");
     else if (p->n > 0 && (!dy || !dx)) local = scmoe__fail(p->ctx, SCMOE_ERR_NULL, "dy or dx is NULL");
     else if (p->cfg.check_finite && p->n > 0 && CO(p)->has_nonfinite(CO(p), dy, (size_t)p->n * p->cfg.d_model))
         local = scmoe__fail(p->ctx, SCMOE_ERR_NONFINITE, "dy holds NaN or Inf");

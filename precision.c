@@ -17,7 +17,7 @@ scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg
     if (ctx->compute->device) { /* the device's table has its own bf16 GEMM (cuBLAS rounds inside) */
         if (!ex->blas->gemm_bf16)
             return scmoe__fail(ctx, SCMOE_ERR_UNSUPPORTED, "precision BF16: the %s backend has no bf16 GEMM",
-                              ctx->compute->name);
+                               ctx->compute->name);
         return SCMOE_OK;
     }
     if (!ctx->host_blas && !(ctx->host_blas = scmoe__blas_host_create(BLAS_BF16_AUTO)))

@@ -20,7 +20,10 @@ int scmoe__schedule_choose_slot(const double *ops, int n_ops, double t_disp, dou
     for (int K = 0; K <= n_ops; K++) {
         double post = total - pre;
         double t = (pre > t_disp ? pre : t_disp) + t_exp + (post > t_comb ? post : t_comb);
-        if (K == 0 || t < best_t - 1e-12) { best = K; best_t = t; }
+        if (K == 0 || t < best_t - 1e-12) {
+            best = K;
+            best_t = t;
+        }
         if (K < n_ops) pre += ops[K];
     }
     return best;
@@ -29,8 +32,9 @@ int scmoe__schedule_choose_slot(const double *ops, int n_ops, double t_disp, dou
 scmoe_status scmoe__schedule_init(scheduler *s, scmoe_context *ctx, const scmoe_config *cfg, const sched_block *blk) {
     memset(s, 0, sizeof *s);
     if (blk->n_ops < 1 || blk->n_ops > SCHED_MAX_OPS || blk->moe_input_op < 0 || blk->moe_input_op >= blk->n_ops)
-        return scmoe__fail(ctx, SCMOE_ERR_OPTION, "a block of %d operations (at most %d) with the MoE's input from op %d",
-                          blk->n_ops, SCHED_MAX_OPS, blk->moe_input_op);
+        return scmoe__fail(ctx, SCMOE_ERR_OPTION,
+                           "a block of %d operations (at most %d) with the MoE's input from op %d", blk->n_ops,
+                           SCHED_MAX_OPS, blk->moe_input_op);
     int n = blk->n_ops;
     s->ctx = ctx;
     s->blk = *blk;
@@ -57,9 +61,9 @@ typedef struct run_state {
     scheduler *s;
     exec *ex;
     moe_layer *m;
-    int dir;       /* 0 forward, 1 backward */
-    int serial;    /* this pass waits on every exchange at once */
-    double last;   /* duration of the last exchange waited on */
+    int dir;     /* 0 forward, 1 backward */
+    int serial;  /* this pass waits on every exchange at once */
+    double last; /* duration of the last exchange waited on */
 } run_state;
 
 static int grads_in_flight(const scheduler *s) {
@@ -89,10 +93,11 @@ scmoe_status scmoe__schedule_trace_open(scheduler *s, const char *path) {
     s->trace = fopen(path, "w");
     if (!s->trace) return scmoe__fail(s->ctx, SCMOE_ERR_IO, "cannot open the trace file %s", path);
     int r = s->world->rank;
-    fprintf(s->trace, "[\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":%d,\"args\":{\"name\":\"rank %d\"}},\n"
-                      "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"compute\"}},\n"
-                      "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":1,\"args\":{\"name\":\"communication\"}},\n"
-                      "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":2,\"args\":{\"name\":\"gradient all-reduce\"}}",
+    fprintf(s->trace,
+            "[\n{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":%d,\"args\":{\"name\":\"rank %d\"}},\n"
+            "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":0,\"args\":{\"name\":\"compute\"}},\n"
+            "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":1,\"args\":{\"name\":\"communication\"}},\n"
+            "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":%d,\"tid\":2,\"args\":{\"name\":\"gradient all-reduce\"}}",
             r, r, r, r, r);
     return SCMOE_OK;
 }
@@ -108,8 +113,9 @@ static void trace_flush(scheduler *s, int dir) {
     if (!s->trace) return;
     for (int i = 0; i < s->n_ev[dir]; i++) {
         const sched_event *e = &s->ev[dir][i];
-        fprintf(s->trace, ",\n{\"name\":\"%s\",\"cat\":\"%s\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":%d,"
-                          "\"args\":{\"step\":%ld,\"pass\":\"%s\"}}",
+        fprintf(s->trace,
+                ",\n{\"name\":\"%s\",\"cat\":\"%s\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":%d,"
+                "\"args\":{\"step\":%ld,\"pass\":\"%s\"}}",
                 e->name, e->kind ? "comm" : "compute", e->t0 * 1e6, (e->t1 - e->t0) * 1e6, s->world->rank, e->kind,
                 s->trace_step, dir ? "backward" : "forward");
     }
@@ -322,8 +328,9 @@ scmoe_status scmoe__schedule_grad_wait(scheduler *s) {
     if (s->grad_t0) event(s, 1, "grad_allreduce", 1, s->grad_t0, t1);
     if (s->trace && s->grad_t0 && s->n_ev[1] > 0) {
         const sched_event *e = &s->ev[1][s->n_ev[1] - 1];
-        fprintf(s->trace, ",\n{\"name\":\"%s\",\"cat\":\"comm\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":2,"
-                          "\"args\":{\"step\":%ld,\"pass\":\"grad sync\"}}",
+        fprintf(s->trace,
+                ",\n{\"name\":\"%s\",\"cat\":\"comm\",\"ph\":\"X\",\"ts\":%.3f,\"dur\":%.3f,\"pid\":%d,\"tid\":2,"
+                "\"args\":{\"step\":%ld,\"pass\":\"grad sync\"}}",
                 e->name, e->t0 * 1e6, (e->t1 - e->t0) * 1e6, s->world->rank, s->trace_step);
     }
     s->grad_exposed = t1 - t0;
@@ -339,10 +346,16 @@ void scmoe__schedule_fill_stats(const scheduler *s, scmoe_stats *st, int which) 
     }
     double c = s->comm_time[which], ov = scmoe__overlap_fraction(c, s->exposed[which]);
     if (which == 0) {
-        st->fwd_time = s->time[0]; st->fwd_comm = c; st->fwd_exposed = s->exposed[0]; st->fwd_overlap = ov;
+        st->fwd_time = s->time[0];
+        st->fwd_comm = c;
+        st->fwd_exposed = s->exposed[0];
+        st->fwd_overlap = ov;
         st->fwd_expert = s->expert[0];
     } else {
-        st->bwd_time = s->time[1]; st->bwd_comm = c; st->bwd_exposed = s->exposed[1]; st->bwd_overlap = ov;
+        st->bwd_time = s->time[1];
+        st->bwd_comm = c;
+        st->bwd_exposed = s->exposed[1];
+        st->bwd_overlap = ov;
         st->bwd_expert = s->expert[1];
         st->grad_sync_time = s->grad_time;
         st->grad_sync_exposed = s->grad_exposed;

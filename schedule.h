@@ -18,9 +18,9 @@
 #include "scmoe_internal.h"
 #include <stdio.h>
 
-#define SCHED_MAX_OPS 16        /* most operations one block may hand the schedule */
-#define SCHED_PROFILE_STEPS 2   /* serialized steps timed after a shape change, before choosing */
-#define SCHED_MAX_EVENTS 64
+#define SCHED_MAX_OPS       16 /* most operations one block may hand the schedule */
+#define SCHED_PROFILE_STEPS 2  /* serialized steps timed after a shape change, before choosing */
+#define SCHED_MAX_EVENTS    64
 
 /* One operation of a block: forward and backward each take the block's self pointer. */
 typedef struct sched_op {
@@ -30,44 +30,52 @@ typedef struct sched_op {
 } sched_op;
 
 /* Gradients summed over a communicator once they are final: n floats from ptr (n 0: none). */
-typedef struct sched_bucket { float *ptr; int n; comm *over; } sched_bucket;
+typedef struct sched_bucket {
+    float *ptr;
+    int n;
+    comm *over;
+} sched_bucket;
 
 typedef struct sched_block {
     void *self;
     const sched_op *ops;
-    int n_ops;                           /* 1..SCHED_MAX_OPS */
-    int moe_input_op;                    /* the op whose output is the MoE's input */
-    int overlap;                         /* the MoE may run behind the ops after its input */
-    sched_bucket op_grads[SCHED_MAX_OPS];/* what op i's backward finishes */
+    int n_ops;                             /* 1..SCHED_MAX_OPS */
+    int moe_input_op;                      /* the op whose output is the MoE's input */
+    int overlap;                           /* the MoE may run behind the ops after its input */
+    sched_bucket op_grads[SCHED_MAX_OPS];  /* what op i's backward finishes */
     sched_bucket gate_grads, expert_grads; /* what the MoE's gate backward and experts' backward finish */
 } sched_block;
 
 typedef struct sched_moe {
     moe_layer *m;
-    const float *x;   /* forward: the MoE's input */
-    float *dx;        /* backward: where dL/dX is added */
-    float *y;         /* forward: where the routed output is added */
-    const float *dy;  /* backward: dL/d(routed output) */
+    const float *x;  /* forward: the MoE's input */
+    float *dx;       /* backward: where dL/dX is added */
+    float *y;        /* forward: where the routed output is added */
+    const float *dy; /* backward: dL/d(routed output) */
 } sched_moe;
 
-typedef struct sched_event { const char *name; int kind; double t0, t1; } sched_event; /* kind 0 compute, 1 comm */
+typedef struct sched_event {
+    const char *name;
+    int kind;
+    double t0, t1;
+} sched_event; /* kind 0 compute, 1 comm */
 
 /* A running schedule: its block, the measured times, the chosen slots, gradient buckets in flight. */
 typedef struct scheduler {
     scmoe_context *ctx;
     sched_block blk;
-    int expert_slot, overlap;           /* the config's: fixed slot (-1 chosen) and overlapped order */
-    int gate_after;                     /* forward: the gate runs before op gate_after (n_ops: after the last) */
-    int grad_needed_before;             /* backward step before which the MoE's dX is added */
-    char bwd_name[SCHED_MAX_OPS][40];   /* "<name>_bwd", for the trace */
-    int slot_f, slot_b;                 /* chosen slots */
-    int profile_left[2], profile_n;     /* serialized steps left to time, forward / backward; their shape */
+    int expert_slot, overlap;         /* the config's: fixed slot (-1 chosen) and overlapped order */
+    int gate_after;                   /* forward: the gate runs before op gate_after (n_ops: after the last) */
+    int grad_needed_before;           /* backward step before which the MoE's dX is added */
+    char bwd_name[SCHED_MAX_OPS][40]; /* "<name>_bwd", for the trace */
+    int slot_f, slot_b;               /* chosen slots */
+    int profile_left[2], profile_n;   /* serialized steps left to time, forward / backward; their shape */
     double t_f[SCHED_MAX_OPS], t_b[SCHED_MAX_OPS]; /* by step of each pass */
     double t_disp[2], t_exp[2], t_comb[2];         /* forward, backward */
     /* gradient buckets by backward step, then the gate's, then the experts' */
     sched_bucket bucket[SCHED_MAX_OPS + 2];
     int req[SCHED_MAX_OPS + 2];
-    int ready[SCHED_MAX_OPS + 2];       /* finished, its all-reduce not started yet */
+    int ready[SCHED_MAX_OPS + 2]; /* finished, its all-reduce not started yet */
     comm *world;
     double grad_t0, grad_exposed, grad_time;
     /* stats of the last forward / backward */
@@ -76,7 +84,7 @@ typedef struct scheduler {
     /* trace */
     sched_event ev[2][SCHED_MAX_EVENTS];
     int n_ev[2];
-    FILE *trace;                        /* Chrome/Perfetto trace being written, or NULL */
+    FILE *trace; /* Chrome/Perfetto trace being written, or NULL */
     long trace_step;
 } scheduler;
 

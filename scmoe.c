@@ -1,7 +1,7 @@
 /* scmoe.c: the portable core's common ground: configuration, statuses, the context, the parameter
  * table. The layer lives in moe.c, the block pair in pair.c, the overlap schedule in schedule.c. */
 #include "scmoe_internal.h"
-#include "schedule.h" /* SCHED_MAX_OPS bounds expert_slot */
+#include "schedule.h"         /* SCHED_MAX_OPS bounds expert_slot */
 #include "kernels/gate_row.h" /* the counter-based normal of parameter inits */
 #include <math.h>
 #include <stdarg.h>
@@ -65,42 +65,77 @@ static int is_flag(int v) { return v == 0 || v == 1; }
 scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len) {
     if (msg && len) msg[0] = '\0';
     if (!c) return bad(msg, len, SCMOE_ERR_NULL, "config is NULL");
-    if (c->d_model < 1 || c->d_model > (1 << 20)) return bad(msg, len, SCMOE_ERR_D_MODEL, "d_model = %d: must be in 1..2^20", c->d_model);
-    if (c->d_hidden < 1 || c->d_hidden > (1 << 22)) return bad(msg, len, SCMOE_ERR_D_HIDDEN, "d_hidden = %d: must be in 1..2^22", c->d_hidden);
-    if (c->n_experts < 1 || c->n_experts > 4096) return bad(msg, len, SCMOE_ERR_N_EXPERTS, "n_experts = %d: must be in 1..4096", c->n_experts);
-    if (c->top_k < 1 || c->top_k > c->n_experts) return bad(msg, len, SCMOE_ERR_TOP_K, "top_k = %d: must be in 1..n_experts (%d)", c->top_k, c->n_experts);
+    if (c->d_model < 1 || c->d_model > (1 << 20))
+        return bad(msg, len, SCMOE_ERR_D_MODEL, "d_model = %d: must be in 1..2^20", c->d_model);
+    if (c->d_hidden < 1 || c->d_hidden > (1 << 22))
+        return bad(msg, len, SCMOE_ERR_D_HIDDEN, "d_hidden = %d: must be in 1..2^22", c->d_hidden);
+    if (c->n_experts < 1 || c->n_experts > 4096)
+        return bad(msg, len, SCMOE_ERR_N_EXPERTS, "n_experts = %d: must be in 1..4096", c->n_experts);
+    if (c->top_k < 1 || c->top_k > c->n_experts)
+        return bad(msg, len, SCMOE_ERR_TOP_K, "top_k = %d: must be in 1..n_experts (%d)", c->top_k, c->n_experts);
     /* above E, every token fits anyway; the bound keeps the slot arithmetic in range */
-    if (!isfinite(c->capacity_factor) || c->capacity_factor > 1e4f) return bad(msg, len, SCMOE_ERR_CAPACITY, "capacity_factor = %g: must be finite and <= 1e4 (<= 0: dropless)", c->capacity_factor);
-    if (!isfinite(c->eval_capacity_factor) || c->eval_capacity_factor > 1e4f) return bad(msg, len, SCMOE_ERR_CAPACITY, "eval_capacity_factor = %g: must be finite and <= 1e4 (<= 0: dropless)", c->eval_capacity_factor);
-    if (!isfinite(c->aux_loss_weight) || c->aux_loss_weight < 0) return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "aux_loss_weight = %g: must be finite and >= 0", c->aux_loss_weight);
-    if (!isfinite(c->z_loss_weight) || c->z_loss_weight < 0) return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "z_loss_weight = %g: must be finite and >= 0", c->z_loss_weight);
-    if (c->aux_scope != SCMOE_AUX_GLOBAL && c->aux_scope != SCMOE_AUX_LOCAL) return bad(msg, len, SCMOE_ERR_OPTION, "aux_scope = %d: must be GLOBAL or LOCAL", (int)c->aux_scope);
-    if (!isfinite(c->gate_noise_std) || c->gate_noise_std < 0) return bad(msg, len, SCMOE_ERR_NOISE, "gate_noise_std = %g: must be finite and >= 0", c->gate_noise_std);
-    if (c->activation != SCMOE_GELU && c->activation != SCMOE_SWIGLU) return bad(msg, len, SCMOE_ERR_ACTIVATION, "activation = %d: must be GELU or SWIGLU", (int)c->activation);
-    if (c->priority != SCMOE_PRIORITY_TOKEN && c->priority != SCMOE_PRIORITY_BATCH) return bad(msg, len, SCMOE_ERR_PRIORITY, "priority = %d: must be TOKEN or BATCH", (int)c->priority);
-    if (c->capacity_scope != SCMOE_CAPACITY_GLOBAL && c->capacity_scope != SCMOE_CAPACITY_LOCAL) return bad(msg, len, SCMOE_ERR_OPTION, "capacity_scope = %d: must be GLOBAL or LOCAL", (int)c->capacity_scope);
-    if (!is_flag(c->renormalize)) return bad(msg, len, SCMOE_ERR_OPTION, "renormalize = %d: must be 0 or 1", c->renormalize);
-    if (!is_flag(c->check_finite)) return bad(msg, len, SCMOE_ERR_OPTION, "check_finite = %d: must be 0 or 1", c->check_finite);
-    if (c->max_tokens < 1 || c->max_tokens > (1 << 24)) return bad(msg, len, SCMOE_ERR_MAX_TOKENS, "max_tokens = %d: must be in 1..2^24", c->max_tokens);
-    if (c->arch < SCMOE_ARCH_TOP2 || c->arch > SCMOE_ARCH_SCMOE) return bad(msg, len, SCMOE_ERR_ARCH, "arch = %d: must be TOP2, TOP1, SHARED or SCMOE", (int)c->arch);
-    if (c->arch == SCMOE_ARCH_TOP2 && c->n_experts < 2) return bad(msg, len, SCMOE_ERR_N_EXPERTS, "arch TOP2 needs n_experts >= 2");
-    if (c->shortcut_pos < 1 || c->shortcut_pos > 3) return bad(msg, len, SCMOE_ERR_SHORTCUT_POS, "shortcut_pos = %d: must be 1, 2 or 3", c->shortcut_pos);
-    if (c->combine != SCMOE_COMBINE_CG1 && c->combine != SCMOE_COMBINE_ADD) return bad(msg, len, SCMOE_ERR_COMBINE, "combine = %d: must be CG1 or ADD", (int)c->combine);
-    if (c->n_heads < 1 || c->d_model % c->n_heads != 0) return bad(msg, len, SCMOE_ERR_N_HEADS, "n_heads = %d: must be >= 1 and divide d_model (%d)", c->n_heads, c->d_model);
-    if (c->max_seq_len < 1 || c->max_seq_len > (1 << 20)) return bad(msg, len, SCMOE_ERR_SEQ_LEN, "max_seq_len = %d: must be in 1..2^20", c->max_seq_len);
+    if (!isfinite(c->capacity_factor) || c->capacity_factor > 1e4f)
+        return bad(msg, len, SCMOE_ERR_CAPACITY, "capacity_factor = %g: must be finite and <= 1e4 (<= 0: dropless)",
+                   c->capacity_factor);
+    if (!isfinite(c->eval_capacity_factor) || c->eval_capacity_factor > 1e4f)
+        return bad(msg, len, SCMOE_ERR_CAPACITY,
+                   "eval_capacity_factor = %g: must be finite and <= 1e4 (<= 0: dropless)", c->eval_capacity_factor);
+    if (!isfinite(c->aux_loss_weight) || c->aux_loss_weight < 0)
+        return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "aux_loss_weight = %g: must be finite and >= 0",
+                   c->aux_loss_weight);
+    if (!isfinite(c->z_loss_weight) || c->z_loss_weight < 0)
+        return bad(msg, len, SCMOE_ERR_LOSS_WEIGHT, "z_loss_weight = %g: must be finite and >= 0", c->z_loss_weight);
+    if (c->aux_scope != SCMOE_AUX_GLOBAL && c->aux_scope != SCMOE_AUX_LOCAL)
+        return bad(msg, len, SCMOE_ERR_OPTION, "aux_scope = %d: must be GLOBAL or LOCAL", (int)c->aux_scope);
+    if (!isfinite(c->gate_noise_std) || c->gate_noise_std < 0)
+        return bad(msg, len, SCMOE_ERR_NOISE, "gate_noise_std = %g: must be finite and >= 0", c->gate_noise_std);
+    if (c->activation != SCMOE_GELU && c->activation != SCMOE_SWIGLU)
+        return bad(msg, len, SCMOE_ERR_ACTIVATION, "activation = %d: must be GELU or SWIGLU", (int)c->activation);
+    if (c->priority != SCMOE_PRIORITY_TOKEN && c->priority != SCMOE_PRIORITY_BATCH)
+        return bad(msg, len, SCMOE_ERR_PRIORITY, "priority = %d: must be TOKEN or BATCH", (int)c->priority);
+    if (c->capacity_scope != SCMOE_CAPACITY_GLOBAL && c->capacity_scope != SCMOE_CAPACITY_LOCAL)
+        return bad(msg, len, SCMOE_ERR_OPTION, "capacity_scope = %d: must be GLOBAL or LOCAL", (int)c->capacity_scope);
+    if (!is_flag(c->renormalize))
+        return bad(msg, len, SCMOE_ERR_OPTION, "renormalize = %d: must be 0 or 1", c->renormalize);
+    if (!is_flag(c->check_finite))
+        return bad(msg, len, SCMOE_ERR_OPTION, "check_finite = %d: must be 0 or 1", c->check_finite);
+    if (c->max_tokens < 1 || c->max_tokens > (1 << 24))
+        return bad(msg, len, SCMOE_ERR_MAX_TOKENS, "max_tokens = %d: must be in 1..2^24", c->max_tokens);
+    if (c->arch < SCMOE_ARCH_TOP2 || c->arch > SCMOE_ARCH_SCMOE)
+        return bad(msg, len, SCMOE_ERR_ARCH, "arch = %d: must be TOP2, TOP1, SHARED or SCMOE", (int)c->arch);
+    if (c->arch == SCMOE_ARCH_TOP2 && c->n_experts < 2)
+        return bad(msg, len, SCMOE_ERR_N_EXPERTS, "arch TOP2 needs n_experts >= 2");
+    if (c->shortcut_pos < 1 || c->shortcut_pos > 3)
+        return bad(msg, len, SCMOE_ERR_SHORTCUT_POS, "shortcut_pos = %d: must be 1, 2 or 3", c->shortcut_pos);
+    if (c->combine != SCMOE_COMBINE_CG1 && c->combine != SCMOE_COMBINE_ADD)
+        return bad(msg, len, SCMOE_ERR_COMBINE, "combine = %d: must be CG1 or ADD", (int)c->combine);
+    if (c->n_heads < 1 || c->d_model % c->n_heads != 0)
+        return bad(msg, len, SCMOE_ERR_N_HEADS, "n_heads = %d: must be >= 1 and divide d_model (%d)", c->n_heads,
+                   c->d_model);
+    if (c->max_seq_len < 1 || c->max_seq_len > (1 << 20))
+        return bad(msg, len, SCMOE_ERR_SEQ_LEN, "max_seq_len = %d: must be in 1..2^20", c->max_seq_len);
     if (!is_flag(c->causal)) return bad(msg, len, SCMOE_ERR_OPTION, "causal = %d: must be 0 or 1", c->causal);
     if (c->n_layers < 1) return bad(msg, len, SCMOE_ERR_N_LAYERS, "n_layers = %d: must be >= 1", c->n_layers);
-    if (c->ep_size < 0 || (c->ep_size > 0 && c->n_experts % c->ep_size != 0)) return bad(msg, len, SCMOE_ERR_EP_SIZE, "ep_size = %d: must be 0 (all ranks) or divide n_experts (%d)", c->ep_size, c->n_experts);
-    if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE) return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
+    if (c->ep_size < 0 || (c->ep_size > 0 && c->n_experts % c->ep_size != 0))
+        return bad(msg, len, SCMOE_ERR_EP_SIZE, "ep_size = %d: must be 0 (all ranks) or divide n_experts (%d)",
+                   c->ep_size, c->n_experts);
+    if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE)
+        return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
     if (c->poll_cols < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_cols = %d: must be >= 1", c->poll_cols);
     if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
     if (c->expert_slot < -1 || c->expert_slot > SCHED_MAX_OPS)
-        return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..%d", c->expert_slot, SCHED_MAX_OPS);
-    if (!is_flag(c->overlap_grad_sync)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
+        return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..%d", c->expert_slot,
+                   SCHED_MAX_OPS);
+    if (!is_flag(c->overlap_grad_sync))
+        return bad(msg, len, SCMOE_ERR_OPTION, "overlap_grad_sync = %d: must be 0 or 1", c->overlap_grad_sync);
     if (!is_flag(c->wire_bf16)) return bad(msg, len, SCMOE_ERR_OPTION, "wire_bf16 = %d: must be 0 or 1", c->wire_bf16);
-    if (c->pipeline_chunks < 0 || c->pipeline_chunks > SCMOE_MAX_PIPELINE_CHUNKS) return bad(msg, len, SCMOE_ERR_OPTION, "pipeline_chunks = %d: must be in 0..%d", c->pipeline_chunks, SCMOE_MAX_PIPELINE_CHUNKS);
-    if (c->precision != SCMOE_PRECISION_FP32 && c->precision != SCMOE_PRECISION_BF16) return bad(msg, len, SCMOE_ERR_OPTION, "precision = %d: must be FP32 or BF16", (int)c->precision);
-    if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s)) return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
+    if (c->pipeline_chunks < 0 || c->pipeline_chunks > SCMOE_MAX_PIPELINE_CHUNKS)
+        return bad(msg, len, SCMOE_ERR_OPTION, "pipeline_chunks = %d: must be in 0..%d", c->pipeline_chunks,
+                   SCMOE_MAX_PIPELINE_CHUNKS);
+    if (c->precision != SCMOE_PRECISION_FP32 && c->precision != SCMOE_PRECISION_BF16)
+        return bad(msg, len, SCMOE_ERR_OPTION, "precision = %d: must be FP32 or BF16", (int)c->precision);
+    if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s))
+        return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
 }
 
@@ -145,7 +180,7 @@ const char *scmoe_strerror(scmoe_status s) {
 }
 
 #define SCMOE_STR2(x) #x
-#define SCMOE_STR(x) SCMOE_STR2(x)
+#define SCMOE_STR(x)  SCMOE_STR2(x)
 const char *scmoe_version(void) {
     return SCMOE_STR(SCMOE_VERSION_MAJOR) "." SCMOE_STR(SCMOE_VERSION_MINOR) "." SCMOE_STR(SCMOE_VERSION_PATCH);
 }
@@ -179,18 +214,18 @@ void *scmoe__arena_take(arena *a, size_t bytes) {
 }
 
 const char *scmoe_build_info(void) {
-    return "scmoe " SCMOE_STR(SCMOE_VERSION_MAJOR) "." SCMOE_STR(SCMOE_VERSION_MINOR) "." SCMOE_STR(SCMOE_VERSION_PATCH)
-           "; compute: openblas (OpenMP threads = OMP_NUM_THREADS); communication: serial"
+    return "scmoe " SCMOE_STR(SCMOE_VERSION_MAJOR) "." SCMOE_STR(SCMOE_VERSION_MINOR) "." SCMOE_STR(
+        SCMOE_VERSION_PATCH) "; compute: openblas (OpenMP threads = OMP_NUM_THREADS); communication: serial"
 #ifdef SCMOE_WITH_MPI
-           " + MPI (nonblocking all-to-all, progress poll|thread|none)"
+                             " + MPI (nonblocking all-to-all, progress poll|thread|none)"
 #endif
 #ifdef SCMOE_WITH_CUDA
-           " + CUDA"
+                             " + CUDA"
 #endif
 #ifdef SCMOE_WITH_ONEDNN
-           "; bf16 GEMMs: oneDNN where the CPU has bf16 matmuls, else rounded operands and fp32 GEMMs"
+                             "; bf16 GEMMs: oneDNN where the CPU has bf16 matmuls, else rounded operands and fp32 GEMMs"
 #else
-           "; bf16 GEMMs: rounded operands and fp32 GEMMs (built without oneDNN)"
+                             "; bf16 GEMMs: rounded operands and fp32 GEMMs (built without oneDNN)"
 #endif
         ;
 }
@@ -221,8 +256,10 @@ scmoe_status scmoe_context_create(scmoe_context **out) {
 scmoe_status scmoe_context_destroy(scmoe_context *ctx) {
     if (!ctx) return SCMOE_OK;
     if (ctx->objects > 0) /* they keep a pointer to it and free their memory through its backend */
-        return scmoe__fail(ctx, SCMOE_ERR_STATE, "scmoe_context_destroy: %d layer(s) or pair(s) created on this "
-                          "context are still alive: destroy (or abort) them first", ctx->objects);
+        return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                           "scmoe_context_destroy: %d layer(s) or pair(s) created on this "
+                           "context are still alive: destroy (or abort) them first",
+                           ctx->objects);
     if (ctx->broken) return scmoe_context_abort(ctx);
     if (ctx->world) ctx->world->ops->destroy(ctx->world);
     if (ctx->backend_release) ctx->backend_release(ctx->backend);
@@ -234,8 +271,10 @@ scmoe_status scmoe_context_destroy(scmoe_context *ctx) {
 scmoe_status scmoe_context_abort(scmoe_context *ctx) {
     if (!ctx) return SCMOE_OK;
     if (ctx->objects > 0)
-        return scmoe__fail(ctx, SCMOE_ERR_STATE, "scmoe_context_abort: %d layer(s) or pair(s) created on this "
-                          "context are still alive: abort them first", ctx->objects);
+        return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                           "scmoe_context_abort: %d layer(s) or pair(s) created on this "
+                           "context are still alive: abort them first",
+                           ctx->objects);
     if (ctx->world) ctx->world->ops->abandon(ctx->world);
     if (ctx->backend_release) ctx->backend_release(ctx->backend);
     free(ctx);
@@ -264,12 +303,15 @@ static uint64_t hash_str(const char *s) {
 }
 
 int scmoe__params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
-               uint64_t seed) {
+                      uint64_t seed) {
     if (pt->failed) return -1;
     if (pt->n == pt->cap) {
         int cap = pt->cap ? 2 * pt->cap : 32;
         param_entry *p = realloc(pt->p, sizeof *p * cap);
-        if (!p) { pt->failed = 1; return -1; }
+        if (!p) {
+            pt->failed = 1;
+            return -1;
+        }
         pt->p = p;
         pt->cap = cap;
     }
@@ -278,7 +320,10 @@ int scmoe__params_add(param_table *pt, const char *name, int ndim, const int *sh
     snprintf(e->name, sizeof e->name, "%s", name);
     e->t.ndim = ndim;
     e->t.numel = 1;
-    for (int i = 0; i < ndim; i++) { e->t.shape[i] = shape[i]; e->t.numel *= (size_t)shape[i]; }
+    for (int i = 0; i < ndim; i++) {
+        e->t.shape[i] = shape[i];
+        e->t.numel *= (size_t)shape[i];
+    }
     e->t.replicated = sync != SYNC_REPLICAS;
     e->sync = sync;
     e->init = init;
@@ -299,9 +344,9 @@ static int staged(const param_entry *e, int world_sync, int replica_sync) {
 /* init of one tensor, seeded by its name and element index: the same values on every backend */
 static void params_init(const param_entry *e, float *dst) {
     for (size_t j = 0; j < e->t.numel; j++)
-        dst[j] = e->init == INIT_ZERO ? 0.0f
-               : e->init == INIT_ONE ? 1.0f
-               : e->init_std * gate_normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
+        dst[j] = e->init == INIT_ZERO  ? 0.0f
+                 : e->init == INIT_ONE ? 1.0f
+                                       : e->init_std * gate_normal_from_key(e->init_key + j * 0x9E3779B97F4A7C15ull);
 }
 
 scmoe_status scmoe__params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync) {
@@ -434,13 +479,45 @@ static uint64_t config_hash(const scmoe_config *c) {
     uint64_t h = 1469598103934665603ull;
     if (!c) return h;
 #define H(f) h = hash_bytes(h, &c->f, sizeof c->f)
-    /* floats by value: -0.0 and 0.0 are the same setting (both a dropless capacity factor) */
-#define HF(f) do { float v_ = c->f == 0.0f ? 0.0f : c->f; h = hash_bytes(h, &v_, sizeof v_); } while (0)
-    H(d_model); H(d_hidden); H(n_experts); H(top_k); H(max_tokens); HF(capacity_factor); HF(eval_capacity_factor);
-    H(priority); H(capacity_scope); H(renormalize); HF(aux_loss_weight); HF(z_loss_weight); H(aux_scope); HF(gate_noise_std); H(seed);
-    H(activation); H(check_finite); H(arch); H(shortcut_pos); H(combine); H(n_heads); H(max_seq_len); H(causal);
-    H(n_layers); H(ep_size); H(progress); H(poll_cols); H(overlap); H(expert_slot); H(overlap_grad_sync);
-    H(wire_bf16); H(pipeline_chunks); H(precision);
+        /* floats by value: -0.0 and 0.0 are the same setting (both a dropless capacity factor) */
+#define HF(f)                                                                                                          \
+    do {                                                                                                               \
+        float v_ = c->f == 0.0f ? 0.0f : c->f;                                                                         \
+        h = hash_bytes(h, &v_, sizeof v_);                                                                             \
+    } while (0)
+    H(d_model);
+    H(d_hidden);
+    H(n_experts);
+    H(top_k);
+    H(max_tokens);
+    HF(capacity_factor);
+    HF(eval_capacity_factor);
+    H(priority);
+    H(capacity_scope);
+    H(renormalize);
+    HF(aux_loss_weight);
+    HF(z_loss_weight);
+    H(aux_scope);
+    HF(gate_noise_std);
+    H(seed);
+    H(activation);
+    H(check_finite);
+    H(arch);
+    H(shortcut_pos);
+    H(combine);
+    H(n_heads);
+    H(max_seq_len);
+    H(causal);
+    H(n_layers);
+    H(ep_size);
+    H(progress);
+    H(poll_cols);
+    H(overlap);
+    H(expert_slot);
+    H(overlap_grad_sync);
+    H(wire_bf16);
+    H(pipeline_chunks);
+    H(precision);
 #undef HF
 #undef H
     return h;
@@ -469,8 +546,10 @@ exec scmoe__context_exec(const scmoe_context *ctx, int poll_cols) {
 static scmoe_status agreed_status(scmoe_context *ctx, int64_t v, const char *what) {
     if (v > 0 && v < SCMOE_STATUS_COUNT)
         return scmoe__fail(ctx, (scmoe_status)v, "another rank failed%s: %s", what, scmoe_strerror((scmoe_status)v));
-    return scmoe__fail(ctx, SCMOE_ERR_COMM, "the ranks are out of step: the status agreement%s received %lld, which "
-                      "is not a status (another rank is in a different collective call)", what, (long long)v);
+    return scmoe__fail(ctx, SCMOE_ERR_COMM,
+                       "the ranks are out of step: the status agreement%s received %lld, which "
+                       "is not a status (another rank is in a different collective call)",
+                       what, (long long)v);
 }
 
 /* After a local step that may fail on some ranks only: every rank learns whether any failed. */
@@ -486,15 +565,18 @@ scmoe_status scmoe__status_agree(scmoe_context *ctx, scmoe_status local) {
 
 scmoe_status scmoe__ctx_usable(scmoe_context *ctx) {
     if (!ctx->broken) return SCMOE_OK;
-    return scmoe__fail(ctx, SCMOE_ERR_STATE, "the context is unusable since an earlier failure, %s (%s): an exchange may "
-                      "still be pending and the ranks are out of step; save what you need, then abort "
-                      "(scmoe_pair_abort / scmoe_moe_abort, scmoe_context_abort) and restart",
-                      scmoe_strerror(ctx->broken), ctx->broken_err);
+    return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                       "the context is unusable since an earlier failure, %s (%s): an exchange may "
+                       "still be pending and the ranks are out of step; save what you need, then abort "
+                       "(scmoe_pair_abort / scmoe_moe_abort, scmoe_context_abort) and restart",
+                       scmoe_strerror(ctx->broken), ctx->broken_err);
 }
 
 static const char *call_name(int64_t call) {
-    return call == SCMOE__CALL_CREATE ? "create" : call == SCMOE__CALL_FORWARD ? "forward"
-         : call == SCMOE__CALL_BACKWARD ? "backward" : "an unknown call";
+    return call == SCMOE__CALL_CREATE     ? "create"
+           : call == SCMOE__CALL_FORWARD  ? "forward"
+           : call == SCMOE__CALL_BACKWARD ? "backward"
+                                          : "an unknown call";
 }
 
 /* One all-reduce (max) of [v, -v] for each field and the local status: the max of -v is -min(v), so a
@@ -506,7 +588,10 @@ scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call
     if (s) return s;
     int64_t mine[AG_FIELDS] = {calls->id, call, calls->seq, training != 0, (int64_t)(calls->hash >> 2)};
     int64_t v[2 * AG_FIELDS + 1];
-    for (int i = 0; i < AG_FIELDS; i++) { v[2 * i] = mine[i]; v[2 * i + 1] = -mine[i]; }
+    for (int i = 0; i < AG_FIELDS; i++) {
+        v[2 * i] = mine[i];
+        v[2 * i + 1] = -mine[i];
+    }
     v[2 * AG_FIELDS] = local;
     comm *w = ctx->world;
     s = w->ops->allreduce_i64_max(w, v, 2 * AG_FIELDS + 1);
@@ -515,28 +600,36 @@ scmoe_status scmoe__call_agree(scmoe_context *ctx, scmoe__calls *calls, int call
      * object out of step for good */
     calls->seq = v[2 * AG_SEQ] + 1;
     int64_t max[AG_FIELDS], min[AG_FIELDS];
-    for (int i = 0; i < AG_FIELDS; i++) { max[i] = v[2 * i]; min[i] = -v[2 * i + 1]; }
+    for (int i = 0; i < AG_FIELDS; i++) {
+        max[i] = v[2 * i];
+        min[i] = -v[2 * i + 1];
+    }
 #define OTHER(f) (mine[f] == max[f] ? min[f] : max[f])
     if (max[AG_ID] != min[AG_ID] || max[AG_CALL] != min[AG_CALL])
-        return scmoe__fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s on object #%lld of "
-                          "the context, another rank called %s on object #%lld: every rank must make the same "
-                          "collective calls in the same order", w->rank, call_name(call), (long long)mine[AG_ID],
-                          call_name(OTHER(AG_CALL)), (long long)OTHER(AG_ID));
+        return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                           "ranks are out of step: this rank (%d) called %s on object #%lld of "
+                           "the context, another rank called %s on object #%lld: every rank must make the same "
+                           "collective calls in the same order",
+                           w->rank, call_name(call), (long long)mine[AG_ID], call_name(OTHER(AG_CALL)),
+                           (long long)OTHER(AG_ID));
     if (max[AG_SEQ] != min[AG_SEQ])
-        return scmoe__fail(ctx, SCMOE_ERR_STATE, "ranks are out of step: this rank (%d) called %s as call %lld on "
-                          "object #%lld, another rank as call %lld (a rank skipped or repeated a collective call)",
-                          w->rank, call_name(call), (long long)mine[AG_SEQ], (long long)mine[AG_ID],
-                          (long long)OTHER(AG_SEQ));
+        return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                           "ranks are out of step: this rank (%d) called %s as call %lld on "
+                           "object #%lld, another rank as call %lld (a rank skipped or repeated a collective call)",
+                           w->rank, call_name(call), (long long)mine[AG_SEQ], (long long)mine[AG_ID],
+                           (long long)OTHER(AG_SEQ));
     if (max[AG_MODE] != min[AG_MODE])
-        return scmoe__fail(ctx, SCMOE_ERR_STATE, "ranks are in different modes: this rank (%d) called %s in %s mode, "
-                          "another rank in %s mode (set_training must agree on every rank)", w->rank,
-                          call_name(call), training ? "training" : "inference", training ? "inference" : "training");
+        return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                           "ranks are in different modes: this rank (%d) called %s in %s mode, "
+                           "another rank in %s mode (set_training must agree on every rank)",
+                           w->rank, call_name(call), training ? "training" : "inference",
+                           training ? "inference" : "training");
 #undef OTHER
     if (local) return local;
     if (max[AG_HASH] != min[AG_HASH])
         return scmoe__fail(ctx, SCMOE_ERR_CONFIG_MISMATCH,
-                          "ranks were given different configs (rank %d's hash %016llx differs from another's)",
-                          w->rank, (unsigned long long)calls->hash);
+                           "ranks were given different configs (rank %d's hash %016llx differs from another's)",
+                           w->rank, (unsigned long long)calls->hash);
     if (v[2 * AG_FIELDS])
         return agreed_status(ctx, v[2 * AG_FIELDS], call == SCMOE__CALL_CREATE ? " (its config is invalid)" : "");
     return SCMOE_OK;

@@ -102,9 +102,9 @@ typedef enum scmoe_status {
                                     the context is broken: later collective calls return ::SCMOE_ERR_STATE at once.
                                     Checkpoint, abort (scmoe_pair_abort() ... scmoe_context_abort()) and restart */
     SCMOE_ERR_IO,              /**< a file could not be read or written */
-    SCMOE_ERR_UNSUPPORTED,     /**< a feature not compiled into this build, or missing on this machine (no CUDA device) */
-    SCMOE_ERR_DEVICE,          /**< a device (CUDA) kernel, copy or allocation failed (message has the CUDA error) */
-    SCMOE_STATUS_COUNT         /**< the number of statuses (not a status) */
+    SCMOE_ERR_UNSUPPORTED, /**< a feature not compiled into this build, or missing on this machine (no CUDA device) */
+    SCMOE_ERR_DEVICE,      /**< a device (CUDA) kernel, copy or allocation failed (message has the CUDA error) */
+    SCMOE_STATUS_COUNT     /**< the number of statuses (not a status) */
 } scmoe_status;
 
 /** The activation of every FFN (experts, shared expert, dense MLP). */
@@ -204,47 +204,47 @@ typedef enum scmoe_capacity_scope {
  * returns ::SCMOE_ERR_CONFIG_MISMATCH on every rank otherwise). Defaults are in parentheses. */
 typedef struct scmoe_config {
     /* shapes */
-    int d_model;            /**< model width d (default 64) */
-    int d_hidden;           /**< hidden width of each expert, the shared expert and the dense MLP (256) */
-    int n_experts;          /**< E, global number of routed experts (8) */
-    int top_k;              /**< k experts per token for the layer (1). A pair takes k from arch (2 for TOP2,
+    int d_model;    /**< model width d (default 64) */
+    int d_hidden;   /**< hidden width of each expert, the shared expert and the dense MLP (256) */
+    int n_experts;  /**< E, global number of routed experts (8) */
+    int top_k;      /**< k experts per token for the layer (1). A pair takes k from arch (2 for TOP2,
                                  else 1): its top_k must be that k or the default 1, else ::SCMOE_ERR_TOP_K */
-    int max_tokens;         /**< most tokens (rows) one rank passes to one forward (1024); sizes the workspace */
+    int max_tokens; /**< most tokens (rows) one rank passes to one forward (1024); sizes the workspace */
     /* gate and routing */
-    float capacity_factor;  /**< CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens (capacity_scope
+    float capacity_factor;      /**< CF; capacity C = k*floor(CF*ceil(S/E)), S the global tokens (capacity_scope
                                LOCAL: each rank's own); <= 0: dropless (2.0) */
     float eval_capacity_factor; /**< CF when not training (2.0) */
     scmoe_priority priority;    /**< slot priority (TOKEN) */
     scmoe_capacity_scope capacity_scope; /**< capacity over the global batch or per source rank (GLOBAL) */
-    int renormalize;        /**< k > 1: divide the k gate weights by their sum (1) */
-    float aux_loss_weight;  /**< weight of the GShard load-balance loss in backward (0.01) */
-    float z_loss_weight;    /**< weight of the router z-loss (0) */
-    scmoe_aux_scope aux_scope;  /**< scope of the load-balance loss statistics (GLOBAL) */
-    float gate_noise_std;   /**< training noise added to the logits: std * N(0,1) / E (0) */
-    uint64_t seed;          /**< seeds parameter init and gate noise (1234) */
-    scmoe_activation activation; /**< of every FFN (GELU, tanh approximation) */
-    int check_finite;       /**< forward/backward reject NaN/Inf inputs with ::SCMOE_ERR_NONFINITE (0) */
+    int renormalize;                     /**< k > 1: divide the k gate weights by their sum (1) */
+    float aux_loss_weight;               /**< weight of the GShard load-balance loss in backward (0.01) */
+    float z_loss_weight;                 /**< weight of the router z-loss (0) */
+    scmoe_aux_scope aux_scope;           /**< scope of the load-balance loss statistics (GLOBAL) */
+    float gate_noise_std;                /**< training noise added to the logits: std * N(0,1) / E (0) */
+    uint64_t seed;                       /**< seeds parameter init and gate noise (1234) */
+    scmoe_activation activation;         /**< of every FFN (GELU, tanh approximation) */
+    int check_finite;                    /**< forward/backward reject NaN/Inf inputs with ::SCMOE_ERR_NONFINITE (0) */
     /* the block pair */
-    scmoe_arch arch;        /**< the pair's variant (SCMOE) */
-    int shortcut_pos;       /**< 1, 2 or 3 for arch SCMOE (2): the MoE reads a1, m0 or a0 */
-    scmoe_combine combine;  /**< shared/routed combine rule (CG1) */
-    int n_heads;            /**< attention heads, dividing d_model (4) */
-    int max_seq_len;        /**< longest sequence T (256); sizes the workspace */
-    int causal;             /**< causal attention mask (1); 0 for vision models */
-    int n_layers;           /**< transformer layers in the host model, for the init scale (2) */
+    scmoe_arch arch;       /**< the pair's variant (SCMOE) */
+    int shortcut_pos;      /**< 1, 2 or 3 for arch SCMOE (2): the MoE reads a1, m0 or a0 */
+    scmoe_combine combine; /**< shared/routed combine rule (CG1) */
+    int n_heads;           /**< attention heads, dividing d_model (4) */
+    int max_seq_len;       /**< longest sequence T (256); sizes the workspace */
+    int causal;            /**< causal attention mask (1); 0 for vision models */
+    int n_layers;          /**< transformer layers in the host model, for the init scale (2) */
     /* parallelism and schedule */
-    int ep_size;            /**< ranks in one expert-parallel group; 0 = all ranks (0) */
-    scmoe_progress progress;/**< how exchanges progress while compute runs (POLL) */
-    int poll_cols;          /**< GEMM output columns per compute tile; progress is polled between tiles (512) */
-    int overlap;            /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
-    int expert_slot;        /**< -1: chosen from measured times; K in 0..16 runs the experts before the K-th of
+    int ep_size;               /**< ranks in one expert-parallel group; 0 = all ranks (0) */
+    scmoe_progress progress;   /**< how exchanges progress while compute runs (POLL) */
+    int poll_cols;             /**< GEMM output columns per compute tile; progress is polled between tiles (512) */
+    int overlap;               /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
+    int expert_slot;           /**< -1: chosen from measured times; K in 0..16 runs the experts before the K-th of
                                  the pair's operations after the gate (LayerNorms count; clamped to the last) (-1) */
-    int overlap_grad_sync;  /**< 1: dense-gradient all-reduce runs behind the backward and is finished by
+    int overlap_grad_sync;     /**< 1: dense-gradient all-reduce runs behind the backward and is finished by
                                scmoe_pair_grad_sync(); 0: backward finishes it (0) */
-    double comm_timeout_s;  /**< give up on an exchange after this long, in seconds: ::SCMOE_ERR_TIMEOUT (600) */
-    int wire_bf16;          /**< send exchanged activations and gradients as bfloat16 (half the bytes),
+    double comm_timeout_s;     /**< give up on an exchange after this long, in seconds: ::SCMOE_ERR_TIMEOUT (600) */
+    int wire_bf16;             /**< send exchanged activations and gradients as bfloat16 (half the bytes),
                                unpacked to float on arrival (0) */
-    int pipeline_chunks;    /**< 0: one exchange each way. C in 1..16: token-chunk pipelining (Tutel): the
+    int pipeline_chunks;       /**< 0: one exchange each way. C in 1..16: token-chunk pipelining (Tutel): the
                                experts first run the rows that stay on this rank while the rest travel in C
                                chunks, then chunk i while chunk i+1's dispatch and chunk i-1's combine fly.
                                For when the exchange is longer than the window that hides it (any arch) (0) */
@@ -329,13 +329,13 @@ const char *scmoe_last_error(const scmoe_context *ctx);
  * The pointers stay valid until the object is destroyed. Writing data changes the parameter (an
  * optimizer steps it in place); grad is accumulated by every backward and cleared by zero_grad. */
 typedef struct scmoe_tensor {
-    const char *name;   /**< e.g. "gate.weight", "experts.3.w1", "l0.attn.wqkv" */
-    float *data;        /**< the values, row-major */
-    float *grad;        /**< the gradient, same shape; backward accumulates into it */
-    int ndim;           /**< number of dimensions, 1..4 */
-    int shape[4];       /**< the first ndim entries are the shape */
-    size_t numel;       /**< number of elements (the product of the shape) */
-    int replicated;     /**< 1: the same on every rank (dense); 0: an expert's, held by its owners only */
+    const char *name; /**< e.g. "gate.weight", "experts.3.w1", "l0.attn.wqkv" */
+    float *data;      /**< the values, row-major */
+    float *grad;      /**< the gradient, same shape; backward accumulates into it */
+    int ndim;         /**< number of dimensions, 1..4 */
+    int shape[4];     /**< the first ndim entries are the shape */
+    size_t numel;     /**< number of elements (the product of the shape) */
+    int replicated;   /**< 1: the same on every rank (dense); 0: an expert's, held by its owners only */
 } scmoe_tensor;
 
 /* ---- statistics of the last forward/backward ---- */
@@ -343,11 +343,11 @@ typedef struct scmoe_tensor {
 /** Statistics of the last forward or backward, filled by the calls that take a scmoe_stats pointer
  * (which may be NULL). Times are wall-clock seconds on this rank; counts are over the global batch. */
 typedef struct scmoe_stats {
-    float aux_loss;          /**< GShard load-balance loss (unweighted) */
-    float z_loss;            /**< router z-loss (unweighted) */
-    int64_t tokens;          /**< tokens routed in the global batch */
-    int64_t dropped;         /**< (token, choice) assignments dropped by capacity, global */
-    int64_t capacity;        /**< slots per expert C = k*floor(CF*ceil(S/E)) of the last forward's capacity factor,
+    float aux_loss;               /**< GShard load-balance loss (unweighted) */
+    float z_loss;                 /**< router z-loss (unweighted) */
+    int64_t tokens;               /**< tokens routed in the global batch */
+    int64_t dropped;              /**< (token, choice) assignments dropped by capacity, global */
+    int64_t capacity;             /**< slots per expert C = k*floor(CF*ceil(S/E)) of the last forward's capacity factor,
                                   S the global batch (capacity_scope LOCAL: this rank's own tokens, so this
                                   rank's C); -1 when dropless (CF <= 0). C >= S*k also drops nothing */
     const int64_t *expert_tokens; /**< [n_experts] global assignments kept per expert (owned by the object,
@@ -365,8 +365,8 @@ typedef struct scmoe_stats {
     double bwd_expert;        /**< backward: time in the experts' FFNs */
     double grad_sync_time;    /**< dense-gradient all-reduce: time it was in flight */
     double grad_sync_exposed; /**< dense-gradient all-reduce: time compute waited on it */
-    int expert_slot;         /**< slot the experts ran in; -1 when serialized (the layer, profiling, overlap 0, no shortcut) */
-    int experts_fetched;     /**< expert offloading (scmoe_cuda.h): expert weight sets copied to the device by this
+    int expert_slot; /**< slot the experts ran in; -1 when serialized (the layer, profiling, overlap 0, no shortcut) */
+    int experts_fetched; /**< expert offloading (scmoe_cuda.h): expert weight sets copied to the device by this
                                   call; 0 without offloading */
 } scmoe_stats;
 
@@ -504,8 +504,7 @@ scmoe_status scmoe_pair_set_training(scmoe_pair *pair, int training);
  *         pending: call scmoe_pair_grad_sync(); ranks in different calls or modes; a broken context),
  *         ::SCMOE_ERR_NONFINITE, ::SCMOE_ERR_COMM or
  *         ::SCMOE_ERR_TIMEOUT; a bad argument on any rank fails every rank. */
-scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const float *x, float *y,
-                                scmoe_stats *stats);
+scmoe_status scmoe_pair_forward(scmoe_pair *pair, int batch, int seq_len, const float *x, float *y, scmoe_stats *stats);
 /** COLLECTIVE: backward of the last training forward (once: a second backward of the same forward
  * returns ::SCMOE_ERR_STATE).
  *

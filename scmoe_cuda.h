@@ -22,8 +22,8 @@ typedef enum {
 
 /** How a context uses its device; scmoe_cuda_options_default() gives the values in parentheses. */
 typedef struct scmoe_cuda_options {
-    int device;              /**< CUDA device ordinal, as cudaSetDevice takes it (0) */
-    scmoe_cuda_math math;    /**< GEMM math (::SCMOE_CUDA_FP32) */
+    int device;           /**< CUDA device ordinal, as cudaSetDevice takes it (0) */
+    scmoe_cuda_math math; /**< GEMM math (::SCMOE_CUDA_FP32) */
     /** Expert offloading (paper, appendix A.3) (0: off). n > 0: the routed experts' weights stay in
      * pinned host memory (their tensors' data are host pointers the device can also read) and each
      * MoE keeps at most n experts' weights on the device. After the gate has chosen (from the

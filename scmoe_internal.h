@@ -14,12 +14,12 @@ struct scmoe_context {
     /* a device backend's state, released with the context (NULL: none) */
     void *backend;
     void (*backend_release)(void *backend);
-    int objects;               /* layers and pairs created on it and not yet destroyed */
-    int64_t creates;           /* create calls made on it: the next object's id in the call agreement */
-    scmoe_status broken;       /* SCMOE_ERR_TIMEOUT or SCMOE_ERR_COMM once a communicator of it failed (0: fine) */
-    char broken_err[256];      /* the detail of that failure */
-    int offload_experts;       /* a device's routed experts' weights kept on the host, this many cached (0: off) */
-    int traces;                /* pairs that opened an SCMOE_TRACE file, to name the next one apart */
+    int objects;          /* layers and pairs created on it and not yet destroyed */
+    int64_t creates;      /* create calls made on it: the next object's id in the call agreement */
+    scmoe_status broken;  /* SCMOE_ERR_TIMEOUT or SCMOE_ERR_COMM once a communicator of it failed (0: fine) */
+    char broken_err[256]; /* the detail of that failure */
+    int offload_experts;  /* a device's routed experts' weights kept on the host, this many cached (0: off) */
+    int traces;           /* pairs that opened an SCMOE_TRACE file, to name the next one apart */
     char err[512];
 };
 
@@ -62,12 +62,12 @@ typedef struct param_entry {
     scmoe_tensor t;
     char name[64];
     size_t offset, offset_stage;
-    int sync;        /* which group sums this gradient after backward */
+    int sync; /* which group sums this gradient after backward */
     int init;
     float init_std;
     uint64_t init_key;
-    float *gwork;    /* where backward writes: t.grad, or a staging area summed over ranks first */
-    int host_data;   /* its data live in mapped host memory (expert offloading), at offset_data there */
+    float *gwork;  /* where backward writes: t.grad, or a staging area summed over ranks first */
+    int host_data; /* its data live in mapped host memory (expert offloading), at offset_data there */
     size_t offset_data;
 } param_entry;
 
@@ -80,14 +80,14 @@ typedef struct param_table {
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
     const compute_ops *co; /* where data and grad live (device memory), and stage (co->exchange_kind) */
     float *data, *grad, *stage;
-    float *data_host;      /* mapped: the data of host_data tensors */
-    int prefix_len;        /* bytes of the host's name prefix in front of every name (scmoe_*_set_name_prefix) */
-    uint16_t *data_bf16;   /* SCMOE_PRECISION_BF16 on the host: data rounded to bf16, same offsets (precision.c) */
+    float *data_host;    /* mapped: the data of host_data tensors */
+    int prefix_len;      /* bytes of the host's name prefix in front of every name (scmoe_*_set_name_prefix) */
+    uint16_t *data_bf16; /* SCMOE_PRECISION_BF16 on the host: data rounded to bf16, same offsets (precision.c) */
 } param_table;
 
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by scmoe__params_allocate. */
 int scmoe__params_add(param_table *pt, const char *name, int ndim, const int *shape, int sync, int init, float std,
-               uint64_t key);
+                      uint64_t key);
 /* Allocates data, grad (co's device memory) and staging (co->exchange_kind: stage, 1 if this rank's
  * gradients must be summed over ranks), and initialises the values. */
 scmoe_status scmoe__params_allocate(param_table *pt, const compute_ops *co, int world_sync, int replica_sync);
@@ -109,29 +109,28 @@ scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg
 /* Rounds pt's data into its bf16 copy again (scmoe_*_params_changed); nothing without one. */
 void scmoe__precision_refresh(param_table *pt);
 
-
 /* ---- a nonblocking exchange in flight, timed ---- */
 typedef struct inflight {
     comm *c;
     int req, active;
-    float *unpack_to;          /* bf16 wire: where the received rows go as floats on completion */
+    float *unpack_to; /* bf16 wire: where the received rows go as floats on completion */
     const uint16_t *unpack_from;
     const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout */
-    int row;                   /* floats per row */
-    int metadata;              /* routing counts or statistics (capacity LOCAL): traced, but not counted in
+    int row;                                  /* floats per row */
+    int metadata; /* routing counts or statistics (capacity LOCAL): traced, but not counted in
                                   the token exchanges' comm_time / exposed_time (their overlap figures) */
     double t_start, t_done, t_waited;
 } inflight;
 
 /* ---- the MoE layer, as phases a schedule can interleave with other work ---- */
 #define MOE_MAX_STAGES (SCMOE_MAX_PIPELINE_CHUNKS + 1)
-#define MOE_LSTATS(E) (3 * (E) + 5)
+#define MOE_LSTATS(E)  (3 * (E) + 5)
 
 typedef struct moe_layer {
     scmoe_context *ctx;
     scmoe_config cfg;
     param_table *pt;
-    const compute_ops *co;     /* the context's: where the buffers live, what runs on them */
+    const compute_ops *co;         /* the context's: where the buffers live, what runs on them */
     void *mem, *mem_dev, *mem_map; /* the workspace: host, device and exchanged (co->exchange_kind) memory */
     /* the expert-parallel group, twice: dispatches go on ep, combines on ep_back. A pipeline starts
      * each dispatch as soon as the one before has landed, noticed by a poll at a moment that differs
@@ -143,7 +142,7 @@ typedef struct moe_layer {
     int training;
     uint64_t step;
     /* parameters (into the owner's table) */
-    int p_wg, p_e0;   /* gate.weight; local expert i's w1, b1, w2, b2 are p_e0 + 4i + 0..3 */
+    int p_wg, p_e0; /* gate.weight; local expert i's w1, b1, w2, b2 are p_e0 + 4i + 0..3 */
     float *wg;
     /* routing */
     route_plan plan;
@@ -160,10 +159,10 @@ typedef struct moe_layer {
     int *ones, *iota;
     double *lstats;
     inflight xcount, xstats;
-    int stats_pending;         /* xstats started by this forward, not yet folded into the plan and losses */
+    int stats_pending; /* xstats started by this forward, not yet folded into the plan and losses */
     float *logits, *p, *lse, *weight, *score;
     int *choice;
-    double *gsum;              /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
+    double *gsum;                 /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
     float *aux_coef, *aux_coef_h; /* [E], device and host */
     /* a device backend's host mirrors of the gate's outputs and device copies of the plan's slot and
      * recv_to_expert; on the host backend the same arrays as their twins */
@@ -181,19 +180,19 @@ typedef struct moe_layer {
     int n;
     const float *x;
     int forward_done;
-    int pass;                  /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
-    int next_dispatch;         /* the next stage whose dispatch has not started */
+    int pass;                       /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
+    int next_dispatch;              /* the next stage whose dispatch has not started */
     double comm_time, exposed_time; /* this pass's exchanges: time in flight, and time the caller waited */
-    scmoe_status deferred;     /* a dispatch started from scmoe__moe_poll that failed, reported by the next wait */
+    scmoe_status deferred;          /* a dispatch started from scmoe__moe_poll that failed, reported by the next wait */
     inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
     /* expert offloading (slots > 0): the routed experts' weights live in mapped host memory and at
      * most slots of them on the device at a time, each as the span of its w1, b1, w2, b2 */
-    int slots, victim;         /* victim: the slot the next fetch takes (round robin) */
-    int fetched;               /* expert weight sets copied in during this call */
-    int prefetched;            /* copies in flight that the experts must wait for */
-    size_t span;               /* floats of one expert's four tensors, padding included */
-    float *cache;              /* [slots * span], device */
-    int *slot_of, *held;       /* [E_local] expert -> slot or -1; [slots] slot -> expert or -1 */
+    int slots, victim;   /* victim: the slot the next fetch takes (round robin) */
+    int fetched;         /* expert weight sets copied in during this call */
+    int prefetched;      /* copies in flight that the experts must wait for */
+    size_t span;         /* floats of one expert's four tensors, padding included */
+    float *cache;        /* [slots * span], device */
+    int *slot_of, *held; /* [E_local] expert -> slot or -1; [slots] slot -> expert or -1 */
     /* told of every exchange as it completes (a schedule's timing and trace); may be NULL */
     void (*on_wait)(void *arg, const char *what, const inflight *f);
     void *on_wait_arg;
@@ -201,7 +200,7 @@ typedef struct moe_layer {
 
 /* Creates the groups (collective) and registers the parameters under prefix. */
 scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
-                      const char *prefix, float w2_std);
+                             const char *prefix, float w2_std);
 /* Sizes and allocates the workspace (after scmoe__params_allocate, which fixes the parameter pointers). */
 scmoe_status scmoe__moe_alloc(moe_layer *m);
 void scmoe__moe_free(moe_layer *m);
@@ -252,9 +251,9 @@ scmoe_status scmoe__status_agree(scmoe_context *ctx, scmoe_status local);
 enum { SCMOE__CALL_CREATE = 1, SCMOE__CALL_FORWARD, SCMOE__CALL_BACKWARD };
 /* An object's place in its call sequence, agreed on by every rank at the start of each call */
 struct scmoe__calls {
-    int64_t id;      /* the object's creation index on its context */
-    int64_t seq;     /* collective calls made on it so far */
-    uint64_t hash;   /* its config's hash, agreed at create */
+    int64_t id;    /* the object's creation index on its context */
+    int64_t seq;   /* collective calls made on it so far */
+    uint64_t hash; /* its config's hash, agreed at create */
 };
 /* Refuses at once, without communicating, when ctx is broken (SCMOE_ERR_STATE naming the failure);
  * otherwise one all-reduce over the context in which every rank says which object, which call, its

@@ -154,7 +154,8 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     moe_layer m;
     memset(&pt, 0, sizeof pt);
     check(ctx, scmoe__moe_init(&m, ctx, &cfg, k, &pt, "", 0.02f), "scmoe__moe_init");
-    check(ctx, scmoe__params_allocate(&pt, ctx->compute, ctx->world->size > 1, m.replicas->size > 1), "scmoe__params_allocate");
+    check(ctx, scmoe__params_allocate(&pt, ctx->compute, ctx->world->size > 1, m.replicas->size > 1),
+          "scmoe__params_allocate");
     check(ctx, scmoe__moe_alloc(&m), "scmoe__moe_alloc");
     m.training = 0;
     exec ex = scmoe__context_exec(ctx, cfg.poll_cols);
@@ -192,7 +193,10 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     for (int r = 0; r < g_size; r++) S += m.tokens_per_rank[r];
     int32_t *rec_all = xalloc(sizeof(int32_t) * (size_t)S * stride);
     double gs[1024];
-    if (E + 1 > 1024) { fprintf(stderr, "bench_a2a: E too large\n"); MPI_Abort(MPI_COMM_WORLD, 1); }
+    if (E + 1 > 1024) {
+        fprintf(stderr, "bench_a2a: E too large\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
 
     double t[T_N][MAX_REPS];
     for (int it = -warmup; it < reps; it++) {
@@ -213,9 +217,11 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
             off += rb[r];
         }
         check_mpi(MPI_Allgatherv(rec, n * stride * (int)sizeof(int32_t), MPI_BYTE, rec_all, rb, rdsp, MPI_BYTE,
-                                 MPI_COMM_WORLD), "MPI_Allgatherv");
+                                 MPI_COMM_WORLD),
+                  "MPI_Allgatherv");
         for (int e = 0; e <= E; e++) gs[e] = 1.0;
-        if (g_size > 1) check_mpi(MPI_Allreduce(MPI_IN_PLACE, gs, E + 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+        if (g_size > 1)
+            check_mpi(MPI_Allreduce(MPI_IN_PLACE, gs, E + 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
         loc[T_META] = MPI_Wtime() - t0;
 
         for (int turn = 0; turn < 3; turn++) {
@@ -289,9 +295,8 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
                " %5.2f | %8.3f %5.2f\n",
                n, k, cf, (long long)dropped, mb, 1e3 * median(t[T_GATE], reps), 1e3 * median(t[T_META], reps),
                1e3 * median(t[T_LDISP], reps), 1e3 * median(t[T_LCOMB], reps), 1e3 * ml, ml > 0 ? mb / 1e3 / ml : 0,
-               1e3 * median(t[T_LSTART], reps),
-               1e3 * median(t[T_MDISP], reps), 1e3 * median(t[T_MCOMB], reps), 1e3 * mm, mm > 0 ? mb / 1e3 / mm : 0,
-               median(r_mpi, reps), 1e3 * mn, median(r_nb, reps));
+               1e3 * median(t[T_LSTART], reps), 1e3 * median(t[T_MDISP], reps), 1e3 * median(t[T_MCOMB], reps),
+               1e3 * mm, mm > 0 ? mb / 1e3 / mm : 0, median(r_mpi, reps), 1e3 * mn, median(r_nb, reps));
         fflush(stdout);
     }
 
@@ -341,17 +346,19 @@ int main(int argc, char **argv) {
     if (g_rank == 0) {
         const char *btl = getenv("OMPI_MCA_btl"), *flags = getenv("OMPI_MCA_btl_tcp_flags");
         printf("bench_a2a: %d ranks, d=%d, E=%d, %d timed reps (+%d warm-up), medians of the slowest rank; "
-               "gate_encode once per iteration\n", g_size, d, E, reps, warmup);
+               "gate_encode once per iteration\n",
+               g_size, d, E, reps, warmup);
         bench_print_gemm_info(stdout, ctx);
         printf("  btl=%s%s%s; MB/rank = off-rank bytes sent by a rank in dispatch + combine (mean over ranks); "
                "ratio = median over iterations of mpi / lib time\n",
                btl ? btl : "(default)", flags ? ", btl_tcp_flags=" : "", flags ? flags : "");
-        printf("%6s %2s %4s %5s %8s | %8s %7s | %8s %8s %8s %6s %6s | %8s %8s %8s %6s | %5s | %8s %5s\n",
-               "n/rank", "k", "cf", "drop", "MB/rank", "gate ms", "meta ms", "lib disp", "comb", "total", "GB/s",
-               "start", "mpi disp", "comb", "total", "GB/s", "ratio", "nb total", "ratio");
-        printf("  (times in ms; lib = library dispatch+combine; start = of which inside the two *_start calls, which no "
-               "compute can hide; mpi = blocking MPI_Alltoallv; nb = MPI_Ialltoallv + MPI_Wait, the same nonblocking "
-               "collective the library starts, without the library around it)\n");
+        printf("%6s %2s %4s %5s %8s | %8s %7s | %8s %8s %8s %6s %6s | %8s %8s %8s %6s | %5s | %8s %5s\n", "n/rank", "k",
+               "cf", "drop", "MB/rank", "gate ms", "meta ms", "lib disp", "comb", "total", "GB/s", "start", "mpi disp",
+               "comb", "total", "GB/s", "ratio", "nb total", "ratio");
+        printf(
+            "  (times in ms; lib = library dispatch+combine; start = of which inside the two *_start calls, which no "
+            "compute can hide; mpi = blocking MPI_Alltoallv; nb = MPI_Ialltoallv + MPI_Wait, the same nonblocking "
+            "collective the library starts, without the library around it)\n");
         fflush(stdout);
     }
     for (int a = 0; a < nn; a++)

@@ -57,11 +57,16 @@ static float frand(void) { /* uniform in [-1, 1) */
     rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng_state >> 40) / 8388608.0 - 1.0);
 }
-static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i++) x[i] = scale * frand(); }
+static void fill(float *x, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] = scale * frand();
+}
 
 static void *xalloc(size_t bytes) {
     void *p = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!p) { fprintf(stderr, "bench_experts: out of memory (%zu bytes)\n", bytes); exit(1); }
+    if (!p) {
+        fprintf(stderr, "bench_experts: out of memory (%zu bytes)\n", bytes);
+        exit(1);
+    }
     return p;
 }
 
@@ -98,13 +103,16 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     cfg.n_experts = E;
     cfg.top_k = 1;
     cfg.max_tokens = T;
-    cfg.capacity_factor = 0.0f;      /* dropless */
+    cfg.capacity_factor = 0.0f; /* dropless */
     cfg.eval_capacity_factor = 0.0f;
     cfg.activation = act;
     cfg.seed = 1234;
     char msg[256];
     scmoe_status s = scmoe_config_validate(&cfg, msg, sizeof msg);
-    if (s) { fprintf(stderr, "bench_experts: config: %s\n", msg); exit(1); }
+    if (s) {
+        fprintf(stderr, "bench_experts: config: %s\n", msg);
+        exit(1);
+    }
     die(NULL, scmoe_context_create(&b->ctx), "context");
     b->ex = scmoe__context_exec(b->ctx, cfg.poll_cols);
     moe_layer *m = &b->m;
@@ -116,7 +124,12 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
         fill(pdata(b, m->p_e0 + 4 * i + 1), (size_t)m->h1, 0.01f);
         fill(pdata(b, m->p_e0 + 4 * i + 3), (size_t)d, 0.01f);
     }
-    b->E = E; b->d = d; b->h = h; b->h1 = m->h1; b->T = T; b->act = act;
+    b->E = E;
+    b->d = d;
+    b->h = h;
+    b->h1 = m->h1;
+    b->T = T;
+    b->act = act;
 
     float *x = xalloc(sizeof(float) * (size_t)T * d), *y = xalloc(sizeof(float) * (size_t)T * d);
     float *dy = xalloc(sizeof(float) * (size_t)T * d);
@@ -139,17 +152,35 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     memcpy(b->dy_recv, m->recv, sizeof(float) * (size_t)R * d);
     for (int r = 0; r < R; r++) /* the same scatter scmoe__moe_experts_backward does */
         memcpy(b->dye + (size_t)m->plan.recv_to_expert[r] * d, b->dy_recv + (size_t)r * d, sizeof(float) * d);
-    free(x); free(y); free(dy);
+    free(x);
+    free(y);
+    free(dy);
 }
 
 static void bench_alloc_baseline(bench *b) {
     size_t R = (size_t)b->R, d = (size_t)b->d, h = (size_t)b->h, h1 = (size_t)b->h1, f = sizeof(float);
-    b->A = xalloc(f * R * d);  b->W1 = xalloc(f * d * h1); b->P = xalloc(f * R * h1); b->H = xalloc(f * R * h);
-    b->W2 = xalloc(f * h * d); b->Y = xalloc(f * R * d);   b->dY = xalloc(f * R * d);  b->dH = xalloc(f * R * h);
-    b->dW2 = xalloc(f * h * d); b->dP = xalloc(f * R * h1); b->dW1 = xalloc(f * d * h1); b->dX = xalloc(f * R * d);
-    fill(b->A, R * d, 1.0f); fill(b->W1, d * h1, 0.02f); fill(b->P, R * h1, 0.5f); fill(b->H, R * h, 0.5f);
-    fill(b->W2, h * d, 0.02f); fill(b->dY, R * d, 1.0f); fill(b->dH, R * h, 0.02f); fill(b->dP, R * h1, 0.02f);
-    memset(b->dW1, 0, f * d * h1); memset(b->dW2, 0, f * h * d);
+    b->A = xalloc(f * R * d);
+    b->W1 = xalloc(f * d * h1);
+    b->P = xalloc(f * R * h1);
+    b->H = xalloc(f * R * h);
+    b->W2 = xalloc(f * h * d);
+    b->Y = xalloc(f * R * d);
+    b->dY = xalloc(f * R * d);
+    b->dH = xalloc(f * R * h);
+    b->dW2 = xalloc(f * h * d);
+    b->dP = xalloc(f * R * h1);
+    b->dW1 = xalloc(f * d * h1);
+    b->dX = xalloc(f * R * d);
+    fill(b->A, R * d, 1.0f);
+    fill(b->W1, d * h1, 0.02f);
+    fill(b->P, R * h1, 0.5f);
+    fill(b->H, R * h, 0.5f);
+    fill(b->W2, h * d, 0.02f);
+    fill(b->dY, R * d, 1.0f);
+    fill(b->dH, R * h, 0.02f);
+    fill(b->dP, R * h1, 0.02f);
+    memset(b->dW1, 0, f * d * h1);
+    memset(b->dW2, 0, f * h * d);
     b->have_base = 1;
 }
 
@@ -157,10 +188,22 @@ static void bench_free(bench *b) {
     scmoe__moe_free(&b->m);
     scmoe__params_free(&b->pt);
     scmoe_context_destroy(b->ctx);
-    free(b->x_recv); free(b->dy_recv); free(b->dye);
+    free(b->x_recv);
+    free(b->dy_recv);
+    free(b->dye);
     if (b->have_base) {
-        free(b->A); free(b->W1); free(b->P); free(b->H); free(b->W2); free(b->Y); free(b->dY); free(b->dH);
-        free(b->dW2); free(b->dP); free(b->dW1); free(b->dX);
+        free(b->A);
+        free(b->W1);
+        free(b->P);
+        free(b->H);
+        free(b->W2);
+        free(b->Y);
+        free(b->dY);
+        free(b->dH);
+        free(b->dW2);
+        free(b->dP);
+        free(b->dW1);
+        free(b->dX);
     }
 }
 
@@ -169,27 +212,28 @@ static double flops_total(const bench *b) { return 3.0 * flops_fwd(b); }
 
 /* ---- what one sample runs ---- */
 enum {
-    MODE_BASE,     /* six plain cblas_sgemm over all R rows (threaded) */
-    MODE_GROUPED,  /* the same six GEMMs per expert over its rows, one expert at a time: no bias, act, perm */
-    MODE_SEQ,      /* scmoe__ffn_forward/ffn_backward per expert, one at a time, threaded BLAS and kernels */
-    MODE_PAR,      /* the same, experts across OpenMP threads, single-threaded GEMMs */
-    MODE_LIB,      /* scmoe__moe_experts_forward + scmoe__moe_experts_backward (permutations + the library's choice) */
+    MODE_BASE,    /* six plain cblas_sgemm over all R rows (threaded) */
+    MODE_GROUPED, /* the same six GEMMs per expert over its rows, one expert at a time: no bias, act, perm */
+    MODE_SEQ,     /* scmoe__ffn_forward/ffn_backward per expert, one at a time, threaded BLAS and kernels */
+    MODE_PAR,     /* the same, experts across OpenMP threads, single-threaded GEMMs */
+    MODE_LIB,     /* scmoe__moe_experts_forward + scmoe__moe_experts_backward (permutations + the library's choice) */
     MODE_COUNT
 };
 static const char *mode_name[MODE_COUNT] = {
     "one cblas_sgemm per op (baseline)", "grouped sgemm only, seq experts", "ffn_fwd/bwd, one expert at a time",
-    "ffn_fwd/bwd, experts in parallel", "library moe_experts_fwd+bwd",
+    "ffn_fwd/bwd, experts in parallel",  "library moe_experts_fwd+bwd",
 };
 
 static void sgemm(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta,
                   float *C, int ldc) {
-    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.0f, A, lda,
-                B, ldb, beta, C, ldc);
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, 1.0f, A, lda, B,
+                ldb, beta, C, ldc);
 }
 
 /* The six GEMMs of scmoe__ffn_forward/ffn_backward, same transposes and accumulation (weight grads +=).
  * Rows [o, o+rows) of the row operands; w1/w2 the weights, dw1/dw2 their gradients. */
-static void six_gemms(bench *b, int phase, size_t o, int rows, const float *w1, const float *w2, float *dw1, float *dw2) {
+static void six_gemms(bench *b, int phase, size_t o, int rows, const float *w1, const float *w2, float *dw1,
+                      float *dw2) {
     int d = b->d, h = b->h, h1 = b->h1;
     if (rows <= 0) return;
     if (phase == 0) {
@@ -213,11 +257,11 @@ static void ffn_loop(bench *b, int phase, int parallel) {
         int rows = off[i + 1] - off[i], p = m->p_e0 + 4 * i;
         if (phase == 0)
             scmoe__ffn_forward(&b->ex, m->ye + o * d, m->pre + o * h1, m->hid + o * h, m->xe + o * d, pdata(b, p),
-                        pdata(b, p + 1), pdata(b, p + 2), pdata(b, p + 3), rows, d, h, b->act);
+                               pdata(b, p + 1), pdata(b, p + 2), pdata(b, p + 3), rows, d, h, b->act);
         else
-            scmoe__ffn_backward(&b->ex, m->dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2), pgrad(b, p + 3),
-                         m->dhid + o * h, m->dpre + o * h1, b->dye + o * d, m->xe + o * d, m->pre + o * h1,
-                         m->hid + o * h, pdata(b, p), pdata(b, p + 2), rows, d, h, b->act);
+            scmoe__ffn_backward(&b->ex, m->dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2),
+                                pgrad(b, p + 3), m->dhid + o * h, m->dpre + o * h1, b->dye + o * d, m->xe + o * d,
+                                m->pre + o * h1, m->hid + o * h, pdata(b, p), pdata(b, p + 2), rows, d, h, b->act);
     }
 }
 
@@ -235,9 +279,7 @@ static double run_phase(bench *b, int mode, int phase) {
     if (mode == MODE_LIB) memcpy(m->recv, phase == 0 ? b->x_recv : b->dy_recv, sizeof(float) * rd);
     double c0 = cpu_seconds(), t0 = omp_get_wtime();
     switch (mode) {
-    case MODE_BASE:
-        six_gemms(b, phase, 0, b->R, b->W1, b->W2, b->dW1, b->dW2);
-        break;
+    case MODE_BASE: six_gemms(b, phase, 0, b->R, b->W1, b->W2, b->dW1, b->dW2); break;
     case MODE_GROUPED:
         for (int i = 0; i < m->E_local; i++) {
             int o = m->plan.expert_offsets[i], p = m->p_e0 + 4 * i;
@@ -259,7 +301,9 @@ static double run_phase(bench *b, int mode, int phase) {
 
 /* seconds: best and median wall time of a forward + backward, fwd and bwd of the best, and the least
  * process CPU time (all threads; with OMP_NUM_THREADS=1 it hardly moves with load from elsewhere) */
-typedef struct { double best, median, fwd, bwd, cpu; } timing;
+typedef struct {
+    double best, median, fwd, bwd, cpu;
+} timing;
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -280,7 +324,11 @@ static void measure(bench *b, const int *modes, int n, timing *out) {
             double f = run_phase(b, modes[i], 0), cf = g_cpu, g = run_phase(b, modes[i], 1);
             if (cf + g_cpu < out[i].cpu) out[i].cpu = cf + g_cpu;
             s[(size_t)i * rounds + r] = f + g;
-            if (f + g < out[i].best) { out[i].best = f + g; out[i].fwd = f; out[i].bwd = g; }
+            if (f + g < out[i].best) {
+                out[i].best = f + g;
+                out[i].fwd = f;
+                out[i].bwd = g;
+            }
         }
     for (int i = 0; i < n; i++) {
         double *si = s + (size_t)i * rounds;
@@ -291,7 +339,9 @@ static void measure(bench *b, const int *modes, int n, timing *out) {
 }
 
 /* CPU time of the whole machine and of this process, in clock ticks (Linux /proc); 0 if unreadable */
-typedef struct { double busy, total, own; } cpu_sample;
+typedef struct {
+    double busy, total, own;
+} cpu_sample;
 static cpu_sample cpu_now(void) {
     cpu_sample c = {0, 0, 0};
     FILE *f = fopen("/proc/stat", "r");
@@ -328,7 +378,8 @@ static double cpu_others(cpu_sample a, cpu_sample b) {
 
 static void rows_stats(const bench *b, int *mn, int *mx) {
     const int *off = b->m.plan.expert_offsets;
-    *mn = 1 << 30; *mx = 0;
+    *mn = 1 << 30;
+    *mx = 0;
     for (int i = 0; i < b->m.E_local; i++) {
         int r = off[i + 1] - off[i];
         if (r < *mn) *mn = r;
@@ -371,8 +422,8 @@ static double run_case(const char *label, int E, int d, int h, int T, scmoe_acti
     }
     double ratio = t[MODE_BASE].best / t[MODE_LIB].best;
     int pick = library_picks_parallel(&b);
-    printf("   library picks: %s; faster here: %s (par/seq time %.3f; tie = within 3%%)\n",
-           pick ? "parallel" : "seq", faster(t[MODE_PAR].best, t[MODE_SEQ].best), t[MODE_PAR].best / t[MODE_SEQ].best);
+    printf("   library picks: %s; faster here: %s (par/seq time %.3f; tie = within 3%%)\n", pick ? "parallel" : "seq",
+           faster(t[MODE_PAR].best, t[MODE_SEQ].best), t[MODE_PAR].best / t[MODE_SEQ].best);
     double ffn_best = pick ? t[MODE_PAR].best : t[MODE_SEQ].best;
     printf("   time over the baseline, in %% of it (best wall | least cpu): GEMM grouping %+.1f | %+.1f,"
            " bias+act+scmoe__sum_rows %+.1f | %+.1f, permutations %+.1f | %+.1f\n",
@@ -383,9 +434,9 @@ static double run_case(const char *label, int E, int d, int h, int T, scmoe_acti
            100 * (t[MODE_LIB].best - ffn_best) / t[MODE_BASE].best,
            100 * (t[MODE_LIB].cpu - (pick ? t[MODE_PAR].cpu : t[MODE_SEQ].cpu)) / t[MODE_BASE].cpu);
     if (target > 0)
-        printf("   RATIO library/sgemm GFLOP/s = %.3f (target >= %.2f: %s)\n", ratio, target, ratio >= target ? "met" : "MISSED");
-    else
-        printf("   RATIO library/sgemm GFLOP/s = %.3f\n", ratio);
+        printf("   RATIO library/sgemm GFLOP/s = %.3f (target >= %.2f: %s)\n", ratio, target,
+               ratio >= target ? "met" : "MISSED");
+    else printf("   RATIO library/sgemm GFLOP/s = %.3f\n", ratio);
     printf("   other processes kept %.2f CPUs busy meanwhile (%ld online)\n", cpu_others(c0, c1),
            sysconf(_SC_NPROCESSORS_ONLN));
     fflush(stdout);
@@ -398,14 +449,14 @@ static double run_case(const char *label, int E, int d, int h, int T, scmoe_acti
 static void sweep(void) {
     const int E = 8, d = 256, h = 1024;
     const int Ts[] = {256, 512, 1024, 2048, 4096, 8192, 16384};
-    printf("\n== sweep: experts in parallel vs one at a time, E=%d d=%d h=%d GELU top-1 (best of samples, fwd+bwd)\n", E,
-           d, h);
+    printf("\n== sweep: experts in parallel vs one at a time, E=%d d=%d h=%d GELU top-1 (best of samples, fwd+bwd)\n",
+           E, d, h);
     if (omp_get_max_threads() < 2) {
         printf("   skipped: with 1 thread both modes run the same serial code\n");
         return;
     }
-    printf("   %7s %12s %10s %10s %9s  %-9s %-9s %7s\n", "tokens", "rows/expert", "par ms", "seq ms", "par/seq", "faster",
-           "lib picks", "others");
+    printf("   %7s %12s %10s %10s %9s  %-9s %-9s %7s\n", "tokens", "rows/expert", "par ms", "seq ms", "par/seq",
+           "faster", "lib picks", "others");
     int last_par_rows = -1, first_seq_rows = -1;
     for (size_t i = 0; i < sizeof Ts / sizeof *Ts; i++) {
         bench b;
@@ -427,8 +478,10 @@ static void sweep(void) {
         printf("   -> crossover: parallel faster up to %d rows per expert, seq faster from %d\n", last_par_rows,
                first_seq_rows);
     else if (first_seq_rows < 0)
-        printf("   -> no crossover in this range: seq is never faster by more than 3%% (parallel faster up to %d rows per "
-               "expert, tie above)\n", last_par_rows);
+        printf(
+            "   -> no crossover in this range: seq is never faster by more than 3%% (parallel faster up to %d rows per "
+            "expert, tie above)\n",
+            last_par_rows);
     else
         printf("   -> no clean crossover (seq faster at %d, parallel faster at %d rows per expert): noise or load\n",
                first_seq_rows, last_par_rows);
@@ -467,8 +520,8 @@ static void run_bf16_case(const char *label, int E, int d, int h, int T) {
     die(b.ctx, scmoe__precision_attach(b.ctx, &cfg, &b.pt, &b.ex), "bf16");
     bench_alloc_baseline(&b);
     size_t R = (size_t)b.R, h1 = (size_t)b.h1;
-    uint16_t *hb[6] = {bf16_of(b.A, R * d), bf16_of(b.W1, (size_t)d * h1), bf16_of(b.H, R * h),
-                       bf16_of(b.W2, (size_t)h * d), bf16_of(b.dY, R * d), bf16_of(b.dP, R * h1)};
+    uint16_t *hb[6] = {bf16_of(b.A, R * d),          bf16_of(b.W1, (size_t)d * h1), bf16_of(b.H, R * h),
+                       bf16_of(b.W2, (size_t)h * d), bf16_of(b.dY, R * d),          bf16_of(b.dP, R * h1)};
     double best_lib = 1e30, best_base = 1e30;
     for (int rep = 0; rep <= g_reps; rep++) { /* rep 0 warms up (primitives, operand buffers) */
         double lib = run_phase(&b, MODE_LIB, 0) + run_phase(&b, MODE_LIB, 1);
@@ -482,7 +535,8 @@ static void run_bf16_case(const char *label, int E, int d, int h, int T) {
         }
     }
     double gf = flops_total(&b) * 1e-9;
-    printf("\n== case %s: bf16 experts E=%d d=%d h=%d tokens=%d top-1 GELU dropless, rows R=%d\n", label, E, d, h, T, b.R);
+    printf("\n== case %s: bf16 experts E=%d d=%d h=%d tokens=%d top-1 GELU dropless, rows R=%d\n", label, E, d, h, T,
+           b.R);
     printf("   %s\n", b.ctx->host_blas->describe(b.ctx->host_blas));
     printf("   experts fwd+bwd %.2f ms (%.1f GFLOP/s); plain bf16 matmuls %.2f ms (%.1f GFLOP/s)\n", best_lib * 1e3,
            gf / best_lib, best_base * 1e3, gf / best_base);

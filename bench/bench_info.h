@@ -15,21 +15,23 @@ static void bench_print_gemm_info(FILE *f, scmoe_context *ctx) {
     fprintf(f, "# GEMMs: %s\n", scmoe_context_gemm_info(ctx));
 #if defined(__x86_64__) && defined(__GNUC__)
     static const char *const avx512_cores[] = {"SkylakeX", "Cooperlake", "SapphireRapids", "Zen4"};
-    static const char *const pre_avx2_cores[] = {"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem",
-                                                 "Sandybridge", "Atom", "Barcelona", "Opteron"};
+    static const char *const pre_avx2_cores[] = {"Prescott",    "Core2", "Penryn",    "Dunnington", "Nehalem",
+                                                 "Sandybridge", "Atom",  "Barcelona", "Opteron"};
     int old = 0;
     const char *hint = "";
     if (__builtin_cpu_supports("avx512f")) {
         old = 1;
-        for (size_t i = 0; i < sizeof avx512_cores / sizeof *avx512_cores; i++) old &= strcasecmp(core, avx512_cores[i]) != 0;
+        for (size_t i = 0; i < sizeof avx512_cores / sizeof *avx512_cores; i++)
+            old &= strcasecmp(core, avx512_cores[i]) != 0;
         hint = "SkylakeX (or Cooperlake / SapphireRapids where the CPU has avx512_bf16 / amx)";
     } else if (__builtin_cpu_supports("avx2")) {
-        for (size_t i = 0; i < sizeof pre_avx2_cores / sizeof *pre_avx2_cores; i++) old |= !strcasecmp(core, pre_avx2_cores[i]);
+        for (size_t i = 0; i < sizeof pre_avx2_cores / sizeof *pre_avx2_cores; i++)
+            old |= !strcasecmp(core, pre_avx2_cores[i]);
         hint = "Haswell";
     }
     if (old)
-        fprintf(f, "# WARNING: OpenBLAS runs its %s kernels, older than this CPU allows: try OPENBLAS_CORETYPE=%s\n", core,
-                hint);
+        fprintf(f, "# WARNING: OpenBLAS runs its %s kernels, older than this CPU allows: try OPENBLAS_CORETYPE=%s\n",
+                core, hint);
 #endif
 }
 #endif

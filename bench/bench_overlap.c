@@ -26,10 +26,14 @@
 
 static int rank, nranks;
 
-typedef struct variant { const char *name; scmoe_arch arch; int pos, overlap, pipelined; } variant;
+typedef struct variant {
+    const char *name;
+    scmoe_arch arch;
+    int pos, overlap, pipelined;
+} variant;
 
 typedef struct result {
-    double train, pair, infer;               /* ms per step: full training step, pair fwd+bwd, inference */
+    double train, pair, infer; /* ms per step: full training step, pair fwd+bwd, inference */
     double fwd_comm, fwd_exposed, bwd_comm, bwd_exposed, fwd_expert, bwd_expert, grad_time, grad_exposed;
     double inf_comm, inf_exposed;
     int slot_f, slot_b;
@@ -43,8 +47,7 @@ static double max_all(double v) {
     return r;
 }
 
-static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, int T, int steps, int chunks,
-               result *r) {
+static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, int T, int steps, int chunks, result *r) {
     cfg.arch = v->arch;
     cfg.shortcut_pos = v->pos;
     cfg.overlap = v->overlap;
@@ -60,7 +63,9 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
           *dx = malloc(sizeof(float) * n);
     unsigned long long z = 88172645463325252ull + (unsigned long long)rank * 7919;
     for (size_t i = 0; i < n; i++) { /* uniform noise: the gate spreads it over the experts */
-        z ^= z << 13; z ^= z >> 7; z ^= z << 17;
+        z ^= z << 13;
+        z ^= z >> 7;
+        z ^= z << 17;
         x[i] = (float)((z >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
         dy[i] = 1e-3f * (x[i] - 0.5f * x[(i * 31) % n]);
     }
@@ -76,7 +81,10 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
         for (int k = 0; !s && k < scmoe_pair_param_count(p); k++) { /* SGD, as a stand-in optimizer */
             scmoe_tensor t;
             scmoe_pair_param_at(p, k, &t);
-            for (size_t j = 0; j < t.numel; j++) { t.data[j] -= 1e-4f * t.grad[j]; t.grad[j] = 0; }
+            for (size_t j = 0; j < t.numel; j++) {
+                t.data[j] -= 1e-4f * t.grad[j];
+                t.grad[j] = 0;
+            }
         }
         if (!s) s = scmoe_pair_params_changed(p); /* bf16: the weights' copies follow the update */
         MPI_Barrier(MPI_COMM_WORLD);
@@ -85,10 +93,14 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
         if (i < warm) continue;
         r->train += t1 - t0;
         r->pair += st.fwd_time + st.bwd_time;
-        r->fwd_comm += st.fwd_comm; r->fwd_exposed += st.fwd_exposed;
-        r->bwd_comm += st.bwd_comm; r->bwd_exposed += st.bwd_exposed;
-        r->fwd_expert += st.fwd_expert; r->bwd_expert += st.bwd_expert;
-        r->grad_time += st.grad_sync_time; r->grad_exposed += st.grad_sync_exposed;
+        r->fwd_comm += st.fwd_comm;
+        r->fwd_exposed += st.fwd_exposed;
+        r->bwd_comm += st.bwd_comm;
+        r->bwd_exposed += st.bwd_exposed;
+        r->fwd_expert += st.fwd_expert;
+        r->bwd_expert += st.bwd_expert;
+        r->grad_time += st.grad_sync_time;
+        r->grad_exposed += st.grad_sync_exposed;
         r->slot_b = st.expert_slot;
     }
     scmoe_pair_set_training(p, 0);
@@ -105,8 +117,12 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
     }
     if (s && rank == 0) fprintf(stderr, "bench_overlap: %s: %s\n", v->name, scmoe_last_error(ctx));
     double *f = &r->train;
-    for (size_t i = 0; i < offsetof(result, slot_f) / sizeof(double); i++) f[i] = max_all(f[i]) / steps * 1e3; /* ms per step, slowest rank */
-    free(x); free(y); free(dy); free(dx);
+    for (size_t i = 0; i < offsetof(result, slot_f) / sizeof(double); i++)
+        f[i] = max_all(f[i]) / steps * 1e3; /* ms per step, slowest rank */
+    free(x);
+    free(y);
+    free(dy);
+    free(dx);
     scmoe_pair_destroy(p);
     return s != SCMOE_OK;
 }
@@ -133,15 +149,29 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &nranks);
     scmoe_config cfg = scmoe_config_default();
-    cfg.d_model = 768; cfg.d_hidden = 3072; cfg.n_experts = 8; cfg.n_heads = 12;
-    cfg.capacity_factor = 2.0f; cfg.eval_capacity_factor = 2.0f;
+    cfg.d_model = 768;
+    cfg.d_hidden = 3072;
+    cfg.n_experts = 8;
+    cfg.n_heads = 12;
+    cfg.capacity_factor = 2.0f;
+    cfg.eval_capacity_factor = 2.0f;
     int B = 1, T = 256, steps = 5, chunks = 4;
     const char *archs = "top2,shared,top1,scmoe1,scmoe2,scmoe3,serial2,top2p,scmoe2p";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--help")) { if (rank == 0) usage(); MPI_Finalize(); return 0; }
-        else if (!strcmp(a, "--bf16")) { cfg.wire_bf16 = 1; continue; }
-        if (!v) { if (rank == 0) fprintf(stderr, "bench_overlap: %s needs a value\n", a); MPI_Finalize(); return 2; }
+        if (!strcmp(a, "--help")) {
+            if (rank == 0) usage();
+            MPI_Finalize();
+            return 0;
+        } else if (!strcmp(a, "--bf16")) {
+            cfg.wire_bf16 = 1;
+            continue;
+        }
+        if (!v) {
+            if (rank == 0) fprintf(stderr, "bench_overlap: %s needs a value\n", a);
+            MPI_Finalize();
+            return 2;
+        }
         i++;
         if (!strcmp(a, "--d")) cfg.d_model = atoi(v);
         else if (!strcmp(a, "--hidden")) cfg.d_hidden = atoi(v);
@@ -153,30 +183,44 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--cf")) cfg.capacity_factor = cfg.eval_capacity_factor = (float)atof(v);
         else if (!strcmp(a, "--archs")) archs = v;
         else if (!strcmp(a, "--chunks")) chunks = atoi(v);
-        else if (!strcmp(a, "--precision")) cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
+        else if (!strcmp(a, "--precision"))
+            cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
         else if (!strcmp(a, "--progress"))
-            cfg.progress = !strcmp(v, "thread") ? SCMOE_PROGRESS_THREAD : !strcmp(v, "none") ? SCMOE_PROGRESS_NONE : SCMOE_PROGRESS_POLL;
-        else { if (rank == 0) fprintf(stderr, "bench_overlap: unknown flag %s\n", a); MPI_Finalize(); return 2; }
+            cfg.progress = !strcmp(v, "thread") ? SCMOE_PROGRESS_THREAD
+                           : !strcmp(v, "none") ? SCMOE_PROGRESS_NONE
+                                                : SCMOE_PROGRESS_POLL;
+        else {
+            if (rank == 0) fprintf(stderr, "bench_overlap: unknown flag %s\n", a);
+            MPI_Finalize();
+            return 2;
+        }
     }
     cfg.max_tokens = B * T;
     cfg.max_seq_len = T;
     scmoe_context *ctx;
-    if (scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx)) { fprintf(stderr, "bench_overlap: no context\n"); MPI_Abort(MPI_COMM_WORLD, 1); }
+    if (scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx)) {
+        fprintf(stderr, "bench_overlap: no context\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     const variant all[] = {
-        {"top2", SCMOE_ARCH_TOP2, 2, 1, 0},    {"shared", SCMOE_ARCH_SHARED, 2, 1, 0}, {"top1", SCMOE_ARCH_TOP1, 2, 1, 0},
-        {"scmoe1", SCMOE_ARCH_SCMOE, 1, 1, 0}, {"scmoe2", SCMOE_ARCH_SCMOE, 2, 1, 0}, {"scmoe3", SCMOE_ARCH_SCMOE, 3, 1, 0},
-        {"serial2", SCMOE_ARCH_SCMOE, 2, 0, 0}, {"top2p", SCMOE_ARCH_TOP2, 2, 1, 1}, {"scmoe2p", SCMOE_ARCH_SCMOE, 2, 1, 1},
+        {"top2", SCMOE_ARCH_TOP2, 2, 1, 0},     {"shared", SCMOE_ARCH_SHARED, 2, 1, 0},
+        {"top1", SCMOE_ARCH_TOP1, 2, 1, 0},     {"scmoe1", SCMOE_ARCH_SCMOE, 1, 1, 0},
+        {"scmoe2", SCMOE_ARCH_SCMOE, 2, 1, 0},  {"scmoe3", SCMOE_ARCH_SCMOE, 3, 1, 0},
+        {"serial2", SCMOE_ARCH_SCMOE, 2, 0, 0}, {"top2p", SCMOE_ARCH_TOP2, 2, 1, 1},
+        {"scmoe2p", SCMOE_ARCH_SCMOE, 2, 1, 1},
     };
-    const char *prog = cfg.progress == SCMOE_PROGRESS_THREAD ? "thread" : cfg.progress == SCMOE_PROGRESS_NONE ? "none" : "poll";
+    const char *prog = cfg.progress == SCMOE_PROGRESS_THREAD ? "thread"
+                       : cfg.progress == SCMOE_PROGRESS_NONE ? "none"
+                                                             : "poll";
     if (rank == 0)
         printf("# bench_overlap: %d ranks, d=%d hidden=%d experts=%d heads=%d, %d x %d tokens per rank, progress=%s%s, "
                "%d timed steps (mean, ms, slowest rank), pipelined variants %d chunks\n",
-               nranks, cfg.d_model, cfg.d_hidden, cfg.n_experts, cfg.n_heads, B, T, prog, cfg.wire_bf16 ? ", bf16 wire" : "",
-               steps, chunks);
+               nranks, cfg.d_model, cfg.d_hidden, cfg.n_experts, cfg.n_heads, B, T, prog,
+               cfg.wire_bf16 ? ", bf16 wire" : "", steps, chunks);
     if (rank == 0) {
         bench_print_gemm_info(stdout, ctx);
-        printf("# precision: %s\n", cfg.precision == SCMOE_PRECISION_BF16 ? "bf16 (the table), each variant also run in fp32"
-                                                                          : "fp32");
+        printf("# precision: %s\n",
+               cfg.precision == SCMOE_PRECISION_BF16 ? "bf16 (the table), each variant also run in fp32" : "fp32");
     }
     result res[sizeof all / sizeof *all], base = {0};
     double speedup[sizeof all / sizeof *all] = {0};
@@ -194,24 +238,31 @@ int main(int argc, char **argv) {
             result r32;
             if (!run(ctx, c32, &all[i], B, T, steps, chunks, &r32)) speedup[i] = r32.pair / r->pair;
         }
-        if (!have_base && all[i].arch == SCMOE_ARCH_TOP2 && !all[i].pipelined) { base = *r; have_base = 1; }
+        if (!have_base && all[i].arch == SCMOE_ARCH_TOP2 && !all[i].pipelined) {
+            base = *r;
+            have_base = 1;
+        }
         double ovf = r->fwd_comm > 0 ? 1 - fmin(r->fwd_exposed, r->fwd_comm) / r->fwd_comm : 1;
         double ovb = r->bwd_comm > 0 ? 1 - fmin(r->bwd_exposed, r->bwd_comm) / r->bwd_comm : 1;
         double ovi = r->inf_comm > 0 ? 1 - fmin(r->inf_exposed, r->inf_comm) / r->inf_comm : 1;
         double share = r->fwd_comm / (r->fwd_comm + r->fwd_expert + 1e-12);
         if (rank == 0)
-            printf("%-8s %9.1f %9.1f %7.2f %8.2f %8.2f %9.1f %9.1f %7.1f %9.1f %7.2f %8.2f %8.2f %4d\n", all[i].name, r->train,
-                   r->pair, have_base ? base.train / r->train : 0, ovf, ovb, r->fwd_exposed + r->bwd_exposed, r->grad_exposed,
-                   r->grad_time, r->infer, have_base ? base.infer / r->infer : 0, ovi, share, r->slot_f);
+            printf("%-8s %9.1f %9.1f %7.2f %8.2f %8.2f %9.1f %9.1f %7.1f %9.1f %7.2f %8.2f %8.2f %4d\n", all[i].name,
+                   r->train, r->pair, have_base ? base.train / r->train : 0, ovf, ovb, r->fwd_exposed + r->bwd_exposed,
+                   r->grad_exposed, r->grad_time, r->infer, have_base ? base.infer / r->infer : 0, ovi, share,
+                   r->slot_f);
     }
     for (size_t i = 0; rank == 0 && i < sizeof all / sizeof *all; i++)
         if (speedup[i] > 0) printf("%-8s BF16 SPEEDUP pair f+b bf16/fp32: %.2f\n", all[i].name, speedup[i]);
     if (rank == 0)
-        printf("# train = forward + backward + gradient sync + SGD; pair f+b = forward + backward alone; ovl = hidden / total\n"
-               "# exchange time; exp comm = exposed exchange time per step; grad exp / grad = exposed / total time of the\n"
-               "# dense-gradient all-reduce; comm/MoE = exchange share of the MoE's forward time (exchanges + experts);\n"
-               "# slot = the experts' slot chosen for inference (-1: serialized); top2p / scmoe2p = top2 / scmoe2 with\n"
-               "# token-chunk pipelining (pipeline_chunks).\n");
+        printf(
+            "# train = forward + backward + gradient sync + SGD; pair f+b = forward + backward alone; ovl = hidden / "
+            "total\n"
+            "# exchange time; exp comm = exposed exchange time per step; grad exp / grad = exposed / total time of "
+            "the\n"
+            "# dense-gradient all-reduce; comm/MoE = exchange share of the MoE's forward time (exchanges + experts);\n"
+            "# slot = the experts' slot chosen for inference (-1: serialized); top2p / scmoe2p = top2 / scmoe2 with\n"
+            "# token-chunk pipelining (pipeline_chunks).\n");
     scmoe_context_destroy(ctx);
     MPI_Finalize();
     return 0;

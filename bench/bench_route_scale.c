@@ -95,8 +95,9 @@ static void plan_alloc(plan_mem *m, int64_t S_plan, int64_t S_local, int64_t rec
 
 static void plan_free(plan_mem *m) {
     route_plan *pl = &m->pl;
-    void *ps[] = {pl->cursor, pl->expert_count, pl->expert_kept, pl->send_counts, pl->send_displs, pl->recv_counts,
-                  pl->recv_displs, pl->src_cursor, pl->expert_offsets, pl->slot, pl->recv_to_expert, m->work};
+    void *ps[] = {pl->cursor,         pl->expert_count, pl->expert_kept,    pl->send_counts,
+                  pl->send_displs,    pl->recv_counts,  pl->recv_displs,    pl->src_cursor,
+                  pl->expert_offsets, pl->slot,         pl->recv_to_expert, m->work};
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
 }
 
@@ -136,8 +137,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: bench_route_scale [-n S_LOCAL] [-k TOP_K] [-E EXPERTS] [-c CF] [-r REPS] [-P LIST]\n");
         return 2;
     }
-    printf("# routing per rank per MoE forward: S_local %d tokens, k %d, E %d, CF %g (host times: median of %d)\n", n, k, E,
-           cf, reps);
+    printf("# routing per rank per MoE forward: S_local %d tokens, k %d, E %d, CF %g (host times: median of %d)\n", n,
+           k, E, cf, reps);
     printf("%6s %5s %11s | %14s %12s | %12s %12s\n", "P", "ep", "S", "global bytes", "global ms", "local bytes",
            "local ms");
     double gb[MAX_P], lb[MAX_P], *t = xalloc(sizeof(double) * reps);
@@ -161,7 +162,8 @@ int main(int argc, char **argv) {
         plan_alloc(&g, S, n, (int64_t)ep * n * k, E, ep, k);
         for (int i = 0; i < reps; i++) {
             double t0 = scmoe__now();
-            scmoe__route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_TOKEN, scmoe__route_capacity(S, E, k, cf), 0);
+            scmoe__route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_TOKEN,
+                                    scmoe__route_capacity(S, E, k, cf), 0);
             t[i] = scmoe__now() - t0;
         }
         double gms = 1e3 * median(t, reps);
@@ -173,9 +175,11 @@ int main(int argc, char **argv) {
         int32_t *out = xalloc(sizeof(int32_t) * (size_t)ep * msg), *in = xalloc(sizeof(int32_t) * (size_t)ep * msg);
         for (int i = 0; i < reps; i++) {
             double t0 = scmoe__now();
-            scmoe__route_plan_local_send(&l.pl, l.work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN, scmoe__route_capacity(n, E, k, cf), out);
+            scmoe__route_plan_local_send(&l.pl, l.work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN,
+                                         scmoe__route_capacity(n, E, k, cf), out);
             double t1 = scmoe__now();
-            for (int p = 0; p < ep; p++) memcpy(in + (size_t)p * msg, out, sizeof(int32_t) * msg); /* the network's part */
+            for (int p = 0; p < ep; p++)
+                memcpy(in + (size_t)p * msg, out, sizeof(int32_t) * msg); /* the network's part */
             double t2 = scmoe__now();
             scmoe__route_plan_local_recv(&l.pl, in, ep, 0, El, k, 0);
             t[i] = (t1 - t0) + (scmoe__now() - t2);

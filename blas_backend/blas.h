@@ -12,8 +12,8 @@ struct blas_backend;
  * self is the table the call came through, so a backend with state (a cuBLAS handle and stream)
  * embeds the table as its first member and finds that state from it: no globals. */
 typedef void (*blas_gemm_fn)(const struct blas_backend *self, int trans_a, int trans_b, int M, int N, int K,
-                             float alpha, const float *A, int lda, const float *B, int ldb, float beta,
-                             float *C, int ldc);
+                             float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                             int ldc);
 
 /* The same GEMM in mixed precision: C = alpha op(bf16(A)) op(bf16(B)) + beta C, products and sums in
  * fp32, bf16() rounding to nearest even (kernels/bf16.c). Ab / Bb are the operands already rounded,
@@ -26,7 +26,7 @@ typedef void (*blas_gemm_bf16_fn)(const struct blas_backend *self, int trans_a, 
 typedef struct blas_backend {
     const char *name;
     blas_gemm_fn gemm;
-    int (*max_threads)(void);   /* threads a GEMM may use outside a parallel region */
+    int (*max_threads)(void); /* threads a GEMM may use outside a parallel region */
     blas_gemm_bf16_fn gemm_bf16;
     /* what runs the GEMMs, for people: kernels and instruction sets (static or owned by the table) */
     const char *(*describe)(const struct blas_backend *self);

@@ -62,8 +62,8 @@ static inline float bf16_op_at(const float *X, const uint16_t *Xb, int t, int ld
     return bf16_to_float(Xb ? Xb[o] : bf16_from_float(X[o]));
 }
 
-static void bf16_gemm_naive(int ta, int tb, int M, int N, int K, float alpha, const float *A, const uint16_t *Ab, int lda,
-                  const float *B, const uint16_t *Bb, int ldb, float beta, float *C, int ldc) {
+static void bf16_gemm_naive(int ta, int tb, int M, int N, int K, float alpha, const float *A, const uint16_t *Ab,
+                            int lda, const float *B, const uint16_t *Bb, int ldb, float beta, float *C, int ldc) {
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             float s = 0.0f;
@@ -78,9 +78,9 @@ static void host_gemm(const blas_backend *self, int ta, int tb, int M, int N, in
     scmoe__blas_openblas()->gemm(scmoe__blas_openblas(), ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha,
-                           const float *A, const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb,
-                           float beta, float *C, int ldc) {
+static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                           const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb, float beta,
+                           float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) { /* C = beta C: nothing to round */
         host_gemm(self, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -110,7 +110,8 @@ static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int 
         if (a && b && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, la, b, lb, beta, C, ldc)) return;
     }
 #endif
-    float *a = bf16_grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4), *b = bf16_grow((void **)&sl->b, &sl->nb, (size_t)rb * cb, 4);
+    float *a = bf16_grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4),
+          *b = bf16_grow((void **)&sl->b, &sl->nb, (size_t)rb * cb, 4);
     if (!a || !b) {
         bf16_gemm_naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
         return;
@@ -120,8 +121,8 @@ static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int 
     if (Bb) scmoe__bf16_unpack_rows(b, Bb, rb, cb, ldb);
     else scmoe__bf16_round_rows(b, B, rb, cb, ldb);
 #ifdef SCMOE_WITH_ONEDNN
-    if (h->engine == BLAS_BF16_ONEDNN_F32 && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, ca, b, cb,
-                                                                   beta, C, ldc))
+    if (h->engine == BLAS_BF16_ONEDNN_F32 &&
+        !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, ca, b, cb, beta, C, ldc))
         return;
 #endif
     host_gemm(self, ta, tb, M, N, K, alpha, a, ca, b, cb, beta, C, ldc);
@@ -173,8 +174,10 @@ blas_backend *scmoe__blas_host_create(int engine) {
         return NULL;
     }
     if (h->engine == BLAS_BF16_ROUNDED)
-        snprintf(h->desc, sizeof h->desc, "fp32: openblas %s; bf16: operands rounded to bf16, fp32 openblas GEMM "
-                 "(oneDNN %s has no bf16 matmul here)", scmoe__openblas_core(), scmoe__onednn_isa());
+        snprintf(h->desc, sizeof h->desc,
+                 "fp32: openblas %s; bf16: operands rounded to bf16, fp32 openblas GEMM "
+                 "(oneDNN %s has no bf16 matmul here)",
+                 scmoe__openblas_core(), scmoe__onednn_isa());
     else
         snprintf(h->desc, sizeof h->desc, "fp32: openblas %s; bf16: oneDNN %s matmul %s (isa %s)",
                  scmoe__openblas_core(), h->engine == BLAS_BF16_ONEDNN ? "bf16" : "f32 on rounded operands",
@@ -185,8 +188,10 @@ blas_backend *scmoe__blas_host_create(int engine) {
         return NULL;
     }
     h->engine = BLAS_BF16_ROUNDED;
-    snprintf(h->desc, sizeof h->desc, "fp32: openblas %s; bf16: operands rounded to bf16, fp32 openblas GEMM "
-             "(built without oneDNN)", scmoe__openblas_core());
+    snprintf(h->desc, sizeof h->desc,
+             "fp32: openblas %s; bf16: operands rounded to bf16, fp32 openblas GEMM "
+             "(built without oneDNN)",
+             scmoe__openblas_core());
 #endif
     return &h->base;
 }

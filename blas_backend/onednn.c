@@ -40,7 +40,7 @@ static void onednn_md(dnnl_memory_desc_t *md, int rows, int cols, int ld, int tr
 
 /* The primitive of one shape, or NULL when oneDNN cannot make one; impl (may be NULL) gets its name. */
 static dnnl_primitive_t onednn_make(const scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda,
-                             int ldb, float beta, int ldc, char *impl, size_t len) {
+                                    int ldb, float beta, int ldc, char *impl, size_t len) {
     dnnl_memory_desc_t a, b, c;
     onednn_md(&a, M, K, lda, ta, d->dt);
     onednn_md(&b, K, N, ldb, tb, d->dt);
@@ -107,7 +107,8 @@ scmoe__onednn *scmoe__onednn_create(int bf16, int slots) {
     for (int s = 0; ok && s < slots; s++)
         ok = dnnl_stream_create(&d->streams[s], d->eng, dnnl_stream_default_flags) == dnnl_success;
     /* the probe: can this CPU run matmuls of this type other than by the reference loops? */
-    dnnl_primitive_t probe = ok ? onednn_make(d, 0, 0, 32, 32, 32, 1.0f, 32, 32, 0.0f, 32, d->impl, sizeof d->impl) : NULL;
+    dnnl_primitive_t probe =
+        ok ? onednn_make(d, 0, 0, 32, 32, 32, 1.0f, 32, 32, 0.0f, 32, d->impl, sizeof d->impl) : NULL;
     if (!probe) {
         scmoe__onednn_destroy(d);
         return NULL;
@@ -116,17 +117,16 @@ scmoe__onednn *scmoe__onednn_create(int bf16, int slots) {
     return d;
 }
 
-static onednn_entry *onednn_find(scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda, int ldb, float beta,
-                   int ldc) {
+static onednn_entry *onednn_find(scmoe__onednn *d, int ta, int tb, int M, int N, int K, float alpha, int lda, int ldb,
+                                 float beta, int ldc) {
     onednn_entry key = {ta, tb, M, N, K, lda, ldb, ldc, alpha, beta, NULL, NULL};
     onednn_entry *hit = NULL;
     omp_set_lock(&d->lock);
     {
         for (int i = 0; i < d->n && !hit; i++) {
             onednn_entry *e = d->e[i];
-            if (e->ta == ta && e->tb == tb && e->M == M && e->N == N && e->K == K && e->lda == lda &&
-                e->ldb == ldb && e->ldc == ldc && !memcmp(&e->alpha, &alpha, sizeof alpha) &&
-                !memcmp(&e->beta, &beta, sizeof beta))
+            if (e->ta == ta && e->tb == tb && e->M == M && e->N == N && e->K == K && e->lda == lda && e->ldb == ldb &&
+                e->ldc == ldc && !memcmp(&e->alpha, &alpha, sizeof alpha) && !memcmp(&e->beta, &beta, sizeof beta))
                 hit = e;
         }
         if (!hit && d->n < SCMOE_ONEDNN_CACHE) {

@@ -5,16 +5,15 @@
 #include <omp.h>
 
 static void openblas_gemm(const blas_backend *self, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                          const float *A, int lda, const float *B, int ldb, float beta,
-                          float *C, int ldc) {
+                          const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) { /* BLAS leaves C untouched for K = 0 only when beta = 1: make beta explicit */
         for (int i = 0; i < M; i++)
             for (int j = 0; j < N; j++) C[(long)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(long)i * ldc + j];
         return;
     }
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-                M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha,
+                A, lda, B, ldb, beta, C, ldc);
 }
 
 static int openblas_max_threads(void) { return omp_get_max_threads(); }

@@ -20,14 +20,14 @@
 #include <string.h>
 
 typedef struct cuda_compute {
-    compute_ops base;  /* must stay first: the table the core holds is this struct */
-    cuda_blas *cb;     /* its stream, and its GEMM failures */
-    int *flag;         /* device int for scmoe__has_nonfinite */
+    compute_ops base; /* must stay first: the table the core holds is this struct */
+    cuda_blas *cb;    /* its stream, and its GEMM failures */
+    int *flag;        /* device int for scmoe__has_nonfinite */
     /* prefetches (expert offloading): their stream; ev_compute lets a copy wait for the kernels before
      * it, ev_copy the kernels after prefetch_wait for the copies */
     cudaStream_t copy_stream;
     cudaEvent_t ev_compute, ev_copy;
-    int status;        /* first failure, 0 none */
+    int status; /* first failure, 0 none */
     char err[160];
 } cuda_compute;
 
@@ -136,11 +136,13 @@ static void cuda_gate_topk_op(const compute_ops *co, int *choice, float *weight,
                               int E, int k, int renormalize) {
     note(co, scmoe__cuda_gate_topk(choice, weight, score, p, N, E, k, renormalize, stream_of(co)), "scmoe__gate_topk");
 }
-static void cuda_gate_backward_logits_op(const compute_ops *co, float *dlogits, const float *dweight,
-                                         const int *choice, const float *p, const float *lse, const float *aux_coef,
-                                         float z_coef, int N, int E, int k, int renormalize) {
-    note(co, scmoe__cuda_gate_backward_logits(dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize,
-                                       stream_of(co)), "scmoe__gate_backward_logits");
+static void cuda_gate_backward_logits_op(const compute_ops *co, float *dlogits, const float *dweight, const int *choice,
+                                         const float *p, const float *lse, const float *aux_coef, float z_coef, int N,
+                                         int E, int k, int renormalize) {
+    note(co,
+         scmoe__cuda_gate_backward_logits(dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize,
+                                          stream_of(co)),
+         "scmoe__gate_backward_logits");
 }
 static void cuda_permute_rows_op(const compute_ops *co, float *dst, const float *src, const int *map, int n, int d,
                                  int scatter) {
@@ -155,8 +157,7 @@ static void cuda_decode_rows_op(const compute_ops *co, float *y, float beta, con
     note(co, scmoe__cuda_moe_decode(y, beta, rows, slot, weight, n, k, d, stream_of(co)), "scmoe__decode_rows");
 }
 static void cuda_decode_rows_backward_op(const compute_ops *co, float *grows, float *dweight, const float *dy,
-                                         const float *rows, const int *slot, const float *weight, int n, int k,
-                                         int d) {
+                                         const float *rows, const int *slot, const float *weight, int n, int k, int d) {
     note(co, scmoe__cuda_moe_decode_backward(grows, dweight, dy, rows, slot, weight, n, k, d, stream_of(co)),
          "scmoe__decode_rows_backward");
 }
@@ -167,11 +168,13 @@ static void cuda_layernorm_forward_op(const compute_ops *co, float *out, float *
 static void cuda_layernorm_backward_op(const compute_ops *co, float *dx, float *dw, float *db, const float *dy,
                                        const float *x, const float *w, const float *mean, const float *rstd, int N,
                                        int C) {
-    note(co, scmoe__cuda_layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C, stream_of(co)), "scmoe__layernorm_backward");
+    note(co, scmoe__cuda_layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C, stream_of(co)),
+         "scmoe__layernorm_backward");
 }
 static void cuda_attention_forward_op(const compute_ops *co, const struct exec *ex, float *out, float *att,
                                       const float *qkv, int B, int T, int d, int H, int causal) {
-    note(co, scmoe__cuda_attention_forward(out, att, qkv, B, T, d, H, causal, stream_of(co)), "scmoe__attention_forward");
+    note(co, scmoe__cuda_attention_forward(out, att, qkv, B, T, d, H, causal, stream_of(co)),
+         "scmoe__attention_forward");
 }
 static void cuda_attention_backward_op(const compute_ops *co, const struct exec *ex, float *dqkv, float *datt,
                                        const float *dout, const float *qkv, const float *att, int B, int T, int d,

@@ -29,32 +29,41 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options
     int device = o.device;
     scmoe_cuda_math math = o.math;
     if (ctx->objects > 0)
-        return scmoe__fail(ctx, SCMOE_ERR_STATE, "scmoe_context_use_cuda: %d layer(s) already live on this context; "
-                          "move it to the device before creating any", ctx->objects);
+        return scmoe__fail(ctx, SCMOE_ERR_STATE,
+                           "scmoe_context_use_cuda: %d layer(s) already live on this context; "
+                           "move it to the device before creating any",
+                           ctx->objects);
     if (ctx->compute->device)
         return scmoe__fail(ctx, SCMOE_ERR_STATE, "scmoe_context_use_cuda: the context is on a device already");
     if (math != SCMOE_CUDA_FP32 && math != SCMOE_CUDA_BF16)
-        return scmoe__fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: math = %d: must be SCMOE_CUDA_FP32 or "
-                          "SCMOE_CUDA_BF16", (int)math);
+        return scmoe__fail(ctx, SCMOE_ERR_OPTION,
+                           "scmoe_context_use_cuda: math = %d: must be SCMOE_CUDA_FP32 or "
+                           "SCMOE_CUDA_BF16",
+                           (int)math);
     if (o.cuda_aware_mpi < -1 || o.cuda_aware_mpi > 1)
-        return scmoe__fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: cuda_aware_mpi = %d: must be -1 (ask "
-                          "MPI), 0 or 1", o.cuda_aware_mpi);
+        return scmoe__fail(ctx, SCMOE_ERR_OPTION,
+                           "scmoe_context_use_cuda: cuda_aware_mpi = %d: must be -1 (ask "
+                           "MPI), 0 or 1",
+                           o.cuda_aware_mpi);
     if (o.offload_experts < 0)
-        return scmoe__fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: offload_experts = %d: must be >= 0 "
-                          "(0: off)", o.offload_experts);
+        return scmoe__fail(ctx, SCMOE_ERR_OPTION,
+                           "scmoe_context_use_cuda: offload_experts = %d: must be >= 0 "
+                           "(0: off)",
+                           o.offload_experts);
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || device < 0 || device >= count)
         return scmoe__fail(ctx, SCMOE_ERR_UNSUPPORTED, "scmoe_context_use_cuda: no CUDA device %d (%d visible%s%s)",
-                          device, e == cudaSuccess ? count : 0, e == cudaSuccess ? "" : ": ",
-                          e == cudaSuccess ? "" : cudaGetErrorString(e));
+                           device, e == cudaSuccess ? count : 0, e == cudaSuccess ? "" : ": ",
+                           e == cudaSuccess ? "" : cudaGetErrorString(e));
     e = cudaSetDevice(device);
     if (e != cudaSuccess)
         return scmoe__fail(ctx, SCMOE_ERR_UNSUPPORTED, "cudaSetDevice(%d) failed: %s", device, cudaGetErrorString(e));
     cuda_backend *b = calloc(1, sizeof *b);
     if (!b) return scmoe__fail(ctx, SCMOE_ERR_NOMEM, "scmoe_context_use_cuda: out of memory");
     char err[160];
-    scmoe_status s = scmoe__cuda_blas_create(&b->cb, NULL, math == SCMOE_CUDA_BF16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err);
+    scmoe_status s =
+        scmoe__cuda_blas_create(&b->cb, NULL, math == SCMOE_CUDA_BF16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err);
     /* auto: ask OpenMPI, where there are exchanges at all (one rank exchanges nothing) */
     int aware = o.cuda_aware_mpi >= 0 ? o.cuda_aware_mpi : ctx->world->size > 1 && scmoe__cuda_mpi_cuda_aware();
     if (!s) s = scmoe__cuda_compute_create(&b->co, b->cb, aware, err);

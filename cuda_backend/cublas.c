@@ -20,7 +20,7 @@
 static int cuda_blas_max_threads(void) { return 1; } /* host threads a GEMM may use: it runs on the device */
 
 int scmoe__cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
-                          cuda_gemm_colmajor *out) {
+                                 cuda_gemm_colmajor *out) {
     if (!out) return CUDA_GEMM_BAD;
     if (M <= 0 || N <= 0) return CUDA_GEMM_NOTHING;
     if (ldc < N) return CUDA_GEMM_BAD;
@@ -75,8 +75,9 @@ static void table_gemm_bf16(const blas_backend *self, int trans_a, int trans_b, 
 }
 
 static const char *table_describe(const blas_backend *self) {
-    return ((const cuda_blas *)self)->math == CUDA_MATH_BF16 ? "cublas (CUBLAS_COMPUTE_32F_FAST_16BF)"
-                                                             : "cublas (fp32; bf16 precision: CUBLAS_COMPUTE_32F_FAST_16BF)";
+    return ((const cuda_blas *)self)->math == CUDA_MATH_BF16
+               ? "cublas (CUBLAS_COMPUTE_32F_FAST_16BF)"
+               : "cublas (fp32; bf16 precision: CUBLAS_COMPUTE_32F_FAST_16BF)";
 }
 
 scmoe_status scmoe__cuda_blas_create(cuda_blas **out, cudaStream_t stream, int math, char *err) {
@@ -147,9 +148,8 @@ const blas_backend *scmoe__cuda_blas_table(cuda_blas *cb) { return cb ? &cb->bas
 
 /* The checks and the K = 0 case shared by both GEMMs: returns 1 when a cuBLAS call must follow, else
  * 0 with *code = 0 (nothing left to do) or the failure (also recorded on cb). */
-static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b, int M, int N, int K, int lda,
-                        int ldb, float beta, const void *A, const void *B, float *C, int ldc, cuda_gemm_colmajor *g,
-                        int *code) {
+static int gemm_prepare(cuda_blas *cb, const char *who, int trans_a, int trans_b, int M, int N, int K, int lda, int ldb,
+                        float beta, const void *A, const void *B, float *C, int ldc, cuda_gemm_colmajor *g, int *code) {
     *code = 0;
     int r = scmoe__cuda_gemm_to_colmajor(trans_a, trans_b, M, N, K, lda, ldb, ldc, g);
     if (r == CUDA_GEMM_NOTHING) return 0;
@@ -177,7 +177,8 @@ static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, 
                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     cuda_gemm_colmajor g;
     int code;
-    if (!cb || !gemm_prepare(cb, "scmoe__cuda_blas_gemm", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
+    if (!cb ||
+        !gemm_prepare(cb, "scmoe__cuda_blas_gemm", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
         return;
     cublasStatus_t s;
     if (math == CUDA_MATH_BF16)
@@ -192,20 +193,21 @@ static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, 
 }
 
 void scmoe__cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-                    int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+                           int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     gemm_math(cb, cb ? cb->math : CUDA_MATH_FP32, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                        const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc) {
+                               const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc) {
     if (!cb) return CUBLAS_STATUS_NOT_INITIALIZED;
     cuda_gemm_colmajor g;
     int code;
-    if (!gemm_prepare(cb, "scmoe__cuda_blas_gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g, &code))
+    if (!gemm_prepare(cb, "scmoe__cuda_blas_gemm_bf16", trans_a, trans_b, M, N, K, lda, ldb, beta, A, B, C, ldc, &g,
+                      &code))
         return code;
     cublasStatus_t s = cublasGemmEx(cb->handle, op(g.trans_first), op(g.trans_second), g.m, g.n, g.k, &alpha, B,
-                                    CUDA_R_16BF, g.ld_first, A, CUDA_R_16BF, g.ld_second, &beta, C, CUDA_R_32F,
-                                    g.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                                    CUDA_R_16BF, g.ld_first, A, CUDA_R_16BF, g.ld_second, &beta, C, CUDA_R_32F, g.ldc,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (s != CUBLAS_STATUS_SUCCESS) {
         fail(cb, (int)s, "scmoe__cuda_blas_gemm_bf16: %s (M %d N %d K %d)", cublasGetStatusString(s), M, N, K);
         return (int)s;
@@ -214,13 +216,13 @@ int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, i
 }
 
 void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
-                            int n, int lda, int ldb, float beta, int ldc) {
+                                   int n, int lda, int ldb, float beta, int ldc) {
     if (!cb) return;
     if (n > 0 && !items) {
         fail(cb, CUBLAS_STATUS_INVALID_VALUE, "scmoe__cuda_blas_gemm_grouped: items is NULL with n = %d", n);
         return;
     }
     for (int i = 0; i < n; i++)
-        scmoe__cuda_blas_gemm(cb, trans_a, trans_b, items[i].M, items[i].N, items[i].K, alpha, items[i].A, lda, items[i].B,
-                       ldb, beta, items[i].C, ldc);
+        scmoe__cuda_blas_gemm(cb, trans_a, trans_b, items[i].M, items[i].N, items[i].K, alpha, items[i].A, lda,
+                              items[i].B, ldb, beta, items[i].C, ldc);
 }

@@ -41,13 +41,13 @@ enum {
  * blas_backend * (name "cublas", max_threads 1), and its gemm, called with that table as self,
  * finds the handle and stream from it: scmoe__exec_gemm reaches cuBLAS like OpenBLAS, on device pointers. */
 typedef struct cuda_blas {
-    blas_backend base;            /* must stay first */
+    blas_backend base; /* must stay first */
     struct cublasContext *handle;
-    cudaStream_t stream;          /* every GEMM is enqueued here */
-    int owns_stream;              /* created by scmoe__cuda_blas_create (destroyed with it) */
-    int math;                     /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for scmoe__cuda_blas_gemm */
-    int status;                   /* first failure of a void GEMM call, sticky: 0 none */
-    char err[160];                /* and its sentence */
+    cudaStream_t stream; /* every GEMM is enqueued here */
+    int owns_stream;     /* created by scmoe__cuda_blas_create (destroyed with it) */
+    int math;            /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for scmoe__cuda_blas_gemm */
+    int status;          /* first failure of a void GEMM call, sticky: 0 none */
+    char err[160];       /* and its sentence */
 } cuda_blas;
 
 /* Creates the backend on stream (NULL: a new non-blocking stream it owns). Fails with
@@ -63,12 +63,12 @@ const blas_backend *scmoe__cuda_blas_table(cuda_blas *cb);
  * <= 0; C = beta C (0 when beta == 0, even over NaN) when K <= 0. Void like blas_gemm_fn: a failure
  * is recorded in cb->status / cb->err (the first one; cuda_blas_clear_status resets it). */
 void scmoe__cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
-                    int lda, const float *B, int ldb, float beta, float *C, int ldc);
+                           int lda, const float *B, int ldb, float beta, float *C, int ldc);
 /* The same GEMM with bf16 A and B (uint16_t bit patterns, as scmoe__bf16_pack / scmoe__cuda_bf16_pack make them),
  * fp32 C, fp32 accumulate (cublasGemmEx, CUDA_R_16BF). Returns 0, or the failure's code (a
  * cublasStatus_t, or a cudaError_t from the K = 0 scaling), which is also recorded on cb. */
 int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                        const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc);
+                               const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc);
 
 /* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. */
 typedef struct cuda_gemm_item {
@@ -82,10 +82,13 @@ typedef struct cuda_gemm_item {
  * The forms with per-item sizes (cublasSgemmGroupedBatched) would need a device pointer array per
  * call; a loop of cublasSgemm on one stream keeps the GPU busy once rows_i is a few hundred. */
 void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
-                            int n, int lda, int ldb, float beta, int ldc);
+                                   int n, int lda, int ldb, float beta, int ldc);
 
 static inline int cuda_blas_get_status(const cuda_blas *cb) { return cb->status; }
-static inline void cuda_blas_clear_status(cuda_blas *cb) { cb->status = 0; cb->err[0] = '\0'; }
+static inline void cuda_blas_clear_status(cuda_blas *cb) {
+    cb->status = 0;
+    cb->err[0] = '\0';
+}
 
 /* The column-major call a row-major GEMM becomes (pure host logic, unit-tested without a GPU):
  * cublasSgemm(opB, opA, m = N, n = M, k = K, B, ldb, A, lda, C, ldc). Returns CUDA_GEMM_RUN,
@@ -93,30 +96,30 @@ static inline void cuda_blas_clear_status(cuda_blas *cb) { cb->status = 0; cb->e
  * (a leading dimension too small for its row-major shape, or a NULL table). */
 enum { CUDA_GEMM_RUN = 0, CUDA_GEMM_NOTHING = 1, CUDA_GEMM_SCALE = 2, CUDA_GEMM_BAD = -1 };
 typedef struct cuda_gemm_colmajor {
-    int trans_first, trans_second;   /* ops of the first (B) and second (A) operand */
+    int trans_first, trans_second; /* ops of the first (B) and second (A) operand */
     int m, n, k;
     int ld_first, ld_second, ldc;
 } cuda_gemm_colmajor;
 int scmoe__cuda_gemm_to_colmajor(int trans_a, int trans_b, int M, int N, int K, int lda, int ldb, int ldc,
-                          cuda_gemm_colmajor *out);
+                                 cuda_gemm_colmajor *out);
 
 /* ====================================================================================== kernels */
 /* Semantics are those of the CPU function named in brackets. */
 
 /* [scmoe__layernorm_forward] out, mean [N], rstd [N]; eps 1e-5 */
 cudaError_t scmoe__cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
-                                   const float *b, int N, int C, cudaStream_t s);
+                                          const float *b, int N, int C, cudaStream_t s);
 /* [scmoe__layernorm_backward] dx +=, dw +=, db += (column sums in a fixed order: deterministic) */
 cudaError_t scmoe__cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                                    const float *w, const float *mean, const float *rstd, int N, int C,
-                                    cudaStream_t s);
+                                           const float *w, const float *mean, const float *rstd, int N, int C,
+                                           cudaStream_t s);
 
 /* [scmoe__activation_forward / scmoe__activation_backward] act: SCMOE_GELU (tanh form) or SCMOE_SWIGLU;
  * pre [N, scmoe__ffn_width(h)], hid / dhid [N, h] */
 cudaError_t scmoe__cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
-                                    cudaStream_t s);
+                                           cudaStream_t s);
 cudaError_t scmoe__cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
-                                     scmoe_activation act, cudaStream_t s);
+                                            scmoe_activation act, cudaStream_t s);
 
 /* [ffn.c scmoe__broadcast_rows] out[i, :] = b for every row; [scmoe__sum_rows] acc[c] += sum_i x[i, c] (deterministic) */
 cudaError_t scmoe__cuda_broadcast_rows(float *out, const float *b, int N, int C, cudaStream_t s);
@@ -125,35 +128,35 @@ cudaError_t scmoe__cuda_sum_rows(float *acc, const float *x, int N, int C, cudaS
 /* [scmoe__gate_forward after its GEMM] logits [N, E] in (noise added in place when noise_std > 0), p [N, E],
  * lse [N]: the same counter-based noise, so a token gets the same noise on the CPU and the GPU */
 cudaError_t scmoe__cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
-                              uint64_t step, int64_t token_offset, cudaStream_t s);
+                                     uint64_t step, int64_t token_offset, cudaStream_t s);
 /* [scmoe__gate_topk] choice [N, k], weight [N, k], score [N]; ties go to the lower expert index */
 cudaError_t scmoe__cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
-                           int renormalize, cudaStream_t s);
+                                  int renormalize, cudaStream_t s);
 /* [scmoe__gate_backward before its GEMMs] dlogits [N, E] = dL/dlogits (aux_coef [E] may be NULL) */
 cudaError_t scmoe__cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
-                                      const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
-                                      int renormalize, cudaStream_t s);
+                                             const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
+                                             int renormalize, cudaStream_t s);
 
 /* [moe.c scmoe__permute_rows] scatter: dst[map[r]] = src[r]; gather: dst[r] = src[map[r]]; rows of d floats */
 cudaError_t scmoe__cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
-                              cudaStream_t s);
+                                     cudaStream_t s);
 /* [scmoe__moe_gate_encode's pack] send[slot[t, j]] = x[t] for every kept slot (slot >= 0) */
 cudaError_t scmoe__cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d, cudaStream_t s);
 /* [scmoe__moe_decode] y[t] = beta y[t] + sum_j weight[t, j] rows[slot[t, j]] over kept slots (beta == 0
  * overwrites, even NaN). weight NULL: every weight 1, which is scmoe__moe_gate_backward's dx accumulation. */
 cudaError_t scmoe__cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight, int n,
-                            int k, int d, cudaStream_t s);
+                                   int k, int d, cudaStream_t s);
 /* [scmoe__moe_decode_backward] grows[slot] = weight * dy[t], dweight[t, j] = dy[t] . rows[slot] (0 if dropped) */
 cudaError_t scmoe__cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
-                                     const int *slot, const float *weight, int n, int k, int d, cudaStream_t s);
+                                            const int *slot, const float *weight, int n, int k, int d, cudaStream_t s);
 
 /* [scmoe__attention_forward / scmoe__attention_backward] qkv [B*T, 3d], out [B*T, d], att / datt [B, H, T, T];
  * dqkv overwritten. One block per (batch, head, query row), softmax fused; att is what the CPU
  * keeps (masked entries 0). */
-cudaError_t scmoe__cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H, int causal,
-                                   cudaStream_t s);
-cudaError_t scmoe__cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv, const float *att,
-                                    int B, int T, int d, int H, int causal, cudaStream_t s);
+cudaError_t scmoe__cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H,
+                                          int causal, cudaStream_t s);
+cudaError_t scmoe__cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
+                                           const float *att, int B, int T, int d, int H, int causal, cudaStream_t s);
 
 /* [scmoe__bf16_pack / scmoe__bf16_unpack] round to nearest even (NaN stays a quiet NaN); unpack is exact */
 cudaError_t scmoe__cuda_bf16_pack(uint16_t *dst, const float *src, size_t n, cudaStream_t s);
@@ -169,9 +172,9 @@ cudaError_t scmoe__cuda_add_bias_rows(float *x, const float *b, int N, int C, cu
 /* [combine.c] y = a + c s, c = sigmoid(w_cg . m) per row (wcg NULL: 1), cgate [n] = c; backward
  * ds = c dy, dz = (dy . s) c (1 - c); out[i, j] += u[i] v[j] */
 cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
-                                    const float *wcg, int n, int d, cudaStream_t st);
-cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
-                                     int d, cudaStream_t st);
+                                           const float *wcg, int n, int d, cudaStream_t st);
+cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate,
+                                            int n, int d, cudaStream_t st);
 cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
 /* bytes of p = 0, for any memory the device can reach (cudaMemsetAsync is for device memory; this also
  * zeroes mapped host memory: the gradient staging area) */
@@ -201,7 +204,7 @@ int scmoe__cuda_mpi_cuda_aware(void);
  * returns cudaErrorMemoryAllocation when out of memory). event_query returns 0 (complete), 1 (not
  * yet) or minus the error. kind: 0 device -> host, 1 host -> device. */
 typedef struct cuda_stage_ops {
-    int (*host_alloc)(void **p, size_t bytes);          /* pinned host memory */
+    int (*host_alloc)(void **p, size_t bytes); /* pinned host memory */
     void (*host_free)(void *p);
     int (*stream_create)(void **stream);
     void (*stream_destroy)(void *stream);
@@ -218,39 +221,39 @@ typedef struct cuda_stage_ops {
 const cuda_stage_ops *scmoe__cuda_stage_runtime_ops(void);
 
 enum {
-    CUDA_STAGE_IDLE = 0,   /* nothing in flight (or the last exchange finished and was collected) */
-    CUDA_STAGE_TO_HOST,    /* send rows being copied device -> pinned host (or, CUDA-aware: the
+    CUDA_STAGE_IDLE = 0,  /* nothing in flight (or the last exchange finished and was collected) */
+    CUDA_STAGE_TO_HOST,   /* send rows being copied device -> pinned host (or, CUDA-aware: the
                               producer's event not yet complete) */
-    CUDA_STAGE_EXCHANGE,   /* the comm's alltoallv in flight */
-    CUDA_STAGE_TO_DEVICE,  /* received rows being copied pinned host -> device (enqueued: a stream
+    CUDA_STAGE_EXCHANGE,  /* the comm's alltoallv in flight */
+    CUDA_STAGE_TO_DEVICE, /* received rows being copied pinned host -> device (enqueued: a stream
                               that waits on ev_to_device sees them; CUDA-aware: skipped) */
-    CUDA_STAGE_DONE        /* the received rows are on the device (the copy has completed) */
+    CUDA_STAGE_DONE       /* the received rows are on the device (the copy has completed) */
 };
 
 /* One exchange's staging: pinned buffers, a copy stream and its events, sized once at create. */
 typedef struct cuda_stage {
     const cuda_stage_ops *ops;
-    int cuda_aware;                  /* exchange device pointers directly: no copies */
-    size_t cap_send, cap_recv;       /* bytes of the pinned buffers */
-    void *h_send, *h_recv;           /* pinned host buffers (NULL when cuda_aware) */
-    void *copy_stream;               /* cudaStream_t */
-    void *ev_ready, *ev_to_host, *ev_to_device;   /* cudaEvent_t */
+    int cuda_aware;                             /* exchange device pointers directly: no copies */
+    size_t cap_send, cap_recv;                  /* bytes of the pinned buffers */
+    void *h_send, *h_recv;                      /* pinned host buffers (NULL when cuda_aware) */
+    void *copy_stream;                          /* cudaStream_t */
+    void *ev_ready, *ev_to_host, *ev_to_device; /* cudaEvent_t */
     int state;
     /* the exchange in flight */
     comm *c;
     const char *d_send;
     char *d_recv;
-    const int *scounts, *sdispls, *rcounts, *rdispls;   /* host, kept by the caller until DONE */
+    const int *scounts, *sdispls, *rcounts, *rdispls; /* host, kept by the caller until DONE */
     int elem_bytes, req;
-    size_t send_lo, send_bytes, recv_lo, recv_bytes;    /* the byte spans the counts touch */
-    int polls;                       /* progress calls since begin (for tests and traces) */
+    size_t send_lo, send_bytes, recv_lo, recv_bytes; /* the byte spans the counts touch */
+    int polls;                                       /* progress calls since begin (for tests and traces) */
     char err[256];
 } cuda_stage;
 
 /* Creates staging for exchanges of at most send_bytes out and recv_bytes in. ops NULL: the CUDA
  * runtime's. cuda_aware: scmoe__cuda_mpi_cuda_aware() or the caller's own knowledge. */
 scmoe_status scmoe__cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
-                               const cuda_stage_ops *ops);
+                                      const cuda_stage_ops *ops);
 void scmoe__cuda_stage_destroy(cuda_stage *st);
 
 /* Starts an alltoallv of device rows (comm.h's counts and displacements, in elements of elem_bytes,
@@ -260,9 +263,9 @@ void scmoe__cuda_stage_destroy(cuda_stage *st);
  * so nothing waits for the device as a whole. Returns SCMOE_ERR_STATE when one is already in
  * flight, SCMOE_ERR_OPTION when a count does not fit the buffers, SCMOE_ERR_UNSUPPORTED when a
  * device call fails. */
-scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
-                              void *d_recv, const int *rcounts, const int *rdispls, int elem_bytes,
-                              cudaStream_t producer);
+scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts,
+                                     const int *sdispls, void *d_recv, const int *rcounts, const int *rdispls,
+                                     int elem_bytes, cudaStream_t producer);
 /* Moves the exchange along without blocking: starts it once the send copy's event has completed,
  * tests it (letting the comm progress), enqueues the host -> device copy once it has arrived.
  * *done = 1 from then on (state TO_DEVICE or DONE): the rows can be consumed in stream order, after

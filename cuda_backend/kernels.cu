@@ -21,16 +21,16 @@
 #else
 #include <cuda_runtime.h>
 #define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<grid, block, shmem, stream>>>(__VA_ARGS__)
-#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define DYNAMIC_SHARED(type, name)                      extern __shared__ type name[]
 #endif
 
-#ifdef SCMOE_CUDA_EMU          /* the emulation runs a block on real threads: smaller blocks, same code paths */
+#ifdef SCMOE_CUDA_EMU /* the emulation runs a block on real threads: smaller blocks, same code paths */
 #define THREADS 64
 #else
-#define THREADS 256           /* a multiple of 32: block_sum / block_max assume whole warps */
+#define THREADS 256 /* a multiple of 32: block_sum / block_max assume whole warps */
 #endif
-#define MAX_GRID (1L << 20)   /* grid-stride loops past this many blocks */
-#define GELU_S 0.7978845608028654f
+#define MAX_GRID (1L << 20) /* grid-stride loops past this many blocks */
+#define GELU_S   0.7978845608028654f
 
 /* ------------------------------------------------------------------------------ helpers */
 
@@ -69,7 +69,10 @@ static int threads_for(int n) {
     return t < 32 ? 32 : (t > THREADS ? THREADS : t);
 }
 
-#define CHECK_ARGS(cond) do { if (!(cond)) return cudaErrorInvalidValue; } while (0)
+#define CHECK_ARGS(cond)                                                                                               \
+    do {                                                                                                               \
+        if (!(cond)) return cudaErrorInvalidValue;                                                                     \
+    } while (0)
 
 /* ---------------------------------------------------------------------------- layernorm */
 
@@ -82,12 +85,18 @@ __global__ static void k_layernorm_forward(float *out, float *mean, float *rstd,
         for (int c = threadIdx.x; c < C; c += blockDim.x) s += xi[c];
         float m = block_sum(s, sh) / C;
         float v = 0.0f;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) { float t = xi[c] - m; v += t * t; }
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            float t = xi[c] - m;
+            v += t * t;
+        }
         v = block_sum(v, sh) / C;
         float r = 1.0f / sqrtf(v + 1e-5f);
         float *oi = out + i * C;
         for (int c = threadIdx.x; c < C; c += blockDim.x) oi[c] = (xi[c] - m) * r * w[c] + b[c];
-        if (threadIdx.x == 0) { mean[i] = m; rstd[i] = r; }
+        if (threadIdx.x == 0) {
+            mean[i] = m;
+            rstd[i] = r;
+        }
     }
 }
 
@@ -116,7 +125,10 @@ __global__ static void k_layernorm_backward_dx(float *dx, const float *dy, const
  * over RY thread rows (threadIdx.y, fixed stride), then adds the RY partials in order. With
  * ln != NULL it sums the two LayerNorm parameter gradients, else plain columns of x. */
 #define RY 16
-struct colsum_ln { const float *x, *mean, *rstd; float *dw; };
+struct colsum_ln {
+    const float *x, *mean, *rstd;
+    float *dw;
+};
 
 __global__ static void k_column_sums(float *acc, const float *v, int N, int C, colsum_ln ln) {
     __shared__ float s1[RY][33], s2[RY][33];
@@ -133,14 +145,17 @@ __global__ static void k_column_sums(float *acc, const float *v, int N, int C, c
     __syncthreads();
     if (threadIdx.y == 0 && c < C) {
         float ta = 0.0f, tb = 0.0f;
-        for (int y = 0; y < RY; y++) { ta += s1[y][threadIdx.x]; tb += s2[y][threadIdx.x]; }
+        for (int y = 0; y < RY; y++) {
+            ta += s1[y][threadIdx.x];
+            tb += s2[y][threadIdx.x];
+        }
         if (ln.dw) ln.dw[c] += ta;
         acc[c] += tb;
     }
 }
 
-extern "C" cudaError_t scmoe__cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
-                                              const float *b, int N, int C, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x,
+                                                     const float *w, const float *b, int N, int C, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
     if (N == 0 || C == 0) return cudaSuccess;
     CHECK_ARGS(out && mean && rstd && x && w && b);
@@ -149,8 +164,8 @@ extern "C" cudaError_t scmoe__cuda_layernorm_forward(float *out, float *mean, fl
 }
 
 extern "C" cudaError_t scmoe__cuda_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                                               const float *w, const float *mean, const float *rstd, int N, int C,
-                                               cudaStream_t s) {
+                                                      const float *w, const float *mean, const float *rstd, int N,
+                                                      int C, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && C >= 0);
     if (N == 0 || C == 0) return cudaSuccess;
     CHECK_ARGS(dx && dw && db && dy && x && w && mean && rstd);
@@ -195,7 +210,7 @@ __global__ static void k_activation_backward(float *dpre, const float *dhid, con
 }
 
 extern "C" cudaError_t scmoe__cuda_activation_forward(float *hid, const float *pre, int N, int h, scmoe_activation act,
-                                               cudaStream_t s) {
+                                                      cudaStream_t s) {
     CHECK_ARGS(N >= 0 && h >= 0 && (act == SCMOE_GELU || act == SCMOE_SWIGLU));
     long total = (long)N * h;
     if (total == 0) return cudaSuccess;
@@ -205,7 +220,7 @@ extern "C" cudaError_t scmoe__cuda_activation_forward(float *hid, const float *p
 }
 
 extern "C" cudaError_t scmoe__cuda_activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h,
-                                                scmoe_activation act, cudaStream_t s) {
+                                                       scmoe_activation act, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && h >= 0 && (act == SCMOE_GELU || act == SCMOE_SWIGLU));
     long total = (long)N * h;
     if (total == 0) return cudaSuccess;
@@ -240,8 +255,8 @@ extern "C" cudaError_t scmoe__cuda_sum_rows(float *acc, const float *x, int N, i
 /* -------------------------------------------------------------------------------- gate */
 
 /* one thread per token: E is small, and the row functions are the CPU's own (kernels/gate_row.h) */
-__global__ static void k_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
-                                      uint64_t seed, uint64_t step, int64_t token_offset) {
+__global__ static void k_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
+                                      uint64_t step, int64_t token_offset) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x)
         gate_softmax_row(logits + i * E, p + i * E, lse + i, E, noise_std, seed, step, token_offset + i);
 }
@@ -252,9 +267,9 @@ __global__ static void k_gate_topk(int *choice, float *weight, float *score, con
         gate_topk_row(choice + i * k, weight + i * k, score + i, p + i * E, E, k, renormalize);
 }
 
-__global__ static void k_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,
-                                              const float *p, const float *lse, const float *aux_coef, float z_coef,
-                                              int N, int E, int k, int renormalize) {
+__global__ static void k_gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
+                                              const float *lse, const float *aux_coef, float z_coef, int N, int E,
+                                              int k, int renormalize) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += (long)gridDim.x * blockDim.x) {
         const float *pi = p + i * E, *dw = dweight + i * k;
         const int *c = choice + i * k;
@@ -262,7 +277,10 @@ __global__ static void k_gate_backward_logits(float *dlogits, const float *dweig
         for (int e = 0; e < E; e++) dl[e] = aux_coef ? aux_coef[e] : 0.0f;
         if (k > 1 && renormalize) {
             float s = 0.0f, dot = 0.0f;
-            for (int j = 0; j < k; j++) { s += pi[c[j]]; dot += dw[j] * pi[c[j]]; }
+            for (int j = 0; j < k; j++) {
+                s += pi[c[j]];
+                dot += dw[j] * pi[c[j]];
+            }
             int clamped = s <= FLT_EPSILON;
             s = clamped ? FLT_EPSILON : s;
             for (int j = 0; j < k; j++) dl[c[j]] += dw[j] / s - (clamped ? 0.0f : dot / (s * s));
@@ -276,7 +294,7 @@ __global__ static void k_gate_backward_logits(float *dlogits, const float *dweig
 }
 
 extern "C" cudaError_t scmoe__cuda_gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std,
-                                         uint64_t seed, uint64_t step, int64_t token_offset, cudaStream_t s) {
+                                                uint64_t seed, uint64_t step, int64_t token_offset, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && E >= 1);
     if (N == 0) return cudaSuccess;
     CHECK_ARGS(logits && p && lse);
@@ -284,8 +302,8 @@ extern "C" cudaError_t scmoe__cuda_gate_softmax(float *logits, float *p, float *
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t scmoe__cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k,
-                                      int renormalize, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E,
+                                             int k, int renormalize, cudaStream_t s) {
     CHECK_ARGS(N >= 0 && E >= 1 && k >= 1 && k <= E);
     if (N == 0) return cudaSuccess;
     CHECK_ARGS(choice && weight && score && p);
@@ -294,13 +312,14 @@ extern "C" cudaError_t scmoe__cuda_gate_topk(int *choice, float *weight, float *
 }
 
 extern "C" cudaError_t scmoe__cuda_gate_backward_logits(float *dlogits, const float *dweight, const int *choice,
-                                                 const float *p, const float *lse, const float *aux_coef,
-                                                 float z_coef, int N, int E, int k, int renormalize, cudaStream_t s) {
+                                                        const float *p, const float *lse, const float *aux_coef,
+                                                        float z_coef, int N, int E, int k, int renormalize,
+                                                        cudaStream_t s) {
     CHECK_ARGS(N >= 0 && E >= 1 && k >= 1 && k <= E);
     if (N == 0) return cudaSuccess;
     CHECK_ARGS(dlogits && dweight && choice && p && lse);
-    LAUNCH(k_gate_backward_logits, grid_for(N, 128), 128, 0, s, dlogits, dweight, choice, p, lse, aux_coef, z_coef,
-           N, E, k, renormalize);
+    LAUNCH(k_gate_backward_logits, grid_for(N, 128), 128, 0, s, dlogits, dweight, choice, p, lse, aux_coef, z_coef, N,
+           E, k, renormalize);
     return cudaGetLastError();
 }
 
@@ -357,7 +376,10 @@ __global__ static void k_moe_decode_backward(float *grows, float *dweight, const
             }
             const float *r = rows + (long)sl * d;
             float *g = grows + (long)sl * d, w = weight[a], dot = 0.0f;
-            for (int c = threadIdx.x; c < d; c += blockDim.x) { dot += dyt[c] * r[c]; g[c] = w * dyt[c]; }
+            for (int c = threadIdx.x; c < d; c += blockDim.x) {
+                dot += dyt[c] * r[c];
+                g[c] = w * dyt[c];
+            }
             dot = block_sum(dot, sh);
             if (threadIdx.x == 0) dweight[a] = dot;
         }
@@ -365,7 +387,7 @@ __global__ static void k_moe_decode_backward(float *grows, float *dweight, const
 }
 
 extern "C" cudaError_t scmoe__cuda_permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter,
-                                         cudaStream_t s) {
+                                                cudaStream_t s) {
     CHECK_ARGS(n >= 0 && d >= 0);
     if (n == 0 || d == 0) return cudaSuccess;
     CHECK_ARGS(dst && src && map && dst != src);
@@ -374,7 +396,7 @@ extern "C" cudaError_t scmoe__cuda_permute_rows(float *dst, const float *src, co
 }
 
 extern "C" cudaError_t scmoe__cuda_moe_pack(float *send, const float *x, const int *slot, int n, int k, int d,
-                                     cudaStream_t s) {
+                                            cudaStream_t s) {
     CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
     if (n == 0 || d == 0) return cudaSuccess;
     CHECK_ARGS(send && x && slot);
@@ -382,8 +404,8 @@ extern "C" cudaError_t scmoe__cuda_moe_pack(float *send, const float *x, const i
     return cudaGetLastError();
 }
 
-extern "C" cudaError_t scmoe__cuda_moe_decode(float *y, float beta, const float *rows, const int *slot, const float *weight,
-                                       int n, int k, int d, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_moe_decode(float *y, float beta, const float *rows, const int *slot,
+                                              const float *weight, int n, int k, int d, cudaStream_t s) {
     CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
     if (n == 0 || d == 0) return cudaSuccess;
     CHECK_ARGS(y && rows && slot);
@@ -392,8 +414,8 @@ extern "C" cudaError_t scmoe__cuda_moe_decode(float *y, float beta, const float 
 }
 
 extern "C" cudaError_t scmoe__cuda_moe_decode_backward(float *grows, float *dweight, const float *dy, const float *rows,
-                                                const int *slot, const float *weight, int n, int k, int d,
-                                                cudaStream_t s) {
+                                                       const int *slot, const float *weight, int n, int k, int d,
+                                                       cudaStream_t s) {
     CHECK_ARGS(n >= 0 && k >= 1 && d >= 0);
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(grows && dweight && dy && rows && slot && weight);
@@ -432,7 +454,11 @@ __global__ static void k_attention_forward(float *out, float *att, const float *
         }
         mx = block_max(mx, sh);
         float sum = 0.0f;
-        for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(P[j] - mx); P[j] = e; sum += e; }
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            float e = expf(P[j] - mx);
+            P[j] = e;
+            sum += e;
+        }
         sum = block_sum(sum, sh);
         for (int j = threadIdx.x; j < T; j += blockDim.x) P[j] = j < n ? P[j] / sum : 0.0f;
         __syncthreads(); /* the whole row of P is written (global memory is visible to the block) */
@@ -515,8 +541,8 @@ static cudaError_t attention_args(int B, int T, int d, int H) {
     return cudaSuccess;
 }
 
-extern "C" cudaError_t scmoe__cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d, int H,
-                                              int causal, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_attention_forward(float *out, float *att, const float *qkv, int B, int T, int d,
+                                                     int H, int causal, cudaStream_t s) {
     if (attention_args(B, T, d, H)) return cudaErrorInvalidValue;
     long rows = (long)B * H * T;
     if (rows == 0 || d == 0) return cudaSuccess;
@@ -528,8 +554,8 @@ extern "C" cudaError_t scmoe__cuda_attention_forward(float *out, float *att, con
 }
 
 extern "C" cudaError_t scmoe__cuda_attention_backward(float *dqkv, float *datt, const float *dout, const float *qkv,
-                                               const float *att, int B, int T, int d, int H, int causal,
-                                               cudaStream_t s) {
+                                                      const float *att, int B, int T, int d, int H, int causal,
+                                                      cudaStream_t s) {
     if (attention_args(B, T, d, H)) return cudaErrorInvalidValue;
     long rows = (long)B * H * T;
     if (rows == 0 || d == 0) return cudaSuccess;
@@ -651,8 +677,8 @@ __global__ static void k_cg_combine_forward(float *y, float *cgate, const float 
     }
 }
 
-extern "C" cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m,
-                                               const float *wcg, int n, int d, cudaStream_t st) {
+extern "C" cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *a, const float *s,
+                                                      const float *m, const float *wcg, int n, int d, cudaStream_t st) {
     CHECK_ARGS(n >= 0 && d >= 1);
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(y && cgate && a && s && m);
@@ -676,7 +702,7 @@ __global__ static void k_cg_combine_backward(float *ds, float *dz, const float *
 }
 
 extern "C" cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s,
-                                                const float *cgate, int n, int d, cudaStream_t st) {
+                                                       const float *cgate, int n, int d, cudaStream_t st) {
     CHECK_ARGS(n >= 0 && d >= 1);
     if (n == 0) return cudaSuccess;
     CHECK_ARGS(ds && dz && dy && s && cgate);
@@ -702,7 +728,8 @@ extern "C" cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const f
 
 /* words first (4-byte aligned start), then the bytes before and after them */
 __global__ static void k_zero(unsigned char *p, size_t head, uint32_t *w, size_t nw, size_t tail) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < nw; i += (size_t)gridDim.x * blockDim.x) w[i] = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < nw; i += (size_t)gridDim.x * blockDim.x)
+        w[i] = 0;
     if (blockIdx.x == 0 && threadIdx.x < head) p[threadIdx.x] = 0;
     if (blockIdx.x == 0 && threadIdx.x < tail) ((unsigned char *)(w + nw))[threadIdx.x] = 0;
 }

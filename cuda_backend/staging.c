@@ -80,8 +80,8 @@ static int rt_memcpy_async(void *dst, const void *src, size_t bytes, int kind, v
 }
 
 const cuda_stage_ops *scmoe__cuda_stage_runtime_ops(void) {
-    static const cuda_stage_ops ops = {rt_host_alloc,   rt_host_free,    rt_stream_create,     rt_stream_destroy,
-                                       rt_event_create, rt_event_destroy, rt_event_record,      rt_stream_wait_event,
+    static const cuda_stage_ops ops = {rt_host_alloc,   rt_host_free,     rt_stream_create, rt_stream_destroy,
+                                       rt_event_create, rt_event_destroy, rt_event_record,  rt_stream_wait_event,
                                        rt_event_query,  rt_memcpy_async};
     return &ops;
 }
@@ -117,7 +117,7 @@ void scmoe__cuda_stage_destroy(cuda_stage *st) {
 }
 
 scmoe_status scmoe__cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
-                               const cuda_stage_ops *ops) {
+                                      const cuda_stage_ops *ops) {
     if (!out) return SCMOE_ERR_NULL;
     *out = NULL;
     cuda_stage *st = calloc(1, sizeof *st);
@@ -128,15 +128,33 @@ scmoe_status scmoe__cuda_stage_create(cuda_stage **out, size_t send_bytes, size_
     int e = 0;
     scmoe_status s = SCMOE_OK;
     if (!st->cuda_aware) {
-        if (send_bytes && (e = o->host_alloc(&st->h_send, send_bytes)) != 0) { st->h_send = NULL; goto alloc_failed; }
-        if (recv_bytes && (e = o->host_alloc(&st->h_recv, recv_bytes)) != 0) { st->h_recv = NULL; goto alloc_failed; }
+        if (send_bytes && (e = o->host_alloc(&st->h_send, send_bytes)) != 0) {
+            st->h_send = NULL;
+            goto alloc_failed;
+        }
+        if (recv_bytes && (e = o->host_alloc(&st->h_recv, recv_bytes)) != 0) {
+            st->h_recv = NULL;
+            goto alloc_failed;
+        }
         st->cap_send = send_bytes;
         st->cap_recv = recv_bytes;
-        if ((e = o->stream_create(&st->copy_stream)) != 0) { st->copy_stream = NULL; goto device_failed; }
-        if ((e = o->event_create(&st->ev_to_host)) != 0) { st->ev_to_host = NULL; goto device_failed; }
-        if ((e = o->event_create(&st->ev_to_device)) != 0) { st->ev_to_device = NULL; goto device_failed; }
+        if ((e = o->stream_create(&st->copy_stream)) != 0) {
+            st->copy_stream = NULL;
+            goto device_failed;
+        }
+        if ((e = o->event_create(&st->ev_to_host)) != 0) {
+            st->ev_to_host = NULL;
+            goto device_failed;
+        }
+        if ((e = o->event_create(&st->ev_to_device)) != 0) {
+            st->ev_to_device = NULL;
+            goto device_failed;
+        }
     }
-    if ((e = o->event_create(&st->ev_ready)) != 0) { st->ev_ready = NULL; goto device_failed; }
+    if ((e = o->event_create(&st->ev_ready)) != 0) {
+        st->ev_ready = NULL;
+        goto device_failed;
+    }
     *out = st;
     return SCMOE_OK;
 alloc_failed:
@@ -163,9 +181,9 @@ static int span(const int *counts, const int *displs, int n, int elem_bytes, siz
     return 0;
 }
 
-scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts, const int *sdispls,
-                              void *d_recv, const int *rcounts, const int *rdispls, int elem_bytes,
-                              cudaStream_t producer) {
+scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts,
+                                     const int *sdispls, void *d_recv, const int *rcounts, const int *rdispls,
+                                     int elem_bytes, cudaStream_t producer) {
     if (!st) return SCMOE_ERR_NULL;
     if (!c || !scounts || !sdispls || !rcounts || !rdispls)
         return stage_fail(st, SCMOE_ERR_NULL, "scmoe__cuda_stage_begin: NULL comm or count array");
@@ -181,8 +199,8 @@ scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send
         return stage_fail(st, SCMOE_ERR_NULL, "scmoe__cuda_stage_begin: NULL device buffer with rows to move");
     if (!st->cuda_aware && (shi > st->cap_send || rhi > st->cap_recv))
         return stage_fail(st, SCMOE_ERR_OPTION,
-                          "scmoe__cuda_stage_begin: %zu bytes out / %zu in do not fit the staging buffers (%zu / %zu)", shi,
-                          rhi, st->cap_send, st->cap_recv);
+                          "scmoe__cuda_stage_begin: %zu bytes out / %zu in do not fit the staging buffers (%zu / %zu)",
+                          shi, rhi, st->cap_send, st->cap_recv);
     const cuda_stage_ops *o = st->ops;
     int e;
     if ((e = o->event_record(st->ev_ready, (void *)producer)) != 0)
@@ -191,7 +209,7 @@ scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send
         if ((e = o->stream_wait_event(st->copy_stream, st->ev_ready)) != 0)
             return device_fail(st, "ordering the copy after the producer", e);
         if (shi > slo && (e = o->memcpy_async((char *)st->h_send + slo, (const char *)d_send + slo, shi - slo, 0,
-                                               st->copy_stream)) != 0)
+                                              st->copy_stream)) != 0)
             return device_fail(st, "copying the send rows to the host", e);
         if ((e = o->event_record(st->ev_to_host, st->copy_stream)) != 0)
             return device_fail(st, "recording the send copy's event", e);
@@ -218,20 +236,27 @@ scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send
 scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done) {
     if (!st || !done) return SCMOE_ERR_NULL;
     *done = 0;
-    if (st->state == CUDA_STAGE_IDLE) return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_progress: nothing in flight");
+    if (st->state == CUDA_STAGE_IDLE)
+        return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_progress: nothing in flight");
     const cuda_stage_ops *o = st->ops;
     st->polls++;
     int e;
     if (st->state == CUDA_STAGE_TO_HOST) {
         e = o->event_query(st->cuda_aware ? st->ev_ready : st->ev_to_host);
         if (e == 1) return SCMOE_OK;
-        if (e != 0) { st->state = CUDA_STAGE_IDLE; return device_fail(st, "waiting for the send rows", e); }
+        if (e != 0) {
+            st->state = CUDA_STAGE_IDLE;
+            return device_fail(st, "waiting for the send rows", e);
+        }
         const void *send = st->cuda_aware ? (const void *)st->d_send : st->h_send;
         void *recv = st->cuda_aware ? (void *)st->d_recv : st->h_recv;
         comm *c = st->c;
         scmoe_status s = c->ops->alltoallv_start(c, send, st->scounts, st->sdispls, recv, st->rcounts, st->rdispls,
                                                  st->elem_bytes, &st->req);
-        if (s) { st->state = CUDA_STAGE_IDLE; return stage_fail(st, s, "starting the exchange failed: %s", c->err); }
+        if (s) {
+            st->state = CUDA_STAGE_IDLE;
+            return stage_fail(st, s, "starting the exchange failed: %s", c->err);
+        }
         st->state = CUDA_STAGE_EXCHANGE;
     }
     if (st->state == CUDA_STAGE_EXCHANGE) {
@@ -239,7 +264,10 @@ scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done) {
         int fin = 0;
         comm_progress(c);
         scmoe_status s = comm_test(c, st->req, &fin);
-        if (s) { st->state = CUDA_STAGE_IDLE; return stage_fail(st, s, "testing the exchange failed: %s", c->err); }
+        if (s) {
+            st->state = CUDA_STAGE_IDLE;
+            return stage_fail(st, s, "testing the exchange failed: %s", c->err);
+        }
         if (!fin) return SCMOE_OK;
         if (st->cuda_aware) {
             st->state = CUDA_STAGE_DONE;
@@ -258,7 +286,10 @@ scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done) {
     }
     if (st->state == CUDA_STAGE_TO_DEVICE) {
         e = o->event_query(st->ev_to_device);
-        if (e < 0) { st->state = CUDA_STAGE_IDLE; return device_fail(st, "copying the received rows", e); }
+        if (e < 0) {
+            st->state = CUDA_STAGE_IDLE;
+            return device_fail(st, "copying the received rows", e);
+        }
         if (e == 0) st->state = CUDA_STAGE_DONE;
     }
     *done = 1;
@@ -268,10 +299,14 @@ scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done) {
 scmoe_status scmoe__cuda_stage_finish(cuda_stage *st, cudaStream_t consumer) {
     if (!st) return SCMOE_ERR_NULL;
     if (st->state != CUDA_STAGE_TO_DEVICE && st->state != CUDA_STAGE_DONE)
-        return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_finish: the exchange is not done (state %d)", st->state);
+        return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_finish: the exchange is not done (state %d)",
+                          st->state);
     if (!st->cuda_aware) {
         int e = st->ops->stream_wait_event((void *)consumer, st->ev_to_device);
-        if (e) { st->state = CUDA_STAGE_IDLE; return device_fail(st, "ordering the consumer after the copy", e); }
+        if (e) {
+            st->state = CUDA_STAGE_IDLE;
+            return device_fail(st, "ordering the consumer after the copy", e);
+        }
     }
     st->state = CUDA_STAGE_IDLE;
     return SCMOE_OK;
@@ -285,7 +320,8 @@ static double now_s(void) {
 
 scmoe_status scmoe__cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s) {
     if (!st) return SCMOE_ERR_NULL;
-    if (st->state == CUDA_STAGE_IDLE) return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_wait: nothing in flight");
+    if (st->state == CUDA_STAGE_IDLE)
+        return stage_fail(st, SCMOE_ERR_STATE, "scmoe__cuda_stage_wait: nothing in flight");
     double limit = timeout_s > 0 ? timeout_s : st->c->timeout_s, t0 = now_s();
     for (;;) {
         int done;
@@ -293,7 +329,7 @@ scmoe_status scmoe__cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, doubl
         if (s) return s;
         if (done) return scmoe__cuda_stage_finish(st, consumer);
         if (limit > 0 && now_s() - t0 > limit)
-            return stage_fail(st, SCMOE_ERR_TIMEOUT, "scmoe__cuda_stage_wait: no completion after %.3g s (state %d)", limit,
-                              st->state);
+            return stage_fail(st, SCMOE_ERR_TIMEOUT, "scmoe__cuda_stage_wait: no completion after %.3g s (state %d)",
+                              limit, st->state);
     }
 }

@@ -18,17 +18,21 @@
 static const char MAGIC[8] = {'S', 'C', 'M', 'O', 'E', 'C', 'K', 'P'};
 static const char END_MAGIC[8] = {'S', 'C', 'M', 'O', 'E', 'E', 'N', 'D'};
 /* version 2 added the gate-noise state (u64) after data_crc; version 1 files still load */
-enum { HEADER_BYTES_V1 = 8 + 4 + 4 + 11 * 4 + (6 * 4 + 5 * 4 + 8) + (4 * 8 + 4) + 4 + 8 + 4,
-       HEADER_BYTES = HEADER_BYTES_V1 + 8, TRAILER_BYTES = 16 };
+enum {
+    HEADER_BYTES_V1 = 8 + 4 + 4 + 11 * 4 + (6 * 4 + 5 * 4 + 8) + (4 * 8 + 4) + 4 + 8 + 4,
+    HEADER_BYTES = HEADER_BYTES_V1 + 8,
+    TRAILER_BYTES = 16
+};
 
 const char *ckpt_strerror(ckpt_status s) {
     static const char *const names[CKPT_STATUS_COUNT] = {
-        "ok", "cannot open", "truncated", "wrong magic", "wrong version", "corrupted",
-        "config mismatch", "missing tensor", "write failed", "out of memory"};
+        "ok",        "cannot open",     "truncated",      "wrong magic",  "wrong version",
+        "corrupted", "config mismatch", "missing tensor", "write failed", "out of memory"};
     return (unsigned)s < CKPT_STATUS_COUNT ? names[s] : "unknown checkpoint status";
 }
 
-static ckpt_status fail(char *err, size_t len, ckpt_status s, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static ckpt_status fail(char *err, size_t len, ckpt_status s, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 static ckpt_status fail(char *err, size_t len, ckpt_status s, const char *fmt, ...) {
     if (err && len) {
         int n = snprintf(err, len, "checkpoint %s: ", ckpt_strerror(s));
@@ -82,7 +86,10 @@ int ckpt_list_add(ckpt_list *l, const char *name, int ndim, const int *shape, in
     snprintf(e->name, sizeof e->name, "%s", name);
     e->ndim = ndim;
     e->numel = 1;
-    for (int i = 0; i < ndim; i++) { e->shape[i] = shape[i]; e->numel *= (size_t)shape[i]; }
+    for (int i = 0; i < ndim; i++) {
+        e->shape[i] = shape[i];
+        e->numel *= (size_t)shape[i];
+    }
     e->owner = owner;
     e->data = data;
     return 0;
@@ -157,7 +164,10 @@ int ckpt_pair_layout(const scmoe_pair *p, int n_experts, ckpt_pair_tensor **out)
                 for (int j = 0; j < np; j++) {
                     scmoe_tensor u;
                     scmoe_pair_param_at(p, j, &u);
-                    if (strcmp(u.name, c->name) == 0) { c->local = j; break; }
+                    if (strcmp(u.name, c->name) == 0) {
+                        c->local = j;
+                        break;
+                    }
                 }
         }
     }
@@ -167,15 +177,31 @@ int ckpt_pair_layout(const scmoe_pair *p, int n_experts, ckpt_pair_tensor **out)
 
 /* ---- little-endian serialisation ---- */
 
-typedef struct buf { unsigned char b[HEADER_BYTES]; size_t n; } buf;
-static void put_u32(buf *b, uint32_t v) { for (int i = 0; i < 4; i++) b->b[b->n++] = (unsigned char)(v >> (8 * i)); }
-static void put_u64(buf *b, uint64_t v) { for (int i = 0; i < 8; i++) b->b[b->n++] = (unsigned char)(v >> (8 * i)); }
-static void put_f32(buf *b, float f) { uint32_t v; memcpy(&v, &f, 4); put_u32(b, v); }
+typedef struct buf {
+    unsigned char b[HEADER_BYTES];
+    size_t n;
+} buf;
+static void put_u32(buf *b, uint32_t v) {
+    for (int i = 0; i < 4; i++) b->b[b->n++] = (unsigned char)(v >> (8 * i));
+}
+static void put_u64(buf *b, uint64_t v) {
+    for (int i = 0; i < 8; i++) b->b[b->n++] = (unsigned char)(v >> (8 * i));
+}
+static void put_f32(buf *b, float f) {
+    uint32_t v;
+    memcpy(&v, &f, 4);
+    put_u32(b, v);
+}
 static uint32_t get_u32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 static uint64_t get_u64(const unsigned char *p) { return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32; }
-static float get_f32(const unsigned char *p) { uint32_t v = get_u32(p); float f; memcpy(&f, &v, 4); return f; }
+static float get_f32(const unsigned char *p) {
+    uint32_t v = get_u32(p);
+    float f;
+    memcpy(&f, &v, 4);
+    return f;
+}
 
 static void header_encode(buf *b, const ckpt_header *h) {
     b->n = 0;
@@ -184,8 +210,8 @@ static void header_encode(buf *b, const ckpt_header *h) {
     put_u32(b, h->version);
     put_u32(b, HEADER_BYTES);
     const ckpt_model *m = &h->model;
-    int32_t mv[11] = {m->arch, m->shortcut_pos, m->combine, m->activation, m->d_model, m->d_hidden,
-                      m->n_experts, m->n_heads, m->n_pairs, m->seq_len, m->vocab};
+    int32_t mv[11] = {m->arch,      m->shortcut_pos, m->combine, m->activation, m->d_model, m->d_hidden,
+                      m->n_experts, m->n_heads,      m->n_pairs, m->seq_len,    m->vocab};
     for (int i = 0; i < 11; i++) put_u32(b, (uint32_t)mv[i]);
     const ckpt_train *t = &h->train;
     int32_t tv[6] = {t->ranks, t->batch, t->ep_size, t->overlap, t->warmup, t->steps};
@@ -212,19 +238,39 @@ static void header_decode(const unsigned char *p, ckpt_header *h) {
     int32_t mv[11];
     for (int i = 0; i < 11; i++, p += 4) mv[i] = (int32_t)get_u32(p);
     ckpt_model *m = &h->model;
-    m->arch = mv[0]; m->shortcut_pos = mv[1]; m->combine = mv[2]; m->activation = mv[3];
-    m->d_model = mv[4]; m->d_hidden = mv[5]; m->n_experts = mv[6]; m->n_heads = mv[7];
-    m->n_pairs = mv[8]; m->seq_len = mv[9]; m->vocab = mv[10];
+    m->arch = mv[0];
+    m->shortcut_pos = mv[1];
+    m->combine = mv[2];
+    m->activation = mv[3];
+    m->d_model = mv[4];
+    m->d_hidden = mv[5];
+    m->n_experts = mv[6];
+    m->n_heads = mv[7];
+    m->n_pairs = mv[8];
+    m->seq_len = mv[9];
+    m->vocab = mv[10];
     int32_t tv[6];
     for (int i = 0; i < 6; i++, p += 4) tv[i] = (int32_t)get_u32(p);
     ckpt_train *t = &h->train;
-    t->ranks = tv[0]; t->batch = tv[1]; t->ep_size = tv[2]; t->overlap = tv[3]; t->warmup = tv[4]; t->steps = tv[5];
-    t->lr = get_f32(p); t->capacity_factor = get_f32(p + 4); t->aux_weight = get_f32(p + 8);
-    t->weight_decay = get_f32(p + 12); t->clip = get_f32(p + 16);
+    t->ranks = tv[0];
+    t->batch = tv[1];
+    t->ep_size = tv[2];
+    t->overlap = tv[3];
+    t->warmup = tv[4];
+    t->steps = tv[5];
+    t->lr = get_f32(p);
+    t->capacity_factor = get_f32(p + 4);
+    t->aux_weight = get_f32(p + 8);
+    t->weight_decay = get_f32(p + 12);
+    t->clip = get_f32(p + 16);
     p += 20;
-    t->seed = get_u64(p); p += 8;
+    t->seed = get_u64(p);
+    p += 8;
     ckpt_state *s = &h->state;
-    s->step = get_u64(p); s->rng = get_u64(p + 8); s->tokens_seen = get_u64(p + 16); s->data_bytes = get_u64(p + 24);
+    s->step = get_u64(p);
+    s->rng = get_u64(p + 8);
+    s->tokens_seen = get_u64(p + 16);
+    s->data_bytes = get_u64(p + 24);
     s->data_crc = get_u32(p + 32);
     p += 36;
     /* version 1 had no noise state: its writer ran one training forward per step, so it was the step */
@@ -280,7 +326,8 @@ static void wr(writer *w, const void *p, size_t n, uint32_t *crc) {
     if (crc) *crc = ckpt_crc32(*crc, p, n);
 }
 static void wr_u32(writer *w, uint32_t v, uint32_t *crc) {
-    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    unsigned char b[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
     wr(w, b, 4, crc);
 }
 
@@ -298,8 +345,10 @@ static void write_record(writer *w, const ckpt_entry *e, const float *data) {
         for (; m < sizeof chunk / 4 && i < e->numel; m++, i++) {
             uint32_t v;
             memcpy(&v, &data[i], 4);
-            chunk[4 * m] = (unsigned char)v; chunk[4 * m + 1] = (unsigned char)(v >> 8);
-            chunk[4 * m + 2] = (unsigned char)(v >> 16); chunk[4 * m + 3] = (unsigned char)(v >> 24);
+            chunk[4 * m] = (unsigned char)v;
+            chunk[4 * m + 1] = (unsigned char)(v >> 8);
+            chunk[4 * m + 2] = (unsigned char)(v >> 16);
+            chunk[4 * m + 3] = (unsigned char)(v >> 24);
         }
         wr(w, chunk, 4 * m, &crc);
     }
@@ -339,8 +388,10 @@ ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, c
         if (l->e[i].owner > 0 && l->e[i].numel > max_numel) max_numel = l->e[i].numel;
     ckpt_status s = CKPT_OK;
     float *rbuf = NULL;
-    if (max_numel > INT_MAX) s = fail(err, err_len, CKPT_ERR_WRITE, "a tensor of %zu floats is too large to send", max_numel);
-    if (!s && rank == 0 && !(rbuf = malloc(sizeof(float) * max_numel))) s = fail(err, err_len, CKPT_ERR_NOMEM, "receive buffer");
+    if (max_numel > INT_MAX)
+        s = fail(err, err_len, CKPT_ERR_WRITE, "a tensor of %zu floats is too large to send", max_numel);
+    if (!s && rank == 0 && !(rbuf = malloc(sizeof(float) * max_numel)))
+        s = fail(err, err_len, CKPT_ERR_NOMEM, "receive buffer");
     /* rank 0 opens the temporary file before anyone sends: if that fails, nobody sends */
     writer w = {NULL, CKPT_OK, err, err_len};
     if (!s && rank == 0) {
@@ -352,7 +403,10 @@ ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, c
     s = ckpt_agree(comm, s, err, err_len);
     if (s) {
         free(rbuf);
-        if (w.f) { fclose(w.f); unlink(tmp); }
+        if (w.f) {
+            fclose(w.f);
+            unlink(tmp);
+        }
         return s;
     }
 
@@ -375,7 +429,8 @@ ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, c
         if (e->owner <= 0) { /* rank 0 holds it */
             if (rank == 0) {
                 if (i == fail_at && !w.s)
-                    w.s = fail(err, err_len, CKPT_ERR_WRITE, "injected failure (SCMOE_CKPT_FAIL=half) after %d of %d records", i, l->n);
+                    w.s = fail(err, err_len, CKPT_ERR_WRITE,
+                               "injected failure (SCMOE_CKPT_FAIL=half) after %d of %d records", i, l->n);
                 if (e->data) write_record(&w, e, e->data);
                 else if (!w.s) w.s = fail(err, err_len, CKPT_ERR_MISSING, "rank 0 does not hold %s", e->name);
             }
@@ -392,7 +447,8 @@ ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, c
             MPI_Recv(rbuf, (int)max_numel, MPI_FLOAT, e->owner, 77, comm, &st);
             MPI_Get_count(&st, MPI_FLOAT, &got);
             if (i == fail_at && !w.s)
-                w.s = fail(err, err_len, CKPT_ERR_WRITE, "injected failure (SCMOE_CKPT_FAIL=half) after %d of %d records", i, l->n);
+                w.s = fail(err, err_len, CKPT_ERR_WRITE,
+                           "injected failure (SCMOE_CKPT_FAIL=half) after %d of %d records", i, l->n);
             if ((size_t)got != e->numel && !w.s)
                 w.s = fail(err, err_len, CKPT_ERR_MISSING, "rank %d does not hold %s", e->owner, e->name);
             write_record(&w, e, rbuf);
@@ -408,14 +464,18 @@ ckpt_status ckpt_save(MPI_Comm comm, const char *dir, const ckpt_header *h_in, c
         /* durable before visible: flush the stdio buffer, fsync the data, then rename over the old
          * checkpoint (atomic on POSIX) and fsync the directory so the rename itself is durable */
         if (!w.s && fflush(w.f) != 0) w.s = fail(err, err_len, CKPT_ERR_WRITE, "flush %s: %s", tmp, strerror(errno));
-        if (!w.s && fsync(fileno(w.f)) != 0) w.s = fail(err, err_len, CKPT_ERR_WRITE, "fsync %s: %s", tmp, strerror(errno));
+        if (!w.s && fsync(fileno(w.f)) != 0)
+            w.s = fail(err, err_len, CKPT_ERR_WRITE, "fsync %s: %s", tmp, strerror(errno));
         if (fclose(w.f) != 0 && !w.s) w.s = fail(err, err_len, CKPT_ERR_WRITE, "close %s: %s", tmp, strerror(errno));
         if (!w.s && rename(tmp, final) != 0)
             w.s = fail(err, err_len, CKPT_ERR_WRITE, "rename %s -> %s: %s", tmp, final, strerror(errno));
         if (w.s) unlink(tmp);
         else {
             int dfd = open(dir, O_RDONLY);
-            if (dfd >= 0) { fsync(dfd); close(dfd); }
+            if (dfd >= 0) {
+                fsync(dfd);
+                close(dfd);
+            }
         }
     }
     return ckpt_agree(comm, w.s, err, err_len);
@@ -454,20 +514,28 @@ static ckpt_status open_checked(reader *r, const char *path, ckpt_header *h, cha
     r->size = (uint64_t)sb.st_size;
     unsigned char hb[HEADER_BYTES];
     /* the magic first, then the version: an old or foreign file says so rather than "corrupted" */
-    if (r->size < 8) return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, not even a magic", path, (unsigned long long)r->size);
+    if (r->size < 8)
+        return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, not even a magic", path,
+                    (unsigned long long)r->size);
     ckpt_status s = rd(r, hb, 8);
     if (s) return s;
-    if (memcmp(hb, MAGIC, 8) != 0) return fail(err, err_len, CKPT_ERR_MAGIC, "%s does not start with \"SCMOECKP\": not a scmoe checkpoint", path);
-    if (r->size < 16) return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %d", path, (unsigned long long)r->size, HEADER_BYTES);
+    if (memcmp(hb, MAGIC, 8) != 0)
+        return fail(err, err_len, CKPT_ERR_MAGIC, "%s does not start with \"SCMOECKP\": not a scmoe checkpoint", path);
+    if (r->size < 16)
+        return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %d", path,
+                    (unsigned long long)r->size, HEADER_BYTES);
     if ((s = rd(r, hb + 8, 8))) return s;
     uint32_t version = get_u32(hb + 8), hbytes = get_u32(hb + 12);
     if (version < 1 || version > CKPT_VERSION)
-        return fail(err, err_len, CKPT_ERR_VERSION, "%s is format version %u; this build reads versions 1 to %d", path, version, CKPT_VERSION);
+        return fail(err, err_len, CKPT_ERR_VERSION, "%s is format version %u; this build reads versions 1 to %d", path,
+                    version, CKPT_VERSION);
     uint32_t want = version == 1 ? HEADER_BYTES_V1 : HEADER_BYTES;
     if (hbytes != want)
-        return fail(err, err_len, CKPT_ERR_CORRUPT, "%s: header size field is %u, version %u headers have %u bytes", path, hbytes, version, want);
+        return fail(err, err_len, CKPT_ERR_CORRUPT, "%s: header size field is %u, version %u headers have %u bytes",
+                    path, hbytes, version, want);
     if (r->size < want)
-        return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %u", path, (unsigned long long)r->size, want);
+        return fail(err, err_len, CKPT_ERR_TRUNCATED, "%s has %llu bytes, the header needs %u", path,
+                    (unsigned long long)r->size, want);
     if ((s = rd(r, hb + 16, want - 16))) return s;
     if (ckpt_crc32(0, hb, want - 4) != get_u32(hb + want - 4))
         return fail(err, err_len, CKPT_ERR_CORRUPT, "%s: header checksum mismatch", path);
@@ -489,15 +557,24 @@ ckpt_status ckpt_read_header(const char *path, ckpt_header *h, char *err, size_t
 }
 
 ckpt_status ckpt_model_compare(const ckpt_model *a, const ckpt_model *b, char *err, size_t err_len) {
-    const struct { const char *name; int32_t x, y; } f[] = {
-        {"arch", a->arch, b->arch}, {"shortcut_pos", a->shortcut_pos, b->shortcut_pos},
-        {"combine", a->combine, b->combine}, {"activation", a->activation, b->activation},
-        {"d_model", a->d_model, b->d_model}, {"d_hidden", a->d_hidden, b->d_hidden},
-        {"n_experts", a->n_experts, b->n_experts}, {"n_heads", a->n_heads, b->n_heads},
-        {"n_pairs", a->n_pairs, b->n_pairs}, {"seq_len", a->seq_len, b->seq_len}, {"vocab", a->vocab, b->vocab}};
+    const struct {
+        const char *name;
+        int32_t x, y;
+    } f[] = {{"arch", a->arch, b->arch},
+             {"shortcut_pos", a->shortcut_pos, b->shortcut_pos},
+             {"combine", a->combine, b->combine},
+             {"activation", a->activation, b->activation},
+             {"d_model", a->d_model, b->d_model},
+             {"d_hidden", a->d_hidden, b->d_hidden},
+             {"n_experts", a->n_experts, b->n_experts},
+             {"n_heads", a->n_heads, b->n_heads},
+             {"n_pairs", a->n_pairs, b->n_pairs},
+             {"seq_len", a->seq_len, b->seq_len},
+             {"vocab", a->vocab, b->vocab}};
     for (size_t i = 0; i < sizeof f / sizeof *f; i++)
         if (f[i].x != f[i].y)
-            return fail(err, err_len, CKPT_ERR_CONFIG, "%s is %d in the checkpoint, %d here", f[i].name, (int)f[i].x, (int)f[i].y);
+            return fail(err, err_len, CKPT_ERR_CONFIG, "%s is %d in the checkpoint, %d here", f[i].name, (int)f[i].x,
+                        (int)f[i].y);
     return CKPT_OK;
 }
 
@@ -541,7 +618,10 @@ static ckpt_status load_records(reader *r, const ckpt_header *h, const ckpt_list
         }
         if (numel > cap) {
             float *d = realloc(data, sizeof(float) * numel);
-            if (!d) { s = fail(r->err, r->err_len, CKPT_ERR_NOMEM, "%llu floats", (unsigned long long)numel); goto out; }
+            if (!d) {
+                s = fail(r->err, r->err_len, CKPT_ERR_NOMEM, "%llu floats", (unsigned long long)numel);
+                goto out;
+            }
             data = d;
             cap = numel;
         }
@@ -588,7 +668,8 @@ ckpt_status ckpt_load(MPI_Comm comm, const char *path, const ckpt_list *l, char 
     ckpt_status s = found ? open_checked(&r, path, &h, err, err_len) : fail(err, err_len, CKPT_ERR_NOMEM, "list");
     if (!s) s = load_records(&r, &h, l, found);
     for (int j = 0; !s && j < l->n; j++)
-        if (l->e[j].data && !found[j]) s = fail(err, err_len, CKPT_ERR_MISSING, "%s has no tensor %s", path, l->e[j].name);
+        if (l->e[j].data && !found[j])
+            s = fail(err, err_len, CKPT_ERR_MISSING, "%s has no tensor %s", path, l->e[j].name);
     if (found && r.f) fclose(r.f);
     free(found);
     return ckpt_agree(comm, s, err, err_len);

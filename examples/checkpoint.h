@@ -34,9 +34,9 @@
 #include <stdint.h>
 #include "../scmoe.h"
 
-#define CKPT_VERSION 2
+#define CKPT_VERSION  2
 #define CKPT_NAME_MAX 96
-#define CKPT_FILE "ckpt.bin"
+#define CKPT_FILE     "ckpt.bin"
 
 typedef enum ckpt_status {
     CKPT_OK = 0,
@@ -112,7 +112,7 @@ void ckpt_list_free(ckpt_list *l);
 typedef struct ckpt_pair_tensor {
     char name[CKPT_NAME_MAX]; /* the pair's name, e.g. "l1.experts.5.w1" */
     int ndim, shape[4];
-    int owner;                /* -1 replicated; else the world rank in expert-parallel group 0 holding it */
+    int owner; /* -1 replicated; else the world rank in expert-parallel group 0 holding it */
     int local;
 } ckpt_pair_tensor;
 

@@ -34,15 +34,18 @@ static void die(int code, const char *fmt, ...) {
     exit(code);
 }
 
-#define SC(call)                                                                                        \
-    do {                                                                                                \
-        scmoe_status s_ = (call);                                                                       \
-        if (s_) die(1, "%s: %s (%s)", #call, scmoe_strerror(s_), g_ctx ? scmoe_last_error(g_ctx) : ""); \
+#define SC(call)                                                                                                       \
+    do {                                                                                                               \
+        scmoe_status s_ = (call);                                                                                      \
+        if (s_) die(1, "%s: %s (%s)", #call, scmoe_strerror(s_), g_ctx ? scmoe_last_error(g_ctx) : "");                \
     } while (0)
 
 static void *xcalloc(size_t n, size_t size) {
     void *p = calloc(n ? n : 1, size);
-    if (!p) { fprintf(stderr, "generate: out of memory\n"); MPI_Abort(MPI_COMM_WORLD, 1); }
+    if (!p) {
+        fprintf(stderr, "generate: out of memory\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     return p;
 }
 
@@ -81,8 +84,9 @@ static void parse_args(int argc, char **argv) {
             MPI_Finalize();
             exit(0);
         }
-        int known = !strcmp(a, "--ckpt") || !strcmp(a, "--prompt") || !strcmp(a, "--tokens") || !strcmp(a, "--temperature") ||
-                    !strcmp(a, "--top-k") || !strcmp(a, "--seed") || !strcmp(a, "--ep-size");
+        int known = !strcmp(a, "--ckpt") || !strcmp(a, "--prompt") || !strcmp(a, "--tokens") ||
+                    !strcmp(a, "--temperature") || !strcmp(a, "--top-k") || !strcmp(a, "--seed") ||
+                    !strcmp(a, "--ep-size");
         if (!known) die(2, "unknown flag '%s' (see --help)", a);
         if (i + 1 >= argc) die(2, "%s needs a value (see --help)", a);
         const char *v = argv[++i];
@@ -120,7 +124,8 @@ static int cmp_desc(const void *a, const void *b) {
 /* p ~ softmax(z / temperature) over the top_k largest z (ties at the cut all kept); argmax if temperature is 0 */
 static int sample(const float *z, int V, double temperature, int top_k, uint64_t *rng) {
     int best = 0;
-    for (int v = 1; v < V; v++) if (z[v] > z[best]) best = v;
+    for (int v = 1; v < V; v++)
+        if (z[v] > z[best]) best = v;
     if (temperature <= 0) return best;
     float cut = -INFINITY, sorted[256];
     if (top_k > 0 && top_k < V) {
@@ -158,10 +163,12 @@ int main(int argc, char **argv) {
     const ckpt_model *M = &h.model;
     int V = M->vocab, T = M->seq_len, d = M->d_model;
     if (V != 256 || T < 1 || T > 1 << 16 || d < 1 || d > 1 << 16 || M->n_pairs < 1 || M->n_pairs > 256)
-        die(3, "checkpoint %s describes a model this program cannot build (vocab %d, seq %d, d %d, %d pairs)", path, V, T, d, M->n_pairs);
+        die(3, "checkpoint %s describes a model this program cannot build (vocab %d, seq %d, d %d, %d pairs)", path, V,
+            T, d, M->n_pairs);
     int ep = o_ep_size ? o_ep_size : g_size;
     if (g_size % ep || M->n_experts % ep)
-        die(2, "the checkpoint's %d experts need an expert-parallel size dividing them and the %d ranks (--ep-size)", M->n_experts, g_size);
+        die(2, "the checkpoint's %d experts need an expert-parallel size dividing them and the %d ranks (--ep-size)",
+            M->n_experts, g_size);
 
     /* the model, shaped by the header */
     SC(scmoe_context_create_mpi(MPI_COMM_WORLD, &g_ctx));
@@ -169,7 +176,8 @@ int main(int argc, char **argv) {
     float *lnf_w = xcalloc((size_t)d, sizeof(float)), *lnf_b = xcalloc((size_t)d, sizeof(float));
     scmoe_pair **pairs = xcalloc((size_t)M->n_pairs, sizeof *pairs);
     scmoe_config base = scmoe_config_default();
-    base.max_tokens = T; base.ep_size = o_ep_size;
+    base.max_tokens = T;
+    base.ep_size = o_ep_size;
     scmoe_config c = lm_pair_config(M, &base);
     if (scmoe_config_validate(&c, err, sizeof err)) die(3, "checkpoint %s: its model is not valid: %s", path, err);
     ckpt_list l = {0};
@@ -219,7 +227,9 @@ int main(int argc, char **argv) {
         float *x = xa, *y = xb;
         for (int i = 0; i < M->n_pairs; i++) {
             SC(scmoe_pair_forward(pairs[i], B, Tw, x, y, NULL));
-            float *s = x; x = y; y = s;
+            float *s = x;
+            x = y;
+            y = s;
         }
         if (g_rank == 0) {
             /* LN_f and the tied head, at the last position only */
@@ -245,7 +255,15 @@ int main(int argc, char **argv) {
     }
     if (g_rank == 0) printf("\n");
     for (int i = 0; i < M->n_pairs; i++) scmoe_pair_destroy(pairs[i]);
-    free(pairs); free(wte); free(wpe); free(lnf_w); free(lnf_b); free(text); free(xa); free(xb); free(h_last);
+    free(pairs);
+    free(wte);
+    free(wpe);
+    free(lnf_w);
+    free(lnf_b);
+    free(text);
+    free(xa);
+    free(xb);
+    free(h_last);
     scmoe_context_destroy(g_ctx);
     MPI_Finalize();
     return 0;

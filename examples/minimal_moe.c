@@ -17,12 +17,19 @@ int main(void) {
     scmoe_context *ctx;
     if (scmoe_context_create(&ctx) != SCMOE_OK) return 1;
     scmoe_config cfg = scmoe_config_default();
-    cfg.d_model = D; cfg.d_hidden = 64; cfg.n_experts = 4; cfg.top_k = 2; cfg.max_tokens = N;
+    cfg.d_model = D;
+    cfg.d_hidden = 64;
+    cfg.n_experts = 4;
+    cfg.top_k = 2;
+    cfg.max_tokens = N;
     scmoe_moe *layer[L];
     float *mom[L][64]; /* the host's optimizer state: a momentum buffer per tensor */
     for (int l = 0; l < L; l++) {
         cfg.seed = 100 + l;
-        if (scmoe_moe_create(ctx, &cfg, &layer[l]) != SCMOE_OK) { fprintf(stderr, "%s\n", scmoe_last_error(ctx)); return 1; }
+        if (scmoe_moe_create(ctx, &cfg, &layer[l]) != SCMOE_OK) {
+            fprintf(stderr, "%s\n", scmoe_last_error(ctx));
+            return 1;
+        }
         char prefix[32];
         snprintf(prefix, sizeof prefix, "layers.%d.moe.", l); /* names in the host's own name space */
         scmoe_moe_set_name_prefix(layer[l], prefix);

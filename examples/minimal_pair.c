@@ -28,9 +28,17 @@ int main(void) {
     scmoe_context *ctx;
     if (scmoe_context_create(&ctx) != SCMOE_OK) return 1;
     scmoe_config cfg = scmoe_config_default(); /* arch SCMOE, shortcut position 2 */
-    cfg.d_model = D; cfg.d_hidden = 64; cfg.n_experts = 4; cfg.n_heads = 4; cfg.max_tokens = N; cfg.max_seq_len = T;
+    cfg.d_model = D;
+    cfg.d_hidden = 64;
+    cfg.n_experts = 4;
+    cfg.n_heads = 4;
+    cfg.max_tokens = N;
+    cfg.max_seq_len = T;
     scmoe_pair *pair;
-    if (scmoe_pair_create(ctx, &cfg, &pair) != SCMOE_OK) { fprintf(stderr, "%s\n", scmoe_last_error(ctx)); return 1; }
+    if (scmoe_pair_create(ctx, &cfg, &pair) != SCMOE_OK) {
+        fprintf(stderr, "%s\n", scmoe_last_error(ctx));
+        return 1;
+    }
     int e0, ne, np = scmoe_pair_param_count(pair);
     scmoe_pair_expert_range(pair, &e0, &ne);
     printf("this rank holds experts %d..%d of %d\n", e0, e0 + ne - 1, cfg.n_experts);

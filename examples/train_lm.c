@@ -75,13 +75,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define VOCAB 256
-#define LN_EPS 1e-5f
-#define BETA1 0.9f
-#define BETA2 0.95f
-#define ADAM_EPS 1e-8f
+#define VOCAB        256
+#define LN_EPS       1e-5f
+#define BETA1        0.9f
+#define BETA2        0.95f
+#define ADAM_EPS     1e-8f
 #define WEIGHT_DECAY 0.1f
-#define MIN_LR_FRAC 0.1f
+#define MIN_LR_FRAC  0.1f
 
 static int g_rank, g_size;
 /* train_lm's own collectives: MPI_COMM_WORLD duplicated, with MPI_ERRORS_ARE_FATAL (their codes go unchecked) */
@@ -91,7 +91,8 @@ static MPI_Comm g_comm;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, capacity_scope, quiet, keep, grad_accum;
+    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, capacity_scope, quiet, keep,
+        grad_accum;
     float lr, cf, aux, clip;
     long long seed;
     const char *save, *resume, *data, *val_data, *log, *precision;
@@ -109,11 +110,35 @@ typedef struct flag {
 static const char *const ARCH_NAMES[] = {"top2", "top1", "shared", "scmoe"};
 
 static opts O = {
-    .arch = SCMOE_ARCH_SCMOE, .pos = 2, .d = 64, .hidden = 256, .experts = 8, .heads = 4, .pairs = 2,
-    .seq = 64, .batch = 8, .steps = 300, .warmup = 30, .eval_every = 50, .eval_batches = 8, .print_every = 10,
-.save_every = 0, .stop_at = 0, .ep_size = 0, .overlap = 1, .poll_cols = 512, .wire_bf16 = 0, .quiet = 0,
-    .keep = 0, .grad_accum = 1,
-    .lr = 3e-3f, .cf = 2.0f, .aux = 0.01f, .clip = 1.0f, .seed = 1234, .precision = "auto",
+    .arch = SCMOE_ARCH_SCMOE,
+    .pos = 2,
+    .d = 64,
+    .hidden = 256,
+    .experts = 8,
+    .heads = 4,
+    .pairs = 2,
+    .seq = 64,
+    .batch = 8,
+    .steps = 300,
+    .warmup = 30,
+    .eval_every = 50,
+    .eval_batches = 8,
+    .print_every = 10,
+    .save_every = 0,
+    .stop_at = 0,
+    .ep_size = 0,
+    .overlap = 1,
+    .poll_cols = 512,
+    .wire_bf16 = 0,
+    .quiet = 0,
+    .keep = 0,
+    .grad_accum = 1,
+    .lr = 3e-3f,
+    .cf = 2.0f,
+    .aux = 0.01f,
+    .clip = 1.0f,
+    .seed = 1234,
+    .precision = "auto",
 };
 
 static const flag FLAGS[] = {
@@ -125,7 +150,8 @@ static const flag FLAGS[] = {
     {"--heads", T_INT, &O.heads, 1, 1024, "attention heads (must divide --d)"},
     {"--pairs", T_INT, &O.pairs, 1, 256, "block pairs (each a dense block + an MoE block)"},
     {"--seq", T_INT, &O.seq, 1, 8192, "sequence length T"},
-    {"--batch", T_INT, &O.batch, 1, 1 << 20, "sequences per rank per micro-batch (global batch = ranks x batch x grad-accum)"},
+    {"--batch", T_INT, &O.batch, 1, 1 << 20,
+     "sequences per rank per micro-batch (global batch = ranks x batch x grad-accum)"},
     {"--grad-accum", T_INT, &O.grad_accum, 1, 1 << 20, "micro-batches whose gradients one optimizer step sums"},
     {"--steps", T_INT, &O.steps, 0, 1e9, "optimizer steps (the LR schedule spans them)"},
     {"--lr", T_FLOAT, &O.lr, 1e-12, 10, "peak learning rate"},
@@ -137,20 +163,28 @@ static const flag FLAGS[] = {
     {"--eval-every", T_INT, &O.eval_every, 0, 1e9, "validation loss every M steps (0: only at the end)"},
     {"--eval-batches", T_INT, &O.eval_batches, 1, 1e6, "global batches in one validation pass"},
     {"--print-every", T_INT, &O.print_every, 1, 1e9, "a progress line every N steps"},
-    {"--save", T_STR, &O.save, 0, 0, "checkpoint directory (DIR/ckpt.bin), written every --save-every steps and at the end"},
+    {"--save", T_STR, &O.save, 0, 0,
+     "checkpoint directory (DIR/ckpt.bin), written every --save-every steps and at the end"},
     {"--save-every", T_INT, &O.save_every, 0, 1e9, "checkpoint every N steps (0: only at the end)"},
     {"--keep", T_INT, &O.keep, 0, 1e6, "also keep DIR/ckpt-STEP.bin of the last N saves (0: only DIR/ckpt.bin)"},
-    {"--resume", T_STR, &O.resume, 0, 0, "continue from DIR/ckpt.bin, or from a checkpoint file (same model flags and data)"},
+    {"--resume", T_STR, &O.resume, 0, 0,
+     "continue from DIR/ckpt.bin, or from a checkpoint file (same model flags and data)"},
     {"--stop-at", T_INT, &O.stop_at, 0, 1e9, "stop after step N as if interrupted (0: run all --steps)"},
-    {"--data", T_STR, &O.data, 0, 0, "training text file (default: this repository's docs and sources, read from the working directory)"},
+    {"--data", T_STR, &O.data, 0, 0,
+     "training text file (default: this repository's docs and sources, read from the working directory)"},
     {"--val-data", T_STR, &O.val_data, 0, 0, "validation text file (default: the last 10% of the training text)"},
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
-    {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30, "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
-    {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1, "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
-    {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1, "0: expert capacity over the global batch (routing independent of the ranks); 1: per source rank (Tutel; flat routing cost in ranks)"},
+    {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30,
+     "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
+    {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1,
+     "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
+    {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1,
+     "0: expert capacity over the global batch (routing independent of the ranks); 1: per source rank (Tutel; flat "
+     "routing cost in ranks)"},
     {"--log", T_STR, &O.log, 0, 0, "write one JSON object per step to FILE (JSONL)"},
-    {"--precision", T_STR, &O.precision, 0, 0, "GEMM precision: fp32 | bf16 (bf16 operands, fp32 sums) | auto (bf16 where the CPU has amx_bf16 or avx512_bf16)"},
+    {"--precision", T_STR, &O.precision, 0, 0,
+     "GEMM precision: fp32 | bf16 (bf16 operands, fp32 sums) | auto (bf16 where the CPU has amx_bf16 or avx512_bf16)"},
     {"--quiet", T_BOOL, &O.quiet, 0, 1, "no progress lines (errors and the summary still print)"},
 };
 #define N_FLAGS ((int)(sizeof FLAGS / sizeof *FLAGS))
@@ -231,7 +265,8 @@ static void parse_args(int argc, char **argv) {
         } else {
             long long x = strtoll(v, &end, 10);
             if (end == v || *end) usage_error("%s '%s' is not an integer", a, v);
-            if (x < f->min || (double)x > f->max) usage_error("%s %s is out of range [%.0f, %.0f]", a, v, f->min, f->max);
+            if (x < f->min || (double)x > f->max)
+                usage_error("%s %s is out of range [%.0f, %.0f]", a, v, f->min, f->max);
             if (f->type == T_INT) *(int *)f->ptr = (int)x;
             else *(long long *)f->ptr = x;
         }
@@ -240,9 +275,12 @@ static void parse_args(int argc, char **argv) {
     if (O.d % O.heads) usage_error("--heads %d does not divide --d %d", O.heads, O.d);
     int ep = O.ep_size ? O.ep_size : g_size;
     if (g_size % ep) usage_error("--ep-size %d does not divide the %d ranks", O.ep_size, g_size);
-    if (O.experts % ep) usage_error("--experts %d is not a multiple of the expert-parallel size %d (--ep-size or the rank count)", O.experts, ep);
+    if (O.experts % ep)
+        usage_error("--experts %d is not a multiple of the expert-parallel size %d (--ep-size or the rank count)",
+                    O.experts, ep);
     if (O.keep && !O.save) usage_error("--keep %d needs --save DIR", O.keep);
-    if ((long long)O.batch * O.seq > 1 << 24) usage_error("--batch x --seq = %lld tokens per rank is too many", (long long)O.batch * O.seq);
+    if ((long long)O.batch * O.seq > 1 << 24)
+        usage_error("--batch x --seq = %lld tokens per rank is too many", (long long)O.batch * O.seq);
     if (O.stop_at && O.stop_at > O.steps) usage_error("--stop-at %d is past --steps %d", O.stop_at, O.steps);
 }
 
@@ -264,16 +302,19 @@ static void die(int code, const char *fmt, ...) {
 
 static void *xcalloc(size_t n, size_t size) {
     void *p = calloc(n ? n : 1, size);
-    if (!p) { fprintf(stderr, "train_lm: out of memory\n"); MPI_Abort(MPI_COMM_WORLD, 1); }
+    if (!p) {
+        fprintf(stderr, "train_lm: out of memory\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     return p;
 }
 
 /* A library call failed: library collectives fail on every rank together, so exiting is clean. */
 static scmoe_context *g_ctx;
-#define SC(call)                                                                                        \
-    do {                                                                                                \
-        scmoe_status s_ = (call);                                                                       \
-        if (s_) die(1, "%s: %s (%s)", #call, scmoe_strerror(s_), g_ctx ? scmoe_last_error(g_ctx) : ""); \
+#define SC(call)                                                                                                       \
+    do {                                                                                                               \
+        scmoe_status s_ = (call);                                                                                      \
+        if (s_) die(1, "%s: %s (%s)", #call, scmoe_strerror(s_), g_ctx ? scmoe_last_error(g_ctx) : "");                \
     } while (0)
 
 /* splitmix64: the data sampler's RNG and the embeddings' init */
@@ -284,7 +325,8 @@ static uint64_t rng_next(uint64_t *s) {
     return z ^ (z >> 31);
 }
 static float rng_normal(uint64_t *s) { /* Box-Muller */
-    double u1 = ((double)(rng_next(s) >> 11) + 1.0) / 9007199254740993.0, u2 = (double)(rng_next(s) >> 11) / 9007199254740992.0;
+    double u1 = ((double)(rng_next(s) >> 11) + 1.0) / 9007199254740993.0,
+           u2 = (double)(rng_next(s) >> 11) / 9007199254740992.0;
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
@@ -292,9 +334,23 @@ static float rng_normal(uint64_t *s) { /* Box-Muller */
 
 /* The default corpus: this repository's docs and sources, in this order, each glob sorted. */
 static const char *const DEFAULT_TEXT[] = {
-    "README.md", "docs/*.md", "scmoe.h", "scmoe_mpi.h", "*.c", "*.h", "kernels/*.h", "kernels/*.c",
-    "mpi_backend/*.h", "mpi_backend/*.c", "blas_backend/*.h", "blas_backend/*.c", "examples/*.h", "examples/*.c",
-    "tests/*.h", "tests/*.c", "bench/*.c",
+    "README.md",
+    "docs/*.md",
+    "scmoe.h",
+    "scmoe_mpi.h",
+    "*.c",
+    "*.h",
+    "kernels/*.h",
+    "kernels/*.c",
+    "mpi_backend/*.h",
+    "mpi_backend/*.c",
+    "blas_backend/*.h",
+    "blas_backend/*.c",
+    "examples/*.h",
+    "examples/*.c",
+    "tests/*.h",
+    "tests/*.c",
+    "bench/*.c",
 };
 
 static int append_file(const char *path, unsigned char **buf, size_t *n, size_t *cap) {
@@ -305,7 +361,10 @@ static int append_file(const char *path, unsigned char **buf, size_t *n, size_t 
         if (*cap - *n < 65536) {
             size_t c = *cap * 2 + 65536;
             unsigned char *b = realloc(*buf, c);
-            if (!b) { fclose(f); return -1; }
+            if (!b) {
+                fclose(f);
+                return -1;
+            }
             *buf = b;
             *cap = c;
         }
@@ -336,7 +395,8 @@ static unsigned char *load_text(const char *data, size_t *n) {
         }
         globfree(&g);
     }
-    if (*n == 0) die(2, "no --data given and no repository sources found: run from the repository root or pass --data FILE");
+    if (*n == 0)
+        die(2, "no --data given and no repository sources found: run from the repository root or pass --data FILE");
     return buf;
 }
 
@@ -362,24 +422,31 @@ typedef struct model {
     param *params;
     int n_params, *pair_base; /* pair i's tensors are params[pair_base[i] + local index] */
     /* activations of B*T tokens */
-    float **x;                /* n_pairs + 1 buffers [N, d]: x_i is pair i's input, kept until its backward */
-    float *h, *mean, *rstd;   /* final LN output and statistics */
-    float *logits;            /* [N, V]; after a training forward, dL/dlogits */
-    float *dA, *dB;           /* ping-pong gradients [N, d] */
+    float **x;              /* n_pairs + 1 buffers [N, d]: x_i is pair i's input, kept until its backward */
+    float *h, *mean, *rstd; /* final LN output and statistics */
+    float *logits;          /* [N, V]; after a training forward, dL/dlogits */
+    float *dA, *dB;         /* ping-pong gradients [N, d] */
     int *inp, *tgt;
-    scmoe_stats *st;          /* per pair, this step */
+    scmoe_stats *st; /* per pair, this step */
 } model;
 
 /* What shapes the parameters, as the checkpoint records it; the pairs are built from it (model.h). */
 static ckpt_model model_shape(void) {
-    return (ckpt_model){O.arch, O.pos, SCMOE_COMBINE_CG1, SCMOE_GELU, O.d, O.hidden, O.experts, O.heads, O.pairs, O.seq, VOCAB};
+    return (ckpt_model){O.arch,    O.pos,   SCMOE_COMBINE_CG1, SCMOE_GELU, O.d,  O.hidden,
+                        O.experts, O.heads, O.pairs,           O.seq,      VOCAB};
 }
 
 /* --precision: auto is bf16 where /proc/cpuinfo lists a bf16 matrix unit (AMX or AVX512-BF16), whose
  * GEMMs then run several times faster; elsewhere bf16 would only round the operands, at fp32's speed */
 static scmoe_precision precision_of(const char **why) {
-    if (!strcmp(O.precision, "fp32")) { *why = "asked"; return SCMOE_PRECISION_FP32; }
-    if (!strcmp(O.precision, "bf16")) { *why = "asked"; return SCMOE_PRECISION_BF16; }
+    if (!strcmp(O.precision, "fp32")) {
+        *why = "asked";
+        return SCMOE_PRECISION_FP32;
+    }
+    if (!strcmp(O.precision, "bf16")) {
+        *why = "asked";
+        return SCMOE_PRECISION_BF16;
+    }
     if (strcmp(O.precision, "auto")) usage_error("--precision '%s': expected auto, fp32 or bf16", O.precision);
     FILE *f = fopen("/proc/cpuinfo", "r");
     char line[4096];
@@ -398,12 +465,22 @@ static void pairs_params_changed(model *m) {
 
 static void model_init(model *m, scmoe_context *ctx) {
     int V = VOCAB, T = O.seq, d = O.d, N = O.batch * O.seq;
-    m->V = V; m->T = T; m->d = d; m->n_pairs = O.pairs; m->B = O.batch;
+    m->V = V;
+    m->T = T;
+    m->d = d;
+    m->n_pairs = O.pairs;
+    m->B = O.batch;
     m->n_own = (size_t)V * d + (size_t)T * d + 2 * (size_t)d;
     m->own = xcalloc(m->n_own, sizeof(float));
     m->own_grad = xcalloc(m->n_own, sizeof(float));
-    m->wte = m->own; m->wpe = m->wte + (size_t)V * d; m->lnf_w = m->wpe + (size_t)T * d; m->lnf_b = m->lnf_w + d;
-    m->d_wte = m->own_grad; m->d_wpe = m->d_wte + (size_t)V * d; m->d_lnf_w = m->d_wpe + (size_t)T * d; m->d_lnf_b = m->d_lnf_w + d;
+    m->wte = m->own;
+    m->wpe = m->wte + (size_t)V * d;
+    m->lnf_w = m->wpe + (size_t)T * d;
+    m->lnf_b = m->lnf_w + d;
+    m->d_wte = m->own_grad;
+    m->d_wpe = m->d_wte + (size_t)V * d;
+    m->d_lnf_w = m->d_wpe + (size_t)T * d;
+    m->d_lnf_b = m->d_lnf_w + d;
     /* GPT-2 init: wte N(0, 0.02), wpe N(0, 0.01), LN 1/0; the same on every rank (same seed) */
     uint64_t s = (uint64_t)O.seed ^ 0x5CA1AB1Eull;
     for (size_t i = 0; i < (size_t)V * d; i++) m->wte[i] = 0.02f * rng_normal(&s);
@@ -413,8 +490,13 @@ static void model_init(model *m, scmoe_context *ctx) {
     /* the pairs: the shape the checkpoint records, this run's options */
     ckpt_model shape = model_shape();
     scmoe_config base = scmoe_config_default();
-    base.max_tokens = N; base.capacity_factor = O.cf; base.aux_loss_weight = O.aux; base.ep_size = O.ep_size;
-    base.overlap = O.overlap; base.overlap_grad_sync = O.overlap; base.poll_cols = O.poll_cols;
+    base.max_tokens = N;
+    base.capacity_factor = O.cf;
+    base.aux_loss_weight = O.aux;
+    base.ep_size = O.ep_size;
+    base.overlap = O.overlap;
+    base.overlap_grad_sync = O.overlap;
+    base.poll_cols = O.poll_cols;
     base.wire_bf16 = O.wire_bf16;
     const char *why;
     base.precision = precision_of(&why);
@@ -438,14 +520,22 @@ static void model_init(model *m, scmoe_context *ctx) {
     for (int i = 0; i < O.pairs; i++) total += scmoe_pair_param_count(m->pairs[i]);
     m->params = xcalloc((size_t)total, sizeof *m->params);
     m->pair_base = xcalloc((size_t)O.pairs, sizeof *m->pair_base);
-    struct { const char *name; float *p, *g; int ndim, s0, s1; } own[4] = {
-        {"wte", m->wte, m->d_wte, 2, V, d}, {"wpe", m->wpe, m->d_wpe, 2, T, d},
-        {"lnf.weight", m->lnf_w, m->d_lnf_w, 1, d, 0}, {"lnf.bias", m->lnf_b, m->d_lnf_b, 1, d, 0}};
+    struct {
+        const char *name;
+        float *p, *g;
+        int ndim, s0, s1;
+    } own[4] = {{"wte", m->wte, m->d_wte, 2, V, d},
+                {"wpe", m->wpe, m->d_wpe, 2, T, d},
+                {"lnf.weight", m->lnf_w, m->d_lnf_w, 1, d, 0},
+                {"lnf.bias", m->lnf_b, m->d_lnf_b, 1, d, 0}};
     for (int i = 0; i < 4; i++) {
         param *p = &m->params[m->n_params++];
         snprintf(p->name, sizeof p->name, "%s", own[i].name);
-        p->data = own[i].p; p->grad = own[i].g; p->ndim = own[i].ndim;
-        p->shape[0] = own[i].s0; p->shape[1] = own[i].s1;
+        p->data = own[i].p;
+        p->grad = own[i].g;
+        p->ndim = own[i].ndim;
+        p->shape[0] = own[i].s0;
+        p->shape[1] = own[i].s1;
         p->numel = (size_t)own[i].s0 * (own[i].ndim == 2 ? (size_t)own[i].s1 : 1);
         p->decay = own[i].ndim == 2;
     }
@@ -456,7 +546,10 @@ static void model_init(model *m, scmoe_context *ctx) {
             SC(scmoe_pair_param_at(m->pairs[i], j, &t));
             param *p = &m->params[m->n_params++];
             snprintf(p->name, sizeof p->name, "pair%d.%s", i, t.name);
-            p->data = t.data; p->grad = t.grad; p->numel = t.numel; p->ndim = t.ndim;
+            p->data = t.data;
+            p->grad = t.grad;
+            p->numel = t.numel;
+            p->ndim = t.ndim;
             memcpy(p->shape, t.shape, sizeof p->shape);
             p->decay = t.ndim == 2;
             p->expert = !t.replicated;
@@ -481,12 +574,27 @@ static void model_init(model *m, scmoe_context *ctx) {
 }
 
 static void model_free(model *m) {
-    for (int i = 0; i < m->n_params; i++) { free(m->params[i].m); free(m->params[i].v); }
+    for (int i = 0; i < m->n_params; i++) {
+        free(m->params[i].m);
+        free(m->params[i].v);
+    }
     for (int i = 0; i < m->n_pairs; i++) scmoe_pair_destroy(m->pairs[i]);
     for (int i = 0; i <= m->n_pairs; i++) free(m->x[i]);
-    free(m->x); free(m->pairs); free(m->params); free(m->pair_base); free(m->own); free(m->own_grad);
-    free(m->h); free(m->mean); free(m->rstd); free(m->logits); free(m->dA); free(m->dB);
-    free(m->inp); free(m->tgt); free(m->st);
+    free(m->x);
+    free(m->pairs);
+    free(m->params);
+    free(m->pair_base);
+    free(m->own);
+    free(m->own_grad);
+    free(m->h);
+    free(m->mean);
+    free(m->rstd);
+    free(m->logits);
+    free(m->dA);
+    free(m->dB);
+    free(m->inp);
+    free(m->tgt);
+    free(m->st);
 }
 
 /* Loads B sequences: sequence b starts at text[start[b]], inputs T bytes, targets the next T. */
@@ -574,7 +682,9 @@ static void model_backward(model *m, int B) {
     float *dy = m->dB, *dxi = m->dA;
     for (int i = m->n_pairs - 1; i >= 0; i--) {
         SC(scmoe_pair_backward(m->pairs[i], dy, dxi, &m->st[i]));
-        float *t = dy; dy = dxi; dxi = t;
+        float *t = dy;
+        dy = dxi;
+        dxi = t;
     }
     /* with overlap_grad_sync the pairs' dense all-reduces ran behind the later pairs' backward; finish them */
     for (int i = 0; i < m->n_pairs; i++) SC(scmoe_pair_grad_sync(m->pairs[i], &m->st[i]));
@@ -582,7 +692,10 @@ static void model_backward(model *m, int B) {
     for (int n = 0; n < N; n++) {
         const float *g = dy + (size_t)n * d;
         float *e = m->d_wte + (size_t)m->inp[n] * d, *p = m->d_wpe + (size_t)(n % T) * d;
-        for (int j = 0; j < d; j++) { e[j] += g[j]; p[j] += g[j]; }
+        for (int j = 0; j < d; j++) {
+            e[j] += g[j];
+            p[j] += g[j];
+        }
     }
 }
 
@@ -728,8 +841,8 @@ static double evaluate(run *r) {
 static void fill_header(const run *r, ckpt_header *h) {
     memset(h, 0, sizeof *h);
     h->model = model_shape();
-    h->train = (ckpt_train){g_size, O.batch * O.grad_accum, O.ep_size, O.overlap, O.warmup, O.steps, O.lr, O.cf,
-                            O.aux, WEIGHT_DECAY, O.clip, (uint64_t)O.seed};
+    h->train = (ckpt_train){g_size, O.batch * O.grad_accum, O.ep_size, O.overlap,       O.warmup, O.steps, O.lr, O.cf,
+                            O.aux,  WEIGHT_DECAY,           O.clip,    (uint64_t)O.seed};
     uint64_t noise = 0; /* every pair runs the same training forwards: one state for all */
     SC(scmoe_pair_noise_state(r->m.pairs[0], &noise));
     h->state = (ckpt_state){(uint64_t)r->step, r->rng, r->tokens_seen, r->data_bytes, r->data_crc, noise};
@@ -796,7 +909,8 @@ static void save(run *r) {
     ckpt_status s = ckpt_save(g_comm, O.save, &h, &l, err, sizeof err);
     ckpt_list_free(&l);
     if (s) die(3, "%s", err);
-    if (g_rank == 0 && !O.quiet) printf("saved %s/%s at step %d (%.2f s)\n", O.save, CKPT_FILE, r->step, MPI_Wtime() - t0);
+    if (g_rank == 0 && !O.quiet)
+        printf("saved %s/%s at step %d (%.2f s)\n", O.save, CKPT_FILE, r->step, MPI_Wtime() - t0);
     if (g_rank == 0 && O.keep > 0) keep_last(r->step);
 }
 
@@ -812,9 +926,11 @@ static void resume(run *r) {
     if (!s && (h.state.data_bytes != r->data_bytes || h.state.data_crc != r->data_crc)) {
         /* the data order is only reproducible on the same text */
         s = CKPT_ERR_CONFIG;
-        snprintf(err, sizeof err, "checkpoint config mismatch: it was trained on another text (%llu bytes, crc %08x; "
-                 "here %llu bytes, crc %08x): pass the same --data", (unsigned long long)h.state.data_bytes,
-                 h.state.data_crc, (unsigned long long)r->data_bytes, r->data_crc);
+        snprintf(err, sizeof err,
+                 "checkpoint config mismatch: it was trained on another text (%llu bytes, crc %08x; "
+                 "here %llu bytes, crc %08x): pass the same --data",
+                 (unsigned long long)h.state.data_bytes, h.state.data_crc, (unsigned long long)r->data_bytes,
+                 r->data_crc);
     }
     s = ckpt_agree(g_comm, s, err, sizeof err);
     if (s) die(3, "%s", err);
@@ -830,16 +946,17 @@ static void resume(run *r) {
     const ckpt_train *a = &h.train, *b = &want.train;
     /* even with --quiet: another rank count with the same --batch silently changes the optimisation */
     if (g_rank == 0 && (long long)a->ranks * a->batch != (long long)b->ranks * b->batch)
-        printf("note: global batch %d = %d ranks x --batch %d (the checkpoint's run used %d = %d x %d)\n", b->ranks * b->batch,
-               b->ranks, b->batch, a->ranks * a->batch, a->ranks, a->batch);
+        printf("note: global batch %d = %d ranks x --batch %d (the checkpoint's run used %d = %d x %d)\n",
+               b->ranks * b->batch, b->ranks, b->batch, a->ranks * a->batch, a->ranks, a->batch);
     for (int i = 0; i < r->m.n_pairs; i++) SC(scmoe_pair_set_noise_state(r->m.pairs[i], h.state.noise_state));
     if (g_rank == 0 && !O.quiet) {
         printf("resumed %s at step %d\n", path, r->step);
         if (a->lr != b->lr) printf("note: --lr %g (the checkpoint's run used %g)\n", b->lr, a->lr);
         if (a->steps != b->steps) printf("note: --steps %d (the checkpoint's run used %d)\n", b->steps, a->steps);
         if (a->warmup != b->warmup) printf("note: --warmup %d (the checkpoint's run used %d)\n", b->warmup, a->warmup);
-        if (a->seed != b->seed) printf("note: --seed %llu (the checkpoint's run used %llu)\n",
-                                       (unsigned long long)b->seed, (unsigned long long)a->seed);
+        if (a->seed != b->seed)
+            printf("note: --seed %llu (the checkpoint's run used %llu)\n", (unsigned long long)b->seed,
+                   (unsigned long long)a->seed);
     }
 }
 
@@ -865,7 +982,10 @@ static void cpu_list(const cpu_set_t *set, char *buf, size_t n) {
  * with --quiet. */
 static void print_binding(void) {
     enum { LIST = 200, HOST = 56 };
-    struct { int cpus, threads; char host[HOST], list[LIST]; } me, *all = NULL;
+    struct {
+        int cpus, threads;
+        char host[HOST], list[LIST];
+    } me, *all = NULL;
     memset(&me, 0, sizeof me);
     cpu_set_t set;
     CPU_ZERO(&set);
@@ -902,7 +1022,8 @@ static void print_binding(void) {
         if (all[r].cpus > 0 && all[r].cpus < all[r].threads)
             printf("warning: rank %d has %d OpenMP threads on %d CPU(s): they share cores. Bind each rank to "
                    "OMP_NUM_THREADS cores: mpirun --map-by slot:PE=N --bind-to core, or srun --cpus-per-task=N "
-                   "(see docs/env.md)\n", r, all[r].threads, all[r].cpus);
+                   "(see docs/env.md)\n",
+                   r, all[r].threads, all[r].cpus);
     }
     fflush(stdout);
     free(all);
@@ -945,15 +1066,18 @@ int main(int argc, char **argv) {
     r.train = text;
     r.val = text + r.n_train;
     if (O.val_data) { /* all of the text trains, the other file validates */
-        if (append_file(O.val_data, &valtext, &n_valtext, &cap)) die(2, "--val-data %s: cannot read the file", O.val_data);
+        if (append_file(O.val_data, &valtext, &n_valtext, &cap))
+            die(2, "--val-data %s: cannot read the file", O.val_data);
         r.n_train = n_text;
         r.val = valtext;
         r.n_val = n_valtext;
         if (r.n_val < (size_t)O.seq + 2)
-            die(2, "--val-data: %zu bytes of text are too few for --seq %d (it needs more than seq+1 bytes)", r.n_val, O.seq);
+            die(2, "--val-data: %zu bytes of text are too few for --seq %d (it needs more than seq+1 bytes)", r.n_val,
+                O.seq);
     }
     if (r.n_train < (size_t)O.seq + 2 || r.n_val < (size_t)O.seq + 2)
-        die(2, "--data: %zu bytes of text are too few for --seq %d (each split needs more than seq+1 bytes)", n_text, O.seq);
+        die(2, "--data: %zu bytes of text are too few for --seq %d (each split needs more than seq+1 bytes)", n_text,
+            O.seq);
     r.rng = (uint64_t)O.seed * 0x2545F4914F6CDD1Dull + 1;
 
     SC(scmoe_context_create_mpi(MPI_COMM_WORLD, &g_ctx));
@@ -973,7 +1097,8 @@ int main(int argc, char **argv) {
     int last = O.stop_at ? O.stop_at : O.steps;
     if (g_rank == 0 && !O.quiet) {
         size_t np = 0;
-        for (int i = 0; i < r.m.n_params; i++) if (!r.m.params[i].expert) np += r.m.params[i].numel;
+        for (int i = 0; i < r.m.n_params; i++)
+            if (!r.m.params[i].expert) np += r.m.params[i].numel;
         printf("train_lm: %s, %d pairs, d %d, hidden %d, %d experts, %d heads, seq %d | %d ranks x batch %d x "
                "%d micro-batches | %zu replicated params + %d experts/block | text %zu bytes (%zu train, %zu val)\n",
                label, O.pairs, O.d, O.hidden, O.experts, O.heads, O.seq, g_size, O.batch, O.grad_accum, np, O.experts,
@@ -999,8 +1124,12 @@ int main(int argc, char **argv) {
         final_loss = si.loss;
         step_info *acc[2] = {&win, &tot};
         for (int k = 0; k < 2; k++) {
-            acc[k]->time += si.time; acc[k]->exposed += si.exposed; acc[k]->a2a_comm += si.a2a_comm;
-            acc[k]->a2a_exposed += si.a2a_exposed; acc[k]->routed += si.routed; acc[k]->dropped += si.dropped;
+            acc[k]->time += si.time;
+            acc[k]->exposed += si.exposed;
+            acc[k]->a2a_comm += si.a2a_comm;
+            acc[k]->a2a_exposed += si.a2a_exposed;
+            acc[k]->routed += si.routed;
+            acc[k]->dropped += si.dropped;
         }
         win_steps++;
         tot_steps++;
@@ -1010,8 +1139,8 @@ int main(int argc, char **argv) {
                     si.loss, si.ce, si.aux, si.lr, si.gnorm);
             if (do_eval) fprintf(log, "\"val_loss\":%.17g,", v);
             else fprintf(log, "\"val_loss\":null,");
-            fprintf(log, "\"tokens_per_s\":%.1f,\"step_ms\":%.3f,\"compute_ms\":%.3f,\"exposed_ms\":%.3f,", tok / si.time,
-                    1e3 * si.time, 1e3 * (si.time - si.exposed), 1e3 * si.exposed);
+            fprintf(log, "\"tokens_per_s\":%.1f,\"step_ms\":%.3f,\"compute_ms\":%.3f,\"exposed_ms\":%.3f,",
+                    tok / si.time, 1e3 * si.time, 1e3 * (si.time - si.exposed), 1e3 * si.exposed);
             if (si.a2a_comm > 0) fprintf(log, "\"overlap\":%.4f,", 1.0 - si.a2a_exposed / si.a2a_comm);
             else fprintf(log, "\"overlap\":null,");
             fprintf(log, "\"dropped_pct\":%.4f}\n", si.routed > 0 ? 100.0 * si.dropped / si.routed : 0.0);
@@ -1020,17 +1149,19 @@ int main(int argc, char **argv) {
         if (g_rank == 0 && !O.quiet && (s % O.print_every == 0 || do_eval || s == last)) {
             char vbuf[16] = "     -", obuf[16] = "  n/a";
             if (do_eval) snprintf(vbuf, sizeof vbuf, "%6.4f", v);
-            if (win.a2a_comm > 0) snprintf(obuf, sizeof obuf, "%4.0f%%", 100.0 * (1.0 - win.a2a_exposed / win.a2a_comm));
+            if (win.a2a_comm > 0)
+                snprintf(obuf, sizeof obuf, "%4.0f%%", 100.0 * (1.0 - win.a2a_exposed / win.a2a_comm));
             double ms = 1e3 * win.time / win_steps, ex = 1e3 * win.exposed / win_steps;
             /* elapsed: this run's wall time (evaluations and saves included); ETA at this run's pace */
             double el = MPI_Wtime() - t_start;
             char ebuf[24], tbuf[24];
             hms(el, ebuf, sizeof ebuf);
             hms(el / (s - first_step) * (last - s), tbuf, sizeof tbuf);
-            printf("step %5d/%d | loss %6.4f | aux %6.4f | val %s | %8.0f tok/s | %7.1f ms (compute %7.1f, comm %6.1f) | "
-                   "overlap %s | drop %5.2f%% | lr %.2e | %s elapsed, ETA %s\n",
-                   s, last, si.loss, si.aux, vbuf, tok * win_steps / win.time, ms, ms - ex, ex, obuf,
-                   win.routed > 0 ? 100.0 * win.dropped / win.routed : 0.0, si.lr, ebuf, tbuf);
+            printf(
+                "step %5d/%d | loss %6.4f | aux %6.4f | val %s | %8.0f tok/s | %7.1f ms (compute %7.1f, comm %6.1f) | "
+                "overlap %s | drop %5.2f%% | lr %.2e | %s elapsed, ETA %s\n",
+                s, last, si.loss, si.aux, vbuf, tok * win_steps / win.time, ms, ms - ex, ex, obuf,
+                win.routed > 0 ? 100.0 * win.dropped / win.routed : 0.0, si.lr, ebuf, tbuf);
             fflush(stdout);
             memset(&win, 0, sizeof win);
             win_steps = 0;
@@ -1044,8 +1175,10 @@ int main(int argc, char **argv) {
         double tps = tot.time > 0 ? (double)O.batch * g_size * O.seq * O.grad_accum * tot_steps / tot.time : 0.0;
         char ov[16] = "n/a", ex[32] = "n/a";
         if (tot.a2a_comm > 0) snprintf(ov, sizeof ov, "%.1f%%", 100.0 * (1.0 - tot.a2a_exposed / tot.a2a_comm));
-        if (tot_steps) snprintf(ex, sizeof ex, "%.2fms(%.1f%%)", 1e3 * tot.exposed / tot_steps, 100.0 * tot.exposed / tot.time);
-        printf("\n%-12s %6s %11s %9s %9s %8s %16s\n", "arch", "steps", "train_loss", "val_loss", "tokens/s", "overlap", "exposed_comm");
+        if (tot_steps)
+            snprintf(ex, sizeof ex, "%.2fms(%.1f%%)", 1e3 * tot.exposed / tot_steps, 100.0 * tot.exposed / tot.time);
+        printf("\n%-12s %6s %11s %9s %9s %8s %16s\n", "arch", "steps", "train_loss", "val_loss", "tokens/s", "overlap",
+               "exposed_comm");
         char tl[16] = "-"; /* no step ran (resumed at the last step): there is no training loss */
         if (tot_steps) snprintf(tl, sizeof tl, "%.4f", final_loss);
         printf("%-12s %6d %11s %9.4f %9.0f %8s %16s\n", label, r.step, tl, val, tps, ov, ex);

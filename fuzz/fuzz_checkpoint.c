@@ -31,12 +31,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define REQUIRE(c)                                                                           \
-    do {                                                                                     \
-        if (!(c)) {                                                                          \
-            fprintf(stderr, "fuzz_checkpoint: invariant failed: %s (line %d)\n", #c, __LINE__); \
-            __builtin_trap();                                                                \
-        }                                                                                    \
+#define REQUIRE(c)                                                                                                     \
+    do {                                                                                                               \
+        if (!(c)) {                                                                                                    \
+            fprintf(stderr, "fuzz_checkpoint: invariant failed: %s (line %d)\n", #c, __LINE__);                        \
+            __builtin_trap();                                                                                          \
+        }                                                                                                              \
     } while (0)
 
 enum { HEADER_BYTES = 164, OFF_N_RECORDS = 148, OFF_FILE_BYTES = 152, OFF_CRC = 160 };
@@ -71,9 +71,15 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-static uint32_t rd32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
-static void wr32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void wr64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
+static uint32_t rd32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static void wr32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+static void wr64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
 
 /* Walks the records as the reader would and rewrites each one's CRC; stops where the structure ends. */
 static void fix_records(uint8_t *b, size_t n) {
@@ -112,7 +118,12 @@ static void write_memfd(const uint8_t *b, size_t n) {
 }
 
 /* The list a small run would build: held tensors (data != NULL) and tensors held elsewhere. */
-typedef struct held { const char *name; int ndim, shape[4]; int owner; int held; } held;
+typedef struct held {
+    const char *name;
+    int ndim, shape[4];
+    int owner;
+    int held;
+} held;
 static const held LIST[] = {
     {"wte", 2, {8, 4}, -1, 1},
     {"wte#m", 2, {8, 4}, -1, 1},
@@ -125,8 +136,10 @@ static const held LIST[] = {
 
 static void check_msg_at(ckpt_status s, const char *err, size_t len, int line) {
     if ((unsigned)s >= CKPT_STATUS_COUNT || !memchr(err, 0, len) || (s != CKPT_OK && len > 1 && !err[0])) {
-        fprintf(stderr, "fuzz_checkpoint: invariant failed at line %d: status %d with message buffer of %zu bytes "
-                "%s\n", line, (int)s, len, memchr(err, 0, len) ? "empty" : "not NUL-terminated");
+        fprintf(stderr,
+                "fuzz_checkpoint: invariant failed at line %d: status %d with message buffer of %zu bytes "
+                "%s\n",
+                line, (int)s, len, memchr(err, 0, len) ? "empty" : "not NUL-terminated");
         __builtin_trap();
     }
 }
@@ -211,7 +224,10 @@ static void round_trip(fuzz_in *in) {
     for (int i = 0; i < n; i++) {
         int ndim = 1 + take_u8(in) % 4, shape[4] = {1, 1, 1, 1};
         size_t numel = 1;
-        for (int k = 0; k < ndim; k++) { shape[k] = 1 + take_u8(in) % 5; numel *= (size_t)shape[k]; }
+        for (int k = 0; k < ndim; k++) {
+            shape[k] = 1 + take_u8(in) % 5;
+            numel *= (size_t)shape[k];
+        }
         int nl = 1 + take_u8(in) % (CKPT_NAME_MAX - 1);
         for (int c = 0; c < nl; c++) {
             uint8_t b = take_u8(in);
@@ -219,10 +235,16 @@ static void round_trip(fuzz_in *in) {
         }
         names[i][nl] = 0;
         for (int j = 0; j < i; j++)
-            if (strcmp(names[i], names[j]) == 0) { names[i][0] ^= 1; if (!names[i][0]) names[i][0] = 'z'; }
+            if (strcmp(names[i], names[j]) == 0) {
+                names[i][0] ^= 1;
+                if (!names[i][0]) names[i][0] = 'z';
+            }
         src[i] = malloc(sizeof(float) * numel);
         dst[i] = malloc(sizeof(float) * numel);
-        for (size_t j = 0; j < numel; j++) { src[i][j] = take_f32_bits(in); dst[i][j] = 0.0f; }
+        for (size_t j = 0; j < numel; j++) {
+            src[i][j] = take_f32_bits(in);
+            dst[i][j] = 0.0f;
+        }
         REQUIRE(ckpt_list_add(&l, names[i], ndim, shape, -1, src[i]) == 0);
         REQUIRE(ckpt_list_add(&back, names[i], ndim, shape, -1, dst[i]) == 0);
     }
@@ -246,14 +268,17 @@ static void round_trip(fuzz_in *in) {
         ckpt_path(path, sizeof path, rtdir);
         ckpt_header hb;
         REQUIRE(ckpt_read_header(path, &hb, err, sizeof err) == CKPT_OK);
-        REQUIRE(hb.model.d_model == h.model.d_model && hb.state.step == h.state.step &&
-                hb.train.seed == h.train.seed && hb.n_records == (uint32_t)n);
+        REQUIRE(hb.model.d_model == h.model.d_model && hb.state.step == h.state.step && hb.train.seed == h.train.seed &&
+                hb.n_records == (uint32_t)n);
         s = ckpt_load(MPI_COMM_WORLD, path, &back, err, sizeof err);
         if (s != CKPT_OK) fprintf(stderr, "round trip load: %s\n", err);
         REQUIRE(s == CKPT_OK);
         for (int i = 0; i < n; i++) REQUIRE(memcmp(src[i], dst[i], sizeof(float) * l.e[i].numel) == 0);
     }
-    for (int i = 0; i < n; i++) { free(src[i]); free(dst[i]); }
+    for (int i = 0; i < n; i++) {
+        free(src[i]);
+        free(dst[i]);
+    }
     ckpt_list_free(&l);
     ckpt_list_free(&back);
 }

@@ -24,15 +24,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define REQUIRE(c)                                                                       \
-    do {                                                                                 \
-        if (!(c)) {                                                                      \
-            fprintf(stderr, "fuzz_config: invariant failed: %s (line %d)\n", #c, __LINE__); \
-            __builtin_trap();                                                            \
-        }                                                                                \
+#define REQUIRE(c)                                                                                                     \
+    do {                                                                                                               \
+        if (!(c)) {                                                                                                    \
+            fprintf(stderr, "fuzz_config: invariant failed: %s (line %d)\n", #c, __LINE__);                            \
+            __builtin_trap();                                                                                          \
+        }                                                                                                              \
     } while (0)
 
-#define PARAM_BOUND (1 << 18)     /* d_model * d_hidden * n_experts, floats */
+#define PARAM_BOUND     (1 << 18) /* d_model * d_hidden * n_experts, floats */
 #define WORKSPACE_BOUND (1 << 23) /* estimated floats of parameters + workspace */
 
 static const float CF[] = {2.0f, 1.0f, 0.5f, 1.25f, 0.0f, -1.0f, 0.1f, 4.0f};
@@ -119,8 +119,8 @@ static void print_config(const scmoe_config *c, int use_pair) {
 static double estimate_floats(const scmoe_config *c, int k) {
     double d = c->d_model, h = c->d_hidden, h1 = c->activation == SCMOE_SWIGLU ? 2.0 * h : h, E = c->n_experts;
     double N = c->max_tokens;
-    double params = 2 * (4 * d * d + 4 * d) + 8 * d + 2 * (d * h1 + h1 + h * d + d) + d + d * E +
-                    E * (d * h1 + h1 + h * d + d);
+    double params =
+        2 * (4 * d * d + 4 * d) + 8 * d + 2 * (d * h1 + h1 + h * d + d) + d + d * E + E * (d * h1 + h1 + h * d + d);
     double R = N * k, S = N * k;
     double moe = S * d * 2 + R * (d * 4 + 2 * h1 + 2 * h) + N * E * 3 + N * (k + 1) * 2 + N * k * 3;
     double pair = N * (d * 24 + 8 + 9 * d + 3.0 * c->n_heads * c->max_seq_len + 3 * h1 + 3 * h + 2);
@@ -139,7 +139,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* BUG huge-capacity-factor: validate accepts any finite capacity factor, but scmoe__route_capacity's
      * (int64_t)(cf * per) overflows (undefined; on x86 it gives INT64_MIN, so capacity 0 and every
      * token dropped) once cf * ceil(S/E) >= 2^63 / k */
-    if ((fabsf(c.capacity_factor) > 100.0f || fabsf(c.eval_capacity_factor) > 100.0f) && known_bug("huge-capacity-factor")) {
+    if ((fabsf(c.capacity_factor) > 100.0f || fabsf(c.eval_capacity_factor) > 100.0f) &&
+        known_bug("huge-capacity-factor")) {
         /* (100 keeps k * E_local * CF * ceil(S/E) far below 2^63 for every shape validate accepts) */
         c.capacity_factor = fminf(fmaxf(c.capacity_factor, -100.0f), 100.0f);
         c.eval_capacity_factor = fminf(fmaxf(c.eval_capacity_factor, -100.0f), 100.0f);
@@ -289,6 +290,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         REQUIRE(scmoe_moe_param(m, "experts.999999.w1", &t) == SCMOE_ERR_NOT_FOUND);
         scmoe_moe_destroy(m);
     }
-    free(x); free(y); free(dy); free(dx);
+    free(x);
+    free(y);
+    free(dy);
+    free(dx);
     return 0;
 }

@@ -34,9 +34,38 @@ static inline size_t remaining(const fuzz_in *in) { return in->n - in->i; }
 static inline int pick_int(fuzz_in *in, int lo, int hi) {
     uint8_t b = take_u8(in);
     if (b < 224) return lo + (int)(b % (unsigned)(hi - lo + 1));
-    static const int edges[] = {0, -1, 1, 2, 3, INT_MIN, INT_MAX, 1 << 20, (1 << 20) + 1, 1 << 22, (1 << 22) + 1,
-                                1 << 24, (1 << 24) + 1, 4096, 4097, -2, 5, 7, 8, 16, 31, 32, 63, 64, 65, 127,
-                                128, 255, 256, 1000, 1023, 1024};
+    static const int edges[] = {0,
+                                -1,
+                                1,
+                                2,
+                                3,
+                                INT_MIN,
+                                INT_MAX,
+                                1 << 20,
+                                (1 << 20) + 1,
+                                1 << 22,
+                                (1 << 22) + 1,
+                                1 << 24,
+                                (1 << 24) + 1,
+                                4096,
+                                4097,
+                                -2,
+                                5,
+                                7,
+                                8,
+                                16,
+                                31,
+                                32,
+                                63,
+                                64,
+                                65,
+                                127,
+                                128,
+                                255,
+                                256,
+                                1000,
+                                1023,
+                                1024};
     return edges[(b - 224) % (sizeof edges / sizeof *edges)];
 }
 
@@ -45,8 +74,8 @@ static inline float pick_float(fuzz_in *in, const float *table, int n_table) {
     uint8_t b = take_u8(in);
     if (b < 200) return table[b % n_table];
     if (b < 216) return take_f32_bits(in);
-    static const float edges[] = {0.0f, -0.0f, -1.0f, 1e-30f, 1e30f, 3.0e38f, -3.0e38f, 1e-45f,
-                                  INFINITY, -INFINITY, NAN, 65536.0f, 1e9f, 2147483648.0f, 9.3e18f, 0.5f};
+    static const float edges[] = {0.0f,     -0.0f,     -1.0f, 1e-30f,   1e30f, 3.0e38f,       -3.0e38f, 1e-45f,
+                                  INFINITY, -INFINITY, NAN,   65536.0f, 1e9f,  2147483648.0f, 9.3e18f,  0.5f};
     return edges[(b - 200) % (sizeof edges / sizeof *edges)];
 }
 
@@ -75,7 +104,10 @@ static inline int known_bug(const char *name) {
                     if (i == 0) atexit(known_bug_report);
                     known_bug_names[i] = name;
                 }
-                if (strcmp(known_bug_names[i], name) == 0) { known_bug_hits[i]++; break; }
+                if (strcmp(known_bug_names[i], name) == 0) {
+                    known_bug_hits[i]++;
+                    break;
+                }
             }
             return 1;
         }

@@ -31,16 +31,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define MAX_WORLD 8
+#define MAX_WORLD        8
 #define MAX_TOK_PER_RANK 24
-#define MAX_K 4
+#define MAX_K            4
 
-#define REQUIRE(c)                                                                     \
-    do {                                                                               \
-        if (!(c)) {                                                                    \
-            fprintf(stderr, "fuzz_route: invariant failed: %s (line %d)\n", #c, __LINE__); \
-            __builtin_trap();                                                          \
-        }                                                                              \
+#define REQUIRE(c)                                                                                                     \
+    do {                                                                                                               \
+        if (!(c)) {                                                                                                    \
+            fprintf(stderr, "fuzz_route: invariant failed: %s (line %d)\n", #c, __LINE__);                             \
+            __builtin_trap();                                                                                          \
+        }                                                                                                              \
     } while (0)
 
 typedef struct plan_bufs {
@@ -78,12 +78,24 @@ static void plan_alloc(plan_bufs *b, int E, int ep_size, int max_tokens, int wor
 
 static void plan_free(plan_bufs *b) {
     route_plan *pl = &b->pl;
-    free(pl->cursor); free(pl->expert_count); free(pl->expert_kept); free(pl->send_counts);
-    free(pl->send_displs); free(pl->recv_counts); free(pl->recv_displs); free(pl->src_cursor);
-    free(pl->expert_offsets); free(pl->slot); free(pl->recv_to_expert); free(b->work);
+    free(pl->cursor);
+    free(pl->expert_count);
+    free(pl->expert_kept);
+    free(pl->send_counts);
+    free(pl->send_displs);
+    free(pl->recv_counts);
+    free(pl->recv_displs);
+    free(pl->src_cursor);
+    free(pl->expert_offsets);
+    free(pl->slot);
+    free(pl->recv_to_expert);
+    free(b->work);
 }
 
-typedef struct { float score; int token; } ranked_ref;
+typedef struct {
+    float score;
+    int token;
+} ranked_ref;
 static int ref_cmp(const void *a, const void *b) {
     const ranked_ref *x = a, *y = b;
     /* NaN scores: the library's comparator is not a total order then; the reference is only used
@@ -133,7 +145,8 @@ static void local_scope(const int32_t *rec, const int *tokens, const int64_t *fi
     }
     for (int r = 0; r < world; r++) {
         int g = r / ep_size, q = r % ep_size, first_e = q * El;
-        for (int p = 0; p < ep_size; p++) memcpy(in + (size_t)p * msg, out[g * ep_size + p] + (size_t)q * msg, sizeof(int32_t) * msg);
+        for (int p = 0; p < ep_size; p++)
+            memcpy(in + (size_t)p * msg, out[g * ep_size + p] + (size_t)q * msg, sizeof(int32_t) * msg);
         route_plan *pl = &lb[r].pl;
         scmoe__route_plan_local_recv(pl, in, ep_size, q, El, k, chunks);
         REQUIRE(pl->n_stages == ns);
@@ -445,9 +458,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     REQUIRE(n_seen == n_sent);
 
     free(seen);
-    local_scope(rec, tokens, first_tok, world, ep_size, E, k, prio, cap_mode < 192 ? -1 : capacity, cf, chunks,
-                max_tokens, have_ref && prio == SCMOE_PRIORITY_TOKEN && cap_mode < 192 && cf <= 0 && ns == 1 ? by_loc : NULL,
-                estart, cnt);
+    local_scope(
+        rec, tokens, first_tok, world, ep_size, E, k, prio, cap_mode < 192 ? -1 : capacity, cf, chunks, max_tokens,
+        have_ref && prio == SCMOE_PRIORITY_TOKEN && cap_mode < 192 && cf <= 0 && ns == 1 ? by_loc : NULL, estart, cnt);
     for (int r = 0; r < world; r++) {
         free(sendrow[r]);
         plan_free(&pb[r]);

@@ -11,7 +11,7 @@
 #include <math.h>
 
 void scmoe__attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
-                       int causal) {
+                              int causal) {
     int hd = d / H, ld = 3 * d;
     float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for schedule(static)
@@ -25,7 +25,10 @@ void scmoe__attention_forward(const exec *ex, float *out, float *att, const floa
             int n = causal ? i + 1 : T;
             float mx = -FLT_MAX, s = 0.0f;
             for (int j = 0; j < n; j++) mx = row[j] > mx ? row[j] : mx;
-            for (int j = 0; j < n; j++) { row[j] = expf(row[j] - mx); s += row[j]; }
+            for (int j = 0; j < n; j++) {
+                row[j] = expf(row[j] - mx);
+                s += row[j];
+            }
             for (int j = 0; j < n; j++) row[j] /= s;
             for (int j = n; j < T; j++) row[j] = 0.0f;
         }
@@ -35,7 +38,7 @@ void scmoe__attention_forward(const exec *ex, float *out, float *att, const floa
 }
 
 void scmoe__attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int d, int H, int causal) {
+                               const float *att, int B, int T, int d, int H, int causal) {
     (void)causal; /* masked entries of P are 0, so their gradients vanish on their own */
     int hd = d / H, ld = 3 * d;
     float scale = 1.0f / sqrtf((float)hd);

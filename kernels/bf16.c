@@ -31,5 +31,6 @@ void scmoe__bf16_unpack_rows(float *dst, const uint16_t *src, int rows, int cols
 void scmoe__bf16_round_rows(float *dst, const float *src, int rows, int cols, int ld) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) dst[(size_t)i * cols + j] = bf16_to_float(bf16_from_float(src[(size_t)i * ld + j]));
+        for (int j = 0; j < cols; j++)
+            dst[(size_t)i * cols + j] = bf16_to_float(bf16_from_float(src[(size_t)i * ld + j]));
 }

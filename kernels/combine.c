@@ -8,7 +8,7 @@
 #include <math.h>
 
 void scmoe__cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
-                        int n, int d) {
+                               int n, int d) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         const float *mi = m + (size_t)i * d, *si = s + (size_t)i * d, *ai = a + (size_t)i * d;
@@ -24,12 +24,16 @@ void scmoe__cg_combine_forward(float *y, float *cgate, const float *a, const flo
     }
 }
 
-void scmoe__cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d) {
+void scmoe__cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
+                                int d) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < n; i++) {
         const float *dyi = dy + (size_t)i * d, *si = s + (size_t)i * d;
         float c = cgate[i], dc = 0.0f, *g = ds + (size_t)i * d;
-        for (int j = 0; j < d; j++) { g[j] = c * dyi[j]; dc += dyi[j] * si[j]; }
+        for (int j = 0; j < d; j++) {
+            g[j] = c * dyi[j];
+            dc += dyi[j] * si[j];
+        }
         dz[i] = dc * c * (1.0f - c);
     }
 }

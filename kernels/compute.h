@@ -30,7 +30,7 @@ typedef struct compute_ops compute_ops;
 struct exec;
 struct compute_ops {
     const char *name;
-    int device;   /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
+    int device;        /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
     int exchange_kind; /* what MPI exchanges live in: COMPUTE_MAPPED, or COMPUTE_DEVICE for a CUDA-aware MPI */
     /* ---- memory (allocation happens only in *_create) ---- */
     void *(*alloc)(const compute_ops *self, size_t bytes, int kind); /* 64-byte aligned; NULL when out */
@@ -50,8 +50,8 @@ struct compute_ops {
     void (*sum_rows)(const compute_ops *self, float *acc, const float *x, int N, int C);
     void (*activation_forward)(const compute_ops *self, float *hid, float *pre, const float *b, int N, int h,
                                scmoe_activation act);
-    void (*activation_backward)(const compute_ops *self, float *dpre, const float *dhid, const float *pre, int N,
-                                int h, scmoe_activation act);
+    void (*activation_backward)(const compute_ops *self, float *dpre, const float *dhid, const float *pre, int N, int h,
+                                scmoe_activation act);
     void (*gate_softmax)(const compute_ops *self, float *logits, float *p, float *lse, int N, int E, float noise_std,
                          uint64_t seed, uint64_t step, int64_t token_offset);
     void (*gate_topk)(const compute_ops *self, int *choice, float *weight, float *score, const float *p, int N, int E,
@@ -71,8 +71,8 @@ struct compute_ops {
     void (*layernorm_backward)(const compute_ops *self, float *dx, float *dw, float *db, const float *dy,
                                const float *x, const float *w, const float *mean, const float *rstd, int N, int C);
     /* the host's runs GEMMs through ex (and so polls); a device's is one kernel */
-    void (*attention_forward)(const compute_ops *self, const struct exec *ex, float *out, float *att,
-                              const float *qkv, int B, int T, int d, int H, int causal);
+    void (*attention_forward)(const compute_ops *self, const struct exec *ex, float *out, float *att, const float *qkv,
+                              int B, int T, int d, int H, int causal);
     void (*attention_backward)(const compute_ops *self, const struct exec *ex, float *dqkv, float *datt,
                                const float *dout, const float *qkv, const float *att, int B, int T, int d, int H,
                                int causal);

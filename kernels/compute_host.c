@@ -33,7 +33,9 @@ static void host_add(const compute_ops *self, float *y, const float *x, size_t n
 static void host_broadcast_rows(const compute_ops *self, float *out, const float *b, int N, int C) {
     scmoe__broadcast_rows(out, b, N, C);
 }
-static void host_sum_rows(const compute_ops *self, float *acc, const float *x, int N, int C) { scmoe__sum_rows(acc, x, N, C); }
+static void host_sum_rows(const compute_ops *self, float *acc, const float *x, int N, int C) {
+    scmoe__sum_rows(acc, x, N, C);
+}
 static void host_activation_forward(const compute_ops *self, float *hid, float *pre, const float *b, int N, int h,
                                     scmoe_activation act) {
     scmoe__activation_forward(hid, pre, b, N, h, act);
@@ -50,17 +52,16 @@ static void host_gate_topk(const compute_ops *self, int *choice, float *weight, 
                            int E, int k, int renormalize) {
     scmoe__gate_topk(choice, weight, score, p, N, E, k, renormalize);
 }
-static void host_gate_backward_logits(const compute_ops *self, float *dlogits, const float *dweight,
-                                      const int *choice, const float *p, const float *lse, const float *aux_coef,
-                                      float z_coef, int N, int E, int k, int renormalize) {
+static void host_gate_backward_logits(const compute_ops *self, float *dlogits, const float *dweight, const int *choice,
+                                      const float *p, const float *lse, const float *aux_coef, float z_coef, int N,
+                                      int E, int k, int renormalize) {
     scmoe__gate_backward_logits(dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize);
 }
 static void host_permute_rows(const compute_ops *self, float *dst, const float *src, const int *map, int n, int d,
                               int scatter) {
     scmoe__permute_rows(dst, src, map, n, d, scatter);
 }
-static void host_pack_rows(const compute_ops *self, float *send, const float *x, const int *slot, int n, int k,
-                           int d) {
+static void host_pack_rows(const compute_ops *self, float *send, const float *x, const int *slot, int n, int k, int d) {
     scmoe__pack_rows(send, x, slot, n, k, d);
 }
 static void host_decode_rows(const compute_ops *self, float *y, float beta, const float *rows, const int *slot,

@@ -10,17 +10,16 @@ static const uint16_t *weight_copy(const exec *ex, const float *x) {
     return ex->wb && x >= ex->w && x < ex->w + ex->wn ? ex->wb + (x - ex->w) : NULL;
 }
 
-static void gemm(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+static void gemm(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                 int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (bf16)
         ex->blas->gemm_bf16(ex->blas, trans_a, trans_b, M, N, K, alpha, A, weight_copy(ex, A), lda, B,
                             weight_copy(ex, B), ldb, beta, C, ldc);
-    else
-        ex->blas->gemm(ex->blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else ex->blas->gemm(ex->blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     /* Tiles split the output's columns, always the same way whether or not anything is in flight,
      * so the numbers never depend on timing; column tiles keep the GEMMs' row count, and with it
      * their efficiency, where row tiles of a few dozen rows halve it. */
@@ -34,17 +33,17 @@ static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int
     }
 }
 
-void scmoe__exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-               const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+void scmoe__exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                      int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     tiled(ex, ex->bf16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-void scmoe__exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+void scmoe__exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                           int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     tiled(ex, 0, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-void scmoe__exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+void scmoe__exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                          int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     gemm(ex, ex->bf16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

@@ -16,7 +16,7 @@
 
 typedef struct exec {
     const blas_backend *blas;
-    void (*poll)(void *arg);   /* NULL: nothing in flight */
+    void (*poll)(void *arg); /* NULL: nothing in flight */
     void *poll_arg;
     int poll_cols;
     const compute_ops *compute; /* NULL: scmoe__compute_host() */
@@ -26,19 +26,21 @@ typedef struct exec {
     size_t wn;
 } exec;
 
-static inline const compute_ops *exec_compute(const exec *ex) { return ex->compute ? ex->compute : scmoe__compute_host(); }
+static inline const compute_ops *exec_compute(const exec *ex) {
+    return ex->compute ? ex->compute : scmoe__compute_host();
+}
 
 /* Calls the poll hook, from the master thread only (MPI is initialised FUNNELED at least). */
 void scmoe__exec_poll(const exec *ex);
 
 /* exec->blas->gemm (or gemm_bf16) over column tiles of poll_cols, with a poll between tiles while one is set. */
-void scmoe__exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-               const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+void scmoe__exec_gemm(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                      int lda, const float *B, int ldb, float beta, float *C, int ldc);
 /* one GEMM, untiled, in the exec's precision (a task of a parallel loop: attention's heads) */
-void scmoe__exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+void scmoe__exec_gemm_one(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                          int lda, const float *B, int ldb, float beta, float *C, int ldc);
 /* scmoe__exec_gemm in fp32 whatever the precision */
-void scmoe__exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha,
-                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+void scmoe__exec_gemm_fp32(const exec *ex, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                           int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
 #endif

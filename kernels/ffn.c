@@ -24,11 +24,19 @@ static inline float exp_fast(float x) {
     x = x > 40.0f ? 40.0f : x;
     /* adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits: n without a float-to-int
      * conversion, which a NaN would make undefined (a NaN just stays NaN through p) */
-    union { float f; int32_t i; } m = {.f = x * 1.44269504088896341f + 12582912.0f};
+    union {
+        float f;
+        int32_t i;
+    } m = {.f = x * 1.44269504088896341f + 12582912.0f};
     float n = m.f - 12582912.0f;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666418f + r * (0.00833345205f + r * 0.00138888637f)))));
-    union { int32_t i; float f; } two_n = {.i = (int32_t)((uint32_t)(m.i - 0x4B400000 + 127) << 23)};
+    float p =
+        1.0f +
+        r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666418f + r * (0.00833345205f + r * 0.00138888637f)))));
+    union {
+        int32_t i;
+        float f;
+    } two_n = {.i = (int32_t)((uint32_t)(m.i - 0x4B400000 + 127) << 23)};
     return p * two_n.f;
 }
 
@@ -112,7 +120,7 @@ void scmoe__activation_backward(float *dpre, const float *dhid, const float *pre
 int scmoe__ffn_width(int h, scmoe_activation act) { return act == SCMOE_SWIGLU ? 2 * h : h; }
 
 void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
-                 const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act) {
+                        const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act) {
     if (N <= 0) return;
     int h1 = scmoe__ffn_width(h, act);
     const compute_ops *co = exec_compute(ex);
@@ -123,8 +131,9 @@ void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, cons
 }
 
 void scmoe__ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
-                  float *dhid, float *dpre, const float *dout, const float *x, const float *pre, const float *hid,
-                  const float *w1, const float *w2, int N, int d, int h, scmoe_activation act) {
+                         float *dhid, float *dpre, const float *dout, const float *x, const float *pre,
+                         const float *hid, const float *w1, const float *w2, int N, int d, int h,
+                         scmoe_activation act) {
     if (N <= 0) return;
     int h1 = scmoe__ffn_width(h, act);
     const compute_ops *co = exec_compute(ex);

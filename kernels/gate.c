@@ -13,15 +13,15 @@
 #include <float.h>
 #include <math.h>
 
-void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
-                  int64_t token_offset) {
+void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
+                         uint64_t step, int64_t token_offset) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++)
         gate_softmax_row(logits + (long)i * E, p + (long)i * E, lse + i, E, noise_std, seed, step, token_offset + i);
 }
 
 void scmoe__gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
-                  int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
+                         int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
     if (N <= 0) return;
     const compute_ops *co = exec_compute(ex);
     scmoe__exec_gemm_fp32(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
@@ -39,7 +39,10 @@ void scmoe__gate_topk(int *choice, float *weight, float *score, const float *p, 
 static void weight_backward(float *dp, const float *dw, const int *c, const float *p, int k, int renormalize) {
     if (k > 1 && renormalize) {
         float s = 0.0f, dot = 0.0f;
-        for (int j = 0; j < k; j++) { s += p[c[j]]; dot += dw[j] * p[c[j]]; }
+        for (int j = 0; j < k; j++) {
+            s += p[c[j]];
+            dot += dw[j] * p[c[j]];
+        }
         int clamped = s <= FLT_EPSILON;
         s = clamped ? FLT_EPSILON : s;
         for (int j = 0; j < k; j++) dp[c[j]] += dw[j] / s - (clamped ? 0.0f : dot / (s * s));
@@ -48,8 +51,9 @@ static void weight_backward(float *dp, const float *dw, const int *c, const floa
     }
 }
 
-void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
-                          const float *aux_coef, float z_coef, int N, int E, int k, int renormalize) {
+void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
+                                 const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
+                                 int renormalize) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         const float *pi = p + (long)i * E;
@@ -65,8 +69,8 @@ void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int
 }
 
 void scmoe__gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
-                   const int *choice, const float *p, const float *lse, const float *x, const float *wg,
-                   const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize) {
+                          const int *choice, const float *p, const float *lse, const float *x, const float *wg,
+                          const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize) {
     if (N <= 0) return;
     const compute_ops *co = exec_compute(ex);
     co->gate_backward_logits(co, dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize);

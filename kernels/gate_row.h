@@ -39,8 +39,8 @@ GATE_ROW_FN float gate_normal_from_key(uint64_t key) {
 }
 
 /* One token (global index token): noise into its logits l[E], then p[E] = softmax(l) and *lse. */
-GATE_ROW_FN void gate_softmax_row(float *l, float *p, float *lse, int E, float noise_std, uint64_t seed,
-                                  uint64_t step, int64_t token) {
+GATE_ROW_FN void gate_softmax_row(float *l, float *p, float *lse, int E, float noise_std, uint64_t seed, uint64_t step,
+                                  int64_t token) {
     if (noise_std > 0.0f) {
         uint64_t key = gate_mix64(gate_mix64(seed ^ 0x6E6F697365ull) + step) ^ gate_mix64((uint64_t)token);
         for (int e = 0; e < E; e++) l[e] += noise_std * gate_normal_from_key(key + (uint64_t)e * 0x9E3779B9ull) / E;
@@ -48,7 +48,10 @@ GATE_ROW_FN void gate_softmax_row(float *l, float *p, float *lse, int E, float n
     float mx = -FLT_MAX;
     for (int e = 0; e < E; e++) mx = l[e] > mx ? l[e] : mx;
     float s = 0.0f;
-    for (int e = 0; e < E; e++) { p[e] = expf(l[e] - mx); s += p[e]; }
+    for (int e = 0; e < E; e++) {
+        p[e] = expf(l[e] - mx);
+        s += p[e];
+    }
     for (int e = 0; e < E; e++) p[e] /= s;
     *lse = mx + logf(s);
 }
@@ -61,7 +64,10 @@ GATE_ROW_FN void gate_topk_row(int *c, float *w, float *score, const float *p, i
     for (int e = 0; e < E; e++) {
         if (have == k && !(p[e] > p[c[k - 1]])) continue;
         int pos = have < k ? have++ : k - 1;
-        while (pos > 0 && p[e] > p[c[pos - 1]]) { c[pos] = c[pos - 1]; pos--; }
+        while (pos > 0 && p[e] > p[c[pos - 1]]) {
+            c[pos] = c[pos - 1];
+            pos--;
+        }
         c[pos] = e;
     }
     for (int j = 0; j < k; j++) w[j] = p[c[j]];

@@ -15,7 +15,7 @@
  * against plain sgemm: 0.69 -> 0.88 of its GFLOP/s on an AVX-512 machine. Clang builds take the
  * baseline (it has no per-function way to turn contraction off here). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SCMOE_NO_CLONES)
-#define SCMOE_SIMD_CLONES \
+#define SCMOE_SIMD_CLONES                                                                                              \
     __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4"), optimize("fp-contract=off")))
 #else
 #define SCMOE_SIMD_CLONES
@@ -23,9 +23,9 @@
 
 /* layernorm.c: dx accumulates (+=) */
 void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
-                       int N, int C);
+                              int N, int C);
 void scmoe__layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
-                        const float *mean, const float *rstd, int N, int C);
+                               const float *mean, const float *rstd, int N, int C);
 
 /* ffn.c: pre [N, scmoe__ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
 int scmoe__ffn_width(int h, scmoe_activation act);
@@ -35,39 +35,40 @@ void scmoe__broadcast_rows(float *out, const float *b, int N, int C);
 void scmoe__activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act);
 void scmoe__activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
 void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
-                 const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act);
+                        const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act);
 void scmoe__ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
-                  float *dhid, float *dpre, const float *dout, const float *x, const float *pre, const float *hid,
-                  const float *w1, const float *w2, int N, int d, int h, scmoe_activation act);
+                         float *dhid, float *dpre, const float *dout, const float *x, const float *pre,
+                         const float *hid, const float *w1, const float *w2, int N, int d, int h, scmoe_activation act);
 
 /* gate.c */
 /* logits [N, E] in (noise added in place), p [N, E] = softmax, lse [N] = logsumexp */
-void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed, uint64_t step,
-                  int64_t token_offset);
+void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
+                         uint64_t step, int64_t token_offset);
 /* logits = x Wg, then scmoe__gate_softmax */
 void scmoe__gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
-                  int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset);
+                         int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset);
 /* choice [N, k], weight [N, k] (after renormalisation), score [N] = top-1 probability */
 void scmoe__gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize);
 /* dlogits [N, E] = dL/dlogits (the part of scmoe__gate_backward before its GEMMs) */
-void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p, const float *lse,
-                          const float *aux_coef, float z_coef, int N, int E, int k, int renormalize);
+void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
+                                 const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
+                                 int renormalize);
 /* dweight [N, k] = dL/dweight; aux_coef [E] = dL/dp[s, e] from the aux loss (NULL: none);
  * z_coef = w_z / S. dlogits [N, E] is scratch. dx = dlogits Wg^T + beta_dx * dx. */
 void scmoe__gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
-                   const int *choice, const float *p, const float *lse, const float *x, const float *wg,
-                   const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize);
+                          const int *choice, const float *p, const float *lse, const float *x, const float *wg,
+                          const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize);
 
 /* route.c */
 typedef struct route_plan {
-    int64_t tokens, capacity, dropped;      /* global */
-    int64_t *expert_count, *expert_kept;    /* [E] all assignments / kept, global */
-    int *slot;                              /* [n_local * k] row in the send buffer, -1 if dropped */
-    int *send_counts, *send_displs;         /* [ep_size] rows */
-    int *recv_counts, *recv_displs;         /* [ep_size] rows */
-    int *recv_to_expert;                    /* [n_recv] */
-    int *expert_offsets;                    /* [n_stages * E_local + 1]: stage s, expert e starts at [s * E_local + e] */
-    int *cursor, *src_cursor;               /* scratch [max(E, n_stages * E_local)], [ep_size * E_local] */
+    int64_t tokens, capacity, dropped;   /* global */
+    int64_t *expert_count, *expert_kept; /* [E] all assignments / kept, global */
+    int *slot;                           /* [n_local * k] row in the send buffer, -1 if dropped */
+    int *send_counts, *send_displs;      /* [ep_size] rows */
+    int *recv_counts, *recv_displs;      /* [ep_size] rows */
+    int *recv_to_expert;                 /* [n_recv] */
+    int *expert_offsets;                 /* [n_stages * E_local + 1]: stage s, expert e starts at [s * E_local + e] */
+    int *cursor, *src_cursor;            /* scratch [max(E, n_stages * E_local)], [ep_size * E_local] */
     int n_send, n_recv, n_stages;
 } route_plan;
 
@@ -78,15 +79,16 @@ size_t scmoe__route_workspace_bytes(int64_t S_max, int k);
 /* records: per global token (rank-major), k int32 expert ids then the top-1 probability's bits;
  * chunks: 0, or the peers' blocks split in chunks stages after the own block's (pipelining) */
 void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
-                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks);
+                             int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity,
+                             int chunks);
 /* capacity per source rank: the send side from this rank's n records alone (capacity its own C);
  * counts [ep_size][1 + E_local*k]: for each peer, words 1.. = rows kept for its expert e in round j at
  * 1 + e*k + j (word 0 is left to the caller). work: scmoe__route_workspace_bytes(n, k). */
 void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
-                           scmoe_priority priority, int64_t capacity, int32_t *counts);
+                                  scmoe_priority priority, int64_t capacity, int32_t *counts);
 /* the receive side from every source's counts (as sent above, indexed by source) */
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
-                           int chunks);
+                                  int chunks);
 /* stages of a plan with this many chunks */
 int scmoe__route_stages(int chunks);
 /* [*lo, *hi): the rows of a block of count rows to or from one peer (own: this rank's block) in stage s */
@@ -95,15 +97,17 @@ void scmoe__route_stage_range(int n_stages, int s, int own, int count, int *lo, 
 /* rows.c: the MoE's row moves (slot: the route plan's, -1 dropped); see rows.c for the math */
 void scmoe__pack_rows(float *send, const float *x, const int *slot, int n, int k, int d);
 void scmoe__permute_rows(float *dst, const float *src, const int *map, int n, int d, int scatter);
-void scmoe__decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d);
+void scmoe__decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k,
+                        int d);
 void scmoe__decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
-                          const float *weight, int n, int k, int d);
+                                 const float *weight, int n, int k, int d);
 
 /* combine.c: y = a + c s with c = sigmoid(w_cg . m) (wcg NULL: 1), cgate [n] = c; its backward
  * (ds = c dy, dz = (dy . s) c (1 - c)); out[i, j] += u[i] v[j] */
 void scmoe__cg_combine_forward(float *y, float *cgate, const float *a, const float *s, const float *m, const float *wcg,
-                        int n, int d);
-void scmoe__cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n, int d);
+                               int n, int d);
+void scmoe__cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate, int n,
+                                int d);
 void scmoe__add_outer(float *out, const float *u, const float *v, int n, int d);
 
 /* compute_host.c: 1 if any of x[0..n) is NaN or Inf */
@@ -133,8 +137,8 @@ void scmoe__bf16_round_rows(float *dst, const float *src, int rows, int cols, in
 
 /* attention.c: att, datt [B, H, T, T]; dqkv overwritten */
 void scmoe__attention_forward(const exec *ex, float *out, float *att, const float *qkv, int B, int T, int d, int H,
-                       int causal);
+                              int causal);
 void scmoe__attention_backward(const exec *ex, float *dqkv, float *datt, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int d, int H, int causal);
+                               const float *att, int B, int T, int d, int H, int causal);
 
 #endif

@@ -11,7 +11,7 @@
 
 SCMOE_SIMD_CLONES
 void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
-                       int N, int C) {
+                              int N, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         const float *xi = x + (long)i * C;
@@ -19,7 +19,10 @@ void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float 
         for (int c = 0; c < C; c++) m += xi[c];
         m /= C;
         float v = 0.0f;
-        for (int c = 0; c < C; c++) { float t = xi[c] - m; v += t * t; }
+        for (int c = 0; c < C; c++) {
+            float t = xi[c] - m;
+            v += t * t;
+        }
         v /= C;
         float s = 1.0f / sqrtf(v + 1e-5f);
         float *oi = out + (long)i * C;
@@ -31,7 +34,7 @@ void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float 
 
 SCMOE_SIMD_CLONES
 void scmoe__layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
-                        const float *mean, const float *rstd, int N, int C) {
+                               const float *mean, const float *rstd, int N, int C) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++) {
         const float *dyi = dy + (long)i * C, *xi = x + (long)i * C;
@@ -62,6 +65,9 @@ void scmoe__layernorm_backward(float *dx, float *dw, float *db, const float *dy,
                 sb[c - c0] += dyi[c];
             }
         }
-        for (int c = c0; c < c1; c++) { dw[c] += sw[c - c0]; db[c] += sb[c - c0]; }
+        for (int c = c0; c < c1; c++) {
+            dw[c] += sw[c - c0];
+            db[c] += sb[c - c0];
+        }
     }
 }

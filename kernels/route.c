@@ -27,7 +27,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct { float score; int token; } ranked;
+typedef struct {
+    float score;
+    int token;
+} ranked;
 
 /* Highest score first, ties by token; a NaN score ranks last (a total order even then). */
 static int by_score_desc(const void *a, const void *b) {
@@ -109,7 +112,8 @@ static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32
 }
 
 void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
-                      int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity, int chunks) {
+                             int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity,
+                             int chunks) {
     int E_local = E / ep_size, group = rank / ep_size, ep_rank = rank % ep_size;
     int64_t S = 0, my_first = 0, my_end = 0, group_first = 0, group_end = 0;
     for (int r = 0; r < world; r++) {
@@ -142,7 +146,10 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
         start += c;
     }
     pl->n_send = start;
-    for (int q = 0, off = 0; q < ep_size; q++) { pl->send_displs[q] = off; off += pl->send_counts[q]; }
+    for (int q = 0, off = 0; q < ep_size; q++) {
+        pl->send_displs[q] = off;
+        off += pl->send_counts[q];
+    }
     for (int j = 0; j < k; j++)
         for (int64_t i = 0; i < S; i++) {
             int64_t t = order[i];
@@ -158,13 +165,18 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
     for (int64_t t = group_first; t < group_end; t++)
         for (int j = 0; j < k; j++) {
             int e = records[t * stride + j] - first_e;
-            if (e >= 0 && e < E_local && loc[t * k + j] < capacity) src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
+            if (e >= 0 && e < E_local && loc[t * k + j] < capacity)
+                src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
         }
     int off = 0;
     for (int p = 0; p < ep_size; p++) {
         pl->recv_displs[p] = off;
         int c0 = off;
-        for (int e = 0; e < E_local; e++) { int c = src_cnt[p * E_local + e]; src_cnt[p * E_local + e] = off; off += c; }
+        for (int e = 0; e < E_local; e++) {
+            int c = src_cnt[p * E_local + e];
+            src_cnt[p * E_local + e] = off;
+            off += c;
+        }
         pl->recv_counts[p] = off - c0;
     }
     pl->n_recv = off;
@@ -205,7 +217,7 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
  * (round j, then the global token order, which is rank-major), so the experts' GEMMs see the same
  * rows in the same order and even the weight gradients' sums match GLOBAL bitwise. */
 void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
-                           scmoe_priority priority, int64_t capacity, int32_t *counts) {
+                                  scmoe_priority priority, int64_t capacity, int32_t *counts) {
     int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k;
     int *loc = work, *order = loc + (size_t)n * k;
     ranked *rk = (ranked *)(order + 2 * (size_t)n); /* the layout of scmoe__route_workspace_bytes */
@@ -221,7 +233,10 @@ void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *rec
         start += c;
     }
     pl->n_send = start;
-    for (int q = 0, off = 0; q < ep_size; q++) { pl->send_displs[q] = off; off += pl->send_counts[q]; }
+    for (int q = 0, off = 0; q < ep_size; q++) {
+        pl->send_displs[q] = off;
+        off += pl->send_counts[q];
+    }
     for (int q = 0; q < ep_size; q++) memset(counts + (size_t)q * msg + 1, 0, sizeof(int32_t) * E_local * k);
     for (int j = 0; j < k; j++)
         for (int i = 0; i < n; i++) {
@@ -233,7 +248,7 @@ void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *rec
 }
 
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
-                           int chunks) {
+                                  int chunks) {
     int msg = 1 + E_local * k, S_n = scmoe__route_stages(chunks), off = 0;
     for (int p = 0; p < ep_size; p++) {
         int c = 0;

@@ -27,35 +27,45 @@ void scmoe__permute_rows(float *dst, const float *src, const int *map, int n, in
     }
 }
 
-void scmoe__decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k, int d) {
+void scmoe__decode_rows(float *y, float beta, const float *rows, const int *slot, const float *weight, int n, int k,
+                        int d) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++) {
         float *yt = y + (size_t)t * d;
         if (beta == 0.0f) memset(yt, 0, sizeof(float) * d);
-        else if (beta != 1.0f) for (int c = 0; c < d; c++) yt[c] *= beta;
+        else if (beta != 1.0f)
+            for (int c = 0; c < d; c++) yt[c] *= beta;
         for (int j = 0; j < k; j++) {
             int s = slot[(size_t)t * k + j];
             if (s < 0) continue;
             float w = weight ? weight[(size_t)t * k + j] : 1.0f;
             const float *r = rows + (size_t)s * d;
-            if (weight) for (int c = 0; c < d; c++) yt[c] += w * r[c];
-            else for (int c = 0; c < d; c++) yt[c] += r[c];
+            if (weight)
+                for (int c = 0; c < d; c++) yt[c] += w * r[c];
+            else
+                for (int c = 0; c < d; c++) yt[c] += r[c];
         }
     }
 }
 
 void scmoe__decode_rows_backward(float *grows, float *dweight, const float *dy, const float *rows, const int *slot,
-                          const float *weight, int n, int k, int d) {
+                                 const float *weight, int n, int k, int d) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < n; t++) {
         const float *dyt = dy + (size_t)t * d;
         for (int j = 0; j < k; j++) {
             size_t a = (size_t)t * k + j;
             int s = slot[a];
-            if (s < 0) { dweight[a] = 0.0f; continue; }
+            if (s < 0) {
+                dweight[a] = 0.0f;
+                continue;
+            }
             const float *r = rows + (size_t)s * d;
             float *g = grows + (size_t)s * d, w = weight[a], dot = 0.0f;
-            for (int c = 0; c < d; c++) { dot += dyt[c] * r[c]; g[c] = w * dyt[c]; }
+            for (int c = 0; c < d; c++) {
+                dot += dyt[c] * r[c];
+                g[c] = w * dyt[c];
+            }
             dweight[a] = dot;
         }
     }

@@ -22,13 +22,12 @@ typedef struct comm_ops {
     /* recv_bytes[i], displs[i]: bytes from rank i and where they land */
     scmoe_status (*allgatherv)(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
                                const int *displs);
-    scmoe_status (*allreduce_f64)(comm *c, double *buf, int n);         /* in place, sum */
-    scmoe_status (*allreduce_i64_max)(comm *c, int64_t *buf, int n);    /* in place, max */
+    scmoe_status (*allreduce_f64)(comm *c, double *buf, int n);      /* in place, sum */
+    scmoe_status (*allreduce_i64_max)(comm *c, int64_t *buf, int n); /* in place, max */
     /* counts and displacements in elements of elem_bytes (elem_bytes * count must fit an int) */
-    scmoe_status (*alltoallv_start)(comm *c, const void *send, const int *scounts, const int *sdispls,
-                                    void *recv, const int *rcounts, const int *rdispls, int elem_bytes,
-                                    int *req);
-    scmoe_status (*allreduce_start)(comm *c, float *buf, int n, int *req);  /* in place, sum */
+    scmoe_status (*alltoallv_start)(comm *c, const void *send, const int *scounts, const int *sdispls, void *recv,
+                                    const int *rcounts, const int *rdispls, int elem_bytes, int *req);
+    scmoe_status (*allreduce_start)(comm *c, float *buf, int n, int *req); /* in place, sum */
     scmoe_status (*test)(comm *c, int req, int *done);
     scmoe_status (*wait)(comm *c, int req);
     void (*progress)(comm *c);

@@ -44,7 +44,7 @@
 /* spins of MPI_Test in wait before yielding the core: spinning keeps small exchanges' latency at the
  * MPI call cost, yielding keeps an oversubscribed node (more ranks than cores) from starving a peer */
 #define WAIT_SPINS_BEFORE_YIELD 1000
-#define PROGRESS_SLEEP_NS 200000L
+#define PROGRESS_SLEEP_NS       200000L
 /* the longest int64 max-reduction that runs in the comm's own buffer (the call agreement is 11) */
 #define SMALL_I64 16
 
@@ -53,9 +53,9 @@ enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64 };
 
 typedef struct slot {
     MPI_Request r;
-    int state;    /* SLOT_*; ACTIVE: r pending; DONE/FAILED: completed by the helper, not yet collected */
-    int kind, n;  /* for messages: KIND_ALLTOALLV with n = elem_bytes, KIND_ALLREDUCE with n floats */
-    int rc;       /* the MPI error code of a FAILED slot */
+    int state;   /* SLOT_*; ACTIVE: r pending; DONE/FAILED: completed by the helper, not yet collected */
+    int kind, n; /* for messages: KIND_ALLTOALLV with n = elem_bytes, KIND_ALLREDUCE with n floats */
+    int rc;      /* the MPI error code of a FAILED slot */
     double t_start;
     /* copies of scounts, sdispls, rcounts, rdispls: MPI requires the arrays of a nonblocking
      * collective to stay valid until it completes. The core keeps its own arrays valid until the
@@ -66,11 +66,11 @@ typedef struct slot {
 typedef struct mpi_impl {
     MPI_Comm mc;
     int thread_level;
-    pthread_mutex_t mu;  /* guards slots[].state/r and n_active, th_stop */
-    pthread_cond_t cv;   /* the helper waits here while n_active == 0 */
+    pthread_mutex_t mu; /* guards slots[].state/r and n_active, th_stop */
+    pthread_cond_t cv;  /* the helper waits here while n_active == 0 */
     slot slots[COMM_MAX_REQ];
-    int n_active;        /* slots in SLOT_ACTIVE */
-    int *args;           /* COMM_MAX_REQ * 4 * size ints, carved into slots[].args */
+    int n_active; /* slots in SLOT_ACTIVE */
+    int *args;    /* COMM_MAX_REQ * 4 * size ints, carved into slots[].args */
     int n_types;
     int type_bytes[TYPE_CACHE];
     MPI_Datatype types[TYPE_CACHE];
@@ -218,8 +218,7 @@ static scmoe_status check_req(comm *c, int req) {
     pthread_mutex_lock(&m->mu);
     int free_slot = m->slots[req].state == SLOT_FREE;
     pthread_mutex_unlock(&m->mu);
-    if (free_slot)
-        return fail(c, SCMOE_ERR_STATE, "request %d is not in flight (already completed?)", req);
+    if (free_slot) return fail(c, SCMOE_ERR_STATE, "request %d is not in flight (already completed?)", req);
     return SCMOE_OK;
 }
 
@@ -392,9 +391,8 @@ static scmoe_status mpi_allreduce_i64_max(comm *c, int64_t *buf, int n) {
 
 /* ---- nonblocking collectives ---- */
 
-static scmoe_status mpi_alltoallv_start(comm *c, const void *send, const int *scounts, const int *sdispls,
-                                        void *recv, const int *rcounts, const int *rdispls, int elem_bytes,
-                                        int *req) {
+static scmoe_status mpi_alltoallv_start(comm *c, const void *send, const int *scounts, const int *sdispls, void *recv,
+                                        const int *rcounts, const int *rdispls, int elem_bytes, int *req) {
     mpi_impl *m = c->impl;
     *req = -1;
     if (elem_bytes < 1) return fail(c, SCMOE_ERR_STATE, "all-to-all with elem_bytes = %d", elem_bytes);
@@ -546,8 +544,19 @@ static scmoe_status mpi_split(comm *c, int color, int key, comm **out) {
 }
 
 static const comm_ops mpi_ops = {
-    mpi_split, mpi_destroy, mpi_allgather, mpi_allgatherv, mpi_allreduce_f64, mpi_allreduce_i64_max,
-    mpi_alltoallv_start, mpi_allreduce_start, mpi_test, mpi_wait, mpi_progress, mpi_pending, mpi_abandon,
+    mpi_split,
+    mpi_destroy,
+    mpi_allgather,
+    mpi_allgatherv,
+    mpi_allreduce_f64,
+    mpi_allreduce_i64_max,
+    mpi_alltoallv_start,
+    mpi_allreduce_start,
+    mpi_test,
+    mpi_wait,
+    mpi_progress,
+    mpi_pending,
+    mpi_abandon,
     mpi_allreduce_f64_start,
 };
 
@@ -569,12 +578,16 @@ static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out) {
         return SCMOE_ERR_NOMEM;
     }
     if (pthread_mutex_init(&m->mu, NULL)) {
-        free(c); free(m); free(args);
+        free(c);
+        free(m);
+        free(args);
         return SCMOE_ERR_NOMEM;
     }
     if (pthread_cond_init(&m->cv, NULL)) {
         pthread_mutex_destroy(&m->mu);
-        free(c); free(m); free(args);
+        free(c);
+        free(m);
+        free(args);
         return SCMOE_ERR_NOMEM;
     }
     m->mc = mc;

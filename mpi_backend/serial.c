@@ -5,7 +5,9 @@
 #include <string.h>
 
 static scmoe_status serial_split(comm *c, int color, int key, comm **out) {
-    (void)c; (void)color; (void)key;
+    (void)c;
+    (void)color;
+    (void)key;
     return scmoe__comm_serial_create(out);
 }
 
@@ -19,18 +21,30 @@ static scmoe_status serial_allgather(comm *c, const void *send, int bytes, void 
 
 static scmoe_status serial_allgatherv(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
                                       const int *displs) {
-    (void)c; (void)recv_bytes;
+    (void)c;
+    (void)recv_bytes;
     if (bytes > 0) memmove((char *)recv + displs[0], send, (size_t)bytes);
     return SCMOE_OK;
 }
 
-static scmoe_status serial_allreduce_f64(comm *c, double *buf, int n) { (void)c; (void)buf; (void)n; return SCMOE_OK; }
-static scmoe_status serial_allreduce_i64_max(comm *c, int64_t *buf, int n) { (void)c; (void)buf; (void)n; return SCMOE_OK; }
+static scmoe_status serial_allreduce_f64(comm *c, double *buf, int n) {
+    (void)c;
+    (void)buf;
+    (void)n;
+    return SCMOE_OK;
+}
+static scmoe_status serial_allreduce_i64_max(comm *c, int64_t *buf, int n) {
+    (void)c;
+    (void)buf;
+    (void)n;
+    return SCMOE_OK;
+}
 
 static scmoe_status serial_alltoallv_start(comm *c, const void *send, const int *scounts, const int *sdispls,
                                            void *recv, const int *rcounts, const int *rdispls, int elem_bytes,
                                            int *req) {
-    (void)c; (void)rcounts;
+    (void)c;
+    (void)rcounts;
     if (scounts[0] > 0)
         memmove((char *)recv + (size_t)rdispls[0] * elem_bytes, (const char *)send + (size_t)sdispls[0] * elem_bytes,
                 (size_t)scounts[0] * elem_bytes);
@@ -39,28 +53,52 @@ static scmoe_status serial_alltoallv_start(comm *c, const void *send, const int 
 }
 
 static scmoe_status serial_allreduce_start(comm *c, float *buf, int n, int *req) {
-    (void)c; (void)buf; (void)n;
+    (void)c;
+    (void)buf;
+    (void)n;
     *req = -1;
     return SCMOE_OK;
 }
 
 static scmoe_status serial_allreduce_f64_start(comm *c, double *buf, int n, int *req) {
-    (void)c; (void)buf; (void)n;
+    (void)c;
+    (void)buf;
+    (void)n;
     *req = -1;
     return SCMOE_OK;
 }
 
-static scmoe_status serial_test(comm *c, int req, int *done) { (void)c; (void)req; *done = 1; return SCMOE_OK; }
-static scmoe_status serial_wait(comm *c, int req) { (void)c; (void)req; return SCMOE_OK; }
+static scmoe_status serial_test(comm *c, int req, int *done) {
+    (void)c;
+    (void)req;
+    *done = 1;
+    return SCMOE_OK;
+}
+static scmoe_status serial_wait(comm *c, int req) {
+    (void)c;
+    (void)req;
+    return SCMOE_OK;
+}
 static void serial_progress(comm *c) { (void)c; }
 
 /* every request completes in its *_start: nothing is ever pending, so abandoning is destroying */
 static int serial_pending(comm *c) { return 0; }
 
 static const comm_ops serial_ops = {
-    serial_split, serial_destroy, serial_allgather, serial_allgatherv, serial_allreduce_f64,
-    serial_allreduce_i64_max, serial_alltoallv_start, serial_allreduce_start, serial_test, serial_wait,
-    serial_progress, serial_pending, serial_destroy, serial_allreduce_f64_start,
+    serial_split,
+    serial_destroy,
+    serial_allgather,
+    serial_allgatherv,
+    serial_allreduce_f64,
+    serial_allreduce_i64_max,
+    serial_alltoallv_start,
+    serial_allreduce_start,
+    serial_test,
+    serial_wait,
+    serial_progress,
+    serial_pending,
+    serial_destroy,
+    serial_allreduce_f64_start,
 };
 
 scmoe_status scmoe__comm_serial_create(comm **out) {

@@ -6,17 +6,22 @@
 
 static int check_passed, check_failed, check_quiet;
 
-#define CHECK(cond, ...)                                                              \
-    do {                                                                              \
-        if (cond) {                                                                   \
-            check_passed++;                                                           \
-            if (!check_quiet) { printf("ok - "); printf(__VA_ARGS__); printf("\n"); } \
-        } else {                                                                      \
-            check_failed++;                                                           \
-            printf("not ok - "); printf(__VA_ARGS__);                                 \
-            printf("  (%s:%d)\n", __FILE__, __LINE__);                                \
-        }                                                                             \
-        fflush(stdout);                                                               \
+#define CHECK(cond, ...)                                                                                               \
+    do {                                                                                                               \
+        if (cond) {                                                                                                    \
+            check_passed++;                                                                                            \
+            if (!check_quiet) {                                                                                        \
+                printf("ok - ");                                                                                       \
+                printf(__VA_ARGS__);                                                                                   \
+                printf("\n");                                                                                          \
+            }                                                                                                          \
+        } else {                                                                                                       \
+            check_failed++;                                                                                            \
+            printf("not ok - ");                                                                                       \
+            printf(__VA_ARGS__);                                                                                       \
+            printf("  (%s:%d)\n", __FILE__, __LINE__);                                                                 \
+        }                                                                                                              \
+        fflush(stdout);                                                                                                \
     } while (0)
 
 static int check_summary(void) {

@@ -66,13 +66,13 @@ static int oracle_setup(int argc, char **argv, const char *script_name, oracle_e
 
 /* In a case's C part: a library call that fails says which, in the case's why[], and jumps to its
  * done: (the cleanup); ctx is the case's context, NULL until created. */
-#define CHECK(call)                                                                                        \
-    do {                                                                                                   \
-        scmoe_status s_ = (call);                                                                          \
-        if (s_ != SCMOE_OK) {                                                                              \
-            snprintf(why, sizeof why, "%s -> %s (%s)", #call, scmoe_strerror(s_), ctx ? scmoe_last_error(ctx) : ""); \
-            goto done;                                                                                     \
-        }                                                                                                  \
+#define CHECK(call)                                                                                                    \
+    do {                                                                                                               \
+        scmoe_status s_ = (call);                                                                                      \
+        if (s_ != SCMOE_OK) {                                                                                          \
+            snprintf(why, sizeof why, "%s -> %s (%s)", #call, scmoe_strerror(s_), ctx ? scmoe_last_error(ctx) : "");   \
+            goto done;                                                                                                 \
+        }                                                                                                              \
     } while (0)
 
 /* The case's drop expectation (1: some, 0: none, -1: either) against the forward's drop count; on a

@@ -64,6 +64,7 @@ fi
 want deps && run "tools/install_deps.sh (nothing installed)" 60 tests/test_deps.sh
 want plot && run "tools/plot_trace on a synthetic trace" 120 tests/test_plot_trace.sh
 want docs && run "docs name only functions that exist" 120 tests/test_docs.sh
+want format && run "code formatted as .clang-format says" 120 tests/test_format.sh
 want minimal && run "minimal examples: pkg-config + rpath, static, drop-in" 900 env BUILD=${BUILD:-build} tests/test_minimal.sh
 want install && run "make install + pkg-config" 600 tests/test_install.sh
 want amalgamation && run "single-file drop-in == library" 900 tests/test_amalgamation.sh

@@ -15,7 +15,11 @@ int tio_write(FILE *f, const char *name, int ndim, const int *dims, const float 
     fwrite(&len, 4, 1, f);
     fwrite(name, 1, len, f);
     fwrite(&nd, 4, 1, f);
-    for (int i = 0; i < ndim; i++) { int32_t d = dims[i]; fwrite(&d, 4, 1, f); n *= dims[i]; }
+    for (int i = 0; i < ndim; i++) {
+        int32_t d = dims[i];
+        fwrite(&d, 4, 1, f);
+        n *= dims[i];
+    }
     return fwrite(data, sizeof(float), (size_t)n, f) == (size_t)n ? 0 : -1;
 }
 
@@ -47,12 +51,18 @@ int tio_read_all(const char *path, tio_record **out) {
     FILE *f = fopen(path, "rb");
     if (!f) return -1;
     char magic[4];
-    if (fread(magic, 1, 4, f) != 4 || memcmp(magic, "SCMT", 4)) { fclose(f); return -1; }
+    if (fread(magic, 1, 4, f) != 4 || memcmp(magic, "SCMT", 4)) {
+        fclose(f);
+        return -1;
+    }
     int n = 0, cap = 0;
     tio_record *r = NULL;
     uint32_t len;
     while (fread(&len, 4, 1, f) == 1) {
-        if (n == cap) { cap = cap ? 2 * cap : 64; r = realloc(r, sizeof *r * cap); }
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            r = realloc(r, sizeof *r * cap);
+        }
         tio_record *t = &r[n];
         memset(t, 0, sizeof *t);
         if (len >= sizeof t->name || fread(t->name, 1, len, f) != len) break;
@@ -60,9 +70,17 @@ int tio_read_all(const char *path, tio_record **out) {
         if (fread(&nd, 4, 1, f) != 1 || nd > 4) break;
         t->ndim = (int)nd;
         t->numel = 1;
-        for (uint32_t i = 0; i < nd; i++) { int32_t d; if (fread(&d, 4, 1, f) != 1) d = 0; t->dims[i] = d; t->numel *= d; }
+        for (uint32_t i = 0; i < nd; i++) {
+            int32_t d;
+            if (fread(&d, 4, 1, f) != 1) d = 0;
+            t->dims[i] = d;
+            t->numel *= d;
+        }
         t->data = malloc(sizeof(float) * (t->numel ? t->numel : 1));
-        if (fread(t->data, sizeof(float), (size_t)t->numel, f) != (size_t)t->numel) { free(t->data); break; }
+        if (fread(t->data, sizeof(float), (size_t)t->numel, f) != (size_t)t->numel) {
+            free(t->data);
+            break;
+        }
         n++;
     }
     fclose(f);
@@ -71,7 +89,8 @@ int tio_read_all(const char *path, tio_record **out) {
 }
 
 const tio_record *tio_find(const tio_record *r, int n, const char *name) {
-    for (int i = 0; i < n; i++) if (!strcmp(r[i].name, name)) return &r[i];
+    for (int i = 0; i < n; i++)
+        if (!strcmp(r[i].name, name)) return &r[i];
     return NULL;
 }
 

@@ -16,9 +16,9 @@ int tio_write_scalar(FILE *f, const char *name, float v);
  * reference scripts read it: x, dy, every parameter, out.*, grad.x and grad.<parameter>. */
 typedef struct tio_step {
     int ndim;
-    const int *dims;                  /* the shape of x, dy, y and dx */
+    const int *dims; /* the shape of x, dy, y and dx */
     const float *x, *dy, *y, *dx;
-    const scmoe_tensor *params;       /* in param_at order; each tensor's data and grad are written */
+    const scmoe_tensor *params; /* in param_at order; each tensor's data and grad are written */
     int n_params;
     float aux_loss, z_loss, dropped, capacity; /* the forward's stats: backward overwrites them */
     int n_experts;
@@ -27,7 +27,12 @@ typedef struct tio_step {
 void tio_write_step(FILE *f, const tio_step *s);
 
 /* Reads the whole file; returns the number of records or -1. Free with tio_free. */
-typedef struct tio_record { char name[96]; int ndim, dims[4]; long numel; float *data; } tio_record;
+typedef struct tio_record {
+    char name[96];
+    int ndim, dims[4];
+    long numel;
+    float *data;
+} tio_record;
 int tio_read_all(const char *path, tio_record **out);
 const tio_record *tio_find(const tio_record *r, int n, const char *name);
 void tio_free(tio_record *r, int n);

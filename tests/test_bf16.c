@@ -34,7 +34,9 @@ static double r16(float x) {
 }
 
 /* op(X)[i, j] of a row-major matrix with stride ld, transposed when t */
-static float at(const float *X, int t, int ld, int i, int j) { return t ? X[(size_t)j * ld + i] : X[(size_t)i * ld + j]; }
+static float at(const float *X, int t, int ld, int i, int j) {
+    return t ? X[(size_t)j * ld + i] : X[(size_t)i * ld + j];
+}
 
 /* one GEMM through b's gemm_bf16 against the double reference; *bits: the result for bit comparisons */
 static int gemm_ok(const blas_backend *b, int ta, int tb, int M, int N, int K, float alpha, float beta, int copies,
@@ -66,7 +68,11 @@ static int gemm_ok(const blas_backend *b, int ta, int tb, int M, int N, int K, f
         ok &= C[(size_t)i * ldc + N] == C0[(size_t)i * ldc + N];
     if (bits) *bits = C;
     else free(C);
-    free(A); free(B); free(C0); free(Ah); free(Bh);
+    free(A);
+    free(B);
+    free(C0);
+    free(Ah);
+    free(Bh);
     return ok;
 }
 
@@ -113,7 +119,10 @@ static void engine(int which, const char *name) {
     int same = 1;
     for (int t = 0; t < 4; t++) same &= !memcmp(C1, Ct + t * M * N, 4 * M * N);
     CHECK(same, "%s: 4 threads at once give the serial call's bits", name);
-    free(A); free(B); free(C1); free(Ct);
+    free(A);
+    free(B);
+    free(C1);
+    free(Ct);
     /* K = 0: C = beta C; M = 0: nothing */
     float C[6] = {1, 2, 3, 4, 5, 6}, Az[1] = {0}, Bz[1] = {0};
     b->gemm_bf16(b, 0, 0, 2, 3, 0, 1.0f, Az, NULL, 1, Bz, NULL, 3, 0.5f, C, 3);
@@ -135,14 +144,25 @@ static void api(void) {
     CHECK(scmoe_moe_params_changed(NULL) == SCMOE_ERR_NULL && scmoe_pair_params_changed(NULL) == SCMOE_ERR_NULL,
           "params_changed(NULL): SCMOE_ERR_NULL");
     scmoe_context *ctx;
-    if (scmoe_context_create(&ctx)) { CHECK(0, "context"); return; }
+    if (scmoe_context_create(&ctx)) {
+        CHECK(0, "context");
+        return;
+    }
     const char *info = scmoe_context_gemm_info(ctx);
     CHECK(info && strstr(info, "openblas") && strstr(info, "bf16"), "gemm info: %s", info ? info : "(null)");
     c = scmoe_config_default();
-    c.d_model = 16; c.d_hidden = 32; c.n_experts = 4; c.top_k = 2; c.max_tokens = 32;
+    c.d_model = 16;
+    c.d_hidden = 32;
+    c.n_experts = 4;
+    c.top_k = 2;
+    c.max_tokens = 32;
     c.precision = SCMOE_PRECISION_BF16;
     scmoe_moe *m = NULL;
-    if (scmoe_moe_create(ctx, &c, &m)) { CHECK(0, "bf16 layer: create: %s", scmoe_last_error(ctx)); scmoe_context_destroy(ctx); return; }
+    if (scmoe_moe_create(ctx, &c, &m)) {
+        CHECK(0, "bf16 layer: create: %s", scmoe_last_error(ctx));
+        scmoe_context_destroy(ctx);
+        return;
+    }
     enum { n = 32 };
     float x[n * 16], y0[n * 16], y1[n * 16], y2[n * 16];
     for (int i = 0; i < n * 16; i++) x[i] = urand();

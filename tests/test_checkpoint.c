@@ -41,7 +41,10 @@ typedef struct model {
 
 static void model_make(model *m, scmoe_context *ctx, const scmoe_config *c) {
     memset(m, 0, sizeof *m);
-    if (scmoe_pair_create(ctx, c, &m->p)) { fprintf(stderr, "pair create failed: %s\n", scmoe_last_error(ctx)); MPI_Abort(MPI_COMM_WORLD, 1); }
+    if (scmoe_pair_create(ctx, c, &m->p)) {
+        fprintf(stderr, "pair create failed: %s\n", scmoe_last_error(ctx));
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     int n = scmoe_pair_param_count(m->p);
     size_t total = 0;
     m->mom_off = calloc((size_t)n + 1, sizeof *m->mom_off);
@@ -53,7 +56,11 @@ static void model_make(model *m, scmoe_context *ctx, const scmoe_config *c) {
     }
     m->mom = calloc(total + 1, sizeof(float));
 }
-static void model_free(model *m) { scmoe_pair_destroy(m->p); free(m->mom); free(m->mom_off); }
+static void model_free(model *m) {
+    scmoe_pair_destroy(m->p);
+    free(m->mom);
+    free(m->mom_off);
+}
 
 static void build_list(model *m, int n_experts, ckpt_list *l) {
     ckpt_list_add(l, "emb", 2, (int[]){5, 3}, -1, m->emb);
@@ -66,7 +73,8 @@ static void build_list(model *m, int n_experts, ckpt_list *l) {
         snprintf(name, sizeof name, "pair0.%s", pt[k].name);
         ckpt_list_add(l, name, pt[k].ndim, pt[k].shape, pt[k].owner, t.data);
         snprintf(name, sizeof name, "pair0.%s#m", pt[k].name);
-        ckpt_list_add(l, name, pt[k].ndim, pt[k].shape, pt[k].owner, pt[k].local >= 0 ? m->mom + m->mom_off[pt[k].local] : NULL);
+        ckpt_list_add(l, name, pt[k].ndim, pt[k].shape, pt[k].owner,
+                      pt[k].local >= 0 ? m->mom + m->mom_off[pt[k].local] : NULL);
     }
     free(pt);
 }
@@ -102,15 +110,24 @@ static long file_size(const char *path) {
 static unsigned char *read_all(const char *path, long *n) {
     *n = file_size(path);
     FILE *f = fopen(path, "rb");
-    if (!f || *n < 0) { if (f) fclose(f); return NULL; }
+    if (!f || *n < 0) {
+        if (f) fclose(f);
+        return NULL;
+    }
     unsigned char *b = malloc((size_t)*n + 1);
-    if (b && fread(b, 1, (size_t)*n, f) != (size_t)*n) { free(b); b = NULL; }
+    if (b && fread(b, 1, (size_t)*n, f) != (size_t)*n) {
+        free(b);
+        b = NULL;
+    }
     fclose(f);
     return b;
 }
 static void write_all(const char *path, const unsigned char *b, long n) {
     FILE *f = fopen(path, "wb");
-    if (f) { fwrite(b, 1, (size_t)n, f); fclose(f); }
+    if (f) {
+        fwrite(b, 1, (size_t)n, f);
+        fclose(f);
+    }
 }
 
 /* rank 0 writes a modified copy of the good file to dir/ckpt.bin; then every rank loads it */
@@ -144,7 +161,10 @@ int main(int argc, char **argv) {
 
     /* a scratch directory, made by rank 0, removed at the end */
     char root[256] = "/tmp/scmoe_ckpt_XXXXXX";
-    if (rank == 0 && !mkdtemp(root)) { perror("mkdtemp"); MPI_Abort(MPI_COMM_WORLD, 1); }
+    if (rank == 0 && !mkdtemp(root)) {
+        perror("mkdtemp");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     MPI_Bcast(root, sizeof root, MPI_CHAR, 0, MPI_COMM_WORLD);
     char d1[300], d2[300], dv[300], p1[4096], p2[4096], pv[4096];
     snprintf(d1, sizeof d1, "%s/a", root);
@@ -155,10 +175,16 @@ int main(int argc, char **argv) {
     ckpt_path(pv, sizeof pv, dv);
 
     scmoe_config c = scmoe_config_default();
-    c.d_model = 16; c.d_hidden = 32; c.n_experts = E; c.n_heads = 2; c.max_seq_len = 8; c.max_tokens = 16;
+    c.d_model = 16;
+    c.d_hidden = 32;
+    c.n_experts = E;
+    c.n_heads = 2;
+    c.max_seq_len = 8;
+    c.max_tokens = 16;
     c.arch = SCMOE_ARCH_SCMOE;
     scmoe_context *cw, *cs;
-    if (scmoe_context_create_mpi(MPI_COMM_WORLD, &cw) || scmoe_context_create_mpi(MPI_COMM_SELF, &cs)) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (scmoe_context_create_mpi(MPI_COMM_WORLD, &cw) || scmoe_context_create_mpi(MPI_COMM_SELF, &cs))
+        MPI_Abort(MPI_COMM_WORLD, 1);
     model W, S;
     model_make(&W, cw, &c);
     model_make(&S, cs, &c);
@@ -176,15 +202,17 @@ int main(int argc, char **argv) {
             const ckpt_entry *e = &lw.e[i];
             if (names_ok) names_ok = strcmp(e->name, ls.e[i].name) == 0;
             if (e->owner >= 0 && e->data) held++;
-            if (e->owner == rank && !e->data) owned_ok = 0;              /* the owner holds it */
-            if (e->owner < 0 && !e->data) owned_ok = 0;                   /* replicated: everyone */
+            if (e->owner == rank && !e->data) owned_ok = 0; /* the owner holds it */
+            if (e->owner < 0 && !e->data) owned_ok = 0;     /* replicated: everyone */
         }
         int all_held;
         MPI_Allreduce(&held, &all_held, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
         int expert_entries = 0;
         for (int i = 0; i < ls.n; i++) expert_entries += ls.e[i].owner >= 0;
-        check(lo == hi && names_ok, "every rank lists the same %d tensors, the 1-rank list too, in the same order", lw.n);
-        check(owned_ok && all_held == expert_entries, "each expert tensor is held by exactly its owner (%d expert records)", expert_entries);
+        check(lo == hi && names_ok, "every rank lists the same %d tensors, the 1-rank list too, in the same order",
+              lw.n);
+        check(owned_ok && all_held == expert_entries,
+              "each expert tensor is held by exactly its owner (%d expert records)", expert_entries);
     }
 
     /* ---- round trips ---- */
@@ -196,18 +224,19 @@ int main(int argc, char **argv) {
     s = ckpt_read_header(p1, &hr, err, sizeof err);
     check(s == CKPT_OK && hr.version == CKPT_VERSION && hr.state.step == 10 && hr.state.rng == h1.state.rng &&
               hr.state.tokens_seen == 10000 && hr.state.data_crc == h1.state.data_crc && hr.state.noise_state == 31 &&
-              hr.train.lr == h1.train.lr &&
-              hr.train.seed == 1234 && hr.n_records == (uint32_t)lw.n && hr.file_bytes == (uint64_t)file_size(p1) &&
-              ckpt_model_compare(&hr.model, &h1.model, NULL, 0) == CKPT_OK,
+              hr.train.lr == h1.train.lr && hr.train.seed == 1234 && hr.n_records == (uint32_t)lw.n &&
+              hr.file_bytes == (uint64_t)file_size(p1) && ckpt_model_compare(&hr.model, &h1.model, NULL, 0) == CKPT_OK,
           "the header round-trips (step, RNG, data position, gate-noise state, config, record count, size)");
     fill(&lw, 0);
     s = ckpt_load(MPI_COMM_WORLD, p1, &lw, err, sizeof err);
-    check(s == CKPT_OK && holds(&lw, 1), "load with the same ranks: every tensor back, bit for bit (%s)", s ? err : "ok");
+    check(s == CKPT_OK && holds(&lw, 1), "load with the same ranks: every tensor back, bit for bit (%s)",
+          s ? err : "ok");
 
     /* P -> 1: every rank loads the whole model on its own */
     fill(&ls, 0);
     s = ckpt_load(MPI_COMM_SELF, p1, &ls, err, sizeof err);
-    check(s == CKPT_OK && holds(&ls, 1), "saved by %d ranks, loaded by 1: every expert found (%s)", size, s ? err : "ok");
+    check(s == CKPT_OK && holds(&ls, 1), "saved by %d ranks, loaded by 1: every expert found (%s)", size,
+          s ? err : "ok");
 
     /* 1 -> P: rank 0 saves its one-rank model, then everyone loads it over the world */
     fill(&ls, 2);
@@ -217,14 +246,18 @@ int main(int argc, char **argv) {
     check(s == CKPT_OK, "save with 1 rank (%s)", s ? err : "ok");
     fill(&lw, 0);
     s = ckpt_load(MPI_COMM_WORLD, p2, &lw, err, sizeof err);
-    check(s == CKPT_OK && holds(&lw, 2), "saved by 1 rank, loaded by %d: each rank takes its experts (%s)", size, s ? err : "ok");
+    check(s == CKPT_OK && holds(&lw, 2), "saved by 1 rank, loaded by %d: each rank takes its experts (%s)", size,
+          s ? err : "ok");
     fill(&lw, 1);
 
     /* ---- damaged files: each its own status ---- */
     long n;
     unsigned char *good = read_all(p1, &n);
     check(good != NULL && n > 200, "read the good file back (%ld bytes)", n);
-    if (!good) { MPI_Finalize(); return 1; }
+    if (!good) {
+        MPI_Finalize();
+        return 1;
+    }
     s = load_variant(dv, good, n, n / 2, -1, 0, &lw, err, sizeof err);
     check(s == CKPT_ERR_TRUNCATED && strstr(err, "truncated"), "truncated to half: \"%s\"", err);
     s = load_variant(dv, good, n, 20, -1, 0, &lw, err, sizeof err);
@@ -232,7 +265,8 @@ int main(int argc, char **argv) {
     s = load_variant(dv, good, n, 0, -1, 0, &lw, err, sizeof err);
     check(s == CKPT_ERR_TRUNCATED, "empty file: \"%s\"", err);
     s = load_variant(dv, good, n, n, n / 2, 3, &lw, err, sizeof err);
-    check(s == CKPT_ERR_CORRUPT && strstr(err, "checksum mismatch in record"), "one bit flipped in a tensor: \"%s\"", err);
+    check(s == CKPT_ERR_CORRUPT && strstr(err, "checksum mismatch in record"), "one bit flipped in a tensor: \"%s\"",
+          err);
     s = load_variant(dv, good, n, n, 60, 0, &lw, err, sizeof err);
     check(s == CKPT_ERR_CORRUPT && strstr(err, "header checksum"), "one bit flipped in the header: \"%s\"", err);
     s = load_variant(dv, good, n, n, 0, 1, &lw, err, sizeof err);
@@ -275,20 +309,24 @@ int main(int argc, char **argv) {
         other.d_model = 32;
         s = ckpt_read_header(p1, &hh, err, sizeof err);
         if (!s) s = ckpt_model_compare(&hh.model, &other, err, sizeof err);
-        check(s == CKPT_ERR_CONFIG && strstr(err, "d_model is 16 in the checkpoint, 32 here"), "config mismatch: \"%s\"", err);
+        check(s == CKPT_ERR_CONFIG && strstr(err, "d_model is 16 in the checkpoint, 32 here"),
+              "config mismatch: \"%s\"", err);
     }
     s = ckpt_load(MPI_COMM_WORLD, "/nonexistent/ckpt.bin", &lw, err, sizeof err);
     check(s == CKPT_ERR_OPEN, "no such file: \"%s\"", err);
     {
         float extra[3];
         ckpt_list l2 = {0};
-        for (int i = 0; i < lw.n; i++) ckpt_list_add(&l2, lw.e[i].name, lw.e[i].ndim, lw.e[i].shape, lw.e[i].owner, lw.e[i].data);
+        for (int i = 0; i < lw.n; i++)
+            ckpt_list_add(&l2, lw.e[i].name, lw.e[i].ndim, lw.e[i].shape, lw.e[i].owner, lw.e[i].data);
         ckpt_list_add(&l2, "not_in_file", 1, (int[]){3}, -1, extra);
         s = ckpt_load(MPI_COMM_WORLD, p1, &l2, err, sizeof err);
         check(s == CKPT_ERR_MISSING && strstr(err, "not_in_file"), "a tensor missing from the file: \"%s\"", err);
         ckpt_list_free(&l2);
-        for (int i = 0; i < lw.n; i++) ckpt_list_add(&l2, lw.e[i].name, lw.e[i].ndim, lw.e[i].shape, lw.e[i].owner, lw.e[i].data);
-        l2.e[0].shape[0] = 3; l2.e[0].shape[1] = 5; /* emb 5x3 asked for as 3x5 */
+        for (int i = 0; i < lw.n; i++)
+            ckpt_list_add(&l2, lw.e[i].name, lw.e[i].ndim, lw.e[i].shape, lw.e[i].owner, lw.e[i].data);
+        l2.e[0].shape[0] = 3;
+        l2.e[0].shape[1] = 5; /* emb 5x3 asked for as 3x5 */
         s = ckpt_load(MPI_COMM_WORLD, p1, &l2, err, sizeof err);
         check(s == CKPT_ERR_MISSING && strstr(err, "another shape"), "a tensor of another shape: \"%s\"", err);
         ckpt_list_free(&l2);
@@ -328,7 +366,8 @@ int main(int argc, char **argv) {
     ckpt_header h2 = header(20);
     s = ckpt_save(MPI_COMM_WORLD, d1, &h2, &lw, err, sizeof err);
     unsetenv("SCMOE_CKPT_FAIL");
-    check(s == CKPT_ERR_WRITE && strstr(err, "injected failure"), "a save failing halfway reports it on every rank: \"%s\"", err);
+    check(s == CKPT_ERR_WRITE && strstr(err, "injected failure"),
+          "a save failing halfway reports it on every rank: \"%s\"", err);
     {
         char tmp[4096];
         snprintf(tmp, sizeof tmp, "%s/ckpt.tmp", d1);
@@ -355,7 +394,10 @@ int main(int argc, char **argv) {
         static const char canary[] = "not a checkpoint: must survive";
         if (rank == 0) {
             FILE *f = fopen(victim, "wb");
-            if (f) { fwrite(canary, 1, sizeof canary, f); fclose(f); }
+            if (f) {
+                fwrite(canary, 1, sizeof canary, f);
+                fclose(f);
+            }
             if (symlink(victim, tmp) != 0) perror("symlink");
         }
         MPI_Barrier(MPI_COMM_WORLD);
@@ -375,7 +417,8 @@ int main(int argc, char **argv) {
         ckpt_status sl = s ? s : ckpt_load(MPI_COMM_WORLD, p1, &lw, err, sizeof err);
         check(s == CKPT_OK && sl == CKPT_OK && holds(&lw, 4) && ok,
               "a symlink planted at DIR/ckpt.tmp: the save succeeds, the link's target is untouched, ckpt.bin is a "
-              "regular file and loads (%s)", s || sl ? err : "ok");
+              "regular file and loads (%s)",
+              s || sl ? err : "ok");
     }
 
     /* ---- clean up ---- */

@@ -20,7 +20,8 @@ static void check(const char *name, int ok) {
     int all = 0;
     MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
     if (!all) g_failed = 1;
-    if (all) g_passed++; else g_nfail++;
+    if (all) g_passed++;
+    else g_nfail++;
     if (g_rank == 0) printf("%sok - %s\n", all ? "" : "not ", name);
     fflush(stdout);
 }
@@ -37,7 +38,9 @@ static void sleep_s(double s) {
 }
 
 /* an element of 12 bytes: who sent it, to whom, and its index in that message */
-typedef struct elem12 { int32_t src, dst, idx; } elem12;
+typedef struct elem12 {
+    int32_t src, dst, idx;
+} elem12;
 
 /* elements rank i sends rank j: 0, 1 or 2, so zero counts occur at every size > 1 (and 1 rank sends
  * itself 0, the all-zero exchange) */
@@ -120,8 +123,8 @@ int main(int argc, char **argv) {
           eh0 == MPI_ERRORS_ARE_FATAL && s == SCMOE_OK && eh1 == MPI_ERRORS_RETURN && eh2 == MPI_ERRORS_ARE_FATAL);
     ctx = NULL;
     s = scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx);
-    check("create_mpi on MPI_COMM_WORLD", s == SCMOE_OK && ctx && scmoe_context_rank(ctx) == r &&
-                                              scmoe_context_size(ctx) == P);
+    check("create_mpi on MPI_COMM_WORLD",
+          s == SCMOE_OK && ctx && scmoe_context_rank(ctx) == r && scmoe_context_size(ctx) == P);
     if (!ctx) {
         MPI_Finalize();
         return 1;
@@ -173,7 +176,8 @@ int main(int argc, char **argv) {
     {
         int64_t v[3] = {r, -r, (int64_t)r * 1000000000000LL};
         s = c->ops->allreduce_i64_max(c, v, 3);
-        check("allreduce_i64_max", s == SCMOE_OK && v[0] == P - 1 && v[1] == 0 && v[2] == (int64_t)(P - 1) * 1000000000000LL);
+        check("allreduce_i64_max",
+              s == SCMOE_OK && v[0] == P - 1 && v[1] == 0 && v[2] == (int64_t)(P - 1) * 1000000000000LL);
     }
 
     /* alltoallv, 12-byte elements, counts 0..2 */
@@ -232,8 +236,8 @@ int main(int argc, char **argv) {
         int rq = -1;
         s = c->ops->allreduce_f64_start(c, v, 3, &rq);
         int ok = s == SCMOE_OK && comm_wait(c, rq) == SCMOE_OK;
-        check("allreduce_f64_start + wait", ok && v[0] == P * (P + 1) / 2.0 && v[1] == 1e15 * P + P * (P - 1) / 2.0 &&
-                                                v[2] == 0.5 * P);
+        check("allreduce_f64_start + wait",
+              ok && v[0] == P * (P + 1) / 2.0 && v[1] == 1e15 * P + P * (P - 1) / 2.0 && v[2] == 0.5 * P);
     }
 
     /* split into two halves (reversed key order); the halves inherit timeout and progress */
@@ -396,7 +400,9 @@ int main(int argc, char **argv) {
             st = w->ops->alltoallv_start(w, snd, sc, sd, rcv, rc, rd, (int)sizeof(float), &req);
             if (!st) st = comm_wait(w, req);
             snprintf(msg, sizeof msg, "%s", w->err);
-            free(snd); free(rcv); free(sc);
+            free(snd);
+            free(rcv);
+            free(sc);
         }
         /* rank 0 truncates its own block too, which ends its schedule: it may never send to the others,
          * who then time out. Each rank must come back (no abort) with a status; one sees the truncation */

@@ -33,8 +33,15 @@ static void fill(float *x, size_t n, uint64_t s) {
 
 static scmoe_config small_cfg(void) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = D; c.d_hidden = 24; c.n_experts = E; c.top_k = 2; c.max_tokens = N; c.n_heads = 2;
-    c.max_seq_len = 8; c.aux_loss_weight = 0.01f; c.z_loss_weight = 0.0f;
+    c.d_model = D;
+    c.d_hidden = 24;
+    c.n_experts = E;
+    c.top_k = 2;
+    c.max_tokens = N;
+    c.n_heads = 2;
+    c.max_seq_len = 8;
+    c.aux_loss_weight = 0.01f;
+    c.z_loss_weight = 0.0f;
     return c;
 }
 
@@ -69,9 +76,11 @@ static void test_loss_weights(scmoe_context *ctx) {
     float x[N * D], y[N * D], dx[N * D], dx2[N * D];
     fill(x, N * D, 7 + (uint64_t)rank);
     scmoe_moe *a = NULL, *b = NULL;
-    c.aux_loss_weight = 0.05f; c.z_loss_weight = 0.002f;
+    c.aux_loss_weight = 0.05f;
+    c.z_loss_weight = 0.002f;
     scmoe_status s = scmoe_moe_create(ctx, &c, &b);
-    c.aux_loss_weight = 0.01f; c.z_loss_weight = 0.0f;
+    c.aux_loss_weight = 0.01f;
+    c.z_loss_weight = 0.0f;
     if (!s) s = scmoe_moe_create(ctx, &c, &a);
     check(s == SCMOE_OK, "two layers created (%s)", scmoe_strerror(s));
     if (s) return;
@@ -82,14 +91,15 @@ static void test_loss_weights(scmoe_context *ctx) {
           "weights set at run time == the same weights at create: gate gradient and dx bit for bit");
     /* a bad value changes nothing */
     check(scmoe_moe_set_loss_weights(a, -1.0f, 0.0f) == SCMOE_ERR_LOSS_WEIGHT &&
-          scmoe_moe_set_loss_weights(a, 0.1f, NAN) == SCMOE_ERR_LOSS_WEIGHT &&
-          strstr(scmoe_last_error(ctx), "finite") != NULL, "negative or NaN weights: SCMOE_ERR_LOSS_WEIGHT, '%s'",
-          scmoe_last_error(ctx));
+              scmoe_moe_set_loss_weights(a, 0.1f, NAN) == SCMOE_ERR_LOSS_WEIGHT &&
+              strstr(scmoe_last_error(ctx), "finite") != NULL,
+          "negative or NaN weights: SCMOE_ERR_LOSS_WEIGHT, '%s'", scmoe_last_error(ctx));
     s = moe_step(a, x, y, dx, NULL);
     check(s == SCMOE_OK && same_grad(a, b, "gate.weight"), "and the weights stay what they were");
     /* aux weight 0 and z 0: the gate gradient is that of the routed path alone, so it differs */
     check(scmoe_moe_set_loss_weights(a, 0.0f, 0.0f) == SCMOE_OK && moe_step(a, x, y, dx, NULL) == SCMOE_OK &&
-          !same_grad(a, b, "gate.weight"), "weights 0, 0 change the gate gradient (the aux term is gone)");
+              !same_grad(a, b, "gate.weight"),
+          "weights 0, 0 change the gate gradient (the aux term is gone)");
     check(scmoe_moe_set_loss_weights(NULL, 0, 0) == SCMOE_ERR_NULL, "NULL layer: SCMOE_ERR_NULL");
     scmoe_moe_destroy(a);
     scmoe_moe_destroy(b);
@@ -97,10 +107,13 @@ static void test_loss_weights(scmoe_context *ctx) {
     /* the pair: set == created with, on its MoE block's gate gradient */
     scmoe_pair *p = NULL, *q = NULL;
     c = small_cfg();
-    c.top_k = 1; c.max_tokens = N;
-    c.aux_loss_weight = 0.03f; c.z_loss_weight = 0.001f;
+    c.top_k = 1;
+    c.max_tokens = N;
+    c.aux_loss_weight = 0.03f;
+    c.z_loss_weight = 0.001f;
     s = scmoe_pair_create(ctx, &c, &q);
-    c.aux_loss_weight = 0.01f; c.z_loss_weight = 0.0f;
+    c.aux_loss_weight = 0.01f;
+    c.z_loss_weight = 0.0f;
     if (!s) s = scmoe_pair_create(ctx, &c, &p);
     if (!s) s = scmoe_pair_set_loss_weights(p, 0.03f, 0.001f);
     float dy[N * D];
@@ -150,7 +163,7 @@ static void test_names_and_range(scmoe_context *ctx) {
     char want[64];
     snprintf(want, sizeof want, "layers.3.mlp.experts.%d.b2", first);
     check(s == SCMOE_OK && strcmp(t.name, "layers.3.mlp.gate.weight") == 0 && t.data == data0 &&
-          scmoe_moe_param(m, want, &t) == SCMOE_OK && scmoe_moe_param(m, "gate.weight", &t) == SCMOE_ERR_NOT_FOUND,
+              scmoe_moe_param(m, want, &t) == SCMOE_OK && scmoe_moe_param(m, "gate.weight", &t) == SCMOE_ERR_NOT_FOUND,
           "scmoe_moe_set_name_prefix: '%s', '%s' found, the bare name is not", "layers.3.mlp.gate.weight", want);
     s = scmoe_moe_set_name_prefix(m, "b.");
     scmoe_moe_param_at(m, 0, &t);
@@ -178,8 +191,9 @@ static void test_names_and_range(scmoe_context *ctx) {
           first + count - 1);
     s = scmoe_pair_set_name_prefix(p, "blocks.2.");
     snprintf(want, sizeof want, "blocks.2.l1.experts.%d.w1", first + count - 1);
-    check(s == SCMOE_OK && scmoe_pair_param_at(p, 0, &t) == SCMOE_OK && strcmp(t.name, "blocks.2.l0.ln_a.weight") == 0 &&
-          scmoe_pair_param(p, want, &t) == SCMOE_OK, "scmoe_pair_set_name_prefix: 'blocks.2.l0.ln_a.weight', '%s'", want);
+    check(s == SCMOE_OK && scmoe_pair_param_at(p, 0, &t) == SCMOE_OK &&
+              strcmp(t.name, "blocks.2.l0.ln_a.weight") == 0 && scmoe_pair_param(p, want, &t) == SCMOE_OK,
+          "scmoe_pair_set_name_prefix: 'blocks.2.l0.ln_a.weight', '%s'", want);
     scmoe_pair_destroy(p);
 }
 
@@ -236,10 +250,14 @@ static void test_noise_state(scmoe_context *ctx) {
 }
 
 static void test_top_k(scmoe_context *ctx) {
-    static const struct { scmoe_arch arch; int top_k; scmoe_status want; } cases[] = {
-        {SCMOE_ARCH_TOP2, 2, SCMOE_OK}, {SCMOE_ARCH_TOP2, 1, SCMOE_OK}, {SCMOE_ARCH_TOP1, 1, SCMOE_OK},
-        {SCMOE_ARCH_TOP1, 2, SCMOE_ERR_TOP_K}, {SCMOE_ARCH_SCMOE, 3, SCMOE_ERR_TOP_K},
-        {SCMOE_ARCH_SHARED, 2, SCMOE_ERR_TOP_K},
+    static const struct {
+        scmoe_arch arch;
+        int top_k;
+        scmoe_status want;
+    } cases[] = {
+        {SCMOE_ARCH_TOP2, 2, SCMOE_OK},         {SCMOE_ARCH_TOP2, 1, SCMOE_OK},
+        {SCMOE_ARCH_TOP1, 1, SCMOE_OK},         {SCMOE_ARCH_TOP1, 2, SCMOE_ERR_TOP_K},
+        {SCMOE_ARCH_SCMOE, 3, SCMOE_ERR_TOP_K}, {SCMOE_ARCH_SHARED, 2, SCMOE_ERR_TOP_K},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         scmoe_config c = small_cfg();

@@ -25,7 +25,7 @@
 size_t emu_uninit_words(const void **first);
 #endif
 
-#define TOL_OUT 1e-4
+#define TOL_OUT  1e-4
 #define TOL_GRAD 1e-3
 /* the emulation runs every block on real threads (64 per block there): fewer rows, same code paths */
 #ifdef SCMOE_CUDA_EMU
@@ -44,10 +44,15 @@ static float frand(void) { /* uniform in [-1, 1) */
     rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng_state >> 40) / 8388608.0 - 1.0);
 }
-static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i++) x[i] = scale * frand(); }
+static void fill(float *x, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] = scale * frand();
+}
 static float *fnew(size_t n, float scale) {
     float *x = malloc(sizeof(float) * (n ? n : 1));
-    if (!x) { printf("# out of host memory\n"); exit(2); }
+    if (!x) {
+        printf("# out of host memory\n");
+        exit(2);
+    }
     fill(x, n, scale);
     return x;
 }
@@ -153,13 +158,17 @@ static void host_gemm_mapping(void) {
             CHECK(r == CUDA_GEMM_RUN && e < 1e-6, "row-major GEMM as a column-major call, trans %d %d (rel %.1e)", ta,
                   tb, e);
             all &= r == CUDA_GEMM_RUN;
-            free(A); free(B); free(C1); free(C2);
+            free(A);
+            free(B);
+            free(C1);
+            free(C2);
         }
     cuda_gemm_colmajor g;
     CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 0, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING &&
               scmoe__cuda_gemm_to_colmajor(0, 0, 4, 0, 3, 3, 5, 5, &g) == CUDA_GEMM_NOTHING,
           "GEMM mapping: M or N = 0 is nothing to do");
-    CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 0, 0, 0, 5, &g) == CUDA_GEMM_SCALE, "GEMM mapping: K = 0 only scales C");
+    CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 0, 0, 0, 5, &g) == CUDA_GEMM_SCALE,
+          "GEMM mapping: K = 0 only scales C");
     CHECK(scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 2, 5, 5, &g) == CUDA_GEMM_BAD &&
               scmoe__cuda_gemm_to_colmajor(1, 0, 4, 5, 3, 3, 5, 5, &g) == CUDA_GEMM_BAD &&
               scmoe__cuda_gemm_to_colmajor(0, 0, 4, 5, 3, 3, 4, 5, &g) == CUDA_GEMM_BAD &&
@@ -173,7 +182,8 @@ static void host_gemm_mapping(void) {
 static void host_blas_checks(void) {
     cuda_blas *out = (cuda_blas *)1;
     char err[160];
-    CHECK(scmoe__cuda_blas_create(NULL, NULL, CUDA_MATH_FP32, err) == SCMOE_ERR_NULL, "scmoe__cuda_blas_create: out NULL");
+    CHECK(scmoe__cuda_blas_create(NULL, NULL, CUDA_MATH_FP32, err) == SCMOE_ERR_NULL,
+          "scmoe__cuda_blas_create: out NULL");
     CHECK(scmoe__cuda_blas_create(&out, NULL, 9, err) == SCMOE_ERR_OPTION && out == NULL && strstr(err, "math"),
           "scmoe__cuda_blas_create: unknown math -> SCMOE_ERR_OPTION (%s)", err);
     if (!have_gpu) {
@@ -189,15 +199,18 @@ static void host_blas_checks(void) {
     CHECK(fake.status == 0, "scmoe__cuda_blas_gemm with M = 0: nothing done, no error");
     scmoe__cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, A, 2, B, 4, 0.0f, C, 4);
     int first = fake.status;
-    CHECK(first != 0 && strstr(fake.err, "bad arguments"), "scmoe__cuda_blas_gemm with lda < K is recorded: %s", fake.err);
+    CHECK(first != 0 && strstr(fake.err, "bad arguments"), "scmoe__cuda_blas_gemm with lda < K is recorded: %s",
+          fake.err);
     scmoe__cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
     CHECK(fake.status == first && !strstr(fake.err, "NULL"), "the first failure is kept (sticky)");
     cuda_blas_clear_status(&fake);
     scmoe__cuda_blas_gemm(&fake, 0, 0, 4, 4, 4, 1.0f, NULL, 4, B, 4, 0.0f, C, 4);
-    CHECK(fake.status != 0 && strstr(fake.err, "NULL operand"), "scmoe__cuda_blas_gemm with a NULL operand: %s", fake.err);
+    CHECK(fake.status != 0 && strstr(fake.err, "NULL operand"), "scmoe__cuda_blas_gemm with a NULL operand: %s",
+          fake.err);
     cuda_blas_clear_status(&fake);
-    CHECK(scmoe__cuda_blas_gemm_bf16(&fake, 1, 0, 4, 4, 4, 1.0f, (const uint16_t *)A, 3, (const uint16_t *)B, 4, 0.0f, C,
-                              4) != 0 && fake.status != 0,
+    CHECK(scmoe__cuda_blas_gemm_bf16(&fake, 1, 0, 4, 4, 4, 1.0f, (const uint16_t *)A, 3, (const uint16_t *)B, 4, 0.0f,
+                                     C, 4) != 0 &&
+              fake.status != 0,
           "scmoe__cuda_blas_gemm_bf16 with lda < M (transposed A) returns the failure");
     cuda_blas_clear_status(&fake);
     scmoe__cuda_blas_gemm_grouped(&fake, 0, 0, 1.0f, NULL, 2, 4, 4, 0.0f, 4);
@@ -228,14 +241,17 @@ static void host_wrapper_checks(void) {
     CHECK(scmoe__cuda_gate_softmax(f, f, f, 2, 0, 0, 0, 0, 0, s) == bad &&
               scmoe__cuda_gate_softmax(f, NULL, f, 2, 4, 0, 0, 0, 0, s) == bad,
           "gate softmax: E < 1, NULL p refused");
-    CHECK(scmoe__cuda_gate_topk(i8, f, f, f, 2, 4, 5, 1, s) == bad && scmoe__cuda_gate_topk(i8, f, f, f, 2, 4, 0, 1, s) == bad &&
+    CHECK(scmoe__cuda_gate_topk(i8, f, f, f, 2, 4, 5, 1, s) == bad &&
+              scmoe__cuda_gate_topk(i8, f, f, f, 2, 4, 0, 1, s) == bad &&
               scmoe__cuda_gate_topk(NULL, NULL, NULL, NULL, 0, 4, 2, 1, s) == ok,
           "gate top-k: k > E and k < 1 refused, N = 0 a no-op");
     CHECK(scmoe__cuda_gate_backward_logits(f, f, i8, f, NULL, NULL, 0, 2, 4, 2, 1, s) == bad,
           "gate backward: NULL lse refused (aux_coef NULL is allowed)");
-    CHECK(scmoe__cuda_permute_rows(f, f, i8, 2, 2, 1, s) == bad && scmoe__cuda_permute_rows(f, f + 4, NULL, 2, 2, 0, s) == bad,
+    CHECK(scmoe__cuda_permute_rows(f, f, i8, 2, 2, 1, s) == bad &&
+              scmoe__cuda_permute_rows(f, f + 4, NULL, 2, 2, 0, s) == bad,
           "scmoe__permute_rows: in place or NULL map refused");
-    CHECK(scmoe__cuda_moe_pack(f, f, i8, 2, 0, 2, s) == bad && scmoe__cuda_moe_decode(f, 1, f, i8, NULL, -1, 1, 2, s) == bad &&
+    CHECK(scmoe__cuda_moe_pack(f, f, i8, 2, 0, 2, s) == bad &&
+              scmoe__cuda_moe_decode(f, 1, f, i8, NULL, -1, 1, 2, s) == bad &&
               scmoe__cuda_moe_decode(f, 1, NULL, i8, NULL, 2, 1, 2, s) == bad &&
               scmoe__cuda_moe_decode_backward(f, f, f, f, i8, NULL, 2, 1, 2, s) == bad &&
               scmoe__cuda_moe_decode(NULL, 0, NULL, NULL, NULL, 0, 1, 2, s) == ok,
@@ -254,7 +270,9 @@ static void host_wrapper_checks(void) {
 
 /* ---- staging with stubbed device calls ---- */
 
-typedef struct { int pending; } fake_event;
+typedef struct {
+    int pending;
+} fake_event;
 static struct {
     int pending_on_record, fail_alloc, fail_create, fail_copy;
     int allocs, frees, streams, events, records, waits, d2h, h2d;
@@ -268,20 +286,29 @@ static int f_host_alloc(void **p, size_t b) {
     F.allocs++;
     return *p ? 0 : (int)cudaErrorMemoryAllocation;
 }
-static void f_host_free(void *p) { free(p); F.frees++; }
+static void f_host_free(void *p) {
+    free(p);
+    F.frees++;
+}
 static int f_stream_create(void **s) {
     if (F.fail_create) return (int)cudaErrorNoDevice;
     *s = malloc(1);
     F.streams++;
     return 0;
 }
-static void f_stream_destroy(void *s) { free(s); F.streams--; }
+static void f_stream_destroy(void *s) {
+    free(s);
+    F.streams--;
+}
 static int f_event_create(void **e) {
     *e = calloc(1, sizeof(fake_event));
     F.events++;
     return 0;
 }
-static void f_event_destroy(void *e) { free(e); F.events--; }
+static void f_event_destroy(void *e) {
+    free(e);
+    F.events--;
+}
 static int f_event_record(void *e, void *s) {
     (void)s;
     ((fake_event *)e)->pending = F.pending_on_record;
@@ -296,7 +323,10 @@ static int f_stream_wait_event(void *s, void *e) {
 }
 static int f_event_query(void *e) {
     fake_event *v = e;
-    if (v->pending > 0) { v->pending--; return 1; }
+    if (v->pending > 0) {
+        v->pending--;
+        return 1;
+    }
     return 0;
 }
 static int f_memcpy_async(void *dst, const void *src, size_t bytes, int kind, void *s) {
@@ -308,12 +338,15 @@ static int f_memcpy_async(void *dst, const void *src, size_t bytes, int kind, vo
     F.last_bytes = bytes;
     return 0;
 }
-static const cuda_stage_ops fake_ops = {f_host_alloc,     f_host_free,      f_stream_create, f_stream_destroy,
-                                        f_event_create,   f_event_destroy,  f_event_record,  f_stream_wait_event,
-                                        f_event_query,    f_memcpy_async};
+static const cuda_stage_ops fake_ops = {f_host_alloc,   f_host_free,     f_stream_create, f_stream_destroy,
+                                        f_event_create, f_event_destroy, f_event_record,  f_stream_wait_event,
+                                        f_event_query,  f_memcpy_async};
 
 /* a one-rank comm whose exchange completes after test_done_after tests */
-static struct { int starts, tests, test_done_after, fail_start; const void *last_send; } FC;
+static struct {
+    int starts, tests, test_done_after, fail_start;
+    const void *last_send;
+} FC;
 static scmoe_status fc_start(comm *c, const void *send, const int *sc, const int *sd, void *recv, const int *rc,
                              const int *rd, int eb, int *req) {
     (void)rc;
@@ -393,7 +426,8 @@ static void host_staging(void) {
     CHECK(s == SCMOE_OK && F.waits == waits + 1 && F.last_wait_stream == (void *)consumer &&
               F.last_wait_event == st->ev_to_device && st->state == CUDA_STAGE_IDLE,
           "finish: the consumer stream waits for the copy on the device; back to idle");
-    CHECK(scmoe__cuda_stage_progress(st, &done) == SCMOE_ERR_STATE && scmoe__cuda_stage_finish(st, consumer) == SCMOE_ERR_STATE &&
+    CHECK(scmoe__cuda_stage_progress(st, &done) == SCMOE_ERR_STATE &&
+              scmoe__cuda_stage_finish(st, consumer) == SCMOE_ERR_STATE &&
               scmoe__cuda_stage_wait(st, consumer, 1) == SCMOE_ERR_STATE,
           "progress / finish / wait with nothing in flight -> SCMOE_ERR_STATE");
 
@@ -479,13 +513,17 @@ static void host_staging(void) {
               "create on the CUDA runtime without a device fails cleanly (%s)", scmoe_strerror(s));
     }
     int aware = scmoe__cuda_mpi_cuda_aware();
-    CHECK(aware == 0 || aware == 1, "scmoe__cuda_mpi_cuda_aware() = %d (MPIX_Query_cuda_support where OpenMPI has it)", aware);
+    CHECK(aware == 0 || aware == 1, "scmoe__cuda_mpi_cuda_aware() = %d (MPIX_Query_cuda_support where OpenMPI has it)",
+          aware);
 }
 
 /* =============================================================================== device checks */
 
 static void dev_gemm(void) {
-    if (!have_gpu) { skip("cuBLAS GEMM (4 transposes, padded ld, beta 0 over NaN, K = 0) vs OpenBLAS"); return; }
+    if (!have_gpu) {
+        skip("cuBLAS GEMM (4 transposes, padded ld, beta 0 over NaN, K = 0) vs OpenBLAS");
+        return;
+    }
     const blas_backend *ob = scmoe__blas_openblas();
     int M = 37, N = 29, K = 53;
     for (int ta = 0; ta < 2; ta++)
@@ -506,14 +544,19 @@ static void dev_gemm(void) {
                 double e = relerr(got, ref, nc); /* the padding must be untouched too (equal to ref there) */
                 CHECK(ok && cb->status == 0 && e <= TOL_OUT, "cuBLAS GEMM trans %d %d beta %g, padded ld (rel %.1e)",
                       ta, tb, beta, e);
-                free(A); free(B); free(C); free(ref); free(got);
+                free(A);
+                free(B);
+                free(C);
+                free(ref);
+                free(got);
                 dev_free_all();
             }
     /* K = 0: C = beta C; beta 0 overwrites NaN */
     for (int bi = 0; bi < 2; bi++) {
         float beta = bi ? 0.0f : 0.5f;
         float *C = fnew(6 * 8, 1);
-        if (bi) for (int i = 0; i < 6 * 8; i++) C[i] = NAN;
+        if (bi)
+            for (int i = 0; i < 6 * 8; i++) C[i] = NAN;
         float *ref = fcopy(C, 48), *got = fnew(48, 0);
         ob->gemm(ob, 0, 0, 6, 7, 0, 1.0f, NULL, 1, NULL, 7, beta, ref, 8);
         for (int i = 0; i < 6; i++) ref[i * 8 + 7] = got[i * 8 + 7] = 0; /* padding column, not compared */
@@ -523,7 +566,9 @@ static void dev_gemm(void) {
         for (int i = 0; i < 6; i++) got[i * 8 + 7] = 0;
         double e = relerr(got, ref, 48);
         CHECK(ok && cb->status == 0 && e == 0, "cuBLAS GEMM K = 0, beta %g: C = beta C (rel %.1e)", beta, e);
-        free(C); free(ref); free(got);
+        free(C);
+        free(ref);
+        free(got);
         dev_free_all();
     }
     /* the embedded table through the core's scmoe__exec_gemm (column tiles of 5): the same GEMM */
@@ -539,12 +584,18 @@ static void dev_gemm(void) {
     double e = relerr(got, ref, (size_t)M2 * N2);
     CHECK(t->max_threads() == 1 && !strcmp(t->name, "cublas") && ok && cb->status == 0 && e <= TOL_OUT,
           "the embedded table: name cublas, max_threads 1, scmoe__exec_gemm through it == OpenBLAS (rel %.1e)", e);
-    free(A); free(B); free(ref); free(got);
+    free(A);
+    free(B);
+    free(ref);
+    free(got);
     dev_free_all();
 }
 
 static void dev_gemm_bf16(void) {
-    if (!have_gpu) { skip("bf16 GEMMs (CUDA_R_16BF operands; CUDA_MATH_BF16 fast path) vs OpenBLAS"); return; }
+    if (!have_gpu) {
+        skip("bf16 GEMMs (CUDA_R_16BF operands; CUDA_MATH_BF16 fast path) vs OpenBLAS");
+        return;
+    }
     const blas_backend *ob = scmoe__blas_openblas();
     int M = 33, N = 40, K = 64;
     for (int ta = 0; ta < 2; ta++)
@@ -564,9 +615,17 @@ static void dev_gemm_bf16(void) {
             int r = scmoe__cuda_blas_gemm_bf16(cb, ta, tb, M, N, K, 1.0f, dA, lda, dB, ldb, 0.5f, dC, ldc);
             int ok = get(got, dC, sizeof(float) * nc);
             double e = relerr(got, ref, nc);
-            CHECK(r == 0 && ok && e <= TOL_OUT, "cublasGemmEx bf16 operands, fp32 accumulate, trans %d %d (rel %.1e)", ta,
-                  tb, e);
-            free(A); free(B); free(C); free(Ar); free(Br); free(Ah); free(Bh); free(ref); free(got);
+            CHECK(r == 0 && ok && e <= TOL_OUT, "cublasGemmEx bf16 operands, fp32 accumulate, trans %d %d (rel %.1e)",
+                  ta, tb, e);
+            free(A);
+            free(B);
+            free(C);
+            free(Ar);
+            free(Br);
+            free(Ah);
+            free(Bh);
+            free(ref);
+            free(got);
             dev_free_all();
         }
     cuda_blas *fast = NULL;
@@ -584,12 +643,18 @@ static void dev_gemm_bf16(void) {
     CHECK(ok && fast->status == 0 && e <= 1e-2, "CUDA_MATH_BF16 fp32 GEMM (bf16 inputs inside) within 1e-2 (rel %.1e)",
           e);
     scmoe__cuda_blas_destroy(fast);
-    free(A); free(B); free(ref); free(got);
+    free(A);
+    free(B);
+    free(ref);
+    free(got);
     dev_free_all();
 }
 
 static void dev_gemm_grouped(void) {
-    if (!have_gpu) { skip("grouped expert GEMMs (rows 5, 0, 11: forward and weight gradients) vs OpenBLAS"); return; }
+    if (!have_gpu) {
+        skip("grouped expert GEMMs (rows 5, 0, 11: forward and weight gradients) vs OpenBLAS");
+        return;
+    }
     const blas_backend *ob = scmoe__blas_openblas();
     enum { E = 3, R = 16, D = 24, H = 40 };
     int off[E + 1] = {0, 5, 5, 16};
@@ -615,14 +680,23 @@ static void dev_gemm_grouped(void) {
     ok &= get(got, ddW, sizeof(float) * E * D * H);
     double e2 = relerr(got, dWref, E * D * H);
     CHECK(ok && cb->status == 0 && e1 <= TOL_OUT, "grouped GEMM, experts' row ranges: forward (rel %.1e)", e1);
-    CHECK(ok && cb->status == 0 && e2 <= TOL_GRAD, "grouped GEMM: dW_e += X_e^T dY_e, an empty expert keeps dW (rel %.1e)",
-          e2);
-    free(X); free(W); free(dY); free(dW); free(Y); free(dWref); free(got);
+    CHECK(ok && cb->status == 0 && e2 <= TOL_GRAD,
+          "grouped GEMM: dW_e += X_e^T dY_e, an empty expert keeps dW (rel %.1e)", e2);
+    free(X);
+    free(W);
+    free(dY);
+    free(dW);
+    free(Y);
+    free(dWref);
+    free(got);
     dev_free_all();
 }
 
 static void dev_layernorm(void) {
-    if (!have_gpu) { skip("layernorm forward / backward vs kernels/layernorm.c"); return; }
+    if (!have_gpu) {
+        skip("layernorm forward / backward vs kernels/layernorm.c");
+        return;
+    }
     /* the last case has a variance near eps (1e-5), so eps itself is checked */
     int shapes[4][2] = {{13, 300}, {7, 16}, {GPU_OR_EMU(1000, 200), 40}, {5, 64}};
     float scales[4] = {2.0f, 2.0f, 2.0f, 0.005f};
@@ -643,24 +717,43 @@ static void dev_layernorm(void) {
         float *g = fnew(n, 0);
         int ok = r1 == cudaSuccess && r2 == cudaSuccess;
         double eo, em, er, ex, ew, eb;
-        ok &= get(g, dO, sizeof(float) * n); eo = relerr(g, out, n);
-        ok &= get(g, dM, sizeof(float) * N); em = relerr(g, mean, N);
-        ok &= get(g, dR, sizeof(float) * N); er = relerr(g, rstd, N);
-        ok &= get(g, ddx, sizeof(float) * n); ex = relerr(g, dx, n);
-        ok &= get(g, ddw, sizeof(float) * C); ew = relerr(g, dw, C);
-        ok &= get(g, ddb, sizeof(float) * C); eb = relerr(g, db, C);
+        ok &= get(g, dO, sizeof(float) * n);
+        eo = relerr(g, out, n);
+        ok &= get(g, dM, sizeof(float) * N);
+        em = relerr(g, mean, N);
+        ok &= get(g, dR, sizeof(float) * N);
+        er = relerr(g, rstd, N);
+        ok &= get(g, ddx, sizeof(float) * n);
+        ex = relerr(g, dx, n);
+        ok &= get(g, ddw, sizeof(float) * C);
+        ew = relerr(g, dw, C);
+        ok &= get(g, ddb, sizeof(float) * C);
+        eb = relerr(g, db, C);
         CHECK(ok && eo <= TOL_OUT && em <= TOL_OUT && er <= TOL_OUT,
               "layernorm forward N %d C %d x scale %g: out %.1e, mean %.1e, rstd %.1e", N, C, scales[c], eo, em, er);
         CHECK(ok && ex <= TOL_GRAD && ew <= TOL_GRAD && eb <= TOL_GRAD,
               "layernorm backward N %d C %d x scale %g (dx, dw, db accumulate): %.1e %.1e %.1e", N, C, scales[c], ex,
               ew, eb);
-        free(x); free(w); free(b); free(dy); free(out); free(mean); free(rstd); free(dx); free(dw); free(db); free(g);
+        free(x);
+        free(w);
+        free(b);
+        free(dy);
+        free(out);
+        free(mean);
+        free(rstd);
+        free(dx);
+        free(dw);
+        free(db);
+        free(g);
         dev_free_all();
     }
 }
 
 static void dev_activation(void) {
-    if (!have_gpu) { skip("GELU / SwiGLU forward and backward vs kernels/ffn.c"); return; }
+    if (!have_gpu) {
+        skip("GELU / SwiGLU forward and backward vs kernels/ffn.c");
+        return;
+    }
     for (int a = 0; a < 2; a++) {
         scmoe_activation act = a ? SCMOE_SWIGLU : SCMOE_GELU;
         int N = 9, h = 70, h1 = scmoe__ffn_width(h, act);
@@ -678,7 +771,11 @@ static void dev_activation(void) {
         double e2 = relerr(g, dpre, (size_t)N * h1);
         CHECK(ok && e1 <= TOL_OUT, "%s forward (rel %.1e)", a ? "SwiGLU" : "GELU", e1);
         CHECK(ok && e2 <= TOL_GRAD, "%s backward (rel %.1e)", a ? "SwiGLU" : "GELU", e2);
-        free(pre); free(dhid); free(hid); free(dpre); free(g);
+        free(pre);
+        free(dhid);
+        free(hid);
+        free(dpre);
+        free(g);
         dev_free_all();
     }
 }
@@ -689,7 +786,10 @@ static void broadcast_ref(float *out, const float *b, int N, int C) {
 }
 
 static void dev_bias(void) {
-    if (!have_gpu) { skip("bias broadcast and column sums (scmoe__sum_rows) vs kernels/ffn.c"); return; }
+    if (!have_gpu) {
+        skip("bias broadcast and column sums (scmoe__sum_rows) vs kernels/ffn.c");
+        return;
+    }
     int N = 1000, C = 70;
     float *x = fnew((size_t)N * C, 1), *b = fnew(C, 1), *acc = fnew(C, 1), *out = fnew((size_t)N * C, 0);
     float *g = fnew((size_t)N * C, 0);
@@ -703,12 +803,19 @@ static void dev_bias(void) {
     CHECK(ok && e <= TOL_GRAD, "scmoe__sum_rows: acc += column sums of 1000 rows (rel %.1e)", e);
     ok &= get(g, dO, sizeof(float) * N * C);
     CHECK(ok && !memcmp(g, out, sizeof(float) * N * C), "scmoe__broadcast_rows: every row is the bias, exactly");
-    free(x); free(b); free(acc); free(out); free(g);
+    free(x);
+    free(b);
+    free(acc);
+    free(out);
+    free(g);
     dev_free_all();
 }
 
 static void dev_gate(void) {
-    if (!have_gpu) { skip("gate softmax with noise, top-k (ties), weights and backward vs kernels/gate.c"); return; }
+    if (!have_gpu) {
+        skip("gate softmax with noise, top-k (ties), weights and backward vs kernels/gate.c");
+        return;
+    }
     int N = 50, d = 32, E = 8;
     float *x = fnew((size_t)N * d, 1), *wg = fnew((size_t)d * E, 1);
     float *logits = fnew((size_t)N * E, 0), *p = fnew((size_t)N * E, 0), *lse = fnew(N, 0), *g = fnew((size_t)N * d, 0);
@@ -718,15 +825,18 @@ static void dev_gate(void) {
     scmoe__cuda_blas_gemm(cb, 0, 0, N, E, d, 1.0f, dx_, d, dwg, E, 0.0f, dL, E);
     int ok = scmoe__cuda_gate_softmax(dL, dP, dLse, N, E, 0.5f, 7, 3, 100, stream) == cudaSuccess;
     double el, ep, es;
-    ok &= get(g, dL, sizeof(float) * N * E); el = relerr(g, logits, (size_t)N * E);
-    ok &= get(g, dP, sizeof(float) * N * E); ep = relerr(g, p, (size_t)N * E);
-    ok &= get(g, dLse, sizeof(float) * N); es = relerr(g, lse, N);
+    ok &= get(g, dL, sizeof(float) * N * E);
+    el = relerr(g, logits, (size_t)N * E);
+    ok &= get(g, dP, sizeof(float) * N * E);
+    ep = relerr(g, p, (size_t)N * E);
+    ok &= get(g, dLse, sizeof(float) * N);
+    es = relerr(g, lse, N);
     CHECK(ok && cb->status == 0 && el <= TOL_OUT && ep <= TOL_OUT && es <= TOL_OUT,
           "gate forward with counter-based noise: logits %.1e, p %.1e, lse %.1e", el, ep, es);
     dev_free_all();
 
     /* top-k on the CPU's p (so choices are comparable), plus rows with exact ties */
-    for (int i = 0; i < 4; i++) p[i] = 0.25f, p[4 + i] = 0.0f;                   /* row 0: 4-way tie */
+    for (int i = 0; i < 4; i++) p[i] = 0.25f, p[4 + i] = 0.0f;                           /* row 0: 4-way tie */
     for (int e = 0; e < E; e++) p[E + e] = e == 2 || e == 5 || e == 6 ? 0.3f : 0.1f / 5; /* row 1: 3-way tie */
     for (int k = 1; k <= 3; k++)
         for (int renorm = 0; renorm < 2; renorm++) {
@@ -745,7 +855,11 @@ static void dev_gate(void) {
             CHECK(okk && same && ew <= TOL_OUT && esc <= TOL_OUT,
                   "top-%d%s: same experts (ties to the lower index: row 0 -> %d%s), weights %.1e, score %.1e", k,
                   renorm ? " renormalised" : "", gc[0], k > 1 ? ", ..." : "", ew, esc);
-            free(choice); free(gc); free(weight); free(score); free(gw);
+            free(choice);
+            free(gc);
+            free(weight);
+            free(score);
+            free(gw);
             dev_free_all();
         }
 
@@ -758,30 +872,48 @@ static void dev_gate(void) {
             float *dweight = fnew((size_t)N * k, 1), *aux_coef = fnew(E, 0.1f), *dlog = fnew((size_t)N * E, 0);
             float *dxr = fnew((size_t)N * d, 1), *dwgr = fnew((size_t)d * E, 1);
             float *ddx = dupf(dxr, (size_t)N * d), *ddwg = dupf(dwgr, (size_t)d * E);
-            scmoe__gate_backward(&cpu, dxr, 0.5f, dwgr, dlog, dweight, choice, p, lse, x, wg, aux ? aux_coef : NULL, 0.01f, N,
-                          d, E, k, 1);
+            scmoe__gate_backward(&cpu, dxr, 0.5f, dwgr, dlog, dweight, choice, p, lse, x, wg, aux ? aux_coef : NULL,
+                                 0.01f, N, d, E, k, 1);
             float *dDW = dupf(dweight, (size_t)N * k), *dAux = dupf(aux_coef, E), *dPp = dupf(p, (size_t)N * E);
             float *dLse2 = dupf(lse, N), *dX2 = dupf(x, (size_t)N * d), *dWg2 = dupf(wg, (size_t)d * E);
             int *dC = dupi(choice, (size_t)N * k);
             float *dDL = dalloc(sizeof(float) * N * E);
             int okb = scmoe__cuda_gate_backward_logits(dDL, dDW, dC, dPp, dLse2, aux ? dAux : NULL, 0.01f, N, E, k, 1,
-                                                stream) == cudaSuccess;
+                                                       stream) == cudaSuccess;
             scmoe__cuda_blas_gemm(cb, 1, 0, d, E, N, 1.0f, dX2, d, dDL, E, 1.0f, ddwg, E);
             scmoe__cuda_blas_gemm(cb, 0, 1, N, d, E, 1.0f, dDL, E, dWg2, E, 0.5f, ddx, d);
             double e1, e2, e3;
-            okb &= get(g, dDL, sizeof(float) * N * E); e1 = relerr(g, dlog, (size_t)N * E);
-            okb &= get(g, ddwg, sizeof(float) * d * E); e2 = relerr(g, dwgr, (size_t)d * E);
-            okb &= get(g, ddx, sizeof(float) * N * d); e3 = relerr(g, dxr, (size_t)N * d);
+            okb &= get(g, dDL, sizeof(float) * N * E);
+            e1 = relerr(g, dlog, (size_t)N * E);
+            okb &= get(g, ddwg, sizeof(float) * d * E);
+            e2 = relerr(g, dwgr, (size_t)d * E);
+            okb &= get(g, ddx, sizeof(float) * N * d);
+            e3 = relerr(g, dxr, (size_t)N * d);
             CHECK(okb && cb->status == 0 && e1 <= TOL_GRAD && e2 <= TOL_GRAD && e3 <= TOL_GRAD,
                   "gate backward k %d%s: dlogits %.1e, dWg %.1e, dx %.1e", k, aux ? " with aux" : "", e1, e2, e3);
-            free(choice); free(weight); free(score); free(dweight); free(aux_coef); free(dlog); free(dxr); free(dwgr);
+            free(choice);
+            free(weight);
+            free(score);
+            free(dweight);
+            free(aux_coef);
+            free(dlog);
+            free(dxr);
+            free(dwgr);
             dev_free_all();
         }
-    free(x); free(wg); free(logits); free(p); free(lse); free(g);
+    free(x);
+    free(wg);
+    free(logits);
+    free(p);
+    free(lse);
+    free(g);
 }
 
 static void dev_rows(void) {
-    if (!have_gpu) { skip("scmoe__permute_rows, dispatch pack, decode and decode backward vs kernels/rows.c"); return; }
+    if (!have_gpu) {
+        skip("scmoe__permute_rows, dispatch pack, decode and decode backward vs kernels/rows.c");
+        return;
+    }
     int n = 13, k = 2, d = 33, nr = n * k;
     /* slots: a random permutation of the assignments, every fifth dropped */
     int *slot = malloc(sizeof(int) * nr), n_send = 0;
@@ -800,7 +932,8 @@ static void dev_rows(void) {
         map[r] = map[b];
         map[b] = t;
     }
-    float *x = fnew((size_t)n * d, 1), *rows = fnew((size_t)n_send * d, 1), *w = fnew(nr, 1), *dy = fnew((size_t)n * d, 1);
+    float *x = fnew((size_t)n * d, 1), *rows = fnew((size_t)n_send * d, 1), *w = fnew(nr, 1),
+          *dy = fnew((size_t)n * d, 1);
     float *ref = fnew((size_t)n_send * d, 0), *g = fnew((size_t)n_send * d + (size_t)n * d, 0);
     int *dSlot = dupi(slot, nr), *dMap = dupi(map, n_send);
     float *dX = dupf(x, (size_t)n * d), *dRows = dupf(rows, (size_t)n_send * d), *dW = dupf(w, nr);
@@ -822,7 +955,8 @@ static void dev_rows(void) {
             }
             unwritten += hole;
         }
-        CHECK(ok && unwritten == 0, "scmoe__permute_rows %s with a permutation writes every one of the %d rows (%d not)",
+        CHECK(ok && unwritten == 0,
+              "scmoe__permute_rows %s with a permutation writes every one of the %d rows (%d not)",
               scatter ? "scatter" : "gather", n_send, unwritten);
         CHECK(ok && !memcmp(g, ref, sizeof(float) * n_send * d), "scmoe__permute_rows %s: exact",
               scatter ? "scatter dst[map[r]] = src[r]" : "gather dst[r] = src[map[r]]");
@@ -841,14 +975,16 @@ static void dev_rows(void) {
         float beta = betas[bi];
         int unweighted = bi == 3;
         float *y = fnew((size_t)n * d, 1);
-        if (beta == 0.0f) for (int i = 0; i < n * d; i++) y[i] = NAN;
+        if (beta == 0.0f)
+            for (int i = 0; i < n * d; i++) y[i] = NAN;
         float *dY = dupf(y, (size_t)n * d);
         scmoe__decode_rows(y, beta, rows, slot, unweighted ? NULL : w, n, k, d);
-        int okd = scmoe__cuda_moe_decode(dY, beta, dRows, dSlot, unweighted ? NULL : dW, n, k, d, stream) == cudaSuccess;
+        int okd =
+            scmoe__cuda_moe_decode(dY, beta, dRows, dSlot, unweighted ? NULL : dW, n, k, d, stream) == cudaSuccess;
         okd &= get(g, dY, sizeof(float) * n * d);
         double e = relerr(g, y, (size_t)n * d);
-        CHECK(okd && e <= TOL_OUT, "decode beta %g%s (rel %.1e)", beta, unweighted ? ", unweighted (gate-backward dx)" : "",
-              e);
+        CHECK(okd && e <= TOL_OUT, "decode beta %g%s (rel %.1e)", beta,
+              unweighted ? ", unweighted (gate-backward dx)" : "", e);
         free(y);
     }
     /* decode backward: grows[slot] = w dy[t], dweight = dy[t] . rows[slot], 0 when dropped */
@@ -864,13 +1000,25 @@ static void dev_rows(void) {
     ok &= get(gw, dDW, sizeof(float) * nr);
     double e2 = relerr(gw, dwref, nr);
     CHECK(ok && e1 <= TOL_GRAD && e2 <= TOL_GRAD, "decode backward: rows %.1e, dweight %.1e (dropped -> 0)", e1, e2);
-    free(slot); free(map); free(x); free(rows); free(w); free(dy); free(ref); free(g); free(dwref); free(gw);
+    free(slot);
+    free(map);
+    free(x);
+    free(rows);
+    free(w);
+    free(dy);
+    free(ref);
+    free(g);
+    free(dwref);
+    free(gw);
     free(seven);
     dev_free_all();
 }
 
 static void dev_attention(void) {
-    if (!have_gpu) { skip("attention forward / backward (causal and not, T up to 260) vs kernels/attention.c"); return; }
+    if (!have_gpu) {
+        skip("attention forward / backward (causal and not, T up to 260) vs kernels/attention.c");
+        return;
+    }
     /* T above the block size: the row loops stride (256 threads on a GPU, 64 in the emulation) */
     int cases[4][5] = {{2, 19, 32, 4, 1}, {2, 19, 32, 4, 0}, {1, GPU_OR_EMU(260, 100), 16, 2, 1}, {3, 5, 12, 1, 1}};
     for (int c = 0; c < 4; c++) {
@@ -886,25 +1034,38 @@ static void dev_attention(void) {
         int ok = scmoe__cuda_attention_forward(dO, dA, dQ, B, T, d, H, causal, stream) == cudaSuccess;
         ok &= scmoe__cuda_attention_backward(dDQ, dDA, dDO, dQ, dA, B, T, d, H, causal, stream) == cudaSuccess;
         double eo, ea, eq, ed;
-        ok &= get(g, dO, sizeof(float) * no); eo = relerr(g, out, no);
-        ok &= get(g, dA, sizeof(float) * na); ea = relerr(g, att, na);
-        ok &= get(g, dDQ, sizeof(float) * nq); eq = relerr(g, dqkv, nq);
-        ok &= get(g, dDA, sizeof(float) * na); ed = relerr(g, datt, na);
+        ok &= get(g, dO, sizeof(float) * no);
+        eo = relerr(g, out, no);
+        ok &= get(g, dA, sizeof(float) * na);
+        ea = relerr(g, att, na);
+        ok &= get(g, dDQ, sizeof(float) * nq);
+        eq = relerr(g, dqkv, nq);
+        ok &= get(g, dDA, sizeof(float) * na);
+        ed = relerr(g, datt, na);
         CHECK(ok && eo <= TOL_OUT && ea <= TOL_OUT, "attention forward B %d T %d d %d H %d %s: out %.1e, att %.1e", B,
               T, d, H, causal ? "causal" : "full", eo, ea);
         CHECK(ok && eq <= TOL_GRAD && ed <= TOL_GRAD, "attention backward B %d T %d d %d H %d %s: dqkv %.1e, datt %.1e",
               B, T, d, H, causal ? "causal" : "full", eq, ed);
-        free(qkv); free(out); free(att); free(dout); free(dqkv); free(datt); free(g);
+        free(qkv);
+        free(out);
+        free(att);
+        free(dout);
+        free(dqkv);
+        free(datt);
+        free(g);
         dev_free_all();
     }
 }
 
 static void dev_bf16(void) {
-    if (!have_gpu) { skip("bf16 pack / unpack bit-exact vs kernels/bf16.c"); return; }
+    if (!have_gpu) {
+        skip("bf16 pack / unpack bit-exact vs kernels/bf16.c");
+        return;
+    }
     size_t n = 5000;
     float *x = fnew(n, 1);
-    uint32_t special[] = {0x7FC00001u, 0x7F800001u, 0xFF800000u, 0x7F800000u, 0x3F808000u, 0x3F818000u, 0x7F7FFFFFu,
-                          0x00000001u, 0x80000000u, 0x3F80FFFFu};
+    uint32_t special[] = {0x7FC00001u, 0x7F800001u, 0xFF800000u, 0x7F800000u, 0x3F808000u,
+                          0x3F818000u, 0x7F7FFFFFu, 0x00000001u, 0x80000000u, 0x3F80FFFFu};
     for (size_t i = 0; i < sizeof special / sizeof special[0]; i++) memcpy(&x[i], &special[i], 4);
     for (size_t i = 20; i < n; i++) x[i] *= powf(2.0f, (float)((int)(i % 60) - 30));
     uint16_t *ref = malloc(2 * n), *got = malloc(2 * n);
@@ -919,13 +1080,20 @@ static void dev_bf16(void) {
     ok &= get(gback, dB, sizeof(float) * n);
     CHECK(ok && !memcmp(got, ref, 2 * n), "bf16 pack: the same bits (nearest even, NaN quiet, inf, overflow)");
     CHECK(ok && !memcmp(gback, back, sizeof(float) * n), "bf16 unpack: the same bits");
-    free(x); free(ref); free(got); free(back); free(gback);
+    free(x);
+    free(ref);
+    free(got);
+    free(back);
+    free(gback);
     dev_free_all();
 }
 
 /* the compute table's small kernels against their CPU twins (compute_host.c, combine.c) */
 static void dev_small(void) {
-    if (!have_gpu) { skip("zero, add, bias rows, non-finite flag, CG-1 combine and scmoe__add_outer vs kernels/"); return; }
+    if (!have_gpu) {
+        skip("zero, add, bias rows, non-finite flag, CG-1 combine and scmoe__add_outer vs kernels/");
+        return;
+    }
     /* zero: every start alignment and length, nothing outside the range touched */
     unsigned char ones[64], got[64];
     memset(ones, 0xFF, sizeof ones);
@@ -943,7 +1111,8 @@ static void dev_small(void) {
     size_t nd = (size_t)n * d;
     float *y = fnew(nd, 1), *x = fnew(nd, 1), *b = fnew(d, 1), *s = fnew(nd, 1), *m = fnew(nd, 1), *w = fnew(d, 1);
     float *g = fnew(nd, 0), *gc = fnew(n, 0), *ref = fnew(nd, 0), *refc = fnew(n, 0);
-    float *dY = dupf(y, nd), *dX = dupf(x, nd), *dB = dupf(b, d), *dS = dupf(s, nd), *dM = dupf(m, nd), *dW = dupf(w, d);
+    float *dY = dupf(y, nd), *dX = dupf(x, nd), *dB = dupf(b, d), *dS = dupf(s, nd), *dM = dupf(m, nd),
+          *dW = dupf(w, d);
     float *dO = dalloc(sizeof(float) * nd), *dC = dalloc(sizeof(float) * n);
     memcpy(ref, y, sizeof(float) * nd); /* add: y += x */
     for (size_t i = 0; i < nd; i++) ref[i] += x[i];
@@ -955,12 +1124,13 @@ static void dev_small(void) {
     CHECK(ok && !memcmp(g, ref, sizeof(float) * nd), "add_bias_rows x[i, :] += b: exact");
 
     int *dF = dalloc(sizeof(int)), flag = 0;
-    ok = scmoe__cuda_zero_bytes(dF, sizeof(int), stream) == cudaSuccess && scmoe__cuda_flag_nonfinite(dF, dX, nd, stream) == cudaSuccess &&
-         get(&flag, dF, sizeof flag) && flag == 0;
+    ok = scmoe__cuda_zero_bytes(dF, sizeof(int), stream) == cudaSuccess &&
+         scmoe__cuda_flag_nonfinite(dF, dX, nd, stream) == cudaSuccess && get(&flag, dF, sizeof flag) && flag == 0;
     x[nd - 3] = INFINITY;
     float *dXi = dupf(x, nd);
     ok &= scmoe__cuda_flag_nonfinite(dF, dXi, nd, stream) == cudaSuccess && get(&flag, dF, sizeof flag) && flag == 1;
-    CHECK(ok && scmoe__has_nonfinite(x, nd), "flag_nonfinite: 0 on finite input, 1 with an Inf (as scmoe__has_nonfinite)");
+    CHECK(ok && scmoe__has_nonfinite(x, nd),
+          "flag_nonfinite: 0 on finite input, 1 with an Inf (as scmoe__has_nonfinite)");
 
     float *dA = dupf(y, nd); /* the residual: y as uploaded (dY has been added to since) */
     for (int gated = 0; gated < 2; gated++) {
@@ -968,8 +1138,8 @@ static void dev_small(void) {
         ok = scmoe__cuda_cg_combine_forward(dO, dC, dA, dS, dM, gated ? dW : NULL, n, d, stream) == cudaSuccess;
         ok &= get(g, dO, sizeof(float) * nd) && get(gc, dC, sizeof(float) * n);
         double e1 = relerr(g, ref, nd), e2 = relerr(gc, refc, n);
-        CHECK(ok && e1 <= TOL_OUT && e2 <= TOL_OUT, "scmoe__cg_combine_forward%s: y %.1e, gate %.1e", gated ? " (CG-1)" : " (add)",
-              e1, e2);
+        CHECK(ok && e1 <= TOL_OUT && e2 <= TOL_OUT, "scmoe__cg_combine_forward%s: y %.1e, gate %.1e",
+              gated ? " (CG-1)" : " (add)", e1, e2);
     }
     x[nd - 3] = 0.25f;
     float *cg = fnew(n, 0);
@@ -986,13 +1156,26 @@ static void dev_small(void) {
     float *dY2 = dupf(y, nd);
     ok = scmoe__cuda_add_outer(dY2, dCg, dW, n, d, stream) == cudaSuccess && get(g, dY2, sizeof(float) * nd);
     CHECK(ok && relerr(g, ref, nd) <= TOL_OUT, "scmoe__add_outer out += u v^T (%.1e)", relerr(g, ref, nd));
-    free(y); free(x); free(b); free(s); free(m); free(w); free(g); free(gc); free(ref); free(refc); free(cg);
+    free(y);
+    free(x);
+    free(b);
+    free(s);
+    free(m);
+    free(w);
+    free(g);
+    free(gc);
+    free(ref);
+    free(refc);
+    free(cg);
     dev_free_all();
 }
 
 /* scmoe__ffn_forward / scmoe__ffn_backward composed from the kernels and cuBLAS, as a device dispatch would */
 static void dev_ffn(void) {
-    if (!have_gpu) { skip("FFN forward / backward from kernels + cuBLAS (GELU, SwiGLU) vs kernels/ffn.c"); return; }
+    if (!have_gpu) {
+        skip("FFN forward / backward from kernels + cuBLAS (GELU, SwiGLU) vs kernels/ffn.c");
+        return;
+    }
     for (int a = 0; a < 2; a++) {
         scmoe_activation act = a ? SCMOE_SWIGLU : SCMOE_GELU;
         int N = 21, d = 24, h = 40, h1 = scmoe__ffn_width(h, act);
@@ -1006,7 +1189,8 @@ static void dev_ffn(void) {
         scmoe__ffn_forward(&cpu, out, pre, hid, x, w1, b1, w2, b2, N, d, h, act);
         scmoe__ffn_backward(&cpu, dx, 0.5f, dw1, db1, dw2, db2, dhid, dpre, dout, x, pre, hid, w1, w2, N, d, h, act);
         float *Dx = dupf(x, nx), *Dw1 = dupf(w1, nw1), *Db1 = dupf(b1, h1), *Dw2 = dupf(w2, nw2), *Db2 = dupf(b2, d);
-        float *Dout = dalloc(sizeof(float) * nx), *Dpre = dalloc(sizeof(float) * np), *Dhid = dalloc(sizeof(float) * nh);
+        float *Dout = dalloc(sizeof(float) * nx), *Dpre = dalloc(sizeof(float) * np),
+              *Dhid = dalloc(sizeof(float) * nh);
         float *Ddout = dupf(dout, nx), *Ddhid = dalloc(sizeof(float) * nh), *Ddpre = dalloc(sizeof(float) * np);
         int ok = scmoe__cuda_broadcast_rows(Dpre, Db1, N, h1, stream) == cudaSuccess;
         scmoe__cuda_blas_gemm(cb, 0, 0, N, h1, d, 1.0f, Dx, d, Dw1, h1, 1.0f, Dpre, h1);
@@ -1021,30 +1205,59 @@ static void dev_ffn(void) {
         ok &= scmoe__cuda_sum_rows(Ddb1, Ddpre, N, h1, stream) == cudaSuccess;
         scmoe__cuda_blas_gemm(cb, 0, 1, N, d, h1, 1.0f, Ddpre, h1, Dw1, h1, 0.5f, Ddx, d);
         double eo, ep, eh, ex, e1, eb1, e2, eb2;
-        ok &= get(g, Dout, sizeof(float) * nx); eo = relerr(g, out, nx);
-        ok &= get(g, Dpre, sizeof(float) * np); ep = relerr(g, pre, np);
-        ok &= get(g, Dhid, sizeof(float) * nh); eh = relerr(g, hid, nh);
-        ok &= get(g, Ddx, sizeof(float) * nx); ex = relerr(g, dx, nx);
-        ok &= get(g, Ddw1, sizeof(float) * nw1); e1 = relerr(g, dw1, nw1);
-        ok &= get(g, Ddb1, sizeof(float) * h1); eb1 = relerr(g, db1, h1);
-        ok &= get(g, Ddw2, sizeof(float) * nw2); e2 = relerr(g, dw2, nw2);
-        ok &= get(g, Ddb2, sizeof(float) * d); eb2 = relerr(g, db2, d);
+        ok &= get(g, Dout, sizeof(float) * nx);
+        eo = relerr(g, out, nx);
+        ok &= get(g, Dpre, sizeof(float) * np);
+        ep = relerr(g, pre, np);
+        ok &= get(g, Dhid, sizeof(float) * nh);
+        eh = relerr(g, hid, nh);
+        ok &= get(g, Ddx, sizeof(float) * nx);
+        ex = relerr(g, dx, nx);
+        ok &= get(g, Ddw1, sizeof(float) * nw1);
+        e1 = relerr(g, dw1, nw1);
+        ok &= get(g, Ddb1, sizeof(float) * h1);
+        eb1 = relerr(g, db1, h1);
+        ok &= get(g, Ddw2, sizeof(float) * nw2);
+        e2 = relerr(g, dw2, nw2);
+        ok &= get(g, Ddb2, sizeof(float) * d);
+        eb2 = relerr(g, db2, d);
         const char *name = a ? "SwiGLU" : "GELU";
         CHECK(ok && cb->status == 0 && eo <= TOL_OUT && ep <= TOL_OUT && eh <= TOL_OUT,
               "FFN %s forward: out %.1e, pre %.1e, hid %.1e", name, eo, ep, eh);
         CHECK(ok && cb->status == 0 && ex <= TOL_GRAD && e1 <= TOL_GRAD && eb1 <= TOL_GRAD && e2 <= TOL_GRAD &&
                   eb2 <= TOL_GRAD,
               "FFN %s backward: dx %.1e, dW1 %.1e, db1 %.1e, dW2 %.1e, db2 %.1e", name, ex, e1, eb1, e2, eb2);
-        free(x); free(w1); free(b1); free(w2); free(b2); free(out); free(pre); free(hid); free(dout);
-        free(dx); free(dw1); free(db1); free(dw2); free(db2); free(dhid); free(dpre); free(g);
+        free(x);
+        free(w1);
+        free(b1);
+        free(w2);
+        free(b2);
+        free(out);
+        free(pre);
+        free(hid);
+        free(dout);
+        free(dx);
+        free(dw1);
+        free(db1);
+        free(dw2);
+        free(db2);
+        free(dhid);
+        free(dpre);
+        free(g);
         dev_free_all();
     }
 }
 
 static void dev_staging(void) {
-    if (!have_gpu) { skip("staging on the CUDA runtime: device rows -> pinned -> exchange -> device"); return; }
+    if (!have_gpu) {
+        skip("staging on the CUDA runtime: device rows -> pinned -> exchange -> device");
+        return;
+    }
     comm *c = NULL;
-    if (scmoe__comm_serial_create(&c)) { CHECK(0, "scmoe__comm_serial_create"); return; }
+    if (scmoe__comm_serial_create(&c)) {
+        CHECK(0, "scmoe__comm_serial_create");
+        return;
+    }
     int d = 16, rows = 9;
     float *x = fnew((size_t)rows * d, 1), *got = fnew((size_t)rows * d, 0);
     float *dS = dupf(x, (size_t)rows * d), *dR = dalloc(sizeof(float) * rows * d);
@@ -1060,7 +1273,8 @@ static void dev_staging(void) {
           st ? st->err : "create failed");
     scmoe__cuda_stage_destroy(st);
     c->ops->destroy(c);
-    free(x); free(got);
+    free(x);
+    free(got);
     dev_free_all();
 }
 
@@ -1076,12 +1290,13 @@ int main(void) {
     if (have_gpu) {
         char err[160];
         scmoe_status s = scmoe__cuda_blas_create(&cb, NULL, CUDA_MATH_FP32, err);
-        CHECK(s == SCMOE_OK, "scmoe__cuda_blas_create on a new stream (%d device%s)%s%s", n, n == 1 ? "" : "s", s ? ": " : "",
-              s ? err : "");
+        CHECK(s == SCMOE_OK, "scmoe__cuda_blas_create on a new stream (%d device%s)%s%s", n, n == 1 ? "" : "s",
+              s ? ": " : "", s ? err : "");
         if (s) have_gpu = 0;
         else stream = cb->stream;
     } else {
-        printf("# no CUDA device (%s): device checks are skipped\n", e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
+        printf("# no CUDA device (%s): device checks are skipped\n",
+               e == cudaSuccess ? "0 devices" : cudaGetErrorString(e));
     }
     host_gemm_mapping();
     host_blas_checks();

@@ -135,7 +135,9 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     scmoe_moe *hm = NULL, *dm = NULL;
     scmoe_status s1 = scmoe_moe_create(hctx, &cfg, &hm), s2 = scmoe_moe_create(dctx, &cfg, &dm);
     CHECK(!s1 && !s2, "[%s] create on host and device: %s", tc->name,
-          s1 ? scmoe_last_error(hctx) : s2 ? scmoe_last_error(dctx) : "ok");
+          s1   ? scmoe_last_error(hctx)
+          : s2 ? scmoe_last_error(dctx)
+               : "ok");
     if (s1 || s2) {
         scmoe_moe_destroy(hm);
         scmoe_moe_destroy(dm);
@@ -148,8 +150,7 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     float *dX = dev_alloc(nd), *dY = dev_alloc(nd), *dDY = dev_alloc(nd), *dDX = dev_alloc(nd);
 
     /* the same init on both (seeded by name): uploaded bit for bit */
-    CHECK(same_params(&moe_api, hm, dm, got), "[%s] %d parameters initialised identically on the device",
-          tc->name, np);
+    CHECK(same_params(&moe_api, hm, dm, got), "[%s] %d parameters initialised identically on the device", tc->name, np);
 
     if (slots) { /* offloaded: the experts' weights are host memory, readable right here */
         char name[64];
@@ -174,7 +175,7 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
         ok = ok && !scmoe_moe_backward(hm, dy, dx, &hs) && !scmoe_moe_backward(dm, dDY, dDX, &ds);
         if (!ok) break;
         /* the forward fetches exactly the experts with rows when they fit, the backward then none */
-        fetch_ok &= !slots                ? fetched == 0 && ds.experts_fetched == 0
+        fetch_ok &= !slots            ? fetched == 0 && ds.experts_fetched == 0
                     : slots >= active ? fetched == active && ds.experts_fetched == 0
                                       : fetched >= active;
         fetched_total += fetched;
@@ -200,8 +201,10 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     CHECK(ok && worst_g <= 1e-3, "[%s] all %d parameter gradients match (%.1e)", tc->name, np, worst_g);
     CHECK(ok && stats_equal, "[%s] routing statistics equal (tokens, drops, per-expert counts, aux, z)", tc->name);
     if (slots)
-        CHECK(ok && fetch_ok, "[%s, %d slot(s)] the forward fetched the experts that received rows (%d over 2 steps), "
-              "the backward found them resident where they fit", tc->name, slots, fetched_total);
+        CHECK(ok && fetch_ok,
+              "[%s, %d slot(s)] the forward fetched the experts that received rows (%d over 2 steps), "
+              "the backward found them resident where they fit",
+              tc->name, slots, fetched_total);
 
     /* inference */
     scmoe_moe_set_training(hm, 0);
@@ -210,13 +213,19 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     to_host(got, dY, nd);
     double e = ok ? rel_err(got, y, nd) : 1;
     CHECK(ok && e <= 1e-4, "[%s] inference forward matches (%.1e)", tc->name, e);
-    CHECK(scmoe_moe_backward(dm, dDY, dDX, NULL) == SCMOE_ERR_STATE, "[%s] backward after inference: STATE",
-          tc->name);
+    CHECK(scmoe_moe_backward(dm, dDY, dDX, NULL) == SCMOE_ERR_STATE, "[%s] backward after inference: STATE", tc->name);
 
     scmoe_moe_destroy(hm);
     scmoe_moe_destroy(dm);
-    free(x); free(dy); free(y); free(dx); free(got);
-    cudaFree(dX); cudaFree(dY); cudaFree(dDY); cudaFree(dDX);
+    free(x);
+    free(dy);
+    free(y);
+    free(dx);
+    free(got);
+    cudaFree(dX);
+    cudaFree(dY);
+    cudaFree(dDY);
+    cudaFree(dDX);
 }
 
 typedef struct pcase {
@@ -247,7 +256,9 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     scmoe_pair *hp = NULL, *dp = NULL;
     scmoe_status s1 = scmoe_pair_create(hctx, &cfg, &hp), s2 = scmoe_pair_create(dctx, &cfg, &dp);
     CHECK(!s1 && !s2, "[pair %s] create on host and device: %s", pc->name,
-          s1 ? scmoe_last_error(hctx) : s2 ? scmoe_last_error(dctx) : "ok");
+          s1   ? scmoe_last_error(hctx)
+          : s2 ? scmoe_last_error(dctx)
+               : "ok");
     if (s1 || s2) {
         scmoe_pair_destroy(hp);
         scmoe_pair_destroy(dp);
@@ -297,8 +308,15 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     CHECK(ok && e <= 1e-4, "[pair %s] inference forward matches (%.1e)", pc->name, e);
     scmoe_pair_destroy(hp);
     scmoe_pair_destroy(dp);
-    free(x); free(dy); free(y); free(dx); free(got);
-    cudaFree(dX); cudaFree(dY); cudaFree(dDY); cudaFree(dDX);
+    free(x);
+    free(dy);
+    free(y);
+    free(dx);
+    free(got);
+    cudaFree(dX);
+    cudaFree(dY);
+    cudaFree(dDY);
+    cudaFree(dDX);
 }
 
 /* bad input on a device context: every rank gets the error, nothing crashes */
@@ -364,7 +382,8 @@ int main(int argc, char **argv) {
           scmoe_last_error(dctx));
     o = scmoe_cuda_options_default();
     o.cuda_aware_mpi = 2;
-    CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_OPTION, "cuda_aware_mpi 2: OPTION (%s)", scmoe_last_error(dctx));
+    CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_OPTION, "cuda_aware_mpi 2: OPTION (%s)",
+          scmoe_last_error(dctx));
     o = scmoe_cuda_options_default();
     o.device = 4096;
     CHECK(scmoe_context_use_cuda(dctx, &o) == SCMOE_ERR_UNSUPPORTED, "device 4096: UNSUPPORTED (%s)",
@@ -372,7 +391,8 @@ int main(int argc, char **argv) {
     scmoe_status s = scmoe_context_use_cuda(dctx, NULL);
     if (s == SCMOE_ERR_UNSUPPORTED) {
         CHECK(!strcmp(scmoe_context_backend(dctx), "host"), "a failed move leaves the context on the host");
-        if (!rank_) printf("ok - the MoE layer on the device vs the host # SKIP no CUDA device (%s)\n", scmoe_last_error(dctx));
+        if (!rank_)
+            printf("ok - the MoE layer on the device vs the host # SKIP no CUDA device (%s)\n", scmoe_last_error(dctx));
     } else {
         CHECK(!s && !strcmp(scmoe_context_backend(dctx), "cuda") && !strcmp(scmoe_context_backend(hctx), "host"),
               "context on device 0: %s", s ? scmoe_last_error(dctx) : "ok, backend cuda");

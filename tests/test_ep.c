@@ -17,7 +17,7 @@
 
 static int rank, size;
 static scmoe_context *ctx_ref; /* one rank of its own, for the 1-rank references */
-static int S_global;            /* global tokens of the equivalence cases */
+static int S_global;           /* global tokens of the equivalence cases */
 
 static uint64_t hash_str(const char *s) {
     uint64_t h = 1469598103934665603ull;
@@ -58,10 +58,17 @@ static scmoe_status obj_create(scmoe_context *ctx, const scmoe_config *c, int is
     o->p = NULL;
     return is_pair ? scmoe_pair_create(ctx, c, &o->p) : scmoe_moe_create(ctx, c, &o->m);
 }
-static void obj_destroy(object *o) { scmoe_pair_destroy(o->p); scmoe_moe_destroy(o->m); }
+static void obj_destroy(object *o) {
+    scmoe_pair_destroy(o->p);
+    scmoe_moe_destroy(o->m);
+}
 static int obj_count(object *o) { return o->is_pair ? scmoe_pair_param_count(o->p) : scmoe_moe_param_count(o->m); }
-static void obj_at(object *o, int i, scmoe_tensor *t) { o->is_pair ? scmoe_pair_param_at(o->p, i, t) : scmoe_moe_param_at(o->m, i, t); }
-static scmoe_status obj_param(object *o, const char *n, scmoe_tensor *t) { return o->is_pair ? scmoe_pair_param(o->p, n, t) : scmoe_moe_param(o->m, n, t); }
+static void obj_at(object *o, int i, scmoe_tensor *t) {
+    o->is_pair ? scmoe_pair_param_at(o->p, i, t) : scmoe_moe_param_at(o->m, i, t);
+}
+static scmoe_status obj_param(object *o, const char *n, scmoe_tensor *t) {
+    return o->is_pair ? scmoe_pair_param(o->p, n, t) : scmoe_moe_param(o->m, n, t);
+}
 static scmoe_status obj_forward(object *o, int rows, int T, const float *x, float *y, scmoe_stats *st) {
     return o->is_pair ? scmoe_pair_forward(o->p, rows / T, T, x, y, st) : scmoe_moe_forward(o->m, rows, x, y, st);
 }
@@ -91,13 +98,17 @@ static void init_params(object *o, int all_to_one) {
 static void split(int S, int T, int empty0, int *first, int *count) {
     int seqs = S / T, per = empty0 && size > 1 ? seqs / (size - 1) : seqs / size;
     int r0 = empty0 && size > 1 ? rank - 1 : rank;
-    if (empty0 && size > 1 && rank == 0) { *first = 0; *count = 0; return; }
+    if (empty0 && size > 1 && rank == 0) {
+        *first = 0;
+        *count = 0;
+        return;
+    }
     *first = r0 * per * T;
     *count = per * T;
 }
 
-static void equivalence(const char *what, scmoe_context *ctx, scmoe_context *ref, scmoe_config c, int is_pair,
-                        int S, int T, int all_to_one, int empty0) {
+static void equivalence(const char *what, scmoe_context *ctx, scmoe_context *ref, scmoe_config c, int is_pair, int S,
+                        int T, int all_to_one, int empty0) {
     int d = c.d_model, first, n;
     split(S, T, empty0, &first, &n);
     if (empty0) { /* the global batch is what the other ranks hold */
@@ -134,7 +145,8 @@ static void equivalence(const char *what, scmoe_context *ctx, scmoe_context *ref
     int counts_ok = 1;
     for (int e = 0; e < c.n_experts; e++) counts_ok &= st.expert_tokens[e] == sr.expert_tokens[e];
     check(counts_ok, "%s: tokens per expert agree", what);
-    if (all_to_one) check(sr.expert_tokens[0] > 0 && sr.expert_tokens[1] == 0, "%s: every token routed to expert 0", what);
+    if (all_to_one)
+        check(sr.expert_tokens[0] > 0 && sr.expert_tokens[1] == 0, "%s: every token routed to expert 0", what);
     s1 = obj_backward(&a, dy + (size_t)first * d, dx, &st);
     s2 = obj_backward(&b, dy, dxr, &sr);
     check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: backward (%s)", what, scmoe_last_error(ctx));
@@ -163,21 +175,37 @@ static void equivalence(const char *what, scmoe_context *ctx, scmoe_context *ref
     eg = g[0] > g[1] ? g[0] : g[1];
     check(!missing && eg <= 1e-5, "%s: all parameter gradients (dense %.1e, experts %.1e)", what, g[0], g[1]);
 out:
-    free(x); free(dy); free(y); free(yr); free(dx); free(dxr);
+    free(x);
+    free(dy);
+    free(y);
+    free(yr);
+    free(dx);
+    free(dxr);
     obj_destroy(&a);
     obj_destroy(&b);
 }
 
 static scmoe_config layer_cfg(int k, float cf) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = 24; c.d_hidden = 40; c.n_experts = size > 8 ? size : 8; c.top_k = k; c.capacity_factor = cf;
-    c.aux_loss_weight = 0.1f; c.z_loss_weight = 0.01f; c.max_tokens = 64; c.max_seq_len = 8;
+    c.d_model = 24;
+    c.d_hidden = 40;
+    c.n_experts = size > 8 ? size : 8;
+    c.top_k = k;
+    c.capacity_factor = cf;
+    c.aux_loss_weight = 0.1f;
+    c.z_loss_weight = 0.01f;
+    c.max_tokens = 64;
+    c.max_seq_len = 8;
     return c;
 }
 
 static scmoe_config pair_cfg(scmoe_arch arch, int pos, float cf) {
     scmoe_config c = layer_cfg(1, cf);
-    c.arch = arch; c.shortcut_pos = pos; c.n_heads = 4; c.max_tokens = 64; c.max_seq_len = 8;
+    c.arch = arch;
+    c.shortcut_pos = pos;
+    c.n_heads = 4;
+    c.max_tokens = 64;
+    c.max_seq_len = 8;
     return c;
 }
 
@@ -197,15 +225,20 @@ static double grads_relerr(object *a, object *b) {
 /* Two configs that must compute the same numbers on this communicator (tol 0: bitwise), over 4 training
  * steps: the overlapped and the serialized order (after the schedule's profiling steps, when it really
  * overlaps), or a pipelined exchange and a plain one. */
-static void same_numbers(scmoe_context *ctx, int is_pair, scmoe_config ca, scmoe_config cb, double tol, const char *what) {
+static void same_numbers(scmoe_context *ctx, int is_pair, scmoe_config ca, scmoe_config cb, double tol,
+                         const char *what) {
     ca.poll_cols = cb.poll_cols = 5; /* many tiles, many polls */
     object a, b;
-    if (obj_create(ctx, &ca, is_pair, &a) || obj_create(ctx, &cb, is_pair, &b)) { check(0, "%s: create", what); return; }
+    if (obj_create(ctx, &ca, is_pair, &a) || obj_create(ctx, &cb, is_pair, &b)) {
+        check(0, "%s: create", what);
+        return;
+    }
     init_params(&a, 0);
     init_params(&b, 0);
     int T = is_pair ? 8 : 1, n = 32, d = ca.d_model;
     float *x = malloc(sizeof(float) * n * d), *dy = malloc(sizeof(float) * n * d), *ya = malloc(sizeof(float) * n * d),
-          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d), *dxb = malloc(sizeof(float) * n * d);
+          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d),
+          *dxb = malloc(sizeof(float) * n * d);
     char nm[8];
     snprintf(nm, sizeof nm, "x%d", rank);
     fill_named(x, (size_t)n * d, nm, 1.0f, 0.0f);
@@ -214,17 +247,28 @@ static void same_numbers(scmoe_context *ctx, int is_pair, scmoe_config ca, scmoe
     double worst = 0;
     scmoe_stats sa, sb;
     for (int step = 0; step < 4; step++) {
-        if (is_pair) { scmoe_pair_zero_grad(a.p); scmoe_pair_zero_grad(b.p); }
-        else { scmoe_moe_zero_grad(a.m); scmoe_moe_zero_grad(b.m); }
+        if (is_pair) {
+            scmoe_pair_zero_grad(a.p);
+            scmoe_pair_zero_grad(b.p);
+        } else {
+            scmoe_moe_zero_grad(a.m);
+            scmoe_moe_zero_grad(b.m);
+        }
         ok &= obj_forward(&a, n, T, x, ya, &sa) == SCMOE_OK && obj_forward(&b, n, T, x, yb, &sb) == SCMOE_OK;
         ok &= obj_backward(&a, dy, dxa, &sa) == SCMOE_OK && obj_backward(&b, dy, dxb, &sb) == SCMOE_OK;
         double e[3] = {relerr(ya, yb, (size_t)n * d), relerr(dxa, dxb, (size_t)n * d), grads_relerr(&a, &b)};
         for (int i = 0; i < 3; i++) worst = e[i] > worst ? e[i] : worst;
         slots += sa.expert_slot >= 0;
     }
-    check(ok && worst <= tol, "%s: outputs, dX and gradients %s (%.1e)", what, worst == 0 ? "bitwise equal" : "agree", worst);
+    check(ok && worst <= tol, "%s: outputs, dX and gradients %s (%.1e)", what, worst == 0 ? "bitwise equal" : "agree",
+          worst);
     if (is_pair && ca.arch == SCMOE_ARCH_SCMOE && ca.overlap) check(slots > 0, "%s: the overlapped schedule ran", what);
-    free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    free(x);
+    free(dy);
+    free(ya);
+    free(yb);
+    free(dxa);
+    free(dxb);
     obj_destroy(&a);
     obj_destroy(&b);
 }
@@ -254,7 +298,8 @@ static void pipelined(scmoe_context *ctx) {
             scmoe_config c = pair_cfg((scmoe_arch)a, 2, pg == 2 ? 0.5f : 0.0f), cp = c;
             c.progress = cp.progress = (scmoe_progress)pg;
             cp.pipeline_chunks = 2 + pg;
-            snprintf(what, sizeof what, "pair %s, progress %s, %d chunks == unpipelined", names[a], prog[pg], cp.pipeline_chunks);
+            snprintf(what, sizeof what, "pair %s, progress %s, %d chunks == unpipelined", names[a], prog[pg],
+                     cp.pipeline_chunks);
             same_numbers(ctx, 1, cp, c, 1e-6, what);
         }
     scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 1.0f);
@@ -277,12 +322,16 @@ static void wire_bf16(scmoe_context *ctx) {
     scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f), cb = c;
     cb.wire_bf16 = 1;
     object a, b;
-    if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &cb, 1, &b)) { check(0, "bf16: create"); return; }
+    if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &cb, 1, &b)) {
+        check(0, "bf16: create");
+        return;
+    }
     init_params(&a, 0);
     init_params(&b, 0);
     int n = 32, T = 8, d = c.d_model;
     float *x = malloc(sizeof(float) * n * d), *dy = malloc(sizeof(float) * n * d), *ya = malloc(sizeof(float) * n * d),
-          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d), *dxb = malloc(sizeof(float) * n * d);
+          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d),
+          *dxb = malloc(sizeof(float) * n * d);
     char nm[8];
     snprintf(nm, sizeof nm, "x%d", rank);
     fill_named(x, (size_t)n * d, nm, 1.0f, 0.0f);
@@ -295,7 +344,12 @@ static void wire_bf16(scmoe_context *ctx) {
     double ey = relerr(yb, ya, (size_t)n * d), ed = relerr(dxb, dxa, (size_t)n * d);
     check(size == 1 ? ey == 0 && ed == 0 : ey > 0 && ey < 1e-2 && ed < 1e-2,
           "bf16 wire: output %.2e, dX %.2e relative to float exchanges", ey, ed);
-    free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    free(x);
+    free(dy);
+    free(ya);
+    free(yb);
+    free(dxa);
+    free(dxb);
     obj_destroy(&a);
     obj_destroy(&b);
 }
@@ -320,7 +374,10 @@ static void precision_bf16(scmoe_context *ctx) {
     scmoe_config f = c;
     f.precision = SCMOE_PRECISION_FP32;
     object a, b;
-    if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &f, 1, &b)) { check(0, "bf16 vs fp32: create"); return; }
+    if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &f, 1, &b)) {
+        check(0, "bf16 vs fp32: create");
+        return;
+    }
     init_params(&a, 0);
     init_params(&b, 0);
     int n = 32, T = 8, d = c.d_model;
@@ -330,7 +387,9 @@ static void precision_bf16(scmoe_context *ctx) {
     int ok = obj_forward(&a, n, T, x, ya, &st) == SCMOE_OK && obj_forward(&b, n, T, x, yb, &st) == SCMOE_OK;
     double e = relerr(ya, yb, (size_t)n * d);
     check(ok && e > 0 && e < 3e-2, "bf16 vs fp32: outputs differ by %.2e (bf16 operands: ~2^-8 per GEMM)", e);
-    free(x); free(ya); free(yb);
+    free(x);
+    free(ya);
+    free(yb);
     obj_destroy(&a);
     obj_destroy(&b);
 }
@@ -341,14 +400,15 @@ static void robustness(scmoe_context *ctx) {
     if (rank == size - 1) c.d_hidden = 48;
     scmoe_moe *m = NULL;
     scmoe_status s = scmoe_moe_create(ctx, &c, &m);
-    check(size == 1 ? s == SCMOE_OK : s == SCMOE_ERR_CONFIG_MISMATCH, "config differing on one rank -> %s on every rank",
-          scmoe_strerror(s));
+    check(size == 1 ? s == SCMOE_OK : s == SCMOE_ERR_CONFIG_MISMATCH,
+          "config differing on one rank -> %s on every rank", scmoe_strerror(s));
     scmoe_moe_destroy(m);
     /* an invalid config on one rank only */
     c = layer_cfg(1, 1.0f);
     if (rank == 0) c.top_k = 0;
     s = scmoe_moe_create(ctx, &c, &m);
-    check(s != SCMOE_OK && m == NULL, "invalid config on rank 0 only -> an error on every rank (%s)", scmoe_strerror(s));
+    check(s != SCMOE_OK && m == NULL, "invalid config on rank 0 only -> an error on every rank (%s)",
+          scmoe_strerror(s));
     /* bad input on one rank: a status everywhere, then the layer still works */
     c = layer_cfg(2, 1.0f);
     s = scmoe_moe_create(ctx, &c, &m);
@@ -360,14 +420,15 @@ static void robustness(scmoe_context *ctx) {
     check(s == SCMOE_ERR_STATE, "backward after a failed forward -> %s on every rank", scmoe_strerror(s));
     s = scmoe_moe_forward(m, 16, x, y, &st);
     check(s == SCMOE_OK, "the next good forward works");
-    free(x); free(y);
+    free(x);
+    free(y);
     scmoe_moe_destroy(m);
     /* ep_size that does not divide the ranks */
     c = layer_cfg(1, 1.0f);
     c.ep_size = 8;
     s = scmoe_moe_create(ctx, &c, &m);
-    check(size % 8 == 0 ? s == SCMOE_OK : s == SCMOE_ERR_EP_SIZE,
-          "ep_size 8 on %d ranks -> %s", size, scmoe_strerror(s));
+    check(size % 8 == 0 ? s == SCMOE_OK : s == SCMOE_ERR_EP_SIZE, "ep_size 8 on %d ranks -> %s", size,
+          scmoe_strerror(s));
     scmoe_moe_destroy(m);
 }
 
@@ -386,12 +447,14 @@ static void local_slices(const char *what, scmoe_context *ctx, scmoe_config c, i
     scmoe_config cr = c;
     cr.ep_size = 0;
     scmoe_status s1 = obj_create(ctx, &c, is_pair, &a), s2 = obj_create(ctx_ref, &cr, is_pair, &b);
-    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: create (%s%s)", what, scmoe_last_error(ctx), scmoe_last_error(ctx_ref));
+    check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: create (%s%s)", what, scmoe_last_error(ctx),
+          scmoe_last_error(ctx_ref));
     if (s1 || s2) return;
     init_params(&a, 0);
     init_params(&b, 0);
     float *x = malloc(sizeof(float) * n * d), *dy = malloc(sizeof(float) * n * d), *ya = malloc(sizeof(float) * n * d),
-          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d), *dxb = malloc(sizeof(float) * n * d);
+          *yb = malloc(sizeof(float) * n * d), *dxa = malloc(sizeof(float) * n * d),
+          *dxb = malloc(sizeof(float) * n * d);
     char nm[16];
     snprintf(nm, sizeof nm, "x%d", rank);
     fill_named(x, (size_t)n * d, nm, 1.0f, 0.0f);
@@ -408,8 +471,8 @@ static void local_slices(const char *what, scmoe_context *ctx, scmoe_config c, i
     MPI_Allreduce(mine, sum, 2 + E, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
     int counts_ok = sa.tokens == sum[0] && sa.dropped == sum[1] && sa.capacity == sb.capacity;
     for (int e = 0; e < E; e++) counts_ok &= sa.expert_tokens[e] == sum[2 + e];
-    check(counts_ok, "%s: tokens %lld, dropped %lld, per expert: the slices' sums; capacity this rank's own (%lld)", what,
-          (long long)sa.tokens, (long long)sa.dropped, (long long)sa.capacity);
+    check(counts_ok, "%s: tokens %lld, dropped %lld, per expert: the slices' sums; capacity this rank's own (%lld)",
+          what, (long long)sa.tokens, (long long)sa.dropped, (long long)sa.capacity);
     double ey = relerr(ya, yb, (size_t)n * d);
     check(ey <= 1e-5, "%s: output == the slice's alone %s (%.1e)", what, ey == 0 ? "bitwise" : "within 1e-5", ey);
     s1 = obj_backward(&a, dy, dxa, &sa);
@@ -438,9 +501,15 @@ static void local_slices(const char *what, scmoe_context *ctx, scmoe_config c, i
     }
     double all;
     MPI_Allreduce(&eg, &all, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    check(edx <= 1e-5 && !missing && all <= 1e-5, "%s: dX (%.1e) and every gradient == the slices' sum (%.1e)", what, edx, all);
+    check(edx <= 1e-5 && !missing && all <= 1e-5, "%s: dX (%.1e) and every gradient == the slices' sum (%.1e)", what,
+          edx, all);
 out:
-    free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    free(x);
+    free(dy);
+    free(ya);
+    free(yb);
+    free(dxa);
+    free(dxb);
     obj_destroy(&a);
     obj_destroy(&b);
 }
@@ -459,8 +528,10 @@ static void local_bad_input(scmoe_context *ctx, scmoe_config c, int bad_rank, in
     check(s == SCMOE_ERR_STATE, "%s: backward after it -> %s", what, scmoe_strerror(s));
     s = scmoe_moe_forward(m, 16, x, y, &st);
     if (!s) s = scmoe_moe_backward(m, y, x, &st);
-    check(s == SCMOE_OK && st.tokens == 16 * size, "%s: the next good step works (%lld tokens)", what, (long long)st.tokens);
-    free(x); free(y);
+    check(s == SCMOE_OK && st.tokens == 16 * size, "%s: the next good step works (%lld tokens)", what,
+          (long long)st.tokens);
+    free(x);
+    free(y);
     scmoe_moe_destroy(m);
 }
 
@@ -476,7 +547,8 @@ static void capacity_local(scmoe_context *ctx) {
     scmoe_config c = layer_cfg(2, 0.0f);
     c.capacity_scope = SCMOE_CAPACITY_LOCAL;
     c.pipeline_chunks = 2;
-    equivalence("LOCAL layer k=2 dropless, 2 chunks, rank 0 holding no tokens == 1 rank", ctx, ctx_ref, c, 0, S_global, 1, 0, 1);
+    equivalence("LOCAL layer k=2 dropless, 2 chunks, rank 0 holding no tokens == 1 rank", ctx, ctx_ref, c, 0, S_global,
+                1, 0, 1);
     if (size >= 2) {
         c = layer_cfg(2, 0.0f);
         c.capacity_scope = SCMOE_CAPACITY_LOCAL;
@@ -551,7 +623,8 @@ static void capacity_local(scmoe_context *ctx) {
     if (size >= 2) c.ep_size = size / 2;
     local_bad_input(ctx, c, 0, 16, 1, SCMOE_ERR_NULL, "LOCAL, ep_size P/2: NULL input on rank 0");
     c.check_finite = 1;
-    local_bad_input(ctx, c, size - 1, -1, 0, SCMOE_ERR_N_TOKENS, "LOCAL, ep_size P/2: negative n_tokens on the last rank");
+    local_bad_input(ctx, c, size - 1, -1, 0, SCMOE_ERR_N_TOKENS,
+                    "LOCAL, ep_size P/2: negative n_tokens on the last rank");
 }
 
 int main(int argc, char **argv) {
@@ -599,7 +672,11 @@ int main(int argc, char **argv) {
         for (int pos = 1; pos <= (a == 3 ? 3 : 1); pos++)
             for (int drops = 0; drops < 2; drops++) {
                 c = pair_cfg((scmoe_arch)a, a == 3 ? pos : 2, drops ? 0.5f : 0.0f);
-                snprintf(what, sizeof what, "pair %s%s %s", names[a], a == 3 ? (pos == 1 ? "-pos1" : pos == 2 ? "-pos2" : "-pos3") : "",
+                snprintf(what, sizeof what, "pair %s%s %s", names[a],
+                         a == 3 ? (pos == 1   ? "-pos1"
+                                   : pos == 2 ? "-pos2"
+                                              : "-pos3")
+                                : "",
                          drops ? "drops" : "dropless");
                 equivalence(what, ctx, ref, c, 1, S, 8, 0, 0);
             }

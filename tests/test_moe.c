@@ -13,9 +13,17 @@ static float frand(void) { /* uniform in [-1, 1) */
     rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng_state >> 40) / 8388608.0 - 1.0);
 }
-static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i++) x[i] = scale * frand(); }
+static void fill(float *x, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] = scale * frand();
+}
 
-typedef struct { scmoe_moe *m; int n, d, E; const float *x; const float *dy; float waux, wz; } fd_ctx;
+typedef struct {
+    scmoe_moe *m;
+    int n, d, E;
+    const float *x;
+    const float *dy;
+    float waux, wz;
+} fd_ctx;
 
 /* L = sum(y . dy) + w_aux aux + w_z z, in double; also a fingerprint of the routing */
 static double loss(void *arg, int64_t *route_sig) {
@@ -37,13 +45,23 @@ static void gradcheck(int k, float cf, scmoe_activation act, int renorm) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
     scmoe_config cfg = scmoe_config_default();
-    cfg.d_model = 16; cfg.d_hidden = 24; cfg.n_experts = 4; cfg.top_k = k; cfg.max_tokens = 40;
-    cfg.capacity_factor = cf; cfg.activation = act; cfg.renormalize = renorm;
-    cfg.aux_loss_weight = 0.3f; cfg.z_loss_weight = 0.05f;
+    cfg.d_model = 16;
+    cfg.d_hidden = 24;
+    cfg.n_experts = 4;
+    cfg.top_k = k;
+    cfg.max_tokens = 40;
+    cfg.capacity_factor = cf;
+    cfg.activation = act;
+    cfg.renormalize = renorm;
+    cfg.aux_loss_weight = 0.3f;
+    cfg.z_loss_weight = 0.05f;
     scmoe_moe *m;
     scmoe_status s = scmoe_moe_create(ctx, &cfg, &m);
     CHECK(s == SCMOE_OK, "create k=%d cf=%.2f act=%d: %s", k, cf, act, scmoe_last_error(ctx));
-    if (s) { scmoe_context_destroy(ctx); return; }
+    if (s) {
+        scmoe_context_destroy(ctx);
+        return;
+    }
     int n = 32, d = cfg.d_model;
     for (int i = 0; i < scmoe_moe_param_count(m); i++) { /* nonzero biases so they matter */
         scmoe_tensor t;
@@ -61,17 +79,22 @@ static void gradcheck(int k, float cf, scmoe_activation act, int renorm) {
     s = scmoe_moe_backward(m, dy, dx, &st);
     CHECK(s == SCMOE_OK, "backward");
     fd_ctx c = {m, n, d, cfg.n_experts, x, dy, cfg.aux_loss_weight, cfg.z_loss_weight};
-    fd_spec f = {.loss = loss, .arg = &c, .uniform = frand, .eps = 2e-3f, .tol_gmax = 2e-3, .tol_abs = 1e-5,
-                 .none_tried = 1.0};
+    fd_spec f = {
+        .loss = loss, .arg = &c, .uniform = frand, .eps = 2e-3f, .tol_gmax = 2e-3, .tol_abs = 1e-5, .none_tried = 1.0};
     double e = fd_check(&f, x, dx, (size_t)n * d, 40);
-    CHECK(e <= 0.1, "fd dx k=%d cf=%.2f %s renorm=%d: %.0f%% of entries disagree", k, cf, act ? "swiglu" : "gelu", renorm, 100 * e);
+    CHECK(e <= 0.1, "fd dx k=%d cf=%.2f %s renorm=%d: %.0f%% of entries disagree", k, cf, act ? "swiglu" : "gelu",
+          renorm, 100 * e);
     for (int i = 0; i < scmoe_moe_param_count(m); i++) {
         scmoe_tensor t;
         scmoe_moe_param_at(m, i, &t);
         e = fd_check_param(&f, &t, 20);
-        CHECK(e <= 0.1, "fd %s k=%d cf=%.2f %s: %.0f%% of entries disagree", t.name, k, cf, act ? "swiglu" : "gelu", 100 * e);
+        CHECK(e <= 0.1, "fd %s k=%d cf=%.2f %s: %.0f%% of entries disagree", t.name, k, cf, act ? "swiglu" : "gelu",
+              100 * e);
     }
-    free(x); free(dy); free(y); free(dx);
+    free(x);
+    free(dy);
+    free(y);
+    free(dx);
     scmoe_moe_destroy(m);
     scmoe_context_destroy(ctx);
 }
@@ -80,14 +103,31 @@ static void bad_input(void) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
     scmoe_config c0 = scmoe_config_default(), c;
-    struct { const char *what; scmoe_status want; } cases[] = {
-        {"d_model=0", SCMOE_ERR_D_MODEL}, {"d_hidden=-1", SCMOE_ERR_D_HIDDEN}, {"n_experts=0", SCMOE_ERR_N_EXPERTS},
-        {"top_k=0", SCMOE_ERR_TOP_K}, {"top_k>E", SCMOE_ERR_TOP_K}, {"cf=nan", SCMOE_ERR_CAPACITY},
-        {"aux=-1", SCMOE_ERR_LOSS_WEIGHT}, {"z=inf", SCMOE_ERR_LOSS_WEIGHT}, {"noise=-1", SCMOE_ERR_NOISE},
-        {"act=7", SCMOE_ERR_ACTIVATION}, {"priority=5", SCMOE_ERR_PRIORITY}, {"max_tokens=0", SCMOE_ERR_MAX_TOKENS},
-        {"arch=9", SCMOE_ERR_ARCH}, {"pos=4", SCMOE_ERR_SHORTCUT_POS}, {"combine=3", SCMOE_ERR_COMBINE},
-        {"heads=3", SCMOE_ERR_N_HEADS}, {"ep=3", SCMOE_ERR_EP_SIZE}, {"progress=9", SCMOE_ERR_PROGRESS},
-        {"renorm=2", SCMOE_ERR_OPTION}, {"timeout=0", SCMOE_ERR_OPTION}, {"pipeline_chunks=-1", SCMOE_ERR_OPTION},
+    struct {
+        const char *what;
+        scmoe_status want;
+    } cases[] = {
+        {"d_model=0", SCMOE_ERR_D_MODEL},
+        {"d_hidden=-1", SCMOE_ERR_D_HIDDEN},
+        {"n_experts=0", SCMOE_ERR_N_EXPERTS},
+        {"top_k=0", SCMOE_ERR_TOP_K},
+        {"top_k>E", SCMOE_ERR_TOP_K},
+        {"cf=nan", SCMOE_ERR_CAPACITY},
+        {"aux=-1", SCMOE_ERR_LOSS_WEIGHT},
+        {"z=inf", SCMOE_ERR_LOSS_WEIGHT},
+        {"noise=-1", SCMOE_ERR_NOISE},
+        {"act=7", SCMOE_ERR_ACTIVATION},
+        {"priority=5", SCMOE_ERR_PRIORITY},
+        {"max_tokens=0", SCMOE_ERR_MAX_TOKENS},
+        {"arch=9", SCMOE_ERR_ARCH},
+        {"pos=4", SCMOE_ERR_SHORTCUT_POS},
+        {"combine=3", SCMOE_ERR_COMBINE},
+        {"heads=3", SCMOE_ERR_N_HEADS},
+        {"ep=3", SCMOE_ERR_EP_SIZE},
+        {"progress=9", SCMOE_ERR_PROGRESS},
+        {"renorm=2", SCMOE_ERR_OPTION},
+        {"timeout=0", SCMOE_ERR_OPTION},
+        {"pipeline_chunks=-1", SCMOE_ERR_OPTION},
         {"pipeline_chunks=17", SCMOE_ERR_OPTION},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -120,13 +160,17 @@ static void bad_input(void) {
         scmoe_status v = scmoe_config_validate(&c, msg, sizeof msg);
         scmoe_moe *m = NULL;
         scmoe_status s = scmoe_moe_create(ctx, &c, &m);
-        CHECK(v == cases[i].want && s == cases[i].want && m == NULL && msg[0], "bad config %s -> %s (%s)", cases[i].what,
-              scmoe_strerror(s), msg);
+        CHECK(v == cases[i].want && s == cases[i].want && m == NULL && msg[0], "bad config %s -> %s (%s)",
+              cases[i].what, scmoe_strerror(s), msg);
     }
     CHECK(scmoe_config_validate(NULL, NULL, 0) == SCMOE_ERR_NULL, "NULL config");
     CHECK(scmoe_moe_create(ctx, NULL, NULL) == SCMOE_ERR_NULL, "NULL out pointer");
     c = c0;
-    c.d_model = 8; c.d_hidden = 8; c.n_experts = 4; c.max_tokens = 16; c.check_finite = 1;
+    c.d_model = 8;
+    c.d_hidden = 8;
+    c.n_experts = 4;
+    c.max_tokens = 16;
+    c.check_finite = 1;
     scmoe_moe *m;
     CHECK(scmoe_moe_create(ctx, &c, &m) == SCMOE_OK, "create tiny");
     float x[17 * 8] = {0}, y[17 * 8], dx[17 * 8];
@@ -159,7 +203,12 @@ static void determinism(void) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
     scmoe_config c = scmoe_config_default();
-    c.d_model = 32; c.d_hidden = 64; c.n_experts = 8; c.top_k = 2; c.max_tokens = 300; c.gate_noise_std = 1.0f;
+    c.d_model = 32;
+    c.d_hidden = 64;
+    c.n_experts = 8;
+    c.top_k = 2;
+    c.max_tokens = 300;
+    c.gate_noise_std = 1.0f;
     scmoe_moe *a, *b;
     scmoe_moe_create(ctx, &c, &a);
     scmoe_moe_create(ctx, &c, &b);
@@ -178,14 +227,17 @@ static void determinism(void) {
     scmoe_moe_forward(b, n, x, yb, &st);
     CHECK(memcmp(ya, yb, sizeof(float) * n * d) == 0, "inference has no noise");
     CHECK(scmoe_moe_backward(a, x, ya, &st) == SCMOE_ERR_STATE, "no backward after an inference forward");
-    free(x); free(ya); free(yb);
+    free(x);
+    free(ya);
+    free(yb);
     scmoe_moe_destroy(a);
     scmoe_moe_destroy(b);
     scmoe_context_destroy(ctx);
 }
 
 static int all_finite(const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
     return 1;
 }
 
@@ -193,14 +245,26 @@ static int all_finite(const float *x, size_t n) {
 static void numerics(void) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
-    struct { int E, k, n; float scale, cf; const char *what; } cases[] = {
-        {1, 1, 16, 1.0f, 2.0f, "E = 1"}, {4, 4, 16, 1.0f, 2.0f, "k = E = 4"}, {8, 2, 1, 1.0f, 2.0f, "one token"},
-        {8, 2, 16, 1e8f, 2.0f, "inputs of magnitude 1e8"}, {8, 1, 16, 1e-30f, 0.0f, "inputs of magnitude 1e-30"},
+    struct {
+        int E, k, n;
+        float scale, cf;
+        const char *what;
+    } cases[] = {
+        {1, 1, 16, 1.0f, 2.0f, "E = 1"},
+        {4, 4, 16, 1.0f, 2.0f, "k = E = 4"},
+        {8, 2, 1, 1.0f, 2.0f, "one token"},
+        {8, 2, 16, 1e8f, 2.0f, "inputs of magnitude 1e8"},
+        {8, 1, 16, 1e-30f, 0.0f, "inputs of magnitude 1e-30"},
     };
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
         scmoe_config cfg = scmoe_config_default();
-        cfg.d_model = 16; cfg.d_hidden = 16; cfg.n_experts = cases[c].E; cfg.top_k = cases[c].k; cfg.max_tokens = 16;
-        cfg.capacity_factor = cases[c].cf; cfg.z_loss_weight = 1e-3f;
+        cfg.d_model = 16;
+        cfg.d_hidden = 16;
+        cfg.n_experts = cases[c].E;
+        cfg.top_k = cases[c].k;
+        cfg.max_tokens = 16;
+        cfg.capacity_factor = cases[c].cf;
+        cfg.z_loss_weight = 1e-3f;
         scmoe_moe *m;
         scmoe_status s = scmoe_moe_create(ctx, &cfg, &m);
         int n = cases[c].n, d = 16;
@@ -220,7 +284,12 @@ static void numerics(void) {
     }
     /* all-equal logits: a zero gate; ties go to the lowest expert index, the same every run */
     scmoe_config cfg = scmoe_config_default();
-    cfg.d_model = 8; cfg.d_hidden = 8; cfg.n_experts = 4; cfg.top_k = 2; cfg.max_tokens = 8; cfg.capacity_factor = 0;
+    cfg.d_model = 8;
+    cfg.d_hidden = 8;
+    cfg.n_experts = 4;
+    cfg.top_k = 2;
+    cfg.max_tokens = 8;
+    cfg.capacity_factor = 0;
     scmoe_moe *m;
     scmoe_moe_create(ctx, &cfg, &m);
     scmoe_tensor g;
@@ -233,7 +302,8 @@ static void numerics(void) {
     CHECK(st.expert_tokens[0] == 8 && st.expert_tokens[1] == 8 && st.expert_tokens[2] == 0 && st.expert_tokens[3] == 0,
           "tied logits: every token picks experts 0 and 1 (%lld %lld %lld %lld)", (long long)st.expert_tokens[0],
           (long long)st.expert_tokens[1], (long long)st.expert_tokens[2], (long long)st.expert_tokens[3]);
-    CHECK(fabsf(st.aux_loss - 4.0f * 0.25f) < 1e-6f, "tied logits: aux loss = E * sum_e (1/E) frac_e = 1 (%g)", st.aux_loss);
+    CHECK(fabsf(st.aux_loss - 4.0f * 0.25f) < 1e-6f, "tied logits: aux loss = E * sum_e (1/E) frac_e = 1 (%g)",
+          st.aux_loss);
     scmoe_moe_destroy(m);
     scmoe_context_destroy(ctx);
 }

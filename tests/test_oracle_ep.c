@@ -34,11 +34,11 @@ typedef struct {
 
 static const ep_case CASES[] = {
     /* name                              d   h   E  k  n0  cf     rn act pr scope chunks aux_w  z_w  drops */
-    {"local_k1_gelu_drops",              16, 32, 8, 1, 12, 0.5f,  0, 0, 0, 1,    0,     0.01f, 0.0f,  1},
-    {"local_k2_swiglu_renorm_drops_z",   16, 24, 8, 2, 10, 0.75f, 1, 1, 0, 1,    0,     0.5f,  0.1f, -1},
-    {"local_k2_gelu_batchprio_drops",    16, 32, 4, 2, 14, 0.5f,  1, 0, 1, 1,    2,     0.5f,  0.0f,  1},
-    {"local_k2_rank0_empty_dropless",    16, 32, 8, 2, -1, 0.0f,  0, 0, 0, 1,    0,     0.1f,  0.05f, 0},
-    {"global_k2_gelu_drops",             16, 32, 8, 2, 10, 0.5f,  1, 0, 0, 0,    0,     0.5f,  0.1f,  1},
+    {"local_k1_gelu_drops", 16, 32, 8, 1, 12, 0.5f, 0, 0, 0, 1, 0, 0.01f, 0.0f, 1},
+    {"local_k2_swiglu_renorm_drops_z", 16, 24, 8, 2, 10, 0.75f, 1, 1, 0, 1, 0, 0.5f, 0.1f, -1},
+    {"local_k2_gelu_batchprio_drops", 16, 32, 4, 2, 14, 0.5f, 1, 0, 1, 1, 2, 0.5f, 0.0f, 1},
+    {"local_k2_rank0_empty_dropless", 16, 32, 8, 2, -1, 0.0f, 0, 0, 0, 1, 0, 0.1f, 0.05f, 0},
+    {"global_k2_gelu_drops", 16, 32, 8, 2, 10, 0.5f, 1, 0, 0, 0, 0, 0.5f, 0.1f, 1},
 };
 
 static int rank, size;
@@ -52,8 +52,8 @@ static uint64_t name_seed(const char *s, uint64_t seed) {
 static void fill_param(scmoe_tensor *t, uint64_t seed) {
     rng_state = name_seed(t->name, seed);
     float scale = ends_with(t->name, "gate.weight") ? 2.5f / sqrtf((float)t->shape[0]) /* logits of O(1) spread */
-                  : t->ndim == 1 ? 0.5f                                                  /* biases, nonzero */
-                  : sqrtf(3.0f / (float)t->shape[0]);
+                  : t->ndim == 1                    ? 0.5f                             /* biases, nonzero */
+                                                    : sqrtf(3.0f / (float)t->shape[0]);
     fill_uniform(t->data, t->numel, scale);
 }
 
@@ -62,7 +62,10 @@ static void run_case(scmoe_context *ctx, const ep_case *c, const oracle_env *env
     int tokens = c->n0 < 0 ? (rank == 0 ? 0 : 8 + 3 * rank) : c->n0 + 3 * rank, S = 0, d = c->d;
     int *counts = malloc(sizeof(int) * size), *displs = malloc(sizeof(int) * size);
     MPI_Allgather(&tokens, 1, MPI_INT, counts, 1, MPI_INT, MPI_COMM_WORLD);
-    for (int r = 0; r < size; r++) { displs[r] = S * d; S += counts[r]; }
+    for (int r = 0; r < size; r++) {
+        displs[r] = S * d;
+        S += counts[r];
+    }
     int first = displs[rank] / d;
 
     scmoe_config cfg = scmoe_config_default();
@@ -112,7 +115,10 @@ static void run_case(scmoe_context *ctx, const ep_case *c, const oracle_env *env
     float aux = st.aux_loss, z = st.z_loss, dropped = (float)st.dropped, cap = (float)st.capacity;
     for (int e = 0; e < c->E; e++) et[e] = (float)st.expert_tokens[e];
     if (!drops_as_expected(c->expect_drops, c->cf, st.dropped, why, sizeof why)) goto done;
-    if (st.tokens != S) { snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, S); goto done; }
+    if (st.tokens != S) {
+        snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, S);
+        goto done;
+    }
     CHECK(scmoe_moe_zero_grad(moe));
     CHECK(scmoe_moe_backward(moe, dy + (size_t)first * d, dx, &st));
     int *cd = malloc(sizeof(int) * size);
@@ -131,7 +137,10 @@ static void run_case(scmoe_context *ctx, const ep_case *c, const oracle_env *env
     if (rank == 0) {
         snprintf(file, sizeof file, "%s/oracle_ep%d_%s.scmt", env->outdir, size, c->name);
         FILE *f = tio_open_write(file);
-        if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
+        if (!f) {
+            snprintf(why, sizeof why, "cannot write %s", file);
+            goto done;
+        }
         oracle_write_moe_cfg(f, d, c->h, c->E, c->k, c->cf, c->renorm, c->aux_w, c->z_w, c->act, c->prio);
         tio_write_scalar(f, "cfg.capacity_scope", (float)c->scope);
         float *src = malloc(sizeof(float) * size);
@@ -139,8 +148,19 @@ static void run_case(scmoe_context *ctx, const ep_case *c, const oracle_env *env
         tio_write(f, "route.sources", 1, &size, src);
         free(src);
         int xd[2] = {S, d};
-        tio_step step = {.ndim = 2, .dims = xd, .x = x, .dy = dy, .y = ya, .dx = dxa, .params = pt, .n_params = np,
-                         .aux_loss = aux, .z_loss = z, .dropped = dropped, .capacity = cap, .n_experts = c->E,
+        tio_step step = {.ndim = 2,
+                         .dims = xd,
+                         .x = x,
+                         .dy = dy,
+                         .y = ya,
+                         .dx = dxa,
+                         .params = pt,
+                         .n_params = np,
+                         .aux_loss = aux,
+                         .z_loss = z,
+                         .dropped = dropped,
+                         .capacity = cap,
+                         .n_experts = c->E,
                          .expert_tokens = et};
         tio_write_step(f, &step);
         fclose(f);
@@ -162,7 +182,16 @@ static void run_case(scmoe_context *ctx, const ep_case *c, const oracle_env *env
 done:
     check(pass, "%s%s%s", c->name, why[0] ? ": " : "", why);
     if (rank == 0 && last[0]) printf("#   %s", last);
-    free(x); free(dy); free(y); free(dx); free(ya); free(dxa); free(et); free(pt); free(counts); free(displs);
+    free(x);
+    free(dy);
+    free(y);
+    free(dx);
+    free(ya);
+    free(dxa);
+    free(et);
+    free(pt);
+    free(counts);
+    free(displs);
     scmoe_moe_destroy(twin);
     scmoe_moe_destroy(moe);
     scmoe_context_destroy(one);

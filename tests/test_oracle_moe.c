@@ -36,26 +36,26 @@ typedef struct {
 
 static const oracle_case CASES[] = {
     /* name                       d   h   E  k   n   cf    rn act pr  aux_w  z_w  drops seed dy_scale */
-    {"k1_gelu_dropless",          32, 64, 8, 1, 48, 0.0f,  0, 0, 0, 0.01f, 0.0f,  0, 11, 1.0f},
-    {"k1_gelu_drops",             32, 64, 8, 1, 64, 0.5f,  0, 0, 0, 0.01f, 0.0f,  1, 12, 1.0f},
-    {"k1_swiglu_drops_aux0.5",    24, 32, 4, 1, 40, 0.5f,  0, 1, 0, 0.5f,  0.0f,  1, 13, 1.0f},
-    {"k1_gelu_batchprio_drops",   16, 32, 8, 1, 64, 0.5f,  0, 0, 1, 0.01f, 0.0f,  1, 14, 1.0f},
-    {"k1_gelu_cf1.25_zloss",      32, 48, 4, 1, 50, 1.25f, 0, 0, 0, 0.01f, 0.1f, -1, 15, 1.0f},
-    {"k2_gelu_renorm_dropless",   32, 64, 8, 2, 48, 0.0f,  1, 0, 0, 0.01f, 0.0f,  0, 21, 1.0f},
-    {"k2_gelu_norenorm_dropless", 32, 64, 8, 2, 48, 0.0f,  0, 0, 0, 0.01f, 0.0f,  0, 22, 1.0f},
-    {"k2_gelu_renorm_drops",      32, 64, 8, 2, 64, 0.5f,  1, 0, 0, 0.01f, 0.0f,  1, 23, 1.0f},
-    {"k2_swiglu_norenorm_drops",  24, 32, 4, 2, 40, 0.5f,  0, 1, 0, 0.5f,  0.05f, 1, 24, 1.0f},
-    {"k2_swiglu_renorm_batch",    16, 48, 8, 2, 64, 0.5f,  1, 1, 1, 0.5f,  0.0f,  1, 25, 1.0f},
-    {"k2_gelu_norenorm_batch_z",  32, 32, 4, 2, 36, 0.75f, 0, 0, 1, 0.01f, 0.2f,  1, 26, 1.0f},
-    {"k2_swiglu_renorm_aux0.5_z", 32, 64, 8, 2, 24, 2.0f,  1, 1, 0, 0.5f,  0.1f, -1, 27, 1.0f},
-    {"k3_E4_gelu_renorm_drops",   16, 32, 4, 3, 32, 0.5f,  1, 0, 0, 0.5f,  0.0f,  1, 31, 1.0f},
-    {"k3_E4_swiglu_dropless",     24, 32, 4, 3, 28, 0.0f,  0, 1, 1, 0.01f, 0.1f,  0, 32, 1.0f},
-    {"k4_E4_gelu_renorm_dropless",16, 32, 4, 4, 24, 0.0f,  1, 0, 0, 0.5f,  0.0f,  0, 33, 1.0f},
-    {"k2_gelu_drops_lossdominant",32, 48, 8, 2, 56, 0.75f, 1, 0, 0, 0.5f,  0.1f,  1, 28, 0.01f},
-    {"k1_swiglu_lossdominant",    16, 32, 4, 1, 32, 1.0f,  0, 1, 1, 0.5f,  0.2f, -1, 29, 0.01f},
-    {"n1_k2_gelu_drops",          16, 32, 4, 2,  1, 0.5f,  1, 0, 0, 0.5f,  0.1f, -1, 41, 1.0f},
-    {"n0_k2_gelu",                16, 32, 4, 2,  0, 1.0f,  1, 0, 0, 0.01f, 0.1f,  0, 42, 1.0f},
-    {"n0_k1_swiglu_dropless",     16, 32, 4, 1,  0, 0.0f,  0, 1, 0, 0.01f, 0.0f,  0, 43, 1.0f},
+    {"k1_gelu_dropless", 32, 64, 8, 1, 48, 0.0f, 0, 0, 0, 0.01f, 0.0f, 0, 11, 1.0f},
+    {"k1_gelu_drops", 32, 64, 8, 1, 64, 0.5f, 0, 0, 0, 0.01f, 0.0f, 1, 12, 1.0f},
+    {"k1_swiglu_drops_aux0.5", 24, 32, 4, 1, 40, 0.5f, 0, 1, 0, 0.5f, 0.0f, 1, 13, 1.0f},
+    {"k1_gelu_batchprio_drops", 16, 32, 8, 1, 64, 0.5f, 0, 0, 1, 0.01f, 0.0f, 1, 14, 1.0f},
+    {"k1_gelu_cf1.25_zloss", 32, 48, 4, 1, 50, 1.25f, 0, 0, 0, 0.01f, 0.1f, -1, 15, 1.0f},
+    {"k2_gelu_renorm_dropless", 32, 64, 8, 2, 48, 0.0f, 1, 0, 0, 0.01f, 0.0f, 0, 21, 1.0f},
+    {"k2_gelu_norenorm_dropless", 32, 64, 8, 2, 48, 0.0f, 0, 0, 0, 0.01f, 0.0f, 0, 22, 1.0f},
+    {"k2_gelu_renorm_drops", 32, 64, 8, 2, 64, 0.5f, 1, 0, 0, 0.01f, 0.0f, 1, 23, 1.0f},
+    {"k2_swiglu_norenorm_drops", 24, 32, 4, 2, 40, 0.5f, 0, 1, 0, 0.5f, 0.05f, 1, 24, 1.0f},
+    {"k2_swiglu_renorm_batch", 16, 48, 8, 2, 64, 0.5f, 1, 1, 1, 0.5f, 0.0f, 1, 25, 1.0f},
+    {"k2_gelu_norenorm_batch_z", 32, 32, 4, 2, 36, 0.75f, 0, 0, 1, 0.01f, 0.2f, 1, 26, 1.0f},
+    {"k2_swiglu_renorm_aux0.5_z", 32, 64, 8, 2, 24, 2.0f, 1, 1, 0, 0.5f, 0.1f, -1, 27, 1.0f},
+    {"k3_E4_gelu_renorm_drops", 16, 32, 4, 3, 32, 0.5f, 1, 0, 0, 0.5f, 0.0f, 1, 31, 1.0f},
+    {"k3_E4_swiglu_dropless", 24, 32, 4, 3, 28, 0.0f, 0, 1, 1, 0.01f, 0.1f, 0, 32, 1.0f},
+    {"k4_E4_gelu_renorm_dropless", 16, 32, 4, 4, 24, 0.0f, 1, 0, 0, 0.5f, 0.0f, 0, 33, 1.0f},
+    {"k2_gelu_drops_lossdominant", 32, 48, 8, 2, 56, 0.75f, 1, 0, 0, 0.5f, 0.1f, 1, 28, 0.01f},
+    {"k1_swiglu_lossdominant", 16, 32, 4, 1, 32, 1.0f, 0, 1, 1, 0.5f, 0.2f, -1, 29, 0.01f},
+    {"n1_k2_gelu_drops", 16, 32, 4, 2, 1, 0.5f, 1, 0, 0, 0.5f, 0.1f, -1, 41, 1.0f},
+    {"n0_k2_gelu", 16, 32, 4, 2, 0, 1.0f, 1, 0, 0, 0.01f, 0.1f, 0, 42, 1.0f},
+    {"n0_k1_swiglu_dropless", 16, 32, 4, 1, 0, 0.0f, 0, 1, 0, 0.01f, 0.0f, 0, 43, 1.0f},
 };
 
 /* Runs the oracle; returns its exit status (or -1) and leaves its last line in last[]. */
@@ -64,14 +64,20 @@ static int run_oracle(const char *python, const char *script, const char *file, 
     char cmd[4096];
     snprintf(cmd, sizeof cmd, "'%s' '%s' '%s' 2>&1", python, script, file);
     FILE *p = popen(cmd, "r");
-    if (!p) { snprintf(last, last_len, "popen failed"); return -1; }
+    if (!p) {
+        snprintf(last, last_len, "popen failed");
+        return -1;
+    }
     size_t cap = 1 << 16, len = 0;
     char *all = malloc(cap);
     char line[4096];
     last[0] = 0;
     while (fgets(line, sizeof line, p)) {
         size_t l = strlen(line);
-        if (len + l + 1 > cap) { cap = 2 * (len + l + 1); all = realloc(all, cap); }
+        if (len + l + 1 > cap) {
+            cap = 2 * (len + l + 1);
+            all = realloc(all, cap);
+        }
         memcpy(all + len, line, l + 1);
         len += l;
         if (l > 1 || line[0] != '\n') {
@@ -132,9 +138,15 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
 
     int np = scmoe_moe_param_count(moe);
     int expect_np = 1 + 4 * c->E;
-    if (np != expect_np) { snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np); goto done; }
+    if (np != expect_np) {
+        snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np);
+        goto done;
+    }
     pt = calloc((size_t)np, sizeof *pt);
-    if (!pt) { snprintf(why, sizeof why, "out of memory"); goto done; }
+    if (!pt) {
+        snprintf(why, sizeof why, "out of memory");
+        goto done;
+    }
     for (int i = 0; i < np; i++) {
         scmoe_tensor t;
         CHECK(scmoe_moe_param_at(moe, i, &t));
@@ -147,7 +159,10 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
         /* the same tensor through the by-name lookup */
         scmoe_tensor u;
         CHECK(scmoe_moe_param(moe, t.name, &u));
-        if (u.data != t.data) { snprintf(why, sizeof why, "param(\"%s\") is not param_at(%d)", t.name, i); goto done; }
+        if (u.data != t.data) {
+            snprintf(why, sizeof why, "param(\"%s\") is not param_at(%d)", t.name, i);
+            goto done;
+        }
     }
 
     size_t nd = (size_t)(c->n > 0 ? c->n : 1) * c->d;
@@ -156,29 +171,53 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
     dy = calloc(nd, sizeof *dy);
     dx = calloc(nd, sizeof *dx);
     et = calloc((size_t)c->E, sizeof *et);
-    if (!x || !y || !dy || !dx || !et) { snprintf(why, sizeof why, "out of memory"); goto done; }
+    if (!x || !y || !dy || !dx || !et) {
+        snprintf(why, sizeof why, "out of memory");
+        goto done;
+    }
     fill_uniform(x, (size_t)c->n * c->d, 1.0f);
     fill_uniform(dy, (size_t)c->n * c->d, c->dy_scale > 0 ? c->dy_scale : 1.0f);
 
     scmoe_stats st;
     CHECK(scmoe_moe_forward(moe, c->n, x, y, &st));
     if (!drops_as_expected(c->expect_drops, c->cf, st.dropped, why, sizeof why)) goto done;
-    if (st.tokens != c->n) { snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, c->n); goto done; }
+    if (st.tokens != c->n) {
+        snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, c->n);
+        goto done;
+    }
     for (int e = 0; e < c->E; e++) et[e] = st.expert_tokens ? (float)st.expert_tokens[e] : -1.0f;
     int xd[2] = {c->n, c->d};
-    tio_step step = {.ndim = 2, .dims = xd, .x = x, .dy = dy, .y = y, .dx = dx, .params = pt, .n_params = np,
-                     .aux_loss = st.aux_loss, .z_loss = st.z_loss, .dropped = (float)st.dropped,
-                     .capacity = (float)st.capacity, .n_experts = c->E, .expert_tokens = et};
+    tio_step step = {.ndim = 2,
+                     .dims = xd,
+                     .x = x,
+                     .dy = dy,
+                     .y = y,
+                     .dx = dx,
+                     .params = pt,
+                     .n_params = np,
+                     .aux_loss = st.aux_loss,
+                     .z_loss = st.z_loss,
+                     .dropped = (float)st.dropped,
+                     .capacity = (float)st.capacity,
+                     .n_experts = c->E,
+                     .expert_tokens = et};
 
     CHECK(scmoe_moe_zero_grad(moe));
     for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
     CHECK(scmoe_moe_backward(moe, dy, dx, &st));
 
     f = tio_open_write(file);
-    if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
+    if (!f) {
+        snprintf(why, sizeof why, "cannot write %s", file);
+        goto done;
+    }
     oracle_write_moe_cfg(f, c->d, c->h, c->E, c->k, c->cf, c->renorm, c->aux_w, c->z_w, c->act, c->prio);
     tio_write_step(f, &step);
-    if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
+    if (fclose(f) != 0) {
+        f = NULL;
+        snprintf(why, sizeof why, "error writing %s", file);
+        goto done;
+    }
     f = NULL;
 
     int rc = run_oracle(python, script, file, last, sizeof last, 1);
@@ -191,7 +230,12 @@ done:
     if (!pass && why[0]) printf("#   %s\n", why);
     if (last[0]) printf("#   %s\n", last);
     if (pass && !keep) remove(file);
-    free(x); free(y); free(dy); free(dx); free(et); free(pt);
+    free(x);
+    free(y);
+    free(dy);
+    free(dx);
+    free(et);
+    free(pt);
     scmoe_moe_destroy(moe);
     scmoe_context_destroy(ctx);
     return pass;

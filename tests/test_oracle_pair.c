@@ -32,75 +32,75 @@ enum { CG1 = SCMOE_COMBINE_CG1, ADD = SCMOE_COMBINE_ADD };
 typedef struct {
     const char *name;
     int arch, pos, combine, causal;
-    int act;          /* 0 GELU, 1 SwiGLU */
+    int act; /* 0 GELU, 1 SwiGLU */
     int E, B, T;
-    float cf;         /* <= 0: dropless */
-    int prio;         /* 0 token, 1 batch */
+    float cf; /* <= 0: dropless */
+    int prio; /* 0 token, 1 batch */
     float aux_w, z_w;
     int expect_drops; /* 1: dropped > 0 required; 0: dropped == 0 required; -1: either */
     uint64_t seed;
-    float dy_scale;   /* small values let the aux and z losses dominate the gate gradient */
+    float dy_scale; /* small values let the aux and z losses dominate the gate gradient */
     /* schedule: the first steps of a shape run serialized while they are timed (SCHED_PROFILE_STEPS);
      * warm > 0 runs that many training steps on the same data first, so that the checked step runs the
      * overlapped order (arch scmoe, overlap 1), with the expert slot chosen (slot -1) or forced (0..3) */
     int warm, slot, overlap;
-    int bf16;         /* SCMOE_PRECISION_BF16: the oracle rounds the same GEMM operands (bf16_ref.py) */
+    int bf16; /* SCMOE_PRECISION_BF16: the oracle rounds the same GEMM operands (bf16_ref.py) */
 } oracle_case;
 
 static const oracle_case CASES[] = {
     /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy   warm slot ovl */
-    {"top2_gelu_drops",            TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 101, 1.0f, 0, -1, 1, 0},
-    {"top2_gelu_dropless",         TOP2,   2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 102, 1.0f, 0, -1, 1, 0},
-    {"top2_swiglu_drops",          TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 103, 1.0f, 0, -1, 1, 0},
-    {"top2_swiglu_dropless",       TOP2,   2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 104, 1.0f, 0, -1, 1, 0},
-    {"top1_gelu_drops",            TOP1,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 111, 1.0f, 0, -1, 1, 0},
-    {"top1_gelu_dropless",         TOP1,   2, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 112, 1.0f, 0, -1, 1, 0},
-    {"top1_swiglu_drops",          TOP1,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 113, 1.0f, 0, -1, 1, 0},
-    {"top1_swiglu_dropless",       TOP1,   2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 114, 1.0f, 0, -1, 1, 0},
-    {"shared_gelu_drops",          SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 121, 1.0f, 0, -1, 1, 0},
-    {"shared_gelu_dropless",       SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 122, 1.0f, 0, -1, 1, 0},
-    {"shared_swiglu_drops",        SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 123, 1.0f, 0, -1, 1, 0},
-    {"shared_swiglu_dropless",     SHARED, 2, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 124, 1.0f, 0, -1, 1, 0},
-    {"scmoe1_gelu_drops",          SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 131, 1.0f, 0, -1, 1, 0},
-    {"scmoe1_gelu_dropless",       SC,     1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 132, 1.0f, 0, -1, 1, 0},
-    {"scmoe1_swiglu_drops",        SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 133, 1.0f, 0, -1, 1, 0},
-    {"scmoe1_swiglu_dropless",     SC,     1, CG1, 1, 1, 8, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 134, 1.0f, 0, -1, 1, 0},
-    {"scmoe2_gelu_drops",          SC,     2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 141, 1.0f, 0, -1, 1, 0},
-    {"scmoe2_gelu_dropless",       SC,     2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 142, 1.0f, 0, -1, 1, 0},
-    {"scmoe2_swiglu_drops",        SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 143, 1.0f, 0, -1, 1, 0},
-    {"scmoe2_swiglu_dropless",     SC,     2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 144, 1.0f, 0, -1, 1, 0},
-    {"scmoe3_gelu_drops",          SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 151, 1.0f, 0, -1, 1, 0},
-    {"scmoe3_gelu_dropless",       SC,     3, CG1, 1, 0, 4, 2,  8, 0.0f, 0, 0.01f, 0.0f,  0, 152, 1.0f, 0, -1, 1, 0},
-    {"scmoe3_swiglu_drops",        SC,     3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 153, 1.0f, 0, -1, 1, 0},
-    {"scmoe3_swiglu_dropless",     SC,     3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 154, 1.0f, 0, -1, 1, 0},
+    {"top2_gelu_drops", TOP2, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 101, 1.0f, 0, -1, 1, 0},
+    {"top2_gelu_dropless", TOP2, 2, CG1, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 102, 1.0f, 0, -1, 1, 0},
+    {"top2_swiglu_drops", TOP2, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 103, 1.0f, 0, -1, 1, 0},
+    {"top2_swiglu_dropless", TOP2, 2, CG1, 1, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f, 0, 104, 1.0f, 0, -1, 1, 0},
+    {"top1_gelu_drops", TOP1, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 111, 1.0f, 0, -1, 1, 0},
+    {"top1_gelu_dropless", TOP1, 2, CG1, 1, 0, 4, 2, 8, 0.0f, 0, 0.01f, 0.0f, 0, 112, 1.0f, 0, -1, 1, 0},
+    {"top1_swiglu_drops", TOP1, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 113, 1.0f, 0, -1, 1, 0},
+    {"top1_swiglu_dropless", TOP1, 2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 114, 1.0f, 0, -1, 1, 0},
+    {"shared_gelu_drops", SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 121, 1.0f, 0, -1, 1, 0},
+    {"shared_gelu_dropless", SHARED, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f, 0, 122, 1.0f, 0, -1, 1, 0},
+    {"shared_swiglu_drops", SHARED, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 123, 1.0f, 0, -1, 1, 0},
+    {"shared_swiglu_dropless", SHARED, 2, CG1, 1, 1, 8, 2, 8, 0.0f, 0, 0.01f, 0.0f, 0, 124, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_gelu_drops", SC, 1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 131, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_gelu_dropless", SC, 1, CG1, 1, 0, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 132, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_swiglu_drops", SC, 1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 133, 1.0f, 0, -1, 1, 0},
+    {"scmoe1_swiglu_dropless", SC, 1, CG1, 1, 1, 8, 2, 8, 0.0f, 0, 0.01f, 0.0f, 0, 134, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_gelu_drops", SC, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 141, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_gelu_dropless", SC, 2, CG1, 1, 0, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f, 0, 142, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_swiglu_drops", SC, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 143, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_swiglu_dropless", SC, 2, CG1, 1, 1, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 144, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_gelu_drops", SC, 3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 151, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_gelu_dropless", SC, 3, CG1, 1, 0, 4, 2, 8, 0.0f, 0, 0.01f, 0.0f, 0, 152, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_swiglu_drops", SC, 3, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 153, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_swiglu_dropless", SC, 3, CG1, 1, 1, 8, 2, 10, 0.0f, 0, 0.01f, 0.0f, 0, 154, 1.0f, 0, -1, 1, 0},
     /* combine, mask, losses, priority, empty batch */
-    {"scmoe2_add_gelu_drops",      SC,     2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 161, 1.0f, 0, -1, 1, 0},
-    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 162, 1.0f, 0, -1, 1, 0},
-    {"scmoe3_noncausal_gelu",      SC,     3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f, 0, -1, 1, 0},
-    {"top2_noncausal_swiglu",      TOP2,   2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f,  0, 164, 1.0f, 0, -1, 1, 0},
-    {"scmoe2_lossdominant",        SC,     2, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 165, 0.01f, 0, -1, 1, 0},
-    {"top2_lossdominant_drops",    TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.1f,  1, 166, 0.01f, 0, -1, 1, 0},
-    {"scmoe1_batchprio_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 167, 1.0f, 0, -1, 1, 0},
-    {"top2_batchprio_drops",       TOP2,   2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f, 0, -1, 1, 0},
-    {"B0_scmoe2",                  SC,     2, CG1, 1, 0, 4, 0,  8, 0.5f, 0, 0.01f, 0.1f,  0, 171, 1.0f, 0, -1, 1, 0},
-    {"B0_top2_swiglu",             TOP2,   2, CG1, 1, 1, 4, 0,  8, 0.0f, 0, 0.01f, 0.1f,  0, 172, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_add_gelu_drops", SC, 2, ADD, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 161, 1.0f, 0, -1, 1, 0},
+    {"shared_add_swiglu_dropless", SHARED, 2, ADD, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 162, 1.0f, 0, -1, 1, 0},
+    {"scmoe3_noncausal_gelu", SC, 3, CG1, 0, 0, 8, 2, 12, 1.0f, 0, 0.01f, 0.0f, -1, 163, 1.0f, 0, -1, 1, 0},
+    {"top2_noncausal_swiglu", TOP2, 2, CG1, 0, 1, 4, 2, 10, 0.0f, 0, 0.01f, 0.0f, 0, 164, 1.0f, 0, -1, 1, 0},
+    {"scmoe2_lossdominant", SC, 2, CG1, 1, 0, 8, 2, 16, 0.75f, 0, 0.5f, 0.1f, -1, 165, 0.01f, 0, -1, 1, 0},
+    {"top2_lossdominant_drops", TOP2, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f, 0.1f, 1, 166, 0.01f, 0, -1, 1, 0},
+    {"scmoe1_batchprio_drops", SC, 1, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f, 1, 167, 1.0f, 0, -1, 1, 0},
+    {"top2_batchprio_drops", TOP2, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 1, 0.01f, 0.05f, 1, 168, 1.0f, 0, -1, 1, 0},
+    {"B0_scmoe2", SC, 2, CG1, 1, 0, 4, 0, 8, 0.5f, 0, 0.01f, 0.1f, 0, 171, 1.0f, 0, -1, 1, 0},
+    {"B0_top2_swiglu", TOP2, 2, CG1, 1, 1, 4, 0, 8, 0.0f, 0, 0.01f, 0.1f, 0, 172, 1.0f, 0, -1, 1, 0},
     /* the overlapped schedule (after the profiling steps): expert slot chosen or forced, and overlap off */
-    {"ovl_scmoe1_slot3_drops",     SC,     1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.1f,  1, 181, 1.0f, 2,  3, 1, 0},
-    {"ovl_scmoe2_slot1_swiglu",    SC,     2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f,  0.0f,  1, 182, 1.0f, 2,  1, 1, 0},
-    {"ovl_scmoe2_slot3_add",       SC,     2, ADD, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 183, 1.0f, 2,  3, 1, 0},
-    {"ovl_scmoe3_slot2_batchprio", SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f,  1, 184, 1.0f, 2,  2, 1, 0},
-    {"ovl_scmoe3_slot3_noncausal", SC,     3, CG1, 0, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 185, 1.0f, 2,  3, 1, 0},
-    {"ovl_scmoe1_auto_lossdom",    SC,     1, CG1, 1, 0, 8, 2, 16, 0.75f,0, 0.5f,  0.1f, -1, 186, 0.01f,2, -1, 1, 0},
-    {"ovl_scmoe2_auto_gelu",       SC,     2, CG1, 1, 0, 4, 2, 16, 1.0f, 0, 0.01f, 0.0f, -1, 187, 1.0f, 2, -1, 1, 0},
-    {"overlap0_scmoe2_warm",       SC,     2, CG1, 1, 1, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 188, 1.0f, 2,  2, 0, 0},
+    {"ovl_scmoe1_slot3_drops", SC, 1, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.1f, 1, 181, 1.0f, 2, 3, 1, 0},
+    {"ovl_scmoe2_slot1_swiglu", SC, 2, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.5f, 0.0f, 1, 182, 1.0f, 2, 1, 1, 0},
+    {"ovl_scmoe2_slot3_add", SC, 2, ADD, 1, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 183, 1.0f, 2, 3, 1, 0},
+    {"ovl_scmoe3_slot2_batchprio", SC, 3, CG1, 1, 0, 8, 2, 16, 0.5f, 1, 0.01f, 0.0f, 1, 184, 1.0f, 2, 2, 1, 0},
+    {"ovl_scmoe3_slot3_noncausal", SC, 3, CG1, 0, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 185, 1.0f, 2, 3, 1, 0},
+    {"ovl_scmoe1_auto_lossdom", SC, 1, CG1, 1, 0, 8, 2, 16, 0.75f, 0, 0.5f, 0.1f, -1, 186, 0.01f, 2, -1, 1, 0},
+    {"ovl_scmoe2_auto_gelu", SC, 2, CG1, 1, 0, 4, 2, 16, 1.0f, 0, 0.01f, 0.0f, -1, 187, 1.0f, 2, -1, 1, 0},
+    {"overlap0_scmoe2_warm", SC, 2, CG1, 1, 1, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 188, 1.0f, 2, 2, 0, 0},
     /* SCMOE_PRECISION_BF16: every arch, both activations, every shortcut position, the overlapped order */
     /* name                        arch    pos comb caus act E  B  T   cf    pr aux_w  z_w  drops seed dy   warm slot ovl bf16 */
-    {"bf16_top2_gelu_drops",       TOP2,   2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 201, 1.0f, 0, -1, 1, 1},
-    {"bf16_top1_swiglu_dropless",  TOP1,   2, CG1, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f,  0, 202, 1.0f, 0, -1, 1, 1},
-    {"bf16_shared_gelu_drops",     SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 203, 1.0f, 0, -1, 1, 1},
-    {"bf16_scmoe1_swiglu_drops",   SC,     1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 204, 1.0f, 0, -1, 1, 1},
-    {"bf16_scmoe2_add_noncausal",  SC,     2, ADD, 0, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.1f,  0, 205, 1.0f, 0, -1, 1, 1},
-    {"bf16_ovl_scmoe3_auto",       SC,     3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f,  1, 206, 1.0f, 2, -1, 1, 1},
+    {"bf16_top2_gelu_drops", TOP2, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 201, 1.0f, 0, -1, 1, 1},
+    {"bf16_top1_swiglu_dropless", TOP1, 2, CG1, 1, 1, 4, 2, 12, 0.0f, 0, 0.01f, 0.0f, 0, 202, 1.0f, 0, -1, 1, 1},
+    {"bf16_shared_gelu_drops", SHARED, 2, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 203, 1.0f, 0, -1, 1, 1},
+    {"bf16_scmoe1_swiglu_drops", SC, 1, CG1, 1, 1, 4, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 204, 1.0f, 0, -1, 1, 1},
+    {"bf16_scmoe2_add_noncausal", SC, 2, ADD, 0, 0, 8, 2, 12, 0.0f, 0, 0.01f, 0.1f, 0, 205, 1.0f, 0, -1, 1, 1},
+    {"bf16_ovl_scmoe3_auto", SC, 3, CG1, 1, 0, 8, 2, 16, 0.5f, 0, 0.01f, 0.0f, 1, 206, 1.0f, 2, -1, 1, 1},
 };
 
 enum { D_MODEL = 32, N_HEADS = 4, D_HIDDEN = 48 };
@@ -108,9 +108,9 @@ enum { D_MODEL = 32, N_HEADS = 4, D_HIDDEN = 48 };
 /* What one case came to. The C part runs first for every case; then one oracle process checks every
  * written file (torch loads once: ~1 s per process, most of the test's time otherwise). */
 typedef struct {
-    int written;     /* the C part succeeded and the file is written */
-    int verdict;     /* -1 none from the oracle, 0 FAIL, 1 PASS */
-    char why[2048];  /* the C part's failure */
+    int written;    /* the C part succeeded and the file is written */
+    int verdict;    /* -1 none from the oracle, 0 FAIL, 1 PASS */
+    char why[2048]; /* the C part's failure */
     char file[1024];
     char last[1024]; /* the oracle's verdict line */
     char *output;    /* the oracle's lines for this file (malloc'd) */
@@ -138,7 +138,8 @@ static const char *base_name(const char *path) {
  * Each file's report ends in a line "pair_ref.py <file>: PASS|FAIL ...", in argument order. */
 static int run_oracle(const char *python, const char *script, case_result *r, int n) {
     size_t cl = strlen(python) + strlen(script) + 64;
-    for (int i = 0; i < n; i++) if (r[i].written) cl += strlen(r[i].file) + 4;
+    for (int i = 0; i < n; i++)
+        if (r[i].written) cl += strlen(r[i].file) + 4;
     char *cmd = malloc(cl);
     if (!cmd) return -1;
     size_t off = (size_t)snprintf(cmd, cl, "'%s' '%s'", python, script);
@@ -163,7 +164,8 @@ static int run_oracle(const char *python, const char *script, case_result *r, in
             r[cur].output = buf;
             buf = NULL;
             len = cap = 0;
-            do cur++; while (cur < n && !r[cur].written);
+            do cur++;
+            while (cur < n && !r[cur].written);
         }
     }
     if (cur < n) r[cur].output = buf; /* whatever came before the oracle stopped */
@@ -194,7 +196,7 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     cfg.shortcut_pos = c->pos;
     cfg.combine = (scmoe_combine)c->combine;
     cfg.causal = c->causal;
-    cfg.max_seq_len = c->T + 2;                           /* T below max_seq_len on purpose */
+    cfg.max_seq_len = c->T + 2;                               /* T below max_seq_len on purpose */
     cfg.max_tokens = (c->B > 0 ? c->B : 2) * cfg.max_seq_len; /* and B*T below max_tokens */
     cfg.capacity_factor = c->cf;
     cfg.eval_capacity_factor = c->cf;
@@ -217,9 +219,15 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     int has_se = c->arch == SHARED || c->arch == SC;
     /* 2 blocks x (2 LN x 2 + attn 4) + mlp 4 + gate + 4E [+ se 4 [+ cg]] */
     int expect_np = 2 * 8 + 4 + 1 + 4 * c->E + (has_se ? 4 + (c->combine == CG1) : 0);
-    if (np != expect_np) { snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np); goto done; }
+    if (np != expect_np) {
+        snprintf(why, sizeof why, "param_count %d, expected %d", np, expect_np);
+        goto done;
+    }
     pt = calloc((size_t)np, sizeof *pt);
-    if (!pt) { snprintf(why, sizeof why, "out of memory"); goto done; }
+    if (!pt) {
+        snprintf(why, sizeof why, "out of memory");
+        goto done;
+    }
     int seen_gate = 0, seen_cg = 0;
     for (int i = 0; i < np; i++) {
         scmoe_tensor t;
@@ -232,15 +240,25 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
             for (size_t j = 0; j < t.numel; j++) t.data[j] += 1.0f; /* near 1 */
             goto filled;
         }
-        if (ends_with(t.name, "gate.weight")) { scale = 2.5f / sqrtf((float)t.shape[0]); seen_gate = 1; } /* O(1) logits */
-        else if (ends_with(t.name, "cg.weight")) { scale = 0.3f; seen_cg = 1; } /* w_cg . m1 of O(1): sigmoid not saturated */
-        else if (t.ndim == 1) scale = is_ln ? 0.3f : 0.2f;                      /* biases, nonzero */
-        else scale = sqrtf(3.0f / (float)t.shape[0]);                            /* unit-variance fan-in */
+        if (ends_with(t.name, "gate.weight")) {
+            scale = 2.5f / sqrtf((float)t.shape[0]);
+            seen_gate = 1;
+        } /* O(1) logits */
+        else if (ends_with(t.name, "cg.weight")) {
+            scale = 0.3f;
+            seen_cg = 1;
+        } /* w_cg . m1 of O(1): sigmoid not saturated */
+        else if (t.ndim == 1)
+            scale = is_ln ? 0.3f : 0.2f;              /* biases, nonzero */
+        else scale = sqrtf(3.0f / (float)t.shape[0]); /* unit-variance fan-in */
         fill_uniform(t.data, t.numel, scale);
     filled:;
         scmoe_tensor u;
         CHECK(scmoe_pair_param(pair, t.name, &u));
-        if (u.data != t.data) { snprintf(why, sizeof why, "param(\"%s\") is not param_at(%d)", t.name, i); goto done; }
+        if (u.data != t.data) {
+            snprintf(why, sizeof why, "param(\"%s\") is not param_at(%d)", t.name, i);
+            goto done;
+        }
     }
     CHECK(scmoe_pair_params_changed(pair)); /* the weights were written: their bf16 copies follow */
     if (!seen_gate || seen_cg != (has_se && c->combine == CG1)) {
@@ -254,7 +272,10 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     dy = calloc(nd, sizeof *dy);
     dx = calloc(nd, sizeof *dx);
     et = calloc((size_t)c->E, sizeof *et);
-    if (!x || !y || !dy || !dx || !et) { snprintf(why, sizeof why, "out of memory"); goto done; }
+    if (!x || !y || !dy || !dx || !et) {
+        snprintf(why, sizeof why, "out of memory");
+        goto done;
+    }
     fill_uniform(x, (size_t)n * d, 1.0f);
     fill_uniform(dy, (size_t)n * d, c->dy_scale > 0 ? c->dy_scale : 1.0f);
 
@@ -274,29 +295,46 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     int want_f = !overlapped ? -1 : c->slot < 0 ? -2 : c->slot < 8 - gate_after ? c->slot : 8 - gate_after;
     int want_b = !overlapped ? -1 : c->slot < 0 ? -2 : c->slot < needed_before ? c->slot : needed_before;
     if (want_f == -2 ? st.expert_slot < 0 : st.expert_slot != want_f) {
-        snprintf(why, sizeof why, "forward ran in expert slot %d, expected %s%d", st.expert_slot, want_f == -2 ? ">= " : "",
-                 want_f == -2 ? 0 : want_f);
+        snprintf(why, sizeof why, "forward ran in expert slot %d, expected %s%d", st.expert_slot,
+                 want_f == -2 ? ">= " : "", want_f == -2 ? 0 : want_f);
         goto done;
     }
     if (!drops_as_expected(c->expect_drops, c->cf, st.dropped, why, sizeof why)) goto done;
-    if (st.tokens != n) { snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, n); goto done; }
+    if (st.tokens != n) {
+        snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, n);
+        goto done;
+    }
     for (int e = 0; e < c->E; e++) et[e] = st.expert_tokens ? (float)st.expert_tokens[e] : -1.0f;
     int xd[3] = {c->B, c->T, d};
-    tio_step step = {.ndim = 3, .dims = xd, .x = x, .dy = dy, .y = y, .dx = dx, .params = pt, .n_params = np,
-                     .aux_loss = st.aux_loss, .z_loss = st.z_loss, .dropped = (float)st.dropped,
-                     .capacity = (float)st.capacity, .n_experts = c->E, .expert_tokens = et};
+    tio_step step = {.ndim = 3,
+                     .dims = xd,
+                     .x = x,
+                     .dy = dy,
+                     .y = y,
+                     .dx = dx,
+                     .params = pt,
+                     .n_params = np,
+                     .aux_loss = st.aux_loss,
+                     .z_loss = st.z_loss,
+                     .dropped = (float)st.dropped,
+                     .capacity = (float)st.capacity,
+                     .n_experts = c->E,
+                     .expert_tokens = et};
 
     CHECK(scmoe_pair_zero_grad(pair));
     for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
     CHECK(scmoe_pair_backward(pair, dy, dx, &st));
     if (want_b == -2 ? st.expert_slot < 0 : st.expert_slot != want_b) {
-        snprintf(why, sizeof why, "backward ran in expert slot %d, expected %s%d", st.expert_slot, want_b == -2 ? ">= " : "",
-                 want_b == -2 ? 0 : want_b);
+        snprintf(why, sizeof why, "backward ran in expert slot %d, expected %s%d", st.expert_slot,
+                 want_b == -2 ? ">= " : "", want_b == -2 ? 0 : want_b);
         goto done;
     }
 
     f = tio_open_write(file);
-    if (!f) { snprintf(why, sizeof why, "cannot write %s", file); goto done; }
+    if (!f) {
+        snprintf(why, sizeof why, "cannot write %s", file);
+        goto done;
+    }
     tio_write_scalar(f, "cfg.d_model", (float)d);
     tio_write_scalar(f, "cfg.d_hidden", (float)D_HIDDEN);
     tio_write_scalar(f, "cfg.n_experts", (float)c->E);
@@ -316,7 +354,11 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
     tio_write_scalar(f, "cfg.seq_len", (float)c->T);
     tio_write_scalar(f, "cfg.precision", (float)c->bf16);
     tio_write_step(f, &step);
-    if (fclose(f) != 0) { f = NULL; snprintf(why, sizeof why, "error writing %s", file); goto done; }
+    if (fclose(f) != 0) {
+        f = NULL;
+        snprintf(why, sizeof why, "error writing %s", file);
+        goto done;
+    }
     f = NULL;
 
     r->written = 1;
@@ -324,7 +366,12 @@ static void run_case(const oracle_case *c, const char *outdir, case_result *r) {
 done:
     if (f) fclose(f);
     snprintf(r->why, sizeof r->why, "%s", why);
-    free(x); free(y); free(dy); free(dx); free(et); free(pt);
+    free(x);
+    free(y);
+    free(dy);
+    free(dx);
+    free(et);
+    free(pt);
     scmoe_pair_destroy(pair);
     scmoe_context_destroy(ctx);
 }
@@ -346,7 +393,10 @@ int main(int argc, char **argv) {
     int n = (int)(sizeof CASES / sizeof CASES[0]);
 
     case_result *res = calloc((size_t)n, sizeof *res);
-    if (!res) { printf("Bail out! out of memory\n"); return 1; }
+    if (!res) {
+        printf("Bail out! out of memory\n");
+        return 1;
+    }
     int written = 0;
     for (int i = 0; i < n; i++) {
         res[i].verdict = -1;

@@ -14,7 +14,9 @@ static float frand(void) {
     rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng_state >> 40) / 8388608.0 - 1.0);
 }
-static void fill(float *x, size_t n, float scale) { for (size_t i = 0; i < n; i++) x[i] = scale * frand(); }
+static void fill(float *x, size_t n, float scale) {
+    for (size_t i = 0; i < n; i++) x[i] = scale * frand();
+}
 
 static const char *arch_name(scmoe_arch a, int pos) {
     static char buf[32];
@@ -23,7 +25,12 @@ static const char *arch_name(scmoe_arch a, int pos) {
     return buf;
 }
 
-typedef struct { scmoe_pair *p; int B, T, d; const float *x, *dy; float waux, wz; } fd_ctx;
+typedef struct {
+    scmoe_pair *p;
+    int B, T, d;
+    const float *x, *dy;
+    float waux, wz;
+} fd_ctx;
 
 static double loss(void *arg, int64_t *sig) {
     fd_ctx *c = arg;
@@ -42,9 +49,18 @@ static double loss(void *arg, int64_t *sig) {
 
 static scmoe_config tiny(scmoe_arch arch, int pos, scmoe_activation act, float cf) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = 16; c.d_hidden = 24; c.n_experts = 4; c.n_heads = 2; c.max_tokens = 32; c.max_seq_len = 8;
-    c.arch = arch; c.shortcut_pos = pos; c.activation = act; c.capacity_factor = cf;
-    c.aux_loss_weight = 0.1f; c.z_loss_weight = 0.01f;
+    c.d_model = 16;
+    c.d_hidden = 24;
+    c.n_experts = 4;
+    c.n_heads = 2;
+    c.max_tokens = 32;
+    c.max_seq_len = 8;
+    c.arch = arch;
+    c.shortcut_pos = pos;
+    c.activation = act;
+    c.capacity_factor = cf;
+    c.aux_loss_weight = 0.1f;
+    c.z_loss_weight = 0.01f;
     return c;
 }
 
@@ -56,14 +72,18 @@ static void gradcheck(scmoe_arch arch, int pos, scmoe_activation act, float cf, 
     scmoe_pair *p;
     scmoe_status s = scmoe_pair_create(ctx, &cfg, &p);
     CHECK(s == SCMOE_OK, "create %s: %s", arch_name(arch, pos), scmoe_last_error(ctx));
-    if (s) { scmoe_context_destroy(ctx); return; }
+    if (s) {
+        scmoe_context_destroy(ctx);
+        return;
+    }
     int B = 2, T = 8, d = cfg.d_model;
     size_t n = (size_t)B * T * d;
     for (int i = 0; i < scmoe_pair_param_count(p); i++) {
         scmoe_tensor t;
         scmoe_pair_param_at(p, i, &t);
         int is_ln = strstr(t.name, "ln_") != NULL;
-        for (size_t j = 0; j < t.numel; j++) t.data[j] = (is_ln && strstr(t.name, "weight") ? 1.0f : 0.0f) + 0.3f * frand();
+        for (size_t j = 0; j < t.numel; j++)
+            t.data[j] = (is_ln && strstr(t.name, "weight") ? 1.0f : 0.0f) + 0.3f * frand();
     }
     float *x = malloc(sizeof(float) * n), *dy = malloc(sizeof(float) * n), *y = malloc(sizeof(float) * n),
           *dx = malloc(sizeof(float) * n);
@@ -75,8 +95,8 @@ static void gradcheck(scmoe_arch arch, int pos, scmoe_activation act, float cf, 
     s = scmoe_pair_backward(p, dy, dx, &st);
     CHECK(s == SCMOE_OK, "backward %s", arch_name(arch, pos));
     fd_ctx c = {p, B, T, d, x, dy, cfg.aux_loss_weight, cfg.z_loss_weight};
-    fd_spec f = {.loss = loss, .arg = &c, .uniform = frand, .eps = 4e-3f, .tol_gmax = 3e-3, .tol_abs = 2e-5,
-                 .none_tried = 0.0};
+    fd_spec f = {
+        .loss = loss, .arg = &c, .uniform = frand, .eps = 4e-3f, .tol_gmax = 3e-3, .tol_abs = 2e-5, .none_tried = 0.0};
     const char *tag = arch_name(arch, pos);
     char name[64];
     snprintf(name, sizeof name, "%s %s cf=%.1f%s", tag, act ? "swiglu" : "gelu", cf, comb ? " add" : "");
@@ -88,7 +108,10 @@ static void gradcheck(scmoe_arch arch, int pos, scmoe_activation act, float cf, 
         e = fd_check_param(&f, &t, 6);
         CHECK(e <= 0.2, "fd %s %s: %.0f%% disagree", t.name, name, 100 * e);
     }
-    free(x); free(dy); free(y); free(dx);
+    free(x);
+    free(dy);
+    free(y);
+    free(dx);
     scmoe_pair_destroy(p);
     scmoe_context_destroy(ctx);
 }
@@ -130,8 +153,14 @@ static void overlap_equals_serial(scmoe_arch arch, int pos) {
         }
     }
     CHECK(same, "%s: overlapped order == serialized order, outputs and all gradients bitwise", arch_name(arch, pos));
-    if (arch == SCMOE_ARCH_SCMOE) CHECK(overlapped, "%s: the overlapped order ran after profiling", arch_name(arch, pos));
-    free(x); free(dy); free(ya); free(yb); free(dxa); free(dxb);
+    if (arch == SCMOE_ARCH_SCMOE)
+        CHECK(overlapped, "%s: the overlapped order ran after profiling", arch_name(arch, pos));
+    free(x);
+    free(dy);
+    free(ya);
+    free(yb);
+    free(dxa);
+    free(dxb);
     scmoe_pair_destroy(pa);
     scmoe_pair_destroy(pb);
     scmoe_context_destroy(ctx);
@@ -154,7 +183,10 @@ static int blas_thread_invariant(void) {
     ob->gemm(ob, 0, 0, M, N, K, 1.0f, a, K, b, N, 0.0f, c2, N);
     omp_set_num_threads(max);
     int same = !memcmp(c1, c2, sizeof(float) * M * N);
-    free(a); free(b); free(c1); free(c2);
+    free(a);
+    free(b);
+    free(c1);
+    free(c2);
     return same;
 }
 
@@ -168,7 +200,11 @@ static void thread_independence(void) {
     scmoe_context *ctx;
     scmoe_context_create(&ctx);
     scmoe_config c = tiny(SCMOE_ARCH_SCMOE, 2, SCMOE_SWIGLU, 1.0f);
-    c.d_model = 64; c.d_hidden = 96; c.max_tokens = 128; c.max_seq_len = 32; c.gate_noise_std = 0.5f;
+    c.d_model = 64;
+    c.d_hidden = 96;
+    c.max_tokens = 128;
+    c.max_seq_len = 32;
+    c.gate_noise_std = 0.5f;
     int B = 4, T = 32, d = 64;
     size_t n = (size_t)B * T * d;
     float *x = malloc(sizeof(float) * n), *dy = malloc(sizeof(float) * n), *y[2], *dx[2], *g[2];
@@ -189,7 +225,11 @@ static void thread_independence(void) {
             scmoe_pair_backward(p, dy, dx[r], &st);
         }
         total = 0;
-        for (int i = 0; i < scmoe_pair_param_count(p); i++) { scmoe_tensor t; scmoe_pair_param_at(p, i, &t); total += t.numel; }
+        for (int i = 0; i < scmoe_pair_param_count(p); i++) {
+            scmoe_tensor t;
+            scmoe_pair_param_at(p, i, &t);
+            total += t.numel;
+        }
         g[r] = malloc(sizeof(float) * total);
         for (int i = 0, o = 0; i < scmoe_pair_param_count(p); i++) {
             scmoe_tensor t;
@@ -203,8 +243,13 @@ static void thread_independence(void) {
     same = !memcmp(y[0], y[1], sizeof(float) * n) && !memcmp(dx[0], dx[1], sizeof(float) * n) &&
            !memcmp(g[0], g[1], sizeof(float) * total);
     CHECK(same, "1 thread vs %d threads: outputs, dX and every gradient bitwise equal", max > 1 ? max : 2);
-    for (int r = 0; r < 2; r++) { free(y[r]); free(dx[r]); free(g[r]); }
-    free(x); free(dy);
+    for (int r = 0; r < 2; r++) {
+        free(y[r]);
+        free(dx[r]);
+        free(g[r]);
+    }
+    free(x);
+    free(dy);
     scmoe_context_destroy(ctx);
 }
 
@@ -227,11 +272,14 @@ static void bad_input(void) {
     scmoe_pair_destroy(p);
     c.n_heads = 3;
     CHECK(scmoe_pair_create(ctx, &c, &p) == SCMOE_ERR_N_HEADS, "heads not dividing d");
-    c.n_heads = 2; c.arch = (scmoe_arch)7;
+    c.n_heads = 2;
+    c.arch = (scmoe_arch)7;
     CHECK(scmoe_pair_create(ctx, &c, &p) == SCMOE_ERR_ARCH, "unknown arch");
-    c.arch = SCMOE_ARCH_SCMOE; c.shortcut_pos = 0;
+    c.arch = SCMOE_ARCH_SCMOE;
+    c.shortcut_pos = 0;
     CHECK(scmoe_pair_create(ctx, &c, &p) == SCMOE_ERR_SHORTCUT_POS, "pos 0");
-    c.shortcut_pos = 2; c.combine = SCMOE_COMBINE_ADD;
+    c.shortcut_pos = 2;
+    c.combine = SCMOE_COMBINE_ADD;
     CHECK(scmoe_pair_create(ctx, &c, &p) == SCMOE_OK, "direct add");
     scmoe_tensor t;
     CHECK(scmoe_pair_param(p, "l1.cg.weight", &t) == SCMOE_ERR_NOT_FOUND, "direct add has no w_cg");
@@ -252,7 +300,10 @@ static void lifecycle(void) {
     scmoe_config c = tiny(SCMOE_ARCH_SCMOE, 2, SCMOE_GELU, 1.0f);
     scmoe_pair *p = NULL;
     CHECK(scmoe_pair_create(ctx, &c, &p) == SCMOE_OK, "lifecycle: create");
-    if (!p) { scmoe_context_destroy(ctx); return; }
+    if (!p) {
+        scmoe_context_destroy(ctx);
+        return;
+    }
     enum { n = 2 * 8 * 16 };
     float x[n], y[n], dy[n], dx[n];
     fill(x, n, 1.0f);
@@ -281,7 +332,8 @@ static void lifecycle(void) {
         g = t.grad[3];
         s2 = scmoe_moe_backward(m, dy, dx, NULL);
         CHECK(!s && s2 == SCMOE_ERR_STATE && t.grad[3] == g && g != 0.0f,
-              "layer: a second backward of one forward: SCMOE_ERR_STATE, gradients not doubled (%s)", scmoe_strerror(s2));
+              "layer: a second backward of one forward: SCMOE_ERR_STATE, gradients not doubled (%s)",
+              scmoe_strerror(s2));
         scmoe_moe_abort(m);
     }
     CHECK(scmoe_context_destroy(ctx) == SCMOE_OK, "a context without objects is destroyed");
@@ -297,7 +349,8 @@ int main(int argc, char **argv) {
             gradcheck(SCMOE_ARCH_TOP2, 2, (scmoe_activation)act, cf, SCMOE_COMBINE_CG1);
             gradcheck(SCMOE_ARCH_TOP1, 2, (scmoe_activation)act, cf, SCMOE_COMBINE_CG1);
             gradcheck(SCMOE_ARCH_SHARED, 2, (scmoe_activation)act, cf, SCMOE_COMBINE_CG1);
-            for (int pos = 1; pos <= 3; pos++) gradcheck(SCMOE_ARCH_SCMOE, pos, (scmoe_activation)act, cf, SCMOE_COMBINE_CG1);
+            for (int pos = 1; pos <= 3; pos++)
+                gradcheck(SCMOE_ARCH_SCMOE, pos, (scmoe_activation)act, cf, SCMOE_COMBINE_CG1);
         }
     gradcheck(SCMOE_ARCH_SCMOE, 2, SCMOE_GELU, 1.0f, SCMOE_COMBINE_ADD);
     for (int a = 0; a < 3; a++) overlap_equals_serial((scmoe_arch)a, 2);

@@ -24,14 +24,20 @@ static void chooser(void) {
     }
     CHECK(agree, "slot chooser finds the minimum of max(pre, T_disp) + T_exp + max(post, T_comb) in 2000 random cases");
     double ops[3] = {30, 20, 10};
-    CHECK(scmoe__schedule_choose_slot(ops, 3, 25, 5, 12) == 1, "MLP 30, attn 20, SE 10, dispatch 25, combine 12 -> slot 1 (after MLP)");
+    CHECK(scmoe__schedule_choose_slot(ops, 3, 25, 5, 12) == 1,
+          "MLP 30, attn 20, SE 10, dispatch 25, combine 12 -> slot 1 (after MLP)");
     CHECK(scmoe__schedule_choose_slot(ops, 3, 0, 5, 100) == 0, "a long combine puts the experts first");
     CHECK(scmoe__schedule_choose_slot(ops, 3, 100, 5, 0) == 3, "a long dispatch puts the experts last");
 }
 
 static scmoe_config tiny(void) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = 32; c.d_hidden = 48; c.n_experts = 4; c.n_heads = 4; c.max_tokens = 64; c.max_seq_len = 16;
+    c.d_model = 32;
+    c.d_hidden = 48;
+    c.n_experts = 4;
+    c.n_heads = 4;
+    c.max_tokens = 64;
+    c.max_seq_len = 16;
     return c;
 }
 
@@ -59,7 +65,8 @@ static void trace(void) {
              path);
     CHECK(system(cmd) == 0, "the trace is valid JSON with compute and communication lanes");
     CHECK(scmoe_pair_trace(p, "/nonexistent-dir/t.json") == SCMOE_ERR_IO, "an unwritable trace path -> SCMOE_ERR_IO");
-    free(x); free(y);
+    free(x);
+    free(y);
     scmoe_pair_destroy(p);
     scmoe_context_destroy(ctx);
 }
@@ -91,12 +98,19 @@ static void wire_bf16(void) {
     scmoe_pair_backward(pb, x, dxb, &st);
     double ey = 0, my = 0, ed = 0, md = 0;
     for (size_t i = 0; i < n; i++) {
-        ey = fmax(ey, fabs(ya[i] - yb[i])); my = fmax(my, fabs(ya[i]));
-        ed = fmax(ed, fabs(dxa[i] - dxb[i])); md = fmax(md, fabs(dxa[i]));
+        ey = fmax(ey, fabs(ya[i] - yb[i]));
+        my = fmax(my, fabs(ya[i]));
+        ed = fmax(ed, fabs(dxa[i] - dxb[i]));
+        md = fmax(md, fabs(dxa[i]));
     }
     /* one rank: nothing travels, so nothing is rounded (tests/test_ep.c measures the wire on 2 and 4 ranks) */
-    CHECK(ey == 0 && ed == 0, "bf16 wire on one rank: own rows never travel, outputs and dX unchanged (%.1e, %.1e)", ey / my, ed / md);
-    free(x); free(ya); free(yb); free(dxa); free(dxb);
+    CHECK(ey == 0 && ed == 0, "bf16 wire on one rank: own rows never travel, outputs and dX unchanged (%.1e, %.1e)",
+          ey / my, ed / md);
+    free(x);
+    free(ya);
+    free(yb);
+    free(dxa);
+    free(dxb);
     scmoe_pair_destroy(pa);
     scmoe_pair_destroy(pb);
     scmoe_context_destroy(ctx);
@@ -110,28 +124,51 @@ typedef struct toy {
     const float *x, *dy;
     float *h, *z, *y, *dz, *dh, *dx;
 } toy;
-static void toy_double(void *s) { toy *t = s; for (size_t i = 0; i < t->n; i++) t->h[i] = 2.0f * t->x[i]; }
-static void toy_double_bwd(void *s) { toy *t = s; for (size_t i = 0; i < t->n; i++) t->dx[i] = 2.0f * t->dh[i]; }
-static void toy_shift(void *s) { toy *t = s; for (size_t i = 0; i < t->n; i++) t->z[i] = t->h[i] + 1.0f; }
-static void toy_shift_bwd(void *s) { toy *t = s; memcpy(t->dh, t->dz, sizeof(float) * t->n); }
-static void toy_out(void *s) { toy *t = s; memcpy(t->y, t->z, sizeof(float) * t->n); }
-static void toy_out_bwd(void *s) { toy *t = s; memcpy(t->dz, t->dy, sizeof(float) * t->n); }
-static const sched_op toy_ops[3] = {{"double", toy_double, toy_double_bwd}, {"shift", toy_shift, toy_shift_bwd},
-                                    {"out", toy_out, toy_out_bwd}};
+static void toy_double(void *s) {
+    toy *t = s;
+    for (size_t i = 0; i < t->n; i++) t->h[i] = 2.0f * t->x[i];
+}
+static void toy_double_bwd(void *s) {
+    toy *t = s;
+    for (size_t i = 0; i < t->n; i++) t->dx[i] = 2.0f * t->dh[i];
+}
+static void toy_shift(void *s) {
+    toy *t = s;
+    for (size_t i = 0; i < t->n; i++) t->z[i] = t->h[i] + 1.0f;
+}
+static void toy_shift_bwd(void *s) {
+    toy *t = s;
+    memcpy(t->dh, t->dz, sizeof(float) * t->n);
+}
+static void toy_out(void *s) {
+    toy *t = s;
+    memcpy(t->y, t->z, sizeof(float) * t->n);
+}
+static void toy_out_bwd(void *s) {
+    toy *t = s;
+    memcpy(t->dz, t->dy, sizeof(float) * t->n);
+}
+static const sched_op toy_ops[3] = {
+    {"double", toy_double, toy_double_bwd}, {"shift", toy_shift, toy_shift_bwd}, {"out", toy_out, toy_out_bwd}};
 
 /* Four training steps of the toy block in one order; y, dx and the MoE's gradients of the last step. */
-static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x, const float *dy, float *y,
-                    float *dx, float *grads, int *slot) {
+static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x, const float *dy, float *y, float *dx,
+                    float *grads, int *slot) {
     size_t n = (size_t)rows * c.d_model;
     param_table pt;
     moe_layer m;
     memset(&pt, 0, sizeof pt);
     toy t = {n, x, dy, calloc(n, 4), calloc(n, 4), y, calloc(n, 4), calloc(n, 4), dx};
     scheduler s;
-    int ok = !scmoe__moe_init(&m, ctx, &c, c.top_k, &pt, "", 0.02f) && !scmoe__params_allocate(&pt, ctx->compute, 0, 0) &&
-             !scmoe__moe_alloc(&m);
-    sched_block b = {.self = &t, .ops = toy_ops, .n_ops = 3, .moe_input_op = 0, .overlap = 1,
-                     .gate_grads = {NULL, 0, ctx->world}, .expert_grads = {NULL, 0, ctx->world}};
+    int ok = !scmoe__moe_init(&m, ctx, &c, c.top_k, &pt, "", 0.02f) &&
+             !scmoe__params_allocate(&pt, ctx->compute, 0, 0) && !scmoe__moe_alloc(&m);
+    sched_block b = {.self = &t,
+                     .ops = toy_ops,
+                     .n_ops = 3,
+                     .moe_input_op = 0,
+                     .overlap = 1,
+                     .gate_grads = {NULL, 0, ctx->world},
+                     .expert_grads = {NULL, 0, ctx->world}};
     for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world};
     ok = ok && !scmoe__schedule_init(&s, ctx, &c, &b);
     exec ex = scmoe__context_exec(ctx, c.poll_cols);
@@ -140,7 +177,8 @@ static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x
     for (int step = 0; step < 4 && ok; step++) {
         scmoe__params_zero_grad(&pt);
         sched_moe f = {&m, t.h, NULL, y, NULL}, g = {&m, NULL, t.dh, NULL, dy};
-        ok = !scmoe__schedule_forward(&s, &ex, &f, rows) && !scmoe__schedule_backward(&s, &ex, &g, rows) && !scmoe__schedule_grad_wait(&s);
+        ok = !scmoe__schedule_forward(&s, &ex, &f, rows) && !scmoe__schedule_backward(&s, &ex, &g, rows) &&
+             !scmoe__schedule_grad_wait(&s);
     }
     scmoe__schedule_fill_stats(&s, &st, 0);
     *slot = ok ? st.expert_slot : -2;
@@ -150,12 +188,18 @@ static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x
     }
     scmoe__moe_free(&m);
     scmoe__params_free(&pt);
-    free(t.h); free(t.z); free(t.dz); free(t.dh);
+    free(t.h);
+    free(t.z);
+    free(t.dz);
+    free(t.dh);
 }
 
 static double max_rel(const float *a, const float *b, size_t n) {
     double e = 0, m = 1e-30;
-    for (size_t i = 0; i < n; i++) { e = fmax(e, fabs((double)a[i] - b[i])); m = fmax(m, fabs((double)b[i])); }
+    for (size_t i = 0; i < n; i++) {
+        e = fmax(e, fabs((double)a[i] - b[i]));
+        m = fmax(m, fabs((double)b[i]));
+    }
     return e / m;
 }
 
@@ -169,10 +213,13 @@ static void other_block(void) {
     int rows = 48;
     size_t n = (size_t)rows * c.d_model, ng = 1 << 16;
     float *x = malloc(4 * n), *dy = malloc(4 * n), *h = malloc(4 * n), *y[2], *dx[2], *g[2];
-    for (size_t i = 0; i < n; i++) x[i] = sinf(0.37f * (float)i), dy[i] = 0.01f * cosf(0.11f * (float)i), h[i] = 2.0f * x[i];
+    for (size_t i = 0; i < n; i++)
+        x[i] = sinf(0.37f * (float)i), dy[i] = 0.01f * cosf(0.11f * (float)i), h[i] = 2.0f * x[i];
     int slot[2];
     for (int o = 0; o < 2; o++) {
-        y[o] = malloc(4 * n); dx[o] = malloc(4 * n); g[o] = calloc(ng, 4);
+        y[o] = malloc(4 * n);
+        dx[o] = malloc(4 * n);
+        g[o] = calloc(ng, 4);
         scmoe_config co = c;
         co.overlap = o;
         toy_run(ctx, co, rows, x, dy, y[o], dx[o], g[o], &slot[o]);
@@ -201,11 +248,20 @@ static void other_block(void) {
         eg = fmax(eg, max_rel(g[1] + o, t.grad, t.numel));
         o += (int)t.numel;
     }
-    CHECK(ey < 1e-6 && ed < 1e-6 && eg < 1e-6, "a 3-op block == the public layer on h = 2x: y %.1e, dx %.1e, grads %.1e",
-          ey, ed, eg);
+    CHECK(ey < 1e-6 && ed < 1e-6 && eg < 1e-6,
+          "a 3-op block == the public layer on h = 2x: y %.1e, dx %.1e, grads %.1e", ey, ed, eg);
     scmoe_moe_destroy(l);
-    for (int o = 0; o < 2; o++) { free(y[o]); free(dx[o]); free(g[o]); }
-    free(x); free(dy); free(h); free(yl); free(dxl); free(ref);
+    for (int o = 0; o < 2; o++) {
+        free(y[o]);
+        free(dx[o]);
+        free(g[o]);
+    }
+    free(x);
+    free(dy);
+    free(h);
+    free(yl);
+    free(dxl);
+    free(ref);
     scmoe_context_destroy(ctx);
 }
 

@@ -121,12 +121,12 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
     if (!scmoe__cuda_blas_create(&cb, NULL, o->bf16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err)) {
         for (int r = -2; r < o->reps; r++) {
             double t0 = now();
-            scmoe__cuda_blas_gemm(cb, 0, 0, R, h, d, 1, x, d, w1, h, 0, pre, h);      /* pre = x W1 */
-            scmoe__cuda_blas_gemm(cb, 0, 0, R, d, h, 1, pre, h, w2, d, 0, out, d);    /* out = hid W2 */
-            scmoe__cuda_blas_gemm(cb, 0, 1, R, h, d, 1, dy, d, w2, d, 0, pre, h);     /* dhid = dy W2^T */
-            scmoe__cuda_blas_gemm(cb, 1, 0, h, d, R, 1, pre, h, dy, d, 1, dw2, d);    /* dW2 += hid^T dy */
-            scmoe__cuda_blas_gemm(cb, 1, 0, d, h, R, 1, x, d, pre, h, 1, dw1, h);     /* dW1 += x^T dpre */
-            scmoe__cuda_blas_gemm(cb, 0, 1, R, d, h, 1, pre, h, w1, h, 0, out, d);    /* dx = dpre W1^T */
+            scmoe__cuda_blas_gemm(cb, 0, 0, R, h, d, 1, x, d, w1, h, 0, pre, h);   /* pre = x W1 */
+            scmoe__cuda_blas_gemm(cb, 0, 0, R, d, h, 1, pre, h, w2, d, 0, out, d); /* out = hid W2 */
+            scmoe__cuda_blas_gemm(cb, 0, 1, R, h, d, 1, dy, d, w2, d, 0, pre, h);  /* dhid = dy W2^T */
+            scmoe__cuda_blas_gemm(cb, 1, 0, h, d, R, 1, pre, h, dy, d, 1, dw2, d); /* dW2 += hid^T dy */
+            scmoe__cuda_blas_gemm(cb, 1, 0, d, h, R, 1, x, d, pre, h, 1, dw1, h);  /* dW1 += x^T dpre */
+            scmoe__cuda_blas_gemm(cb, 0, 1, R, d, h, 1, pre, h, w1, h, 0, out, d); /* dx = dpre W1^T */
             cudaStreamSynchronize(cb->stream);
             if (r >= 0) tb[r] = slowest(now() - t0);
         }
@@ -141,8 +141,16 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
                flops / base / 1e12);
         printf("  RATIO library / cuBLAS TFLOP/s: %.3f\n", base / lib);
     }
-    cudaFree(x); cudaFree(dy); cudaFree(y); cudaFree(dx);
-    cudaFree(pre); cudaFree(w1); cudaFree(w2); cudaFree(dw1); cudaFree(dw2); cudaFree(out);
+    cudaFree(x);
+    cudaFree(dy);
+    cudaFree(y);
+    cudaFree(dx);
+    cudaFree(pre);
+    cudaFree(w1);
+    cudaFree(w2);
+    cudaFree(dw1);
+    cudaFree(dw2);
+    cudaFree(out);
     free(t);
     free(tb);
     scmoe_moe_destroy(m);
@@ -182,7 +190,10 @@ static int bench_pair(scmoe_context *ctx, const opts *o, scmoe_arch arch, double
     if (bad && !rank_) printf("pair: %s\n", scmoe_last_error(ctx));
     *train = median(t, o->reps);
     *infer = median(ti, o->reps);
-    cudaFree(x); cudaFree(dy); cudaFree(y); cudaFree(dx);
+    cudaFree(x);
+    cudaFree(dy);
+    cudaFree(y);
+    cudaFree(dx);
     free(t);
     free(ti);
     scmoe_pair_destroy(p);
@@ -198,9 +209,16 @@ int main(int argc, char **argv) {
     opts o = {-1, 1024, 4096, 8, 8192, 16, 512, 8, 10, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int *dst = !strcmp(a, "--device") ? &o.device : !strcmp(a, "--d") ? &o.d : !strcmp(a, "--hidden") ? &o.h
-                 : !strcmp(a, "--experts") ? &o.E : !strcmp(a, "--tokens") ? &o.tokens : !strcmp(a, "--heads") ? &o.heads
-                 : !strcmp(a, "--seq") ? &o.seq : !strcmp(a, "--batch") ? &o.batch : !strcmp(a, "--reps") ? &o.reps : NULL;
+        int *dst = !strcmp(a, "--device")    ? &o.device
+                   : !strcmp(a, "--d")       ? &o.d
+                   : !strcmp(a, "--hidden")  ? &o.h
+                   : !strcmp(a, "--experts") ? &o.E
+                   : !strcmp(a, "--tokens")  ? &o.tokens
+                   : !strcmp(a, "--heads")   ? &o.heads
+                   : !strcmp(a, "--seq")     ? &o.seq
+                   : !strcmp(a, "--batch")   ? &o.batch
+                   : !strcmp(a, "--reps")    ? &o.reps
+                                             : NULL;
         if (!strcmp(a, "--bf16")) o.bf16 = 1;
         else if (dst && i + 1 < argc) *dst = atoi(argv[++i]);
         else {
@@ -210,7 +228,8 @@ int main(int argc, char **argv) {
     }
     if (o.reps < 1) o.reps = 1;
 #ifdef SCMOE_CUDA_EMU
-    if (!rank_) printf("# host emulation (cuda_backend/emu): a smoke run of the code paths; the times are not a GPU's\n");
+    if (!rank_)
+        printf("# host emulation (cuda_backend/emu): a smoke run of the code paths; the times are not a GPU's\n");
 #endif
     scmoe_context *ctx = device_context(&o);
     if (ctx) {
@@ -218,8 +237,8 @@ int main(int argc, char **argv) {
         double top2_t, top2_i, sc_t, sc_i;
         if (!bench_pair(ctx, &o, SCMOE_ARCH_TOP2, &top2_t, &top2_i) &&
             !bench_pair(ctx, &o, SCMOE_ARCH_SCMOE, &sc_t, &sc_i) && !rank_) {
-            printf("pair  d=%d h=%d E=%d heads=%d batch=%d seq=%d, %d rank(s)\n", o.d, o.h, o.E, o.heads, o.batch, o.seq,
-                   size_);
+            printf("pair  d=%d h=%d E=%d heads=%d batch=%d seq=%d, %d rank(s)\n", o.d, o.h, o.E, o.heads, o.batch,
+                   o.seq, size_);
             printf("  top2   train %9.3f ms  infer %9.3f ms\n", 1e3 * top2_t, 1e3 * top2_i);
             printf("  scmoe2 train %9.3f ms  infer %9.3f ms\n", 1e3 * sc_t, 1e3 * sc_i);
             printf("  SPEEDUP scmoe2 over top2: train %.3fx  infer %.3fx\n", top2_t / sc_t, top2_i / sc_i);

@@ -46,9 +46,9 @@ extern thread_local dim3 emu_block_dim, emu_grid_dim;
 extern thread_local emu_launch_state *emu_state;
 
 #define threadIdx emu_thread_idx
-#define blockIdx emu_block_idx
-#define blockDim emu_block_dim
-#define gridDim emu_grid_dim
+#define blockIdx  emu_block_idx
+#define blockDim  emu_block_dim
+#define gridDim   emu_grid_dim
 
 static inline void __syncthreads() { pthread_barrier_wait(&emu_state->bar); }
 
@@ -62,8 +62,16 @@ static inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     return r;
 }
 
-static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, sizeof u); return u; }
-static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, sizeof f); return f; }
+static inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+static inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 #define DYNAMIC_SHARED(type, name) type *name = (type *)emu_state->dyn.data()
 
@@ -74,7 +82,7 @@ extern "C" void emu_device_leave(void);
 /* Runs body for every block of grid on block.x * block.y * block.z threads (emu_launch.cpp). */
 void emu_launch(dim3 grid, dim3 block, size_t shmem, const std::function<void()> &body);
 
-#define LAUNCH(kernel, grid, block, shmem, stream, ...) \
+#define LAUNCH(kernel, grid, block, shmem, stream, ...)                                                                \
     emu_launch(dim3(grid), dim3(block), (size_t)(shmem), [=]() { kernel(__VA_ARGS__); })
 
 #endif

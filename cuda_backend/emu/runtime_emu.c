@@ -195,7 +195,8 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
     return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-    (void)e; (void)s;
+    (void)e;
+    (void)s;
     return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
@@ -203,7 +204,9 @@ cudaError_t cudaEventQuery(cudaEvent_t e) {
     return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flags) {
-    (void)s; (void)e; (void)flags;
+    (void)s;
+    (void)e;
+    (void)flags;
     return cudaSuccess;
 }
 
@@ -258,9 +261,9 @@ static double elem(const void *X, cudaDataType t, int ld, int trans, int i, int 
 }
 
 /* the BLAS definition: m x n C = alpha op(A)[m x k] op(B)[k x n] + beta C; beta == 0 overwrites */
-static cublasStatus_t gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
-                           const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb,
-                           float beta, float *C, int ldc, int round) {
+static cublasStatus_t gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const void *A,
+                           cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb, float beta, float *C,
+                           int ldc, int round) {
     if (m < 0 || n < 0 || k < 0 || ldc < (m > 1 ? m : 1)) return CUBLAS_STATUS_INVALID_VALUE;
     if (lda < ((ta == CUBLAS_OP_N ? m : k) > 1 ? (ta == CUBLAS_OP_N ? m : k) : 1)) return CUBLAS_STATUS_INVALID_VALUE;
     if (ldb < ((tb == CUBLAS_OP_N ? k : n) > 1 ? (tb == CUBLAS_OP_N ? k : n) : 1)) return CUBLAS_STATUS_INVALID_VALUE;
@@ -268,8 +271,8 @@ static cublasStatus_t gemm(cublasOperation_t ta, cublasOperation_t tb, int m, in
         for (int i = 0; i < m; i++) {
             double s = 0.0;
             for (int l = 0; l < k; l++)
-                s += elem(A, at, lda, ta != CUBLAS_OP_N, i, l, round) *
-                     elem(B, bt, ldb, tb != CUBLAS_OP_N, l, j, round);
+                s +=
+                    elem(A, at, lda, ta != CUBLAS_OP_N, i, l, round) * elem(B, bt, ldb, tb != CUBLAS_OP_N, l, j, round);
             float *c = &C[(long)i + (long)j * ldc];
             *c = (float)(alpha * s + (beta == 0.0f ? 0.0 : (double)beta * *c));
         }
@@ -290,13 +293,14 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             const void *alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
                             int ldb, const void *beta, void *C, cudaDataType ct, int ldc, cublasComputeType_t compute,
                             cublasGemmAlgo_t algo) {
-    (void)h; (void)algo;
+    (void)h;
+    (void)algo;
     if (ct != CUDA_R_32F || (at != CUDA_R_32F && at != CUDA_R_16BF) || (bt != CUDA_R_32F && bt != CUDA_R_16BF) ||
         (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF))
         return CUBLAS_STATUS_NOT_SUPPORTED;
     emu_device_enter();
-    cublasStatus_t st = gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta,
-                             C, ldc, compute == CUBLAS_COMPUTE_32F_FAST_16BF);
+    cublasStatus_t st = gemm(ta, tb, m, n, k, *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, C,
+                             ldc, compute == CUBLAS_COMPUTE_32F_FAST_16BF);
     emu_device_leave();
     return st;
 }

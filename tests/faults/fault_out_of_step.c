@@ -54,9 +54,17 @@ enum { D = 16, T = 8, B = 2, N = B * T };
 
 static scmoe_config pair_cfg(void) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = D; c.d_hidden = 32; c.n_experts = 2 * size; c.n_heads = 2;
-    c.max_seq_len = T; c.max_tokens = N; c.arch = SCMOE_ARCH_SCMOE; c.shortcut_pos = 2;
-    c.capacity_factor = 0.5f; c.eval_capacity_factor = 4.0f; c.comm_timeout_s = 5;
+    c.d_model = D;
+    c.d_hidden = 32;
+    c.n_experts = 2 * size;
+    c.n_heads = 2;
+    c.max_seq_len = T;
+    c.max_tokens = N;
+    c.arch = SCMOE_ARCH_SCMOE;
+    c.shortcut_pos = 2;
+    c.capacity_factor = 0.5f;
+    c.eval_capacity_factor = 4.0f;
+    c.comm_timeout_s = 5;
     return c;
 }
 
@@ -98,9 +106,11 @@ static void out_of_step(scmoe_context *ctx) {
     double dt = now() - t0;
     const char *msg = scmoe_last_error(ctx);
     if (rank == 0) printf("# pair out of step, rank 0 (forward): %s: %s (%.3f s)\n", scmoe_strerror(s), msg, dt);
-    check(s == SCMOE_ERR_STATE && dt < 2.0 && has(msg, rank == 0 ? "another rank called backward" : "another rank called forward"),
+    check(s == SCMOE_ERR_STATE && dt < 2.0 &&
+              has(msg, rank == 0 ? "another rank called backward" : "another rank called forward"),
           "out-of-step: pair forward on rank 0, backward on rank 1: SCMOE_ERR_STATE on both within 2 s, naming the "
-          "other's call (rank %d: %s, %.2f s: %s)", rank, scmoe_strerror(s), dt, msg);
+          "other's call (rank %d: %s, %.2f s: %s)",
+          rank, scmoe_strerror(s), dt, msg);
     s = scmoe_pair_forward(p, B, T, x, y, NULL);
     if (!s) s = scmoe_pair_backward(p, dy, dx, NULL);
     check(s == SCMOE_OK, "out-of-step: the next forward + backward succeed on both ranks (rank %d: %s)", rank,
@@ -123,7 +133,8 @@ static void out_of_step(scmoe_context *ctx) {
      * as a status) */
     check(s == SCMOE_ERR_STATE && dt < 2.0 && has(msg, rank == 0 ? "called backward" : "called forward"),
           "out-of-step: layer forward on rank 0, backward on rank 1: SCMOE_ERR_STATE on both within 2 s "
-          "(rank %d: %s, %.2f s: %s)", rank, scmoe_strerror(s), dt, msg);
+          "(rank %d: %s, %.2f s: %s)",
+          rank, scmoe_strerror(s), dt, msg);
     s = scmoe_moe_forward(m, N, x, y, NULL);
     if (!s) s = scmoe_moe_backward(m, dy, dx, NULL);
     check(s == SCMOE_OK, "out-of-step: the layer's next forward + backward succeed (rank %d: %s: %s)", rank,
@@ -158,9 +169,11 @@ static void mode_mismatch(scmoe_context *ctx) {
     scmoe_status s = scmoe_pair_forward(p, B, T, x, y, NULL);
     const char *msg = scmoe_last_error(ctx);
     if (rank == 0) printf("# mode mismatch, rank 0: %s: %s\n", scmoe_strerror(s), msg);
-    check(s == SCMOE_ERR_STATE && has(msg, rank == 0 ? "another rank in inference mode" : "another rank in training mode"),
+    check(s == SCMOE_ERR_STATE &&
+              has(msg, rank == 0 ? "another rank in inference mode" : "another rank in training mode"),
           "mode: pair training on rank 0, inference on rank 1: SCMOE_ERR_STATE on both, naming the modes, no "
-          "truncated exchange (rank %d: %s: %s)", rank, scmoe_strerror(s), msg);
+          "truncated exchange (rank %d: %s: %s)",
+          rank, scmoe_strerror(s), msg);
     scmoe_pair_set_training(p, 1);
     s = scmoe_pair_forward(p, B, T, x, y, NULL);
     check(s == SCMOE_OK, "mode: the same mode again: forward succeeds (rank %d: %s)", rank, scmoe_strerror(s));
@@ -174,8 +187,10 @@ static void mode_mismatch(scmoe_context *ctx) {
     scmoe_moe_set_training(m, rank != 0);
     s = scmoe_moe_forward(m, N, x, y, NULL);
     msg = scmoe_last_error(ctx);
-    check(s == SCMOE_ERR_STATE && has(msg, "mode"), "mode: layer inference on rank 0, training on rank 1: "
-          "SCMOE_ERR_STATE (rank %d: %s: %s)", rank, scmoe_strerror(s), msg);
+    check(s == SCMOE_ERR_STATE && has(msg, "mode"),
+          "mode: layer inference on rank 0, training on rank 1: "
+          "SCMOE_ERR_STATE (rank %d: %s: %s)",
+          rank, scmoe_strerror(s), msg);
     scmoe_moe_destroy(m);
 }
 
@@ -185,16 +200,20 @@ static void config_cases(scmoe_context *ctx) {
     scmoe_pair *p = NULL;
     current = "config";
     scmoe_status s = scmoe_pair_create(ctx, &c, &p);
-    check(s == SCMOE_ERR_CONFIG_MISMATCH && !p, "config: check_finite on rank 0 only: SCMOE_ERR_CONFIG_MISMATCH on "
-          "every rank (rank %d: %s)", rank, scmoe_strerror(s));
+    check(s == SCMOE_ERR_CONFIG_MISMATCH && !p,
+          "config: check_finite on rank 0 only: SCMOE_ERR_CONFIG_MISMATCH on "
+          "every rank (rank %d: %s)",
+          rank, scmoe_strerror(s));
     scmoe_pair_destroy(p);
     c = pair_cfg();
     c.capacity_factor = rank == 0 ? 0.0f : -0.0f;
     c.eval_capacity_factor = rank == 0 ? -0.0f : 0.0f;
     p = NULL;
     s = scmoe_pair_create(ctx, &c, &p);
-    check(s == SCMOE_OK, "config: capacity factors 0.0 on one rank, -0.0 on the other (both dropless): the same "
-          "config (rank %d: %s: %s)", rank, scmoe_strerror(s), s ? scmoe_last_error(ctx) : "");
+    check(s == SCMOE_OK,
+          "config: capacity factors 0.0 on one rank, -0.0 on the other (both dropless): the same "
+          "config (rank %d: %s: %s)",
+          rank, scmoe_strerror(s), s ? scmoe_last_error(ctx) : "");
     scmoe_pair_destroy(p);
 }
 
@@ -209,9 +228,12 @@ static void second_backward(scmoe_context *ctx) {
     double g1 = grad_sq(p);
     scmoe_status s2 = scmoe_pair_backward(p, dy, dx, NULL);
     double g2 = grad_sq(p);
-    if (rank == 0) printf("# second pair backward: %s; gradient norm ratio %.6f (was 2.000)\n", scmoe_strerror(s2), sqrt(g2 / g1));
-    check(!s && s2 == SCMOE_ERR_STATE && g1 > 0 && g1 == g2, "second backward: pair: SCMOE_ERR_STATE, gradients "
-          "unchanged (rank %d: %s, norm ratio %.6f)", rank, scmoe_strerror(s2), sqrt(g2 / g1));
+    if (rank == 0)
+        printf("# second pair backward: %s; gradient norm ratio %.6f (was 2.000)\n", scmoe_strerror(s2), sqrt(g2 / g1));
+    check(!s && s2 == SCMOE_ERR_STATE && g1 > 0 && g1 == g2,
+          "second backward: pair: SCMOE_ERR_STATE, gradients "
+          "unchanged (rank %d: %s, norm ratio %.6f)",
+          rank, scmoe_strerror(s2), sqrt(g2 / g1));
     scmoe_pair_destroy(p);
 
     scmoe_config lc = c;
@@ -224,8 +246,10 @@ static void second_backward(scmoe_context *ctx) {
     g1 = moe_grad_sq(m);
     s2 = scmoe_moe_backward(m, dy, dx, NULL);
     g2 = moe_grad_sq(m);
-    check(!s && s2 == SCMOE_ERR_STATE && g1 > 0 && g1 == g2, "second backward: layer: SCMOE_ERR_STATE, gradients "
-          "unchanged (rank %d: %s)", rank, scmoe_strerror(s2));
+    check(!s && s2 == SCMOE_ERR_STATE && g1 > 0 && g1 == g2,
+          "second backward: layer: SCMOE_ERR_STATE, gradients "
+          "unchanged (rank %d: %s)",
+          rank, scmoe_strerror(s2));
     scmoe_moe_destroy(m);
 }
 
@@ -277,18 +301,21 @@ static void broken_context(void) {
     const char *msg = scmoe_last_error(ctx);
     if (rank == 0) printf("# broken context: 4 calls in %.6f s: %s\n", dt, msg);
     check(sf == SCMOE_ERR_STATE && sb == SCMOE_ERR_STATE && sg == SCMOE_ERR_STATE && sc == SCMOE_ERR_STATE && !m &&
-          dt < 0.05 && has(msg, "timed out"),
+              dt < 0.05 && has(msg, "timed out"),
           "broken: forward, backward, grad_sync and create after the timeout: SCMOE_ERR_STATE at once (rank %d: "
-          "%.4f s; %s %s %s %s), naming the timeout", rank, dt, scmoe_strerror(sf), scmoe_strerror(sb),
-          scmoe_strerror(sg), scmoe_strerror(sc));
+          "%.4f s; %s %s %s %s), naming the timeout",
+          rank, dt, scmoe_strerror(sf), scmoe_strerror(sb), scmoe_strerror(sg), scmoe_strerror(sc));
     scmoe_tensor t;
-    check(scmoe_pair_param(p, "l0.attn.wqkv", &t) == SCMOE_OK && t.data, "broken: parameters can still be read (to save)");
+    check(scmoe_pair_param(p, "l0.attn.wqkv", &t) == SCMOE_OK && t.data,
+          "broken: parameters can still be read (to save)");
     t0 = now();
     scmoe_pair_abort(p);
     scmoe_status sa = scmoe_context_abort(ctx);
     dt = now() - t0;
-    check(sa == SCMOE_OK && dt < 1.0, "broken: scmoe_pair_abort + scmoe_context_abort return without the peer "
-          "(%.3f s)", dt);
+    check(sa == SCMOE_OK && dt < 1.0,
+          "broken: scmoe_pair_abort + scmoe_context_abort return without the peer "
+          "(%.3f s)",
+          dt);
 }
 
 int main(int argc, char **argv) {

@@ -48,7 +48,10 @@ static void check_todo(const char *bug, int ok, const char *fmt, ...) __attribut
 static void check_todo(const char *bug, int ok, const char *fmt, ...) {
     int all;
     MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
-    if (all) { check_passed++; return; }
+    if (all) {
+        check_passed++;
+        return;
+    }
     if (!known(bug)) {
         check_failed++;
         if (rank == 0) {
@@ -66,7 +69,10 @@ static void check_todo(const char *bug, int ok, const char *fmt, ...) {
     static const char *shown[8];
     int first = 1;
     for (int i = 0; i < 8 && first; i++) {
-        if (!shown[i]) { shown[i] = bug; break; }
+        if (!shown[i]) {
+            shown[i] = bug;
+            break;
+        }
         if (strcmp(shown[i], bug) == 0) first = 0;
     }
     if (rank == 0 && first) {
@@ -91,21 +97,46 @@ enum { D = 16, T = 8, B = 2, N = B * T };
 
 static scmoe_config pair_cfg(int progress, int ogs) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = D; c.d_hidden = 32; c.n_experts = 2 * size; c.n_heads = 2;
-    c.max_seq_len = T; c.max_tokens = N; c.arch = SCMOE_ARCH_SCMOE; c.shortcut_pos = 2;
-    c.capacity_factor = 1.0f; c.check_finite = 1; c.progress = (scmoe_progress)progress;
-    c.overlap_grad_sync = ogs; c.comm_timeout_s = 30;
+    c.d_model = D;
+    c.d_hidden = 32;
+    c.n_experts = 2 * size;
+    c.n_heads = 2;
+    c.max_seq_len = T;
+    c.max_tokens = N;
+    c.arch = SCMOE_ARCH_SCMOE;
+    c.shortcut_pos = 2;
+    c.capacity_factor = 1.0f;
+    c.check_finite = 1;
+    c.progress = (scmoe_progress)progress;
+    c.overlap_grad_sync = ogs;
+    c.comm_timeout_s = 30;
     return c;
 }
 
-typedef enum { PF_TOO_MANY, PF_SEQ, PF_NEG, PF_XNULL, PF_YNULL, PF_NAN, PB_NAN, PB_DYNULL, PB_DXNULL, PAIR_CASES } pair_case;
-static const char *const PAIR_NAMES[] = {"pair forward batch*seq_len > max_tokens", "pair forward seq_len > max_seq_len",
-                                         "pair forward batch < 0", "pair forward x NULL", "pair forward y NULL",
-                                         "pair forward NaN in x", "pair backward NaN in dy", "pair backward dy NULL",
+typedef enum {
+    PF_TOO_MANY,
+    PF_SEQ,
+    PF_NEG,
+    PF_XNULL,
+    PF_YNULL,
+    PF_NAN,
+    PB_NAN,
+    PB_DYNULL,
+    PB_DXNULL,
+    PAIR_CASES
+} pair_case;
+static const char *const PAIR_NAMES[] = {"pair forward batch*seq_len > max_tokens",
+                                         "pair forward seq_len > max_seq_len",
+                                         "pair forward batch < 0",
+                                         "pair forward x NULL",
+                                         "pair forward y NULL",
+                                         "pair forward NaN in x",
+                                         "pair backward NaN in dy",
+                                         "pair backward dy NULL",
                                          "pair backward dx NULL"};
-static const scmoe_status PAIR_WANT[] = {SCMOE_ERR_SEQ_LEN, SCMOE_ERR_SEQ_LEN, SCMOE_ERR_SEQ_LEN, SCMOE_ERR_NULL,
-                                         SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE, SCMOE_ERR_NONFINITE, SCMOE_ERR_NULL,
-                                         SCMOE_ERR_NULL};
+static const scmoe_status PAIR_WANT[] = {SCMOE_ERR_SEQ_LEN,   SCMOE_ERR_SEQ_LEN, SCMOE_ERR_SEQ_LEN,
+                                         SCMOE_ERR_NULL,      SCMOE_ERR_NULL,    SCMOE_ERR_NONFINITE,
+                                         SCMOE_ERR_NONFINITE, SCMOE_ERR_NULL,    SCMOE_ERR_NULL};
 
 static scmoe_status good_step(scmoe_pair *p, const float *x, float *y, const float *dy, float *dx) {
     scmoe_status s = scmoe_pair_forward(p, B, T, x, y, NULL);
@@ -128,7 +159,11 @@ static void pair_cases(scmoe_context *ctx, int progress, int ogs) {
             scmoe_pair *p = NULL, *twin = NULL;
             scmoe_status s1 = scmoe_pair_create(ctx, &c, &p), s2 = scmoe_pair_create(ctx, &c, &twin);
             check(s1 == SCMOE_OK && s2 == SCMOE_OK, "%s: create", what);
-            if (s1 || s2) { scmoe_pair_destroy(p); scmoe_pair_destroy(twin); continue; }
+            if (s1 || s2) {
+                scmoe_pair_destroy(p);
+                scmoe_pair_destroy(twin);
+                continue;
+            }
             int me = rank == br;
             memcpy(bad, pc == PB_NAN ? dy : x, sizeof bad);
             bad[5] = NAN;
@@ -173,14 +208,16 @@ static void pair_cases(scmoe_context *ctx, int progress, int ogs) {
                   scmoe_strerror(s), msg);
             check(s == SCMOE_OK || msg[0] != 0, "%s: with a message", what);
             if (pc <= PF_NAN)
-                check_todo("stale-backward", sb == SCMOE_ERR_STATE, "%s: backward after the failed forward -> %s (want %s)", what,
-                           scmoe_strerror(sb), scmoe_strerror(SCMOE_ERR_STATE));
+                check_todo("stale-backward", sb == SCMOE_ERR_STATE,
+                           "%s: backward after the failed forward -> %s (want %s)", what, scmoe_strerror(sb),
+                           scmoe_strerror(SCMOE_ERR_STATE));
             /* the next good step works everywhere and equals the twin's (gradients zeroed on both: a
              * backward wrongly run after a failed forward, the known bug, accumulated into p's) */
             scmoe_pair_zero_grad(p);
             scmoe_pair_zero_grad(twin);
             s = good_step(p, x, y, dy, dx);
-            check(s == SCMOE_OK, "%s: the next good step works (%s: %s)", what, scmoe_strerror(s), scmoe_last_error(ctx));
+            check(s == SCMOE_OK, "%s: the next good step works (%s: %s)", what, scmoe_strerror(s),
+                  scmoe_last_error(ctx));
             s = good_step(twin, x, y2, dy, dx2);
             check(s == SCMOE_OK && !memcmp(y, y2, sizeof y) && !memcmp(dx, dx2, sizeof dx),
                   "%s: ... and gives the same outputs and dX as a twin that never saw the bad call", what);
@@ -200,12 +237,21 @@ static void pair_cases(scmoe_context *ctx, int progress, int ogs) {
 
 static void moe_cases(scmoe_context *ctx) {
     scmoe_config c = scmoe_config_default();
-    c.d_model = D; c.d_hidden = 32; c.n_experts = 2 * size; c.top_k = 2; c.max_tokens = N;
-    c.check_finite = 1; c.comm_timeout_s = 30;
-    const char *names[] = {"moe forward n_tokens > max_tokens", "moe forward n_tokens < 0", "moe forward x NULL",
-                           "moe forward Inf in x", "moe backward NaN in dy", "moe backward dx NULL"};
-    const scmoe_status want[] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE,
-                                 SCMOE_ERR_NONFINITE, SCMOE_ERR_NULL};
+    c.d_model = D;
+    c.d_hidden = 32;
+    c.n_experts = 2 * size;
+    c.top_k = 2;
+    c.max_tokens = N;
+    c.check_finite = 1;
+    c.comm_timeout_s = 30;
+    const char *names[] = {"moe forward n_tokens > max_tokens",
+                           "moe forward n_tokens < 0",
+                           "moe forward x NULL",
+                           "moe forward Inf in x",
+                           "moe backward NaN in dy",
+                           "moe backward dx NULL"};
+    const scmoe_status want[] = {SCMOE_ERR_N_TOKENS,  SCMOE_ERR_N_TOKENS,  SCMOE_ERR_NULL,
+                                 SCMOE_ERR_NONFINITE, SCMOE_ERR_NONFINITE, SCMOE_ERR_NULL};
     float x[N * D], y[N * D], dy[N * D], dx[N * D], bad[N * D];
     fill(x, N * D, 5 + rank);
     fill(dy, N * D, 7 + rank);
@@ -270,8 +316,8 @@ static void create_cases(scmoe_context *ctx) {
                 /* comm_timeout_s is not part of the config agreement (a local choice): created everywhere */
                 check(s == SCMOE_OK, "%s: created on every rank (%s)", what, scmoe_strerror(s));
             } else {
-                check(size == 1 ? 1 : s != SCMOE_OK && p == NULL, "%s: an error on every rank, no object (%s)",
-                      what, scmoe_strerror(s));
+                check(size == 1 ? 1 : s != SCMOE_OK && p == NULL, "%s: an error on every rank, no object (%s)", what,
+                      scmoe_strerror(s));
             }
             if (s == SCMOE_OK) scmoe_pair_destroy(p);
         }
@@ -307,11 +353,13 @@ static int late_rank(scmoe_context *ctx) {
     alarm(0);
     int timed_out = s == SCMOE_ERR_TIMEOUT, any;
     MPI_Allreduce(&timed_out, &any, 1, MPI_INT, MPI_LOR, MPI_COMM_WORLD);
-    if (rank == 0) printf("# late rank: rank 0's forward returned %s after %.2f s (comm_timeout_s 1, peer %d s late)\n",
-                          scmoe_strerror(s), dt, LATE_S);
+    if (rank == 0)
+        printf("# late rank: rank 0's forward returned %s after %.2f s (comm_timeout_s 1, peer %d s late)\n",
+               scmoe_strerror(s), dt, LATE_S);
     check_todo("blocking-collective-timeout", late || (s == SCMOE_ERR_TIMEOUT && dt < 2.5),
                "a rank %d s late, comm_timeout_s 1: the waiting ranks return SCMOE_ERR_TIMEOUT within 2.5 s "
-               "(rank %d: %s after %.2f s)", LATE_S, rank, scmoe_strerror(s), dt);
+               "(rank %d: %s after %.2f s)",
+               LATE_S, rank, scmoe_strerror(s), dt);
     if (!any) scmoe_pair_destroy(p);
     return any;
 }

@@ -65,28 +65,53 @@ static void *watchdog(void *arg) {
 }
 
 static const char *status_name(scmoe_status s) {
-    static const char *const n[] = {"SCMOE_OK", "SCMOE_ERR_NULL", "SCMOE_ERR_NOMEM", "SCMOE_ERR_D_MODEL",
-        "SCMOE_ERR_D_HIDDEN", "SCMOE_ERR_N_EXPERTS", "SCMOE_ERR_TOP_K", "SCMOE_ERR_CAPACITY", "SCMOE_ERR_LOSS_WEIGHT",
-        "SCMOE_ERR_NOISE", "SCMOE_ERR_ACTIVATION", "SCMOE_ERR_PRIORITY", "SCMOE_ERR_MAX_TOKENS", "SCMOE_ERR_N_TOKENS",
-        "SCMOE_ERR_NONFINITE", "SCMOE_ERR_ARCH", "SCMOE_ERR_SHORTCUT_POS", "SCMOE_ERR_COMBINE", "SCMOE_ERR_N_HEADS",
-        "SCMOE_ERR_SEQ_LEN", "SCMOE_ERR_N_LAYERS", "SCMOE_ERR_EP_SIZE", "SCMOE_ERR_PROGRESS", "SCMOE_ERR_OPTION",
-        "SCMOE_ERR_STATE", "SCMOE_ERR_NOT_FOUND", "SCMOE_ERR_CONFIG_MISMATCH", "SCMOE_ERR_COMM", "SCMOE_ERR_TIMEOUT",
-        "SCMOE_ERR_IO", "SCMOE_ERR_UNSUPPORTED", "SCMOE_ERR_DEVICE"};
+    static const char *const n[] = {"SCMOE_OK",
+                                    "SCMOE_ERR_NULL",
+                                    "SCMOE_ERR_NOMEM",
+                                    "SCMOE_ERR_D_MODEL",
+                                    "SCMOE_ERR_D_HIDDEN",
+                                    "SCMOE_ERR_N_EXPERTS",
+                                    "SCMOE_ERR_TOP_K",
+                                    "SCMOE_ERR_CAPACITY",
+                                    "SCMOE_ERR_LOSS_WEIGHT",
+                                    "SCMOE_ERR_NOISE",
+                                    "SCMOE_ERR_ACTIVATION",
+                                    "SCMOE_ERR_PRIORITY",
+                                    "SCMOE_ERR_MAX_TOKENS",
+                                    "SCMOE_ERR_N_TOKENS",
+                                    "SCMOE_ERR_NONFINITE",
+                                    "SCMOE_ERR_ARCH",
+                                    "SCMOE_ERR_SHORTCUT_POS",
+                                    "SCMOE_ERR_COMBINE",
+                                    "SCMOE_ERR_N_HEADS",
+                                    "SCMOE_ERR_SEQ_LEN",
+                                    "SCMOE_ERR_N_LAYERS",
+                                    "SCMOE_ERR_EP_SIZE",
+                                    "SCMOE_ERR_PROGRESS",
+                                    "SCMOE_ERR_OPTION",
+                                    "SCMOE_ERR_STATE",
+                                    "SCMOE_ERR_NOT_FOUND",
+                                    "SCMOE_ERR_CONFIG_MISMATCH",
+                                    "SCMOE_ERR_COMM",
+                                    "SCMOE_ERR_TIMEOUT",
+                                    "SCMOE_ERR_IO",
+                                    "SCMOE_ERR_UNSUPPORTED",
+                                    "SCMOE_ERR_DEVICE"};
     return (unsigned)s < sizeof n / sizeof *n ? n[s] : "unknown";
 }
 
 static scmoe_context *ctx;
-#define CALL(expr)                                                                                          \
-    do {                                                                                                    \
-        call_name = #expr;                                                                                  \
-        call_start = now();                                                                                 \
-        scmoe_status s_ = (expr);                                                                           \
-        call_start = 0;                                                                                     \
-        if (s_ != SCMOE_OK) {                                                                               \
-            say("ERROR step %ld %s: %s (code %d): %s", (long)step_no, #expr, status_name(s_), (int)s_,        \
-                scmoe_last_error(ctx));                                                                     \
-            _exit(4);                                                                                       \
-        }                                                                                                   \
+#define CALL(expr)                                                                                                     \
+    do {                                                                                                               \
+        call_name = #expr;                                                                                             \
+        call_start = now();                                                                                            \
+        scmoe_status s_ = (expr);                                                                                      \
+        call_start = 0;                                                                                                \
+        if (s_ != SCMOE_OK) {                                                                                          \
+            say("ERROR step %ld %s: %s (code %d): %s", (long)step_no, #expr, status_name(s_), (int)s_,                 \
+                scmoe_last_error(ctx));                                                                                \
+            _exit(4);                                                                                                  \
+        }                                                                                                              \
     } while (0)
 
 int main(int argc, char **argv) {
@@ -111,16 +136,27 @@ int main(int argc, char **argv) {
 
     CALL(scmoe_context_create_mpi(MPI_COMM_WORLD, &ctx));
     scmoe_config c = scmoe_config_default();
-    c.d_model = 64; c.d_hidden = 128; c.n_experts = 4; c.n_heads = 4; c.max_seq_len = 64; c.max_tokens = 512;
-    c.arch = SCMOE_ARCH_SCMOE; c.shortcut_pos = 2; c.comm_timeout_s = timeout_s;
-    c.progress = thread ? SCMOE_PROGRESS_THREAD : SCMOE_PROGRESS_POLL; c.overlap_grad_sync = 1;
+    c.d_model = 64;
+    c.d_hidden = 128;
+    c.n_experts = 4;
+    c.n_heads = 4;
+    c.max_seq_len = 64;
+    c.max_tokens = 512;
+    c.arch = SCMOE_ARCH_SCMOE;
+    c.shortcut_pos = 2;
+    c.comm_timeout_s = timeout_s;
+    c.progress = thread ? SCMOE_PROGRESS_THREAD : SCMOE_PROGRESS_POLL;
+    c.overlap_grad_sync = 1;
     c.pipeline_chunks = chunks;
     scmoe_pair *p;
     CALL(scmoe_pair_create(ctx, &c, &p));
     int B = 8, T = 64, d = c.d_model;
     float *x = malloc(sizeof(float) * B * T * d), *y = malloc(sizeof(float) * B * T * d);
     float *dy = malloc(sizeof(float) * B * T * d), *dx = malloc(sizeof(float) * B * T * d);
-    for (int i = 0; i < B * T * d; i++) { x[i] = (float)((i * 37 + rank) % 101) / 50.0f - 1.0f; dy[i] = 1e-3f * (float)(i % 7); }
+    for (int i = 0; i < B * T * d; i++) {
+        x[i] = (float)((i * 37 + rank) % 101) / 50.0f - 1.0f;
+        dy[i] = 1e-3f * (float)(i % 7);
+    }
     scmoe_stats st;
     for (step_no = 1; step_no <= max_steps; step_no++) {
         CALL(scmoe_pair_forward(p, B, T, x, y, &st));

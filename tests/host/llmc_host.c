@@ -37,7 +37,12 @@ int main(void) {
     for (int i = 0; i < n * d; i++) x[i] = (float)((i * 37) % 23) / 23.0f - 0.5f, dy[i] = 0.01f * (float)(i % 7);
     for (int arch = 0; arch <= SCMOE_ARCH_SCMOE; arch++) {
         scmoe_config c = scmoe_config_default();
-        c.d_model = d; c.d_hidden = 24; c.n_experts = 4; c.n_heads = 2; c.max_tokens = n; c.max_seq_len = T;
+        c.d_model = d;
+        c.d_hidden = 24;
+        c.n_experts = 4;
+        c.n_heads = 2;
+        c.max_tokens = n;
+        c.max_seq_len = T;
         c.arch = (scmoe_arch)arch;
         scmoe_pair *p;
         if (scmoe_pair_create(ctx, &c, &p) != SCMOE_OK) {
@@ -46,7 +51,8 @@ int main(void) {
         }
         for (int step = 0; step < 2; step++) {
             scmoe_stats s;
-            if (scmoe_pair_zero_grad(p) || scmoe_pair_forward(p, B, T, x, y, &s) || scmoe_pair_backward(p, dy, dx, &s)) {
+            if (scmoe_pair_zero_grad(p) || scmoe_pair_forward(p, B, T, x, y, &s) ||
+                scmoe_pair_backward(p, dy, dx, &s)) {
                 fprintf(stderr, "step: %s\n", scmoe_last_error(ctx));
                 return 4;
             }

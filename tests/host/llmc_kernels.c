@@ -9,8 +9,7 @@
 void encoder_forward(float *out, int *inp, float *wte, float *wpe, int B, int T, int C) {
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++)
-            for (int i = 0; i < C; i++)
-                out[(b * T + t) * C + i] = wte[inp[b * T + t] * C + i] + wpe[t * C + i];
+            for (int i = 0; i < C; i++) out[(b * T + t) * C + i] = wte[inp[b * T + t] * C + i] + wpe[t * C + i];
 }
 
 void layernorm_forward(float *out, float *mean, float *rstd, float *inp, float *weight, float *bias, int B, int T,
@@ -28,8 +27,8 @@ void layernorm_forward(float *out, float *mean, float *rstd, float *inp, float *
     }
 }
 
-void layernorm_backward(float *dinp, float *dweight, float *dbias, float *dout, float *inp, float *weight,
-                        float *mean, float *rstd, int B, int T, int C) {
+void layernorm_backward(float *dinp, float *dweight, float *dbias, float *dout, float *inp, float *weight, float *mean,
+                        float *rstd, int B, int T, int C) {
     for (int r = 0; r < B * T; r++) {
         const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
         float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
@@ -49,8 +48,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias, float *dout, 
     }
 }
 
-void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int B, int T, int C,
-                    int OC) {
+void matmul_forward(float *out, const float *inp, const float *weight, const float *bias, int B, int T, int C, int OC) {
     for (int r = 0; r < B * T; r++)
         for (int o = 0; o < OC; o++) {
             float s = bias ? bias[o] : 0.0f;
@@ -86,8 +84,8 @@ void attention_forward(float *out, float *preatt, float *att, float *inp, int B,
             }
 }
 
-void attention_backward(float *dinp, float *dpreatt, float *datt, float *dout, float *inp, float *att, int B,
-                        int T, int C, int NH) {
+void attention_backward(float *dinp, float *dpreatt, float *datt, float *dout, float *inp, float *att, int B, int T,
+                        int C, int NH) {
     (void)dinp, (void)dpreatt, (void)datt, (void)dout, (void)inp, (void)att, (void)B, (void)T, (void)C, (void)NH;
 }
 
