@@ -26,7 +26,7 @@ scmoe_status scmoe_moe_create(scmoe_context *ctx, const scmoe_config *cfg, scmoe
         o->ctx = ctx;
         o->calls = calls;
         ctx->objects++;
-        o->ex = scmoe__context_exec(ctx, cfg->poll_cols);
+        o->ex = scmoe__context_exec(ctx, cfg);
         s = scmoe__moe_init(&o->m, ctx, cfg, cfg->top_k, &o->pt, "", 0.02f);
     }
     if (!s) {

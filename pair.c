@@ -391,7 +391,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
         p->has_se = cfg->arch == SCMOE_ARCH_SHARED || cfg->arch == SCMOE_ARCH_SCMOE;
         p->cg = p->has_se && cfg->combine == SCMOE_COMBINE_CG1;
         p->training = 1;
-        p->ex = scmoe__context_exec(ctx, cfg->poll_cols);
+        p->ex = scmoe__context_exec(ctx, cfg);
         s = register_params(p);
     }
     if (!s) {

@@ -39,7 +39,8 @@ scmoe_config scmoe_config_default(void) {
     c.n_layers = 2;
     c.ep_size = 0;
     c.progress = SCMOE_PROGRESS_POLL;
-    c.poll_cols = 512;
+    c.poll_cols = 0;
+    c.poll_us = 1000.0;
     c.overlap = 1;
     c.expert_slot = -1;
     c.overlap_grad_sync = 0;
@@ -121,7 +122,10 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
                    c->ep_size, c->n_experts);
     if (c->progress < SCMOE_PROGRESS_POLL || c->progress > SCMOE_PROGRESS_NONE)
         return bad(msg, len, SCMOE_ERR_PROGRESS, "progress = %d: must be POLL, THREAD or NONE", (int)c->progress);
-    if (c->poll_cols < 1) return bad(msg, len, SCMOE_ERR_OPTION, "poll_cols = %d: must be >= 1", c->poll_cols);
+    if (c->poll_cols < 0)
+        return bad(msg, len, SCMOE_ERR_OPTION, "poll_cols = %d: must be >= 0 (0: sized by poll_us)", c->poll_cols);
+    if (!(c->poll_us >= 1.0 && c->poll_us <= 1e7))
+        return bad(msg, len, SCMOE_ERR_OPTION, "poll_us = %g: must be in 1..1e7 microseconds", c->poll_us);
     if (!is_flag(c->overlap)) return bad(msg, len, SCMOE_ERR_OPTION, "overlap = %d: must be 0 or 1", c->overlap);
     if (c->expert_slot < -1 || c->expert_slot > SCHED_MAX_OPS)
         return bad(msg, len, SCMOE_ERR_OPTION, "expert_slot = %d: must be -1 (auto) or 0..%d", c->expert_slot,
@@ -512,6 +516,7 @@ static uint64_t config_hash(const scmoe_config *c) {
     H(ep_size);
     H(progress);
     H(poll_cols);
+    HF(poll_us);
     H(overlap);
     H(expert_slot);
     H(overlap_grad_sync);
@@ -536,8 +541,12 @@ scmoe_status scmoe__config_check(scmoe_context *ctx, const scmoe_config *cfg, sc
     return scmoe__call_agree(ctx, calls, SCMOE__CALL_CREATE, 0, s);
 }
 
-exec scmoe__context_exec(const scmoe_context *ctx, int poll_cols) {
-    exec ex = {ctx->blas, NULL, NULL, ctx->compute->device ? 0 : poll_cols, ctx->compute, 0, NULL, NULL, 0};
+exec scmoe__context_exec(const scmoe_context *ctx, const scmoe_config *cfg) {
+    const blas_backend *b = ctx->blas;
+    int host = !ctx->compute->device; /* a device overlaps through its stream: one tile per GEMM */
+    exec ex = {
+        .blas = b, .compute = ctx->compute, .poll_cols = host ? cfg->poll_cols : 0, .poll_us = host ? cfg->poll_us : 0};
+    for (int bf = 0; bf < 2 && b->nominal_gflops; bf++) ex.gflops[bf] = b->nominal_gflops(b, bf);
     return ex;
 }
 

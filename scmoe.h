@@ -146,7 +146,7 @@ typedef enum scmoe_combine {
  * POLL: GEMMs are split in column tiles and the exchange is tested between tiles. THREAD: a progress
  * thread tests it (needs MPI_THREAD_MULTIPLE). NONE: bytes move only in the final wait. */
 typedef enum scmoe_progress {
-    SCMOE_PROGRESS_POLL = 0,   /**< test the exchange between GEMM tiles of poll_cols output columns */
+    SCMOE_PROGRESS_POLL = 0,   /**< test the exchange between GEMM tiles (poll_cols / poll_us) */
     SCMOE_PROGRESS_THREAD = 1, /**< a progress thread tests it (falls back to POLL without MPI_THREAD_MULTIPLE) */
     SCMOE_PROGRESS_NONE = 2    /**< bytes move only in the final wait */
 } scmoe_progress;
@@ -235,7 +235,11 @@ typedef struct scmoe_config {
     /* parallelism and schedule */
     int ep_size;               /**< ranks in one expert-parallel group; 0 = all ranks (0) */
     scmoe_progress progress;   /**< how exchanges progress while compute runs (POLL) */
-    int poll_cols;             /**< GEMM output columns per compute tile; progress is polled between tiles (512) */
+    int poll_cols;             /**< GEMM output columns per compute tile, progress polled between tiles; 0: tiles
+                               sized by poll_us (0) */
+    double poll_us;            /**< with poll_cols = 0: compute time between polls, microseconds, turned into
+                               columns per GEMM shape from a fixed per-engine rate, so the same shape is always
+                               cut the same way and bf16's faster GEMMs poll as often in time as fp32 (1000) */
     int overlap;               /**< 1: the ScMoE overlapped order; 0: serialized, same math (1) */
     int expert_slot;           /**< -1: chosen from measured times; K in 0..16 runs the experts before the K-th of
                                  the pair's operations after the gate (LayerNorms count; clamped to the last) (-1) */

@@ -29,10 +29,10 @@ scmoe_status scmoe__context_create_with(comm *world, scmoe_context **out);
 /* It is the object's first call agreement: calls receives the object's id and config hash, seq 1. */
 typedef struct scmoe__calls scmoe__calls;
 scmoe_status scmoe__config_check(scmoe_context *ctx, const scmoe_config *cfg, scmoe__calls *calls);
-/* What an object's kernels run with on ctx: its GEMM and compute tables, and poll_cols tiles on the host
- * (on a device a GEMM is only enqueued, so a poll between tiles would run at enqueue time and a tile
+/* What an object's kernels run with on ctx: its GEMM and compute tables, and tiles of poll_cols columns or
+ * poll_us on the host (exec.h; on a device a GEMM is only enqueued, so a poll between tiles would run at enqueue time and a tile
  * would only cost a launch: whole GEMMs). */
-exec scmoe__context_exec(const scmoe_context *ctx, int poll_cols);
+exec scmoe__context_exec(const scmoe_context *ctx, const scmoe_config *cfg);
 
 /* Waits for the context's device and returns SCMOE_ERR_DEVICE (with the CUDA error) if a kernel, copy
  * or GEMM of it failed since the last check; the host backend never fails. A call that hands results

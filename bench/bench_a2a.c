@@ -158,7 +158,7 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
           "scmoe__params_allocate");
     check(ctx, scmoe__moe_alloc(&m), "scmoe__moe_alloc");
     m.training = 0;
-    exec ex = scmoe__context_exec(ctx, cfg.poll_cols);
+    exec ex = scmoe__context_exec(ctx, &cfg);
 
     float *x = xalloc(sizeof(float) * (size_t)n * d);
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(g_rank + 1) * 0x2545f4914f6cdd1dull;

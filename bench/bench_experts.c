@@ -114,7 +114,7 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
         exit(1);
     }
     die(NULL, scmoe_context_create(&b->ctx), "context");
-    b->ex = scmoe__context_exec(b->ctx, cfg.poll_cols);
+    b->ex = scmoe__context_exec(b->ctx, &cfg);
     moe_layer *m = &b->m;
     die(b->ctx, scmoe__moe_init(m, b->ctx, &cfg, 1, &b->pt, "", 0.02f), "scmoe__moe_init");
     die(b->ctx, scmoe__params_allocate(&b->pt, b->ctx->compute, 0, 0), "scmoe__params_allocate");

@@ -129,7 +129,8 @@ static int run(scmoe_context *ctx, scmoe_config cfg, const variant *v, int B, in
 
 static void usage(void) {
     printf("bench_overlap [--d N] [--hidden N] [--experts N] [--heads N] [--batch B] [--seq T] [--steps N]\n"
-           "              [--progress poll|thread|none] [--bf16] [--cf F] [--chunks C] [--archs a,b,...]\n"
+           "              [--progress poll|thread|none] [--poll-cols C] [--poll-us U] [--bf16] [--cf F] [--chunks C] "
+           "[--archs a,b,...]\n"
            "              [--precision fp32|bf16]\n"
            "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 top2p scmoe2p (default: all; p: token-chunk\n"
            "pipelining with --chunks C, default 4)\n");
@@ -183,6 +184,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--cf")) cfg.capacity_factor = cfg.eval_capacity_factor = (float)atof(v);
         else if (!strcmp(a, "--archs")) archs = v;
         else if (!strcmp(a, "--chunks")) chunks = atoi(v);
+        else if (!strcmp(a, "--poll-cols")) cfg.poll_cols = atoi(v);
+        else if (!strcmp(a, "--poll-us")) cfg.poll_us = atof(v);
         else if (!strcmp(a, "--precision"))
             cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
         else if (!strcmp(a, "--progress"))

@@ -30,6 +30,10 @@ typedef struct blas_backend {
     blas_gemm_bf16_fn gemm_bf16;
     /* what runs the GEMMs, for people: kernels and instruction sets (static or owned by the table) */
     const char *(*describe)(const struct blas_backend *self);
+    /* GFLOP/s one thread of this engine is assumed to reach (bf16: the gemm_bf16 engine), used only to size
+     * GEMM tiles by time (exec.c). A fixed figure per engine, never measured: tiles, and with them the
+     * results, must not depend on timing. NULL: tiles are not sized by time (a device) */
+    double (*nominal_gflops)(const struct blas_backend *self, int bf16);
 } blas_backend;
 
 /* fp32 GEMMs through OpenBLAS (stateless); scmoe__openblas_core: the kernel OpenBLAS picked at run time */

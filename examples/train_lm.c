@@ -93,7 +93,7 @@ typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
     int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, capacity_scope, quiet, keep,
         grad_accum;
-    float lr, cf, aux, clip;
+    float lr, cf, aux, clip, poll_us;
     long long seed;
     const char *save, *resume, *data, *val_data, *log, *precision;
 } opts;
@@ -128,7 +128,8 @@ static opts O = {
     .stop_at = 0,
     .ep_size = 0,
     .overlap = 1,
-    .poll_cols = 512,
+    .poll_cols = 0,
+    .poll_us = 1000,
     .wire_bf16 = 0,
     .quiet = 0,
     .keep = 0,
@@ -175,8 +176,10 @@ static const flag FLAGS[] = {
     {"--val-data", T_STR, &O.val_data, 0, 0, "validation text file (default: the last 10% of the training text)"},
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
-    {"--poll-cols", T_INT, &O.poll_cols, 1, 1 << 30,
-     "GEMM output columns per compute tile between MPI progress polls (library's poll_cols)"},
+    {"--poll-cols", T_INT, &O.poll_cols, 0, 1 << 30,
+     "GEMM output columns per compute tile between MPI progress polls; 0: sized by --poll-us (library's poll_cols)"},
+    {"--poll-us", T_FLOAT, &O.poll_us, 1, 1e7,
+     "compute time between MPI progress polls, microseconds (library's poll_us)"},
     {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1,
      "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
     {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1,
@@ -497,6 +500,7 @@ static void model_init(model *m, scmoe_context *ctx) {
     base.overlap = O.overlap;
     base.overlap_grad_sync = O.overlap;
     base.poll_cols = O.poll_cols;
+    base.poll_us = O.poll_us;
     base.wire_bf16 = O.wire_bf16;
     const char *why;
     base.precision = precision_of(&why);

@@ -66,7 +66,7 @@ static scmoe_config config_from(fuzz_in *in) {
     c.n_layers = pick_int(in, 1, 8);
     c.ep_size = pick_int(in, 0, 1);
     c.progress = (scmoe_progress)pick_int(in, 0, 2);
-    c.poll_cols = pick_int(in, 1, 64);
+    c.poll_cols = pick_int(in, 0, 64);
     c.overlap = pick_int(in, 0, 1);
     c.expert_slot = pick_int(in, -1, 3);
     c.overlap_grad_sync = pick_int(in, 0, 1);

@@ -1,4 +1,5 @@
 #include "exec.h"
+#include <math.h>
 #include <omp.h>
 
 void scmoe__exec_poll(const exec *ex) {
@@ -18,12 +19,21 @@ static void gemm(const exec *ex, int bf16, int trans_a, int trans_b, int M, int 
     else ex->blas->gemm(ex->blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+/* the tile width in columns (exec.h) */
+static int tile_cols(const exec *ex, int bf16, int M, int N, int K) {
+    if (ex->poll_cols > 0) return ex->poll_cols;
+    double rate = ex->gflops[bf16 != 0];
+    if (ex->poll_us <= 0 || rate <= 0 || M <= 0 || K <= 0) return N > 0 ? N : 1;
+    double c = ceil(ex->poll_us * 1e3 * rate / (2.0 * M * K) / 16.0) * 16.0;
+    return c >= N ? (N > 0 ? N : 1) : (int)c;
+}
+
 static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
                   int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     /* Tiles split the output's columns, always the same way whether or not anything is in flight,
      * so the numbers never depend on timing; column tiles keep the GEMMs' row count, and with it
      * their efficiency, where row tiles of a few dozen rows halve it. */
-    int tile = ex->poll_cols > 0 ? ex->poll_cols : N;
+    int tile = tile_cols(ex, bf16, M, N, K);
     for (int n0 = 0; n0 < N; n0 += tile) {
         int n = N - n0 < tile ? N - n0 : tile;
         /* column n0 of op(B): B + n0 untransposed, B + n0*ldb (row n0) transposed */

@@ -171,7 +171,7 @@ static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x
                      .expert_grads = {NULL, 0, ctx->world}};
     for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world};
     ok = ok && !scmoe__schedule_init(&s, ctx, &c, &b);
-    exec ex = scmoe__context_exec(ctx, c.poll_cols);
+    exec ex = scmoe__context_exec(ctx, &c);
     m.training = 1;
     scmoe_stats st = {0};
     for (int step = 0; step < 4 && ok; step++) {
