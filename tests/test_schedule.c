@@ -265,7 +265,67 @@ static void other_block(void) {
     scmoe_context_destroy(ctx);
 }
 
+/* Tiles sized by time (kernels/exec.h): a GEMM table that records each call's column count, and a poll
+ * hook that counts. */
+static int tile_calls, tile_n[256], tile_polls;
+static void record_gemm(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                        int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (tile_calls < 256) tile_n[tile_calls] = N;
+    tile_calls++;
+}
+static void record_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                             const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb, float beta,
+                             float *C, int ldc) {
+    record_gemm(self, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+static void count_poll(void *arg) { tile_polls++; }
+static int one_thread(void) { return 1; }
+
+static void tiles_by_time(void) {
+    blas_backend rec = {"record", record_gemm, one_thread, record_gemm_bf16, NULL, NULL};
+    exec ex = {.blas = &rec, .poll = count_poll, .poll_us = 1000, .gflops = {50, 700}};
+    /* M 512, K 768: 2 M K = 786432 flops a column; fp32 at 50 GFLOP/s: 1000 us = 50e6 flops = 63.6 columns -> 64;
+     * bf16 at 700: 890.2 -> 896 */
+    int M = 512, K = 768, N = 3072;
+    struct {
+        int bf16, poll_cols, want_tile, want_calls;
+        const char *what;
+    } cases[] = {{0, 0, 64, 48, "fp32 at 50 GFLOP/s: 64-column tiles (1000 us each)"},
+                 {1, 0, 896, 4, "bf16 at 700 GFLOP/s: 896-column tiles, the last 384"},
+                 {0, 512, 512, 6, "poll_cols = 512 fixes the width"}};
+    for (int c = 0; c < 3; c++) {
+        ex.bf16 = cases[c].bf16;
+        ex.poll_cols = cases[c].poll_cols;
+        tile_calls = tile_polls = 0;
+        scmoe__exec_gemm(&ex, 0, 0, M, N, K, 1.0f, NULL, K, NULL, N, 0.0f, NULL, N);
+        int sum = 0, widths_ok = 1;
+        for (int i = 0; i < tile_calls && i < 256; i++) {
+            sum += tile_n[i];
+            widths_ok &= i == tile_calls - 1 ? tile_n[i] <= cases[c].want_tile : tile_n[i] == cases[c].want_tile;
+        }
+        CHECK(tile_calls == cases[c].want_calls && sum == N && widths_ok && tile_polls == tile_calls - 1,
+              "%s: %d calls, %d polls, columns summing to %d", cases[c].what, tile_calls, tile_polls, sum);
+    }
+    ex.bf16 = 0;
+    ex.poll_cols = 0;
+    tile_calls = 0;
+    scmoe__exec_gemm(&ex, 0, 0, 4, 100, 8, 1.0f, NULL, 8, NULL, 100, 0.0f, NULL, 100);
+    CHECK(tile_calls == 1 && tile_n[0] == 100, "a small GEMM is one tile");
+    ex.poll_us = 0;
+    tile_calls = 0;
+    scmoe__exec_gemm(&ex, 0, 0, M, N, K, 1.0f, NULL, K, NULL, N, 0.0f, NULL, N);
+    CHECK(tile_calls == 1 && tile_n[0] == N, "poll_us = 0 (a device): whole GEMMs");
+    scmoe_config cfg = scmoe_config_default();
+    char msg[160];
+    cfg.poll_us = 0;
+    CHECK(scmoe_config_validate(&cfg, msg, sizeof msg) == SCMOE_ERR_OPTION, "poll_us = 0 rejected: %s", msg);
+    cfg.poll_us = 1000;
+    cfg.poll_cols = -1;
+    CHECK(scmoe_config_validate(&cfg, msg, sizeof msg) == SCMOE_ERR_OPTION, "poll_cols = -1 rejected: %s", msg);
+}
+
 int main(void) {
+    tiles_by_time();
     chooser();
     trace();
     wire_bf16();
