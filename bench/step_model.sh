@@ -22,13 +22,15 @@
 #     steps   bench_overlap --archs top2,scmoe2 --scope global, then --scope local: the measured step
 #             and its parts that the model predicts; then scmoe2 with the ring all-reduce (steps_*_ring)
 # Env: RATES (default "1gbit 250mbit"), HOSTS ("2 4 8"), STEPS (timed steps per run, 2), NC (the
-#      netcluster script, default ../shared/tools/netcluster.sh from the repository root).
+#      netcluster script, default ../shared/tools/netcluster.sh from the repository root), SVG (where
+#      the plots go, default docs/img).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-build/step_model}
 RATES=${RATES:-"1gbit 250mbit"}
 HOSTS=${HOSTS:-"2 4 8"}
 STEPS=${STEPS:-2}
+SVG=${SVG:-docs/img}
 NC=${NC:-$(cd .. && pwd)/shared/tools/netcluster.sh}
 [ -x "$NC" ] || NC=/work/shared/tools/netcluster.sh
 [ -x "$NC" ] || { echo "step_model.sh: no netcluster.sh (set NC=)" >&2; exit 1; }
@@ -41,6 +43,7 @@ fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
 make -s build/bench/bench_overlap build/bench/bench_link build/bench/bench_route_scale
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)   # absolute: the trace path reaches the ranks as it is
 rm -f "$OUT"/*.txt "$OUT"/*.json
 t0=$(date +%s)
 stamp() { echo "# uptime: $(uptime)"; }
@@ -50,7 +53,7 @@ echo "step_model: compute on 1 rank" >&2
 nproc --all >"$OUT/cores.txt"   # (plain nproc honours OMP_NUM_THREADS=1)
 for arch in top2 scmoe2; do
     { stamp
-      SCMOE_TRACE="$PWD/$OUT/trace_$arch.json" mpirun --oversubscribe -np 1 -x OMP_NUM_THREADS -x SCMOE_TRACE \
+      SCMOE_TRACE="$OUT/trace_$arch.json" mpirun --oversubscribe -np 1 -x OMP_NUM_THREADS -x SCMOE_TRACE \
           build/bench/bench_overlap --archs $arch --steps "$STEPS"
       stamp; } >"$OUT/compute_$arch.txt"
 done
@@ -84,6 +87,6 @@ for rate in $RATES; do
 done
 echo "step_model: measured in $(( $(date +%s) - t0 )) s" >&2
 # tables: a node 50x this core (a many-core CPU node) and 1000x (a GPU) for the prediction
-/usr/bin/python3 tools/step_model.py "$OUT" --svg docs/img | tee "$OUT/tables.md"
-/usr/bin/python3 tools/step_model.py "$OUT" --svg docs/img --speedup 1000 | sed -n '/^## Prediction/,$p' |
+/usr/bin/python3 tools/step_model.py "$OUT" --svg "$SVG" | tee "$OUT/tables.md"
+/usr/bin/python3 tools/step_model.py "$OUT" --svg "$SVG" --speedup 1000 | sed -n '/^## Prediction/,$p' |
     tee -a "$OUT/tables.md"
