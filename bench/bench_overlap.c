@@ -11,7 +11,9 @@
  * profiling steps), each step ended by a barrier so a step is the slowest rank's.
  *
  *   mpirun -np 2 build/bench/bench_overlap [--d 768 --hidden 3072 --experts 8 --batch 1 --seq 256
- *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,... --precision bf16]
+ *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,... --precision bf16
+ *          --scope global|local]
+ * --scope: scmoe_config.capacity_scope (default global).
  * --precision bf16 runs every variant in SCMOE_PRECISION_BF16 and again in fp32 (the table shows bf16),
  * and prints "BF16 SPEEDUP pair f+b bf16/fp32: X.XX" for each (fp32 pair time / bf16 pair time).
  * bench/run_overlap.sh runs it over an emulated slow link (network namespace + tc). */
@@ -131,7 +133,7 @@ static void usage(void) {
     printf("bench_overlap [--d N] [--hidden N] [--experts N] [--heads N] [--batch B] [--seq T] [--steps N]\n"
            "              [--progress poll|thread|none] [--poll-cols C] [--poll-us U] [--bf16] [--cf F] [--chunks C] "
            "[--archs a,b,...]\n"
-           "              [--precision fp32|bf16]\n"
+           "              [--precision fp32|bf16] [--scope global|local]\n"
            "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 top2p scmoe2p (default: all; p: token-chunk\n"
            "pipelining with --chunks C, default 4)\n");
 }
@@ -186,6 +188,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--chunks")) chunks = atoi(v);
         else if (!strcmp(a, "--poll-cols")) cfg.poll_cols = atoi(v);
         else if (!strcmp(a, "--poll-us")) cfg.poll_us = atof(v);
+        else if (!strcmp(a, "--scope"))
+            cfg.capacity_scope = !strcmp(v, "local") ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
         else if (!strcmp(a, "--precision"))
             cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
         else if (!strcmp(a, "--progress"))
@@ -217,9 +221,10 @@ int main(int argc, char **argv) {
                                                              : "poll";
     if (rank == 0)
         printf("# bench_overlap: %d ranks, d=%d hidden=%d experts=%d heads=%d, %d x %d tokens per rank, progress=%s%s, "
-               "%d timed steps (mean, ms, slowest rank), pipelined variants %d chunks\n",
+               "%d timed steps (mean, ms, slowest rank), pipelined variants %d chunks, capacity scope %s\n",
                nranks, cfg.d_model, cfg.d_hidden, cfg.n_experts, cfg.n_heads, B, T, prog,
-               cfg.wire_bf16 ? ", bf16 wire" : "", steps, chunks);
+               cfg.wire_bf16 ? ", bf16 wire" : "", steps, chunks,
+               cfg.capacity_scope == SCMOE_CAPACITY_LOCAL ? "local" : "global");
     if (rank == 0) {
         bench_print_gemm_info(stdout, ctx);
         printf("# precision: %s\n",
