@@ -3,7 +3,7 @@
 #define SCMOE_INTERNAL_H
 
 #include "scmoe.h"
-#include "kernels/kernels.h"
+#include "ops.h"
 #include "mpi_backend/comm.h"
 
 struct scmoe_context {

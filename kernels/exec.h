@@ -19,16 +19,12 @@ typedef struct exec {
     void (*poll)(void *arg); /* NULL: nothing in flight */
     void *poll_arg;
     int poll_cols;
-    const compute_ops *compute; /* NULL: scmoe__compute_host() */
+    const compute_ops *compute; /* NULL: scmoe__compute_host() (exec_compute, ops.h) */
     int bf16;                   /* GEMMs in bf16 (blas->gemm_bf16) */
     const float *w;             /* the weights, and their bf16 copy (NULL: none, operands rounded per GEMM) */
     const uint16_t *wb;
     size_t wn;
 } exec;
-
-static inline const compute_ops *exec_compute(const exec *ex) {
-    return ex->compute ? ex->compute : scmoe__compute_host();
-}
 
 /* Calls the poll hook, from the master thread only (MPI is initialised FUNNELED at least). */
 void scmoe__exec_poll(const exec *ex);
