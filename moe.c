@@ -2,7 +2,8 @@
  * between them:
  *
  *   gate_encode   logits, softmax, top-k; the routing choices of the whole batch gathered (small);
- *                 the route plan; my tokens' rows packed by destination
+ *                 the route plan; my tokens' rows packed by destination (capacity LOCAL: only counts
+ *                 travel, and the dispatch waits for them, so they hide behind what runs between)
  *   dispatch      nonblocking all-to-all: rows to the ranks owning their experts
  *   experts       rows regrouped by local expert; one FFN per expert over its contiguous rows
  *   combine       nonblocking all-to-all back, same plan mirrored
@@ -37,20 +38,23 @@ static void inflight_begin(inflight *f, comm *c) {
  * My own rows never travel: the experts read and write them in place (stage_rows), which keeps
  * the copy of the own block, done synchronously inside MPI's start call, off the critical path. */
 scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
-    inflight *f = combine ? &m->xc[s] : &m->xd[s];
+    inflight *f = combine ? &m->xch.xc[s] : &m->xch.xd[s];
     comm *c = combine ? m->ep_back : m->ep;
     int P = m->ep_size, o = s * P;
-    const int *sc = (combine ? m->xr_counts : m->xs_counts) + o, *sd = (combine ? m->xr_displs : m->xs_displs) + o;
-    const int *rc = (combine ? m->xs_counts : m->xr_counts) + o, *rd = (combine ? m->xs_displs : m->xr_displs) + o;
-    const float *src = combine ? m->recv : m->send;
-    float *dst = !combine ? m->recv : m->pass ? m->send : m->crecv;
+    const int *sc = (combine ? m->xch.xr_counts : m->xch.xs_counts) + o,
+              *sd = (combine ? m->xch.xr_displs : m->xch.xs_displs) + o;
+    const int *rc = (combine ? m->xch.xs_counts : m->xch.xr_counts) + o,
+              *rd = (combine ? m->xch.xs_displs : m->xch.xr_displs) + o;
+    const float *src = combine ? m->xch.recv : m->xch.send;
+    float *dst = !combine ? m->xch.recv : m->pass ? m->xch.send : m->xch.crecv;
     inflight_begin(f, c);
     const compute_ops *co = m->co;
     scmoe_status st;
     /* MPI reads the exchange buffers: every kernel writing them must have finished */
     if (m->cfg.wire_bf16) {
         /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
-        uint16_t *out = combine ? m->wire_c_out : m->wire_d_out, *in = combine ? m->wire_c_in : m->wire_d_in;
+        uint16_t *out = combine ? m->xch.wire_c_out : m->xch.wire_d_out,
+                 *in = combine ? m->xch.wire_c_in : m->xch.wire_d_in;
         for (int q = 0; q < P; q++)
             co->bf16_pack(co, out + (size_t)sd[q] * m->d, src + (size_t)sd[q] * m->d, (size_t)sc[q] * m->d);
         f->unpack_to = dst;
@@ -76,27 +80,51 @@ static void test_one(inflight *f) {
     if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe__now();
 }
 
-/* A pipeline's dispatches take the link one after another (concurrent ones would share it and all land
- * late): the next starts as soon as the one before has landed, noticed by a poll or a wait, so the
- * chunks keep flowing behind whatever compute runs meanwhile. */
+/* The stage of the first dispatch: a pipeline's stage 0 is the own block, nothing to send. */
+static int first_dispatch(const moe_layer *m) { return scmoe__route_stages(m->cfg.pipeline_chunks) > 1; }
+
+static scmoe_status counts_finish(moe_layer *m);
+
+/* The first dispatch if it has not started: waits for the routing counts it needs, if they are in
+ * flight (capacity LOCAL), and starts it. */
+static scmoe_status dispatch_ensure(moe_layer *m) {
+    if (m->xch.next_dispatch == MOE_MAX_STAGES) return m->xch.deferred; /* a poll failed to start it */
+    if (m->xch.next_dispatch != first_dispatch(m)) return SCMOE_OK;
+    scmoe_status st = m->lcap.counts_pending ? counts_finish(m) : SCMOE_OK;
+    if (st) {
+        m->xch.next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
+        return st;
+    }
+    m->xch.next_dispatch++;
+    return scmoe__moe_exchange_start(m, first_dispatch(m), 0);
+}
+
+/* The next dispatch, as soon as it may go. The first waits only for the routing counts (capacity
+ * LOCAL: the receive side of the plan is built from them); a pipeline's later dispatches take the link
+ * one after another (concurrent ones would share it and all land late): the next starts as soon as
+ * the one before has landed, noticed by a poll or a wait, so the chunks keep flowing behind whatever
+ * compute runs meanwhile. */
 static scmoe_status dispatch_next(moe_layer *m) {
-    int s = m->next_dispatch;
-    if (s >= m->plan.n_stages || !m->xd[s - 1].t_done) return SCMOE_OK;
-    m->next_dispatch++;
+    int s = m->xch.next_dispatch;
+    if (s == first_dispatch(m)) return m->lcap.counts_pending && !m->lcap.xcount.t_done ? SCMOE_OK : dispatch_ensure(m);
+    if (s >= m->plan.n_stages || !m->xch.xd[s - 1].t_done) return SCMOE_OK;
+    m->xch.next_dispatch++;
     return scmoe__moe_exchange_start(m, s, 0);
 }
 
 void scmoe__moe_poll(void *arg) {
     moe_layer *m = arg;
+    int next = m->xch.next_dispatch;
+    if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
     if (m->ep->progress == SCMOE_PROGRESS_POLL) {
         for (int s = 0; s < m->plan.n_stages; s++) {
-            test_one(&m->xd[s]);
-            test_one(&m->xc[s]);
+            test_one(&m->xch.xd[s]);
+            test_one(&m->xch.xc[s]);
         }
-    } else if (m->ep->progress == SCMOE_PROGRESS_THREAD && m->next_dispatch < m->plan.n_stages) {
-        test_one(&m->xd[m->next_dispatch - 1]); /* the helper thread moves it; this only learns it landed */
+    } else if (m->ep->progress == SCMOE_PROGRESS_THREAD && next > first_dispatch(m) && next < m->plan.n_stages) {
+        test_one(&m->xch.xd[next - 1]); /* the helper thread moves it; this only learns it landed */
     }
-    if (!m->deferred) m->deferred = dispatch_next(m);
+    if (!m->xch.deferred) m->xch.deferred = dispatch_next(m);
 }
 
 static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
@@ -108,7 +136,7 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     f->t_waited += t1 - t0;
     f->active = 0;
     if (s) {
-        m->next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
+        m->xch.next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
         return scmoe__fail(m->ctx, s, "%s: %s", what, f->c->err);
     }
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
@@ -131,29 +159,33 @@ static const char *exchange_name(const moe_layer *m, int combine) {
     return names[m->pass][combine];
 }
 
+/* Starts the first dispatch, or (capacity LOCAL, the routing counts still in flight) asks for it: a
+ * poll starts it once they land, the dispatch's wait at the latest. So in a pair the counts travel
+ * behind the dense operations the schedule runs after the gate. */
 scmoe_status scmoe__moe_dispatch_start(moe_layer *m) {
-    int first = m->plan.n_stages > 1; /* a pipeline's stage 0 is the own block: nothing to send */
-    m->deferred = SCMOE_OK;
-    m->next_dispatch = first + 1;
-    return scmoe__moe_exchange_start(m, first, 0);
+    m->xch.deferred = SCMOE_OK;
+    m->xch.next_dispatch = first_dispatch(m);
+    if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
+    return dispatch_next(m);
 }
 
 /* waits for stage s's dispatch, then puts the next one on the wire if a poll has not already */
 static scmoe_status dispatch_wait(moe_layer *m, int s) {
-    scmoe_status st = inflight_wait(m, &m->xd[s], exchange_name(m, 0));
-    if (!st) st = m->deferred;
+    scmoe_status st = dispatch_ensure(m);
+    if (!st) st = inflight_wait(m, &m->xch.xd[s], exchange_name(m, 0));
+    if (!st) st = m->xch.deferred;
     if (!st) st = dispatch_next(m);
     return st;
 }
 
-scmoe_status scmoe__moe_dispatch_wait(moe_layer *m) { return dispatch_wait(m, m->plan.n_stages > 1); }
+scmoe_status scmoe__moe_dispatch_wait(moe_layer *m) { return dispatch_wait(m, first_dispatch(m)); }
 
 static scmoe_status stats_finish(moe_layer *m);
 
 scmoe_status scmoe__moe_combine_wait(moe_layer *m) {
     /* the statistics first: a serialized order times the combine as the last exchange waited on */
     scmoe_status st = m->pass == 0 ? stats_finish(m) : SCMOE_OK;
-    for (int s = 0; s < m->plan.n_stages && !st; s++) st = inflight_wait(m, &m->xc[s], exchange_name(m, 1));
+    for (int s = 0; s < m->plan.n_stages && !st; s++) st = inflight_wait(m, &m->xch.xc[s], exchange_name(m, 1));
     return st;
 }
 
@@ -175,6 +207,7 @@ scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_confi
     m->h1 = scmoe__ffn_width(m->h, cfg->activation);
     m->max_tokens = cfg->max_tokens;
     m->training = 1;
+    m->xch.next_dispatch = MOE_MAX_STAGES; /* no dispatch for a poll to start before the first pass asks */
     scmoe_status s = scmoe__groups_create(ctx, cfg->ep_size, &m->ep, &m->ep_back, &m->replicas);
     if (s) return s;
     m->ep_size = m->ep->size;
@@ -204,16 +237,57 @@ scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_confi
     }
     if (pt->failed) return scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory registering parameters");
     for (int i = 0; offload && i < 4 * m->E_local; i++) pt->p[m->p_e0 + i].host_data = 1;
-    m->slots = offload ? (ctx->offload_experts < m->E_local ? ctx->offload_experts : m->E_local) : 0;
+    m->off.slots = offload ? (ctx->offload_experts < m->E_local ? ctx->offload_experts : m->E_local) : 0;
     return SCMOE_OK;
+}
+
+/* The two groups mirrored between host and device (scmoe_internal.h): each is laid out by its one
+ * function below, as one block in the same order and sizes on either side, so it crosses in one copy
+ * (a device copy waits for the stream: one wait each way per forward, not seven). A buffer added to a
+ * group is added there, and its copies follow; mirrors_match checks the two sides agree. */
+static gate_outputs gate_outputs_take(arena *a, int n, int E, int k) {
+    gate_outputs g;
+    g.p = scmoe__arena_take(a, sizeof(float) * (size_t)n * E);
+    g.lse = scmoe__arena_take(a, sizeof(float) * n);
+    g.score = scmoe__arena_take(a, sizeof(float) * n);
+    g.choice = scmoe__arena_take(a, sizeof(int) * (size_t)n * k); /* last */
+    return g;
+}
+
+/* bytes of the block holding n tokens' gate outputs */
+static size_t gate_outputs_bytes(const gate_outputs *g, int n, int k) {
+    return (size_t)((char *)(g->choice + (size_t)n * k) - (char *)g->p);
+}
+
+static plan_mirror plan_mirror_take(arena *a, int E, int S, int R) {
+    plan_mirror g;
+    g.aux_coef = scmoe__arena_take(a, sizeof(float) * E);
+    g.slot = scmoe__arena_take(a, sizeof(int) * (size_t)S);
+    g.recv_to_expert = scmoe__arena_take(a, sizeof(int) * (size_t)R); /* last */
+    return g;
+}
+
+/* bytes of the block holding a plan of n_recv received rows */
+static size_t plan_mirror_bytes(const plan_mirror *g, int n_recv) {
+    return (size_t)((char *)(g->recv_to_expert + n_recv) - (char *)g->aux_coef);
+}
+
+/* Each mirrored group has the same member offsets on the host as on the compute side. */
+static int mirrors_match(const moe_layer *m) {
+    const gate_outputs *g = &m->gate, *gh = &m->gate_h;
+    const char *d0 = (const char *)g->p, *h0 = (const char *)gh->p;
+    const char *c0 = (const char *)m->plan_d.aux_coef, *ch0 = (const char *)m->aux_coef_h;
+    return (const char *)g->lse - d0 == (const char *)gh->lse - h0 &&
+           (const char *)g->score - d0 == (const char *)gh->score - h0 &&
+           (const char *)g->choice - d0 == (const char *)gh->choice - h0 &&
+           (const char *)m->plan_d.slot - c0 == (const char *)m->plan.slot - ch0 &&
+           (const char *)m->plan_d.recv_to_expert - c0 == (const char *)m->plan.recv_to_expert - ch0;
 }
 
 /* The workspace in three arenas: host (the plan and what host code reads), device (activations and
  * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI).
- * On a device backend the host keeps mirrors of the gate's small outputs (p, lse, score, choice), and
- * the device copies of aux_coef and the plan's slot and recv_to_expert; on the host backend they are the
- * same arrays. Each group is laid out in the same order and sizes on both sides, so it crosses in one
- * copy (a device copy waits for the stream: one wait each way per forward, not seven). */
+ * On a device backend the host keeps the mirror of the gate's outputs (gate_h), and the device its
+ * copy of the plan's arrays (plan_d); on the host backend they are the same arrays. */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world); /* the tokens one rank plans */
@@ -229,66 +303,58 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     pl->send_displs = scmoe__arena_take(H, i4 * ep);
     pl->recv_counts = scmoe__arena_take(H, i4 * ep);
     pl->recv_displs = scmoe__arena_take(H, i4 * ep);
-    m->xs_counts = scmoe__arena_take(H, i4 * (size_t)ns * ep);
-    m->xs_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
-    m->xr_counts = scmoe__arena_take(H, i4 * (size_t)ns * ep);
-    m->xr_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xch.xs_counts = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xch.xs_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xch.xr_counts = scmoe__arena_take(H, i4 * (size_t)ns * ep);
+    m->xch.xr_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
     pl->src_cursor = scmoe__arena_take(H, i4 * ep * El);
     pl->expert_offsets = scmoe__arena_take(H, i4 * ((size_t)ns * El + 1));
-    m->aux_coef_h = scmoe__arena_take(H, f * E); /* with slot and recv_to_expert: one copy to the device */
-    pl->slot = scmoe__arena_take(H, i4 * (size_t)S);
-    pl->recv_to_expert = scmoe__arena_take(H, i4 * (size_t)R);
+    plan_mirror plan_h = plan_mirror_take(H, E, S, R);
+    m->aux_coef_h = plan_h.aux_coef;
+    pl->slot = plan_h.slot;
+    pl->recv_to_expert = plan_h.recv_to_expert;
     m->route_work = scmoe__arena_take(H, scmoe__route_workspace_bytes(S_max, k));
     m->records = scmoe__arena_take(H, i4 * (size_t)n * (k + 1));
-    m->records_all = m->local_cap ? NULL : scmoe__arena_take(H, i4 * (size_t)S_max * (k + 1));
-    m->tokens_per_rank = scmoe__arena_take(H, i4 * world);
-    m->rec_bytes = scmoe__arena_take(H, i4 * world);
-    m->rec_displs = scmoe__arena_take(H, i4 * world);
+    m->gather.records_all = m->local_cap ? NULL : scmoe__arena_take(H, i4 * (size_t)S_max * (k + 1));
+    m->gather.tokens_per_rank = scmoe__arena_take(H, i4 * world);
+    m->gather.rec_bytes = scmoe__arena_take(H, i4 * world);
+    m->gather.rec_displs = scmoe__arena_take(H, i4 * world);
     m->gsum = scmoe__arena_take(H, sizeof(double) * (E + 1));
     if (m->local_cap) {
-        m->counts_out = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
-        m->counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
-        m->ones = scmoe__arena_take(H, i4 * ep);
-        m->iota = scmoe__arena_take(H, i4 * ep);
-        m->lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
+        m->lcap.counts_out = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->lcap.counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->lcap.ones = scmoe__arena_take(H, i4 * ep);
+        m->lcap.iota = scmoe__arena_take(H, i4 * ep);
+        m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
     }
-    m->slot_of = scmoe__arena_take(H, i4 * El);
-    m->held = scmoe__arena_take(H, i4 * (m->slots ? m->slots : 1));
+    m->off.slot_of = scmoe__arena_take(H, i4 * El);
+    m->off.held = scmoe__arena_take(H, i4 * (m->off.slots ? m->off.slots : 1));
 
-    m->logits = scmoe__arena_take(D, f * (size_t)n * E);
-    m->dlogits = scmoe__arena_take(D, f * (size_t)n * E);
-    m->weight = scmoe__arena_take(D, f * (size_t)n * k);
-    m->dweight = scmoe__arena_take(D, f * (size_t)n * k);
-    m->p = scmoe__arena_take(D, f * (size_t)n * E); /* with lse, score, choice: one copy to the host */
-    m->lse = scmoe__arena_take(D, f * n);
-    m->score = scmoe__arena_take(D, f * n);
-    m->choice = scmoe__arena_take(D, i4 * (size_t)n * k);
-    m->xe = scmoe__arena_take(D, f * (size_t)R * d);
-    m->ye = scmoe__arena_take(D, f * (size_t)R * d);
-    m->dxe = scmoe__arena_take(D, f * (size_t)R * d);
-    m->pre = scmoe__arena_take(D, f * (size_t)R * m->h1);
-    m->dpre = scmoe__arena_take(D, f * (size_t)R * m->h1);
-    m->hid = scmoe__arena_take(D, f * (size_t)R * m->h);
-    m->dhid = scmoe__arena_take(D, f * (size_t)R * m->h);
-    m->cache = scmoe__arena_take(D, f * m->slots * m->span);
-    m->aux_coef = dev ? scmoe__arena_take(D, f * E) : m->aux_coef_h;
-    m->slot_d = dev ? scmoe__arena_take(D, i4 * (size_t)S) : pl->slot;
-    m->r2e_d = dev ? scmoe__arena_take(D, i4 * (size_t)R) : pl->recv_to_expert;
-    m->p_h = dev ? scmoe__arena_take(H, f * (size_t)n * E) : m->p; /* as p, lse, score, choice above */
-    m->lse_h = dev ? scmoe__arena_take(H, f * n) : m->lse;
-    m->score_h = dev ? scmoe__arena_take(H, f * n) : m->score;
-    m->choice_h = dev ? scmoe__arena_take(H, i4 * (size_t)n * k) : m->choice;
+    m->buf.logits = scmoe__arena_take(D, f * (size_t)n * E);
+    m->buf.dlogits = scmoe__arena_take(D, f * (size_t)n * E);
+    m->buf.weight = scmoe__arena_take(D, f * (size_t)n * k);
+    m->buf.dweight = scmoe__arena_take(D, f * (size_t)n * k);
+    m->gate = gate_outputs_take(D, n, E, k);
+    m->buf.xe = scmoe__arena_take(D, f * (size_t)R * d);
+    m->buf.ye = scmoe__arena_take(D, f * (size_t)R * d);
+    m->buf.dxe = scmoe__arena_take(D, f * (size_t)R * d);
+    m->buf.pre = scmoe__arena_take(D, f * (size_t)R * m->h1);
+    m->buf.dpre = scmoe__arena_take(D, f * (size_t)R * m->h1);
+    m->buf.hid = scmoe__arena_take(D, f * (size_t)R * m->h);
+    m->buf.dhid = scmoe__arena_take(D, f * (size_t)R * m->h);
+    m->off.cache = scmoe__arena_take(D, f * m->off.slots * m->off.span);
+    m->plan_d = dev ? plan_mirror_take(D, E, S, R) : plan_h;
+    m->gate_h = dev ? gate_outputs_take(H, n, E, k) : m->gate;
 
-    m->send = scmoe__arena_take(X, f * (size_t)S * d);
-    m->crecv = scmoe__arena_take(X, f * (size_t)S * d);
-    m->recv = scmoe__arena_take(X, f * (size_t)R * d);
+    m->xch.send = scmoe__arena_take(X, f * (size_t)S * d);
+    m->xch.crecv = scmoe__arena_take(X, f * (size_t)S * d);
+    m->xch.recv = scmoe__arena_take(X, f * (size_t)R * d);
     if (m->cfg.wire_bf16) {
-        m->wire_d_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
-        m->wire_d_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
-        m->wire_c_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->xch.wire_d_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
+        m->xch.wire_d_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->xch.wire_c_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
+        m->xch.wire_c_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
     }
-    m->rows = m->ye; /* expert-major scratch of backward: ye is free once forward is decoded */
 }
 
 scmoe_status scmoe__moe_alloc(moe_layer *m) {
@@ -313,9 +379,9 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
                            m->max_tokens, world);
     m->max_recv = (int)recv;
     m->co = m->ctx->compute;
-    if (m->slots) { /* w1 .. b2 of an expert are consecutive in the table's host block */
+    if (m->off.slots) { /* w1 .. b2 of an expert are consecutive in the table's host block */
         const param_entry *w1 = &m->pt->p[m->p_e0], *b2 = &m->pt->p[m->p_e0 + 3];
-        m->span = b2->offset_data + ((b2->t.numel + 15) & ~(size_t)15) - w1->offset_data;
+        m->off.span = b2->offset_data + ((b2->t.numel + 15) & ~(size_t)15) - w1->offset_data;
     }
     arena H = {0}, D = {0}, X = {0};
     moe_layout(m, &H, &D, &X);
@@ -331,16 +397,19 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     D = (arena){m->mem_dev, 0};
     X = (arena){m->mem_map, 0};
     moe_layout(m, &H, &D, &X);
+    if (!mirrors_match(m))
+        return scmoe__fail(m->ctx, SCMOE_ERR_STATE,
+                           "internal: a mirrored buffer group differs between host and device");
     if (m->co->device) /* the gate's outputs cross in one copy that spans max_tokens-sized arrays: a short
                         * batch leaves gaps no kernel writes, zeroed once so the copy moves defined bytes */
-        m->co->zero(m->co, m->p, (size_t)((char *)(m->choice + (size_t)m->max_tokens * k) - (char *)m->p));
+        m->co->zero(m->co, m->gate.p, gate_outputs_bytes(&m->gate, m->max_tokens, k));
     m->wg = param_data(m, m->p_wg);
     for (int q = 0; m->local_cap && q < m->ep_size; q++) {
-        m->ones[q] = 1;
-        m->iota[q] = q;
+        m->lcap.ones[q] = 1;
+        m->lcap.iota[q] = q;
     }
-    for (int i = 0; i < m->E_local; i++) m->slot_of[i] = -1;
-    for (int i = 0; i < m->slots; i++) m->held[i] = -1;
+    for (int i = 0; i < m->E_local; i++) m->off.slot_of[i] = -1;
+    for (int i = 0; i < m->off.slots; i++) m->off.held[i] = -1;
     return SCMOE_OK;
 }
 
@@ -387,14 +456,15 @@ void scmoe__moe_abandon(moe_layer *m, int keep_workspace) {
 
 /* Starts copying local expert i's weights into the next slot (round robin), evicting its expert. */
 static void expert_fetch(moe_layer *m, int i) {
-    int v = m->victim;
-    m->victim = (v + 1) % m->slots;
-    if (m->held[v] >= 0) m->slot_of[m->held[v]] = -1;
-    m->co->prefetch(m->co, m->cache + (size_t)v * m->span, param_data(m, m->p_e0 + 4 * i), sizeof(float) * m->span);
-    m->held[v] = i;
-    m->slot_of[i] = v;
-    m->fetched++;
-    m->prefetched = 1;
+    int v = m->off.victim;
+    m->off.victim = (v + 1) % m->off.slots;
+    if (m->off.held[v] >= 0) m->off.slot_of[m->off.held[v]] = -1;
+    m->co->prefetch(m->co, m->off.cache + (size_t)v * m->off.span, param_data(m, m->p_e0 + 4 * i),
+                    sizeof(float) * m->off.span);
+    m->off.held[v] = i;
+    m->off.slot_of[i] = v;
+    m->off.fetched++;
+    m->off.prefetched = 1;
 }
 
 /* A forward's fetch: the weights may have changed on the host since the last one, so the cache starts
@@ -403,10 +473,10 @@ static void expert_fetch(moe_layer *m, int i) {
 static void experts_prefetch(moe_layer *m) {
     const route_plan *pl = &m->plan;
     int El = m->E_local;
-    m->victim = 0;
-    for (int i = 0; i < El; i++) m->slot_of[i] = -1;
-    for (int v = 0; v < m->slots; v++) m->held[v] = -1;
-    for (int i = 0, taken = 0; i < El && taken < m->slots; i++) {
+    m->off.victim = 0;
+    for (int i = 0; i < El; i++) m->off.slot_of[i] = -1;
+    for (int v = 0; v < m->off.slots; v++) m->off.held[v] = -1;
+    for (int i = 0, taken = 0; i < El && taken < m->off.slots; i++) {
         int rows = 0;
         for (int s = 0; s < pl->n_stages; s++)
             rows += pl->expert_offsets[s * El + i + 1] - pl->expert_offsets[s * El + i];
@@ -421,15 +491,16 @@ static void experts_prefetch(moe_layer *m) {
  * slot, fetched now if it is not there; the kernels enqueued next wait for every fetch in flight. */
 static void expert_weights(moe_layer *m, int i, float *w[4]) {
     int b = m->p_e0 + 4 * i;
-    if (!m->slots) {
+    if (!m->off.slots) {
         for (int j = 0; j < 4; j++) w[j] = param_data(m, b + j);
         return;
     }
-    if (m->slot_of[i] < 0) expert_fetch(m, i);
-    if (m->prefetched) m->co->prefetch_wait(m->co);
-    m->prefetched = 0;
+    if (m->off.slot_of[i] < 0) expert_fetch(m, i);
+    if (m->off.prefetched) m->co->prefetch_wait(m->co);
+    m->off.prefetched = 0;
     const float *base = param_data(m, b);
-    for (int j = 0; j < 4; j++) w[j] = m->cache + (size_t)m->slot_of[i] * m->span + (param_data(m, b + j) - base);
+    for (int j = 0; j < 4; j++)
+        w[j] = m->off.cache + (size_t)m->off.slot_of[i] * m->off.span + (param_data(m, b + j) - base);
 }
 
 /* ---- forward phases ---- */
@@ -440,14 +511,15 @@ static void gate_run(moe_layer *m, const exec *ex, int n, const float *x, int64_
     int E = m->E, k = m->k, stride = k + 1;
     float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
     const compute_ops *co = m->co;
-    scmoe__gate_forward(ex, m->logits, m->p, m->lse, x, m->wg, n, m->d, E, noise, m->cfg.seed, m->step, offset);
-    co->gate_topk(co, m->choice, m->weight, m->score, m->p, n, E, k, m->cfg.renormalize);
+    scmoe__gate_forward(ex, m->buf.logits, m->gate.p, m->gate.lse, x, m->wg, n, m->d, E, noise, m->cfg.seed, m->step,
+                        offset);
+    co->gate_topk(co, m->gate.choice, m->buf.weight, m->gate.score, m->gate.p, n, E, k, m->cfg.renormalize);
     if (m->training) m->step++;
-    if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (moe_layout) */
-        co->copy(co, m->p_h, m->p, (size_t)((char *)(m->choice + (size_t)n * k) - (char *)m->p));
+    if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (gate_outputs) */
+        co->copy(co, m->gate_h.p, m->gate.p, gate_outputs_bytes(&m->gate, n, k));
     for (int t = 0; t < n; t++) {
-        memcpy(m->records + (size_t)t * stride, m->choice_h + (size_t)t * k, sizeof(int) * k);
-        memcpy(m->records + (size_t)t * stride + k, &m->score_h[t], sizeof(float));
+        memcpy(m->records + (size_t)t * stride, m->gate_h.choice + (size_t)t * k, sizeof(int) * k);
+        memcpy(m->records + (size_t)t * stride + k, &m->gate_h.score[t], sizeof(float));
     }
 }
 
@@ -456,9 +528,9 @@ static void gate_sums(moe_layer *m, int n) {
     int E = m->E;
     memset(m->gsum, 0, sizeof(double) * (E + 1));
     for (int t = 0; t < n; t++) {
-        const float *pt = m->p_h + (size_t)t * E;
+        const float *pt = m->gate_h.p + (size_t)t * E;
         for (int e = 0; e < E; e++) m->gsum[e] += pt[e];
-        m->gsum[E] += (double)m->lse_h[t] * m->lse_h[t];
+        m->gsum[E] += (double)m->gate_h.lse[t] * m->gate_h.lse[t];
     }
 }
 
@@ -479,7 +551,7 @@ static void gate_losses(moe_layer *m, int64_t Sa, double scale) {
 }
 
 /* The plan's stages as exchanges, then (on a device: aux_coef, slot and recv_to_expert in one copy,
- * moe_layout) my rows packed by destination unless packed already, the experts' prefetch. */
+ * plan_mirror) my rows packed by destination unless packed already, the experts' prefetch. */
 static void encode_finish(moe_layer *m, int packed) {
     route_plan *pl = &m->plan;
     const compute_ops *co = m->co;
@@ -487,20 +559,28 @@ static void encode_finish(moe_layer *m, int packed) {
         for (int q = 0; q < m->ep_size; q++) {
             int i = st_i * m->ep_size + q, own = q == m->ep_rank, lo, hi;
             scmoe__route_stage_range(pl->n_stages, st_i, own, pl->send_counts[q], &lo, &hi);
-            m->xs_counts[i] = own ? 0 : hi - lo;
-            m->xs_displs[i] = pl->send_displs[q] + lo;
+            m->xch.xs_counts[i] = own ? 0 : hi - lo;
+            m->xch.xs_displs[i] = pl->send_displs[q] + lo;
             scmoe__route_stage_range(pl->n_stages, st_i, own, pl->recv_counts[q], &lo, &hi);
-            m->xr_counts[i] = own ? 0 : hi - lo;
-            m->xr_displs[i] = pl->recv_displs[q] + lo;
+            m->xch.xr_counts[i] = own ? 0 : hi - lo;
+            m->xch.xr_displs[i] = pl->recv_displs[q] + lo;
         }
-    if (co->device)
-        co->copy(co, m->aux_coef, m->aux_coef_h,
-                 (size_t)((char *)(pl->recv_to_expert + pl->n_recv) - (char *)m->aux_coef_h));
-    if (!packed) co->pack_rows(co, m->send, m->x, m->slot_d, m->n, m->k, m->d);
-    m->fetched = 0;
-    if (m->slots) experts_prefetch(m);
+    if (co->device) co->copy(co, m->plan_d.aux_coef, m->aux_coef_h, plan_mirror_bytes(&m->plan_d, pl->n_recv));
+    if (!packed) co->pack_rows(co, m->xch.send, m->x, m->plan_d.slot, m->n, m->k, m->d);
+    m->off.fetched = 0;
+    if (m->off.slots) experts_prefetch(m);
     m->forward_done = 0;
     m->pass = 0;
+}
+
+/* ---- the input status: every rank says it before any exchange of the forward ---- */
+
+/* SCMOE_OK, or why my n tokens at x cannot be routed */
+static scmoe_status input_status(const moe_layer *m, int n, const float *x) {
+    if (n < 0 || n > m->max_tokens) return SCMOE_ERR_N_TOKENS;
+    if (n > 0 && !x) return SCMOE_ERR_NULL;
+    if (m->cfg.check_finite && n > 0 && m->co->has_nonfinite(m->co, x, (size_t)n * m->d)) return SCMOE_ERR_NONFINITE;
+    return SCMOE_OK;
 }
 
 static const char *input_error(scmoe_status s, int n, int max_tokens, char *buf, size_t len) {
@@ -508,6 +588,88 @@ static const char *input_error(scmoe_status s, int n, int max_tokens, char *buf,
     else if (s == SCMOE_ERR_NULL) snprintf(buf, len, "input is NULL with n_tokens = %d", n);
     else snprintf(buf, len, "the input holds NaN or Inf");
     return buf;
+}
+
+static scmoe_status input_fail(moe_layer *m, scmoe_status local, int n) {
+    char buf[128];
+    return scmoe__fail(m->ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
+}
+
+/* ---- capacity over the global batch (GLOBAL): the whole batch's records on every rank ---- */
+
+/* Every rank says how many tokens it has, or that its input is bad (-status): no rank enters an
+ * exchange that another has left. *S: the global batch, *offset: where my tokens start in it. */
+static scmoe_status agree_token_counts(moe_layer *m, int n, scmoe_status local, int64_t *S, int64_t *offset) {
+    comm *w = m->ctx->world;
+    int *mine = &m->gather.tokens_per_rank[w->rank]; /* in place: a send buffer that outlives a timed-out gather */
+    *mine = local ? -(int)local : n;
+    scmoe_status s = w->ops->allgather(w, mine, sizeof *mine, m->gather.tokens_per_rank);
+    if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
+    if (local) return input_fail(m, local, n);
+    *S = *offset = 0;
+    for (int r = 0; r < w->size; r++) {
+        int c = m->gather.tokens_per_rank[r];
+        if (c < 0 && -c < SCMOE_STATUS_COUNT)
+            return scmoe__fail(m->ctx, (scmoe_status)-c, "rank %d rejected its input: %s", r,
+                               scmoe_strerror((scmoe_status)-c));
+        if (c < 0 || c > m->max_tokens) /* not a count: out of step */
+            return scmoe__fail(m->ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step",
+                               r, c);
+        if (r == w->rank) *offset = *S;
+        *S += c;
+    }
+    return SCMOE_OK;
+}
+
+/* records_all = every rank's routing records (k expert ids, the top-1 p's bits), rank after rank */
+static scmoe_status gather_records(moe_layer *m, int n) {
+    comm *w = m->ctx->world;
+    int stride = m->k + 1;
+    for (int r = 0, off = 0; r < w->size; r++) {
+        m->gather.rec_bytes[r] = m->gather.tokens_per_rank[r] * stride * (int)sizeof(int32_t);
+        m->gather.rec_displs[r] = off;
+        off += m->gather.rec_bytes[r];
+    }
+    scmoe_status s = w->ops->allgatherv(w, m->records, n * stride * (int)sizeof(int32_t), m->gather.records_all,
+                                        m->gather.rec_bytes, m->gather.rec_displs);
+    if (s) return scmoe__fail(m->ctx, s, "gathering the routing choices failed: %s", w->err);
+    return SCMOE_OK;
+}
+
+/* The aux and z losses over the global batch of S tokens (aux_scope GLOBAL: gsum all-reduced, the
+ * top-1 counts from the gathered records) or over my n (LOCAL, each rank's term weighed 1/P). */
+static scmoe_status batch_losses(moe_layer *m, int n, int64_t S) {
+    comm *w = m->ctx->world;
+    int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL, stride = m->k + 1;
+    gate_sums(m, n);
+    if (global && w->size > 1) {
+        scmoe_status s = w->ops->allreduce_f64(w, m->gsum, m->E + 1);
+        if (s) return scmoe__fail(m->ctx, s, "reducing the gate statistics failed: %s", w->err);
+    }
+    const int32_t *top1 = global ? m->gather.records_all : m->records;
+    int64_t Sa = global ? S : n;
+    memset(m->top1_count, 0, sizeof(int64_t) * m->E);
+    for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
+    gate_losses(m, Sa, global ? 1.0 : 1.0 / w->size);
+    return SCMOE_OK;
+}
+
+/* gate -> records gathered -> losses -> the plan over the global batch -> my rows packed */
+static scmoe_status gate_encode_global(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
+    int64_t S = 0, offset = 0;
+    scmoe_status st = agree_token_counts(m, n, local, &S, &offset);
+    if (st) return st;
+    m->n = n;
+    m->x = x;
+    gate_run(m, ex, n, x, offset);
+    if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S))) return st;
+    comm *w = m->ctx->world;
+    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    scmoe__route_plan_build(&m->plan, m->route_work, m->gather.records_all, m->gather.tokens_per_rank, w->size, w->rank,
+                            m->ep_size, m->E, m->k, m->cfg.priority, scmoe__route_capacity(S, m->E, m->k, cf),
+                            m->cfg.pipeline_chunks);
+    encode_finish(m, 0);
+    return SCMOE_OK;
 }
 
 /* ---- capacity per source rank (LOCAL) ----
@@ -518,7 +680,8 @@ static const char *input_error(scmoe_status s, int n, int max_tokens, char *buf,
  * N_TOKENS, NULL, NONFINITE. The per-expert counts travel on the expert-parallel group in one small
  * all-to-all, each peer's message led by my input status, so a group never starts a dispatch that one
  * of its ranks will not join; other groups learn of a rejected input from the statistics, at the end
- * of the same forward. */
+ * of the same forward. gate_encode only starts the two; the counts are waited for where the dispatch
+ * starts (counts_finish), so in a pair they travel behind the dense operations after the gate. */
 static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE};
 
 static scmoe_status small_start(moe_layer *m, inflight *f, comm *c, scmoe_status st, int req) {
@@ -533,12 +696,12 @@ static scmoe_status small_start(moe_layer *m, inflight *f, comm *c, scmoe_status
 /* Waits for the statistics started by this forward and folds them in: the global counts of the stats,
  * the losses (aux_scope GLOBAL), or the agreed error if a rank rejected its input. */
 static scmoe_status stats_finish(moe_layer *m) {
-    if (!m->stats_pending) return SCMOE_OK;
-    m->stats_pending = 0;
-    scmoe_status st = inflight_wait(m, &m->xstats, "gate_stats");
+    if (!m->lcap.stats_pending) return SCMOE_OK;
+    m->lcap.stats_pending = 0;
+    scmoe_status st = inflight_wait(m, &m->lcap.xstats, "gate_stats");
     if (st) return st;
     int E = m->E;
-    const double *ls = m->lstats;
+    const double *ls = m->lcap.lstats;
     scmoe_status bad = SCMOE_OK; /* as scmoe__status_agree: the largest status any rank reported */
     for (int i = 0; i < 3; i++)
         if (ls[3 * E + 2 + i] > 0 && input_errors[i] > bad) bad = input_errors[i];
@@ -557,30 +720,43 @@ static scmoe_status stats_finish(moe_layer *m) {
         memcpy(m->gsum, ls, sizeof(double) * (E + 1));
         for (int e = 0; e < E; e++) m->top1_count[e] = (int64_t)ls[E + 1 + e];
         gate_losses(m, pl->tokens, 1.0);
-        if (m->co->device) m->co->copy(m->co, m->aux_coef, m->aux_coef_h, sizeof(float) * E);
+        if (m->co->device) m->co->copy(m->co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
     }
     return SCMOE_OK;
 }
 
-static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
-    comm *w = m->ctx->world, *ep = m->ep;
-    int E = m->E, k = m->k, El = m->E_local, msg = 1 + El * k, P = w->size;
-    route_plan *pl = &m->plan;
-    double *ls = m->lstats;
-    if (m->stats_pending) { /* an earlier forward failed before its statistics landed: finish them */
-        m->stats_pending = 0;
-        scmoe_status st = inflight_wait(m, &m->xstats, "gate_stats");
-        if (st) return st;
+/* An earlier forward that failed before its statistics or counts landed: they are finished first. */
+static scmoe_status local_leftovers(moe_layer *m) {
+    scmoe_status st = SCMOE_OK;
+    if (m->lcap.stats_pending) {
+        m->lcap.stats_pending = 0;
+        st = inflight_wait(m, &m->lcap.xstats, "gate_stats");
     }
+    if (!st && m->lcap.counts_pending) {
+        m->lcap.counts_pending = 0;
+        st = inflight_wait(m, &m->lcap.xcount, "route_counts");
+    }
+    return st;
+}
+
+/* The gate over my n tokens (noise keyed by rank * max_tokens + t: unique without any other rank's
+ * count), the send side of my plan with my own capacity, my per-expert counts into counts_out and my
+ * statistics into lstats, the losses if aux_scope is LOCAL; with a rejected input only its flag. */
+static void local_route(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
+    int E = m->E, k = m->k, msg = 1 + m->E_local * k;
+    route_plan *pl = &m->plan;
+    double *ls = m->lcap.lstats;
     memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
-    if (!local) {
+    if (local) {
+        memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * msg);
+        for (int i = 0; i < 3; i++) ls[3 * E + 2 + i] = local == input_errors[i];
+    } else {
         m->n = n;
         m->x = x;
-        /* a token's noise key needs no other rank's count: rank * max_tokens + t is unique */
-        gate_run(m, ex, n, x, (int64_t)w->rank * m->max_tokens);
+        gate_run(m, ex, n, x, (int64_t)m->ctx->world->rank * m->max_tokens);
         float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
         scmoe__route_plan_local_send(pl, m->route_work, m->records, n, m->ep_size, E, k, m->cfg.priority,
-                                     scmoe__route_capacity(n, E, k, cf), m->counts_out);
+                                     scmoe__route_capacity(n, E, k, cf), m->lcap.counts_out);
         gate_sums(m, n);
         memset(m->top1_count, 0, sizeof(int64_t) * E);
         for (int t = 0; t < n; t++) m->top1_count[m->records[(size_t)t * (k + 1)]]++;
@@ -590,108 +766,70 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
             ls[2 * E + 1 + e] = (double)pl->expert_kept[e];
         }
         ls[3 * E + 1] = n;
-        if (m->cfg.aux_scope == SCMOE_AUX_LOCAL) gate_losses(m, n, 1.0 / P);
-    } else {
-        memset(m->counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * msg);
-        for (int i = 0; i < 3; i++) ls[3 * E + 2 + i] = local == input_errors[i];
+        if (m->cfg.aux_scope == SCMOE_AUX_LOCAL) gate_losses(m, n, 1.0 / m->ctx->world->size);
     }
-    for (int q = 0; q < m->ep_size; q++) m->counts_out[(size_t)q * msg] = (int32_t)local;
+    for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = (int32_t)local;
+}
 
-    inflight_begin(&m->xstats, w);
-    int req = -1;
-    scmoe_status st = w->ops->allreduce_f64_start(w, ls, MOE_LSTATS(E), &req);
-    if ((st = small_start(m, &m->xstats, w, st, req))) return st;
-    m->stats_pending = 1;
-    inflight_begin(&m->xcount, ep);
-    st = ep->ops->alltoallv_start(ep, m->counts_out, m->ones, m->iota, m->counts_in, m->ones, m->iota,
-                                  (int)sizeof(int32_t) * msg, &req);
-    if ((st = small_start(m, &m->xcount, ep, st, req))) return st;
-    /* on the host the send side is ready: pack while the counts travel */
-    int packed = !local && !m->co->device;
-    if (packed) m->co->pack_rows(m->co, m->send, x, pl->slot, n, k, m->d);
-    st = inflight_wait(m, &m->xcount, "route_counts");
+/* The statistics' all-reduce (world) and the counts' all-to-all (expert-parallel group), both left
+ * in flight. */
+static scmoe_status local_exchanges_start(moe_layer *m) {
+    comm *w = m->ctx->world, *ep = m->ep;
+    int req = -1, msg = 1 + m->E_local * m->k;
+    inflight_begin(&m->lcap.xstats, w);
+    scmoe_status st = w->ops->allreduce_f64_start(w, m->lcap.lstats, MOE_LSTATS(m->E), &req);
+    if ((st = small_start(m, &m->lcap.xstats, w, st, req))) return st;
+    m->lcap.stats_pending = 1;
+    inflight_begin(&m->lcap.xcount, ep);
+    st = ep->ops->alltoallv_start(ep, m->lcap.counts_out, m->lcap.ones, m->lcap.iota, m->lcap.counts_in, m->lcap.ones,
+                                  m->lcap.iota, (int)sizeof(int32_t) * msg, &req);
+    if ((st = small_start(m, &m->lcap.xcount, ep, st, req))) return st;
+    m->lcap.counts_pending = 1;
+    return SCMOE_OK;
+}
+
+/* Waits for the counts: unless a rank of my group rejected its input (then every rank of it takes the
+ * agreed status from the statistics, and none dispatches), the receive side of the plan, then the
+ * rest of encode (on the host my rows were packed while the counts travelled). */
+static scmoe_status counts_finish(moe_layer *m) {
+    m->lcap.counts_pending = 0;
+    scmoe_status st = inflight_wait(m, &m->lcap.xcount, "route_counts");
     if (st) return st;
-    int group_bad = 0;
-    for (int p = 0; p < m->ep_size; p++) group_bad |= m->counts_in[(size_t)p * msg] != 0;
-    if (group_bad) { /* no dispatch in this group: every rank takes the agreed status from the statistics */
+    int msg = 1 + m->E_local * m->k, group_bad = 0;
+    for (int p = 0; p < m->ep_size; p++) group_bad |= m->lcap.counts_in[(size_t)p * msg] != 0;
+    if (group_bad) {
         st = stats_finish(m);
-        if (local) {
-            char buf[128];
-            return scmoe__fail(m->ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
-        }
         return st ? st : scmoe__fail(m->ctx, SCMOE_ERR_STATE, "a rank's input status was lost");
     }
-    scmoe__route_plan_local_recv(pl, m->counts_in, m->ep_size, m->ep_rank, El, k, m->cfg.pipeline_chunks);
-    pl->capacity = scmoe__route_capacity(n, E, k, m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
-    encode_finish(m, packed);
+    scmoe__route_plan_local_recv(&m->plan, m->lcap.counts_in, m->ep_size, m->ep_rank, m->E_local, m->k,
+                                 m->cfg.pipeline_chunks);
+    encode_finish(m, !m->co->device);
+    return SCMOE_OK;
+}
+
+/* gate + my send plan -> statistics and counts started -> (host) my rows packed; the counts are
+ * waited for by the dispatch (counts_finish). A rank whose input was rejected has nothing to hide:
+ * it waits for the counts at once, so its group sees the rejection, and fails. */
+static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
+    scmoe_status st = local_leftovers(m);
+    if (st) return st;
+    local_route(m, ex, n, x, local);
+    if ((st = local_exchanges_start(m))) return st;
+    if (local) {
+        m->lcap.counts_pending = 0;
+        if ((st = inflight_wait(m, &m->lcap.xcount, "route_counts"))) return st;
+        stats_finish(m);
+        return input_fail(m, local, n);
+    }
+    if (!m->co->device) m->co->pack_rows(m->co, m->xch.send, x, m->plan.slot, n, m->k, m->d);
     return SCMOE_OK;
 }
 
 scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
-    scmoe_context *ctx = m->ctx;
-    m->next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
+    m->xch.next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
     m->comm_time = m->exposed_time = 0;
-    comm *w = ctx->world;
-    int E = m->E, k = m->k, d = m->d, P = w->size;
-
-    /* every rank says how many tokens it has, or that its input is bad: no rank enters an exchange
-     * that another has left */
-    scmoe_status local = SCMOE_OK;
-    if (n < 0 || n > m->max_tokens) local = SCMOE_ERR_N_TOKENS;
-    else if (n > 0 && !x) local = SCMOE_ERR_NULL;
-    else if (m->cfg.check_finite && n > 0 && m->co->has_nonfinite(m->co, x, (size_t)n * d)) local = SCMOE_ERR_NONFINITE;
-    if (m->local_cap) return gate_encode_local(m, ex, n, x, local);
-    int *mine = &m->tokens_per_rank[w->rank]; /* in place: a send buffer that outlives a timed-out gather */
-    *mine = local ? -(int)local : n;
-    scmoe_status s = w->ops->allgather(w, mine, sizeof *mine, m->tokens_per_rank);
-    if (s) return scmoe__fail(ctx, s, "exchanging token counts failed: %s", w->err);
-    char buf[128];
-    if (local) return scmoe__fail(ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
-    int64_t S = 0, offset = 0;
-    for (int r = 0; r < P; r++) {
-        if (m->tokens_per_rank[r] < 0 && -m->tokens_per_rank[r] < SCMOE_STATUS_COUNT)
-            return scmoe__fail(ctx, (scmoe_status)-m->tokens_per_rank[r], "rank %d rejected its input: %s", r,
-                               scmoe_strerror((scmoe_status)-m->tokens_per_rank[r]));
-        if (m->tokens_per_rank[r] < 0 || m->tokens_per_rank[r] > m->max_tokens) /* not a count: out of step */
-            return scmoe__fail(ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step", r,
-                               m->tokens_per_rank[r]);
-        if (r == w->rank) offset = S;
-        S += m->tokens_per_rank[r];
-    }
-    m->n = n;
-    m->x = x;
-    m->S_global = S;
-    gate_run(m, ex, n, x, offset);
-
-    /* routing records of the whole batch */
-    int stride = k + 1;
-    for (int r = 0, off = 0; r < P; r++) {
-        m->rec_bytes[r] = m->tokens_per_rank[r] * stride * (int)sizeof(int32_t);
-        m->rec_displs[r] = off;
-        off += m->rec_bytes[r];
-    }
-    s = w->ops->allgatherv(w, m->records, n * stride * (int)sizeof(int32_t), m->records_all, m->rec_bytes,
-                           m->rec_displs);
-    if (s) return scmoe__fail(ctx, s, "gathering the routing choices failed: %s", w->err);
-
-    int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
-    gate_sums(m, n);
-    if (global && P > 1) {
-        s = w->ops->allreduce_f64(w, m->gsum, E + 1);
-        if (s) return scmoe__fail(ctx, s, "reducing the gate statistics failed: %s", w->err);
-    }
-    const int32_t *top1 = global ? m->records_all : m->records;
-    int64_t Sa = global ? S : n;
-    memset(m->top1_count, 0, sizeof(int64_t) * E);
-    for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
-    gate_losses(m, Sa, global ? 1.0 : 1.0 / P);
-
-    /* the plan, then my rows packed by destination */
-    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-    scmoe__route_plan_build(&m->plan, m->route_work, m->records_all, m->tokens_per_rank, P, w->rank, m->ep_size, E, k,
-                            m->cfg.priority, scmoe__route_capacity(S, E, k, cf), m->cfg.pipeline_chunks);
-    encode_finish(m, 0);
-    return SCMOE_OK;
+    scmoe_status local = input_status(m, n, x);
+    return m->local_cap ? gate_encode_local(m, ex, n, x, local) : gate_encode_global(m, ex, n, x, local);
 }
 
 /* Stage s's rows of the receive layout -> the expert buffer: ebuf[recv_to_expert[r]] = row r (in), or
@@ -705,7 +843,7 @@ static void stage_rows(const moe_layer *m, int s, float *ebuf, float *recv, floa
         if (hi <= lo) continue;
         float *rows =
             me ? own + (size_t)(pl->send_displs[p] + lo) * m->d : recv + (size_t)(pl->recv_displs[p] + lo) * m->d;
-        const int *map = m->r2e_d + pl->recv_displs[p] + lo;
+        const int *map = m->plan_d.recv_to_expert + pl->recv_displs[p] + lo;
         if (out) m->co->permute_rows(m->co, rows, ebuf, map, hi - lo, m->d, 0);
         else m->co->permute_rows(m->co, ebuf, rows, map, hi - lo, m->d, 1);
     }
@@ -725,7 +863,7 @@ static int experts_in_parallel(const moe_layer *m, int rows) {
  * are independent, so any split computes the same numbers; backward the weight gradients sum over the
  * stages. */
 static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(moe_layer *, const exec *, int)) {
-    scmoe_status st = SCMOE_OK;
+    scmoe_status st = dispatch_ensure(m); /* stage 0 reads the plan's receive side: it may wait on it */
     for (int s = 0; s < m->plan.n_stages && !st; s++) {
         if (stage_travels(m, s)) st = dispatch_wait(m, s);
         if (st) break;
@@ -738,17 +876,17 @@ static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(m
 static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
     const int *off = m->plan.expert_offsets + (size_t)s * m->E_local;
     int d = m->d, h = m->h, h1 = m->h1;
-    stage_rows(m, s, m->xe, m->recv, m->send, 0);
+    stage_rows(m, s, m->buf.xe, m->xch.recv, m->xch.send, 0);
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
         int o = off[i], rows = off[i + 1] - o;
         if (rows <= 0) continue;
         float *w[4];
         expert_weights(m, i, w);
-        scmoe__ffn_forward(ex, m->ye + (size_t)o * d, m->pre + (size_t)o * h1, m->hid + (size_t)o * h,
-                           m->xe + (size_t)o * d, w[0], w[1], w[2], w[3], rows, d, h, m->cfg.activation);
+        scmoe__ffn_forward(ex, m->buf.ye + (size_t)o * d, m->buf.pre + (size_t)o * h1, m->buf.hid + (size_t)o * h,
+                           m->buf.xe + (size_t)o * d, w[0], w[1], w[2], w[3], rows, d, h, m->cfg.activation);
     }
-    stage_rows(m, s, m->ye, m->recv, m->crecv, 1);
+    stage_rows(m, s, m->buf.ye, m->xch.recv, m->xch.crecv, 1);
 }
 
 scmoe_status scmoe__moe_experts_forward(moe_layer *m, const exec *ex) {
@@ -756,7 +894,7 @@ scmoe_status scmoe__moe_experts_forward(moe_layer *m, const exec *ex) {
 }
 
 void scmoe__moe_decode(moe_layer *m, float *y, float beta) {
-    m->co->decode_rows(m->co, y, beta, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
+    m->co->decode_rows(m->co, y, beta, m->xch.crecv, m->plan_d.slot, m->buf.weight, m->n, m->k, m->d);
     m->forward_done = 1;
 }
 
@@ -764,17 +902,18 @@ void scmoe__moe_decode(moe_layer *m, float *y, float beta) {
 
 void scmoe__moe_decode_backward(moe_layer *m, const float *dy) {
     m->pass = 1;
-    m->next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
+    m->xch.next_dispatch = MOE_MAX_STAGES; /* as in gate_encode, until the gradient dispatch starts */
     m->comm_time = m->exposed_time = 0;
-    m->fetched = 0;
-    m->co->decode_rows_backward(m->co, m->send, m->dweight, dy, m->crecv, m->slot_d, m->weight, m->n, m->k, m->d);
+    m->off.fetched = 0;
+    m->co->decode_rows_backward(m->co, m->xch.send, m->buf.dweight, dy, m->xch.crecv, m->plan_d.slot, m->buf.weight,
+                                m->n, m->k, m->d);
 }
 
 static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
     const int *off = m->plan.expert_offsets + (size_t)s * m->E_local;
     int d = m->d, h = m->h, h1 = m->h1;
-    float *dye = m->rows, *dxe = m->dxe;
-    stage_rows(m, s, dye, m->recv, m->send, 0);
+    float *dye = m->buf.ye, *dxe = m->buf.dxe; /* dy rows in ye: free once forward is decoded */
+    stage_rows(m, s, dye, m->xch.recv, m->xch.send, 0);
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
         int o = off[i], rows = off[i + 1] - o, b = m->p_e0 + 4 * i;
@@ -782,11 +921,12 @@ static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
         float *w[4];
         expert_weights(m, i, w);
         scmoe__ffn_backward(ex, dxe + (size_t)o * d, 0.0f, param_gwork(m, b), param_gwork(m, b + 1),
-                            param_gwork(m, b + 2), param_gwork(m, b + 3), m->dhid + (size_t)o * h,
-                            m->dpre + (size_t)o * h1, dye + (size_t)o * d, m->xe + (size_t)o * d,
-                            m->pre + (size_t)o * h1, m->hid + (size_t)o * h, w[0], w[2], rows, d, h, m->cfg.activation);
+                            param_gwork(m, b + 2), param_gwork(m, b + 3), m->buf.dhid + (size_t)o * h,
+                            m->buf.dpre + (size_t)o * h1, dye + (size_t)o * d, m->buf.xe + (size_t)o * d,
+                            m->buf.pre + (size_t)o * h1, m->buf.hid + (size_t)o * h, w[0], w[2], rows, d, h,
+                            m->cfg.activation);
     }
-    stage_rows(m, s, dxe, m->recv, m->send, 1);
+    stage_rows(m, s, dxe, m->xch.recv, m->xch.send, 1);
 }
 
 scmoe_status scmoe__moe_experts_backward(moe_layer *m, const exec *ex) {
@@ -795,9 +935,11 @@ scmoe_status scmoe__moe_experts_backward(moe_layer *m, const exec *ex) {
 
 void scmoe__moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float beta) {
     int k = m->k, d = m->d;
-    m->co->decode_rows(m->co, dx, beta, m->send, m->slot_d, NULL, m->n, k, d); /* dx = beta dx + sum of the rows */
-    scmoe__gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->dlogits, m->dweight, m->choice, m->p, m->lse, m->x,
-                         m->wg, m->aux_coef, m->z_coef, m->n, d, m->E, k, m->cfg.renormalize);
+    m->co->decode_rows(m->co, dx, beta, m->xch.send, m->plan_d.slot, NULL, m->n, k,
+                       d); /* dx = beta dx + sum of the rows */
+    scmoe__gate_backward(ex, dx, 1.0f, param_gwork(m, m->p_wg), m->buf.dlogits, m->buf.dweight, m->gate.choice,
+                         m->gate.p, m->gate.lse, m->x, m->wg, m->plan_d.aux_coef, m->z_coef, m->n, d, m->E, k,
+                         m->cfg.renormalize);
 }
 
 void scmoe__moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
@@ -807,8 +949,8 @@ void scmoe__moe_fill_stats(const moe_layer *m, scmoe_stats *st) {
     st->dropped = m->plan.dropped;
     /* the C the capacity factor asks for, even when it exceeds S*k (then nothing drops): only -1 means
      * dropless; over the global batch, or (LOCAL) this rank's own tokens */
-    st->capacity = scmoe__route_slots(m->local_cap ? m->n : m->S_global, m->E, m->k,
+    st->capacity = scmoe__route_slots(m->local_cap ? m->n : m->plan.tokens, m->E, m->k,
                                       m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
     st->expert_tokens = m->plan.expert_kept;
-    st->experts_fetched = m->fetched;
+    st->experts_fetched = m->off.fetched;
 }

@@ -182,7 +182,8 @@ typedef enum scmoe_precision {
  * batch: P ranks route bitwise as one rank does, whatever the cluster, but bytes and host work per
  * rank grow with P. LOCAL (Tutel, DeepSpeed, the ScMoE paper): C = k*floor(CF*ceil(S_r/E)) slots per
  * expert for each source rank r's S_r tokens, priority within the rank; only per-expert counts
- * cross the network (one all-to-all of E_local*k ints per peer) and the statistics ride one
+ * cross the network (one all-to-all of E_local*k ints per peer, waited for where the dispatch starts:
+ * in a scmoe pair behind the dense ops after the gate) and the statistics ride one
  * nonblocking all-reduce of 3E+5 doubles, waited on at the end of the forward: flat in P. A token
  * then competes only with its own rank's tokens, so the routing (not the math) depends on how the
  * batch is split over ranks; one rank, or nothing dropped under TOKEN priority without gate noise,

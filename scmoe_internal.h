@@ -3,7 +3,7 @@
 #define SCMOE_INTERNAL_H
 
 #include "scmoe.h"
-#include "kernels/kernels.h"
+#include "ops.h"
 #include "mpi_backend/comm.h"
 
 struct scmoe_context {
@@ -126,6 +126,78 @@ typedef struct inflight {
 #define MOE_MAX_STAGES (SCMOE_MAX_PIPELINE_CHUNKS + 1)
 #define MOE_LSTATS(E)  (3 * (E) + 5)
 
+/* The gate's per-token outputs that routing (host code) reads, [max_tokens] rows each. On a device
+ * backend the host holds a mirror (moe_layer.gate_h) and one copy per forward moves the block they form:
+ * gate_outputs_take lays them out, in this order, as one block on either side, so nothing else can sit
+ * between them; choice is last, so n tokens' outputs end at choice + n k. */
+typedef struct gate_outputs {
+    float *p;     /* [n, E] softmax over every expert */
+    float *lse;   /* [n] logsumexp of the logits (the z-loss) */
+    float *score; /* [n] the top-1 p (batch priority) */
+    int *choice;  /* [n, k] the experts chosen */
+} gate_outputs;
+
+/* What the kernels read of the plan, written on the host each forward: the aux-loss coefficients, the
+ * plan's slot and recv_to_expert. On a device backend moe_layer.plan_d holds the device's copies, and one
+ * copy moves the block (plan_mirror_take lays it out the same way on either side; recv_to_expert last,
+ * so a plan ends at recv_to_expert + n_recv). */
+typedef struct plan_mirror {
+    float *aux_coef;     /* [E] dL/dp[t, e] of the weighted aux loss (scmoe__gate_backward) */
+    int *slot;           /* [max_send] */
+    int *recv_to_expert; /* [max_recv] */
+} plan_mirror;
+
+/* capacity over the global batch (GLOBAL): every rank's routing records gathered */
+typedef struct moe_gather {
+    int32_t *records_all;                          /* [S_max, k + 1]: the whole batch's records, rank after rank */
+    int *tokens_per_rank, *rec_bytes, *rec_displs; /* [world]: the allgatherv's counts (or -status: bad input) */
+} moe_gather;
+
+/* capacity per source rank (LOCAL): each rank's counts for each peer's experts by round, after its input
+ * status ([ep_size][1 + E_local*k], out and in, exchanged as one element per peer: ones, iota), and the
+ * statistics reduced without blocking ([MOE_LSTATS(E)], layout in moe.c) */
+typedef struct moe_local_cap {
+    int32_t *counts_out, *counts_in;
+    int *ones, *iota;
+    double *lstats;
+    inflight xcount, xstats;
+    int stats_pending;  /* xstats started by this forward, not yet folded into the plan and losses */
+    int counts_pending; /* xcount started by this forward, the plan's receive side not yet built from it */
+} moe_local_cap;
+
+/* activations and rows on the compute side (device memory on a device backend) */
+typedef struct moe_buffers {
+    float *logits, *dlogits; /* [max_tokens, E] */
+    float *weight, *dweight; /* [max_tokens, k] the combine weights */
+    /* expert-major rows [max_recv, .]: the experts' input and output (ye is also backward's dy rows: it
+     * is free once forward is decoded), their input gradient, the FFN's pre-activation and hidden */
+    float *xe, *ye, *dxe, *pre, *dpre, *hid, *dhid;
+} moe_buffers;
+
+/* the token exchanges: what MPI moves, what travels in each stage, and the exchanges in flight */
+typedef struct moe_exchange {
+    float *send, *recv, *crecv; /* send layout [max_send, d], receive layout [max_recv, d], combine's return */
+    /* bf16 wire buffers (wire_bf16): dispatches send from the send layout into the receive layout,
+     * combines the other way; a pipeline has both in flight, so each direction has its own pair */
+    uint16_t *wire_d_out, *wire_d_in, *wire_c_out, *wire_c_in;
+    /* [n_stages * ep_size]: what travels in each stage, send and receive side (my own block never does) */
+    int *xs_counts, *xs_displs, *xr_counts, *xr_displs;
+    inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
+    int next_dispatch;     /* the next stage whose dispatch has not started (MOE_MAX_STAGES: none to start) */
+    scmoe_status deferred; /* a dispatch started from scmoe__moe_poll that failed, reported by the next wait */
+} moe_exchange;
+
+/* expert offloading (slots > 0): the routed experts' weights live in mapped host memory and at most
+ * slots of them on the device at a time, each as the span of its w1, b1, w2, b2 */
+typedef struct moe_offload {
+    int slots, victim;   /* victim: the slot the next fetch takes (round robin) */
+    int fetched;         /* expert weight sets copied in during this call */
+    int prefetched;      /* copies in flight that the experts must wait for */
+    size_t span;         /* floats of one expert's four tensors, padding included */
+    float *cache;        /* [slots * span], device */
+    int *slot_of, *held; /* [E_local] expert -> slot or -1; [slots] slot -> expert or -1 */
+} moe_offload;
+
 typedef struct moe_layer {
     scmoe_context *ctx;
     scmoe_config cfg;
@@ -144,55 +216,28 @@ typedef struct moe_layer {
     /* parameters (into the owner's table) */
     int p_wg, p_e0; /* gate.weight; local expert i's w1, b1, w2, b2 are p_e0 + 4i + 0..3 */
     float *wg;
-    /* routing */
-    route_plan plan;
-    /* [n_stages * ep_size]: what travels in each stage, send and receive side (my own block never does) */
-    int *xs_counts, *xs_displs, *xr_counts, *xr_displs;
+    /* the gate and routing (host memory) */
+    route_plan plan; /* its slot and recv_to_expert are the host side of plan_d's mirror */
     void *route_work;
-    int32_t *records, *records_all;
-    int *tokens_per_rank, *rec_bytes, *rec_displs;
-    /* capacity per source rank (capacity_scope LOCAL): each rank's counts for each peer's experts by round,
-     * after its input status ([ep_size][1 + E_local*k], out and in, exchanged as one element per peer:
-     * ones, iota), and the statistics reduced without blocking ([MOE_LSTATS(E)], layout at gate_encode) */
-    int local_cap;
-    int32_t *counts_out, *counts_in;
-    int *ones, *iota;
-    double *lstats;
-    inflight xcount, xstats;
-    int stats_pending; /* xstats started by this forward, not yet folded into the plan and losses */
-    float *logits, *p, *lse, *weight, *score;
-    int *choice;
-    double *gsum;                 /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
-    float *aux_coef, *aux_coef_h; /* [E], device and host */
-    /* a device backend's host mirrors of the gate's outputs and device copies of the plan's slot and
-     * recv_to_expert; on the host backend the same arrays as their twins */
-    float *p_h, *lse_h, *score_h;
-    int *choice_h, *slot_d, *r2e_d;
+    int32_t *records;    /* [max_tokens, k + 1]: my tokens' k expert ids, then the top-1 p's bits */
+    double *gsum;        /* [E + 1]: sum_s p[s, e] then sum_s lse^2, reduced over ranks */
+    int64_t *top1_count; /* [E] */
+    float *aux_coef_h;   /* [E], the host side of plan_d.aux_coef */
     float aux_loss, z_loss, z_coef;
-    int64_t S_global, *top1_count;
-    /* rows */
-    float *send, *recv, *xe, *ye, *crecv, *rows, *dxe;
-    float *pre, *hid, *dhid, *dpre, *dweight, *dlogits;
-    /* bf16 wire buffers (wire_bf16): dispatches send from the send layout into the receive layout,
-     * combines the other way; a pipeline has both in flight, so each direction has its own pair */
-    uint16_t *wire_d_out, *wire_d_in, *wire_c_out, *wire_c_in;
+    int local_cap; /* capacity_scope LOCAL: lcap, else gather */
+    moe_gather gather;
+    moe_local_cap lcap;
+    gate_outputs gate, gate_h; /* the compute side's, and the host's (the same arrays on the host backend) */
+    plan_mirror plan_d;        /* the compute side's (on the host backend aux_coef_h and the plan's arrays) */
+    moe_buffers buf;
+    moe_exchange xch;
+    moe_offload off;
     /* state of the current step */
     int n;
     const float *x;
     int forward_done;
     int pass;                       /* 0 forward, 1 backward: names the exchanges and picks the combine's target */
-    int next_dispatch;              /* the next stage whose dispatch has not started */
     double comm_time, exposed_time; /* this pass's exchanges: time in flight, and time the caller waited */
-    scmoe_status deferred;          /* a dispatch started from scmoe__moe_poll that failed, reported by the next wait */
-    inflight xd[MOE_MAX_STAGES], xc[MOE_MAX_STAGES]; /* each stage's dispatch and combine */
-    /* expert offloading (slots > 0): the routed experts' weights live in mapped host memory and at
-     * most slots of them on the device at a time, each as the span of its w1, b1, w2, b2 */
-    int slots, victim;   /* victim: the slot the next fetch takes (round robin) */
-    int fetched;         /* expert weight sets copied in during this call */
-    int prefetched;      /* copies in flight that the experts must wait for */
-    size_t span;         /* floats of one expert's four tensors, padding included */
-    float *cache;        /* [slots * span], device */
-    int *slot_of, *held; /* [E_local] expert -> slot or -1; [slots] slot -> expert or -1 */
     /* told of every exchange as it completes (a schedule's timing and trace); may be NULL */
     void (*on_wait)(void *arg, const char *what, const inflight *f);
     void *on_wait_arg;
@@ -210,13 +255,15 @@ int scmoe__moe_pending(const moe_layer *m);
 void scmoe__moe_abandon(moe_layer *m, int keep_workspace);
 void scmoe__moe_bind_comms(moe_layer *m);
 
-/* forward: gate_encode (small blocking collectives; capacity LOCAL: one small all-to-all, and the
- * statistics' all-reduce left in flight until combine_wait) -> dispatch_start -> experts_forward ->
+/* forward: gate_encode (small blocking collectives; capacity LOCAL: the counts' all-to-all, waited for
+ * where the dispatch starts, and the statistics' all-reduce, left in flight until combine_wait) ->
+ * dispatch_start -> experts_forward ->
  * combine_wait -> decode. experts_forward goes stage by stage (route.c): it waits for a stage's dispatch, starts the
  * next one, runs the experts on the stage's rows and starts its combine; without pipelining that is
  * wait, experts, combine. */
 scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
-/* starts the first stage's exchange: forward the input rows, backward (after decode_backward) dy's */
+/* starts the first stage's exchange: forward the input rows, backward (after decode_backward) dy's;
+ * capacity LOCAL, forward: once the routing counts have landed (now, at a poll, or at the wait) */
 scmoe_status scmoe__moe_dispatch_start(moe_layer *m);
 /* starts stage s's dispatch (combine 0) or combine (1) on its own (run_stages starts the rest) */
 scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine);

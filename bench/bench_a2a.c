@@ -25,7 +25,7 @@
  *               communication.
  *     lib       scmoe__moe_dispatch_start + scmoe__moe_dispatch_wait, then scmoe__moe_exchange_start(combine) +
  *               scmoe__moe_combine_wait. The experts are not run: the combine sends back the rows
- *               the dispatch left in m->recv, which are the same bytes the experts' output would be.
+ *               the dispatch left in m->xch.recv, which are the same bytes the experts' output would be.
  *               "start" is the part of lib spent inside the two start calls: the
  *               work MPI_Ialltoallv does before returning (OpenMPI's libnbc copies the rank's own
  *               block, send to receive, synchronously there), which an overlapped schedule cannot hide.
@@ -190,7 +190,7 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     memcpy(rec, m.records, sizeof(int32_t) * (size_t)n * stride);
     int *tpr = xalloc(sizeof(int) * g_size * 3), *rb = tpr + g_size, *rdsp = tpr + 2 * g_size;
     int64_t S = 0;
-    for (int r = 0; r < g_size; r++) S += m.tokens_per_rank[r];
+    for (int r = 0; r < g_size; r++) S += m.gather.tokens_per_rank[r];
     int32_t *rec_all = xalloc(sizeof(int32_t) * (size_t)S * stride);
     double gs[1024];
     if (E + 1 > 1024) {

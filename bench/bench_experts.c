@@ -17,14 +17,14 @@
  * What is timed. The layer is built from the internal pieces the way layer.c does (scmoe__moe_init,
  * scmoe__params_allocate, scmoe__moe_alloc) on a one-rank context, and routed once for real (scmoe__moe_gate_encode,
  * dispatch, wait: top-1, capacity_factor 0 = dropless, random x and gate weights). One untimed
- * forward + decode + decode_backward + gradient dispatch then leaves dY rows in m->recv. Saved
+ * forward + decode + decode_backward + gradient dispatch then leaves dY rows in m->xch.recv. Saved
  * copies of the two recv buffers (x rows after dispatch, dY rows after the gradient dispatch) make
  * every timed pass start from the same state:
- *   scmoe__moe_experts_forward  reads x rows from m->recv and overwrites m->recv with y rows, and writes
- *                        m->xe, m->pre, m->hid;  so m->recv <- saved x rows before each forward.
- *   scmoe__moe_experts_backward reads dY rows from m->recv (and xe, pre, hid from the forward just run),
- *                        overwrites m->recv with dX rows and accumulates (+=) into the expert
- *                        gradients;  so m->recv <- saved dY rows before each backward.
+ *   scmoe__moe_experts_forward  reads x rows from m->xch.recv and overwrites m->xch.recv with y rows, and writes
+ *                        m->buf.xe, m->buf.pre, m->buf.hid;  so m->xch.recv <- saved x rows before each forward.
+ *   scmoe__moe_experts_backward reads dY rows from m->xch.recv (and xe, pre, hid from the forward just run),
+ *                        overwrites m->xch.recv with dX rows and accumulates (+=) into the expert
+ *                        gradients;  so m->xch.recv <- saved dY rows before each backward.
  * The restores are outside the timed regions; one sample = forward time + backward time. The
  * accumulated gradients only grow by a few multiples of one step's, which does not change speed.
  *
@@ -84,7 +84,7 @@ typedef struct bench {
     exec ex;
     int E, d, h, h1, T, R;
     scmoe_activation act;
-    float *x_recv, *dy_recv; /* m->recv after the dispatch / after the gradient dispatch */
+    float *x_recv, *dy_recv; /* m->xch.recv after the dispatch / after the gradient dispatch */
     float *dye;              /* dY rows expert-major, for the hand-written loops */
     /* baseline operands, one "expert" with all R rows */
     float *A, *W1, *P, *H, *W2, *Y, *dY, *dH, *dW2, *dP, *dW1, *dX;
@@ -142,14 +142,14 @@ static void bench_setup(bench *b, int E, int d, int h, int T, scmoe_activation a
     b->x_recv = xalloc(sizeof(float) * (size_t)R * d);
     b->dy_recv = xalloc(sizeof(float) * (size_t)R * d);
     b->dye = xalloc(sizeof(float) * (size_t)R * d);
-    memcpy(b->x_recv, m->recv, sizeof(float) * (size_t)R * d);
+    memcpy(b->x_recv, m->xch.recv, sizeof(float) * (size_t)R * d);
     die(b->ctx, scmoe__moe_experts_forward(m, &b->ex), "experts");
     die(b->ctx, scmoe__moe_combine_wait(m), "combine wait");
     scmoe__moe_decode(m, y, 0.0f);
     scmoe__moe_decode_backward(m, dy);
     die(b->ctx, scmoe__moe_dispatch_start(m), "grad dispatch");
     die(b->ctx, scmoe__moe_dispatch_wait(m), "grad dispatch wait");
-    memcpy(b->dy_recv, m->recv, sizeof(float) * (size_t)R * d);
+    memcpy(b->dy_recv, m->xch.recv, sizeof(float) * (size_t)R * d);
     for (int r = 0; r < R; r++) /* the same scatter scmoe__moe_experts_backward does */
         memcpy(b->dye + (size_t)m->plan.recv_to_expert[r] * d, b->dy_recv + (size_t)r * d, sizeof(float) * d);
     free(x);
@@ -256,12 +256,13 @@ static void ffn_loop(bench *b, int phase, int parallel) {
         size_t o = (size_t)off[i];
         int rows = off[i + 1] - off[i], p = m->p_e0 + 4 * i;
         if (phase == 0)
-            scmoe__ffn_forward(&b->ex, m->ye + o * d, m->pre + o * h1, m->hid + o * h, m->xe + o * d, pdata(b, p),
-                               pdata(b, p + 1), pdata(b, p + 2), pdata(b, p + 3), rows, d, h, b->act);
+            scmoe__ffn_forward(&b->ex, m->buf.ye + o * d, m->buf.pre + o * h1, m->buf.hid + o * h, m->buf.xe + o * d,
+                               pdata(b, p), pdata(b, p + 1), pdata(b, p + 2), pdata(b, p + 3), rows, d, h, b->act);
         else
-            scmoe__ffn_backward(&b->ex, m->dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2),
-                                pgrad(b, p + 3), m->dhid + o * h, m->dpre + o * h1, b->dye + o * d, m->xe + o * d,
-                                m->pre + o * h1, m->hid + o * h, pdata(b, p), pdata(b, p + 2), rows, d, h, b->act);
+            scmoe__ffn_backward(&b->ex, m->buf.dxe + o * d, 0.0f, pgrad(b, p), pgrad(b, p + 1), pgrad(b, p + 2),
+                                pgrad(b, p + 3), m->buf.dhid + o * h, m->buf.dpre + o * h1, b->dye + o * d,
+                                m->buf.xe + o * d, m->buf.pre + o * h1, m->buf.hid + o * h, pdata(b, p),
+                                pdata(b, p + 2), rows, d, h, b->act);
     }
 }
 
@@ -276,7 +277,7 @@ static double g_cpu; /* CPU seconds of the last run_phase */
 static double run_phase(bench *b, int mode, int phase) {
     moe_layer *m = &b->m;
     size_t rd = (size_t)b->R * b->d;
-    if (mode == MODE_LIB) memcpy(m->recv, phase == 0 ? b->x_recv : b->dy_recv, sizeof(float) * rd);
+    if (mode == MODE_LIB) memcpy(m->xch.recv, phase == 0 ? b->x_recv : b->dy_recv, sizeof(float) * rd);
     double c0 = cpu_seconds(), t0 = omp_get_wtime();
     switch (mode) {
     case MODE_BASE: six_gemms(b, phase, 0, b->R, b->W1, b->W2, b->dW1, b->dW2); break;

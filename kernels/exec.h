@@ -31,16 +31,12 @@ typedef struct exec {
     int poll_cols;              /* > 0: fixed tile width; 0: sized by poll_us */
     double poll_us;             /* target compute time between polls, microseconds; 0: one tile (a device) */
     double gflops[2];           /* nominal GFLOP/s per thread of the fp32 and bf16 engines (0: unknown) */
-    const compute_ops *compute; /* NULL: scmoe__compute_host() */
+    const compute_ops *compute; /* NULL: scmoe__compute_host() (exec_compute, ops.h) */
     int bf16;                   /* GEMMs in bf16 (blas->gemm_bf16) */
     const float *w;             /* the weights, and their bf16 copy (NULL: none, operands rounded per GEMM) */
     const uint16_t *wb;
     size_t wn;
 } exec;
-
-static inline const compute_ops *exec_compute(const exec *ex) {
-    return ex->compute ? ex->compute : scmoe__compute_host();
-}
 
 /* Calls the poll hook, from the master thread only (MPI is initialised FUNNELED at least). */
 void scmoe__exec_poll(const exec *ex);

@@ -1,4 +1,4 @@
-/* gate.c: the router (Tutel semantics).
+/* gate.c: the router's kernels (Tutel semantics); its GEMMs are router.c's, one level up.
  *
  *   logits = x Wg (Wg: d x E)  [+ noise_std * N(0,1) / E while training]
  *   p = softmax(logits) over all E experts;   top-k experts by p (ties: lower index)
@@ -18,14 +18,6 @@ void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, floa
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < N; i++)
         gate_softmax_row(logits + (long)i * E, p + (long)i * E, lse + i, E, noise_std, seed, step, token_offset + i);
-}
-
-void scmoe__gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
-                         int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset) {
-    if (N <= 0) return;
-    const compute_ops *co = exec_compute(ex);
-    scmoe__exec_gemm_fp32(ex, 0, 0, N, E, d, 1.0f, x, d, wg, E, 0.0f, logits, E);
-    co->gate_softmax(co, logits, p, lse, N, E, noise_std, seed, step, token_offset);
 }
 
 void scmoe__gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize) {
@@ -66,14 +58,4 @@ void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int
         for (int e = 0; e < E; e++) dot += pi[e] * dl[e];
         for (int e = 0; e < E; e++) dl[e] = pi[e] * (dl[e] - dot) + z_coef * 2.0f * lse[i] * pi[e];
     }
-}
-
-void scmoe__gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
-                          const int *choice, const float *p, const float *lse, const float *x, const float *wg,
-                          const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize) {
-    if (N <= 0) return;
-    const compute_ops *co = exec_compute(ex);
-    co->gate_backward_logits(co, dlogits, dweight, choice, p, lse, aux_coef, z_coef, N, E, k, renormalize);
-    scmoe__exec_gemm_fp32(ex, 1, 0, d, E, N, 1.0f, x, d, dlogits, E, 1.0f, dwg, E);
-    scmoe__exec_gemm_fp32(ex, 0, 1, N, d, E, 1.0f, dlogits, E, wg, E, beta_dx, dx, d);
 }

@@ -27,37 +27,25 @@ void scmoe__layernorm_forward(float *out, float *mean, float *rstd, const float 
 void scmoe__layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x, const float *w,
                                const float *mean, const float *rstd, int N, int C);
 
-/* ffn.c: pre [N, scmoe__ffn_width(h)], hid [N, h]; dx = dpre W1^T + beta_dx * dx */
+/* activation.c: pre [N, scmoe__ffn_width(h)], hid [N, h] */
 int scmoe__ffn_width(int h, scmoe_activation act);
 void scmoe__sum_rows(float *acc, const float *x, int N, int C);
 void scmoe__broadcast_rows(float *out, const float *b, int N, int C);
 /* pre += b (b may be NULL), then hid = act(pre) */
 void scmoe__activation_forward(float *hid, float *pre, const float *b, int N, int h, scmoe_activation act);
 void scmoe__activation_backward(float *dpre, const float *dhid, const float *pre, int N, int h, scmoe_activation act);
-void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
-                        const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act);
-void scmoe__ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
-                         float *dhid, float *dpre, const float *dout, const float *x, const float *pre,
-                         const float *hid, const float *w1, const float *w2, int N, int d, int h, scmoe_activation act);
 
 /* gate.c */
 /* logits [N, E] in (noise added in place), p [N, E] = softmax, lse [N] = logsumexp */
 void scmoe__gate_softmax(float *logits, float *p, float *lse, int N, int E, float noise_std, uint64_t seed,
                          uint64_t step, int64_t token_offset);
-/* logits = x Wg, then scmoe__gate_softmax */
-void scmoe__gate_forward(const exec *ex, float *logits, float *p, float *lse, const float *x, const float *wg, int N,
-                         int d, int E, float noise_std, uint64_t seed, uint64_t step, int64_t token_offset);
 /* choice [N, k], weight [N, k] (after renormalisation), score [N] = top-1 probability */
 void scmoe__gate_topk(int *choice, float *weight, float *score, const float *p, int N, int E, int k, int renormalize);
-/* dlogits [N, E] = dL/dlogits (the part of scmoe__gate_backward before its GEMMs) */
+/* dlogits [N, E] = dL/dlogits (the part of scmoe__gate_backward before its GEMMs); dweight [N, k] =
+ * dL/dweight; aux_coef [E] = dL/dp[s, e] from the aux loss (NULL: none); z_coef = w_z / S */
 void scmoe__gate_backward_logits(float *dlogits, const float *dweight, const int *choice, const float *p,
                                  const float *lse, const float *aux_coef, float z_coef, int N, int E, int k,
                                  int renormalize);
-/* dweight [N, k] = dL/dweight; aux_coef [E] = dL/dp[s, e] from the aux loss (NULL: none);
- * z_coef = w_z / S. dlogits [N, E] is scratch. dx = dlogits Wg^T + beta_dx * dx. */
-void scmoe__gate_backward(const exec *ex, float *dx, float beta_dx, float *dwg, float *dlogits, const float *dweight,
-                          const int *choice, const float *p, const float *lse, const float *x, const float *wg,
-                          const float *aux_coef, float z_coef, int N, int d, int E, int k, int renormalize);
 
 /* route.c */
 typedef struct route_plan {

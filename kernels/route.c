@@ -111,32 +111,25 @@ static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32
     }
 }
 
-void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
-                             int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity,
-                             int chunks) {
-    int E_local = E / ep_size, group = rank / ep_size, ep_rank = rank % ep_size;
-    int64_t S = 0, my_first = 0, my_end = 0, group_first = 0, group_end = 0;
+/* Where each rank's tokens sit in the global batch: [*my_first, *my_end) are mine, [*group_first,
+ * *group_end) my expert-parallel group's; the global batch S is returned, owner[t] = t's rank. */
+static int64_t batch_ranges(const int *tokens_per_rank, int world, int rank, int ep_size, int64_t *my_first,
+                            int64_t *my_end, int64_t *group_first, int64_t *group_end) {
+    int group = rank / ep_size;
+    int64_t S = 0;
     for (int r = 0; r < world; r++) {
-        if (r == rank) my_first = S;
-        if (r == group * ep_size) group_first = S;
+        if (r == rank) *my_first = S;
+        if (r == group * ep_size) *group_first = S;
         S += tokens_per_rank[r];
-        if (r == rank) my_end = S;
-        if (r == group * ep_size + ep_size - 1) group_end = S;
+        if (r == rank) *my_end = S;
+        if (r == group * ep_size + ep_size - 1) *group_end = S;
     }
-    int *loc = work, *order = loc + S * k, *owner = order + S;
-    ranked *rk = (ranked *)(owner + S);
-    int stride = k + 1;
+    return S;
+}
 
-    locate(pl, loc, order, rk, records, S, E, k, priority, capacity);
-    for (int r = 0, t = 0; r < world; r++)
-        for (int i = 0; i < tokens_per_rank[r]; i++) owner[t++] = r;
-
-    /* send side: my kept assignments per expert, experts in order (so destinations in order) */
-    int *cursor = pl->cursor; /* [E] */
-    memset(cursor, 0, sizeof(int) * E);
-    for (int64_t t = my_first; t < my_end; t++)
-        for (int j = 0; j < k; j++)
-            if (loc[t * k + j] < capacity) cursor[records[t * stride + j]]++;
+/* The send layout from kept rows per expert (cursor[e] on entry): send_counts and send_displs per
+ * destination rank; on return cursor[e] is where expert e's block starts. */
+static void send_layout(route_plan *pl, int *cursor, int E, int E_local, int ep_size) {
     memset(pl->send_counts, 0, sizeof(int) * ep_size);
     int start = 0;
     for (int e = 0; e < E; e++) {
@@ -150,6 +143,19 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
         pl->send_displs[q] = off;
         off += pl->send_counts[q];
     }
+}
+
+/* GLOBAL send side: my kept assignments per expert, experts in order (so destinations in order), and
+ * slot[t*k + j] = the row of my token t's j-th choice in that layout (round j, priority order), -1 dropped */
+static void global_send_side(route_plan *pl, const int *loc, const int *order, const int32_t *records, int64_t S,
+                             int64_t my_first, int64_t my_end, int E, int E_local, int ep_size, int k,
+                             int64_t capacity) {
+    int stride = k + 1, *cursor = pl->cursor; /* [E] */
+    memset(cursor, 0, sizeof(int) * E);
+    for (int64_t t = my_first; t < my_end; t++)
+        for (int j = 0; j < k; j++)
+            if (loc[t * k + j] < capacity) cursor[records[t * stride + j]]++;
+    send_layout(pl, cursor, E, E_local, ep_size);
     for (int j = 0; j < k; j++)
         for (int64_t i = 0; i < S; i++) {
             int64_t t = order[i];
@@ -157,16 +163,19 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
             int64_t a = t * k + j;
             pl->slot[(t - my_first) * k + j] = loc[a] < capacity ? cursor[records[t * stride + j]]++ : -1;
         }
+}
 
-    /* receive side: rows for my experts from each source of my group */
-    int first_e = ep_rank * E_local, S_n = scmoe__route_stages(chunks);
-    int *src_cnt = pl->src_cursor; /* [ep_size * E_local] */
+/* GLOBAL receive side: the rows for my experts from each source rank of my group, source-major then
+ * expert: recv_counts, recv_displs, and src_cursor[p * E_local + e] = where (p, e)'s rows start */
+static void global_recv_side(route_plan *pl, const int *loc, const int *owner, const int32_t *records,
+                             int64_t group_first, int64_t group_end, int group_rank0, int first_e, int E_local,
+                             int ep_size, int k, int64_t capacity) {
+    int stride = k + 1, *src_cnt = pl->src_cursor; /* [ep_size * E_local] */
     memset(src_cnt, 0, sizeof(int) * ep_size * E_local);
     for (int64_t t = group_first; t < group_end; t++)
         for (int j = 0; j < k; j++) {
             int e = records[t * stride + j] - first_e;
-            if (e >= 0 && e < E_local && loc[t * k + j] < capacity)
-                src_cnt[(owner[t] - group * ep_size) * E_local + e]++;
+            if (e >= 0 && e < E_local && loc[t * k + j] < capacity) src_cnt[(owner[t] - group_rank0) * E_local + e]++;
         }
     int off = 0;
     for (int p = 0; p < ep_size; p++) {
@@ -180,9 +189,23 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
         pl->recv_counts[p] = off - c0;
     }
     pl->n_recv = off;
-    pl->n_stages = S_n;
+}
 
-    /* rows per (stage, expert): block p holds expert e's rows at [src_cnt[p, e], src_cnt[p, e + 1]) */
+/* eoff[s * E_local + e + 1] holds the rows of (stage s, expert e): to offsets by a prefix sum, and
+ * ecur (a cursor per (stage, expert)) set to them */
+static void stage_offsets(int *eoff, int *ecur, int S_n, int E_local) {
+    for (int i = 0; i < S_n * E_local; i++) eoff[i + 1] += eoff[i];
+    memcpy(ecur, eoff, sizeof(int) * (size_t)S_n * E_local);
+}
+
+/* GLOBAL expert layout: rows per (stage, expert) into expert_offsets, then recv_to_expert in the order
+ * one rank would have the rows (round j, priority order). Block p holds expert e's rows at
+ * [src_cnt[p, e], src_cnt[p, e + 1]); src_cnt is used up as a cursor. */
+static void global_expert_layout(route_plan *pl, const int *loc, const int *order, const int *owner,
+                                 const int32_t *records, int64_t S, int64_t group_first, int64_t group_end,
+                                 int group_rank0, int first_e, int E_local, int ep_size, int ep_rank, int k,
+                                 int64_t capacity, int S_n) {
+    int stride = k + 1, *src_cnt = pl->src_cursor;
     int *eoff = pl->expert_offsets; /* [S_n * E_local + 1] */
     memset(eoff, 0, sizeof(int) * ((size_t)S_n * E_local + 1));
     for (int p = 0; p < ep_size; p++)
@@ -191,19 +214,37 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
             for (int r = src_cnt[p * E_local + e]; r < end; r++)
                 eoff[stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]) * E_local + e + 1]++;
         }
-    for (int i = 0; i < S_n * E_local; i++) eoff[i + 1] += eoff[i];
-    int *ecur = cursor; /* reuse: expert-buffer cursor per (stage, local expert) */
-    memcpy(ecur, eoff, sizeof(int) * (size_t)S_n * E_local);
+    int *ecur = pl->cursor; /* reuse: expert-buffer cursor per (stage, local expert) */
+    stage_offsets(eoff, ecur, S_n, E_local);
     for (int j = 0; j < k; j++)
         for (int64_t i = 0; i < S; i++) {
             int64_t t = order[i];
             if (t < group_first || t >= group_end) continue;
             int e = records[t * stride + j] - first_e;
             if (e < 0 || e >= E_local || loc[t * k + j] >= capacity) continue;
-            int p = owner[t] - group * ep_size, r = src_cnt[p * E_local + e]++;
+            int p = owner[t] - group_rank0, r = src_cnt[p * E_local + e]++;
             int stage = stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]);
             pl->recv_to_expert[r] = ecur[stage * E_local + e]++;
         }
+}
+
+void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records, const int *tokens_per_rank, int world,
+                             int rank, int ep_size, int E, int k, scmoe_priority priority, int64_t capacity,
+                             int chunks) {
+    int E_local = E / ep_size, group_rank0 = rank / ep_size * ep_size, ep_rank = rank % ep_size;
+    int64_t my_first = 0, my_end = 0, group_first = 0, group_end = 0;
+    int64_t S = batch_ranges(tokens_per_rank, world, rank, ep_size, &my_first, &my_end, &group_first, &group_end);
+    int *loc = work, *order = loc + S * k, *owner = order + S;
+    ranked *rk = (ranked *)(owner + S);
+    locate(pl, loc, order, rk, records, S, E, k, priority, capacity);
+    for (int r = 0, t = 0; r < world; r++)
+        for (int i = 0; i < tokens_per_rank[r]; i++) owner[t++] = r;
+    global_send_side(pl, loc, order, records, S, my_first, my_end, E, E_local, ep_size, k, capacity);
+    global_recv_side(pl, loc, owner, records, group_first, group_end, group_rank0, ep_rank * E_local, E_local, ep_size,
+                     k, capacity);
+    pl->n_stages = scmoe__route_stages(chunks);
+    global_expert_layout(pl, loc, order, owner, records, S, group_first, group_end, group_rank0, ep_rank * E_local,
+                         E_local, ep_size, ep_rank, k, capacity, pl->n_stages);
 }
 
 /* ---- capacity per source rank (LOCAL) ----
@@ -224,19 +265,8 @@ void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *rec
     locate(pl, loc, order, rk, records, n, E, k, priority, capacity);
 
     int *cursor = pl->cursor; /* [E]: kept rows per expert, then where the next one goes */
-    int start = 0;
-    memset(pl->send_counts, 0, sizeof(int) * ep_size);
-    for (int e = 0; e < E; e++) {
-        int c = (int)pl->expert_kept[e];
-        pl->send_counts[e / E_local] += c;
-        cursor[e] = start;
-        start += c;
-    }
-    pl->n_send = start;
-    for (int q = 0, off = 0; q < ep_size; q++) {
-        pl->send_displs[q] = off;
-        off += pl->send_counts[q];
-    }
+    for (int e = 0; e < E; e++) cursor[e] = (int)pl->expert_kept[e];
+    send_layout(pl, cursor, E, E_local, ep_size);
     for (int q = 0; q < ep_size; q++) memset(counts + (size_t)q * msg + 1, 0, sizeof(int32_t) * E_local * k);
     for (int j = 0; j < k; j++)
         for (int i = 0; i < n; i++) {
@@ -268,9 +298,8 @@ void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_
             for (int j = 0; j < k; j++)
                 for (int c = counts[(size_t)p * msg + 1 + e * k + j]; c > 0; c--, r++)
                     eoff[stage_of(S_n, p == ep_rank, r - pl->recv_displs[p], pl->recv_counts[p]) * E_local + e + 1]++;
-    for (int i = 0; i < S_n * E_local; i++) eoff[i + 1] += eoff[i];
     int *ecur = pl->cursor, *next = pl->src_cursor; /* per (stage, local expert); per source: its next row */
-    memcpy(ecur, eoff, sizeof(int) * (size_t)S_n * E_local);
+    stage_offsets(eoff, ecur, S_n, E_local);
     memcpy(next, pl->recv_displs, sizeof(int) * ep_size);
     for (int e = 0; e < E_local; e++)
         for (int j = 0; j < k; j++)

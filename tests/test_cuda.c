@@ -11,7 +11,7 @@
  * kernels.cu compiled as C++ on CPU threads, the runtime and cuBLAS on host memory.
  * Relative error = max |gpu - cpu| / max |cpu|. Ends with "N passed, N failed". */
 #include "../cuda_backend/cuda.h"
-#include "../kernels/kernels.h"
+#include "../ops.h"
 #include "check.h"
 #include <cuda_runtime_api.h>
 #include <math.h>

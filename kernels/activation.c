@@ -1,13 +1,12 @@
-/* ffn.c: the feed-forward network used by the dense MLP, the shared expert and every routed expert.
+/* activation.c: the elementwise and row-sum kernels of the feed-forward network (the GEMMs around
+ * them are ffn.c's, one level up):
  *
- *   GELU:    pre = x W1 + b1 (W1: d x h),   hid = gelu(pre),          out = hid W2 + b2 (W2: h x d)
- *   SwiGLU:  pre = x W1 + b1 (W1: d x 2h),  hid = silu(pre[:, :h]) * pre[:, h:],   out = hid W2 + b2
+ *   GELU:    hid = gelu(pre),                    pre [N, h]
+ *   SwiGLU:  hid = silu(pre[:, :h]) * pre[:, h:], pre [N, 2h]
  *   gelu(z) = 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))),  silu(z) = z sigmoid(z)
- * The elementwise passes are written to vectorize (exp_fast, omp simd): with scalar tanhf they cost
- * as much as the GEMMs (bench/bench_experts).
- *
- * Backward: dhid = dout W2^T, dW2 += hid^T dout, db2 += scmoe__sum_rows dout, dpre = act'(pre) . dhid,
- *           dW1 += x^T dpre, db1 += scmoe__sum_rows dpre, dx = dpre W1^T (+ beta dx). */
+ * and the bias's forward (scmoe__broadcast_rows) and backward (scmoe__sum_rows). The elementwise passes
+ * are written to vectorize (exp_fast, omp simd): with scalar tanhf they cost as much as the GEMMs
+ * (bench/bench_experts). */
 #include "kernels.h"
 #include <math.h>
 #include <stdint.h>
@@ -118,30 +117,3 @@ void scmoe__activation_backward(float *dpre, const float *dhid, const float *pre
 }
 
 int scmoe__ffn_width(int h, scmoe_activation act) { return act == SCMOE_SWIGLU ? 2 * h : h; }
-
-void scmoe__ffn_forward(const exec *ex, float *out, float *pre, float *hid, const float *x, const float *w1,
-                        const float *b1, const float *w2, const float *b2, int N, int d, int h, scmoe_activation act) {
-    if (N <= 0) return;
-    int h1 = scmoe__ffn_width(h, act);
-    const compute_ops *co = exec_compute(ex);
-    scmoe__exec_gemm(ex, 0, 0, N, h1, d, 1.0f, x, d, w1, h1, 0.0f, pre, h1);
-    co->activation_forward(co, hid, pre, b1, N, h, act);
-    co->broadcast_rows(co, out, b2, N, d);
-    scmoe__exec_gemm(ex, 0, 0, N, d, h, 1.0f, hid, h, w2, d, 1.0f, out, d);
-}
-
-void scmoe__ffn_backward(const exec *ex, float *dx, float beta_dx, float *dw1, float *db1, float *dw2, float *db2,
-                         float *dhid, float *dpre, const float *dout, const float *x, const float *pre,
-                         const float *hid, const float *w1, const float *w2, int N, int d, int h,
-                         scmoe_activation act) {
-    if (N <= 0) return;
-    int h1 = scmoe__ffn_width(h, act);
-    const compute_ops *co = exec_compute(ex);
-    scmoe__exec_gemm(ex, 0, 1, N, h, d, 1.0f, dout, d, w2, d, 0.0f, dhid, h);
-    scmoe__exec_gemm(ex, 1, 0, h, d, N, 1.0f, hid, h, dout, d, 1.0f, dw2, d);
-    co->sum_rows(co, db2, dout, N, d);
-    co->activation_backward(co, dpre, dhid, pre, N, h, act);
-    scmoe__exec_gemm(ex, 1, 0, d, h1, N, 1.0f, x, d, dpre, h1, 1.0f, dw1, h1);
-    co->sum_rows(co, db1, dpre, N, h1);
-    scmoe__exec_gemm(ex, 0, 1, N, d, h1, 1.0f, dpre, h1, w1, h1, beta_dx, dx, d);
-}
