@@ -1,7 +1,7 @@
 /* compute.h: where a layer's buffers live and what runs on them. The MoE calls its elementwise and
  * row-moving kernels, and its memory, through this table, the way it calls GEMMs through blas.h: the
  * host backend (compute_host.c: the functions of kernels/, OpenMP) or the CUDA one
- * (cuda_backend/compute.c: the kernels of kernels.cu on one stream) fills it, and the core never
+ * (cuda_backend/compute_cuda.c: the kernels of kernels.cu on one stream) fills it, and the core never
  * knows which.
  *
  * Three kinds of memory:

@@ -1,11 +1,11 @@
-/* compute.c: compute.h's table on a CUDA device: the kernels of kernels.cu on the stream of a cuda_blas,
+/* compute_cuda.c: compute.h's table on a CUDA device: the kernels of kernels.cu on the stream of a cuda_blas,
  * so GEMMs and kernels run in one order and the core needs no events.
  *
  * Memory. COMPUTE_DEVICE is cudaMalloc's. COMPUTE_MAPPED is pinned host memory mapped into the device's
  * address space (cudaHostAlloc, Mapped | Portable) and used through its one unified address: MPI reads
  * and writes it on the host, kernels pack rows into it and permute them out of it, so the permute of a
  * received block *is* its copy to the device, over PCIe, in the same pass. That is why the MoE needs no
- * staging copies (staging.c remains for callers that want explicit copies on a copy stream). A device
+ * staging copies. A device
  * without unified addressing (cudaHostGetDevicePointer giving another address) is refused. With a
  * CUDA-aware MPI the exchange buffers are device memory (exchange_kind) and MPI moves them itself.
  *
