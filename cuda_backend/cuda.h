@@ -48,6 +48,9 @@ typedef struct cuda_blas {
     int owns_stream;     /* created by scmoe__cuda_blas_create (destroyed with it) */
     int math;            /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for scmoe__cuda_blas_gemm */
     int status;          /* first failure of a void GEMM call, sticky: 0 none */
+    const void **ptrs;   /* device: the A, B, C pointer arrays of a grouped GEMM (3 x CUDA_GROUP_MAX) */
+    int grouped_off[2];  /* cuBLAS said NOT_SUPPORTED to the grouped call for [fp32 operands, bf16 operands]:
+                            those groups run as a loop of single GEMMs from then on */
     char err[160];       /* and its sentence */
 } cuda_blas;
 
@@ -71,19 +74,30 @@ void scmoe__cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N
 int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
                                const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc);
 
-/* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. */
+/* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. A and B are
+ * float (scmoe__cuda_blas_gemm_grouped) or bf16 bits (scmoe__cuda_blas_gemm_grouped_bf16); C is fp32. */
 typedef struct cuda_gemm_item {
     int M, N, K;
-    const float *A, *B;
+    const void *A, *B;
     float *C;
 } cuda_gemm_item;
 
-/* n GEMMs back to back on the stream (items on the host, operands on the device), e.g. the routed
- * experts, whose row ranges differ: item i = { rows_i, h1, d, xe + o_i*d, w1_i, pre + o_i*h1 }.
- * The forms with per-item sizes (cublasSgemmGroupedBatched) would need a device pointer array per
- * call; a loop of cublasSgemm on one stream keeps the GPU busy once rows_i is a few hundred. */
+/* The most GEMMs one grouped cuBLAS call takes (larger groups are cut into calls of this many). */
+enum { CUDA_GROUP_MAX = 64 };
+
+/* n GEMMs of their own sizes in ONE cuBLAS call (cublasGemmGroupedBatchedEx, one group per item),
+ * e.g. the routed experts, whose row ranges differ: item i = { rows_i, h1, d, xe + o_i*d, w1_i,
+ * pre + o_i*h1 }. Items on the host, operands on the device. The call takes device arrays of the
+ * operands' pointers: a kernel (scmoe__cuda_store_pointers) writes them into cb->ptrs from its
+ * arguments, in stream order, so the host never waits and the array is reused by the next call.
+ * Items with M or N <= 0 are skipped, K <= 0 scales C (openblas.c's edge cases). In cb->math (fp32, or
+ * CUBLAS_COMPUTE_32F_FAST_16BF for CUDA_MATH_BF16); where cuBLAS refuses a grouped form it runs as a
+ * loop of single GEMMs (cb->grouped_off). */
 void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
                                    int n, int lda, int ldb, float beta, int ldc);
+/* The same with bf16 A and B (CUDA_R_16BF), fp32 C, fp32 accumulation (CUBLAS_COMPUTE_32F). */
+void scmoe__cuda_blas_gemm_grouped_bf16(cuda_blas *cb, int trans_a, int trans_b, float alpha,
+                                        const cuda_gemm_item *items, int n, int lda, int ldb, float beta, int ldc);
 
 static inline int cuda_blas_get_status(const cuda_blas *cb) { return cb->status; }
 static inline void cuda_blas_clear_status(cuda_blas *cb) {
@@ -177,6 +191,12 @@ cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *
 cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate,
                                             int n, int d, cudaStream_t st);
 cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
+/* dst[i] = t.p[i] for i < n (n <= 3 * CUDA_GROUP_MAX): the grouped GEMM's device pointer arrays,
+ * written from the launch's own arguments so that no host buffer has to outlive the call */
+typedef struct cuda_pointer_table {
+    const void *p[3 * CUDA_GROUP_MAX];
+} cuda_pointer_table;
+cudaError_t scmoe__cuda_store_pointers(const void **dst, cuda_pointer_table t, int n, cudaStream_t s);
 /* bytes of p = 0, for any memory the device can reach (cudaMemsetAsync is for device memory; this also
  * zeroes mapped host memory: the gradient staging area) */
 cudaError_t scmoe__cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s);
