@@ -108,6 +108,7 @@ check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu $(B)/bench
 	$(CUDA_SAN_ENV) $(B)/tests/test_cuda_moe_emu
 	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe_emu)
 	$(CUDA_SAN_ENV) $(B)/bench/bench_cuda_emu $(CUDA_BENCH_SMOKE)
+	$(CUDA_SAN_ENV) $(B)/bench/bench_cuda_emu $(CUDA_BENCH_SMOKE) --bf16
 	tests/test_gpu_summary.sh
 endif
 
