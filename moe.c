@@ -873,10 +873,45 @@ static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(m
     return st;
 }
 
+/* ---- cuda (issue 19): the stage's experts through co->experts_forward / _backward, grouped GEMMs,
+ * COMPUTE_EXPERTS_MAX at a time. Not with offloading: a fetch may evict an expert the group still reads. */
+static int experts_grouped(const moe_layer *m) {
+    return m->co->experts_forward && m->co->experts_backward && !m->off.slots;
+}
+
+static void experts_group_run(moe_layer *m, const exec *ex, const int *off, int backward) {
+    expert_group g;
+    g.rows_cap = m->max_recv;
+    g.d = m->d;
+    g.h = m->h;
+    g.act = m->cfg.activation;
+    g.x = m->buf.xe, g.pre = m->buf.pre, g.hid = m->buf.hid, g.y = m->buf.ye;
+    g.dy = m->buf.ye, g.dx = m->buf.dxe, g.dhid = m->buf.dhid, g.dpre = m->buf.dpre;
+    for (int i0 = 0; i0 < m->E_local; i0 += COMPUTE_EXPERTS_MAX) {
+        g.n = m->E_local - i0 < COMPUTE_EXPERTS_MAX ? m->E_local - i0 : COMPUTE_EXPERTS_MAX;
+        for (int i = 0; i <= g.n; i++) g.off[i] = off[i0 + i];
+        for (int i = 0; i < g.n; i++) {
+            int b = m->p_e0 + 4 * (i0 + i);
+            g.w1[i] = param_data(m, b), g.b1[i] = param_data(m, b + 1);
+            g.w2[i] = param_data(m, b + 2), g.b2[i] = param_data(m, b + 3);
+            g.dw1[i] = param_gwork(m, b), g.db1[i] = param_gwork(m, b + 1);
+            g.dw2[i] = param_gwork(m, b + 2), g.db2[i] = param_gwork(m, b + 3);
+        }
+        if (backward) m->co->experts_backward(m->co, ex, &g);
+        else m->co->experts_forward(m->co, ex, &g);
+    }
+}
+/* ---- end cuda */
+
 static void experts_forward_stage(moe_layer *m, const exec *ex, int s) {
     const int *off = m->plan.expert_offsets + (size_t)s * m->E_local;
     int d = m->d, h = m->h, h1 = m->h1;
     stage_rows(m, s, m->buf.xe, m->xch.recv, m->xch.send, 0);
+    if (experts_grouped(m)) {
+        experts_group_run(m, ex, off, 0);
+        stage_rows(m, s, m->buf.ye, m->xch.recv, m->xch.crecv, 1);
+        return;
+    }
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
         int o = off[i], rows = off[i + 1] - o;
@@ -914,6 +949,11 @@ static void experts_backward_stage(moe_layer *m, const exec *ex, int s) {
     int d = m->d, h = m->h, h1 = m->h1;
     float *dye = m->buf.ye, *dxe = m->buf.dxe; /* dy rows in ye: free once forward is decoded */
     stage_rows(m, s, dye, m->xch.recv, m->xch.send, 0);
+    if (experts_grouped(m)) {
+        experts_group_run(m, ex, off, 1);
+        stage_rows(m, s, dxe, m->xch.recv, m->xch.send, 1);
+        return;
+    }
 #pragma omp parallel for schedule(dynamic) if (experts_in_parallel(m, off[m->E_local] - off[0]))
     for (int i = 0; i < m->E_local; i++) {
         int o = off[i], rows = off[i + 1] - o, b = m->p_e0 + 4 * i;

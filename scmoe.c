@@ -412,7 +412,8 @@ void scmoe__params_free(param_table *pt) {
         pt->co->release(pt->co, pt->stage, pt->co->exchange_kind);
         pt->co->release(pt->co, pt->data_host, COMPUTE_MAPPED);
     }
-    free(pt->data_bf16);
+    if (pt->co && pt->co->device) pt->co->release(pt->co, pt->data_bf16, COMPUTE_DEVICE); /* precision.c */
+    else free(pt->data_bf16);
     memset(pt, 0, sizeof *pt);
 }
 

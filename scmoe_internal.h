@@ -82,7 +82,7 @@ typedef struct param_table {
     float *data, *grad, *stage;
     float *data_host;    /* mapped: the data of host_data tensors */
     int prefix_len;      /* bytes of the host's name prefix in front of every name (scmoe_*_set_name_prefix) */
-    uint16_t *data_bf16; /* SCMOE_PRECISION_BF16 on the host: data rounded to bf16, same offsets (precision.c) */
+    uint16_t *data_bf16; /* SCMOE_PRECISION_BF16: data rounded to bf16, same offsets, co's memory (precision.c) */
 } param_table;
 
 /* Adds a tensor; returns its index, or -1 and sets failed (NOMEM). Pointers are set by scmoe__params_allocate. */
@@ -104,7 +104,7 @@ void scmoe__params_add_stage(param_table *pt);
  * not fit, and then nothing changes. */
 scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const char *prefix);
 /* precision.c: with cfg->precision BF16, points ex at bf16 GEMMs (the host's table, made on first use) and
- * on the host gives pt a bf16 copy of its data (after scmoe__params_allocate); nothing with FP32. */
+ * gives pt a bf16 copy of its data (after scmoe__params_allocate; device memory on a device); nothing with FP32. */
 scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg, param_table *pt, exec *ex);
 /* Rounds pt's data into its bf16 copy again (scmoe_*_params_changed); nothing without one. */
 void scmoe__precision_refresh(param_table *pt);

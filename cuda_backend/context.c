@@ -1,9 +1,26 @@
 /* context.c: scmoe_context_use_cuda (scmoe_cuda.h): a context's GEMM table becomes a cuda_blas and its
- * compute table the CUDA one (compute.c), both on the cuda_blas's own stream. */
+ * compute table the CUDA one (compute_cuda.c), both on the cuda_blas's own stream. */
 #include "../scmoe_cuda.h"
 #include "../scmoe_internal.h"
 #include "cuda.h"
 #include <stdlib.h>
+
+#ifdef SCMOE_WITH_MPI
+#include <mpi.h>
+#if defined(__has_include)
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h> /* OpenMPI: MPIX_CUDA_AWARE_SUPPORT, MPIX_Query_cuda_support */
+#endif
+#endif
+#endif
+
+int scmoe__cuda_mpi_cuda_aware(void) {
+#if defined(SCMOE_WITH_MPI) && defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+    return MPIX_Query_cuda_support() == 1; /* built with CUDA; the run time says whether it is on */
+#else
+    return 0; /* not OpenMPI, built without CUDA, or no MPI: assume not aware */
+#endif
+}
 
 typedef struct cuda_backend {
     cuda_blas *cb;

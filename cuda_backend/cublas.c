@@ -127,6 +127,11 @@ scmoe_status scmoe__cuda_blas_create(cuda_blas **out, cudaStream_t stream, int m
         return bs == CUBLAS_STATUS_ALLOC_FAILED ? SCMOE_ERR_NOMEM : SCMOE_ERR_UNSUPPORTED;
     }
     cb->handle = h;
+    if ((e = cudaMalloc((void **)&cb->ptrs, sizeof(void *) * 3 * CUDA_GROUP_MAX)) != cudaSuccess) {
+        set_err(err, "cudaMalloc of the grouped GEMM's pointer arrays failed: %s", cudaGetErrorString(e));
+        scmoe__cuda_blas_destroy(cb);
+        return SCMOE_ERR_NOMEM;
+    }
     if ((bs = cublasSetStream(h, stream)) != CUBLAS_STATUS_SUCCESS ||
         (bs = cublasSetMathMode(h, CUBLAS_DEFAULT_MATH)) != CUBLAS_STATUS_SUCCESS) {
         set_err(err, "cublasSetStream / cublasSetMathMode failed: %s", cublasGetStatusString(bs));
@@ -140,6 +145,7 @@ scmoe_status scmoe__cuda_blas_create(cuda_blas **out, cudaStream_t stream, int m
 void scmoe__cuda_blas_destroy(cuda_blas *cb) {
     if (!cb) return;
     if (cb->handle) cublasDestroy(cb->handle);
+    cudaFree(cb->ptrs);
     if (cb->owns_stream && cb->stream) cudaStreamDestroy(cb->stream);
     free(cb);
 }
@@ -215,14 +221,96 @@ int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, i
     return 0;
 }
 
-void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
-                                   int n, int lda, int ldb, float beta, int ldc) {
+/* One grouped call for items[0..n) (n <= CUDA_GROUP_MAX), operands of type t (CUDA_R_32F or
+ * CUDA_R_16BF). Each item is checked and mapped to column-major as a single GEMM would be; those with
+ * nothing to multiply are done on the spot (nothing, or C = beta C), the rest go into one
+ * cublasGemmGroupedBatchedEx with one group per item (their sizes differ), after their pointers went to
+ * cb->ptrs in stream order. Returns 0, or CUBLAS_STATUS_NOT_SUPPORTED untouched (nothing ran: the
+ * caller loops instead); other failures are recorded on cb. */
+static int grouped_call(cuda_blas *cb, int t, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items, int n,
+                        int lda, int ldb, float beta, int ldc) {
+    cublasOperation_t ta[CUDA_GROUP_MAX], tb[CUDA_GROUP_MAX];
+    int m[CUDA_GROUP_MAX], nn[CUDA_GROUP_MAX], k[CUDA_GROUP_MAX], la[CUDA_GROUP_MAX], lb[CUDA_GROUP_MAX],
+        lc[CUDA_GROUP_MAX], size[CUDA_GROUP_MAX];
+    float al[CUDA_GROUP_MAX], be[CUDA_GROUP_MAX];
+    cuda_pointer_table pt;
+    int g = 0;
+    for (int i = 0; i < n; i++) {
+        const cuda_gemm_item *it = &items[i];
+        cuda_gemm_colmajor c;
+        int code;
+        if (!gemm_prepare(cb, "scmoe__cuda_blas_gemm_grouped", trans_a, trans_b, it->M, it->N, it->K, lda, ldb, beta,
+                          it->A, it->B, it->C, ldc, &c, &code))
+            continue;
+        ta[g] = op(c.trans_first);
+        tb[g] = op(c.trans_second);
+        m[g] = c.m;
+        nn[g] = c.n;
+        k[g] = c.k;
+        la[g] = c.ld_first;
+        lb[g] = c.ld_second;
+        lc[g] = c.ldc;
+        size[g] = 1;
+        al[g] = alpha;
+        be[g] = beta;
+        pt.p[g] = it->B; /* the column-major call's first operand is B, its second A */
+        pt.p[CUDA_GROUP_MAX + g] = it->A;
+        pt.p[2 * CUDA_GROUP_MAX + g] = it->C;
+        g++;
+    }
+    if (!g || cb->status) return 0;
+    cudaError_t e = scmoe__cuda_store_pointers(cb->ptrs, pt, 3 * CUDA_GROUP_MAX, cb->stream);
+    if (e != cudaSuccess) {
+        fail(cb, (int)e, "scmoe__cuda_blas_gemm_grouped: storing the pointers failed: %s", cudaGetErrorString(e));
+        return 0;
+    }
+    cublasComputeType_t ct =
+        t == CUDA_R_16BF || cb->math != CUDA_MATH_BF16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+    cublasStatus_t s = cublasGemmGroupedBatchedEx(
+        cb->handle, ta, tb, m, nn, k, al, cb->ptrs, (cudaDataType_t)t, la, cb->ptrs + CUDA_GROUP_MAX, (cudaDataType_t)t,
+        lb, be, (void *const *)(cb->ptrs + 2 * CUDA_GROUP_MAX), CUDA_R_32F, lc, g, size, ct);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED) return (int)s;
+    if (s != CUBLAS_STATUS_SUCCESS)
+        fail(cb, (int)s, "scmoe__cuda_blas_gemm_grouped: %s (%d GEMMs)", cublasGetStatusString(s), g);
+    return 0;
+}
+
+static void grouped(cuda_blas *cb, int bf16, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items, int n,
+                    int lda, int ldb, float beta, int ldc) {
     if (!cb) return;
     if (n > 0 && !items) {
         fail(cb, CUBLAS_STATUS_INVALID_VALUE, "scmoe__cuda_blas_gemm_grouped: items is NULL with n = %d", n);
         return;
     }
-    for (int i = 0; i < n; i++)
-        scmoe__cuda_blas_gemm(cb, trans_a, trans_b, items[i].M, items[i].N, items[i].K, alpha, items[i].A, lda,
-                              items[i].B, ldb, beta, items[i].C, ldc);
+    int done = 0, refused = 0;
+    while (done < n && !cb->grouped_off[bf16]) {
+        int c = n - done < CUDA_GROUP_MAX ? n - done : CUDA_GROUP_MAX;
+        if (grouped_call(cb, bf16 ? CUDA_R_16BF : CUDA_R_32F, trans_a, trans_b, alpha, items + done, c, lda, ldb, beta,
+                         ldc) == CUBLAS_STATUS_NOT_SUPPORTED) {
+            cb->grouped_off[bf16] = 1;
+            refused = c; /* their K <= 0 items were scaled already */
+            break;
+        }
+        done += c;
+    }
+    for (int i = done; i < n; i++) {
+        const cuda_gemm_item *it = &items[i];
+        if (i < done + refused && it->K <= 0) continue;
+        if (bf16)
+            scmoe__cuda_blas_gemm_bf16(cb, trans_a, trans_b, it->M, it->N, it->K, alpha, it->A, lda, it->B, ldb, beta,
+                                       it->C, ldc);
+        else
+            scmoe__cuda_blas_gemm(cb, trans_a, trans_b, it->M, it->N, it->K, alpha, it->A, lda, it->B, ldb, beta, it->C,
+                                  ldc);
+    }
+}
+
+void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
+                                   int n, int lda, int ldb, float beta, int ldc) {
+    grouped(cb, 0, trans_a, trans_b, alpha, items, n, lda, ldb, beta, ldc);
+}
+
+void scmoe__cuda_blas_gemm_grouped_bf16(cuda_blas *cb, int trans_a, int trans_b, float alpha,
+                                        const cuda_gemm_item *items, int n, int lda, int ldb, float beta, int ldc) {
+    grouped(cb, 1, trans_a, trans_b, alpha, items, n, lda, ldb, beta, ldc);
 }

@@ -4,7 +4,8 @@
  *               a grouped (per-expert) GEMM and a bf16 compute path
  *   kernels.cu  the kernels of kernels/ and moe.c on device buffers, forward and backward, with
  *               host-callable launch wrappers (below); same semantics, same formulas, same tie rules
- *   staging.c   token exchanges through pinned host buffers for an MPI that is not CUDA-aware
+ *   compute_cuda.c  compute.h's table on the device (kernels/compute_host.c is the host's)
+ *   context.c   scmoe_context_use_cuda
  *
  * Every pointer handed to a launch wrapper or to scmoe__cuda_blas_gemm* is a device pointer unless the
  * comment says "host". Wrappers validate their arguments on the host (negative sizes, NULL pointers
@@ -21,7 +22,7 @@
 #include <stdint.h>
 #include <cuda_runtime_api.h>
 #include "../blas_backend/blas.h"
-#include "../mpi_backend/comm.h"
+#include "../scmoe.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -47,6 +48,9 @@ typedef struct cuda_blas {
     int owns_stream;     /* created by scmoe__cuda_blas_create (destroyed with it) */
     int math;            /* CUDA_MATH_FP32 | CUDA_MATH_BF16 for scmoe__cuda_blas_gemm */
     int status;          /* first failure of a void GEMM call, sticky: 0 none */
+    const void **ptrs;   /* device: the A, B, C pointer arrays of a grouped GEMM (3 x CUDA_GROUP_MAX) */
+    int grouped_off[2];  /* cuBLAS said NOT_SUPPORTED to the grouped call for [fp32 operands, bf16 operands]:
+                            those groups run as a loop of single GEMMs from then on */
     char err[160];       /* and its sentence */
 } cuda_blas;
 
@@ -70,19 +74,30 @@ void scmoe__cuda_blas_gemm(cuda_blas *cb, int trans_a, int trans_b, int M, int N
 int scmoe__cuda_blas_gemm_bf16(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha,
                                const uint16_t *A, int lda, const uint16_t *B, int ldb, float beta, float *C, int ldc);
 
-/* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. */
+/* One GEMM of a group: its own sizes and operands, the group's op / ld / alpha / beta. A and B are
+ * float (scmoe__cuda_blas_gemm_grouped) or bf16 bits (scmoe__cuda_blas_gemm_grouped_bf16); C is fp32. */
 typedef struct cuda_gemm_item {
     int M, N, K;
-    const float *A, *B;
+    const void *A, *B;
     float *C;
 } cuda_gemm_item;
 
-/* n GEMMs back to back on the stream (items on the host, operands on the device), e.g. the routed
- * experts, whose row ranges differ: item i = { rows_i, h1, d, xe + o_i*d, w1_i, pre + o_i*h1 }.
- * The forms with per-item sizes (cublasSgemmGroupedBatched) would need a device pointer array per
- * call; a loop of cublasSgemm on one stream keeps the GPU busy once rows_i is a few hundred. */
+/* The most GEMMs one grouped cuBLAS call takes (larger groups are cut into calls of this many). */
+enum { CUDA_GROUP_MAX = 64 };
+
+/* n GEMMs of their own sizes in ONE cuBLAS call (cublasGemmGroupedBatchedEx, one group per item),
+ * e.g. the routed experts, whose row ranges differ: item i = { rows_i, h1, d, xe + o_i*d, w1_i,
+ * pre + o_i*h1 }. Items on the host, operands on the device. The call takes device arrays of the
+ * operands' pointers: a kernel (scmoe__cuda_store_pointers) writes them into cb->ptrs from its
+ * arguments, in stream order, so the host never waits and the array is reused by the next call.
+ * Items with M or N <= 0 are skipped, K <= 0 scales C (openblas.c's edge cases). In cb->math (fp32, or
+ * CUBLAS_COMPUTE_32F_FAST_16BF for CUDA_MATH_BF16); where cuBLAS refuses a grouped form it runs as a
+ * loop of single GEMMs (cb->grouped_off). */
 void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, float alpha, const cuda_gemm_item *items,
                                    int n, int lda, int ldb, float beta, int ldc);
+/* The same with bf16 A and B (CUDA_R_16BF), fp32 C, fp32 accumulation (CUBLAS_COMPUTE_32F). */
+void scmoe__cuda_blas_gemm_grouped_bf16(cuda_blas *cb, int trans_a, int trans_b, float alpha,
+                                        const cuda_gemm_item *items, int n, int lda, int ldb, float beta, int ldc);
 
 static inline int cuda_blas_get_status(const cuda_blas *cb) { return cb->status; }
 static inline void cuda_blas_clear_status(cuda_blas *cb) {
@@ -176,13 +191,19 @@ cudaError_t scmoe__cuda_cg_combine_forward(float *y, float *cgate, const float *
 cudaError_t scmoe__cuda_cg_combine_backward(float *ds, float *dz, const float *dy, const float *s, const float *cgate,
                                             int n, int d, cudaStream_t st);
 cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const float *v, int n, int d, cudaStream_t s);
+/* dst[i] = t.p[i] for i < n (n <= 3 * CUDA_GROUP_MAX): the grouped GEMM's device pointer arrays,
+ * written from the launch's own arguments so that no host buffer has to outlive the call */
+typedef struct cuda_pointer_table {
+    const void *p[3 * CUDA_GROUP_MAX];
+} cuda_pointer_table;
+cudaError_t scmoe__cuda_store_pointers(const void **dst, cuda_pointer_table t, int n, cudaStream_t s);
 /* bytes of p = 0, for any memory the device can reach (cudaMemsetAsync is for device memory; this also
  * zeroes mapped host memory: the gradient staging area) */
 cudaError_t scmoe__cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s);
 /* [scmoe__has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
 cudaError_t scmoe__cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
 
-/* ================================================================= the compute table (compute.c) */
+/* ================================================================= the compute table (compute_cuda.c) */
 
 /* compute.h's table on one stream (that of cb, which it does not own): device memory from cudaMalloc,
  * mapped memory from cudaHostAlloc(Mapped | Portable) used through its unified address, copies with
@@ -192,94 +213,12 @@ struct compute_ops;
 scmoe_status scmoe__cuda_compute_create(struct compute_ops **out, cuda_blas *cb, int cuda_aware, char *err);
 void scmoe__cuda_compute_destroy(struct compute_ops *co);
 
-/* ====================================================================== staging (no CUDA-aware MPI) */
+/* ============================================================================ MPI (context.c) */
 
 /* 1 when the MPI library can take device pointers: MPIX_Query_cuda_support() where OpenMPI's
  * mpi-ext.h says it was built with CUDA, else 0 (assume not aware). Needs MPI initialised; always
  * 0 in a build without SCMOE_WITH_MPI. */
 int scmoe__cuda_mpi_cuda_aware(void);
-
-/* The device calls staging makes, as a table so that the bookkeeping can be tested without a GPU.
- * Every call returns 0 on success, else a nonzero code (a cudaError_t for the runtime's; host_alloc
- * returns cudaErrorMemoryAllocation when out of memory). event_query returns 0 (complete), 1 (not
- * yet) or minus the error. kind: 0 device -> host, 1 host -> device. */
-typedef struct cuda_stage_ops {
-    int (*host_alloc)(void **p, size_t bytes); /* pinned host memory */
-    void (*host_free)(void *p);
-    int (*stream_create)(void **stream);
-    void (*stream_destroy)(void *stream);
-    int (*event_create)(void **event);
-    void (*event_destroy)(void *event);
-    int (*event_record)(void *event, void *stream);
-    int (*stream_wait_event)(void *stream, void *event);
-    int (*event_query)(void *event);
-    int (*memcpy_async)(void *dst, const void *src, size_t bytes, int kind, void *stream);
-} cuda_stage_ops;
-
-/* The CUDA runtime's calls (cudaHostAlloc, cudaStreamCreateWithFlags(non-blocking), cudaEventCreate
- * WithFlags(disable timing), cudaEventRecord, cudaStreamWaitEvent, cudaEventQuery, cudaMemcpyAsync). */
-const cuda_stage_ops *scmoe__cuda_stage_runtime_ops(void);
-
-enum {
-    CUDA_STAGE_IDLE = 0,  /* nothing in flight (or the last exchange finished and was collected) */
-    CUDA_STAGE_TO_HOST,   /* send rows being copied device -> pinned host (or, CUDA-aware: the
-                              producer's event not yet complete) */
-    CUDA_STAGE_EXCHANGE,  /* the comm's alltoallv in flight */
-    CUDA_STAGE_TO_DEVICE, /* received rows being copied pinned host -> device (enqueued: a stream
-                              that waits on ev_to_device sees them; CUDA-aware: skipped) */
-    CUDA_STAGE_DONE       /* the received rows are on the device (the copy has completed) */
-};
-
-/* One exchange's staging: pinned buffers, a copy stream and its events, sized once at create. */
-typedef struct cuda_stage {
-    const cuda_stage_ops *ops;
-    int cuda_aware;                             /* exchange device pointers directly: no copies */
-    size_t cap_send, cap_recv;                  /* bytes of the pinned buffers */
-    void *h_send, *h_recv;                      /* pinned host buffers (NULL when cuda_aware) */
-    void *copy_stream;                          /* cudaStream_t */
-    void *ev_ready, *ev_to_host, *ev_to_device; /* cudaEvent_t */
-    int state;
-    /* the exchange in flight */
-    comm *c;
-    const char *d_send;
-    char *d_recv;
-    const int *scounts, *sdispls, *rcounts, *rdispls; /* host, kept by the caller until DONE */
-    int elem_bytes, req;
-    size_t send_lo, send_bytes, recv_lo, recv_bytes; /* the byte spans the counts touch */
-    int polls;                                       /* progress calls since begin (for tests and traces) */
-    char err[256];
-} cuda_stage;
-
-/* Creates staging for exchanges of at most send_bytes out and recv_bytes in. ops NULL: the CUDA
- * runtime's. cuda_aware: scmoe__cuda_mpi_cuda_aware() or the caller's own knowledge. */
-scmoe_status scmoe__cuda_stage_create(cuda_stage **out, size_t send_bytes, size_t recv_bytes, int cuda_aware,
-                                      const cuda_stage_ops *ops);
-void scmoe__cuda_stage_destroy(cuda_stage *st);
-
-/* Starts an alltoallv of device rows (comm.h's counts and displacements, in elements of elem_bytes,
- * every array on the host and kept until DONE): records an event on producer (the stream that wrote
- * d_send), makes the copy stream wait for it, enqueues the device -> host copy of the send span and
- * records ev_to_host. The exchange itself starts in scmoe__cuda_stage_progress once that event completes,
- * so nothing waits for the device as a whole. Returns SCMOE_ERR_STATE when one is already in
- * flight, SCMOE_ERR_OPTION when a count does not fit the buffers, SCMOE_ERR_UNSUPPORTED when a
- * device call fails. */
-scmoe_status scmoe__cuda_stage_begin(cuda_stage *st, comm *c, const void *d_send, const int *scounts,
-                                     const int *sdispls, void *d_recv, const int *rcounts, const int *rdispls,
-                                     int elem_bytes, cudaStream_t producer);
-/* Moves the exchange along without blocking: starts it once the send copy's event has completed,
- * tests it (letting the comm progress), enqueues the host -> device copy once it has arrived.
- * *done = 1 from then on (state TO_DEVICE or DONE): the rows can be consumed in stream order, after
- * scmoe__cuda_stage_finish. d_send may be overwritten once the state has passed TO_HOST. Call it between
- * kernels, like scmoe__exec_poll. SCMOE_ERR_STATE when nothing is in flight; a failure (the comm's status,
- * or SCMOE_ERR_UNSUPPORTED for a device call) abandons the exchange and returns the stage to IDLE. */
-scmoe_status scmoe__cuda_stage_progress(cuda_stage *st, int *done);
-/* Makes consumer wait for the received rows on the device (cudaStreamWaitEvent: the host does not
- * wait) and returns the stage to IDLE. Valid once *done (TO_DEVICE or DONE): SCMOE_ERR_STATE before. */
-scmoe_status scmoe__cuda_stage_finish(cuda_stage *st, cudaStream_t consumer);
-/* progress until done, then finish: a blocking convenience that spins on the host.
- * timeout_s <= 0: the comm's timeout_s. SCMOE_ERR_TIMEOUT (the exchange stays in flight) when it
- * runs out. */
-scmoe_status scmoe__cuda_stage_wait(cuda_stage *st, cudaStream_t consumer, double timeout_s);
 
 #ifdef __cplusplus
 }

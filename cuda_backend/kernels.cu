@@ -724,6 +724,21 @@ extern "C" cudaError_t scmoe__cuda_add_outer(float *out, const float *u, const f
     return cudaGetLastError();
 }
 
+/* ----------------------------------------------------------------- grouped GEMM pointers */
+
+/* the table arrives by value (kernel arguments are copied at launch), so the host's copy may go at once */
+__global__ static void k_store_pointers(const void **dst, cuda_pointer_table t, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = t.p[i];
+}
+
+extern "C" cudaError_t scmoe__cuda_store_pointers(const void **dst, cuda_pointer_table t, int n, cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && n <= 3 * CUDA_GROUP_MAX);
+    if (n == 0) return cudaSuccess;
+    CHECK_ARGS(dst);
+    LAUNCH(k_store_pointers, 1, 3 * CUDA_GROUP_MAX, 0, s, dst, t, n);
+    return cudaGetLastError();
+}
+
 /* ------------------------------------------------------------------------------- zero */
 
 /* words first (4-byte aligned start), then the bytes before and after them */

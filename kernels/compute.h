@@ -1,7 +1,7 @@
 /* compute.h: where a layer's buffers live and what runs on them. The MoE calls its elementwise and
  * row-moving kernels, and its memory, through this table, the way it calls GEMMs through blas.h: the
  * host backend (compute_host.c: the functions of kernels/, OpenMP) or the CUDA one
- * (cuda_backend/compute.c: the kernels of kernels.cu on one stream) fills it, and the core never
+ * (cuda_backend/compute_cuda.c: the kernels of kernels.cu on one stream) fills it, and the core never
  * knows which.
  *
  * Three kinds of memory:
@@ -28,6 +28,21 @@ enum { COMPUTE_HOST = 0, COMPUTE_DEVICE = 1, COMPUTE_MAPPED = 2 };
 
 typedef struct compute_ops compute_ops;
 struct exec;
+
+/* The routed experts of one stage as one unit (compute_ops.experts_forward / _backward): expert i's
+ * rows are [off[i], off[i + 1]) of every buffer; its weights and gradients are its own tensors. */
+enum { COMPUTE_EXPERTS_MAX = 64 }; /* experts per call: the MoE cuts more into several */
+typedef struct expert_group {
+    int n; /* experts */
+    int off[COMPUTE_EXPERTS_MAX + 1];
+    int rows_cap; /* rows every buffer holds (off[n] <= rows_cap) */
+    int d, h;
+    scmoe_activation act;
+    const float *w1[COMPUTE_EXPERTS_MAX], *b1[COMPUTE_EXPERTS_MAX], *w2[COMPUTE_EXPERTS_MAX], *b2[COMPUTE_EXPERTS_MAX];
+    float *dw1[COMPUTE_EXPERTS_MAX], *db1[COMPUTE_EXPERTS_MAX], *dw2[COMPUTE_EXPERTS_MAX], *db2[COMPUTE_EXPERTS_MAX];
+    float *x, *pre, *hid, *y;     /* forward: [rows, d], [rows, ffn_width(h)], [rows, h], [rows, d] */
+    float *dy, *dx, *dhid, *dpre; /* backward: dx overwritten, gradients += */
+} expert_group;
 struct compute_ops {
     const char *name;
     int device;        /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
@@ -86,6 +101,10 @@ struct compute_ops {
      * the kernels enqueued after it wait for every prefetch */
     void (*prefetch)(const compute_ops *self, void *dst, const void *src, size_t bytes);
     void (*prefetch_wait)(const compute_ops *self);
+    /* scmoe__ffn_forward / scmoe__ffn_backward of every expert of g at once (grouped GEMMs); NULL: the
+     * MoE runs them one by one (the host's threads take experts in parallel instead) */
+    void (*experts_forward)(const compute_ops *self, const struct exec *ex, const expert_group *g);
+    void (*experts_backward)(const compute_ops *self, const struct exec *ex, const expert_group *g);
     void (*bf16_pack)(const compute_ops *self, uint16_t *dst, const float *src, size_t n);
     void (*bf16_unpack)(const compute_ops *self, float *dst, const uint16_t *src, size_t n);
 };

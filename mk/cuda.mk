@@ -56,8 +56,7 @@ NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall,-Wextra,-Wno-unused-
 CUDA_EMU_CXXFLAGS := -O2 -g -std=c++17 -Wall -Wextra -Wno-unused-parameter -fPIC -pthread -MMD -MP \
                      $(if $(filter 1,$(SAN)),-fsanitize=address$(comma)undefined -fno-omit-frame-pointer)
 
-CUDA_C_OBJ  := $(B)/cuda_backend/cublas.o $(B)/cuda_backend/staging.o $(B)/cuda_backend/compute.o \
-               $(B)/cuda_backend/context.o
+CUDA_C_OBJ  := $(B)/cuda_backend/cublas.o $(B)/cuda_backend/compute_cuda.o $(B)/cuda_backend/context.o
 CUDA_OBJ    := $(CUDA_C_OBJ) $(B)/cuda_backend/kernels.o
 CUDA_EMU_OBJ := $(B)/cuda_emu/kernels.o $(B)/cuda_emu/emu_launch.o $(B)/cuda_emu/runtime_emu.o
 
@@ -109,6 +108,7 @@ check-cuda-emu: $(B)/tests/test_cuda_emu $(B)/tests/test_cuda_moe_emu $(B)/bench
 	$(CUDA_SAN_ENV) $(B)/tests/test_cuda_moe_emu
 	$(if $(CUDA_MPIRUN),$(CUDA_MPIRUN) $(B)/tests/test_cuda_moe_emu)
 	$(CUDA_SAN_ENV) $(B)/bench/bench_cuda_emu $(CUDA_BENCH_SMOKE)
+	$(CUDA_SAN_ENV) $(B)/bench/bench_cuda_emu $(CUDA_BENCH_SMOKE) --bf16
 	tests/test_gpu_summary.sh
 endif
 

@@ -13,7 +13,9 @@
  * FLOPs of the experts (R rows, h1 = h for GELU): forward 2 R d h1 + 2 R h d, backward twice that.
  * The layer's time also holds the gate, the routing (one host round trip), the row permutations and
  * the bias/activation kernels, which the ratio charges to the library. Times are medians over reps
- * after 2 warm-up steps, host wall clock around calls that return with the device idle. */
+ * after 2 warm-up steps, host wall clock around calls that return with the device idle.
+ * --bf16: the layer and the pair in SCMOE_PRECISION_BF16 on SCMOE_CUDA_BF16 (bf16 weight copies and
+ * operands, fp32 accumulation), against cuBLAS on bf16 operands (cublasGemmEx, CUDA_R_16BF). */
 #include "../../scmoe.h"
 #include "../../scmoe_cuda.h"
 #include "../../cuda_backend/cuda.h"
@@ -95,6 +97,7 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
     cfg.top_k = 1;
     cfg.capacity_factor = 0; /* dropless: R = tokens */
     cfg.max_tokens = o->tokens;
+    cfg.precision = o->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32; /* bf16 weight copies, bf16 operands */
     scmoe_moe *m = NULL;
     if (scmoe_moe_create(ctx, &cfg, &m)) {
         if (!rank_) printf("layer: create failed: %s\n", scmoe_last_error(ctx));
@@ -118,15 +121,39 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
     int R = o->tokens, d = o->d, h = o->h;
     float *pre = dev_random((size_t)R * h, 5), *w1 = dev_random((size_t)d * h, 6), *w2 = dev_random((size_t)h * d, 7);
     float *dw1 = dev_random((size_t)d * h, 8), *dw2 = dev_random((size_t)h * d, 9), *out = dev_random(nd, 10);
+    /* bf16: the peer stores bf16 operands too (cublasGemmEx CUDA_R_16BF, fp32 accumulation and C) */
+    uint16_t *xb = NULL, *w1b = NULL, *w2b = NULL, *dyb = NULL, *preb = NULL;
+    if (o->bf16) {
+        cudaMalloc((void **)&xb, 2 * nd);
+        cudaMalloc((void **)&dyb, 2 * nd);
+        cudaMalloc((void **)&w1b, 2 * (size_t)d * h);
+        cudaMalloc((void **)&w2b, 2 * (size_t)d * h);
+        cudaMalloc((void **)&preb, 2 * (size_t)R * h);
+        scmoe__cuda_bf16_pack(xb, x, nd, 0);
+        scmoe__cuda_bf16_pack(dyb, dy, nd, 0);
+        scmoe__cuda_bf16_pack(w1b, w1, (size_t)d * h, 0);
+        scmoe__cuda_bf16_pack(w2b, w2, (size_t)d * h, 0);
+        scmoe__cuda_bf16_pack(preb, pre, (size_t)R * h, 0);
+        cudaDeviceSynchronize();
+    }
     if (!scmoe__cuda_blas_create(&cb, NULL, o->bf16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err)) {
         for (int r = -2; r < o->reps; r++) {
             double t0 = now();
-            scmoe__cuda_blas_gemm(cb, 0, 0, R, h, d, 1, x, d, w1, h, 0, pre, h);   /* pre = x W1 */
-            scmoe__cuda_blas_gemm(cb, 0, 0, R, d, h, 1, pre, h, w2, d, 0, out, d); /* out = hid W2 */
-            scmoe__cuda_blas_gemm(cb, 0, 1, R, h, d, 1, dy, d, w2, d, 0, pre, h);  /* dhid = dy W2^T */
-            scmoe__cuda_blas_gemm(cb, 1, 0, h, d, R, 1, pre, h, dy, d, 1, dw2, d); /* dW2 += hid^T dy */
-            scmoe__cuda_blas_gemm(cb, 1, 0, d, h, R, 1, x, d, pre, h, 1, dw1, h);  /* dW1 += x^T dpre */
-            scmoe__cuda_blas_gemm(cb, 0, 1, R, d, h, 1, pre, h, w1, h, 0, out, d); /* dx = dpre W1^T */
+            if (o->bf16) {
+                scmoe__cuda_blas_gemm_bf16(cb, 0, 0, R, h, d, 1, xb, d, w1b, h, 0, pre, h);
+                scmoe__cuda_blas_gemm_bf16(cb, 0, 0, R, d, h, 1, preb, h, w2b, d, 0, out, d);
+                scmoe__cuda_blas_gemm_bf16(cb, 0, 1, R, h, d, 1, dyb, d, w2b, d, 0, pre, h);
+                scmoe__cuda_blas_gemm_bf16(cb, 1, 0, h, d, R, 1, preb, h, dyb, d, 1, dw2, d);
+                scmoe__cuda_blas_gemm_bf16(cb, 1, 0, d, h, R, 1, xb, d, preb, h, 1, dw1, h);
+                scmoe__cuda_blas_gemm_bf16(cb, 0, 1, R, d, h, 1, preb, h, w1b, h, 0, out, d);
+            } else {
+                scmoe__cuda_blas_gemm(cb, 0, 0, R, h, d, 1, x, d, w1, h, 0, pre, h);   /* pre = x W1 */
+                scmoe__cuda_blas_gemm(cb, 0, 0, R, d, h, 1, pre, h, w2, d, 0, out, d); /* out = hid W2 */
+                scmoe__cuda_blas_gemm(cb, 0, 1, R, h, d, 1, dy, d, w2, d, 0, pre, h);  /* dhid = dy W2^T */
+                scmoe__cuda_blas_gemm(cb, 1, 0, h, d, R, 1, pre, h, dy, d, 1, dw2, d); /* dW2 += hid^T dy */
+                scmoe__cuda_blas_gemm(cb, 1, 0, d, h, R, 1, x, d, pre, h, 1, dw1, h);  /* dW1 += x^T dpre */
+                scmoe__cuda_blas_gemm(cb, 0, 1, R, d, h, 1, pre, h, w1, h, 0, out, d); /* dx = dpre W1^T */
+            }
             cudaStreamSynchronize(cb->stream);
             if (r >= 0) tb[r] = slowest(now() - t0);
         }
@@ -151,6 +178,11 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
     cudaFree(dw1);
     cudaFree(dw2);
     cudaFree(out);
+    cudaFree(xb);
+    cudaFree(dyb);
+    cudaFree(w1b);
+    cudaFree(w2b);
+    cudaFree(preb);
     free(t);
     free(tb);
     scmoe_moe_destroy(m);
@@ -167,6 +199,7 @@ static int bench_pair(scmoe_context *ctx, const opts *o, scmoe_arch arch, double
     cfg.max_tokens = o->batch * o->seq;
     cfg.arch = arch;
     cfg.shortcut_pos = 2;
+    cfg.precision = o->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
     scmoe_pair *p = NULL;
     if (scmoe_pair_create(ctx, &cfg, &p)) {
         if (!rank_) printf("pair: create failed: %s\n", scmoe_last_error(ctx));

@@ -304,3 +304,26 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     emu_device_leave();
     return st;
 }
+
+/* one group per entry as the library calls it, or group_size[g] GEMMs of the same shape; the pointer
+ * arrays are device memory, read here inside the emulated device call like the operands */
+cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperation_t ta[], const cublasOperation_t tb[],
+                                          const int m[], const int n[], const int k[], const void *alpha,
+                                          const void *const A[], cudaDataType at, const int lda[],
+                                          const void *const B[], cudaDataType bt, const int ldb[], const void *beta,
+                                          void *const C[], cudaDataType ct, const int ldc[], int group_count,
+                                          const int group_size[], cublasComputeType_t compute) {
+    (void)h;
+    if (ct != CUDA_R_32F || at != bt || (at != CUDA_R_32F && at != CUDA_R_16BF) ||
+        (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF))
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (group_count < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    emu_device_enter();
+    for (int g = 0, p = 0; g < group_count && !st; g++)
+        for (int j = 0; j < group_size[g] && !st; j++, p++)
+            st = gemm(ta[g], tb[g], m[g], n[g], k[g], ((const float *)alpha)[g], A[p], at, lda[g], B[p], bt, ldb[g],
+                      ((const float *)beta)[g], C[p], ldc[g], compute == CUBLAS_COMPUTE_32F_FAST_16BF);
+    emu_device_leave();
+    return st;
+}

@@ -1,11 +1,11 @@
-/* compute.c: compute.h's table on a CUDA device: the kernels of kernels.cu on the stream of a cuda_blas,
+/* compute_cuda.c: compute.h's table on a CUDA device: the kernels of kernels.cu on the stream of a cuda_blas,
  * so GEMMs and kernels run in one order and the core needs no events.
  *
  * Memory. COMPUTE_DEVICE is cudaMalloc's. COMPUTE_MAPPED is pinned host memory mapped into the device's
  * address space (cudaHostAlloc, Mapped | Portable) and used through its one unified address: MPI reads
  * and writes it on the host, kernels pack rows into it and permute them out of it, so the permute of a
  * received block *is* its copy to the device, over PCIe, in the same pass. That is why the MoE needs no
- * staging copies (staging.c remains for callers that want explicit copies on a copy stream). A device
+ * staging copies. A device
  * without unified addressing (cudaHostGetDevicePointer giving another address) is refused. With a
  * CUDA-aware MPI the exchange buffers are device memory (exchange_kind) and MPI moves them itself.
  *
@@ -13,7 +13,8 @@
  * a cuBLAS call on the same cuda_blas) is kept and `failed` hands it to the core, which returns
  * SCMOE_ERR_DEVICE at the end of the call. */
 #include "cuda.h"
-#include "../kernels/compute.h"
+#include "../kernels/exec.h"
+#include "../kernels/kernels.h"
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,7 +28,9 @@ typedef struct cuda_compute {
      * it, ev_copy the kernels after prefetch_wait for the copies */
     cudaStream_t copy_stream;
     cudaEvent_t ev_compute, ev_copy;
-    int status; /* first failure, 0 none */
+    uint16_t *bf16; /* the experts' activations rounded to bf16 (two operands), grown to the largest layer's */
+    size_t bf16_n;  /* elements; at its first call, never after */
+    int status;     /* first failure, 0 none */
     char err[160];
 } cuda_compute;
 
@@ -204,6 +207,157 @@ static void cuda_prefetch(const compute_ops *co, void *dst, const void *src, siz
 static void cuda_prefetch_wait(const compute_ops *co) {
     note(co, cudaStreamWaitEvent(stream_of(co), self_of(co)->ev_copy, 0), "cudaStreamWaitEvent");
 }
+/* ---- the experts of a stage, grouped (expert_group): every GEMM of kernels/ffn.c's scmoe__ffn_forward /
+ * _backward is one grouped cuBLAS call over the experts; the elementwise passes over all rows at once
+ * where nothing differs by expert (activations), per expert where it does (biases, their sums).
+ *
+ * bf16 (ex->bf16): with the weights' bf16 copy (ex->wb, made when the weights change) the GEMMs take bf16
+ * operands and accumulate in fp32 (CUDA_R_16BF, CUBLAS_COMPUTE_32F): each activation operand is rounded
+ * once into cc->bf16 (all experts' rows in one pass), the weights are never converted per call. This is
+ * the host's bf16 math (blas.h: products of rounded operands, fp32 sums). Without the copy the GEMMs
+ * run on fp32 operands in the table's math. */
+
+typedef struct group_gemm {
+    const compute_ops *co;
+    const struct exec *ex;
+    const expert_group *g;
+    int bf16;
+} group_gemm;
+
+/* an operand for the GEMM of expert i: fp32 at p, or its bf16 version */
+typedef struct operand {
+    const float *f;        /* fp32 base: activation rows (row stride ld), or NULL for a weight */
+    const uint16_t *b;     /* bf16 base of the same rows */
+    const float *const *w; /* weights: per expert */
+    int ld;
+} operand;
+
+static const uint16_t *weight_bf16(const struct exec *ex, const float *w) {
+    return ex->wb && w >= ex->w && w < ex->w + ex->wn ? ex->wb + (w - ex->w) : NULL;
+}
+
+static const void *operand_at(const group_gemm *gg, const operand *o, int i) {
+    const expert_group *g = gg->g;
+    if (o->w) return gg->bf16 ? (const void *)weight_bf16(gg->ex, o->w[i]) : (const void *)o->w[i];
+    size_t r = (size_t)(g->off[i] - g->off[0]) * o->ld;
+    return gg->bf16 ? (const void *)(o->b + r) : (const void *)(o->f + r);
+}
+
+/* rows [off[0], off[n]) of x (row length ld) rounded into slot (0 or 1) of cc->bf16 */
+static const uint16_t *round_rows(const group_gemm *gg, const float *x, int ld, int slot) {
+    cuda_compute *cc = self_of(gg->co);
+    const expert_group *g = gg->g;
+    uint16_t *dst = cc->bf16 + (size_t)slot * (cc->bf16_n / 2);
+    note(gg->co,
+         scmoe__cuda_bf16_pack(dst, x + (size_t)g->off[0] * ld, (size_t)(g->off[g->n] - g->off[0]) * ld,
+                               stream_of(gg->co)),
+         "rounding the experts' rows to bf16");
+    return dst;
+}
+
+/* an activation operand: rows of x from off[0], rounded into slot when in bf16 */
+static operand rows_of(const group_gemm *gg, const float *x, int ld, int slot) {
+    operand o = {x + (size_t)gg->g->off[0] * ld, NULL, NULL, ld};
+    if (gg->bf16) o.b = round_rows(gg, x, ld, slot);
+    return o;
+}
+static operand weights_of(const float *const *w) { return (operand){NULL, NULL, w, 0}; }
+
+/* C_i = alpha op(A_i) op(B_i) + beta C_i for the experts with rows; M, N, K given per expert by dims:
+ * 'r' the expert's rows, or a number. C_i is rows of c (ldc) or per-expert (cw). */
+static void group_run(const group_gemm *gg, int ta, int tb, const char *dims, int M, int N, int K, const operand *A,
+                      const operand *B, float beta, float *c, float *const *cw, int lda, int ldb, int ldc) {
+    const expert_group *g = gg->g;
+    cuda_gemm_item it[COMPUTE_EXPERTS_MAX];
+    int n = 0;
+    for (int i = 0; i < g->n; i++) {
+        int rows = g->off[i + 1] - g->off[i];
+        if (rows <= 0) continue;
+        it[n].M = dims[0] == 'r' ? rows : M;
+        it[n].N = dims[1] == 'r' ? rows : N;
+        it[n].K = dims[2] == 'r' ? rows : K;
+        it[n].A = operand_at(gg, A, i);
+        it[n].B = operand_at(gg, B, i);
+        it[n].C = cw ? cw[i] : c + (size_t)g->off[i] * ldc;
+        n++;
+    }
+    cuda_blas *cb = self_of(gg->co)->cb;
+    if (gg->bf16) scmoe__cuda_blas_gemm_grouped_bf16(cb, ta, tb, 1.0f, it, n, lda, ldb, beta, ldc);
+    else scmoe__cuda_blas_gemm_grouped(cb, ta, tb, 1.0f, it, n, lda, ldb, beta, ldc);
+}
+
+/* bf16 only where every weight of the group has its copy and the scratch is there */
+static int group_begin(group_gemm *gg, const compute_ops *co, const struct exec *ex, const expert_group *g) {
+    cuda_compute *cc = self_of(co);
+    *gg = (group_gemm){co, ex, g, 0};
+    if (g->n <= 0 || g->off[g->n] <= g->off[0]) return 0;
+    if (ex->bf16 && ex->wb) {
+        int ok = 1;
+        for (int i = 0; i < g->n && ok; i++) ok = weight_bf16(ex, g->w1[i]) && weight_bf16(ex, g->w2[i]);
+        int h1 = scmoe__ffn_width(g->h, g->act), wide = h1 > g->d ? h1 : g->d;
+        size_t need = 2 * (size_t)g->rows_cap * wide;
+        if (ok && need > cc->bf16_n) { /* the first call of the largest layer: the stream is idle then */
+            cudaFree(cc->bf16);
+            cc->bf16_n = 0;
+            if (cudaMalloc((void **)&cc->bf16, sizeof(uint16_t) * need) == cudaSuccess) cc->bf16_n = need;
+            else cc->bf16 = NULL;
+        }
+        gg->bf16 = ok && cc->bf16;
+    }
+    return 1;
+}
+
+static void cuda_experts_forward(const compute_ops *co, const struct exec *ex, const expert_group *g) {
+    group_gemm gg;
+    if (!group_begin(&gg, co, ex, g)) return;
+    int d = g->d, h = g->h, h1 = scmoe__ffn_width(h, g->act), rows = g->off[g->n] - g->off[0];
+    size_t o = (size_t)g->off[0];
+    /* pre = x W1 (+ b1 with the activation), hid = act(pre), y = b2 + hid W2 */
+    operand x = rows_of(&gg, g->x, d, 0), w1 = weights_of(g->w1), w2 = weights_of(g->w2);
+    group_run(&gg, 0, 0, "r..", 0, h1, d, &x, &w1, 0.0f, g->pre, NULL, d, h1, h1);
+    for (int i = 0; i < g->n; i++) {
+        int r = g->off[i + 1] - g->off[i];
+        if (r <= 0) continue;
+        float *pre = g->pre + (size_t)g->off[i] * h1;
+        note(co, scmoe__cuda_add_bias_rows(pre, g->b1[i], r, h1, stream_of(co)), "the experts' bias");
+        note(co, scmoe__cuda_broadcast_rows(g->y + (size_t)g->off[i] * d, g->b2[i], r, d, stream_of(co)),
+             "the experts' output bias");
+    }
+    note(co, scmoe__cuda_activation_forward(g->hid + o * h, g->pre + o * h1, rows, h, g->act, stream_of(co)),
+         "the experts' activation");
+    operand hid = rows_of(&gg, g->hid, h, 0);
+    group_run(&gg, 0, 0, "r..", 0, d, h, &hid, &w2, 1.0f, g->y, NULL, h, d, d);
+}
+
+static void cuda_experts_backward(const compute_ops *co, const struct exec *ex, const expert_group *g) {
+    group_gemm gg;
+    if (!group_begin(&gg, co, ex, g)) return;
+    int d = g->d, h = g->h, h1 = scmoe__ffn_width(h, g->act), rows = g->off[g->n] - g->off[0];
+    size_t o = (size_t)g->off[0];
+    operand w1 = weights_of(g->w1), w2 = weights_of(g->w2);
+    /* dhid = dy W2^T, dW2 += hid^T dy, db2 += sum dy */
+    operand dy = rows_of(&gg, g->dy, d, 0);
+    group_run(&gg, 0, 1, "r..", 0, h, d, &dy, &w2, 0.0f, g->dhid, NULL, d, d, h);
+    operand hid = rows_of(&gg, g->hid, h, 1);
+    group_run(&gg, 1, 0, "..r", h, d, 0, &hid, &dy, 1.0f, NULL, g->dw2, h, d, d);
+    /* dpre = act'(pre) dhid; dW1 += x^T dpre, db1 += sum dpre; dx = dpre W1^T */
+    note(co,
+         scmoe__cuda_activation_backward(g->dpre + o * h1, g->dhid + o * h, g->pre + o * h1, rows, h, g->act,
+                                         stream_of(co)),
+         "the experts' activation backward");
+    for (int i = 0; i < g->n; i++) {
+        int r = g->off[i + 1] - g->off[i];
+        if (r <= 0) continue;
+        note(co, scmoe__cuda_sum_rows(g->db2[i], g->dy + (size_t)g->off[i] * d, r, d, stream_of(co)),
+             "the experts' bias gradient");
+        note(co, scmoe__cuda_sum_rows(g->db1[i], g->dpre + (size_t)g->off[i] * h1, r, h1, stream_of(co)),
+             "the experts' bias gradient");
+    }
+    operand x = rows_of(&gg, g->x, d, 0), dpre = rows_of(&gg, g->dpre, h1, 1);
+    group_run(&gg, 1, 0, "..r", d, h1, 0, &x, &dpre, 1.0f, NULL, g->dw1, d, h1, h1);
+    group_run(&gg, 0, 1, "r..", 0, d, h1, &dpre, &w1, 0.0f, g->dx, NULL, h1, h1, d);
+}
+
 static void cuda_bf16_pack_op(const compute_ops *co, uint16_t *dst, const float *src, size_t n) {
     note(co, scmoe__cuda_bf16_pack(dst, src, n, stream_of(co)), "scmoe__bf16_pack");
 }
@@ -244,6 +398,8 @@ static const compute_ops cuda_table = {
     .add_outer = cuda_add_outer_op,
     .prefetch = cuda_prefetch,
     .prefetch_wait = cuda_prefetch_wait,
+    .experts_forward = cuda_experts_forward,
+    .experts_backward = cuda_experts_backward,
     .bf16_pack = cuda_bf16_pack_op,
     .bf16_unpack = cuda_bf16_unpack_op,
 };
@@ -286,5 +442,6 @@ void scmoe__cuda_compute_destroy(compute_ops *co) {
     if (cc->ev_compute) cudaEventDestroy(cc->ev_compute);
     if (cc->copy_stream) cudaStreamDestroy(cc->copy_stream);
     cudaFree(cc->flag);
+    cudaFree(cc->bf16);
     free(cc);
 }
