@@ -356,6 +356,8 @@ static scmoe_status mpi_test(comm *c, int req, int *done) {
     return SCMOE_OK;
 }
 
+static void mpi_progress(comm *c);
+
 /* Waits with a deadline of c->timeout_s. On timeout the request stays pending in its slot: MPI cannot
  * cancel a collective (MPI_Cancel/MPI_Request_free on one is erroneous), so the exchange can only be
  * finished by a later wait once the late ranks join; a caller that cannot wait must abort the job or
@@ -368,6 +370,9 @@ static scmoe_status mpi_wait(comm *c, int req) {
     double t0 = now_s(), deadline = t0 + c->timeout_s;
     for (long spin = 0;; spin++) {
         int rc;
+        /* the other requests too: a bf16 all-reduce waited on later must start its second round as soon
+         * as its first is done, not when its own wait comes (a sync waits on its buckets one by one) */
+        mpi_progress(c);
         if (try_complete(m, req, &rc, 0)) {
             if (rc == MPI_SUCCESS) return SCMOE_OK;
             char what[96];
