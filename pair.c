@@ -75,6 +75,7 @@ struct scmoe_pair {
     float *dA2, *dm1, *dH, *da1, *dA, *dm0, *da0, *dx, *dqkv, *dO, *datt, *dhid, *dpre, *gse, *dcg;
     /* schedule */
     scheduler sch;
+    uint16_t *grad_wire; /* grad_sync_bf16: the bf16 all-reduces' work, one region per bucket (host memory) */
     int backward_ready, grads_pending;
     scmoe__calls calls; /* its place in the ranks' call sequence (scmoe__call_agree) */
 };
@@ -299,13 +300,30 @@ static scmoe_status register_params(scmoe_pair *p) {
 
 /* The staged gradients of count tensors from first on, summed over c; an empty bucket if they are not summed. */
 static sched_bucket bucket_of(const param_table *pt, int first, int count, comm *c) {
-    sched_bucket b = {NULL, 0, c};
+    sched_bucket b = {NULL, 0, c, NULL};
     if (count <= 0 || first < 0) return b;
     const param_entry *a = &pt->p[first], *z = &pt->p[first + count - 1];
     if (a->gwork == a->t.grad) return b;
     b.ptr = a->gwork;
     b.n = (int)(z->gwork + z->t.numel - a->gwork);
     return b;
+}
+
+/* grad_sync_bf16: hands each bucket that is summed over more than one rank its region of base, in the
+ * order the buckets are listed; returns the uint16s used (base NULL: only counts them). */
+static size_t give_wire(sched_block *b, uint16_t *base) {
+    sched_bucket *all[PAIR_OPS + 2];
+    for (int i = 0; i < PAIR_OPS; i++) all[i] = &b->op_grads[i];
+    all[PAIR_OPS] = &b->gate_grads;
+    all[PAIR_OPS + 1] = &b->expert_grads;
+    size_t used = 0;
+    for (int i = 0; i < PAIR_OPS + 2; i++) {
+        sched_bucket *k = all[i];
+        if (!k->ptr || k->n <= 0 || k->over->size == 1) continue;
+        if (base) k->wire = base + used;
+        used += comm_bf16_work(k->n, k->over->size);
+    }
+    return used;
 }
 
 /* The pair as a block of the schedule: its operations, the MoE's input, and the gradient buckets each
@@ -324,7 +342,26 @@ static sched_block pair_block(scmoe_pair *p) {
     for (int i = 0; i < PAIR_OPS; i++) b.op_grads[i] = bucket_of(pt, first[i], count[i], w);
     b.gate_grads = bucket_of(pt, p->moe.p_wg, 1, w);
     b.expert_grads = bucket_of(pt, p->moe.p_e0, 4 * p->moe.E_local, p->moe.replicas);
+    if (p->grad_wire) give_wire(&b, p->grad_wire);
     return b;
+}
+
+/* grad_sync_bf16 with more than one rank: the work of every bucket's bf16 all-reduce. It is packed and
+ * summed on the host, from the staged gradients, so a CUDA-aware MPI's device staging is refused. */
+static scmoe_status alloc_grad_wire(scmoe_pair *p) {
+    if (!p->cfg.grad_sync_bf16) return SCMOE_OK;
+    sched_block b = pair_block(p);
+    size_t n = give_wire(&b, NULL);
+    if (n == 0) return SCMOE_OK; /* one rank: nothing is summed */
+    if (CO(p)->exchange_kind == COMPUTE_DEVICE)
+        return scmoe__fail(p->ctx, SCMOE_ERR_UNSUPPORTED,
+                           "grad_sync_bf16 rounds and sums the gradients on the host, but this context stages them "
+                           "in device memory (CUDA-aware MPI)");
+    p->grad_wire = malloc(sizeof(uint16_t) * n);
+    if (!p->grad_wire)
+        return scmoe__fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the bf16 gradient all-reduce needs %zu bytes",
+                           sizeof(uint16_t) * n);
+    return SCMOE_OK;
 }
 
 /* The activations, laid out in one block of the backend's memory ([N, d] each unless noted). */
@@ -401,6 +438,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     if (!s) s = scmoe__precision_attach(ctx, cfg, &p->pt, &p->ex);
     if (!s) s = scmoe__moe_alloc(&p->moe);
     if (!s) s = alloc_activations(p);
+    if (!s) s = alloc_grad_wire(p);
     if (!s) {
         sched_block b = pair_block(p);
         s = scmoe__schedule_init(&p->sch, ctx, &p->cfg, &b);
@@ -431,7 +469,11 @@ static void pair_release(scmoe_pair *p, int abort) {
     scmoe__schedule_trace_close(&p->sch);
     if (abort) scmoe__moe_abandon(&p->moe, keep);
     else scmoe__moe_free(&p->moe);
-    if (keep) p->pt.stage = NULL;
+    if (keep) { /* what a pending gradient all-reduce reads and writes */
+        p->pt.stage = NULL;
+        p->grad_wire = NULL;
+    }
+    free(p->grad_wire);
     scmoe__params_free(&p->pt);
     if (p->ctx) CO(p)->release(CO(p), p->mem, COMPUTE_DEVICE);
     free(p);

@@ -66,18 +66,18 @@ typedef struct run_state {
     double last; /* duration of the last exchange waited on */
 } run_state;
 
-static int grads_in_flight(const scheduler *s) {
-    for (int b = 0; b < s->blk.n_ops + 2; b++)
-        if (s->req[b] != NOT_STARTED) return 1;
-    return 0;
-}
-
-/* Between GEMM tiles: the MoE's exchanges and the gradient all-reduces in flight, each where its
- * communicator's policy is POLL (a THREAD policy MPI cannot host falls back to POLL). */
+/* Between GEMM tiles: the MoE's exchanges, and every gradient all-reduce in flight on the context's
+ * communicator, this block's or one that an earlier backward left running (overlap_grad_sync: a model's
+ * later pairs reduce their gradients behind the earlier pairs' backward, and a bf16 all-reduce's second
+ * round starts only when a test sees the first done), each where its communicator's policy is POLL (a
+ * THREAD policy MPI cannot host falls back to POLL). A comm with nothing in flight returns at once. */
 static void poll_all(void *arg) {
     run_state *r = arg;
     scmoe__moe_poll(r->m);
-    if (r->s->world->progress == SCMOE_PROGRESS_POLL && grads_in_flight(r->s)) r->s->world->ops->progress(r->s->world);
+    comm *w = r->s->world, *x = r->s->blk.expert_grads.over;
+    if (w->progress != SCMOE_PROGRESS_POLL) return;
+    w->ops->progress(w);
+    if (x && x != w) x->ops->progress(x);
 }
 
 static void event(scheduler *s, int dir, const char *name, int kind, double t0, double t1) {
@@ -239,8 +239,10 @@ static scmoe_status bucket_start(scheduler *s, int b) {
     const sched_bucket *k = &s->bucket[b];
     if (!k->ptr || k->n <= 0 || k->over->size == 1) return SCMOE_OK;
     if (s->grad_t0 == 0) s->grad_t0 = scmoe__now();
-    scmoe_status st = k->over->ops->allreduce_start(k->over, k->ptr, k->n, &s->req[b]);
-    if (st) return scmoe__fail(s->ctx, st, "starting a gradient all-reduce failed: %s", k->over->err);
+    comm *c = k->over;
+    scmoe_status st = k->wire ? c->ops->allreduce_bf16_start(c, k->ptr, k->n, k->wire, &s->req[b])
+                              : c->ops->allreduce_start(c, k->ptr, k->n, &s->req[b]);
+    if (st) return scmoe__fail(s->ctx, st, "starting a gradient all-reduce failed: %s", c->err);
     return SCMOE_OK;
 }
 

@@ -29,11 +29,13 @@ typedef struct sched_op {
     void (*backward)(void *self);
 } sched_op;
 
-/* Gradients summed over a communicator once they are final: n floats from ptr (n 0: none). */
+/* Gradients summed over a communicator once they are final: n floats from ptr (n 0: none); with wire
+ * (comm_bf16_work(n, over->size) uint16s) the sum travels as bf16 (scmoe_config.grad_sync_bf16). */
 typedef struct sched_bucket {
     float *ptr;
     int n;
     comm *over;
+    uint16_t *wire;
 } sched_bucket;
 
 typedef struct sched_block {

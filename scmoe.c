@@ -48,6 +48,7 @@ scmoe_config scmoe_config_default(void) {
     c.wire_bf16 = 0;
     c.pipeline_chunks = 0;
     c.precision = SCMOE_PRECISION_FP32;
+    c.grad_sync_bf16 = 0;
     return c;
 }
 
@@ -138,6 +139,8 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
                    SCMOE_MAX_PIPELINE_CHUNKS);
     if (c->precision != SCMOE_PRECISION_FP32 && c->precision != SCMOE_PRECISION_BF16)
         return bad(msg, len, SCMOE_ERR_OPTION, "precision = %d: must be FP32 or BF16", (int)c->precision);
+    if (!is_flag(c->grad_sync_bf16))
+        return bad(msg, len, SCMOE_ERR_OPTION, "grad_sync_bf16 = %d: must be 0 or 1", c->grad_sync_bf16);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s))
         return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
@@ -524,6 +527,7 @@ static uint64_t config_hash(const scmoe_config *c) {
     H(wire_bf16);
     H(pipeline_chunks);
     H(precision);
+    H(grad_sync_bf16);
 #undef HF
 #undef H
     return h;

@@ -254,6 +254,16 @@ typedef struct scmoe_config {
                                chunks, then chunk i while chunk i+1's dispatch and chunk i-1's combine fly.
                                For when the exchange is longer than the window that hides it (any arch) (0) */
     scmoe_precision precision; /**< the GEMMs' precision (FP32) */
+    int grad_sync_bf16;        /**< 1: the pair's gradient all-reduces (its dense tensors over all ranks, its
+                               experts over their replicas) carry bfloat16, half the bytes (DeepSpeed's
+                               communication_data_type): each rank's contribution is rounded to bf16, rank r
+                               sums chunk r of every rank's values in fp32 in rank order and rounds once, and
+                               sends that chunk to all, so every rank gets the same bits. Each summed element
+                               is within 2^-8 (sum_i |g_i| + |sum|) of the fp32 sum (bf16 keeps 8
+                               significant bits): for when that all-reduce is the step's long pole on a slow
+                               link (README "Gradients in bf16"). The gradients the host reads and steps stay
+                               fp32; with one rank nothing is rounded; a ::scmoe_moe layer's own gradient sum
+                               stays fp32 (0) */
 } scmoe_config;
 
 /** The default config (the defaults listed in ::scmoe_config): a valid small model.

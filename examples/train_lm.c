@@ -45,8 +45,8 @@
  * gate-noise state; a resumed run continues the loss curve bit for bit. --keep N also keeps
  * DIR/ckpt-STEP.bin of the last N saves (hard links to the files written, no copies). The overlapped
  * schedule computes the same numbers as the serialized one, so --overlap 1 runs resume bit for bit
- * too. --wire-bf16 is a wire format, not part of the model: it is not recorded, and a checkpoint
- * resumes with either setting (bit for bit when it is the same).
+ * too. --wire-bf16 and --grad-sync-bf16 are wire formats, not part of the model: they are not recorded,
+ * and a checkpoint resumes with either setting (bit for bit when it is the same).
  *
  * Output (rank 0): a progress line every --print-every steps with the step out of the total, the loss
  * (CE + aux_w * aux), the aux loss (summed over the pairs, averaged over the micro-batches), the latest
@@ -55,7 +55,9 @@
  * blocking all-reduces), overlap (the share of all-to-all time hidden behind compute: 1 - exposed /
  * in flight), the share of (token, expert) assignments dropped by capacity, the learning rate, the
  * wall time since this run started and the time left at its pace (ETA); --log FILE.jsonl gets the
- * same per step (appended to on --resume); a summary table ends the run. At start every rank's CPUs
+ * same per step (appended to on --resume), with the pairs' gradient all-reduces apart: grad_sync_ms in
+ * flight (summed over the pairs, each from its first bucket's start to its scmoe_pair_grad_sync) and
+ * grad_sync_exposed_ms waited on in those syncs; a summary table ends the run. At start every rank's CPUs
  * are printed, with a warning where a rank has fewer CPUs than OpenMP threads (a bad binding).
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
@@ -91,8 +93,8 @@ static MPI_Comm g_comm;
 
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
-    int print_every, save_every, stop_at, ep_size, overlap, poll_cols, wire_bf16, capacity_scope, quiet, keep,
-        grad_accum;
+    int print_every, save_every, stop_at, ep_size, overlap, overlap_grad_sync, poll_cols, wire_bf16, grad_sync_bf16,
+        capacity_scope, quiet, keep, grad_accum;
     float lr, cf, aux, clip, poll_us;
     long long seed;
     const char *save, *resume, *data, *val_data, *log, *precision;
@@ -128,6 +130,7 @@ static opts O = {
     .stop_at = 0,
     .ep_size = 0,
     .overlap = 1,
+    .overlap_grad_sync = -1,
     .poll_cols = 0,
     .poll_us = 1000,
     .wire_bf16 = 0,
@@ -176,12 +179,17 @@ static const flag FLAGS[] = {
     {"--val-data", T_STR, &O.val_data, 0, 0, "validation text file (default: the last 10% of the training text)"},
     {"--ep-size", T_INT, &O.ep_size, 0, 1 << 20, "ranks per expert-parallel group (0: all ranks)"},
     {"--overlap", T_INT, &O.overlap, 0, 1, "1: ScMoE overlapped schedule + overlapped gradient sync; 0: serialized"},
+    {"--overlap-grad-sync", T_INT, &O.overlap_grad_sync, -1, 1,
+     "1: each pair's gradient all-reduce runs behind the earlier pairs' backward, all waited on before the "
+     "optimizer; 0: each pair's backward waits for its own; -1: as --overlap (default -1)"},
     {"--poll-cols", T_INT, &O.poll_cols, 0, 1 << 30,
      "GEMM output columns per compute tile between MPI progress polls; 0: sized by --poll-us (library's poll_cols)"},
     {"--poll-us", T_FLOAT, &O.poll_us, 1, 1e7,
      "compute time between MPI progress polls, microseconds (library's poll_us)"},
     {"--wire-bf16", T_INT, &O.wire_bf16, 0, 1,
      "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
+    {"--grad-sync-bf16", T_INT, &O.grad_sync_bf16, 0, 1,
+     "1: the pairs' gradient all-reduces carry bfloat16 (half the bytes; each sum within 2^-8 of float); 0: float"},
     {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1,
      "0: expert capacity over the global batch (routing independent of the ranks); 1: per source rank (Tutel; flat "
      "routing cost in ranks)"},
@@ -498,10 +506,11 @@ static void model_init(model *m, scmoe_context *ctx) {
     base.aux_loss_weight = O.aux;
     base.ep_size = O.ep_size;
     base.overlap = O.overlap;
-    base.overlap_grad_sync = O.overlap;
+    base.overlap_grad_sync = O.overlap_grad_sync < 0 ? O.overlap : O.overlap_grad_sync;
     base.poll_cols = O.poll_cols;
     base.poll_us = O.poll_us;
     base.wire_bf16 = O.wire_bf16;
+    base.grad_sync_bf16 = O.grad_sync_bf16;
     const char *why;
     base.precision = precision_of(&why);
     if (g_rank == 0 && !O.quiet)
@@ -766,6 +775,7 @@ static void adamw_update(model *m, int t, float lr, float gscale) {
 
 typedef struct step_info {
     double loss, ce, aux, lr, gnorm, time, exposed, a2a_comm, a2a_exposed;
+    double grad_sync, grad_exposed; /* the pairs' gradient all-reduces: in flight (first start to end), waited on */
     double routed, dropped;
 } step_info;
 
@@ -790,6 +800,8 @@ static void train_step(run *r, step_info *si) {
             si->a2a_comm += st->fwd_comm + st->bwd_comm;
             si->a2a_exposed += st->fwd_exposed + st->bwd_exposed;
             si->exposed += st->fwd_exposed + st->bwd_exposed + st->grad_sync_exposed;
+            si->grad_sync += st->grad_sync_time;
+            si->grad_exposed += st->grad_sync_exposed;
             si->routed += (double)st->tokens * (O.arch == SCMOE_ARCH_TOP2 ? 2 : 1);
             si->dropped += (double)st->dropped;
         }
@@ -1132,6 +1144,8 @@ int main(int argc, char **argv) {
             acc[k]->exposed += si.exposed;
             acc[k]->a2a_comm += si.a2a_comm;
             acc[k]->a2a_exposed += si.a2a_exposed;
+            acc[k]->grad_sync += si.grad_sync;
+            acc[k]->grad_exposed += si.grad_exposed;
             acc[k]->routed += si.routed;
             acc[k]->dropped += si.dropped;
         }
@@ -1147,6 +1161,8 @@ int main(int argc, char **argv) {
                     tok / si.time, 1e3 * si.time, 1e3 * (si.time - si.exposed), 1e3 * si.exposed);
             if (si.a2a_comm > 0) fprintf(log, "\"overlap\":%.4f,", 1.0 - si.a2a_exposed / si.a2a_comm);
             else fprintf(log, "\"overlap\":null,");
+            fprintf(log, "\"grad_sync_ms\":%.3f,\"grad_sync_exposed_ms\":%.3f,", 1e3 * si.grad_sync,
+                    1e3 * si.grad_exposed);
             fprintf(log, "\"dropped_pct\":%.4f}\n", si.routed > 0 ? 100.0 * si.dropped / si.routed : 0.0);
             fflush(log);
         }

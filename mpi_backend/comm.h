@@ -38,7 +38,17 @@ typedef struct comm_ops {
     void (*abandon)(comm *c);
     /* in place, sum: the small per-step statistics, waited on only where they are needed */
     scmoe_status (*allreduce_f64_start)(comm *c, double *buf, int n, int *req);
+    /* in place, sum with bfloat16 on the wire (scmoe_config.grad_sync_bf16): each rank's buf rounded to
+     * bf16, chunk r of the P chunks summed in fp32 over ranks 0..P-1 in that order by rank r alone and
+     * rounded to bf16 once, then every chunk sent to every rank: a reduce-scatter and an allgather of
+     * 2(P-1)/P n bf16s each way, half a float ring's bytes, and every rank gets the same bits. work:
+     * comm_bf16_work(n, size) uint16s, untouched by the caller until the request completes. */
+    scmoe_status (*allreduce_bf16_start)(comm *c, float *buf, int n, uint16_t *work, int *req);
 } comm_ops;
+
+/* The uint16s allreduce_bf16_start needs for n floats over P ranks: this rank's n rounded values (also
+ * where every rank's reduced chunk lands), and one chunk of ceil(n/P) from each rank. */
+static inline size_t comm_bf16_work(int n, int P) { return (size_t)n + (size_t)P * (size_t)((n + P - 1) / P); }
 
 struct comm {
     const comm_ops *ops;

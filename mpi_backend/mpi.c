@@ -11,6 +11,15 @@
  *                      that only elem_bytes * count (not count) has to fit an int.
  *   allreduce_start    buf[j] = sum_i buf_i[j] (MPI_FLOAT, MPI_SUM, MPI_IN_PLACE).
  *   allreduce_f64_start  the same over doubles (MPI_DOUBLE).
+ *   allreduce_bf16_start buf[j] = bf16(sum_{i=0..P-1} bf16(buf_i[j])), the sum in fp32 in rank order, the
+ *                      same bits on every rank (comm.h). Two rounds of point-to-point messages (tags
+ *                      below), not MPI_Iallreduce with a bf16 user op: MPI's algorithms round every
+ *                      partial sum they forward (log2 P roundings to bf16 on a tree, P-1 on a ring),
+ *                      where this rounds each contribution once and the sum once. Round 1 (reduce-
+ *                      scatter): chunk j of every rank's bf16 values goes to rank j; when all have
+ *                      landed, rank r sums its chunk and round 2 (allgather) sends the result to
+ *                      every rank, started by whichever test, wait or progress sweep sees round 1
+ *                      done; the last completion unpacks the bf16s into buf.
  * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
  * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
  *
@@ -49,7 +58,13 @@
 #define SMALL_I64 16
 
 enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
-enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64 };
+enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_ALLREDUCE_BF16 };
+/* allreduce_bf16_start's messages: the k-th such all-reduce on a comm (every rank counts them alike, as
+ * every rank starts them in the same order) uses tags BF16_TAG0 + 2 (k mod BF16_TAG_SPAN) + round, so
+ * two in flight never match each other's messages however their rounds interleave (at most COMM_MAX_REQ
+ * are in flight, and MPI_TAG_UB is at least 32767). Collectives never match point-to-point messages. */
+#define BF16_TAG0     1
+#define BF16_TAG_SPAN 4096
 
 typedef struct slot {
     MPI_Request r;
@@ -61,6 +76,12 @@ typedef struct slot {
      * collective to stay valid until it completes. The core keeps its own arrays valid until the
      * wait, but owning copies here makes that the backend's problem, not every caller's. */
     int *args;
+    /* KIND_ALLREDUCE_BF16: the current round's 2(P-1) sends and receives (in place of r), the round
+     * (0 reduce-scatter, 1 allgather), its tags' base, and the caller's buffers */
+    MPI_Request *rs;
+    int round, tag;
+    float *buf;
+    uint16_t *work;
 } slot;
 
 typedef struct mpi_impl {
@@ -69,8 +90,11 @@ typedef struct mpi_impl {
     pthread_mutex_t mu; /* guards slots[].state/r and n_active, th_stop */
     pthread_cond_t cv;  /* the helper waits here while n_active == 0 */
     slot slots[COMM_MAX_REQ];
-    int n_active; /* slots in SLOT_ACTIVE */
-    int *args;    /* COMM_MAX_REQ * 4 * size ints, carved into slots[].args */
+    int n_active;    /* slots in SLOT_ACTIVE */
+    int *args;       /* COMM_MAX_REQ * 4 * size ints, carved into slots[].args */
+    MPI_Request *rs; /* COMM_MAX_REQ * 2 * size requests, carved into slots[].rs */
+    int rank, size;
+    unsigned bf16_started; /* allreduce_bf16_start calls so far: the next one's tags */
     int n_types;
     int type_bytes[TYPE_CACHE];
     MPI_Datatype types[TYPE_CACHE];
@@ -121,7 +145,70 @@ static void describe(const slot *s, char *buf, size_t len) {
     if (s->kind == KIND_ALLTOALLV) snprintf(buf, len, "all-to-all exchange of %d-byte elements", s->n);
     else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
     else if (s->kind == KIND_ALLREDUCE_F64) snprintf(buf, len, "all-reduce of %d doubles (statistics)", s->n);
+    else if (s->kind == KIND_ALLREDUCE_BF16)
+        snprintf(buf, len, "all-reduce of %d floats as bf16 (%s)", s->n, s->round ? "allgather" : "reduce-scatter");
     else snprintf(buf, len, "per-step agreement (counts, routing or status) of %d bytes", s->n);
+}
+
+/* ---- the bf16 all-reduce's rounds ---- */
+
+/* Chunk j of n floats over P ranks: [off, off + len) with off = floor(n j / P). */
+static int chunk_off(int n, int P, int j) { return (int)((int64_t)n * j / P); }
+
+/* Posts a round of s's all-reduce: each peer's receive, then each peer's send (round 0: this rank's
+ * values of the peer's chunk out, the peers' values of this rank's chunk into one gather row each;
+ * round 1: this rank's reduced chunk out, the peers' into their places). Requests not posted stay
+ * MPI_REQUEST_NULL, which MPI_Testall takes as complete. */
+static int bf16_post(mpi_impl *m, slot *s) {
+    int P = m->size, r = m->rank, n = s->n, cl = (n + P - 1) / P, k = 0, rc = MPI_SUCCESS, tag = s->tag + s->round;
+    uint16_t *wire = s->work, *gather = s->work + n;
+    int my_off = chunk_off(n, P, r), my_len = chunk_off(n, P, r + 1) - my_off;
+    for (int i = 0; i < 2 * (P - 1); i++) s->rs[i] = MPI_REQUEST_NULL;
+    for (int j = 0; j < P && rc == MPI_SUCCESS; j++) {
+        if (j == r) continue;
+        int off = chunk_off(n, P, j), len = chunk_off(n, P, j + 1) - off;
+        if (s->round == 0) rc = MPI_Irecv(gather + (size_t)j * cl, my_len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
+        else rc = MPI_Irecv(wire + off, len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
+    }
+    for (int j = 0; j < P && rc == MPI_SUCCESS; j++) {
+        if (j == r) continue;
+        int off = chunk_off(n, P, j), len = chunk_off(n, P, j + 1) - off;
+        if (s->round == 0) rc = MPI_Isend(wire + off, len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
+        else rc = MPI_Isend(wire + my_off, my_len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
+    }
+    return rc;
+}
+
+/* Round 0 done: this rank's chunk = bf16 of the fp32 sum of every rank's bf16 values, ranks in order.
+ * Rank r alone computes chunk r and sends the same bits to all, so every rank ends with one result. */
+static void bf16_reduce_chunk(const mpi_impl *m, slot *s) {
+    int P = m->size, r = m->rank, n = s->n, cl = (n + P - 1) / P;
+    int off = chunk_off(n, P, r), len = chunk_off(n, P, r + 1) - off;
+    uint16_t *mine = s->work + off;
+    const uint16_t *gather = s->work + n;
+    for (int i = 0; i < len; i++) {
+        float sum = 0.0f;
+        for (int j = 0; j < P; j++) sum += bf16_to_float(j == r ? mine[i] : gather[(size_t)j * cl + i]);
+        mine[i] = bf16_from_float(sum);
+    }
+}
+
+/* One test of an active slot: MPI_Test, or for a bf16 all-reduce its round's requests, moving on to
+ * round 1 when round 0 is done and unpacking the result when round 1 is. Returns the MPI code (the
+ * slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
+static int slot_test(mpi_impl *m, slot *s, int *flag) {
+    *flag = 0;
+    if (s->kind != KIND_ALLREDUCE_BF16) return MPI_Test(&s->r, flag, MPI_STATUS_IGNORE);
+    int rc = MPI_Testall(2 * (m->size - 1), s->rs, flag, MPI_STATUSES_IGNORE);
+    if (rc != MPI_SUCCESS || !*flag) return rc;
+    if (s->round == 0) {
+        bf16_reduce_chunk(m, s);
+        s->round = 1;
+        *flag = 0;
+        return bf16_post(m, s);
+    }
+    for (int i = 0; i < s->n; i++) s->buf[i] = bf16_to_float(s->work[i]);
+    return MPI_SUCCESS;
 }
 
 /* ---- the progress helper ---- */
@@ -132,7 +219,7 @@ static void sweep_locked(mpi_impl *m) {
         slot *s = &m->slots[i];
         if (s->state != SLOT_ACTIVE) continue;
         int flag = 0;
-        int rc = MPI_Test(&s->r, &flag, MPI_STATUS_IGNORE);
+        int rc = slot_test(m, s, &flag);
         if (rc != MPI_SUCCESS) {
             s->state = SLOT_FAILED;
             s->rc = rc;
@@ -232,7 +319,7 @@ static int try_complete(mpi_impl *m, int req, int *rc, int keep_failed) {
     pthread_mutex_lock(&m->mu);
     if (s->state == SLOT_ACTIVE) {
         int flag = 0;
-        int e = MPI_Test(&s->r, &flag, MPI_STATUS_IGNORE);
+        int e = slot_test(m, s, &flag);
         if (e != MPI_SUCCESS) {
             s->state = SLOT_FAILED;
             s->rc = e;
@@ -269,6 +356,8 @@ static scmoe_status mpi_test(comm *c, int req, int *done) {
     return SCMOE_OK;
 }
 
+static void mpi_progress(comm *c);
+
 /* Waits with a deadline of c->timeout_s. On timeout the request stays pending in its slot: MPI cannot
  * cancel a collective (MPI_Cancel/MPI_Request_free on one is erroneous), so the exchange can only be
  * finished by a later wait once the late ranks join; a caller that cannot wait must abort the job or
@@ -281,6 +370,9 @@ static scmoe_status mpi_wait(comm *c, int req) {
     double t0 = now_s(), deadline = t0 + c->timeout_s;
     for (long spin = 0;; spin++) {
         int rc;
+        /* the other requests too: a bf16 all-reduce waited on later must start its second round as soon
+         * as its first is done, not when its own wait comes (a sync waits on its buckets one by one) */
+        mpi_progress(c);
         if (try_complete(m, req, &rc, 0)) {
             if (rc == MPI_SUCCESS) return SCMOE_OK;
             char what[96];
@@ -437,6 +529,30 @@ static scmoe_status mpi_allreduce_f64_start(comm *c, double *buf, int n, int *re
     return allreduce_sum_start(c, buf, n, MPI_DOUBLE, KIND_ALLREDUCE_F64, req);
 }
 
+static scmoe_status mpi_allreduce_bf16_start(comm *c, float *buf, int n, uint16_t *work, int *req) {
+    mpi_impl *m = c->impl;
+    *req = -1;
+    if (c->size == 1) return SCMOE_OK; /* as serial.c: nothing travels, so nothing is rounded */
+    int i = slot_claim(m);
+    if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
+    ensure_progress(c);
+    slot *s = &m->slots[i];
+    scmoe__bf16_pack(work, buf, (size_t)n);
+    s->kind = KIND_ALLREDUCE_BF16;
+    s->n = n;
+    s->round = 0;
+    s->tag = BF16_TAG0 + 2 * (int)(m->bf16_started++ % BF16_TAG_SPAN);
+    s->buf = buf;
+    s->work = work;
+    /* posted before the slot is published: the helper cannot test it half-posted. A failure still
+     * publishes it, so what was posted counts as pending (abort keeps the buffers) */
+    int rc = bf16_post(m, s);
+    slot_publish(m, i, MPI_REQUEST_NULL, KIND_ALLREDUCE_BF16, n);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Isend/MPI_Irecv (all-reduce as bf16)");
+    *req = i;
+    return SCMOE_OK;
+}
+
 /* ---- lifetime ---- */
 
 static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out);
@@ -473,6 +589,7 @@ static void mpi_abandon(comm *c) {
             pthread_cond_destroy(&m->cv);
             pthread_mutex_destroy(&m->mu);
             free(m->args);
+            free(m->rs);
             free(m);
         }
     }
@@ -519,6 +636,7 @@ static void mpi_destroy(comm *c) {
         pthread_cond_destroy(&m->cv);
         pthread_mutex_destroy(&m->mu);
         free(m->args);
+        free(m->rs);
         free(m);
     }
     free(c);
@@ -558,6 +676,7 @@ static const comm_ops mpi_ops = {
     mpi_pending,
     mpi_abandon,
     mpi_allreduce_f64_start,
+    mpi_allreduce_bf16_start,
 };
 
 /* Takes ownership of mc (a communicator this library created) on success only. */
@@ -571,16 +690,19 @@ static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out) {
     comm *c = calloc(1, sizeof *c);
     mpi_impl *m = calloc(1, sizeof *m);
     int *args = malloc(sizeof(int) * 4 * (size_t)size * COMM_MAX_REQ);
-    if (!c || !m || !args) {
+    MPI_Request *rs = malloc(sizeof(MPI_Request) * 2 * (size_t)size * COMM_MAX_REQ);
+    if (!c || !m || !args || !rs) {
         free(c);
         free(m);
         free(args);
+        free(rs);
         return SCMOE_ERR_NOMEM;
     }
     if (pthread_mutex_init(&m->mu, NULL)) {
         free(c);
         free(m);
         free(args);
+        free(rs);
         return SCMOE_ERR_NOMEM;
     }
     if (pthread_cond_init(&m->cv, NULL)) {
@@ -588,14 +710,19 @@ static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out) {
         free(c);
         free(m);
         free(args);
+        free(rs);
         return SCMOE_ERR_NOMEM;
     }
     m->mc = mc;
     m->thread_level = thread_level;
     m->args = args;
+    m->rs = rs;
+    m->rank = rank;
+    m->size = size;
     for (int i = 0; i < COMM_MAX_REQ; i++) {
         m->slots[i].r = MPI_REQUEST_NULL;
         m->slots[i].args = args + (size_t)i * 4 * size;
+        m->slots[i].rs = rs + (size_t)i * 2 * size;
     }
     c->ops = &mpi_ops;
     c->rank = rank;

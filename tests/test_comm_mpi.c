@@ -99,6 +99,56 @@ static scmoe_status a2a_start(comm *c, a2a *x, int *req) {
     return c->ops->alltoallv_start(c, x->send, x->sc, x->sd, x->recv, x->rc, x->rd, (int)sizeof(elem12), req);
 }
 
+/* Rank i's j-th gradient value for the bf16 all-reduce checks: zeros, exact bf16 ties (1 + 2^-8 lies
+ * halfway between two bf16s), values of opposite signs on alternate ranks that nearly cancel, and
+ * values spread over 2^-20 .. 2^20. */
+static float gval(int i, int j) {
+    uint64_t s = ((uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)(j + 1) * 0xBF58476D1CE4E5B9ull);
+    s ^= s >> 31;
+    s *= 0x94D049BB133111EBull;
+    s ^= s >> 29;
+    float mant = (float)((s >> 11) & 0xFFFFFF) / 8388608.0f - 1.0f; /* [-1, 1) */
+    int e = (int)((s >> 40) % 41) - 20;
+    switch (s & 7) {
+    case 0: return 0.0f;
+    case 1: return ldexpf(1.0f + 1.0f / 256.0f, e);
+    case 2: return (i % 2 ? -1.0f : 1.0f) * ldexpf(1.0f + 1e-3f * mant, e % 4);
+    default: return ldexpf(mant, e);
+    }
+}
+
+/* Checks buf (n values after allreduce_bf16_start over P ranks) against
+ *   bitwise: bf16(sum_{i=0..P-1} bf16(g_i)), the sum in float in rank order (the contract);
+ *   the exact sum S = sum_i g_i: with u = 2^-8 (bf16 keeps 8 significant bits, round to nearest) each
+ *   rounded contribution is g_i (1 + d_i), |d_i| <= u, so the contributions' sum is off by at most
+ *   u A (A = sum_i |g_i|); the float sum of P terms adds at most (P-1) 2^-24 (1 + u) A (first-order
+ *   recursive summation; the first addition, 0 + x, is exact); call the two E1. The final rounding adds
+ *   u |s'| <= u (|S| + E1). So |result - S| <= E1 + u (|S| + E1) ~ 2^-8 (A + |S|).
+ * *worst receives the largest |result - S| / bound. */
+static int bf16_sum_ok(const float *buf, int n, int P, int *bitwise, double *worst) {
+    const double u = 1.0 / 256.0;
+    int within = 1;
+    *bitwise = 1;
+    *worst = 0;
+    for (int j = 0; j < n; j++) {
+        float sum = 0.0f;
+        double S = 0, A = 0;
+        for (int i = 0; i < P; i++) {
+            float g = gval(i, j);
+            sum += bf16_to_float(bf16_from_float(g));
+            S += g;
+            A += fabs(g);
+        }
+        float want = bf16_to_float(bf16_from_float(sum));
+        *bitwise &= memcmp(&want, &buf[j], sizeof want) == 0;
+        double e1 = u * A + (P - 1) * ldexp(1.0, -24) * (1 + u) * A, bound = e1 + u * (fabs(S) + e1);
+        double err = fabs((double)buf[j] - S);
+        within &= err <= bound;
+        if (bound > 0 && err / bound > *worst) *worst = err / bound;
+    }
+    return within;
+}
+
 int main(int argc, char **argv) {
     int provided = MPI_THREAD_SINGLE;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
@@ -240,6 +290,73 @@ int main(int argc, char **argv) {
               ok && v[0] == P * (P + 1) / 2.0 && v[1] == 1e15 * P + P * (P - 1) / 2.0 && v[2] == 0.5 * P);
     }
 
+    /* allreduce_bf16_start (grad_sync_bf16): sizes that leave chunks empty (n < P) and uneven */
+    {
+        const int ns[] = {0, 1, 3, 1000, 100003};
+        int bitwise_all = 1, within_all = 1, ok = 1;
+        double worst_all = 0;
+        for (size_t k = 0; k < sizeof ns / sizeof *ns; k++) {
+            int n = ns[k], rq = -1, bitwise = 1;
+            float *buf = malloc(sizeof(float) * (n + 1));
+            uint16_t *work = malloc(sizeof(uint16_t) * (comm_bf16_work(n, P) + 1));
+            for (int j = 0; j < n; j++) buf[j] = gval(r, j);
+            ok &= c->ops->allreduce_bf16_start(c, buf, n, work, &rq) == SCMOE_OK && comm_wait(c, rq) == SCMOE_OK;
+            double worst = 0;
+            /* one rank: nothing travels and nothing is rounded */
+            if (P == 1)
+                for (int j = 0; j < n; j++) bitwise &= buf[j] == gval(0, j);
+            else within_all &= bf16_sum_ok(buf, n, P, &bitwise, &worst);
+            bitwise_all &= bitwise || n == 0;
+            worst_all = worst > worst_all ? worst : worst_all;
+            /* the same bits on every rank, compared directly too */
+            uint64_t h = 1469598103934665603ull, lo, hi;
+            for (int j = 0; j < n; j++) {
+                uint32_t b;
+                memcpy(&b, &buf[j], sizeof b);
+                h = (h ^ b) * 1099511628211ull;
+            }
+            MPI_Allreduce(&h, &lo, 1, MPI_UINT64_T, MPI_MIN, MPI_COMM_WORLD);
+            MPI_Allreduce(&h, &hi, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD);
+            ok &= lo == hi;
+            free(buf);
+            free(work);
+        }
+        if (r == 0) printf("#   bf16 all-reduce: largest error / bound %.3f\n", worst_all);
+        check("allreduce_bf16_start: the same bits on every rank, == bf16(float sum in rank order of bf16(g_i)) "
+              "(1 rank: unchanged)",
+              ok && bitwise_all);
+        check("allreduce_bf16_start: within 2^-8 (sum|g_i| + |sum g_i|) of the exact sum", ok && within_all);
+    }
+
+    /* two bf16 all-reduces and a float one in flight at once, waited on in reverse order with progress
+     * in between: each bf16 one's messages carry its own tags, so their rounds cannot cross */
+    {
+        int na = 5000, nb = 1000, nc = 777, ra = -1, rb = -1, rc = -1, ok = 1, bw = 0;
+        float *a = malloc(sizeof(float) * na), *b = malloc(sizeof(float) * nb), *cc = malloc(sizeof(float) * nc);
+        uint16_t *wa = malloc(sizeof(uint16_t) * comm_bf16_work(na, P)),
+                 *wc = malloc(sizeof(uint16_t) * comm_bf16_work(nc, P));
+        for (int j = 0; j < na; j++) a[j] = gval(r, j);
+        for (int j = 0; j < nb; j++) b[j] = (float)(r + 1);
+        for (int j = 0; j < nc; j++) cc[j] = gval(r, j);
+        ok &= c->ops->allreduce_bf16_start(c, a, na, wa, &ra) == SCMOE_OK;
+        ok &= c->ops->allreduce_start(c, b, nb, &rb) == SCMOE_OK;
+        ok &= c->ops->allreduce_bf16_start(c, cc, nc, wc, &rc) == SCMOE_OK;
+        for (int it = 0; it < 10; it++) comm_progress(c);
+        ok &= comm_wait(c, rc) == SCMOE_OK && comm_wait(c, rb) == SCMOE_OK && comm_wait(c, ra) == SCMOE_OK;
+        double worst;
+        if (P > 1) {
+            ok &= bf16_sum_ok(a, na, P, &bw, &worst) && bw;
+            ok &= bf16_sum_ok(cc, nc, P, &bw, &worst) && bw;
+        }
+        for (int j = 0; j < nb; j++) ok &= b[j] == (float)(P * (P + 1) / 2);
+        check("two bf16 all-reduces and a float one in flight together, waited on in reverse order", ok);
+        free(a);
+        free(b);
+        free(cc);
+        free(wa);
+        free(wc);
+    }
+
     /* split into two halves (reversed key order); the halves inherit timeout and progress */
     {
         c->timeout_s = 123;
@@ -350,6 +467,49 @@ int main(int argc, char **argv) {
         a2a_free(&x);
         check(provided == MPI_THREAD_MULTIPLE ? "THREAD progress policy" : "THREAD progress falls back to POLL", ok);
         c->progress = SCMOE_PROGRESS_POLL;
+    }
+
+    /* a bf16 all-reduce when a rank joins 2 s late: rank 0's wait times out at 0.5 s naming it and it is
+     * still pending; a later wait finishes it with the right sum. Then the same under THREAD progress,
+     * where the helper runs both rounds (the second starts when its sweep sees the first done). */
+    if (P >= 2) {
+        int n = 4097, rq = -1, ok = 1, bw = 0;
+        float *buf = malloc(sizeof(float) * n);
+        uint16_t *work = malloc(sizeof(uint16_t) * comm_bf16_work(n, P));
+        for (int j = 0; j < n; j++) buf[j] = gval(r, j);
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (r == 1) sleep_s(2.0);
+        ok &= c->ops->allreduce_bf16_start(c, buf, n, work, &rq) == SCMOE_OK;
+        if (r == 0) {
+            c->timeout_s = 0.5;
+            s = comm_wait(c, rq);
+            ok &= s == SCMOE_ERR_TIMEOUT && strstr(c->err, "bf16") != NULL && c->ops->pending(c) == 1;
+            printf("#   bf16 timeout: %s\n", c->err);
+            c->timeout_s = 60;
+        }
+        check("a bf16 all-reduce's wait times out with SCMOE_ERR_TIMEOUT while a rank is late", ok);
+        double worst;
+        ok = comm_wait(c, rq) == SCMOE_OK && bf16_sum_ok(buf, n, P, &bw, &worst) && bw;
+        check("the timed-out bf16 all-reduce completes on a later wait, with the same sum", ok);
+
+        c->progress = SCMOE_PROGRESS_THREAD;
+        for (int j = 0; j < n; j++) buf[j] = gval(r, j);
+        ok = c->ops->allreduce_bf16_start(c, buf, n, work, &rq) == SCMOE_OK;
+        sleep_s(0.3); /* no MPI call from here: only the helper can move it (THREAD) */
+        int done = 0;
+        ok &= comm_test(c, rq, &done) == SCMOE_OK;
+        if (!done) ok &= comm_wait(c, rq) == SCMOE_OK;
+        ok &= bf16_sum_ok(buf, n, P, &bw, &worst) && bw;
+        if (r == 0) printf("#   bf16 all-reduce under THREAD: %s when first tested\n", done ? "complete" : "pending");
+        check("a bf16 all-reduce under THREAD progress", ok);
+        c->progress = SCMOE_PROGRESS_POLL;
+        free(buf);
+        free(work);
+    } else {
+        check("a bf16 all-reduce's wait times out with SCMOE_ERR_TIMEOUT while a rank is late # skip: needs 2 ranks",
+              1);
+        check("the timed-out bf16 all-reduce completes on a later wait, with the same sum # skip: needs 2 ranks", 1);
+        check("a bf16 all-reduce under THREAD progress # skip: needs 2 ranks", 1);
     }
 
     /* a context on a sub-communicator (odd/even ranks), the host's handle freed right after */

@@ -394,6 +394,114 @@ static void precision_bf16(scmoe_context *ctx) {
     obj_destroy(&b);
 }
 
+/* grad_sync_bf16: the gradient all-reduces carry bf16. Every rank feeds the same tokens, so each rank's
+ * contribution g is the same (up to float rounding of where its rows sat in the experts' GEMMs) and the
+ * sum S = P g: the bound of the comm test, 2^-8 (sum |g_i| + |S|), is then 2^-7 |S| (plus a float slack
+ * of 1e-6 max |S|). Checked for the dense tensors (summed over all ranks) and, with ep_size = P/2, the
+ * replicated experts; the rest (dX, unreplicated experts) is bitwise the float run's, and every rank
+ * holds the same bits. Two bf16 pairs with overlap_grad_sync have their sums in flight at once (a model's
+ * pairs: the later pair's backward first, both synced after). One rank: bitwise the float run. */
+static void grad_sync_bf16(scmoe_context *ctx) {
+    scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
+    c.grad_sync_bf16 = 2;
+    char msg[160] = "";
+    scmoe_pair *bad = NULL;
+    scmoe_status vs = scmoe_config_validate(&c, msg, sizeof msg), cs = scmoe_pair_create(ctx, &c, &bad);
+    check(vs == SCMOE_ERR_OPTION && strstr(msg, "grad_sync_bf16") && cs == SCMOE_ERR_OPTION && !bad,
+          "grad_sync_bf16 = 2 is refused: SCMOE_ERR_OPTION (%s)", msg);
+    c.grad_sync_bf16 = 1;
+    scmoe_config f = c;
+    f.grad_sync_bf16 = 0;
+    same_numbers(ctx_ref, 1, c, f, 0.0, "grad_sync_bf16 on one rank: bitwise the float sum (nothing travels)");
+    const char *prog[] = {"poll", "thread", "none"};
+    for (int v = 0; v < 4; v++) {
+        c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
+        c.progress = (scmoe_progress)(v % 3);
+        c.overlap_grad_sync = v > 0;
+        c.ep_size = v == 3 && size >= 2 ? size / 2 : 0;
+        c.grad_sync_bf16 = 1;
+        f = c;
+        f.grad_sync_bf16 = 0;
+        object a, a2, fl;
+        if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &c, 1, &a2) || obj_create(ctx, &f, 1, &fl)) {
+            check(0, "grad_sync_bf16: create");
+            return;
+        }
+        init_params(&a, 0);
+        init_params(&a2, 0);
+        init_params(&fl, 0);
+        int n = 32, T = 8, d = c.d_model;
+        size_t nd = (size_t)n * d;
+        float *x = malloc(sizeof(float) * nd), *dy = malloc(sizeof(float) * nd), *y = malloc(sizeof(float) * nd),
+              *dxa = malloc(sizeof(float) * nd), *dxa2 = malloc(sizeof(float) * nd), *dxf = malloc(sizeof(float) * nd);
+        fill_named(x, nd, "x", 1.0f, 0.0f); /* the same tokens on every rank */
+        fill_named(dy, nd, "dy", 1.0f, 0.0f);
+        scmoe_stats st;
+        /* a and a2 as two pairs of one model: both forwards, a2's backward, a's, then both syncs */
+        int ok = scmoe_pair_forward(a.p, n / T, T, x, y, &st) == SCMOE_OK &&
+                 scmoe_pair_forward(a2.p, n / T, T, x, y, &st) == SCMOE_OK &&
+                 scmoe_pair_backward(a2.p, dy, dxa2, &st) == SCMOE_OK &&
+                 scmoe_pair_backward(a.p, dy, dxa, &st) == SCMOE_OK && scmoe_pair_grad_sync(a.p, &st) == SCMOE_OK &&
+                 scmoe_pair_grad_sync(a2.p, &st) == SCMOE_OK && obj_forward(&fl, n, T, x, y, &st) == SCMOE_OK &&
+                 obj_backward(&fl, dy, dxf, &st) == SCMOE_OK;
+        ok &= memcmp(dxa, dxf, sizeof(float) * nd) == 0 && memcmp(dxa2, dxf, sizeof(float) * nd) == 0;
+        int within = 1, same_bits = 1, rounded = 0, twins = 1, n_bf16 = 0, first = 0, count = 0;
+        /* an expert's replicas: the ranks holding the same experts (one rank's experts are not another's) */
+        scmoe_pair_expert_range(a.p, &first, &count);
+        MPI_Comm replicas;
+        MPI_Comm_split(MPI_COMM_WORLD, first, rank, &replicas);
+        for (int i = 0; i < obj_count(&a); i++) {
+            scmoe_tensor ta, ta2, tf;
+            obj_at(&a, i, &ta);
+            obj_at(&a2, i, &ta2);
+            obj_at(&fl, i, &tf);
+            twins &= memcmp(ta.grad, ta2.grad, sizeof(float) * ta.numel) == 0;
+            int expert = strstr(ta.name, "experts.") != NULL, summed = !expert || c.ep_size;
+            if (!summed || size == 1) {
+                same_bits &= memcmp(ta.grad, tf.grad, sizeof(float) * ta.numel) == 0;
+                continue;
+            }
+            n_bf16++;
+            double mx = 0;
+            for (size_t j = 0; j < ta.numel; j++) mx = fabs(tf.grad[j]) > mx ? fabs(tf.grad[j]) : mx;
+            for (size_t j = 0; j < ta.numel; j++) {
+                double e = fabs((double)ta.grad[j] - tf.grad[j]);
+                within &= e <= ldexp(1.0, -7) * fabs(tf.grad[j]) + 1e-6 * mx;
+                rounded |= e > 0;
+            }
+            /* the same bits on every rank */
+            uint64_t h = 1469598103934665603ull, lo, hi;
+            for (size_t j = 0; j < ta.numel; j++) {
+                uint32_t b;
+                memcpy(&b, &ta.grad[j], sizeof b);
+                h = (h ^ b) * 1099511628211ull;
+            }
+            MPI_Comm over = expert ? replicas : MPI_COMM_WORLD;
+            MPI_Allreduce(&h, &lo, 1, MPI_UINT64_T, MPI_MIN, over);
+            MPI_Allreduce(&h, &hi, 1, MPI_UINT64_T, MPI_MAX, over);
+            same_bits &= lo == hi;
+        }
+        MPI_Comm_free(&replicas);
+        int any_rounded;
+        MPI_Allreduce(&rounded, &any_rounded, 1, MPI_INT, MPI_LOR, MPI_COMM_WORLD);
+        check(ok && within && same_bits && twins && (size == 1 || any_rounded),
+              "grad_sync_bf16, progress %s, overlap_grad_sync %d, ep_size %d: %d summed tensors the same bits on every "
+              "rank holding them and within 2^-7 |sum| of the float sum, the rest and dX bitwise the float run's, two "
+              "pairs in "
+              "flight at once",
+              prog[c.progress], c.overlap_grad_sync, c.ep_size, n_bf16);
+        free(x);
+        free(dy);
+        free(y);
+        free(dxa);
+        free(dxa2);
+        free(dxf);
+        obj_destroy(&a);
+        obj_destroy(&a2);
+        obj_destroy(&fl);
+    }
+}
+
 static void robustness(scmoe_context *ctx) {
     /* a config that differs on one rank: every rank gets an error, nobody hangs */
     scmoe_config c = layer_cfg(1, 1.0f);
@@ -704,6 +812,7 @@ int main(int argc, char **argv) {
     }
     wire_bf16(ctx);
     precision_bf16(ctx);
+    grad_sync_bf16(ctx);
     pipelined(ctx);
     robustness(ctx);
     capacity_local(ctx);
