@@ -26,7 +26,7 @@ export PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig
 for ex in minimal_moe minimal_pair; do
     src=$ROOT/examples/$ex.c
     lines=$(wc -l < "$src")
-    [ "$lines" -le 90 ]; ok $? "$ex.c is short: $lines lines"
+    [ "$lines" -le 100 ]; ok $? "$ex.c is short: $lines lines (at most 100 as .clang-format lays it out)"
     # the README's lines, verbatim but for the output names
     # shellcheck disable=SC2046
     out=$($CC -std=c11 -O2 "$src" $(pkg-config --cflags --libs scmoe) -Wl,-rpath,$(pkg-config --variable=libdir scmoe) \
