@@ -319,7 +319,7 @@ static size_t give_wire(sched_block *b, uint16_t *base) {
     size_t used = 0;
     for (int i = 0; i < PAIR_OPS + 2; i++) {
         sched_bucket *k = all[i];
-        if (!k->ptr || k->n <= 0 || k->over->size == 1) continue;
+        if (!sched_bucket_summed(k)) continue;
         if (base) k->wire = base + used;
         used += comm_bf16_work(k->n, k->over->size);
     }

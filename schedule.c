@@ -237,7 +237,7 @@ scmoe_status scmoe__schedule_forward(scheduler *s, exec *ex, sched_moe *mo, int 
 
 static scmoe_status bucket_start(scheduler *s, int b) {
     const sched_bucket *k = &s->bucket[b];
-    if (!k->ptr || k->n <= 0 || k->over->size == 1) return SCMOE_OK;
+    if (!sched_bucket_summed(k)) return SCMOE_OK;
     if (s->grad_t0 == 0) s->grad_t0 = scmoe__now();
     comm *c = k->over;
     scmoe_status st = k->wire ? c->ops->allreduce_bf16_start(c, k->ptr, k->n, k->wire, &s->req[b])

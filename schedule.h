@@ -38,6 +38,9 @@ typedef struct sched_bucket {
     uint16_t *wire;
 } sched_bucket;
 
+/* Whether a bucket's all-reduce has anything to do: gradients, and more than one rank to sum them over. */
+static inline int sched_bucket_summed(const sched_bucket *k) { return k->ptr && k->n > 0 && k->over->size > 1; }
+
 typedef struct sched_block {
     void *self;
     const sched_op *ops;
