@@ -14,6 +14,7 @@
  *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,... --precision bf16
  *          --scope global|local]
  * --scope: scmoe_config.capacity_scope (default global).
+ * --poll-cols / --poll-us: scmoe_config.poll_cols / poll_us (GEMM tiles between progress polls).
  * --precision bf16 runs every variant in SCMOE_PRECISION_BF16 and again in fp32 (the table shows bf16),
  * and prints "BF16 SPEEDUP pair f+b bf16/fp32: X.XX" for each (fp32 pair time / bf16 pair time).
  * bench/run_overlap.sh runs it over an emulated slow link (network namespace + tc). */
