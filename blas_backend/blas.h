@@ -23,6 +23,15 @@ typedef void (*blas_gemm_bf16_fn)(const struct blas_backend *self, int trans_a, 
                                   float alpha, const float *A, const uint16_t *Ab, int lda, const float *B,
                                   const uint16_t *Bb, int ldb, float beta, float *C, int ldc);
 
+/* gemm_bf16 cut into column tiles of C (tile columns each, the last one narrower), between(arg) called after
+ * every tile but the last: the results are those of one gemm_bf16 call per tile, bit for bit. What it saves is
+ * the conversion of op(A), which every tile reads whole: it is converted once for the GEMM instead of once per
+ * tile (M K elements a tile, as much memory traffic as a narrow tile's arithmetic). */
+typedef void (*blas_gemm_bf16_tiles_fn)(const struct blas_backend *self, int trans_a, int trans_b, int M, int N, int K,
+                                        float alpha, const float *A, const uint16_t *Ab, int lda, const float *B,
+                                        const uint16_t *Bb, int ldb, float beta, float *C, int ldc, int tile,
+                                        void (*between)(void *arg), void *arg);
+
 typedef struct blas_backend {
     const char *name;
     blas_gemm_fn gemm;
@@ -34,6 +43,8 @@ typedef struct blas_backend {
      * GEMM tiles by time (exec.c). A fixed figure per engine, never measured: tiles, and with them the
      * results, must not depend on timing. NULL: tiles are not sized by time (a device) */
     double (*nominal_gflops)(const struct blas_backend *self, int bf16);
+    /* NULL: a tiled bf16 GEMM is one gemm_bf16 call per tile (a device, where GEMMs are not tiled) */
+    blas_gemm_bf16_tiles_fn gemm_bf16_tiles;
 } blas_backend;
 
 /* fp32 GEMMs through OpenBLAS (stateless); scmoe__openblas_core: the kernel OpenBLAS picked at run time */

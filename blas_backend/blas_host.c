@@ -79,65 +79,116 @@ static void host_gemm(const blas_backend *self, int ta, int tb, int M, int N, in
     scmoe__blas_openblas()->gemm(scmoe__blas_openblas(), ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha, const float *A,
-                           const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb, float beta,
-                           float *C, int ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) { /* C = beta C: nothing to round */
-        host_gemm(self, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    const blas_host *h = (const blas_host *)self;
-    /* the operands as stored: A is ra x ca (M x K, or K x M when transposed), B is rb x cb */
-    int ra = ta ? K : M, ca = ta ? M : K, rb = tb ? N : K, cb = tb ? K : N;
-    int s = bf16_slot_of();
-    if (s >= h->slots) {
-        bf16_gemm_naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
-        return;
-    }
-    bf16_slot *sl = &h->slot[s];
+/* op(A) of one bf16 GEMM converted once for all its column tiles: bf16 values (h) for the oneDNN engine, the
+ * same values as floats (f) for the others; ld its row stride */
+typedef struct held_a {
+    const uint16_t *h;
+    const float *f;
+    int ld;
+} held_a;
+
+/* A (ra x ca as stored) into the slot's buffers; -1 when they cannot grow (the caller runs the naive loop) */
+static int hold_a(const blas_host *h, bf16_slot *sl, int ra, int ca, const float *A, const uint16_t *Ab, int lda,
+                  held_a *a) {
+    *a = (held_a){0};
 #ifdef SCMOE_WITH_ONEDNN
     if (h->engine == BLAS_BF16_ONEDNN) {
-        const uint16_t *a = Ab, *b = Bb;
-        int la = lda, lb = ldb;
-        if (!a && (a = bf16_grow((void **)&sl->ha, &sl->nha, (size_t)ra * ca, 2))) {
+        if (Ab) *a = (held_a){Ab, NULL, lda};
+        else if (bf16_grow((void **)&sl->ha, &sl->nha, (size_t)ra * ca, 2)) {
             scmoe__bf16_pack_rows(sl->ha, A, ra, ca, lda);
-            la = ca;
+            *a = (held_a){sl->ha, NULL, ca};
         }
+        if (a->h) return 0;
+    }
+#else
+    (void)h;
+#endif
+    float *f = bf16_grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4);
+    if (!f) return -1;
+    if (Ab) scmoe__bf16_unpack_rows(f, Ab, ra, ca, lda);
+    else scmoe__bf16_round_rows(f, A, ra, ca, lda);
+    *a = (held_a){NULL, f, ca};
+    return 0;
+}
+
+/* one tile, C[M, N] of op(A) op(B), with op(A) held; A, Ab, lda are the caller's, for the fallbacks */
+static void tile_gemm(const blas_host *h, bf16_slot *sl, int s, int ta, int tb, int M, int N, int K, float alpha,
+                      const held_a *ha, const float *A, const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb,
+                      int ldb, float beta, float *C, int ldc) {
+    int ra = ta ? K : M, ca = ta ? M : K, rb = tb ? N : K, cb = tb ? K : N;
+#ifdef SCMOE_WITH_ONEDNN
+    if (ha->h) {
+        const uint16_t *b = Bb;
+        int lb = ldb;
         if (!b && (b = bf16_grow((void **)&sl->hb, &sl->nhb, (size_t)rb * cb, 2))) {
             scmoe__bf16_pack_rows(sl->hb, B, rb, cb, ldb);
             lb = cb;
         }
-        if (a && b && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, la, b, lb, beta, C, ldc)) return;
+        if (b && !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, ha->h, ha->ld, b, lb, beta, C, ldc)) return;
     }
 #endif
-    float *a = bf16_grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4),
-          *b = bf16_grow((void **)&sl->b, &sl->nb, (size_t)rb * cb, 4);
+    /* the float engines, or a shape oneDNN's cache cannot take: op(A) as floats (held, or unpacked now) */
+    const float *a = ha->f;
+    int la = ha->ld;
+    float *af = a ? NULL : bf16_grow((void **)&sl->a, &sl->na, (size_t)ra * ca, 4);
+    if (af) {
+        scmoe__bf16_unpack_rows(af, ha->h, ra, ca, ha->ld);
+        a = af, la = ca;
+    }
+    float *b = bf16_grow((void **)&sl->b, &sl->nb, (size_t)rb * cb, 4);
     if (!a || !b) {
         bf16_gemm_naive(ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc);
         return;
     }
-    if (Ab) scmoe__bf16_unpack_rows(a, Ab, ra, ca, lda);
-    else scmoe__bf16_round_rows(a, A, ra, ca, lda);
     if (Bb) scmoe__bf16_unpack_rows(b, Bb, rb, cb, ldb);
     else scmoe__bf16_round_rows(b, B, rb, cb, ldb);
 #ifdef SCMOE_WITH_ONEDNN
     if (h->engine == BLAS_BF16_ONEDNN_F32 &&
-        !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, ca, b, cb, beta, C, ldc))
+        !scmoe__onednn_gemm(h->dnn, s, ta, tb, M, N, K, alpha, a, la, b, cb, beta, C, ldc))
         return;
+#else
+    (void)s;
 #endif
-    host_gemm(self, ta, tb, M, N, K, alpha, a, ca, b, cb, beta, C, ldc);
+    host_gemm(&h->base, ta, tb, M, N, K, alpha, a, la, b, cb, beta, C, ldc);
+}
+
+static void host_gemm_bf16_tiles(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha,
+                                 const float *A, const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb,
+                                 int ldb, float beta, float *C, int ldc, int tile, void (*between)(void *), void *arg) {
+    if (M <= 0 || N <= 0) return;
+    if (tile <= 0 || tile > N) tile = N;
+    const blas_host *h = (const blas_host *)self;
+    int s = bf16_slot_of();
+    bf16_slot *sl = s < h->slots ? &h->slot[s] : NULL;
+    held_a ha = {0};
+    /* K = 0 (C = beta C: nothing to round), a caller beyond the slots, or no memory: per tile, directly */
+    int direct = K <= 0 || !sl || hold_a(h, sl, ta ? K : M, ta ? M : K, A, Ab, lda, &ha);
+    for (int n0 = 0; n0 < N; n0 += tile) {
+        int n = N - n0 < tile ? N - n0 : tile;
+        /* column n0 of op(B): B + n0 untransposed, B + n0*ldb (row n0) transposed */
+        size_t off = tb ? (size_t)n0 * ldb : (size_t)n0;
+        const uint16_t *bb = Bb ? Bb + off : NULL;
+        if (K <= 0) host_gemm(self, ta, tb, M, n, K, alpha, A, lda, B + off, ldb, beta, C + n0, ldc);
+        else if (direct) bf16_gemm_naive(ta, tb, M, n, K, alpha, A, Ab, lda, B + off, bb, ldb, beta, C + n0, ldc);
+        else tile_gemm(h, sl, s, ta, tb, M, n, K, alpha, &ha, A, Ab, lda, B + off, bb, ldb, beta, C + n0, ldc);
+        if (between && n0 + n < N) between(arg);
+    }
+}
+
+static void host_gemm_bf16(const blas_backend *self, int ta, int tb, int M, int N, int K, float alpha, const float *A,
+                           const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb, float beta,
+                           float *C, int ldc) {
+    host_gemm_bf16_tiles(self, ta, tb, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc, N, NULL, NULL);
 }
 
 static int host_max_threads(void) { return omp_get_max_threads(); }
 
 /* Round figures of one core's GEMM speed by kernel family (of the order measured on this project's machines:
- * OpenBLAS on an AVX2 Zen ~40-70, AVX-512 ~2x; oneDNN bf16 on AMX ~700 per core). Only the ratio between engines
- * and the order of magnitude matter: they turn poll_us into columns.
- * The bf16 engines are given at least 8x the fp32 figure whatever their real speed: each call converts its
- * activation operand again (M K elements, ~0.5-1 ns each, against the tile's 2 M K c flops), so a tile of 64
- * columns at the bench pair's shapes would spend ~40% converting (measured: top2's pair 1210 against 916-980 ms
- * in the rounded engine); 8x keeps tiles about as wide as poll_cols = 512 made them. */
+ * OpenBLAS on an AVX2 Zen ~40-70, AVX-512 ~2x; oneDNN bf16 on AMX ~700 per core, with AVX512-BF16's dot products
+ * about twice AVX-512's fp32 FMAs). Only the ratio between engines and the order of magnitude matter: they turn
+ * poll_us into columns. The rounded and oneDNN-f32 engines are fp32 GEMMs on rounded operands: fp32's figure.
+ * (Before gemm_bf16_tiles converted op(A) once per GEMM, every tile converted it again and the bf16 engines had
+ * to be given 8x fp32's figure to keep tiles wide enough for that to stay cheap.) */
 static double host_nominal_gflops(const blas_backend *self, int bf16) {
     char core[64];
     snprintf(core, sizeof core, "%s", scmoe__openblas_core());
@@ -147,11 +198,12 @@ static double host_nominal_gflops(const blas_backend *self, int bf16) {
     if (!bf16) return fp32;
 #ifdef SCMOE_WITH_ONEDNN
     const blas_host *h = (const blas_host *)self;
-    if (h->engine == BLAS_BF16_ONEDNN && strstr(scmoe__onednn_isa(), "amx") && 700.0 > 8.0 * fp32) return 700.0;
+    if (h->engine == BLAS_BF16_ONEDNN && strstr(scmoe__onednn_isa(), "amx")) return 700.0;
+    if (h->engine == BLAS_BF16_ONEDNN && strstr(scmoe__onednn_isa(), "bf16")) return 2.0 * fp32;
 #else
     (void)self;
 #endif
-    return 8.0 * fp32;
+    return fp32;
 }
 static const char *host_describe(const blas_backend *self) { return ((const blas_host *)self)->desc; }
 
@@ -174,8 +226,8 @@ void scmoe__blas_host_destroy(blas_backend *b) {
 blas_backend *scmoe__blas_host_create(int engine) {
     blas_host *h = calloc(1, sizeof *h);
     if (!h) return NULL;
-    h->base =
-        (blas_backend){"openblas", host_gemm, host_max_threads, host_gemm_bf16, host_describe, host_nominal_gflops};
+    h->base = (blas_backend){"openblas",    host_gemm,           host_max_threads,    host_gemm_bf16,
+                             host_describe, host_nominal_gflops, host_gemm_bf16_tiles};
     /* slots for every thread a parallel region may hold: the cores, the OpenMP default, and 64 for a host that
      * asks for more threads than cores; a slot costs its struct until its thread first calls */
     int procs = omp_get_num_procs(), threads = omp_get_max_threads();

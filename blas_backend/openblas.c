@@ -25,6 +25,7 @@ const char *scmoe__openblas_core(void) { return openblas_get_corename(); }
 static const char *openblas_describe(const blas_backend *self) { return "openblas"; }
 
 const blas_backend *scmoe__blas_openblas(void) {
-    static const blas_backend b = {"openblas", openblas_gemm, openblas_max_threads, NULL, openblas_describe, NULL};
+    static const blas_backend b = {"openblas", openblas_gemm, openblas_max_threads, NULL, openblas_describe,
+                                   NULL,       NULL};
     return &b;
 }

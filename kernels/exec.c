@@ -19,6 +19,8 @@ static void gemm(const exec *ex, int bf16, int trans_a, int trans_b, int M, int 
     else ex->blas->gemm(ex->blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+static void poll_between(void *ex) { scmoe__exec_poll(ex); }
+
 /* the tile width in columns (exec.h) */
 static int tile_cols(const exec *ex, int bf16, int M, int N, int K) {
     if (ex->poll_cols > 0) return ex->poll_cols;
@@ -34,6 +36,11 @@ static void tiled(const exec *ex, int bf16, int trans_a, int trans_b, int M, int
      * so the numbers never depend on timing; column tiles keep the GEMMs' row count, and with it
      * their efficiency, where row tiles of a few dozen rows halve it. */
     int tile = tile_cols(ex, bf16, M, N, K);
+    if (bf16 && ex->blas->gemm_bf16_tiles) { /* the backend converts op(A) once for all the tiles */
+        ex->blas->gemm_bf16_tiles(ex->blas, trans_a, trans_b, M, N, K, alpha, A, weight_copy(ex, A), lda, B,
+                                  weight_copy(ex, B), ldb, beta, C, ldc, tile, poll_between, (void *)ex);
+        return;
+    }
     for (int n0 = 0; n0 < N; n0 += tile) {
         int n = N - n0 < tile ? N - n0 : tile;
         /* column n0 of op(B): B + n0 untransposed, B + n0*ldb (row n0) transposed */

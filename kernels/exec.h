@@ -15,7 +15,9 @@
  * Precision (scmoe_config.precision): with bf16 set, scmoe__exec_gemm and scmoe__exec_gemm_one run the backend's
  * gemm_bf16 (bf16 operands, fp32 accumulation); scmoe__exec_gemm_fp32 always runs fp32 (the gates). An operand
  * inside the layer's weights [w, w + wn) is read from their bf16 copy wb at the same offset, so weights
- * are rounded once per change (scmoe_*_params_changed), not once per GEMM. */
+ * are rounded once per change (scmoe_*_params_changed), not once per GEMM. A bf16 GEMM's tiles go to the
+ * backend in one call where it has gemm_bf16_tiles, so the activation operand op(A), which every tile reads
+ * whole, is converted once per GEMM, not once per tile. */
 #ifndef SCMOE_EXEC_H
 #define SCMOE_EXEC_H
 

@@ -76,6 +76,42 @@ static int gemm_ok(const blas_backend *b, int ta, int tb, int M, int N, int K, f
     return ok;
 }
 
+static void count_call(void *n) { ++*(int *)n; }
+
+/* gemm_bf16_tiles: op(A) converted once, the bits of one gemm_bf16 call per tile, between() after every tile but
+ * the last; tiles of 5 columns over N = 13 (5, 5, 3), every transpose, with and without bf16 copies */
+static void tiles(const blas_backend *b, const char *name) {
+    enum { M = 9, N = 13, K = 21, T = 5 };
+    int same = 1, calls_ok = 1;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int copies = 0; copies < 2; copies++) {
+                int lda = (ta ? M : K) + 1, ldb = (tb ? K : N) + 3, ldc = N + 2;
+                size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+                float *A = malloc(4 * na), *B = malloc(4 * nb), *C1 = malloc(4 * nc), *C2 = malloc(4 * nc);
+                uint16_t *Ah = malloc(2 * na), *Bh = malloc(2 * nb);
+                for (size_t i = 0; i < na; i++) A[i] = urand();
+                for (size_t i = 0; i < nb; i++) B[i] = urand();
+                for (size_t i = 0; i < nc; i++) C1[i] = C2[i] = urand();
+                scmoe__bf16_pack(Ah, A, na);
+                scmoe__bf16_pack(Bh, B, nb);
+                const uint16_t *ah = copies ? Ah : NULL, *bh = copies ? Bh : NULL;
+                for (int n0 = 0; n0 < N; n0 += T) {
+                    size_t off = tb ? (size_t)n0 * ldb : (size_t)n0;
+                    b->gemm_bf16(b, ta, tb, M, N - n0 < T ? N - n0 : T, K, 0.5f, A, ah, lda, B + off,
+                                 bh ? bh + off : NULL, ldb, 1.0f, C1 + n0, ldc);
+                }
+                int calls = 0;
+                b->gemm_bf16_tiles(b, ta, tb, M, N, K, 0.5f, A, ah, lda, B, bh, ldb, 1.0f, C2, ldc, T, count_call,
+                                   &calls);
+                same &= !memcmp(C1, C2, 4 * nc);
+                calls_ok &= calls == 2;
+                free(A), free(B), free(C1), free(C2), free(Ah), free(Bh);
+            }
+    CHECK(same, "%s: gemm_bf16_tiles gives the bits of one gemm_bf16 per tile (8 cases)", name);
+    CHECK(calls_ok, "%s: gemm_bf16_tiles calls between() after every tile but the last", name);
+}
+
 static void engine(int which, const char *name) {
     rs = 0x1234567;
     blas_backend *b = scmoe__blas_host_create(which);
@@ -123,6 +159,7 @@ static void engine(int which, const char *name) {
     free(B);
     free(C1);
     free(Ct);
+    tiles(b, name);
     /* K = 0: C = beta C; M = 0: nothing */
     float C[6] = {1, 2, 3, 4, 5, 6}, Az[1] = {0}, Bz[1] = {0};
     b->gemm_bf16(b, 0, 0, 2, 3, 0, 1.0f, Az, NULL, 1, Bz, NULL, 3, 0.5f, C, 3);

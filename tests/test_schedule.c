@@ -282,7 +282,7 @@ static void count_poll(void *arg) { tile_polls++; }
 static int one_thread(void) { return 1; }
 
 static void tiles_by_time(void) {
-    blas_backend rec = {"record", record_gemm, one_thread, record_gemm_bf16, NULL, NULL};
+    blas_backend rec = {"record", record_gemm, one_thread, record_gemm_bf16, NULL, NULL, NULL};
     exec ex = {.blas = &rec, .poll = count_poll, .poll_us = 1000, .gflops = {50, 700}};
     /* M 512, K 768: 2 M K = 786432 flops a column; fp32 at 50 GFLOP/s: 1000 us = 50e6 flops = 63.6 columns -> 64;
      * bf16 at 700: 890.2 -> 896 */
