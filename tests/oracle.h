@@ -103,4 +103,27 @@ static inline void oracle_write_moe_cfg(FILE *f, int d, int h, int E, int k, flo
     tio_write_scalar(f, "cfg.priority", (float)prio);
 }
 
+/* One step as the reference scripts read it (tensorio.h): x, dy, y, dx of shape dims, the parameters, and the
+ * forward's stats st (taken before backward overwrites them); et (E floats) receives the per-expert token
+ * counts, -1 where the stats carry none. */
+static inline tio_step oracle_step(int ndim, const int *dims, const float *x, const float *dy, const float *y,
+                                   const float *dx, const scmoe_tensor *params, int n_params, const scmoe_stats *st,
+                                   int E, float *et) {
+    for (int e = 0; e < E; e++) et[e] = st->expert_tokens ? (float)st->expert_tokens[e] : -1.0f;
+    return (tio_step){.ndim = ndim,
+                      .dims = dims,
+                      .x = x,
+                      .dy = dy,
+                      .y = y,
+                      .dx = dx,
+                      .params = params,
+                      .n_params = n_params,
+                      .aux_loss = st->aux_loss,
+                      .z_loss = st->z_loss,
+                      .dropped = (float)st->dropped,
+                      .capacity = (float)st->capacity,
+                      .n_experts = E,
+                      .expert_tokens = et};
+}
+
 #endif

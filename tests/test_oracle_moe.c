@@ -185,22 +185,8 @@ static int run_case(const oracle_case *c, const char *outdir, const char *python
         snprintf(why, sizeof why, "stats.tokens %lld, expected %d", (long long)st.tokens, c->n);
         goto done;
     }
-    for (int e = 0; e < c->E; e++) et[e] = st.expert_tokens ? (float)st.expert_tokens[e] : -1.0f;
     int xd[2] = {c->n, c->d};
-    tio_step step = {.ndim = 2,
-                     .dims = xd,
-                     .x = x,
-                     .dy = dy,
-                     .y = y,
-                     .dx = dx,
-                     .params = pt,
-                     .n_params = np,
-                     .aux_loss = st.aux_loss,
-                     .z_loss = st.z_loss,
-                     .dropped = (float)st.dropped,
-                     .capacity = (float)st.capacity,
-                     .n_experts = c->E,
-                     .expert_tokens = et};
+    tio_step step = oracle_step(2, xd, x, dy, y, dx, pt, np, &st, c->E, et);
 
     CHECK(scmoe_moe_zero_grad(moe));
     for (size_t i = 0; i < nd; i++) dx[i] = NAN; /* backward must overwrite dx */
