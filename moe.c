@@ -410,7 +410,8 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     }
     for (int i = 0; i < m->E_local; i++) m->off.slot_of[i] = -1;
     for (int i = 0; i < m->off.slots; i++) m->off.held[i] = -1;
-    return SCMOE_OK;
+    /* bf16 on a device: the experts' two activation operands, max_recv rows of d or h1 each */
+    return scmoe__precision_reserve(m->ctx, &m->cfg, 2 * (size_t)m->max_recv * (m->h1 > m->d ? m->h1 : m->d));
 }
 
 /* The context's communicator is shared by every object on it: each call first puts its own

@@ -439,6 +439,12 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     if (!s) s = scmoe__moe_alloc(&p->moe);
     if (!s) s = alloc_activations(p);
     if (!s) s = alloc_grad_wire(p);
+    if (!s) { /* bf16 on a device: the dense GEMMs' two activation operands (at most [N, 3d] and [N, d], or
+               * [N, h1] and [N, d]: the attention's input projection, the MLP's weight gradients) */
+        size_t N = (size_t)cfg->max_tokens, h1 = (size_t)scmoe__ffn_width(cfg->d_hidden, cfg->activation),
+               wide = 3 * (size_t)cfg->d_model > h1 ? 3 * (size_t)cfg->d_model : h1;
+        s = scmoe__precision_reserve(ctx, cfg, 2 * N * wide);
+    }
     if (!s) {
         sched_block b = pair_block(p);
         s = scmoe__schedule_init(&p->sch, ctx, &p->cfg, &b);

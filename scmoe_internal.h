@@ -112,6 +112,9 @@ void scmoe__precision_refresh(param_table *pt);
 /* ---- a nonblocking exchange in flight, timed ---- */
 typedef struct inflight {
     comm *c;
+/* precision BF16 on a device: its GEMMs' bf16 activation scratch holds n elements (compute_ops.bf16_reserve),
+ * allocated here, at create, not in the first forward; nothing otherwise. NOMEM with a message on ctx. */
+scmoe_status scmoe__precision_reserve(scmoe_context *ctx, const scmoe_config *cfg, size_t n);
     int req, active;
     float *unpack_to; /* bf16 wire: where the received rows go as floats on completion */
     const uint16_t *unpack_from;
