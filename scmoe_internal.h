@@ -80,6 +80,8 @@ typedef struct param_table {
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
     const compute_ops *co; /* where data and grad live (device memory), and stage (co->exchange_kind) */
     float *data, *grad, *stage;
+    float *stage_dev;    /* co->copy_out: where the backward writes the summed tensors' gradients (device memory,
+                         stage's layout), copied to stage per bucket; NULL: it writes stage itself */
     float *data_host;    /* mapped: the data of host_data tensors */
     int prefix_len;      /* bytes of the host's name prefix in front of every name (scmoe_*_set_name_prefix) */
     uint16_t *data_bf16; /* SCMOE_PRECISION_BF16: data rounded to bf16, same offsets, co's memory (precision.c) */
@@ -100,6 +102,8 @@ scmoe_status scmoe__params_at(const param_table *pt, int i, scmoe_tensor *t);
 scmoe_status scmoe__params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
 /* grad += stage for every staged tensor */
 void scmoe__params_add_stage(param_table *pt);
+/* every staged gradient where MPI reads it: stage_dev copied to stage (and waited for), else the device synced */
+void scmoe__params_stage_ready(param_table *pt);
 /* Replaces the name prefix of every tensor (controls.c); OPTION with a message on ctx if a name would
  * not fit, and then nothing changes. */
 scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const char *prefix);
