@@ -112,19 +112,21 @@ scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const
 scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg, param_table *pt, exec *ex);
 /* Rounds pt's data into its bf16 copy again (scmoe_*_params_changed); nothing without one. */
 void scmoe__precision_refresh(param_table *pt);
+/* precision BF16 on a device: its GEMMs' bf16 activation scratch holds n elements (compute_ops.bf16_reserve),
+ * allocated here, at create, not in the first forward; nothing otherwise. NOMEM with a message on ctx. */
+scmoe_status scmoe__precision_reserve(scmoe_context *ctx, const scmoe_config *cfg, size_t n);
 
 /* ---- a nonblocking exchange in flight, timed ---- */
 typedef struct inflight {
     comm *c;
-/* precision BF16 on a device: its GEMMs' bf16 activation scratch holds n elements (compute_ops.bf16_reserve),
- * allocated here, at create, not in the first forward; nothing otherwise. NOMEM with a message on ctx. */
-scmoe_status scmoe__precision_reserve(scmoe_context *ctx, const scmoe_config *cfg, size_t n);
     int req, active;
     float *unpack_to; /* bf16 wire: where the received rows go as floats on completion */
     const uint16_t *unpack_from;
-    const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout */
-    int row;                                  /* floats per row */
-    int metadata; /* routing counts or statistics (capacity LOCAL): traced, but not counted in
+    const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout (also the mirror's copies) */
+    float *copy_to;   /* mirrored exchange (moe_exchange.send_m): where the received peer blocks go on completion, */
+    float *copy_from; /* from MPI's mapped mirror of it */
+    int row;          /* floats per row */
+    int metadata;     /* routing counts or statistics (capacity LOCAL): traced, but not counted in
                                   the token exchanges' comm_time / exposed_time (their overlap figures) */
     double t_start, t_done, t_waited;
 } inflight;
@@ -184,6 +186,10 @@ typedef struct moe_buffers {
 /* the token exchanges: what MPI moves, what travels in each stage, and the exchanges in flight */
 typedef struct moe_exchange {
     float *send, *recv, *crecv; /* send layout [max_send, d], receive layout [max_recv, d], combine's return */
+    /* MPI's side of them. A device whose MPI reads host memory (compute_ops.copy_in, more than one rank): the
+     * kernels' send, recv and crecv are device memory and these their mapped mirrors, each peer block moved
+     * in one copy (copy_out when an exchange starts, copy_in when it is waited for); else the same buffers */
+    float *send_m, *recv_m, *crecv_m;
     /* bf16 wire buffers (wire_bf16): dispatches send from the send layout into the receive layout,
      * combines the other way; a pipeline has both in flight, so each direction has its own pair */
     uint16_t *wire_d_out, *wire_d_in, *wire_c_out, *wire_c_in;
