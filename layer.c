@@ -163,7 +163,7 @@ scmoe_status scmoe_moe_backward(scmoe_moe *o, const float *dy, float *dx, scmoe_
     s = run_experts(o, scmoe__moe_experts_backward);
     if (s) return s;
     scmoe__moe_gate_backward(m, &o->ex, dx, 0.0f);
-    o->ctx->compute->sync(o->ctx->compute); /* MPI sums the staged gradients the kernels wrote */
+    scmoe__params_stage_ready(&o->pt); /* MPI sums the staged gradients the kernels wrote */
     double ts = scmoe__now();
     s = sync_grads(o->ctx, &o->pt, o->ctx->world, m->replicas);
     if (!s) s = scmoe__context_device_check(o->ctx);

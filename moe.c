@@ -31,7 +31,13 @@ static void inflight_begin(inflight *f, comm *c) {
     f->t_done = 0;
     f->t_waited = 0;
     f->unpack_to = NULL;
+    f->copy_to = NULL;
 }
+
+static int exchange_mirrored(const moe_layer *m);
+static const float *exchange_mirror_out(moe_layer *m, inflight *f, const float *src, float *dst, const int *sc,
+                                        const int *sd, const int *rc, const int *rd);
+static void exchange_mirror_in(moe_layer *m, const inflight *f);
 
 /* Starts stage s's exchange: a dispatch (send layout -> receive layout: forward the input rows,
  * backward the dy rows) or a combine (the way back: forward into crecv, backward into send).
@@ -64,6 +70,9 @@ scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
         f->row = m->d;
         co->sync(co);
         st = c->ops->alltoallv_start(c, out, sc, sd, in, rc, rd, (int)sizeof(uint16_t) * m->d, &f->req);
+    } else if (exchange_mirrored(m)) { /* MPI's mapped mirrors: the peer blocks copied out first */
+        const float *src_m = exchange_mirror_out(m, f, src, dst, sc, sd, rc, rd);
+        st = c->ops->alltoallv_start(c, src_m, sc, sd, f->copy_from, rc, rd, (int)sizeof(float) * m->d, &f->req);
     } else {
         co->sync(co);
         st = c->ops->alltoallv_start(c, src, sc, sd, dst, rc, rd, (int)sizeof(float) * m->d, &f->req);
@@ -142,6 +151,7 @@ static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     for (int q = 0; f->unpack_to && q < f->c->size; q++)
         m->co->bf16_unpack(m->co, f->unpack_to + (size_t)f->unpack_displs[q] * f->row,
                            f->unpack_from + (size_t)f->unpack_displs[q] * f->row, (size_t)f->unpack_counts[q] * f->row);
+    if (f->copy_to) exchange_mirror_in(m, f);
     if (!f->metadata) {
         m->comm_time += f->t_done - f->t_start;
         m->exposed_time += f->t_waited;
@@ -346,9 +356,17 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     m->plan_d = dev ? plan_mirror_take(D, E, S, R) : plan_h;
     m->gate_h = dev ? gate_outputs_take(H, n, E, k) : m->gate;
 
-    m->xch.send = scmoe__arena_take(X, f * (size_t)S * d);
-    m->xch.crecv = scmoe__arena_take(X, f * (size_t)S * d);
-    m->xch.recv = scmoe__arena_take(X, f * (size_t)R * d);
+    arena *K = exchange_mirrored(m) ? D : X; /* the kernels' side of the exchanges; MPI's is X */
+    m->xch.send = scmoe__arena_take(K, f * (size_t)S * d);
+    m->xch.crecv = scmoe__arena_take(K, f * (size_t)S * d);
+    m->xch.recv = scmoe__arena_take(K, f * (size_t)R * d);
+    if (K == X) {
+        m->xch.send_m = m->xch.send, m->xch.crecv_m = m->xch.crecv, m->xch.recv_m = m->xch.recv;
+    } else if (!m->cfg.wire_bf16) { /* the bf16 wire's own buffers are MPI's side there (below) */
+        m->xch.send_m = scmoe__arena_take(X, f * (size_t)S * d);
+        m->xch.crecv_m = scmoe__arena_take(X, f * (size_t)S * d);
+        m->xch.recv_m = scmoe__arena_take(X, f * (size_t)R * d);
+    }
     if (m->cfg.wire_bf16) {
         m->xch.wire_d_out = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)S * d);
         m->xch.wire_d_in = scmoe__arena_take(X, sizeof(uint16_t) * (size_t)R * d);
@@ -410,7 +428,8 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     }
     for (int i = 0; i < m->E_local; i++) m->off.slot_of[i] = -1;
     for (int i = 0; i < m->off.slots; i++) m->off.held[i] = -1;
-    return SCMOE_OK;
+    /* bf16 on a device: the experts' two activation operands, max_recv rows of d or h1 each */
+    return scmoe__precision_reserve(m->ctx, &m->cfg, 2 * (size_t)m->max_recv * (m->h1 > m->d ? m->h1 : m->d));
 }
 
 /* The context's communicator is shared by every object on it: each call first puts its own
@@ -871,6 +890,46 @@ static scmoe_status run_stages(moe_layer *m, const exec *ex, void (*ffn_stage)(m
         if (stage_travels(m, s)) st = scmoe__moe_exchange_start(m, s, 1);
     }
     return st;
+}
+
+/* ---- cuda (issue 19): the token exchanges' mapped mirrors (moe_exchange.send_m). With more than one rank
+ * and an MPI that reads host memory, the kernels pack, permute and decode rows in device memory and only
+ * the peer blocks an exchange moves cross PCIe, each in one cudaMemcpyAsync on the copy stream: out
+ * before MPI starts (the host waits for those copies, not for the compute stream), in once MPI has
+ * landed them (the kernels after wait for it, the host does not). My own block never leaves the device. */
+static int exchange_mirrored(const moe_layer *m) {
+    return m->co->device && m->co->exchange_kind == COMPUTE_MAPPED && m->co->copy_in;
+}
+
+/* MPI's mapped mirror of a kernels' exchange buffer */
+static float *mirror_of(const moe_layer *m, const float *buf) {
+    return buf == m->xch.send ? m->xch.send_m : buf == m->xch.recv ? m->xch.recv_m : m->xch.crecv_m;
+}
+
+/* src's peer blocks (rows [sd[q], sd[q] + sc[q]) of d floats) to its mirror, waited for; f remembers where
+ * the received blocks go. Returns the mirror MPI sends from. */
+static const float *exchange_mirror_out(moe_layer *m, inflight *f, const float *src, float *dst, const int *sc,
+                                        const int *sd, const int *rc, const int *rd) {
+    const compute_ops *co = m->co;
+    float *src_m = mirror_of(m, src);
+    size_t d = (size_t)m->d;
+    for (int q = 0; q < m->ep_size; q++)
+        co->copy_out(co, src_m + (size_t)sd[q] * d, src + (size_t)sd[q] * d, sizeof(float) * (size_t)sc[q] * d);
+    co->copy_wait(co);
+    f->copy_to = dst;
+    f->copy_from = mirror_of(m, dst);
+    f->unpack_counts = rc;
+    f->unpack_displs = rd;
+    f->row = m->d;
+    return src_m;
+}
+
+/* the received peer blocks from the mirror to the kernels' buffer, one copy each */
+static void exchange_mirror_in(moe_layer *m, const inflight *f) {
+    for (int q = 0; q < f->c->size; q++) {
+        size_t o = (size_t)f->unpack_displs[q] * f->row;
+        m->co->copy_in(m->co, f->copy_to + o, f->copy_from + o, sizeof(float) * (size_t)f->unpack_counts[q] * f->row);
+    }
 }
 
 /* ---- cuda (issue 19): the stage's experts through co->experts_forward / _backward, grouped GEMMs,

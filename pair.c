@@ -300,12 +300,13 @@ static scmoe_status register_params(scmoe_pair *p) {
 
 /* The staged gradients of count tensors from first on, summed over c; an empty bucket if they are not summed. */
 static sched_bucket bucket_of(const param_table *pt, int first, int count, comm *c) {
-    sched_bucket b = {NULL, 0, c, NULL};
+    sched_bucket b = {NULL, 0, c, NULL, NULL};
     if (count <= 0 || first < 0) return b;
     const param_entry *a = &pt->p[first], *z = &pt->p[first + count - 1];
     if (a->gwork == a->t.grad) return b;
-    b.ptr = a->gwork;
-    b.n = (int)(z->gwork + z->t.numel - a->gwork);
+    b.ptr = pt->stage + a->offset_stage;
+    b.src = pt->stage_dev ? pt->stage_dev + a->offset_stage : NULL;
+    b.n = (int)(z->offset_stage + z->t.numel - a->offset_stage);
     return b;
 }
 
@@ -438,6 +439,12 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
     if (!s) s = scmoe__precision_attach(ctx, cfg, &p->pt, &p->ex);
     if (!s) s = scmoe__moe_alloc(&p->moe);
     if (!s) s = alloc_activations(p);
+    if (!s) { /* bf16 on a device: the dense GEMMs' two activation operands (at most [N, 3d] and [N, d], or
+               * [N, h1] and [N, d]: the attention's input projection, the MLP's weight gradients) */
+        size_t N = (size_t)cfg->max_tokens, h1 = (size_t)scmoe__ffn_width(cfg->d_hidden, cfg->activation),
+               wide = 3 * (size_t)cfg->d_model > h1 ? 3 * (size_t)cfg->d_model : h1;
+        s = scmoe__precision_reserve(ctx, cfg, 2 * N * wide);
+    }
     if (!s) s = alloc_grad_wire(p);
     if (!s) {
         sched_block b = pair_block(p);

@@ -49,6 +49,15 @@ void scmoe__precision_refresh(param_table *pt) {
     }
 }
 
+scmoe_status scmoe__precision_reserve(scmoe_context *ctx, const scmoe_config *cfg, size_t n) {
+    const compute_ops *co = ctx->compute;
+    if (cfg->precision != SCMOE_PRECISION_BF16 || !co->bf16_reserve) return SCMOE_OK;
+    if (co->bf16_reserve(co, n))
+        return scmoe__fail(ctx, SCMOE_ERR_NOMEM, "out of memory for the bf16 activation scratch (%zu bytes, %s memory)",
+                           sizeof(uint16_t) * n, co->name);
+    return SCMOE_OK;
+}
+
 const char *scmoe_context_gemm_info(scmoe_context *ctx) {
     if (!ctx) return "context is NULL";
     if (!ctx->compute->device && !ctx->host_blas) {

@@ -252,10 +252,20 @@ static scmoe_status bucket_start(scheduler *s, int b) {
  * slowed by a bucket started between the two exchanges). */
 static scmoe_status buckets_flush(scheduler *s, int exchanges_done) {
     scmoe_status st = SCMOE_OK;
-    int synced = 0;
+    const compute_ops *co = s->ctx->compute;
+    int synced = 0, copied = 0;
+    /* gradients the device wrote in its own memory: each ready bucket to MPI's buffer in one copy, on
+     * the copy queue, and one wait for all of them (not for the kernels enqueued since) */
+    for (int b = 0; b < s->blk.n_ops + 2 && exchanges_done; b++) {
+        const sched_bucket *k = &s->bucket[b];
+        if (!s->ready[b] || !k->src || !sched_bucket_summed(k)) continue;
+        co->copy_out(co, k->ptr, k->src, sizeof(float) * (size_t)k->n);
+        copied++;
+    }
+    if (copied) co->copy_wait(co);
     for (int b = 0; b < s->blk.n_ops + 2 && !st && exchanges_done; b++)
         if (s->ready[b]) {
-            if (!synced++) s->ctx->compute->sync(s->ctx->compute); /* MPI reads what the device wrote */
+            if (!s->bucket[b].src && !synced++) co->sync(co); /* MPI reads what the device wrote */
             s->ready[b] = 0;
             st = bucket_start(s, b);
         }

@@ -36,6 +36,8 @@ typedef struct sched_bucket {
     int n;
     comm *over;
     uint16_t *wire;
+    const float *src; /* where the backward wrote them (device memory), copied to ptr before the all-reduce
+                         (compute_ops.copy_out); NULL: at ptr */
 } sched_bucket;
 
 /* Whether a bucket's all-reduce has anything to do: gradients, and more than one rank to sum them over. */

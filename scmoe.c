@@ -389,6 +389,12 @@ scmoe_status scmoe__params_allocate(param_table *pt, const compute_ops *co, int 
         pt->stage = co->alloc(co, sizeof(float) * stage, co->exchange_kind);
         if (!pt->stage) return SCMOE_ERR_NOMEM;
         co->zero(co, pt->stage, sizeof(float) * stage);
+        /* a device whose MPI reads host memory: the backward writes device memory, copied out per bucket */
+        if (co->copy_out && co->exchange_kind != COMPUTE_DEVICE) {
+            pt->stage_dev = co->alloc(co, sizeof(float) * stage, COMPUTE_DEVICE);
+            if (!pt->stage_dev) return SCMOE_ERR_NOMEM;
+            co->zero(co, pt->stage_dev, sizeof(float) * stage);
+        }
     }
     /* a device backend's values are made on the host, one tensor at a time, and copied over */
     float *init = co->device ? malloc(sizeof(float) * (largest ? largest : 1)) : NULL;
@@ -398,7 +404,9 @@ scmoe_status scmoe__params_allocate(param_table *pt, const compute_ops *co, int 
         e->t.name = e->name;
         e->t.data = (e->host_data ? pt->data_host : pt->data) + e->offset_data;
         e->t.grad = pt->grad + e->offset;
-        e->gwork = staged(e, world_sync, replica_sync) ? pt->stage + e->offset_stage : e->t.grad;
+        e->gwork = !staged(e, world_sync, replica_sync) ? e->t.grad
+                   : pt->stage_dev                      ? pt->stage_dev + e->offset_stage
+                                                        : pt->stage + e->offset_stage;
         int direct = !init || e->host_data; /* the host can write it */
         params_init(e, direct ? e->t.data : init);
         if (!direct) co->copy(co, e->t.data, init, sizeof(float) * e->t.numel);
@@ -413,6 +421,7 @@ void scmoe__params_free(param_table *pt) {
         pt->co->release(pt->co, pt->data, COMPUTE_DEVICE);
         pt->co->release(pt->co, pt->grad, COMPUTE_DEVICE);
         pt->co->release(pt->co, pt->stage, pt->co->exchange_kind);
+        pt->co->release(pt->co, pt->stage_dev, COMPUTE_DEVICE);
         pt->co->release(pt->co, pt->data_host, COMPUTE_MAPPED);
     }
     if (pt->co && pt->co->device) pt->co->release(pt->co, pt->data_bf16, COMPUTE_DEVICE); /* precision.c */
@@ -444,13 +453,29 @@ scmoe_status scmoe__params_named(scmoe_context *ctx, const param_table *pt, cons
 }
 
 void scmoe__params_zero_stage(param_table *pt) {
-    if (pt->stage_total) pt->co->zero(pt->co, pt->stage, sizeof(float) * pt->stage_total);
+    if (pt->stage_total)
+        pt->co->zero(pt->co, pt->stage_dev ? pt->stage_dev : pt->stage, sizeof(float) * pt->stage_total);
+}
+
+void scmoe__params_stage_ready(param_table *pt) {
+    const compute_ops *co = pt->co;
+    if (!pt->stage_dev) {
+        co->sync(co); /* MPI reads the staged gradients the kernels wrote */
+        return;
+    }
+    co->copy_out(co, pt->stage, pt->stage_dev, sizeof(float) * pt->stage_total);
+    co->copy_wait(co);
 }
 
 void scmoe__params_add_stage(param_table *pt) {
+    const float *sum = pt->stage;
+    if (pt->stage_dev) { /* the sums back to the device in one copy, added from there */
+        pt->co->copy_rows(pt->co, pt->stage_dev, pt->stage, sizeof(float) * pt->stage_total);
+        sum = pt->stage_dev;
+    }
     for (int i = 0; i < pt->n; i++) {
         param_entry *e = &pt->p[i];
-        if (e->gwork != e->t.grad) pt->co->add(pt->co, e->t.grad, e->gwork, e->t.numel);
+        if (e->gwork != e->t.grad) pt->co->add(pt->co, e->t.grad, sum + e->offset_stage, e->t.numel);
     }
 }
 

@@ -80,6 +80,8 @@ typedef struct param_table {
     size_t stage_world;    /* the first stage_world of them are summed over all ranks, the rest over replicas */
     const compute_ops *co; /* where data and grad live (device memory), and stage (co->exchange_kind) */
     float *data, *grad, *stage;
+    float *stage_dev;    /* co->copy_out: where the backward writes the summed tensors' gradients (device memory,
+                         stage's layout), copied to stage per bucket; NULL: it writes stage itself */
     float *data_host;    /* mapped: the data of host_data tensors */
     int prefix_len;      /* bytes of the host's name prefix in front of every name (scmoe_*_set_name_prefix) */
     uint16_t *data_bf16; /* SCMOE_PRECISION_BF16: data rounded to bf16, same offsets, co's memory (precision.c) */
@@ -100,6 +102,8 @@ scmoe_status scmoe__params_at(const param_table *pt, int i, scmoe_tensor *t);
 scmoe_status scmoe__params_named(scmoe_context *ctx, const param_table *pt, const char *name, scmoe_tensor *t);
 /* grad += stage for every staged tensor */
 void scmoe__params_add_stage(param_table *pt);
+/* every staged gradient where MPI reads it: stage_dev copied to stage (and waited for), else the device synced */
+void scmoe__params_stage_ready(param_table *pt);
 /* Replaces the name prefix of every tensor (controls.c); OPTION with a message on ctx if a name would
  * not fit, and then nothing changes. */
 scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const char *prefix);
@@ -108,6 +112,9 @@ scmoe_status scmoe__params_set_prefix(scmoe_context *ctx, param_table *pt, const
 scmoe_status scmoe__precision_attach(scmoe_context *ctx, const scmoe_config *cfg, param_table *pt, exec *ex);
 /* Rounds pt's data into its bf16 copy again (scmoe_*_params_changed); nothing without one. */
 void scmoe__precision_refresh(param_table *pt);
+/* precision BF16 on a device: its GEMMs' bf16 activation scratch holds n elements (compute_ops.bf16_reserve),
+ * allocated here, at create, not in the first forward; nothing otherwise. NOMEM with a message on ctx. */
+scmoe_status scmoe__precision_reserve(scmoe_context *ctx, const scmoe_config *cfg, size_t n);
 
 /* ---- a nonblocking exchange in flight, timed ---- */
 typedef struct inflight {
@@ -115,9 +122,11 @@ typedef struct inflight {
     int req, active;
     float *unpack_to; /* bf16 wire: where the received rows go as floats on completion */
     const uint16_t *unpack_from;
-    const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout */
-    int row;                                  /* floats per row */
-    int metadata; /* routing counts or statistics (capacity LOCAL): traced, but not counted in
+    const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout (also the mirror's copies) */
+    float *copy_to;   /* mirrored exchange (moe_exchange.send_m): where the received peer blocks go on completion, */
+    float *copy_from; /* from MPI's mapped mirror of it */
+    int row;          /* floats per row */
+    int metadata;     /* routing counts or statistics (capacity LOCAL): traced, but not counted in
                                   the token exchanges' comm_time / exposed_time (their overlap figures) */
     double t_start, t_done, t_waited;
 } inflight;
@@ -177,6 +186,10 @@ typedef struct moe_buffers {
 /* the token exchanges: what MPI moves, what travels in each stage, and the exchanges in flight */
 typedef struct moe_exchange {
     float *send, *recv, *crecv; /* send layout [max_send, d], receive layout [max_recv, d], combine's return */
+    /* MPI's side of them. A device whose MPI reads host memory (compute_ops.copy_in, more than one rank): the
+     * kernels' send, recv and crecv are device memory and these their mapped mirrors, each peer block moved
+     * in one copy (copy_out when an exchange starts, copy_in when it is waited for); else the same buffers */
+    float *send_m, *recv_m, *crecv_m;
     /* bf16 wire buffers (wire_bf16): dispatches send from the send layout into the receive layout,
      * combines the other way; a pipeline has both in flight, so each direction has its own pair */
     uint16_t *wire_d_out, *wire_d_in, *wire_c_out, *wire_c_in;

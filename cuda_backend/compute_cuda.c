@@ -28,9 +28,12 @@ typedef struct cuda_compute {
      * it, ev_copy the kernels after prefetch_wait for the copies */
     cudaStream_t copy_stream;
     cudaEvent_t ev_compute, ev_copy;
-    uint16_t *bf16; /* the experts' activations rounded to bf16 (two operands), grown to the largest layer's */
-    size_t bf16_n;  /* elements; at its first call, never after */
-    int status;     /* first failure, 0 none */
+    /* issue 19: what MPI moves, to and from mapped memory (copy_out, copy_in): their own stream;
+     * ev_xfer_after lets a copy out wait for the kernels before it, ev_xfer marks the last copy out
+     * (copy_wait), ev_xfer_in the last copy in, which the kernels after it wait for */
+    cudaStream_t xfer_stream;
+    cudaEvent_t ev_xfer_after, ev_xfer, ev_xfer_in;
+    int status; /* first failure, 0 none */
     char err[160];
 } cuda_compute;
 
@@ -196,13 +199,19 @@ static void cuda_cg_combine_backward_op(const compute_ops *co, float *ds, float 
 static void cuda_add_outer_op(const compute_ops *co, float *out, const float *u, const float *v, int n, int d) {
     note(co, scmoe__cuda_add_outer(out, u, v, n, d, stream_of(co)), "scmoe__add_outer");
 }
+/* bytes on stream s once every kernel enqueued on the compute stream before has finished (the event
+ * after, recorded there), then the event done recorded on s */
+static void copy_after_kernels(const compute_ops *co, cudaStream_t s, cudaEvent_t after, cudaEvent_t done, void *dst,
+                               const void *src, size_t bytes, const char *what) {
+    if (!bytes) return;
+    note(co, cudaEventRecord(after, stream_of(co)), "cudaEventRecord");
+    note(co, cudaStreamWaitEvent(s, after, 0), "cudaStreamWaitEvent");
+    note(co, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), what);
+    note(co, cudaEventRecord(done, s), "cudaEventRecord");
+}
 static void cuda_prefetch(const compute_ops *co, void *dst, const void *src, size_t bytes) {
     cuda_compute *cc = self_of(co);
-    if (!bytes) return;
-    note(co, cudaEventRecord(cc->ev_compute, stream_of(co)), "cudaEventRecord");
-    note(co, cudaStreamWaitEvent(cc->copy_stream, cc->ev_compute, 0), "cudaStreamWaitEvent");
-    note(co, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cc->copy_stream), "prefetch (cudaMemcpyAsync)");
-    note(co, cudaEventRecord(cc->ev_copy, cc->copy_stream), "cudaEventRecord");
+    copy_after_kernels(co, cc->copy_stream, cc->ev_compute, cc->ev_copy, dst, src, bytes, "prefetch (cudaMemcpyAsync)");
 }
 static void cuda_prefetch_wait(const compute_ops *co) {
     note(co, cudaStreamWaitEvent(stream_of(co), self_of(co)->ev_copy, 0), "cudaStreamWaitEvent");
@@ -243,11 +252,11 @@ static const void *operand_at(const group_gemm *gg, const operand *o, int i) {
     return gg->bf16 ? (const void *)(o->b + r) : (const void *)(o->f + r);
 }
 
-/* rows [off[0], off[n]) of x (row length ld) rounded into slot (0 or 1) of cc->bf16 */
+/* rows [off[0], off[n]) of x (row length ld) rounded into half slot (0 or 1) of the cuda_blas's scratch */
 static const uint16_t *round_rows(const group_gemm *gg, const float *x, int ld, int slot) {
-    cuda_compute *cc = self_of(gg->co);
+    cuda_blas *cb = self_of(gg->co)->cb;
     const expert_group *g = gg->g;
-    uint16_t *dst = cc->bf16 + (size_t)slot * (cc->bf16_n / 2);
+    uint16_t *dst = cb->bf16 + (size_t)slot * (cb->bf16_n / 2);
     note(gg->co,
          scmoe__cuda_bf16_pack(dst, x + (size_t)g->off[0] * ld, (size_t)(g->off[g->n] - g->off[0]) * ld,
                                stream_of(gg->co)),
@@ -286,25 +295,41 @@ static void group_run(const group_gemm *gg, int ta, int tb, const char *dims, in
     else scmoe__cuda_blas_gemm_grouped(cb, ta, tb, 1.0f, it, n, lda, ldb, beta, ldc);
 }
 
-/* bf16 only where every weight of the group has its copy and the scratch is there */
+/* bf16 only where every weight of the group has its copy and the scratch (reserved when the layer was
+ * created: scmoe__precision_reserve) holds both operands */
 static int group_begin(group_gemm *gg, const compute_ops *co, const struct exec *ex, const expert_group *g) {
-    cuda_compute *cc = self_of(co);
     *gg = (group_gemm){co, ex, g, 0};
     if (g->n <= 0 || g->off[g->n] <= g->off[0]) return 0;
     if (ex->bf16 && ex->wb) {
         int ok = 1;
         for (int i = 0; i < g->n && ok; i++) ok = weight_bf16(ex, g->w1[i]) && weight_bf16(ex, g->w2[i]);
         int h1 = scmoe__ffn_width(g->h, g->act), wide = h1 > g->d ? h1 : g->d;
-        size_t need = 2 * (size_t)g->rows_cap * wide;
-        if (ok && need > cc->bf16_n) { /* the first call of the largest layer: the stream is idle then */
-            cudaFree(cc->bf16);
-            cc->bf16_n = 0;
-            if (cudaMalloc((void **)&cc->bf16, sizeof(uint16_t) * need) == cudaSuccess) cc->bf16_n = need;
-            else cc->bf16 = NULL;
-        }
-        gg->bf16 = ok && cc->bf16;
+        gg->bf16 = ok && 2 * (size_t)g->rows_cap * wide <= self_of(co)->cb->bf16_n;
     }
     return 1;
+}
+
+_Static_assert((int)COMPUTE_EXPERTS_MAX <= (int)CUDA_GROUP_MAX, "an expert group fits one bias launch");
+
+/* the group's two biases as one launch's jobs: b1 over pre [rows, h1] (added), b2 over y [rows, d]
+ * (set); backward the same layout with dpre / db1 and dy / db2 */
+static cuda_expert_bias experts_biases(const expert_group *g, float *x1, float *const *b1, float *x2,
+                                       float *const *b2) {
+    cuda_expert_bias t;
+    t.n = g->n;
+    t.jobs = 2;
+    t.job[0].x = x1;
+    t.job[0].C = scmoe__ffn_width(g->h, g->act);
+    t.job[0].set = 0;
+    t.job[1].x = x2;
+    t.job[1].C = g->d;
+    t.job[1].set = 1;
+    for (int i = 0; i <= g->n; i++) t.off[i] = g->off[i];
+    for (int i = 0; i < g->n; i++) {
+        t.job[0].b[i] = b1[i];
+        t.job[1].b[i] = b2[i];
+    }
+    return t;
 }
 
 static void cuda_experts_forward(const compute_ops *co, const struct exec *ex, const expert_group *g) {
@@ -315,14 +340,8 @@ static void cuda_experts_forward(const compute_ops *co, const struct exec *ex, c
     /* pre = x W1 (+ b1 with the activation), hid = act(pre), y = b2 + hid W2 */
     operand x = rows_of(&gg, g->x, d, 0), w1 = weights_of(g->w1), w2 = weights_of(g->w2);
     group_run(&gg, 0, 0, "r..", 0, h1, d, &x, &w1, 0.0f, g->pre, NULL, d, h1, h1);
-    for (int i = 0; i < g->n; i++) {
-        int r = g->off[i + 1] - g->off[i];
-        if (r <= 0) continue;
-        float *pre = g->pre + (size_t)g->off[i] * h1;
-        note(co, scmoe__cuda_add_bias_rows(pre, g->b1[i], r, h1, stream_of(co)), "the experts' bias");
-        note(co, scmoe__cuda_broadcast_rows(g->y + (size_t)g->off[i] * d, g->b2[i], r, d, stream_of(co)),
-             "the experts' output bias");
-    }
+    cuda_expert_bias t = experts_biases(g, g->pre, (float *const *)g->b1, g->y, (float *const *)g->b2);
+    note(co, scmoe__cuda_expert_bias_forward(&t, stream_of(co)), "the experts' biases");
     note(co, scmoe__cuda_activation_forward(g->hid + o * h, g->pre + o * h1, rows, h, g->act, stream_of(co)),
          "the experts' activation");
     operand hid = rows_of(&gg, g->hid, h, 0);
@@ -345,14 +364,8 @@ static void cuda_experts_backward(const compute_ops *co, const struct exec *ex, 
          scmoe__cuda_activation_backward(g->dpre + o * h1, g->dhid + o * h, g->pre + o * h1, rows, h, g->act,
                                          stream_of(co)),
          "the experts' activation backward");
-    for (int i = 0; i < g->n; i++) {
-        int r = g->off[i + 1] - g->off[i];
-        if (r <= 0) continue;
-        note(co, scmoe__cuda_sum_rows(g->db2[i], g->dy + (size_t)g->off[i] * d, r, d, stream_of(co)),
-             "the experts' bias gradient");
-        note(co, scmoe__cuda_sum_rows(g->db1[i], g->dpre + (size_t)g->off[i] * h1, r, h1, stream_of(co)),
-             "the experts' bias gradient");
-    }
+    cuda_expert_bias t = experts_biases(g, g->dpre, g->db1, g->dy, g->db2);
+    note(co, scmoe__cuda_expert_bias_backward(&t, stream_of(co)), "the experts' bias gradients");
     operand x = rows_of(&gg, g->x, d, 0), dpre = rows_of(&gg, g->dpre, h1, 1);
     group_run(&gg, 1, 0, "..r", d, h1, 0, &x, &dpre, 1.0f, NULL, g->dw1, d, h1, h1);
     group_run(&gg, 0, 1, "r..", 0, d, h1, &dpre, &w1, 0.0f, g->dx, NULL, h1, h1, d);
@@ -363,6 +376,32 @@ static void cuda_bf16_pack_op(const compute_ops *co, uint16_t *dst, const float 
 }
 static void cuda_bf16_unpack_op(const compute_ops *co, float *dst, const uint16_t *src, size_t n) {
     note(co, scmoe__cuda_bf16_unpack(dst, src, n, stream_of(co)), "scmoe__bf16_unpack");
+}
+
+/* ---- issue 19: what MPI moves, to and from mapped memory on a copy stream, and the bf16 scratch ---- */
+
+/* finished rows or gradients (device) to the buffer MPI reads (mapped): on xfer_stream, after every
+ * kernel enqueued before (ev_xfer_after); the compute stream goes on while the copy engine moves them */
+static void cuda_copy_out(const compute_ops *co, void *dst, const void *src, size_t bytes) {
+    cuda_compute *cc = self_of(co);
+    copy_after_kernels(co, cc->xfer_stream, cc->ev_xfer_after, cc->ev_xfer, dst, src, bytes, "a copy to MPI's buffer");
+}
+/* the host waits for the last copy out (they run in order on xfer_stream), not for the compute
+ * stream's later work */
+static void cuda_copy_wait(const compute_ops *co) {
+    note(co, cudaEventSynchronize(self_of(co)->ev_xfer), "cudaEventSynchronize (copies to MPI's buffers)");
+}
+/* what MPI received (mapped) to the device at once, on xfer_stream (not behind the kernels queued on the
+ * compute stream); the kernels enqueued after it wait for it (ev_xfer_in), the host does not */
+static void cuda_copy_in(const compute_ops *co, void *dst, const void *src, size_t bytes) {
+    cuda_compute *cc = self_of(co);
+    if (!bytes) return;
+    note(co, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cc->xfer_stream), "a copy from MPI's buffer");
+    note(co, cudaEventRecord(cc->ev_xfer_in, cc->xfer_stream), "cudaEventRecord");
+    note(co, cudaStreamWaitEvent(stream_of(co), cc->ev_xfer_in, 0), "cudaStreamWaitEvent");
+}
+static int cuda_bf16_reserve(const compute_ops *co, size_t n) {
+    return scmoe__cuda_blas_reserve_bf16(self_of(co)->cb, n) != SCMOE_OK;
 }
 
 static const compute_ops cuda_table = {
@@ -402,6 +441,11 @@ static const compute_ops cuda_table = {
     .experts_backward = cuda_experts_backward,
     .bf16_pack = cuda_bf16_pack_op,
     .bf16_unpack = cuda_bf16_unpack_op,
+    /* issue 19 */
+    .copy_out = cuda_copy_out,
+    .copy_wait = cuda_copy_wait,
+    .copy_in = cuda_copy_in,
+    .bf16_reserve = cuda_bf16_reserve,
 };
 
 scmoe_status scmoe__cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_aware, char *err) {
@@ -426,6 +470,12 @@ scmoe_status scmoe__cuda_compute_create(compute_ops **out, cuda_blas *cb, int cu
     else if ((e = cudaEventCreateWithFlags(&cc->ev_compute, cudaEventDisableTiming)) != cudaSuccess ||
              (e = cudaEventCreateWithFlags(&cc->ev_copy, cudaEventDisableTiming)) != cudaSuccess)
         what = "cudaEventCreateWithFlags";
+    else if ((e = cudaStreamCreateWithFlags(&cc->xfer_stream, cudaStreamNonBlocking)) != cudaSuccess)
+        what = "cudaStreamCreateWithFlags";
+    else if ((e = cudaEventCreateWithFlags(&cc->ev_xfer_after, cudaEventDisableTiming)) != cudaSuccess ||
+             (e = cudaEventCreateWithFlags(&cc->ev_xfer, cudaEventDisableTiming)) != cudaSuccess ||
+             (e = cudaEventCreateWithFlags(&cc->ev_xfer_in, cudaEventDisableTiming)) != cudaSuccess)
+        what = "cudaEventCreateWithFlags";
     if (what) {
         if (err) snprintf(err, 160, "%s failed: %s", what, cudaGetErrorString(e));
         scmoe__cuda_compute_destroy(&cc->base);
@@ -441,7 +491,10 @@ void scmoe__cuda_compute_destroy(compute_ops *co) {
     if (cc->ev_copy) cudaEventDestroy(cc->ev_copy);
     if (cc->ev_compute) cudaEventDestroy(cc->ev_compute);
     if (cc->copy_stream) cudaStreamDestroy(cc->copy_stream);
+    if (cc->ev_xfer_in) cudaEventDestroy(cc->ev_xfer_in);
+    if (cc->ev_xfer) cudaEventDestroy(cc->ev_xfer);
+    if (cc->ev_xfer_after) cudaEventDestroy(cc->ev_xfer_after);
+    if (cc->xfer_stream) cudaStreamDestroy(cc->xfer_stream);
     cudaFree(cc->flag);
-    cudaFree(cc->bf16);
     free(cc);
 }

@@ -81,9 +81,10 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options
     char err[160];
     scmoe_status s =
         scmoe__cuda_blas_create(&b->cb, NULL, math == SCMOE_CUDA_BF16 ? CUDA_MATH_BF16 : CUDA_MATH_FP32, err);
-    /* auto: ask OpenMPI, where there are exchanges at all (one rank exchanges nothing) */
+    /* auto: ask OpenMPI, where there are exchanges at all. One rank exchanges nothing (MPI moves no row
+     * and sums no gradient), so its exchange buffers are device memory: no row crosses PCIe */
     int aware = o.cuda_aware_mpi >= 0 ? o.cuda_aware_mpi : ctx->world->size > 1 && scmoe__cuda_mpi_cuda_aware();
-    if (!s) s = scmoe__cuda_compute_create(&b->co, b->cb, aware, err);
+    if (!s) s = scmoe__cuda_compute_create(&b->co, b->cb, aware || ctx->world->size == 1, err);
     if (s) {
         backend_release(b);
         return scmoe__fail(ctx, s, "scmoe_context_use_cuda: %s", err);

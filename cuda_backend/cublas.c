@@ -66,12 +66,19 @@ static void table_gemm(const blas_backend *self, int trans_a, int trans_b, int M
 static void gemm_math(cuda_blas *cb, int math, int trans_a, int trans_b, int M, int N, int K, float alpha,
                       const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
-/* blas_gemm_bf16_fn (SCMOE_PRECISION_BF16): CUDA_MATH_BF16's GEMM whatever the context's math; cuBLAS
- * rounds the fp32 operands itself, so the host's bf16 weight copies (Ab, Bb) are never made here */
+static int gemm_rounded(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                        const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb, float beta, float *C,
+                        int ldc);
+
+/* blas_gemm_bf16_fn (SCMOE_PRECISION_BF16): the host's bf16 math (blas.h) on bf16 operands, the weights'
+ * device copies (Ab, Bb) and the activations rounded once into the scratch (gemm_rounded); where the
+ * scratch has no room (no layer reserved it), CUDA_MATH_BF16's GEMM on the fp32 operands */
 static void table_gemm_bf16(const blas_backend *self, int trans_a, int trans_b, int M, int N, int K, float alpha,
                             const float *A, const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb,
                             float beta, float *C, int ldc) {
-    gemm_math((cuda_blas *)self, CUDA_MATH_BF16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    cuda_blas *cb = (cuda_blas *)self;
+    if (!gemm_rounded(cb, trans_a, trans_b, M, N, K, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc))
+        gemm_math(cb, CUDA_MATH_BF16, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 static const char *table_describe(const blas_backend *self) {
@@ -146,6 +153,7 @@ void scmoe__cuda_blas_destroy(cuda_blas *cb) {
     if (!cb) return;
     if (cb->handle) cublasDestroy(cb->handle);
     cudaFree(cb->ptrs);
+    cudaFree(cb->bf16);
     if (cb->owns_stream && cb->stream) cudaStreamDestroy(cb->stream);
     free(cb);
 }
@@ -313,4 +321,45 @@ void scmoe__cuda_blas_gemm_grouped(cuda_blas *cb, int trans_a, int trans_b, floa
 void scmoe__cuda_blas_gemm_grouped_bf16(cuda_blas *cb, int trans_a, int trans_b, float alpha,
                                         const cuda_gemm_item *items, int n, int lda, int ldb, float beta, int ldc) {
     grouped(cb, 1, trans_a, trans_b, alpha, items, n, lda, ldb, beta, ldc);
+}
+
+/* ======================================================= issue 19: the dense GEMMs' bf16 operands */
+
+scmoe_status scmoe__cuda_blas_reserve_bf16(cuda_blas *cb, size_t n) {
+    if (!cb) return SCMOE_ERR_NULL;
+    if (n <= cb->bf16_n) return SCMOE_OK;
+    uint16_t *p = NULL;
+    if (cudaMalloc((void **)&p, sizeof(uint16_t) * n) != cudaSuccess) return SCMOE_ERR_NOMEM;
+    cudaFree(cb->bf16); /* waits for the kernels that may still read it */
+    cb->bf16 = p;
+    cb->bf16_n = n;
+    return SCMOE_OK;
+}
+
+/* C = alpha op(bf16(A)) op(bf16(B)) + beta C with fp32 accumulation (CUDA_R_16BF, CUBLAS_COMPUTE_32F):
+ * an operand with a bf16 copy (a weight) is read from it, the others are rounded (nearest even, as
+ * scmoe__bf16_pack) into the scratch, contiguous, op(A)'s first. Returns 0, having done nothing, where
+ * there is nothing to multiply (gemm_math's edge cases) or the scratch has no room. */
+static int gemm_rounded(cuda_blas *cb, int trans_a, int trans_b, int M, int N, int K, float alpha, const float *A,
+                        const uint16_t *Ab, int lda, const float *B, const uint16_t *Bb, int ldb, float beta, float *C,
+                        int ldc) {
+    if (!cb || M <= 0 || N <= 0 || K <= 0 || !A || !B || !C) return 0;
+    int ra = trans_a ? K : M, ca = trans_a ? M : K, rb = trans_b ? N : K, cbc = trans_b ? K : N; /* as stored */
+    if (lda < ca || ldb < cbc) return 0;
+    size_t na = Ab ? 0 : (size_t)ra * ca, nb = Bb ? 0 : (size_t)rb * cbc;
+    if (na + nb > cb->bf16_n) return 0;
+    cudaError_t e = cudaSuccess;
+    if (!Ab) {
+        e = scmoe__cuda_bf16_pack_rows(cb->bf16, A, ra, ca, lda, cb->stream);
+        Ab = cb->bf16;
+        lda = ca;
+    }
+    if (!Bb && e == cudaSuccess) {
+        e = scmoe__cuda_bf16_pack_rows(cb->bf16 + na, B, rb, cbc, ldb, cb->stream);
+        Bb = cb->bf16 + na;
+        ldb = cbc;
+    }
+    if (e != cudaSuccess) fail(cb, (int)e, "rounding a GEMM operand to bf16: %s", cudaGetErrorString(e));
+    else scmoe__cuda_blas_gemm_bf16(cb, trans_a, trans_b, M, N, K, alpha, Ab, lda, Bb, ldb, beta, C, ldc);
+    return 1;
 }

@@ -52,6 +52,8 @@ typedef struct cuda_blas {
     int grouped_off[2];  /* cuBLAS said NOT_SUPPORTED to the grouped call for [fp32 operands, bf16 operands]:
                             those groups run as a loop of single GEMMs from then on */
     char err[160];       /* and its sentence */
+    uint16_t *bf16;      /* issue 19: the bf16 activation scratch of SCMOE_PRECISION_BF16's GEMMs (device) */
+    size_t bf16_n;       /* its elements: the largest any layer reserved at create (scmoe__cuda_blas_reserve_bf16) */
 } cuda_blas;
 
 /* Creates the backend on stream (NULL: a new non-blocking stream it owns). Fails with
@@ -104,6 +106,13 @@ static inline void cuda_blas_clear_status(cuda_blas *cb) {
     cb->status = 0;
     cb->err[0] = '\0';
 }
+
+/* The bf16 activation scratch holds at least n elements from now on: grown (a new cudaMalloc, the old
+ * one freed after) when a layer is created, never in a forward or backward. SCMOE_ERR_NOMEM leaves the
+ * scratch as it was. The table's gemm_bf16 rounds into it the operands that have no bf16 copy (op(A)
+ * first, then op(B), each contiguous), the experts' grouped GEMMs (compute_cuda.c) their two activation
+ * operands (halves of it); all in stream order, so one scratch serves every layer of the context. */
+scmoe_status scmoe__cuda_blas_reserve_bf16(cuda_blas *cb, size_t n);
 
 /* The column-major call a row-major GEMM becomes (pure host logic, unit-tested without a GPU):
  * cublasSgemm(opB, opA, m = N, n = M, k = K, B, ldb, A, lda, C, ldc). Returns CUDA_GEMM_RUN,
@@ -202,6 +211,32 @@ cudaError_t scmoe__cuda_store_pointers(const void **dst, cuda_pointer_table t, i
 cudaError_t scmoe__cuda_zero_bytes(void *p, size_t bytes, cudaStream_t s);
 /* [scmoe__has_nonfinite] *flag = 1 when any x[i] is NaN or Inf (flag untouched otherwise: zero it first) */
 cudaError_t scmoe__cuda_flag_nonfinite(int *flag, const float *x, size_t n, cudaStream_t s);
+
+/* ---- issue 19: the dense GEMMs' bf16 operands and the experts' biases ---- */
+
+/* [scmoe__bf16_pack] row by row: dst [rows, cols] (contiguous) = bf16(src [rows, cols], row stride ld) */
+cudaError_t scmoe__cuda_bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld, cudaStream_t s);
+
+/* The routed experts' biases of a stage (compute_cuda.c's experts_forward / _backward), all experts in
+ * ONE launch: expert i owns rows [off[i], off[i + 1]) of every job's x (absolute row numbers, ascending).
+ * Forward, per job: x[r, :] = b_i (set) or x[r, :] += b_i for every row r of expert i (the
+ * ffn's b1 add and b2 broadcast); backward: b_i[c] += sum of expert i's rows of x (db1, db2), in the
+ * row order of scmoe__cuda_sum_rows on that expert alone (bit for bit the per-expert loop). Passed by
+ * value to the kernel (no device copy to keep alive). */
+typedef struct cuda_bias_job {
+    float *x; /* [rows, C] */
+    int C;
+    int set;                  /* forward: 1 overwrite with the bias, 0 add it */
+    float *b[CUDA_GROUP_MAX]; /* per expert: the bias (forward, read) or its gradient (backward, += ) */
+} cuda_bias_job;
+typedef struct cuda_expert_bias {
+    int n;    /* experts, 1..CUDA_GROUP_MAX */
+    int jobs; /* 1 or 2 */
+    int off[CUDA_GROUP_MAX + 1];
+    cuda_bias_job job[2];
+} cuda_expert_bias;
+cudaError_t scmoe__cuda_expert_bias_forward(const cuda_expert_bias *t, cudaStream_t s);
+cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *t, cudaStream_t s);
 
 /* ================================================================= the compute table (compute_cuda.c) */
 

@@ -760,3 +760,99 @@ extern "C" cudaError_t scmoe__cuda_zero_bytes(void *p, size_t bytes, cudaStream_
            tail);
     return cudaGetLastError();
 }
+
+/* ======================================================= issue 19: dense GEMMs and the experts' biases */
+
+/* ---- bf16 operands with a row stride: the dense GEMMs' activation scratch (cublas.c) */
+
+__global__ static void k_bf16_pack_rows(uint16_t *dst, const float *src, long rows, int cols, int ld) {
+    long total = rows * cols;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
+        uint32_t u = __float_as_uint(src[(i / cols) * ld + i % cols]);
+        if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) dst[i] = (uint16_t)((u >> 16) | 0x0040u);
+        else dst[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+extern "C" cudaError_t scmoe__cuda_bf16_pack_rows(uint16_t *dst, const float *src, int rows, int cols, int ld,
+                                                  cudaStream_t s) {
+    CHECK_ARGS(rows >= 0 && cols >= 0 && ld >= cols);
+    long total = (long)rows * cols;
+    if (total == 0) return cudaSuccess;
+    CHECK_ARGS(dst && src);
+    LAUNCH(k_bf16_pack_rows, grid_for(total, THREADS), THREADS, 0, s, dst, src, (long)rows, cols, ld);
+    return cudaGetLastError();
+}
+
+/* ---- the routed experts' biases, every expert of a stage in one launch (cuda_expert_bias, cuda.h) */
+
+/* the expert whose rows [off[e], off[e + 1]) hold row r (off ascending, off[0] <= r < off[n]) */
+__device__ static int expert_of_row(const cuda_expert_bias &t, int r) {
+    int lo = 0, hi = t.n - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (t.off[mid] <= r) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* a block per row (grid-stride), blockIdx.y the job: x[r, :] = b_e (set) or x[r, :] += b_e */
+__global__ static void k_expert_bias_forward(cuda_expert_bias t) {
+    const cuda_bias_job &j = t.job[blockIdx.y];
+    for (int r = t.off[0] + blockIdx.x; r < t.off[t.n]; r += gridDim.x) {
+        const float *b = j.b[expert_of_row(t, r)];
+        float *x = j.x + (long)r * j.C;
+        for (int c = threadIdx.x; c < j.C; c += blockDim.x) x[c] = j.set ? b[c] : x[c] + b[c];
+    }
+}
+
+/* k_column_sums over expert blockIdx.y's rows of job blockIdx.z: the same rows in the same order as
+ * scmoe__cuda_sum_rows on that expert alone, so the sums are bit for bit the per-expert loop's */
+__global__ static void k_expert_bias_backward(cuda_expert_bias t) {
+    __shared__ float s[RY][33];
+    const cuda_bias_job &j = t.job[blockIdx.z];
+    int e = blockIdx.y, c = blockIdx.x * 32 + threadIdx.x, r0 = t.off[e], rows = t.off[e + 1] - r0;
+    if (rows <= 0) return; /* the whole block: no barrier is reached */
+    float a = 0.0f;
+    if (c < j.C)
+        for (long i = threadIdx.y; i < rows; i += RY) a += j.x[(r0 + i) * j.C + c];
+    s[threadIdx.y][threadIdx.x] = a;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < j.C) {
+        float tb = 0.0f;
+        for (int y = 0; y < RY; y++) tb += s[y][threadIdx.x];
+        j.b[e][c] += tb;
+    }
+}
+
+static cudaError_t expert_bias_args(const cuda_expert_bias *t, int *widest) {
+    CHECK_ARGS(t && t->n >= 1 && t->n <= CUDA_GROUP_MAX && t->jobs >= 1 && t->jobs <= 2);
+    *widest = 0;
+    for (int i = 0; i < t->n; i++) CHECK_ARGS(t->off[i] >= 0 && t->off[i] <= t->off[i + 1]);
+    for (int k = 0; k < t->jobs; k++) {
+        const cuda_bias_job *j = &t->job[k];
+        CHECK_ARGS(j->C >= 0 && (j->x || t->off[t->n] == t->off[0] || !j->C));
+        for (int i = 0; i < t->n && j->C; i++) CHECK_ARGS(j->b[i] || t->off[i + 1] == t->off[i]);
+        if (j->C > *widest) *widest = j->C;
+    }
+    return cudaSuccess;
+}
+
+extern "C" cudaError_t scmoe__cuda_expert_bias_forward(const cuda_expert_bias *t, cudaStream_t s) {
+    int C = 0;
+    cudaError_t e = expert_bias_args(t, &C);
+    if (e != cudaSuccess) return e;
+    if (C == 0 || t->off[t->n] == t->off[0]) return cudaSuccess;
+    LAUNCH(k_expert_bias_forward, dim3(grid_for(t->off[t->n] - t->off[0], 1), t->jobs), threads_for(C), 0, s, *t);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *t, cudaStream_t s) {
+    int C = 0;
+    cudaError_t e = expert_bias_args(t, &C);
+    if (e != cudaSuccess) return e;
+    if (C == 0 || t->off[t->n] == t->off[0]) return cudaSuccess;
+    LAUNCH(k_expert_bias_backward, dim3((unsigned)((C + 31) / 32), t->n, t->jobs), dim3(32, RY), 0, s, *t);
+    return cudaGetLastError();
+}

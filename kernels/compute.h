@@ -107,6 +107,20 @@ struct compute_ops {
     void (*experts_backward)(const compute_ops *self, const struct exec *ex, const expert_group *g);
     void (*bf16_pack)(const compute_ops *self, uint16_t *dst, const float *src, size_t n);
     void (*bf16_unpack)(const compute_ops *self, float *dst, const uint16_t *src, size_t n);
+    /* ---- issue 19 (NULL on the host) ---- */
+    /* What MPI moves, for a device whose MPI reads host memory: the kernels work on device memory and
+     * these move it to and from the mapped buffers MPI reads, on a copy queue of their own (the gradient
+     * buckets summed over ranks; the token exchanges' peer blocks).
+     * copy_out: bytes from src (device) to dst (mapped), once every kernel enqueued before has finished;
+     * copy_wait returns once every copy_out so far has landed (MPI may read them). copy_in: bytes from
+     * src (mapped, MPI has written them) to dst (device), started at once (no kernel enqueued before may
+     * use dst); the kernels enqueued after it wait for it. */
+    void (*copy_out)(const compute_ops *self, void *dst, const void *src, size_t bytes);
+    void (*copy_wait)(const compute_ops *self);
+    void (*copy_in)(const compute_ops *self, void *dst, const void *src, size_t bytes);
+    /* precision BF16: the bf16 activation scratch of the GEMMs holds at least n elements (grown when a
+     * layer is created, never in a forward or backward); nonzero when out of memory */
+    int (*bf16_reserve)(const compute_ops *self, size_t n);
 };
 
 /* The host backend: kernels/ on host memory. */

@@ -1051,6 +1051,137 @@ static void dev_ffn(void) {
     }
 }
 
+/* ---- issue 19: the experts' biases in one launch, the dense GEMMs' bf16 operands ---- */
+
+/* one launch for every expert of a stage against the per-expert loop (scmoe__cuda_add_bias_rows,
+ * scmoe__cuda_broadcast_rows, scmoe__cuda_sum_rows per expert): bit for bit, an expert without rows
+ * included; and the wrapper's refusals */
+static void dev_expert_bias(void) {
+    if (!have_gpu) {
+        skip("the experts' biases and their sums in one launch vs one launch per expert");
+        return;
+    }
+    enum { E = 5, C1 = 70, C2 = 33 };
+    int off[E + 1] = {3, 40, 40, 101, 102, 170}; /* rows from 3 (a later group's first row), expert 1 empty */
+    int N = off[E];
+    float *x1 = fnew((size_t)N * C1, 1), *x2 = fnew((size_t)N * C2, 1), *b1 = fnew((size_t)E * C1, 1),
+          *b2 = fnew((size_t)E * C2, 1), *g1 = fnew((size_t)N * C1, 0), *g2 = fnew((size_t)N * C1, 0);
+    float *dx1 = dupf(x1, (size_t)N * C1), *dx2 = dupf(x2, (size_t)N * C2), *rx1 = dupf(x1, (size_t)N * C1),
+          *rx2 = dupf(x2, (size_t)N * C2), *db1 = dupf(b1, (size_t)E * C1), *db2 = dupf(b2, (size_t)E * C2),
+          *rb1 = dupf(b1, (size_t)E * C1), *rb2 = dupf(b2, (size_t)E * C2);
+    cuda_expert_bias t, r;
+    memset(&t, 0, sizeof t);
+    t.n = E;
+    t.jobs = 2;
+    memcpy(t.off, off, sizeof off);
+    t.job[0] = (cuda_bias_job){dx1, C1, 0, {0}};
+    t.job[1] = (cuda_bias_job){dx2, C2, 1, {0}};
+    for (int i = 0; i < E; i++) {
+        t.job[0].b[i] = db1 + i * C1;
+        t.job[1].b[i] = db2 + i * C2;
+    }
+    int ok = scmoe__cuda_expert_bias_forward(&t, stream) == cudaSuccess;
+    for (int i = 0; i < E; i++) {
+        int rows = off[i + 1] - off[i];
+        ok &= scmoe__cuda_add_bias_rows(rx1 + (size_t)off[i] * C1, db1 + i * C1, rows, C1, stream) == cudaSuccess;
+        ok &= scmoe__cuda_broadcast_rows(rx2 + (size_t)off[i] * C2, db2 + i * C2, rows, C2, stream) == cudaSuccess;
+    }
+    int same = 1;
+    ok &= get(g1, dx1, sizeof(float) * N * C1) && get(g2, rx1, sizeof(float) * N * C1);
+    same &= !memcmp(g1, g2, sizeof(float) * N * C1);
+    ok &= get(g1, dx2, sizeof(float) * N * C2) && get(g2, rx2, sizeof(float) * N * C2);
+    same &= !memcmp(g1, g2, sizeof(float) * N * C2);
+    CHECK(ok && same, "the experts' b1 add and b2 broadcast, %d experts (one empty) in one launch == per expert", E);
+    /* backward: the same rows summed into the biases' places (here the bias arrays play the gradients) */
+    r = t;
+    for (int i = 0; i < E; i++) {
+        r.job[0].b[i] = rb1 + i * C1;
+        r.job[1].b[i] = rb2 + i * C2;
+    }
+    ok = scmoe__cuda_expert_bias_backward(&t, stream) == cudaSuccess;
+    for (int i = 0; i < E; i++) {
+        int rows = off[i + 1] - off[i];
+        ok &= scmoe__cuda_sum_rows(r.job[0].b[i], dx1 + (size_t)off[i] * C1, rows, C1, stream) == cudaSuccess;
+        ok &= scmoe__cuda_sum_rows(r.job[1].b[i], dx2 + (size_t)off[i] * C2, rows, C2, stream) == cudaSuccess;
+    }
+    ok &= get(g1, db1, sizeof(float) * E * C1) && get(g2, rb1, sizeof(float) * E * C1);
+    same = !memcmp(g1, g2, sizeof(float) * E * C1);
+    ok &= get(g1, db2, sizeof(float) * E * C2) && get(g2, rb2, sizeof(float) * E * C2);
+    same &= !memcmp(g1, g2, sizeof(float) * E * C2);
+    CHECK(ok && same, "the experts' db1 and db2 sums in one launch == per expert, bit for bit");
+    cuda_expert_bias bad = t;
+    bad.n = 0;
+    int refused = scmoe__cuda_expert_bias_forward(&bad, stream) == cudaErrorInvalidValue;
+    bad = t;
+    bad.off[2] = 200; /* not ascending */
+    refused &= scmoe__cuda_expert_bias_backward(&bad, stream) == cudaErrorInvalidValue;
+    bad = t;
+    bad.job[0].b[3] = NULL; /* an expert with rows and no bias */
+    refused &= scmoe__cuda_expert_bias_forward(&bad, stream) == cudaErrorInvalidValue;
+    refused &= scmoe__cuda_expert_bias_forward(NULL, stream) == cudaErrorInvalidValue;
+    CHECK(refused, "scmoe__cuda_expert_bias_*: no experts, offsets out of order, a missing bias, NULL: refused");
+    free(x1);
+    free(x2);
+    free(b1);
+    free(b2);
+    free(g1);
+    free(g2);
+    dev_free_all();
+}
+
+/* SCMOE_PRECISION_BF16's GEMM through the table (gemm_bf16): with the scratch reserved, activations rounded
+ * into it (a row stride included) and weights read from their bf16 copy give exactly the GEMM on operands
+ * packed beforehand; without room, cuBLAS's fast bf16 math on the fp32 operands */
+static void dev_gemm_bf16_scratch(void) {
+    if (!have_gpu) {
+        skip("the table's bf16 GEMM: activations rounded into the reserved scratch, weights from their copy");
+        return;
+    }
+    int M = 29, N = 24, K = 40, ldx = K + 5; /* x [M, K] with a row stride, W [K, N] */
+    size_t nx = (size_t)M * ldx, nw = (size_t)K * N, nc = (size_t)M * N;
+    float *x = fnew(nx, 1), *w = fnew(nw, 1), *c0 = fnew(nc, 1), *got = fnew(nc, 0), *ref = fnew(nc, 0);
+    uint16_t *xb = malloc(2 * (size_t)M * K), *wb = malloc(2 * nw);
+    for (int i = 0; i < M; i++) scmoe__bf16_pack(xb + (size_t)i * K, x + (size_t)i * ldx, K);
+    scmoe__bf16_pack(wb, w, nw);
+    float *dx = dupf(x, nx), *dw = dupf(w, nw), *dc = dupf(c0, nc), *dr = dupf(c0, nc);
+    uint16_t *dxb = dup_bytes(xb, 2 * (size_t)M * K), *dwb = dup_bytes(wb, 2 * nw);
+    const blas_backend *t = scmoe__cuda_blas_table(cb);
+    size_t before = cb->bf16_n;
+    int ok = scmoe__cuda_blas_reserve_bf16(cb, (size_t)M * K + nw) == SCMOE_OK && cb->bf16_n >= (size_t)M * K + nw;
+    uint16_t *scratch = cb->bf16;
+    ok &= scmoe__cuda_blas_reserve_bf16(cb, 8) == SCMOE_OK && cb->bf16 == scratch; /* smaller: kept */
+    t->gemm_bf16(t, 0, 0, M, N, K, 1.0f, dx, NULL, ldx, dw, dwb, N, 0.5f, dc, N);
+    scmoe__cuda_blas_gemm_bf16(cb, 0, 0, M, N, K, 1.0f, dxb, K, dwb, N, 0.5f, dr, N);
+    ok &= get(got, dc, sizeof(float) * nc) && get(ref, dr, sizeof(float) * nc) && cb->status == 0;
+    CHECK(ok && !memcmp(got, ref, sizeof(float) * nc),
+          "gemm_bf16 through the table: x (row stride %d) rounded into the scratch, W from its copy == the bf16 GEMM "
+          "(scratch %zu -> %zu elements)",
+          ldx, before, cb->bf16_n);
+    /* both operands rounded (a weight gradient: x^T dy), transposed */
+    float *dc2 = dupf(c0, (size_t)K * N), *dr2 = dupf(c0, (size_t)K * N), *dy = dupf(w, (size_t)M * N);
+    uint16_t *yb = malloc(2 * (size_t)M * N);
+    scmoe__bf16_pack(yb, w, (size_t)M * N);
+    uint16_t *dyb = dup_bytes(yb, 2 * (size_t)M * N);
+    ok = scmoe__cuda_blas_reserve_bf16(cb, (size_t)M * K + (size_t)M * N) == SCMOE_OK;
+    t->gemm_bf16(t, 1, 0, K, N, M, 1.0f, dx, NULL, ldx, dy, NULL, N, 1.0f, dc2, N);
+    scmoe__cuda_blas_gemm_bf16(cb, 1, 0, K, N, M, 1.0f, dxb, K, dyb, N, 1.0f, dr2, N);
+    float *got2 = fnew((size_t)K * N, 0), *ref2 = fnew((size_t)K * N, 0);
+    ok &= get(got2, dc2, sizeof(float) * K * N) && get(ref2, dr2, sizeof(float) * K * N) && cb->status == 0;
+    CHECK(ok && !memcmp(got2, ref2, sizeof(float) * K * N),
+          "gemm_bf16 through the table, both operands rounded (x^T dy, x with a row stride) == the bf16 GEMM");
+    free(x);
+    free(w);
+    free(c0);
+    free(got);
+    free(ref);
+    free(xb);
+    free(wb);
+    free(yb);
+    free(got2);
+    free(ref2);
+    dev_free_all();
+}
+
 int main(void) {
     cpu.blas = scmoe__blas_openblas();
     int n = 0;
@@ -1088,6 +1219,8 @@ int main(void) {
     dev_bf16();
     dev_small();
     dev_ffn();
+    dev_expert_bias();
+    dev_gemm_bf16_scratch();
     if (cb) scmoe__cuda_blas_destroy(cb);
 #ifdef SCMOE_CUDA_EMU
     const void *first = NULL;

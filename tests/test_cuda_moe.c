@@ -22,7 +22,18 @@ void emu_protect_device(int on);
 void emu_fail_copy_after(long after);
 /* words copied out of device memory that nothing had written (what initcheck reports on a device) */
 size_t emu_uninit_words(const void **first);
+/* cudaMalloc calls so far: none may come from a forward or backward (no allocation in the hot path) */
+size_t emu_device_allocs(void);
 #endif
+
+/* cudaMalloc calls so far where the emulation counts them, else 0 */
+static size_t device_allocs(void) {
+#ifdef SCMOE_CUDA_EMU
+    return emu_device_allocs();
+#else
+    return 0;
+#endif
+}
 
 static int rank_, size_ = 1;
 
@@ -167,6 +178,7 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     }
     double worst_y = 0, worst_dx = 0, worst_g = 0;
     int stats_equal = 1, ok = 1, fetch_ok = 1, fetched_total = 0;
+    size_t allocs = device_allocs();
     for (int step = 0; step < 2 && ok; step++) {
         fill(x, nd, 17 + 31 * step + 101 * rank_);
         fill(dy, nd, 99 + 31 * step + 101 * rank_);
@@ -217,6 +229,8 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     to_host(got, dY, nd);
     double e = ok ? rel_err(got, y, nd) : 1;
     CHECK(ok && e <= tol_y, "[%s] inference forward matches (%.1e)", tc->name, e);
+    CHECK(device_allocs() == allocs, "[%s] no device allocation after create (%zu in the steps)", tc->name,
+          device_allocs() - allocs);
     if (tc->bf16 && ok && !slots) { /* the experts read the device's bf16 copy, refreshed by params_changed */
         scmoe_tensor w;
         float *y1 = malloc(sizeof(float) * nd), *y2 = malloc(sizeof(float) * nd);
@@ -258,6 +272,7 @@ typedef struct pcase {
     int pos, chunks;
     scmoe_combine combine;
     scmoe_activation act;
+    int bf16; /* precision BF16 (the dense GEMMs too): tcase's 1e-2 / 2e-2 */
 } pcase;
 
 /* one pair case: 4 training steps (2 profiled serialized, then overlapped where the arch has a
@@ -276,7 +291,9 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     cfg.activation = pc->act;
     cfg.capacity_factor = 1.25f;
     cfg.pipeline_chunks = pc->chunks;
+    cfg.precision = pc->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
     cfg.check_finite = 1;
+    double tol_y = pc->bf16 ? 1e-2 : 1e-4, tol_g = pc->bf16 ? 2e-2 : 1e-3;
     scmoe_pair *hp = NULL, *dp = NULL;
     scmoe_status s1 = scmoe_pair_create(hctx, &cfg, &hp), s2 = scmoe_pair_create(dctx, &cfg, &dp);
     CHECK(!s1 && !s2, "[pair %s] create on host and device: %s", pc->name,
@@ -297,6 +314,7 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     CHECK(same_params(&pair_api, hp, dp, got), "[pair %s] %d parameters initialised identically", pc->name, np);
     double worst_y = 0, worst_dx = 0, worst_g = 0;
     int ok = 1, stats_equal = 1, overlapped = 0;
+    size_t allocs = device_allocs();
     for (int step = 0; step < 4 && ok; step++) {
         fill(x, nd, 7 + 13 * step + 101 * rank_);
         fill(dy, nd, 3 + 13 * step + 101 * rank_);
@@ -318,9 +336,10 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
         scmoe_pair_zero_grad(dp);
     }
     CHECK(ok, "[pair %s] four training steps on both backends: %s", pc->name, ok ? "ok" : scmoe_last_error(dctx));
-    CHECK(ok && worst_y <= 1e-4, "[pair %s] outputs match the host backend (%.1e)", pc->name, worst_y);
-    CHECK(ok && worst_dx <= 1e-3, "[pair %s] dX matches (%.1e)", pc->name, worst_dx);
-    CHECK(ok && worst_g <= 1e-3, "[pair %s] all %d parameter gradients match (%.1e)", pc->name, np, worst_g);
+    CHECK(ok && worst_y <= tol_y, "[pair %s] outputs match the host backend (%.1e)", pc->name, worst_y);
+    CHECK(ok && worst_dx <= tol_g, "[pair %s] dX matches (%.1e)", pc->name, worst_dx);
+    CHECK(ok && worst_g <= tol_g, "[pair %s] all %d parameter gradients match (%.1e%s)", pc->name, np, worst_g,
+          size_ > 1 ? ", summed over the ranks from device buckets" : "");
     CHECK(ok && stats_equal, "[pair %s] routing statistics equal", pc->name);
     if (pc->arch == SCMOE_ARCH_SCMOE)
         CHECK(overlapped, "[pair %s] the device ran the overlapped schedule after profiling", pc->name);
@@ -329,7 +348,9 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     ok = !scmoe_pair_forward(hp, B, T, x, y, NULL) && !scmoe_pair_forward(dp, B, T, dX, dY, NULL);
     to_host(got, dY, nd);
     double e = ok ? rel_err(got, y, nd) : 1;
-    CHECK(ok && e <= 1e-4, "[pair %s] inference forward matches (%.1e)", pc->name, e);
+    CHECK(ok && e <= tol_y, "[pair %s] inference forward matches (%.1e)", pc->name, e);
+    CHECK(device_allocs() == allocs, "[pair %s] no device allocation after create (%zu in the steps)", pc->name,
+          device_allocs() - allocs);
     scmoe_pair_destroy(hp);
     scmoe_pair_destroy(dp);
     free(x);
@@ -432,11 +453,12 @@ int main(int argc, char **argv) {
         };
         for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i], 0);
         const pcase pairs[] = {
-            {"scmoe pos 2 cg1 gelu", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU},
-            {"scmoe pos 1 add swiglu", SCMOE_ARCH_SCMOE, 1, 0, SCMOE_COMBINE_ADD, SCMOE_SWIGLU},
-            {"scmoe pos 3 cg1 2 chunks", SCMOE_ARCH_SCMOE, 3, 2, SCMOE_COMBINE_CG1, SCMOE_GELU},
-            {"top2 gelu", SCMOE_ARCH_TOP2, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU},
-            {"shared cg1 swiglu", SCMOE_ARCH_SHARED, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU},
+            {"scmoe pos 2 cg1 gelu", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0},
+            {"scmoe pos 1 add swiglu", SCMOE_ARCH_SCMOE, 1, 0, SCMOE_COMBINE_ADD, SCMOE_SWIGLU, 0},
+            {"scmoe pos 3 cg1 2 chunks", SCMOE_ARCH_SCMOE, 3, 2, SCMOE_COMBINE_CG1, SCMOE_GELU, 0},
+            {"top2 gelu", SCMOE_ARCH_TOP2, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0},
+            {"shared cg1 swiglu", SCMOE_ARCH_SHARED, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU, 0},
+            {"scmoe pos 2 swiglu, precision bf16", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU, 1},
         };
         for (size_t i = 0; !s && i < sizeof pairs / sizeof *pairs; i++) run_pair_case(hctx, dctx, &pairs[i]);
         /* expert offloading: one slot (fewer than the experts with rows: fetched on demand, evicted), and

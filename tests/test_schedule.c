@@ -169,7 +169,7 @@ static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x
                      .overlap = 1,
                      .gate_grads = {NULL, 0, ctx->world, NULL},
                      .expert_grads = {NULL, 0, ctx->world, NULL}};
-    for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world, NULL};
+    for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world, NULL, NULL};
     ok = ok && !scmoe__schedule_init(&s, ctx, &c, &b);
     exec ex = scmoe__context_exec(ctx, &c);
     m.training = 1;
