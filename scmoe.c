@@ -49,6 +49,10 @@ scmoe_config scmoe_config_default(void) {
     c.pipeline_chunks = 0;
     c.precision = SCMOE_PRECISION_FP32;
     c.grad_sync_bf16 = 0;
+    /* AUTO by measurement (docs/scaling.md, "Which all-reduce"): the two rounds send the ring's bytes where
+     * OpenMPI's default tree sends 2 log2 P copies, with the same bits on every rank in rank order; the
+     * small buckets stay on MPI's tree, whose log2 P steps beat P-1 tiny messages at scale (comm.h) */
+    c.grad_sync_algo = SCMOE_GRAD_SYNC_AUTO;
     return c;
 }
 
@@ -141,6 +145,9 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
         return bad(msg, len, SCMOE_ERR_OPTION, "precision = %d: must be FP32 or BF16", (int)c->precision);
     if (!is_flag(c->grad_sync_bf16))
         return bad(msg, len, SCMOE_ERR_OPTION, "grad_sync_bf16 = %d: must be 0 or 1", c->grad_sync_bf16);
+    if (c->grad_sync_algo < SCMOE_GRAD_SYNC_MPI || c->grad_sync_algo > SCMOE_GRAD_SYNC_AUTO)
+        return bad(msg, len, SCMOE_ERR_OPTION, "grad_sync_algo = %d: must be MPI, TWO_ROUND or AUTO",
+                   (int)c->grad_sync_algo);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s))
         return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
@@ -528,6 +535,7 @@ static uint64_t config_hash(const scmoe_config *c) {
     H(pipeline_chunks);
     H(precision);
     H(grad_sync_bf16);
+    H(grad_sync_algo);
 #undef HF
 #undef H
     return h;
