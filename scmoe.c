@@ -52,10 +52,11 @@ scmoe_config scmoe_config_default(void) {
     /* AUTO, by measurement (docs/scaling.md, "The gradient sum's algorithm on train_lm"): the two rounds
      * send the ring's 2 (P-1)/P of a bucket where OpenMPI's default tree sends 2 log2 P copies, without an
      * mpirun flag, and give the same bits on every rank in rank order; on 2 emulated hosts (160 Mbit/s)
-     * train_lm's median step took 804 ms against 1,399 with libnbc's ring and 2,583 with its tree (least
-     * steps 695, 717, 990; loaded machine). The small buckets stay on MPI's tree, whose 2 log2 P messages
-     * beat the two rounds' 2 (P-1) tiny ones at scale (comm_two_round_pays). At 2 ranks the sums are
-     * bitwise MPI's; from 3 on, the dense gradients are summed in rank order instead of MPI's order. */
+     * train_lm's median step took 829 ms (TWO_ROUND) and 1,214 (AUTO) against 1,178 with libnbc's ring
+     * and 1,837 with its tree (least steps 687, 656, 717, 990; loaded machine). The small buckets stay on
+     * MPI's tree, whose 2 log2 P messages beat the two rounds' 2 (P-1) tiny ones at scale
+     * (comm_two_round_pays). At 2 ranks the sums are bitwise MPI's; from 3 on, the dense gradients are
+     * summed in rank order instead of MPI's order. */
     c.grad_sync_algo = SCMOE_GRAD_SYNC_AUTO;
     return c;
 }
