@@ -75,7 +75,7 @@ struct scmoe_pair {
     float *dA2, *dm1, *dH, *da1, *dA, *dm0, *da0, *dx, *dqkv, *dO, *datt, *dhid, *dpre, *gse, *dcg;
     /* schedule */
     scheduler sch;
-    uint16_t *grad_wire; /* grad_sync_bf16: the bf16 all-reduces' work, one region per bucket (host memory) */
+    char *grad_work; /* the two-round all-reduces' work, one region per bucket (host memory), or NULL */
     int backward_ready, grads_pending;
     scmoe__calls calls; /* its place in the ranks' call sequence (scmoe__call_agree) */
 };
@@ -300,7 +300,7 @@ static scmoe_status register_params(scmoe_pair *p) {
 
 /* The staged gradients of count tensors from first on, summed over c; an empty bucket if they are not summed. */
 static sched_bucket bucket_of(const param_table *pt, int first, int count, comm *c) {
-    sched_bucket b = {NULL, 0, c, NULL, NULL};
+    sched_bucket b = {NULL, 0, c, NULL, COMM_WIRE_F32, NULL};
     if (count <= 0 || first < 0) return b;
     const param_entry *a = &pt->p[first], *z = &pt->p[first + count - 1];
     if (a->gwork == a->t.grad) return b;
@@ -310,9 +310,22 @@ static sched_bucket bucket_of(const param_table *pt, int first, int count, comm 
     return b;
 }
 
-/* grad_sync_bf16: hands each bucket that is summed over more than one rank its region of base, in the
- * order the buckets are listed; returns the uint16s used (base NULL: only counts them). */
-static size_t give_wire(sched_block *b, uint16_t *base) {
+/* Whether a summed bucket's all-reduce is the library's two rounds (schedule.h), and on which wire:
+ * every one as bf16 with grad_sync_bf16; as floats every one with grad_sync_algo TWO_ROUND, with AUTO
+ * those whose chunk per rank pays for the two rounds' 2 (P-1) messages (comm_two_round_pays), none with
+ * MPI, and none where a CUDA-aware MPI stages the gradients in device memory (the two rounds sum on the
+ * host: that context takes MPI's all-reduce, and refuses grad_sync_bf16 in alloc_grad_work). */
+static int two_round(const scmoe_pair *p, const sched_bucket *k, comm_wire *wire) {
+    *wire = p->cfg.grad_sync_bf16 ? COMM_WIRE_BF16 : COMM_WIRE_F32;
+    if (p->cfg.grad_sync_bf16) return 1;
+    if (CO(p)->exchange_kind == COMPUTE_DEVICE) return 0;
+    if (p->cfg.grad_sync_algo == SCMOE_GRAD_SYNC_TWO_ROUND) return 1;
+    return p->cfg.grad_sync_algo == SCMOE_GRAD_SYNC_AUTO && comm_two_round_pays(k->n, k->over->size);
+}
+
+/* Hands each bucket whose sum is the two rounds its region of base (8-byte aligned), in the order the
+ * buckets are listed; returns the bytes used (base NULL: only counts them). */
+static size_t give_work(const scmoe_pair *p, sched_block *b, char *base) {
     sched_bucket *all[PAIR_OPS + 2];
     for (int i = 0; i < PAIR_OPS; i++) all[i] = &b->op_grads[i];
     all[PAIR_OPS] = &b->gate_grads;
@@ -320,9 +333,13 @@ static size_t give_wire(sched_block *b, uint16_t *base) {
     size_t used = 0;
     for (int i = 0; i < PAIR_OPS + 2; i++) {
         sched_bucket *k = all[i];
-        if (!sched_bucket_summed(k)) continue;
-        if (base) k->wire = base + used;
-        used += comm_bf16_work(k->n, k->over->size);
+        comm_wire wire;
+        if (!sched_bucket_summed(k) || !two_round(p, k, &wire)) continue;
+        if (base) {
+            k->work = base + used;
+            k->wire = wire;
+        }
+        used += (comm_two_round_work(k->n, k->over->size, wire) + 7) & ~(size_t)7;
     }
     return used;
 }
@@ -343,25 +360,24 @@ static sched_block pair_block(scmoe_pair *p) {
     for (int i = 0; i < PAIR_OPS; i++) b.op_grads[i] = bucket_of(pt, first[i], count[i], w);
     b.gate_grads = bucket_of(pt, p->moe.p_wg, 1, w);
     b.expert_grads = bucket_of(pt, p->moe.p_e0, 4 * p->moe.E_local, p->moe.replicas);
-    if (p->grad_wire) give_wire(&b, p->grad_wire);
+    if (p->grad_work) give_work(p, &b, p->grad_work);
     return b;
 }
 
-/* grad_sync_bf16 with more than one rank: the work of every bucket's bf16 all-reduce. It is packed and
- * summed on the host, from the staged gradients, so a CUDA-aware MPI's device staging is refused. */
-static scmoe_status alloc_grad_wire(scmoe_pair *p) {
-    if (!p->cfg.grad_sync_bf16) return SCMOE_OK;
+/* The work of every bucket's two-round all-reduce, with more than one rank. grad_sync_bf16 packs and sums
+ * on the host, from the staged gradients, so a CUDA-aware MPI's device staging is refused. */
+static scmoe_status alloc_grad_work(scmoe_pair *p) {
     sched_block b = pair_block(p);
-    size_t n = give_wire(&b, NULL);
-    if (n == 0) return SCMOE_OK; /* one rank: nothing is summed */
-    if (CO(p)->exchange_kind == COMPUTE_DEVICE)
+    size_t n = give_work(p, &b, NULL);
+    if (n == 0) return SCMOE_OK; /* one rank, or MPI's all-reduce for every bucket */
+    if (p->cfg.grad_sync_bf16 && CO(p)->exchange_kind == COMPUTE_DEVICE)
         return scmoe__fail(p->ctx, SCMOE_ERR_UNSUPPORTED,
                            "grad_sync_bf16 rounds and sums the gradients on the host, but this context stages them "
                            "in device memory (CUDA-aware MPI)");
-    p->grad_wire = malloc(sizeof(uint16_t) * n);
-    if (!p->grad_wire)
-        return scmoe__fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the bf16 gradient all-reduce needs %zu bytes",
-                           sizeof(uint16_t) * n);
+    p->grad_work = malloc(n);
+    if (!p->grad_work)
+        return scmoe__fail(p->ctx, SCMOE_ERR_NOMEM, "out of memory: the two-round gradient all-reduce needs %zu bytes",
+                           n);
     return SCMOE_OK;
 }
 
@@ -445,7 +461,7 @@ scmoe_status scmoe_pair_create(scmoe_context *ctx, const scmoe_config *cfg, scmo
                wide = 3 * (size_t)cfg->d_model > h1 ? 3 * (size_t)cfg->d_model : h1;
         s = scmoe__precision_reserve(ctx, cfg, 2 * N * wide);
     }
-    if (!s) s = alloc_grad_wire(p);
+    if (!s) s = alloc_grad_work(p);
     if (!s) {
         sched_block b = pair_block(p);
         s = scmoe__schedule_init(&p->sch, ctx, &p->cfg, &b);
@@ -478,9 +494,9 @@ static void pair_release(scmoe_pair *p, int abort) {
     else scmoe__moe_free(&p->moe);
     if (keep) { /* what a pending gradient all-reduce reads and writes */
         p->pt.stage = NULL;
-        p->grad_wire = NULL;
+        p->grad_work = NULL;
     }
-    free(p->grad_wire);
+    free(p->grad_work);
     scmoe__params_free(&p->pt);
     if (p->ctx) CO(p)->release(CO(p), p->mem, COMPUTE_DEVICE);
     free(p);

@@ -68,8 +68,8 @@ typedef struct run_state {
 
 /* Between GEMM tiles: the MoE's exchanges, and every gradient all-reduce in flight on the context's
  * communicator, this block's or one that an earlier backward left running (overlap_grad_sync: a model's
- * later pairs reduce their gradients behind the earlier pairs' backward, and a bf16 all-reduce's second
- * round starts only when a test sees the first done), each where its communicator's policy is POLL (a
+ * later pairs reduce their gradients behind the earlier pairs' backward, and a two-round all-reduce's
+ * second round starts only when a test sees the first done), each where its communicator's policy is POLL (a
  * THREAD policy MPI cannot host falls back to POLL). A comm with nothing in flight returns at once. */
 static void poll_all(void *arg) {
     run_state *r = arg;
@@ -240,7 +240,7 @@ static scmoe_status bucket_start(scheduler *s, int b) {
     if (!sched_bucket_summed(k)) return SCMOE_OK;
     if (s->grad_t0 == 0) s->grad_t0 = scmoe__now();
     comm *c = k->over;
-    scmoe_status st = k->wire ? c->ops->allreduce_bf16_start(c, k->ptr, k->n, k->wire, &s->req[b])
+    scmoe_status st = k->work ? c->ops->allreduce_two_round_start(c, k->ptr, k->n, k->wire, k->work, &s->req[b])
                               : c->ops->allreduce_start(c, k->ptr, k->n, &s->req[b]);
     if (st) return scmoe__fail(s->ctx, st, "starting a gradient all-reduce failed: %s", c->err);
     return SCMOE_OK;

@@ -29,13 +29,15 @@ typedef struct sched_op {
     void (*backward)(void *self);
 } sched_op;
 
-/* Gradients summed over a communicator once they are final: n floats from ptr (n 0: none); with wire
- * (comm_bf16_work(n, over->size) uint16s) the sum travels as bf16 (scmoe_config.grad_sync_bf16). */
+/* Gradients summed over a communicator once they are final: n floats from ptr (n 0: none). With work
+ * (comm_two_round_work(n, over->size, wire) bytes) the sum is the library's two rounds with that wire
+ * (scmoe_config.grad_sync_algo, grad_sync_bf16), without it MPI's all-reduce. */
 typedef struct sched_bucket {
     float *ptr;
     int n;
     comm *over;
-    uint16_t *wire;
+    void *work;
+    comm_wire wire;
     const float *src; /* where the backward wrote them (device memory), copied to ptr before the all-reduce
                          (compute_ops.copy_out); NULL: at ptr */
 } sched_bucket;

@@ -49,6 +49,15 @@ scmoe_config scmoe_config_default(void) {
     c.pipeline_chunks = 0;
     c.precision = SCMOE_PRECISION_FP32;
     c.grad_sync_bf16 = 0;
+    /* AUTO, by measurement (docs/scaling.md, "The gradient sum's algorithm on train_lm"): the two rounds
+     * send the ring's 2 (P-1)/P of a bucket where OpenMPI's default tree sends 2 log2 P copies, without an
+     * mpirun flag, and give the same bits on every rank in rank order; on 2 emulated hosts (160 Mbit/s)
+     * train_lm's median step took 829 ms (TWO_ROUND) and 1,214 (AUTO) against 1,178 with libnbc's ring
+     * and 1,837 with its tree (least steps 687, 656, 717, 990; loaded machine). The small buckets stay on
+     * MPI's tree, whose 2 log2 P messages beat the two rounds' 2 (P-1) tiny ones at scale
+     * (comm_two_round_pays). At 2 ranks the sums are bitwise MPI's; from 3 on, the dense gradients are
+     * summed in rank order instead of MPI's order. */
+    c.grad_sync_algo = SCMOE_GRAD_SYNC_AUTO;
     return c;
 }
 
@@ -141,6 +150,9 @@ scmoe_status scmoe_config_validate(const scmoe_config *c, char *msg, size_t len)
         return bad(msg, len, SCMOE_ERR_OPTION, "precision = %d: must be FP32 or BF16", (int)c->precision);
     if (!is_flag(c->grad_sync_bf16))
         return bad(msg, len, SCMOE_ERR_OPTION, "grad_sync_bf16 = %d: must be 0 or 1", c->grad_sync_bf16);
+    if (c->grad_sync_algo < SCMOE_GRAD_SYNC_MPI || c->grad_sync_algo > SCMOE_GRAD_SYNC_AUTO)
+        return bad(msg, len, SCMOE_ERR_OPTION, "grad_sync_algo = %d: must be MPI, TWO_ROUND or AUTO",
+                   (int)c->grad_sync_algo);
     if (!(c->comm_timeout_s > 0) || !isfinite(c->comm_timeout_s))
         return bad(msg, len, SCMOE_ERR_OPTION, "comm_timeout_s = %g: must be > 0 and finite", c->comm_timeout_s);
     return SCMOE_OK;
@@ -553,6 +565,7 @@ static uint64_t config_hash(const scmoe_config *c) {
     H(pipeline_chunks);
     H(precision);
     H(grad_sync_bf16);
+    H(grad_sync_algo);
 #undef HF
 #undef H
     return h;

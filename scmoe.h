@@ -199,6 +199,22 @@ typedef enum scmoe_capacity_scope {
     SCMOE_CAPACITY_LOCAL = 1   /**< per source rank (Tutel): O(E) routing metadata per rank, flat in P */
 } scmoe_capacity_scope;
 
+/** How a pair sums its fp32 gradients over the ranks (scmoe_config.grad_sync_algo).
+ *
+ * MPI: one MPI_Iallreduce per bucket, summed in the MPI library's algorithm and order (OpenMPI 4.1's
+ * libnbc takes a binomial tree for it at every size: 2 log2 P full copies of the bucket cross a link,
+ * unless `--mca coll_libnbc_iallreduce_algorithm 1` selects its ring). TWO_ROUND: the library's own
+ * reduce-scatter and allgather, the bf16 sum's algorithm with floats on the wire: rank r sums chunk r of
+ * every rank's values in fp32 in rank order and sends it to all, 2 (P-1)/P of a bucket each way (the
+ * ring's bytes) in 2 rounds of P-1 messages, the same bits on every rank whatever the MPI. AUTO:
+ * TWO_ROUND for the buckets of at least 1,024 floats per rank, MPI below, where the tree's 2 log2 P
+ * messages cost less than P-1 of a few bytes (docs/scaling.md, "Which all-reduce"). */
+typedef enum scmoe_grad_sync_algo {
+    SCMOE_GRAD_SYNC_MPI = 0,       /**< MPI_Iallreduce, the MPI library's algorithm */
+    SCMOE_GRAD_SYNC_TWO_ROUND = 1, /**< the library's reduce-scatter + allgather for every bucket */
+    SCMOE_GRAD_SYNC_AUTO = 2       /**< TWO_ROUND for buckets of >= 1,024 floats per rank, MPI below */
+} scmoe_grad_sync_algo;
+
 /** Everything that shapes a layer or a pair. Start from scmoe_config_default() and change fields.
  *
  * Every rank of a context must pass the same config to a COLLECTIVE create (checked: the create
@@ -264,6 +280,13 @@ typedef struct scmoe_config {
                                link (README "Gradients in bf16"). The gradients the host reads and steps stay
                                fp32; with one rank nothing is rounded; a ::scmoe_moe layer's own gradient sum
                                stays fp32 (0) */
+    scmoe_grad_sync_algo grad_sync_algo; /**< how the pair's fp32 gradient all-reduces sum (its dense tensors
+                               over all ranks, its experts over their replicas): MPI's MPI_Iallreduce, the
+                               library's TWO_ROUND reduce-scatter + allgather (rank order, the same bits on every
+                               rank), or AUTO, TWO_ROUND for the buckets of at least 1,024 floats per rank.
+                               grad_sync_bf16 takes the two rounds whatever this says; a context whose
+                               CUDA-aware MPI stages gradients in device memory, and a ::scmoe_moe layer's own
+                               sum, take MPI's (AUTO) */
 } scmoe_config;
 
 /** The default config (the defaults listed in ::scmoe_config): a valid small model.

@@ -134,7 +134,7 @@ static void usage(void) {
     printf("bench_overlap [--d N] [--hidden N] [--experts N] [--heads N] [--batch B] [--seq T] [--steps N]\n"
            "              [--progress poll|thread|none] [--poll-cols C] [--poll-us U] [--bf16] [--cf F] [--chunks C] "
            "[--archs a,b,...]\n"
-           "              [--precision fp32|bf16] [--scope global|local]\n"
+           "              [--precision fp32|bf16] [--scope global|local] [--grad-sync-algo mpi|two_round|auto]\n"
            "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 top2p scmoe2p (default: all; p: token-chunk\n"
            "pipelining with --chunks C, default 4)\n");
 }
@@ -193,6 +193,10 @@ int main(int argc, char **argv) {
             cfg.capacity_scope = !strcmp(v, "local") ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
         else if (!strcmp(a, "--precision"))
             cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
+        else if (!strcmp(a, "--grad-sync-algo"))
+            cfg.grad_sync_algo = !strcmp(v, "mpi")         ? SCMOE_GRAD_SYNC_MPI
+                                 : !strcmp(v, "two_round") ? SCMOE_GRAD_SYNC_TWO_ROUND
+                                                           : SCMOE_GRAD_SYNC_AUTO;
         else if (!strcmp(a, "--progress"))
             cfg.progress = !strcmp(v, "thread") ? SCMOE_PROGRESS_THREAD
                            : !strcmp(v, "none") ? SCMOE_PROGRESS_NONE

@@ -20,7 +20,9 @@
 #     compute the 1-rank run again just before (the load changes: the model takes this one)
 #     link    (also with libnbc's ring all-reduce forced, linkring_*: see "the all-reduce's algorithm")
 #     steps   bench_overlap --archs top2,scmoe2 --scope global, then --scope local: the measured step
-#             and its parts that the model predicts; then scmoe2 with the ring all-reduce (steps_*_ring)
+#             and its parts that the model predicts; then scmoe2 with the ring all-reduce (steps_*_ring);
+#             all with --grad-sync-algo mpi, the MPI_Iallreduce whose binomial tree or ring the model
+#             names (the library's default sums large buckets in its own two rounds)
 # Env: RATES (default "1gbit 250mbit"), HOSTS ("2 4 8"), STEPS (timed steps per run, 2), NC (the
 #      netcluster script, default ../shared/tools/netcluster.sh from the repository root), SVG (where
 #      the plots go, default docs/img).
@@ -75,12 +77,12 @@ for rate in $RATES; do
         for scope in global local; do
             { stamp
               "$NC" run -np "$h" -x OMP_NUM_THREADS -- build/bench/bench_overlap --archs top2,scmoe2 \
-                  --steps "$STEPS" --scope $scope
+                  --steps "$STEPS" --scope $scope --grad-sync-algo mpi
               stamp; } >"$OUT/steps_${rate}_${h}_$scope.txt"
         done
         { stamp
           "$NC" run --mca coll_libnbc_iallreduce_algorithm 1 -np "$h" -x OMP_NUM_THREADS -- \
-              build/bench/bench_overlap --archs scmoe2 --steps "$STEPS" --scope global
+              build/bench/bench_overlap --archs scmoe2 --steps "$STEPS" --scope global --grad-sync-algo mpi
           stamp; } >"$OUT/steps_${rate}_${h}_ring.txt"
         "$NC" down 2>/dev/null
     done

@@ -45,8 +45,9 @@
  * gate-noise state; a resumed run continues the loss curve bit for bit. --keep N also keeps
  * DIR/ckpt-STEP.bin of the last N saves (hard links to the files written, no copies). The overlapped
  * schedule computes the same numbers as the serialized one, so --overlap 1 runs resume bit for bit
- * too. --wire-bf16 and --grad-sync-bf16 are wire formats, not part of the model: they are not recorded,
- * and a checkpoint resumes with either setting (bit for bit when it is the same).
+ * too. --wire-bf16, --grad-sync-bf16 and --grad-sync-algo are wire formats and sum orders, not part of
+ * the model: they are not recorded, and a checkpoint resumes with any setting (bit for bit when it is
+ * the same).
  *
  * Output (rank 0): a progress line every --print-every steps with the step out of the total, the loss
  * (CE + aux_w * aux), the aux loss (summed over the pairs, averaged over the micro-batches), the latest
@@ -94,7 +95,7 @@ static MPI_Comm g_comm;
 typedef struct opts {
     int arch, pos, d, hidden, experts, heads, pairs, seq, batch, steps, warmup, eval_every, eval_batches;
     int print_every, save_every, stop_at, ep_size, overlap, overlap_grad_sync, poll_cols, wire_bf16, grad_sync_bf16,
-        capacity_scope, quiet, keep, grad_accum;
+        grad_sync_algo, capacity_scope, quiet, keep, grad_accum;
     float lr, cf, aux, clip, poll_us;
     long long seed;
     const char *save, *resume, *data, *val_data, *log, *precision;
@@ -134,6 +135,7 @@ static opts O = {
     .poll_cols = 0,
     .poll_us = 1000,
     .wire_bf16 = 0,
+    .grad_sync_algo = -1,
     .quiet = 0,
     .keep = 0,
     .grad_accum = 1,
@@ -190,6 +192,10 @@ static const flag FLAGS[] = {
      "1: MoE exchanges send activations and gradients as bfloat16 (half the bytes); 0: float"},
     {"--grad-sync-bf16", T_INT, &O.grad_sync_bf16, 0, 1,
      "1: the pairs' gradient all-reduces carry bfloat16 (half the bytes; each sum within 2^-8 of float); 0: float"},
+    {"--grad-sync-algo", T_INT, &O.grad_sync_algo, -1, 2,
+     "the pairs' float gradient all-reduces: 0 MPI's MPI_Iallreduce, 1 the library's two rounds (reduce-scatter + "
+     "allgather, rank order), 2 two rounds for buckets of >= 1,024 floats per rank; -1: the library's default "
+     "(library's grad_sync_algo)"},
     {"--capacity-scope", T_INT, &O.capacity_scope, 0, 1,
      "0: expert capacity over the global batch (routing independent of the ranks); 1: per source rank (Tutel; flat "
      "routing cost in ranks)"},
@@ -511,6 +517,7 @@ static void model_init(model *m, scmoe_context *ctx) {
     base.poll_us = O.poll_us;
     base.wire_bf16 = O.wire_bf16;
     base.grad_sync_bf16 = O.grad_sync_bf16;
+    if (O.grad_sync_algo >= 0) base.grad_sync_algo = (scmoe_grad_sync_algo)O.grad_sync_algo;
     const char *why;
     base.precision = precision_of(&why);
     if (g_rank == 0 && !O.quiet)

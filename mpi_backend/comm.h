@@ -15,6 +15,9 @@
 
 typedef struct comm comm;
 
+/* what a two-round sum (allreduce_two_round_start) carries between ranks */
+typedef enum comm_wire { COMM_WIRE_F32 = 0, COMM_WIRE_BF16 = 1 } comm_wire;
+
 typedef struct comm_ops {
     scmoe_status (*split)(comm *c, int color, int key, comm **out);
     void (*destroy)(comm *c);
@@ -38,17 +41,38 @@ typedef struct comm_ops {
     void (*abandon)(comm *c);
     /* in place, sum: the small per-step statistics, waited on only where they are needed */
     scmoe_status (*allreduce_f64_start)(comm *c, double *buf, int n, int *req);
-    /* in place, sum with bfloat16 on the wire (scmoe_config.grad_sync_bf16): each rank's buf rounded to
-     * bf16, chunk r of the P chunks summed in fp32 over ranks 0..P-1 in that order by rank r alone and
-     * rounded to bf16 once, then every chunk sent to every rank: a reduce-scatter and an allgather of
-     * 2(P-1)/P n bf16s each way, half a float ring's bytes, and every rank gets the same bits. work:
-     * comm_bf16_work(n, size) uint16s, untouched by the caller until the request completes. */
-    scmoe_status (*allreduce_bf16_start)(comm *c, float *buf, int n, uint16_t *work, int *req);
+    /* in place, sum in two rounds of point-to-point messages (scmoe_config.grad_sync_algo, grad_sync_bf16):
+     * chunk r of the P chunks of every rank's values goes to rank r, which sums it in fp32 over ranks
+     * 0..P-1 in that order (a reduce-scatter), then sends its finished chunk to every rank (an allgather).
+     * 2(P-1)/P n values leave and arrive per rank, the ring's bytes, in 2 rounds of up to P-1 messages
+     * each way, and every rank gets the same bits in rank order whatever MPI's collective algorithms.
+     * wire COMM_WIRE_F32 sends the floats as they are; COMM_WIRE_BF16 rounds each rank's values to bf16
+     * once and each chunk's sum once, half the bytes. work: comm_two_round_work(n, size, wire) bytes,
+     * float-aligned, untouched by the caller until the request completes. */
+    scmoe_status (*allreduce_two_round_start)(comm *c, float *buf, int n, comm_wire wire, void *work, int *req);
 } comm_ops;
 
-/* The uint16s allreduce_bf16_start needs for n floats over P ranks: this rank's n rounded values (also
- * where every rank's reduced chunk lands), and one chunk of ceil(n/P) from each rank. */
-static inline size_t comm_bf16_work(int n, int P) { return (size_t)n + (size_t)P * (size_t)((n + P - 1) / P); }
+/* The bytes allreduce_two_round_start needs for n floats over P ranks: one gather row of ceil(n/P) values
+ * per rank (the peers' values of this rank's chunk), after, for bf16, this rank's n rounded values (also
+ * where every rank's reduced chunk lands; floats travel from and land in buf itself). */
+static inline size_t comm_two_round_work(int n, int P, comm_wire wire) {
+    size_t rows = (size_t)P * (size_t)((n + P - 1) / P);
+    return wire == COMM_WIRE_BF16 ? sizeof(uint16_t) * ((size_t)n + rows) : sizeof(float) * rows;
+}
+
+/* grad_sync_algo AUTO: whether n floats over P ranks go through the two-round sum rather than MPI's
+ * all-reduce. The two rounds post 2 (P-1) messages a rank where OpenMPI's binomial tree sends 2 log2 P,
+ * but the tree moves the whole n at each of its 2 log2 P steps and the two rounds 2 (P-1)/P n in all.
+ * With a per-message cost a and a per-byte cost 1/b, the two rounds win when
+ *     2 (P-1) a + 2 (P-1)/P 4n/b  <  2 log2 P (a + 4n/b),
+ * i.e. for a chunk of c = 4n/P bytes per rank when c > (a b) (P-1-log2 P) / (P log2 P - P + 1): 0 at 2
+ * ranks (the same 2 messages, half the bytes), 0.2 a b at 4 to 16 ranks, a b / (log2 P - 1) beyond. a b
+ * is ~25 KB on links from 10 Gbit/s TCP (19 us) to 100 Gbit/s RDMA (2 us), so 4 KiB chunks (1,024
+ * floats) is the floor within 1.5x from 4 to 1,024 ranks; below it the tree's log2 P steps are cheaper
+ * than P-1 messages of a few bytes (the small buckets: LayerNorms, biases, the gate). At 2 ranks both
+ * send the same 2 messages and, float addition being commutative, give the same bits. */
+#define COMM_TWO_ROUND_MIN_CHUNK 1024
+static inline int comm_two_round_pays(int n, int P) { return (int64_t)n >= (int64_t)COMM_TWO_ROUND_MIN_CHUNK * P; }
 
 struct comm {
     const comm_ops *ops;

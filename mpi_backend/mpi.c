@@ -11,15 +11,17 @@
  *                      that only elem_bytes * count (not count) has to fit an int.
  *   allreduce_start    buf[j] = sum_i buf_i[j] (MPI_FLOAT, MPI_SUM, MPI_IN_PLACE).
  *   allreduce_f64_start  the same over doubles (MPI_DOUBLE).
- *   allreduce_bf16_start buf[j] = bf16(sum_{i=0..P-1} bf16(buf_i[j])), the sum in fp32 in rank order, the
- *                      same bits on every rank (comm.h). Two rounds of point-to-point messages (tags
- *                      below), not MPI_Iallreduce with a bf16 user op: MPI's algorithms round every
- *                      partial sum they forward (log2 P roundings to bf16 on a tree, P-1 on a ring),
- *                      where this rounds each contribution once and the sum once. Round 1 (reduce-
- *                      scatter): chunk j of every rank's bf16 values goes to rank j; when all have
- *                      landed, rank r sums its chunk and round 2 (allgather) sends the result to
- *                      every rank, started by whichever test, wait or progress sweep sees round 1
- *                      done; the last completion unpacks the bf16s into buf.
+ *   allreduce_two_round_start  buf[j] = (..(buf_0[j] + buf_1[j]) + ..) + buf_{P-1}[j], in fp32 in rank
+ *                      order, the same bits on every rank (comm.h); with the bf16 wire
+ *                      bf16(sum_{i=0..P-1} bf16(buf_i[j])). Two rounds of point-to-point messages (tags
+ *                      below), not MPI_Iallreduce: MPI's sum order is its algorithm's (a tree pairs the
+ *                      ranks differently from a ring), and with a bf16 user op it would round every
+ *                      partial sum it forwards (log2 P roundings on a tree, P-1 on a ring), where this
+ *                      rounds each contribution once and the sum once. Round 1 (reduce-scatter): chunk
+ *                      j of every rank's values goes to rank j; when all have landed, rank r sums its
+ *                      chunk and round 2 (allgather) sends the result to every rank, started by
+ *                      whichever test, wait or progress sweep sees round 1 done; with the bf16 wire the
+ *                      last completion unpacks the bf16s into buf. Empty chunks (n < P) send nothing.
  * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
  * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
  *
@@ -58,13 +60,14 @@
 #define SMALL_I64 16
 
 enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
-enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_ALLREDUCE_BF16 };
-/* allreduce_bf16_start's messages: the k-th such all-reduce on a comm (every rank counts them alike, as
- * every rank starts them in the same order) uses tags BF16_TAG0 + 2 (k mod BF16_TAG_SPAN) + round, so
+enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_TWO_ROUND };
+/* allreduce_two_round_start's messages: the k-th such all-reduce on a comm, either wire (every rank
+ * counts them alike, as every rank starts them in the same order) uses tags
+ * TWO_ROUND_TAG0 + 2 (k mod TWO_ROUND_TAG_SPAN) + round, so
  * two in flight never match each other's messages however their rounds interleave (at most COMM_MAX_REQ
  * are in flight, and MPI_TAG_UB is at least 32767). Collectives never match point-to-point messages. */
-#define BF16_TAG0     1
-#define BF16_TAG_SPAN 4096
+#define TWO_ROUND_TAG0     1
+#define TWO_ROUND_TAG_SPAN 4096
 
 typedef struct slot {
     MPI_Request r;
@@ -76,12 +79,13 @@ typedef struct slot {
      * collective to stay valid until it completes. The core keeps its own arrays valid until the
      * wait, but owning copies here makes that the backend's problem, not every caller's. */
     int *args;
-    /* KIND_ALLREDUCE_BF16: the current round's 2(P-1) sends and receives (in place of r), the round
-     * (0 reduce-scatter, 1 allgather), its tags' base, and the caller's buffers */
+    /* KIND_TWO_ROUND: the current round's 2(P-1) sends and receives (in place of r), the round
+     * (0 reduce-scatter, 1 allgather), its tags' base, the wire, and the caller's buffers */
     MPI_Request *rs;
     int round, tag;
+    comm_wire wire;
     float *buf;
-    uint16_t *work;
+    void *work;
 } slot;
 
 typedef struct mpi_impl {
@@ -94,7 +98,7 @@ typedef struct mpi_impl {
     int *args;       /* COMM_MAX_REQ * 4 * size ints, carved into slots[].args */
     MPI_Request *rs; /* COMM_MAX_REQ * 2 * size requests, carved into slots[].rs */
     int rank, size;
-    unsigned bf16_started; /* allreduce_bf16_start calls so far: the next one's tags */
+    unsigned two_round_started; /* allreduce_two_round_start calls so far: the next one's tags */
     int n_types;
     int type_bytes[TYPE_CACHE];
     MPI_Datatype types[TYPE_CACHE];
@@ -145,69 +149,94 @@ static void describe(const slot *s, char *buf, size_t len) {
     if (s->kind == KIND_ALLTOALLV) snprintf(buf, len, "all-to-all exchange of %d-byte elements", s->n);
     else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
     else if (s->kind == KIND_ALLREDUCE_F64) snprintf(buf, len, "all-reduce of %d doubles (statistics)", s->n);
-    else if (s->kind == KIND_ALLREDUCE_BF16)
-        snprintf(buf, len, "all-reduce of %d floats as bf16 (%s)", s->n, s->round ? "allgather" : "reduce-scatter");
+    else if (s->kind == KIND_TWO_ROUND)
+        snprintf(buf, len, "two-round all-reduce of %d floats%s (%s)", s->n,
+                 s->wire == COMM_WIRE_BF16 ? " as bf16" : "", s->round ? "allgather" : "reduce-scatter");
     else snprintf(buf, len, "per-step agreement (counts, routing or status) of %d bytes", s->n);
 }
 
-/* ---- the bf16 all-reduce's rounds ---- */
+/* ---- the two-round all-reduce's rounds ---- */
 
 /* Chunk j of n floats over P ranks: [off, off + len) with off = floor(n j / P). */
 static int chunk_off(int n, int P, int j) { return (int)((int64_t)n * j / P); }
 
+static size_t wire_bytes(comm_wire w) { return w == COMM_WIRE_BF16 ? sizeof(uint16_t) : sizeof(float); }
+
+/* This rank's values as they travel, where every reduced chunk lands: bf16 packs them at the start of
+ * work, floats travel from buf itself. The gather rows (one of ceil(n/P) values per rank) follow. */
+static char *wire_values(const slot *s) { return s->wire == COMM_WIRE_BF16 ? (char *)s->work : (char *)s->buf; }
+static char *wire_gather(const slot *s) {
+    return s->wire == COMM_WIRE_BF16 ? (char *)s->work + sizeof(uint16_t) * (size_t)s->n : (char *)s->work;
+}
+
+static float wire_get(comm_wire w, const char *p, size_t i) {
+    return w == COMM_WIRE_BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* Posts a round of s's all-reduce: each peer's receive, then each peer's send (round 0: this rank's
  * values of the peer's chunk out, the peers' values of this rank's chunk into one gather row each;
- * round 1: this rank's reduced chunk out, the peers' into their places). Requests not posted stay
- * MPI_REQUEST_NULL, which MPI_Testall takes as complete. */
-static int bf16_post(mpi_impl *m, slot *s) {
+ * round 1: this rank's reduced chunk out, the peers' into their places). Empty chunks travel in neither
+ * direction (both ends know the lengths). Requests not posted stay MPI_REQUEST_NULL, which MPI_Testall
+ * takes as complete. */
+static int two_round_post(mpi_impl *m, slot *s) {
     int P = m->size, r = m->rank, n = s->n, cl = (n + P - 1) / P, k = 0, rc = MPI_SUCCESS, tag = s->tag + s->round;
-    uint16_t *wire = s->work, *gather = s->work + n;
+    size_t eb = wire_bytes(s->wire);
+    MPI_Datatype t = s->wire == COMM_WIRE_BF16 ? MPI_UINT16_T : MPI_FLOAT;
+    char *vals = wire_values(s), *gather = wire_gather(s);
     int my_off = chunk_off(n, P, r), my_len = chunk_off(n, P, r + 1) - my_off;
     for (int i = 0; i < 2 * (P - 1); i++) s->rs[i] = MPI_REQUEST_NULL;
     for (int j = 0; j < P && rc == MPI_SUCCESS; j++) {
-        if (j == r) continue;
-        int off = chunk_off(n, P, j), len = chunk_off(n, P, j + 1) - off;
-        if (s->round == 0) rc = MPI_Irecv(gather + (size_t)j * cl, my_len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
-        else rc = MPI_Irecv(wire + off, len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
+        int off = chunk_off(n, P, j), len = chunk_off(n, P, j + 1) - off, rlen = s->round == 0 ? my_len : len;
+        if (j == r || rlen == 0) continue;
+        char *to = s->round == 0 ? gather + (size_t)j * cl * eb : vals + (size_t)off * eb;
+        rc = MPI_Irecv(to, rlen, t, j, tag, m->mc, &s->rs[k++]);
     }
     for (int j = 0; j < P && rc == MPI_SUCCESS; j++) {
-        if (j == r) continue;
-        int off = chunk_off(n, P, j), len = chunk_off(n, P, j + 1) - off;
-        if (s->round == 0) rc = MPI_Isend(wire + off, len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
-        else rc = MPI_Isend(wire + my_off, my_len, MPI_UINT16_T, j, tag, m->mc, &s->rs[k++]);
+        int off = chunk_off(n, P, j), len = chunk_off(n, P, j + 1) - off, slen = s->round == 0 ? len : my_len;
+        if (j == r || slen == 0) continue;
+        rc = MPI_Isend(vals + (size_t)(s->round == 0 ? off : my_off) * eb, slen, t, j, tag, m->mc, &s->rs[k++]);
     }
     return rc;
 }
 
-/* Round 0 done: this rank's chunk = bf16 of the fp32 sum of every rank's bf16 values, ranks in order.
- * Rank r alone computes chunk r and sends the same bits to all, so every rank ends with one result. */
-static void bf16_reduce_chunk(const mpi_impl *m, slot *s) {
+/* Round 0 done: this rank's chunk = the fp32 sum of every rank's values, ranks in order (rounded to
+ * bf16 once on that wire). Rank r alone computes chunk r and sends the same bits to all, so every rank
+ * ends with one result. The sum starts from rank 0's value, not from 0 (0 + -0 would be +0): at 2 ranks
+ * it is then MPI's a + b bit for bit. */
+static void two_round_reduce(const mpi_impl *m, slot *s) {
     int P = m->size, r = m->rank, n = s->n, cl = (n + P - 1) / P;
     int off = chunk_off(n, P, r), len = chunk_off(n, P, r + 1) - off;
-    uint16_t *mine = s->work + off;
-    const uint16_t *gather = s->work + n;
+    comm_wire w = s->wire;
+    size_t eb = wire_bytes(w);
+    char *mine = wire_values(s) + (size_t)off * eb;
+    const char *gather = wire_gather(s);
     for (int i = 0; i < len; i++) {
         float sum = 0.0f;
-        for (int j = 0; j < P; j++) sum += bf16_to_float(j == r ? mine[i] : gather[(size_t)j * cl + i]);
-        mine[i] = bf16_from_float(sum);
+        for (int j = 0; j < P; j++) {
+            float v = j == r ? wire_get(w, mine, i) : wire_get(w, gather + (size_t)j * cl * eb, i);
+            sum = j == 0 ? v : sum + v;
+        }
+        if (w == COMM_WIRE_BF16) ((uint16_t *)mine)[i] = bf16_from_float(sum);
+        else ((float *)mine)[i] = sum;
     }
 }
 
-/* One test of an active slot: MPI_Test, or for a bf16 all-reduce its round's requests, moving on to
- * round 1 when round 0 is done and unpacking the result when round 1 is. Returns the MPI code (the
+/* One test of an active slot: MPI_Test, or for a two-round all-reduce its round's requests, moving on
+ * to round 1 when round 0 is done and unpacking a bf16 result when round 1 is. Returns the MPI code (the
  * slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
 static int slot_test(mpi_impl *m, slot *s, int *flag) {
     *flag = 0;
-    if (s->kind != KIND_ALLREDUCE_BF16) return MPI_Test(&s->r, flag, MPI_STATUS_IGNORE);
+    if (s->kind != KIND_TWO_ROUND) return MPI_Test(&s->r, flag, MPI_STATUS_IGNORE);
     int rc = MPI_Testall(2 * (m->size - 1), s->rs, flag, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS || !*flag) return rc;
     if (s->round == 0) {
-        bf16_reduce_chunk(m, s);
+        two_round_reduce(m, s);
         s->round = 1;
         *flag = 0;
-        return bf16_post(m, s);
+        return two_round_post(m, s);
     }
-    for (int i = 0; i < s->n; i++) s->buf[i] = bf16_to_float(s->work[i]);
+    if (s->wire == COMM_WIRE_BF16)
+        for (int i = 0; i < s->n; i++) s->buf[i] = bf16_to_float(((const uint16_t *)s->work)[i]);
     return MPI_SUCCESS;
 }
 
@@ -370,7 +399,7 @@ static scmoe_status mpi_wait(comm *c, int req) {
     double t0 = now_s(), deadline = t0 + c->timeout_s;
     for (long spin = 0;; spin++) {
         int rc;
-        /* the other requests too: a bf16 all-reduce waited on later must start its second round as soon
+        /* the other requests too: a two-round all-reduce waited on later must start its second round as soon
          * as its first is done, not when its own wait comes (a sync waits on its buckets one by one) */
         mpi_progress(c);
         if (try_complete(m, req, &rc, 0)) {
@@ -529,7 +558,7 @@ static scmoe_status mpi_allreduce_f64_start(comm *c, double *buf, int n, int *re
     return allreduce_sum_start(c, buf, n, MPI_DOUBLE, KIND_ALLREDUCE_F64, req);
 }
 
-static scmoe_status mpi_allreduce_bf16_start(comm *c, float *buf, int n, uint16_t *work, int *req) {
+static scmoe_status mpi_allreduce_two_round_start(comm *c, float *buf, int n, comm_wire wire, void *work, int *req) {
     mpi_impl *m = c->impl;
     *req = -1;
     if (c->size == 1) return SCMOE_OK; /* as serial.c: nothing travels, so nothing is rounded */
@@ -537,18 +566,19 @@ static scmoe_status mpi_allreduce_bf16_start(comm *c, float *buf, int n, uint16_
     if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
     ensure_progress(c);
     slot *s = &m->slots[i];
-    scmoe__bf16_pack(work, buf, (size_t)n);
-    s->kind = KIND_ALLREDUCE_BF16;
+    if (wire == COMM_WIRE_BF16) scmoe__bf16_pack(work, buf, (size_t)n);
+    s->kind = KIND_TWO_ROUND;
     s->n = n;
     s->round = 0;
-    s->tag = BF16_TAG0 + 2 * (int)(m->bf16_started++ % BF16_TAG_SPAN);
+    s->tag = TWO_ROUND_TAG0 + 2 * (int)(m->two_round_started++ % TWO_ROUND_TAG_SPAN);
+    s->wire = wire;
     s->buf = buf;
     s->work = work;
     /* posted before the slot is published: the helper cannot test it half-posted. A failure still
      * publishes it, so what was posted counts as pending (abort keeps the buffers) */
-    int rc = bf16_post(m, s);
-    slot_publish(m, i, MPI_REQUEST_NULL, KIND_ALLREDUCE_BF16, n);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Isend/MPI_Irecv (all-reduce as bf16)");
+    int rc = two_round_post(m, s);
+    slot_publish(m, i, MPI_REQUEST_NULL, KIND_TWO_ROUND, n);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Isend/MPI_Irecv (two-round all-reduce)");
     *req = i;
     return SCMOE_OK;
 }
@@ -676,7 +706,7 @@ static const comm_ops mpi_ops = {
     mpi_pending,
     mpi_abandon,
     mpi_allreduce_f64_start,
-    mpi_allreduce_bf16_start,
+    mpi_allreduce_two_round_start,
 };
 
 /* Takes ownership of mc (a communicator this library created) on success only. */

@@ -69,10 +69,11 @@ static scmoe_status serial_allreduce_f64_start(comm *c, double *buf, int n, int 
 }
 
 /* one rank's sum is its own value: nothing is rounded, as nothing travels */
-static scmoe_status serial_allreduce_bf16_start(comm *c, float *buf, int n, uint16_t *work, int *req) {
+static scmoe_status serial_allreduce_two_round_start(comm *c, float *buf, int n, comm_wire wire, void *work, int *req) {
     (void)c;
     (void)buf;
     (void)n;
+    (void)wire;
     (void)work;
     *req = -1;
     return SCMOE_OK;
@@ -109,7 +110,7 @@ static const comm_ops serial_ops = {
     serial_pending,
     serial_destroy,
     serial_allreduce_f64_start,
-    serial_allreduce_bf16_start,
+    serial_allreduce_two_round_start,
 };
 
 scmoe_status scmoe__comm_serial_create(comm **out) {

@@ -117,16 +117,19 @@ static float gval(int i, int j) {
     }
 }
 
-/* Checks buf (n values after allreduce_bf16_start over P ranks) against
- *   bitwise: bf16(sum_{i=0..P-1} bf16(g_i)), the sum in float in rank order (the contract);
- *   the exact sum S = sum_i g_i: with u = 2^-8 (bf16 keeps 8 significant bits, round to nearest) each
- *   rounded contribution is g_i (1 + d_i), |d_i| <= u, so the contributions' sum is off by at most
- *   u A (A = sum_i |g_i|); the float sum of P terms adds at most (P-1) 2^-24 (1 + u) A (first-order
- *   recursive summation; the first addition, 0 + x, is exact); call the two E1. The final rounding adds
- *   u |s'| <= u (|S| + E1). So |result - S| <= E1 + u (|S| + E1) ~ 2^-8 (A + |S|).
+/* Checks buf (n values after allreduce_two_round_start over P ranks on wire) against
+ *   bitwise: the float sum in rank order of v_i = g_i (the float wire) or bf16(g_i) (the bf16 wire),
+ *   starting from v_0, rounded to bf16 once on the bf16 wire (the contract);
+ *   the exact sum S = sum_i g_i: with u = 2^-8 on the bf16 wire (bf16 keeps 8 significant bits, round to
+ *   nearest), 0 on the float wire, each contribution is g_i (1 + d_i), |d_i| <= u, so their sum is off
+ *   by at most u A (A = sum_i |g_i|); the float sum of P terms adds at most (P-1) 2^-24 (1 + u) A
+ *   (first-order recursive summation from v_0; 1 + 2^-20 covers the higher orders); call the two E1.
+ *   The bf16 wire's final rounding adds u |s'| <= u (|S| + E1). So |result - S| <= E1 + u (|S| + E1):
+ *   ~ 2^-8 (A + |S|) on the bf16 wire, (P-1) 2^-24 A on the float wire.
  * *worst receives the largest |result - S| / bound. */
-static int bf16_sum_ok(const float *buf, int n, int P, int *bitwise, double *worst) {
-    const double u = 1.0 / 256.0;
+static int sum_ok(const float *buf, int n, int P, comm_wire wire, int *bitwise, double *worst) {
+    const int bf = wire == COMM_WIRE_BF16;
+    const double u = bf ? 1.0 / 256.0 : 0.0;
     int within = 1;
     *bitwise = 1;
     *worst = 0;
@@ -134,19 +137,33 @@ static int bf16_sum_ok(const float *buf, int n, int P, int *bitwise, double *wor
         float sum = 0.0f;
         double S = 0, A = 0;
         for (int i = 0; i < P; i++) {
-            float g = gval(i, j);
-            sum += bf16_to_float(bf16_from_float(g));
+            float g = gval(i, j), v = bf ? bf16_to_float(bf16_from_float(g)) : g;
+            sum = i == 0 ? v : sum + v;
             S += g;
             A += fabs(g);
         }
-        float want = bf16_to_float(bf16_from_float(sum));
+        float want = bf ? bf16_to_float(bf16_from_float(sum)) : sum;
         *bitwise &= memcmp(&want, &buf[j], sizeof want) == 0;
-        double e1 = u * A + (P - 1) * ldexp(1.0, -24) * (1 + u) * A, bound = e1 + u * (fabs(S) + e1);
+        double e1 = (u * A + (P - 1) * ldexp(1.0, -24) * (1 + u) * A) * (1 + ldexp(1.0, -20)),
+               bound = e1 + u * (fabs(S) + e1);
         double err = fabs((double)buf[j] - S);
         within &= err <= bound;
         if (bound > 0 && err / bound > *worst) *worst = err / bound;
     }
     return within;
+}
+
+/* The same bits on every rank: a hash of buf's bits, its min and max over the ranks equal. */
+static int same_on_all(const float *buf, int n) {
+    uint64_t h = 1469598103934665603ull, lo, hi;
+    for (int j = 0; j < n; j++) {
+        uint32_t b;
+        memcpy(&b, &buf[j], sizeof b);
+        h = (h ^ b) * 1099511628211ull;
+    }
+    MPI_Allreduce(&h, &lo, 1, MPI_UINT64_T, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(&h, &hi, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD);
+    return lo == hi;
 }
 
 int main(int argc, char **argv) {
@@ -290,71 +307,94 @@ int main(int argc, char **argv) {
               ok && v[0] == P * (P + 1) / 2.0 && v[1] == 1e15 * P + P * (P - 1) / 2.0 && v[2] == 0.5 * P);
     }
 
-    /* allreduce_bf16_start (grad_sync_bf16): sizes that leave chunks empty (n < P) and uneven */
-    {
+    /* allreduce_two_round_start on both wires (grad_sync_algo, grad_sync_bf16): sizes that leave chunks
+     * empty (n < P) and uneven. On the float wire at 2 ranks the sum is also MPI's a + b, bit for bit. */
+    for (int bf = 0; bf < 2; bf++) {
         const int ns[] = {0, 1, 3, 1000, 100003};
-        int bitwise_all = 1, within_all = 1, ok = 1;
+        const comm_wire wire = bf ? COMM_WIRE_BF16 : COMM_WIRE_F32;
+        const char *wn = bf ? "bf16" : "float";
+        int bitwise_all = 1, within_all = 1, ok = 1, as_mpi = 1;
         double worst_all = 0;
         for (size_t k = 0; k < sizeof ns / sizeof *ns; k++) {
             int n = ns[k], rq = -1, bitwise = 1;
-            float *buf = malloc(sizeof(float) * (n + 1));
-            uint16_t *work = malloc(sizeof(uint16_t) * (comm_bf16_work(n, P) + 1));
-            for (int j = 0; j < n; j++) buf[j] = gval(r, j);
-            ok &= c->ops->allreduce_bf16_start(c, buf, n, work, &rq) == SCMOE_OK && comm_wait(c, rq) == SCMOE_OK;
+            float *buf = malloc(sizeof(float) * (n + 1)), *ref = malloc(sizeof(float) * (n + 1));
+            void *work = malloc(comm_two_round_work(n, P, wire) + 1);
+            for (int j = 0; j < n; j++) buf[j] = ref[j] = gval(r, j);
+            ok &= c->ops->allreduce_two_round_start(c, buf, n, wire, work, &rq) == SCMOE_OK &&
+                  comm_wait(c, rq) == SCMOE_OK;
             double worst = 0;
             /* one rank: nothing travels and nothing is rounded */
             if (P == 1)
                 for (int j = 0; j < n; j++) bitwise &= buf[j] == gval(0, j);
-            else within_all &= bf16_sum_ok(buf, n, P, &bitwise, &worst);
+            else within_all &= sum_ok(buf, n, P, wire, &bitwise, &worst);
             bitwise_all &= bitwise || n == 0;
             worst_all = worst > worst_all ? worst : worst_all;
-            /* the same bits on every rank, compared directly too */
-            uint64_t h = 1469598103934665603ull, lo, hi;
-            for (int j = 0; j < n; j++) {
-                uint32_t b;
-                memcpy(&b, &buf[j], sizeof b);
-                h = (h ^ b) * 1099511628211ull;
+            ok &= same_on_all(buf, n); /* the same bits on every rank, compared directly too */
+            if (!bf && P == 2 && n > 0) {
+                MPI_Allreduce(MPI_IN_PLACE, ref, n, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+                as_mpi &= memcmp(ref, buf, sizeof(float) * n) == 0;
             }
-            MPI_Allreduce(&h, &lo, 1, MPI_UINT64_T, MPI_MIN, MPI_COMM_WORLD);
-            MPI_Allreduce(&h, &hi, 1, MPI_UINT64_T, MPI_MAX, MPI_COMM_WORLD);
-            ok &= lo == hi;
             free(buf);
+            free(ref);
             free(work);
         }
-        if (r == 0) printf("#   bf16 all-reduce: largest error / bound %.3f\n", worst_all);
-        check("allreduce_bf16_start: the same bits on every rank, == bf16(float sum in rank order of bf16(g_i)) "
-              "(1 rank: unchanged)",
-              ok && bitwise_all);
-        check("allreduce_bf16_start: within 2^-8 (sum|g_i| + |sum g_i|) of the exact sum", ok && within_all);
+        char name[200];
+        if (r == 0) printf("#   %s two-round all-reduce: largest error / bound %.3f\n", wn, worst_all);
+        snprintf(name, sizeof name,
+                 "allreduce_two_round_start, %s wire: the same bits on every rank, == the float sum in rank order%s "
+                 "(1 rank: unchanged)",
+                 wn, bf ? " of bf16(g_i), rounded to bf16" : "");
+        check(name, ok && bitwise_all);
+        snprintf(name, sizeof name, "allreduce_two_round_start, %s wire: within %s of the exact sum", wn,
+                 bf ? "2^-8 (sum|g_i| + |sum g_i|)" : "(P-1) 2^-24 sum|g_i|");
+        check(name, ok && within_all);
+        if (!bf)
+            check(P == 2
+                      ? "allreduce_two_round_start, float wire, 2 ranks: bitwise MPI_Allreduce's sum"
+                      : "allreduce_two_round_start, float wire, 2 ranks: bitwise MPI_Allreduce's sum # skip: needs 2 "
+                        "ranks",
+                  as_mpi);
     }
 
-    /* two bf16 all-reduces and a float one in flight at once, waited on in reverse order with progress
-     * in between: each bf16 one's messages carry its own tags, so their rounds cannot cross */
+    /* two bf16 two-round all-reduces, a float two-round one and an MPI float one in flight at once,
+     * waited on in reverse order with progress in between: each two-round one's messages carry its own
+     * tags, so their rounds cannot cross whatever the wire */
     {
-        int na = 5000, nb = 1000, nc = 777, ra = -1, rb = -1, rc = -1, ok = 1, bw = 0;
-        float *a = malloc(sizeof(float) * na), *b = malloc(sizeof(float) * nb), *cc = malloc(sizeof(float) * nc);
-        uint16_t *wa = malloc(sizeof(uint16_t) * comm_bf16_work(na, P)),
-                 *wc = malloc(sizeof(uint16_t) * comm_bf16_work(nc, P));
+        int na = 5000, nb = 1000, nc = 777, nd = 100003, ra = -1, rb = -1, rc = -1, rd = -1, ok = 1, bw = 0;
+        float *a = malloc(sizeof(float) * na), *b = malloc(sizeof(float) * nb), *cc = malloc(sizeof(float) * nc),
+              *dd = malloc(sizeof(float) * nd);
+        void *wa = malloc(comm_two_round_work(na, P, COMM_WIRE_BF16)),
+             *wc = malloc(comm_two_round_work(nc, P, COMM_WIRE_BF16)),
+             *wd = malloc(comm_two_round_work(nd, P, COMM_WIRE_F32));
         for (int j = 0; j < na; j++) a[j] = gval(r, j);
         for (int j = 0; j < nb; j++) b[j] = (float)(r + 1);
         for (int j = 0; j < nc; j++) cc[j] = gval(r, j);
-        ok &= c->ops->allreduce_bf16_start(c, a, na, wa, &ra) == SCMOE_OK;
+        for (int j = 0; j < nd; j++) dd[j] = gval(r, j);
+        ok &= c->ops->allreduce_two_round_start(c, a, na, COMM_WIRE_BF16, wa, &ra) == SCMOE_OK;
+        ok &= c->ops->allreduce_two_round_start(c, dd, nd, COMM_WIRE_F32, wd, &rd) == SCMOE_OK;
         ok &= c->ops->allreduce_start(c, b, nb, &rb) == SCMOE_OK;
-        ok &= c->ops->allreduce_bf16_start(c, cc, nc, wc, &rc) == SCMOE_OK;
+        ok &= c->ops->allreduce_two_round_start(c, cc, nc, COMM_WIRE_BF16, wc, &rc) == SCMOE_OK;
         for (int it = 0; it < 10; it++) comm_progress(c);
-        ok &= comm_wait(c, rc) == SCMOE_OK && comm_wait(c, rb) == SCMOE_OK && comm_wait(c, ra) == SCMOE_OK;
+        ok &= comm_wait(c, rc) == SCMOE_OK && comm_wait(c, rb) == SCMOE_OK && comm_wait(c, rd) == SCMOE_OK &&
+              comm_wait(c, ra) == SCMOE_OK;
         double worst;
         if (P > 1) {
-            ok &= bf16_sum_ok(a, na, P, &bw, &worst) && bw;
-            ok &= bf16_sum_ok(cc, nc, P, &bw, &worst) && bw;
+            ok &= sum_ok(a, na, P, COMM_WIRE_BF16, &bw, &worst) && bw;
+            ok &= sum_ok(cc, nc, P, COMM_WIRE_BF16, &bw, &worst) && bw;
+            ok &= sum_ok(dd, nd, P, COMM_WIRE_F32, &bw, &worst) && bw;
         }
+        ok &= same_on_all(dd, nd);
         for (int j = 0; j < nb; j++) ok &= b[j] == (float)(P * (P + 1) / 2);
-        check("two bf16 all-reduces and a float one in flight together, waited on in reverse order", ok);
+        check("two bf16 and a float two-round all-reduce and an MPI float one in flight together, waited on in "
+              "reverse order",
+              ok);
         free(a);
         free(b);
         free(cc);
+        free(dd);
         free(wa);
         free(wc);
+        free(wd);
     }
 
     /* split into two halves (reversed key order); the halves inherit timeout and progress */
@@ -469,47 +509,59 @@ int main(int argc, char **argv) {
         c->progress = SCMOE_PROGRESS_POLL;
     }
 
-    /* a bf16 all-reduce when a rank joins 2 s late: rank 0's wait times out at 0.5 s naming it and it is
-     * still pending; a later wait finishes it with the right sum. Then the same under THREAD progress,
-     * where the helper runs both rounds (the second starts when its sweep sees the first done). */
-    if (P >= 2) {
+    /* a two-round all-reduce (each wire) when a rank joins 2 s late: rank 0's wait times out at 0.5 s
+     * naming it and it is still pending; a later wait finishes it with the right sum. Then the same under
+     * THREAD progress, where the helper runs both rounds (the second starts when its sweep sees the
+     * first done). */
+    for (int bf = 0; bf < 2; bf++) {
+        const comm_wire wire = bf ? COMM_WIRE_BF16 : COMM_WIRE_F32;
+        const char *wn = bf ? "bf16" : "float";
+        char name[160];
+        if (P < 2) {
+            snprintf(name, sizeof name, "a %s two-round all-reduce with a late rank # skip: needs 2 ranks", wn);
+            check(name, 1);
+            continue;
+        }
         int n = 4097, rq = -1, ok = 1, bw = 0;
         float *buf = malloc(sizeof(float) * n);
-        uint16_t *work = malloc(sizeof(uint16_t) * comm_bf16_work(n, P));
+        void *work = malloc(comm_two_round_work(n, P, wire));
         for (int j = 0; j < n; j++) buf[j] = gval(r, j);
         MPI_Barrier(MPI_COMM_WORLD);
         if (r == 1) sleep_s(2.0);
-        ok &= c->ops->allreduce_bf16_start(c, buf, n, work, &rq) == SCMOE_OK;
+        ok &= c->ops->allreduce_two_round_start(c, buf, n, wire, work, &rq) == SCMOE_OK;
         if (r == 0) {
             c->timeout_s = 0.5;
             s = comm_wait(c, rq);
-            ok &= s == SCMOE_ERR_TIMEOUT && strstr(c->err, "bf16") != NULL && c->ops->pending(c) == 1;
-            printf("#   bf16 timeout: %s\n", c->err);
+            ok &= s == SCMOE_ERR_TIMEOUT && strstr(c->err, "two-round") != NULL && c->ops->pending(c) == 1 &&
+                  (strstr(c->err, "bf16") != NULL) == bf;
+            printf("#   %s timeout: %s\n", wn, c->err);
             c->timeout_s = 60;
         }
-        check("a bf16 all-reduce's wait times out with SCMOE_ERR_TIMEOUT while a rank is late", ok);
+        snprintf(name, sizeof name,
+                 "a %s two-round all-reduce's wait times out with SCMOE_ERR_TIMEOUT while a rank is late", wn);
+        check(name, ok);
         double worst;
-        ok = comm_wait(c, rq) == SCMOE_OK && bf16_sum_ok(buf, n, P, &bw, &worst) && bw;
-        check("the timed-out bf16 all-reduce completes on a later wait, with the same sum", ok);
+        ok = comm_wait(c, rq) == SCMOE_OK && sum_ok(buf, n, P, wire, &bw, &worst) && bw && same_on_all(buf, n);
+        snprintf(name, sizeof name,
+                 "the timed-out %s two-round all-reduce completes on a later wait, with the same sum", wn);
+        check(name, ok);
 
         c->progress = SCMOE_PROGRESS_THREAD;
         for (int j = 0; j < n; j++) buf[j] = gval(r, j);
-        ok = c->ops->allreduce_bf16_start(c, buf, n, work, &rq) == SCMOE_OK;
+        ok = c->ops->allreduce_two_round_start(c, buf, n, wire, work, &rq) == SCMOE_OK;
         sleep_s(0.3); /* no MPI call from here: only the helper can move it (THREAD) */
         int done = 0;
         ok &= comm_test(c, rq, &done) == SCMOE_OK;
         if (!done) ok &= comm_wait(c, rq) == SCMOE_OK;
-        ok &= bf16_sum_ok(buf, n, P, &bw, &worst) && bw;
-        if (r == 0) printf("#   bf16 all-reduce under THREAD: %s when first tested\n", done ? "complete" : "pending");
-        check("a bf16 all-reduce under THREAD progress", ok);
+        ok &= sum_ok(buf, n, P, wire, &bw, &worst) && bw;
+        if (r == 0)
+            printf("#   %s two-round all-reduce under THREAD: %s when first tested\n", wn,
+                   done ? "complete" : "pending");
+        snprintf(name, sizeof name, "a %s two-round all-reduce under THREAD progress", wn);
+        check(name, ok);
         c->progress = SCMOE_PROGRESS_POLL;
         free(buf);
         free(work);
-    } else {
-        check("a bf16 all-reduce's wait times out with SCMOE_ERR_TIMEOUT while a rank is late # skip: needs 2 ranks",
-              1);
-        check("the timed-out bf16 all-reduce completes on a later wait, with the same sum # skip: needs 2 ranks", 1);
-        check("a bf16 all-reduce under THREAD progress # skip: needs 2 ranks", 1);
     }
 
     /* a context on a sub-communicator (odd/even ranks), the host's handle freed right after */

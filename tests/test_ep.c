@@ -394,37 +394,49 @@ static void precision_bf16(scmoe_context *ctx) {
     obj_destroy(&b);
 }
 
-/* grad_sync_bf16: the gradient all-reduces carry bf16. Every rank feeds the same tokens, so each rank's
- * contribution g is the same (up to float rounding of where its rows sat in the experts' GEMMs) and the
- * sum S = P g: the bound of the comm test, 2^-8 (sum |g_i| + |S|), is then 2^-7 |S| (plus a float slack
- * of 1e-6 max |S|). Checked for the dense tensors (summed over all ranks) and, with ep_size = P/2, the
- * replicated experts; the rest (dX, unreplicated experts) is bitwise the float run's, and every rank
- * holds the same bits. Two bf16 pairs with overlap_grad_sync have their sums in flight at once (a model's
- * pairs: the later pair's backward first, both synced after). One rank: bitwise the float run. */
-static void grad_sync_bf16(scmoe_context *ctx) {
-    scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
-    c.grad_sync_bf16 = 2;
+/* The library's two-round gradient all-reduce against MPI's (grad_sync_algo MPI), on the float wire
+ * (grad_sync_algo TWO_ROUND) or the bf16 one (grad_sync_bf16). Every rank feeds the same tokens, so each
+ * rank's contribution g is the same (up to float rounding of where its rows sat in the experts' GEMMs)
+ * and the sum S = P g, sum_i |g_i| = |S|:
+ *   bf16: the bound of the comm test, 2^-8 (sum |g_i| + |S|), is 2^-7 |S| (plus a float slack of
+ *         1e-6 max |S|), and some element is rounded;
+ *   float: two recursive sums of the same P terms in different orders differ by at most
+ *         2 (P-1) 2^-24 |S| (first order, plus the same slack); at 2 ranks both are a + b, bitwise.
+ * Checked for the dense tensors (summed over all ranks) and, with ep_size = P/2, the replicated experts;
+ * the rest (dX, unreplicated experts) is bitwise MPI's run, and every rank holds the same bits. Two
+ * pairs with overlap_grad_sync have their sums in flight at once (a model's pairs: the later pair's
+ * backward first, both synced after), under every progress policy. One rank: bitwise (nothing travels). */
+static void two_round_vs_mpi(scmoe_context *ctx, int bf16) {
+    const char *what = bf16 ? "grad_sync_bf16" : "grad_sync_algo TWO_ROUND";
+    scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f), f;
+    if (bf16) c.grad_sync_bf16 = 2;
+    else c.grad_sync_algo = (scmoe_grad_sync_algo)3;
     char msg[160] = "";
     scmoe_pair *bad = NULL;
     scmoe_status vs = scmoe_config_validate(&c, msg, sizeof msg), cs = scmoe_pair_create(ctx, &c, &bad);
-    check(vs == SCMOE_ERR_OPTION && strstr(msg, "grad_sync_bf16") && cs == SCMOE_ERR_OPTION && !bad,
-          "grad_sync_bf16 = 2 is refused: SCMOE_ERR_OPTION (%s)", msg);
-    c.grad_sync_bf16 = 1;
-    scmoe_config f = c;
-    f.grad_sync_bf16 = 0;
-    same_numbers(ctx_ref, 1, c, f, 0.0, "grad_sync_bf16 on one rank: bitwise the float sum (nothing travels)");
+    check(vs == SCMOE_ERR_OPTION && strstr(msg, bf16 ? "grad_sync_bf16" : "grad_sync_algo") && cs == SCMOE_ERR_OPTION &&
+              !bad,
+          "%s = %s is refused: SCMOE_ERR_OPTION (%s)", bf16 ? "grad_sync_bf16" : "grad_sync_algo", bf16 ? "2" : "3",
+          msg);
     const char *prog[] = {"poll", "thread", "none"};
-    for (int v = 0; v < 4; v++) {
+    for (int v = -1; v < 7; v++) {
         c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f);
-        c.progress = (scmoe_progress)(v % 3);
-        c.overlap_grad_sync = v > 0;
-        c.ep_size = v == 3 && size >= 2 ? size / 2 : 0;
-        c.grad_sync_bf16 = 1;
+        c.progress = (scmoe_progress)((v < 0 ? 0 : v) % 3);
+        c.overlap_grad_sync = v >= 3;
+        c.ep_size = v == 6 && size >= 2 ? size / 2 : 0;
         f = c;
-        f.grad_sync_bf16 = 0;
+        f.grad_sync_algo = SCMOE_GRAD_SYNC_MPI;
+        if (bf16) c.grad_sync_bf16 = 1;
+        else c.grad_sync_algo = SCMOE_GRAD_SYNC_TWO_ROUND;
+        if (v < 0) { /* one rank */
+            same_numbers(ctx_ref, 1, c, f, 0.0,
+                         bf16 ? "grad_sync_bf16 on one rank: bitwise the float sum"
+                              : "grad_sync_algo TWO_ROUND on one rank: bitwise MPI's");
+            continue;
+        }
         object a, a2, fl;
         if (obj_create(ctx, &c, 1, &a) || obj_create(ctx, &c, 1, &a2) || obj_create(ctx, &f, 1, &fl)) {
-            check(0, "grad_sync_bf16: create");
+            check(0, "%s: create", what);
             return;
         }
         init_params(&a, 0);
@@ -445,7 +457,7 @@ static void grad_sync_bf16(scmoe_context *ctx) {
                  scmoe_pair_grad_sync(a2.p, &st) == SCMOE_OK && obj_forward(&fl, n, T, x, y, &st) == SCMOE_OK &&
                  obj_backward(&fl, dy, dxf, &st) == SCMOE_OK;
         ok &= memcmp(dxa, dxf, sizeof(float) * nd) == 0 && memcmp(dxa2, dxf, sizeof(float) * nd) == 0;
-        int within = 1, same_bits = 1, rounded = 0, twins = 1, n_bf16 = 0, first = 0, count = 0;
+        int within = 1, same_bits = 1, rounded = 0, twins = 1, n_summed = 0, first = 0, count = 0;
         /* an expert's replicas: the ranks holding the same experts (one rank's experts are not another's) */
         scmoe_pair_expert_range(a.p, &first, &count);
         MPI_Comm replicas;
@@ -461,12 +473,12 @@ static void grad_sync_bf16(scmoe_context *ctx) {
                 same_bits &= memcmp(ta.grad, tf.grad, sizeof(float) * ta.numel) == 0;
                 continue;
             }
-            n_bf16++;
-            double mx = 0;
+            n_summed++;
+            double mx = 0, rel = bf16 ? ldexp(1.0, -7) : 2 * (size - 1) * ldexp(1.0, -24);
             for (size_t j = 0; j < ta.numel; j++) mx = fabs(tf.grad[j]) > mx ? fabs(tf.grad[j]) : mx;
             for (size_t j = 0; j < ta.numel; j++) {
                 double e = fabs((double)ta.grad[j] - tf.grad[j]);
-                within &= e <= ldexp(1.0, -7) * fabs(tf.grad[j]) + 1e-6 * mx;
+                within &= e <= rel * fabs(tf.grad[j]) + 1e-6 * mx;
                 rounded |= e > 0;
             }
             /* the same bits on every rank */
@@ -484,12 +496,14 @@ static void grad_sync_bf16(scmoe_context *ctx) {
         MPI_Comm_free(&replicas);
         int any_rounded;
         MPI_Allreduce(&rounded, &any_rounded, 1, MPI_INT, MPI_LOR, MPI_COMM_WORLD);
-        check(ok && within && same_bits && twins && (size == 1 || any_rounded),
-              "grad_sync_bf16, progress %s, overlap_grad_sync %d, ep_size %d: %d summed tensors the same bits on every "
-              "rank holding them and within 2^-7 |sum| of the float sum, the rest and dX bitwise the float run's, two "
-              "pairs in "
+        /* bf16 rounds something; the float sum at 2 ranks is MPI's a + b bit for bit */
+        int as_expected = bf16 ? size == 1 || any_rounded : size != 2 || !any_rounded;
+        check(ok && within && same_bits && twins && as_expected,
+              "%s, progress %s, overlap_grad_sync %d, ep_size %d: %d summed tensors the same bits on every rank "
+              "holding them and within %s of MPI's float sum%s, the rest and dX bitwise MPI's run, two pairs in "
               "flight at once",
-              prog[c.progress], c.overlap_grad_sync, c.ep_size, n_bf16);
+              what, prog[c.progress], c.overlap_grad_sync, c.ep_size, n_summed,
+              bf16 ? "2^-7 |sum|" : "2 (P-1) 2^-24 |sum|", any_rounded ? "" : " (bitwise)");
         free(x);
         free(dy);
         free(y);
@@ -500,6 +514,20 @@ static void grad_sync_bf16(scmoe_context *ctx) {
         obj_destroy(&a2);
         obj_destroy(&fl);
     }
+}
+
+/* grad_sync_algo AUTO: the buckets below COMM_TWO_ROUND_MIN_CHUNK floats per rank take MPI's all-reduce,
+ * the rest the two rounds. At d_model 64, hidden 256 the pair's MLP (33,088 floats) and attention
+ * (16,640) buckets are two-round up to 32 and 16 ranks and the LayerNorms' (128) MPI's: within the float
+ * sum-order bound of MPI's run, the same bits on every rank. */
+static void grad_sync_auto(scmoe_context *ctx) {
+    scmoe_config c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.0f), f = c;
+    c.d_model = 64;
+    c.d_hidden = 256;
+    c.grad_sync_algo = SCMOE_GRAD_SYNC_AUTO;
+    f = c;
+    f.grad_sync_algo = SCMOE_GRAD_SYNC_MPI;
+    same_numbers(ctx, 1, c, f, size <= 2 ? 0.0 : 1e-6, "grad_sync_algo AUTO against MPI (4 steps)");
 }
 
 static void robustness(scmoe_context *ctx) {
@@ -812,7 +840,9 @@ int main(int argc, char **argv) {
     }
     wire_bf16(ctx);
     precision_bf16(ctx);
-    grad_sync_bf16(ctx);
+    two_round_vs_mpi(ctx, 1);
+    two_round_vs_mpi(ctx, 0);
+    grad_sync_auto(ctx);
     pipelined(ctx);
     robustness(ctx);
     capacity_local(ctx);

@@ -167,9 +167,9 @@ static void toy_run(scmoe_context *ctx, scmoe_config c, int rows, const float *x
                      .n_ops = 3,
                      .moe_input_op = 0,
                      .overlap = 1,
-                     .gate_grads = {NULL, 0, ctx->world, NULL},
-                     .expert_grads = {NULL, 0, ctx->world, NULL}};
-    for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world, NULL, NULL};
+                     .gate_grads = {NULL, 0, ctx->world, NULL, COMM_WIRE_F32, NULL},
+                     .expert_grads = {NULL, 0, ctx->world, NULL, COMM_WIRE_F32, NULL}};
+    for (int i = 0; i < 3; i++) b.op_grads[i] = (sched_bucket){NULL, 0, ctx->world, NULL, COMM_WIRE_F32, NULL};
     ok = ok && !scmoe__schedule_init(&s, ctx, &c, &b);
     exec ex = scmoe__context_exec(ctx, &c);
     m.training = 1;

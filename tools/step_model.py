@@ -20,8 +20,14 @@ The model, per rank per training step of the pair (forward, backward, dense-grad
     t_x      = (ep-1) a + S k d 4 (ep-1)/ep / b                   one token exchange (4 per step)
     R_route  GLOBAL: (2(P-1) + 2 ceil(log2 P)) a + ((P-1) S (k+1) 4 + (P-1) 4) / b + c_plan P S k
              LOCAL:  (ep-1) a + (ep-1) 4 (E_local k + 1) / b + c_plan S k  (statistics: hidden)
-    R_grad   binomial (OpenMPI's libnbc for an in-place MPI_Iallreduce, what the library posts):
-                 2 ceil(log2 P) (a + G / b);  ring: 2 (P-1) (a + G / (P b))
+    R_grad   binomial (OpenMPI's libnbc for an in-place MPI_Iallreduce, grad_sync_algo MPI):
+                 2 ceil(log2 P) (a + G / b);  ring: 2 (P-1) (a + G / (P b));
+             the library's two rounds (reduce-scatter + allgather: grad_sync_algo TWO_ROUND, and AUTO
+             for every bucket of >= 1,024 floats per rank, all of them here but the LayerNorms) take
+             the ring's formula: the same bytes, and the same latency when each of its 2 (P-1)
+             messages is charged a whole a (an upper bound: a round posts its P-1 messages at once).
+             The model does not see progress: libnbc's ring starts each of its 2 (P-1) steps inside
+             an MPI call (between GEMM tiles while the backward runs), the two rounds 2 in all
              plus, when experts are replicated (P > ep), the same over P/ep ranks for their E_local
              experts' gradients; R_last: the same for the last bucket (the first block's attention
              and LayerNorms, ready only when the backward ends)
@@ -153,7 +159,7 @@ def clog2(P):
 def allreduce(P, nbytes, a, b, algo):
     if P < 2:
         return 0.0
-    if algo == "ring":
+    if algo == "ring":  # also the library's two rounds (header)
         return 2 * (P - 1) * (a + nbytes / (P * b))
     return 2 * clog2(P) * (a + nbytes / b)
 
