@@ -50,8 +50,8 @@ scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
     inflight_begin(f, c);
     const compute_ops *co = m->co;
     scmoe_status st;
-    /* MPI reads the exchange buffers: every kernel writing them must have finished */
-    /* one rank moves nothing: no kernel's rows to wait for (the device keeps running) */
+    /* MPI reads the exchange buffers: every kernel writing them must have finished; one rank moves
+     * nothing, so its exchanges wait for no kernel (the device keeps running) */
     int moves = P > 1;
     if (m->cfg.wire_bf16) {
         /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
@@ -294,9 +294,10 @@ static int mirrors_match(const moe_layer *m) {
 
 /* The workspace in four arenas: host (the plan and what host code reads), device (activations and
  * expert rows), exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI) and
- * pinned (mapped memory: what the device's routing plan writes for the host, droute, and the counts
- * message it fills). On a device backend the host keeps the mirror of the gate's outputs (gate_h), and
- * the device its copy of the plan's arrays (plan_d); on the host backend they are the same arrays. */
+ * pinned (mapped memory: what the device's routing plan writes for the host, droute, the counts
+ * message it fills, and the host's side of plan_mirror). On a device backend the host keeps the
+ * mirror of the gate's outputs (gate_h), and the device its copy of the plan's arrays (plan_d); on the
+ * host backend they are the same arrays. */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world); /* the tokens one rank plans */
@@ -318,7 +319,9 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     m->xch.xr_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
     pl->src_cursor = scmoe__arena_take(H, i4 * ep * El);
     pl->expert_offsets = scmoe__arena_take(H, i4 * ((size_t)ns * El + 1));
-    plan_mirror plan_h = plan_mirror_take(H, E, S, R);
+    /* pinned: its copies to the device are truly asynchronous (a pageable source may make the driver
+     * wait for the stream); the host rewrites it only in the next forward, after the call's device check */
+    plan_mirror plan_h = plan_mirror_take(P, E, S, R);
     m->aux_coef_h = plan_h.aux_coef;
     pl->slot = plan_h.slot;
     pl->recv_to_expert = plan_h.recv_to_expert;
@@ -754,7 +757,7 @@ static scmoe_status stats_finish(moe_layer *m) {
         memcpy(m->gsum, ls, sizeof(double) * (E + 1));
         for (int e = 0; e < E; e++) m->top1_count[e] = (int64_t)ls[E + 1 + e];
         gate_losses(m, pl->tokens, 1.0);
-        /* read by the backward's gate kernel: in stream order, no wait (a pageable source is staged at once) */
+        /* read by the backward's gate kernel: in stream order, no wait (from pinned memory) */
         if (m->co->device) m->co->copy_rows(m->co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
     }
     return SCMOE_OK;

@@ -127,9 +127,10 @@ typedef struct inflight {
 #define MOE_LSTATS(E)  (3 * (E) + 5)
 
 /* The gate's per-token outputs that routing (host code) reads, [max_tokens] rows each. On a device
- * backend the host holds a mirror (moe_layer.gate_h) and one copy per forward moves the block they form:
- * gate_outputs_take lays them out, in this order, as one block on either side, so nothing else can sit
- * between them; choice is last, so n tokens' outputs end at choice + n k. */
+ * backend that plans on the host (not droute) the host holds a mirror (moe_layer.gate_h) and one copy
+ * per forward moves the block they form: gate_outputs_take lays them out, in this order, as one block on
+ * either side, so nothing else can sit between them; choice is last, so n tokens' outputs end at
+ * choice + n k. */
 typedef struct gate_outputs {
     float *p;     /* [n, E] softmax over every expert */
     float *lse;   /* [n] logsumexp of the logits (the z-loss) */
@@ -138,9 +139,10 @@ typedef struct gate_outputs {
 } gate_outputs;
 
 /* What the kernels read of the plan, written on the host each forward: the aux-loss coefficients, the
- * plan's slot and recv_to_expert. On a device backend moe_layer.plan_d holds the device's copies, and one
- * copy moves the block (plan_mirror_take lays it out the same way on either side; recv_to_expert last,
- * so a plan ends at recv_to_expert + n_recv). */
+ * plan's slot and recv_to_expert (droute: slot is written on the device, the other two go down one by
+ * one). On a device backend moe_layer.plan_d holds the device's copies, and one copy moves the block
+ * (plan_mirror_take lays it out the same way on either side; recv_to_expert last, so a plan ends at
+ * recv_to_expert + n_recv). */
 typedef struct plan_mirror {
     float *aux_coef;     /* [E] dL/dp[t, e] of the weighted aux loss (scmoe__gate_backward) */
     int *slot;           /* [max_send] */
