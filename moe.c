@@ -56,7 +56,9 @@ scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
     inflight_begin(f, c);
     const compute_ops *co = m->co;
     scmoe_status st;
-    /* MPI reads the exchange buffers: every kernel writing them must have finished */
+    /* MPI reads the exchange buffers: every kernel writing them must have finished; one rank moves
+     * nothing, so its exchanges wait for no kernel (the device keeps running) */
+    int moves = P > 1;
     if (m->cfg.wire_bf16) {
         /* peers' blocks only; the layout (and so every displacement) stays that of the float rows */
         uint16_t *out = combine ? m->xch.wire_c_out : m->xch.wire_d_out,
@@ -68,13 +70,13 @@ scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
         f->unpack_counts = rc;
         f->unpack_displs = rd;
         f->row = m->d;
-        co->sync(co);
+        if (moves) co->sync(co);
         st = c->ops->alltoallv_start(c, out, sc, sd, in, rc, rd, (int)sizeof(uint16_t) * m->d, &f->req);
     } else if (exchange_mirrored(m)) { /* MPI's mapped mirrors: the peer blocks copied out first */
         const float *src_m = exchange_mirror_out(m, f, src, dst, sc, sd, rc, rd);
         st = c->ops->alltoallv_start(c, src_m, sc, sd, f->copy_from, rc, rd, (int)sizeof(float) * m->d, &f->req);
     } else {
-        co->sync(co);
+        if (moves) co->sync(co);
         st = c->ops->alltoallv_start(c, src, sc, sd, dst, rc, rd, (int)sizeof(float) * m->d, &f->req);
     }
     if (st) return scmoe__fail(m->ctx, st, "starting a token exchange failed: %s", c->err);
@@ -93,13 +95,15 @@ static void test_one(inflight *f) {
 static int first_dispatch(const moe_layer *m) { return scmoe__route_stages(m->cfg.pipeline_chunks) > 1; }
 
 static scmoe_status counts_finish(moe_layer *m);
+static scmoe_status droute_check(moe_layer *m, int wait);
 
 /* The first dispatch if it has not started: waits for the routing counts it needs, if they are in
  * flight (capacity LOCAL), and starts it. */
 static scmoe_status dispatch_ensure(moe_layer *m) {
     if (m->xch.next_dispatch == MOE_MAX_STAGES) return m->xch.deferred; /* a poll failed to start it */
     if (m->xch.next_dispatch != first_dispatch(m)) return SCMOE_OK;
-    scmoe_status st = m->lcap.counts_pending ? counts_finish(m) : SCMOE_OK;
+    scmoe_status st = droute_check(m, 1);
+    if (!st && m->lcap.counts_pending) st = counts_finish(m);
     if (st) {
         m->xch.next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
         return st;
@@ -115,7 +119,8 @@ static scmoe_status dispatch_ensure(moe_layer *m) {
  * compute runs meanwhile. */
 static scmoe_status dispatch_next(moe_layer *m) {
     int s = m->xch.next_dispatch;
-    if (s == first_dispatch(m)) return m->lcap.counts_pending && !m->lcap.xcount.t_done ? SCMOE_OK : dispatch_ensure(m);
+    if (s == first_dispatch(m))
+        return m->droute.pending || (m->lcap.counts_pending && !m->lcap.xcount.t_done) ? SCMOE_OK : dispatch_ensure(m);
     if (s >= m->plan.n_stages || !m->xch.xd[s - 1].t_done) return SCMOE_OK;
     m->xch.next_dispatch++;
     return scmoe__moe_exchange_start(m, s, 0);
@@ -124,6 +129,7 @@ static scmoe_status dispatch_next(moe_layer *m) {
 void scmoe__moe_poll(void *arg) {
     moe_layer *m = arg;
     int next = m->xch.next_dispatch;
+    if (m->droute.pending && next != MOE_MAX_STAGES && !m->xch.deferred) m->xch.deferred = droute_check(m, 0);
     if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
     if (m->ep->progress == SCMOE_PROGRESS_POLL) {
         for (int s = 0; s < m->plan.n_stages; s++) {
@@ -175,6 +181,8 @@ static const char *exchange_name(const moe_layer *m, int combine) {
 scmoe_status scmoe__moe_dispatch_start(moe_layer *m) {
     m->xch.deferred = SCMOE_OK;
     m->xch.next_dispatch = first_dispatch(m);
+    scmoe_status st = droute_check(m, 0);
+    if (st) return st;
     if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
     return dispatch_next(m);
 }
@@ -294,11 +302,13 @@ static int mirrors_match(const moe_layer *m) {
            (const char *)m->plan_d.recv_to_expert - c0 == (const char *)m->plan.recv_to_expert - ch0;
 }
 
-/* The workspace in three arenas: host (the plan and what host code reads), device (activations and
- * expert rows) and exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI).
- * On a device backend the host keeps the mirror of the gate's outputs (gate_h), and the device its
- * copy of the plan's arrays (plan_d); on the host backend they are the same arrays. */
-static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
+/* The workspace in four arenas: host (the plan and what host code reads), device (activations and
+ * expert rows), exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI) and
+ * pinned (mapped memory: what the device's routing plan writes for the host, droute, the counts
+ * message it fills, and the host's side of plan_mirror). On a device backend the host keeps the
+ * mirror of the gate's outputs (gate_h), and the device its copy of the plan's arrays (plan_d); on the
+ * host backend they are the same arrays. */
+static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world); /* the tokens one rank plans */
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
@@ -319,7 +329,9 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     m->xch.xr_displs = scmoe__arena_take(H, i4 * (size_t)ns * ep);
     pl->src_cursor = scmoe__arena_take(H, i4 * ep * El);
     pl->expert_offsets = scmoe__arena_take(H, i4 * ((size_t)ns * El + 1));
-    plan_mirror plan_h = plan_mirror_take(H, E, S, R);
+    /* pinned: its copies to the device are truly asynchronous (a pageable source may make the driver
+     * wait for the stream); the host rewrites it only in the next forward, after the call's device check */
+    plan_mirror plan_h = plan_mirror_take(P, E, S, R);
     m->aux_coef_h = plan_h.aux_coef;
     pl->slot = plan_h.slot;
     pl->recv_to_expert = plan_h.recv_to_expert;
@@ -331,11 +343,19 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
     m->gather.rec_displs = scmoe__arena_take(H, i4 * world);
     m->gsum = scmoe__arena_take(H, sizeof(double) * (E + 1));
     if (m->local_cap) {
-        m->lcap.counts_out = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+        m->lcap.counts_out = scmoe__arena_take(P, sizeof(int32_t) * (size_t)ep * (1 + El * k));
         m->lcap.counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
         m->lcap.ones = scmoe__arena_take(H, i4 * ep);
         m->lcap.iota = scmoe__arena_take(H, i4 * ep);
         m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
+    }
+    if (m->droute.on) {
+        m->droute.seq_word = scmoe__arena_take(P, sizeof(uint32_t));
+        m->droute.top1 = scmoe__arena_take(P, sizeof(int32_t) * E);
+        m->droute.kept = scmoe__arena_take(P, sizeof(int32_t) * E);
+        m->droute.gsum = scmoe__arena_take(P, sizeof(double) * (E + 1));
+        m->droute.work = scmoe__arena_take(D, i4 * (size_t)(k + 2) * E);
+        m->droute.work_sum = scmoe__arena_take(D, sizeof(double) * (E + 1));
     }
     m->off.slot_of = scmoe__arena_take(H, i4 * El);
     m->off.held = scmoe__arena_take(H, i4 * (m->off.slots ? m->off.slots : 1));
@@ -377,7 +397,12 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X) {
 
 scmoe_status scmoe__moe_alloc(moe_layer *m) {
     int world = m->ctx->world->size, k = m->k, E = m->E;
-    m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL;
+    m->co = m->ctx->compute;
+    /* the device plans the routing where one source's tokens decide it alone, token after token: capacity
+     * per source rank, or one rank (whose global batch is its own: the same plan either way) */
+    m->droute.on = m->co->route_local && m->cfg.priority == SCMOE_PRIORITY_TOKEN &&
+                   (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
+    m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || m->droute.on;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
@@ -396,25 +421,26 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
         return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
                            m->max_tokens, world);
     m->max_recv = (int)recv;
-    m->co = m->ctx->compute;
     if (m->off.slots) { /* w1 .. b2 of an expert are consecutive in the table's host block */
         const param_entry *w1 = &m->pt->p[m->p_e0], *b2 = &m->pt->p[m->p_e0 + 3];
         m->off.span = b2->offset_data + ((b2->t.numel + 15) & ~(size_t)15) - w1->offset_data;
     }
-    arena H = {0}, D = {0}, X = {0};
-    moe_layout(m, &H, &D, &X);
+    arena H = {0}, D = {0}, X = {0}, P = {0};
+    moe_layout(m, &H, &D, &X, &P);
     m->mem = aligned_alloc(64, H.used);
     m->mem_dev = m->co->alloc(m->co, D.used, COMPUTE_DEVICE);
     m->mem_map = m->co->alloc(m->co, X.used, m->co->exchange_kind);
-    if (!m->mem || !m->mem_dev || !m->mem_map)
+    m->mem_pin = m->co->alloc(m->co, P.used, COMPUTE_MAPPED);
+    if (!m->mem || !m->mem_dev || !m->mem_map || !m->mem_pin)
         return scmoe__fail(m->ctx, SCMOE_ERR_NOMEM,
                            "out of memory: the MoE workspace needs %zu bytes of host, %zu of "
-                           "%s and %zu of exchange memory",
-                           H.used, D.used, m->co->name, X.used);
+                           "%s, %zu of exchange and %zu of mapped memory",
+                           H.used, D.used, m->co->name, X.used, P.used);
     H = (arena){m->mem, 0};
     D = (arena){m->mem_dev, 0};
     X = (arena){m->mem_map, 0};
-    moe_layout(m, &H, &D, &X);
+    P = (arena){m->mem_pin, 0};
+    moe_layout(m, &H, &D, &X, &P);
     if (!mirrors_match(m))
         return scmoe__fail(m->ctx, SCMOE_ERR_STATE,
                            "internal: a mirrored buffer group differs between host and device");
@@ -428,6 +454,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     }
     for (int i = 0; i < m->E_local; i++) m->off.slot_of[i] = -1;
     for (int i = 0; i < m->off.slots; i++) m->off.held[i] = -1;
+    if (m->droute.on) *m->droute.seq_word = m->droute.seq = 0; /* the first forward's summary ends with 1 */
     /* bf16 on a device: the experts' two activation operands, max_recv rows of d or h1 each */
     return scmoe__precision_reserve(m->ctx, &m->cfg, 2 * (size_t)m->max_recv * (m->h1 > m->d ? m->h1 : m->d));
 }
@@ -451,9 +478,10 @@ void scmoe__moe_free(moe_layer *m) {
     if (m->co) {
         m->co->release(m->co, m->mem_dev, COMPUTE_DEVICE);
         m->co->release(m->co, m->mem_map, m->co->exchange_kind);
+        m->co->release(m->co, m->mem_pin, COMPUTE_MAPPED);
     }
     m->ep = m->ep_back = m->replicas = NULL;
-    m->mem = m->mem_dev = m->mem_map = NULL;
+    m->mem = m->mem_dev = m->mem_map = m->mem_pin = NULL;
 }
 
 int scmoe__moe_pending(const moe_layer *m) {
@@ -524,16 +552,22 @@ static void expert_weights(moe_layer *m, int i, float *w[4]) {
 
 /* ---- forward phases ---- */
 
-/* logits, softmax, top-k of my n tokens (the noise keyed by token offset + t), and their routing
- * records: k expert ids, then the top-1 probability's bits */
-static void gate_run(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset) {
-    int E = m->E, k = m->k, stride = k + 1;
+/* logits, softmax, top-k of my n tokens (the noise keyed by token offset + t), where the kernels run */
+static void gate_kernels(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset) {
     float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
     const compute_ops *co = m->co;
-    scmoe__gate_forward(ex, m->buf.logits, m->gate.p, m->gate.lse, x, m->wg, n, m->d, E, noise, m->cfg.seed, m->step,
+    scmoe__gate_forward(ex, m->buf.logits, m->gate.p, m->gate.lse, x, m->wg, n, m->d, m->E, noise, m->cfg.seed, m->step,
                         offset);
-    co->gate_topk(co, m->gate.choice, m->buf.weight, m->gate.score, m->gate.p, n, E, k, m->cfg.renormalize);
+    co->gate_topk(co, m->gate.choice, m->buf.weight, m->gate.score, m->gate.p, n, m->E, m->k, m->cfg.renormalize);
     if (m->training) m->step++;
+}
+
+/* the gate, and my tokens' routing records for the host's planner: k expert ids, then the top-1
+ * probability's bits */
+static void gate_run(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset) {
+    int k = m->k, stride = k + 1;
+    const compute_ops *co = m->co;
+    gate_kernels(m, ex, n, x, offset);
     if (co->device) /* routing is planned on the host: p, lse, score and choice in one copy (gate_outputs) */
         co->copy(co, m->gate_h.p, m->gate.p, gate_outputs_bytes(&m->gate, n, k));
     for (int t = 0; t < n; t++) {
@@ -570,7 +604,8 @@ static void gate_losses(moe_layer *m, int64_t Sa, double scale) {
 }
 
 /* The plan's stages as exchanges, then (on a device: aux_coef, slot and recv_to_expert in one copy,
- * plan_mirror) my rows packed by destination unless packed already, the experts' prefetch. */
+ * plan_mirror; planned on the device: recv_to_expert alone, in stream order) my rows packed by
+ * destination unless packed already, the experts' prefetch. */
 static void encode_finish(moe_layer *m, int packed) {
     route_plan *pl = &m->plan;
     const compute_ops *co = m->co;
@@ -584,7 +619,9 @@ static void encode_finish(moe_layer *m, int packed) {
             m->xch.xr_counts[i] = own ? 0 : hi - lo;
             m->xch.xr_displs[i] = pl->recv_displs[q] + lo;
         }
-    if (co->device) co->copy(co, m->plan_d.aux_coef, m->aux_coef_h, plan_mirror_bytes(&m->plan_d, pl->n_recv));
+    if (m->droute.on) /* slot and aux_coef are there already; the receive side came from MPI's counts */
+        co->copy_rows(co, m->plan_d.recv_to_expert, pl->recv_to_expert, sizeof(int) * (size_t)pl->n_recv);
+    else if (co->device) co->copy(co, m->plan_d.aux_coef, m->aux_coef_h, plan_mirror_bytes(&m->plan_d, pl->n_recv));
     if (!packed) co->pack_rows(co, m->xch.send, m->x, m->plan_d.slot, m->n, m->k, m->d);
     m->off.fetched = 0;
     if (m->off.slots) experts_prefetch(m);
@@ -739,7 +776,8 @@ static scmoe_status stats_finish(moe_layer *m) {
         memcpy(m->gsum, ls, sizeof(double) * (E + 1));
         for (int e = 0; e < E; e++) m->top1_count[e] = (int64_t)ls[E + 1 + e];
         gate_losses(m, pl->tokens, 1.0);
-        if (m->co->device) m->co->copy(m->co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
+        /* read by the backward's gate kernel: in stream order, no wait (from pinned memory) */
+        if (m->co->device) m->co->copy_rows(m->co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
     }
     return SCMOE_OK;
 }
@@ -747,6 +785,7 @@ static scmoe_status stats_finish(moe_layer *m) {
 /* An earlier forward that failed before its statistics or counts landed: they are finished first. */
 static scmoe_status local_leftovers(moe_layer *m) {
     scmoe_status st = SCMOE_OK;
+    m->droute.pending = 0; /* its exchanges never started; the next summary ends with another seq */
     if (m->lcap.stats_pending) {
         m->lcap.stats_pending = 0;
         st = inflight_wait(m, &m->lcap.xstats, "gate_stats");
@@ -758,6 +797,49 @@ static scmoe_status local_leftovers(moe_layer *m) {
     return st;
 }
 
+/* ---- routing planned on the device (droute, issue 19) ----
+ *
+ * The gate, route.c's LOCAL send side (kernels.cu: a scan per expert over my tokens in order, so the
+ * locations, slots and drops are the host planner's) and the pack of my rows, all enqueued; what the
+ * host needs lands in mapped memory (the counts message, gsum, top-1 and kept counts), seq_word last.
+ * What crosses, and when:
+ *   device -> host  that summary, written by the plan's kernel as it finishes (no copy, no wait): read
+ *                   once seq_word says so, at a poll or at the latest where the first dispatch starts;
+ *   host -> device  aux_coef (aux_scope LOCAL: once the summary is in; GLOBAL: after the statistics'
+ *                   all-reduce) and recv_to_expert (from the counts MPI brought), each one
+ *                   stream-ordered copy the backward's and the experts' kernels find in place.
+ * The host's plan keeps its counts, send and receive sides and statistics; its slot array is not
+ * filled (the device's is the only one read). */
+static void droute_start(moe_layer *m, const exec *ex, int n, const float *x) {
+    const compute_ops *co = m->co;
+    int k = m->k;
+    m->n = n;
+    m->x = x;
+    gate_kernels(m, ex, n, x, (int64_t)m->ctx->world->rank * m->max_tokens);
+    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    route_job j = {m->gate.choice,
+                   m->gate.p,
+                   m->gate.lse,
+                   n,
+                   m->E,
+                   k,
+                   m->ep_size,
+                   scmoe__route_capacity(n, m->E, k, cf),
+                   m->plan_d.slot,
+                   m->droute.work,
+                   m->droute.work_sum,
+                   m->lcap.counts_out,
+                   m->droute.top1,
+                   m->droute.kept,
+                   m->droute.gsum,
+                   m->droute.seq_word,
+                   ++m->droute.seq};
+    m->plan.capacity = j.capacity;
+    co->route_local(co, &j);
+    co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, k, m->d);
+    m->droute.pending = 1;
+}
+
 /* The gate over my n tokens (noise keyed by rank * max_tokens + t: unique without any other rank's
  * count), the send side of my plan with my own capacity, my per-expert counts into counts_out and my
  * statistics into lstats, the losses if aux_scope is LOCAL; with a rejected input only its flag. */
@@ -766,6 +848,10 @@ static void local_route(moe_layer *m, const exec *ex, int n, const float *x, scm
     route_plan *pl = &m->plan;
     double *ls = m->lcap.lstats;
     memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
+    if (!local && m->droute.on) {
+        droute_start(m, ex, n, x);
+        return;
+    }
     if (local) {
         memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * msg);
         for (int i = 0; i < 3; i++) ls[3 * E + 2 + i] = local == input_errors[i];
@@ -807,6 +893,57 @@ static scmoe_status local_exchanges_start(moe_layer *m) {
     return SCMOE_OK;
 }
 
+/* The device's summary is in: the send side of my plan, lstats, the losses (aux_scope LOCAL, whose
+ * aux_coef goes down in stream order); then, as local_route's caller does on the host, the statistics'
+ * all-reduce and the counts' all-to-all start. */
+static scmoe_status droute_land(moe_layer *m) {
+    int E = m->E, k = m->k, msg = 1 + m->E_local * k, n = m->n;
+    route_plan *pl = &m->plan;
+    double *ls = m->lcap.lstats;
+    m->droute.pending = 0;
+    memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
+    memcpy(m->gsum, m->droute.gsum, sizeof(double) * (E + 1));
+    memcpy(ls, m->gsum, sizeof(double) * (E + 1));
+    pl->tokens = n;
+    pl->dropped = (int64_t)n * k;
+    for (int e = 0; e < E; e++) {
+        m->top1_count[e] = m->droute.top1[e];
+        pl->expert_kept[e] = m->droute.kept[e];
+        pl->dropped -= pl->expert_kept[e];
+        ls[E + 1 + e] = (double)m->top1_count[e];
+        ls[2 * E + 1 + e] = (double)pl->expert_kept[e];
+    }
+    ls[3 * E + 1] = n;
+    pl->n_send = 0;
+    for (int q = 0; q < m->ep_size; q++) {
+        int c = 0;
+        for (int i = 1; i < msg; i++) c += m->lcap.counts_out[(size_t)q * msg + i];
+        pl->send_counts[q] = c;
+        pl->send_displs[q] = pl->n_send;
+        pl->n_send += c;
+    }
+    if (m->cfg.aux_scope == SCMOE_AUX_LOCAL) {
+        gate_losses(m, n, 1.0 / m->ctx->world->size);
+        m->co->copy_rows(m->co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
+    }
+    return local_exchanges_start(m);
+}
+
+/* Folds the device's summary in once it has landed: at once if it has, else (wait) when it does. A
+ * device that failed first never writes it: the summary is taken as empty (no rows move, every rank
+ * joins the same exchanges) and the failure comes back from the call (scmoe__context_device_check). */
+static scmoe_status droute_check(moe_layer *m, int wait) {
+    if (!m->droute.pending) return SCMOE_OK;
+    if (!m->co->route_landed(m->co, m->droute.seq_word, m->droute.seq, wait)) {
+        if (!wait) return SCMOE_OK;
+        memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * (1 + m->E_local * m->k));
+        memset(m->droute.top1, 0, sizeof(int32_t) * m->E);
+        memset(m->droute.kept, 0, sizeof(int32_t) * m->E);
+        memset(m->droute.gsum, 0, sizeof(double) * (m->E + 1));
+    }
+    return droute_land(m);
+}
+
 /* Waits for the counts: unless a rank of my group rejected its input (then every rank of it takes the
  * agreed status from the statistics, and none dispatches), the receive side of the plan, then the
  * rest of encode (on the host my rows were packed while the counts travelled). */
@@ -822,7 +959,7 @@ static scmoe_status counts_finish(moe_layer *m) {
     }
     scmoe__route_plan_local_recv(&m->plan, m->lcap.counts_in, m->ep_size, m->ep_rank, m->E_local, m->k,
                                  m->cfg.pipeline_chunks);
-    encode_finish(m, !m->co->device);
+    encode_finish(m, !m->co->device || m->droute.on);
     return SCMOE_OK;
 }
 
@@ -833,6 +970,7 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
     scmoe_status st = local_leftovers(m);
     if (st) return st;
     local_route(m, ex, n, x, local);
+    if (m->droute.pending) return SCMOE_OK; /* they start once the device's summary has landed */
     if ((st = local_exchanges_start(m))) return st;
     if (local) {
         m->lcap.counts_pending = 0;

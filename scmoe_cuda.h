@@ -38,9 +38,16 @@ typedef struct scmoe_cuda_options {
      * memory and MPI moves them itself (GPUDirect where the MPI has it). No: they live in pinned host
      * memory mapped into the device, which any MPI can use. */
     int cuda_aware_mpi;
+    /** Where routing is planned (0: on the device where it can be, 1: always on the host). 0: with
+     * ::SCMOE_PRIORITY_TOKEN and capacity per source rank (::SCMOE_CAPACITY_LOCAL) or one rank, the gate's
+     * top-k, the capacity plan and the pack run on the device and only the per-expert counts MPI needs
+     * reach the host, without waiting for the device; otherwise (::SCMOE_PRIORITY_BATCH, or GLOBAL
+     * capacity over several ranks) the gate's outputs are copied to the host, planned there and the plan
+     * copied back. 1: always the latter (the same plan: for comparison and debugging). */
+    int host_routing;
 } scmoe_cuda_options;
 
-/** The defaults: device 0, fp32 math, no offloading, ask MPI whether it is CUDA-aware.
+/** The defaults: device 0, fp32 math, no offloading, ask MPI whether it is CUDA-aware, routing on the device.
  * @return the options, ready to change field by field. */
 scmoe_cuda_options scmoe_cuda_options_default(void);
 
@@ -48,7 +55,7 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
  *
  * From then on every scmoe_moe and scmoe_pair created on ctx keeps its parameters, gradients and
  * workspace on the device and runs its GEMMs (cuBLAS) and kernels on one stream of its own; routing is
- * planned on the host from the gate's choices (one small copy each way per forward), and the token
+ * planned on the device where it can be, else on the host (scmoe_cuda_options.host_routing), and the token
  * exchanges go through MPI on device memory (a CUDA-aware MPI) or on pinned host memory mapped into the
  * device (any MPI; see scmoe_cuda_options). With such a context:
  * - the forward / backward calls of both take DEVICE pointers for x, y, dy and dx, and return once the
@@ -62,7 +69,7 @@ scmoe_cuda_options scmoe_cuda_options_default(void);
  *
  * @return ::SCMOE_OK, ::SCMOE_ERR_NULL, ::SCMOE_ERR_STATE (a layer or pair already exists on ctx, or ctx is on
  *         a device already), ::SCMOE_ERR_OPTION (unknown math, offload_experts < 0, cuda_aware_mpi not -1,
- *         0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device, no driver), ::SCMOE_ERR_NOMEM or
+ *         0 or 1, host_routing not 0 or 1), ::SCMOE_ERR_UNSUPPORTED (no such device, no driver), ::SCMOE_ERR_NOMEM or
  *         ::SCMOE_ERR_DEVICE; on failure ctx is unchanged.
  * @param ctx  the context to move (no layer or pair created on it yet).
  * @param opt  the options; NULL: the defaults. */

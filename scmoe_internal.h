@@ -136,9 +136,10 @@ typedef struct inflight {
 #define MOE_LSTATS(E)  (3 * (E) + 5)
 
 /* The gate's per-token outputs that routing (host code) reads, [max_tokens] rows each. On a device
- * backend the host holds a mirror (moe_layer.gate_h) and one copy per forward moves the block they form:
- * gate_outputs_take lays them out, in this order, as one block on either side, so nothing else can sit
- * between them; choice is last, so n tokens' outputs end at choice + n k. */
+ * backend that plans on the host (not droute) the host holds a mirror (moe_layer.gate_h) and one copy
+ * per forward moves the block they form: gate_outputs_take lays them out, in this order, as one block on
+ * either side, so nothing else can sit between them; choice is last, so n tokens' outputs end at
+ * choice + n k. */
 typedef struct gate_outputs {
     float *p;     /* [n, E] softmax over every expert */
     float *lse;   /* [n] logsumexp of the logits (the z-loss) */
@@ -147,9 +148,10 @@ typedef struct gate_outputs {
 } gate_outputs;
 
 /* What the kernels read of the plan, written on the host each forward: the aux-loss coefficients, the
- * plan's slot and recv_to_expert. On a device backend moe_layer.plan_d holds the device's copies, and one
- * copy moves the block (plan_mirror_take lays it out the same way on either side; recv_to_expert last,
- * so a plan ends at recv_to_expert + n_recv). */
+ * plan's slot and recv_to_expert (droute: slot is written on the device, the other two go down one by
+ * one). On a device backend moe_layer.plan_d holds the device's copies, and one copy moves the block
+ * (plan_mirror_take lays it out the same way on either side; recv_to_expert last, so a plan ends at
+ * recv_to_expert + n_recv). */
 typedef struct plan_mirror {
     float *aux_coef;     /* [E] dL/dp[t, e] of the weighted aux loss (scmoe__gate_backward) */
     int *slot;           /* [max_send] */
@@ -173,6 +175,22 @@ typedef struct moe_local_cap {
     int stats_pending;  /* xstats started by this forward, not yet folded into the plan and losses */
     int counts_pending; /* xcount started by this forward, the plan's receive side not yet built from it */
 } moe_local_cap;
+
+/* routing planned on the device (issue 19; compute_ops.route_local, TOKEN priority, capacity per source
+ * rank, or one rank): the gate's outputs stay on the device; its kernels write slot there and a summary
+ * (the counts message lcap.counts_out, gsum, top1, kept) into mapped memory, seq_word last. The host
+ * reads it once seq_word says it landed (a poll, at the latest the first dispatch): nothing else of
+ * the plan crosses to the host, and the host never waits for the stream to drain. */
+typedef struct moe_device_route {
+    int on;
+    int pending;          /* this forward's summary not yet folded into the plan (its exchanges not started) */
+    uint32_t seq;         /* what seq_word holds once this forward's summary has landed */
+    uint32_t *seq_word;   /* mapped */
+    int32_t *top1, *kept; /* mapped [E] */
+    double *gsum;         /* mapped [E + 1] */
+    int *work;            /* device [(k + 2) E] */
+    double *work_sum;     /* device [E + 1] */
+} moe_device_route;
 
 /* activations and rows on the compute side (device memory on a device backend) */
 typedef struct moe_buffers {
@@ -217,6 +235,7 @@ typedef struct moe_layer {
     param_table *pt;
     const compute_ops *co;         /* the context's: where the buffers live, what runs on them */
     void *mem, *mem_dev, *mem_map; /* the workspace: host, device and exchanged (co->exchange_kind) memory */
+    void *mem_pin;                 /* and mapped memory the device writes for the host (droute) */
     /* the expert-parallel group, twice: dispatches go on ep, combines on ep_back. A pipeline starts
      * each dispatch as soon as the one before has landed, noticed by a poll at a moment that differs
      * between ranks; MPI matches collectives by their order on a communicator, so the two kinds must
@@ -237,9 +256,10 @@ typedef struct moe_layer {
     int64_t *top1_count; /* [E] */
     float *aux_coef_h;   /* [E], the host side of plan_d.aux_coef */
     float aux_loss, z_loss, z_coef;
-    int local_cap; /* capacity_scope LOCAL: lcap, else gather */
+    int local_cap; /* capacity_scope LOCAL (or one rank planning on the device): lcap, else gather */
     moe_gather gather;
     moe_local_cap lcap;
+    moe_device_route droute;
     gate_outputs gate, gate_h; /* the compute side's, and the host's (the same arrays on the host backend) */
     plan_mirror plan_d;        /* the compute side's (on the host backend aux_coef_h and the plan's arrays) */
     moe_buffers buf;

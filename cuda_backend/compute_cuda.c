@@ -15,6 +15,7 @@
 #include "cuda.h"
 #include "../kernels/exec.h"
 #include "../kernels/kernels.h"
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -404,6 +405,39 @@ static int cuda_bf16_reserve(const compute_ops *co, size_t n) {
     return scmoe__cuda_blas_reserve_bf16(self_of(co)->cb, n) != SCMOE_OK;
 }
 
+/* ---- routing planned on the device (issue 19): the route kernels on the stream; their summary lands
+ * in mapped memory, its seq word last, so the host learns it is there by reading that word: no event,
+ * no wait for the stream (the kernels enqueued after the plan keep running). */
+static void cuda_route_local_op(const compute_ops *co, const route_job *j) {
+    note(co,
+         scmoe__cuda_route_local(j->choice, j->p, j->lse, j->n, j->E, j->k, j->ep_size, j->capacity, j->slot, j->work,
+                                 j->work_sum, j->counts, j->gsum, j->top1, j->kept, j->seq, j->seq_value,
+                                 stream_of(co)),
+         "planning the routing on the device");
+}
+
+/* *seq == value yet? Waiting spins on the word (as MPI's wait spins on its request) and asks the stream
+ * whether it failed or went idle without writing it, so a failed launch never hangs the host. */
+static int cuda_route_landed(const compute_ops *co, const uint32_t *seq, uint32_t value, int wait) {
+    const volatile uint32_t *w = seq;
+    for (;;) {
+        if (*w == value) break;
+        cudaError_t e = cudaStreamQuery(stream_of(co));
+        if (e == cudaSuccess && *w != value) { /* idle, and the word never came: the plan failed */
+            note(co, cudaErrorLaunchFailure, "the routing plan never landed");
+            return 0;
+        }
+        if (e != cudaSuccess && e != cudaErrorNotReady) {
+            note(co, e, "waiting for the routing plan");
+            return 0;
+        }
+        if (e == cudaErrorNotReady && !wait) return 0;
+        if (e == cudaErrorNotReady) sched_yield();
+    }
+    __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the summary's words are read after the seq word */
+    return 1;
+}
+
 static const compute_ops cuda_table = {
     .name = "cuda",
     .device = 1,
@@ -446,6 +480,9 @@ static const compute_ops cuda_table = {
     .copy_wait = cuda_copy_wait,
     .copy_in = cuda_copy_in,
     .bf16_reserve = cuda_bf16_reserve,
+    /* routing planned on the device (issue 19) */
+    .route_local = cuda_route_local_op,
+    .route_landed = cuda_route_landed,
 };
 
 scmoe_status scmoe__cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_aware, char *err) {

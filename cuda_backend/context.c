@@ -36,7 +36,7 @@ static void backend_release(void *p) {
 }
 
 scmoe_cuda_options scmoe_cuda_options_default(void) {
-    scmoe_cuda_options o = {0, SCMOE_CUDA_FP32, 0, -1};
+    scmoe_cuda_options o = {0, SCMOE_CUDA_FP32, 0, -1, 0};
     return o;
 }
 
@@ -62,6 +62,9 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options
                            "scmoe_context_use_cuda: cuda_aware_mpi = %d: must be -1 (ask "
                            "MPI), 0 or 1",
                            o.cuda_aware_mpi);
+    if (o.host_routing != 0 && o.host_routing != 1)
+        return scmoe__fail(ctx, SCMOE_ERR_OPTION, "scmoe_context_use_cuda: host_routing = %d: must be 0 or 1",
+                           o.host_routing);
     if (o.offload_experts < 0)
         return scmoe__fail(ctx, SCMOE_ERR_OPTION,
                            "scmoe_context_use_cuda: offload_experts = %d: must be >= 0 "
@@ -89,6 +92,7 @@ scmoe_status scmoe_context_use_cuda(scmoe_context *ctx, const scmoe_cuda_options
         backend_release(b);
         return scmoe__fail(ctx, s, "scmoe_context_use_cuda: %s", err);
     }
+    if (o.host_routing) b->co->route_local = NULL; /* the MoE then plans on the host */
     ctx->blas = scmoe__cuda_blas_table(b->cb);
     ctx->compute = b->co;
     ctx->backend = b;

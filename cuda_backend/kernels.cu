@@ -856,3 +856,130 @@ extern "C" cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *
     LAUNCH(k_expert_bias_backward, dim3((unsigned)((C + 31) / 32), t->n, t->jobs), dim3(32, RY), 0, s, *t);
     return cudaGetLastError();
 }
+
+/* ------------------------------------------------- routing planned on the device (issue 19) */
+
+/* route.c's LOCAL send side (scmoe__route_plan_local_send, TOKEN priority) over the gate's choices, and
+ * the sums its statistics need, so that nothing of the gate crosses to the host. Locations (route.c):
+ * round j = 0..k-1, tokens in order, the j-th choice of token t takes loc = fill[e]++ of its expert e:
+ *
+ *   loc[t, j] = sum_{j' < j} cnt[j', e] + #{u < t : choice[u, j] = e}       (e = choice[t, j])
+ *   kept iff loc < C;  kept rows of e in round j = clamp(C - sum_{j' < j} cnt[j', e], 0, cnt[j, e])
+ *   slot[t, j] = start[e] + loc (kept), -1 (dropped);  start[e] = sum_{e' < e} min(count[e'], C)
+ *
+ * since the send block of e holds its kept rows in location order. The second term of loc is a scan
+ * per expert: one block per expert walks the tokens in tiles, each thread counting ROUTE_ITEMS
+ * consecutive tokens and a block-wide prefix sum placing them; integers, so any order is exact. The
+ * statistics' sums are doubles and so order-dependent: they run as the host's gate_sums does, token
+ * after token, one thread per expert (an extra block, beside the scans), with __dadd_rn / __dmul_rn so
+ * that no multiply-add is fused. */
+#define ROUTE_ITEMS 8
+
+__device__ static int block_inclusive_scan(int v, int *sh) {
+    sh[threadIdx.x] = v;
+    for (unsigned o = 1; o < blockDim.x; o <<= 1) {
+        __syncthreads();
+        int add = threadIdx.x >= o ? sh[threadIdx.x - o] : 0;
+        __syncthreads();
+        sh[threadIdx.x] += add;
+    }
+    __syncthreads();
+    return sh[threadIdx.x];
+}
+
+/* blocks 0..E-1: loc of expert e's assignments into slot, cnt[j * E + e]; block E: gsum [E + 1] */
+__global__ static void k_route_scan(const int *choice, const float *p, const float *lse, int n, int E, int k, int *slot,
+                                    int *cnt, double *gsum) {
+    __shared__ int sh[THREADS];
+    int e = blockIdx.x;
+    if (e == E) {
+        for (int c = threadIdx.x; c <= E; c += blockDim.x) {
+            double s = 0.0;
+            if (c < E)
+                for (long t = 0; t < n; t++) s = __dadd_rn(s, (double)p[t * E + c]);
+            else
+                for (long t = 0; t < n; t++) s = __dadd_rn(s, __dmul_rn((double)lse[t], (double)lse[t]));
+            gsum[c] = s;
+        }
+        return;
+    }
+    int base = 0;
+    for (int j = 0; j < k; j++) {
+        int before = base;
+        for (long t0 = 0; t0 < n; t0 += (long)blockDim.x * ROUTE_ITEMS) {
+            long lo = t0 + (long)threadIdx.x * ROUTE_ITEMS;
+            int mine = 0;
+            for (int i = 0; i < ROUTE_ITEMS; i++) mine += lo + i < n && choice[(lo + i) * k + j] == e;
+            int incl = block_inclusive_scan(mine, sh), total = sh[blockDim.x - 1];
+            int r = base + incl - mine;
+            for (int i = 0; i < ROUTE_ITEMS; i++)
+                if (lo + i < n && choice[(lo + i) * k + j] == e) slot[(lo + i) * k + j] = r++;
+            base += total;
+            __syncthreads(); /* sh is rewritten by the next tile */
+        }
+        if (threadIdx.x == 0) cnt[j * E + e] = base - before;
+    }
+}
+
+/* one block: per expert the kept rows per round (the counts message for its rank), kept and top-1
+ * counts, the sums; start[e] for the slots. The host-visible outputs (mapped memory) are all written
+ * before *seq = seq_value, which the host polls: __threadfence_system orders them for it. */
+__global__ static void k_route_summary(const int *cnt, const double *gsum_d, int E, int k, int ep_size,
+                                       long long capacity, int *kept_d, int *start, int32_t *counts, double *gsum,
+                                       int32_t *top1, int32_t *kept, uint32_t *seq, uint32_t seq_value) {
+    int El = E / ep_size, msg = 1 + El * k;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        long long before = 0;
+        int kept_e = 0;
+        for (int j = 0; j < k; j++) {
+            int c = cnt[j * E + e];
+            long long room = capacity - before;
+            int kj = room <= 0 ? 0 : room < c ? (int)room : c;
+            counts[(e / El) * msg + 1 + (e % El) * k + j] = kj;
+            kept_e += kj;
+            before += c;
+        }
+        kept_d[e] = kept[e] = kept_e;
+        top1[e] = cnt[e]; /* round 0: the first choices */
+        gsum[e] = gsum_d[e];
+    }
+    if (threadIdx.x == 0) {
+        gsum[E] = gsum_d[E];
+        for (int q = 0; q < ep_size; q++) counts[q * msg] = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int e = 0, s = 0; e < E; e++) {
+            start[e] = s;
+            s += kept_d[e];
+        }
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) *(volatile uint32_t *)seq = seq_value;
+}
+
+/* locations to send rows: slot = start[e] + loc when kept, else -1 */
+__global__ static void k_route_slots(int *slot, const int *choice, const int *start, long nk, long long capacity) {
+    for (long a = (long)blockIdx.x * blockDim.x + threadIdx.x; a < nk; a += (long)gridDim.x * blockDim.x) {
+        int loc = slot[a];
+        slot[a] = loc < capacity ? start[choice[a]] + loc : -1;
+    }
+}
+
+extern "C" cudaError_t scmoe__cuda_route_local(const int *choice, const float *p, const float *lse, int n, int E, int k,
+                                               int ep_size, int64_t capacity, int *slot, int *work, double *work_sum,
+                                               int32_t *counts, double *gsum, int32_t *top1, int32_t *kept,
+                                               uint32_t *seq, uint32_t seq_value, cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && E >= 1 && k >= 1 && k <= E && ep_size >= 1 && E % ep_size == 0 && capacity >= 0);
+    CHECK_ARGS(work && work_sum && counts && gsum && top1 && kept && seq);
+    CHECK_ARGS(n == 0 || (choice && p && lse && slot));
+    int *cnt = work, *kept_d = work + (size_t)k * E, *start = kept_d + E;
+    /* even with no tokens: the summary (zeros) and its seq are what the host waits for */
+    LAUNCH(k_route_scan, E + 1, THREADS, 0, s, choice, p, lse, n, E, k, slot, cnt, work_sum);
+    LAUNCH(k_route_summary, 1, THREADS, 0, s, cnt, work_sum, E, k, ep_size, (long long)capacity, kept_d, start, counts,
+           gsum, top1, kept, seq, seq_value);
+    long nk = (long)n * k;
+    if (nk > 0)
+        LAUNCH(k_route_slots, grid_for(nk, THREADS), THREADS, 0, s, slot, choice, start, nk, (long long)capacity);
+    return cudaGetLastError();
+}

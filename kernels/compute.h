@@ -43,6 +43,24 @@ typedef struct expert_group {
     float *x, *pre, *hid, *y;     /* forward: [rows, d], [rows, ffn_width(h)], [rows, h], [rows, d] */
     float *dy, *dx, *dhid, *dpre; /* backward: dx overwritten, gradients += */
 } expert_group;
+/* One source's routing plan made where the gate ran (compute_ops.route_local): capacity per source
+ * rank, TOKEN priority. In: the gate's choice, p, lse (compute side). Out: slot (compute side) and the
+ * summary the host needs, in memory it can read (COMPUTE_MAPPED), *seq = seq_value written last. */
+typedef struct route_job {
+    const int *choice;
+    const float *p, *lse;
+    int n, E, k, ep_size;
+    int64_t capacity; /* rows per expert, INT64_MAX: dropless */
+    int *slot;        /* [n, k] as scmoe__route_plan_local_send's */
+    int *work;        /* compute side, (k + 2) E ints */
+    double *work_sum; /* compute side, E + 1 */
+    /* host-visible: counts [ep_size][1 + E_local k] (word 0 of each peer 0), gsum [E + 1] (sum_t p[t, e]
+     * in token order, then sum_t lse^2, in double), top1 [E], kept [E] */
+    int32_t *counts, *top1, *kept;
+    double *gsum;
+    uint32_t *seq;
+    uint32_t seq_value;
+} route_job;
 struct compute_ops {
     const char *name;
     int device;        /* 1: COMPUTE_DEVICE memory is not the host's: the core copies what it reads */
@@ -121,6 +139,12 @@ struct compute_ops {
     /* precision BF16: the bf16 activation scratch of the GEMMs holds at least n elements (grown when a
      * layer is created, never in a forward or backward); nonzero when out of memory */
     int (*bf16_reserve)(const compute_ops *self, size_t n);
+    /* ---- routing planned on the device (issue 19); NULL: the host plans from the gate's outputs ----
+     * route_local enqueues j (kernels.cu scmoe__cuda_route_local); route_landed says whether *seq holds
+     * value yet (wait 0), or waits until it does (wait 1: for that word, not for the whole stream); 0
+     * when the device failed first (then failed() says why) */
+    void (*route_local)(const compute_ops *self, const route_job *j);
+    int (*route_landed)(const compute_ops *self, const uint32_t *seq, uint32_t value, int wait);
 };
 
 /* The host backend: kernels/ on host memory. */

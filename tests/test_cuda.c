@@ -1182,6 +1182,92 @@ static void dev_gemm_bf16_scratch(void) {
     dev_free_all();
 }
 
+/* scmoe__cuda_route_local against route.c's scmoe__route_plan_local_send (TOKEN priority) and moe.c's
+ * sums: slots, the counts message, kept and top-1 counts and the double sums, all bit for bit; skewed
+ * choices so that some experts receive nothing, capacities that drop (0 included) and dropless. */
+static void dev_route(void) {
+    if (!have_gpu) {
+        skip("routing planned on the device vs route.c (slots, counts, kept, top-1, sums)");
+        return;
+    }
+    static const struct {
+        int n, E, k, ep;
+        int64_t cap;
+    } cs[] = {{200, 8, 2, 2, 30}, {200, 8, 2, 1, INT64_MAX}, {37, 4, 1, 4, 5},    {0, 4, 2, 2, 10},
+              {300, 16, 4, 4, 0}, {129, 8, 2, 2, 32},        {1000, 6, 3, 3, 300}};
+    for (size_t c = 0; c < sizeof cs / sizeof *cs; c++) {
+        int n = cs[c].n, E = cs[c].E, k = cs[c].k, ep = cs[c].ep, El = E / ep, msg = 1 + El * k;
+        int64_t cap = cs[c].cap;
+        int32_t *rec = calloc((size_t)n * (k + 1) + 1, sizeof *rec), *choice = calloc((size_t)n * k + 1, sizeof(int));
+        float *p = fnew((size_t)n * E + 1, 0.5f), *lse = fnew((size_t)n + 1, 4.0f);
+        for (size_t i = 0; i < (size_t)n * E; i++) p[i] += 0.5f;
+        for (int t = 0; t < n; t++) /* k distinct experts, the upper half of them rarely chosen */
+            for (int j = 0; j < k; j++) {
+                int e, dup;
+                do {
+                    e = (int)((frand() + 1.0f) * 0.5f * (frand() > 0.8f ? E : (E + 1) / 2)) % E;
+                    dup = 0;
+                    for (int i = 0; i < j; i++) dup |= choice[t * k + i] == e;
+                } while (dup);
+                choice[t * k + j] = rec[(size_t)t * (k + 1) + j] = e;
+            }
+        /* the host's plan */
+        route_plan pl = {0};
+        int64_t count[64], kept_h[64];
+        int *slot_h = calloc((size_t)n * k + 1, sizeof(int)), cursor[64], sc[8], sd[8];
+        int32_t *counts_h = calloc((size_t)ep * msg, sizeof(int32_t));
+        void *work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
+        pl.expert_count = count, pl.expert_kept = kept_h, pl.slot = slot_h, pl.cursor = cursor;
+        pl.send_counts = sc, pl.send_displs = sd;
+        scmoe__route_plan_local_send(&pl, work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN, cap, counts_h);
+        double gsum_h[65] = {0};
+        int top1_h[64] = {0};
+        for (int t = 0; t < n; t++) {
+            for (int e = 0; e < E; e++) gsum_h[e] += p[(size_t)t * E + e];
+            gsum_h[E] += (double)lse[t] * lse[t];
+            top1_h[choice[t * k]]++;
+        }
+        /* the device's: the summary into mapped memory */
+        int *d_choice = dupi(choice, (size_t)n * k), *d_slot = dalloc(sizeof(int) * ((size_t)n * k + 1));
+        float *d_p = dupf(p, (size_t)n * E), *d_lse = dupf(lse, n);
+        int *d_work = dalloc(sizeof(int) * (size_t)(k + 2) * E);
+        double *d_sum = dalloc(sizeof(double) * (E + 1));
+        char *pin = NULL;
+        size_t pin_bytes = sizeof(int32_t) * ((size_t)ep * msg + 2 * E) + sizeof(double) * (E + 1) + 8;
+        int ok = cudaHostAlloc((void **)&pin, pin_bytes, cudaHostAllocMapped) == cudaSuccess;
+        if (!ok) {
+            CHECK(0, "cudaHostAlloc for the route summary");
+            break;
+        }
+        double *gsum = (double *)pin;
+        int32_t *counts = (int32_t *)(gsum + E + 1), *top1 = counts + (size_t)ep * msg, *kept = top1 + E;
+        uint32_t *seq = (uint32_t *)(kept + E);
+        *seq = 6;
+        ok = scmoe__cuda_route_local(d_choice, d_p, d_lse, n, E, k, ep, cap, d_slot, d_work, d_sum, counts, gsum, top1,
+                                     kept, seq, 7, stream) == cudaSuccess;
+        int *slot = calloc((size_t)n * k + 1, sizeof(int));
+        ok &= get(slot, d_slot, sizeof(int) * (size_t)n * k);
+        int same_slot = !memcmp(slot, slot_h, sizeof(int) * (size_t)n * k), same_counts = 1, same_kept = 1;
+        int same_sums = !memcmp(gsum, gsum_h, sizeof(double) * (E + 1)), dropped = 0;
+        for (int q = 0; q < ep; q++) {
+            same_counts &= counts[q * msg] == 0;
+            same_counts &= !memcmp(counts + q * msg + 1, counts_h + q * msg + 1, sizeof(int32_t) * El * k);
+        }
+        for (int e = 0; e < E; e++) {
+            same_kept &= kept[e] == kept_h[e] && top1[e] == top1_h[e];
+            dropped += (int)(count[e] - kept_h[e]);
+        }
+        CHECK(ok && *seq == 7 && same_slot && same_counts && same_kept && same_sums,
+              "route on the device: %d tokens, %d experts, top-%d, %d ranks, capacity %lld (%d dropped): slots %s, "
+              "counts %s, kept/top-1 %s, sums %s, seq %u",
+              n, E, k, ep, cap == INT64_MAX ? -1LL : (long long)cap, dropped, same_slot ? "equal" : "DIFFER",
+              same_counts ? "equal" : "DIFFER", same_kept ? "equal" : "DIFFER", same_sums ? "equal" : "DIFFER", *seq);
+        cudaFreeHost(pin);
+        free(rec), free(choice), free(p), free(lse), free(slot_h), free(counts_h), free(work), free(slot);
+        dev_free_all();
+    }
+}
+
 int main(void) {
     cpu.blas = scmoe__blas_openblas();
     int n = 0;
@@ -1221,6 +1307,7 @@ int main(void) {
     dev_ffn();
     dev_expert_bias();
     dev_gemm_bf16_scratch();
+    dev_route();
     if (cb) scmoe__cuda_blas_destroy(cb);
 #ifdef SCMOE_CUDA_EMU
     const void *first = NULL;

@@ -24,6 +24,8 @@ void emu_fail_copy_after(long after);
 size_t emu_uninit_words(const void **first);
 /* cudaMalloc calls so far: none may come from a forward or backward (no allocation in the hot path) */
 size_t emu_device_allocs(void);
+/* copies from device memory to the host so far */
+size_t emu_copies_to_host(void);
 #endif
 
 /* cudaMalloc calls so far where the emulation counts them, else 0 */
@@ -266,6 +268,137 @@ static void run_case(scmoe_context *hctx, scmoe_context *dctx, const tcase *tc, 
     cudaFree(dDX);
 }
 
+/* ---- routing planned on the device against the host planner, both on a device ----
+ * dctx plans on the device where it can (TOKEN priority with capacity per source rank, or one rank);
+ * rctx has host_routing, so the gate's outputs go to the host, route.c plans and the plan comes back.
+ * The gate and everything else run on the same device code in both, so the plans must be the same and
+ * every result bit for bit equal: outputs, dX, every gradient, the statistics (aux and z losses
+ * included). In the emulation a planned-on-device forward also copies nothing from the device. */
+typedef struct rcase {
+    const char *name;
+    int k, chunks, local;
+    float cf;
+    scmoe_priority priority;
+} rcase;
+
+/* a and b (device, n floats) bit for bit equal */
+static int same_dev(const float *a, const float *b, size_t n, float *s1, float *s2) {
+    to_host(s1, a, n);
+    to_host(s2, b, n);
+    return !memcmp(s1, s2, sizeof(float) * n);
+}
+
+static int same_stats(const scmoe_stats *a, const scmoe_stats *b, int E) {
+    int same = a->tokens == b->tokens && a->dropped == b->dropped && a->capacity == b->capacity &&
+               a->aux_loss == b->aux_loss && a->z_loss == b->z_loss;
+    for (int e = 0; e < E; e++) same &= a->expert_tokens[e] == b->expert_tokens[e];
+    return same;
+}
+
+static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase *rc) {
+    scmoe_config cfg = scmoe_config_default();
+    cfg.d_model = 32;
+    cfg.d_hidden = 48;
+    cfg.n_experts = 8;
+    cfg.top_k = rc->k;
+    cfg.max_tokens = 64;
+    cfg.capacity_factor = rc->cf;
+    cfg.eval_capacity_factor = rc->cf > 0 ? 2 * rc->cf : 0;
+    cfg.z_loss_weight = 1e-3f;
+    cfg.gate_noise_std = 0.3f;
+    cfg.pipeline_chunks = rc->chunks;
+    cfg.priority = rc->priority;
+    cfg.capacity_scope = rc->local ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
+    scmoe_moe *dm = NULL, *rm = NULL;
+    scmoe_status s1 = scmoe_moe_create(dctx, &cfg, &dm), s2 = scmoe_moe_create(rctx, &cfg, &rm);
+    CHECK(!s1 && !s2, "[route: %s] create on both device contexts: %s", rc->name,
+          s1   ? scmoe_last_error(dctx)
+          : s2 ? scmoe_last_error(rctx)
+               : "ok");
+    if (s1 || s2) {
+        scmoe_moe_destroy(dm);
+        scmoe_moe_destroy(rm);
+        return;
+    }
+    /* on the device: TOKEN priority, capacity per source or one rank */
+    int on_device = rc->priority == SCMOE_PRIORITY_TOKEN && (rc->local || size_ == 1);
+    int d = cfg.d_model, nmax = cfg.max_tokens, E = cfg.n_experts, np = scmoe_moe_param_count(dm);
+    size_t big = (size_t)nmax * d;
+    for (int i = 0; i < np; i++) {
+        scmoe_tensor t;
+        scmoe_moe_param_at(dm, i, &t);
+        big = t.numel > big ? t.numel : big;
+    }
+    float *x = malloc(sizeof(float) * big), *s1h = malloc(sizeof(float) * big), *s2h = malloc(sizeof(float) * big);
+    float *dX = dev_alloc(big), *dDY = dev_alloc(big), *dY1 = dev_alloc(big), *dY2 = dev_alloc(big);
+    float *dDX1 = dev_alloc(big), *dDX2 = dev_alloc(big);
+    int ok = 1, same_y = 1, same_dx = 1, same_g = 1, same_st = 1, empty = 0;
+    long copies_dev = 0, copies_ref = 0;
+    /* 2 steps of 40 + 7 rank tokens, then one of 3 (most experts empty), then an inference forward */
+    for (int step = 0; step < 4 && ok; step++) {
+        int n = step < 2 ? 40 + 7 * rank_ : 3, train = step < 3;
+        size_t nd = (size_t)n * d;
+        fill(x, nd, 5 + 13 * step + 101 * rank_);
+        to_dev(dX, x, nd);
+        fill(x, nd, 7 + 13 * step + 101 * rank_);
+        to_dev(dDY, x, nd);
+        scmoe_moe_set_training(dm, train);
+        scmoe_moe_set_training(rm, train);
+        scmoe_stats ds, rs;
+#ifdef SCMOE_CUDA_EMU
+        size_t c0 = emu_copies_to_host();
+#endif
+        ok = !scmoe_moe_forward(dm, n, dX, dY1, &ds);
+#ifdef SCMOE_CUDA_EMU
+        size_t c1 = emu_copies_to_host();
+        copies_dev += (long)(c1 - c0);
+#endif
+        ok = ok && !scmoe_moe_forward(rm, n, dX, dY2, &rs);
+#ifdef SCMOE_CUDA_EMU
+        copies_ref += (long)(emu_copies_to_host() - c1);
+#endif
+        if (!ok) break;
+        same_y &= same_dev(dY1, dY2, nd, s1h, s2h);
+        same_st &= same_stats(&ds, &rs, E);
+        for (int e = 0; step == 2 && e < E; e++) empty += ds.expert_tokens[e] == 0;
+        if (!train) break;
+        ok = !scmoe_moe_backward(dm, dDY, dDX1, &ds) && !scmoe_moe_backward(rm, dDY, dDX2, &rs);
+        if (!ok) break;
+        same_dx &= same_dev(dDX1, dDX2, nd, s1h, s2h);
+        for (int i = 0; i < np; i++) {
+            scmoe_tensor a, b;
+            scmoe_moe_param_at(dm, i, &a);
+            scmoe_moe_param_at(rm, i, &b);
+            same_g &= same_dev(a.grad, b.grad, a.numel, s1h, s2h);
+        }
+        scmoe_moe_zero_grad(dm);
+        scmoe_moe_zero_grad(rm);
+    }
+    CHECK(ok, "[route: %s] 3 training steps and an inference forward on both: %s", rc->name,
+          ok ? "ok" : scmoe_last_error(dctx));
+    CHECK(ok && same_y && same_dx && same_g && same_st,
+          "[route: %s] planned %s vs on the host: outputs %s, dX %s, %d gradients %s, statistics %s (%d experts "
+          "empty at 3 tokens)",
+          rc->name, on_device ? "on the device" : "on the host (fallback)", same_y ? "equal" : "DIFFER",
+          same_dx ? "equal" : "DIFFER", np, same_g ? "equal" : "DIFFER", same_st ? "equal" : "DIFFER", empty);
+#ifdef SCMOE_CUDA_EMU
+    CHECK(ok && copies_ref > 0 && (on_device ? copies_dev == 0 : copies_dev > 0),
+          "[route: %s] copies from the device in 4 forwards: %ld planning %s, %ld with host_routing", rc->name,
+          copies_dev, on_device ? "on the device" : "on the host", copies_ref);
+#endif
+    scmoe_moe_destroy(dm);
+    scmoe_moe_destroy(rm);
+    free(x);
+    free(s1h);
+    free(s2h);
+    cudaFree(dX);
+    cudaFree(dDY);
+    cudaFree(dY1);
+    cudaFree(dY2);
+    cudaFree(dDX1);
+    cudaFree(dDX2);
+}
+
 typedef struct pcase {
     const char *name;
     scmoe_arch arch;
@@ -488,6 +621,23 @@ int main(int argc, char **argv) {
         emu_protect_device(1);
         scmoe_context_destroy(actx);
 #endif
+        /* routing on the device against the host planner (host_routing), both on a device */
+        scmoe_context *rctx = NULL;
+        scmoe_cuda_options ro = scmoe_cuda_options_default();
+        ro.host_routing = 2;
+        CHECK(!make_ctx(&rctx) && scmoe_context_use_cuda(rctx, &ro) == SCMOE_ERR_OPTION, "host_routing 2: OPTION (%s)",
+              rctx ? scmoe_last_error(rctx) : "no context");
+        ro.host_routing = 1;
+        CHECK(rctx && !scmoe_context_use_cuda(rctx, &ro), "a device context planning on the host");
+        const rcase routes[] = {
+            {"top1 dropless", 1, 0, 0, 0.0f, SCMOE_PRIORITY_TOKEN},
+            {"top2 drops", 2, 0, 0, 0.75f, SCMOE_PRIORITY_TOKEN},
+            {"top2 drops, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_TOKEN},
+            {"top1 drops, capacity per rank", 1, 0, 1, 1.0f, SCMOE_PRIORITY_TOKEN},
+            {"top2 drops, batch priority", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH},
+        };
+        for (size_t i = 0; rctx && i < sizeof routes / sizeof *routes; i++) run_route_case(dctx, rctx, &routes[i]);
+        scmoe_context_destroy(rctx);
         if (!s) run_refusals(dctx);
 #ifdef SCMOE_CUDA_EMU
         const void *first = NULL;

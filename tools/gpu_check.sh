@@ -17,8 +17,8 @@
 #                                  racecheck and synccheck on test_cuda and on test_cuda_moe
 #                               2. alone, one after another (timing): bench/cuda/torch_peer_gpu.py at 4k and
 #                                  16k tokens (each runs PyTorch eager fp32 and autocast bf16, then bench_cuda
-#                                  fp32 and --bf16 on the same shapes, side by side); bench_cuda on 2 ranks
-#                                  sharing the GPU
+#                                  fp32 and --bf16 on the same shapes, side by side); bench_cuda --local on 2
+#                                  ranks sharing the GPU (capacity per rank: routing planned on the device)
 #                               each command's output in $OUT/NAME.log (OUT defaults to /tmp/gpu_check),
 #                               the list in $OUT/commands.tsv, then the summary block (tools/gpu_summary.py):
 #                               passed/failed, RATIO fp32, RATIO bf16, SPEEDUP scmoe2/top2, VS TORCH fp32/bf16.
@@ -136,7 +136,7 @@ EOF
     echo "phase 2: the benches, one at a time"
     runone peer_4k bench 70 "$py bench/cuda/torch_peer_gpu.py --batch 8 --bench $GB/bench_cuda"
     runone peer_16k bench 90 "$py bench/cuda/torch_peer_gpu.py --batch 32 --reps 5 --bench $GB/bench_cuda"
-    runone bench_cuda_2ranks bench 40 "$E mpirun -np 2 $b1/bench_cuda"
+    runone bench_cuda_2ranks bench 40 "$E mpirun -np 2 $b1/bench_cuda --local"
     "$py" "$HERE/gpu_summary.py" "$OUT"
 }
 

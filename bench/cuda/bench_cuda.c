@@ -5,17 +5,21 @@
  *      position 2) against top-2, on the same device.
  * Build: `make CUDA=1 bench-cuda` (build/bench/bench_cuda; also built by check-cuda-build).
  * Run:   build/bench/bench_cuda [--device 0] [--d 1024] [--hidden 4096] [--experts 8] [--tokens 8192]
- *                               [--heads 16] [--seq 512] [--batch 8] [--reps 10] [--bf16]
+ *                               [--heads 16] [--seq 512] [--batch 8] [--reps 10] [--bf16] [--local]
+ *                               [--host-routing]
  *        under mpirun for several ranks (each takes device rank % visible devices; the pair's
  *        exchanges then go through MPI on mapped host memory).
  * Without a device it prints a SKIP line and exits 0.
  *
  * FLOPs of the experts (R rows, h1 = h for GELU): forward 2 R d h1 + 2 R h d, backward twice that.
- * The layer's time also holds the gate, the routing (one host round trip), the row permutations and
+ * The layer's time also holds the gate, the routing (on the device, or one host round trip), the row permutations and
  * the bias/activation kernels, which the ratio charges to the library. Times are medians over reps
  * after 2 warm-up steps, host wall clock around calls that return with the device idle.
  * --bf16: the layer and the pair in SCMOE_PRECISION_BF16 on SCMOE_CUDA_BF16 (bf16 weight copies and
- * operands, fp32 accumulation), against cuBLAS on bf16 operands (cublasGemmEx, CUDA_R_16BF). */
+ * operands, fp32 accumulation), against cuBLAS on bf16 operands (cublasGemmEx, CUDA_R_16BF).
+ * --local: capacity per source rank (SCMOE_CAPACITY_LOCAL), so that several ranks plan their routing on
+ * the device too (one rank always does); --host-routing: the gate's outputs copied to the host and the
+ * plan copied back (scmoe_cuda_options.host_routing), for comparison. The pair's lines say which ran. */
 #include "../../scmoe.h"
 #include "../../scmoe_cuda.h"
 #include "../../cuda_backend/cuda.h"
@@ -65,7 +69,7 @@ static double slowest(double t) {
 }
 
 typedef struct opts {
-    int device, d, h, E, tokens, heads, seq, batch, reps, bf16;
+    int device, d, h, E, tokens, heads, seq, batch, reps, bf16, local, host_routing;
 } opts;
 
 static scmoe_context *device_context(const opts *o) {
@@ -80,6 +84,7 @@ static scmoe_context *device_context(const opts *o) {
     cudaGetDeviceCount(&visible);
     co.device = o->device >= 0 ? o->device : rank_ % (visible > 0 ? visible : 1);
     co.math = o->bf16 ? SCMOE_CUDA_BF16 : SCMOE_CUDA_FP32;
+    co.host_routing = o->host_routing;
     if (scmoe_context_use_cuda(ctx, &co)) {
         if (!rank_) printf("ok - bench_cuda # SKIP %s\n", scmoe_last_error(ctx));
         scmoe_context_destroy(ctx);
@@ -96,6 +101,7 @@ static void bench_layer(scmoe_context *ctx, const opts *o) {
     cfg.n_experts = o->E;
     cfg.top_k = 1;
     cfg.capacity_factor = 0; /* dropless: R = tokens */
+    cfg.capacity_scope = o->local ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
     cfg.max_tokens = o->tokens;
     cfg.precision = o->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32; /* bf16 weight copies, bf16 operands */
     scmoe_moe *m = NULL;
@@ -199,6 +205,7 @@ static int bench_pair(scmoe_context *ctx, const opts *o, scmoe_arch arch, double
     cfg.max_tokens = o->batch * o->seq;
     cfg.arch = arch;
     cfg.shortcut_pos = 2;
+    cfg.capacity_scope = o->local ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
     cfg.precision = o->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
     scmoe_pair *p = NULL;
     if (scmoe_pair_create(ctx, &cfg, &p)) {
@@ -239,7 +246,7 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
     MPI_Comm_size(MPI_COMM_WORLD, &size_);
 #endif
-    opts o = {-1, 1024, 4096, 8, 8192, 16, 512, 8, 10, 0};
+    opts o = {-1, 1024, 4096, 8, 8192, 16, 512, 8, 10, 0, 0, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int *dst = !strcmp(a, "--device")    ? &o.device
@@ -253,6 +260,8 @@ int main(int argc, char **argv) {
                    : !strcmp(a, "--reps")    ? &o.reps
                                              : NULL;
         if (!strcmp(a, "--bf16")) o.bf16 = 1;
+        else if (!strcmp(a, "--local")) o.local = 1;
+        else if (!strcmp(a, "--host-routing")) o.host_routing = 1;
         else if (dst && i + 1 < argc) *dst = atoi(argv[++i]);
         else {
             if (!rank_) fprintf(stderr, "bench_cuda: unknown or incomplete option %s (see the file's header)\n", a);
@@ -272,6 +281,8 @@ int main(int argc, char **argv) {
             !bench_pair(ctx, &o, SCMOE_ARCH_SCMOE, &sc_t, &sc_i) && !rank_) {
             printf("pair  d=%d h=%d E=%d heads=%d batch=%d seq=%d, %d rank(s)\n", o.d, o.h, o.E, o.heads, o.batch,
                    o.seq, size_);
+            printf("  routing planned on the %s (capacity %s)\n",
+                   !o.host_routing && (o.local || size_ == 1) ? "device" : "host", o.local ? "per rank" : "global");
             printf("  top2   train %9.3f ms  infer %9.3f ms\n", 1e3 * top2_t, 1e3 * top2_i);
             printf("  scmoe2 train %9.3f ms  infer %9.3f ms\n", 1e3 * sc_t, 1e3 * sc_i);
             printf("  SPEEDUP scmoe2 over top2: train %.3fx  infer %.3fx\n", top2_t / sc_t, top2_i / sc_i);

@@ -73,6 +73,12 @@ static inline float __uint_as_float(unsigned u) {
     return f;
 }
 
+/* IEEE double arithmetic without contraction (the host's: x86-64-v2 has no FMA), and the system fence
+ * (launches here are synchronous, so a compiler and CPU fence is all it needs to be) */
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
 #define DYNAMIC_SHARED(type, name) type *name = (type *)emu_state->dyn.data()
 
 /* runtime_emu.c: device memory is reachable from the host only inside these (see there) */
