@@ -26,7 +26,9 @@ typedef void (*blas_gemm_bf16_fn)(const struct blas_backend *self, int trans_a, 
 /* gemm_bf16 cut into column tiles of C (tile columns each, the last one narrower), between(arg) called after
  * every tile but the last: the results are those of one gemm_bf16 call per tile, bit for bit. What it saves is
  * the conversion of op(A), which every tile reads whole: it is converted once for the GEMM instead of once per
- * tile (M K elements a tile, as much memory traffic as a narrow tile's arithmetic). */
+ * tile (M K elements a tile, as much memory traffic as a narrow tile's arithmetic). The converted op(A) lives in
+ * the calling thread's operand buffers until the last tile, so between() must not run a bf16 GEMM on that thread
+ * (the poll hook only tests and starts exchanges). */
 typedef void (*blas_gemm_bf16_tiles_fn)(const struct blas_backend *self, int trans_a, int trans_b, int M, int N, int K,
                                         float alpha, const float *A, const uint16_t *Ab, int lda, const float *B,
                                         const uint16_t *Bb, int ldb, float beta, float *C, int ldc, int tile,
