@@ -505,6 +505,28 @@ int main(int argc, char **argv) {
         check("the timed-out exchange completes on a later wait # skip: needs 2 ranks", 1);
     }
 
+    /* the scan times out the same way (capacity GLOBAL's token counts: a rank that never comes gives
+     * SCMOE_ERR_TIMEOUT, not a hang), and a later wait finishes it */
+    if (P >= 2) {
+        int64_t in[2] = {r + 1, 1}, out[4];
+        int req = -1, ok = 1;
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (r == 1) sleep_s(3.0); /* long enough that rank 0's 0.5 s wait ends first even on a loaded machine */
+        ok &= c->ops->scan_i64_start(c, in, out, 2, &req) == SCMOE_OK;
+        if (r == 0) {
+            c->timeout_s = 0.5;
+            s = comm_wait(c, req);
+            ok &= s == SCMOE_ERR_TIMEOUT && strstr(c->err, "exclusive scan") != NULL;
+            printf("#   scan timeout: %s\n", c->err);
+            c->timeout_s = 60;
+        }
+        check("scan_i64_start: a late rank times the wait out", ok);
+        s = comm_wait(c, req);
+        check("scan_i64_start: the timed-out scan completes on a later wait",
+              s == SCMOE_OK && out[0] == (int64_t)r * (r + 1) / 2 && out[1] == r &&
+                  out[2] == (int64_t)P * (P + 1) / 2 && out[3] == P);
+    }
+
     /* THREAD progress: with MPI_THREAD_MULTIPLE a helper finishes the exchange while this thread
      * makes no MPI calls; otherwise the comm falls back to POLL and says why */
     {
