@@ -41,7 +41,7 @@ else
 endif
 LIB_OBJ := $(patsubst %.c,$(B)/%.o,$(CORE_SRC) $(BLAS_SRC) $(MPI_SRC))
 
-TESTS_SERIAL := test_moe test_pair test_schedule test_oracle_moe test_oracle_pair test_controls test_bf16
+TESTS_SERIAL := test_moe test_route test_pair test_schedule test_oracle_moe test_oracle_pair test_controls test_bf16
 TESTS_MPI    := test_comm_mpi test_ep test_oracle_ep
 TEST_BINS := $(addprefix $(B)/tests/,$(TESTS_SERIAL) $(if $(filter 1,$(MPI)),$(TESTS_MPI)))
 

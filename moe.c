@@ -1,9 +1,11 @@
 /* moe.c: one MoE layer over expert parallelism, written as phases so a schedule can put other work
  * between them:
  *
- *   gate_encode   logits, softmax, top-k; the routing choices of the whole batch gathered (small);
- *                 the route plan; my tokens' rows packed by destination (capacity LOCAL: only counts
- *                 travel, and the dispatch waits for them, so they hide behind what runs between)
+ *   gate_encode   logits, softmax, top-k; per-(round, expert) counts scanned over the ranks (capacity
+ *                 GLOBAL with TOKEN priority) or the routing choices of the whole batch gathered (BATCH);
+ *                 the route plan; my tokens' rows packed by destination (capacity LOCAL, and GLOBAL with
+ *                 TOKEN priority: the receive side's counts travel to the group, and the dispatch waits
+ *                 for them, so they hide behind what runs between)
  *   dispatch      nonblocking all-to-all: rows to the ranks owning their experts
  *   experts       rows regrouped by local expert; one FFN per expert over its contiguous rows
  *   combine       nonblocking all-to-all back, same plan mirrored
@@ -310,7 +312,8 @@ static int mirrors_match(const moe_layer *m) {
  * host backend they are the same arrays. */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
-    int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world); /* the tokens one rank plans */
+    int gather = !m->local_cap && !m->gcount.on;                   /* every rank's records on every rank */
+    int64_t S_max = (int64_t)m->max_tokens * (gather ? world : 1); /* the tokens one rank plans */
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
     int ns = scmoe__route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
     size_t f = sizeof(float), i4 = sizeof(int);
@@ -337,17 +340,23 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     pl->recv_to_expert = plan_h.recv_to_expert;
     m->route_work = scmoe__arena_take(H, scmoe__route_workspace_bytes(S_max, k));
     m->records = scmoe__arena_take(H, i4 * (size_t)n * (k + 1));
-    m->gather.records_all = m->local_cap ? NULL : scmoe__arena_take(H, i4 * (size_t)S_max * (k + 1));
-    m->gather.tokens_per_rank = scmoe__arena_take(H, i4 * world);
-    m->gather.rec_bytes = scmoe__arena_take(H, i4 * world);
-    m->gather.rec_displs = scmoe__arena_take(H, i4 * world);
+    if (gather) {
+        m->gather.records_all = scmoe__arena_take(H, i4 * (size_t)S_max * (k + 1));
+        m->gather.tokens_per_rank = scmoe__arena_take(H, i4 * world);
+        m->gather.rec_bytes = scmoe__arena_take(H, i4 * world);
+        m->gather.rec_displs = scmoe__arena_take(H, i4 * world);
+    }
     m->gsum = scmoe__arena_take(H, sizeof(double) * (E + 1));
-    if (m->local_cap) {
+    if (m->local_cap || m->gcount.on) {
         m->lcap.counts_out = scmoe__arena_take(P, sizeof(int32_t) * (size_t)ep * (1 + El * k));
         m->lcap.counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
         m->lcap.ones = scmoe__arena_take(H, i4 * ep);
         m->lcap.iota = scmoe__arena_take(H, i4 * ep);
-        m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
+    }
+    if (m->local_cap) m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
+    if (m->gcount.on) {
+        m->gcount.agree = scmoe__arena_take(H, sizeof(int64_t) * 3 * MOE_AGREE);
+        m->gcount.counts = scmoe__arena_take(H, sizeof(int64_t) * 3 * (size_t)k * E);
     }
     if (m->droute.on) {
         m->droute.seq_word = scmoe__arena_take(P, sizeof(uint32_t));
@@ -403,6 +412,8 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     m->droute.on = m->co->route_local && m->cfg.priority == SCMOE_PRIORITY_TOKEN &&
                    (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
     m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || m->droute.on;
+    /* GLOBAL with TOKEN priority: counts scanned over the ranks, not every rank's records (route.c) */
+    m->gcount.on = !m->local_cap && m->cfg.priority == SCMOE_PRIORITY_TOKEN;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
@@ -417,7 +428,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
         int64_t cap = scmoe__route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
         if (cap <= recv / m->E_local / sources) recv = cap * m->E_local * sources;
     }
-    if (S_max * (k + 1) * 4 > INT32_MAX || recv > INT32_MAX / 2)
+    if ((!m->local_cap && !m->gcount.on && S_max * (k + 1) * 4 > INT32_MAX) || recv > INT32_MAX / 2)
         return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
                            m->max_tokens, world);
     m->max_recv = (int)recv;
@@ -448,7 +459,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
                         * batch leaves gaps no kernel writes, zeroed once so the copy moves defined bytes */
         m->co->zero(m->co, m->gate.p, gate_outputs_bytes(&m->gate, m->max_tokens, k));
     m->wg = param_data(m, m->p_wg);
-    for (int q = 0; m->local_cap && q < m->ep_size; q++) {
+    for (int q = 0; (m->local_cap || m->gcount.on) && q < m->ep_size; q++) {
         m->lcap.ones[q] = 1;
         m->lcap.iota[q] = q;
     }
@@ -651,7 +662,11 @@ static scmoe_status input_fail(moe_layer *m, scmoe_status local, int n) {
     return scmoe__fail(m->ctx, local, "%s", input_error(local, n, m->max_tokens, buf, sizeof buf));
 }
 
-/* ---- capacity over the global batch (GLOBAL): the whole batch's records on every rank ---- */
+/* the input statuses a rank may report, in the order of the flags that carry them (LOCAL's statistics,
+ * GLOBAL's token-count scan) */
+static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE};
+
+/* ---- capacity over the global batch (GLOBAL), BATCH priority: the whole batch's records on every rank ---- */
 
 /* Every rank says how many tokens it has, or that its input is bad (-status): no rank enters an
  * exchange that another has left. *S: the global batch, *offset: where my tokens start in it. */
@@ -693,8 +708,9 @@ static scmoe_status gather_records(moe_layer *m, int n) {
 }
 
 /* The aux and z losses over the global batch of S tokens (aux_scope GLOBAL: gsum all-reduced, the
- * top-1 counts from the gathered records) or over my n (LOCAL, each rank's term weighed 1/P). */
-static scmoe_status batch_losses(moe_layer *m, int n, int64_t S) {
+ * top-1 counts top1_all, or from the gathered records if NULL) or over my n (LOCAL, each rank's term
+ * weighed 1/P). */
+static scmoe_status batch_losses(moe_layer *m, int n, int64_t S, const int64_t *top1_all) {
     comm *w = m->ctx->world;
     int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL, stride = m->k + 1;
     gate_sums(m, n);
@@ -705,7 +721,9 @@ static scmoe_status batch_losses(moe_layer *m, int n, int64_t S) {
     const int32_t *top1 = global ? m->gather.records_all : m->records;
     int64_t Sa = global ? S : n;
     memset(m->top1_count, 0, sizeof(int64_t) * m->E);
-    for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
+    if (global && top1_all) memcpy(m->top1_count, top1_all, sizeof(int64_t) * m->E);
+    else
+        for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
     gate_losses(m, Sa, global ? 1.0 : 1.0 / w->size);
     return SCMOE_OK;
 }
@@ -718,7 +736,7 @@ static scmoe_status gate_encode_global(moe_layer *m, const exec *ex, int n, cons
     m->n = n;
     m->x = x;
     gate_run(m, ex, n, x, offset);
-    if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S))) return st;
+    if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S, NULL))) return st;
     comm *w = m->ctx->world;
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     scmoe__route_plan_build(&m->plan, m->route_work, m->gather.records_all, m->gather.tokens_per_rank, w->size, w->rank,
@@ -738,8 +756,6 @@ static scmoe_status gate_encode_global(moe_layer *m, const exec *ex, int n, cons
  * of its ranks will not join; other groups learn of a rejected input from the statistics, at the end
  * of the same forward. gate_encode only starts the two; the counts are waited for where the dispatch
  * starts (counts_finish), so in a pair they travel behind the dense operations after the gate. */
-static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE};
-
 static scmoe_status small_start(moe_layer *m, inflight *f, comm *c, scmoe_status st, int req) {
     if (st) return scmoe__fail(m->ctx, st, "starting the routing statistics or counts failed: %s", c->err);
     f->metadata = 1;
@@ -876,21 +892,28 @@ static void local_route(moe_layer *m, const exec *ex, int n, const float *x, scm
     for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = (int32_t)local;
 }
 
+/* The counts' all-to-all over the expert-parallel group, left in flight (counts_finish waits). */
+static scmoe_status counts_start(moe_layer *m) {
+    comm *ep = m->ep;
+    int req = -1, msg = 1 + m->E_local * m->k;
+    inflight_begin(&m->lcap.xcount, ep);
+    scmoe_status st = ep->ops->alltoallv_start(ep, m->lcap.counts_out, m->lcap.ones, m->lcap.iota, m->lcap.counts_in,
+                                               m->lcap.ones, m->lcap.iota, (int)sizeof(int32_t) * msg, &req);
+    if ((st = small_start(m, &m->lcap.xcount, ep, st, req))) return st;
+    m->lcap.counts_pending = 1;
+    return SCMOE_OK;
+}
+
 /* The statistics' all-reduce (world) and the counts' all-to-all (expert-parallel group), both left
  * in flight. */
 static scmoe_status local_exchanges_start(moe_layer *m) {
-    comm *w = m->ctx->world, *ep = m->ep;
-    int req = -1, msg = 1 + m->E_local * m->k;
+    comm *w = m->ctx->world;
+    int req = -1;
     inflight_begin(&m->lcap.xstats, w);
     scmoe_status st = w->ops->allreduce_f64_start(w, m->lcap.lstats, MOE_LSTATS(m->E), &req);
     if ((st = small_start(m, &m->lcap.xstats, w, st, req))) return st;
     m->lcap.stats_pending = 1;
-    inflight_begin(&m->lcap.xcount, ep);
-    st = ep->ops->alltoallv_start(ep, m->lcap.counts_out, m->lcap.ones, m->lcap.iota, m->lcap.counts_in, m->lcap.ones,
-                                  m->lcap.iota, (int)sizeof(int32_t) * msg, &req);
-    if ((st = small_start(m, &m->lcap.xcount, ep, st, req))) return st;
-    m->lcap.counts_pending = 1;
-    return SCMOE_OK;
+    return counts_start(m);
 }
 
 /* The device's summary is in: the send side of my plan, lstats, the losses (aux_scope LOCAL, whose
@@ -982,11 +1005,78 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
     return SCMOE_OK;
 }
 
+/* ---- capacity over the global batch (GLOBAL), TOKEN priority: counts, not records (route.c) ----
+ *
+ * Two exclusive scans with sums over the world (comm scan_i64_start), O(k E) int64s a rank whatever P:
+ * the token counts and input statuses before the gate (the gate's noise is keyed by my first token's
+ * global index, the scan of the counts, as the gathered counts gave it), and the per-(round, expert)
+ * counts after it; then the statistics' all-reduce of gsum exactly as with the records (so the losses
+ * keep their bits), the send side (scmoe__route_plan_global_send) and LOCAL's counts message to the
+ * group, waited for where the dispatch starts (counts_finish: scmoe__route_plan_local_recv). */
+
+/* Every rank says how many tokens it has and whether its input is bad, counted per status: no rank
+ * enters an exchange that another has left, and every rank returns the same status, the largest any
+ * rank reported (as LOCAL's statistics). *S: the global batch, *offset: where my tokens start in it. */
+static scmoe_status agree_token_scan(moe_layer *m, int n, scmoe_status local, int64_t *S, int64_t *offset) {
+    comm *w = m->ctx->world;
+    int64_t *in = m->gcount.agree, *pre = in + MOE_AGREE, *tot = pre + MOE_AGREE;
+    in[0] = local ? 0 : n;
+    for (int i = 0; i < 3; i++) in[1 + i] = local == input_errors[i];
+    int req = -1;
+    scmoe_status s = w->ops->scan_i64_start(w, in, pre, MOE_AGREE, &req);
+    if (!s) s = comm_wait(w, req);
+    if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
+    if (local) return input_fail(m, local, n);
+    scmoe_status bad = SCMOE_OK;
+    for (int i = 0; i < 3; i++)
+        if (tot[1 + i] > 0 && input_errors[i] > bad) bad = input_errors[i];
+    if (bad)
+        return scmoe__fail(m->ctx, bad, "%lld rank(s) rejected their input: %s", (long long)(tot[1] + tot[2] + tot[3]),
+                           scmoe_strerror(bad));
+    if (pre[0] < 0 || tot[0] < pre[0] + n || tot[0] > (int64_t)m->max_tokens * w->size) /* not counts: out of step */
+        return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
+                           "the token counts' scan gave %lld before this rank of %lld in all: "
+                           "the ranks are out of step",
+                           (long long)pre[0], (long long)tot[0]);
+    *S = tot[0];
+    *offset = pre[0];
+    return SCMOE_OK;
+}
+
+/* gate -> counts scanned -> losses -> my send side -> the counts message started -> (host) my rows
+ * packed; the receive side comes with the counts (counts_finish) */
+static scmoe_status gate_encode_counts(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
+    int E = m->E, k = m->k, msg = 1 + m->E_local * k, kE = k * E;
+    int64_t S = 0, offset = 0;
+    scmoe_status st = local_leftovers(m); /* a failed forward's counts message */
+    if (!st) st = agree_token_scan(m, n, local, &S, &offset);
+    if (st) return st;
+    m->n = n;
+    m->x = x;
+    gate_run(m, ex, n, x, offset);
+    comm *w = m->ctx->world;
+    int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE;
+    scmoe__route_round_counts(mine, m->records, n, E, k);
+    int req = -1;
+    st = w->ops->scan_i64_start(w, mine, prefix, kE, &req);
+    if (!st) st = comm_wait(w, req);
+    if (st) return scmoe__fail(m->ctx, st, "scanning the routing counts failed: %s", w->err);
+    if ((st = batch_losses(m, n, S, total))) return st; /* round 0 is the top-1 choice */
+    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    scmoe__route_plan_global_send(&m->plan, m->route_work, m->records, n, m->ep_size, E, k, prefix, total, S,
+                                  scmoe__route_capacity(S, E, k, cf), m->lcap.counts_out);
+    for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = SCMOE_OK; /* agreed already */
+    if ((st = counts_start(m))) return st;
+    if (!m->co->device) m->co->pack_rows(m->co, m->xch.send, x, m->plan.slot, n, k, m->d);
+    return SCMOE_OK;
+}
+
 scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
     m->xch.next_dispatch = MOE_MAX_STAGES; /* nothing for a poll to chain until this step's dispatch starts */
     m->comm_time = m->exposed_time = 0;
     scmoe_status local = input_status(m, n, x);
-    return m->local_cap ? gate_encode_local(m, ex, n, x, local) : gate_encode_global(m, ex, n, x, local);
+    if (m->local_cap) return gate_encode_local(m, ex, n, x, local);
+    return m->gcount.on ? gate_encode_counts(m, ex, n, x, local) : gate_encode_global(m, ex, n, x, local);
 }
 
 /* Stage s's rows of the receive layout -> the expert buffer: ebuf[recv_to_expert[r]] = row r (in), or

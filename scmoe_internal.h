@@ -134,6 +134,7 @@ typedef struct inflight {
 /* ---- the MoE layer, as phases a schedule can interleave with other work ---- */
 #define MOE_MAX_STAGES (SCMOE_MAX_PIPELINE_CHUNKS + 1)
 #define MOE_LSTATS(E)  (3 * (E) + 5)
+#define MOE_AGREE      4 /* capacity GLOBAL, TOKEN priority: my token count, then my input's rejection flags */
 
 /* The gate's per-token outputs that routing (host code) reads, [max_tokens] rows each. On a device
  * backend that plans on the host (not droute) the host holds a mirror (moe_layer.gate_h) and one copy
@@ -158,7 +159,7 @@ typedef struct plan_mirror {
     int *recv_to_expert; /* [max_recv] */
 } plan_mirror;
 
-/* capacity over the global batch (GLOBAL): every rank's routing records gathered */
+/* capacity over the global batch (GLOBAL) with BATCH priority: every rank's routing records gathered */
 typedef struct moe_gather {
     int32_t *records_all;                          /* [S_max, k + 1]: the whole batch's records, rank after rank */
     int *tokens_per_rank, *rec_bytes, *rec_displs; /* [world]: the allgatherv's counts (or -status: bad input) */
@@ -175,6 +176,16 @@ typedef struct moe_local_cap {
     int stats_pending;  /* xstats started by this forward, not yet folded into the plan and losses */
     int counts_pending; /* xcount started by this forward, the plan's receive side not yet built from it */
 } moe_local_cap;
+
+/* capacity over the global batch (GLOBAL) with TOKEN priority, without the records: my token count and
+ * input status ([MOE_AGREE]), then my per-(round, expert) counts ([k E], scmoe__route_round_counts), each
+ * as [in | prefix over the ranks below | total] of one comm scan_i64_start over the world. The counts
+ * message to the expert-parallel group and its all-to-all are LOCAL's (lcap.counts_*, xcount). */
+typedef struct moe_global_counts {
+    int on;
+    int64_t *agree;  /* [3 MOE_AGREE] */
+    int64_t *counts; /* [3 k E] */
+} moe_global_counts;
 
 /* routing planned on the device (issue 19; compute_ops.route_local, TOKEN priority, capacity per source
  * rank, or one rank): the gate's outputs stay on the device; its kernels write slot there and a summary
@@ -256,8 +267,9 @@ typedef struct moe_layer {
     int64_t *top1_count; /* [E] */
     float *aux_coef_h;   /* [E], the host side of plan_d.aux_coef */
     float aux_loss, z_loss, z_coef;
-    int local_cap; /* capacity_scope LOCAL (or one rank planning on the device): lcap, else gather */
-    moe_gather gather;
+    int local_cap; /* capacity_scope LOCAL (or one rank planning on the device): lcap, else gcount or gather */
+    moe_global_counts gcount; /* GLOBAL with TOKEN priority */
+    moe_gather gather;        /* GLOBAL with BATCH priority */
     moe_local_cap lcap;
     moe_device_route droute;
     gate_outputs gate, gate_h; /* the compute side's, and the host's (the same arrays on the host backend) */

@@ -18,11 +18,14 @@
  *   scmoe__params_allocate, scmoe__moe_alloc) on a context from scmoe_context_create_mpi(MPI_COMM_WORLD), in
  *   inference mode (no gate noise: every iteration routes identically). Each iteration:
  *     gate      scmoe__moe_gate_encode, called once per iteration: the gate GEMM, softmax, top-k, the
- *               routing metadata (allgather of token counts, allgatherv of the routing records,
- *               allreduce of the E+1 gate statistics), the route plan and the packing of the send
- *               rows. "meta" is those three small blocking collectives alone, replayed with plain
- *               MPI calls of the same sizes on MPI_COMM_WORLD: the part of gate that is
- *               communication.
+ *               routing metadata (capacity GLOBAL with TOKEN priority: an exclusive scan and a sum of
+ *               the MOE_AGREE token-count words, then of the k E routing counts, the allreduce of the
+ *               E+1 gate statistics, and the all-to-all of the per-expert counts, which the dispatch
+ *               waits for), the send side of the plan and the packing of the send rows. "meta" is
+ *               those small collectives alone, replayed with plain MPI calls of the same sizes on
+ *               MPI_COMM_WORLD (the expert-parallel group is the world here): the part of gate that
+ *               is communication. (Before the scans, GLOBAL gathered every rank's routing records:
+ *               figures taken then replayed an allgather and an allgatherv in their place.)
  *     lib       scmoe__moe_dispatch_start + scmoe__moe_dispatch_wait, then scmoe__moe_exchange_start(combine) +
  *               scmoe__moe_combine_wait. The experts are not run: the combine sends back the rows
  *               the dispatch left in m->xch.recv, which are the same bytes the experts' output would be.
@@ -164,8 +167,13 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(g_rank + 1) * 0x2545f4914f6cdd1dull;
     for (size_t i = 0; i < (size_t)n * d; i++) x[i] = frand();
 
-    /* route once to size the baseline's buffers (the plan is the same every iteration) */
+    /* route once to size the baseline's buffers (the plan is the same every iteration); the receive
+     * side comes with the counts, where the dispatch starts */
     check(ctx, scmoe__moe_gate_encode(&m, &ex, n, x), "scmoe__moe_gate_encode");
+    check(ctx, scmoe__moe_dispatch_start(&m), "scmoe__moe_dispatch_start");
+    check(ctx, scmoe__moe_dispatch_wait(&m), "dispatch");
+    check(ctx, scmoe__moe_exchange_start(&m, 0, 1), "scmoe__moe_exchange_start(combine)");
+    check(ctx, scmoe__moe_combine_wait(&m), "combine");
     route_plan *pl = &m.plan;
     int P = m.ep_size, me = m.ep_rank;
     int *sc = xalloc(sizeof(int) * P * 4), *sd = sc + P, *rc = sc + 2 * P, *rd = sc + 3 * P;
@@ -185,13 +193,12 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
     for (size_t i = 0; i < (size_t)rows_max * d; i++) bsend[i] = brecv[i] = 1.0f;
 
     /* the routing metadata's collectives, replayed (sizes as in scmoe__moe_gate_encode) */
-    int stride = k + 1;
-    int32_t *rec = xalloc(sizeof(int32_t) * (size_t)n * stride);
-    memcpy(rec, m.records, sizeof(int32_t) * (size_t)n * stride);
-    int *tpr = xalloc(sizeof(int) * g_size * 3), *rb = tpr + g_size, *rdsp = tpr + 2 * g_size;
-    int64_t S = 0;
-    for (int r = 0; r < g_size; r++) S += m.gather.tokens_per_rank[r];
-    int32_t *rec_all = xalloc(sizeof(int32_t) * (size_t)S * stride);
+    int kE = k * E, cmsg = 1 + m.E_local * k;
+    int64_t *cnt = xalloc(sizeof(int64_t) * (size_t)(3 * kE + 3 * MOE_AGREE));
+    int32_t *cout = xalloc(sizeof(int32_t) * (size_t)g_size * cmsg),
+            *cin = xalloc(sizeof(int32_t) * (size_t)g_size * cmsg);
+    for (int i = 0; i < 3 * kE + 3 * MOE_AGREE; i++) cnt[i] = 1;
+    for (int i = 0; i < g_size * cmsg; i++) cout[i] = 1;
     double gs[1024];
     if (E + 1 > 1024) {
         fprintf(stderr, "bench_a2a: E too large\n");
@@ -209,19 +216,19 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
 
         MPI_Barrier(MPI_COMM_WORLD);
         t0 = MPI_Wtime();
-        int mine = n;
-        check_mpi(MPI_Allgather(&mine, 1, MPI_INT, tpr, 1, MPI_INT, MPI_COMM_WORLD), "MPI_Allgather");
-        for (int r = 0, off = 0; r < g_size; r++) {
-            rb[r] = tpr[r] * stride * (int)sizeof(int32_t);
-            rdsp[r] = off;
-            off += rb[r];
+        int64_t *agree = cnt + 3 * kE;
+        if (g_size > 1) {
+            check_mpi(MPI_Exscan(agree, agree + MOE_AGREE, MOE_AGREE, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD),
+                      "MPI_Exscan");
+            check_mpi(MPI_Allreduce(agree, agree + 2 * MOE_AGREE, MOE_AGREE, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD),
+                      "MPI_Allreduce");
+            check_mpi(MPI_Exscan(cnt, cnt + kE, kE, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD), "MPI_Exscan");
+            check_mpi(MPI_Allreduce(cnt, cnt + 2 * kE, kE, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
         }
-        check_mpi(MPI_Allgatherv(rec, n * stride * (int)sizeof(int32_t), MPI_BYTE, rec_all, rb, rdsp, MPI_BYTE,
-                                 MPI_COMM_WORLD),
-                  "MPI_Allgatherv");
         for (int e = 0; e <= E; e++) gs[e] = 1.0;
         if (g_size > 1)
             check_mpi(MPI_Allreduce(MPI_IN_PLACE, gs, E + 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD), "MPI_Allreduce");
+        check_mpi(MPI_Alltoall(cout, cmsg, MPI_INT32_T, cin, cmsg, MPI_INT32_T, MPI_COMM_WORLD), "MPI_Alltoall");
         loc[T_META] = MPI_Wtime() - t0;
 
         for (int turn = 0; turn < 3; turn++) {
@@ -300,9 +307,9 @@ static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf,
         fflush(stdout);
     }
 
-    free(rec_all);
-    free(tpr);
-    free(rec);
+    free(cnt);
+    free(cout);
+    free(cin);
     free(bsend);
     free(brecv);
     free(sc);

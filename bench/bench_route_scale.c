@@ -1,8 +1,9 @@
 /* bench_route_scale.c: what routing costs one rank per MoE forward as the cluster grows, for capacity
- * over the global batch (GLOBAL) and per source rank (LOCAL): the bytes of the routing metadata and
- * the host time of the planner, for P simulated ranks. One process, no MPI: the planner (kernels/
- * route.c) runs on synthetic routing records of P x S_local tokens as rank 0 of P would, and the
- * bytes follow from the sizes of the messages moe.c really posts.
+ * over the global batch (GLOBAL, with TOKEN priority from counts, with BATCH priority from every rank's
+ * records) and per source rank (LOCAL): the bytes of the routing metadata and the host time of the
+ * planner, for P simulated ranks. One process, no MPI: the planner (kernels/route.c) runs on synthetic
+ * routing records as a rank of P would, and the bytes follow from the sizes of the messages moe.c
+ * really posts.
  *
  * Build: `make bench` (build/bench/bench_route_scale). Run:
  *   build/bench/bench_route_scale [-n S_LOCAL (4096)] [-k TOP_K (2)] [-E EXPERTS (64)]
@@ -11,22 +12,31 @@
  * experts are replicated, as a real cluster of that size would be run.
  *
  * Bytes per rank per forward: the real message sizes this rank receives, from scmoe__moe_gate_encode:
- *   GLOBAL  allgather of token counts        4 (P - 1)
- *           allgatherv of routing records    (S - S_local) (k + 1) 4,   S = P S_local
- *           allreduce of gate statistics     8 (E + 1)
- *   LOCAL   all-to-all of per-expert counts  (ep - 1) 4 (1 + E_local k), E_local = E / ep
- *           allreduce of the statistics      8 (3E + 5)
- * An all-reduce counts its vector once: the algorithm's traffic factor (2 (P-1)/P for a ring) is
- * the same for both modes and for every other all-reduce, and is left to docs/scaling.md's model.
- * The token rows themselves (dispatch and combine, S_local k d 4 each way in both modes) are not
- * routing metadata and are not counted.
+ *   GLOBAL, TOKEN  exclusive scan + sum of the token counts  2 x 8 MOE_AGREE
+ *                  exclusive scan + sum of the routing counts 2 x 8 k E
+ *                  allreduce of gate statistics               8 (E + 1)
+ *                  all-to-all of per-expert counts            (ep - 1) 4 (1 + E_local k), E_local = E / ep
+ *   GLOBAL, BATCH  allgather of token counts                  4 (P - 1)
+ *                  allgatherv of routing records              (S - S_local) (k + 1) 4,   S = P S_local
+ *                  allreduce of gate statistics               8 (E + 1)
+ *   LOCAL          all-to-all of per-expert counts            (ep - 1) 4 (1 + E_local k)
+ *                  allreduce of the statistics                8 (3E + 5)
+ * An all-reduce or a scan counts its vector once: the algorithm's traffic factor (2 (P-1)/P for a
+ * ring, log2 P rounds for a scan) is left to docs/scaling.md's model. The token rows themselves
+ * (dispatch and combine, S_local k d 4 each way in every mode) are not routing metadata and are not
+ * counted. (Before the counts' scans GLOBAL with TOKEN priority gathered the records too: the BATCH
+ * row's bytes, its planner the TOKEN order of the same scmoe__route_plan_build.)
  *
- * Host time: the median over REPS of one plan, GLOBAL scmoe__route_plan_build over all P S_local records;
- * LOCAL scmoe__route_plan_local_send over this rank's S_local records plus scmoe__route_plan_local_recv over the
- * counts its ep sources send (here: every source sends what rank 0 does). The gate's GEMM and the
- * packing of rows are the same in both modes and are not timed. The last line:
- *   ROUTE SCALE local bytes/rank P=<last> over P=<first>: X.XX; global: Y.YY
- * (the issue's target: LOCAL <= 1.5, i.e. flat in P). */
+ * Host time: the median over REPS of one plan. GLOBAL TOKEN: scmoe__route_round_counts over this rank's
+ * S_local records, scmoe__route_plan_global_send with the counts a middle rank of P would get (every
+ * rank routing like this one: prefix P/2, total P times its own) and scmoe__route_plan_local_recv over
+ * the counts its ep sources send (here: every source sends what this rank does). GLOBAL BATCH:
+ * scmoe__route_plan_build over all P S_local records (BATCH priority: a sort of S). LOCAL:
+ * scmoe__route_plan_local_send over this rank's S_local records plus scmoe__route_plan_local_recv as
+ * above. The gate's GEMM and the packing of rows are the same in every mode and are not timed. The
+ * last line:
+ *   ROUTE SCALE local bytes/rank P=<last> over P=<first>: X.XX; global: Y.YY; global batch: Z.ZZ
+ * (the issues' target: LOCAL and GLOBAL with TOKEN priority <= 1.5, i.e. flat in P). */
 #include "../scmoe_internal.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,21 +149,22 @@ int main(int argc, char **argv) {
     }
     printf("# routing per rank per MoE forward: S_local %d tokens, k %d, E %d, CF %g (host times: median of %d)\n", n,
            k, E, cf, reps);
-    printf("%6s %5s %11s | %14s %12s | %12s %12s\n", "P", "ep", "S", "global bytes", "global ms", "local bytes",
-           "local ms");
-    double gb[MAX_P], lb[MAX_P], *t = xalloc(sizeof(double) * reps);
+    printf("%6s %5s %11s | %12s %10s | %14s %12s | %12s %10s\n", "P", "ep", "S", "global bytes", "global ms",
+           "g-batch bytes", "g-batch ms", "local bytes", "local ms");
+    double gb[MAX_P], bb[MAX_P], lb[MAX_P], *t = xalloc(sizeof(double) * reps);
     for (int pi = 0; pi < nP; pi++) {
         int P = Ps[pi], ep = P < E ? P : E;
         if (E % ep) {
             fprintf(stderr, "bench_route_scale: E %d is not divisible by the expert-parallel size %d\n", E, ep);
             return 2;
         }
-        int El = E / ep, msg = 1 + El * k;
+        int El = E / ep, msg = 1 + El * k, kE = k * E;
         int64_t S = (int64_t)P * n;
-        gb[pi] = 4.0 * (P - 1) + (double)(S - n) * (k + 1) * 4 + 8.0 * (E + 1);
+        gb[pi] = 2.0 * 8 * MOE_AGREE + 2.0 * 8 * kE + 8.0 * (E + 1) + (double)(ep - 1) * 4 * msg;
+        bb[pi] = 4.0 * (P - 1) + (double)(S - n) * (k + 1) * 4 + 8.0 * (E + 1);
         lb[pi] = (double)(ep - 1) * 4 * msg + 8.0 * (3 * E + 5);
 
-        /* GLOBAL: every rank plans the whole batch */
+        /* GLOBAL, BATCH priority: every rank plans the whole batch */
         int32_t *rec = xalloc(sizeof(int32_t) * (size_t)S * (k + 1));
         synth_records(rec, S, E, k);
         int *tpr = xalloc(sizeof(int) * P);
@@ -162,17 +173,41 @@ int main(int argc, char **argv) {
         plan_alloc(&g, S, n, (int64_t)ep * n * k, E, ep, k);
         for (int i = 0; i < reps; i++) {
             double t0 = scmoe__now();
-            scmoe__route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_TOKEN,
+            scmoe__route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_BATCH,
                                     scmoe__route_capacity(S, E, k, cf), 0);
             t[i] = scmoe__now() - t0;
         }
+        double bms = 1e3 * median(t, reps);
+        plan_free(&g);
+
+        /* GLOBAL, TOKEN priority: my counts, the bases, my send side, the receive side from ep sources */
+        int32_t *out = xalloc(sizeof(int32_t) * (size_t)ep * msg), *in = xalloc(sizeof(int32_t) * (size_t)ep * msg);
+        int64_t *cnt = xalloc(sizeof(int64_t) * 3 * (size_t)kE), *prefix = cnt + kE, *total = prefix + kE;
+        plan_alloc(&g, n, n, (int64_t)ep * n * k, E, ep, k);
+        for (int i = 0; i < reps; i++) {
+            double t0 = scmoe__now();
+            scmoe__route_round_counts(cnt, rec, n, E, k);
+            double t1 = scmoe__now();
+            for (int j = 0; j < kE; j++) { /* the network's part: the scan's answers */
+                prefix[j] = cnt[j] * (P / 2);
+                total[j] = cnt[j] * P;
+            }
+            double t2 = scmoe__now();
+            scmoe__route_plan_global_send(&g.pl, g.work, rec, n, ep, E, k, prefix, total, S,
+                                          scmoe__route_capacity(S, E, k, cf), out);
+            double t3 = scmoe__now();
+            for (int p = 0; p < ep; p++) memcpy(in + (size_t)p * msg, out, sizeof(int32_t) * msg);
+            double t4 = scmoe__now();
+            scmoe__route_plan_local_recv(&g.pl, in, ep, 0, El, k, 0);
+            t[i] = (t1 - t0) + (t3 - t2) + (scmoe__now() - t4);
+        }
         double gms = 1e3 * median(t, reps);
         plan_free(&g);
+        free(cnt);
 
         /* LOCAL: my records, then the receive side from ep sources' counts */
         plan_mem l;
         plan_alloc(&l, n, n, (int64_t)ep * n * k, E, ep, k);
-        int32_t *out = xalloc(sizeof(int32_t) * (size_t)ep * msg), *in = xalloc(sizeof(int32_t) * (size_t)ep * msg);
         for (int i = 0; i < reps; i++) {
             double t0 = scmoe__now();
             scmoe__route_plan_local_send(&l.pl, l.work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN,
@@ -190,11 +225,12 @@ int main(int argc, char **argv) {
         free(in);
         free(rec);
         free(tpr);
-        printf("%6d %5d %11lld | %14.0f %12.3f | %12.0f %12.3f\n", P, ep, (long long)S, gb[pi], gms, lb[pi], lms);
+        printf("%6d %5d %11lld | %12.0f %10.3f | %14.0f %12.3f | %12.0f %10.3f\n", P, ep, (long long)S, gb[pi], gms,
+               bb[pi], bms, lb[pi], lms);
         fflush(stdout);
     }
     free(t);
-    printf("ROUTE SCALE local bytes/rank P=%d over P=%d: %.2f; global: %.2f\n", Ps[nP - 1], Ps[0], lb[nP - 1] / lb[0],
-           gb[nP - 1] / gb[0]);
+    printf("ROUTE SCALE local bytes/rank P=%d over P=%d: %.2f; global: %.2f; global batch: %.2f\n", Ps[nP - 1], Ps[0],
+           lb[nP - 1] / lb[0], gb[nP - 1] / gb[0], bb[nP - 1] / bb[0]);
     return 0;
 }

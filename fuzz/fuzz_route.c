@@ -24,7 +24,10 @@
  *   - the combine (the same plan mirrored) brings every row back to its slot;
  *   - P ranks route as one rank: a one-rank plan over the same records gives the same counts, and the
  *     same rows per expert (restricted to the group's tokens), in the same order without pipelining;
- *   - capacity per source rank (LOCAL): see local_scope.
+ *   - capacity per source rank (LOCAL): see local_scope;
+ *   - GLOBAL with TOKEN priority from counts (scmoe__route_plan_global_send + scmoe__route_plan_local_recv,
+ *     moe.c's plan without the records): every field of every rank's plan as scmoe__route_plan_build's,
+ *     bit for bit (global_counts).
  * Any violation calls __builtin_trap(), so libFuzzer records the input. */
 #include "../scmoe_internal.h"
 #include "fuzz_input.h"
@@ -200,6 +203,57 @@ static void local_scope(const int32_t *rec, const int *tokens, const int64_t *fi
         plan_free(&lb[r]);
     }
     free(in);
+}
+
+/* GLOBAL with TOKEN priority from the ranks' per-(round, expert) counts, scanned and summed as moe.c's
+ * scan_i64_start does, then the counts message to each group: each rank's plan == pb[r]'s, bit for bit. */
+static void global_counts(const int32_t *rec, const int *tokens, const int64_t *first_tok, int world, int ep_size,
+                          int E, int k, int64_t capacity, float cf_hi, int chunks, int max_tokens,
+                          const plan_bufs *pb) {
+    int El = E / ep_size, msg = 1 + El * k, kE = k * E, stride = k + 1;
+    int64_t S = first_tok[world];
+    int64_t *cnt = calloc((size_t)(world + 2) * kE, sizeof(int64_t)), *total = cnt + (size_t)world * kE,
+            *prefix = total + kE;
+    plan_bufs gb[MAX_WORLD];
+    int32_t *out[MAX_WORLD], *in = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
+    for (int r = 0; r < world; r++) {
+        scmoe__route_round_counts(cnt + (size_t)r * kE, rec + first_tok[r] * stride, tokens[r], E, k);
+        for (int i = 0; i < kE; i++) total[i] += cnt[(size_t)r * kE + i];
+    }
+    for (int r = 0; r < world; r++) {
+        memset(prefix, 0, sizeof(int64_t) * kE);
+        for (int q = 0; q < r; q++)
+            for (int i = 0; i < kE; i++) prefix[i] += cnt[(size_t)q * kE + i];
+        plan_alloc(&gb[r], E, ep_size, max_tokens, world, k, cf_hi, chunks); /* max_recv as the layer sizes it */
+        out[r] = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
+        scmoe__route_plan_global_send(&gb[r].pl, gb[r].work, rec + first_tok[r] * stride, tokens[r], ep_size, E, k,
+                                      prefix, total, S, capacity, out[r]);
+    }
+    for (int r = 0; r < world; r++) {
+        int g = r / ep_size, q = r % ep_size;
+        for (int p = 0; p < ep_size; p++)
+            memcpy(in + (size_t)p * msg, out[g * ep_size + p] + (size_t)q * msg, sizeof(int32_t) * msg);
+        route_plan *a = &gb[r].pl;
+        const route_plan *b = &pb[r].pl;
+        scmoe__route_plan_local_recv(a, in, ep_size, q, El, k, chunks);
+        REQUIRE(a->tokens == b->tokens && a->capacity == b->capacity && a->dropped == b->dropped);
+        REQUIRE(!memcmp(a->expert_count, b->expert_count, sizeof(int64_t) * E));
+        REQUIRE(!memcmp(a->expert_kept, b->expert_kept, sizeof(int64_t) * E));
+        REQUIRE(!memcmp(a->slot, b->slot, sizeof(int) * (size_t)tokens[r] * k));
+        REQUIRE(a->n_send == b->n_send && a->n_recv == b->n_recv && a->n_stages == b->n_stages);
+        REQUIRE(!memcmp(a->send_counts, b->send_counts, sizeof(int) * ep_size));
+        REQUIRE(!memcmp(a->send_displs, b->send_displs, sizeof(int) * ep_size));
+        REQUIRE(!memcmp(a->recv_counts, b->recv_counts, sizeof(int) * ep_size));
+        REQUIRE(!memcmp(a->recv_displs, b->recv_displs, sizeof(int) * ep_size));
+        REQUIRE(!memcmp(a->recv_to_expert, b->recv_to_expert, sizeof(int) * (size_t)a->n_recv));
+        REQUIRE(!memcmp(a->expert_offsets, b->expert_offsets, sizeof(int) * ((size_t)a->n_stages * El + 1)));
+    }
+    for (int r = 0; r < world; r++) {
+        free(out[r]);
+        plan_free(&gb[r]);
+    }
+    free(in);
+    free(cnt);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -458,6 +512,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     REQUIRE(n_seen == n_sent);
 
     free(seen);
+    if (prio == SCMOE_PRIORITY_TOKEN)
+        global_counts(rec, tokens, first_tok, world, ep_size, E, k, capacity, cf_hi, chunks, max_tokens, pb);
     local_scope(
         rec, tokens, first_tok, world, ep_size, E, k, prio, cap_mode < 192 ? -1 : capacity, cf, chunks, max_tokens,
         have_ref && prio == SCMOE_PRIORITY_TOKEN && cap_mode < 192 && cf <= 0 && ns == 1 ? by_loc : NULL, estart, cnt);

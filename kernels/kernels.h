@@ -74,6 +74,17 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
  * 1 + e*k + j (word 0 is left to the caller). work: scmoe__route_workspace_bytes(n, k). */
 void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
                                   scmoe_priority priority, int64_t capacity, int32_t *counts);
+/* count [k * E]: count[j * E + e] = my n tokens' round-j (j-th choice) assignments to expert e */
+void scmoe__route_round_counts(int64_t *count, const int32_t *records, int n, int E, int k);
+/* capacity over the global batch of S tokens, TOKEN priority, without any other rank's records: the send
+ * side (slot, send_counts/displs, n_send; counts as scmoe__route_plan_local_send's) and the statistics
+ * (expert_count/kept, dropped, tokens, capacity) exactly as scmoe__route_plan_build's, from prefix and
+ * total [k * E]: the ranks' scmoe__route_round_counts summed over the ranks below this one (world order)
+ * and over all ranks. The receive side is then scmoe__route_plan_local_recv's. work:
+ * scmoe__route_workspace_bytes(n, k). */
+void scmoe__route_plan_global_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+                                   const int64_t *prefix, const int64_t *total, int64_t S, int64_t capacity,
+                                   int32_t *counts);
 /* the receive side from every source's counts (as sent above, indexed by source) */
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
                                   int chunks);

@@ -1,7 +1,9 @@
 /* route.c: who goes where. GLOBAL capacity (scmoe__route_plan_build): from every rank's routing choices (the
  * global batch, gathered), each rank computes the same slot assignment and then its own part of the
  * exchange plan. LOCAL capacity (route_plan_local_*, at the end): each rank locates its own tokens,
- * and receivers learn only per-expert counts.
+ * and receivers learn only per-expert counts. GLOBAL with TOKEN priority (scmoe__route_plan_global_send,
+ * at the end): the same plan as scmoe__route_plan_build from per-(round, expert) counts scanned over the
+ * ranks, and LOCAL's receive side; BATCH priority sorts the whole batch's scores, so it gathers.
  *
  * Locations (GShard/Tutel): round j = 0..k-1, tokens in priority order; the j-th choice of token t
  * takes location loc = fill[e]++ of its expert e. Counting every assignment, dropped or not, makes a
@@ -79,10 +81,9 @@ size_t scmoe__route_workspace_bytes(int64_t S_max, int k) {
     return sizeof(int) * (size_t)S_max * (size_t)(k + 2) + sizeof(ranked) * (size_t)S_max;
 }
 
-/* Priority order of S tokens' records, then every assignment's location in its expert, loc[t*k + j]
- * (round j, tokens in that order), and the counts: expert_count and expert_kept under capacity. */
-static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32_t *records, int64_t S, int E, int k,
-                   scmoe_priority priority, int64_t capacity) {
+/* The priority order of S tokens: TOKEN their own order, BATCH the highest top-1 score first (rk:
+ * scratch for the sort, unused with TOKEN). */
+static void priority_order(int *order, ranked *rk, const int32_t *records, int64_t S, int k, scmoe_priority priority) {
     int stride = k + 1;
     if (priority == SCMOE_PRIORITY_BATCH) {
         for (int64_t t = 0; t < S; t++) {
@@ -96,12 +97,10 @@ static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32
     } else {
         for (int64_t t = 0; t < S; t++) order[t] = (int)t;
     }
-    memset(pl->expert_count, 0, sizeof(int64_t) * E);
-    for (int j = 0; j < k; j++)
-        for (int64_t i = 0; i < S; i++) {
-            int t = order[i];
-            loc[(int64_t)t * k + j] = (int)pl->expert_count[records[(int64_t)t * stride + j]]++;
-        }
+}
+
+/* The statistics from expert_count over a batch of S tokens: kept = min(count, C), the drops. */
+static void plan_totals(route_plan *pl, int E, int64_t S, int64_t capacity) {
     pl->capacity = capacity;
     pl->dropped = 0;
     pl->tokens = S;
@@ -109,6 +108,21 @@ static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32
         pl->expert_kept[e] = pl->expert_count[e] < capacity ? pl->expert_count[e] : capacity;
         pl->dropped += pl->expert_count[e] - pl->expert_kept[e];
     }
+}
+
+/* Priority order of S tokens' records, then every assignment's location in its expert, loc[t*k + j]
+ * (round j, tokens in that order), and the counts: expert_count and expert_kept under capacity. */
+static void locate(route_plan *pl, int *loc, int *order, ranked *rk, const int32_t *records, int64_t S, int E, int k,
+                   scmoe_priority priority, int64_t capacity) {
+    int stride = k + 1;
+    priority_order(order, rk, records, S, k, priority);
+    memset(pl->expert_count, 0, sizeof(int64_t) * E);
+    for (int j = 0; j < k; j++)
+        for (int64_t i = 0; i < S; i++) {
+            int t = order[i];
+            loc[(int64_t)t * k + j] = (int)pl->expert_count[records[(int64_t)t * stride + j]]++;
+        }
+    plan_totals(pl, E, S, capacity);
 }
 
 /* Where each rank's tokens sit in the global batch: [*my_first, *my_end) are mine, [*group_first,
@@ -247,7 +261,7 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
                          E_local, ep_size, ep_rank, k, capacity, pl->n_stages);
 }
 
-/* ---- capacity per source rank (LOCAL) ----
+/* ---- capacity per source rank (LOCAL), and GLOBAL with TOKEN priority without the records ----
  *
  * Each rank locates its own n tokens alone (locate over them, its own C), so its send side needs
  * nothing from other ranks. What a receiver must know is how many rows each source sends for each of
@@ -256,25 +270,69 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
  * round j's rows are a contiguous run of the block. The receiver puts a stage's rows of expert e in
  * the order (j, p, row): with TOKEN priority and nothing dropped that is exactly GLOBAL's order
  * (round j, then the global token order, which is rank-major), so the experts' GEMMs see the same
- * rows in the same order and even the weight gradients' sums match GLOBAL bitwise. */
-void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
-                                  scmoe_priority priority, int64_t capacity, int32_t *counts) {
-    int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k;
-    int *loc = work, *order = loc + (size_t)n * k;
-    ranked *rk = (ranked *)(order + 2 * (size_t)n); /* the layout of scmoe__route_workspace_bytes */
-    locate(pl, loc, order, rk, records, n, E, k, priority, capacity);
+ * rows in the same order and even the weight gradients' sums match GLOBAL bitwise.
+ *
+ * GLOBAL with TOKEN priority needs no other rank's records either. The fill is round-major and the
+ * global token order rank-major, so the j-th choice e of my token t takes
+ *     loc = sum_{j' < j} total[j'][e]         (every rank's assignments to e in the rounds before)
+ *         + prefix[j][e]                      (round j's assignments to e of the ranks below me)
+ *         + #(my tokens before t whose j-th choice is e),
+ * with total[j][e] the all-reduced and prefix[j][e] the exclusively scanned counts of round j's
+ * assignments to e (scmoe__route_round_counts). Kept iff loc < C of the global batch: the locations, so
+ * the slots and the kept rows of each (round, expert), are scmoe__route_plan_build's, and the receive
+ * side from those counts is LOCAL's (scmoe__route_plan_local_recv), whose (j, p, row) order is then
+ * GLOBAL's by the argument above, drops or not (a round's kept rows stay a contiguous run). LOCAL is the
+ * special case prefix = 0 and total = my own round counts: round j starts where my round j - 1 ended. */
+void scmoe__route_round_counts(int64_t *count, const int32_t *records, int n, int E, int k) {
+    memset(count, 0, sizeof(int64_t) * (size_t)k * E);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < k; j++) count[(size_t)j * E + records[(int64_t)i * (k + 1) + j]]++;
+}
 
-    int *cursor = pl->cursor; /* [E]: kept rows per expert, then where the next one goes */
-    for (int e = 0; e < E; e++) cursor[e] = (int)pl->expert_kept[e];
+/* The send side of my n tokens in priority order `order`, located as above (prefix and total NULL: my
+ * tokens alone): slot, the send layout, counts' words 1.., and the statistics over a batch of S tokens.
+ * Kept flags first (slot 0 kept, -1 dropped), then the rows: the layout needs every expert's kept rows. */
+static void send_side(route_plan *pl, const int *order, const int32_t *records, int n, int ep_size, int E, int k,
+                      const int64_t *prefix, const int64_t *total, int64_t S, int64_t capacity, int32_t *counts) {
+    int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k, *cursor = pl->cursor; /* [E] */
+    int64_t *done = pl->expert_count, *fill = pl->expert_kept; /* the rounds before j; round j's next location */
+    memset(done, 0, sizeof(int64_t) * E);
+    memset(cursor, 0, sizeof(int) * E);
+    for (int j = 0; j < k; j++) {
+        for (int e = 0; e < E; e++) fill[e] = done[e] + (prefix ? prefix[(size_t)j * E + e] : 0);
+        for (int i = 0; i < n; i++) {
+            int t = order[i], e = records[(int64_t)t * stride + j], kept = fill[e]++ < capacity;
+            pl->slot[(int64_t)t * k + j] = kept - 1;
+            cursor[e] += kept;
+        }
+        for (int e = 0; e < E; e++) done[e] = total ? done[e] + total[(size_t)j * E + e] : fill[e];
+    }
+    plan_totals(pl, E, S, capacity); /* expert_count = done: every round's assignments */
     send_layout(pl, cursor, E, E_local, ep_size);
     for (int q = 0; q < ep_size; q++) memset(counts + (size_t)q * msg + 1, 0, sizeof(int32_t) * E_local * k);
     for (int j = 0; j < k; j++)
         for (int i = 0; i < n; i++) {
-            int t = order[i], e = records[(int64_t)t * stride + j];
-            int kept = loc[(int64_t)t * k + j] < capacity;
-            pl->slot[(int64_t)t * k + j] = kept ? cursor[e]++ : -1;
-            counts[(size_t)(e / E_local) * msg + 1 + (e % E_local) * k + j] += kept;
+            int t = order[i], e = records[(int64_t)t * stride + j], *slot = &pl->slot[(int64_t)t * k + j];
+            if (*slot < 0) continue;
+            *slot = cursor[e]++;
+            counts[(size_t)(e / E_local) * msg + 1 + (e % E_local) * k + j]++;
         }
+}
+
+void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+                                  scmoe_priority priority, int64_t capacity, int32_t *counts) {
+    int *order = work;
+    ranked *rk = (ranked *)(order + (size_t)n * (k + 2)); /* the layout of scmoe__route_workspace_bytes */
+    priority_order(order, rk, records, n, k, priority);
+    send_side(pl, order, records, n, ep_size, E, k, NULL, NULL, n, capacity, counts);
+}
+
+void scmoe__route_plan_global_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
+                                   const int64_t *prefix, const int64_t *total, int64_t S, int64_t capacity,
+                                   int32_t *counts) {
+    int *order = work;
+    priority_order(order, NULL, records, n, k, SCMOE_PRIORITY_TOKEN);
+    send_side(pl, order, records, n, ep_size, E, k, prefix, total, S, capacity, counts);
 }
 
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,

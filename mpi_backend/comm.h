@@ -50,6 +50,11 @@ typedef struct comm_ops {
      * once and each chunk's sum once, half the bytes. work: comm_two_round_work(n, size, wire) bytes,
      * float-aligned, untouched by the caller until the request completes. */
     scmoe_status (*allreduce_two_round_start)(comm *c, float *buf, int n, comm_wire wire, void *work, int *req);
+    /* n int64s summed two ways (capacity GLOBAL with TOKEN priority: the token counts and the routing
+     * counts, O(n) bytes a rank whatever P): out[0, n) = the sum of in over the ranks below this one (an
+     * exclusive scan; 0 on rank 0), out[n, 2n) = the sum over all ranks. in and out stay untouched by the
+     * caller until the request completes. */
+    scmoe_status (*scan_i64_start)(comm *c, const int64_t *in, int64_t *out, int n, int *req);
 } comm_ops;
 
 /* The bytes allreduce_two_round_start needs for n floats over P ranks: one gather row of ceil(n/P) values

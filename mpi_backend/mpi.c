@@ -22,6 +22,10 @@
  *                      chunk and round 2 (allgather) sends the result to every rank, started by
  *                      whichever test, wait or progress sweep sees round 1 done; with the bf16 wire the
  *                      last completion unpacks the bf16s into buf. Empty chunks (n < P) send nothing.
+ *   scan_i64_start     out[j] = sum_{i < r} in_i[j] (MPI_Iexscan, MPI_INT64_T, MPI_SUM; rank 0's, which MPI
+ *                      leaves undefined, set to 0 when it completes) and out[n + j] = sum_i in_i[j]
+ *                      (MPI_Iallreduce in place over a copy of in): two requests in one slot, done when
+ *                      both are.
  * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
  * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
  *
@@ -60,7 +64,7 @@
 #define SMALL_I64 16
 
 enum { SLOT_FREE = 0, SLOT_ACTIVE, SLOT_DONE, SLOT_FAILED };
-enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_TWO_ROUND };
+enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_TWO_ROUND, KIND_SCAN };
 /* allreduce_two_round_start's messages: the k-th such all-reduce on a comm, either wire (every rank
  * counts them alike, as every rank starts them in the same order) uses tags
  * TWO_ROUND_TAG0 + 2 (k mod TWO_ROUND_TAG_SPAN) + round, so
@@ -80,7 +84,8 @@ typedef struct slot {
      * wait, but owning copies here makes that the backend's problem, not every caller's. */
     int *args;
     /* KIND_TWO_ROUND: the current round's 2(P-1) sends and receives (in place of r), the round
-     * (0 reduce-scatter, 1 allgather), its tags' base, the wire, and the caller's buffers */
+     * (0 reduce-scatter, 1 allgather), its tags' base, the wire, and the caller's buffers. KIND_SCAN:
+     * rs[0] the scan, rs[1] the sum, work the caller's out */
     MPI_Request *rs;
     int round, tag;
     comm_wire wire;
@@ -149,6 +154,8 @@ static void describe(const slot *s, char *buf, size_t len) {
     if (s->kind == KIND_ALLTOALLV) snprintf(buf, len, "all-to-all exchange of %d-byte elements", s->n);
     else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
     else if (s->kind == KIND_ALLREDUCE_F64) snprintf(buf, len, "all-reduce of %d doubles (statistics)", s->n);
+    else if (s->kind == KIND_SCAN)
+        snprintf(buf, len, "exclusive scan and sum of %d int64s (token or routing counts)", s->n);
     else if (s->kind == KIND_TWO_ROUND)
         snprintf(buf, len, "two-round all-reduce of %d floats%s (%s)", s->n,
                  s->wire == COMM_WIRE_BF16 ? " as bf16" : "", s->round ? "allgather" : "reduce-scatter");
@@ -226,6 +233,11 @@ static void two_round_reduce(const mpi_impl *m, slot *s) {
  * slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
 static int slot_test(mpi_impl *m, slot *s, int *flag) {
     *flag = 0;
+    if (s->kind == KIND_SCAN) {
+        int rc = MPI_Testall(2, s->rs, flag, MPI_STATUSES_IGNORE);
+        if (rc == MPI_SUCCESS && *flag && m->rank == 0) memset(s->work, 0, sizeof(int64_t) * (size_t)s->n);
+        return rc;
+    }
     if (s->kind != KIND_TWO_ROUND) return MPI_Test(&s->r, flag, MPI_STATUS_IGNORE);
     int rc = MPI_Testall(2 * (m->size - 1), s->rs, flag, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS || !*flag) return rc;
@@ -583,6 +595,32 @@ static scmoe_status mpi_allreduce_two_round_start(comm *c, float *buf, int n, co
     return SCMOE_OK;
 }
 
+static scmoe_status mpi_scan_i64_start(comm *c, const int64_t *in, int64_t *out, int n, int *req) {
+    mpi_impl *m = c->impl;
+    *req = -1;
+    if (c->size == 1) { /* as serial.c: no rank below, the sum is mine */
+        memset(out, 0, sizeof(int64_t) * (size_t)n);
+        memmove(out + n, in, sizeof(int64_t) * (size_t)n);
+        return SCMOE_OK;
+    }
+    int i = slot_claim(m);
+    if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
+    ensure_progress(c);
+    slot *s = &m->slots[i];
+    memcpy(out + n, in, sizeof(int64_t) * (size_t)n);
+    s->rs[0] = s->rs[1] = MPI_REQUEST_NULL;
+    s->work = out;
+    int rc = MPI_Iexscan(in, out, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[0]);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iexscan"); /* nothing posted: the slot stays free */
+    rc = MPI_Iallreduce(MPI_IN_PLACE, out + n, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[1]);
+    if (rc != MPI_SUCCESS) s->rs[1] = MPI_REQUEST_NULL;
+    /* published either way: a posted scan counts as pending (abort keeps the buffers) */
+    slot_publish(m, i, MPI_REQUEST_NULL, KIND_SCAN, n);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iallreduce (int64, sum)");
+    *req = i;
+    return SCMOE_OK;
+}
+
 /* ---- lifetime ---- */
 
 static scmoe_status wrap(MPI_Comm mc, int thread_level, comm **out);
@@ -707,6 +745,7 @@ static const comm_ops mpi_ops = {
     mpi_abandon,
     mpi_allreduce_f64_start,
     mpi_allreduce_two_round_start,
+    mpi_scan_i64_start,
 };
 
 /* Takes ownership of mc (a communicator this library created) on success only. */

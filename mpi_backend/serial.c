@@ -79,6 +79,15 @@ static scmoe_status serial_allreduce_two_round_start(comm *c, float *buf, int n,
     return SCMOE_OK;
 }
 
+/* one rank: no rank below it, and the sum is its own values */
+static scmoe_status serial_scan_i64_start(comm *c, const int64_t *in, int64_t *out, int n, int *req) {
+    (void)c;
+    memset(out, 0, sizeof(int64_t) * (size_t)n);
+    memmove(out + n, in, sizeof(int64_t) * (size_t)n);
+    *req = -1;
+    return SCMOE_OK;
+}
+
 static scmoe_status serial_test(comm *c, int req, int *done) {
     (void)c;
     (void)req;
@@ -111,6 +120,7 @@ static const comm_ops serial_ops = {
     serial_destroy,
     serial_allreduce_f64_start,
     serial_allreduce_two_round_start,
+    serial_scan_i64_start,
 };
 
 scmoe_status scmoe__comm_serial_create(comm **out) {

@@ -36,6 +36,7 @@ want() { [ -z "$filter" ] || [[ " $filter " == *" $1 "* ]]; }
 SLOW=1 VGENV=
 [ -n "$VG" ] && SLOW=4 VGENV=OMP_WAIT_POLICY=passive
 want moe && run "moe layer (1 rank)" $((900 * SLOW)) env OMP_NUM_THREADS=2 $VGENV $VG ${BUILD:-build}/tests/test_moe
+want moe && run "route plans: GLOBAL from scanned counts == from every rank's records" 300 $VG ${BUILD:-build}/tests/test_route
 want pair && run "block pair (1 rank)" $((900 * SLOW)) env OMP_NUM_THREADS=2 $VGENV $VG ${BUILD:-build}/tests/test_pair
 want schedule && run "schedule, trace, bf16 wire" $((600 * SLOW)) env $VGENV $VG ${BUILD:-build}/tests/test_schedule
 want controls && run "layer controls (loss weights, names, experts, noise state), 1 rank" 300 ${BUILD:-build}/tests/test_controls

@@ -307,6 +307,37 @@ int main(int argc, char **argv) {
               ok && v[0] == P * (P + 1) / 2.0 && v[1] == 1e15 * P + P * (P - 1) / 2.0 && v[2] == 0.5 * P);
     }
 
+    /* scan_i64_start (capacity GLOBAL, TOKEN priority: the token and routing counts): the sum over the ranks
+     * below (0 on rank 0) and over all, two at once, and values past 2^53 exact (to 16 ranks); serial: prefix 0 */
+    {
+        int64_t in[2][3], out[2][6];
+        int rq[2] = {-1, -1}, ok = 1;
+        for (int q = 0; q < 2; q++) {
+            in[q][0] = r + 1;
+            in[q][1] = ((int64_t)1 << 58) + r * (q + 1);
+            in[q][2] = q ? -r : 0;
+            for (int j = 0; j < 6; j++) out[q][j] = -7;
+            ok &= c->ops->scan_i64_start(c, in[q], out[q], 3, &rq[q]) == SCMOE_OK;
+        }
+        for (int q = 1; q >= 0 && ok; q--) ok &= comm_wait(c, rq[q]) == SCMOE_OK;
+        for (int q = 0; q < 2 && ok; q++) {
+            int64_t below = (int64_t)r * (r - 1) / 2, all = (int64_t)P * (P - 1) / 2;
+            ok &= out[q][0] == (int64_t)r * (r + 1) / 2 && out[q][3] == (int64_t)P * (P + 1) / 2;
+            ok &= out[q][1] == ((int64_t)r << 58) + below * (q + 1) && out[q][4] == ((int64_t)P << 58) + all * (q + 1);
+            ok &= out[q][2] == (q ? -below : 0) && out[q][5] == (q ? -all : 0);
+        }
+        comm *one = NULL;
+        int64_t one_out[6];
+        ok &= scmoe__comm_serial_create(&one) == SCMOE_OK;
+        if (one) {
+            ok &= one->ops->scan_i64_start(one, in[0], one_out, 3, &rq[0]) == SCMOE_OK &&
+                  comm_wait(one, rq[0]) == SCMOE_OK;
+            ok &= one_out[0] == 0 && one_out[1] == 0 && one_out[2] == 0 && !memcmp(one_out + 3, in[0], sizeof in[0]);
+            one->ops->destroy(one);
+        }
+        check("scan_i64_start x2 + wait: exclusive prefix and total (and serial: prefix 0)", ok);
+    }
+
     /* allreduce_two_round_start on both wires (grad_sync_algo, grad_sync_bf16): sizes that leave chunks
      * empty (n < P) and uneven. On the float wire at 2 ranks the sum is also MPI's a + b, bit for bit. */
     for (int bf = 0; bf < 2; bf++) {
@@ -472,6 +503,28 @@ int main(int argc, char **argv) {
     } else {
         check("wait times out with SCMOE_ERR_TIMEOUT # skip: needs 2 ranks", 1);
         check("the timed-out exchange completes on a later wait # skip: needs 2 ranks", 1);
+    }
+
+    /* the scan times out the same way (capacity GLOBAL's token counts: a rank that never comes gives
+     * SCMOE_ERR_TIMEOUT, not a hang), and a later wait finishes it */
+    if (P >= 2) {
+        int64_t in[2] = {r + 1, 1}, out[4];
+        int req = -1, ok = 1;
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (r == 1) sleep_s(3.0); /* long enough that rank 0's 0.5 s wait ends first even on a loaded machine */
+        ok &= c->ops->scan_i64_start(c, in, out, 2, &req) == SCMOE_OK;
+        if (r == 0) {
+            c->timeout_s = 0.5;
+            s = comm_wait(c, req);
+            ok &= s == SCMOE_ERR_TIMEOUT && strstr(c->err, "exclusive scan") != NULL;
+            printf("#   scan timeout: %s\n", c->err);
+            c->timeout_s = 60;
+        }
+        check("scan_i64_start: a late rank times the wait out", ok);
+        s = comm_wait(c, req);
+        check("scan_i64_start: the timed-out scan completes on a later wait",
+              s == SCMOE_OK && out[0] == (int64_t)r * (r + 1) / 2 && out[1] == r &&
+                  out[2] == (int64_t)P * (P + 1) / 2 && out[3] == P);
     }
 
     /* THREAD progress: with MPI_THREAD_MULTIPLE a helper finishes the exchange while this thread

@@ -134,16 +134,18 @@ def trace_ops(path):
 
 
 def planner(path):
-    """bench_route_scale runs -> host seconds per planned assignment: GLOBAL at the largest global batch,
-    the least over the runs (the machine's load only ever adds)"""
+    """bench_route_scale runs -> host seconds per planned assignment: the gathering GLOBAL planner at the
+    largest global batch, the least over the runs (the machine's load only ever adds). Its column: "global
+    ms" in runs from before GLOBAL with TOKEN priority planned from counts (7 fields a row), "g-batch ms"
+    (BATCH priority, the one that still gathers) after (9 fields)."""
     k, rows = 2, []
     for line in open(path):
         m = re.search(r"k (\d+)", line)
         if line.startswith("#") and m:
             k = int(m.group(1))
         f = line.replace("|", " ").split()
-        if len(f) == 7 and f[0].isdigit():
-            rows.append((int(f[2]), float(f[4]) * 1e-3 / (int(f[2]) * k)))
+        if len(f) in (7, 9) and f[0].isdigit():
+            rows.append((int(f[2]), float(f[4] if len(f) == 7 else f[6]) * 1e-3 / (int(f[2]) * k)))
     big = max(S for S, _ in rows)
     return min(c for S, c in rows if S == big)
 
@@ -175,7 +177,7 @@ def step(arch, scope, P, a, b, comp, c_plan, f, S=256, E=EXPERTS_BENCH, algo="bi
     parts = {"compute": f * (comp["C"] + comp["sgd"])}
     tx = (ep - 1) * a + S * k * d * 4 * (ep - 1) / ep / bx if ep > 1 else 0.0
     parts["exchange"] = sum(max(0.0, tx - f * comp.get(x, 0.0)) for x in CONSUMER)
-    if scope == "global":
+    if scope == "global":  # the records gathered: BATCH priority (and TOKEN before it planned from counts)
         parts["routing"] = (2 * (P - 1) + 2 * clog2(P)) * a + ((P - 1) * S * (k + 1) * 4 + (P - 1) * 4) / b \
             + c_plan * P * S * k
     else:

@@ -1,0 +1,197 @@
+/* test_route.c: the route plans of kernels/route.c against each other, for many random cases (world
+ * 1..8, ep_size dividing the world and E, k 1..3, capacity tight, loose, dropless or a raw few slots,
+ * chunks 0/2/3, ranks holding no tokens):
+ *
+ *   - capacity GLOBAL with TOKEN priority from counts, as moe.c plans it without gathering any records
+ *     (every rank's scmoe__route_round_counts scanned and summed over the world, then
+ *     scmoe__route_plan_global_send, the counts message to the group, scmoe__route_plan_local_recv),
+ *     against scmoe__route_plan_build over every rank's records: every field of every rank's plan bit
+ *     for bit (slot, send and receive counts and displacements, n_send, n_recv, recv_to_expert,
+ *     expert_offsets, n_stages, expert_count, expert_kept, dropped, tokens, capacity);
+ *   - capacity LOCAL (scmoe__route_plan_local_send, both priorities): a rank's send side and statistics
+ *     are those of scmoe__route_plan_build over its slice alone on one rank. */
+#include "../scmoe_internal.h"
+#include "check.h"
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_WORLD 8
+#define MAX_TOK   12
+#define CASES     4000
+
+static uint64_t rng = 0x243f6a8885a308d3ull;
+/* uniform in 0..n-1 (a 64-bit LCG's high bits) */
+static int below(int n) {
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (int)((rng >> 33) % (uint64_t)n);
+}
+
+typedef struct plan_mem {
+    route_plan pl;
+    void *work;
+    int32_t *counts; /* [ep][1 + E_local k]: the counts message, by destination */
+} plan_mem;
+
+/* every array sized for the case: n_max tokens of mine, R_max received rows, S_work tokens planned */
+static void plan_alloc(plan_mem *b, int E, int ep, int k, int chunks, int n_max, int R_max, int S_work) {
+    int El = E / ep, ns = scmoe__route_stages(chunks), cur = E > ns * El ? E : ns * El;
+    route_plan *pl = &b->pl;
+    memset(b, 0, sizeof *b);
+    pl->cursor = calloc((size_t)cur, sizeof(int));
+    pl->expert_count = calloc((size_t)E, sizeof(int64_t));
+    pl->expert_kept = calloc((size_t)E, sizeof(int64_t));
+    pl->send_counts = calloc((size_t)ep, sizeof(int));
+    pl->send_displs = calloc((size_t)ep, sizeof(int));
+    pl->recv_counts = calloc((size_t)ep, sizeof(int));
+    pl->recv_displs = calloc((size_t)ep, sizeof(int));
+    pl->src_cursor = calloc((size_t)ep * El, sizeof(int));
+    pl->expert_offsets = calloc((size_t)ns * E + 1, sizeof(int)); /* also a one-rank plan's (E_local = E) */
+    pl->slot = calloc((size_t)(n_max ? n_max : 1) * k, sizeof(int));
+    pl->recv_to_expert = calloc((size_t)(R_max ? R_max : 1), sizeof(int));
+    b->work = calloc(1, scmoe__route_workspace_bytes(S_work ? S_work : 1, k) + 1);
+    b->counts = calloc((size_t)ep * (1 + El * k), sizeof(int32_t));
+}
+
+static void plan_free(plan_mem *b) {
+    route_plan *pl = &b->pl;
+    void *ps[] = {pl->cursor,         pl->expert_count, pl->expert_kept, pl->send_counts,    pl->send_displs,
+                  pl->recv_counts,    pl->recv_displs,  pl->src_cursor,  pl->expert_offsets, pl->slot,
+                  pl->recv_to_expert, b->work,          b->counts};
+    for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) free(ps[i]);
+}
+
+static int same_ints(const int *a, const int *b, int n) { return n <= 0 || !memcmp(a, b, sizeof(int) * (size_t)n); }
+static int same_i64(const int64_t *a, const int64_t *b, int n) { return !memcmp(a, b, sizeof(int64_t) * (size_t)n); }
+
+/* the plan's statistics and send side (slot of n tokens) */
+static const char *differs_send(const route_plan *a, const route_plan *b, int n, int k, int E, int ep) {
+    if (a->tokens != b->tokens || a->capacity != b->capacity || a->dropped != b->dropped)
+        return "tokens/capacity/dropped";
+    if (!same_i64(a->expert_count, b->expert_count, E) || !same_i64(a->expert_kept, b->expert_kept, E))
+        return "expert_count/kept";
+    if (!same_ints(a->slot, b->slot, n * k)) return "slot";
+    if (ep && (a->n_send != b->n_send || !same_ints(a->send_counts, b->send_counts, ep) ||
+               !same_ints(a->send_displs, b->send_displs, ep)))
+        return "send side";
+    return NULL;
+}
+
+static const char *differs(const route_plan *a, const route_plan *b, int n, int k, int E, int ep, int El) {
+    const char *w = differs_send(a, b, n, k, E, ep);
+    if (w) return w;
+    if (a->n_recv != b->n_recv || !same_ints(a->recv_counts, b->recv_counts, ep) ||
+        !same_ints(a->recv_displs, b->recv_displs, ep))
+        return "receive counts";
+    if (!same_ints(a->recv_to_expert, b->recv_to_expert, a->n_recv)) return "recv_to_expert";
+    if (a->n_stages != b->n_stages || !same_ints(a->expert_offsets, b->expert_offsets, a->n_stages * El + 1))
+        return "stages/expert_offsets";
+    return NULL;
+}
+
+/* One random case; returns the number of rank plans that differ (each reported). */
+static int one_case(int c) {
+    int world = 1 + below(MAX_WORLD), divs[MAX_WORLD], nd = 0;
+    for (int q = 1; q <= world; q++)
+        if (world % q == 0) divs[nd++] = q;
+    int ep = divs[below(nd)], E = ep * (1 + below(4)), k = 1 + below(3 < E ? 3 : E), El = E / ep;
+    int chunks = (int[]){0, 2, 3}[below(3)], msg = 1 + El * k, kE = k * E, tpr[MAX_WORLD], first[MAX_WORLD + 1];
+    first[0] = 0;
+    for (int r = 0; r < world; r++) {
+        tpr[r] = below(4) == 0 ? 0 : below(MAX_TOK + 1);
+        first[r + 1] = first[r] + tpr[r];
+    }
+    int64_t S = first[world];
+    int kind = below(4);
+    int64_t cap = kind == 0   ? scmoe__route_capacity(S, E, k, 0.5f)
+                  : kind == 1 ? scmoe__route_capacity(S, E, k, 2.0f)
+                  : kind == 2 ? scmoe__route_capacity(S, E, k, 0.0f)
+                              : 1 + below(3);
+    /* records: k distinct experts (the first skewed toward expert 0, so some experts overflow), a score */
+    int32_t *rec = calloc((size_t)(S ? S : 1) * (k + 1), sizeof(int32_t));
+    for (int64_t t = 0; t < S; t++) {
+        int32_t *r = rec + t * (k + 1);
+        for (int j = 0; j < k; j++) {
+            int e, dup;
+            do {
+                e = j == 0 && below(3) == 0 ? 0 : below(E);
+                dup = 0;
+                for (int i = 0; i < j; i++) dup |= r[i] == e;
+            } while (dup);
+            r[j] = e;
+        }
+        float sc = (float)below(1000) / 1000.0f;
+        memcpy(&r[k], &sc, sizeof sc);
+    }
+    int R_max = MAX_TOK * ep * k;
+    plan_mem a[MAX_WORLD], b[MAX_WORLD];
+    int64_t *cnt = calloc((size_t)(world + 2) * kE, sizeof(int64_t)), *total = cnt + (size_t)world * kE,
+            *prefix = total + kE;
+    for (int r = 0; r < world; r++) {
+        plan_alloc(&a[r], E, ep, k, chunks, MAX_TOK, R_max, (int)(S ? S : 1));
+        plan_alloc(&b[r], E, ep, k, chunks, MAX_TOK, R_max, MAX_TOK);
+        scmoe__route_plan_build(&a[r].pl, a[r].work, rec, tpr, world, r, ep, E, k, SCMOE_PRIORITY_TOKEN, cap, chunks);
+        scmoe__route_round_counts(cnt + (size_t)r * kE, rec + (size_t)first[r] * (k + 1), tpr[r], E, k);
+        for (int i = 0; i < kE; i++) total[i] += cnt[(size_t)r * kE + i];
+    }
+    /* the exclusive scan in world order, then each rank's send side and counts message */
+    for (int r = 0; r < world; r++) {
+        memset(prefix, 0, sizeof(int64_t) * kE);
+        for (int q = 0; q < r; q++)
+            for (int i = 0; i < kE; i++) prefix[i] += cnt[(size_t)q * kE + i];
+        scmoe__route_plan_global_send(&b[r].pl, b[r].work, rec + (size_t)first[r] * (k + 1), tpr[r], ep, E, k, prefix,
+                                      total, S, cap, b[r].counts);
+        for (int q = 0; q < ep; q++) b[r].counts[(size_t)q * msg] = 0;
+    }
+    /* the counts' all-to-all over each group, then the receive side */
+    int32_t *in = calloc((size_t)ep * msg, sizeof(int32_t));
+    int bad = 0;
+    for (int r = 0; r < world; r++) {
+        int g0 = r / ep * ep, me = r % ep;
+        for (int p = 0; p < ep; p++)
+            memcpy(in + (size_t)p * msg, b[g0 + p].counts + (size_t)me * msg, sizeof(int32_t) * msg);
+        scmoe__route_plan_local_recv(&b[r].pl, in, ep, me, El, k, chunks);
+        const char *w = differs(&a[r].pl, &b[r].pl, tpr[r], k, E, ep, El);
+        if (w) {
+            bad++;
+            CHECK(0, "case %d (world %d, ep %d, E %d, k %d, capacity %lld, chunks %d), rank %d: %s differs", c, world,
+                  ep, E, k, (long long)cap, chunks, r, w);
+        }
+    }
+    /* LOCAL: rank r's slice alone, both priorities, its own capacity */
+    for (int r = 0; r < world && !bad; r++)
+        for (int prio = 0; prio < 2; prio++) {
+            scmoe_priority pr = prio ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN;
+            int64_t lcap = kind == 3 ? cap
+                                     : scmoe__route_capacity(tpr[r], E, k,
+                                                             kind == 0   ? 0.5f
+                                                             : kind == 1 ? 2.0f
+                                                                         : 0);
+            const int32_t *mine = rec + (size_t)first[r] * (k + 1);
+            scmoe__route_plan_local_send(&b[r].pl, b[r].work, mine, tpr[r], ep, E, k, pr, lcap, b[r].counts);
+            scmoe__route_plan_build(&a[r].pl, a[r].work, mine, &tpr[r], 1, 0, 1, E, k, pr, lcap, 0);
+            const char *w = differs_send(&a[r].pl, &b[r].pl, tpr[r], k, E, 0);
+            if (w) {
+                bad++;
+                CHECK(0, "case %d LOCAL %s priority (E %d, k %d, capacity %lld), rank %d: %s differs", c,
+                      prio ? "batch" : "token", E, k, (long long)lcap, r, w);
+            }
+        }
+    for (int r = 0; r < world; r++) {
+        plan_free(&a[r]);
+        plan_free(&b[r]);
+    }
+    free(in);
+    free(cnt);
+    free(rec);
+    return bad;
+}
+
+int main(void) {
+    int bad = 0;
+    for (int c = 0; c < CASES && bad < 10; c++) bad += one_case(c) > 0;
+    CHECK(bad == 0,
+          "GLOBAL, TOKEN priority: the plan from scanned counts == from every rank's records, every field of every "
+          "rank's plan bit for bit; LOCAL's send side == its slice's one-rank plan (%d random cases)",
+          CASES);
+    return check_summary();
+}
