@@ -372,7 +372,8 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
         m->droute.top1 = scmoe__arena_take(P, sizeof(int32_t) * E);
         m->droute.kept = scmoe__arena_take(P, sizeof(int32_t) * E);
         m->droute.gsum = scmoe__arena_take(P, sizeof(double) * (E + 1));
-        m->droute.work = scmoe__arena_take(D, i4 * (size_t)(k + 2) * E);
+        int batch = m->cfg.priority == SCMOE_PRIORITY_BATCH; /* the tokens' priority order, n more */
+        m->droute.work = scmoe__arena_take(D, i4 * ((size_t)(k + 2) * E + (batch ? (size_t)n : 0)));
         m->droute.work_sum = scmoe__arena_take(D, sizeof(double) * (E + 1));
     }
     m->off.slot_of = scmoe__arena_take(H, i4 * El);
@@ -416,10 +417,10 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
 scmoe_status scmoe__moe_alloc(moe_layer *m) {
     int world = m->ctx->world->size, k = m->k, E = m->E;
     m->co = m->ctx->compute;
-    /* the device plans the routing where one source's tokens decide it alone, token after token: capacity
-     * per source rank, or one rank (whose global batch is its own: the same plan either way) */
-    m->droute.on = m->co->route_local && m->cfg.priority == SCMOE_PRIORITY_TOKEN &&
-                   (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
+    /* the device plans the routing where one source's tokens decide it alone (token after token, or by
+     * their top-1 scores with BATCH priority): capacity per source rank, or one rank (whose global batch
+     * is its own: the same plan either way) */
+    m->droute.on = m->co->route_local && (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
     m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || m->droute.on;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
@@ -838,6 +839,7 @@ static void droute_start(moe_layer *m, const exec *ex, int n, const float *x) {
     route_job j = {m->gate.choice,
                    m->gate.p,
                    m->gate.lse,
+                   m->cfg.priority == SCMOE_PRIORITY_BATCH ? m->gate.score : NULL,
                    n,
                    m->E,
                    k,

@@ -414,8 +414,8 @@ static int cuda_bf16_reserve(const compute_ops *co, size_t n) {
  * no wait for the stream (the kernels enqueued after the plan keep running). */
 static void cuda_route_local_op(const compute_ops *co, const route_job *j) {
     note(co,
-         scmoe__cuda_route_local(j->choice, j->p, j->lse, j->n, j->E, j->k, j->ep_size, j->capacity, j->slot, j->work,
-                                 j->work_sum, j->counts, j->gsum, j->top1, j->kept, j->seq, j->seq_value,
+         scmoe__cuda_route_local(j->choice, j->p, j->lse, j->score, j->n, j->E, j->k, j->ep_size, j->capacity, j->slot,
+                                 j->work, j->work_sum, j->counts, j->gsum, j->top1, j->kept, j->seq, j->seq_value,
                                  stream_of(co)),
          "planning the routing on the device");
 }

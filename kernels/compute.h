@@ -49,10 +49,11 @@ typedef struct expert_group {
 typedef struct route_job {
     const int *choice;
     const float *p, *lse;
+    const float *score; /* BATCH priority: the top-1 scores [n], tokens ordered by them; NULL: TOKEN */
     int n, E, k, ep_size;
     int64_t capacity; /* rows per expert, INT64_MAX: dropless */
     int *slot;        /* [n, k] as scmoe__route_plan_local_send's */
-    int *work;        /* compute side, (k + 2) E ints */
+    int *work;        /* compute side, (k + 2) E ints, plus n with score */
     double *work_sum; /* compute side, E + 1 */
     /* host-visible: counts [ep_size][1 + E_local k] (word 0 of each peer 0), gsum [E + 1] (sum_t p[t, e]
      * in token order, then sum_t lse^2, in double), top1 [E], kept [E] */

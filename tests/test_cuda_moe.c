@@ -333,8 +333,8 @@ static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase
         scmoe_moe_destroy(rm);
         return;
     }
-    /* on the device: TOKEN priority, capacity per source or one rank */
-    int on_device = rc->priority == SCMOE_PRIORITY_TOKEN && (rc->local || size_ == 1);
+    /* on the device: capacity per source or one rank, either priority */
+    int on_device = rc->local || size_ == 1;
     int d = cfg.d_model, nmax = cfg.max_tokens, E = cfg.n_experts, np = scmoe_moe_param_count(dm);
     size_t big = (size_t)nmax * d;
     for (int i = 0; i < np; i++) {
@@ -676,7 +676,10 @@ int main(int argc, char **argv) {
             {"top2 drops", 2, 0, 0, 0.75f, SCMOE_PRIORITY_TOKEN},
             {"top2 drops, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_TOKEN},
             {"top1 drops, capacity per rank", 1, 0, 1, 1.0f, SCMOE_PRIORITY_TOKEN},
-            {"top2 drops, batch priority", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH},
+            {"top2 drops, batch priority, capacity per rank", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH},
+            {"top1 drops, batch priority", 1, 0, 0, 0.5f, SCMOE_PRIORITY_BATCH},
+            {"top2 dropless, batch priority", 2, 0, 0, 0.0f, SCMOE_PRIORITY_BATCH},
+            {"top2 drops, batch priority, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_BATCH},
         };
         for (size_t i = 0; rctx && i < sizeof routes / sizeof *routes; i++) run_route_case(dctx, rctx, &routes[i]);
         scmoe_context_destroy(rctx);
