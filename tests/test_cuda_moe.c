@@ -346,7 +346,10 @@ static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase
     float *dX = dev_alloc(big), *dDY = dev_alloc(big), *dY1 = dev_alloc(big), *dY2 = dev_alloc(big);
     float *dDX1 = dev_alloc(big), *dDX2 = dev_alloc(big);
     int ok = 1, same_y = 1, same_dx = 1, same_g = 1, same_st = 1, empty = 0;
-    long copies_dev = 0, copies_ref = 0, forwards = 0;
+    long forwards = 0;
+#ifdef SCMOE_CUDA_EMU
+    long copies_dev = 0, copies_ref = 0; /* copies from device memory, planned on the device / on the host */
+#endif
     /* 2 steps of 40 + 7 rank tokens, then one of 3 (most experts empty), then an inference forward */
     for (int step = 0; step < 4 && ok; step++) {
         int n = step < 2 ? 40 + 7 * rank_ : 3, train = step < 3;
