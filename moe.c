@@ -34,11 +34,13 @@ static void inflight_begin(inflight *f, comm *c) {
     f->t_waited = 0;
     f->unpack_to = NULL;
     f->copy_to = NULL;
+    f->held = 0;
 }
 
 static int exchange_mirrored(const moe_layer *m);
-static const float *exchange_mirror_out(moe_layer *m, inflight *f, const float *src, float *dst, const int *sc,
-                                        const int *sd, const int *rc, const int *rd);
+static void exchange_mirror_out(moe_layer *m, inflight *f, const float *src, float *dst, const int *sc, const int *sd,
+                                const int *rc, const int *rd);
+static scmoe_status exchange_release(moe_layer *m, inflight *f, int wait);
 static void exchange_mirror_in(moe_layer *m, const inflight *f);
 
 /* Starts stage s's exchange: a dispatch (send layout -> receive layout: forward the input rows,
@@ -75,8 +77,11 @@ scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
         if (moves) co->sync(co);
         st = c->ops->alltoallv_start(c, out, sc, sd, in, rc, rd, (int)sizeof(uint16_t) * m->d, &f->req);
     } else if (exchange_mirrored(m)) { /* MPI's mapped mirrors: the peer blocks copied out first */
-        const float *src_m = exchange_mirror_out(m, f, src, dst, sc, sd, rc, rd);
-        st = c->ops->alltoallv_start(c, src_m, sc, sd, f->copy_from, rc, rd, (int)sizeof(float) * m->d, &f->req);
+        exchange_mirror_out(m, f, src, dst, sc, sd, rc, rd);
+        f->active = 1;
+        st = exchange_release(m, f, 0);
+        f->t_waited = scmoe__now() - f->t_start;
+        return st;
     } else {
         if (moves) co->sync(co);
         st = c->ops->alltoallv_start(c, src, sc, sd, dst, rc, rd, (int)sizeof(float) * m->d, &f->req);
@@ -90,7 +95,8 @@ scmoe_status scmoe__moe_exchange_start(moe_layer *m, int s, int combine) {
 
 static void test_one(inflight *f) {
     int done = 0;
-    if (f->active && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done) f->t_done = scmoe__now();
+    if (f->active && !f->held && !f->t_done && f->c->ops->test(f->c, f->req, &done) == SCMOE_OK && done)
+        f->t_done = scmoe__now();
 }
 
 /* The stage of the first dispatch: a pipeline's stage 0 is the own block, nothing to send. */
@@ -128,11 +134,19 @@ static scmoe_status dispatch_next(moe_layer *m) {
     return scmoe__moe_exchange_start(m, s, 0);
 }
 
+void scmoe__moe_release(moe_layer *m) {
+    for (int s = 0; s < m->plan.n_stages && !m->xch.deferred; s++) { /* in the order they started */
+        m->xch.deferred = exchange_release(m, &m->xch.xd[s], 0);
+        if (!m->xch.deferred) m->xch.deferred = exchange_release(m, &m->xch.xc[s], 0);
+    }
+}
+
 void scmoe__moe_poll(void *arg) {
     moe_layer *m = arg;
     int next = m->xch.next_dispatch;
     if (m->droute.pending && next != MOE_MAX_STAGES && !m->xch.deferred) m->xch.deferred = droute_check(m, 0);
     if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
+    scmoe__moe_release(m);
     if (m->ep->progress == SCMOE_PROGRESS_POLL) {
         for (int s = 0; s < m->plan.n_stages; s++) {
             test_one(&m->xch.xd[s]);
@@ -147,7 +161,9 @@ void scmoe__moe_poll(void *arg) {
 static scmoe_status inflight_wait(moe_layer *m, inflight *f, const char *what) {
     if (!f->active) return SCMOE_OK;
     double t0 = scmoe__now();
-    scmoe_status s = f->t_done ? SCMOE_OK : f->c->ops->wait(f->c, f->req);
+    scmoe_status s = exchange_release(m, f, 1); /* its copies out, if they have not landed yet */
+    if (s) return s;
+    s = f->t_done ? SCMOE_OK : f->c->ops->wait(f->c, f->req);
     double t1 = scmoe__now();
     if (!f->t_done) f->t_done = t1;
     f->t_waited += t1 - t0;
@@ -183,6 +199,7 @@ static const char *exchange_name(const moe_layer *m, int combine) {
 scmoe_status scmoe__moe_dispatch_start(moe_layer *m) {
     m->xch.deferred = SCMOE_OK;
     m->xch.next_dispatch = first_dispatch(m);
+    for (int s = 0; s < MOE_MAX_STAGES; s++) m->xch.xd[s].held = m->xch.xc[s].held = 0; /* a failed pass's */
     scmoe_status st = droute_check(m, 0);
     if (st) return st;
     if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
@@ -205,6 +222,7 @@ static scmoe_status stats_finish(moe_layer *m);
 scmoe_status scmoe__moe_combine_wait(moe_layer *m) {
     /* the statistics first: a serialized order times the combine as the last exchange waited on */
     scmoe_status st = m->pass == 0 ? stats_finish(m) : SCMOE_OK;
+    if (!st) st = m->xch.deferred; /* a poll failed to start an exchange */
     for (int s = 0; s < m->plan.n_stages && !st; s++) st = inflight_wait(m, &m->xch.xc[s], exchange_name(m, 1));
     return st;
 }
@@ -363,7 +381,8 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
         m->droute.top1 = scmoe__arena_take(P, sizeof(int32_t) * E);
         m->droute.kept = scmoe__arena_take(P, sizeof(int32_t) * E);
         m->droute.gsum = scmoe__arena_take(P, sizeof(double) * (E + 1));
-        m->droute.work = scmoe__arena_take(D, i4 * (size_t)(k + 2) * E);
+        int batch = m->cfg.priority == SCMOE_PRIORITY_BATCH; /* the tokens' priority order, n more */
+        m->droute.work = scmoe__arena_take(D, i4 * ((size_t)(k + 2) * E + (batch ? (size_t)n : 0)));
         m->droute.work_sum = scmoe__arena_take(D, sizeof(double) * (E + 1));
     }
     m->off.slot_of = scmoe__arena_take(H, i4 * El);
@@ -407,10 +426,10 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
 scmoe_status scmoe__moe_alloc(moe_layer *m) {
     int world = m->ctx->world->size, k = m->k, E = m->E;
     m->co = m->ctx->compute;
-    /* the device plans the routing where one source's tokens decide it alone, token after token: capacity
-     * per source rank, or one rank (whose global batch is its own: the same plan either way) */
-    m->droute.on = m->co->route_local && m->cfg.priority == SCMOE_PRIORITY_TOKEN &&
-                   (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
+    /* the device plans the routing where one source's tokens decide it alone (token after token, or by
+     * their top-1 scores with BATCH priority): capacity per source rank, or one rank (whose global batch
+     * is its own: the same plan either way) */
+    m->droute.on = m->co->route_local && (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
     m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || m->droute.on;
     /* GLOBAL with TOKEN priority: counts scanned over the ranks, not every rank's records (route.c) */
     m->gcount.on = !m->local_cap && m->cfg.priority == SCMOE_PRIORITY_TOKEN;
@@ -836,6 +855,7 @@ static void droute_start(moe_layer *m, const exec *ex, int n, const float *x) {
     route_job j = {m->gate.choice,
                    m->gate.p,
                    m->gate.lse,
+                   m->cfg.priority == SCMOE_PRIORITY_BATCH ? m->gate.score : NULL,
                    n,
                    m->E,
                    k,
@@ -1134,22 +1154,45 @@ static float *mirror_of(const moe_layer *m, const float *buf) {
     return buf == m->xch.send ? m->xch.send_m : buf == m->xch.recv ? m->xch.recv_m : m->xch.crecv_m;
 }
 
-/* src's peer blocks (rows [sd[q], sd[q] + sc[q]) of d floats) to its mirror, waited for; f remembers where
- * the received blocks go. Returns the mirror MPI sends from. */
-static const float *exchange_mirror_out(moe_layer *m, inflight *f, const float *src, float *dst, const int *sc,
-                                        const int *sd, const int *rc, const int *rd) {
+/* src's peer blocks (rows [sd[q], sd[q] + sc[q]) of d floats) to its mirror, on the copy queue; f
+ * remembers what MPI sends once they have landed (exchange_release) and where the received blocks go */
+static void exchange_mirror_out(moe_layer *m, inflight *f, const float *src, float *dst, const int *sc, const int *sd,
+                                const int *rc, const int *rd) {
     const compute_ops *co = m->co;
     float *src_m = mirror_of(m, src);
     size_t d = (size_t)m->d;
     for (int q = 0; q < m->ep_size; q++)
         co->copy_out(co, src_m + (size_t)sd[q] * d, src + (size_t)sd[q] * d, sizeof(float) * (size_t)sc[q] * d);
-    co->copy_wait(co);
+    f->held = 1;
+    f->send_from = src_m;
+    f->send_counts = sc;
+    f->send_displs = sd;
     f->copy_to = dst;
     f->copy_from = mirror_of(m, dst);
     f->unpack_counts = rc;
     f->unpack_displs = rd;
     f->row = m->d;
-    return src_m;
+}
+
+/* A held exchange's MPI start, once its copies out have landed: asked (wait 0: at the exchange's start
+ * and at every poll, so the host goes on enqueueing kernels meanwhile) or waited for (wait 1: where the
+ * exchange is waited for, nothing left to enqueue before it). The copies land in order and MPI's starts
+ * on one communicator must match across ranks, so callers release a communicator's exchanges in the
+ * order they were started (the polls go stage by stage). A failed device (0 even when waited for)
+ * still starts it: the other ranks' collectives must match; the call reports the failure. */
+static scmoe_status exchange_release(moe_layer *m, inflight *f, int wait) {
+    if (!f->held) return SCMOE_OK;
+    if (!m->co->copy_landed(m->co, wait) && !wait) return SCMOE_OK;
+    f->held = 0;
+    comm *c = f->c;
+    scmoe_status st = c->ops->alltoallv_start(c, f->send_from, f->send_counts, f->send_displs, f->copy_from,
+                                              f->unpack_counts, f->unpack_displs, (int)sizeof(float) * m->d, &f->req);
+    if (st) {
+        f->active = 0;
+        m->xch.next_dispatch = MOE_MAX_STAGES; /* a failed pass chains nothing more */
+        return scmoe__fail(m->ctx, st, "starting a token exchange failed: %s", c->err);
+    }
+    return SCMOE_OK;
 }
 
 /* the received peer blocks from the mirror to the kernels' buffer, one copy each */

@@ -145,6 +145,7 @@ static void timed_op(run_state *r, int i) {
     const sched_op *op = &s->blk.ops[r->dir ? s->blk.n_ops - 1 - i : i];
     double t0 = scmoe__now();
     (r->dir ? op->backward : op->forward)(s->blk.self);
+    scmoe__moe_release(r->m); /* held exchanges: MPI starts if their copies out have landed meanwhile */
     if (s->profile_left[r->dir] > 0) s->ctx->compute->sync(s->ctx->compute);
     double t1 = scmoe__now();
     (r->dir ? s->t_b : s->t_f)[i] = t1 - t0;
@@ -246,29 +247,46 @@ static scmoe_status bucket_start(scheduler *s, int b) {
     return SCMOE_OK;
 }
 
+/* The queued buckets' all-reduces, in the order they were queued (every rank queues them alike, so their
+ * collectives match whatever each rank's polls found). Gradients the device wrote in its own memory go to
+ * MPI's buffer in one copy each on the copy queue (buckets_flush): MPI may read them once the copies have
+ * landed, which wait 0 only asks (nothing starts if not; a later flush asks again) and wait 1 waits for. */
+static scmoe_status buckets_start(scheduler *s, int wait) {
+    const compute_ops *co = s->ctx->compute;
+    int copied = 0, written = 0;
+    for (int i = 0; i < s->n_queued; i++) {
+        const sched_bucket *k = &s->bucket[s->queued[i]];
+        copied |= k->src && sched_bucket_summed(k);
+        written |= !k->src && sched_bucket_summed(k);
+    }
+    if (copied && !co->copy_landed(co, wait) && !wait) return SCMOE_OK; /* a failed device: started anyway */
+    if (written) co->sync(co); /* MPI reads what the device wrote in its buffer */
+    scmoe_status st = SCMOE_OK;
+    for (int i = 0; i < s->n_queued && !st; i++) st = bucket_start(s, s->queued[i]);
+    s->n_queued = 0;
+    return st;
+}
+
 /* Finished buckets' all-reduces start once the MoE's last exchange of the step has landed: the
  * exchanges are on the critical path while the all-reduce only has to end before the optimizer
  * step, and over one link the two would split the bandwidth (a trace showed the gradient combine
- * slowed by a bucket started between the two exchanges). */
-static scmoe_status buckets_flush(scheduler *s, int exchanges_done) {
-    scmoe_status st = SCMOE_OK;
+ * slowed by a bucket started between the two exchanges). A flush starts what earlier flushes copied if
+ * their copies have landed, queues the newly finished buckets (copying those the device wrote in its
+ * own memory) and starts them too if their copies have landed already: a poll, never a wait, so the host
+ * goes on enqueueing the backward's next operations while the copy engine works. The last flush (last:
+ * nothing left to enqueue) waits for the copies. */
+static scmoe_status buckets_flush(scheduler *s, int exchanges_done, int last) {
     const compute_ops *co = s->ctx->compute;
-    int synced = 0, copied = 0;
-    /* gradients the device wrote in its own memory: each ready bucket to MPI's buffer in one copy, on
-     * the copy queue, and one wait for all of them (not for the kernels enqueued since) */
-    for (int b = 0; b < s->blk.n_ops + 2 && exchanges_done; b++) {
+    if (!exchanges_done) return SCMOE_OK;
+    scmoe_status st = buckets_start(s, 0);
+    for (int b = 0; b < s->blk.n_ops + 2; b++) {
+        if (!s->ready[b]) continue;
         const sched_bucket *k = &s->bucket[b];
-        if (!s->ready[b] || !k->src || !sched_bucket_summed(k)) continue;
-        co->copy_out(co, k->ptr, k->src, sizeof(float) * (size_t)k->n);
-        copied++;
+        if (k->src && sched_bucket_summed(k)) co->copy_out(co, k->ptr, k->src, sizeof(float) * (size_t)k->n);
+        s->ready[b] = 0;
+        s->queued[s->n_queued++] = b;
     }
-    if (copied) co->copy_wait(co);
-    for (int b = 0; b < s->blk.n_ops + 2 && !st && exchanges_done; b++)
-        if (s->ready[b]) {
-            if (!s->bucket[b].src && !synced++) co->sync(co); /* MPI reads what the device wrote */
-            s->ready[b] = 0;
-            st = bucket_start(s, b);
-        }
+    if (!st) st = buckets_start(s, last);
     return st;
 }
 
@@ -282,6 +300,7 @@ scmoe_status scmoe__schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int
     double t_start = scmoe__now();
     s->n_ev[1] = 0;
     s->grad_t0 = 0;
+    s->n_queued = 0;
     hook(&r, ex, m);
     double t0 = scmoe__now();
     scmoe__moe_decode_backward(m, mo->dy);
@@ -306,7 +325,7 @@ scmoe_status scmoe__schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int
             timed_op(&r, i);
             s->ready[i] = early_grads;
         }
-        if (!st) st = buckets_flush(s, i >= needed_before);
+        if (!st) st = buckets_flush(s, i >= needed_before, 0);
     }
     hook(NULL, ex, m);
     s->comm_time[1] = m->comm_time;
@@ -314,7 +333,7 @@ scmoe_status scmoe__schedule_backward(scheduler *s, exec *ex, sched_moe *mo, int
     if (st) return st;
     if (!early_grads) /* serialized: every bucket after the backward */
         for (int b = 0; b < n_ops + 2; b++) s->ready[b] = 1;
-    st = buckets_flush(s, 1);
+    st = buckets_flush(s, 1, 1);
     s->slot_used[1] = serial ? -1 : K;
     s->time[1] = scmoe__now() - t_start;
     trace_flush(s, 1);

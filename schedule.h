@@ -84,7 +84,9 @@ typedef struct scheduler {
     /* gradient buckets by backward step, then the gate's, then the experts' */
     sched_bucket bucket[SCHED_MAX_OPS + 2];
     int req[SCHED_MAX_OPS + 2];
-    int ready[SCHED_MAX_OPS + 2]; /* finished, its all-reduce not started yet */
+    int ready[SCHED_MAX_OPS + 2];  /* finished, not queued yet */
+    int queued[SCHED_MAX_OPS + 2]; /* finished, their all-reduces to start in this order */
+    int n_queued;
     comm *world;
     double grad_t0, grad_exposed, grad_time;
     /* stats of the last forward / backward */

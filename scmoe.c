@@ -476,7 +476,7 @@ void scmoe__params_stage_ready(param_table *pt) {
         return;
     }
     co->copy_out(co, pt->stage, pt->stage_dev, sizeof(float) * pt->stage_total);
-    co->copy_wait(co);
+    co->copy_landed(co, 1); /* the layer's whole backward is enqueued: nothing left to do meanwhile */
 }
 
 void scmoe__params_add_stage(param_table *pt) {

@@ -125,8 +125,11 @@ typedef struct inflight {
     const int *unpack_counts, *unpack_displs; /* rows per peer, in the float layout (also the mirror's copies) */
     float *copy_to;   /* mirrored exchange (moe_exchange.send_m): where the received peer blocks go on completion, */
     float *copy_from; /* from MPI's mapped mirror of it */
-    int row;          /* floats per row */
-    int metadata;     /* routing counts or statistics (capacity LOCAL): traced, but not counted in
+    int held;         /* mirrored: the peer blocks are being copied out; MPI starts once they have landed */
+    const float *send_from; /* then: what MPI sends (the mirror), sends counts and displacements */
+    const int *send_counts, *send_displs;
+    int row;      /* floats per row */
+    int metadata; /* routing counts or statistics (capacity LOCAL): traced, but not counted in
                                   the token exchanges' comm_time / exposed_time (their overlap figures) */
     double t_start, t_done, t_waited;
 } inflight;
@@ -217,7 +220,8 @@ typedef struct moe_exchange {
     float *send, *recv, *crecv; /* send layout [max_send, d], receive layout [max_recv, d], combine's return */
     /* MPI's side of them. A device whose MPI reads host memory (compute_ops.copy_in, more than one rank): the
      * kernels' send, recv and crecv are device memory and these their mapped mirrors, each peer block moved
-     * in one copy (copy_out when an exchange starts, copy_in when it is waited for); else the same buffers */
+     * in one copy (copy_out when an exchange starts, MPI starting once they have landed: inflight.held;
+     * copy_in when it is waited for); else the same buffers */
     float *send_m, *recv_m, *crecv_m;
     /* bf16 wire buffers (wire_bf16): dispatches send from the send layout into the receive layout,
      * combines the other way; a pipeline has both in flight, so each direction has its own pair */
@@ -329,6 +333,10 @@ void scmoe__moe_gate_backward(moe_layer *m, const exec *ex, float *dx, float bet
 double scmoe__overlap_fraction(double comm, double exposed);
 /* exec poll hook (arg: the moe_layer): tests the exchanges in flight when the progress policy is POLL */
 void scmoe__moe_poll(void *arg);
+/* on a device whose MPI reads host memory, starts MPI on the exchanges whose peer blocks' copies out have
+ * landed since (a query, never a wait; a failure is reported by the next wait): the schedule calls it after
+ * each operation it enqueues, scmoe__moe_poll at every poll */
+void scmoe__moe_release(moe_layer *m);
 
 void scmoe__moe_fill_stats(const moe_layer *m, scmoe_stats *st);
 /* The aux and z loss weights from the next forward on (controls.c); LOSS_WEIGHT if not finite and >= 0. */

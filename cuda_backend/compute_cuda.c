@@ -31,7 +31,7 @@ typedef struct cuda_compute {
     cudaEvent_t ev_compute, ev_copy;
     /* issue 19: what MPI moves, to and from mapped memory (copy_out, copy_in): their own stream;
      * ev_xfer_after lets a copy out wait for the kernels before it, ev_xfer marks the last copy out
-     * (copy_wait), ev_xfer_in the last copy in, which the kernels after it wait for */
+     * (copy_landed), ev_xfer_in the last copy in, which the kernels after it wait for */
     cudaStream_t xfer_stream;
     cudaEvent_t ev_xfer_after, ev_xfer, ev_xfer_in;
     int status; /* first failure, 0 none */
@@ -387,10 +387,14 @@ static void cuda_copy_out(const compute_ops *co, void *dst, const void *src, siz
     cuda_compute *cc = self_of(co);
     copy_after_kernels(co, cc->xfer_stream, cc->ev_xfer_after, cc->ev_xfer, dst, src, bytes, "a copy to MPI's buffer");
 }
-/* the host waits for the last copy out (they run in order on xfer_stream), not for the compute
- * stream's later work */
-static void cuda_copy_wait(const compute_ops *co) {
-    note(co, cudaEventSynchronize(self_of(co)->ev_xfer), "cudaEventSynchronize (copies to MPI's buffers)");
+/* whether the last copy out has landed (they run in order on xfer_stream), asked or waited for: the
+ * host never waits for the compute stream's later work */
+static int cuda_copy_landed(const compute_ops *co, int wait) {
+    cuda_compute *cc = self_of(co);
+    cudaError_t e = wait ? cudaEventSynchronize(cc->ev_xfer) : cudaEventQuery(cc->ev_xfer);
+    if (e == cudaErrorNotReady) return 0;
+    note(co, e, "waiting for the copies to MPI's buffers");
+    return e == cudaSuccess;
 }
 /* what MPI received (mapped) to the device at once, on xfer_stream (not behind the kernels queued on the
  * compute stream); the kernels enqueued after it wait for it (ev_xfer_in), the host does not */
@@ -410,8 +414,8 @@ static int cuda_bf16_reserve(const compute_ops *co, size_t n) {
  * no wait for the stream (the kernels enqueued after the plan keep running). */
 static void cuda_route_local_op(const compute_ops *co, const route_job *j) {
     note(co,
-         scmoe__cuda_route_local(j->choice, j->p, j->lse, j->n, j->E, j->k, j->ep_size, j->capacity, j->slot, j->work,
-                                 j->work_sum, j->counts, j->gsum, j->top1, j->kept, j->seq, j->seq_value,
+         scmoe__cuda_route_local(j->choice, j->p, j->lse, j->score, j->n, j->E, j->k, j->ep_size, j->capacity, j->slot,
+                                 j->work, j->work_sum, j->counts, j->gsum, j->top1, j->kept, j->seq, j->seq_value,
                                  stream_of(co)),
          "planning the routing on the device");
 }
@@ -477,7 +481,7 @@ static const compute_ops cuda_table = {
     .bf16_unpack = cuda_bf16_unpack_op,
     /* issue 19 */
     .copy_out = cuda_copy_out,
-    .copy_wait = cuda_copy_wait,
+    .copy_landed = cuda_copy_landed,
     .copy_in = cuda_copy_in,
     .bf16_reserve = cuda_bf16_reserve,
     /* routing planned on the device (issue 19) */

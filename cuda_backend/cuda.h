@@ -240,15 +240,17 @@ cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *t, cudaStre
 
 /* ============================================== routing planned on the device (issue 19) */
 
-/* [scmoe__route_plan_local_send with TOKEN priority, and moe.c's gate_sums] over n tokens' choice [n, k],
- * p [n, E], lse [n]: slot [n, k] (the send row, -1 dropped) on the device; into host-visible memory
- * (mapped): counts [ep_size][1 + (E / ep_size) k] (word 0 of each peer 0, then the rows kept for its
- * local expert e in round j at 1 + e k + j), gsum [E + 1] (sum_t p[t, e] token after token in double,
- * then sum_t lse_t^2), top1 [E] (first choices), kept [E] (assignments kept under capacity); then
- * *seq = seq_value, written last (after a system fence). work: (k + 2) E ints, work_sum E + 1
- * doubles, device scratch. capacity: rows per expert (INT64_MAX: dropless). */
-cudaError_t scmoe__cuda_route_local(const int *choice, const float *p, const float *lse, int n, int E, int k,
-                                    int ep_size, int64_t capacity, int *slot, int *work, double *work_sum,
+/* [scmoe__route_plan_local_send, and moe.c's gate_sums] over n tokens' choice [n, k], p [n, E], lse [n]:
+ * slot [n, k] (the send row, -1 dropped) on the device; into host-visible memory (mapped): counts
+ * [ep_size][1 + (E / ep_size) k] (word 0 of each peer 0, then the rows kept for its local expert e in
+ * round j at 1 + e k + j), gsum [E + 1] (sum_t p[t, e] token after token in double, then sum_t
+ * lse_t^2), top1 [E] (first choices), kept [E] (assignments kept under capacity); then *seq =
+ * seq_value, written last (after a system fence). score NULL: TOKEN priority (tokens in order); else
+ * BATCH priority over the top-1 scores score [n] (route.c's by_score_desc order, computed exactly).
+ * work: (k + 2) E ints, plus n with score, work_sum E + 1 doubles, device scratch. capacity: rows per
+ * expert (INT64_MAX: dropless). */
+cudaError_t scmoe__cuda_route_local(const int *choice, const float *p, const float *lse, const float *score, int n,
+                                    int E, int k, int ep_size, int64_t capacity, int *slot, int *work, double *work_sum,
                                     int32_t *counts, double *gsum, int32_t *top1, int32_t *kept, uint32_t *seq,
                                     uint32_t seq_value, cudaStream_t s);
 

@@ -859,11 +859,11 @@ extern "C" cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *
 
 /* ------------------------------------------------- routing planned on the device (issue 19) */
 
-/* route.c's LOCAL send side (scmoe__route_plan_local_send, TOKEN priority) over the gate's choices, and
- * the sums its statistics need, so that nothing of the gate crosses to the host. Locations (route.c):
- * round j = 0..k-1, tokens in order, the j-th choice of token t takes loc = fill[e]++ of its expert e:
+/* route.c's LOCAL send side (scmoe__route_plan_local_send) over the gate's choices, and the sums its
+ * statistics need, so that nothing of the gate crosses to the host. Locations (route.c's locate): round
+ * j = 0..k-1, tokens in priority order, the j-th choice of token t takes loc = fill[e]++ of its expert e:
  *
- *   loc[t, j] = sum_{j' < j} cnt[j', e] + #{u < t : choice[u, j] = e}       (e = choice[t, j])
+ *   loc[t, j] = sum_{j' < j} cnt[j', e] + #{u before t : choice[u, j] = e}  (e = choice[t, j])
  *   kept iff loc < C;  kept rows of e in round j = clamp(C - sum_{j' < j} cnt[j', e], 0, cnt[j, e])
  *   slot[t, j] = start[e] + loc (kept), -1 (dropped);  start[e] = sum_{e' < e} min(count[e'], C)
  *
@@ -874,6 +874,37 @@ extern "C" cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *
  * after token, one thread per expert (an extra block, beside the scans), with __dadd_rn / __dmul_rn so
  * that no multiply-add is fused. */
 #define ROUTE_ITEMS 8
+
+/* The priority order. TOKEN: the tokens in order. BATCH: route.c's by_score_desc, a total order: the
+ * higher top-1 score first, a NaN score after every number, ties (and NaNs among themselves) by token.
+ * Token t's place in it is the number of tokens before it,
+ *
+ *   rank[t] = #{u : before(u, t)},  before(u, t) = nan_u != nan_t ? nan_t
+ *                                                : !nan_u && s_u != s_t ? s_u > s_t : u < t,
+ *
+ * counted by each thread for its token over the scores in shared-memory tiles (n^2 comparisons, exact:
+ * no sort's tie-breaking to get wrong; -0 and +0 compare equal as in by_score_desc), and
+ * order[rank[t]] = t. */
+__global__ static void k_route_rank(const float *score, int n, int *order) {
+    __shared__ float sh[THREADS];
+    for (long t0 = (long)blockIdx.x * blockDim.x; t0 < n; t0 += (long)gridDim.x * blockDim.x) {
+        long t = t0 + threadIdx.x;
+        float st = t < n ? score[t] : 0.0f;
+        int tn = st != st, r = 0; /* x != x: NaN (isnan without the math library on either side) */
+        for (long u0 = 0; u0 < n; u0 += blockDim.x) {
+            __syncthreads(); /* the tile before is read */
+            if (u0 + threadIdx.x < n) sh[threadIdx.x] = score[u0 + threadIdx.x];
+            __syncthreads();
+            long m = n - u0 < (long)blockDim.x ? n - u0 : (long)blockDim.x;
+            for (long i = 0; i < m; i++) {
+                float su = sh[i];
+                int un = su != su;
+                r += un != tn ? tn : !un && su != st ? su > st : u0 + i < t;
+            }
+        }
+        if (t < n) order[r] = (int)t;
+    }
+}
 
 __device__ static int block_inclusive_scan(int v, int *sh) {
     sh[threadIdx.x] = v;
@@ -887,9 +918,10 @@ __device__ static int block_inclusive_scan(int v, int *sh) {
     return sh[threadIdx.x];
 }
 
-/* blocks 0..E-1: loc of expert e's assignments into slot, cnt[j * E + e]; block E: gsum [E + 1] */
-__global__ static void k_route_scan(const int *choice, const float *p, const float *lse, int n, int E, int k, int *slot,
-                                    int *cnt, double *gsum) {
+/* blocks 0..E-1: loc of expert e's assignments into slot, cnt[j * E + e], over the tokens in order (NULL:
+ * 0..n-1); block E: gsum [E + 1] (token after token, whatever the priority: the host's sums) */
+__global__ static void k_route_scan(const int *choice, const float *p, const float *lse, const int *order, int n, int E,
+                                    int k, int *slot, int *cnt, double *gsum) {
     __shared__ int sh[THREADS];
     int e = blockIdx.x;
     if (e == E) {
@@ -909,11 +941,16 @@ __global__ static void k_route_scan(const int *choice, const float *p, const flo
         for (long t0 = 0; t0 < n; t0 += (long)blockDim.x * ROUTE_ITEMS) {
             long lo = t0 + (long)threadIdx.x * ROUTE_ITEMS;
             int mine = 0;
-            for (int i = 0; i < ROUTE_ITEMS; i++) mine += lo + i < n && choice[(lo + i) * k + j] == e;
+            for (int i = 0; i < ROUTE_ITEMS; i++) {
+                long t = lo + i < n ? (order ? order[lo + i] : lo + i) : -1;
+                mine += t >= 0 && choice[t * k + j] == e;
+            }
             int incl = block_inclusive_scan(mine, sh), total = sh[blockDim.x - 1];
             int r = base + incl - mine;
-            for (int i = 0; i < ROUTE_ITEMS; i++)
-                if (lo + i < n && choice[(lo + i) * k + j] == e) slot[(lo + i) * k + j] = r++;
+            for (int i = 0; i < ROUTE_ITEMS; i++) {
+                long t = lo + i < n ? (order ? order[lo + i] : lo + i) : -1;
+                if (t >= 0 && choice[t * k + j] == e) slot[t * k + j] = r++;
+            }
             base += total;
             __syncthreads(); /* sh is rewritten by the next tile */
         }
@@ -966,16 +1003,17 @@ __global__ static void k_route_slots(int *slot, const int *choice, const int *st
     }
 }
 
-extern "C" cudaError_t scmoe__cuda_route_local(const int *choice, const float *p, const float *lse, int n, int E, int k,
-                                               int ep_size, int64_t capacity, int *slot, int *work, double *work_sum,
-                                               int32_t *counts, double *gsum, int32_t *top1, int32_t *kept,
-                                               uint32_t *seq, uint32_t seq_value, cudaStream_t s) {
+extern "C" cudaError_t scmoe__cuda_route_local(const int *choice, const float *p, const float *lse, const float *score,
+                                               int n, int E, int k, int ep_size, int64_t capacity, int *slot, int *work,
+                                               double *work_sum, int32_t *counts, double *gsum, int32_t *top1,
+                                               int32_t *kept, uint32_t *seq, uint32_t seq_value, cudaStream_t s) {
     CHECK_ARGS(n >= 0 && E >= 1 && k >= 1 && k <= E && ep_size >= 1 && E % ep_size == 0 && capacity >= 0);
     CHECK_ARGS(work && work_sum && counts && gsum && top1 && kept && seq);
     CHECK_ARGS(n == 0 || (choice && p && lse && slot));
-    int *cnt = work, *kept_d = work + (size_t)k * E, *start = kept_d + E;
+    int *cnt = work, *kept_d = work + (size_t)k * E, *start = kept_d + E, *order = score ? start + E : NULL;
+    if (score && n > 0) LAUNCH(k_route_rank, grid_for(n, THREADS), THREADS, 0, s, score, n, order);
     /* even with no tokens: the summary (zeros) and its seq are what the host waits for */
-    LAUNCH(k_route_scan, E + 1, THREADS, 0, s, choice, p, lse, n, E, k, slot, cnt, work_sum);
+    LAUNCH(k_route_scan, E + 1, THREADS, 0, s, choice, p, lse, order, n, E, k, slot, cnt, work_sum);
     LAUNCH(k_route_summary, 1, THREADS, 0, s, cnt, work_sum, E, k, ep_size, (long long)capacity, kept_d, start, counts,
            gsum, top1, kept, seq, seq_value);
     long nk = (long)n * k;

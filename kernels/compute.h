@@ -49,10 +49,11 @@ typedef struct expert_group {
 typedef struct route_job {
     const int *choice;
     const float *p, *lse;
+    const float *score; /* BATCH priority: the top-1 scores [n], tokens ordered by them; NULL: TOKEN */
     int n, E, k, ep_size;
     int64_t capacity; /* rows per expert, INT64_MAX: dropless */
     int *slot;        /* [n, k] as scmoe__route_plan_local_send's */
-    int *work;        /* compute side, (k + 2) E ints */
+    int *work;        /* compute side, (k + 2) E ints, plus n with score */
     double *work_sum; /* compute side, E + 1 */
     /* host-visible: counts [ep_size][1 + E_local k] (word 0 of each peer 0), gsum [E + 1] (sum_t p[t, e]
      * in token order, then sum_t lse^2, in double), top1 [E], kept [E] */
@@ -130,11 +131,13 @@ struct compute_ops {
      * these move it to and from the mapped buffers MPI reads, on a copy queue of their own (the gradient
      * buckets summed over ranks; the token exchanges' peer blocks).
      * copy_out: bytes from src (device) to dst (mapped), once every kernel enqueued before has finished;
-     * copy_wait returns once every copy_out so far has landed (MPI may read them). copy_in: bytes from
+     * copy_landed says whether every copy_out so far has landed (MPI may read them): wait 0 asks (a poll,
+     * so the host goes on enqueueing while the copy engine works), wait 1 returns once they have (then
+     * 1); 0 also when the device failed (failed() says why). copy_in: bytes from
      * src (mapped, MPI has written them) to dst (device), started at once (no kernel enqueued before may
      * use dst); the kernels enqueued after it wait for it. */
     void (*copy_out)(const compute_ops *self, void *dst, const void *src, size_t bytes);
-    void (*copy_wait)(const compute_ops *self);
+    int (*copy_landed)(const compute_ops *self, int wait);
     void (*copy_in)(const compute_ops *self, void *dst, const void *src, size_t bytes);
     /* precision BF16: the bf16 activation scratch of the GEMMs holds at least n elements (grown when a
      * layer is created, never in a forward or backward); nonzero when out of memory */

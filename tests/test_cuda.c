@@ -1182,9 +1182,10 @@ static void dev_gemm_bf16_scratch(void) {
     dev_free_all();
 }
 
-/* scmoe__cuda_route_local against route.c's scmoe__route_plan_local_send (TOKEN priority) and moe.c's
- * sums: slots, the counts message, kept and top-1 counts and the double sums, all bit for bit; skewed
- * choices so that some experts receive nothing, capacities that drop (0 included) and dropless. */
+/* scmoe__cuda_route_local against route.c's scmoe__route_plan_local_send (TOKEN and BATCH priority) and
+ * moe.c's sums: slots, the counts message, kept and top-1 counts and the double sums, all bit for bit;
+ * skewed choices so that some experts receive nothing, capacities that drop (0 included) and dropless.
+ * BATCH: top-1 scores on a coarse grid (many ties), some NaN, +0 and -0, so the order's every rule counts. */
 static void dev_route(void) {
     if (!have_gpu) {
         skip("routing planned on the device vs route.c (slots, counts, kept, top-1, sums)");
@@ -1193,9 +1194,11 @@ static void dev_route(void) {
     static const struct {
         int n, E, k, ep;
         int64_t cap;
-    } cs[] = {{200, 8, 2, 2, 30}, {200, 8, 2, 1, INT64_MAX}, {37, 4, 1, 4, 5},    {0, 4, 2, 2, 10},
-              {300, 16, 4, 4, 0}, {129, 8, 2, 2, 32},        {1000, 6, 3, 3, 300}};
-    for (size_t c = 0; c < sizeof cs / sizeof *cs; c++) {
+    } cs[] = {{200, 8, 2, 2, 30}, {200, 8, 2, 1, INT64_MAX}, {37, 4, 1, 4, 5}, {0, 4, 2, 2, 10}, {300, 16, 4, 4, 0},
+              {129, 8, 2, 2, 32}, {1000, 6, 3, 3, 300},      {1, 4, 2, 2, 1},  {1, 4, 1, 1, 0}};
+    const int n_cs = (int)(sizeof cs / sizeof *cs);
+    for (int run = 0; run < 2 * n_cs; run++) { /* every shape under TOKEN, then under BATCH */
+        int c = run % n_cs, batch = run >= n_cs;
         int n = cs[c].n, E = cs[c].E, k = cs[c].k, ep = cs[c].ep, El = E / ep, msg = 1 + El * k;
         int64_t cap = cs[c].cap;
         int32_t *rec = calloc((size_t)n * (k + 1) + 1, sizeof *rec), *choice = calloc((size_t)n * k + 1, sizeof(int));
@@ -1211,6 +1214,12 @@ static void dev_route(void) {
                 } while (dup);
                 choice[t * k + j] = rec[(size_t)t * (k + 1) + j] = e;
             }
+        float *score = fnew((size_t)n + 1, 1.0f);
+        for (int t = 0; t < n; t++) {
+            float r = frand(); /* in [-1, 1): 9 levels, NaN and the zeros among them */
+            score[t] = r < -0.9f ? NAN : r < -0.8f ? -0.0f : r < -0.7f ? 0.0f : floorf(r * 4.0f) / 4.0f;
+            memcpy(&rec[(size_t)t * (k + 1) + k], &score[t], sizeof(float));
+        }
         /* the host's plan */
         route_plan pl = {0};
         int64_t count[64], kept_h[64];
@@ -1219,7 +1228,8 @@ static void dev_route(void) {
         void *work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
         pl.expert_count = count, pl.expert_kept = kept_h, pl.slot = slot_h, pl.cursor = cursor;
         pl.send_counts = sc, pl.send_displs = sd;
-        scmoe__route_plan_local_send(&pl, work, rec, n, ep, E, k, SCMOE_PRIORITY_TOKEN, cap, counts_h);
+        scmoe__route_plan_local_send(&pl, work, rec, n, ep, E, k, batch ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN,
+                                     cap, counts_h);
         double gsum_h[65] = {0};
         int top1_h[64] = {0};
         for (int t = 0; t < n; t++) {
@@ -1229,8 +1239,8 @@ static void dev_route(void) {
         }
         /* the device's: the summary into mapped memory */
         int *d_choice = dupi(choice, (size_t)n * k), *d_slot = dalloc(sizeof(int) * ((size_t)n * k + 1));
-        float *d_p = dupf(p, (size_t)n * E), *d_lse = dupf(lse, n);
-        int *d_work = dalloc(sizeof(int) * (size_t)(k + 2) * E);
+        float *d_p = dupf(p, (size_t)n * E), *d_lse = dupf(lse, n), *d_score = dupf(score, n);
+        int *d_work = dalloc(sizeof(int) * ((size_t)(k + 2) * E + (size_t)n));
         double *d_sum = dalloc(sizeof(double) * (E + 1));
         char *pin = NULL;
         size_t pin_bytes = sizeof(int32_t) * ((size_t)ep * msg + 2 * E) + sizeof(double) * (E + 1) + 8;
@@ -1243,8 +1253,8 @@ static void dev_route(void) {
         int32_t *counts = (int32_t *)(gsum + E + 1), *top1 = counts + (size_t)ep * msg, *kept = top1 + E;
         uint32_t *seq = (uint32_t *)(kept + E);
         *seq = 6;
-        ok = scmoe__cuda_route_local(d_choice, d_p, d_lse, n, E, k, ep, cap, d_slot, d_work, d_sum, counts, gsum, top1,
-                                     kept, seq, 7, stream) == cudaSuccess;
+        ok = scmoe__cuda_route_local(d_choice, d_p, d_lse, batch ? d_score : NULL, n, E, k, ep, cap, d_slot, d_work,
+                                     d_sum, counts, gsum, top1, kept, seq, 7, stream) == cudaSuccess;
         int *slot = calloc((size_t)n * k + 1, sizeof(int));
         ok &= get(slot, d_slot, sizeof(int) * (size_t)n * k);
         int same_slot = !memcmp(slot, slot_h, sizeof(int) * (size_t)n * k), same_counts = 1, same_kept = 1;
@@ -1258,12 +1268,13 @@ static void dev_route(void) {
             dropped += (int)(count[e] - kept_h[e]);
         }
         CHECK(ok && *seq == 7 && same_slot && same_counts && same_kept && same_sums,
-              "route on the device: %d tokens, %d experts, top-%d, %d ranks, capacity %lld (%d dropped): slots %s, "
-              "counts %s, kept/top-1 %s, sums %s, seq %u",
-              n, E, k, ep, cap == INT64_MAX ? -1LL : (long long)cap, dropped, same_slot ? "equal" : "DIFFER",
-              same_counts ? "equal" : "DIFFER", same_kept ? "equal" : "DIFFER", same_sums ? "equal" : "DIFFER", *seq);
+              "route on the device, %s priority: %d tokens, %d experts, top-%d, %d ranks, capacity %lld (%d dropped): "
+              "slots %s, counts %s, kept/top-1 %s, sums %s, seq %u",
+              batch ? "BATCH" : "TOKEN", n, E, k, ep, cap == INT64_MAX ? -1LL : (long long)cap, dropped,
+              same_slot ? "equal" : "DIFFER", same_counts ? "equal" : "DIFFER", same_kept ? "equal" : "DIFFER",
+              same_sums ? "equal" : "DIFFER", *seq);
         cudaFreeHost(pin);
-        free(rec), free(choice), free(p), free(lse), free(slot_h), free(counts_h), free(work), free(slot);
+        free(rec), free(choice), free(p), free(lse), free(score), free(slot_h), free(counts_h), free(work), free(slot);
         dev_free_all();
     }
 }

@@ -26,7 +26,20 @@ size_t emu_uninit_words(const void **first);
 size_t emu_device_allocs(void);
 /* copies from device memory to the host so far */
 size_t emu_copies_to_host(void);
+/* copies into pinned memory land only when the host syncs with them: an event answers NotReady to its
+ * first n queries after each record; the queries so far, and the waits that found copies not landed */
+void emu_copy_polls(long n);
+void emu_copy_counts(size_t *queries, size_t *blocks);
 #endif
+
+/* the host's event queries and its blocking waits on copies not landed yet, where the emulation counts them */
+static void copy_counts(size_t *queries, size_t *blocks) {
+#ifdef SCMOE_CUDA_EMU
+    emu_copy_counts(queries, blocks);
+#else
+    *queries = *blocks = 0;
+#endif
+}
 
 /* cudaMalloc calls so far where the emulation counts them, else 0 */
 static size_t device_allocs(void) {
@@ -320,8 +333,8 @@ static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase
         scmoe_moe_destroy(rm);
         return;
     }
-    /* on the device: TOKEN priority, capacity per source or one rank */
-    int on_device = rc->priority == SCMOE_PRIORITY_TOKEN && (rc->local || size_ == 1);
+    /* on the device: capacity per source or one rank, either priority */
+    int on_device = rc->local || size_ == 1;
     int d = cfg.d_model, nmax = cfg.max_tokens, E = cfg.n_experts, np = scmoe_moe_param_count(dm);
     size_t big = (size_t)nmax * d;
     for (int i = 0; i < np; i++) {
@@ -333,7 +346,10 @@ static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase
     float *dX = dev_alloc(big), *dDY = dev_alloc(big), *dY1 = dev_alloc(big), *dY2 = dev_alloc(big);
     float *dDX1 = dev_alloc(big), *dDX2 = dev_alloc(big);
     int ok = 1, same_y = 1, same_dx = 1, same_g = 1, same_st = 1, empty = 0;
-    long copies_dev = 0, copies_ref = 0, forwards = 0;
+    long forwards = 0;
+#ifdef SCMOE_CUDA_EMU
+    long copies_dev = 0, copies_ref = 0; /* copies from device memory, planned on the device / on the host */
+#endif
     /* 2 steps of 40 + 7 rank tokens, then one of 3 (most experts empty), then an inference forward */
     for (int step = 0; step < 4 && ok; step++) {
         int n = step < 2 ? 40 + 7 * rank_ : 3, train = step < 3;
@@ -411,6 +427,10 @@ typedef struct pcase {
     scmoe_combine combine;
     scmoe_activation act;
     int bf16; /* precision BF16 (the dense GEMMs too): tcase's 1e-2 / 2e-2 */
+    /* the emulation on several ranks: copies to MPI's buffers land one poll late (emu_copy_polls), the
+     * experts in slot 2; checks that the overlapped backward never blocks on them (the host polls and goes
+     * on enqueueing; a wait only where nothing is left to enqueue) */
+    int polls;
 } pcase;
 
 /* one pair case: 4 training steps (2 profiled serialized, then overlapped where the arch has a
@@ -431,6 +451,7 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     cfg.pipeline_chunks = pc->chunks;
     cfg.precision = pc->bf16 ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
     cfg.check_finite = 1;
+    if (pc->polls) cfg.expert_slot = 2;
     double tol_y = pc->bf16 ? 1e-2 : 1e-4, tol_g = pc->bf16 ? 2e-2 : 1e-3;
     scmoe_pair *hp = NULL, *dp = NULL;
     scmoe_status s1 = scmoe_pair_create(hctx, &cfg, &hp), s2 = scmoe_pair_create(dctx, &cfg, &dp);
@@ -452,7 +473,7 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     CHECK(same_params(&pair_api, hp, dp, got), "[pair %s] %d parameters initialised identically", pc->name, np);
     double worst_y = 0, worst_dx = 0, worst_g = 0;
     int ok = 1, stats_equal = 1, overlapped = 0;
-    size_t allocs = device_allocs();
+    size_t allocs = device_allocs(), queries[4] = {0}, blocks[4] = {0};
     for (int step = 0; step < 4 && ok; step++) {
         fill(x, nd, 7 + 13 * step + 101 * rank_);
         fill(dy, nd, 3 + 13 * step + 101 * rank_);
@@ -460,7 +481,13 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
         to_dev(dDY, dy, nd);
         scmoe_stats hs, ds;
         ok = !scmoe_pair_forward(hp, B, T, x, y, &hs) && !scmoe_pair_forward(dp, B, T, dX, dY, &ds);
-        ok = ok && !scmoe_pair_backward(hp, dy, dx, &hs) && !scmoe_pair_backward(dp, dDY, dDX, &ds);
+        ok = ok && !scmoe_pair_backward(hp, dy, dx, &hs);
+        size_t q0, b0;
+        copy_counts(&q0, &b0);
+        ok = ok && !scmoe_pair_backward(dp, dDY, dDX, &ds);
+        copy_counts(&queries[step], &blocks[step]);
+        queries[step] -= q0;
+        blocks[step] -= b0;
         if (!ok) break;
         overlapped |= ds.expert_slot >= 0;
         double e;
@@ -481,6 +508,11 @@ static void run_pair_case(scmoe_context *hctx, scmoe_context *dctx, const pcase 
     CHECK(ok && stats_equal, "[pair %s] routing statistics equal", pc->name);
     if (pc->arch == SCMOE_ARCH_SCMOE)
         CHECK(overlapped, "[pair %s] the device ran the overlapped schedule after profiling", pc->name);
+    if (pc->polls) /* the serialized step waits for each exchange and the buckets at the end: its count shows */
+        CHECK(ok && blocks[3] <= 1 && queries[3] > 0,
+              "[pair %s] an overlapped backward polls the copies to MPI's buffers and blocks on them %zu time(s) "
+              "(%zu queries; a serialized one blocks %zu times)",
+              pc->name, blocks[3], queries[3], blocks[0]);
     scmoe_pair_set_training(hp, 0);
     scmoe_pair_set_training(dp, 0);
     ok = !scmoe_pair_forward(hp, B, T, x, y, NULL) && !scmoe_pair_forward(dp, B, T, dX, dY, NULL);
@@ -591,12 +623,12 @@ int main(int argc, char **argv) {
         };
         for (size_t i = 0; !s && i < sizeof cases / sizeof *cases; i++) run_case(hctx, dctx, &cases[i], 0);
         const pcase pairs[] = {
-            {"scmoe pos 2 cg1 gelu", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0},
-            {"scmoe pos 1 add swiglu", SCMOE_ARCH_SCMOE, 1, 0, SCMOE_COMBINE_ADD, SCMOE_SWIGLU, 0},
-            {"scmoe pos 3 cg1 2 chunks", SCMOE_ARCH_SCMOE, 3, 2, SCMOE_COMBINE_CG1, SCMOE_GELU, 0},
-            {"top2 gelu", SCMOE_ARCH_TOP2, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0},
-            {"shared cg1 swiglu", SCMOE_ARCH_SHARED, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU, 0},
-            {"scmoe pos 2 swiglu, precision bf16", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU, 1},
+            {"scmoe pos 2 cg1 gelu", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0, 0},
+            {"scmoe pos 1 add swiglu", SCMOE_ARCH_SCMOE, 1, 0, SCMOE_COMBINE_ADD, SCMOE_SWIGLU, 0, 0},
+            {"scmoe pos 3 cg1 2 chunks", SCMOE_ARCH_SCMOE, 3, 2, SCMOE_COMBINE_CG1, SCMOE_GELU, 0, 0},
+            {"top2 gelu", SCMOE_ARCH_TOP2, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0, 0},
+            {"shared cg1 swiglu", SCMOE_ARCH_SHARED, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU, 0, 0},
+            {"scmoe pos 2 swiglu, precision bf16", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_SWIGLU, 1, 0},
         };
         for (size_t i = 0; !s && i < sizeof pairs / sizeof *pairs; i++) run_pair_case(hctx, dctx, &pairs[i]);
         /* expert offloading: one slot (fewer than the experts with rows: fetched on demand, evicted), and
@@ -625,6 +657,14 @@ int main(int argc, char **argv) {
         }
         emu_protect_device(1);
         scmoe_context_destroy(actx);
+        /* copies to MPI's buffers landing late: the host polls them and MPI starts only once they landed */
+        if (size_ > 1) {
+            const pcase late = {
+                "scmoe pos 2, copies land a poll late", SCMOE_ARCH_SCMOE, 2, 0, SCMOE_COMBINE_CG1, SCMOE_GELU, 0, 1};
+            emu_copy_polls(1);
+            run_pair_case(hctx, dctx, &late);
+            emu_copy_polls(0);
+        }
 #endif
         /* routing on the device against the host planner (host_routing), both on a device */
         scmoe_context *rctx = NULL;
@@ -639,7 +679,10 @@ int main(int argc, char **argv) {
             {"top2 drops", 2, 0, 0, 0.75f, SCMOE_PRIORITY_TOKEN},
             {"top2 drops, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_TOKEN},
             {"top1 drops, capacity per rank", 1, 0, 1, 1.0f, SCMOE_PRIORITY_TOKEN},
-            {"top2 drops, batch priority", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH},
+            {"top2 drops, batch priority, capacity per rank", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH},
+            {"top1 drops, batch priority", 1, 0, 0, 0.5f, SCMOE_PRIORITY_BATCH},
+            {"top2 dropless, batch priority", 2, 0, 0, 0.0f, SCMOE_PRIORITY_BATCH},
+            {"top2 drops, batch priority, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_BATCH},
         };
         for (size_t i = 0; rctx && i < sizeof routes / sizeof *routes; i++) run_route_case(dctx, rctx, &routes[i]);
         scmoe_context_destroy(rctx);

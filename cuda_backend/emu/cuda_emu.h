@@ -7,7 +7,7 @@
  * would misbehave on a GPU. __shared__ variables become function statics: one copy, reused by each
  * block in turn, with a barrier between blocks. __shfl_xor_sync exchanges through a per-launch array
  * between two barriers, so it assumes every thread of the block calls it together (block_sum and
- * block_max do). Launches are synchronous and ignore the stream.
+ * block_max do). Launches are synchronous; their stream only orders them after the copies enqueued on it.
  *
  * What this cannot show: warp-level timing, memory coalescing, launch limits on a real device,
  * the real cuBLAS. It checks indexing, reductions, masking and synchronisation. */
@@ -84,11 +84,13 @@ static inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_C
 /* runtime_emu.c: device memory is reachable from the host only inside these (see there) */
 extern "C" void emu_device_enter(void);
 extern "C" void emu_device_leave(void);
+/* runtime_emu.c: a launch runs after the copies enqueued before it on its stream (they land first) */
+extern "C" void emu_stream_order(cudaStream_t s);
 
 /* Runs body for every block of grid on block.x * block.y * block.z threads (emu_launch.cpp). */
 void emu_launch(dim3 grid, dim3 block, size_t shmem, const std::function<void()> &body);
 
 #define LAUNCH(kernel, grid, block, shmem, stream, ...)                                                                \
-    emu_launch(dim3(grid), dim3(block), (size_t)(shmem), [=]() { kernel(__VA_ARGS__); })
+    (emu_stream_order(stream), emu_launch(dim3(grid), dim3(block), (size_t)(shmem), [=]() { kernel(__VA_ARGS__); }))
 
 #endif

@@ -1,7 +1,7 @@
 /* runtime_emu.c: the CUDA runtime and cuBLAS entry points the backend and tests/test_cuda.c call,
  * on host memory, for the host emulation (`make check-cuda-emu`; linked instead of libcudart and
- * libcublas). One "device", synchronous: every copy and GEMM is done when the call returns, so every
- * event is complete. The GEMMs are the BLAS definition, column-major, in double; with
+ * libcublas). One "device", synchronous: every kernel, GEMM and copy is done when the call returns, except
+ * that a copy into pinned host memory on a stream lands only when the host synchronises with it (below). The GEMMs are the BLAS definition, column-major, in double; with
  * CUBLAS_COMPUTE_32F_FAST_16BF the inputs are first rounded to bf16 (nearest even), as tensor cores
  * would. Test builds only: never part of libscmoe_cuda.a. */
 #define _DEFAULT_SOURCE /* MAP_ANONYMOUS */
@@ -21,7 +21,12 @@ cudaError_t cudaGetDeviceCount(int *count) {
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 cudaError_t cudaPeekAtLastError(void) { return cudaSuccess; }
 const char *cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated error"; }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+static int land(cudaStream_t s, unsigned long ticket);
+static unsigned long tickets; /* deferred copies so far (below) */
+cudaError_t cudaDeviceSynchronize(void) {
+    land(NULL, tickets);
+    return cudaSuccess;
+}
 cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 
 /* ---- device memory the host cannot touch ----
@@ -125,6 +130,7 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
     return device_alloc(p, bytes, 0);
 }
 cudaError_t cudaFree(void *p) {
+    land(NULL, tickets); /* nothing lands in freed memory */
     for (size_t i = 0; p && i < n_blocks; i++)
         if (blocks[i].p == p) {
             if (blocks[i].len) munmap(p, blocks[i].len);
@@ -159,6 +165,73 @@ static int in_device_block(const void *p) {
     return 0;
 }
 
+/* ---- copies to MPI's buffers land late ----
+ * A device copies asynchronously: what a cudaMemcpyAsync from device memory into pinned host memory
+ * (compute_ops.copy_out: the gradient buckets, the exchanges' peer blocks) writes is there only once the
+ * host has learnt it landed. So here such a copy reads its source when enqueued (every kernel before it
+ * has run: launches are synchronous) but writes its destination only when the host synchronises with it:
+ * cudaEventSynchronize or a cudaEventQuery that says cudaSuccess for an event recorded after it on its
+ * stream, cudaStreamSynchronize of its stream, a cudaStreamWaitEvent on such an event (the device waits:
+ * the kernels after it may read the destination), a later copy, launch or GEMM on its stream (streams
+ * run in order: emu_stream_order), or a free. MPI reading the buffer before then reads the old bytes, as it could on a device.
+ * emu_copy_polls(n): an event then answers cudaErrorNotReady to its first n queries after each record
+ * while it still has copies to land (default 0: the first query lands them). emu_copy_counts: the
+ * queries so far, and the waits that found copies not yet landed (where the host blocked on a device). */
+typedef struct emu_pending {
+    void *dst, *data;
+    size_t bytes;
+    cudaStream_t stream;
+    unsigned long ticket;
+} emu_pending;
+static emu_pending *pending;
+static size_t n_pending, cap_pending;
+static long copy_polls;
+static size_t event_queries, event_blocks;
+
+void emu_copy_polls(long n) { copy_polls = n; }
+void emu_stream_order(cudaStream_t s) { land(s, tickets); }
+void emu_copy_counts(size_t *queries, size_t *waits) {
+    *queries = event_queries;
+    *waits = event_blocks;
+}
+
+struct emu_event {
+    cudaStream_t stream;
+    unsigned long ticket; /* the last deferred copy enqueued before its record (0: none) */
+    long polls;           /* NotReady answers left */
+};
+
+/* lands the pending copies of stream s (NULL: every stream) up to ticket; whether there were any */
+static int land(cudaStream_t s, unsigned long ticket) {
+    int any = 0;
+    size_t kept = 0;
+    for (size_t i = 0; i < n_pending; i++) {
+        emu_pending *c = &pending[i];
+        if ((s && c->stream != s) || c->ticket > ticket) {
+            pending[kept++] = *c;
+            continue;
+        }
+        memcpy(c->dst, c->data, c->bytes);
+        free(c->data);
+        any = 1;
+    }
+    n_pending = kept;
+    return any;
+}
+static int has_pending(cudaStream_t s, unsigned long ticket) {
+    for (size_t i = 0; i < n_pending; i++)
+        if ((!s || pending[i].stream == s) && pending[i].ticket <= ticket) return 1;
+    return 0;
+}
+
+static int in_pinned_block(const void *p) {
+    for (size_t i = 0; i < n_blocks; i++)
+        if (!blocks[i].device && (const char *)p >= (const char *)blocks[i].p &&
+            (const char *)p < (const char *)blocks[i].p + blocks[i].bytes)
+            return 1;
+    return 0;
+}
+
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind) {
     (void)kind;
     if (bytes && in_device_block(src) && !in_device_block(dst)) to_host_copies++;
@@ -174,13 +247,29 @@ static long copies_before_failure = -1;
 void emu_fail_copy_after(long after) { copies_before_failure = after; }
 
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind, cudaStream_t s) {
-    (void)s;
     if (copies_before_failure == 0) {
         copies_before_failure = -1;
         return cudaErrorInvalidValue;
     }
     if (copies_before_failure > 0) copies_before_failure--;
-    return cudaMemcpy(dst, src, bytes, kind);
+    land(s, tickets);
+    if (!s || !bytes || !in_device_block(src) || !in_pinned_block(dst)) return cudaMemcpy(dst, src, bytes, kind);
+    if (n_pending == cap_pending) {
+        size_t cap = cap_pending ? 2 * cap_pending : 64;
+        emu_pending *q = realloc(pending, sizeof *q * cap);
+        if (!q) return cudaErrorMemoryAllocation;
+        pending = q;
+        cap_pending = cap;
+    }
+    void *data = malloc(bytes);
+    if (!data) return cudaErrorMemoryAllocation;
+    to_host_copies++;
+    emu_device_enter();
+    count_uninit(src, bytes);
+    memcpy(data, src, bytes);
+    emu_device_leave();
+    pending[n_pending++] = (emu_pending){dst, data, bytes, s, ++tickets};
+    return cudaSuccess;
 }
 cudaError_t cudaMemset(void *p, int v, size_t bytes) {
     emu_device_enter();
@@ -193,28 +282,28 @@ cudaError_t cudaMemsetAsync(void *p, int v, size_t bytes, cudaStream_t s) {
     return cudaMemset(p, v, bytes);
 }
 
-/* streams and events are tokens: everything is already complete */
+/* streams are tokens; every launch is done when it returns, copies to pinned memory when landed */
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags) {
     (void)flags;
     *s = (cudaStream_t)malloc(1);
     return *s ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    land(s, tickets);
     free(s);
     return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-    (void)s;
+    if (land(s, tickets)) event_blocks++;
     return cudaSuccess;
 }
-/* every launch and copy is done when it returns */
 cudaError_t cudaStreamQuery(cudaStream_t s) {
-    (void)s;
+    land(s, tickets);
     return cudaSuccess;
 }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int flags) {
     (void)flags;
-    *e = (cudaEvent_t)malloc(1);
+    *e = (cudaEvent_t)calloc(1, sizeof(struct emu_event));
     return *e ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
@@ -222,22 +311,32 @@ cudaError_t cudaEventDestroy(cudaEvent_t e) {
     return cudaSuccess;
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-    (void)e;
-    (void)s;
+    struct emu_event *v = (struct emu_event *)e;
+    v->stream = s;
+    v->ticket = tickets;
+    v->polls = copy_polls;
     return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-    (void)e;
+    struct emu_event *v = (struct emu_event *)e;
+    if (land(v->stream, v->ticket)) event_blocks++;
     return cudaSuccess;
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
-    (void)e;
+    struct emu_event *v = (struct emu_event *)e;
+    event_queries++;
+    if (has_pending(v->stream, v->ticket) && v->polls > 0) {
+        v->polls--;
+        return cudaErrorNotReady;
+    }
+    land(v->stream, v->ticket);
     return cudaSuccess;
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned int flags) {
+    struct emu_event *v = (struct emu_event *)e;
     (void)s;
-    (void)e;
     (void)flags;
+    land(v->stream, v->ticket);
     return cudaSuccess;
 }
 
@@ -313,7 +412,7 @@ static cublasStatus_t gemm(cublasOperation_t ta, cublasOperation_t tb, int m, in
 cublasStatus_t cublasSgemm_v2(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                               const float *alpha, const float *A, int lda, const float *B, int ldb, const float *beta,
                               float *C, int ldc) {
-    (void)h;
+    emu_stream_order(h->stream);
     emu_device_enter();
     cublasStatus_t st = gemm(ta, tb, m, n, k, *alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F, ldb, *beta, C, ldc, 0);
     emu_device_leave();
@@ -324,8 +423,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
                             const void *alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt,
                             int ldb, const void *beta, void *C, cudaDataType ct, int ldc, cublasComputeType_t compute,
                             cublasGemmAlgo_t algo) {
-    (void)h;
     (void)algo;
+    emu_stream_order(h->stream);
     if (ct != CUDA_R_32F || (at != CUDA_R_32F && at != CUDA_R_16BF) || (bt != CUDA_R_32F && bt != CUDA_R_16BF) ||
         (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF))
         return CUBLAS_STATUS_NOT_SUPPORTED;
@@ -344,7 +443,7 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperatio
                                           const void *const B[], cudaDataType bt, const int ldb[], const void *beta,
                                           void *const C[], cudaDataType ct, const int ldc[], int group_count,
                                           const int group_size[], cublasComputeType_t compute) {
-    (void)h;
+    emu_stream_order(h->stream);
     if (ct != CUDA_R_32F || at != bt || (at != CUDA_R_32F && at != CUDA_R_16BF) ||
         (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_FAST_16BF))
         return CUBLAS_STATUS_NOT_SUPPORTED;
