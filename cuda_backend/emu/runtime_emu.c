@@ -98,14 +98,19 @@ void emu_device_leave(void) {
     if (--depth == 0 && protecting) protect_all(PROT_NONE);
 }
 
+/* Room for element n of *arr (capacity *cap elements of elem bytes), doubling from 64; -1: out of memory. */
+static int grow(void **arr, size_t *cap, size_t n, size_t elem) {
+    if (n < *cap) return 0;
+    size_t c = *cap ? 2 * *cap : 64;
+    void *a = realloc(*arr, elem * c);
+    if (!a) return -1;
+    *arr = a;
+    *cap = c;
+    return 0;
+}
+
 static cudaError_t device_alloc(void **p, size_t bytes, int pinned) {
-    if (n_blocks == cap_blocks) {
-        size_t cap = cap_blocks ? 2 * cap_blocks : 64;
-        emu_block *b = realloc(blocks, sizeof *b * cap);
-        if (!b) return cudaErrorMemoryAllocation;
-        blocks = b;
-        cap_blocks = cap;
-    }
+    if (grow((void **)&blocks, &cap_blocks, n_blocks, sizeof *blocks)) return cudaErrorMemoryAllocation;
     size_t len = 0;
     if (protecting && !pinned) {
         len = (bytes + 4095) & ~(size_t)4095;
@@ -254,13 +259,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t bytes, enum cudaM
     if (copies_before_failure > 0) copies_before_failure--;
     land(s, tickets);
     if (!s || !bytes || !in_device_block(src) || !in_pinned_block(dst)) return cudaMemcpy(dst, src, bytes, kind);
-    if (n_pending == cap_pending) {
-        size_t cap = cap_pending ? 2 * cap_pending : 64;
-        emu_pending *q = realloc(pending, sizeof *q * cap);
-        if (!q) return cudaErrorMemoryAllocation;
-        pending = q;
-        cap_pending = cap;
-    }
+    if (grow((void **)&pending, &cap_pending, n_pending, sizeof *pending)) return cudaErrorMemoryAllocation;
     void *data = malloc(bytes);
     if (!data) return cudaErrorMemoryAllocation;
     to_host_copies++;
