@@ -685,6 +685,17 @@ static scmoe_status input_fail(moe_layer *m, scmoe_status local, int n) {
  * GLOBAL's token-count scan) */
 static const scmoe_status input_errors[3] = {SCMOE_ERR_N_TOKENS, SCMOE_ERR_NULL, SCMOE_ERR_NONFINITE};
 
+/* ranks[i]: how many ranks reported input_errors[i]. Every rank returns the same status, the largest any
+ * rank reported (as scmoe__status_agree), or OK if none did. */
+static scmoe_status agreed_input_error(moe_layer *m, const double ranks[3]) {
+    scmoe_status bad = SCMOE_OK;
+    for (int i = 0; i < 3; i++)
+        if (ranks[i] > 0 && input_errors[i] > bad) bad = input_errors[i];
+    if (!bad) return SCMOE_OK;
+    return scmoe__fail(m->ctx, bad, "%.0f rank(s) rejected their input: %s", ranks[0] + ranks[1] + ranks[2],
+                       scmoe_strerror(bad));
+}
+
 /* ---- capacity over the global batch (GLOBAL), BATCH priority: the whole batch's records on every rank ---- */
 
 /* Every rank says how many tokens it has, or that its input is bad (-status): no rank enters an
@@ -793,13 +804,7 @@ static scmoe_status stats_finish(moe_layer *m) {
     if (st) return st;
     int E = m->E;
     const double *ls = m->lcap.lstats;
-    scmoe_status bad = SCMOE_OK; /* as scmoe__status_agree: the largest status any rank reported */
-    for (int i = 0; i < 3; i++)
-        if (ls[3 * E + 2 + i] > 0 && input_errors[i] > bad) bad = input_errors[i];
-    if (bad) {
-        double ranks = ls[3 * E + 2] + ls[3 * E + 3] + ls[3 * E + 4];
-        return scmoe__fail(m->ctx, bad, "%.0f rank(s) rejected their input: %s", ranks, scmoe_strerror(bad));
-    }
+    if ((st = agreed_input_error(m, ls + 3 * E + 2))) return st;
     route_plan *pl = &m->plan;
     pl->tokens = (int64_t)ls[3 * E + 1];
     pl->dropped = pl->tokens * m->k;
@@ -1047,12 +1052,8 @@ static scmoe_status agree_token_scan(moe_layer *m, int n, scmoe_status local, in
     if (!s) s = comm_wait(w, req);
     if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
     if (local) return input_fail(m, local, n);
-    scmoe_status bad = SCMOE_OK;
-    for (int i = 0; i < 3; i++)
-        if (tot[1 + i] > 0 && input_errors[i] > bad) bad = input_errors[i];
-    if (bad)
-        return scmoe__fail(m->ctx, bad, "%lld rank(s) rejected their input: %s", (long long)(tot[1] + tot[2] + tot[3]),
-                           scmoe_strerror(bad));
+    double ranks[3] = {(double)tot[1], (double)tot[2], (double)tot[3]};
+    if ((s = agreed_input_error(m, ranks))) return s;
     if (pre[0] < 0 || tot[0] < pre[0] + n || tot[0] > (int64_t)m->max_tokens * w->size) /* not counts: out of step */
         return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
                            "the token counts' scan gave %lld before this rank of %lld in all: "
