@@ -1197,6 +1197,24 @@ static void route_choices(int *choice, int32_t *rec, int n, int E, int k) {
         }
 }
 
+/* route.c's plan of n tokens (E <= 64, ep <= 8) and its buffers; counts_words: the counts message */
+typedef struct {
+    route_plan pl;
+    int64_t count[64], kept[64];
+    int cursor[64], sc[8], sd[8], *slot;
+    int32_t *counts;
+    void *work;
+} host_route;
+static void host_route_init(host_route *h, int n, int k, int counts_words) {
+    memset(&h->pl, 0, sizeof h->pl);
+    h->slot = calloc((size_t)n * k + 1, sizeof(int));
+    h->counts = calloc((size_t)counts_words, sizeof(int32_t));
+    h->work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
+    h->pl.expert_count = h->count, h->pl.expert_kept = h->kept, h->pl.slot = h->slot, h->pl.cursor = h->cursor;
+    h->pl.send_counts = h->sc, h->pl.send_displs = h->sd;
+}
+static void host_route_free(host_route *h) { free(h->slot), free(h->counts), free(h->work); }
+
 /* scmoe__cuda_route_local against route.c's scmoe__route_plan_local_send (TOKEN and BATCH priority) and
  * moe.c's sums: slots, the counts message, kept and top-1 counts and the double sums, all bit for bit;
  * skewed choices so that some experts receive nothing, capacities that drop (0 included) and dropless.
@@ -1227,14 +1245,13 @@ static void dev_route(void) {
             memcpy(&rec[(size_t)t * (k + 1) + k], &score[t], sizeof(float));
         }
         /* the host's plan */
-        route_plan pl = {0};
-        int64_t count[64], kept_h[64];
-        int *slot_h = calloc((size_t)n * k + 1, sizeof(int)), cursor[64], sc[8], sd[8];
-        int32_t *counts_h = calloc((size_t)ep * msg, sizeof(int32_t));
-        void *work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
-        pl.expert_count = count, pl.expert_kept = kept_h, pl.slot = slot_h, pl.cursor = cursor;
-        pl.send_counts = sc, pl.send_displs = sd;
-        scmoe__route_plan_local_send(&pl, work, rec, n, ep, E, k, batch ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN,
+        host_route h;
+        host_route_init(&h, n, k, ep * msg);
+        route_plan *pl = &h.pl;
+        int64_t *count = h.count, *kept_h = h.kept;
+        int *slot_h = h.slot;
+        int32_t *counts_h = h.counts;
+        scmoe__route_plan_local_send(pl, h.work, rec, n, ep, E, k, batch ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN,
                                      cap, counts_h);
         double gsum_h[65] = {0};
         int top1_h[64] = {0};
@@ -1280,7 +1297,8 @@ static void dev_route(void) {
               same_slot ? "equal" : "DIFFER", same_counts ? "equal" : "DIFFER", same_kept ? "equal" : "DIFFER",
               same_sums ? "equal" : "DIFFER", *seq);
         cudaFreeHost(pin);
-        free(rec), free(choice), free(p), free(lse), free(score), free(slot_h), free(counts_h), free(work), free(slot);
+        host_route_free(&h);
+        free(rec), free(choice), free(p), free(lse), free(score), free(slot);
         dev_free_all();
     }
 }
@@ -1322,14 +1340,10 @@ static void dev_route_global(void) {
             }
         base[kE] = cap;
         /* the host's plan */
-        route_plan pl = {0};
-        int64_t count[64], kept_h[64];
-        int *slot_h = calloc((size_t)n * k + 1, sizeof(int)), cursor[64], sc[8], sd[8];
-        int32_t *counts_h = calloc((size_t)ep * msg, sizeof(int32_t));
-        void *work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
-        pl.expert_count = count, pl.expert_kept = kept_h, pl.slot = slot_h, pl.cursor = cursor;
-        pl.send_counts = sc, pl.send_displs = sd;
-        scmoe__route_plan_global_send(&pl, work, rec, n, ep, E, k, prefix, total, S, cap, counts_h);
+        host_route h;
+        host_route_init(&h, n, k, ep * msg);
+        int *slot_h = h.slot;
+        scmoe__route_plan_global_send(&h.pl, h.work, rec, n, ep, E, k, prefix, total, S, cap, h.counts);
         int dropped = 0;
         for (int a = 0; a < n * k; a++) dropped += slot_h[a] < 0;
         /* the device's two halves */
@@ -1364,7 +1378,8 @@ static void dev_route_global(void) {
               cap == INT64_MAX ? -1LL : (long long)cap, dropped, same_slot ? "equal" : "DIFFER",
               same_counts ? "equal" : "DIFFER");
         cudaFreeHost(pin);
-        free(rec), free(choice), free(p), free(lse), free(slot_h), free(counts_h), free(work), free(slot);
+        host_route_free(&h);
+        free(rec), free(choice), free(p), free(lse), free(slot);
         dev_free_all();
     }
 }
