@@ -254,6 +254,16 @@ cudaError_t scmoe__cuda_route_local(const int *choice, const float *p, const flo
                                     int32_t *counts, double *gsum, int32_t *top1, int32_t *kept, uint32_t *seq,
                                     uint32_t seq_value, cudaStream_t s);
 
+/* [scmoe__route_plan_global_send's slots] GLOBAL capacity with TOKEN priority over several ranks, the
+ * second half: after scmoe__cuda_route_local(choice, ..., score NULL, capacity INT64_MAX, slot, work, ...)
+ * on the same stream (its counts message: my round counts, for the host's scan over the ranks), and base
+ * [k E + 1] on the device: base[j E + e] = sum_{j' < j} total[j', e] + prefix[j, e] (total: every rank's
+ * round-j assignments to e; prefix: the ranks' before mine), base[k E] = the capacity C (INT64_MAX:
+ * dropless). Rewrites slot [n, k] into the global plan's send rows (-1 dropped). work: the first half's,
+ * (3 k + 2) E ints (its cnt and start read, 2 k E more written). */
+cudaError_t scmoe__cuda_route_global_slots(const int *choice, int n, int E, int k, const int64_t *base, int *slot,
+                                           int *work, cudaStream_t s);
+
 /* ================================================================= the compute table (compute_cuda.c) */
 
 /* compute.h's table on one stream (that of cb, which it does not own): device memory from cudaMalloc,

@@ -1021,3 +1021,54 @@ extern "C" cudaError_t scmoe__cuda_route_local(const int *choice, const float *p
         LAUNCH(k_route_slots, grid_for(nk, THREADS), THREADS, 0, s, slot, choice, start, nk, (long long)capacity);
     return cudaGetLastError();
 }
+
+/* GLOBAL capacity, TOKEN priority, over several ranks: route.c's scmoe__route_plan_global_send, in two
+ * halves around the host's scan of the round counts over the ranks. The first half is
+ * scmoe__cuda_route_local with capacity INT64_MAX and TOKEN priority: it leaves in work the round counts
+ * cnt [k][E] of my tokens and start[e] = sum_{e' < e} sum_j cnt[j, e'], in slot my locations among my
+ * own assignments, slot[t, j] = start[e] + sum_{j' < j} cnt[j', e] + pos[t, j] (pos: my earlier tokens
+ * that chose e in round j), and in the counts message the round counts for the host. The host scans them
+ * over the ranks and sends down base [k E + 1]: base[j E + e] = sum_{j' < j} total[j', e] + prefix[j, e],
+ * the global location of my first round-j assignment to e, and base[k E] = C. Then route.c's
+ *
+ *   loc = base[j, e] + pos,  kept iff loc < C,  so  kept[j, e] = clamp(C - base[j, e], 0, cnt[j, e])
+ *
+ * kept rows of round j are my first kept[j, e] of that round, and the send block of e holds them by
+ * round, then pos: slot = sum_{e' < e} sum_j kept[j, e'] + sum_{j' < j} kept[j', e] + pos. One block
+ * tabulates, per (j, e), delta = that slot minus the first half's value at pos 0, and lim = the first
+ * half's value at pos = kept[j, e]; a grid then rewrites each slot s as s < lim ? s + delta : -1. */
+__global__ static void k_route_global_table(const int *cnt, const int *start, const long long *base, int E, int k,
+                                            int *delta, int *lim) {
+    if (threadIdx.x != 0) return; /* k E entries, a running sum: one thread */
+    long long C = base[(size_t)k * E];
+    for (int e = 0, s = 0; e < E; e++)
+        for (int j = 0, mine = start[e]; j < k; j++) {
+            int c = cnt[j * E + e];
+            long long room = C - base[j * E + e];
+            int kj = room <= 0 ? 0 : room < c ? (int)room : c;
+            delta[j * E + e] = s - mine;
+            lim[j * E + e] = mine + kj;
+            s += kj;
+            mine += c;
+        }
+}
+
+__global__ static void k_route_global_slots(int *slot, const int *choice, const int *delta, const int *lim, int E,
+                                            int k, long nk) {
+    for (long a = (long)blockIdx.x * blockDim.x + threadIdx.x; a < nk; a += (long)gridDim.x * blockDim.x) {
+        int i = (int)(a % k) * E + choice[a], s = slot[a];
+        slot[a] = s < lim[i] ? s + delta[i] : -1;
+    }
+}
+
+extern "C" cudaError_t scmoe__cuda_route_global_slots(const int *choice, int n, int E, int k, const int64_t *base,
+                                                      int *slot, int *work, cudaStream_t s) {
+    CHECK_ARGS(n >= 0 && E >= 1 && k >= 1 && k <= E && base && work);
+    CHECK_ARGS(n == 0 || (choice && slot));
+    long nk = (long)n * k;
+    if (nk == 0) return cudaSuccess;
+    int *cnt = work, *start = work + (size_t)k * E + E, *delta = start + E, *lim = delta + (size_t)k * E;
+    LAUNCH(k_route_global_table, 1, 32, 0, s, cnt, start, (const long long *)base, E, k, delta, lim);
+    LAUNCH(k_route_global_slots, grid_for(nk, THREADS), THREADS, 0, s, slot, choice, delta, lim, E, k, nk);
+    return cudaGetLastError();
+}

@@ -1182,6 +1182,39 @@ static void dev_gemm_bf16_scratch(void) {
     dev_free_all();
 }
 
+/* n tokens' k distinct experts of E, the upper half of them rarely chosen (some experts receive
+ * nothing): into choice [n, k] and the records' first k words (stride k + 1) */
+static void route_choices(int *choice, int32_t *rec, int n, int E, int k) {
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < k; j++) {
+            int e, dup;
+            do {
+                e = (int)((frand() + 1.0f) * 0.5f * (frand() > 0.8f ? E : (E + 1) / 2)) % E;
+                dup = 0;
+                for (int i = 0; i < j; i++) dup |= choice[t * k + i] == e;
+            } while (dup);
+            choice[t * k + j] = rec[(size_t)t * (k + 1) + j] = e;
+        }
+}
+
+/* route.c's plan of n tokens (E <= 64, ep <= 8) and its buffers; counts_words: the counts message */
+typedef struct {
+    route_plan pl;
+    int64_t count[64], kept[64];
+    int cursor[64], sc[8], sd[8], *slot;
+    int32_t *counts;
+    void *work;
+} host_route;
+static void host_route_init(host_route *h, int n, int k, int counts_words) {
+    memset(&h->pl, 0, sizeof h->pl);
+    h->slot = calloc((size_t)n * k + 1, sizeof(int));
+    h->counts = calloc((size_t)counts_words, sizeof(int32_t));
+    h->work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
+    h->pl.expert_count = h->count, h->pl.expert_kept = h->kept, h->pl.slot = h->slot, h->pl.cursor = h->cursor;
+    h->pl.send_counts = h->sc, h->pl.send_displs = h->sd;
+}
+static void host_route_free(host_route *h) { free(h->slot), free(h->counts), free(h->work); }
+
 /* scmoe__cuda_route_local against route.c's scmoe__route_plan_local_send (TOKEN and BATCH priority) and
  * moe.c's sums: slots, the counts message, kept and top-1 counts and the double sums, all bit for bit;
  * skewed choices so that some experts receive nothing, capacities that drop (0 included) and dropless.
@@ -1204,16 +1237,7 @@ static void dev_route(void) {
         int32_t *rec = calloc((size_t)n * (k + 1) + 1, sizeof *rec), *choice = calloc((size_t)n * k + 1, sizeof(int));
         float *p = fnew((size_t)n * E + 1, 0.5f), *lse = fnew((size_t)n + 1, 4.0f);
         for (size_t i = 0; i < (size_t)n * E; i++) p[i] += 0.5f;
-        for (int t = 0; t < n; t++) /* k distinct experts, the upper half of them rarely chosen */
-            for (int j = 0; j < k; j++) {
-                int e, dup;
-                do {
-                    e = (int)((frand() + 1.0f) * 0.5f * (frand() > 0.8f ? E : (E + 1) / 2)) % E;
-                    dup = 0;
-                    for (int i = 0; i < j; i++) dup |= choice[t * k + i] == e;
-                } while (dup);
-                choice[t * k + j] = rec[(size_t)t * (k + 1) + j] = e;
-            }
+        route_choices(choice, rec, n, E, k);
         float *score = fnew((size_t)n + 1, 1.0f);
         for (int t = 0; t < n; t++) {
             float r = frand(); /* in [-1, 1): 9 levels, NaN and the zeros among them */
@@ -1221,14 +1245,13 @@ static void dev_route(void) {
             memcpy(&rec[(size_t)t * (k + 1) + k], &score[t], sizeof(float));
         }
         /* the host's plan */
-        route_plan pl = {0};
-        int64_t count[64], kept_h[64];
-        int *slot_h = calloc((size_t)n * k + 1, sizeof(int)), cursor[64], sc[8], sd[8];
-        int32_t *counts_h = calloc((size_t)ep * msg, sizeof(int32_t));
-        void *work = malloc(scmoe__route_workspace_bytes(n, k) + 1);
-        pl.expert_count = count, pl.expert_kept = kept_h, pl.slot = slot_h, pl.cursor = cursor;
-        pl.send_counts = sc, pl.send_displs = sd;
-        scmoe__route_plan_local_send(&pl, work, rec, n, ep, E, k, batch ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN,
+        host_route h;
+        host_route_init(&h, n, k, ep * msg);
+        route_plan *pl = &h.pl;
+        int64_t *count = h.count, *kept_h = h.kept;
+        int *slot_h = h.slot;
+        int32_t *counts_h = h.counts;
+        scmoe__route_plan_local_send(pl, h.work, rec, n, ep, E, k, batch ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN,
                                      cap, counts_h);
         double gsum_h[65] = {0};
         int top1_h[64] = {0};
@@ -1274,7 +1297,89 @@ static void dev_route(void) {
               same_slot ? "equal" : "DIFFER", same_counts ? "equal" : "DIFFER", same_kept ? "equal" : "DIFFER",
               same_sums ? "equal" : "DIFFER", *seq);
         cudaFreeHost(pin);
-        free(rec), free(choice), free(p), free(lse), free(score), free(slot_h), free(counts_h), free(work), free(slot);
+        host_route_free(&h);
+        free(rec), free(choice), free(p), free(lse), free(score), free(slot);
+        dev_free_all();
+    }
+}
+
+/* GLOBAL capacity with TOKEN priority over several ranks: scmoe__cuda_route_local (dropless, TOKEN) then
+ * scmoe__cuda_route_global_slots against route.c's scmoe__route_plan_global_send, bit for bit: the slots,
+ * and the first half's counts message against scmoe__route_round_counts (what the host scans). The other
+ * ranks' round counts are drawn at random (prefix 0 and total = mine: the first, or only, rank), the
+ * capacities cut inside my block of some (round, expert), drop everything (0), or nothing (dropless). */
+static void dev_route_global(void) {
+    if (!have_gpu) {
+        skip("GLOBAL capacity routed on the device over several ranks vs route.c (slots, round counts)");
+        return;
+    }
+    static const struct {
+        int n, E, k, ep, others;
+        int64_t cap;
+    } cs[] = {{200, 8, 2, 2, 1, 60}, {200, 8, 2, 1, 1, INT64_MAX}, {37, 4, 1, 4, 1, 20},    {0, 4, 2, 2, 1, 10},
+              {300, 16, 4, 4, 1, 0}, {129, 8, 2, 2, 0, 40},        {1000, 6, 3, 3, 1, 700}, {1, 4, 2, 2, 1, 3},
+              {64, 4, 2, 2, 0, 24},  {500, 8, 2, 4, 1, 150},       {400, 8, 2, 2, 1, 180}};
+    const int n_cs = (int)(sizeof cs / sizeof *cs);
+    for (int c = 0; c < n_cs; c++) {
+        int n = cs[c].n, E = cs[c].E, k = cs[c].k, ep = cs[c].ep, El = E / ep, msg = 1 + El * k, kE = k * E;
+        int64_t cap = cs[c].cap, prefix[64], total[64], mine[64], base[65], S = n;
+        int32_t *rec = calloc((size_t)n * (k + 1) + 1, sizeof *rec);
+        int *choice = calloc((size_t)n * k + 1, sizeof(int));
+        route_choices(choice, rec, n, E, k);
+        scmoe__route_round_counts(mine, rec, n, E, k);
+        for (int i = 0; i < kE; i++) { /* the ranks before mine, then those after */
+            int spread = 3 * n / E + 2;
+            prefix[i] = cs[c].others ? (int64_t)((frand() + 1.0f) * 0.5f * spread) : 0;
+            total[i] = prefix[i] + mine[i] + (cs[c].others ? (int64_t)((frand() + 1.0f) * 0.5f * spread) : 0);
+        }
+        for (int e = 0; e < E; e++) S += cs[c].others ? total[e] - mine[e] : 0;
+        for (int e = 0; e < E; e++)
+            for (int j = 0, done = 0; j < k; j++) {
+                base[j * E + e] = done + prefix[j * E + e];
+                done += (int)total[j * E + e];
+            }
+        base[kE] = cap;
+        /* the host's plan */
+        host_route h;
+        host_route_init(&h, n, k, ep * msg);
+        int *slot_h = h.slot;
+        scmoe__route_plan_global_send(&h.pl, h.work, rec, n, ep, E, k, prefix, total, S, cap, h.counts);
+        int dropped = 0;
+        for (int a = 0; a < n * k; a++) dropped += slot_h[a] < 0;
+        /* the device's two halves */
+        float *p = fnew((size_t)n * E + 1, 0.5f), *lse = fnew((size_t)n + 1, 4.0f);
+        int *d_choice = dupi(choice, (size_t)n * k), *d_slot = dalloc(sizeof(int) * ((size_t)n * k + 1));
+        float *d_p = dupf(p, (size_t)n * E), *d_lse = dupf(lse, n);
+        int *d_work = dalloc(sizeof(int) * (size_t)(3 * k + 2) * E);
+        double *d_sum = dalloc(sizeof(double) * (E + 1));
+        int64_t *d_base = dalloc(sizeof(int64_t) * (kE + 1));
+        char *pin = NULL;
+        size_t pin_bytes = sizeof(int32_t) * ((size_t)ep * msg + 2 * E) + sizeof(double) * (E + 1) + 8;
+        if (cudaHostAlloc((void **)&pin, pin_bytes, cudaHostAllocMapped) != cudaSuccess) {
+            CHECK(0, "cudaHostAlloc for the route summary");
+            break;
+        }
+        double *gsum = (double *)pin;
+        int32_t *counts = (int32_t *)(gsum + E + 1), *top1 = counts + (size_t)ep * msg, *kept = top1 + E;
+        uint32_t *seq = (uint32_t *)(kept + E);
+        int ok = scmoe__cuda_route_local(d_choice, d_p, d_lse, NULL, n, E, k, ep, INT64_MAX, d_slot, d_work, d_sum,
+                                         counts, gsum, top1, kept, seq, 1, stream) == cudaSuccess;
+        ok &= cudaMemcpyAsync(d_base, base, sizeof(int64_t) * (kE + 1), cudaMemcpyHostToDevice, stream) == cudaSuccess;
+        ok &= scmoe__cuda_route_global_slots(d_choice, n, E, k, d_base, d_slot, d_work, stream) == cudaSuccess;
+        int *slot = calloc((size_t)n * k + 1, sizeof(int));
+        ok &= get(slot, d_slot, sizeof(int) * (size_t)n * k);
+        int same_slot = !memcmp(slot, slot_h, sizeof(int) * (size_t)n * k), same_counts = 1;
+        for (int e = 0; e < E; e++)
+            for (int j = 0; j < k; j++) same_counts &= counts[(e / El) * msg + 1 + (e % El) * k + j] == mine[j * E + e];
+        CHECK(ok && *seq == 1 && same_slot && same_counts,
+              "GLOBAL route on the device: %d tokens, %d experts, top-%d, %d ranks, %s, capacity %lld (%d of mine "
+              "dropped): slots %s, round counts %s",
+              n, E, k, ep, cs[c].others ? "other ranks before and after" : "the first rank alone",
+              cap == INT64_MAX ? -1LL : (long long)cap, dropped, same_slot ? "equal" : "DIFFER",
+              same_counts ? "equal" : "DIFFER");
+        cudaFreeHost(pin);
+        host_route_free(&h);
+        free(rec), free(choice), free(p), free(lse), free(slot);
         dev_free_all();
     }
 }
@@ -1319,6 +1424,7 @@ int main(void) {
     dev_expert_bias();
     dev_gemm_bf16_scratch();
     dev_route();
+    dev_route_global();
     if (cb) scmoe__cuda_blas_destroy(cb);
 #ifdef SCMOE_CUDA_EMU
     const void *first = NULL;
