@@ -128,7 +128,9 @@ static scmoe_status dispatch_ensure(moe_layer *m) {
 static scmoe_status dispatch_next(moe_layer *m) {
     int s = m->xch.next_dispatch;
     if (s == first_dispatch(m))
-        return m->droute.pending || (m->lcap.counts_pending && !m->lcap.xcount.t_done) ? SCMOE_OK : dispatch_ensure(m);
+        return m->droute.pending || m->gcount.scanning || (m->lcap.counts_pending && !m->lcap.xcount.t_done)
+                   ? SCMOE_OK
+                   : dispatch_ensure(m);
     if (s >= m->plan.n_stages || !m->xch.xd[s - 1].t_done) return SCMOE_OK;
     m->xch.next_dispatch++;
     return scmoe__moe_exchange_start(m, s, 0);
@@ -144,7 +146,8 @@ void scmoe__moe_release(moe_layer *m) {
 void scmoe__moe_poll(void *arg) {
     moe_layer *m = arg;
     int next = m->xch.next_dispatch;
-    if (m->droute.pending && next != MOE_MAX_STAGES && !m->xch.deferred) m->xch.deferred = droute_check(m, 0);
+    if ((m->droute.pending || m->gcount.scanning) && next != MOE_MAX_STAGES && !m->xch.deferred)
+        m->xch.deferred = droute_check(m, 0);
     if (m->lcap.counts_pending) test_one(&m->lcap.xcount);
     scmoe__moe_release(m);
     if (m->ep->progress == SCMOE_PROGRESS_POLL) {
@@ -322,6 +325,10 @@ static int mirrors_match(const moe_layer *m) {
            (const char *)m->plan_d.recv_to_expert - c0 == (const char *)m->plan.recv_to_expert - ch0;
 }
 
+/* The receive side comes from a counts message to the group (capacity LOCAL, or GLOBAL with TOKEN
+ * priority); else (GLOBAL with BATCH priority) every rank plans from every rank's records. */
+static int counts_message(const moe_layer *m) { return m->local_cap || m->gcount.on; }
+
 /* The workspace in four arenas: host (the plan and what host code reads), device (activations and
  * expert rows), exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI) and
  * pinned (mapped memory: what the device's routing plan writes for the host, droute, the counts
@@ -330,7 +337,7 @@ static int mirrors_match(const moe_layer *m) {
  * host backend they are the same arrays. */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
-    int gather = !m->local_cap && !m->gcount.on;                   /* every rank's records on every rank */
+    int gather = !counts_message(m);                               /* every rank's records on every rank */
     int64_t S_max = (int64_t)m->max_tokens * (gather ? world : 1); /* the tokens one rank plans */
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
     int ns = scmoe__route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
@@ -365,7 +372,7 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
         m->gather.rec_displs = scmoe__arena_take(H, i4 * world);
     }
     m->gsum = scmoe__arena_take(H, sizeof(double) * (E + 1));
-    if (m->local_cap || m->gcount.on) {
+    if (counts_message(m)) {
         m->lcap.counts_out = scmoe__arena_take(P, sizeof(int32_t) * (size_t)ep * (1 + El * k));
         m->lcap.counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
         m->lcap.ones = scmoe__arena_take(H, i4 * ep);
@@ -382,8 +389,13 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
         m->droute.kept = scmoe__arena_take(P, sizeof(int32_t) * E);
         m->droute.gsum = scmoe__arena_take(P, sizeof(double) * (E + 1));
         int batch = m->cfg.priority == SCMOE_PRIORITY_BATCH; /* the tokens' priority order, n more */
-        m->droute.work = scmoe__arena_take(D, i4 * ((size_t)(k + 2) * E + (batch ? (size_t)n : 0)));
+        size_t work = m->gcount.on ? (size_t)(3 * k + 2) * E : (size_t)(k + 2) * E + (batch ? (size_t)n : 0);
+        m->droute.work = scmoe__arena_take(D, i4 * work);
         m->droute.work_sum = scmoe__arena_take(D, sizeof(double) * (E + 1));
+        if (m->gcount.on) {
+            m->droute.base_h = scmoe__arena_take(P, sizeof(int64_t) * ((size_t)k * E + 1));
+            m->droute.base = scmoe__arena_take(D, sizeof(int64_t) * ((size_t)k * E + 1));
+        }
     }
     m->off.slot_of = scmoe__arena_take(H, i4 * El);
     m->off.held = scmoe__arena_take(H, i4 * (m->off.slots ? m->off.slots : 1));
@@ -428,11 +440,14 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     m->co = m->ctx->compute;
     /* the device plans the routing where one source's tokens decide it alone (token after token, or by
      * their top-1 scores with BATCH priority): capacity per source rank, or one rank (whose global batch
-     * is its own: the same plan either way) */
-    m->droute.on = m->co->route_local && (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1);
-    m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || m->droute.on;
+     * is its own: the same plan either way); and over the global batch with TOKEN priority, where my
+     * tokens' places follow from the round counts scanned over the ranks (gscan_start) */
+    int token = m->cfg.priority == SCMOE_PRIORITY_TOKEN;
+    m->droute.on = m->co->route_local &&
+                   (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1 || (token && m->co->route_global));
+    m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || (m->droute.on && world == 1);
     /* GLOBAL with TOKEN priority: counts scanned over the ranks, not every rank's records (route.c) */
-    m->gcount.on = !m->local_cap && m->cfg.priority == SCMOE_PRIORITY_TOKEN;
+    m->gcount.on = !m->local_cap && token;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
@@ -447,7 +462,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
         int64_t cap = scmoe__route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
         if (cap <= recv / m->E_local / sources) recv = cap * m->E_local * sources;
     }
-    if ((!m->local_cap && !m->gcount.on && S_max * (k + 1) * 4 > INT32_MAX) || recv > INT32_MAX / 2)
+    if ((!counts_message(m) && S_max * (k + 1) * 4 > INT32_MAX) || recv > INT32_MAX / 2)
         return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
                            m->max_tokens, world);
     m->max_recv = (int)recv;
@@ -478,7 +493,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
                         * batch leaves gaps no kernel writes, zeroed once so the copy moves defined bytes */
         m->co->zero(m->co, m->gate.p, gate_outputs_bytes(&m->gate, m->max_tokens, k));
     m->wg = param_data(m, m->p_wg);
-    for (int q = 0; (m->local_cap || m->gcount.on) && q < m->ep_size; q++) {
+    for (int q = 0; counts_message(m) && q < m->ep_size; q++) {
         m->lcap.ones[q] = 1;
         m->lcap.iota[q] = q;
     }
@@ -826,6 +841,12 @@ static scmoe_status stats_finish(moe_layer *m) {
 static scmoe_status local_leftovers(moe_layer *m) {
     scmoe_status st = SCMOE_OK;
     m->droute.pending = 0; /* its exchanges never started; the next summary ends with another seq */
+    if (m->gcount.scanning) {
+        m->gcount.scanning = 0;
+        st = inflight_wait(m, &m->gcount.xscan, "route_scan");
+        scmoe_status s2 = inflight_wait(m, &m->gcount.xsum, "gate_stats");
+        if (!st) st = s2;
+    }
     if (m->lcap.stats_pending) {
         m->lcap.stats_pending = 0;
         st = inflight_wait(m, &m->lcap.xstats, "gate_stats");
@@ -850,34 +871,39 @@ static scmoe_status local_leftovers(moe_layer *m) {
  *                   stream-ordered copy the backward's and the experts' kernels find in place.
  * The host's plan keeps its counts, send and receive sides and statistics; its slot array is not
  * filled (the device's is the only one read). */
-static void droute_start(moe_layer *m, const exec *ex, int n, const float *x) {
+static route_job droute_job(const moe_layer *m, int64_t capacity) {
+    return (route_job){m->gate.choice,
+                       m->gate.p,
+                       m->gate.lse,
+                       m->cfg.priority == SCMOE_PRIORITY_BATCH ? m->gate.score : NULL,
+                       m->n,
+                       m->E,
+                       m->k,
+                       m->ep_size,
+                       capacity,
+                       m->plan_d.slot,
+                       m->droute.work,
+                       m->droute.work_sum,
+                       m->lcap.counts_out,
+                       m->droute.top1,
+                       m->droute.kept,
+                       m->droute.gsum,
+                       m->droute.seq_word,
+                       m->droute.seq};
+}
+
+/* The gate over my n tokens (noise keyed by offset + t) and the plan's kernels with this capacity
+ * (GLOBAL: INT64_MAX, my tokens located among my own; their rows are packed once the global plan's
+ * second half has run, gscan_finish); plan.capacity is the caller's. */
+static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset, int64_t capacity) {
     const compute_ops *co = m->co;
-    int k = m->k;
     m->n = n;
     m->x = x;
-    gate_kernels(m, ex, n, x, (int64_t)m->ctx->world->rank * m->max_tokens);
-    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-    route_job j = {m->gate.choice,
-                   m->gate.p,
-                   m->gate.lse,
-                   m->cfg.priority == SCMOE_PRIORITY_BATCH ? m->gate.score : NULL,
-                   n,
-                   m->E,
-                   k,
-                   m->ep_size,
-                   scmoe__route_capacity(n, m->E, k, cf),
-                   m->plan_d.slot,
-                   m->droute.work,
-                   m->droute.work_sum,
-                   m->lcap.counts_out,
-                   m->droute.top1,
-                   m->droute.kept,
-                   m->droute.gsum,
-                   m->droute.seq_word,
-                   ++m->droute.seq};
-    m->plan.capacity = j.capacity;
+    gate_kernels(m, ex, n, x, offset);
+    m->droute.seq++;
+    route_job j = droute_job(m, capacity);
     co->route_local(co, &j);
-    co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, k, m->d);
+    if (!m->gcount.on) co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, m->k, m->d);
     m->droute.pending = 1;
 }
 
@@ -890,7 +916,9 @@ static void local_route(moe_layer *m, const exec *ex, int n, const float *x, scm
     double *ls = m->lcap.lstats;
     memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
     if (!local && m->droute.on) {
-        droute_start(m, ex, n, x);
+        float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+        m->plan.capacity = scmoe__route_capacity(n, E, k, cf);
+        droute_start(m, ex, n, x, (int64_t)m->ctx->world->rank * m->max_tokens, m->plan.capacity);
         return;
     }
     if (local) {
@@ -944,11 +972,14 @@ static scmoe_status local_exchanges_start(moe_layer *m) {
 /* The device's summary is in: the send side of my plan, lstats, the losses (aux_scope LOCAL, whose
  * aux_coef goes down in stream order); then, as local_route's caller does on the host, the statistics'
  * all-reduce and the counts' all-to-all start. */
+static scmoe_status gscan_start(moe_layer *m);
+
 static scmoe_status droute_land(moe_layer *m) {
     int E = m->E, k = m->k, msg = 1 + m->E_local * k, n = m->n;
     route_plan *pl = &m->plan;
     double *ls = m->lcap.lstats;
     m->droute.pending = 0;
+    if (m->gcount.on) return gscan_start(m);
     memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
     memcpy(m->gsum, m->droute.gsum, sizeof(double) * (E + 1));
     memcpy(ls, m->gsum, sizeof(double) * (E + 1));
@@ -977,19 +1008,84 @@ static scmoe_status droute_land(moe_layer *m) {
     return local_exchanges_start(m);
 }
 
+/* ---- routing planned on the device, capacity over the global batch (GLOBAL, TOKEN priority) ----
+ *
+ * The first half ran dropless (droute_start with capacity INT64_MAX): its counts message holds my round
+ * counts, mine[j, e] = my tokens' j-th choices of e, and its slots my rows among my own assignments.
+ * As gate_encode_counts does with the host's counts: they are scanned over the ranks (scan_i64_start:
+ * prefix and total), gsum all-reduced (aux_scope GLOBAL), both left in flight; once they are in
+ * (gscan_check: a poll, at the latest where the first dispatch starts) scmoe__route_plan_global_counts
+ * gives the statistics, the send side, the counts message and the bases, which go down in one
+ * stream-ordered copy to the slots' second half (compute_ops.route_global); my rows are packed after
+ * it, and the counts message starts as on the host. What crosses: the summary up (written by the
+ * kernel, no wait), k E + 1 int64s and aux_coef down, in stream order. */
+static scmoe_status gscan_start(moe_layer *m) {
+    comm *w = m->ctx->world;
+    int E = m->E, k = m->k, El = m->E_local, msg = 1 + El * k, kE = k * E, req = -1;
+    int64_t *mine = m->gcount.counts, *prefix = mine + kE;
+    for (int j = 0; j < k; j++)
+        for (int e = 0; e < E; e++)
+            mine[(size_t)j * E + e] = m->lcap.counts_out[(size_t)(e / El) * msg + 1 + (e % El) * k + j];
+    memcpy(m->gsum, m->droute.gsum, sizeof(double) * (E + 1));
+    for (int e = 0; e < E; e++) m->top1_count[e] = m->droute.top1[e]; /* aux_scope LOCAL's: my tokens' */
+    inflight_begin(&m->gcount.xscan, w);
+    scmoe_status st = w->ops->scan_i64_start(w, mine, prefix, kE, &req);
+    if ((st = small_start(m, &m->gcount.xscan, w, st, req))) return st;
+    m->gcount.scanning = 1;
+    m->gcount.xsum.active = 0;
+    if (m->cfg.aux_scope == SCMOE_AUX_GLOBAL && w->size > 1) {
+        inflight_begin(&m->gcount.xsum, w);
+        st = w->ops->allreduce_f64_start(w, m->gsum, E + 1, &req);
+        if ((st = small_start(m, &m->gcount.xsum, w, st, req))) return st;
+    }
+    return SCMOE_OK;
+}
+
+/* The scan and the sums in (at once if they are, else with wait when they are): the plan, the losses,
+ * the slots' second half and the pack enqueued, the counts message started. */
+static scmoe_status gscan_check(moe_layer *m, int wait) {
+    if (!m->gcount.scanning) return SCMOE_OK;
+    if (!wait) {
+        test_one(&m->gcount.xscan);
+        test_one(&m->gcount.xsum);
+        if (!m->gcount.xscan.t_done || (m->gcount.xsum.active && !m->gcount.xsum.t_done)) return SCMOE_OK;
+    }
+    m->gcount.scanning = 0;
+    scmoe_status st = inflight_wait(m, &m->gcount.xscan, "route_scan");
+    if (!st) st = inflight_wait(m, &m->gcount.xsum, "gate_stats");
+    if (st) return st;
+    int E = m->E, k = m->k, kE = k * E, msg = 1 + m->E_local * k, global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
+    int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE, S = m->gcount.S;
+    const compute_ops *co = m->co;
+    scmoe__route_plan_global_counts(&m->plan, mine, prefix, total, m->ep_size, E, k, S, m->plan.capacity,
+                                    m->lcap.counts_out, m->droute.base_h);
+    for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = SCMOE_OK; /* agreed already */
+    if (global) memcpy(m->top1_count, total, sizeof(int64_t) * E); /* round 0 is the top-1 choice */
+    gate_losses(m, global ? S : m->n, global ? 1.0 : 1.0 / m->ctx->world->size);
+    co->copy_rows(co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
+    co->copy_rows(co, m->droute.base, m->droute.base_h, sizeof(int64_t) * ((size_t)kE + 1));
+    route_job j = droute_job(m, INT64_MAX);
+    co->route_global(co, &j, m->droute.base);
+    co->pack_rows(co, m->xch.send, m->x, m->plan_d.slot, m->n, k, m->d);
+    return counts_start(m);
+}
+
 /* Folds the device's summary in once it has landed: at once if it has, else (wait) when it does. A
  * device that failed first never writes it: the summary is taken as empty (no rows move, every rank
  * joins the same exchanges) and the failure comes back from the call (scmoe__context_device_check). */
 static scmoe_status droute_check(moe_layer *m, int wait) {
-    if (!m->droute.pending) return SCMOE_OK;
-    if (!m->co->route_landed(m->co, m->droute.seq_word, m->droute.seq, wait)) {
-        if (!wait) return SCMOE_OK;
-        memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * (1 + m->E_local * m->k));
-        memset(m->droute.top1, 0, sizeof(int32_t) * m->E);
-        memset(m->droute.kept, 0, sizeof(int32_t) * m->E);
-        memset(m->droute.gsum, 0, sizeof(double) * (m->E + 1));
+    if (m->droute.pending) {
+        if (!m->co->route_landed(m->co, m->droute.seq_word, m->droute.seq, wait)) {
+            if (!wait) return SCMOE_OK;
+            memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * (1 + m->E_local * m->k));
+            memset(m->droute.top1, 0, sizeof(int32_t) * m->E);
+            memset(m->droute.kept, 0, sizeof(int32_t) * m->E);
+            memset(m->droute.gsum, 0, sizeof(double) * (m->E + 1));
+        }
+        scmoe_status st = droute_land(m);
+        if (st) return st;
     }
-    return droute_land(m);
+    return gscan_check(m, wait);
 }
 
 /* Waits for the counts: unless a rank of my group rejected its input (then every rank of it takes the
@@ -1072,6 +1168,13 @@ static scmoe_status gate_encode_counts(moe_layer *m, const exec *ex, int n, cons
     scmoe_status st = local_leftovers(m); /* a failed forward's counts message */
     if (!st) st = agree_token_scan(m, n, local, &S, &offset);
     if (st) return st;
+    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    if (m->droute.on) { /* the plan's first half on the device; its summary starts the scan (gscan_start) */
+        m->gcount.S = S;
+        m->plan.capacity = scmoe__route_capacity(S, E, k, cf);
+        droute_start(m, ex, n, x, offset, INT64_MAX);
+        return SCMOE_OK;
+    }
     m->n = n;
     m->x = x;
     gate_run(m, ex, n, x, offset);
@@ -1083,7 +1186,6 @@ static scmoe_status gate_encode_counts(moe_layer *m, const exec *ex, int n, cons
     if (!st) st = comm_wait(w, req);
     if (st) return scmoe__fail(m->ctx, st, "scanning the routing counts failed: %s", w->err);
     if ((st = batch_losses(m, n, S, total))) return st; /* round 0 is the top-1 choice */
-    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     scmoe__route_plan_global_send(&m->plan, m->route_work, m->records, n, m->ep_size, E, k, prefix, total, S,
                                   scmoe__route_capacity(S, E, k, cf), m->lcap.counts_out);
     for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = SCMOE_OK; /* agreed already */

@@ -41,10 +41,12 @@ typedef struct scmoe_cuda_options {
     /** Where routing is planned (0: on the device where it can be, 1: always on the host). 0: with
      * capacity per source rank (::SCMOE_CAPACITY_LOCAL) or one rank, under either priority
      * (::SCMOE_PRIORITY_TOKEN, or ::SCMOE_PRIORITY_BATCH: the tokens ordered by their top-1 score on the
-     * device), the gate's top-k, the capacity plan and the pack run on the device and only the
-     * per-expert counts MPI needs reach the host, without waiting for the device; otherwise (GLOBAL
-     * capacity over several ranks) the gate's outputs are copied to the host, planned there and the plan
-     * copied back. 1: always the latter (the same plan: for comparison and debugging). */
+     * device), and with GLOBAL capacity over several ranks under ::SCMOE_PRIORITY_TOKEN (the defaults:
+     * the per-expert counts scanned over the ranks), the gate's top-k, the capacity plan and the pack run
+     * on the device and only the per-expert counts MPI needs cross to the host and back, without
+     * waiting for the device; otherwise (GLOBAL capacity over several ranks with BATCH priority) the
+     * gate's outputs are copied to the host, planned there and the plan copied back. 1: always the
+     * latter (the same plan: for comparison and debugging). */
     int host_routing;
 } scmoe_cuda_options;
 

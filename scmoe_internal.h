@@ -188,10 +188,16 @@ typedef struct moe_global_counts {
     int on;
     int64_t *agree;  /* [3 MOE_AGREE] */
     int64_t *counts; /* [3 k E] */
+    /* planned on the device (droute): the counts' scan and the statistics' all-reduce start once the
+     * device's summary has landed and are finished at a poll or where the dispatch starts */
+    int scanning; /* xscan (and xsum) started by this forward, the plan not yet made from them */
+    inflight xscan, xsum;
+    int64_t S; /* this forward's global batch (agree_token_scan) */
 } moe_global_counts;
 
-/* routing planned on the device (issue 19; compute_ops.route_local, TOKEN priority, capacity per source
- * rank, or one rank): the gate's outputs stay on the device; its kernels write slot there and a summary
+/* routing planned on the device (issue 19; compute_ops.route_local: capacity per source rank, or one
+ * rank, either priority; GLOBAL with TOKEN priority over several ranks, the slots finished by
+ * compute_ops.route_global from the bases of the counts' scan, gcount): the gate's outputs stay on the device; its kernels write slot there and a summary
  * (the counts message lcap.counts_out, gsum, top1, kept) into mapped memory, seq_word last. The host
  * reads it once seq_word says it landed (a poll, at the latest the first dispatch): nothing else of
  * the plan crosses to the host, and the host never waits for the stream to drain. */
@@ -202,8 +208,10 @@ typedef struct moe_device_route {
     uint32_t *seq_word;   /* mapped */
     int32_t *top1, *kept; /* mapped [E] */
     double *gsum;         /* mapped [E + 1] */
-    int *work;            /* device [(k + 2) E] */
+    int *work;            /* device [(k + 2) E] (+ n: BATCH priority; (3 k + 2) E: GLOBAL capacity) */
     double *work_sum;     /* device [E + 1] */
+    int64_t *base_h;      /* GLOBAL capacity: pinned [k E + 1], scmoe__route_plan_global_counts' bases */
+    int64_t *base;        /* and the device's copy */
 } moe_device_route;
 
 /* activations and rows on the compute side (device memory on a device backend) */

@@ -420,6 +420,11 @@ static void cuda_route_local_op(const compute_ops *co, const route_job *j) {
          "planning the routing on the device");
 }
 
+static void cuda_route_global_op(const compute_ops *co, const route_job *j, const int64_t *base) {
+    note(co, scmoe__cuda_route_global_slots(j->choice, j->n, j->E, j->k, base, j->slot, j->work, stream_of(co)),
+         "planning the routing over the global batch on the device");
+}
+
 /* *seq == value yet? Waiting spins on the word (as MPI's wait spins on its request) and asks the stream
  * whether it failed or went idle without writing it, so a failed launch never hangs the host. */
 static int cuda_route_landed(const compute_ops *co, const uint32_t *seq, uint32_t value, int wait) {
@@ -487,6 +492,7 @@ static const compute_ops cuda_table = {
     /* routing planned on the device (issue 19) */
     .route_local = cuda_route_local_op,
     .route_landed = cuda_route_landed,
+    .route_global = cuda_route_global_op,
 };
 
 scmoe_status scmoe__cuda_compute_create(compute_ops **out, cuda_blas *cb, int cuda_aware, char *err) {

@@ -44,7 +44,7 @@ typedef struct expert_group {
     float *dy, *dx, *dhid, *dpre; /* backward: dx overwritten, gradients += */
 } expert_group;
 /* One source's routing plan made where the gate ran (compute_ops.route_local): capacity per source
- * rank, TOKEN priority. In: the gate's choice, p, lse (compute side). Out: slot (compute side) and the
+ * rank (TOKEN or, with score, BATCH priority; GLOBAL's first half: dropless, TOKEN). In: the gate's choice, p, lse (compute side). Out: slot (compute side) and the
  * summary the host needs, in memory it can read (COMPUTE_MAPPED), *seq = seq_value written last. */
 typedef struct route_job {
     const int *choice;
@@ -145,9 +145,13 @@ struct compute_ops {
     /* ---- routing planned on the device (issue 19); NULL: the host plans from the gate's outputs ----
      * route_local enqueues j (kernels.cu scmoe__cuda_route_local); route_landed says whether *seq holds
      * value yet (wait 0), or waits until it does (wait 1: for that word, not for the whole stream); 0
-     * when the device failed first (then failed() says why) */
+     * when the device failed first (then failed() says why). route_global (capacity over the global batch,
+     * TOKEN priority, several ranks): after route_local(j) with capacity INT64_MAX, rewrites j->slot into
+     * the global plan's rows from base [k E + 1] on the compute side (scmoe__route_plan_global_counts'),
+     * in stream order; j->work is then (3 k + 2) E ints */
     void (*route_local)(const compute_ops *self, const route_job *j);
     int (*route_landed)(const compute_ops *self, const uint32_t *seq, uint32_t value, int wait);
+    void (*route_global)(const compute_ops *self, const route_job *j, const int64_t *base);
 };
 
 /* The host backend: kernels/ on host memory. */

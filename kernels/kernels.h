@@ -85,6 +85,12 @@ void scmoe__route_round_counts(int64_t *count, const int32_t *records, int n, in
 void scmoe__route_plan_global_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,
                                    const int64_t *prefix, const int64_t *total, int64_t S, int64_t capacity,
                                    int32_t *counts);
+/* the same send side without the slots, from my round counts mine [k * E] (scmoe__route_round_counts)
+ * alone; base [k * E + 1]: where my first round-j assignment to e sits in e over the global batch, at
+ * j * E + e, then the capacity (what scmoe__cuda_route_global_slots takes) */
+void scmoe__route_plan_global_counts(route_plan *pl, const int64_t *mine, const int64_t *prefix, const int64_t *total,
+                                     int ep_size, int E, int k, int64_t S, int64_t capacity, int32_t *counts,
+                                     int64_t *base);
 /* the receive side from every source's counts (as sent above, indexed by source) */
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
                                   int chunks);

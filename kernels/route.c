@@ -335,6 +335,35 @@ void scmoe__route_plan_global_send(route_plan *pl, void *work, const int32_t *re
     send_side(pl, order, records, n, ep_size, E, k, prefix, total, S, capacity, counts);
 }
 
+/* The send side of scmoe__route_plan_global_send without the slots, from my round counts mine [k E]
+ * alone (what a device that located my tokens itself sends up): in round j my assignments to e sit at
+ * base[j, e] + pos, pos = 0 .. mine[j, e] - 1, with base[j, e] = sum_{j' < j} total[j', e] + prefix[j, e]
+ * (above), so round j keeps the first kept[j, e] = clamp(C - base[j, e], 0, mine[j, e]) of them. Those
+ * give counts' words 1.., the send layout and the statistics; base [k E + 1] returns the bases, then C,
+ * for the slots (kernels.cu scmoe__cuda_route_global_slots). */
+void scmoe__route_plan_global_counts(route_plan *pl, const int64_t *mine, const int64_t *prefix, const int64_t *total,
+                                     int ep_size, int E, int k, int64_t S, int64_t capacity, int32_t *counts,
+                                     int64_t *base) {
+    int E_local = E / ep_size, msg = 1 + E_local * k, *cursor = pl->cursor; /* [E]: my kept rows per expert */
+    for (int e = 0; e < E; e++) {
+        int64_t done = 0; /* the rounds before j, over every rank */
+        cursor[e] = 0;
+        for (int j = 0; j < k; j++) {
+            size_t i = (size_t)j * E + e;
+            int64_t b = done + prefix[i], room = capacity - b;
+            int kept = room <= 0 ? 0 : room < mine[i] ? (int)room : (int)mine[i];
+            base[i] = b;
+            counts[(size_t)(e / E_local) * msg + 1 + (e % E_local) * k + j] = kept;
+            cursor[e] += kept;
+            done += total[i];
+        }
+        pl->expert_count[e] = done;
+    }
+    base[(size_t)k * E] = capacity;
+    plan_totals(pl, E, S, capacity);
+    send_layout(pl, cursor, E, E_local, ep_size);
+}
+
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
                                   int chunks) {
     int msg = 1 + E_local * k, S_n = scmoe__route_stages(chunks), off = 0;

@@ -292,6 +292,7 @@ typedef struct rcase {
     int k, chunks, local;
     float cf;
     scmoe_priority priority;
+    scmoe_aux_scope aux;
 } rcase;
 
 /* a and b (device, n floats) bit for bit equal */
@@ -322,6 +323,7 @@ static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase
     cfg.pipeline_chunks = rc->chunks;
     cfg.priority = rc->priority;
     cfg.capacity_scope = rc->local ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
+    cfg.aux_scope = rc->aux;
     scmoe_moe *dm = NULL, *rm = NULL;
     scmoe_status s1 = scmoe_moe_create(dctx, &cfg, &dm), s2 = scmoe_moe_create(rctx, &cfg, &rm);
     CHECK(!s1 && !s2, "[route: %s] create on both device contexts: %s", rc->name,
@@ -333,8 +335,9 @@ static void run_route_case(scmoe_context *dctx, scmoe_context *rctx, const rcase
         scmoe_moe_destroy(rm);
         return;
     }
-    /* on the device: capacity per source or one rank, either priority */
-    int on_device = rc->local || size_ == 1;
+    /* on the device: capacity per source or one rank, either priority; over the global batch with TOKEN
+     * priority (the round counts scanned over the ranks) */
+    int on_device = rc->local || size_ == 1 || rc->priority == SCMOE_PRIORITY_TOKEN;
     int d = cfg.d_model, nmax = cfg.max_tokens, E = cfg.n_experts, np = scmoe_moe_param_count(dm);
     size_t big = (size_t)nmax * d;
     for (int i = 0; i < np; i++) {
@@ -675,14 +678,17 @@ int main(int argc, char **argv) {
         ro.host_routing = 1;
         CHECK(rctx && !scmoe_context_use_cuda(rctx, &ro), "a device context planning on the host");
         const rcase routes[] = {
-            {"top1 dropless", 1, 0, 0, 0.0f, SCMOE_PRIORITY_TOKEN},
-            {"top2 drops", 2, 0, 0, 0.75f, SCMOE_PRIORITY_TOKEN},
-            {"top2 drops, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_TOKEN},
-            {"top1 drops, capacity per rank", 1, 0, 1, 1.0f, SCMOE_PRIORITY_TOKEN},
-            {"top2 drops, batch priority, capacity per rank", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH},
-            {"top1 drops, batch priority", 1, 0, 0, 0.5f, SCMOE_PRIORITY_BATCH},
-            {"top2 dropless, batch priority", 2, 0, 0, 0.0f, SCMOE_PRIORITY_BATCH},
-            {"top2 drops, batch priority, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_BATCH},
+            {"top1 dropless", 1, 0, 0, 0.0f, SCMOE_PRIORITY_TOKEN, SCMOE_AUX_GLOBAL},
+            {"top2 drops", 2, 0, 0, 0.75f, SCMOE_PRIORITY_TOKEN, SCMOE_AUX_GLOBAL},
+            {"top2 drops, 2 chunks", 2, 2, 0, 0.5f, SCMOE_PRIORITY_TOKEN, SCMOE_AUX_GLOBAL},
+            {"top1 drops, aux and z over my tokens", 1, 0, 0, 0.75f, SCMOE_PRIORITY_TOKEN, SCMOE_AUX_LOCAL},
+            {"top2 drops, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_TOKEN, SCMOE_AUX_GLOBAL},
+            {"top1 drops, capacity per rank", 1, 0, 1, 1.0f, SCMOE_PRIORITY_TOKEN, SCMOE_AUX_GLOBAL},
+            {"top2 drops, batch priority, capacity per rank", 2, 0, 1, 0.75f, SCMOE_PRIORITY_BATCH, SCMOE_AUX_GLOBAL},
+            {"top1 drops, batch priority", 1, 0, 0, 0.5f, SCMOE_PRIORITY_BATCH, SCMOE_AUX_GLOBAL},
+            {"top2 dropless, batch priority", 2, 0, 0, 0.0f, SCMOE_PRIORITY_BATCH, SCMOE_AUX_GLOBAL},
+            {"top2 drops, batch priority, capacity per rank, 2 chunks", 2, 2, 1, 0.5f, SCMOE_PRIORITY_BATCH,
+             SCMOE_AUX_GLOBAL},
         };
         for (size_t i = 0; rctx && i < sizeof routes / sizeof *routes; i++) run_route_case(dctx, rctx, &routes[i]);
         scmoe_context_destroy(rctx);

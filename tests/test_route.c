@@ -8,6 +8,9 @@
  *     against scmoe__route_plan_build over every rank's records: every field of every rank's plan bit
  *     for bit (slot, send and receive counts and displacements, n_send, n_recv, recv_to_expert,
  *     expert_offsets, n_stages, expert_count, expert_kept, dropped, tokens, capacity);
+ *     The same send side from a rank's round counts alone (scmoe__route_plan_global_counts, what a
+ *     device that located the tokens itself sends up): statistics, send side and counts message equal,
+ *     and its bases;
  *   - capacity LOCAL (scmoe__route_plan_local_send, both priorities): a rank's send side and statistics
  *     are those of scmoe__route_plan_build over its slice alone on one rank. */
 #include "../scmoe_internal.h"
@@ -124,8 +127,10 @@ static int one_case(int c) {
     }
     int R_max = MAX_TOK * ep * k;
     plan_mem a[MAX_WORLD], b[MAX_WORLD];
-    int64_t *cnt = calloc((size_t)(world + 2) * kE, sizeof(int64_t)), *total = cnt + (size_t)world * kE,
-            *prefix = total + kE;
+    int64_t *cnt = calloc((size_t)(world + 3) * kE + 1, sizeof(int64_t)), *total = cnt + (size_t)world * kE,
+            *prefix = total + kE, *base = prefix + kE;
+    plan_mem g;
+    plan_alloc(&g, E, ep, k, chunks, 0, 0, 1);
     for (int r = 0; r < world; r++) {
         plan_alloc(&a[r], E, ep, k, chunks, MAX_TOK, R_max, (int)(S ? S : 1));
         plan_alloc(&b[r], E, ep, k, chunks, MAX_TOK, R_max, MAX_TOK);
@@ -134,6 +139,7 @@ static int one_case(int c) {
         for (int i = 0; i < kE; i++) total[i] += cnt[(size_t)r * kE + i];
     }
     /* the exclusive scan in world order, then each rank's send side and counts message */
+    int bad = 0;
     for (int r = 0; r < world; r++) {
         memset(prefix, 0, sizeof(int64_t) * kE);
         for (int q = 0; q < r; q++)
@@ -141,10 +147,22 @@ static int one_case(int c) {
         scmoe__route_plan_global_send(&b[r].pl, b[r].work, rec + (size_t)first[r] * (k + 1), tpr[r], ep, E, k, prefix,
                                       total, S, cap, b[r].counts);
         for (int q = 0; q < ep; q++) b[r].counts[(size_t)q * msg] = 0;
+        /* the same from my round counts alone (a device's plan): all but the slots, and the bases */
+        scmoe__route_plan_global_counts(&g.pl, cnt + (size_t)r * kE, prefix, total, ep, E, k, S, cap, g.counts, base);
+        const char *w = differs_send(&b[r].pl, &g.pl, 0, k, E, ep);
+        if (!w && memcmp(g.counts, b[r].counts, sizeof(int32_t) * (size_t)ep * msg)) w = "the counts message";
+        for (int e = 0; e < E && !w; e++) /* base[j, e] = sum_{j' < j} total[j', e] + prefix[j, e] */
+            for (int j = 0, done = 0; j < k; done += (int)total[(size_t)j * E + e], j++)
+                if (base[(size_t)j * E + e] != done + prefix[(size_t)j * E + e]) w = "base";
+        if (!w && base[kE] != cap) w = "base[k E], the capacity";
+        if (w) {
+            bad++;
+            CHECK(0, "case %d from counts (world %d, ep %d, E %d, k %d, capacity %lld), rank %d: %s differs", c, world,
+                  ep, E, k, (long long)cap, r, w);
+        }
     }
     /* the counts' all-to-all over each group, then the receive side */
     int32_t *in = calloc((size_t)ep * msg, sizeof(int32_t));
-    int bad = 0;
     for (int r = 0; r < world; r++) {
         int g0 = r / ep * ep, me = r % ep;
         for (int p = 0; p < ep; p++)
@@ -180,6 +198,7 @@ static int one_case(int c) {
         plan_free(&a[r]);
         plan_free(&b[r]);
     }
+    plan_free(&g);
     free(in);
     free(cnt);
     free(rec);

@@ -17,12 +17,13 @@
 #                                  racecheck and synccheck on test_cuda and on test_cuda_moe
 #                               2. alone, one after another (timing): bench/cuda/torch_peer_gpu.py at 4k and
 #                                  16k tokens (each runs PyTorch eager fp32 and autocast bf16, then bench_cuda
-#                                  fp32 and --bf16 on the same shapes, side by side); bench_cuda --local on 2
-#                                  ranks sharing the GPU (capacity per rank: routing planned on the device)
+#                                  fp32 and --bf16 on the same shapes, side by side); bench_cuda on 2 ranks
+#                                  sharing the GPU, --local (capacity per rank) and GLOBAL (the default: the
+#                                  round counts scanned over the ranks), both planning routing on the device
 #                               each command's output in $OUT/NAME.log (OUT defaults to /tmp/gpu_check),
 #                               the list in $OUT/commands.tsv, then the summary block (tools/gpu_summary.py):
 #                               passed/failed, RATIO fp32, RATIO bf16, SPEEDUP scmoe2/top2, VS TORCH fp32/bf16.
-#                               Budget: phase 1 at most LIMIT1 s (140), phase 2 at most 70 + 90 + 40 s;
+#                               Budget: phase 1 at most LIMIT1 s (140), phase 2 at most 70 + 90 + 2 x 40 s;
 #                               about 2 minutes when nothing hangs.
 #   tools/gpu_check.sh summary DIR   the summary block again from the logs in DIR
 #   tools/gpu_check.sh          run where nvidia-smi sees a GPU and .gpu/bundle.tar.xz exists, else bundle
@@ -137,6 +138,7 @@ EOF
     runone peer_4k bench 70 "$py bench/cuda/torch_peer_gpu.py --batch 8 --bench $GB/bench_cuda"
     runone peer_16k bench 90 "$py bench/cuda/torch_peer_gpu.py --batch 32 --reps 5 --bench $GB/bench_cuda"
     runone bench_cuda_2ranks bench 40 "$E mpirun -np 2 $b1/bench_cuda --local"
+    runone bench_cuda_2ranks_global bench 40 "$E mpirun -np 2 $b1/bench_cuda"
     "$py" "$HERE/gpu_summary.py" "$OUT"
 }
 
@@ -150,5 +152,5 @@ auto)
         echo "gpu_check: a GPU but no .gpu/bundle.tar.xz: build it where nvcc, OpenBLAS and OpenMPI are" \
              "(tools/gpu_check.sh bundle) and carry .gpu/ here"; exit 2
     else bundle; fi ;;
-*) sed -n '2,33p' "$0"; exit 2 ;;
+*) sed -n '2,30p' "$0"; exit 2 ;;
 esac
