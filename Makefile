@@ -26,7 +26,7 @@ endif
 LDLIBS  += $(BLAS_LIB) $(DNNL_LIB) -fopenmp -lm -lpthread
 
 B ?= build
-CORE_SRC := scmoe.c layer.c moe.c pair.c controls.c schedule.c ffn.c router.c kernels/exec.c kernels/layernorm.c \
+CORE_SRC := scmoe.c layer.c moe.c moe_gate_encode.c moe_exchange.c moe_offload.c pair.c controls.c schedule.c ffn.c router.c kernels/exec.c kernels/layernorm.c \
             kernels/activation.c kernels/gate.c \
             kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
             mpi_backend/serial.c precision.c

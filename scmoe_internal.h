@@ -150,6 +150,10 @@ typedef struct gate_outputs {
     float *score; /* [n] the top-1 p (batch priority) */
     int *choice;  /* [n, k] the experts chosen */
 } gate_outputs;
+/* the bytes of n tokens' outputs, from p to the end of choice */
+static inline size_t gate_outputs_bytes(const gate_outputs *g, int n, int k) {
+    return (size_t)((char *)(g->choice + (size_t)n * k) - (char *)g->p);
+}
 
 /* What the kernels read of the plan, written on the host each forward: the aux-loss coefficients, the
  * plan's slot and recv_to_expert (droute: slot is written on the device, the other two go down one by
@@ -161,6 +165,10 @@ typedef struct plan_mirror {
     int *slot;           /* [max_send] */
     int *recv_to_expert; /* [max_recv] */
 } plan_mirror;
+/* bytes of the block holding a plan of n_recv received rows */
+static inline size_t plan_mirror_bytes(const plan_mirror *g, int n_recv) {
+    return (size_t)((char *)(g->recv_to_expert + n_recv) - (char *)g->aux_coef);
+}
 
 /* capacity over the global batch (GLOBAL) with BATCH priority: every rank's routing records gathered */
 typedef struct moe_gather {
@@ -300,6 +308,10 @@ typedef struct moe_layer {
     void *on_wait_arg;
 } moe_layer;
 
+/* parameter idx's values and its gradient's accumulator (the table's) */
+static inline float *moe_param_data(const moe_layer *m, int idx) { return m->pt->p[idx].t.data; }
+static inline float *moe_param_gwork(const moe_layer *m, int idx) { return m->pt->p[idx].gwork; }
+
 /* Creates the groups (collective) and registers the parameters under prefix. */
 scmoe_status scmoe__moe_init(moe_layer *m, scmoe_context *ctx, const scmoe_config *cfg, int top_k, param_table *pt,
                              const char *prefix, float w2_std);
@@ -319,6 +331,26 @@ void scmoe__moe_bind_comms(moe_layer *m);
  * next one, runs the experts on the stage's rows and starts its combine; without pipelining that is
  * wait, experts, combine. */
 scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x);
+/* moe_gate_encode.c, for moe.c's dispatch: fold in what has landed at a poll; whether the plan's
+ * receive side can be built without waiting; wait for it and build it; the statistics' all-reduce
+ * (LOCAL) waited for and folded in (the forward's last wait) */
+scmoe_status scmoe__moe_route_poll(moe_layer *m);
+int scmoe__moe_route_landed(const moe_layer *m);
+scmoe_status scmoe__moe_route_finish(moe_layer *m);
+scmoe_status scmoe__moe_stats_finish(moe_layer *m);
+/* moe_gate_encode.c: the plan made, its exchanges' stages, the copies of the plan to a device, my rows
+ * packed unless packed already, the experts' prefetch */
+void scmoe__moe_plan_ready(moe_layer *m, int packed);
+/* moe_exchange.c: an exchange or small collective in flight (inflight), started, tested, waited for
+ * (what names it in errors and profiles); whether token rows cross through mapped mirrors */
+void scmoe__moe_inflight_begin(inflight *f, comm *c);
+void scmoe__moe_inflight_test(inflight *f);
+scmoe_status scmoe__moe_inflight_wait(moe_layer *m, inflight *f, const char *what);
+int scmoe__moe_exchange_mirrored(const moe_layer *m);
+/* moe_offload.c: a forward's prefetch of the experts that received rows; local expert i's w1, b1, w2,
+ * b2 where the kernels read them (the table's, or its slot's, fetched now if it is not there) */
+void scmoe__moe_experts_prefetch(moe_layer *m);
+void scmoe__moe_expert_weights(moe_layer *m, int i, float *w[4]);
 /* starts the first stage's exchange: forward the input rows, backward (after decode_backward) dy's;
  * capacity LOCAL, forward: once the routing counts have landed (now, at a poll, or at the wait) */
 scmoe_status scmoe__moe_dispatch_start(moe_layer *m);
