@@ -27,7 +27,9 @@
  *   - capacity per source rank (LOCAL): see local_scope;
  *   - GLOBAL with TOKEN priority from counts (scmoe__route_plan_global_send + scmoe__route_plan_local_recv,
  *     moe.c's plan without the records): every field of every rank's plan as scmoe__route_plan_build's,
- *     bit for bit (global_counts).
+ *     bit for bit (global_counts); and scmoe__route_plan_global_counts, the same plan from a rank's round
+ *     counts alone: its statistics, send side and counts message as scmoe__route_plan_global_send's, its
+ *     bases as their definition.
  * Any violation calls __builtin_trap(), so libFuzzer records the input. */
 #include "../scmoe_internal.h"
 #include "fuzz_input.h"
@@ -214,8 +216,11 @@ static void global_counts(const int32_t *rec, const int *tokens, const int64_t *
     int64_t S = first_tok[world];
     int64_t *cnt = calloc((size_t)(world + 2) * kE, sizeof(int64_t)), *total = cnt + (size_t)world * kE,
             *prefix = total + kE;
-    plan_bufs gb[MAX_WORLD];
-    int32_t *out[MAX_WORLD], *in = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
+    plan_bufs gb[MAX_WORLD], cb;
+    int32_t *out[MAX_WORLD], *in = malloc(sizeof(int32_t) * (size_t)ep_size * msg),
+                             *cout = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
+    int64_t *base = malloc(sizeof(int64_t) * ((size_t)kE + 1));
+    plan_alloc(&cb, E, ep_size, max_tokens, world, k, cf_hi, chunks);
     for (int r = 0; r < world; r++) {
         scmoe__route_round_counts(cnt + (size_t)r * kE, rec + first_tok[r] * stride, tokens[r], E, k);
         for (int i = 0; i < kE; i++) total[i] += cnt[(size_t)r * kE + i];
@@ -228,6 +233,21 @@ static void global_counts(const int32_t *rec, const int *tokens, const int64_t *
         out[r] = malloc(sizeof(int32_t) * (size_t)ep_size * msg);
         scmoe__route_plan_global_send(&gb[r].pl, gb[r].work, rec + first_tok[r] * stride, tokens[r], ep_size, E, k,
                                       prefix, total, S, capacity, out[r]);
+        /* the same from my round counts alone (a device's plan): all but the slots, and the bases */
+        scmoe__route_plan_global_counts(&cb.pl, cnt + (size_t)r * kE, prefix, total, ep_size, E, k, S, capacity, cout,
+                                        base);
+        const route_plan *a = &cb.pl, *b = &gb[r].pl;
+        REQUIRE(a->tokens == b->tokens && a->capacity == b->capacity && a->dropped == b->dropped);
+        REQUIRE(!memcmp(a->expert_count, b->expert_count, sizeof(int64_t) * E));
+        REQUIRE(!memcmp(a->expert_kept, b->expert_kept, sizeof(int64_t) * E));
+        REQUIRE(a->n_send == b->n_send && !memcmp(a->send_counts, b->send_counts, sizeof(int) * ep_size));
+        REQUIRE(!memcmp(a->send_displs, b->send_displs, sizeof(int) * ep_size));
+        for (int p = 0; p < ep_size; p++) /* word 0 is the caller's */
+            REQUIRE(!memcmp(cout + (size_t)p * msg + 1, out[r] + (size_t)p * msg + 1, sizeof(int32_t) * (msg - 1)));
+        for (int e = 0; e < E; e++)
+            for (int j = 0, done = 0; j < k; done += (int)total[(size_t)j * E + e], j++)
+                REQUIRE(base[(size_t)j * E + e] == done + prefix[(size_t)j * E + e]);
+        REQUIRE(base[kE] == capacity);
     }
     for (int r = 0; r < world; r++) {
         int g = r / ep_size, q = r % ep_size;
@@ -252,6 +272,9 @@ static void global_counts(const int32_t *rec, const int *tokens, const int64_t *
         free(out[r]);
         plan_free(&gb[r]);
     }
+    plan_free(&cb);
+    free(base);
+    free(cout);
     free(in);
     free(cnt);
 }
