@@ -148,9 +148,8 @@ static scmoe_status gather_records(moe_layer *m, int n) {
 }
 
 /* The aux and z losses over the global batch of S tokens (aux_scope GLOBAL: gsum all-reduced, the
- * top-1 counts top1_all, or from the gathered records if NULL) or over my n (LOCAL, each rank's term
- * weighed 1/P). */
-static scmoe_status batch_losses(moe_layer *m, int n, int64_t S, const int64_t *top1_all) {
+ * top-1 counts from the gathered records) or over my n (LOCAL, each rank's term weighed 1/P). */
+static scmoe_status batch_losses(moe_layer *m, int n, int64_t S) {
     comm *w = m->ctx->world;
     int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL, stride = m->k + 1;
     gate_sums(m, n);
@@ -161,9 +160,7 @@ static scmoe_status batch_losses(moe_layer *m, int n, int64_t S, const int64_t *
     const int32_t *top1 = global ? m->gather.records_all : m->records;
     int64_t Sa = global ? S : n;
     memset(m->top1_count, 0, sizeof(int64_t) * m->E);
-    if (global && top1_all) memcpy(m->top1_count, top1_all, sizeof(int64_t) * m->E);
-    else
-        for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
+    for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
     gate_losses(m, Sa, global ? 1.0 : 1.0 / w->size);
     return SCMOE_OK;
 }
@@ -176,7 +173,7 @@ static scmoe_status gate_encode_global(moe_layer *m, const exec *ex, int n, cons
     m->n = n;
     m->x = x;
     gate_run(m, ex, n, x, offset);
-    if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S, NULL))) return st;
+    if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S))) return st;
     comm *w = m->ctx->world;
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     scmoe__route_plan_build(&m->plan, m->route_work, m->gather.records_all, m->gather.tokens_per_rank, w->size, w->rank,
@@ -403,26 +400,34 @@ static scmoe_status droute_land(moe_layer *m) {
     return local_exchanges_start(m);
 }
 
-/* ---- routing planned on the device, capacity over the global batch (GLOBAL, TOKEN priority) ----
+/* ---- capacity over the global batch (GLOBAL), TOKEN priority: the round counts' scan, in flight ----
  *
- * The first half ran dropless (droute_start with capacity INT64_MAX): its counts message holds my round
- * counts, mine[j, e] = my tokens' j-th choices of e, and its slots my rows among my own assignments.
- * As gate_encode_counts does with the host's counts: they are scanned over the ranks (scan_i64_start:
- * prefix and total), gsum all-reduced (aux_scope GLOBAL), both left in flight; once they are in
- * (gscan_check: a poll, at the latest where the first dispatch starts) scmoe__route_plan_global_counts
- * gives the statistics, the send side, the counts message and the bases, which go down in one
- * stream-ordered copy to the slots' second half (compute_ops.route_global); my rows are packed after
- * it, and the counts message starts as on the host. What crosses: the summary up (written by the
- * kernel, no wait), k E + 1 int64s and aux_coef down, in stream order. */
+ * My round counts, mine[j, e] = my tokens' j-th choices of e (the host's from my records; planned on
+ * the device: the counts message of the dropless first half, droute_start with capacity INT64_MAX,
+ * whose slots are my rows among my own assignments), are scanned over the ranks (scan_i64_start:
+ * prefix and total) and gsum all-reduced (aux_scope GLOBAL), both left in flight from the gate's
+ * phase on, so in a pair they travel behind the dense operations the schedule runs next. Once they are
+ * in (gscan_check: a poll, at the latest where the first dispatch starts), the plan: on the host
+ * scmoe__route_plan_global_send; on the device scmoe__route_plan_global_counts (the same statistics,
+ * send side and counts message, from the counts alone) and the bases, which go down in one
+ * stream-ordered copy to the slots' second half (compute_ops.route_global), my rows packed after it.
+ * Then the losses and the counts message to the group (counts_finish builds the receive side). What
+ * crosses on a device: the summary up (written by the kernel, no wait), k E + 1 int64s and aux_coef
+ * down, in stream order. */
 static scmoe_status gscan_start(moe_layer *m) {
     comm *w = m->ctx->world;
     int E = m->E, k = m->k, El = m->E_local, msg = 1 + El * k, kE = k * E, req = -1;
     int64_t *mine = m->gcount.counts, *prefix = mine + kE;
-    for (int j = 0; j < k; j++)
-        for (int e = 0; e < E; e++)
-            mine[(size_t)j * E + e] = m->lcap.counts_out[(size_t)(e / El) * msg + 1 + (e % El) * k + j];
-    memcpy(m->gsum, m->droute.gsum, sizeof(double) * (E + 1));
-    for (int e = 0; e < E; e++) m->top1_count[e] = m->droute.top1[e]; /* aux_scope LOCAL's: my tokens' */
+    if (m->droute.on) { /* the dropless first half's counts message: my round counts */
+        for (int j = 0; j < k; j++)
+            for (int e = 0; e < E; e++)
+                mine[(size_t)j * E + e] = m->lcap.counts_out[(size_t)(e / El) * msg + 1 + (e % El) * k + j];
+        memcpy(m->gsum, m->droute.gsum, sizeof(double) * (E + 1));
+    } else {
+        scmoe__route_round_counts(mine, m->records, m->n, E, k);
+        gate_sums(m, m->n);
+    }
+    for (int e = 0; e < E; e++) m->top1_count[e] = mine[e]; /* round 0: aux_scope LOCAL's top-1 counts */
     scmoe__moe_inflight_begin(&m->gcount.xscan, w);
     scmoe_status st = w->ops->scan_i64_start(w, mine, prefix, kE, &req);
     if ((st = small_start(m, &m->gcount.xscan, w, st, req))) return st;
@@ -452,16 +457,24 @@ static scmoe_status gscan_check(moe_layer *m, int wait) {
     int E = m->E, k = m->k, kE = k * E, msg = 1 + m->E_local * k, global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
     int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE, S = m->gcount.S;
     const compute_ops *co = m->co;
-    scmoe__route_plan_global_counts(&m->plan, mine, prefix, total, m->ep_size, E, k, S, m->plan.capacity,
-                                    m->lcap.counts_out, m->droute.base_h);
+    if (m->droute.on)
+        scmoe__route_plan_global_counts(&m->plan, mine, prefix, total, m->ep_size, E, k, S, m->plan.capacity,
+                                        m->lcap.counts_out, m->droute.base_h);
+    else
+        scmoe__route_plan_global_send(&m->plan, m->route_work, m->records, m->n, m->ep_size, E, k, prefix, total, S,
+                                      m->plan.capacity, m->lcap.counts_out);
     for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = SCMOE_OK; /* agreed already */
     if (global) memcpy(m->top1_count, total, sizeof(int64_t) * E); /* round 0 is the top-1 choice */
     gate_losses(m, global ? S : m->n, global ? 1.0 : 1.0 / m->ctx->world->size);
-    co->copy_rows(co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
-    co->copy_rows(co, m->droute.base, m->droute.base_h, sizeof(int64_t) * ((size_t)kE + 1));
-    route_job j = droute_job(m, INT64_MAX);
-    co->route_global(co, &j, m->droute.base);
-    co->pack_rows(co, m->xch.send, m->x, m->plan_d.slot, m->n, k, m->d);
+    if (m->droute.on) { /* aux_coef and the bases down, the slots' second half, my rows packed */
+        co->copy_rows(co, m->plan_d.aux_coef, m->aux_coef_h, sizeof(float) * E);
+        co->copy_rows(co, m->droute.base, m->droute.base_h, sizeof(int64_t) * ((size_t)kE + 1));
+        route_job j = droute_job(m, INT64_MAX);
+        co->route_global(co, &j, m->droute.base);
+        co->pack_rows(co, m->xch.send, m->x, m->plan_d.slot, m->n, k, m->d);
+    } else if (!co->device) { /* on a device the plan goes down first (scmoe__moe_plan_ready packs) */
+        co->pack_rows(co, m->xch.send, m->x, m->plan.slot, m->n, k, m->d);
+    }
     return counts_start(m);
 }
 
@@ -524,11 +537,10 @@ static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const
 /* ---- capacity over the global batch (GLOBAL), TOKEN priority: counts, not records (route.c) ----
  *
  * Two exclusive scans with sums over the world (comm scan_i64_start), O(k E) int64s a rank whatever P:
- * the token counts and input statuses before the gate (the gate's noise is keyed by my first token's
- * global index, the scan of the counts, as the gathered counts gave it), and the per-(round, expert)
- * counts after it; then the statistics' all-reduce of gsum exactly as with the records (so the losses
- * keep their bits), the send side (scmoe__route_plan_global_send) and LOCAL's counts message to the
- * group, waited for where the dispatch starts (counts_finish: scmoe__route_plan_local_recv). */
+ * the token counts and input statuses before the gate, waited for at once (the gate's noise is keyed
+ * by my first token's global index, the scan of the counts, as the gathered counts gave it; and no
+ * rank may go on to a collective another has left), and the per-(round, expert) counts after it, left
+ * in flight (gscan_start, above). */
 
 /* Every rank says how many tokens it has and whether its input is bad, counted per status: no rank
  * enters an exchange that another has left, and every rank returns the same status, the largest any
@@ -555,38 +567,25 @@ static scmoe_status agree_token_scan(moe_layer *m, int n, scmoe_status local, in
     return SCMOE_OK;
 }
 
-/* gate -> counts scanned -> losses -> my send side -> the counts message started -> (host) my rows
- * packed; the receive side comes with the counts (counts_finish) */
+/* token counts agreed -> gate -> (the device: the plan's first half) -> the round counts' scan started;
+ * the plan, the losses, the pack and the counts message once it is in (gscan_check) */
 static scmoe_status gate_encode_counts(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
-    int E = m->E, k = m->k, msg = 1 + m->E_local * k, kE = k * E;
+    int E = m->E, k = m->k;
     int64_t S = 0, offset = 0;
     scmoe_status st = local_leftovers(m); /* a failed forward's counts message */
     if (!st) st = agree_token_scan(m, n, local, &S, &offset);
     if (st) return st;
     float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
+    m->gcount.S = S;
+    m->plan.capacity = scmoe__route_capacity(S, E, k, cf);
     if (m->droute.on) { /* the plan's first half on the device; its summary starts the scan (gscan_start) */
-        m->gcount.S = S;
-        m->plan.capacity = scmoe__route_capacity(S, E, k, cf);
         droute_start(m, ex, n, x, offset, INT64_MAX);
         return SCMOE_OK;
     }
     m->n = n;
     m->x = x;
     gate_run(m, ex, n, x, offset);
-    comm *w = m->ctx->world;
-    int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE;
-    scmoe__route_round_counts(mine, m->records, n, E, k);
-    int req = -1;
-    st = w->ops->scan_i64_start(w, mine, prefix, kE, &req);
-    if (!st) st = comm_wait(w, req);
-    if (st) return scmoe__fail(m->ctx, st, "scanning the routing counts failed: %s", w->err);
-    if ((st = batch_losses(m, n, S, total))) return st; /* round 0 is the top-1 choice */
-    scmoe__route_plan_global_send(&m->plan, m->route_work, m->records, n, m->ep_size, E, k, prefix, total, S,
-                                  scmoe__route_capacity(S, E, k, cf), m->lcap.counts_out);
-    for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = SCMOE_OK; /* agreed already */
-    if ((st = counts_start(m))) return st;
-    if (!m->co->device) m->co->pack_rows(m->co, m->xch.send, x, m->plan.slot, n, k, m->d);
-    return SCMOE_OK;
+    return gscan_start(m);
 }
 
 scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const float *x) {
