@@ -18,6 +18,11 @@
 #include <stdio.h>
 #include <string.h>
 
+/* the device's plan and the round counts' scan, below: LOCAL's and the device's paths start them */
+static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset, int64_t capacity);
+static scmoe_status gscan_start(moe_layer *m);
+static scmoe_status gscan_check(moe_layer *m, int wait);
+
 /* logits, softmax, top-k of my n tokens (the noise keyed by token offset + t), where the kernels run */
 static void gate_kernels(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset) {
     float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
@@ -250,55 +255,6 @@ static scmoe_status local_leftovers(moe_layer *m) {
     return st;
 }
 
-/* ---- routing planned on the device (droute, issue 19) ----
- *
- * The gate, route.c's LOCAL send side (kernels.cu: a scan per expert over my tokens in order, so the
- * locations, slots and drops are the host planner's) and the pack of my rows, all enqueued; what the
- * host needs lands in mapped memory (the counts message, gsum, top-1 and kept counts), seq_word last.
- * What crosses, and when:
- *   device -> host  that summary, written by the plan's kernel as it finishes (no copy, no wait): read
- *                   once seq_word says so, at a poll or at the latest where the first dispatch starts;
- *   host -> device  aux_coef (aux_scope LOCAL: once the summary is in; GLOBAL: after the statistics'
- *                   all-reduce) and recv_to_expert (from the counts MPI brought), each one
- *                   stream-ordered copy the backward's and the experts' kernels find in place.
- * The host's plan keeps its counts, send and receive sides and statistics; its slot array is not
- * filled (the device's is the only one read). */
-static route_job droute_job(const moe_layer *m, int64_t capacity) {
-    return (route_job){m->gate.choice,
-                       m->gate.p,
-                       m->gate.lse,
-                       m->cfg.priority == SCMOE_PRIORITY_BATCH ? m->gate.score : NULL,
-                       m->n,
-                       m->E,
-                       m->k,
-                       m->ep_size,
-                       capacity,
-                       m->plan_d.slot,
-                       m->droute.work,
-                       m->droute.work_sum,
-                       m->lcap.counts_out,
-                       m->droute.top1,
-                       m->droute.kept,
-                       m->droute.gsum,
-                       m->droute.seq_word,
-                       m->droute.seq};
-}
-
-/* The gate over my n tokens (noise keyed by offset + t) and the plan's kernels with this capacity
- * (GLOBAL: INT64_MAX, my tokens located among my own; their rows are packed once the global plan's
- * second half has run, gscan_finish); plan.capacity is the caller's. */
-static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset, int64_t capacity) {
-    const compute_ops *co = m->co;
-    m->n = n;
-    m->x = x;
-    gate_kernels(m, ex, n, x, offset);
-    m->droute.seq++;
-    route_job j = droute_job(m, capacity);
-    co->route_local(co, &j);
-    if (!m->gcount.on) co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, m->k, m->d);
-    m->droute.pending = 1;
-}
-
 /* The gate over my n tokens (noise keyed by rank * max_tokens + t: unique without any other rank's
  * count), the send side of my plan with my own capacity, my per-expert counts into counts_out and my
  * statistics into lstats, the losses if aux_scope is LOCAL; with a rejected input only its flag. */
@@ -361,10 +317,92 @@ static scmoe_status local_exchanges_start(moe_layer *m) {
     return counts_start(m);
 }
 
-/* The device's summary is in: the send side of my plan, lstats, the losses (aux_scope LOCAL, whose
- * aux_coef goes down in stream order); then, as local_route's caller does on the host, the statistics'
- * all-reduce and the counts' all-to-all start. */
-static scmoe_status gscan_start(moe_layer *m);
+/* Waits for the counts: unless a rank of my group rejected its input (then every rank of it takes the
+ * agreed status from the statistics, and none dispatches), the receive side of the plan, then the
+ * rest of encode (on the host my rows were packed while the counts travelled). */
+static scmoe_status counts_finish(moe_layer *m) {
+    m->lcap.counts_pending = 0;
+    scmoe_status st = scmoe__moe_inflight_wait(m, &m->lcap.xcount, "route_counts");
+    if (st) return st;
+    int msg = 1 + m->E_local * m->k, group_bad = 0;
+    for (int p = 0; p < m->ep_size; p++) group_bad |= m->lcap.counts_in[(size_t)p * msg] != 0;
+    if (group_bad) {
+        st = scmoe__moe_stats_finish(m);
+        return st ? st : scmoe__fail(m->ctx, SCMOE_ERR_STATE, "a rank's input status was lost");
+    }
+    scmoe__route_plan_local_recv(&m->plan, m->lcap.counts_in, m->ep_size, m->ep_rank, m->E_local, m->k,
+                                 m->cfg.pipeline_chunks);
+    scmoe__moe_plan_ready(m, !m->co->device || m->droute.on);
+    return SCMOE_OK;
+}
+
+/* gate + my send plan -> statistics and counts started -> (host) my rows packed; the counts are
+ * waited for by the dispatch (counts_finish). A rank whose input was rejected has nothing to hide:
+ * it waits for the counts at once, so its group sees the rejection, and fails. */
+static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
+    scmoe_status st = local_leftovers(m);
+    if (st) return st;
+    local_route(m, ex, n, x, local);
+    if (m->droute.pending) return SCMOE_OK; /* they start once the device's summary has landed */
+    if ((st = local_exchanges_start(m))) return st;
+    if (local) {
+        m->lcap.counts_pending = 0;
+        if ((st = scmoe__moe_inflight_wait(m, &m->lcap.xcount, "route_counts"))) return st;
+        scmoe__moe_stats_finish(m);
+        return input_fail(m, local, n);
+    }
+    if (!m->co->device) m->co->pack_rows(m->co, m->xch.send, x, m->plan.slot, n, m->k, m->d);
+    return SCMOE_OK;
+}
+
+/* ---- routing planned on the device (droute, issue 19) ----
+ *
+ * The gate, route.c's LOCAL send side (kernels.cu: a scan per expert over my tokens in order, so the
+ * locations, slots and drops are the host planner's) and the pack of my rows, all enqueued; what the
+ * host needs lands in mapped memory (the counts message, gsum, top-1 and kept counts), seq_word last.
+ * What crosses, and when:
+ *   device -> host  that summary, written by the plan's kernel as it finishes (no copy, no wait): read
+ *                   once seq_word says so, at a poll or at the latest where the first dispatch starts;
+ *   host -> device  aux_coef (aux_scope LOCAL: once the summary is in; GLOBAL: after the statistics'
+ *                   all-reduce) and recv_to_expert (from the counts MPI brought), each one
+ *                   stream-ordered copy the backward's and the experts' kernels find in place.
+ * The host's plan keeps its counts, send and receive sides and statistics; its slot array is not
+ * filled (the device's is the only one read). */
+static route_job droute_job(const moe_layer *m, int64_t capacity) {
+    return (route_job){m->gate.choice,
+                       m->gate.p,
+                       m->gate.lse,
+                       m->cfg.priority == SCMOE_PRIORITY_BATCH ? m->gate.score : NULL,
+                       m->n,
+                       m->E,
+                       m->k,
+                       m->ep_size,
+                       capacity,
+                       m->plan_d.slot,
+                       m->droute.work,
+                       m->droute.work_sum,
+                       m->lcap.counts_out,
+                       m->droute.top1,
+                       m->droute.kept,
+                       m->droute.gsum,
+                       m->droute.seq_word,
+                       m->droute.seq};
+}
+
+/* The gate over my n tokens (noise keyed by offset + t) and the plan's kernels with this capacity
+ * (GLOBAL: INT64_MAX, my tokens located among my own; their rows are packed once the global plan's
+ * second half has run, gscan_finish); plan.capacity is the caller's. */
+static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset, int64_t capacity) {
+    const compute_ops *co = m->co;
+    m->n = n;
+    m->x = x;
+    gate_kernels(m, ex, n, x, offset);
+    m->droute.seq++;
+    route_job j = droute_job(m, capacity);
+    co->route_local(co, &j);
+    if (!m->gcount.on) co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, m->k, m->d);
+    m->droute.pending = 1;
+}
 
 static scmoe_status droute_land(moe_layer *m) {
     int E = m->E, k = m->k, msg = 1 + m->E_local * k, n = m->n;
@@ -400,20 +438,67 @@ static scmoe_status droute_land(moe_layer *m) {
     return local_exchanges_start(m);
 }
 
-/* ---- capacity over the global batch (GLOBAL), TOKEN priority: the round counts' scan, in flight ----
+/* Folds the device's summary in once it has landed: at once if it has, else (wait) when it does. A
+ * device that failed first never writes it: the summary is taken as empty (no rows move, every rank
+ * joins the same exchanges) and the failure comes back from the call (scmoe__context_device_check). */
+static scmoe_status droute_check(moe_layer *m, int wait) {
+    if (m->droute.pending) {
+        if (!m->co->route_landed(m->co, m->droute.seq_word, m->droute.seq, wait)) {
+            if (!wait) return SCMOE_OK;
+            memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * (1 + m->E_local * m->k));
+            memset(m->droute.top1, 0, sizeof(int32_t) * m->E);
+            memset(m->droute.kept, 0, sizeof(int32_t) * m->E);
+            memset(m->droute.gsum, 0, sizeof(double) * (m->E + 1));
+        }
+        scmoe_status st = droute_land(m);
+        if (st) return st;
+    }
+    return gscan_check(m, wait);
+}
+
+/* ---- capacity over the global batch (GLOBAL), TOKEN priority: counts, not records (route.c) ----
  *
- * My round counts, mine[j, e] = my tokens' j-th choices of e (the host's from my records; planned on
- * the device: the counts message of the dropless first half, droute_start with capacity INT64_MAX,
- * whose slots are my rows among my own assignments), are scanned over the ranks (scan_i64_start:
- * prefix and total) and gsum all-reduced (aux_scope GLOBAL), both left in flight from the gate's
- * phase on, so in a pair they travel behind the dense operations the schedule runs next. Once they are
- * in (gscan_check: a poll, at the latest where the first dispatch starts), the plan: on the host
+ * Two exclusive scans with sums over the world (comm scan_i64_start), O(k E) int64s a rank whatever P.
+ * The first, of my token count and input status, is waited for before the gate: the gate's noise is
+ * keyed by my first token's global index (its prefix, as the gathered counts gave it), and no rank may
+ * go on to a collective another has left. The second, of my round counts mine[j, e] = my tokens' j-th
+ * choices of e (the host's from my records; planned on the device, the counts message of the
+ * dropless first half, droute_start with capacity INT64_MAX, whose slots are my rows among my own
+ * assignments), is left in flight with gsum's all-reduce (aux_scope GLOBAL) from the gate's phase on,
+ * so in a pair they travel behind the dense operations the schedule runs next (gscan_start). Once they
+ * are in (gscan_check: a poll, at the latest where the first dispatch starts), the plan: on the host
  * scmoe__route_plan_global_send; on the device scmoe__route_plan_global_counts (the same statistics,
  * send side and counts message, from the counts alone) and the bases, which go down in one
  * stream-ordered copy to the slots' second half (compute_ops.route_global), my rows packed after it.
- * Then the losses and the counts message to the group (counts_finish builds the receive side). What
- * crosses on a device: the summary up (written by the kernel, no wait), k E + 1 int64s and aux_coef
- * down, in stream order. */
+ * Then the losses and LOCAL's counts message to the group (counts_finish builds the receive side).
+ * What crosses on a device: the summary up (written by the kernel, no wait), k E + 1 int64s and
+ * aux_coef down, in stream order. */
+
+/* Every rank says how many tokens it has and whether its input is bad, counted per status: no rank
+ * enters an exchange that another has left, and every rank returns the same status, the largest any
+ * rank reported (as LOCAL's statistics). *S: the global batch, *offset: where my tokens start in it. */
+static scmoe_status agree_token_scan(moe_layer *m, int n, scmoe_status local, int64_t *S, int64_t *offset) {
+    comm *w = m->ctx->world;
+    int64_t *in = m->gcount.agree, *pre = in + MOE_AGREE, *tot = pre + MOE_AGREE;
+    in[0] = local ? 0 : n;
+    for (int i = 0; i < 3; i++) in[1 + i] = local == input_errors[i];
+    int req = -1;
+    scmoe_status s = w->ops->scan_i64_start(w, in, pre, MOE_AGREE, &req);
+    if (!s) s = comm_wait(w, req);
+    if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
+    if (local) return input_fail(m, local, n);
+    double ranks[3] = {(double)tot[1], (double)tot[2], (double)tot[3]};
+    if ((s = agreed_input_error(m, ranks))) return s;
+    if (pre[0] < 0 || tot[0] < pre[0] + n || tot[0] > (int64_t)m->max_tokens * w->size) /* not counts: out of step */
+        return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
+                           "the token counts' scan gave %lld before this rank of %lld in all: "
+                           "the ranks are out of step",
+                           (long long)pre[0], (long long)tot[0]);
+    *S = tot[0];
+    *offset = pre[0];
+    return SCMOE_OK;
+}
+
 static scmoe_status gscan_start(moe_layer *m) {
     comm *w = m->ctx->world;
     int E = m->E, k = m->k, El = m->E_local, msg = 1 + El * k, kE = k * E, req = -1;
@@ -476,95 +561,6 @@ static scmoe_status gscan_check(moe_layer *m, int wait) {
         co->pack_rows(co, m->xch.send, m->x, m->plan.slot, m->n, k, m->d);
     }
     return counts_start(m);
-}
-
-/* Folds the device's summary in once it has landed: at once if it has, else (wait) when it does. A
- * device that failed first never writes it: the summary is taken as empty (no rows move, every rank
- * joins the same exchanges) and the failure comes back from the call (scmoe__context_device_check). */
-static scmoe_status droute_check(moe_layer *m, int wait) {
-    if (m->droute.pending) {
-        if (!m->co->route_landed(m->co, m->droute.seq_word, m->droute.seq, wait)) {
-            if (!wait) return SCMOE_OK;
-            memset(m->lcap.counts_out, 0, sizeof(int32_t) * (size_t)m->ep_size * (1 + m->E_local * m->k));
-            memset(m->droute.top1, 0, sizeof(int32_t) * m->E);
-            memset(m->droute.kept, 0, sizeof(int32_t) * m->E);
-            memset(m->droute.gsum, 0, sizeof(double) * (m->E + 1));
-        }
-        scmoe_status st = droute_land(m);
-        if (st) return st;
-    }
-    return gscan_check(m, wait);
-}
-
-/* Waits for the counts: unless a rank of my group rejected its input (then every rank of it takes the
- * agreed status from the statistics, and none dispatches), the receive side of the plan, then the
- * rest of encode (on the host my rows were packed while the counts travelled). */
-static scmoe_status counts_finish(moe_layer *m) {
-    m->lcap.counts_pending = 0;
-    scmoe_status st = scmoe__moe_inflight_wait(m, &m->lcap.xcount, "route_counts");
-    if (st) return st;
-    int msg = 1 + m->E_local * m->k, group_bad = 0;
-    for (int p = 0; p < m->ep_size; p++) group_bad |= m->lcap.counts_in[(size_t)p * msg] != 0;
-    if (group_bad) {
-        st = scmoe__moe_stats_finish(m);
-        return st ? st : scmoe__fail(m->ctx, SCMOE_ERR_STATE, "a rank's input status was lost");
-    }
-    scmoe__route_plan_local_recv(&m->plan, m->lcap.counts_in, m->ep_size, m->ep_rank, m->E_local, m->k,
-                                 m->cfg.pipeline_chunks);
-    scmoe__moe_plan_ready(m, !m->co->device || m->droute.on);
-    return SCMOE_OK;
-}
-
-/* gate + my send plan -> statistics and counts started -> (host) my rows packed; the counts are
- * waited for by the dispatch (counts_finish). A rank whose input was rejected has nothing to hide:
- * it waits for the counts at once, so its group sees the rejection, and fails. */
-static scmoe_status gate_encode_local(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
-    scmoe_status st = local_leftovers(m);
-    if (st) return st;
-    local_route(m, ex, n, x, local);
-    if (m->droute.pending) return SCMOE_OK; /* they start once the device's summary has landed */
-    if ((st = local_exchanges_start(m))) return st;
-    if (local) {
-        m->lcap.counts_pending = 0;
-        if ((st = scmoe__moe_inflight_wait(m, &m->lcap.xcount, "route_counts"))) return st;
-        scmoe__moe_stats_finish(m);
-        return input_fail(m, local, n);
-    }
-    if (!m->co->device) m->co->pack_rows(m->co, m->xch.send, x, m->plan.slot, n, m->k, m->d);
-    return SCMOE_OK;
-}
-
-/* ---- capacity over the global batch (GLOBAL), TOKEN priority: counts, not records (route.c) ----
- *
- * Two exclusive scans with sums over the world (comm scan_i64_start), O(k E) int64s a rank whatever P:
- * the token counts and input statuses before the gate, waited for at once (the gate's noise is keyed
- * by my first token's global index, the scan of the counts, as the gathered counts gave it; and no
- * rank may go on to a collective another has left), and the per-(round, expert) counts after it, left
- * in flight (gscan_start, above). */
-
-/* Every rank says how many tokens it has and whether its input is bad, counted per status: no rank
- * enters an exchange that another has left, and every rank returns the same status, the largest any
- * rank reported (as LOCAL's statistics). *S: the global batch, *offset: where my tokens start in it. */
-static scmoe_status agree_token_scan(moe_layer *m, int n, scmoe_status local, int64_t *S, int64_t *offset) {
-    comm *w = m->ctx->world;
-    int64_t *in = m->gcount.agree, *pre = in + MOE_AGREE, *tot = pre + MOE_AGREE;
-    in[0] = local ? 0 : n;
-    for (int i = 0; i < 3; i++) in[1 + i] = local == input_errors[i];
-    int req = -1;
-    scmoe_status s = w->ops->scan_i64_start(w, in, pre, MOE_AGREE, &req);
-    if (!s) s = comm_wait(w, req);
-    if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
-    if (local) return input_fail(m, local, n);
-    double ranks[3] = {(double)tot[1], (double)tot[2], (double)tot[3]};
-    if ((s = agreed_input_error(m, ranks))) return s;
-    if (pre[0] < 0 || tot[0] < pre[0] + n || tot[0] > (int64_t)m->max_tokens * w->size) /* not counts: out of step */
-        return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
-                           "the token counts' scan gave %lld before this rank of %lld in all: "
-                           "the ranks are out of step",
-                           (long long)pre[0], (long long)tot[0]);
-    *S = tot[0];
-    *offset = pre[0];
-    return SCMOE_OK;
 }
 
 /* token counts agreed -> gate -> (the device: the plan's first half) -> the round counts' scan started;
