@@ -22,10 +22,23 @@
  *                      chunk and round 2 (allgather) sends the result to every rank, started by
  *                      whichever test, wait or progress sweep sees round 1 done; with the bf16 wire the
  *                      last completion unpacks the bf16s into buf. Empty chunks (n < P) send nothing.
- *   scan_i64_start     out[j] = sum_{i < r} in_i[j] (MPI_Iexscan, MPI_INT64_T, MPI_SUM; rank 0's, which MPI
- *                      leaves undefined, set to 0 when it completes) and out[n + j] = sum_i in_i[j]
- *                      (MPI_Iallreduce in place over a copy of in): two requests in one slot, done when
- *                      both are.
+ *   scan_i64_start     out[j] = sum_{i < r} in_i[j] (0 on rank 0) and out[n + j] = sum_i in_i[j]. The
+ *                      exclusive prefix by recursive doubling (Hillis-Steele) in point-to-point rounds,
+ *                      not MPI_Iexscan: OpenMPI 4.1's libnbc runs that as a chain of P-1 messages unless
+ *                      the user passes coll_libnbc_iexscan_algorithm 2, and other MPIs choose as they
+ *                      like. Rank r keeps the running inclusive partial p = in_r (the slot's scratch,
+ *                      what it sends); round t = 0 .. ceil(log2 P)-1, with d = 2^t, sends p to r + d if
+ *                      r + d < P and receives q from r - d if r - d >= 0 (into out[0, n)), then
+ *                      p += q. By induction p = sum_{i = max(0, r-2d+1)}^{r} in_i after round t (a window
+ *                      of 2d ranks ending at r, clipped at 0: the window of d ending at r plus the one
+ *                      of d ending at r - d), so after the last round (2d >= P) p = sum_{i <= r} in_i
+ *                      and out[j] = p[j] - in_r[j]. Sums are mod 2^64 as MPI's int64 sums are, so the
+ *                      result is the bits MPI_Iexscan gives. Every message of one scan has one tag
+ *                      (SCAN_TAG0 + k mod SCAN_TAG_SPAN for the k-th scan on the comm): rank r's
+ *                      round-t message comes from r - 2^t, a different sender each round, so rounds
+ *                      cannot be confused, and scans in flight together have different tags. The sum
+ *                      is MPI_Iallreduce in place over a copy of in (logarithmic in libnbc, and
+ *                      concurrent with the rounds); the slot is done when both are.
  * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
  * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
  *
@@ -72,6 +85,10 @@ enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_
  * are in flight, and MPI_TAG_UB is at least 32767). Collectives never match point-to-point messages. */
 #define TWO_ROUND_TAG0     1
 #define TWO_ROUND_TAG_SPAN 4096
+/* scan_i64_start's messages: the k-th scan's tag is SCAN_TAG0 + k mod SCAN_TAG_SPAN (all its rounds share
+ * it, see the top), above the two-round all-reduce's and still below 32767 */
+#define SCAN_TAG0     (TWO_ROUND_TAG0 + 2 * TWO_ROUND_TAG_SPAN)
+#define SCAN_TAG_SPAN 4096
 
 typedef struct slot {
     MPI_Request r;
@@ -85,12 +102,20 @@ typedef struct slot {
     int *args;
     /* KIND_TWO_ROUND: the current round's 2(P-1) sends and receives (in place of r), the round
      * (0 reduce-scatter, 1 allgather), its tags' base, the wire, and the caller's buffers. KIND_SCAN:
-     * rs[0] the scan, rs[1] the sum, work the caller's out */
+     * rs[0] the sum, rs[1] and rs[2] the current round's receive and send, round and tag, work the
+     * caller's out, in the caller's in */
     MPI_Request *rs;
     int round, tag;
     comm_wire wire;
     float *buf;
     void *work;
+    const int64_t *in;
+    /* KIND_SCAN's running inclusive partial: part_cap int64s, grown by scan_i64_start (the slot is free
+     * then, so nothing in flight points into it) to the largest n this slot has scanned; at n = k E that is
+     * a few KiB per slot that ever held a scan, and a core with a steady n allocates only on its first
+     * steps */
+    int64_t *part;
+    int part_cap;
 } slot;
 
 typedef struct mpi_impl {
@@ -104,6 +129,7 @@ typedef struct mpi_impl {
     MPI_Request *rs; /* COMM_MAX_REQ * 2 * size requests, carved into slots[].rs */
     int rank, size;
     unsigned two_round_started; /* allreduce_two_round_start calls so far: the next one's tags */
+    unsigned scans_started;     /* scan_i64_start calls (size > 1) so far: the next one's tag */
     int n_types;
     int type_bytes[TYPE_CACHE];
     MPI_Datatype types[TYPE_CACHE];
@@ -155,7 +181,8 @@ static void describe(const slot *s, char *buf, size_t len) {
     else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
     else if (s->kind == KIND_ALLREDUCE_F64) snprintf(buf, len, "all-reduce of %d doubles (statistics)", s->n);
     else if (s->kind == KIND_SCAN)
-        snprintf(buf, len, "exclusive scan and sum of %d int64s (token or routing counts)", s->n);
+        snprintf(buf, len, "exclusive scan and sum of %d int64s (token or routing counts; %d scan rounds done)", s->n,
+                 s->round);
     else if (s->kind == KIND_TWO_ROUND)
         snprintf(buf, len, "two-round all-reduce of %d floats%s (%s)", s->n,
                  s->wire == COMM_WIRE_BF16 ? " as bf16" : "", s->round ? "allgather" : "reduce-scatter");
@@ -228,16 +255,48 @@ static void two_round_reduce(const mpi_impl *m, slot *s) {
     }
 }
 
-/* One test of an active slot: MPI_Test, or for a two-round all-reduce its round's requests, moving on
- * to round 1 when round 0 is done and unpacking a bf16 result when round 1 is. Returns the MPI code (the
- * slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
+/* ---- the exclusive scan's rounds (recursive doubling, see the top) ---- */
+
+/* Whether s's scan has rounds left: round t runs while 2^t < P (int64: no overflow at any int P). */
+static int scan_rounds_left(const mpi_impl *m, const slot *s) { return ((int64_t)1 << s->round) < m->size; }
+
+/* Posts round s->round (d = 2^round) of s's scan: the partial from r - d into out[0, n), this rank's
+ * partial to r + d; a side with no partner stays MPI_REQUEST_NULL. */
+static int scan_post(mpi_impl *m, slot *s) {
+    int d = 1 << s->round, r = m->rank, rc = MPI_SUCCESS;
+    s->rs[1] = s->rs[2] = MPI_REQUEST_NULL;
+    if (r - d >= 0) rc = MPI_Irecv(s->work, s->n, MPI_INT64_T, r - d, s->tag, m->mc, &s->rs[1]);
+    if (rc == MPI_SUCCESS && r + d < m->size)
+        rc = MPI_Isend(s->part, s->n, MPI_INT64_T, r + d, s->tag, m->mc, &s->rs[2]);
+    return rc;
+}
+
+/* Tests s's scan: folds each finished round into the partial and posts the next (a round with no
+ * partner on either side finishes at once); after the last, out[0, n) = partial - in. *flag 1 when
+ * the rounds and the sum are done. Unsigned sums: int64 wrap-around, defined. */
+static int scan_test(mpi_impl *m, slot *s, int *flag) {
+    int64_t *out = s->work;
+    int rc = MPI_SUCCESS, done = 0;
+    while (rc == MPI_SUCCESS && scan_rounds_left(m, s)) {
+        rc = MPI_Testall(2, s->rs + 1, &done, MPI_STATUSES_IGNORE);
+        if (rc != MPI_SUCCESS || !done) break;
+        if (m->rank >= (1 << s->round))
+            for (int j = 0; j < s->n; j++) s->part[j] = (int64_t)((uint64_t)s->part[j] + (uint64_t)out[j]);
+        s->round++;
+        if (scan_rounds_left(m, s)) rc = scan_post(m, s);
+        else
+            for (int j = 0; j < s->n; j++) out[j] = (int64_t)((uint64_t)s->part[j] - (uint64_t)s->in[j]);
+    }
+    if (rc != MPI_SUCCESS || scan_rounds_left(m, s)) return rc;
+    return MPI_Test(&s->rs[0], flag, MPI_STATUS_IGNORE);
+}
+
+/* One test of an active slot: MPI_Test, for a scan scan_test, or for a two-round all-reduce its round's
+ * requests, moving on to round 1 when round 0 is done and unpacking a bf16 result when round 1 is.
+ * Returns the MPI code (the slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
 static int slot_test(mpi_impl *m, slot *s, int *flag) {
     *flag = 0;
-    if (s->kind == KIND_SCAN) {
-        int rc = MPI_Testall(2, s->rs, flag, MPI_STATUSES_IGNORE);
-        if (rc == MPI_SUCCESS && *flag && m->rank == 0) memset(s->work, 0, sizeof(int64_t) * (size_t)s->n);
-        return rc;
-    }
+    if (s->kind == KIND_SCAN) return scan_test(m, s, flag);
     if (s->kind != KIND_TWO_ROUND) return MPI_Test(&s->r, flag, MPI_STATUS_IGNORE);
     int rc = MPI_Testall(2 * (m->size - 1), s->rs, flag, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS || !*flag) return rc;
@@ -605,18 +664,30 @@ static scmoe_status mpi_scan_i64_start(comm *c, const int64_t *in, int64_t *out,
     }
     int i = slot_claim(m);
     if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
-    ensure_progress(c);
     slot *s = &m->slots[i];
+    if (n > s->part_cap) {
+        int64_t *p = realloc(s->part, sizeof(int64_t) * (size_t)n);
+        if (!p) return fail(c, SCMOE_ERR_NOMEM, "no memory for the scan's %d-int64 partial sums", n);
+        s->part = p;
+        s->part_cap = n;
+    }
+    ensure_progress(c);
     memcpy(out + n, in, sizeof(int64_t) * (size_t)n);
-    s->rs[0] = s->rs[1] = MPI_REQUEST_NULL;
+    memcpy(s->part, in, sizeof(int64_t) * (size_t)n);
+    s->rs[0] = MPI_REQUEST_NULL;
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, out + n, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[0]);
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iallreduce (int64, sum)"); /* nothing posted: slot free */
+    s->kind = KIND_SCAN;
+    s->n = n;
+    s->round = 0;
+    s->tag = SCAN_TAG0 + (int)(m->scans_started++ % SCAN_TAG_SPAN);
     s->work = out;
-    int rc = MPI_Iexscan(in, out, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[0]);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iexscan"); /* nothing posted: the slot stays free */
-    rc = MPI_Iallreduce(MPI_IN_PLACE, out + n, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[1]);
-    if (rc != MPI_SUCCESS) s->rs[1] = MPI_REQUEST_NULL;
-    /* published either way: a posted scan counts as pending (abort keeps the buffers) */
+    s->in = in;
+    /* as the two-round all-reduce: posted before the slot is published, and published either way, so a
+     * posted scan counts as pending (abort keeps the buffers) */
+    rc = scan_post(m, s);
     slot_publish(m, i, MPI_REQUEST_NULL, KIND_SCAN, n);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iallreduce (int64, sum)");
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Isend/MPI_Irecv (exclusive scan)");
     *req = i;
     return SCMOE_OK;
 }
@@ -644,22 +715,26 @@ static int mpi_pending(comm *c) {
     return n;
 }
 
+/* Frees what the comm owns besides its communicator (destroy, and abandon with nothing pending). */
+static void impl_free(mpi_impl *m) {
+    for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
+    for (int i = 0; i < COMM_MAX_REQ; i++) free(m->slots[i].part);
+    pthread_cond_destroy(&m->cv);
+    pthread_mutex_destroy(&m->mu);
+    free(m->args);
+    free(m->rs);
+    free(m);
+}
+
 /* No MPI_Comm_free (collective: the peers may be gone) and, while a request is pending, nothing MPI may
- * still read or write (the argument copies, the agreement buffer, the datatypes): all of it stays
- * allocated until the process exits. */
+ * still read or write (the argument copies, the agreement buffer, the scan's partials, the datatypes):
+ * all of it stays allocated until the process exits. */
 static void mpi_abandon(comm *c) {
     if (!c) return;
     mpi_impl *m = c->impl;
     if (m) {
         stop_helper(m);
-        if (mpi_pending(c) == 0) {
-            for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
-            pthread_cond_destroy(&m->cv);
-            pthread_mutex_destroy(&m->mu);
-            free(m->args);
-            free(m->rs);
-            free(m);
-        }
+        if (mpi_pending(c) == 0) impl_free(m);
     }
     free(c);
 }
@@ -699,13 +774,8 @@ static void mpi_destroy(comm *c) {
         world_restore(m);
         /* Requests still pending (a timed-out exchange never finished) cannot be freed: MPI forbids
          * MPI_Request_free on a collective. They are left to MPI_Finalize. */
-        for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
         if (m->mc != MPI_COMM_NULL) MPI_Comm_free(&m->mc);
-        pthread_cond_destroy(&m->cv);
-        pthread_mutex_destroy(&m->mu);
-        free(m->args);
-        free(m->rs);
-        free(m);
+        impl_free(m);
     }
     free(c);
 }
