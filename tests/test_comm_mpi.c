@@ -640,6 +640,15 @@ int main(int argc, char **argv) {
             ok &= comm_wait(c, req) == SCMOE_OK && a2a_ok(&x, r, P);
         }
         a2a_free(&x);
+        /* scans with the helper running: it may post a scan's next round (from its thread) while this one
+         * tests or waits */
+        for (int it = 0; it < 20 && ok; it++) {
+            int64_t in[128], out[256];
+            int n = it % 2 ? 128 : 3;
+            ok &= scan_start(c, in, out, n, &req) == SCMOE_OK;
+            if (it % 3 == 0) sleep_s(0.002);
+            ok &= comm_wait(c, req) == SCMOE_OK && scan_ok(c, out, n);
+        }
         check(provided == MPI_THREAD_MULTIPLE ? "THREAD progress policy" : "THREAD progress falls back to POLL", ok);
         c->progress = SCMOE_PROGRESS_POLL;
     }
