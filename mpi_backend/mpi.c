@@ -22,10 +22,30 @@
  *                      chunk and round 2 (allgather) sends the result to every rank, started by
  *                      whichever test, wait or progress sweep sees round 1 done; with the bf16 wire the
  *                      last completion unpacks the bf16s into buf. Empty chunks (n < P) send nothing.
- *   scan_i64_start     out[j] = sum_{i < r} in_i[j] (MPI_Iexscan, MPI_INT64_T, MPI_SUM; rank 0's, which MPI
- *                      leaves undefined, set to 0 when it completes) and out[n + j] = sum_i in_i[j]
- *                      (MPI_Iallreduce in place over a copy of in): two requests in one slot, done when
- *                      both are.
+ *   scan_i64_start     out[j] = sum_{i < r} in_i[j] (0 on rank 0) and out[n + j] = sum_i in_i[j], both in
+ *                      R = ceil(log2 P) rounds of point-to-point messages, not MPI_Iexscan + MPI_Iallreduce:
+ *                      OpenMPI 4.1's libnbc runs MPI_Iexscan as a chain of P-1 messages unless the user
+ *                      passes coll_libnbc_iexscan_algorithm 2, its all-reduce tree takes 2 log2 P steps,
+ *                      and other MPIs choose as they like. Each round t (d = 2^t) moves two streams.
+ *                      Prefix (recursive doubling, Hillis-Steele): rank r keeps p = in_r and sends p to
+ *                      r + d if r + d < P, receives q from r - d if r - d >= 0 (into out[0, n)) and adds
+ *                      it. By induction p = sum_{i = max(0, r-2d+1)}^{r} in_i after round t (the window
+ *                      of d ending at r plus the one of d ending at r - d), so after the last (2d >= P)
+ *                      p = sum_{i <= r} in_i and out[j] = p[j] - in_r[j]. Sum (cyclic windows, any P):
+ *                      with T_r(w) = sum of in over the w ranks r, r-1, .., r-w+1 mod P, rank r keeps the
+ *                      pair (T_r(w), T_r(w+1)), where w = P >> (R - t) is P's top t bits, and round t
+ *                      appends P's next bit b: w' = 2w + b, from the pair of rank r - (w + b) mod P:
+ *                        b = 0: T_r(2w)   = T_r(w) + T_{r-w}(w),      T_r(2w+1) = T_r(w) + T_{r-w}(w+1)
+ *                        b = 1: T_r(2w+1) = T_r(w+1) + T_{r-w-1}(w),  T_r(2w+2) = T_r(w+1) + T_{r-w-1}(w+1)
+ *                      (a window split into its newest w or w+1 ranks and the older rest). It starts at
+ *                      w = P >> R: 0 with (0, in_r) below a power of two, 1 at one, where only T_r(1) =
+ *                      in_r is known and only T_r(w) is ever needed (every later bit is 0); after R
+ *                      rounds w = P and T_r(P) is the sum, the same on every rank. Sums are mod 2^64 as
+ *                      MPI's int64 sums are, so both are the bits MPI_Iexscan and MPI_Iallreduce give.
+ *                      Tags: the k-th scan on a comm uses SCAN_TAG0 + 2 (k mod SCAN_TAG_SPAN) for its
+ *                      prefix and the next for its sum, in every round: within one stream a sender's
+ *                      messages to one receiver are posted in round order on both sides, which MPI's
+ *                      non-overtaking rule keeps matched, and scans in flight together differ in tags.
  * A *_start call returns a slot index 0..COMM_MAX_REQ-1 in *req; the slot is released when test
  * reports done or when wait returns (anything but a timeout). Buffers must stay untouched until then.
  *
@@ -72,6 +92,10 @@ enum { KIND_ALLTOALLV = 0, KIND_ALLREDUCE, KIND_SMALL, KIND_ALLREDUCE_F64, KIND_
  * are in flight, and MPI_TAG_UB is at least 32767). Collectives never match point-to-point messages. */
 #define TWO_ROUND_TAG0     1
 #define TWO_ROUND_TAG_SPAN 4096
+/* scan_i64_start's messages: the k-th scan's prefix has tag SCAN_TAG0 + 2 (k mod SCAN_TAG_SPAN) and its sum
+ * the next (all rounds share them, see the top), above the two-round all-reduce's and below 32767 */
+#define SCAN_TAG0     (TWO_ROUND_TAG0 + 2 * TWO_ROUND_TAG_SPAN)
+#define SCAN_TAG_SPAN 4096
 
 typedef struct slot {
     MPI_Request r;
@@ -85,12 +109,20 @@ typedef struct slot {
     int *args;
     /* KIND_TWO_ROUND: the current round's 2(P-1) sends and receives (in place of r), the round
      * (0 reduce-scatter, 1 allgather), its tags' base, the wire, and the caller's buffers. KIND_SCAN:
-     * rs[0] the scan, rs[1] the sum, work the caller's out */
+     * rs[0..3] the current round's prefix receive and send and sum receive and send, round and tag,
+     * work the caller's out, in the caller's in */
     MPI_Request *rs;
     int round, tag;
     comm_wire wire;
     float *buf;
     void *work;
+    const int64_t *in;
+    /* KIND_SCAN's working memory, 5n int64s: the prefix's running partial, the sum's pair (T(w), T(w+1))
+     * and the pair received. Grown by scan_i64_start (the slot is free then, so nothing in flight points
+     * into it) to the largest n this slot has scanned (part_cap): 5 KiB a slot at n = k E = 128, only in
+     * slots that ever held a scan, and a core with a steady n allocates on its first steps only */
+    int64_t *part;
+    int part_cap;
 } slot;
 
 typedef struct mpi_impl {
@@ -104,6 +136,7 @@ typedef struct mpi_impl {
     MPI_Request *rs; /* COMM_MAX_REQ * 2 * size requests, carved into slots[].rs */
     int rank, size;
     unsigned two_round_started; /* allreduce_two_round_start calls so far: the next one's tags */
+    unsigned scans_started;     /* scan_i64_start calls (size > 1) so far: the next one's tag */
     int n_types;
     int type_bytes[TYPE_CACHE];
     MPI_Datatype types[TYPE_CACHE];
@@ -155,7 +188,8 @@ static void describe(const slot *s, char *buf, size_t len) {
     else if (s->kind == KIND_ALLREDUCE) snprintf(buf, len, "all-reduce of %d floats", s->n);
     else if (s->kind == KIND_ALLREDUCE_F64) snprintf(buf, len, "all-reduce of %d doubles (statistics)", s->n);
     else if (s->kind == KIND_SCAN)
-        snprintf(buf, len, "exclusive scan and sum of %d int64s (token or routing counts)", s->n);
+        snprintf(buf, len, "exclusive scan and sum of %d int64s (token or routing counts; %d scan rounds done)", s->n,
+                 s->round);
     else if (s->kind == KIND_TWO_ROUND)
         snprintf(buf, len, "two-round all-reduce of %d floats%s (%s)", s->n,
                  s->wire == COMM_WIRE_BF16 ? " as bf16" : "", s->round ? "allgather" : "reduce-scatter");
@@ -228,16 +262,68 @@ static void two_round_reduce(const mpi_impl *m, slot *s) {
     }
 }
 
-/* One test of an active slot: MPI_Test, or for a two-round all-reduce its round's requests, moving on
- * to round 1 when round 0 is done and unpacking a bf16 result when round 1 is. Returns the MPI code (the
- * slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
+/* ---- the exclusive scan's rounds (recursive doubling, see the top) ---- */
+
+/* ceil(log2 P): the rounds of a scan over P > 1 ranks. */
+static int scan_rounds(int P) {
+    int R = 0;
+    while (((int64_t)1 << R) < P) R++;
+    return R;
+}
+
+/* The sum's partner offset in round t of R: w + b, where w = P >> (R - t) (the window the pair holds)
+ * and b = bit R-1-t of P (see the top). */
+static int scan_sum_offset(int P, int R, int t) { return (P >> (R - t)) + ((P >> (R - 1 - t)) & 1); }
+
+/* Posts round s->round (d = 2^round) of s's scan. The prefix (tag s->tag): the partial from r - d into
+ * out[0, n), this rank's partial to r + d, a side with no partner left MPI_REQUEST_NULL. The sum (tag
+ * s->tag + 1): the pair from r - o into the receive pair, this rank's pair to r + o, mod P. */
+static int scan_post(mpi_impl *m, slot *s) {
+    int P = m->size, d = 1 << s->round, r = m->rank, n = s->n, rc = MPI_SUCCESS;
+    int o = scan_sum_offset(P, scan_rounds(P), s->round);
+    int64_t *pair = s->part + n, *rpair = s->part + 3 * n;
+    for (int i = 0; i < 4; i++) s->rs[i] = MPI_REQUEST_NULL;
+    if (r - d >= 0) rc = MPI_Irecv(s->work, n, MPI_INT64_T, r - d, s->tag, m->mc, &s->rs[0]);
+    if (rc == MPI_SUCCESS && r + d < P) rc = MPI_Isend(s->part, n, MPI_INT64_T, r + d, s->tag, m->mc, &s->rs[1]);
+    if (rc == MPI_SUCCESS) rc = MPI_Irecv(rpair, 2 * n, MPI_INT64_T, (r - o + P) % P, s->tag + 1, m->mc, &s->rs[2]);
+    if (rc == MPI_SUCCESS) rc = MPI_Isend(pair, 2 * n, MPI_INT64_T, (r + o) % P, s->tag + 1, m->mc, &s->rs[3]);
+    return rc;
+}
+
+/* Tests s's scan: folds each finished round into the partial and the pair and posts the next (a round
+ * no message reaches finishes at once); after the last, out[0, n) = partial - in and out[n, 2n) = the
+ * pair's window of P, the sum. *flag 1 then. Unsigned sums: int64 wrap-around, defined. */
+static int scan_test(mpi_impl *m, slot *s, int *flag) {
+    int P = m->size, n = s->n, R = scan_rounds(P), rc = MPI_SUCCESS, done = 0;
+    int64_t *out = s->work, *a = s->part + n, *b = s->part + 2 * n, *ra = s->part + 3 * n, *rb = s->part + 4 * n;
+    while (rc == MPI_SUCCESS && s->round < R) {
+        rc = MPI_Testall(4, s->rs, &done, MPI_STATUSES_IGNORE);
+        if (rc != MPI_SUCCESS || !done) break;
+        if (m->rank >= (1 << s->round))
+            for (int j = 0; j < n; j++) s->part[j] = (int64_t)((uint64_t)s->part[j] + (uint64_t)out[j]);
+        int bit = (P >> (R - 1 - s->round)) & 1;
+        for (int j = 0; j < n; j++) { /* (T(w), T(w+1)) -> (T(2w+bit), T(2w+bit+1)) */
+            uint64_t base = (uint64_t)(bit ? b[j] : a[j]);
+            a[j] = (int64_t)(base + (uint64_t)ra[j]);
+            b[j] = (int64_t)(base + (uint64_t)rb[j]);
+        }
+        if (++s->round < R) rc = scan_post(m, s);
+        else
+            for (int j = 0; j < n; j++) {
+                out[j] = (int64_t)((uint64_t)s->part[j] - (uint64_t)s->in[j]);
+                out[n + j] = a[j];
+            }
+    }
+    *flag = rc == MPI_SUCCESS && s->round == R;
+    return rc;
+}
+
+/* One test of an active slot: MPI_Test, for a scan scan_test, or for a two-round all-reduce its round's
+ * requests, moving on to round 1 when round 0 is done and unpacking a bf16 result when round 1 is.
+ * Returns the MPI code (the slot then failed); *flag 1 when the request is complete. Caller holds m->mu. */
 static int slot_test(mpi_impl *m, slot *s, int *flag) {
     *flag = 0;
-    if (s->kind == KIND_SCAN) {
-        int rc = MPI_Testall(2, s->rs, flag, MPI_STATUSES_IGNORE);
-        if (rc == MPI_SUCCESS && *flag && m->rank == 0) memset(s->work, 0, sizeof(int64_t) * (size_t)s->n);
-        return rc;
-    }
+    if (s->kind == KIND_SCAN) return scan_test(m, s, flag);
     if (s->kind != KIND_TWO_ROUND) return MPI_Test(&s->r, flag, MPI_STATUS_IGNORE);
     int rc = MPI_Testall(2 * (m->size - 1), s->rs, flag, MPI_STATUSES_IGNORE);
     if (rc != MPI_SUCCESS || !*flag) return rc;
@@ -605,18 +691,32 @@ static scmoe_status mpi_scan_i64_start(comm *c, const int64_t *in, int64_t *out,
     }
     int i = slot_claim(m);
     if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
-    ensure_progress(c);
     slot *s = &m->slots[i];
-    memcpy(out + n, in, sizeof(int64_t) * (size_t)n);
-    s->rs[0] = s->rs[1] = MPI_REQUEST_NULL;
+    if (n > s->part_cap) {
+        int64_t *p = realloc(s->part, sizeof(int64_t) * 5 * (size_t)n);
+        if (!p) return fail(c, SCMOE_ERR_NOMEM, "no memory for the scan's partial sums (5 x %d int64s)", n);
+        s->part = p;
+        s->part_cap = n;
+    }
+    ensure_progress(c);
+    /* the partial T(1) = in; the pair (T(w0), T(w0 + 1)) with w0 = P >> R: (0, in) below a power of two,
+     * (in, -) at one, where T(2) is never used (every later bit of P is 0) */
+    int w0 = c->size >> scan_rounds(c->size);
+    memcpy(s->part, in, sizeof(int64_t) * (size_t)n);
+    if (w0) memcpy(s->part + n, in, sizeof(int64_t) * (size_t)n);
+    else memset(s->part + n, 0, sizeof(int64_t) * (size_t)n);
+    memcpy(s->part + 2 * (size_t)n, in, sizeof(int64_t) * (size_t)n);
+    s->kind = KIND_SCAN;
+    s->n = n;
+    s->round = 0;
+    s->tag = SCAN_TAG0 + 2 * (int)(m->scans_started++ % SCAN_TAG_SPAN);
     s->work = out;
-    int rc = MPI_Iexscan(in, out, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[0]);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iexscan"); /* nothing posted: the slot stays free */
-    rc = MPI_Iallreduce(MPI_IN_PLACE, out + n, n, MPI_INT64_T, MPI_SUM, m->mc, &s->rs[1]);
-    if (rc != MPI_SUCCESS) s->rs[1] = MPI_REQUEST_NULL;
-    /* published either way: a posted scan counts as pending (abort keeps the buffers) */
+    s->in = in;
+    /* as the two-round all-reduce: posted before the slot is published, and published either way, so a
+     * posted scan counts as pending (abort keeps the buffers) */
+    int rc = scan_post(m, s);
     slot_publish(m, i, MPI_REQUEST_NULL, KIND_SCAN, n);
-    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Iallreduce (int64, sum)");
+    if (rc != MPI_SUCCESS) return mpi_fail(c, rc, "MPI_Isend/MPI_Irecv (exclusive scan and sum)");
     *req = i;
     return SCMOE_OK;
 }
@@ -644,22 +744,26 @@ static int mpi_pending(comm *c) {
     return n;
 }
 
+/* Frees what the comm owns besides its communicator (destroy, and abandon with nothing pending). */
+static void impl_free(mpi_impl *m) {
+    for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
+    for (int i = 0; i < COMM_MAX_REQ; i++) free(m->slots[i].part);
+    pthread_cond_destroy(&m->cv);
+    pthread_mutex_destroy(&m->mu);
+    free(m->args);
+    free(m->rs);
+    free(m);
+}
+
 /* No MPI_Comm_free (collective: the peers may be gone) and, while a request is pending, nothing MPI may
- * still read or write (the argument copies, the agreement buffer, the datatypes): all of it stays
- * allocated until the process exits. */
+ * still read or write (the argument copies, the agreement buffer, the scan's partials, the datatypes):
+ * all of it stays allocated until the process exits. */
 static void mpi_abandon(comm *c) {
     if (!c) return;
     mpi_impl *m = c->impl;
     if (m) {
         stop_helper(m);
-        if (mpi_pending(c) == 0) {
-            for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
-            pthread_cond_destroy(&m->cv);
-            pthread_mutex_destroy(&m->mu);
-            free(m->args);
-            free(m->rs);
-            free(m);
-        }
+        if (mpi_pending(c) == 0) impl_free(m);
     }
     free(c);
 }
@@ -699,13 +803,8 @@ static void mpi_destroy(comm *c) {
         world_restore(m);
         /* Requests still pending (a timed-out exchange never finished) cannot be freed: MPI forbids
          * MPI_Request_free on a collective. They are left to MPI_Finalize. */
-        for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
         if (m->mc != MPI_COMM_NULL) MPI_Comm_free(&m->mc);
-        pthread_cond_destroy(&m->cv);
-        pthread_mutex_destroy(&m->mu);
-        free(m->args);
-        free(m->rs);
-        free(m);
+        impl_free(m);
     }
     free(c);
 }

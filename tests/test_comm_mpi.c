@@ -99,6 +99,34 @@ static scmoe_status a2a_start(comm *c, a2a *x, int *req) {
     return c->ops->alltoallv_start(c, x->send, x->sc, x->sd, x->recv, x->rc, x->rd, (int)sizeof(elem12), req);
 }
 
+/* Rank i's j-th count for the scan checks: past int32 and of both signs (2^31 + 11 and -(2^32 + 15)
+ * times up to 8e6), and every fourth near 2^59 (sums to 8 ranks stay below 2^63): exact or not at all. */
+static int64_t scan_val(int i, int j) {
+    if (j % 4 == 3) return ((int64_t)1 << 59) + i;
+    return ((int64_t)(i + 1) * 1000003 + j) * (j % 2 ? -4294967311LL : 2147483659LL);
+}
+
+/* Starts a scan of n scan_val counts on c, into out (2n int64s, filled with a marker first). */
+static scmoe_status scan_start(comm *c, int64_t *in, int64_t *out, int n, int *req) {
+    for (int j = 0; j < n; j++) in[j] = scan_val(c->rank, j);
+    for (int j = 0; j < 2 * n; j++) out[j] = -7;
+    return c->ops->scan_i64_start(c, in, out, n, req);
+}
+
+/* The finished scan against a plain sum over the ranks below c->rank and over all of c's ranks. */
+static int scan_ok(const comm *c, const int64_t *out, int n) {
+    int ok = 1;
+    for (int j = 0; j < n; j++) {
+        int64_t below = 0, all = 0;
+        for (int i = 0; i < c->size; i++) {
+            if (i < c->rank) below += scan_val(i, j);
+            all += scan_val(i, j);
+        }
+        ok &= out[j] == below && out[n + j] == all;
+    }
+    return ok;
+}
+
 /* Rank i's j-th gradient value for the bf16 all-reduce checks: zeros, exact bf16 ties (1 + 2^-8 lies
  * halfway between two bf16s), values of opposite signs on alternate ranks that nearly cancel, and
  * values spread over 2^-20 .. 2^20. */
@@ -338,6 +366,60 @@ int main(int argc, char **argv) {
         check("scan_i64_start x2 + wait: exclusive prefix and total (and serial: prefix 0)", ok);
     }
 
+    /* the scan's rounds (recursive doubling, ceil(log2 Q) of them) on every size Q = 1..P, non powers of two
+     * among them: split off the first Q ranks (the rest form a second comm and scan too), n = 1, 4, 128
+     * counts past int32 against a plain sum */
+    {
+        int ok = 1;
+        for (int q = 1; q <= P; q++) {
+            comm *g = NULL;
+            s = c->ops->split(c, r < q ? 0 : 1, r, &g);
+            ok &= s == SCMOE_OK && g && g->size == (r < q ? q : P - q);
+            const int ns[] = {1, 4, 128};
+            for (size_t k = 0; ok && k < sizeof ns / sizeof *ns; k++) {
+                int n = ns[k], rq = -1;
+                int64_t in[128], out[256];
+                ok &= scan_start(g, in, out, n, &rq) == SCMOE_OK && comm_wait(g, rq) == SCMOE_OK && scan_ok(g, out, n);
+            }
+            if (g) g->ops->destroy(g);
+        }
+        check("scan_i64_start on 1..P ranks, n = 1, 4, 128: exact prefix and total past int32", ok);
+    }
+
+    /* scans in flight together and among the other collectives (the all-reduces, the two-round all-reduce's
+     * own point-to-point messages, an all-to-all), waited on in an order that differs between ranks: no
+     * scan takes another's messages (each has its tag) and every result is exact */
+    {
+        enum { NS = 9 };
+        int64_t in[NS][128], out[NS][256];
+        int rq[NS], ra = -1, rt = -1, rx = -1, ok = 1;
+        float fa[5], ft[7];
+        void *work = malloc(comm_two_round_work(7, P, COMM_WIRE_F32));
+        a2a x;
+        a2a_init(&x, r, P);
+        for (int j = 0; j < 5; j++) fa[j] = (float)(r + j);
+        for (int j = 0; j < 7; j++) ft[j] = (float)(r * j);
+        for (int q = 0; q < NS && ok; q++) {
+            ok &= scan_start(c, in[q], out[q], q % 3 == 0 ? 128 : q % 3 == 1 ? 4 : 1, &rq[q]) == SCMOE_OK;
+            if (q == 2) ok &= c->ops->allreduce_start(c, fa, 5, &ra) == SCMOE_OK;
+            if (q == 4) ok &= c->ops->allreduce_two_round_start(c, ft, 7, COMM_WIRE_F32, work, &rt) == SCMOE_OK;
+            if (q == 6) ok &= a2a_start(c, &x, &rx) == SCMOE_OK;
+        }
+        for (int q = 0; q < NS && ok; q++) {
+            int w = r % 2 ? NS - 1 - q : (q * 4) % NS; /* reversed on odd ranks, strided on even ones */
+            ok &= comm_wait(c, rq[w]) == SCMOE_OK;
+            if (q == 3) ok &= comm_wait(c, rx) == SCMOE_OK && comm_wait(c, ra) == SCMOE_OK;
+        }
+        ok &= ok && comm_wait(c, rt) == SCMOE_OK;
+        for (int q = 0; q < NS && ok; q++) ok &= scan_ok(c, out[q], q % 3 == 0 ? 128 : q % 3 == 1 ? 4 : 1);
+        for (int j = 0; j < 5 && ok; j++) ok &= fa[j] == (float)(P * (P - 1) / 2 + P * j);
+        for (int j = 0; j < 7 && ok; j++) ok &= ft[j] == (float)(P * (P - 1) / 2 * j);
+        ok &= ok && a2a_ok(&x, r, P);
+        a2a_free(&x);
+        free(work);
+        check("scan_i64_start x9 in flight with an all-reduce, a two-round all-reduce and an all-to-all", ok);
+    }
+
     /* allreduce_two_round_start on both wires (grad_sync_algo, grad_sync_bf16): sizes that leave chunks
      * empty (n < P) and uneven. On the float wire at 2 ranks the sum is also MPI's a + b, bit for bit. */
     for (int bf = 0; bf < 2; bf++) {
@@ -558,6 +640,15 @@ int main(int argc, char **argv) {
             ok &= comm_wait(c, req) == SCMOE_OK && a2a_ok(&x, r, P);
         }
         a2a_free(&x);
+        /* scans with the helper running: it may post a scan's next round (from its thread) while this one
+         * tests or waits */
+        for (int it = 0; it < 20 && ok; it++) {
+            int64_t in[128], out[256];
+            int n = it % 2 ? 128 : 3;
+            ok &= scan_start(c, in, out, n, &req) == SCMOE_OK;
+            if (it % 3 == 0) sleep_s(0.002);
+            ok &= comm_wait(c, req) == SCMOE_OK && scan_ok(c, out, n);
+        }
         check(provided == MPI_THREAD_MULTIPLE ? "THREAD progress policy" : "THREAD progress falls back to POLL", ok);
         c->progress = SCMOE_PROGRESS_POLL;
     }
