@@ -245,8 +245,8 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     }
     if (m->local_cap) m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
     if (m->gcount.on) {
-        m->gcount.agree = scmoe__arena_take(H, sizeof(int64_t) * 3 * MOE_AGREE);
-        m->gcount.counts = scmoe__arena_take(H, sizeof(int64_t) * 3 * (size_t)k * E);
+        m->gcount.agree = scmoe__arena_take(H, sizeof(int64_t) * (3 * MOE_AGREE + COMM_SCAN_WORK(MOE_AGREE)));
+        m->gcount.counts = scmoe__arena_take(H, sizeof(int64_t) * (3 * (size_t)k * E + COMM_SCAN_WORK(k * E)));
     }
     if (m->droute.on) {
         m->droute.seq_word = scmoe__arena_take(P, sizeof(uint32_t));

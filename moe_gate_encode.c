@@ -483,7 +483,7 @@ static scmoe_status agree_token_scan(moe_layer *m, int n, scmoe_status local, in
     in[0] = local ? 0 : n;
     for (int i = 0; i < 3; i++) in[1 + i] = local == input_errors[i];
     int req = -1;
-    scmoe_status s = w->ops->scan_i64_start(w, in, pre, MOE_AGREE, &req);
+    scmoe_status s = w->ops->scan_i64_start(w, in, pre, MOE_AGREE, tot + MOE_AGREE, &req);
     if (!s) s = comm_wait(w, req);
     if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
     if (local) return input_fail(m, local, n);
@@ -514,7 +514,7 @@ static scmoe_status gscan_start(moe_layer *m) {
     }
     for (int e = 0; e < E; e++) m->top1_count[e] = mine[e]; /* round 0: aux_scope LOCAL's top-1 counts */
     scmoe__moe_inflight_begin(&m->gcount.xscan, w);
-    scmoe_status st = w->ops->scan_i64_start(w, mine, prefix, kE, &req);
+    scmoe_status st = w->ops->scan_i64_start(w, mine, prefix, kE, prefix + 2 * kE, &req);
     if ((st = small_start(m, &m->gcount.xscan, w, st, req))) return st;
     m->gcount.scanning = 1;
     m->gcount.xsum.active = 0;

@@ -194,8 +194,8 @@ typedef struct moe_local_cap {
  * message to the expert-parallel group and its all-to-all are LOCAL's (lcap.counts_*, xcount). */
 typedef struct moe_global_counts {
     int on;
-    int64_t *agree;  /* [3 MOE_AGREE] */
-    int64_t *counts; /* [3 k E] */
+    int64_t *agree;  /* [3 MOE_AGREE], then the scan's work */
+    int64_t *counts; /* [3 k E], then the scan's work */
     /* planned on the device (droute): the counts' scan and the statistics' all-reduce start once the
      * device's summary has landed and are finished at a poll or where the dispatch starts */
     int scanning; /* xscan (and xsum) started by this forward, the plan not yet made from them */

@@ -52,10 +52,15 @@ typedef struct comm_ops {
     scmoe_status (*allreduce_two_round_start)(comm *c, float *buf, int n, comm_wire wire, void *work, int *req);
     /* n int64s summed two ways (capacity GLOBAL with TOKEN priority: the token counts and the routing
      * counts, O(n) bytes a rank whatever P): out[0, n) = the sum of in over the ranks below this one (an
-     * exclusive scan; 0 on rank 0), out[n, 2n) = the sum over all ranks. in and out stay untouched by the
-     * caller until the request completes. */
-    scmoe_status (*scan_i64_start)(comm *c, const int64_t *in, int64_t *out, int n, int *req);
+     * exclusive scan; 0 on rank 0), out[n, 2n) = the sum over all ranks. work: COMM_SCAN_WORK(n) int64s
+     * (the partial sums of its rounds). in, out and work stay untouched by the caller until the request
+     * completes. */
+    scmoe_status (*scan_i64_start)(comm *c, const int64_t *in, int64_t *out, int n, int64_t *work, int *req);
 } comm_ops;
+
+/* The int64s scan_i64_start needs for n values: the prefix's running partial, the sum's pair of window sums
+ * and the pair received (mpi.c) */
+#define COMM_SCAN_WORK(n) (5 * (size_t)(n))
 
 /* The bytes allreduce_two_round_start needs for n floats over P ranks: one gather row of ceil(n/P) values
  * per rank (the peers' values of this rank's chunk), after, for bf16, this rank's n rounded values (also

@@ -117,12 +117,9 @@ typedef struct slot {
     float *buf;
     void *work;
     const int64_t *in;
-    /* KIND_SCAN's working memory, 5n int64s: the prefix's running partial, the sum's pair (T(w), T(w+1))
-     * and the pair received. Grown by scan_i64_start (the slot is free then, so nothing in flight points
-     * into it) to the largest n this slot has scanned (part_cap): 5 KiB a slot at n = k E = 128, only in
-     * slots that ever held a scan, and a core with a steady n allocates on its first steps only */
+    /* KIND_SCAN's working memory, the caller's COMM_SCAN_WORK(n) int64s: the prefix's running partial,
+     * the sum's pair (T(w), T(w+1)) and the pair received */
     int64_t *part;
-    int part_cap;
 } slot;
 
 typedef struct mpi_impl {
@@ -681,7 +678,7 @@ static scmoe_status mpi_allreduce_two_round_start(comm *c, float *buf, int n, co
     return SCMOE_OK;
 }
 
-static scmoe_status mpi_scan_i64_start(comm *c, const int64_t *in, int64_t *out, int n, int *req) {
+static scmoe_status mpi_scan_i64_start(comm *c, const int64_t *in, int64_t *out, int n, int64_t *work, int *req) {
     mpi_impl *m = c->impl;
     *req = -1;
     if (c->size == 1) { /* as serial.c: no rank below, the sum is mine */
@@ -692,12 +689,7 @@ static scmoe_status mpi_scan_i64_start(comm *c, const int64_t *in, int64_t *out,
     int i = slot_claim(m);
     if (i < 0) return fail(c, SCMOE_ERR_COMM, "all %d request slots are in flight", COMM_MAX_REQ);
     slot *s = &m->slots[i];
-    if (n > s->part_cap) {
-        int64_t *p = realloc(s->part, sizeof(int64_t) * 5 * (size_t)n);
-        if (!p) return fail(c, SCMOE_ERR_NOMEM, "no memory for the scan's partial sums (5 x %d int64s)", n);
-        s->part = p;
-        s->part_cap = n;
-    }
+    s->part = work;
     ensure_progress(c);
     /* the partial T(1) = in; the pair (T(w0), T(w0 + 1)) with w0 = P >> R: (0, in) below a power of two,
      * (in, -) at one, where T(2) is never used (every later bit of P is 0) */
@@ -747,7 +739,6 @@ static int mpi_pending(comm *c) {
 /* Frees what the comm owns besides its communicator (destroy, and abandon with nothing pending). */
 static void impl_free(mpi_impl *m) {
     for (int i = 0; i < m->n_types; i++) MPI_Type_free(&m->types[i]);
-    for (int i = 0; i < COMM_MAX_REQ; i++) free(m->slots[i].part);
     pthread_cond_destroy(&m->cv);
     pthread_mutex_destroy(&m->mu);
     free(m->args);

@@ -80,8 +80,9 @@ static scmoe_status serial_allreduce_two_round_start(comm *c, float *buf, int n,
 }
 
 /* one rank: no rank below it, and the sum is its own values */
-static scmoe_status serial_scan_i64_start(comm *c, const int64_t *in, int64_t *out, int n, int *req) {
+static scmoe_status serial_scan_i64_start(comm *c, const int64_t *in, int64_t *out, int n, int64_t *work, int *req) {
     (void)c;
+    (void)work;
     memset(out, 0, sizeof(int64_t) * (size_t)n);
     memmove(out + n, in, sizeof(int64_t) * (size_t)n);
     *req = -1;

@@ -106,11 +106,12 @@ static int64_t scan_val(int i, int j) {
     return ((int64_t)(i + 1) * 1000003 + j) * (j % 2 ? -4294967311LL : 2147483659LL);
 }
 
-/* Starts a scan of n scan_val counts on c, into out (2n int64s, filled with a marker first). */
-static scmoe_status scan_start(comm *c, int64_t *in, int64_t *out, int n, int *req) {
+/* Starts a scan of n scan_val counts on c, into out (2n int64s, filled with a marker first); work:
+ * COMM_SCAN_WORK(n) int64s. */
+static scmoe_status scan_start(comm *c, int64_t *in, int64_t *out, int n, int64_t *work, int *req) {
     for (int j = 0; j < n; j++) in[j] = scan_val(c->rank, j);
     for (int j = 0; j < 2 * n; j++) out[j] = -7;
-    return c->ops->scan_i64_start(c, in, out, n, req);
+    return c->ops->scan_i64_start(c, in, out, n, work, req);
 }
 
 /* The finished scan against a plain sum over the ranks below c->rank and over all of c's ranks. */
@@ -338,14 +339,14 @@ int main(int argc, char **argv) {
     /* scan_i64_start (capacity GLOBAL, TOKEN priority: the token and routing counts): the sum over the ranks
      * below (0 on rank 0) and over all, two at once, and values past 2^53 exact (to 16 ranks); serial: prefix 0 */
     {
-        int64_t in[2][3], out[2][6];
+        int64_t in[2][3], out[2][6], work[2][COMM_SCAN_WORK(3)];
         int rq[2] = {-1, -1}, ok = 1;
         for (int q = 0; q < 2; q++) {
             in[q][0] = r + 1;
             in[q][1] = ((int64_t)1 << 58) + r * (q + 1);
             in[q][2] = q ? -r : 0;
             for (int j = 0; j < 6; j++) out[q][j] = -7;
-            ok &= c->ops->scan_i64_start(c, in[q], out[q], 3, &rq[q]) == SCMOE_OK;
+            ok &= c->ops->scan_i64_start(c, in[q], out[q], 3, work[q], &rq[q]) == SCMOE_OK;
         }
         for (int q = 1; q >= 0 && ok; q--) ok &= comm_wait(c, rq[q]) == SCMOE_OK;
         for (int q = 0; q < 2 && ok; q++) {
@@ -358,7 +359,7 @@ int main(int argc, char **argv) {
         int64_t one_out[6];
         ok &= scmoe__comm_serial_create(&one) == SCMOE_OK;
         if (one) {
-            ok &= one->ops->scan_i64_start(one, in[0], one_out, 3, &rq[0]) == SCMOE_OK &&
+            ok &= one->ops->scan_i64_start(one, in[0], one_out, 3, work[0], &rq[0]) == SCMOE_OK &&
                   comm_wait(one, rq[0]) == SCMOE_OK;
             ok &= one_out[0] == 0 && one_out[1] == 0 && one_out[2] == 0 && !memcmp(one_out + 3, in[0], sizeof in[0]);
             one->ops->destroy(one);
@@ -378,8 +379,9 @@ int main(int argc, char **argv) {
             const int ns[] = {1, 4, 128};
             for (size_t k = 0; ok && k < sizeof ns / sizeof *ns; k++) {
                 int n = ns[k], rq = -1;
-                int64_t in[128], out[256];
-                ok &= scan_start(g, in, out, n, &rq) == SCMOE_OK && comm_wait(g, rq) == SCMOE_OK && scan_ok(g, out, n);
+                int64_t in[128], out[256], work[COMM_SCAN_WORK(128)];
+                ok &= scan_start(g, in, out, n, work, &rq) == SCMOE_OK && comm_wait(g, rq) == SCMOE_OK &&
+                      scan_ok(g, out, n);
             }
             if (g) g->ops->destroy(g);
         }
@@ -391,7 +393,7 @@ int main(int argc, char **argv) {
      * scan takes another's messages (each has its tag) and every result is exact */
     {
         enum { NS = 9 };
-        int64_t in[NS][128], out[NS][256];
+        int64_t in[NS][128], out[NS][256], sw[NS][COMM_SCAN_WORK(128)];
         int rq[NS], ra = -1, rt = -1, rx = -1, ok = 1;
         float fa[5], ft[7];
         void *work = malloc(comm_two_round_work(7, P, COMM_WIRE_F32));
@@ -400,7 +402,7 @@ int main(int argc, char **argv) {
         for (int j = 0; j < 5; j++) fa[j] = (float)(r + j);
         for (int j = 0; j < 7; j++) ft[j] = (float)(r * j);
         for (int q = 0; q < NS && ok; q++) {
-            ok &= scan_start(c, in[q], out[q], q % 3 == 0 ? 128 : q % 3 == 1 ? 4 : 1, &rq[q]) == SCMOE_OK;
+            ok &= scan_start(c, in[q], out[q], q % 3 == 0 ? 128 : q % 3 == 1 ? 4 : 1, sw[q], &rq[q]) == SCMOE_OK;
             if (q == 2) ok &= c->ops->allreduce_start(c, fa, 5, &ra) == SCMOE_OK;
             if (q == 4) ok &= c->ops->allreduce_two_round_start(c, ft, 7, COMM_WIRE_F32, work, &rt) == SCMOE_OK;
             if (q == 6) ok &= a2a_start(c, &x, &rx) == SCMOE_OK;
@@ -590,11 +592,11 @@ int main(int argc, char **argv) {
     /* the scan times out the same way (capacity GLOBAL's token counts: a rank that never comes gives
      * SCMOE_ERR_TIMEOUT, not a hang), and a later wait finishes it */
     if (P >= 2) {
-        int64_t in[2] = {r + 1, 1}, out[4];
+        int64_t in[2] = {r + 1, 1}, out[4], work[COMM_SCAN_WORK(2)];
         int req = -1, ok = 1;
         MPI_Barrier(MPI_COMM_WORLD);
         if (r == 1) sleep_s(3.0); /* long enough that rank 0's 0.5 s wait ends first even on a loaded machine */
-        ok &= c->ops->scan_i64_start(c, in, out, 2, &req) == SCMOE_OK;
+        ok &= c->ops->scan_i64_start(c, in, out, 2, work, &req) == SCMOE_OK;
         if (r == 0) {
             c->timeout_s = 0.5;
             s = comm_wait(c, req);
@@ -643,9 +645,9 @@ int main(int argc, char **argv) {
         /* scans with the helper running: it may post a scan's next round (from its thread) while this one
          * tests or waits */
         for (int it = 0; it < 20 && ok; it++) {
-            int64_t in[128], out[256];
+            int64_t in[128], out[256], work[COMM_SCAN_WORK(128)];
             int n = it % 2 ? 128 : 3;
-            ok &= scan_start(c, in, out, n, &req) == SCMOE_OK;
+            ok &= scan_start(c, in, out, n, work, &req) == SCMOE_OK;
             if (it % 3 == 0) sleep_s(0.002);
             ok &= comm_wait(c, req) == SCMOE_OK && scan_ok(c, out, n);
         }
