@@ -45,7 +45,7 @@ want bf16 && run "bf16 GEMM engines and precision" 300 env OMP_NUM_THREADS=2 $VG
 want oracle_moe && run "moe layer vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_moe
 want oracle_pair && run "block pair vs PyTorch" 600 ${BUILD:-build}/tests/test_oracle_pair
 if [ -x ${BUILD:-build}/tests/test_comm_mpi ]; then
-    for n in 1 2 4; do want comm && run "comm over MPI, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_comm_mpi; done
+    for n in 1 2 3 4; do want comm && run "comm over MPI, $n ranks" 120 $MPIRUN -np $n ${BUILD:-build}/tests/test_comm_mpi; done
 fi
 if [ -x ${BUILD:-build}/tests/test_ep ]; then
     for n in 1 2 4; do want ep && run "expert parallelism == 1 rank, $n ranks" 600 $MPIRUN -np $n ${BUILD:-build}/tests/test_ep; done
