@@ -23,6 +23,11 @@ static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, in
 static scmoe_status gscan_start(moe_layer *m);
 static scmoe_status gscan_check(moe_layer *m, int wait);
 
+/* C over a batch of S tokens, with the capacity factor of the mode (training or evaluation) */
+static int64_t batch_capacity(const moe_layer *m, int64_t S) {
+    return scmoe__route_capacity(S, m->E, m->k, m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor);
+}
+
 /* logits, softmax, top-k of my n tokens (the noise keyed by token offset + t), where the kernels run */
 static void gate_kernels(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset) {
     float noise = m->training ? m->cfg.gate_noise_std : 0.0f;
@@ -180,10 +185,8 @@ static scmoe_status gate_encode_global(moe_layer *m, const exec *ex, int n, cons
     gate_run(m, ex, n, x, offset);
     if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S))) return st;
     comm *w = m->ctx->world;
-    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     scmoe__route_plan_build(&m->plan, m->route_work, m->gather.records_all, m->gather.tokens_per_rank, w->size, w->rank,
-                            m->ep_size, m->E, m->k, m->cfg.priority, scmoe__route_capacity(S, m->E, m->k, cf),
-                            m->cfg.pipeline_chunks);
+                            m->ep_size, m->E, m->k, m->cfg.priority, batch_capacity(m, S), m->cfg.pipeline_chunks);
     scmoe__moe_plan_ready(m, 0);
     return SCMOE_OK;
 }
@@ -264,8 +267,7 @@ static void local_route(moe_layer *m, const exec *ex, int n, const float *x, scm
     double *ls = m->lcap.lstats;
     memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
     if (!local && m->droute.on) {
-        float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
-        m->plan.capacity = scmoe__route_capacity(n, E, k, cf);
+        m->plan.capacity = batch_capacity(m, n);
         droute_start(m, ex, n, x, (int64_t)m->ctx->world->rank * m->max_tokens, m->plan.capacity);
         return;
     }
@@ -276,9 +278,8 @@ static void local_route(moe_layer *m, const exec *ex, int n, const float *x, scm
         m->n = n;
         m->x = x;
         gate_run(m, ex, n, x, (int64_t)m->ctx->world->rank * m->max_tokens);
-        float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
         scmoe__route_plan_local_send(pl, m->route_work, m->records, n, m->ep_size, E, k, m->cfg.priority,
-                                     scmoe__route_capacity(n, E, k, cf), m->lcap.counts_out);
+                                     batch_capacity(m, n), m->lcap.counts_out);
         gate_sums(m, n);
         memset(m->top1_count, 0, sizeof(int64_t) * E);
         for (int t = 0; t < n; t++) m->top1_count[m->records[(size_t)t * (k + 1)]]++;
@@ -566,14 +567,12 @@ static scmoe_status gscan_check(moe_layer *m, int wait) {
 /* token counts agreed -> gate -> (the device: the plan's first half) -> the round counts' scan started;
  * the plan, the losses, the pack and the counts message once it is in (gscan_check) */
 static scmoe_status gate_encode_counts(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
-    int E = m->E, k = m->k;
     int64_t S = 0, offset = 0;
     scmoe_status st = local_leftovers(m); /* a failed forward's counts message */
     if (!st) st = agree_token_scan(m, n, local, &S, &offset);
     if (st) return st;
-    float cf = m->training ? m->cfg.capacity_factor : m->cfg.eval_capacity_factor;
     m->gcount.S = S;
-    m->plan.capacity = scmoe__route_capacity(S, E, k, cf);
+    m->plan.capacity = batch_capacity(m, S);
     if (m->droute.on) { /* the plan's first half on the device; its summary starts the scan (gscan_start) */
         droute_start(m, ex, n, x, offset, INT64_MAX);
         return SCMOE_OK;

@@ -196,8 +196,8 @@ typedef struct moe_global_counts {
     int on;
     int64_t *agree;  /* [3 MOE_AGREE], then the scan's work */
     int64_t *counts; /* [3 k E], then the scan's work */
-    /* planned on the device (droute): the counts' scan and the statistics' all-reduce start once the
-     * device's summary has landed and are finished at a poll or where the dispatch starts */
+    /* the counts' scan and the statistics' all-reduce, started in the gate's phase (planned on the
+     * device: once its summary has landed) and finished at a poll or where the dispatch starts */
     int scanning; /* xscan (and xsum) started by this forward, the plan not yet made from them */
     inflight xscan, xsum;
     int64_t S; /* this forward's global batch (agree_token_scan) */
@@ -205,8 +205,9 @@ typedef struct moe_global_counts {
 
 /* routing planned on the device (issue 19; compute_ops.route_local: capacity per source rank, or one
  * rank, either priority; GLOBAL with TOKEN priority over several ranks, the slots finished by
- * compute_ops.route_global from the bases of the counts' scan, gcount): the gate's outputs stay on the device; its kernels write slot there and a summary
- * (the counts message lcap.counts_out, gsum, top1, kept) into mapped memory, seq_word last. The host
+ * compute_ops.route_global from the bases of the counts' scan, gcount): the gate's outputs stay on the
+ * device; its kernels write slot there and a summary (the counts message lcap.counts_out, gsum, top1,
+ * kept) into mapped memory, seq_word last. The host
  * reads it once seq_word says it landed (a poll, at the latest the first dispatch): nothing else of
  * the plan crosses to the host, and the host never waits for the stream to drain. */
 typedef struct moe_device_route {

@@ -44,8 +44,9 @@ typedef struct expert_group {
     float *dy, *dx, *dhid, *dpre; /* backward: dx overwritten, gradients += */
 } expert_group;
 /* One source's routing plan made where the gate ran (compute_ops.route_local): capacity per source
- * rank (TOKEN or, with score, BATCH priority; GLOBAL's first half: dropless, TOKEN). In: the gate's choice, p, lse (compute side). Out: slot (compute side) and the
- * summary the host needs, in memory it can read (COMPUTE_MAPPED), *seq = seq_value written last. */
+ * rank (TOKEN or, with score, BATCH priority; GLOBAL's first half: dropless, TOKEN). In: the gate's
+ * choice, p, lse (compute side). Out: slot (compute side) and the summary the host needs, in memory it
+ * can read (COMPUTE_MAPPED), *seq = seq_value written last. */
 typedef struct route_job {
     const int *choice;
     const float *p, *lse;

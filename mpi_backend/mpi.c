@@ -747,8 +747,8 @@ static void impl_free(mpi_impl *m) {
 }
 
 /* No MPI_Comm_free (collective: the peers may be gone) and, while a request is pending, nothing MPI may
- * still read or write (the argument copies, the agreement buffer, the scan's partials, the datatypes):
- * all of it stays allocated until the process exits. */
+ * still read or write (the argument copies, the agreement buffer, the datatypes): all of it stays
+ * allocated until the process exits. */
 static void mpi_abandon(comm *c) {
     if (!c) return;
     mpi_impl *m = c->impl;
