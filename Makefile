@@ -28,7 +28,7 @@ LDLIBS  += $(BLAS_LIB) $(DNNL_LIB) -fopenmp -lm -lpthread
 B ?= build
 CORE_SRC := scmoe.c layer.c moe.c moe_gate_encode.c moe_exchange.c moe_offload.c pair.c controls.c schedule.c ffn.c router.c kernels/exec.c kernels/layernorm.c \
             kernels/activation.c kernels/gate.c \
-            kernels/route.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
+            kernels/route.c kernels/route_batch.c kernels/attention.c kernels/bf16.c kernels/rows.c kernels/combine.c kernels/compute_host.c \
             mpi_backend/serial.c precision.c
 BLAS_SRC := blas_backend/openblas.c blas_backend/blas_host.c blas_backend/onednn.c
 ifeq ($(MPI),1)

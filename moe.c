@@ -190,10 +190,6 @@ static int mirrors_match(const moe_layer *m) {
            (const char *)m->plan_d.recv_to_expert - c0 == (const char *)m->plan.recv_to_expert - ch0;
 }
 
-/* The receive side comes from a counts message to the group (capacity LOCAL, or GLOBAL with TOKEN
- * priority); else (GLOBAL with BATCH priority) every rank plans from every rank's records. */
-static int counts_message(const moe_layer *m) { return m->local_cap || m->gcount.on; }
-
 /* The workspace in four arenas: host (the plan and what host code reads), device (activations and
  * expert rows), exchanged (what MPI moves: mapped memory, or device memory for a CUDA-aware MPI) and
  * pinned (mapped memory: what the device's routing plan writes for the host, droute, the counts
@@ -201,9 +197,7 @@ static int counts_message(const moe_layer *m) { return m->local_cap || m->gcount
  * mirror of the gate's outputs (gate_h), and the device its copy of the plan's arrays (plan_d); on the
  * host backend they are the same arrays. */
 static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
-    int world = m->ctx->world->size, k = m->k, E = m->E, d = m->d, dev = m->co->device;
-    int gather = !counts_message(m);                               /* every rank's records on every rank */
-    int64_t S_max = (int64_t)m->max_tokens * (gather ? world : 1); /* the tokens one rank plans */
+    int k = m->k, E = m->E, d = m->d, dev = m->co->device;
     int n = m->max_tokens, R = m->max_recv, S = m->max_send, ep = m->ep_size, El = m->E_local;
     int ns = scmoe__route_stages(m->cfg.pipeline_chunks), cur = E > ns * El ? E : ns * El;
     size_t f = sizeof(float), i4 = sizeof(int);
@@ -228,25 +222,27 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     m->aux_coef_h = plan_h.aux_coef;
     pl->slot = plan_h.slot;
     pl->recv_to_expert = plan_h.recv_to_expert;
-    m->route_work = scmoe__arena_take(H, scmoe__route_workspace_bytes(S_max, k));
+    m->route_work = scmoe__arena_take(H, scmoe__route_workspace_bytes(n, k));
     m->records = scmoe__arena_take(H, i4 * (size_t)n * (k + 1));
-    if (gather) {
-        m->gather.records_all = scmoe__arena_take(H, i4 * (size_t)S_max * (k + 1));
-        m->gather.tokens_per_rank = scmoe__arena_take(H, i4 * world);
-        m->gather.rec_bytes = scmoe__arena_take(H, i4 * world);
-        m->gather.rec_displs = scmoe__arena_take(H, i4 * world);
-    }
     m->gsum = scmoe__arena_take(H, sizeof(double) * (E + 1));
-    if (counts_message(m)) {
-        m->lcap.counts_out = scmoe__arena_take(P, sizeof(int32_t) * (size_t)ep * (1 + El * k));
-        m->lcap.counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
-        m->lcap.ones = scmoe__arena_take(H, i4 * ep);
-        m->lcap.iota = scmoe__arena_take(H, i4 * ep);
-    }
+    m->lcap.counts_out = scmoe__arena_take(P, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+    m->lcap.counts_in = scmoe__arena_take(H, sizeof(int32_t) * (size_t)ep * (1 + El * k));
+    m->lcap.ones = scmoe__arena_take(H, i4 * ep);
+    m->lcap.iota = scmoe__arena_take(H, i4 * ep);
     if (m->local_cap) m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
     if (m->gcount.on) {
         m->gcount.agree = scmoe__arena_take(H, sizeof(int64_t) * (3 * MOE_AGREE + COMM_SCAN_WORK(MOE_AGREE)));
         m->gcount.counts = scmoe__arena_take(H, sizeof(int64_t) * (3 * (size_t)k * E + COMM_SCAN_WORK(k * E)));
+    }
+    if (m->gcount.on && m->cfg.priority == SCMOE_PRIORITY_BATCH) {
+        size_t kE = (size_t)k * E, bins = kE * 2 > ROUTE_SELECT_BINS ? kE * 2 : ROUTE_SELECT_BINS;
+        route_select *sel = &m->gcount.sel;
+        sel->need = scmoe__arena_take(H, sizeof(int64_t) * kE);
+        sel->ties = scmoe__arena_take(H, sizeof(int64_t) * kE);
+        sel->thresh = scmoe__arena_take(H, sizeof(uint32_t) * kE);
+        sel->open = scmoe__arena_take(H, i4 * kE);
+        m->gcount.hist = scmoe__arena_take(H, sizeof(double) * bins);
+        m->gcount.ties = scmoe__arena_take(H, sizeof(int64_t) * (3 * kE + COMM_SCAN_WORK(kE)));
     }
     if (m->droute.on) {
         m->droute.seq_word = scmoe__arena_take(P, sizeof(uint32_t));
@@ -306,13 +302,14 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     /* the device plans the routing where one source's tokens decide it alone (token after token, or by
      * their top-1 scores with BATCH priority): capacity per source rank, or one rank (whose global batch
      * is its own: the same plan either way); and over the global batch with TOKEN priority, where my
-     * tokens' places follow from the round counts scanned over the ranks (gscan_start) */
+     * tokens' places follow from the round counts scanned over the ranks (gscan_start). BATCH priority
+     * over several ranks is planned on the host (route_batch.c's selection reads the scores). */
     int token = m->cfg.priority == SCMOE_PRIORITY_TOKEN;
     m->droute.on = m->co->route_local &&
                    (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1 || (token && m->co->route_global));
     m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || (m->droute.on && world == 1);
-    /* GLOBAL with TOKEN priority: counts scanned over the ranks, not every rank's records (route.c) */
-    m->gcount.on = !m->local_cap && token;
+    /* GLOBAL: counts scanned over the ranks, not every rank's records (route.c, route_batch.c) */
+    m->gcount.on = !m->local_cap;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)
@@ -327,7 +324,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
         int64_t cap = scmoe__route_capacity(S_max, E, k, cf_hi), sources = m->local_cap ? m->ep_size : 1;
         if (cap <= recv / m->E_local / sources) recv = cap * m->E_local * sources;
     }
-    if ((!counts_message(m) && S_max * (k + 1) * 4 > INT32_MAX) || recv > INT32_MAX / 2)
+    if (recv > INT32_MAX / 2)
         return scmoe__fail(m->ctx, SCMOE_ERR_MAX_TOKENS, "max_tokens %d x %d ranks is too large for one exchange",
                            m->max_tokens, world);
     m->max_recv = (int)recv;
@@ -358,7 +355,7 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
                         * batch leaves gaps no kernel writes, zeroed once so the copy moves defined bytes */
         m->co->zero(m->co, m->gate.p, gate_outputs_bytes(&m->gate, m->max_tokens, k));
     m->wg = moe_param_data(m, m->p_wg);
-    for (int q = 0; counts_message(m) && q < m->ep_size; q++) {
+    for (int q = 0; q < m->ep_size; q++) {
         m->lcap.ones[q] = 1;
         m->lcap.iota[q] = q;
     }

@@ -116,81 +116,6 @@ static scmoe_status agreed_input_error(moe_layer *m, const double ranks[3]) {
                        scmoe_strerror(bad));
 }
 
-/* ---- capacity over the global batch (GLOBAL), BATCH priority: the whole batch's records on every rank ---- */
-
-/* Every rank says how many tokens it has, or that its input is bad (-status): no rank enters an
- * exchange that another has left. *S: the global batch, *offset: where my tokens start in it. */
-static scmoe_status agree_token_counts(moe_layer *m, int n, scmoe_status local, int64_t *S, int64_t *offset) {
-    comm *w = m->ctx->world;
-    int *mine = &m->gather.tokens_per_rank[w->rank]; /* in place: a send buffer that outlives a timed-out gather */
-    *mine = local ? -(int)local : n;
-    scmoe_status s = w->ops->allgather(w, mine, sizeof *mine, m->gather.tokens_per_rank);
-    if (s) return scmoe__fail(m->ctx, s, "exchanging token counts failed: %s", w->err);
-    if (local) return input_fail(m, local, n);
-    *S = *offset = 0;
-    for (int r = 0; r < w->size; r++) {
-        int c = m->gather.tokens_per_rank[r];
-        if (c < 0 && -c < SCMOE_STATUS_COUNT)
-            return scmoe__fail(m->ctx, (scmoe_status)-c, "rank %d rejected its input: %s", r,
-                               scmoe_strerror((scmoe_status)-c));
-        if (c < 0 || c > m->max_tokens) /* not a count: out of step */
-            return scmoe__fail(m->ctx, SCMOE_ERR_COMM, "rank %d sent %d as its token count: the ranks are out of step",
-                               r, c);
-        if (r == w->rank) *offset = *S;
-        *S += c;
-    }
-    return SCMOE_OK;
-}
-
-/* records_all = every rank's routing records (k expert ids, the top-1 p's bits), rank after rank */
-static scmoe_status gather_records(moe_layer *m, int n) {
-    comm *w = m->ctx->world;
-    int stride = m->k + 1;
-    for (int r = 0, off = 0; r < w->size; r++) {
-        m->gather.rec_bytes[r] = m->gather.tokens_per_rank[r] * stride * (int)sizeof(int32_t);
-        m->gather.rec_displs[r] = off;
-        off += m->gather.rec_bytes[r];
-    }
-    scmoe_status s = w->ops->allgatherv(w, m->records, n * stride * (int)sizeof(int32_t), m->gather.records_all,
-                                        m->gather.rec_bytes, m->gather.rec_displs);
-    if (s) return scmoe__fail(m->ctx, s, "gathering the routing choices failed: %s", w->err);
-    return SCMOE_OK;
-}
-
-/* The aux and z losses over the global batch of S tokens (aux_scope GLOBAL: gsum all-reduced, the
- * top-1 counts from the gathered records) or over my n (LOCAL, each rank's term weighed 1/P). */
-static scmoe_status batch_losses(moe_layer *m, int n, int64_t S) {
-    comm *w = m->ctx->world;
-    int global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL, stride = m->k + 1;
-    gate_sums(m, n);
-    if (global && w->size > 1) {
-        scmoe_status s = w->ops->allreduce_f64(w, m->gsum, m->E + 1);
-        if (s) return scmoe__fail(m->ctx, s, "reducing the gate statistics failed: %s", w->err);
-    }
-    const int32_t *top1 = global ? m->gather.records_all : m->records;
-    int64_t Sa = global ? S : n;
-    memset(m->top1_count, 0, sizeof(int64_t) * m->E);
-    for (int64_t t = 0; t < Sa; t++) m->top1_count[top1[t * stride]]++;
-    gate_losses(m, Sa, global ? 1.0 : 1.0 / w->size);
-    return SCMOE_OK;
-}
-
-/* gate -> records gathered -> losses -> the plan over the global batch -> my rows packed */
-static scmoe_status gate_encode_global(moe_layer *m, const exec *ex, int n, const float *x, scmoe_status local) {
-    int64_t S = 0, offset = 0;
-    scmoe_status st = agree_token_counts(m, n, local, &S, &offset);
-    if (st) return st;
-    m->n = n;
-    m->x = x;
-    gate_run(m, ex, n, x, offset);
-    if ((st = gather_records(m, n)) || (st = batch_losses(m, n, S))) return st;
-    comm *w = m->ctx->world;
-    scmoe__route_plan_build(&m->plan, m->route_work, m->gather.records_all, m->gather.tokens_per_rank, w->size, w->rank,
-                            m->ep_size, m->E, m->k, m->cfg.priority, batch_capacity(m, S), m->cfg.pipeline_chunks);
-    scmoe__moe_plan_ready(m, 0);
-    return SCMOE_OK;
-}
-
 /* ---- capacity per source rank (LOCAL) ----
  *
  * lstats, reduced by one nonblocking all-reduce over the world (doubles: the counts stay exact below
@@ -518,6 +443,7 @@ static scmoe_status gscan_start(moe_layer *m) {
     scmoe_status st = w->ops->scan_i64_start(w, mine, prefix, kE, prefix + 2 * kE, &req);
     if ((st = small_start(m, &m->gcount.xscan, w, st, req))) return st;
     m->gcount.scanning = 1;
+    m->gcount.phase = GSCAN_COUNTS;
     m->gcount.xsum.active = 0;
     if (m->cfg.aux_scope == SCMOE_AUX_GLOBAL && w->size > 1) {
         scmoe__moe_inflight_begin(&m->gcount.xsum, w);
@@ -527,28 +453,84 @@ static scmoe_status gscan_start(moe_layer *m) {
     return SCMOE_OK;
 }
 
-/* The scan and the sums in (at once if they are, else with wait when they are): the plan, the losses,
- * the slots' second half and the pack enqueued, the counts message started. */
-static scmoe_status gscan_check(moe_layer *m, int wait) {
-    if (!m->gcount.scanning) return SCMOE_OK;
-    if (!wait) {
-        scmoe__moe_inflight_test(&m->gcount.xscan);
-        scmoe__moe_inflight_test(&m->gcount.xsum);
-        if (!m->gcount.xscan.t_done || (m->gcount.xsum.active && !m->gcount.xsum.t_done)) return SCMOE_OK;
+static int landed(inflight *f) {
+    scmoe__moe_inflight_test(f);
+    return f->t_done != 0;
+}
+
+/* BATCH priority: the collective of the selection's next round (route_batch.c), once the one before has
+ * landed, into xscan: a histogram's all-reduce while pairs are open, then the ties' scan if a pair keeps
+ * its keys equal to the threshold in part; none once every pair is decided. Every rank takes the same
+ * steps (they follow from the same sums). */
+static scmoe_status select_next(moe_layer *m) {
+    moe_global_counts *g = &m->gcount;
+    comm *w = m->ctx->world;
+    route_select *s = &g->sel;
+    int E = m->E, k = m->k, kE = k * E, req = -1, open = 0;
+    scmoe_status st = SCMOE_OK;
+    if (g->phase == GSCAN_COUNTS) open = scmoe__route_select_begin(s, g->counts + 2 * kE, E, k, m->plan.capacity);
+    else if (g->phase == GSCAN_HISTOGRAM && (open = scmoe__route_select_step(s, g->hist, E, k)) < 0)
+        return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
+                           "the routing histograms hold fewer tokens than the counts' scan: the ranks are out of step");
+    if (open > 0) {
+        g->phase = GSCAN_HISTOGRAM;
+        scmoe__route_select_histogram(s, g->hist, m->records, m->n, E, k);
+        scmoe__moe_inflight_begin(&g->xscan, w);
+        st = w->ops->allreduce_f64_start(w, g->hist, s->n_open << s->bits, &req);
+    } else if (g->phase != GSCAN_TIES && s->n_ties > 0) {
+        g->phase = GSCAN_TIES;
+        scmoe__route_select_ties(s, g->ties, m->records, m->n, E, k);
+        scmoe__moe_inflight_begin(&g->xscan, w);
+        st = w->ops->scan_i64_start(w, g->ties, g->ties + kE, kE, g->ties + 3 * kE, &req);
+    } else {
+        g->phase = GSCAN_DONE;
+        return SCMOE_OK;
     }
-    m->gcount.scanning = 0;
-    scmoe_status st = scmoe__moe_inflight_wait(m, &m->gcount.xscan, "route_scan");
-    if (!st) st = scmoe__moe_inflight_wait(m, &m->gcount.xsum, "gate_stats");
+    return small_start(m, &g->xscan, w, st, req);
+}
+
+/* my send side from the counts' scan (and with BATCH priority the selection) */
+static void gscan_plan(moe_layer *m) {
+    int E = m->E, k = m->k, kE = k * E;
+    int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE, S = m->gcount.S;
+    route_plan *pl = &m->plan;
+    if (m->cfg.priority == SCMOE_PRIORITY_BATCH)
+        scmoe__route_plan_batch_send(pl, m->records, m->n, m->ep_size, E, k, &m->gcount.sel,
+                                     m->gcount.sel.n_ties ? m->gcount.ties + kE : NULL, m->gcount.ties + 2 * kE, total,
+                                     S, pl->capacity, m->lcap.counts_out);
+    else if (m->droute.on)
+        scmoe__route_plan_global_counts(pl, mine, prefix, total, m->ep_size, E, k, S, pl->capacity, m->lcap.counts_out,
+                                        m->droute.base_h);
+    else
+        scmoe__route_plan_global_send(pl, m->route_work, m->records, m->n, m->ep_size, E, k, prefix, total, S,
+                                      pl->capacity, m->lcap.counts_out);
+}
+
+/* Whatever of the plan has landed folded in (with wait: all of it): the scan, the selection's rounds
+ * (BATCH), the sums; then the plan, the losses, the slots' second half and the pack enqueued, the
+ * counts message started. */
+static scmoe_status gscan_check(moe_layer *m, int wait) {
+    moe_global_counts *g = &m->gcount;
+    while (g->scanning && g->phase != GSCAN_DONE) { /* xscan holds the plan's collective in flight */
+        if (!wait && !landed(&g->xscan)) return SCMOE_OK;
+        scmoe_status st =
+            scmoe__moe_inflight_wait(m, &g->xscan, g->phase == GSCAN_HISTOGRAM ? "route_select" : "route_scan");
+        if (!st && m->cfg.priority == SCMOE_PRIORITY_BATCH) st = select_next(m);
+        else g->phase = GSCAN_DONE;
+        if (st) {
+            g->scanning = 0;
+            return st;
+        }
+    }
+    if (!g->scanning) return SCMOE_OK;
+    if (!wait && g->xsum.active && !landed(&g->xsum)) return SCMOE_OK;
+    g->scanning = 0;
+    scmoe_status st = scmoe__moe_inflight_wait(m, &g->xsum, "gate_stats");
     if (st) return st;
     int E = m->E, k = m->k, kE = k * E, msg = 1 + m->E_local * k, global = m->cfg.aux_scope == SCMOE_AUX_GLOBAL;
-    int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE, S = m->gcount.S;
+    int64_t *total = g->counts + 2 * kE, S = g->S;
     const compute_ops *co = m->co;
-    if (m->droute.on)
-        scmoe__route_plan_global_counts(&m->plan, mine, prefix, total, m->ep_size, E, k, S, m->plan.capacity,
-                                        m->lcap.counts_out, m->droute.base_h);
-    else
-        scmoe__route_plan_global_send(&m->plan, m->route_work, m->records, m->n, m->ep_size, E, k, prefix, total, S,
-                                      m->plan.capacity, m->lcap.counts_out);
+    gscan_plan(m);
     for (int q = 0; q < m->ep_size; q++) m->lcap.counts_out[(size_t)q * msg] = SCMOE_OK; /* agreed already */
     if (global) memcpy(m->top1_count, total, sizeof(int64_t) * E); /* round 0 is the top-1 choice */
     gate_losses(m, global ? S : m->n, global ? 1.0 : 1.0 / m->ctx->world->size);
@@ -588,7 +570,7 @@ scmoe_status scmoe__moe_gate_encode(moe_layer *m, const exec *ex, int n, const f
     m->comm_time = m->exposed_time = 0;
     scmoe_status local = input_status(m, n, x);
     if (m->local_cap) return gate_encode_local(m, ex, n, x, local);
-    return m->gcount.on ? gate_encode_counts(m, ex, n, x, local) : gate_encode_global(m, ex, n, x, local);
+    return gate_encode_counts(m, ex, n, x, local);
 }
 
 /* The plan's stages as exchanges, then (on a device: aux_coef, slot and recv_to_expert in one copy,

@@ -170,12 +170,6 @@ static inline size_t plan_mirror_bytes(const plan_mirror *g, int n_recv) {
     return (size_t)((char *)(g->recv_to_expert + n_recv) - (char *)g->aux_coef);
 }
 
-/* capacity over the global batch (GLOBAL) with BATCH priority: every rank's routing records gathered */
-typedef struct moe_gather {
-    int32_t *records_all;                          /* [S_max, k + 1]: the whole batch's records, rank after rank */
-    int *tokens_per_rank, *rec_bytes, *rec_displs; /* [world]: the allgatherv's counts (or -status: bad input) */
-} moe_gather;
-
 /* capacity per source rank (LOCAL): each rank's counts for each peer's experts by round, after its input
  * status ([ep_size][1 + E_local*k], out and in, exchanged as one element per peer: ones, iota), and the
  * statistics reduced without blocking ([MOE_LSTATS(E)], layout in moe.c) */
@@ -188,19 +182,27 @@ typedef struct moe_local_cap {
     int counts_pending; /* xcount started by this forward, the plan's receive side not yet built from it */
 } moe_local_cap;
 
-/* capacity over the global batch (GLOBAL) with TOKEN priority, without the records: my token count and
- * input status ([MOE_AGREE]), then my per-(round, expert) counts ([k E], scmoe__route_round_counts), each
- * as [in | prefix over the ranks below | total] of one comm scan_i64_start over the world. The counts
- * message to the expert-parallel group and its all-to-all are LOCAL's (lcap.counts_*, xcount). */
+/* capacity over the global batch (GLOBAL), without any other rank's records: my token count and input
+ * status ([MOE_AGREE]), then my per-(round, expert) counts ([k E], scmoe__route_round_counts), each as
+ * [in | prefix over the ranks below | total] of one comm scan_i64_start over the world; with BATCH
+ * priority then the selection's rounds (route_batch.c): histograms all-reduced in hist, the ties'
+ * counts scanned in ties. The counts message to the expert-parallel group and its all-to-all are
+ * LOCAL's (lcap.counts_*, xcount). */
+typedef enum gscan_phase { GSCAN_COUNTS, GSCAN_HISTOGRAM, GSCAN_TIES, GSCAN_DONE } gscan_phase;
 typedef struct moe_global_counts {
     int on;
     int64_t *agree;  /* [3 MOE_AGREE], then the scan's work */
     int64_t *counts; /* [3 k E], then the scan's work */
-    /* the counts' scan and the statistics' all-reduce, started in the gate's phase (planned on the
-     * device: once its summary has landed) and finished at a poll or where the dispatch starts */
-    int scanning; /* xscan (and xsum) started by this forward, the plan not yet made from them */
+    /* the counts' scan (then the selection's rounds) and the statistics' all-reduce, started in the
+     * gate's phase (planned on the device: once its summary has landed) and finished at a poll or
+     * where the dispatch starts */
+    int scanning;      /* xscan (and xsum) started by this forward, the plan not yet made from them */
+    gscan_phase phase; /* what xscan carries: the counts' scan, a histogram, the ties' scan; done */
     inflight xscan, xsum;
-    int64_t S; /* this forward's global batch (agree_token_scan) */
+    int64_t S;        /* this forward's global batch (agree_token_scan) */
+    route_select sel; /* BATCH priority: the selection's state */
+    double *hist;     /* [max(ROUTE_SELECT_BINS, 2 k E)]: a round's histogram, summed in place */
+    int64_t *ties;    /* [k E] my ties | prefix | total (then the plan's scratch) | the scan's work */
 } moe_global_counts;
 
 /* routing planned on the device (issue 19; compute_ops.route_local: capacity per source rank, or one
@@ -288,9 +290,8 @@ typedef struct moe_layer {
     int64_t *top1_count; /* [E] */
     float *aux_coef_h;   /* [E], the host side of plan_d.aux_coef */
     float aux_loss, z_loss, z_coef;
-    int local_cap; /* capacity_scope LOCAL (or one rank planning on the device): lcap, else gcount or gather */
-    moe_global_counts gcount; /* GLOBAL with TOKEN priority */
-    moe_gather gather;        /* GLOBAL with BATCH priority */
+    int local_cap;            /* capacity_scope LOCAL (or one rank planning on the device): lcap, else gcount */
+    moe_global_counts gcount; /* GLOBAL */
     moe_local_cap lcap;
     moe_device_route droute;
     gate_outputs gate, gate_h; /* the compute side's, and the host's (the same arrays on the host backend) */

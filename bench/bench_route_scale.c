@@ -1,6 +1,6 @@
 /* bench_route_scale.c: what routing costs one rank per MoE forward as the cluster grows, for capacity
- * over the global batch (GLOBAL, with TOKEN priority from counts, with BATCH priority from every rank's
- * records) and per source rank (LOCAL): the bytes of the routing metadata and the host time of the
+ * over the global batch (GLOBAL, with TOKEN priority from counts, with BATCH priority from counts and a
+ * selection over the ranks) and per source rank (LOCAL): the bytes of the routing metadata and the host time of the
  * planner, for P simulated ranks. One process, no MPI: the planner (kernels/route.c) runs on synthetic
  * routing records as a rank of P would, and the bytes follow from the sizes of the messages moe.c
  * really posts.
@@ -16,22 +16,25 @@
  *                  exclusive scan + sum of the routing counts 2 x 8 k E
  *                  allreduce of gate statistics               8 (E + 1)
  *                  all-to-all of per-expert counts            (ep - 1) 4 (1 + E_local k), E_local = E / ep
- *   GLOBAL, BATCH  allgather of token counts                  4 (P - 1)
- *                  allgatherv of routing records              (S - S_local) (k + 1) 4,   S = P S_local
- *                  allreduce of gate statistics               8 (E + 1)
+ *   GLOBAL, BATCH  GLOBAL TOKEN's messages, and route_batch.c's selection:
+ *                  allreduce of each round's histogram        8 n_open 2^bits (<= 8 ROUTE_SELECT_BINS),
+ *                                                             up to 4 rounds, as many as the run took
+ *                  exclusive scan + sum of the ties' counts   2 x 8 k E, if a pair keeps some of its ties
  *   LOCAL          all-to-all of per-expert counts            (ep - 1) 4 (1 + E_local k)
  *                  allreduce of the statistics                8 (3E + 5)
  * An all-reduce or a scan counts its vector once: the algorithm's traffic factor (2 (P-1)/P for a
  * ring, log2 P rounds for a scan) is left to docs/scaling.md's model. The token rows themselves
  * (dispatch and combine, S_local k d 4 each way in every mode) are not routing metadata and are not
- * counted. (Before the counts' scans GLOBAL with TOKEN priority gathered the records too: the BATCH
- * row's bytes, its planner the TOKEN order of the same scmoe__route_plan_build.)
+ * counted. (Before the selection GLOBAL with BATCH priority gathered every rank's records, (S - S_local)
+ * (k + 1) 4 bytes, and sorted them: 50 MB and 1.1 s a rank at P = 1,024, docs/scaling.md.)
  *
  * Host time: the median over REPS of one plan. GLOBAL TOKEN: scmoe__route_round_counts over this rank's
  * S_local records, scmoe__route_plan_global_send with the counts a middle rank of P would get (every
  * rank routing like this one: prefix P/2, total P times its own) and scmoe__route_plan_local_recv over
- * the counts its ep sources send (here: every source sends what this rank does). GLOBAL BATCH:
- * scmoe__route_plan_build over all P S_local records (BATCH priority: a sort of S). LOCAL:
+ * the counts its ep sources send (here: every source sends what this rank does). GLOBAL BATCH: the same
+ * counts, then the selection's rounds (each histogram's sum over the world taken as P times mine: every
+ * key P times, so the thresholds fall on ties and the ties' scan runs too), scmoe__route_plan_batch_send
+ * and the receive side. LOCAL:
  * scmoe__route_plan_local_send over this rank's S_local records plus scmoe__route_plan_local_recv as
  * above. The gate's GEMM and the packing of rows are the same in every mode and are not timed. The
  * last line:
@@ -149,8 +152,8 @@ int main(int argc, char **argv) {
     }
     printf("# routing per rank per MoE forward: S_local %d tokens, k %d, E %d, CF %g (host times: median of %d)\n", n,
            k, E, cf, reps);
-    printf("%6s %5s %11s | %12s %10s | %14s %12s | %12s %10s\n", "P", "ep", "S", "global bytes", "global ms",
-           "g-batch bytes", "g-batch ms", "local bytes", "local ms");
+    printf("%6s %5s %11s | %12s %10s | %14s %12s %6s | %12s %10s\n", "P", "ep", "S", "global bytes", "global ms",
+           "g-batch bytes", "g-batch ms", "rounds", "local bytes", "local ms");
     double gb[MAX_P], bb[MAX_P], lb[MAX_P], *t = xalloc(sizeof(double) * reps);
     for (int pi = 0; pi < nP; pi++) {
         int P = Ps[pi], ep = P < E ? P : E;
@@ -161,25 +164,11 @@ int main(int argc, char **argv) {
         int El = E / ep, msg = 1 + El * k, kE = k * E;
         int64_t S = (int64_t)P * n;
         gb[pi] = 2.0 * 8 * MOE_AGREE + 2.0 * 8 * kE + 8.0 * (E + 1) + (double)(ep - 1) * 4 * msg;
-        bb[pi] = 4.0 * (P - 1) + (double)(S - n) * (k + 1) * 4 + 8.0 * (E + 1);
         lb[pi] = (double)(ep - 1) * 4 * msg + 8.0 * (3 * E + 5);
 
-        /* GLOBAL, BATCH priority: every rank plans the whole batch */
-        int32_t *rec = xalloc(sizeof(int32_t) * (size_t)S * (k + 1));
-        synth_records(rec, S, E, k);
-        int *tpr = xalloc(sizeof(int) * P);
-        for (int r = 0; r < P; r++) tpr[r] = n;
+        int32_t *rec = xalloc(sizeof(int32_t) * (size_t)n * (k + 1));
+        synth_records(rec, n, E, k);
         plan_mem g;
-        plan_alloc(&g, S, n, (int64_t)ep * n * k, E, ep, k);
-        for (int i = 0; i < reps; i++) {
-            double t0 = scmoe__now();
-            scmoe__route_plan_build(&g.pl, g.work, rec, tpr, P, 0, ep, E, k, SCMOE_PRIORITY_BATCH,
-                                    scmoe__route_capacity(S, E, k, cf), 0);
-            t[i] = scmoe__now() - t0;
-        }
-        double bms = 1e3 * median(t, reps);
-        plan_free(&g);
-
         /* GLOBAL, TOKEN priority: my counts, the bases, my send side, the receive side from ep sources */
         int32_t *out = xalloc(sizeof(int32_t) * (size_t)ep * msg), *in = xalloc(sizeof(int32_t) * (size_t)ep * msg);
         int64_t *cnt = xalloc(sizeof(int64_t) * 3 * (size_t)kE), *prefix = cnt + kE, *total = prefix + kE;
@@ -202,6 +191,56 @@ int main(int argc, char **argv) {
             t[i] = (t1 - t0) + (t3 - t2) + (scmoe__now() - t4);
         }
         double gms = 1e3 * median(t, reps);
+
+        /* GLOBAL, BATCH priority: the same counts, the selection's rounds, my send side, the receive side */
+        size_t bins = (size_t)kE * 2 > ROUTE_SELECT_BINS ? (size_t)kE * 2 : ROUTE_SELECT_BINS;
+        route_select sel = {.need = xalloc(sizeof(int64_t) * kE),
+                            .ties = xalloc(sizeof(int64_t) * kE),
+                            .thresh = xalloc(sizeof(uint32_t) * kE),
+                            .open = xalloc(sizeof(int) * kE)};
+        double *hist = xalloc(sizeof(double) * bins), sel_bytes = 0;
+        int64_t *ties = xalloc(sizeof(int64_t) * 3 * (size_t)kE), *before = ties + kE, *seen = before + kE;
+        int rounds = 0;
+        for (int i = 0; i < reps; i++) {
+            double t0 = scmoe__now(), net = 0;
+            scmoe__route_round_counts(cnt, rec, n, E, k);
+            for (int j = 0; j < kE; j++) total[j] = cnt[j] * P;
+            int64_t cap = scmoe__route_capacity(S, E, k, cf);
+            int open = scmoe__route_select_begin(&sel, total, E, k, cap);
+            sel_bytes = 0;
+            for (rounds = 0; open > 0; rounds++) {
+                scmoe__route_select_histogram(&sel, hist, rec, n, E, k);
+                double t1 = scmoe__now();
+                int nb = sel.n_open << sel.bits;
+                for (int b = 0; b < nb; b++) hist[b] *= P; /* the network's part: the sum over the world */
+                sel_bytes += 8.0 * nb;
+                net += scmoe__now() - t1;
+                open = scmoe__route_select_step(&sel, hist, E, k);
+            }
+            rounds += sel.n_ties > 0;
+            if (sel.n_ties) {
+                scmoe__route_select_ties(&sel, ties, rec, n, E, k);
+                double t1 = scmoe__now();
+                for (int j = 0; j < kE; j++) before[j] = ties[j] * (P / 2);
+                sel_bytes += 2.0 * 8 * kE;
+                net += scmoe__now() - t1;
+            }
+            scmoe__route_plan_batch_send(&g.pl, rec, n, ep, E, k, &sel, sel.n_ties ? before : NULL, seen, total, S, cap,
+                                         out);
+            double t2 = scmoe__now();
+            for (int p = 0; p < ep; p++) memcpy(in + (size_t)p * msg, out, sizeof(int32_t) * msg);
+            double t3 = scmoe__now();
+            scmoe__route_plan_local_recv(&g.pl, in, ep, 0, El, k, 0);
+            t[i] = (scmoe__now() - t0) - net - (t3 - t2);
+        }
+        double bms = 1e3 * median(t, reps);
+        bb[pi] = gb[pi] + sel_bytes;
+        free(sel.need);
+        free(sel.ties);
+        free(sel.thresh);
+        free(sel.open);
+        free(hist);
+        free(ties);
         plan_free(&g);
         free(cnt);
 
@@ -224,9 +263,8 @@ int main(int argc, char **argv) {
         free(out);
         free(in);
         free(rec);
-        free(tpr);
-        printf("%6d %5d %11lld | %12.0f %10.3f | %14.0f %12.3f | %12.0f %10.3f\n", P, ep, (long long)S, gb[pi], gms,
-               bb[pi], bms, lb[pi], lms);
+        printf("%6d %5d %11lld | %12.0f %10.3f | %14.0f %12.3f %6d | %12.0f %10.3f\n", P, ep, (long long)S, gb[pi], gms,
+               bb[pi], bms, rounds, lb[pi], lms);
         fflush(stdout);
     }
     free(t);

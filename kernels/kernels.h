@@ -91,6 +91,38 @@ void scmoe__route_plan_global_send(route_plan *pl, void *work, const int32_t *re
 void scmoe__route_plan_global_counts(route_plan *pl, const int64_t *mine, const int64_t *prefix, const int64_t *total,
                                      int ep_size, int E, int k, int64_t S, int64_t capacity, int32_t *counts,
                                      int64_t *base);
+/* route.c: the send side from kept flags in pl->slot (0 kept, -1 dropped), pl->cursor [E] (my kept rows
+ * per expert) and pl->expert_count [E]: statistics, send layout, counts' words 1.., the slots */
+void scmoe__route_send_rows(route_plan *pl, const int32_t *records, int n, int ep_size, int E, int k, int64_t S,
+                            int64_t capacity, int32_t *counts);
+
+/* route_batch.c: capacity over the global batch with BATCH priority by a radix selection over the ranks.
+ * Pair p = j * E + e (round j, expert e); keys at or above thresh[p] with ties (see route_batch.c). */
+#define ROUTE_SELECT_BINS 4096 /* a round's histogram: n_open << bits counts, at most this many (or 2 k E) */
+typedef struct route_select {
+    int64_t *need;    /* [k E] the pair's keys still to keep, among its candidates */
+    int64_t *ties;    /* [k E] how many keys equal to thresh are kept, by global token order */
+    uint32_t *thresh; /* [k E] the bits found so far, then the threshold: keys above it are kept */
+    int *open;        /* [k E] the pair's histogram in this round, -1 once decided */
+    int n_open;       /* pairs still open: each has 1 << bits counts in this round's histogram */
+    int n_ties;       /* decided pairs whose keys equal to thresh are kept in part: the ties' scan */
+    int shift, bits;  /* the key's bits below shift are still to find; this round finds the next bits */
+} route_select;
+/* decides the pairs that keep all or none of total [k E] (every rank's round counts) with capacity C;
+ * returns how many stay open (0: no histogram) */
+int scmoe__route_select_begin(route_select *s, const int64_t *total, int E, int k, int64_t capacity);
+/* my n tokens' counts per open pair and digit: hist [n_open << bits], to be summed over the ranks */
+void scmoe__route_select_histogram(const route_select *s, double *hist, const int32_t *records, int n, int E, int k);
+/* folds in the global histogram; returns the pairs still open (another round), -1 if it cannot hold */
+int scmoe__route_select_step(route_select *s, const double *hist, int E, int k);
+/* mine [k E]: my keys equal to thresh of each pair kept in part (n_ties > 0), to be scanned over the ranks */
+void scmoe__route_select_ties(const route_select *s, int64_t *mine, const int32_t *records, int n, int E, int k);
+/* the send side and statistics (as scmoe__route_plan_global_send's) once every pair is decided;
+ * tie_before [k E]: the exclusive scan of scmoe__route_select_ties (NULL when n_ties is 0); seen [k E]:
+ * scratch; total [k E] as for scmoe__route_select_begin */
+void scmoe__route_plan_batch_send(route_plan *pl, const int32_t *records, int n, int ep_size, int E, int k,
+                                  const route_select *s, const int64_t *tie_before, int64_t *seen, const int64_t *total,
+                                  int64_t S, int64_t capacity, int32_t *counts);
 /* the receive side from every source's counts (as sent above, indexed by source) */
 void scmoe__route_plan_local_recv(route_plan *pl, const int32_t *counts, int ep_size, int ep_rank, int E_local, int k,
                                   int chunks);

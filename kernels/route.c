@@ -172,7 +172,7 @@ static void global_send_side(route_plan *pl, const int *loc, const int *order, c
     send_layout(pl, cursor, E, E_local, ep_size);
     for (int j = 0; j < k; j++)
         for (int64_t i = 0; i < S; i++) {
-            int64_t t = order[i];
+            int64_t t = i; // TEMP layout
             if (t < my_first || t >= my_end) continue;
             int64_t a = t * k + j;
             pl->slot[(t - my_first) * k + j] = loc[a] < capacity ? cursor[records[t * stride + j]]++ : -1;
@@ -232,7 +232,7 @@ static void global_expert_layout(route_plan *pl, const int *loc, const int *orde
     stage_offsets(eoff, ecur, S_n, E_local);
     for (int j = 0; j < k; j++)
         for (int64_t i = 0; i < S; i++) {
-            int64_t t = order[i];
+            int64_t t = i; // TEMP layout
             if (t < group_first || t >= group_end) continue;
             int e = records[t * stride + j] - first_e;
             if (e < 0 || e >= E_local || loc[t * k + j] >= capacity) continue;
@@ -289,12 +289,32 @@ void scmoe__route_round_counts(int64_t *count, const int32_t *records, int n, in
         for (int j = 0; j < k; j++) count[(size_t)j * E + records[(int64_t)i * (k + 1) + j]]++;
 }
 
+/* Kept flags in pl->slot (0 kept, -1 dropped), cursor [E] my kept rows per expert and expert_count [E]
+ * (every rank's assignments) in: the statistics over a batch of S tokens, the send layout, counts' words
+ * 1.. and the slots. The block of expert e holds my kept rows round by round, each round's in token
+ * order, whatever the priority (which only chose them): so a receiver that puts a stage's rows of e in
+ * the order (round, source rank, row) has them in the global batch's (round, token) order. */
+void scmoe__route_send_rows(route_plan *pl, const int32_t *records, int n, int ep_size, int E, int k, int64_t S,
+                            int64_t capacity, int32_t *counts) {
+    int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k, *cursor = pl->cursor;
+    plan_totals(pl, E, S, capacity);
+    send_layout(pl, cursor, E, E_local, ep_size);
+    for (int q = 0; q < ep_size; q++) memset(counts + (size_t)q * msg + 1, 0, sizeof(int32_t) * E_local * k);
+    for (int j = 0; j < k; j++)
+        for (int t = 0; t < n; t++) {
+            int e = records[(int64_t)t * stride + j], *slot = &pl->slot[(int64_t)t * k + j];
+            if (*slot < 0) continue;
+            *slot = cursor[e]++;
+            counts[(size_t)(e / E_local) * msg + 1 + (e % E_local) * k + j]++;
+        }
+}
+
 /* The send side of my n tokens in priority order `order`, located as above (prefix and total NULL: my
  * tokens alone): slot, the send layout, counts' words 1.., and the statistics over a batch of S tokens.
  * Kept flags first (slot 0 kept, -1 dropped), then the rows: the layout needs every expert's kept rows. */
 static void send_side(route_plan *pl, const int *order, const int32_t *records, int n, int ep_size, int E, int k,
                       const int64_t *prefix, const int64_t *total, int64_t S, int64_t capacity, int32_t *counts) {
-    int E_local = E / ep_size, stride = k + 1, msg = 1 + E_local * k, *cursor = pl->cursor; /* [E] */
+    int stride = k + 1, *cursor = pl->cursor;                  /* [E] */
     int64_t *done = pl->expert_count, *fill = pl->expert_kept; /* the rounds before j; round j's next location */
     memset(done, 0, sizeof(int64_t) * E);
     memset(cursor, 0, sizeof(int) * E);
@@ -307,16 +327,7 @@ static void send_side(route_plan *pl, const int *order, const int32_t *records, 
         }
         for (int e = 0; e < E; e++) done[e] = total ? done[e] + total[(size_t)j * E + e] : fill[e];
     }
-    plan_totals(pl, E, S, capacity); /* expert_count = done: every round's assignments */
-    send_layout(pl, cursor, E, E_local, ep_size);
-    for (int q = 0; q < ep_size; q++) memset(counts + (size_t)q * msg + 1, 0, sizeof(int32_t) * E_local * k);
-    for (int j = 0; j < k; j++)
-        for (int i = 0; i < n; i++) {
-            int t = order[i], e = records[(int64_t)t * stride + j], *slot = &pl->slot[(int64_t)t * k + j];
-            if (*slot < 0) continue;
-            *slot = cursor[e]++;
-            counts[(size_t)(e / E_local) * msg + 1 + (e % E_local) * k + j]++;
-        }
+    scmoe__route_send_rows(pl, records, n, ep_size, E, k, S, capacity, counts); /* expert_count = done */
 }
 
 void scmoe__route_plan_local_send(route_plan *pl, void *work, const int32_t *records, int n, int ep_size, int E, int k,

@@ -78,8 +78,8 @@ static scmoe_status obj_backward(object *o, const float *dy, float *dx, scmoe_st
     return s ? s : scmoe_pair_grad_sync(o->p, st);
 }
 
-/* Parameters by name, the same values on every rank and in the reference; all_to_one routes every
- * token to expert 0. */
+/* Parameters by name, the same values on every rank and in the reference; all_to_one 1 routes every
+ * token to expert 0, 2 zeroes the gate (every token the same probabilities). */
 static void init_params(object *o, int all_to_one) {
     for (int i = 0; i < obj_count(o); i++) {
         scmoe_tensor t;
@@ -88,7 +88,8 @@ static void init_params(object *o, int all_to_one) {
         fill_named(t.data, t.numel, t.name, ln ? 0.1f : 0.3f, ln ? 1.0f : 0.0f);
         if (all_to_one && strstr(t.name, "gate.weight"))
             for (int r = 0; r < t.shape[0]; r++)
-                for (int e = 0; e < t.shape[1]; e++) t.data[r * t.shape[1] + e] = e == 0 ? 1.0f : 0.0f;
+                for (int e = 0; e < t.shape[1]; e++)
+                    t.data[r * t.shape[1] + e] = e == 0 && all_to_one == 1 ? 1.0f : 0.0f;
     }
     if (o->is_pair) scmoe_pair_params_changed(o->p); /* bf16 precision: the weights' copies follow */
     else scmoe_moe_params_changed(o->m);
@@ -145,7 +146,7 @@ static void equivalence(const char *what, scmoe_context *ctx, scmoe_context *ref
     int counts_ok = 1;
     for (int e = 0; e < c.n_experts; e++) counts_ok &= st.expert_tokens[e] == sr.expert_tokens[e];
     check(counts_ok, "%s: tokens per expert agree", what);
-    if (all_to_one)
+    if (all_to_one == 1)
         check(sr.expert_tokens[0] > 0 && sr.expert_tokens[1] == 0, "%s: every token routed to expert 0", what);
     s1 = obj_backward(&a, dy + (size_t)first * d, dx, &st);
     s2 = obj_backward(&b, dy, dxr, &sr);
@@ -792,6 +793,11 @@ int main(int argc, char **argv) {
     equivalence("layer all tokens to expert 0 (drops)", ctx, ref, c, 0, S, 1, 1, 0);
     c.capacity_factor = 0;
     equivalence("layer all tokens to expert 0 (dropless)", ctx, ref, c, 0, S, 1, 1, 0);
+    /* a gate of zeros: every token the same top-1 score (1/E) and the same two experts, so BATCH
+     * priority's selection keeps the first of tied tokens (all_to_one 2) */
+    c = layer_cfg(2, 1.0f);
+    c.priority = SCMOE_PRIORITY_BATCH;
+    equivalence("layer batch priority, every score tied (a gate of zeros)", ctx, ref, c, 0, S, 1, 2, 0);
     equivalence("layer with rank 0 holding no tokens", ctx, ref, layer_cfg(2, 1.0f), 0, S, 1, 0, 1);
     if (size >= 2) {
         c = layer_cfg(2, 0.5f);

@@ -2,9 +2,11 @@
  * 1..8, ep_size dividing the world and E, k 1..3, capacity tight, loose, dropless or a raw few slots,
  * chunks 0/2/3, ranks holding no tokens):
  *
- *   - capacity GLOBAL with TOKEN priority from counts, as moe.c plans it without gathering any records
- *     (every rank's scmoe__route_round_counts scanned and summed over the world, then
- *     scmoe__route_plan_global_send, the counts message to the group, scmoe__route_plan_local_recv),
+ *   - capacity GLOBAL from counts, as moe.c plans it without gathering any records (every rank's
+ *     scmoe__route_round_counts scanned and summed over the world, then with TOKEN priority
+ *     scmoe__route_plan_global_send, with BATCH priority route_batch.c's selection, its histograms
+ *     summed and its ties scanned over the world, and scmoe__route_plan_batch_send; the counts message
+ *     to the group, scmoe__route_plan_local_recv),
  *     against scmoe__route_plan_build over every rank's records: every field of every rank's plan bit
  *     for bit (slot, send and receive counts and displacements, n_send, n_recv, recv_to_expert,
  *     expert_offsets, n_stages, expert_count, expert_kept, dropped, tokens, capacity);
@@ -12,9 +14,11 @@
  *     device that located the tokens itself sends up): statistics, send side and counts message equal,
  *     and its bases;
  *   - capacity LOCAL (scmoe__route_plan_local_send, both priorities): a rank's send side and statistics
- *     are those of scmoe__route_plan_build over its slice alone on one rank. */
+ *     are those of scmoe__route_plan_build over its slice alone on one rank.
+ * Scores repeat often (ties), and some are NaN, -0, +0 or negative: BATCH's total order at its edges. */
 #include "../scmoe_internal.h"
 #include "check.h"
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -91,6 +95,58 @@ static const char *differs(const route_plan *a, const route_plan *b, int n, int 
     return NULL;
 }
 
+/* BATCH priority over the world as moe.c runs it (route_batch.c): each round every rank's histogram,
+ * summed, folded in by every rank alike; then the ties' exclusive scan; each rank's send side into b[r].
+ * Returns the rounds, -1 if the ranks' selections disagree. */
+static int batch_select(plan_mem *b, const int32_t *rec, const int *first, const int *tpr, int world, int ep, int E,
+                        int k, const int64_t *total, int64_t S, int64_t cap) {
+    int kE = k * E, bins = kE * 2 > ROUTE_SELECT_BINS ? kE * 2 : ROUTE_SELECT_BINS, rounds = 0, open = 0;
+    route_select sel[MAX_WORLD];
+    double *hist = calloc((size_t)bins, sizeof(double)), *sum = calloc((size_t)bins, sizeof(double));
+    int64_t *ties = calloc((size_t)(world + 2) * kE, sizeof(int64_t)), *before = ties + (size_t)world * kE,
+            *seen = before + kE;
+    for (int r = 0; r < world; r++) {
+        sel[r].need = calloc((size_t)kE, sizeof(int64_t));
+        sel[r].ties = calloc((size_t)kE, sizeof(int64_t));
+        sel[r].thresh = calloc((size_t)kE, sizeof(uint32_t));
+        sel[r].open = calloc((size_t)kE, sizeof(int));
+        open = scmoe__route_select_begin(&sel[r], total, E, k, cap);
+    }
+    while (open > 0 && rounds >= 0) {
+        int n_bins = sel[0].n_open << sel[0].bits;
+        memset(sum, 0, sizeof(double) * bins);
+        for (int r = 0; r < world; r++) {
+            scmoe__route_select_histogram(&sel[r], hist, rec + (size_t)first[r] * (k + 1), tpr[r], E, k);
+            for (int i = 0; i < n_bins; i++) sum[i] += hist[i];
+        }
+        for (int r = 0; r < world; r++) {
+            int o = scmoe__route_select_step(&sel[r], sum, E, k);
+            if (r > 0 && o != open) rounds = -2; /* every rank must take the same steps */
+            open = o;
+        }
+        rounds++;
+        if (open < 0 || rounds > 32) rounds = -1;
+    }
+    for (int r = 0; r < world && rounds >= 0; r++) {
+        memset(before, 0, sizeof(int64_t) * kE);
+        for (int q = 0; q < r; q++)
+            for (int i = 0; i < kE; i++) before[i] += ties[(size_t)q * kE + i];
+        scmoe__route_select_ties(&sel[r], ties + (size_t)r * kE, rec + (size_t)first[r] * (k + 1), tpr[r], E, k);
+        scmoe__route_plan_batch_send(&b[r].pl, rec + (size_t)first[r] * (k + 1), tpr[r], ep, E, k, &sel[r],
+                                     sel[r].n_ties ? before : NULL, seen, total, S, cap, b[r].counts);
+    }
+    for (int r = 0; r < world; r++) {
+        free(sel[r].need);
+        free(sel[r].ties);
+        free(sel[r].thresh);
+        free(sel[r].open);
+    }
+    free(hist);
+    free(sum);
+    free(ties);
+    return rounds;
+}
+
 /* One random case; returns the number of rank plans that differ (each reported). */
 static int one_case(int c) {
     int world = 1 + below(MAX_WORLD), divs[MAX_WORLD], nd = 0;
@@ -104,7 +160,8 @@ static int one_case(int c) {
         first[r + 1] = first[r] + tpr[r];
     }
     int64_t S = first[world];
-    int kind = below(4);
+    int kind = below(4), batch = below(2);
+    scmoe_priority prio = batch ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN;
     int64_t cap = kind == 0   ? scmoe__route_capacity(S, E, k, 0.5f)
                   : kind == 1 ? scmoe__route_capacity(S, E, k, 2.0f)
                   : kind == 2 ? scmoe__route_capacity(S, E, k, 0.0f)
@@ -122,7 +179,12 @@ static int one_case(int c) {
             } while (dup);
             r[j] = e;
         }
-        float sc = (float)below(1000) / 1000.0f;
+        int v = below(16);
+        float sc = v == 0   ? NAN
+                   : v == 1 ? -0.0f
+                   : v == 2 ? 0.0f
+                   : v == 3 ? -(float)below(4)
+                            : (float)below(100) / 100.0f;
         memcpy(&r[k], &sc, sizeof sc);
     }
     int R_max = MAX_TOK * ep * k;
@@ -134,19 +196,23 @@ static int one_case(int c) {
     for (int r = 0; r < world; r++) {
         plan_alloc(&a[r], E, ep, k, chunks, MAX_TOK, R_max, (int)(S ? S : 1));
         plan_alloc(&b[r], E, ep, k, chunks, MAX_TOK, R_max, MAX_TOK);
-        scmoe__route_plan_build(&a[r].pl, a[r].work, rec, tpr, world, r, ep, E, k, SCMOE_PRIORITY_TOKEN, cap, chunks);
+        scmoe__route_plan_build(&a[r].pl, a[r].work, rec, tpr, world, r, ep, E, k, prio, cap, chunks);
         scmoe__route_round_counts(cnt + (size_t)r * kE, rec + (size_t)first[r] * (k + 1), tpr[r], E, k);
         for (int i = 0; i < kE; i++) total[i] += cnt[(size_t)r * kE + i];
     }
     /* the exclusive scan in world order, then each rank's send side and counts message */
     int bad = 0;
-    for (int r = 0; r < world; r++) {
+    if (batch && batch_select(b, rec, first, tpr, world, ep, E, k, total, S, cap) < 0) {
+        bad++;
+        CHECK(0, "case %d BATCH (world %d, E %d, k %d, capacity %lld): the selection failed or the ranks disagree", c,
+              world, E, k, (long long)cap);
+    }
+    for (int r = 0; r < world && !batch; r++) {
         memset(prefix, 0, sizeof(int64_t) * kE);
         for (int q = 0; q < r; q++)
             for (int i = 0; i < kE; i++) prefix[i] += cnt[(size_t)q * kE + i];
         scmoe__route_plan_global_send(&b[r].pl, b[r].work, rec + (size_t)first[r] * (k + 1), tpr[r], ep, E, k, prefix,
                                       total, S, cap, b[r].counts);
-        for (int q = 0; q < ep; q++) b[r].counts[(size_t)q * msg] = 0;
         /* the same from my round counts alone (a device's plan): all but the slots, and the bases */
         scmoe__route_plan_global_counts(&g.pl, cnt + (size_t)r * kE, prefix, total, ep, E, k, S, cap, g.counts, base);
         const char *w = differs_send(&b[r].pl, &g.pl, 0, k, E, ep);
@@ -163,6 +229,8 @@ static int one_case(int c) {
     }
     /* the counts' all-to-all over each group, then the receive side */
     int32_t *in = calloc((size_t)ep * msg, sizeof(int32_t));
+    for (int r = 0; r < world; r++)
+        for (int q = 0; q < ep; q++) b[r].counts[(size_t)q * msg] = 0;
     for (int r = 0; r < world; r++) {
         int g0 = r / ep * ep, me = r % ep;
         for (int p = 0; p < ep; p++)
@@ -171,8 +239,8 @@ static int one_case(int c) {
         const char *w = differs(&a[r].pl, &b[r].pl, tpr[r], k, E, ep, El);
         if (w) {
             bad++;
-            CHECK(0, "case %d (world %d, ep %d, E %d, k %d, capacity %lld, chunks %d), rank %d: %s differs", c, world,
-                  ep, E, k, (long long)cap, chunks, r, w);
+            CHECK(0, "case %d %s (world %d, ep %d, E %d, k %d, capacity %lld, chunks %d), rank %d: %s differs", c,
+                  batch ? "BATCH" : "TOKEN", world, ep, E, k, (long long)cap, chunks, r, w);
         }
     }
     /* LOCAL: rank r's slice alone, both priorities, its own capacity */
@@ -209,8 +277,9 @@ int main(void) {
     int bad = 0;
     for (int c = 0; c < CASES && bad < 10; c++) bad += one_case(c) > 0;
     CHECK(bad == 0,
-          "GLOBAL, TOKEN priority: the plan from scanned counts == from every rank's records, every field of every "
-          "rank's plan bit for bit; LOCAL's send side == its slice's one-rank plan (%d random cases)",
+          "GLOBAL, TOKEN and BATCH priority: the plan from scanned counts (and BATCH's selection) == from every "
+          "rank's records, every field of every rank's plan bit for bit; LOCAL's send side == its slice's "
+          "one-rank plan (%d random cases)",
           CASES);
     return check_summary();
 }
