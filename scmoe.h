@@ -182,9 +182,12 @@ typedef enum scmoe_precision {
  * (the default) the slots follow from counts alone: an exclusive scan and a sum over the ranks of the
  * token counts and of each rank's per-(round, expert) counts (2 x 8 x (k*E + 4) bytes), the gate
  * statistics' all-reduce, and LOCAL's all-to-all of per-expert counts to the expert-parallel group:
- * O(k*E) routing metadata and host work per rank, flat in P, like LOCAL's. With BATCH priority the
- * slots follow a sort of the whole batch's scores: every rank gathers every token's choices
- * (S x (k+1) x 4 bytes) and plans the whole batch, so bytes and host work per rank grow with P. LOCAL (Tutel, DeepSpeed, the ScMoE paper): C = k*floor(CF*ceil(S_r/E)) slots per
+ * O(k*E) routing metadata and host work per rank, flat in P, like LOCAL's. With BATCH priority (slots by
+ * top-1 probability over the whole batch) the same counts tell how many of each (round, expert)'s
+ * assignments are kept, and a radix selection over the ranks which: up to 4 all-reduces of a histogram
+ * of at most 4,096 counts and one scan of the ties, none where nothing drops; flat in P as well (no rank
+ * sees another's scores). Either way the kept rows sit by round, then token order, so BATCH without
+ * drops is TOKEN bit for bit. LOCAL (Tutel, DeepSpeed, the ScMoE paper): C = k*floor(CF*ceil(S_r/E)) slots per
  * expert for each source rank r's S_r tokens, priority within the rank; only per-expert counts
  * cross the network (one all-to-all of E_local*k ints per peer, waited for where the dispatch starts:
  * in a scmoe pair behind the dense ops after the gate) and the statistics ride one
@@ -196,8 +199,7 @@ typedef enum scmoe_precision {
  *
  * The default is GLOBAL so that results stay those of every earlier run and of any rank count (a
  * checkpoint resumes bitwise on another cluster size); pick LOCAL where a Tutel/DeepSpeed user expects
- * it, or instead of GLOBAL with BATCH priority beyond a few ranks, where its gather (S x (k+1) x 4
- * bytes per rank per layer) starts to cost: README "Which capacity scope", docs/scaling.md. */
+ * it: README "Which capacity scope", docs/scaling.md. */
 typedef enum scmoe_capacity_scope {
     SCMOE_CAPACITY_GLOBAL = 0, /**< over the global batch: P ranks route as one rank (TOKEN priority: flat in P) */
     SCMOE_CAPACITY_LOCAL = 1   /**< per source rank (Tutel): O(E) routing metadata per rank, flat in P */

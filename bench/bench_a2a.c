@@ -12,6 +12,7 @@
  * Options: -r REPS (timed iterations, >= 5, default 9)  -w WARMUP (default 2)  -d D_MODEL (768)
  *          -n LIST (tokens per rank, default 512,2048,8192)  -k LIST (top-k, default 1,2)
  *          -c LIST (capacity factors, default 0,2; 0 = dropless)  -E N_EXPERTS (8)
+ *          -p token|batch (the slots' priority, default token; "meta" replays TOKEN's collectives either way)
  *
  * What is timed, per configuration (every rank: n tokens of random x, E experts, top-k, CF):
  *   A layer is built from the internal pieces the way layer.c's scmoe_moe_create does (scmoe__moe_init,
@@ -131,14 +132,17 @@ static int parse_list_float(const char *s, float *out) {
 
 static void usage(void) {
     if (g_rank == 0)
-        fprintf(stderr, "usage: bench_a2a [-r REPS>=5] [-w WARMUP] [-d D] [-E E] [-n N,N..] [-k K,K..] [-c CF,CF..]\n");
+        fprintf(stderr, "usage: bench_a2a [-r REPS>=5] [-w WARMUP] [-d D] [-E E] [-n N,N..] [-k K,K..] [-c CF,CF..] "
+                        "[-p token|batch]\n");
     MPI_Finalize();
     exit(2);
 }
 
 /* One configuration: builds the layer, times REPS iterations, prints one table row on rank 0. */
-static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf, int reps, int warmup) {
+static void run_config(scmoe_context *ctx, int d, int E, int n, int k, float cf, scmoe_priority prio, int reps,
+                       int warmup) {
     scmoe_config cfg = scmoe_config_default();
+    cfg.priority = prio;
     cfg.d_model = d;
     cfg.d_hidden = 16; /* the experts are never run: keep their buffers small */
     cfg.n_experts = E;
@@ -328,6 +332,7 @@ int main(int argc, char **argv) {
     int ns[MAX_LIST] = {512, 2048, 8192}, nn = 3, ks[MAX_LIST] = {1, 2}, nk = 2;
     float cfs[MAX_LIST] = {0.0f, 2.0f};
     int ncf = 2;
+    scmoe_priority prio = SCMOE_PRIORITY_TOKEN;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) usage();
@@ -338,6 +343,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-n")) nn = parse_list_int(v, ns);
         else if (!strcmp(a, "-k")) nk = parse_list_int(v, ks);
         else if (!strcmp(a, "-c")) ncf = parse_list_float(v, cfs);
+        else if (!strcmp(a, "-p") && (!strcmp(v, "token") || !strcmp(v, "batch")))
+            prio = !strcmp(v, "batch") ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN;
         else usage();
         i++;
     }
@@ -352,9 +359,9 @@ int main(int argc, char **argv) {
 
     if (g_rank == 0) {
         const char *btl = getenv("OMPI_MCA_btl"), *flags = getenv("OMPI_MCA_btl_tcp_flags");
-        printf("bench_a2a: %d ranks, d=%d, E=%d, %d timed reps (+%d warm-up), medians of the slowest rank; "
-               "gate_encode once per iteration\n",
-               g_size, d, E, reps, warmup);
+        printf("bench_a2a: %d ranks, d=%d, E=%d, %s priority, %d timed reps (+%d warm-up), medians of the slowest "
+               "rank; gate_encode once per iteration\n",
+               g_size, d, E, prio == SCMOE_PRIORITY_BATCH ? "BATCH" : "TOKEN", reps, warmup);
         bench_print_gemm_info(stdout, ctx);
         printf("  btl=%s%s%s; MB/rank = off-rank bytes sent by a rank in dispatch + combine (mean over ranks); "
                "ratio = median over iterations of mpi / lib time\n",
@@ -372,7 +379,7 @@ int main(int argc, char **argv) {
         for (int b = 0; b < nk; b++)
             for (int c = 0; c < ncf; c++) {
                 if (ks[b] > E) continue;
-                run_config(ctx, d, E, ns[a], ks[b], cfs[c], reps, warmup);
+                run_config(ctx, d, E, ns[a], ks[b], cfs[c], prio, reps, warmup);
             }
 
     scmoe_context_destroy(ctx);

@@ -21,11 +21,6 @@ typedef enum comm_wire { COMM_WIRE_F32 = 0, COMM_WIRE_BF16 = 1 } comm_wire;
 typedef struct comm_ops {
     scmoe_status (*split)(comm *c, int color, int key, comm **out);
     void (*destroy)(comm *c);
-    scmoe_status (*allgather)(comm *c, const void *send, int bytes, void *recv);
-    /* recv_bytes[i], displs[i]: bytes from rank i and where they land */
-    scmoe_status (*allgatherv)(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
-                               const int *displs);
-    scmoe_status (*allreduce_f64)(comm *c, double *buf, int n);      /* in place, sum */
     scmoe_status (*allreduce_i64_max)(comm *c, int64_t *buf, int n); /* in place, max */
     /* counts and displacements in elements of elem_bytes (elem_bytes * count must fit an int) */
     scmoe_status (*alltoallv_start)(comm *c, const void *send, const int *scounts, const int *sdispls, void *recv,

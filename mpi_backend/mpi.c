@@ -1,9 +1,6 @@
 /* mpi.c: the communication interface (comm.h) over an MPI communicator.
  *
  * Contract, per call (P = comm size, r = this rank):
- *   allgather          recv[i*bytes .. (i+1)*bytes) = rank i's send, every rank the same bytes.
- *   allgatherv         recv[displs[i] ..] = rank i's recv_bytes[i] bytes; byte counts, MPI_BYTE.
- *   allreduce_f64      buf[j] = sum_i buf_i[j] (MPI_DOUBLE, MPI_SUM), in place.
  *   allreduce_i64_max  buf[j] = max_i buf_i[j] (MPI_INT64_T, MPI_MAX), in place.
  *   alltoallv_start    rank r's send[sdispls[i] .. + scounts[i]) lands on rank i at
  *                      recv[rdispls[r] .. + rcounts[r]); counts and displacements are in elements of
@@ -569,30 +566,6 @@ static scmoe_status finish_small(comm *c, int rc, MPI_Request r, int bytes, cons
     return mpi_wait(c, i);
 }
 
-static scmoe_status mpi_allgather(comm *c, const void *send, int bytes, void *recv) {
-    mpi_impl *m = c->impl;
-    /* send already in its place in recv: MPI forbids aliased buffers, MPI_IN_PLACE means exactly this */
-    const void *sb = (send == (const char *)recv + (size_t)c->rank * bytes && bytes > 0) ? MPI_IN_PLACE : send;
-    MPI_Request r = MPI_REQUEST_NULL;
-    int rc = MPI_Iallgather(sb, bytes, MPI_BYTE, recv, bytes, MPI_BYTE, m->mc, &r);
-    return finish_small(c, rc, r, bytes, "MPI_Iallgather");
-}
-
-static scmoe_status mpi_allgatherv(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
-                                   const int *displs) {
-    mpi_impl *m = c->impl;
-    const void *sb = (send == (const char *)recv + displs[c->rank] && bytes > 0) ? MPI_IN_PLACE : send;
-    MPI_Request r = MPI_REQUEST_NULL;
-    int rc = MPI_Iallgatherv(sb, bytes, MPI_BYTE, recv, recv_bytes, displs, MPI_BYTE, m->mc, &r);
-    return finish_small(c, rc, r, bytes, "MPI_Iallgatherv");
-}
-
-static scmoe_status mpi_allreduce_f64(comm *c, double *buf, int n) {
-    MPI_Request r = MPI_REQUEST_NULL;
-    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_DOUBLE, MPI_SUM, ((mpi_impl *)c->impl)->mc, &r);
-    return finish_small(c, rc, r, n * (int)sizeof(double), "MPI_Iallreduce (double, sum)");
-}
-
 static scmoe_status mpi_allreduce_i64_max(comm *c, int64_t *buf, int n) {
     mpi_impl *m = c->impl;
     int own = n <= SMALL_I64;
@@ -822,9 +795,6 @@ static scmoe_status mpi_split(comm *c, int color, int key, comm **out) {
 static const comm_ops mpi_ops = {
     mpi_split,
     mpi_destroy,
-    mpi_allgather,
-    mpi_allgatherv,
-    mpi_allreduce_f64,
     mpi_allreduce_i64_max,
     mpi_alltoallv_start,
     mpi_allreduce_start,

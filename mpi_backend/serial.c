@@ -13,26 +13,6 @@ static scmoe_status serial_split(comm *c, int color, int key, comm **out) {
 
 static void serial_destroy(comm *c) { free(c); }
 
-static scmoe_status serial_allgather(comm *c, const void *send, int bytes, void *recv) {
-    (void)c;
-    if (bytes > 0 && send != recv) memmove(recv, send, (size_t)bytes);
-    return SCMOE_OK;
-}
-
-static scmoe_status serial_allgatherv(comm *c, const void *send, int bytes, void *recv, const int *recv_bytes,
-                                      const int *displs) {
-    (void)c;
-    (void)recv_bytes;
-    if (bytes > 0) memmove((char *)recv + displs[0], send, (size_t)bytes);
-    return SCMOE_OK;
-}
-
-static scmoe_status serial_allreduce_f64(comm *c, double *buf, int n) {
-    (void)c;
-    (void)buf;
-    (void)n;
-    return SCMOE_OK;
-}
 static scmoe_status serial_allreduce_i64_max(comm *c, int64_t *buf, int n) {
     (void)c;
     (void)buf;
@@ -108,9 +88,6 @@ static int serial_pending(comm *c) { return 0; }
 static const comm_ops serial_ops = {
     serial_split,
     serial_destroy,
-    serial_allgather,
-    serial_allgatherv,
-    serial_allreduce_f64,
     serial_allreduce_i64_max,
     serial_alltoallv_start,
     serial_allreduce_start,
