@@ -7,7 +7,9 @@
  *   GLOBAL, TOKEN priority             my token count scanned over the ranks, then my per-(round,
  *                                      expert) counts (route.c: my places in the global batch follow
  *                                      from their prefix and total), then LOCAL's counts message
- *   GLOBAL, BATCH priority             every rank's routing records gathered, the global plan
+ *   GLOBAL, BATCH priority             the token count's scan, then a selection over the ranks of the
+ *                                      assignments each (round, expert) keeps (route_batch.c: a few
+ *                                      histograms all-reduced), then LOCAL's counts message
  *   planned on the device (droute)     LOCAL or GLOBAL TOKEN with the gate's outputs left on the device:
  *                                      its kernels plan, only the counts cross (issue 19)
  *
@@ -22,6 +24,7 @@
 static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, int64_t offset, int64_t capacity);
 static scmoe_status gscan_start(moe_layer *m);
 static scmoe_status gscan_check(moe_layer *m, int wait);
+static scmoe_status select_round(moe_layer *m);
 
 /* C over a batch of S tokens, with the capacity factor of the mode (training or evaluation) */
 static int64_t batch_capacity(const moe_layer *m, int64_t S) {
@@ -382,12 +385,12 @@ static scmoe_status droute_check(moe_layer *m, int wait) {
     return gscan_check(m, wait);
 }
 
-/* ---- capacity over the global batch (GLOBAL), TOKEN priority: counts, not records (route.c) ----
+/* ---- capacity over the global batch (GLOBAL): counts, not records (route.c, route_batch.c) ----
  *
  * Two exclusive scans with sums over the world (comm scan_i64_start), O(k E) int64s a rank whatever P.
  * The first, of my token count and input status, is waited for before the gate: the gate's noise is
- * keyed by my first token's global index (its prefix, as the gathered counts gave it), and no rank may
- * go on to a collective another has left. The second, of my round counts mine[j, e] = my tokens' j-th
+ * keyed by my first token's global index (its prefix), and no rank may go on to a collective another
+ * has left. With TOKEN priority the second, of my round counts mine[j, e] = my tokens' j-th
  * choices of e (the host's from my records; planned on the device, the counts message of the
  * dropless first half, droute_start with capacity INT64_MAX, whose slots are my rows among my own
  * assignments), is left in flight with gsum's all-reduce (aux_scope GLOBAL) from the gate's phase on,
@@ -398,7 +401,15 @@ static scmoe_status droute_check(moe_layer *m, int wait) {
  * stream-ordered copy to the slots' second half (compute_ops.route_global), my rows packed after it.
  * Then the losses and LOCAL's counts message to the group (counts_finish builds the receive side).
  * What crosses on a device: the summary up (written by the kernel, no wait), k E + 1 int64s and
- * aux_coef down, in stream order. */
+ * aux_coef down, in stream order.
+ *
+ * With BATCH priority the second scan gives way to route_batch.c's selection, its rounds in flight one
+ * after the other in xscan from the gate's phase on as the scan is (gscan_phase): a histogram of every
+ * pair's keys (whose sums are the totals), the undecided pairs' next digits while some are open, the
+ * ties' scan where equal scores straddle a threshold; each poll that finds one landed starts the next
+ * (select_next), so in a pair they too travel behind the dense operations. Then
+ * scmoe__route_plan_batch_send and the rest as above. Planned on the host (the selection reads the
+ * scores); a device copies the gate's outputs up, as before. */
 
 /* Every rank says how many tokens it has and whether its input is bad, counted per status: no rank
  * enters an exchange that another has left, and every rank returns the same status, the largest any
@@ -439,12 +450,19 @@ static scmoe_status gscan_start(moe_layer *m) {
         gate_sums(m, m->n);
     }
     for (int e = 0; e < E; e++) m->top1_count[e] = mine[e]; /* round 0: aux_scope LOCAL's top-1 counts */
-    scmoe__moe_inflight_begin(&m->gcount.xscan, w);
-    scmoe_status st = w->ops->scan_i64_start(w, mine, prefix, kE, prefix + 2 * kE, &req);
-    if ((st = small_start(m, &m->gcount.xscan, w, st, req))) return st;
+    scmoe_status st;
     m->gcount.scanning = 1;
-    m->gcount.phase = GSCAN_COUNTS;
     m->gcount.xsum.active = 0;
+    if (m->cfg.priority == SCMOE_PRIORITY_BATCH) { /* the selection's first histogram gives the totals */
+        scmoe__route_select_begin(&m->gcount.sel, E, k);
+        st = select_round(m);
+    } else {
+        m->gcount.phase = GSCAN_COUNTS;
+        scmoe__moe_inflight_begin(&m->gcount.xscan, w);
+        st = w->ops->scan_i64_start(w, mine, prefix, kE, prefix + 2 * kE, &req);
+        st = small_start(m, &m->gcount.xscan, w, st, req);
+    }
+    if (st) return st;
     if (m->cfg.aux_scope == SCMOE_AUX_GLOBAL && w->size > 1) {
         scmoe__moe_inflight_begin(&m->gcount.xsum, w);
         st = w->ops->allreduce_f64_start(w, m->gsum, E + 1, &req);
@@ -458,35 +476,42 @@ static int landed(inflight *f) {
     return f->t_done != 0;
 }
 
-/* BATCH priority: the collective of the selection's next round (route_batch.c), once the one before has
- * landed, into xscan: a histogram's all-reduce while pairs are open, then the ties' scan if a pair keeps
- * its keys equal to the threshold in part; none once every pair is decided. Every rank takes the same
- * steps (they follow from the same sums). */
+/* BATCH priority: my histogram of the selection's round, its all-reduce started into xscan */
+static scmoe_status select_round(moe_layer *m) {
+    moe_global_counts *g = &m->gcount;
+    comm *w = m->ctx->world;
+    int req = -1;
+    g->phase = GSCAN_HISTOGRAM;
+    scmoe__route_select_histogram(&g->sel, g->hist, m->records, m->n, m->E, m->k);
+    scmoe__moe_inflight_begin(&g->xscan, w);
+    scmoe_status st = w->ops->allreduce_f64_start(w, g->hist, g->sel.n_open << g->sel.bits, &req);
+    return small_start(m, &g->xscan, w, st, req);
+}
+
+/* BATCH priority, once the selection's collective in xscan has landed: the histogram folded in, then
+ * the next round while pairs are open, then the ties' scan if a pair keeps its keys equal to the
+ * threshold in part, else done. Every rank takes the same steps (they follow from the same sums). */
 static scmoe_status select_next(moe_layer *m) {
     moe_global_counts *g = &m->gcount;
     comm *w = m->ctx->world;
     route_select *s = &g->sel;
-    int E = m->E, k = m->k, kE = k * E, req = -1, open = 0;
-    scmoe_status st = SCMOE_OK;
-    if (g->phase == GSCAN_COUNTS) open = scmoe__route_select_begin(s, g->counts + 2 * kE, E, k, m->plan.capacity);
-    else if (g->phase == GSCAN_HISTOGRAM && (open = scmoe__route_select_step(s, g->hist, E, k)) < 0)
-        return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
-                           "the routing histograms hold fewer tokens than the counts' scan: the ranks are out of step");
-    if (open > 0) {
-        g->phase = GSCAN_HISTOGRAM;
-        scmoe__route_select_histogram(s, g->hist, m->records, m->n, E, k);
-        scmoe__moe_inflight_begin(&g->xscan, w);
-        st = w->ops->allreduce_f64_start(w, g->hist, s->n_open << s->bits, &req);
-    } else if (g->phase != GSCAN_TIES && s->n_ties > 0) {
-        g->phase = GSCAN_TIES;
-        scmoe__route_select_ties(s, g->ties, m->records, m->n, E, k);
-        scmoe__moe_inflight_begin(&g->xscan, w);
-        st = w->ops->scan_i64_start(w, g->ties, g->ties + kE, kE, g->ties + 3 * kE, &req);
-    } else {
-        g->phase = GSCAN_DONE;
-        return SCMOE_OK;
+    int E = m->E, k = m->k, kE = k * E, req = -1;
+    if (g->phase == GSCAN_HISTOGRAM) {
+        int open = scmoe__route_select_step(s, g->hist, E, k, m->plan.capacity, g->counts + 2 * kE);
+        if (open < 0)
+            return scmoe__fail(m->ctx, SCMOE_ERR_COMM,
+                               "the routing histograms do not hold the keys they counted: the ranks are out of step");
+        if (open > 0) return select_round(m);
+        if (s->n_ties > 0) {
+            g->phase = GSCAN_TIES;
+            scmoe__route_select_ties(s, g->ties, m->records, m->n, E, k);
+            scmoe__moe_inflight_begin(&g->xscan, w);
+            scmoe_status st = w->ops->scan_i64_start(w, g->ties, g->ties + kE, kE, g->ties + 3 * kE, &req);
+            return small_start(m, &g->xscan, w, st, req);
+        }
     }
-    return small_start(m, &g->xscan, w, st, req);
+    g->phase = GSCAN_DONE;
+    return SCMOE_OK;
 }
 
 /* my send side from the counts' scan (and with BATCH priority the selection) */

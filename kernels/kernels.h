@@ -108,18 +108,19 @@ typedef struct route_select {
     int n_ties;       /* decided pairs whose keys equal to thresh are kept in part: the ties' scan */
     int shift, bits;  /* the key's bits below shift are still to find; this round finds the next bits */
 } route_select;
-/* decides the pairs that keep all or none of total [k E] (every rank's round counts) with capacity C;
- * returns how many stay open (0: no histogram) */
-int scmoe__route_select_begin(route_select *s, const int64_t *total, int E, int k, int64_t capacity);
+/* every pair open, before the first round (whose histogram counts every assignment) */
+void scmoe__route_select_begin(route_select *s, int E, int k);
 /* my n tokens' counts per open pair and digit: hist [n_open << bits], to be summed over the ranks */
 void scmoe__route_select_histogram(const route_select *s, double *hist, const int32_t *records, int n, int E, int k);
-/* folds in the global histogram; returns the pairs still open (another round), -1 if it cannot hold */
-int scmoe__route_select_step(route_select *s, const double *hist, int E, int k);
+/* folds in the global histogram (the first: total [k E], every rank's round counts, comes out of it, and
+ * with capacity C the pairs that keep all or none are decided); returns the pairs still open (another
+ * round), -1 if it cannot hold (the ranks out of step) */
+int scmoe__route_select_step(route_select *s, const double *hist, int E, int k, int64_t capacity, int64_t *total);
 /* mine [k E]: my keys equal to thresh of each pair kept in part (n_ties > 0), to be scanned over the ranks */
 void scmoe__route_select_ties(const route_select *s, int64_t *mine, const int32_t *records, int n, int E, int k);
 /* the send side and statistics (as scmoe__route_plan_global_send's) once every pair is decided;
  * tie_before [k E]: the exclusive scan of scmoe__route_select_ties (NULL when n_ties is 0); seen [k E]:
- * scratch; total [k E] as for scmoe__route_select_begin */
+ * scratch; total [k E] from the first step */
 void scmoe__route_plan_batch_send(route_plan *pl, const int32_t *records, int n, int ep_size, int E, int k,
                                   const route_select *s, const int64_t *tie_before, int64_t *seen, const int64_t *total,
                                   int64_t S, int64_t capacity, int32_t *counts);

@@ -1,9 +1,11 @@
 /* route.c: who goes where. GLOBAL capacity (scmoe__route_plan_build): from every rank's routing choices (the
- * global batch, gathered), each rank computes the same slot assignment and then its own part of the
- * exchange plan. LOCAL capacity (route_plan_local_*, at the end): each rank locates its own tokens,
- * and receivers learn only per-expert counts. GLOBAL with TOKEN priority (scmoe__route_plan_global_send,
- * at the end): the same plan as scmoe__route_plan_build from per-(round, expert) counts scanned over the
- * ranks, and LOCAL's receive side; BATCH priority sorts the whole batch's scores, so it gathers.
+ * global batch in one place), each rank computes the same slot assignment and then its own part of the
+ * exchange plan; the layer never gathers them, but this is the plan its distributed planners must give
+ * (tests, fuzz and bench compare with it). LOCAL capacity (route_plan_local_*, at the end): each rank
+ * locates its own tokens, and receivers learn only per-expert counts. GLOBAL with TOKEN priority
+ * (scmoe__route_plan_global_send, at the end): the same plan as scmoe__route_plan_build from
+ * per-(round, expert) counts scanned over the ranks, and LOCAL's receive side; with BATCH priority
+ * route_batch.c selects the kept assignments over the ranks and then does the same.
  *
  * Locations (GShard/Tutel): round j = 0..k-1, tokens in priority order; the j-th choice of token t
  * takes location loc = fill[e]++ of its expert e. Counting every assignment, dropped or not, makes a

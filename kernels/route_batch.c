@@ -5,21 +5,23 @@
  * experts round by round in that order. Round j's assignments to expert e are kept while room is
  * left: the first
  *     need[j, e] = clamp(C - sum_{j' < j} total[j', e], 0, total[j, e])
- * of them in priority order, total[j, e] being every rank's round-j assignments to e (the round
- * counts' scan that TOKEN priority already makes). Which ones they are is a selection, not a sort: the
- * need[j, e]-th best key of the pair (j, e) over the world. With the score as an unsigned key that
- * orders like by_score_desc (key(): a NaN 0, -0 as +0, negative floats below positive ones),
+ * of them in priority order, total[j, e] being every rank's round-j assignments to e. Which ones they
+ * are is a selection, not a sort: the need[j, e]-th best key of the pair (j, e) over the world. With
+ * the score as an unsigned key that orders like by_score_desc (key(): a NaN 0, -0 as +0, negative
+ * floats below positive ones),
  *     kept  iff  key > K[j, e],  or  key == K[j, e] and (its index among the pair's keys equal to K,
  *                                    in global token order) < ties[j, e].
  * K is found digit by digit from the top (a radix selection): each round every rank counts its
  * candidates of each undecided pair (keys that agree with K's bits found so far) by their next digit,
  * the counts are all-reduced, and each rank walks the same global histogram from the top digit down to
- * the bucket that holds the need-th key. A pair is decided as soon as its bucket holds exactly the
- * keys still needed (all of them kept), else after the last digit, when ties[j, e] of its keys equal to
- * K are kept: their global indices are my index among my own plus the ties of the ranks below me (one
- * exclusive scan). 32 bits in rounds of at most 8: at most 4 all-reduces of at most
- * ROUTE_SELECT_BINS counts and one scan, O(k E) bytes a rank whatever P, and none at all where nothing
- * is dropped (every need[j, e] is 0 or total[j, e]).
+ * the bucket that holds the need-th key. The first round counts every pair's every assignment, so its
+ * sums are the totals (no scan of the round counts first) and the pairs that keep all or none are
+ * decided at once. A pair is decided as soon as its bucket holds exactly the keys still needed (all of
+ * them kept), else after the last digit, when ties[j, e] of its keys equal to K are kept: their global
+ * indices are my index among my own plus the ties of the ranks below me (one exclusive scan). 32 bits
+ * in rounds of at most 8 bits and ROUTE_SELECT_BINS counts: 4 all-reduces (more where k E > 16 narrows
+ * the first digit), the first of them only where nothing is dropped, and the ties' scan where equal
+ * scores straddle a threshold: O(k E) bytes a rank whatever P.
  *
  * The kept rows then sit as TOKEN priority's (route.c): by expert, round, token order, so the receive
  * side is scmoe__route_plan_local_recv's and P ranks give one rank's plan bit for bit. */
@@ -50,25 +52,34 @@ static void keep_from(route_select *s, int p, uint32_t lo) {
     s->ties[p] = lo ? 0 : INT64_MAX; /* lo = 0: every key, NaN's 0 included */
 }
 
-int scmoe__route_select_begin(route_select *s, const int64_t *total, int E, int k, int64_t capacity) {
-    s->n_open = s->n_ties = 0;
+void scmoe__route_select_begin(route_select *s, int E, int k) {
+    s->n_open = k * E;
+    s->n_ties = 0;
     s->shift = 32;
+    s->bits = digit_bits(s->n_open, s->shift);
+    for (int p = 0; p < k * E; p++) {
+        s->thresh[p] = 0;
+        s->open[p] = p;
+    }
+}
+
+/* The first round's histogram counts every assignment: total [k E] is its sum over the digits, and with
+ * it how many of each pair are kept; the pairs that keep all or none are decided. */
+static void first_round(route_select *s, const double *hist, int E, int k, int64_t capacity, int64_t *total) {
+    int w = s->bits;
     for (int e = 0; e < E; e++) {
         int64_t before = 0; /* the rounds before j: all their assignments, kept or not */
         for (int j = 0; j < k; j++) {
             int p = j * E + e;
-            int64_t room = capacity - before, c = total[p];
+            int64_t c = 0, room = capacity - before;
+            for (int d = 0; d < 1 << w; d++) c += (int64_t)hist[((size_t)p << w) + d];
+            total[p] = c;
             s->need[p] = room <= 0 ? 0 : room < c ? room : c;
-            s->thresh[p] = 0;
-            s->open[p] = -1;
-            if (s->need[p] == c) keep_from(s, p, 0);
-            else if (s->need[p] == 0) s->thresh[p] = UINT32_MAX, s->ties[p] = 0;
-            else s->open[p] = s->n_open++;
+            if (s->need[p] == c) keep_from(s, p, 0), s->open[p] = -1;
+            else if (s->need[p] == 0) s->thresh[p] = UINT32_MAX, s->ties[p] = 0, s->open[p] = -1;
             before += c;
         }
     }
-    s->bits = digit_bits(s->n_open, s->shift);
-    return s->n_open;
 }
 
 void scmoe__route_select_histogram(const route_select *s, double *hist, const int32_t *records, int n, int E, int k) {
@@ -84,8 +95,9 @@ void scmoe__route_select_histogram(const route_select *s, double *hist, const in
     }
 }
 
-int scmoe__route_select_step(route_select *s, const double *hist, int E, int k) {
+int scmoe__route_select_step(route_select *s, const double *hist, int E, int k, int64_t capacity, int64_t *total) {
     int w = s->bits, lo = s->shift - w, n_open = 0;
+    if (s->shift == 32) first_round(s, hist, E, k, capacity, total);
     for (int p = 0; p < k * E; p++) {
         int o = s->open[p];
         if (o < 0) continue;

@@ -100,17 +100,17 @@ static const char *differs(const route_plan *a, const route_plan *b, int n, int 
  * Returns the rounds, -1 if the ranks' selections disagree. */
 static int batch_select(plan_mem *b, const int32_t *rec, const int *first, const int *tpr, int world, int ep, int E,
                         int k, const int64_t *total, int64_t S, int64_t cap) {
-    int kE = k * E, bins = kE * 2 > ROUTE_SELECT_BINS ? kE * 2 : ROUTE_SELECT_BINS, rounds = 0, open = 0;
+    int kE = k * E, bins = kE * 2 > ROUTE_SELECT_BINS ? kE * 2 : ROUTE_SELECT_BINS, rounds = 0, open = kE;
     route_select sel[MAX_WORLD];
     double *hist = calloc((size_t)bins, sizeof(double)), *sum = calloc((size_t)bins, sizeof(double));
-    int64_t *ties = calloc((size_t)(world + 2) * kE, sizeof(int64_t)), *before = ties + (size_t)world * kE,
-            *seen = before + kE;
+    int64_t *ties = calloc((size_t)(world + 3) * kE, sizeof(int64_t)), *before = ties + (size_t)world * kE,
+            *seen = before + kE, *tot = seen + kE;
     for (int r = 0; r < world; r++) {
         sel[r].need = calloc((size_t)kE, sizeof(int64_t));
         sel[r].ties = calloc((size_t)kE, sizeof(int64_t));
         sel[r].thresh = calloc((size_t)kE, sizeof(uint32_t));
         sel[r].open = calloc((size_t)kE, sizeof(int));
-        open = scmoe__route_select_begin(&sel[r], total, E, k, cap);
+        scmoe__route_select_begin(&sel[r], E, k);
     }
     while (open > 0 && rounds >= 0) {
         int n_bins = sel[0].n_open << sel[0].bits;
@@ -120,10 +120,11 @@ static int batch_select(plan_mem *b, const int32_t *rec, const int *first, const
             for (int i = 0; i < n_bins; i++) sum[i] += hist[i];
         }
         for (int r = 0; r < world; r++) {
-            int o = scmoe__route_select_step(&sel[r], sum, E, k);
+            int o = scmoe__route_select_step(&sel[r], sum, E, k, cap, tot);
             if (r > 0 && o != open) rounds = -2; /* every rank must take the same steps */
             open = o;
         }
+        if (rounds == 0 && memcmp(tot, total, sizeof(int64_t) * kE)) rounds = -2; /* the first round's sums */
         rounds++;
         if (open < 0 || rounds > 32) rounds = -1;
     }

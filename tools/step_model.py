@@ -137,7 +137,9 @@ def planner(path):
     """bench_route_scale runs -> host seconds per planned assignment: the gathering GLOBAL planner at the
     largest global batch, the least over the runs (the machine's load only ever adds). Its column: "global
     ms" in runs from before GLOBAL with TOKEN priority planned from counts (7 fields a row), "g-batch ms"
-    (BATCH priority, the one that still gathers) after (9 fields)."""
+    (BATCH priority, then still gathering) after (9 fields). Since 2026-12-05 neither priority gathers
+    (10 fields a row, BATCH from route_batch.c's selection): such runs give no gathering planner, and the
+    GLOBAL scope of this model (R_route above) stays the gathering path's, measured before."""
     k, rows = 2, []
     for line in open(path):
         m = re.search(r"k (\d+)", line)
@@ -146,6 +148,8 @@ def planner(path):
         f = line.replace("|", " ").split()
         if len(f) in (7, 9) and f[0].isdigit():
             rows.append((int(f[2]), float(f[4] if len(f) == 7 else f[6]) * 1e-3 / (int(f[2]) * k)))
+    if not rows:
+        sys.exit(f"step_model: {path} has no gathering planner's rows (bench_route_scale from before 2026-12-05)")
     big = max(S for S, _ in rows)
     return min(c for S, c in rows if S == big)
 
