@@ -453,7 +453,10 @@ static scmoe_status gscan_start(moe_layer *m) {
     scmoe_status st;
     m->gcount.scanning = 1;
     m->gcount.xsum.active = 0;
-    if (m->cfg.priority == SCMOE_PRIORITY_BATCH) { /* the selection's first histogram gives the totals */
+    /* BATCH priority with a capacity: the selection, whose first histogram gives the totals; dropless it
+     * is TOKEN (the same rows in the same places) */
+    m->gcount.select = m->cfg.priority == SCMOE_PRIORITY_BATCH && m->plan.capacity != INT64_MAX;
+    if (m->gcount.select) {
         scmoe__route_select_begin(&m->gcount.sel, E, k);
         st = select_round(m);
     } else {
@@ -519,7 +522,7 @@ static void gscan_plan(moe_layer *m) {
     int E = m->E, k = m->k, kE = k * E;
     int64_t *mine = m->gcount.counts, *prefix = mine + kE, *total = prefix + kE, S = m->gcount.S;
     route_plan *pl = &m->plan;
-    if (m->cfg.priority == SCMOE_PRIORITY_BATCH)
+    if (m->gcount.select)
         scmoe__route_plan_batch_send(pl, m->records, m->n, m->ep_size, E, k, &m->gcount.sel,
                                      m->gcount.sel.n_ties ? m->gcount.ties + kE : NULL, m->gcount.ties + 2 * kE, total,
                                      S, pl->capacity, m->lcap.counts_out);
@@ -540,7 +543,7 @@ static scmoe_status gscan_check(moe_layer *m, int wait) {
         if (!wait && !landed(&g->xscan)) return SCMOE_OK;
         scmoe_status st =
             scmoe__moe_inflight_wait(m, &g->xscan, g->phase == GSCAN_HISTOGRAM ? "route_select" : "route_scan");
-        if (!st && m->cfg.priority == SCMOE_PRIORITY_BATCH) st = select_next(m);
+        if (!st && m->gcount.select) st = select_next(m);
         else g->phase = GSCAN_DONE;
         if (st) {
             g->scanning = 0;

@@ -200,7 +200,8 @@ typedef struct moe_global_counts {
     gscan_phase phase; /* what xscan carries: the counts' scan, a histogram, the ties' scan; done */
     inflight xscan, xsum;
     int64_t S;        /* this forward's global batch (agree_token_scan) */
-    route_select sel; /* BATCH priority: the selection's state */
+    int select;       /* this forward selects (BATCH priority, a capacity): sel, hist and ties */
+    route_select sel; /* the selection's state */
     double *hist;     /* [max(ROUTE_SELECT_BINS, 2 k E)]: a round's histogram, summed in place */
     int64_t *ties;    /* [k E] my ties | prefix | total (then the plan's scratch) | the scan's work */
 } moe_global_counts;
