@@ -861,18 +861,24 @@ extern "C" cudaError_t scmoe__cuda_expert_bias_backward(const cuda_expert_bias *
 
 /* route.c's LOCAL send side (scmoe__route_plan_local_send) over the gate's choices, and the sums its
  * statistics need, so that nothing of the gate crosses to the host. Locations (route.c's locate): round
- * j = 0..k-1, tokens in priority order, the j-th choice of token t takes loc = fill[e]++ of its expert e:
+ * j = 0..k-1, tokens in priority order, the j-th choice of token t takes loc = fill[e]++ of its expert e;
+ * they decide only which rows are kept. The send block of e holds its kept rows round by round, each
+ * round's in token order whatever the priority (route.c), and the rounds before j kept
+ * sum_{j' < j} clamp(C - sum_{j'' < j'} cnt[j'', e], 0, cnt[j', e]) = min(C, sum_{j' < j} cnt[j', e]) rows:
  *
- *   loc[t, j] = sum_{j' < j} cnt[j', e] + #{u before t : choice[u, j] = e}  (e = choice[t, j])
+ *   loc[t, j] = sum_{j' < j} cnt[j', e] + #{u before t in priority order : choice[u, j] = e}  (e = choice[t, j])
  *   kept iff loc < C;  kept rows of e in round j = clamp(C - sum_{j' < j} cnt[j', e], 0, cnt[j, e])
- *   slot[t, j] = start[e] + loc (kept), -1 (dropped);  start[e] = sum_{e' < e} min(count[e'], C)
+ *   pos[t, j] = min(C, sum_{j' < j} cnt[j', e]) + #{u < t : choice[u, j] = e, kept}
+ *   slot[t, j] = start[e] + pos (kept), -1 (dropped);  start[e] = sum_{e' < e} min(count[e'], C)
  *
- * since the send block of e holds its kept rows in location order. The second term of loc is a scan
- * per expert: one block per expert walks the tokens in tiles, each thread counting ROUTE_ITEMS
- * consecutive tokens and a block-wide prefix sum placing them; integers, so any order is exact. The
- * statistics' sums are doubles and so order-dependent: they run as the host's gate_sums does, token
- * after token, one thread per expert (an extra block, beside the scans), with __dadd_rn / __dmul_rn so
- * that no multiply-add is fused. */
+ * With TOKEN priority pos = loc for every kept assignment (a round keeps its first ones in token order,
+ * and loc < C means sum_{j' < j} cnt[j', e] < C), so one pass gives both. With BATCH a first pass in
+ * priority order gives loc, a second in token order rewrites each kept one's to pos (< C); a dropped one
+ * keeps its loc >= C. Each pass is a scan per expert: one block per expert walks the tokens in tiles,
+ * each thread counting ROUTE_ITEMS consecutive tokens and a block-wide prefix sum placing them;
+ * integers, so any order is exact. The statistics' sums are doubles and so order-dependent: they run as
+ * the host's gate_sums does, token after token, one thread per expert (an extra block, beside the
+ * scans), with __dadd_rn / __dmul_rn so that no multiply-add is fused. */
 #define ROUTE_ITEMS 8
 
 /* The priority order. TOKEN: the tokens in order. BATCH: route.c's by_score_desc, a total order: the
@@ -918,10 +924,36 @@ __device__ static int block_inclusive_scan(int v, int *sh) {
     return sh[threadIdx.x];
 }
 
-/* blocks 0..E-1: loc of expert e's assignments into slot, cnt[j * E + e], over the tokens in order (NULL:
- * 0..n-1); block E: gsum [E + 1] (token after token, whatever the priority: the host's sums) */
+/* One block's pass over the tokens in `order` (NULL: 0..n-1): round j's assignments to expert e get
+ * r0, r0 + 1, ... in that order, in slot (below >= 0: only those whose slot holds a value < below, the
+ * kept ones); returns how many. A tile's slots are read before any is written, each by its own thread. */
+__device__ static int route_place(const int *choice, const int *order, int n, int k, int j, int e, long long below,
+                                  int r0, int *slot, int *sh) {
+    int placed = 0;
+    for (long t0 = 0; t0 < n; t0 += (long)blockDim.x * ROUTE_ITEMS) {
+        long lo = t0 + (long)threadIdx.x * ROUTE_ITEMS;
+        int mine = 0;
+        for (int i = 0; i < ROUTE_ITEMS; i++) {
+            long t = lo + i < n ? (order ? order[lo + i] : lo + i) : -1;
+            mine += t >= 0 && choice[t * k + j] == e && (below < 0 || slot[t * k + j] < below);
+        }
+        int incl = block_inclusive_scan(mine, sh), total = sh[blockDim.x - 1];
+        int r = r0 + placed + incl - mine;
+        for (int i = 0; i < ROUTE_ITEMS; i++) {
+            long t = lo + i < n ? (order ? order[lo + i] : lo + i) : -1;
+            if (t >= 0 && choice[t * k + j] == e && (below < 0 || slot[t * k + j] < below)) slot[t * k + j] = r++;
+        }
+        placed += total;
+        __syncthreads(); /* sh is rewritten by the next tile; the slots are another pass's */
+    }
+    return placed;
+}
+
+/* blocks 0..E-1: loc of expert e's assignments into slot, over the tokens in priority order (NULL: 0..n-1),
+ * then with BATCH (order given) each kept one's pos, and cnt[j * E + e]; block E: gsum [E + 1] (token
+ * after token, whatever the priority: the host's sums) */
 __global__ static void k_route_scan(const int *choice, const float *p, const float *lse, const int *order, int n, int E,
-                                    int k, int *slot, int *cnt, double *gsum) {
+                                    int k, long long capacity, int *slot, int *cnt, double *gsum) {
     __shared__ int sh[THREADS];
     int e = blockIdx.x;
     if (e == E) {
@@ -935,26 +967,13 @@ __global__ static void k_route_scan(const int *choice, const float *p, const flo
         }
         return;
     }
-    int base = 0;
+    int base = 0; /* sum_{j' < j} cnt[j', e] */
     for (int j = 0; j < k; j++) {
-        int before = base;
-        for (long t0 = 0; t0 < n; t0 += (long)blockDim.x * ROUTE_ITEMS) {
-            long lo = t0 + (long)threadIdx.x * ROUTE_ITEMS;
-            int mine = 0;
-            for (int i = 0; i < ROUTE_ITEMS; i++) {
-                long t = lo + i < n ? (order ? order[lo + i] : lo + i) : -1;
-                mine += t >= 0 && choice[t * k + j] == e;
-            }
-            int incl = block_inclusive_scan(mine, sh), total = sh[blockDim.x - 1];
-            int r = base + incl - mine;
-            for (int i = 0; i < ROUTE_ITEMS; i++) {
-                long t = lo + i < n ? (order ? order[lo + i] : lo + i) : -1;
-                if (t >= 0 && choice[t * k + j] == e) slot[t * k + j] = r++;
-            }
-            base += total;
-            __syncthreads(); /* sh is rewritten by the next tile */
-        }
-        if (threadIdx.x == 0) cnt[j * E + e] = base - before;
+        int c = route_place(choice, order, n, k, j, e, -1, base, slot, sh);
+        if (order) /* the locations' pass ended in __syncthreads: its slots, by any thread, are visible */
+            route_place(choice, NULL, n, k, j, e, capacity, base < capacity ? base : (int)capacity, slot, sh);
+        if (threadIdx.x == 0) cnt[j * E + e] = c;
+        base += c;
     }
 }
 
@@ -995,7 +1014,7 @@ __global__ static void k_route_summary(const int *cnt, const double *gsum_d, int
     if (threadIdx.x == 0) *(volatile uint32_t *)seq = seq_value;
 }
 
-/* locations to send rows: slot = start[e] + loc when kept, else -1 */
+/* places to send rows: slot = start[e] + pos when kept (value < C), else -1 */
 __global__ static void k_route_slots(int *slot, const int *choice, const int *start, long nk, long long capacity) {
     for (long a = (long)blockIdx.x * blockDim.x + threadIdx.x; a < nk; a += (long)gridDim.x * blockDim.x) {
         int loc = slot[a];
@@ -1013,7 +1032,8 @@ extern "C" cudaError_t scmoe__cuda_route_local(const int *choice, const float *p
     int *cnt = work, *kept_d = work + (size_t)k * E, *start = kept_d + E, *order = score ? start + E : NULL;
     if (score && n > 0) LAUNCH(k_route_rank, grid_for(n, THREADS), THREADS, 0, s, score, n, order);
     /* even with no tokens: the summary (zeros) and its seq are what the host waits for */
-    LAUNCH(k_route_scan, E + 1, THREADS, 0, s, choice, p, lse, order, n, E, k, slot, cnt, work_sum);
+    LAUNCH(k_route_scan, E + 1, THREADS, 0, s, choice, p, lse, order, n, E, k, (long long)capacity, slot, cnt,
+           work_sum);
     LAUNCH(k_route_summary, 1, THREADS, 0, s, cnt, work_sum, E, k, ep_size, (long long)capacity, kept_d, start, counts,
            gsum, top1, kept, seq, seq_value);
     long nk = (long)n * k;

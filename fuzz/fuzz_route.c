@@ -10,17 +10,18 @@
  *
  *   - global counts identical on every rank: tokens = S, sum expert_count = S*k,
  *     expert_kept = min(count, capacity), dropped = sum(count - kept), and equal to an independent
- *     recomputation of the GShard/Tutel slot order (round j over tokens in priority order);
+ *     recomputation of the GShard/Tutel locations (round j over tokens in priority order), which
+ *     decide which assignments are kept (loc < capacity);
  *   - send side: slot[t*k+j] = -1 exactly for dropped assignments; the kept slots of a rank are a
  *     permutation of 0..n_send-1, grouped by destination rank (send_counts / prefix-sum displs),
- *     by expert inside a destination, and by location inside an expert;
+ *     by expert inside a destination, and by (round j, token) inside an expert, whatever the priority;
  *   - receive side: recv_counts[p] on rank r equals send_counts[r's ep_rank] on source p of its group
  *     (the all-to-all's two sides agree), recv_displs are prefix sums, n_recv fits the buffer;
  *   - the exchange simulated row by row: recv_to_expert is a permutation of 0..n_recv-1,
  *     expert_offsets (per stage and expert) start at 0, are monotone and end at n_recv, every row lands
  *     in the block of its stage (scmoe__route_stage_range of its source block) and expert, each expert's rows
- *     of a stage are in location order, and every kept (token, choice) of a group reaches exactly one
- *     expert-buffer row of the rank owning its expert in that group;
+ *     of a stage are in (round, global token) order, and every kept (token, choice) of a group reaches
+ *     exactly one expert-buffer row of the rank owning its expert in that group;
  *   - the combine (the same plan mirrored) brings every row back to its slot;
  *   - P ranks route as one rank: a one-rank plan over the same records gives the same counts, and the
  *     same rows per expert (restricted to the group's tokens), in the same order without pipelining;
@@ -109,13 +110,16 @@ static int ref_cmp(const void *a, const void *b) {
     return x->token - y->token;
 }
 
+/* The key of assignment a = t k + j in the layouts' order, round j then token t: j S + t. */
+static int64_t round_token(int64_t a, int k, int64_t S) { return a % k * S + a / k; }
+
 /* Capacity per source rank (scmoe__route_plan_local_send / _recv): each rank plans its own slice alone, the
  * receivers only get the per-(expert, round) counts. Checked: a rank's send side is exactly a one-rank
  * GLOBAL plan of its slice with its own capacity (raw: the same for every rank); its counts add up to
  * its send blocks; on the receive side, recv_counts match the senders' blocks, recv_to_expert is a
  * permutation, expert_offsets are monotone and end at n_recv, every row reaches the block of its
- * expert in the stage its receive row belongs to, and (dropless, token priority, no pipelining: gref
- * given) expert e's rows are in GLOBAL's order, the one-rank plan's by location. */
+ * expert in the stage its receive row belongs to, and (dropless, no pipelining: gref given) expert e's
+ * rows are in GLOBAL's order, by (round, global token), either priority. */
 static void local_scope(const int32_t *rec, const int *tokens, const int64_t *first_tok, int world, int ep_size, int E,
                         int k, scmoe_priority prio, int64_t raw_cap, float cf, int chunks, int max_tokens,
                         const int64_t *gref, const int64_t *estart, const int64_t *cnt) {
@@ -186,7 +190,7 @@ static void local_scope(const int32_t *rec, const int *tokens, const int64_t *fi
                     REQUIRE(from[i] - pl->recv_displs[p] >= lo && from[i] - pl->recv_displs[p] < hi);
                 }
             }
-        for (int e = 0; gref && e < El; e++) { /* GLOBAL's order: by location over the whole batch */
+        for (int e = 0; gref && e < El; e++) { /* GLOBAL's order: by (round, token) over the whole batch */
             int ge = first_e + e, i = eoff[e];
             for (int64_t l = 0; l < cnt[ge]; l++) {
                 int64_t a = gref[estart[ge] + l];
@@ -368,12 +372,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             loc[(int64_t)t * k + j] = cnt[rec[(int64_t)t * stride + j]]++;
         }
 
-    /* by_loc[estart[e] + l]: the assignment of expert e at location l */
+    /* by_rt[estart[e] + i]: expert e's assignments by (round j, token t), the order of the layouts (the
+     * priority picks only which are kept) */
     int64_t *estart = calloc((size_t)E + 1, sizeof(int64_t));
-    int64_t *by_loc = malloc(sizeof(int64_t) * (size_t)(S * k ? S * k : 1));
+    int64_t *by_rt = malloc(sizeof(int64_t) * (size_t)(S * k ? S * k : 1)), *ecur = calloc((size_t)E, sizeof(int64_t));
     for (int e = 0; e < E; e++) estart[e + 1] = estart[e] + cnt[e];
-    for (int64_t a = 0; a < S * k; a++) by_loc[a] = -1;
-    for (int64_t a = 0; a < S * k; a++) by_loc[estart[rec[(a / k) * stride + a % k]] + loc[a]] = a;
+    for (int j = 0; j < k; j++)
+        for (int64_t t = 0; t < S; t++) {
+            int e = rec[t * stride + j];
+            by_rt[estart[e] + ecur[e]++] = t * k + j;
+        }
+    free(ecur);
 
     /* ---- global counts ---- */
     for (int r = 0; r <= world; r++) {
@@ -430,12 +439,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 REQUIRE(s >= pl->send_displs[q] && s < pl->send_displs[q] + pl->send_counts[q]);
             }
         for (int i = 0; i < pl->n_send; i++) REQUIRE(sendrow[r][i] >= 0);
-        /* by expert, then by location */
+        /* by expert, then by (round, token) */
         for (int i = 1; i < pl->n_send; i++) {
             int64_t a = sendrow[r][i - 1], b = sendrow[r][i];
             int ea = rec[(a / k) * stride + a % k], eb = rec[(b / k) * stride + b % k];
             REQUIRE(ea <= eb);
-            if (ea == eb && have_ref) REQUIRE(loc[a] < loc[b]);
+            if (ea == eb) REQUIRE(round_token(a, k, S) < round_token(b, k, S));
         }
     }
 
@@ -486,7 +495,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                     REQUIRE(a / k >= first_tok[g * ep_size] && a / k < first_tok[g * ep_size + ep_size]);
                     REQUIRE(!seen[a]); /* exactly once over all ranks */
                     seen[a] = 1;
-                    if (i > eoff[st * El + e] && have_ref) REQUIRE(loc[ebuf[i - 1]] < loc[a]);
+                    if (i > eoff[st * El + e]) REQUIRE(round_token(ebuf[i - 1], k, S) < round_token(a, k, S));
                     /* the stage of its receive row, as both sides of the exchange split the block */
                     int p = 0, lo, hi;
                     while (from[i] >= pl->recv_displs[p] + pl->recv_counts[p]) p++;
@@ -500,17 +509,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 int ge = first_e + e, i = eoff[e], n_e = 0;
                 for (int st = 0; st < ns; st++) n_e += eoff[st * El + e + 1] - eoff[st * El + e];
                 if (ns > 1) {
-                    for (int64_t l = 0; l < cnt[ge] && l < capacity; l++) {
-                        int64_t a = by_loc[estart[ge] + l];
-                        n_e -= a / k >= first_tok[g * ep_size] && a / k < first_tok[g * ep_size + ep_size];
+                    for (int64_t l = 0; l < cnt[ge]; l++) {
+                        int64_t a = by_rt[estart[ge] + l];
+                        n_e -= loc[a] < capacity && a / k >= first_tok[g * ep_size] &&
+                               a / k < first_tok[g * ep_size + ep_size];
                     }
                     REQUIRE(n_e == 0);
                     continue;
                 }
-                /* the one-rank expert buffer of expert ge: its kept assignments by location */
-                for (int64_t l = 0; l < cnt[ge] && l < capacity; l++) {
-                    int64_t a = by_loc[estart[ge] + l]; /* the assignment with location l of expert ge */
-                    REQUIRE(a >= 0);
+                /* the one-rank expert buffer of expert ge: its kept assignments by (round, token) */
+                for (int64_t l = 0; l < cnt[ge]; l++) {
+                    int64_t a = by_rt[estart[ge] + l];
+                    if (loc[a] >= capacity) continue;
                     if (a / k < first_tok[g * ep_size] || a / k >= first_tok[g * ep_size + ep_size]) continue;
                     REQUIRE(i < eoff[e + 1]);
                     REQUIRE(ebuf[i] == a);
@@ -537,9 +547,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(seen);
     if (prio == SCMOE_PRIORITY_TOKEN)
         global_counts(rec, tokens, first_tok, world, ep_size, E, k, capacity, cf_hi, chunks, max_tokens, pb);
-    local_scope(
-        rec, tokens, first_tok, world, ep_size, E, k, prio, cap_mode < 192 ? -1 : capacity, cf, chunks, max_tokens,
-        have_ref && prio == SCMOE_PRIORITY_TOKEN && cap_mode < 192 && cf <= 0 && ns == 1 ? by_loc : NULL, estart, cnt);
+    local_scope(rec, tokens, first_tok, world, ep_size, E, k, prio, cap_mode < 192 ? -1 : capacity, cf, chunks,
+                max_tokens, cap_mode < 192 && cf <= 0 && ns == 1 ? by_rt : NULL, estart, cnt);
     for (int r = 0; r < world; r++) {
         free(sendrow[r]);
         plan_free(&pb[r]);
@@ -547,7 +556,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     plan_free(&one);
     free(order);
     free(estart);
-    free(by_loc);
+    free(by_rt);
     free(loc);
     free(cnt);
     free(rec);

@@ -11,16 +11,20 @@
  * takes location loc = fill[e]++ of its expert e. Counting every assignment, dropped or not, makes a
  * second choice queue behind all first choices. Kept iff loc < C, C = k * floor(CF * ceil(S / E)) over
  * the global batch S (dropless: C = infinity). Because the whole batch decides, P ranks route exactly
- * as one rank does.
+ * as one rank does. The priority decides only WHICH assignments are kept: round j keeps the first
+ * clamp(C - sum_{j' < j} count[j', e], 0, count[j, e]) of its assignments to e in priority order.
  *
- * Layouts (rows of d floats):
- *   send buffer   my kept assignments, by destination expert (so by destination rank), then by loc.
- *                 plan->slot[t*k + j] is the row of my token t's j-th choice, -1 if dropped. The
- *                 combine's receive buffer has the same layout, so decode reads the same rows.
- *   recv buffer   what my experts receive, by source rank, then expert, then loc (MPI's layout).
- *   expert buffer the same rows by stage, then local expert, then loc: each expert's rows of a stage
- *                 are contiguous for its GEMMs and in the order one rank would have them.
- *                 recv_to_expert maps the two.
+ * Layouts (rows of d floats), whatever the priority: an expert's kept rows in round order, and within
+ * round j in token order (the global token order: rank-major). So BATCH priority without drops lays out
+ * exactly as TOKEN, and a plan that learns only how many of a (round, expert) are kept, not the
+ * priority order, places the rows as one rank would.
+ *   send buffer   my kept assignments, by destination expert (so by destination rank), then round j,
+ *                 then token. plan->slot[t*k + j] is the row of my token t's j-th choice, -1 if
+ *                 dropped. The combine's receive buffer has the same layout, so decode reads the same rows.
+ *   recv buffer   what my experts receive, by source rank, then expert, then (round, token) (MPI's layout).
+ *   expert buffer the same rows by stage, then local expert, then (round, global token): each expert's
+ *                 rows of a stage are contiguous for its GEMMs and in the order one rank would have
+ *                 them. recv_to_expert maps the two.
  *
  * Stages (token-chunk pipelining, chunks C >= 1): stage 0 is the block that stays on this rank, stage
  * 1 + c the c-th of C near-equal row ranges of every peer's block. Sender and receiver split the same
@@ -162,10 +166,9 @@ static void send_layout(route_plan *pl, int *cursor, int E, int E_local, int ep_
 }
 
 /* GLOBAL send side: my kept assignments per expert, experts in order (so destinations in order), and
- * slot[t*k + j] = the row of my token t's j-th choice in that layout (round j, priority order), -1 dropped */
-static void global_send_side(route_plan *pl, const int *loc, const int *order, const int32_t *records, int64_t S,
-                             int64_t my_first, int64_t my_end, int E, int E_local, int ep_size, int k,
-                             int64_t capacity) {
+ * slot[t*k + j] = the row of my token t's j-th choice in that layout (round j, token order), -1 dropped */
+static void global_send_side(route_plan *pl, const int *loc, const int32_t *records, int64_t my_first, int64_t my_end,
+                             int E, int E_local, int ep_size, int k, int64_t capacity) {
     int stride = k + 1, *cursor = pl->cursor; /* [E] */
     memset(cursor, 0, sizeof(int) * E);
     for (int64_t t = my_first; t < my_end; t++)
@@ -173,9 +176,7 @@ static void global_send_side(route_plan *pl, const int *loc, const int *order, c
             if (loc[t * k + j] < capacity) cursor[records[t * stride + j]]++;
     send_layout(pl, cursor, E, E_local, ep_size);
     for (int j = 0; j < k; j++)
-        for (int64_t i = 0; i < S; i++) {
-            int64_t t = i; // TEMP layout
-            if (t < my_first || t >= my_end) continue;
+        for (int64_t t = my_first; t < my_end; t++) {
             int64_t a = t * k + j;
             pl->slot[(t - my_first) * k + j] = loc[a] < capacity ? cursor[records[t * stride + j]]++ : -1;
         }
@@ -215,12 +216,12 @@ static void stage_offsets(int *eoff, int *ecur, int S_n, int E_local) {
 }
 
 /* GLOBAL expert layout: rows per (stage, expert) into expert_offsets, then recv_to_expert in the order
- * one rank would have the rows (round j, priority order). Block p holds expert e's rows at
- * [src_cnt[p, e], src_cnt[p, e + 1]); src_cnt is used up as a cursor. */
-static void global_expert_layout(route_plan *pl, const int *loc, const int *order, const int *owner,
-                                 const int32_t *records, int64_t S, int64_t group_first, int64_t group_end,
-                                 int group_rank0, int first_e, int E_local, int ep_size, int ep_rank, int k,
-                                 int64_t capacity, int S_n) {
+ * one rank would have the rows (round j, global token order). Block p holds expert e's rows at
+ * [src_cnt[p, e], src_cnt[p, e + 1]), in that order too (global_send_side); src_cnt is used up as a
+ * cursor. */
+static void global_expert_layout(route_plan *pl, const int *loc, const int *owner, const int32_t *records,
+                                 int64_t group_first, int64_t group_end, int group_rank0, int first_e, int E_local,
+                                 int ep_size, int ep_rank, int k, int64_t capacity, int S_n) {
     int stride = k + 1, *src_cnt = pl->src_cursor;
     int *eoff = pl->expert_offsets; /* [S_n * E_local + 1] */
     memset(eoff, 0, sizeof(int) * ((size_t)S_n * E_local + 1));
@@ -233,9 +234,7 @@ static void global_expert_layout(route_plan *pl, const int *loc, const int *orde
     int *ecur = pl->cursor; /* reuse: expert-buffer cursor per (stage, local expert) */
     stage_offsets(eoff, ecur, S_n, E_local);
     for (int j = 0; j < k; j++)
-        for (int64_t i = 0; i < S; i++) {
-            int64_t t = i; // TEMP layout
-            if (t < group_first || t >= group_end) continue;
+        for (int64_t t = group_first; t < group_end; t++) {
             int e = records[t * stride + j] - first_e;
             if (e < 0 || e >= E_local || loc[t * k + j] >= capacity) continue;
             int p = owner[t] - group_rank0, r = src_cnt[p * E_local + e]++;
@@ -255,12 +254,12 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
     locate(pl, loc, order, rk, records, S, E, k, priority, capacity);
     for (int r = 0, t = 0; r < world; r++)
         for (int i = 0; i < tokens_per_rank[r]; i++) owner[t++] = r;
-    global_send_side(pl, loc, order, records, S, my_first, my_end, E, E_local, ep_size, k, capacity);
+    global_send_side(pl, loc, records, my_first, my_end, E, E_local, ep_size, k, capacity);
     global_recv_side(pl, loc, owner, records, group_first, group_end, group_rank0, ep_rank * E_local, E_local, ep_size,
                      k, capacity);
     pl->n_stages = scmoe__route_stages(chunks);
-    global_expert_layout(pl, loc, order, owner, records, S, group_first, group_end, group_rank0, ep_rank * E_local,
-                         E_local, ep_size, ep_rank, k, capacity, pl->n_stages);
+    global_expert_layout(pl, loc, owner, records, group_first, group_end, group_rank0, ep_rank * E_local, E_local,
+                         ep_size, ep_rank, k, capacity, pl->n_stages);
 }
 
 /* ---- capacity per source rank (LOCAL), and GLOBAL with TOKEN priority without the records ----
@@ -268,11 +267,12 @@ void scmoe__route_plan_build(route_plan *pl, void *work, const int32_t *records,
  * Each rank locates its own n tokens alone (locate over them, its own C), so its send side needs
  * nothing from other ranks. What a receiver must know is how many rows each source sends for each of
  * its experts in each round j: counts[p][1 + e*k + j] (word 0 carries the source's input status).
- * The sender's block for expert e holds its kept rows in location order, i.e. round by round, so
- * round j's rows are a contiguous run of the block. The receiver puts a stage's rows of expert e in
- * the order (j, p, row): with TOKEN priority and nothing dropped that is exactly GLOBAL's order
- * (round j, then the global token order, which is rank-major), so the experts' GEMMs see the same
- * rows in the same order and even the weight gradients' sums match GLOBAL bitwise.
+ * The sender's block for expert e holds its kept rows round by round, each round's in token order
+ * (whatever the priority: it chose only which are kept), so round j's rows are a contiguous run of the
+ * block. The receiver puts a stage's rows of expert e in the order (j, p, row): that is GLOBAL's
+ * layout (round j, then the global token order, which is rank-major), so where LOCAL keeps GLOBAL's
+ * rows (nothing dropped, or one rank, either priority) the experts' GEMMs see the same rows in the same
+ * order and even the weight gradients' sums match GLOBAL bitwise.
  *
  * GLOBAL with TOKEN priority needs no other rank's records either. The fill is round-major and the
  * global token order rank-major, so the j-th choice e of my token t takes
@@ -311,9 +311,10 @@ void scmoe__route_send_rows(route_plan *pl, const int32_t *records, int n, int e
         }
 }
 
-/* The send side of my n tokens in priority order `order`, located as above (prefix and total NULL: my
+/* The send side of my n tokens, located as above in priority order `order` (prefix and total NULL: my
  * tokens alone): slot, the send layout, counts' words 1.., and the statistics over a batch of S tokens.
- * Kept flags first (slot 0 kept, -1 dropped), then the rows: the layout needs every expert's kept rows. */
+ * Kept flags first, in priority order (slot 0 kept, -1 dropped); then the rows, which the layout places
+ * once it has every expert's kept count: round by round, in token order whatever the priority. */
 static void send_side(route_plan *pl, const int *order, const int32_t *records, int n, int ep_size, int E, int k,
                       const int64_t *prefix, const int64_t *total, int64_t S, int64_t capacity, int32_t *counts) {
     int stride = k + 1, *cursor = pl->cursor;                  /* [E] */

@@ -14,7 +14,11 @@
  *     device that located the tokens itself sends up): statistics, send side and counts message equal,
  *     and its bases;
  *   - capacity LOCAL (scmoe__route_plan_local_send, both priorities): a rank's send side and statistics
- *     are those of scmoe__route_plan_build over its slice alone on one rank.
+ *     are those of scmoe__route_plan_build over its slice alone on one rank;
+ *   - the layout, whatever the priority (BATCH: the priority picks only which rows are kept): each
+ *     expert's kept rows in the send buffer by round, then token (LOCAL, and GLOBAL's
+ *     scmoe__route_plan_build with BATCH on every rank); and GLOBAL with BATCH and nothing dropped is
+ *     TOKEN's plan, every field of every rank's plan bit for bit.
  * Scores repeat often (ties), and some are NaN, -0, +0 or negative: BATCH's total order at its edges. */
 #include "../scmoe_internal.h"
 #include "check.h"
@@ -148,6 +152,20 @@ static int batch_select(plan_mem *b, const int32_t *rec, const int *first, const
     return rounds;
 }
 
+/* "" when the kept slots of each expert of my n tokens increase with (round j, token t), the layout
+ * whatever the priority; else what is out of order */
+static const char *unordered(const route_plan *pl, const int32_t *rec, int n, int k, int E) {
+    for (int e = 0; e < E; e++)
+        for (int j = 0, last = -1; j < k; j++)
+            for (int t = 0; t < n; t++) {
+                int s = pl->slot[(size_t)t * k + j];
+                if (rec[(size_t)t * (k + 1) + j] != e || s < 0) continue;
+                if (s <= last) return "the (round, token) order of an expert's kept slots";
+                last = s;
+            }
+    return NULL;
+}
+
 /* One random case; returns the number of rank plans that differ (each reported). */
 static int one_case(int c) {
     int world = 1 + below(MAX_WORLD), divs[MAX_WORLD], nd = 0;
@@ -196,7 +214,7 @@ static int one_case(int c) {
     plan_alloc(&g, E, ep, k, chunks, 0, 0, 1);
     for (int r = 0; r < world; r++) {
         plan_alloc(&a[r], E, ep, k, chunks, MAX_TOK, R_max, (int)(S ? S : 1));
-        plan_alloc(&b[r], E, ep, k, chunks, MAX_TOK, R_max, MAX_TOK);
+        plan_alloc(&b[r], E, ep, k, chunks, MAX_TOK, R_max, (int)(S > MAX_TOK ? S : MAX_TOK)); /* GLOBAL BATCH too */
         scmoe__route_plan_build(&a[r].pl, a[r].work, rec, tpr, world, r, ep, E, k, prio, cap, chunks);
         scmoe__route_round_counts(cnt + (size_t)r * kE, rec + (size_t)first[r] * (k + 1), tpr[r], E, k);
         for (int i = 0; i < kE; i++) total[i] += cnt[(size_t)r * kE + i];
@@ -244,6 +262,20 @@ static int one_case(int c) {
                   batch ? "BATCH" : "TOKEN", world, ep, E, k, (long long)cap, chunks, r, w);
         }
     }
+    /* GLOBAL with BATCH priority (a: the gathered plan of this case's priority): rows by (round, token);
+     * without drops TOKEN's plan */
+    for (int r = 0; r < world && !bad; r++) {
+        if (!batch)
+            scmoe__route_plan_build(&b[r].pl, b[r].work, rec, tpr, world, r, ep, E, k, SCMOE_PRIORITY_BATCH, cap,
+                                    chunks);
+        const char *w = unordered(batch ? &a[r].pl : &b[r].pl, rec + (size_t)first[r] * (k + 1), tpr[r], k, E);
+        if (!w && !batch && kind == 2) w = differs(&a[r].pl, &b[r].pl, tpr[r], k, E, ep, El);
+        if (w) {
+            bad++;
+            CHECK(0, "case %d GLOBAL batch priority (world %d, ep %d, E %d, k %d, capacity %lld), rank %d: %s differs",
+                  c, world, ep, E, k, (long long)cap, r, w);
+        }
+    }
     /* LOCAL: rank r's slice alone, both priorities, its own capacity */
     for (int r = 0; r < world && !bad; r++)
         for (int prio = 0; prio < 2; prio++) {
@@ -257,6 +289,7 @@ static int one_case(int c) {
             scmoe__route_plan_local_send(&b[r].pl, b[r].work, mine, tpr[r], ep, E, k, pr, lcap, b[r].counts);
             scmoe__route_plan_build(&a[r].pl, a[r].work, mine, &tpr[r], 1, 0, 1, E, k, pr, lcap, 0);
             const char *w = differs_send(&a[r].pl, &b[r].pl, tpr[r], k, E, 0);
+            if (!w) w = unordered(&b[r].pl, mine, tpr[r], k, E);
             if (w) {
                 bad++;
                 CHECK(0, "case %d LOCAL %s priority (E %d, k %d, capacity %lld), rank %d: %s differs", c,
@@ -280,7 +313,8 @@ int main(void) {
     CHECK(bad == 0,
           "GLOBAL, TOKEN and BATCH priority: the plan from scanned counts (and BATCH's selection) == from every "
           "rank's records, every field of every rank's plan bit for bit; LOCAL's send side == its slice's "
-          "one-rank plan (%d random cases)",
+          "one-rank plan; BATCH priority: an expert's kept rows by (round, token), dropless GLOBAL == TOKEN's plan "
+          "(%d random cases)",
           CASES);
     return check_summary();
 }
