@@ -12,8 +12,8 @@
  *
  *   mpirun -np 2 build/bench/bench_overlap [--d 768 --hidden 3072 --experts 8 --batch 1 --seq 256
  *          --steps 5 --progress poll|thread|none --bf16 --chunks 4 --archs top2,shared,... --precision bf16
- *          --scope global|local]
- * --scope: scmoe_config.capacity_scope (default global).
+ *          --scope global|local] [--priority token|batch]
+ * --scope: scmoe_config.capacity_scope (default global). --priority: scmoe_config.priority (default token).
  * --poll-cols / --poll-us: scmoe_config.poll_cols / poll_us (GEMM tiles between progress polls).
  * --precision bf16 runs every variant in SCMOE_PRECISION_BF16 and again in fp32 (the table shows bf16),
  * and prints "BF16 SPEEDUP pair f+b bf16/fp32: X.XX" for each (fp32 pair time / bf16 pair time).
@@ -134,7 +134,8 @@ static void usage(void) {
     printf("bench_overlap [--d N] [--hidden N] [--experts N] [--heads N] [--batch B] [--seq T] [--steps N]\n"
            "              [--progress poll|thread|none] [--poll-cols C] [--poll-us U] [--bf16] [--cf F] [--chunks C] "
            "[--archs a,b,...]\n"
-           "              [--precision fp32|bf16] [--scope global|local] [--grad-sync-algo mpi|two_round|auto]\n"
+           "              [--precision fp32|bf16] [--scope global|local] [--priority token|batch]\n"
+           "              [--grad-sync-algo mpi|two_round|auto]\n"
            "archs: top2 shared top1 scmoe1 scmoe2 scmoe3 serial2 top2p scmoe2p (default: all; p: token-chunk\n"
            "pipelining with --chunks C, default 4)\n");
 }
@@ -191,6 +192,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--poll-us")) cfg.poll_us = atof(v);
         else if (!strcmp(a, "--scope"))
             cfg.capacity_scope = !strcmp(v, "local") ? SCMOE_CAPACITY_LOCAL : SCMOE_CAPACITY_GLOBAL;
+        else if (!strcmp(a, "--priority"))
+            cfg.priority = !strcmp(v, "batch") ? SCMOE_PRIORITY_BATCH : SCMOE_PRIORITY_TOKEN;
         else if (!strcmp(a, "--precision"))
             cfg.precision = !strcmp(v, "bf16") ? SCMOE_PRECISION_BF16 : SCMOE_PRECISION_FP32;
         else if (!strcmp(a, "--grad-sync-algo"))
