@@ -19,9 +19,9 @@
  * decided at once. A pair is decided as soon as its bucket holds exactly the keys still needed (all of
  * them kept), else after the last digit, when ties[j, e] of its keys equal to K are kept: their global
  * indices are my index among my own plus the ties of the ranks below me (one exclusive scan). 32 bits
- * in rounds of at most 8 bits and ROUTE_SELECT_BINS counts: 4 all-reduces (more where k E > 16 narrows
- * the first digit), the first of them only where nothing is dropped, and the ties' scan where equal
- * scores straddle a threshold: O(k E) bytes a rank whatever P.
+ * in rounds of at most 8 bits and ROUTE_SELECT_BINS counts: up to 4 all-reduces where some pair keeps
+ * part of its assignments (more where k E > 16 narrows the first digit), one where none does, and the
+ * ties' scan where equal scores straddle a threshold: O(k E) bytes a rank whatever P.
  *
  * The kept rows then sit as TOKEN priority's (route.c): by expert, round, token order, so the receive
  * side is scmoe__route_plan_local_recv's and P ranks give one rank's plan bit for bit. */
@@ -109,7 +109,7 @@ int scmoe__route_select_step(route_select *s, const double *hist, int E, int k, 
             if (above + here >= s->need[p]) break;
             above += here;
         }
-        if (d < 0) return -1; /* fewer candidates than the counts' scan said: the ranks are out of step */
+        if (d < 0) return -1; /* fewer candidates than the rounds before counted: the ranks are out of step */
         s->thresh[p] |= (uint32_t)d << lo;
         s->need[p] -= above;
         s->open[p] = -1;

@@ -840,6 +840,16 @@ int main(int argc, char **argv) {
                          drops ? "drops" : "dropless");
                 equivalence(what, ctx, ref, c, 1, S, 8, 0, 0);
             }
+    /* BATCH priority with drops in the pair: the selection's rounds, each started by the poll that finds
+     * the one before landed (the shortcut block's), or by the dispatch's wait */
+    for (int pg = 0; pg < 3; pg++) {
+        c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 0.5f);
+        c.priority = SCMOE_PRIORITY_BATCH;
+        c.progress = (scmoe_progress)pg;
+        snprintf(what, sizeof what, "pair scmoe-pos2 batch priority drops, progress %s",
+                 (const char *[]){"poll", "thread", "none"}[pg]);
+        equivalence(what, ctx, ref, c, 1, S, 8, 0, 0);
+    }
     c = pair_cfg(SCMOE_ARCH_SCMOE, 2, 1.0f);
     c.progress = SCMOE_PROGRESS_THREAD;
     equivalence("pair scmoe-pos2 progress thread", ctx, ref, c, 1, S, 8, 0, 0);

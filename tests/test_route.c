@@ -307,7 +307,33 @@ static int one_case(int c) {
     return bad;
 }
 
+/* A histogram that holds fewer keys than the rounds before counted (ranks out of step) is refused (-1),
+ * not walked past its end: 4 tokens, one expert, two slots, then an empty second histogram. */
+static void selection_out_of_step(void) {
+    int32_t rec[8];
+    for (int t = 0; t < 4; t++) {
+        float sc = 0.1f * (float)(t + 1);
+        rec[2 * t] = 0;
+        memcpy(&rec[2 * t + 1], &sc, sizeof sc);
+    }
+    int64_t need, ties, total;
+    double hist[ROUTE_SELECT_BINS] = {0};
+    uint32_t thresh;
+    int open;
+    route_select s = {.need = &need, .ties = &ties, .thresh = &thresh, .open = &open};
+    scmoe__route_select_begin(&s, 1, 1);
+    scmoe__route_select_histogram(&s, hist, rec, 4, 1, 1);
+    int first = scmoe__route_select_step(&s, hist, 1, 1, 2, &total);
+    memset(hist, 0, sizeof hist);
+    int second = first == 1 ? scmoe__route_select_step(&s, hist, 1, 1, 2, &total) : 0;
+    CHECK(first == 1 && total == 4 && second == -1,
+          "BATCH selection: an empty histogram after one that counted 4 keys is refused (first round %d open, "
+          "total %lld; second %d)",
+          first, (long long)total, second);
+}
+
 int main(void) {
+    selection_out_of_step();
     int bad = 0;
     for (int c = 0; c < CASES && bad < 10; c++) bad += one_case(c) > 0;
     CHECK(bad == 0,
