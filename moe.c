@@ -239,7 +239,7 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
         route_select *sel = &m->gcount.sel;
         sel->need = scmoe__arena_take(H, sizeof(int64_t) * kE);
         sel->ties = scmoe__arena_take(H, sizeof(int64_t) * kE);
-        sel->thresh = scmoe__arena_take(H, sizeof(uint32_t) * kE);
+        sel->thresh = scmoe__arena_take(H, sizeof(uint64_t) * kE);
         sel->open = scmoe__arena_take(H, i4 * kE);
         m->gcount.hist = scmoe__arena_take(H, sizeof(double) * bins);
         m->gcount.ties = scmoe__arena_take(H, sizeof(int64_t) * (3 * kE + COMM_SCAN_WORK(kE)));

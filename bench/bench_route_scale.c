@@ -197,7 +197,7 @@ int main(int argc, char **argv) {
         size_t bins = (size_t)kE * 2 > ROUTE_SELECT_BINS ? (size_t)kE * 2 : ROUTE_SELECT_BINS;
         route_select sel = {.need = xalloc(sizeof(int64_t) * kE),
                             .ties = xalloc(sizeof(int64_t) * kE),
-                            .thresh = xalloc(sizeof(uint32_t) * kE),
+                            .thresh = xalloc(sizeof(uint64_t) * kE),
                             .open = xalloc(sizeof(int) * kE)};
         double *hist = xalloc(sizeof(double) * bins), sel_bytes = 0;
         int64_t *ties = xalloc(sizeof(int64_t) * 3 * (size_t)kE), *before = ties + kE, *seen = before + kE;

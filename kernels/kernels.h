@@ -102,7 +102,7 @@ void scmoe__route_send_rows(route_plan *pl, const int32_t *records, int n, int e
 typedef struct route_select {
     int64_t *need;    /* [k E] the pair's keys still to keep, among its candidates */
     int64_t *ties;    /* [k E] how many keys equal to thresh are kept, by global token order */
-    uint32_t *thresh; /* [k E] the bits found so far, then the threshold: keys above it are kept */
+    uint64_t *thresh; /* [k E] the bits found so far, then the threshold: keys above it are kept */
     int *open;        /* [k E] the pair's histogram in this round, -1 once decided */
     int n_open;       /* pairs still open: each has 1 << bits counts in this round's histogram */
     int n_ties;       /* decided pairs whose keys equal to thresh are kept in part: the ties' scan */

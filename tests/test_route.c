@@ -19,7 +19,8 @@
  *     expert's kept rows in the send buffer by round, then token (LOCAL, and GLOBAL's
  *     scmoe__route_plan_build with BATCH on every rank); and GLOBAL with BATCH and nothing dropped is
  *     TOKEN's plan, every field of every rank's plan bit for bit.
- * Scores repeat often (ties), and some are NaN, -0, +0 or negative: BATCH's total order at its edges. */
+ * Scores repeat often (ties), and some are NaN, -0, +0, negative, above 1 or below 2^-32: BATCH's total
+ * order at its edges and where its key's fixed-point half saturates. */
 #include "../scmoe_internal.h"
 #include "check.h"
 #include <math.h>
@@ -112,7 +113,7 @@ static int batch_select(plan_mem *b, const int32_t *rec, const int *first, const
     for (int r = 0; r < world; r++) {
         sel[r].need = calloc((size_t)kE, sizeof(int64_t));
         sel[r].ties = calloc((size_t)kE, sizeof(int64_t));
-        sel[r].thresh = calloc((size_t)kE, sizeof(uint32_t));
+        sel[r].thresh = calloc((size_t)kE, sizeof(uint64_t));
         sel[r].open = calloc((size_t)kE, sizeof(int));
         scmoe__route_select_begin(&sel[r], E, k);
     }
@@ -203,6 +204,8 @@ static int one_case(int c) {
                    : v == 1 ? -0.0f
                    : v == 2 ? 0.0f
                    : v == 3 ? -(float)below(4)
+                   : v == 4 ? 1.0f + (float)below(3)   /* the key's fixed-point half saturates */
+                   : v == 5 ? 1e-12f * (float)below(3) /* below its resolution: only the float's bits order */
                             : (float)below(100) / 100.0f;
         memcpy(&r[k], &sc, sizeof sc);
     }
@@ -312,13 +315,13 @@ static int one_case(int c) {
 static void selection_out_of_step(void) {
     int32_t rec[8];
     for (int t = 0; t < 4; t++) {
-        float sc = 0.1f * (float)(t + 1);
+        float sc = 0.5f + 1e-6f * (float)t; /* one first digit: the first round leaves the pair open */
         rec[2 * t] = 0;
         memcpy(&rec[2 * t + 1], &sc, sizeof sc);
     }
     int64_t need, ties, total;
     double hist[ROUTE_SELECT_BINS] = {0};
-    uint32_t thresh;
+    uint64_t thresh;
     int open;
     route_select s = {.need = &need, .ties = &ties, .thresh = &thresh, .open = &open};
     scmoe__route_select_begin(&s, 1, 1);
