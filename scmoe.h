@@ -185,7 +185,8 @@ typedef enum scmoe_precision {
  * O(k*E) routing metadata and host work per rank, flat in P, like LOCAL's. With BATCH priority (slots by
  * top-1 probability over the whole batch) the same counts tell how many of each (round, expert)'s
  * assignments are kept, and a radix selection over the ranks which: all-reduces of histograms of at
- * most 4,096 counts (one where nothing drops, 3-5 where some expert overflows, one after the other) and
+ * most 4,096 counts (one where nothing drops, 2-3 for softmax scores where some expert overflows, one
+ * after the other) and
  * a scan of the ties; flat in P as well (no rank sees another's scores; each round is a latency). Either way the kept rows sit by round, then token order, so BATCH without
  * drops is TOKEN bit for bit. LOCAL (Tutel, DeepSpeed, the ScMoE paper): C = k*floor(CF*ceil(S_r/E)) slots per
  * expert for each source rank r's S_r tokens, priority within the rank; only per-expert counts
