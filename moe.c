@@ -230,12 +230,12 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
     m->lcap.ones = scmoe__arena_take(H, i4 * ep);
     m->lcap.iota = scmoe__arena_take(H, i4 * ep);
     if (m->local_cap) m->lcap.lstats = scmoe__arena_take(H, sizeof(double) * MOE_LSTATS(E));
-    if (m->gcount.on) {
+    if (!m->local_cap) {
         m->gcount.agree = scmoe__arena_take(H, sizeof(int64_t) * (3 * MOE_AGREE + COMM_SCAN_WORK(MOE_AGREE)));
         m->gcount.counts = scmoe__arena_take(H, sizeof(int64_t) * (3 * (size_t)k * E + COMM_SCAN_WORK(k * E)));
     }
-    if (m->gcount.on && m->cfg.priority == SCMOE_PRIORITY_BATCH) {
-        size_t kE = (size_t)k * E, bins = kE * 2 > ROUTE_SELECT_BINS ? kE * 2 : ROUTE_SELECT_BINS;
+    if (!m->local_cap && m->cfg.priority == SCMOE_PRIORITY_BATCH) {
+        size_t kE = (size_t)k * E, bins = route_select_bins(k * E);
         route_select *sel = &m->gcount.sel;
         sel->need = scmoe__arena_take(H, sizeof(int64_t) * kE);
         sel->ties = scmoe__arena_take(H, sizeof(int64_t) * kE);
@@ -250,10 +250,10 @@ static void moe_layout(moe_layer *m, arena *H, arena *D, arena *X, arena *P) {
         m->droute.kept = scmoe__arena_take(P, sizeof(int32_t) * E);
         m->droute.gsum = scmoe__arena_take(P, sizeof(double) * (E + 1));
         int batch = m->cfg.priority == SCMOE_PRIORITY_BATCH; /* the tokens' priority order, n more */
-        size_t work = m->gcount.on ? (size_t)(3 * k + 2) * E : (size_t)(k + 2) * E + (batch ? (size_t)n : 0);
+        size_t work = !m->local_cap ? (size_t)(3 * k + 2) * E : (size_t)(k + 2) * E + (batch ? (size_t)n : 0);
         m->droute.work = scmoe__arena_take(D, i4 * work);
         m->droute.work_sum = scmoe__arena_take(D, sizeof(double) * (E + 1));
-        if (m->gcount.on) {
+        if (!m->local_cap) {
             m->droute.base_h = scmoe__arena_take(P, sizeof(int64_t) * ((size_t)k * E + 1));
             m->droute.base = scmoe__arena_take(D, sizeof(int64_t) * ((size_t)k * E + 1));
         }
@@ -307,9 +307,8 @@ scmoe_status scmoe__moe_alloc(moe_layer *m) {
     int token = m->cfg.priority == SCMOE_PRIORITY_TOKEN;
     m->droute.on = m->co->route_local &&
                    (m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || world == 1 || (token && m->co->route_global));
+    /* LOCAL (lcap), else GLOBAL: counts scanned over the ranks, not every rank's records (gcount) */
     m->local_cap = m->cfg.capacity_scope == SCMOE_CAPACITY_LOCAL || (m->droute.on && world == 1);
-    /* GLOBAL: counts scanned over the ranks, not every rank's records (route.c, route_batch.c) */
-    m->gcount.on = !m->local_cap;
     /* the tokens whose capacity one source's rows share: the global batch, or (LOCAL) its own */
     int64_t S_max = (int64_t)m->max_tokens * (m->local_cap ? 1 : world);
     if ((int64_t)m->max_tokens * k > INT32_MAX / 2)

@@ -329,7 +329,7 @@ static void droute_start(moe_layer *m, const exec *ex, int n, const float *x, in
     m->droute.seq++;
     route_job j = droute_job(m, capacity);
     co->route_local(co, &j);
-    if (!m->gcount.on) co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, m->k, m->d);
+    if (m->local_cap) co->pack_rows(co, m->xch.send, x, m->plan_d.slot, n, m->k, m->d);
     m->droute.pending = 1;
 }
 
@@ -338,7 +338,7 @@ static scmoe_status droute_land(moe_layer *m) {
     route_plan *pl = &m->plan;
     double *ls = m->lcap.lstats;
     m->droute.pending = 0;
-    if (m->gcount.on) return gscan_start(m);
+    if (!m->local_cap) return gscan_start(m);
     memset(ls, 0, sizeof(double) * MOE_LSTATS(E));
     memcpy(m->gsum, m->droute.gsum, sizeof(double) * (E + 1));
     memcpy(ls, m->gsum, sizeof(double) * (E + 1));

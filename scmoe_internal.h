@@ -190,7 +190,6 @@ typedef struct moe_local_cap {
  * LOCAL's (lcap.counts_*, xcount). */
 typedef enum gscan_phase { GSCAN_COUNTS, GSCAN_HISTOGRAM, GSCAN_TIES, GSCAN_DONE } gscan_phase;
 typedef struct moe_global_counts {
-    int on;
     int64_t *agree;  /* [3 MOE_AGREE], then the scan's work */
     int64_t *counts; /* [3 k E], then the scan's work */
     /* the counts' scan (then the selection's rounds) and the statistics' all-reduce, started in the
@@ -202,7 +201,7 @@ typedef struct moe_global_counts {
     int64_t S;        /* this forward's global batch (agree_token_scan) */
     int select;       /* this forward selects (BATCH priority, a capacity): sel, hist and ties */
     route_select sel; /* the selection's state */
-    double *hist;     /* [max(ROUTE_SELECT_BINS, 2 k E)]: a round's histogram, summed in place */
+    double *hist;     /* [route_select_bins(k E)]: a round's histogram, summed in place */
     int64_t *ties;    /* [k E] my ties | prefix | total (then the plan's scratch) | the scan's work */
 } moe_global_counts;
 

@@ -194,7 +194,7 @@ int main(int argc, char **argv) {
         double gms = 1e3 * median(t, reps);
 
         /* GLOBAL, BATCH priority: the selection's rounds, my send side, the receive side */
-        size_t bins = (size_t)kE * 2 > ROUTE_SELECT_BINS ? (size_t)kE * 2 : ROUTE_SELECT_BINS;
+        size_t bins = route_select_bins(kE);
         route_select sel = {.need = xalloc(sizeof(int64_t) * kE),
                             .ties = xalloc(sizeof(int64_t) * kE),
                             .thresh = xalloc(sizeof(uint64_t) * kE),

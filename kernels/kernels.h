@@ -99,6 +99,10 @@ void scmoe__route_send_rows(route_plan *pl, const int32_t *records, int n, int e
 /* route_batch.c: capacity over the global batch with BATCH priority by a radix selection over the ranks.
  * Pair p = j * E + e (round j, expert e); keys at or above thresh[p] with ties (see route_batch.c). */
 #define ROUTE_SELECT_BINS 4096 /* a round's histogram: n_open << bits counts, at most this many (or 2 k E) */
+/* the counts a histogram buffer holds for k E pairs: every round's, 1-bit digits of every pair included */
+static inline size_t route_select_bins(int kE) {
+    return (size_t)kE * 2 > ROUTE_SELECT_BINS ? (size_t)kE * 2 : ROUTE_SELECT_BINS;
+}
 typedef struct route_select {
     int64_t *need;    /* [k E] the pair's keys still to keep, among its candidates */
     int64_t *ties;    /* [k E] how many keys equal to thresh are kept, by global token order */

@@ -105,7 +105,7 @@ static const char *differs(const route_plan *a, const route_plan *b, int n, int 
  * Returns the rounds, -1 if the ranks' selections disagree. */
 static int batch_select(plan_mem *b, const int32_t *rec, const int *first, const int *tpr, int world, int ep, int E,
                         int k, const int64_t *total, int64_t S, int64_t cap) {
-    int kE = k * E, bins = kE * 2 > ROUTE_SELECT_BINS ? kE * 2 : ROUTE_SELECT_BINS, rounds = 0, open = kE;
+    int kE = k * E, bins = (int)route_select_bins(kE), rounds = 0, open = kE;
     route_select sel[MAX_WORLD];
     double *hist = calloc((size_t)bins, sizeof(double)), *sum = calloc((size_t)bins, sizeof(double));
     int64_t *ties = calloc((size_t)(world + 3) * kE, sizeof(int64_t)), *before = ties + (size_t)world * kE,
